@@ -1,0 +1,54 @@
+"""Input validation shared by every public function: clear errors instead of NaN or wrong shapes.
+
+The checks run on shapes, which are static under ``jax.jit``, so they work on tracers too.
+Value checks (:func:`check_finite`) only run on concrete arrays; under ``jit`` they are skipped
+and the caller documents that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+
+def check_batched(x, name: str, *, min_ndim: int = 2) -> None:
+    """Raises ValueError unless ``x`` has a leading batch axis and at least ``min_ndim`` axes."""
+    shape = np.shape(x)
+    if len(shape) < min_ndim:
+        raise ValueError(
+            f"{name} must have a leading batch axis: expected at least {min_ndim} dimensions "
+            f"(batch, features...), got shape {tuple(shape)}. Add a batch axis, e.g. x[None]."
+        )
+
+
+def check_same_features(x1, x2, names: tuple[str, str] = ("x1", "x2")) -> None:
+    """Raises ValueError when two batches disagree in their per-example (feature) shape."""
+    s1, s2 = np.shape(x1)[1:], np.shape(x2)[1:]
+    if tuple(s1) != tuple(s2):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same per-example shape; got "
+            f"{names[0]}.shape={tuple(np.shape(x1))} and {names[1]}.shape={tuple(np.shape(x2))}."
+        )
+
+
+def check_choice(value, allowed: Sequence, name: str) -> None:
+    """Raises ValueError naming the allowed values when ``value`` is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(repr, allowed))}.")
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values (not a tracer inside jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(x, name: str) -> None:
+    """Raises ValueError when a concrete array holds NaN or Inf (no-op on tracers)."""
+    if not is_concrete(x):
+        return
+    arr = np.asarray(x)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf) of {arr.size}.")

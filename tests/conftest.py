@@ -1,0 +1,28 @@
+"""Suite-wide fixtures. float64 tests enter ``jax.enable_x64`` through the ``x64`` fixture."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE_DIR = SHARED / "reference" / "nt_kernels"
+
+
+@pytest.fixture
+def x64():
+    """Runs the test with 64-bit JAX types enabled."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.fail(f"reference kernels not found at {REFERENCE_DIR} (../shared beside the repo)")
+    return REFERENCE_DIR

@@ -1,0 +1,28 @@
+"""chex-style test helpers shared by the suite."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def assert_trees_all_close(actual, expected, *, rtol: float = 1e-7, atol: float = 0.0) -> None:
+    """Asserts two pytrees have the same structure and leaf shapes, and close values."""
+    a_leaves, a_def = jax.tree_util.tree_flatten(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten(expected)
+    assert a_def == e_def, f"tree structures differ: {a_def} vs {e_def}"
+    for a, e in zip(a_leaves, e_leaves, strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"shapes differ: {a.shape} vs {e.shape}"
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+
+
+def max_relative_error(actual, expected) -> float:
+    """max |a - e| / max |e|: the error measure used for kernel matrices."""
+    a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    return float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
+
+
+def with_and_without_jit(fn):
+    """Both ``fn`` and ``jax.jit(fn)``: parametrize a test over them, as chex.variants does."""
+    return [fn, jax.jit(fn)]
