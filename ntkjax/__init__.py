@@ -7,16 +7,56 @@ closed-form training dynamics and GP inference, and optax training loops that tr
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 
 # --- analytic kernels, layers and models (issue: foundation) ---
+from ntkjax import analytic, models, nn
+from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
+from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
 
 # --- empirical kernels and linearization ---
+from ntkjax.empirical import (
+    empirical_nngp_fn,
+    empirical_ntk_fn,
+    empirical_ntk_matrix,
+    nnx_apply_fn,
+    ntk_operator,
+)
+from ntkjax.linearize import linearize
 
-# --- prediction ---
+# --- prediction (also binds the submodule ntkjax.predict; ntkjax.datasets imports on use) ---
+from ntkjax.predict import (
+    convergence_bound,
+    gp_inference,
+    gradient_descent_mse,
+    gradient_flow_ensemble,
+    gradient_flow_mse,
+    max_learning_rate,
+)
 
 # --- training and sweeps ---
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Kernel",
+    "analytic",
     "available_memory_bytes",
+    "convergence_bound",
+    "empirical_nngp_fn",
+    "empirical_ntk_fn",
+    "empirical_ntk_matrix",
     "evaluate_in_blocks",
+    "gp_inference",
+    "gradient_descent_mse",
+    "gradient_flow_ensemble",
+    "gradient_flow_mse",
+    "kernel_fn",
+    "kernel_matrix",
+    "linearize",
+    "max_learning_rate",
+    "models",
+    "nn",
+    "nnx_apply_fn",
+    "ntk_operator",
+    "predict",
+    "two_layer_relu_nngp",
+    "two_layer_relu_ntk",
 ]

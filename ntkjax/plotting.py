@@ -9,9 +9,11 @@ Edit this file only with small inserts/replacements: several sweep/demo figures 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -46,3 +48,422 @@ def save_figure(fig, path: str | Path | None):
             fig.savefig(path)
     plt.close(fig)
     return fig
+
+
+# --- study figures (demo) ---------------------------------------------------------------------
+
+_PALETTE = plt.get_cmap("tab10").colors
+
+
+def _fit_positive(x, y):
+    """:func:`ntkjax.training.fit_power_law` on the points where x and y are positive/finite."""
+    from ntkjax.training import fit_power_law  # lazy: keeps plotting import-light
+
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    return fit_power_law(x[keep], y[keep])
+
+
+def _series_mean(values) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n,) -> (values, None); (n, seeds) -> (mean over seeds, the seeds)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        return values, None
+    if values.ndim == 2:
+        return np.nanmean(values, axis=1), values
+    raise ValueError(f"a series must have shape (n,) or (n, seeds); got {values.shape}.")
+
+
+def plot_kernel_heatmaps(
+    kernels: Mapping[str, np.ndarray],
+    *,
+    title: str | None = None,
+    path: str | Path | None = None,
+    cmaps: Mapping[str, str] | None = None,
+    panel_size: float = 4.2,
+):
+    """One heatmap per kernel matrix (panel title = dict key), each with its own colorbar.
+
+    ``cmaps`` maps a panel title to a colormap name (default ``viridis``); use a sequential map
+    such as ``magma`` for absolute differences.
+    """
+    if not kernels:
+        raise ValueError("plot_kernel_heatmaps needs at least one kernel.")
+    cmaps = dict(cmaps or {})
+    fig, axes = new_figure(len(kernels), width=panel_size, height=panel_size * 0.85)
+    for ax, (name, matrix) in zip(axes[0], kernels.items(), strict=True):
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if matrix.ndim != 2:
+            raise ValueError(f"kernel {name!r} must be a matrix; got shape {matrix.shape}.")
+        image = ax.imshow(matrix, cmap=cmaps.get(name, "viridis"), interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(name)
+        ax.set_xlabel("input index j (x')")
+        ax.set_ylabel("input index i (x)")
+        ax.grid(False)
+    if title:
+        fig.suptitle(title, fontsize=13)
+    return save_figure(fig, path)
+
+
+def plot_power_laws(
+    x,
+    series: Mapping[str, np.ndarray],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: str | Path | None = None,
+    fit: bool = True,
+    reference_slope: float | None = None,
+    reference_label: str | None = None,
+    ax=None,
+):
+    """Log-log plot of quantities against ``x`` with fitted power laws (slope in the legend).
+
+    Each series has shape ``(len(x),)`` or ``(len(x), seeds)``; with seeds, the individual values
+    are drawn faintly and the mean over seeds is drawn and fitted. ``reference_slope`` adds a
+    dashed guide line of that slope through the first series' geometric centre.
+    Draws into ``ax`` when given (and then neither lays out nor saves the figure).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    own_figure = ax is None
+    if own_figure:
+        fig, axes = new_figure(width=6.0, height=4.4)
+        ax = axes[0, 0]
+    else:
+        fig = ax.figure
+    first_mean = None
+    for k, (name, values) in enumerate(series.items()):
+        color = _PALETTE[k % len(_PALETTE)]
+        mean, seeds = _series_mean(values)
+        if mean.shape != x.shape:
+            raise ValueError(f"series {name!r} has {mean.shape[0]} points but x has {x.size}.")
+        if seeds is not None:
+            for s in range(seeds.shape[1]):
+                ax.scatter(x, seeds[:, s], s=9, color=color, alpha=0.3, linewidths=0)
+        label = name
+        if fit:
+            slope, prefactor = _fit_positive(x, mean)
+            label = f"{name}: fitted slope {slope:+.2f}"
+            ax.plot(x, prefactor * x**slope, color=color, lw=1, alpha=0.7)
+        ax.plot(x, mean, "o", color=color, ms=6, label=label)
+        if first_mean is None:
+            first_mean = mean
+    if reference_slope is not None and first_mean is not None:
+        ok = np.isfinite(first_mean) & (first_mean > 0)
+        x0 = np.exp(np.mean(np.log(x[ok])))
+        y0 = np.exp(np.mean(np.log(first_mean[ok])))
+        guide = reference_label or f"slope {reference_slope:+.2f} (theory)"
+        ax.plot(x, y0 * (x / x0) ** reference_slope, "k--", lw=1, alpha=0.6, label=guide)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    if own_figure:
+        return save_figure(fig, path)
+    return fig
+
+
+def plot_function_fits(
+    x_train,
+    y_train,
+    x_test,
+    curves: Mapping[str, np.ndarray],
+    *,
+    title: str,
+    path: str | Path | None = None,
+    snapshots=None,
+    snapshot_label: str = "network during training",
+    xlabel: str = "x",
+    ylabel: str = "f(x)",
+    ax=None,
+):
+    """1-D regression: training points, labelled curves on ``x_test``, and optional snapshots.
+
+    ``snapshots`` has shape ``(T, len(x_test))`` (e.g. a network's predictions during training),
+    drawn from faint (early) to solid (late) in one colour.
+    """
+    x_train = np.asarray(x_train).ravel()
+    x_test = np.asarray(x_test).ravel()
+    own_figure = ax is None
+    if own_figure:
+        fig, axes = new_figure(width=6.4, height=4.4)
+        ax = axes[0, 0]
+    else:
+        fig = ax.figure
+    ax.scatter(x_train, np.asarray(y_train).ravel(), s=18, color="0.3", zorder=3,
+               label="training data")
+    if snapshots is not None:
+        snapshots = np.asarray(snapshots)
+        if snapshots.ndim != 2 or snapshots.shape[1] != x_test.size:
+            raise ValueError(
+                f"snapshots must have shape (T, {x_test.size}); got {snapshots.shape}."
+            )
+        count = snapshots.shape[0]
+        for t, row in enumerate(snapshots):
+            ax.plot(x_test, row, color="tab:blue", lw=1.0, alpha=0.15 + 0.6 * (t + 1) / count,
+                    label=snapshot_label if t == count - 1 else None)
+    styles = ["-", "--", "-.", ":"]
+    for k, (name, values) in enumerate(curves.items()):
+        ax.plot(x_test, np.asarray(values).ravel(), styles[k % len(styles)],
+                color=_PALETTE[(k + 1) % len(_PALETTE)], lw=2, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="best")
+    if own_figure:
+        return save_figure(fig, path)
+    return fig
+
+
+def plot_convergence(
+    steps,
+    curves: Mapping[str, np.ndarray],
+    *,
+    title: str,
+    path: str | Path | None = None,
+    bound=None,
+    bound_label: str = "bound exp(-2 lr λmin t / n) L0",
+    xlabel: str = "gradient-descent step t",
+    ylabel: str = "training loss",
+    ax=None,
+):
+    """Training losses against steps on a log y axis, with an optional upper bound (dashed)."""
+    steps = np.asarray(steps)
+    own_figure = ax is None
+    if own_figure:
+        fig, axes = new_figure(width=6.0, height=4.4)
+        ax = axes[0, 0]
+    else:
+        fig = ax.figure
+    for k, (name, values) in enumerate(curves.items()):
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != steps.shape:
+            raise ValueError(f"curve {name!r} has shape {values.shape}; steps {steps.shape}.")
+        ax.plot(steps, values, "-" if k == 0 else "--", color=_PALETTE[k % len(_PALETTE)],
+                lw=2 if k == 0 else 1.5, label=name)
+    if bound is not None:
+        ax.plot(steps, np.asarray(bound), "k:", lw=1.5, label=bound_label)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    if own_figure:
+        return save_figure(fig, path)
+    return fig
+
+
+def plot_stability(
+    widths,
+    edges: Mapping[str, np.ndarray],
+    diverged: Mapping[str, np.ndarray],
+    *,
+    learning_rate: float,
+    title: str,
+    path: str | Path | None = None,
+    learning_rate_label: str | None = None,
+    ax=None,
+):
+    """The stability edge ``2n / λmax`` against width, per parameterization, and the outcomes.
+
+    ``edges[name]`` is the edge at each width, ``diverged[name]`` a boolean per width (the run at
+    ``learning_rate`` diverged). Converged runs are drawn as circles, diverged ones as red
+    crosses; the learning rate used is a horizontal line. Log-log axes.
+    """
+    widths = np.asarray(widths, dtype=np.float64)
+    own_figure = ax is None
+    if own_figure:
+        fig, axes = new_figure(width=6.2, height=4.4)
+        ax = axes[0, 0]
+    else:
+        fig = ax.figure
+    crossed = False
+    for k, (name, edge) in enumerate(edges.items()):
+        edge = np.asarray(edge, dtype=np.float64)
+        bad = np.asarray(diverged[name], dtype=bool)
+        if edge.shape != widths.shape or bad.shape != widths.shape:
+            raise ValueError(f"edges/diverged for {name!r} must have one value per width.")
+        color = _PALETTE[k % len(_PALETTE)]
+        ax.plot(widths, edge, "-", color=color, lw=1.5, label=f"{name}: edge 2n/λmax")
+        ax.plot(widths[~bad], edge[~bad], "o", color=color, ms=7)
+        if bad.any():
+            ax.plot(widths[bad], edge[bad], "X", color="tab:red", ms=10,
+                    label=None if crossed else "run diverged")
+            crossed = True
+    ax.axhline(learning_rate, color="k", ls="--", lw=1,
+               label=learning_rate_label or f"learning rate {learning_rate:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("hidden width m")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.legend()
+    if own_figure:
+        return save_figure(fig, path)
+    return fig
+
+
+def plot_trajectories(
+    times,
+    panels: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    title: str,
+    path: str | Path | None = None,
+    labels: tuple[str, str] = ("network", "linearized network"),
+    xlabel: str = "gradient-descent step t",
+    ylabel: str = "output f_t(x) at test points",
+    panel_width: float = 4.6,
+):
+    """Full vs linearized outputs over training: one panel per entry, shared y axis.
+
+    ``panels[name] = (full, linear)``, each of shape ``(len(times), k)`` for k tracked test
+    points. Solid lines are the full network, dashed its linearization, one colour per point.
+    """
+    times = np.asarray(times)
+    fig, axes = new_figure(len(panels), width=panel_width, height=4.0)
+    axes = axes[0]
+    for ax, (name, (full, linear)) in zip(axes, panels.items(), strict=True):
+        full, linear = np.asarray(full), np.asarray(linear)
+        if full.shape != linear.shape or full.shape[0] != times.size:
+            raise ValueError(
+                f"panel {name!r}: full {full.shape} and linear {linear.shape} must both be "
+                f"({times.size}, k)."
+            )
+        full = full.reshape(times.size, -1)
+        linear = linear.reshape(times.size, -1)
+        for j in range(full.shape[1]):
+            color = _PALETTE[j % len(_PALETTE)]
+            ax.plot(times, full[:, j], "-", color=color, lw=2, alpha=0.8,
+                    label=labels[0] if j == 0 else None)
+            ax.plot(times, linear[:, j], "--", color="k", lw=1,
+                    label=labels[1] if j == 0 else None)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.legend(loc="best")
+    axes[0].set_ylabel(ylabel)
+    lows = [ax.get_ylim()[0] for ax in axes]
+    highs = [ax.get_ylim()[1] for ax in axes]
+    for ax in axes:
+        ax.set_ylim(min(lows), max(highs))
+    fig.suptitle(title, fontsize=13)
+    return save_figure(fig, path)
+
+
+def plot_accuracies(
+    accuracies: Mapping[str, float],
+    *,
+    title: str,
+    path: str | Path | None = None,
+    xlabel: str = "test accuracy (%)",
+):
+    """Horizontal bars of accuracies (fractions in [0, 1]), each labelled with its percentage."""
+    if not accuracies:
+        raise ValueError("plot_accuracies needs at least one accuracy.")
+    names = list(accuracies)
+    percent = np.array([100.0 * float(accuracies[n]) for n in names])
+    fig, axes = new_figure(width=6.4, height=0.55 * len(names) + 1.6)
+    ax = axes[0, 0]
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, percent, color=[_PALETTE[k % len(_PALETTE)] for k in range(len(names))])
+    for yi, value in zip(y, percent, strict=True):
+        ax.text(value, yi, f" {value:.2f}%", va="center", fontsize=9)
+    ax.set_yticks(y, names)
+    low = max(0.0, float(np.floor(percent.min() / 5.0) * 5.0 - 5.0))
+    ax.set_xlim(low, 103.0)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="y", visible=False)
+    return save_figure(fig, path)
+
+
+# --- width sweeps (ntkjax.sweep) ----------------------------------------------------------------
+
+
+def _ragged_to_padded(values) -> np.ndarray:
+    """A list of per-width value lists (possibly of different lengths) -> (n, max_len), NaN-padded;
+    a flat list/array -> (n,)."""
+    if len(values) and np.ndim(values[0]) == 1:
+        longest = max(len(v) for v in values)
+        out = np.full((len(values), longest), np.nan)
+        for i, v in enumerate(values):
+            out[i, : len(v)] = np.asarray(v, dtype=np.float64)
+        return out
+    return np.asarray(values, dtype=np.float64)
+
+
+def plot_drift_vs_width(
+    widths,
+    drift,
+    *,
+    title: str = "Relative NTK change after training vs width",
+    ylabel: str = "||Θ_t - Θ_0||_F / ||Θ_0||_F",
+    label: str = "NTK change",
+    reference_slope: float | None = -0.5,
+    path: str | Path | None = None,
+):
+    """Log-log drift against width with its fitted power law (slope in the legend).
+
+    ``drift`` is ``(len(widths),)``, ``(len(widths), seeds)``, or a list of per-width lists of
+    seed values (ragged: seeds that diverged left out). The mean over seeds is fitted; the
+    dashed guide has the lazy-training slope ``-1/2`` (Lee et al. 2019).
+    """
+    return plot_power_laws(
+        widths,
+        {label: _ragged_to_padded(list(drift))},
+        xlabel="hidden width m",
+        ylabel=ylabel,
+        title=title,
+        path=path,
+        fit=len(widths) >= 2,
+        reference_slope=reference_slope,
+        reference_label=None if reference_slope is None else f"slope {reference_slope:+.2f} "
+        "(lazy training)",
+    )
+
+
+def plot_loss_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    title: str = "Training loss",
+    xlabel: str = "optimizer step",
+    ylabel: str = "training loss 1/(2n) Σ (f - y)²",
+    path: str | Path | None = None,
+):
+    """Loss against step on a log y axis, one colour per curve (e.g. per width).
+
+    ``curves[label] = (steps, losses)`` with losses ``(len(steps),)`` or ``(seeds, len(steps))``;
+    with seeds each is drawn faintly and their geometric mean boldly. NaN entries (e.g. steps
+    after a run diverged) are left out.
+    """
+    if not curves:
+        raise ValueError("plot_loss_curves needs at least one curve.")
+    fig, axes = new_figure(width=6.4, height=4.4)
+    ax = axes[0, 0]
+    for k, (name, (steps, losses)) in enumerate(curves.items()):
+        steps = np.asarray(steps)
+        losses = np.atleast_2d(np.asarray(losses, dtype=np.float64))
+        if losses.shape[1] != steps.size:
+            raise ValueError(f"curve {name!r}: losses {losses.shape} do not match "
+                             f"{steps.size} steps.")
+        color = _PALETTE[k % len(_PALETTE)]
+        positive = np.where(losses > 0, losses, np.nan)
+        if losses.shape[0] > 1:
+            for row in positive:
+                ax.plot(steps, row, "-", color=color, lw=0.7, alpha=0.25)
+        logs = np.log(positive)
+        count = np.sum(np.isfinite(logs), axis=0)
+        mean = np.full(steps.size, np.nan)
+        seen = count > 0
+        mean[seen] = np.exp(np.nansum(logs, axis=0)[seen] / count[seen])
+        ax.plot(steps, mean, "-", color=color, lw=2, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return save_figure(fig, path)

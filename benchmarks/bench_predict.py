@@ -1,0 +1,87 @@
+"""Predictions at many training times: one eigendecomposition vs a solve per time point.
+
+Workload ``predict_times``: gradient-flow predictions on n_test points at 100 times for
+n_train = 4,000, n_test = 1,000 in float64 (``--quick``: 400 / 100).
+
+- ``eigh_once``: :func:`ntkjax.predict.gradient_flow_mse` (one ``eigh``, then O(n^2) per time).
+- ``expm_per_time_point``: for each t, ``expm(-lr Theta t / n)`` and a Cholesky solve
+  (factor computed once) -- O(n^3) per time point. On CPU this costs minutes per time point at
+  n = 4,000, so it is timed on ``baseline_time_points`` of the 100 times (all 100 on an
+  accelerator) and ``extrapolated_s`` scales its median to 100 points; the row says so.
+
+``accuracy``: max |difference| of the test predictions between the two methods on the shared
+time points, absolute and relative to max |prediction|.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.harness import emit, log, time_call
+from ntkjax.predict import gradient_flow_mse
+
+
+def _rbf(x1, x2, length_scale):
+    d2 = jnp.sum(x1**2, 1)[:, None] + jnp.sum(x2**2, 1)[None, :] - 2 * x1 @ x2.T
+    return jnp.exp(-0.5 * jnp.maximum(d2, 0.0) / length_scale**2)
+
+
+def predict_times(quick: bool = False) -> None:
+    with jax.enable_x64(True):
+        n_train, n_test, n_times, dim = (400, 100, 100, 20) if quick else (4000, 1000, 100, 20)
+        on_cpu = jax.default_backend() == "cpu"
+        baseline_points = 3 if on_cpu else n_times
+        key_train, key_test, key_y = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(key_train, (n_train, dim), jnp.float64)
+        xt = jax.random.normal(key_test, (n_test, dim), jnp.float64)
+        length_scale = float(np.sqrt(dim))
+        k = _rbf(x, x, length_scale) + 1e-6 * jnp.eye(n_train)
+        k_xt = _rbf(xt, x, length_scale)
+        y = jnp.sin(x[:, :1]) + 0.1 * jax.random.normal(key_y, (n_train, 1), jnp.float64)
+        lr = 1.0
+        # lr t / n from 1e-3 to 1e2: spans the fast (top eigenvalue ~0.4 n) to the slow modes
+        times = jnp.asarray(n_train / lr * np.geomspace(1e-3, 1e2, n_times))
+        params = {"n_train": n_train, "n_test": n_test, "n_times": n_times, "dtype": "float64",
+                  "kernel": "rbf", "learning_rate": lr}
+
+        @jax.jit
+        def eigh_once(k, k_xt, y, times):
+            return gradient_flow_mse(k, y, learning_rate=lr, k_test_train=k_xt)(times).test
+
+        @jax.jit
+        def expm_per_time_point(k, k_xt, y, times):
+            factor = jax.scipy.linalg.cho_factor(k, lower=True)
+
+            def one(t):
+                decay = jax.scipy.linalg.expm(-(lr * t / n_train) * k)
+                change = y - decay @ y  # (I - exp(-lr K t / n)) (y - f_0), f_0 = 0
+                return k_xt @ jax.scipy.linalg.cho_solve(factor, change)
+
+            return jax.lax.map(one, times)
+
+        log(f"predict_times: eigh_once n_train={n_train}")
+        fast = time_call(lambda: eigh_once(k, k_xt, y, times), repeats=3 if quick else 2)
+        sub = times[np.linspace(0, n_times - 1, baseline_points).astype(int)]
+        log(f"predict_times: expm_per_time_point on {baseline_points} time points")
+        slow = time_call(lambda: expm_per_time_point(k, k_xt, y, sub), repeats=2 if quick else 1)
+        fast_sub = np.asarray(eigh_once(k, k_xt, y, sub))
+        diff = float(np.max(np.abs(fast_sub - np.asarray(slow["result"]))))
+        scale = float(np.max(np.abs(fast_sub)))
+        accuracy = {"max_abs_diff_vs_expm": diff, "max_rel_diff_vs_expm": diff / scale,
+                    "time_points_compared": baseline_points}
+        emit("predict_times", {**params, "method": "eigh_once"}, fast, accuracy=accuracy)
+        extrapolated = slow["median_s"] * n_times / baseline_points
+        emit(
+            "predict_times",
+            {**params, "method": "expm_per_time_point", "time_points_timed": baseline_points},
+            slow,
+            accuracy=accuracy,
+            extrapolated_s=round(extrapolated, 3),
+            extrapolated=baseline_points != n_times,
+            speedup_eigh_once=round(extrapolated / fast["median_s"], 2),
+        )
+
+
+WORKLOADS = {"predict_times": predict_times}

@@ -1,0 +1,478 @@
+"""Empirical (finite-width) neural tangent kernels of any model ``apply_fn(params, x)``.
+
+The empirical NTK of a network ``f(theta, x) in R^O`` is
+
+    Theta(x, x')_{ij} = sum_p  d f_i(theta, x) / d theta_p  *  d f_j(theta, x') / d theta_p
+                      = [J(x) J(x')^T]_{ij},
+
+(Jacot, Gabriel & Hongler 2018, "Neural Tangent Kernel", eq. 2). Three exact ways to compute it
+are offered (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel", ICML, sections 3-4):
+
+* ``"jacobian"``: per-sample Jacobians ``J(x_a)`` (``vmap`` of ``jacrev``), contracted parameter
+  leaf by leaf -- never concatenated into one ``N x P`` matrix.
+* ``"ntk_vp"``: NTK-vector products: for every column ``e_{b,j}`` a vector-Jacobian product
+  ``J(x'_b)^T e_j`` followed by a Jacobian-vector product with ``J(x)``; no Jacobian is stored.
+* ``"structured"``: for a dense layer ``y = x W`` the weight Jacobian factorises as
+  ``dy/dW = x (x) delta`` so the layer's contribution is ``(x . x') (delta . delta')`` computed
+  from layer inputs and output cotangents (see :mod:`ntkjax.structured`).
+* ``"auto"``: ``"structured"`` when the model has layers it understands, else ``"jacobian"``
+  (or ``"ntk_vp"`` when the per-sample Jacobians would not fit in memory).
+
+Conventions used throughout this module:
+
+* ``apply_fn(params, x)`` maps a batch ``x`` of shape ``(N, *features)`` to outputs of shape
+  ``(N, *out)``; ``O = prod(out)`` (``O = 1`` for an output of shape ``(N,)``). Samples must be
+  independent (no batch statistics computed in training mode).
+* ``params`` is any pytree. When it is a flax linen *variables dict* (a mapping with a
+  ``"params"`` key, as returned by ``module.init``), only the ``"params"`` collection is
+  differentiated; every other collection (``batch_stats``, constants, ...) passes through
+  unchanged. So ``module.apply`` with its variables works directly.
+* ``outputs="trace"`` is the SUM over the O outputs, ``sum_i Theta_{ii}``, shape ``(N1, N2)``;
+  ``"full"`` has shape ``(N1, N2, O, O)``; ``"diagonal"`` is ``Theta_{ii}`` with shape
+  ``(N1, N2, O)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkjax._checks import check_batched, check_choice, check_same_features
+from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
+
+__all__ = [
+    "METHODS",
+    "OUTPUTS",
+    "empirical_nngp_fn",
+    "empirical_ntk_fn",
+    "empirical_ntk_matrix",
+    "nnx_apply_fn",
+    "ntk_operator",
+]
+
+METHODS = ("auto", "jacobian", "ntk_vp", "structured")
+OUTPUTS = ("trace", "full", "diagonal")
+_PRECISION = jax.lax.Precision.HIGHEST
+
+# A kernel function as returned here: (params, x1, x2=None) -> array.
+KernelFn = Callable[..., jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# params: which part is differentiated
+# ---------------------------------------------------------------------------------------------
+
+
+def is_variables_dict(params: Any) -> bool:
+    """True when ``params`` is a flax linen variables dict (a mapping with a ``"params"`` key)."""
+    return isinstance(params, Mapping) and "params" in params
+
+
+def split_params(params: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """Splits ``params`` into the differentiated part and a function rebuilding the whole.
+
+    For a linen variables dict the differentiated part is ``params["params"]`` and the rebuilt
+    dict keeps every other collection unchanged; any other pytree is differentiated whole.
+    """
+    if is_variables_dict(params):
+        others = {k: v for k, v in params.items() if k != "params"}
+
+        def rebuild(trainable):
+            return {**others, "params": trainable}
+
+        return params["params"], rebuild
+    return params, lambda trainable: trainable
+
+
+def _shapes_summary(tree: Any, limit: int = 600) -> str:
+    shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), tree)
+    text = str(shapes)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_model_inputs(apply_fn: Callable, params: Any, x1, x2=None) -> jax.ShapeDtypeStruct:
+    """Validates inputs and params against the model; returns the output shape of ``x1``.
+
+    Raises:
+      ValueError: inputs without a batch axis, x1/x2 of different per-example shapes, params
+        the model cannot be applied with (names the param shapes and input shape), or outputs
+        without the batch axis.
+    """
+    check_batched(x1, "x1", min_ndim=2)
+    if x2 is not None:
+        check_batched(x2, "x2", min_ndim=2)
+        check_same_features(x1, x2)
+    try:
+        out = jax.eval_shape(apply_fn, params, x1)
+    except Exception as err:  # re-raised with the shapes involved
+        raise ValueError(
+            f"apply_fn could not be applied to params with shapes {_shapes_summary(params)} and "
+            f"x1 of shape {tuple(np.shape(x1))} (do the params match the model and the "
+            f"inputs?): {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise ValueError(
+            "apply_fn must return one array of shape (N, *out); got a "
+            f"{type(out).__name__} ({jax.tree_util.tree_structure(out)}). Wrap apply_fn to "
+            "return only the network output."
+        )
+    if out.ndim < 1 or out.shape[0] != np.shape(x1)[0]:
+        raise ValueError(
+            f"apply_fn output has shape {out.shape}, which lacks the batch axis of x1 "
+            f"(shape {tuple(np.shape(x1))}); outputs must have shape (N, *out)."
+        )
+    return out
+
+
+def per_sample_fn(apply_fn: Callable, rebuild: Callable) -> Callable:
+    """``f(trainable, x_single) -> (O,)``: the network on one example, outputs flattened."""
+
+    def f(trainable, x):
+        return jnp.reshape(apply_fn(rebuild(trainable), x[None]), (-1,))
+
+    return f
+
+
+def batched_fn(apply_fn: Callable, rebuild: Callable) -> Callable:
+    """``f(trainable, x) -> (N, O)``: the network on a batch, outputs flattened per example."""
+
+    def f(trainable, x):
+        out = apply_fn(rebuild(trainable), x)
+        return jnp.reshape(out, (out.shape[0], -1))
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# contractions
+# ---------------------------------------------------------------------------------------------
+
+
+def contract_jacobians(j1: jax.Array, j2: jax.Array, outputs: str) -> jax.Array:
+    """Contracts per-sample Jacobians ``(N1, O, P)`` and ``(N2, O, P)`` into a kernel."""
+    if outputs == "trace":
+        n1, n2 = j1.shape[0], j2.shape[0]
+        return jnp.matmul(
+            j1.reshape(n1, -1), j2.reshape(n2, -1).T, precision=_PRECISION
+        )
+    if outputs == "diagonal":
+        return jnp.einsum("aip,bip->abi", j1, j2, precision=_PRECISION)
+    return jnp.einsum("aip,bjp->abij", j1, j2, precision=_PRECISION)
+
+
+def symmetrize(kernel: jax.Array, outputs: str) -> jax.Array:
+    """Makes K(x, x) exactly symmetric: K_{ab,ij} = K_{ba,ji}."""
+    if outputs == "trace":
+        return 0.5 * (kernel + kernel.T)
+    if outputs == "diagonal":
+        return 0.5 * (kernel + jnp.transpose(kernel, (1, 0, 2)))
+    return 0.5 * (kernel + jnp.transpose(kernel, (1, 0, 3, 2)))
+
+
+def full_to(kernel_full: jax.Array, outputs: str) -> jax.Array:
+    """Reduces a ``(N1, N2, O, O)`` kernel to the requested ``outputs`` form."""
+    if outputs == "full":
+        return kernel_full
+    diag = jnp.diagonal(kernel_full, axis1=2, axis2=3)
+    return diag if outputs == "diagonal" else jnp.sum(diag, axis=-1)
+
+
+def leaf_jacobian_kernel(f_single: Callable, trainable: Any, x1, x2, outputs: str):
+    """Jacobian-contraction kernel with respect to the pytree ``trainable``.
+
+    ``f_single(trainable, x_single) -> (O,)``. Each leaf's per-sample Jacobian
+    ``(N, O, *leaf.shape)`` is contracted on its own and the contributions summed.
+    """
+    jac = jax.vmap(jax.jacrev(f_single), in_axes=(None, 0))
+    j1 = jac(trainable, x1)
+    j2 = j1 if x2 is None else jac(trainable, x2)
+    total = None
+    for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2), strict=True):
+        if a.size == 0:
+            continue
+        term = contract_jacobians(
+            a.reshape(a.shape[0], a.shape[1], -1), b.reshape(b.shape[0], b.shape[1], -1), outputs
+        )
+        total = term if total is None else total + term
+    return total
+
+
+def _jacobian_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype):
+    trainable, rebuild = split_params(params)
+    kernel = leaf_jacobian_kernel(per_sample_fn(apply_fn, rebuild), trainable, x1, x2, outputs)
+    if kernel is None:
+        return _zeros(x1, x2, out_dim, outputs, dtype)
+    return kernel
+
+
+def _ntk_vp_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype, vp_batch_size):
+    trainable, rebuild = split_params(params)
+    f_single = per_sample_fn(apply_fn, rebuild)
+    f_batch = batched_fn(apply_fn, rebuild)
+    xs2 = x1 if x2 is None else x2
+    _, jvp1 = jax.linearize(lambda p: f_batch(p, x1), trainable)
+    basis = jnp.eye(out_dim, dtype=dtype)
+
+    def column(xb):
+        # Theta(x1, xb)[:, :, :, j] = J(x1) J(xb)^T e_j, for every output j.
+        _, vjp = jax.vjp(lambda p: f_single(p, xb), trainable)
+        return jax.vmap(lambda e: jvp1(vjp(e)[0]))(basis)  # (O_j, N1, O_i)
+
+    if vp_batch_size is None:
+        cols = jax.vmap(column)(xs2)
+    else:
+        cols = jax.lax.map(column, xs2, batch_size=vp_batch_size)
+    kernel_full = jnp.transpose(cols, (2, 0, 3, 1))  # (N1, N2, O_i, O_j)
+    return full_to(kernel_full, outputs)
+
+
+def _zeros(x1, x2, out_dim, outputs, dtype):
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    shape = {"trace": (n1, n2), "diagonal": (n1, n2, out_dim), "full": (n1, n2, out_dim, out_dim)}
+    return jnp.zeros(shape[outputs], dtype)
+
+
+def _result_dtype(params, out):
+    leaves = [
+        leaf for leaf in jax.tree_util.tree_leaves(split_params(params)[0])
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    return jnp.result_type(out.dtype, *leaves) if leaves else out.dtype
+
+
+def _jacobian_bytes(params, n: int, out_dim: int) -> int:
+    trainable, _ = split_params(params)
+    return sum(
+        n * out_dim * int(np.size(leaf)) * jnp.result_type(leaf).itemsize
+        for leaf in jax.tree_util.tree_leaves(trainable)
+    )
+
+
+def empirical_ntk_fn(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    *,
+    method: str = "auto",
+    outputs: str = "trace",
+    vp_batch_size: int | None = None,
+) -> KernelFn:
+    """Returns a jitted ``ntk(params, x1, x2=None)``: the empirical NTK of ``apply_fn``.
+
+    ``Theta(x, x')_{ij} = sum_p df_i(x)/dtheta_p df_j(x')/dtheta_p`` (Jacot et al. 2018), summed
+    over every differentiated parameter (for a linen variables dict: the ``"params"``
+    collection only; other collections pass through unchanged).
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)``, e.g. a linen ``module.apply``. For an NNX module
+        use :func:`nnx_apply_fn`.
+      method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"`` (see module doc).
+        All give the same kernel up to rounding.
+      outputs: ``"trace"`` -- the SUM over outputs, shape ``(N1, N2)``; ``"full"`` -- shape
+        ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``.
+      vp_batch_size: only for ``"ntk_vp"``: evaluate the columns ``x2[b]`` sequentially in
+        groups of this size (``lax.map``) to bound memory; None vectorises over all of x2.
+
+    Returns:
+      ``ntk(params, x1, x2=None)``, a ``jax.jit`` of a pure function (``ntk.__wrapped__``);
+      it may be called inside another ``jit``, ``lax.scan`` or ``grad`` with traced params.
+      ``x2=None`` means ``x2 = x1``: the per-sample work is done once and the result is
+      exactly symmetric. Configuration (method, outputs) is fixed at construction.
+
+    Raises:
+      ValueError: unknown method/outputs (here); when called: inputs without a batch axis,
+        x1 and x2 with different per-example shapes, params that do not fit the model.
+    """
+    check_choice(method, METHODS, "method")
+    check_choice(outputs, OUTPUTS, "outputs")
+
+    def ntk(params, x1, x2=None):
+        out = check_model_inputs(apply_fn, params, x1, x2)
+        out_dim = int(np.prod(out.shape[1:]))
+        dtype = _result_dtype(params, out)
+        chosen = method
+        if method == "auto":
+            chosen = _auto_method(apply_fn, params, x1, x2, out_dim)
+        if chosen == "jacobian":
+            kernel = _jacobian_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype)
+        elif chosen == "ntk_vp":
+            kernel = _ntk_vp_kernel(
+                apply_fn, params, x1, x2, outputs, out_dim, dtype, vp_batch_size
+            )
+        else:
+            from ntkjax.structured import structured_kernel
+
+            kernel = structured_kernel(apply_fn, params, x1, x2, outputs=outputs)
+        kernel = kernel.astype(dtype)
+        return symmetrize(kernel, outputs) if x2 is None else kernel
+
+    return jax.jit(ntk)
+
+
+def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
+    from ntkjax.structured import count_structured_layers
+
+    if count_structured_layers(apply_fn, params, x1) > 0:
+        return "structured"
+    n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
+    if _jacobian_bytes(params, n, out_dim) > available_memory_bytes() // 4:
+        return "ntk_vp"
+    return "jacobian"
+
+
+def empirical_ntk_matrix(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    x1,
+    x2=None,
+    *,
+    method: str = "auto",
+    outputs: str = "trace",
+    memory_bytes: int | None = None,
+    block_size: int | None = None,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """The empirical NTK of large inputs, computed in memory-bounded blocks into host memory.
+
+    Blocks of x1 and x2 rows are evaluated with :func:`empirical_ntk_fn` through
+    :func:`ntkjax.blocking.evaluate_in_blocks` (params are passed as traced arguments, so one
+    compilation serves every block). With ``x2=None`` only the upper triangle of blocks is
+    computed and mirrored.
+
+    Args:
+      apply_fn, method, outputs: as in :func:`empirical_ntk_fn`.
+      params: the model parameters (any pytree / linen variables dict).
+      x1: ``(N1, *features)``; x2: ``(N2, *features)`` or None for x2 = x1.
+      memory_bytes: budget for one block call; half of the free memory when None.
+      block_size: rows per block (overrides ``memory_bytes``).
+      show_progress: progress bar on stderr.
+
+    Returns:
+      A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``.
+    """
+    ntk = empirical_ntk_fn(apply_fn, method=method, outputs=outputs)
+    check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
+
+    def block_fn(a, b, p):
+        return ntk(p, a, b)
+
+    return evaluate_in_blocks(
+        block_fn,
+        x1,
+        x2,
+        fn_args=(params,),
+        block_size=block_size,
+        memory_bytes=memory_bytes,
+        show_progress=show_progress,
+        description="empirical NTK blocks",
+    )
+
+
+def ntk_operator(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    x: jax.Array,
+    *,
+    ridge: float = 0.0,
+) -> Callable[[jax.Array], jax.Array]:
+    """Matrix-free ``v -> (Theta(x, x) + ridge I) v`` for conjugate-gradient solves.
+
+    ``(Theta v)_{a,i} = sum_{b,j} Theta(x_a, x_b)_{ij} v_{b,j} = [J (J^T v)]_{a,i}``: one
+    vector-Jacobian product then one Jacobian-vector product over the batch, so memory is that
+    of a forward/backward pass, whatever N. ``v`` has the shape of ``apply_fn(params, x)``.
+    The forward pass is linearised once, so repeated calls (CG iterations) reuse it.
+
+    Use e.g. ``jax.scipy.sparse.linalg.cg(ntk_operator(apply_fn, params, x), y)``.
+    """
+    out = check_model_inputs(apply_fn, params, x)
+    trainable, rebuild = split_params(params)
+
+    def f(p):
+        return apply_fn(rebuild(p), x)
+
+    _, jvp = jax.linearize(f, trainable)
+    vjp = jax.linear_transpose(jvp, trainable)
+
+    def apply(v):
+        v = jnp.asarray(v)
+        if v.shape != out.shape:
+            raise ValueError(
+                f"v must have the output shape {out.shape} of apply_fn(params, x); got {v.shape}."
+            )
+        (cot,) = vjp(v.astype(out.dtype))
+        result = jvp(cot)
+        return result + ridge * v if ridge else result
+
+    return apply
+
+
+def empirical_nngp_fn(
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    *,
+    features: str = "outputs",
+    outputs: str = "trace",
+    normalize: bool = False,
+) -> KernelFn:
+    """Returns a jitted ``nngp(params, x1, x2=None)``: the empirical output covariance.
+
+    ``K(x, x')_{ij} = phi_i(x) phi_j(x')`` where ``phi`` is
+
+    * ``features="outputs"``: the network output ``apply_fn(params, x)`` flattened to ``O``;
+      pass any feature function as ``apply_fn`` (e.g. ``lambda p, x: model.apply(p, x,
+      method=model.features)``) to get its kernel;
+    * ``features="last_hidden"``: the input of the LAST Dense-type layer (``flax.linen``
+      ``Dense``/``DenseGeneral``/``Conv`` or ``ntkjax.nn.Dense``) called by a linen model --
+      the last hidden layer's post-activation features, flattened per example.
+
+    ``outputs``: ``"trace"`` sums over the O features (divided by O with ``normalize=True``,
+    which for a readout ``y = sigma_w / sqrt(O) W phi`` with ``W ~ N(0, 1)`` is the NNGP
+    ``E[y y'] / sigma_w^2`` at initialisation); ``"full"`` ``(N1, N2, O, O)``; ``"diagonal"``
+    ``(N1, N2, O)``.
+    """
+    check_choice(features, ("outputs", "last_hidden"), "features")
+    check_choice(outputs, OUTPUTS, "outputs")
+
+    def phi(params, x):
+        if features == "outputs":
+            out = apply_fn(params, x)
+        else:
+            from ntkjax.structured import last_hidden_features
+
+            out = last_hidden_features(apply_fn, params, x)
+        return jnp.reshape(out, (out.shape[0], -1))
+
+    def nngp(params, x1, x2=None):
+        check_model_inputs(apply_fn, params, x1, x2)
+        p1 = phi(params, x1)
+        p2 = p1 if x2 is None else phi(params, x2)
+        if outputs == "trace":
+            kernel = jnp.matmul(p1, p2.T, precision=_PRECISION)
+            if normalize:
+                kernel = kernel / p1.shape[1]
+        elif outputs == "diagonal":
+            kernel = p1[:, None, :] * p2[None, :, :]
+        else:
+            kernel = p1[:, None, :, None] * p2[None, :, None, :]
+        return symmetrize(kernel, outputs) if x2 is None else kernel
+
+    return jax.jit(nngp)
+
+
+def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """``(apply_fn, params)`` for a ``flax.nnx`` module, usable with every function here.
+
+    ``graphdef, params, rest = nnx.split(module, nnx.Param, ...)``; ``apply_fn(params, x)``
+    merges them back (``nnx.merge``) and calls the module, so only ``nnx.Param`` variables are
+    differentiated and the other state (batch statistics, RNG counters) is held fixed.
+    """
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    return apply_fn, params

@@ -1,0 +1,90 @@
+"""Ready-made networks built from :mod:`ntkjax.nn`, usable as finite networks and as kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from flax import linen
+
+from ntkjax import nn
+from ntkjax._checks import check_choice
+from ntkjax.kernels import Kernel
+
+__all__ = ["ACTIVATIONS", "MLP", "resolve_activation"]
+
+# Activations selectable by name (those needing a parameter take their default here).
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "abs": nn.abs,
+    "erf": nn.erf,
+    "gelu": nn.gelu,
+    "sin": nn.sin,
+    "cos": nn.cos,
+    "rbf": nn.rbf,
+    "sign": nn.sign,
+    "identity": nn.identity,
+}
+
+
+def resolve_activation(activation: str | Callable) -> Callable:
+    """An activation from a name in :data:`ACTIVATIONS` or a callable.
+
+    A callable that is not an :mod:`ntkjax.nn` activation works on arrays but raises a
+    ValueError when it meets a Kernel (wrap it in :func:`ntkjax.nn.elementwise`).
+    """
+    if isinstance(activation, str):
+        if activation == "ab_relu":
+            raise ValueError(
+                "ab_relu needs its slopes: pass functools.partial(ntkjax.nn.ab_relu, a=..., b=...)."
+            )
+        check_choice(activation, tuple(ACTIVATIONS), "activation")
+        return ACTIVATIONS[activation]
+    if not callable(activation):
+        raise ValueError(f"activation must be a name or a callable, got {activation!r}.")
+    if nn.is_activation(activation):
+        return activation
+
+    def guarded(x):
+        if isinstance(x, Kernel):
+            raise ValueError(
+                f"activation {activation!r} has no infinite-width kernel rule; use an ntkjax.nn "
+                "activation or wrap it: ntkjax.nn.elementwise(fn)."
+            )
+        return activation(x)
+
+    return guarded
+
+
+class MLP(linen.Module):
+    """A fully connected network: ``Dense(h1) -> act -> ... -> Dense(h_L) -> act -> Dense(out)``.
+
+    Attributes:
+      features: ``(h1, ..., h_L, out)``: hidden widths then the number of outputs.
+      activation: a name (``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"abs"``, ``"erf"``,
+        ``"gelu"``, ``"sin"``, ``"cos"``, ``"rbf"`` (gamma 1), ``"sign"``, ``"identity"``) or an
+        :mod:`ntkjax.nn` activation, with parameters via ``functools.partial``.
+      w_std, b_std, parameterization: of every :class:`ntkjax.nn.Dense` layer.
+
+    ``MLP(...).init(key, x)`` / ``.apply(variables, x)`` map (N, d) to (N, out);
+    ``ntkjax.kernel_fn(MLP(...))`` gives its infinite-width NNGP and NTK (per output).
+    """
+
+    features: Sequence[int]
+    activation: str | Callable = "relu"
+    w_std: float = 1.0
+    b_std: float = 0.0
+    parameterization: str = "ntk"
+
+    @linen.compact
+    def __call__(self, x):
+        if len(self.features) < 1:
+            raise ValueError("features must list at least the number of outputs, e.g. (512, 1).")
+        act = resolve_activation(self.activation)
+        dense = lambda f, i: nn.Dense(
+            f, w_std=self.w_std, b_std=self.b_std, parameterization=self.parameterization,
+            name=f"Dense_{i}",
+        )
+        for i, width in enumerate(self.features[:-1]):
+            x = act(dense(width, i)(x))
+        return dense(self.features[-1], len(self.features) - 1)(x)

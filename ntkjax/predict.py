@@ -1,0 +1,528 @@
+"""Closed-form training dynamics of wide networks, and Gaussian-process inference.
+
+Loss convention (shared with :mod:`ntkjax.losses`): ``L(f) = 1/(2n) * sum_i ||f(x_i) - y_i||^2``
+over the n training examples. Gradient flow ``d theta/dt = -lr * grad L`` on a network whose
+tangent kernel stays at ``Theta`` (the infinite-width / linearized regime, Jacot et al. 2018;
+Lee et al. 2019) moves the outputs by
+
+    df(X)/dt = -(lr / n) * Theta(X, X) (f(X) - y),
+
+so, with ``r_0 = y - f_0(X)``,
+
+    f_t(X) = f_0(X) + (I - exp(-lr Theta t / n)) r_0,
+    f_t(x) = f_0(x) + Theta(x, X) Theta^{-1} (I - exp(-lr Theta t / n)) r_0,
+
+(Lee et al. 2019, "Wide Neural Networks of Any Depth Evolve as Linear Models Under Gradient
+Descent", eqs. 10-11, with their ``eta`` equal to our ``lr / n``). Discrete gradient descent with
+step ``lr`` replaces ``exp(-lr Theta t / n)`` by ``(I - lr Theta / n)^k`` after k steps.
+
+``diag_reg`` adds ``lambda = diag_reg * trace(Theta) / n`` (relative to the mean diagonal) to the
+kernel's eigenvalues: this is exactly the linearized model trained on
+``L + lambda / (2n) * ||theta - theta_0||^2`` (weight decay towards the initialization), whose
+``t -> inf`` limit is kernel ridge regression ``f_0(x) + Theta(x, X) (Theta + lambda I)^{-1} r_0``.
+
+Numerics: one symmetric eigendecomposition ``Theta = V diag(s) V^T`` serves all times; tiny
+negative eigenvalues from round-off are clipped to 0, and directions whose (regularized)
+eigenvalue is below ``n * eps * s_max`` are treated as null directions of the kernel, which
+gradient flow never moves (pseudo-inverse semantics; duplicated training points give finite
+outputs). Linear solves (GP inference) use a Cholesky factorization and fall back to the
+eigendecomposition when the matrix is not numerically positive definite. Concrete inputs
+holding NaN/Inf, disagreeing shapes, or clearly indefinite kernels raise ``ValueError``; those
+value checks are skipped on tracers (under ``jit``), where the clipping still applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import solve_triangular
+
+from ntkjax._checks import check_finite, is_concrete
+
+__all__ = [
+    "Gaussian",
+    "Predictions",
+    "convergence_bound",
+    "gp_inference",
+    "gradient_descent_mse",
+    "gradient_flow_ensemble",
+    "gradient_flow_mse",
+    "max_learning_rate",
+]
+
+
+class Predictions(NamedTuple):
+    """Network outputs on the training and test inputs (``test`` is None without test kernels).
+
+    With a 1-D array of times (or step counts) both carry a leading time axis.
+    """
+
+    train: jax.Array
+    test: jax.Array | None
+
+
+class Gaussian(NamedTuple):
+    """Mean ``(m, k)`` (or ``(m,)``) and covariance ``(m, m)`` over test points.
+
+    The covariance is shared by every output dimension (the kernels are scalar).
+    With a 1-D array of times both carry a leading time axis.
+    """
+
+    mean: jax.Array
+    covariance: jax.Array | None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_square(k, name: str) -> None:
+    shape = np.shape(k)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"{name} must be a square (n, n) matrix; got shape {tuple(shape)}.")
+    check_finite(k, name)
+
+
+def _check_rect(k, name: str, rows: int | None, cols: int) -> None:
+    shape = np.shape(k)
+    if len(shape) != 2 or shape[1] != cols or (rows is not None and shape[0] != rows):
+        want = f"({'m' if rows is None else rows}, {cols})"
+        raise ValueError(f"{name} must have shape {want}; got shape {tuple(shape)}.")
+    check_finite(k, name)
+
+
+def _check_targets(y, name: str, n: int) -> None:
+    shape = np.shape(y)
+    if len(shape) not in (1, 2) or shape[0] != n:
+        raise ValueError(
+            f"{name} must have shape ({n},) or ({n}, outputs) to match the kernel's {n} "
+            f"training points; got shape {tuple(shape)}."
+        )
+    check_finite(y, name)
+
+
+def _check_like(f, name: str, shape: tuple[int, ...]) -> None:
+    if tuple(np.shape(f)) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(np.shape(f))}.")
+    check_finite(f, name)
+
+
+def _check_positive(value, name: str) -> None:
+    if is_concrete(value):
+        v = np.asarray(value)
+        if v.shape != () or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite scalar; got {value!r}.")
+
+
+def _check_diag_reg(diag_reg) -> None:
+    if is_concrete(diag_reg):
+        v = np.asarray(diag_reg)
+        if v.shape != () or not np.isfinite(v) or v < 0:
+            raise ValueError(f"diag_reg must be a finite scalar >= 0; got {diag_reg!r}.")
+
+
+def _check_times(t, name: str, *, integer: bool) -> None:
+    if np.ndim(t) > 1:
+        raise ValueError(f"{name} must be a scalar or a 1-D array; got shape {np.shape(t)}.")
+    if not is_concrete(t):
+        return
+    v = np.asarray(t, dtype=np.float64)
+    if np.any(np.isnan(v)) or np.any(v < 0):
+        raise ValueError(f"{name} must be >= 0 (jnp.inf allowed); got {t!r}.")
+    if integer and np.any(np.isfinite(v) & (v != np.round(v))):
+        raise ValueError(f"{name} must be whole numbers of steps (or jnp.inf); got {t!r}.")
+
+
+def _float_dtype(*arrays) -> jnp.dtype:
+    dtype = jnp.result_type(*[a for a in arrays if a is not None])
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, jnp.float32)
+    return dtype
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+class _Eigen(NamedTuple):
+    values: jax.Array  # clipped eigenvalues of the (unregularized) kernel, ascending
+    vectors: jax.Array
+    reg: jax.Array  # absolute diagonal regularizer lambda
+    null: jax.Array  # True where values + reg is numerically zero
+
+
+def _regularizer(k: jax.Array, diag_reg) -> jax.Array:
+    """``diag_reg * trace(k) / n``: diag_reg is relative to the mean diagonal entry."""
+    return jnp.asarray(diag_reg, k.dtype) * jnp.trace(k) / k.shape[0]
+
+
+def _eigh_psd(k: jax.Array, diag_reg, name: str) -> _Eigen:
+    """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
+    k = 0.5 * (k + k.T)
+    values, vectors = jnp.linalg.eigh(k)
+    n = k.shape[0]
+    eps = jnp.finfo(k.dtype).eps
+    scale = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
+    if is_concrete(values):
+        smallest, largest = float(values[0]), float(scale)
+        if smallest < -100.0 * n * float(eps) * largest:
+            raise ValueError(
+                f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.3e} "
+                f"against largest {largest:.3e} (beyond round-off). Pass a kernel matrix."
+            )
+    values = jnp.maximum(values, 0.0)
+    reg = _regularizer(k, diag_reg)
+    null = values + reg <= n * eps * scale
+    return _Eigen(values, vectors, reg, null)
+
+
+def _inverse_sqrt(k: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``b -> H b`` with ``H^T H = k^+`` (the pseudo-inverse of a PSD matrix).
+
+    ``H = L^{-1}`` from a Cholesky factorization ``k = L L^T`` when ``k`` is numerically
+    positive definite (all pivots finite and ``min L_ii^2 > n eps max k_ii``); otherwise
+    ``H = diag(s^{-1/2}) V^T`` from the eigendecomposition with eigenvalues below
+    ``n eps s_max`` (including clipped negatives) dropped. The choice is a ``lax.cond``,
+    so it also works under ``jit``.
+    """
+    k = 0.5 * (k + k.T)
+    n = k.shape[0]
+    eps = jnp.finfo(k.dtype).eps
+    chol = jnp.linalg.cholesky(k)
+    pivots = jnp.diagonal(chol)
+    scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(k))), jnp.finfo(k.dtype).tiny)
+    positive_definite = jnp.all(jnp.isfinite(chol)) & (jnp.min(pivots) ** 2 > n * eps * scale)
+
+    def via_cholesky(b):
+        safe = jnp.where(jnp.isfinite(chol), chol, jnp.eye(n, dtype=k.dtype))
+        return solve_triangular(safe, b, lower=True)
+
+    def via_eigh(b):
+        values, vectors = jnp.linalg.eigh(k)
+        top = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
+        keep = values > n * eps * top
+        inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, values, 1.0)), 0.0)
+        return inv_sqrt[:, None] * (vectors.T @ b)
+
+    return lambda b: jax.lax.cond(positive_definite, via_cholesky, via_eigh, b)
+
+
+# --------------------------------------------------------------------------- dynamics
+
+
+def _as_2d(y: jax.Array) -> jax.Array:
+    return y[:, None] if y.ndim == 1 else y
+
+
+def _restore(out: jax.Array, y_ndim: int) -> jax.Array:
+    return out[..., 0] if y_ndim == 1 else out
+
+
+def _linear_dynamics(
+    k_train_train,
+    y_train,
+    k_test_train,
+    fx_train_0,
+    fx_test_0,
+    diag_reg,
+    coefficients: Callable[[jax.Array, jax.Array], jax.Array],
+    time_name: str,
+    integer_times: bool,
+) -> Callable[[jax.Array], Predictions]:
+    """Shared body of gradient flow / descent: ``f = f_0 + K V diag(g(s, t)) V^T r_0``."""
+    _check_square(k_train_train, "k_train_train")
+    n = np.shape(k_train_train)[0]
+    _check_targets(y_train, "y_train", n)
+    _check_diag_reg(diag_reg)
+    y_shape = tuple(np.shape(y_train))
+    if k_test_train is not None:
+        _check_rect(k_test_train, "k_test_train", None, n)
+    if fx_train_0 is not None:
+        _check_like(fx_train_0, "fx_train_0", y_shape)
+    if fx_test_0 is not None:
+        if k_test_train is None:
+            raise ValueError("fx_test_0 needs k_test_train (the test-train kernel).")
+        m = np.shape(k_test_train)[0]
+        _check_like(fx_test_0, "fx_test_0", (m, *y_shape[1:]))
+    dtype = _float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
+
+    k = jnp.asarray(k_train_train, dtype)
+    y = _as_2d(jnp.asarray(y_train, dtype))
+    f0 = jnp.zeros_like(y) if fx_train_0 is None else _as_2d(jnp.asarray(fx_train_0, dtype))
+    eig = _eigh_psd(k, diag_reg, "k_train_train")
+    residual = eig.vectors.T @ (y - f0)  # V^T r_0, shape (n, outputs)
+    if k_test_train is not None:
+        k_test_v = jnp.asarray(k_test_train, dtype) @ eig.vectors  # (m, n)
+        if fx_test_0 is None:
+            ft0 = jnp.zeros((k_test_v.shape[0], y.shape[1]), dtype)
+        else:
+            ft0 = _as_2d(jnp.asarray(fx_test_0, dtype))
+
+    def predict(t) -> Predictions:
+        _check_times(t, time_name, integer=integer_times)
+        t = jnp.asarray(t, dtype)
+        g = coefficients(eig, t)  # (..., n): g(s) ~ (1 - decay(s)) / (s + lambda)
+        weights = g[..., :, None] * residual
+        train = f0 + jnp.einsum("ij,...jk->...ik", eig.vectors, eig.values[:, None] * weights)
+        test = None
+        if k_test_train is not None:
+            test = ft0 + jnp.einsum("ij,...jk->...ik", k_test_v, weights)
+            test = _restore(test, len(y_shape))
+        return Predictions(_restore(train, len(y_shape)), test)
+
+    return predict
+
+
+def _flow_coefficients(learning_rate, n: int):
+    def coefficients(eig: _Eigen, t: jax.Array) -> jax.Array:
+        s = eig.values + eig.reg
+        s_safe = jnp.where(eig.null, 1.0, s)
+        rate = jnp.asarray(learning_rate, t.dtype) / n
+        x = rate * t[..., None] * s_safe  # t = inf gives x = inf and g = 1 / s
+        return jnp.where(eig.null, 0.0, -jnp.expm1(-x) / s_safe)
+
+    return coefficients
+
+
+def _descent_coefficients(learning_rate, n: int):
+    def coefficients(eig: _Eigen, steps: jax.Array) -> jax.Array:
+        s = eig.values + eig.reg
+        s_safe = jnp.where(eig.null, 1.0, s)
+        rate = jnp.asarray(learning_rate, steps.dtype) / n
+        decay = jnp.power(1.0 - rate * s_safe, steps[..., None])
+        return jnp.where(eig.null, 0.0, (1.0 - decay) / s_safe)
+
+    return coefficients
+
+
+def gradient_flow_mse(
+    k_train_train: jax.Array,
+    y_train: jax.Array,
+    *,
+    learning_rate: float,
+    k_test_train: jax.Array | None = None,
+    fx_train_0: jax.Array | None = None,
+    fx_test_0: jax.Array | None = None,
+    diag_reg: float = 0.0,
+) -> Callable[[jax.Array], Predictions]:
+    """Predictions of continuous-time gradient flow on the MSE at any training time.
+
+    With ``L = 1/(2n) sum ||f - y||^2``, ``df/dt = -(lr / n) Theta (f - y)`` and (Lee et al. 2019,
+    eqs. 10-11)::
+
+        f_t(X) = f_0(X) + (I - exp(-lr Theta t / n)) (y - f_0(X))
+        f_t(x) = f_0(x) + Theta(x, X) Theta^{-1} (I - exp(-lr Theta t / n)) (y - f_0(X))
+
+    with ``Theta + lambda I`` (``lambda = diag_reg * trace(Theta) / n``) in the inverse and the
+    exponential when ``diag_reg > 0``; ``t = jnp.inf`` gives kernel ridge regression. One
+    eigendecomposition is computed here and reused for every ``t``.
+
+    Args:
+      k_train_train: ``(n, n)`` kernel (NTK for trained networks) on the training inputs.
+      y_train: ``(n,)`` or ``(n, outputs)`` targets.
+      learning_rate: the step size ``lr`` of the loss above (time is measured in units such
+        that ``t`` gradient-descent steps at a small ``lr`` reach time ``t``).
+      k_test_train: optional ``(m, n)`` kernel between test and training inputs.
+      fx_train_0, fx_test_0: outputs at initialization (zeros when omitted).
+      diag_reg: relative diagonal regularizer (weight decay towards init, see module doc).
+
+    Returns:
+      ``predict(t) -> Predictions(train, test)``; ``t`` a scalar or 1-D array (leading time
+      axis in the outputs), ``>= 0``, ``jnp.inf`` allowed. ``predict`` is pure and can be
+      wrapped in ``jax.jit`` / ``jax.vmap``.
+    """
+    _check_positive(learning_rate, "learning_rate")
+    n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
+    return _linear_dynamics(
+        k_train_train, y_train, k_test_train, fx_train_0, fx_test_0, diag_reg,
+        _flow_coefficients(learning_rate, n), "t", integer_times=False,
+    )
+
+
+def gradient_descent_mse(
+    k_train_train: jax.Array,
+    y_train: jax.Array,
+    *,
+    learning_rate: float,
+    k_test_train: jax.Array | None = None,
+    fx_train_0: jax.Array | None = None,
+    fx_test_0: jax.Array | None = None,
+    diag_reg: float = 0.0,
+) -> Callable[[jax.Array], Predictions]:
+    """Predictions after k steps of full-batch gradient descent on the MSE at a finite lr.
+
+    Each step is ``f <- f - (lr / n) Theta (f - y)`` (the linearized network trained with
+    ``optax.sgd(lr)`` on :func:`ntkjax.losses.mse_loss`), so::
+
+        f_k(X) = f_0(X) + (I - (I - lr Theta / n)^k) (y - f_0(X))
+        f_k(x) = f_0(x) + Theta(x, X) Theta^{-1} (I - (I - lr Theta / n)^k) (y - f_0(X))
+
+    Stable for ``lr < max_learning_rate(Theta) = 2n / lambda_max``; beyond it the outputs grow
+    geometrically (returned as they are, possibly ``inf``). ``diag_reg`` as in
+    :func:`gradient_flow_mse`. ``predict(steps)`` takes whole numbers ``>= 0`` (scalar or 1-D),
+    ``jnp.inf`` allowed (kernel ridge for stable learning rates).
+    """
+    _check_positive(learning_rate, "learning_rate")
+    n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
+    return _linear_dynamics(
+        k_train_train, y_train, k_test_train, fx_train_0, fx_test_0, diag_reg,
+        _descent_coefficients(learning_rate, n), "steps", integer_times=True,
+    )
+
+
+def max_learning_rate(k_train_train: jax.Array, *, diag_reg: float = 0.0) -> jax.Array:
+    """The gradient-descent stability edge ``2 n / lambda_max(Theta + lambda I)``.
+
+    Under ``L = 1/(2n) sum ||f - y||^2`` the residual along eigenvector i is multiplied by
+    ``1 - lr lambda_i / n`` each step, which shrinks iff ``lr < 2 n / lambda_i``.
+    """
+    _check_square(k_train_train, "k_train_train")
+    _check_diag_reg(diag_reg)
+    k = jnp.asarray(k_train_train)
+    k = k.astype(_float_dtype(k))
+    eig = _eigh_psd(k, diag_reg, "k_train_train")
+    return 2.0 * k.shape[0] / (eig.values[-1] + eig.reg)
+
+
+def convergence_bound(
+    k_train_train: jax.Array,
+    residual_0_norm: jax.Array,
+    *,
+    learning_rate: float,
+    t: jax.Array,
+    diag_reg: float = 0.0,
+) -> jax.Array:
+    """Upper bound ``exp(-lr lambda_min t / n) ||f_0 - y||`` on ``||f_t(X) - y||``.
+
+    The study notebook's section 7 bound, with the ``1/n`` of our loss convention: gradient flow
+    shrinks every eigen-component of the training residual by ``exp(-lr lambda_i t / n)``, at
+    least by the factor of the smallest eigenvalue (clipped at 0, plus ``lambda`` with
+    ``diag_reg``; with ``diag_reg > 0`` it bounds the distance to the ridge fit instead of y).
+    ``t`` a scalar or 1-D array.
+    """
+    _check_square(k_train_train, "k_train_train")
+    _check_positive(learning_rate, "learning_rate")
+    _check_diag_reg(diag_reg)
+    _check_times(t, "t", integer=False)
+    k = jnp.asarray(k_train_train)
+    k = k.astype(_float_dtype(k))
+    eig = _eigh_psd(k, diag_reg, "k_train_train")
+    t = jnp.asarray(t, k.dtype)
+    rate = jnp.asarray(learning_rate, k.dtype) / k.shape[0]
+    lam_min = eig.values[0] + eig.reg
+    # t * lam_min with lam_min = 0 and t = inf: the bound stays at ||r_0|| (no decay).
+    exponent = jnp.where(lam_min > 0, rate * lam_min * t, 0.0)
+    return jnp.exp(-exponent) * jnp.asarray(residual_0_norm, k.dtype)
+
+
+# --------------------------------------------------------------------------- Gaussian processes
+
+
+def gp_inference(
+    k_train_train: jax.Array,
+    k_test_train: jax.Array,
+    k_test_test: jax.Array | None,
+    y_train: jax.Array,
+    *,
+    diag_reg: float = 0.0,
+) -> Gaussian:
+    """Exact GP posterior (Bayesian inference with the NNGP as prior covariance).
+
+    ``mean = K(x, X) (K + lambda I)^{-1} y`` and
+    ``cov = K(x, x') - K(x, X) (K + lambda I)^{-1} K(X, x')`` (Rasmussen & Williams 2006,
+    eqs. 2.23-2.24), ``lambda = diag_reg * trace(K) / n`` playing the observation-noise
+    variance. Solved through a Cholesky factor, with an eigendecomposition fallback when
+    ``K + lambda I`` is not numerically positive definite (pseudo-inverse). ``k_test_test``
+    may be None (no covariance returned).
+    """
+    _check_square(k_train_train, "k_train_train")
+    n = np.shape(k_train_train)[0]
+    _check_rect(k_test_train, "k_test_train", None, n)
+    m = np.shape(k_test_train)[0]
+    if k_test_test is not None:
+        _check_rect(k_test_test, "k_test_test", m, m)
+    _check_targets(y_train, "y_train", n)
+    _check_diag_reg(diag_reg)
+    dtype = _float_dtype(k_train_train, k_test_train, k_test_test, y_train)
+    k = jnp.asarray(k_train_train, dtype)
+    k_reg = k + _regularizer(k, diag_reg) * jnp.eye(n, dtype=dtype)
+    if is_concrete(k):
+        _eigh_psd(k, 0.0, "k_train_train")  # raises on clearly indefinite kernels
+    whiten = _inverse_sqrt(k_reg)
+    kxt = jnp.asarray(k_test_train, dtype)
+    y = jnp.asarray(y_train, dtype)
+    w_y = whiten(_as_2d(y))
+    w_t = whiten(kxt.T)  # (n, m)
+    mean = _restore(w_t.T @ w_y, y.ndim)
+    cov = None
+    if k_test_test is not None:
+        cov = jnp.asarray(k_test_test, dtype) - w_t.T @ w_t
+        cov = 0.5 * (cov + cov.T)
+    return Gaussian(mean, cov)
+
+
+def gradient_flow_ensemble(
+    nngp: tuple[jax.Array, jax.Array, jax.Array | None],
+    ntk: tuple[jax.Array, jax.Array, jax.Array | None],
+    y_train: jax.Array,
+    *,
+    learning_rate: float,
+    t: jax.Array,
+    diag_reg: float = 0.0,
+) -> Gaussian:
+    """Mean and covariance over an infinite ensemble of infinitely wide nets trained to time t.
+
+    Outputs at initialization are a centred GP with covariance ``K`` (the NNGP); training by
+    gradient flow under the NTK ``Theta`` is affine in them. With
+    ``A_t = Theta(x, X) Theta^{-1} (I - exp(-lr Theta t / n))`` (Lee et al. 2019, eqs. 15-16,
+    their ``eta`` = our ``lr / n``)::
+
+        mu_t(x)       = A_t y
+        Sigma_t(x, x') = K(x, x') + A_t K(X, X) A_t^T - (A_t K(X, x') + K(x, X) A_t^T)
+
+    ``t = 0`` gives the prior ``(0, K(x, x'))``, ``t = inf`` NTK regression with its
+    covariance. ``diag_reg`` regularizes ``Theta`` as in :func:`gradient_flow_mse`.
+
+    Args:
+      nngp: ``(K(X, X), K(x, X), K(x, x'))``; the last may be None (no covariance returned).
+      ntk: ``(Theta(X, X), Theta(x, X), Theta(x, x'))``; the last is not needed and may be None.
+      y_train: ``(n,)`` or ``(n, outputs)`` targets.
+      learning_rate, t: as in :func:`gradient_flow_mse`; ``t`` a scalar or 1-D array.
+    """
+    if len(nngp) != 3 or len(ntk) != 3:
+        raise ValueError("nngp and ntk must be (train_train, test_train, test_test) triples.")
+    _check_positive(learning_rate, "learning_rate")
+    _check_times(t, "t", integer=False)
+    nngp_tt, nngp_xt, nngp_xx = nngp
+    ntk_tt, ntk_xt, _ = ntk
+    _check_square(ntk_tt, "ntk[0] (train-train)")
+    n = np.shape(ntk_tt)[0]
+    _check_rect(ntk_xt, "ntk[1] (test-train)", None, n)
+    m = np.shape(ntk_xt)[0]
+    _check_rect(nngp_tt, "nngp[0] (train-train)", n, n)
+    _check_rect(nngp_xt, "nngp[1] (test-train)", m, n)
+    if nngp_xx is not None:
+        _check_rect(nngp_xx, "nngp[2] (test-test)", m, m)
+    _check_targets(y_train, "y_train", n)
+    _check_diag_reg(diag_reg)
+    dtype = _float_dtype(ntk_tt, ntk_xt, nngp_tt, nngp_xt, nngp_xx, y_train)
+
+    eig = _eigh_psd(jnp.asarray(ntk_tt, dtype), diag_reg, "ntk[0] (train-train)")
+    t = jnp.asarray(t, dtype)
+    g = _flow_coefficients(learning_rate, n)(eig, t)  # (..., n)
+    v = eig.vectors
+    # A_t = Theta(x, X) V diag(g) V^T, shape (..., m, n)
+    a_t = jnp.einsum("ij,...j,kj->...ik", jnp.asarray(ntk_xt, dtype) @ v, g, v)
+    y = jnp.asarray(y_train, dtype)
+    mean = _restore(jnp.einsum("...ij,jk->...ik", a_t, _as_2d(y)), y.ndim)
+    cov = None
+    if nngp_xx is not None:
+        k_tt = jnp.asarray(nngp_tt, dtype)
+        k_xt = jnp.asarray(nngp_xt, dtype)
+        a_k_a = jnp.einsum("...ij,jk,...lk->...il", a_t, k_tt, a_t)
+        cross = jnp.einsum("...ij,kj->...ik", a_t, k_xt)  # A_t K(X, x')
+        cov = jnp.asarray(nngp_xx, dtype) + a_k_a - cross - jnp.swapaxes(cross, -1, -2)
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    return Gaussian(mean, cov)

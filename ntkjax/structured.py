@@ -1,0 +1,465 @@
+"""The "structured" empirical NTK: per-layer factorisation from layer inputs and cotangents.
+
+For a dense layer ``y = c x W + s b`` applied at positions ``t`` (``x_t in R^K``,
+``y_t in R^F``), the gradient of output ``i`` with respect to ``W`` is
+``sum_t c x_t (x) delta_{i,t}`` where ``delta_{i,t} = d f_i / d y_t`` is the cotangent of the
+layer output. Its contribution to the NTK is therefore
+
+    Theta^W(x, x')_{ij} = c^2 sum_{t,s} (x_t . x'_s) (delta_{i,t} . delta'_{j,s}),
+    Theta^b(x, x')_{ij} = s^2 (sum_t delta_{i,t}) . (sum_s delta'_{j,s}),
+
+(Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel", section 4, "structured
+derivatives"). Without positions (an MLP) this is ``(X X'^T) * (D D'^T)``: two Gram matrices per
+layer and no per-sample weight gradient ever formed. With positions (convolutions, dense layers
+on sequences) the layer is computed either in this *factored* form or *materialised* as
+per-sample gradients ``G_i = sum_t x_t (x) delta_{i,t}`` contracted as ``<G_i, G'_j>``,
+whichever needs fewer FLOPs. A convolution is a dense layer on its input patches
+(``lax.conv_general_dilated_patches``); an embedding is a dense layer on one-hot tokens, so
+``x_t . x'_s = [token_t == token'_s]``.
+
+Layer inputs ``x`` are captured, and the cotangents ``delta`` obtained as gradients with respect
+to zero perturbations added to each layer's output, through ``flax.linen.intercept_methods``.
+Supported: ``flax.linen`` ``Dense``, ``DenseGeneral`` (without ``batch_dims``), ``Conv`` (shared
+weights, one feature group, no mask) and ``Embed`` (only through ``__call__``), and
+``ntkjax.nn.Dense`` (its kernel/bias scales are read off by differentiating the layer once).
+Only exact classes are recognised (not subclasses), and a module called more than once is
+treated as unsupported. Every parameter not covered -- LayerNorm scales, unsupported layers,
+non-linen parameters -- falls back to per-sample Jacobian contraction, computed in the same
+backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.linear import canonicalize_padding
+
+from ntkjax.empirical import (
+    _PRECISION,
+    contract_jacobians,
+    is_variables_dict,
+    per_sample_fn,
+    split_params,
+)
+
+__all__ = ["count_structured_layers", "last_hidden_features", "structured_kernel"]
+
+_PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"}, "embed": {"embedding"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """A supported layer called once: where its params live and how to read its input."""
+
+    path: tuple[str, ...]
+    kind: str  # "dense" | "conv" | "embed"
+    module: Any  # unbound clone, for static attributes and the scale probe
+    in_shape: tuple[int, ...]  # per-call input shape (batch axis 1 included)
+    out_shape: tuple[int, ...]
+    out_dtype: Any
+    probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
+
+
+def _ntkjax_dense_class():
+    try:
+        from ntkjax import nn as ntk_nn
+    except ImportError:
+        return None
+    return getattr(ntk_nn, "Dense", None)
+
+
+def _layer_kind(module) -> tuple[str | None, bool]:
+    """(kind, probe_scales) for a supported module, (None, False) otherwise."""
+    cls = type(module)
+    if cls is nn.Dense or cls is nn.DenseGeneral:
+        if module.dot_general is not None or module.dot_general_cls is not None:
+            return None, False
+        if cls is nn.DenseGeneral and module.batch_dims:
+            return None, False
+        return "dense", False
+    if cls is nn.Conv:
+        if (
+            module.feature_group_count != 1
+            or module.mask is not None
+            or module.conv_general_dilated is not None
+            or module.conv_general_dilated_cls is not None
+        ):
+            return None, False
+        return "conv", False
+    if cls is nn.Embed:
+        return "embed", False
+    ntk_dense = _ntkjax_dense_class()
+    if ntk_dense is not None and cls is ntk_dense:
+        return "dense", True
+    return None, False
+
+
+def _dense_axes(module, ndim: int) -> tuple[int, ...]:
+    if type(module) is nn.DenseGeneral:
+        axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+        return tuple(sorted(a % ndim for a in axis))
+    return (ndim - 1,)
+
+
+def _call_input(args, kwargs):
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
+    """Supported layers of a linen model, found by tracing one example (shapes only)."""
+    if not is_variables_dict(params):
+        return {}
+    trainable, rebuild = split_params(params)
+    calls: dict[tuple, list] = {}
+    other_methods: set[tuple] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        kind, probe = _layer_kind(module)
+        if kind is None:
+            return out
+        path = tuple(module.path)
+        if context.method_name != "__call__":
+            if not context.method_name.startswith("_") and context.method_name != "setup":
+                other_methods.add(path)
+            return out
+        inp = _call_input(args, kwargs)
+        calls.setdefault(path, []).append(
+            _Layer(
+                path=path,
+                kind=kind,
+                module=module.clone(parent=None),
+                in_shape=tuple(np.shape(inp)),
+                out_shape=tuple(np.shape(out)),
+                out_dtype=out.dtype,
+                probe_scales=probe,
+            )
+        )
+        return out
+
+    def run(p, x):
+        with nn.intercept_methods(interceptor):
+            return apply_fn(rebuild(p), x[:1])
+
+    jax.eval_shape(run, trainable, x1)
+    layers = {}
+    for path, found in calls.items():
+        if len(found) != 1 or path in other_methods:
+            continue
+        layer = found[0]
+        if _layer_params(trainable, layer) is not None and _input_ok(layer):
+            layers[path] = layer
+    return layers
+
+
+def _layer_params(trainable, layer: _Layer):
+    node = trainable
+    for key in layer.path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    if not isinstance(node, Mapping) or not set(node) <= _PARAM_NAMES[layer.kind]:
+        return None
+    if any(isinstance(v, Mapping) for v in node.values()):
+        return None
+    return node
+
+
+def _input_ok(layer: _Layer) -> bool:
+    if layer.kind == "conv":
+        ks = layer.module.kernel_size
+        n_spatial = 1 if isinstance(ks, int) else len(ks)
+        return len(layer.in_shape) == n_spatial + 2
+    if layer.kind == "dense":
+        return 0 not in _dense_axes(layer.module, len(layer.in_shape))
+    return True
+
+
+def count_structured_layers(apply_fn, params, x1) -> int:
+    """How many layers of the model the structured method factorises."""
+    return len(_discover(apply_fn, params, x1))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer inputs in (N, T, K) form
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv_patches(module, x):
+    """(N, *out_spatial, C * prod(kernel)) patches such that the conv is a dense layer on them."""
+    ks = module.kernel_size
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    nsp = len(ks)
+
+    def bcast(v):
+        v = 1 if v is None else v
+        return (v,) * nsp if isinstance(v, int) else tuple(v)
+
+    kernel_dilation = bcast(module.kernel_dilation)
+    padding = canonicalize_padding(module.padding, nsp)
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(ks, kernel_dilation, strict=True)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (ks[0] - 1), 0), (0, 0)])
+        padding = "VALID"
+    spatial = "".join("DHW"[-nsp:]) if nsp <= 3 else None
+    if spatial is None:
+        raise NotImplementedError("convolutions with more than 3 spatial dimensions")
+    spec = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    return jax.lax.conv_general_dilated_patches(
+        x,
+        filter_shape=ks,
+        window_strides=bcast(module.strides),
+        padding=padding,
+        lhs_dilation=bcast(module.input_dilation),
+        rhs_dilation=kernel_dilation,
+        dimension_numbers=spec,
+        precision=_PRECISION,
+    )
+
+
+def _layer_inputs(layer: _Layer, x):
+    """Per-sample layer input ``x`` of shape (N, 1, ...) as (N, T, K) (ids (N, T) for Embed)."""
+    n = x.shape[0]
+    x = x[:, 0]
+    if layer.kind == "embed":
+        return x.reshape(n, -1)
+    if layer.kind == "conv":
+        patches = _conv_patches(layer.module, x)
+        return patches.reshape(n, -1, patches.shape[-1])
+    axes = list(_dense_axes(layer.module, len(layer.in_shape)))  # same ndim as x here
+    k = len(axes)
+    x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
+    contracted = int(np.prod(x.shape[x.ndim - k :]))
+    return x.reshape(n, -1, contracted)
+
+
+def _layer_cotangents(layer: _Layer, d):
+    """Cotangents (N, O, 1, *out) as (N, O, T, F)."""
+    n, o = d.shape[:2]
+    if layer.kind == "dense" and type(layer.module) is nn.DenseGeneral:
+        feats = layer.module.features
+        f = int(np.prod(feats)) if isinstance(feats, tuple | list) else int(feats)
+    else:
+        f = d.shape[-1]
+    return d.reshape(n, o, -1, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram terms
+# ---------------------------------------------------------------------------------------------
+
+
+def _delta_gram(d1, d2, outputs: str):
+    """sum_f d1[a,i,t,f] d2[b,j,s,f] as (a, t, b, s[, i[, j]]) for trace / diagonal / full."""
+    if outputs == "trace":
+        return jnp.einsum("aitf,bisf->atbs", d1, d2, precision=_PRECISION)
+    if outputs == "diagonal":
+        return jnp.einsum("aitf,bisf->atbsi", d1, d2, precision=_PRECISION)
+    return jnp.einsum("aitf,bjsf->atbsij", d1, d2, precision=_PRECISION)
+
+
+def _combine(a, b):
+    """sum_{t,s} a[a,t,b,s] * b[a,t,b,s,...] -> (a, b, ...)."""
+    extra = b.ndim - 4
+    a = a.reshape(a.shape + (1,) * extra)
+    return jnp.sum(a * b, axis=(1, 3))
+
+
+def _output_factor(outputs: str, o: int) -> int:
+    return o * o if outputs == "full" else o
+
+
+def _weight_term(kind, x1, d1, x2, d2, outputs, vocab=None, form="auto"):
+    """The weight's NTK contribution, factored or materialised, whichever is cheaper
+    (``form="auto"``; ``"factored"`` / ``"materialized"`` force one)."""
+    n1, o, t, f = d1.shape
+    n2, s = d2.shape[0], d2.shape[2]
+    k = vocab if kind == "embed" else x1.shape[-1]
+    kx = 1 if kind == "embed" else k
+    factored = n1 * n2 * t * s * (kx + f * _output_factor(outputs, o))
+    materialised = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(outputs, o)
+    if form != "auto":
+        factored, materialised = (0, 1) if form == "factored" else (1, 0)
+    elif t == 1 and s == 1 and kind != "embed":
+        a = jnp.matmul(x1[:, 0], x2[:, 0].T, precision=_PRECISION)
+        b = contract_jacobians(d1[:, :, 0], d2[:, :, 0], outputs)
+        return a.reshape(a.shape + (1,) * (b.ndim - 2)) * b
+    if factored <= materialised:
+        if kind == "embed":
+            a = (x1[:, :, None, None] == x2[None, None, :, :]).astype(d1.dtype)
+        else:
+            a = jnp.einsum("atk,bsk->atbs", x1, x2, precision=_PRECISION)
+        return _combine(a, _delta_gram(d1, d2, outputs))
+
+    def grads(x, d):
+        if kind == "embed":
+            onehot = jax.nn.one_hot(x, vocab, dtype=d.dtype)
+            return jnp.einsum("atv,aitf->aivf", onehot, d, precision=_PRECISION)
+        return jnp.einsum("atk,aitf->aikf", x, d, precision=_PRECISION)
+
+    g1 = grads(x1, d1)
+    g2 = g1 if (x2 is x1 and d2 is d1) else grads(x2, d2)
+    return contract_jacobians(
+        g1.reshape(n1, o, -1), g2.reshape(n2, o, -1), outputs
+    )
+
+
+def _scales(layer: _Layer, node, dtype):
+    """(c, s): the layer computes y = c x W + s b. Read off by one gradient of the layer."""
+    if not layer.probe_scales:
+        return 1.0, 1.0
+    k = int(node["kernel"].shape[0])
+    unit = jnp.zeros((1, k), dtype).at[0, 0].set(1)
+
+    def first_output(p):
+        return layer.module.apply({"params": p}, unit)[0, 0]
+
+    grad = jax.grad(first_output)(dict(node))
+    c = grad["kernel"][0, 0]
+    s = grad["bias"][0] if "bias" in grad else 1.0
+    return c, s
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_rest(trainable, layers):
+    """Leaves covered by structured layers vs the rest (by path)."""
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+    covered = []
+    for key_path, _ in paths_leaves:
+        keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)
+        covered.append(len(keys) >= 1 and keys[:-1] in layers)
+    leaves = [leaf for _, leaf in paths_leaves]
+    rest = [leaf for leaf, c in zip(leaves, covered, strict=True) if not c]
+
+    def merge(rest_leaves):
+        it = iter(rest_leaves)
+        merged = [leaf if c else next(it) for leaf, c in zip(leaves, covered, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, merged)
+
+    return rest, merge
+
+
+def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
+    """x_single -> (rest Jacobians (O, ...), cotangents {path: (O, 1, *out)}, inputs)."""
+
+    def tapped(rest, eps, x):
+        captured = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__":
+                path = tuple(context.module.path)
+                if path in eps:
+                    captured[path] = _call_input(args, kwargs)
+                    return out + eps[path].astype(out.dtype)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            out = apply_fn(rebuild(merge(rest)), x[None])
+        return jnp.reshape(out, (-1,)), captured
+
+    basis = jnp.eye(out_dim, dtype=dtype)
+
+    def per_sample(rest, x):
+        eps = {path: jnp.zeros(lay.out_shape, lay.out_dtype) for path, lay in layers.items()}
+        _, vjp, captured = jax.vjp(lambda r, e: tapped(r, e, x), rest, eps, has_aux=True)
+        rest_jac, deltas = jax.vmap(vjp)(basis)
+        return rest_jac, deltas, captured
+
+    return per_sample
+
+
+def structured_kernel(
+    apply_fn, params, x1, x2=None, *, outputs: str = "trace", form: str = "auto"
+):
+    """The empirical NTK by per-layer factorisation (see module doc); same contract as
+    ``empirical_ntk_fn(..., method="structured")`` but not jitted and without validation.
+
+    ``form``: ``"auto"`` picks, per layer, the factored or the materialised form by FLOPs;
+    ``"factored"`` or ``"materialized"`` force one for every layer (for testing).
+    """
+    layers = _discover(apply_fn, params, x1)
+    trainable, rebuild = split_params(params)
+    if not layers:
+        from ntkjax.empirical import leaf_jacobian_kernel
+
+        return leaf_jacobian_kernel(per_sample_fn(apply_fn, rebuild), trainable, x1, x2, outputs)
+
+    out = jax.eval_shape(apply_fn, params, x1[:1])
+    out_dim = int(np.prod(out.shape[1:]))
+    dtype = out.dtype
+    rest, merge = _split_rest(trainable, layers)
+    per_sample = jax.vmap(
+        _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype), in_axes=(None, 0)
+    )
+    jac1, deltas1, inputs1 = per_sample(rest, x1)
+    if x2 is None:
+        jac2, deltas2, inputs2 = jac1, deltas1, inputs1
+    else:
+        jac2, deltas2, inputs2 = per_sample(rest, x2)
+
+    total = None
+
+    def add(term):
+        nonlocal total
+        total = term if total is None else total + term
+
+    for a, b in zip(jax.tree_util.tree_leaves(jac1), jax.tree_util.tree_leaves(jac2), strict=True):
+        if a.size:
+            add(contract_jacobians(
+                a.reshape(a.shape[0], a.shape[1], -1), b.reshape(b.shape[0], b.shape[1], -1),
+                outputs,
+            ))
+    for path, layer in layers.items():
+        node = _layer_params(trainable, layer)
+        d1 = _layer_cotangents(layer, deltas1[path])
+        d2 = d1 if x2 is None else _layer_cotangents(layer, deltas2[path])
+        xi1 = _layer_inputs(layer, inputs1[path])
+        xi2 = xi1 if x2 is None else _layer_inputs(layer, inputs2[path])
+        c, s = _scales(layer, node, dtype)
+        weight_name = "embedding" if layer.kind == "embed" else "kernel"
+        vocab = node[weight_name].shape[0] if layer.kind == "embed" else None
+        add((c * c) * _weight_term(layer.kind, xi1, d1, xi2, d2, outputs, vocab, form))
+        if "bias" in node:
+            b1, b2 = d1.sum(axis=2), d2.sum(axis=2)
+            add((s * s) * contract_jacobians(b1, b2, outputs))
+    return total
+
+
+def last_hidden_features(apply_fn, params, x):
+    """The input of the last Dense-type layer (Dense, DenseGeneral, Conv, ntkjax Dense) that
+    the linen model calls on ``x``, flattened to ``(N, features)``."""
+    captured = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        kind, _ = _layer_kind(context.module)
+        if context.method_name == "__call__" and kind in ("dense", "conv"):
+            captured.append(_call_input(args, kwargs))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        apply_fn(params, x)
+    if not captured:
+        raise ValueError(
+            "features='last_hidden' needs a linen model with a Dense, DenseGeneral or Conv "
+            "layer; none was called."
+        )
+    feats = captured[-1]
+    return feats.reshape(feats.shape[0], -1)

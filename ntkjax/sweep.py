@@ -1,0 +1,548 @@
+"""Width sweeps of kernel-tracked training, streamed to a resumable JSON-lines file.
+
+:func:`sweep` trains an MLP (:class:`ntkjax.models.MLP`) for every width x learning rate, with
+all seeds of one (width, learning rate) vmapped inside one compiled program
+(:func:`ntkjax.training.make_train_fn`), and appends one JSON row per (width, seed, learning
+rate) as soon as that program finishes. Each row is written with a single ``write`` of a whole
+line followed by ``flush`` and ``fsync``, so an interruption loses no finished row; a re-run
+with the same configuration reads the file and skips the rows it holds (rows of other
+configurations in the same file are kept and ignored: every row carries a ``config_id``).
+
+The rows hold the loss, relative NTK change (probe set), relative parameter change and test loss
+at every record, the per-step loss, divergence (``diverged``, ``diverged_at``, ``valid``), and the
+stability check of :func:`ntkjax.training.learning_rate_check` (``max_learning_rate =
+2n/lambda_max``, ``stable``). Non-finite numbers are written as ``null``.
+
+``ntkjax sweep`` is the command line for it (:func:`add_arguments`, :func:`run_from_args`).
+The ``study`` preset is the study notebook's section 6 set-up: sin regression with 50 training
+points, one hidden ReLU layer with He initialization (``w_std = sqrt 2``, zero biases), widths
+50/200/1000/5000, 500 full-batch SGD steps, kernel tracked every 100 steps on 20 N(0, 1) probe
+inputs, and the study's ``lr = 0.01`` on ``mean((f - y)**2)``, which is ``lr = 0.02`` on
+ntkjax's ``1/(2n) sum (f - y)**2``. In the NTK parameterization it converges and the kernel
+change falls like width^(-1/2); in the standard parameterization (the study's) the initial NTK
+grows with width, ``2n/lambda_max`` falls below 0.02 from width ~200 on, and those runs diverge:
+flagged before training by the stability check and reported with the step where they diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ntkjax._checks import check_choice
+from ntkjax._progress import progress
+from ntkjax.datasets import sin_regression
+from ntkjax.models import MLP
+from ntkjax.training import fit_power_law, learning_rate_check, make_train_fn
+
+__all__ = [
+    "PRESETS",
+    "SweepConfig",
+    "add_arguments",
+    "load_rows",
+    "run_from_args",
+    "summarize",
+    "sweep",
+]
+
+DATASETS = ("sin", "gaussian")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Everything but widths, seeds and learning rates; its hash is a row's ``config_id``.
+
+    Attributes:
+      dataset: ``"sin"`` (:func:`ntkjax.datasets.sin_regression`, 1-D inputs, 100-point test
+        grid) or ``"gaussian"`` (inputs N(0, I_d), targets ``sin(x . u)`` with a unit vector u).
+      n_train, input_dim, n_test: data sizes (``input_dim`` is 1 for ``"sin"``).
+      n_probe: probe inputs of the tracked NTK, N(0, I_d) as in the study.
+      depth: hidden layers; the MLP is ``features=(width,) * depth + (1,)``.
+      activation, w_std, b_std, parameterization: passed to :class:`ntkjax.models.MLP`.
+      num_steps, record_every, batch_size: as in :func:`ntkjax.training.make_train_fn`.
+      optimizer: ``"sgd"``, ``"momentum"`` (0.9) or ``"adam"``, at each learning rate.
+      track_kernel: compute the probe NTK change (False: plain training, for benchmarks).
+      ntk_method: :func:`ntkjax.empirical_ntk_fn` method.
+      data_seed: PRNG seed of the data and probe set (seeds vary the initialization and the
+        minibatch order only).
+      dtype: ``"float32"`` or ``"float64"`` (the latter needs ``jax.enable_x64``).
+    """
+
+    dataset: str = "sin"
+    n_train: int = 50
+    input_dim: int = 1
+    n_test: int = 100
+    n_probe: int = 20
+    depth: int = 1
+    activation: str = "relu"
+    w_std: float = math.sqrt(2.0)
+    b_std: float = 0.0
+    parameterization: str = "ntk"
+    num_steps: int = 500
+    record_every: int = 100
+    batch_size: int | None = None
+    optimizer: str = "sgd"
+    track_kernel: bool = True
+    ntk_method: str = "auto"
+    data_seed: int = 0
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        check_choice(self.dataset, DATASETS, "dataset")
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
+        check_choice(self.dtype, ("float32", "float64"), "dtype")
+        if self.dataset == "sin" and self.input_dim != 1:
+            raise ValueError(f"the sin dataset has input_dim 1; got input_dim={self.input_dim}.")
+        for name in ("n_train", "input_dim", "n_test", "n_probe", "depth", "num_steps",
+                     "record_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if self.num_steps % self.record_every:
+            raise ValueError(
+                f"num_steps ({self.num_steps}) must be a multiple of record_every "
+                f"({self.record_every})."
+            )
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("dtype float64 needs 64-bit JAX: wrap the call in jax.enable_x64().")
+
+    def config_id(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The study notebook's section 6 (see the module docstring).
+    "study": {
+        "widths": (50, 200, 1000, 5000),
+        "seeds": 4,
+        "learning_rates": (0.02,),
+        "config": SweepConfig(),
+    },
+    # The `sweep` benchmark's set-up: 3 hidden ReLU layers, 256 x 16 Gaussian data.
+    "benchmark": {
+        "widths": (64, 256, 1024, 4096),
+        "seeds": 8,
+        "learning_rates": (0.5,),
+        "config": SweepConfig(
+            dataset="gaussian", n_train=256, input_dim=16, n_test=256, n_probe=64, depth=3,
+            num_steps=1000, record_every=100,
+        ),
+    },
+}
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def make_data(config: SweepConfig) -> dict[str, jax.Array]:
+    """Training, test and probe arrays of ``config`` (deterministic in ``data_seed``)."""
+    dtype = jnp.dtype(config.dtype)
+    key_data, key_probe = jax.random.split(jax.random.PRNGKey(config.data_seed))
+    if config.dataset == "sin":
+        data = sin_regression(key_data, n_train=config.n_train, n_test=config.n_test, dtype=dtype)
+        x_train, y_train, x_test, y_test = data
+    else:
+        k_x, k_u, k_t = jax.random.split(key_data, 3)
+        u = jax.random.normal(k_u, (config.input_dim,), dtype)
+        u = u / jnp.linalg.norm(u)
+        x_train = jax.random.normal(k_x, (config.n_train, config.input_dim), dtype)
+        x_test = jax.random.normal(k_t, (config.n_test, config.input_dim), dtype)
+        y_train = jnp.sin(x_train @ u)[:, None]
+        y_test = jnp.sin(x_test @ u)[:, None]
+    probe_x = jax.random.normal(key_probe, (config.n_probe, config.input_dim), dtype)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+            "probe_x": probe_x}
+
+
+def make_model(config: SweepConfig, width: int) -> MLP:
+    return MLP(
+        features=(int(width),) * config.depth + (1,),
+        activation=config.activation,
+        w_std=config.w_std,
+        b_std=config.b_std,
+        parameterization=config.parameterization,
+    )
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=0.9)
+    return optax.adam(learning_rate)
+
+
+def seeds_program(config: SweepConfig, width: int, learning_rate: float):
+    """``run(seed_keys, data) -> (history without final params, stability)``, all seeds vmapped.
+
+    ``seed_keys`` is an (S, 2) array of PRNG keys; seed s initializes from its key and draws
+    minibatches from ``fold_in(key, 1)``. The returned function is jitted.
+    """
+    model = make_model(config, width)
+    train = make_train_fn(
+        model.apply,
+        optimizer=make_optimizer(config.optimizer, learning_rate),
+        num_steps=config.num_steps,
+        record_every=config.record_every,
+        batch_size=config.batch_size,
+        track_kernel=config.track_kernel,
+        ntk_method=config.ntk_method,
+    )
+
+    def one_seed(key, data):
+        params0 = model.init(key, data["x_train"][:1])
+        history = train(
+            params0, data["x_train"], data["y_train"], probe_x=data["probe_x"],
+            x_test=data["x_test"], key=jax.random.fold_in(key, 1),
+        )
+        stability = learning_rate_check(
+            model.apply, params0, data["x_train"], learning_rate=learning_rate,
+            ntk_method=config.ntk_method,
+        )
+        return history._replace(final_params=None), stability
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
+
+
+# --------------------------------------------------------------------------- JSON lines
+
+
+def _finite_or_none(values) -> Any:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0:
+        return float(arr) if np.isfinite(arr) else None
+    return [float(v) if np.isfinite(v) else None for v in arr]
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """The complete rows of a sweep file (a torn last line, from a crash, is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open() as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _append_row(path: Path, row: dict) -> None:
+    """Appends one whole line in one write, then flushes it to disk."""
+    line = json.dumps(row, allow_nan=False) + "\n"
+    with path.open("a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _repair_tail(path: Path) -> None:
+    """Ends the file with a newline, so a torn last line stays a separate (skipped) line."""
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+        if last != b"\n":
+            with path.open("a") as f:
+                f.write("\n")
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["config_id"], int(row["width"]), int(row["seed"]), float(row["learning_rate"]))
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def sweep(
+    *,
+    widths: Sequence[int],
+    seeds: int | Sequence[int],
+    out_path: str | Path,
+    learning_rates: Sequence[float] | None = None,
+    config: SweepConfig | None = None,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Trains every (width, learning rate) for all seeds (vmapped) and streams rows to a file.
+
+    Args:
+      widths: hidden-layer widths.
+      seeds: a number k (seeds 0..k-1) or explicit seed integers.
+      out_path: the JSON-lines file; appended to, created with its folder if needed.
+      learning_rates: defaults to ``(0.02,)`` (the study's 0.01 in its loss convention).
+      config: a :class:`SweepConfig` (default: the study's set-up in NTK parameterization).
+      show_progress: draw a progress bar over (width, learning rate) programs on stderr.
+
+    Returns:
+      The rows of this configuration for the requested widths/seeds/learning rates, in
+      (learning rate, width, seed) order: the ones already in the file and the new ones.
+    """
+    config = SweepConfig() if config is None else config
+    config.validate()
+    widths = [int(w) for w in widths]
+    if not widths or min(widths) < 1:
+        raise ValueError(f"widths must be a non-empty list of positive integers; got {widths}.")
+    seed_list = list(range(int(seeds))) if isinstance(seeds, int | np.integer) else [
+        int(s) for s in seeds]
+    if not seed_list:
+        raise ValueError("seeds must be a positive count or a non-empty list of integers.")
+    lrs = [0.02] if learning_rates is None else [float(lr) for lr in learning_rates]
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"learning_rates must be positive; got {lrs}.")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(out_path)
+    config_id = config.config_id()
+    done = {_row_key(r): r for r in load_rows(out_path) if r.get("config_id") == config_id}
+
+    groups = []
+    for lr in lrs:
+        for width in widths:
+            missing = [s for s in seed_list if (config_id, width, s, lr) not in done]
+            if missing:
+                groups.append((lr, width, missing))
+    data = make_data(config)
+    device = str(jax.devices()[0])
+    for lr, width, missing in progress(
+        groups, total=len(groups), description="sweep", enabled=show_progress and bool(groups)
+    ):
+        start = time.perf_counter()
+        run = seeds_program(config, width, lr)
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in missing])
+        history, stability = jax.device_get(run(keys, data))
+        seconds = time.perf_counter() - start
+        for i, seed in enumerate(missing):
+            row = _make_row(config, config_id, width, seed, lr, history, stability, i, data)
+            row.update(seconds=seconds / len(missing), backend=jax.default_backend(),
+                       device=device)
+            _append_row(out_path, row)
+            done[_row_key(row)] = row
+    return [done[(config_id, w, s, lr)] for lr in lrs for w in widths for s in seed_list]
+
+
+def _make_row(config, config_id, width, seed, lr, history, stability, i, data) -> dict:
+    pick = lambda a: None if a is None else np.asarray(a)[i]
+    y_test = np.asarray(data["y_test"], dtype=np.float64)
+    test_pred = pick(history.test_predictions)
+    test_loss = 0.5 * np.sum((test_pred - y_test) ** 2, axis=(1, 2)) / y_test.shape[0]
+    diverged = bool(pick(history.diverged))
+    loss = pick(history.loss)
+    kernel_change = pick(history.kernel_change)
+    param_change = pick(history.param_change)
+    return {
+        "config_id": config_id,
+        "width": int(width),
+        "seed": int(seed),
+        "learning_rate": float(lr),
+        "config": dataclasses.asdict(config),
+        "steps": [int(s) for s in pick(history.steps)],
+        "loss": _finite_or_none(loss),
+        "test_loss": _finite_or_none(test_loss),
+        "kernel_change": None if kernel_change is None else _finite_or_none(kernel_change),
+        "param_change": _finite_or_none(param_change),
+        "step_loss": _finite_or_none(pick(history.step_loss)),
+        "valid": [bool(v) for v in pick(history.valid)],
+        "diverged": diverged,
+        "diverged_at": int(pick(history.diverged_at)) if diverged else None,
+        "final_loss": _finite_or_none(loss[-1]),
+        "final_kernel_change": None if kernel_change is None else _finite_or_none(
+            kernel_change[-1]),
+        "final_param_change": _finite_or_none(param_change[-1]),
+        "max_learning_rate": _finite_or_none(pick(stability.max_learning_rate)),
+        "lambda_max": _finite_or_none(pick(stability.lambda_max)),
+        "lambda_min": _finite_or_none(pick(stability.lambda_min)),
+        "stable": bool(pick(stability.stable)),
+    }
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _series_name(row: dict) -> str:
+    """What distinguishes runs of different configurations in one table or figure."""
+    config = row["config"]
+    return f"{config['parameterization']} lr {row['learning_rate']:g}"
+
+
+def _group(rows: list[dict]) -> dict[tuple[str, str, int], list[dict]]:
+    """Rows grouped by (series name, config_id, width), sorted."""
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for row in rows:
+        key = (_series_name(row), row["config_id"], row["width"])
+        groups.setdefault(key, []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def drift_fit(rows: list[dict]) -> dict[str, dict]:
+    """Per series (``"<parameterization> lr <lr>"``): widths, the mean final kernel change of
+    runs that did not diverge, and the fitted power law ``change ~ width^slope`` (None with
+    fewer than two widths)."""
+    out: dict[str, dict] = {}
+    for (name, _, width), group in _group(rows).items():
+        values = [r["final_kernel_change"] for r in group
+                  if not r["diverged"] and r.get("final_kernel_change") is not None]
+        entry = out.setdefault(name, {"widths": [], "mean": [], "per_seed": []})
+        if values and np.mean(values) > 0:
+            entry["widths"].append(width)
+            entry["mean"].append(float(np.mean(values)))
+            entry["per_seed"].append(values)
+    for entry in out.values():
+        entry["fit"] = (fit_power_law(entry["widths"], entry["mean"])
+                        if len(entry["widths"]) >= 2 else None)
+    return out
+
+
+def summarize(rows: list[dict]) -> str:
+    """A text table: one line per (learning rate, width) over its seeds, plus drift slopes."""
+    header = (f"{'series':>16} {'width':>6} {'seeds':>5} {'final loss':>11} {'NTK change':>19} "
+              f"{'param change':>12} {'2n/lmax':>9} {'unstable':>8} {'diverged':>8} {'s/seed':>7}")
+    lines = [header, "-" * len(header)]
+    nan = float("nan")
+    for (name, _, width), group in _group(rows).items():
+        ok = [r for r in group if not r["diverged"]]
+        mean = lambda key, rs=ok: (float(np.mean([r[key] for r in rs if r[key] is not None]))
+                                   if any(r[key] is not None for r in rs) else nan)
+        kc = [r["final_kernel_change"] for r in ok if r.get("final_kernel_change") is not None]
+        kc_text = f"{np.mean(kc):.3e}+-{np.std(kc):.1e}" if kc else "n/a"
+        div = [r for r in group if r["diverged"]]
+        div_text = f"{len(div)}/{len(group)}"
+        if div:
+            div_text += f"@{min(r['diverged_at'] for r in div)}"
+        lines.append(
+            f"{name:>16} {width:>6d} {len(group):>5d} {mean('final_loss'):>11.4e} "
+            f"{kc_text:>19} {mean('final_param_change'):>12.3e} "
+            f"{mean('max_learning_rate', group):>9.3g} "
+            f"{sum(not r['stable'] for r in group):>4d}/{len(group):<3d} {div_text:>8} "
+            f"{mean('seconds', group):>7.2f}"
+        )
+    for name, entry in drift_fit(rows).items():
+        if entry["fit"] is not None:
+            lines.append(f"{name}: NTK change ~ width^{entry['fit'].slope:.3f} "
+                         f"(fit over widths {entry['widths']}; theory -0.5)")
+    lines.append("final loss / NTK change / param change: means over seeds that did not "
+                 "diverge; unstable: lr above 2n/lambda_max of the initial NTK.")
+    return "\n".join(lines)
+
+
+def write_plots(rows: list[dict], out_dir: str | Path, *, prefix: str = "sweep") -> list[Path]:
+    """Drift-vs-width (log-log with fitted slope) and loss-curve PNGs; returns their paths."""
+    from ntkjax.plotting import plot_drift_vs_width, plot_loss_curves  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    paths = []
+    for name, entry in drift_fit(rows).items():
+        if not entry["widths"]:
+            continue
+        path = out_dir / f"{prefix}_drift_vs_width_{_slug(name)}.png"
+        plot_drift_vs_width(
+            entry["widths"], entry["per_seed"],
+            title=f"NTK change after training vs width ({name})", path=path,
+        )
+        paths.append(path)
+    by_series: dict[str, dict] = {}
+    for (name, _, width), group in _group(rows).items():
+        step_losses = np.array([[np.nan if v is None else v for v in r["step_loss"]]
+                                for r in group], dtype=np.float64)
+        for j, r in enumerate(group):
+            if r["diverged"]:
+                step_losses[j, r["diverged_at"]:] = np.nan
+        n_div = sum(r["diverged"] for r in group)
+        label = f"width {width}" + (f" ({n_div}/{len(group)} diverged)" if n_div else "")
+        by_series.setdefault(name, {})[label] = (np.arange(step_losses.shape[1]), step_losses)
+    for name, curves in by_series.items():
+        path = out_dir / f"{prefix}_loss_curves_{_slug(name)}.png"
+        plot_loss_curves(curves, title=f"Training loss ({name})", path=path)
+        paths.append(path)
+    return paths
+
+
+def _slug(name: str) -> str:
+    return name.replace(" lr ", "_lr").replace(" ", "_")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ntkjax sweep``; unset options take the preset's value."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="study",
+                        help="base set-up (default: study = the notebook's section 6)")
+    parser.add_argument("--widths", type=int, nargs="+", help="hidden widths")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0..k-1), vmapped per width")
+    parser.add_argument("--learning-rates", "--lr", type=float, nargs="+", dest="learning_rates",
+                        help="learning rates on ntkjax's 1/(2n) sum (f-y)^2 loss")
+    parser.add_argument("--steps", type=int, dest="num_steps", help="optimizer steps")
+    parser.add_argument("--record-every", type=int, help="steps between kernel records")
+    parser.add_argument("--batch-size", type=int, help="minibatch size (default: full batch)")
+    parser.add_argument("--parameterization", choices=PARAMETERIZATIONS)
+    parser.add_argument("--depth", type=int, help="hidden layers")
+    parser.add_argument("--activation", help="activation name of ntkjax.models.MLP")
+    parser.add_argument("--w-std", type=float)
+    parser.add_argument("--b-std", type=float)
+    parser.add_argument("--dataset", choices=DATASETS)
+    parser.add_argument("--n-train", type=int)
+    parser.add_argument("--input-dim", type=int)
+    parser.add_argument("--n-probe", type=int, help="probe inputs of the tracked NTK")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS)
+    parser.add_argument("--ntk-method", help="empirical NTK method (default auto)")
+    parser.add_argument("--no-kernel", action="store_true", help="do not track the NTK")
+    parser.add_argument("--out", default="runs/sweep.jsonl", help="JSON-lines results file")
+    parser.add_argument("--plot", action="store_true", help="write PNG figures beside --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_CONFIG_OPTIONS = ("num_steps", "record_every", "batch_size", "parameterization", "depth",
+                   "activation", "w_std", "b_std", "dataset", "n_train", "input_dim", "n_probe",
+                   "optimizer", "ntk_method")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    preset = PRESETS[args.preset]
+    overrides = {name: getattr(args, name) for name in _CONFIG_OPTIONS
+                 if getattr(args, name, None) is not None}
+    if args.no_kernel:
+        overrides["track_kernel"] = False
+    config = dataclasses.replace(preset["config"], **overrides)
+    if "record_every" not in overrides and config.num_steps % config.record_every:
+        config = dataclasses.replace(config, record_every=math.gcd(config.num_steps,
+                                                                   config.record_every))
+    try:
+        rows = sweep(
+            widths=args.widths or preset["widths"],
+            seeds=args.seeds if args.seeds is not None else preset["seeds"],
+            learning_rates=args.learning_rates or preset["learning_rates"],
+            out_path=args.out,
+            config=config,
+            show_progress=not args.no_progress,
+        )
+    except ValueError as err:
+        print(f"ntkjax sweep: error: {err}", file=sys.stderr)
+        return 2
+    print(summarize(rows))
+    print(f"rows: {args.out}")
+    if args.plot:
+        for path in write_plots(rows, Path(args.out).parent, prefix=Path(args.out).stem):
+            print(f"figure: {path}")
+    return 0

@@ -1,0 +1,214 @@
+"""Empirical NTK: every method against a float64 brute-force Jacobian, symmetry, PSD, blocking,
+NNGP, the matrix-free operator with CG, jit/scan usage and input validation."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from helpers import max_relative_error
+from models_for_ntk import CASES, MLP, brute_force_ntk, case_truth, make_case, reduce_full
+
+import ntkjax
+
+METHODS = ("jacobian", "ntk_vp", "structured")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_methods_match_brute_force_float32(case):
+    apply_fn, params, x1, x2 = make_case(case)
+    full = case_truth(case)
+    for method in METHODS:
+        for outputs in ("trace", "diagonal", "full"):
+            ntk = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs=outputs)
+            got = ntk(params, x1, x2)
+            assert got.dtype == jnp.float32
+            expected = reduce_full(full, outputs)
+            assert got.shape == expected.shape
+            assert max_relative_error(got, expected) < 1e-5, (case, method, outputs)
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in ("mlp", "embed") else pytest.param(c, marks=pytest.mark.slow)
+             for c in CASES])
+def test_methods_match_brute_force_float64(case, x64):
+    apply_fn, params, x1, x2 = make_case(case, jnp.float64)
+    full = case_truth(case)
+    for method in METHODS:
+        ntk = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs="full")
+        got = ntk(params, x1, x2)
+        assert got.dtype == jnp.float64
+        assert max_relative_error(got, full) < 1e-10, (case, method)
+
+
+def test_auto_picks_a_correct_method():
+    apply_fn, params, x1, x2 = make_case("resnet")
+    got = ntkjax.empirical_ntk_fn(apply_fn, method="auto", outputs="diagonal")(params, x1, x2)
+    assert max_relative_error(got, reduce_full(case_truth("resnet"), "diagonal")) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_x2_none_is_symmetric_psd_and_equals_x1_x1(method):
+    apply_fn, params, x1, _ = make_case("cnn", n1=6)
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs="full")
+    k = np.asarray(ntk(params, x1), np.float64)
+    np.testing.assert_array_equal(k, np.transpose(k, (1, 0, 3, 2)))
+    np.testing.assert_allclose(k, ntk(params, x1, x1), rtol=1e-5, atol=1e-5 * np.abs(k).max())
+    n, o = k.shape[0], k.shape[2]
+    mat = np.transpose(k, (0, 2, 1, 3)).reshape(n * o, n * o)
+    assert np.linalg.eigvalsh(mat).min() > -1e-5 * np.abs(mat).max()
+
+
+def test_output_without_feature_axis_and_extra_collections():
+    class BNNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(8)(x)
+            x = nn.BatchNorm(use_running_average=True)(x)
+            return nn.Dense(1)(nn.relu(x))[:, 0]  # output (N,)
+
+    model = BNNet()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    variables = {**variables, "batch_stats": jax.tree_util.tree_map(
+        lambda a: a + 0.5, variables["batch_stats"])}
+    full = brute_force_ntk(lambda v, x: model.apply(v, x)[:, None], variables, x, x)
+    for method in (*METHODS, "auto"):
+        k = ntkjax.empirical_ntk_fn(model.apply, method=method)(variables, x)
+        assert k.shape == (4, 4)
+        assert max_relative_error(k, full[..., 0, 0]) < 1e-5, method
+
+
+def test_usable_inside_jit_scan_and_grad():
+    apply_fn, params, x1, _ = make_case("mlp")
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian")
+    expected = np.asarray(ntk(params, x1))
+
+    @jax.jit
+    def loop(p):
+        def step(carry, scale):
+            q = jax.tree_util.tree_map(lambda a: a * scale, p)
+            return carry, ntk(q, x1)
+        return jax.lax.scan(step, 0.0, jnp.ones(3))[1]
+
+    out = loop(params)
+    assert out.shape == (3, *expected.shape)
+    np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    g = jax.grad(lambda p: jnp.trace(ntk(p, x1)))(params)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(g))
+
+
+def test_plain_pytree_params():
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
+    params = {"w": w, "b": jnp.ones(2)}
+    apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) + p["b"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+    # closed form: d f_i / d w_{ki} = (1 - tanh^2) x_k, d f_i / d b_i = 1
+    s = 1 - jnp.tanh(x @ w) ** 2  # (N, O)
+    expected = np.einsum("ai,bi->ab", s, s) * np.asarray(x @ x.T) + 2.0
+    for method in ("jacobian", "ntk_vp", "auto"):
+        k = ntkjax.empirical_ntk_fn(apply_fn, method=method)(params, x)
+        assert max_relative_error(k, expected) < 1e-5
+
+
+def test_blocked_matches_unblocked():
+    apply_fn, params, x1, x2 = make_case("mlp", n1=21, n2=13)
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian", outputs="full")
+    for a, b in ((x1, x2), (x1, None)):
+        blocked = ntkjax.empirical_ntk_matrix(
+            apply_fn, params, a, b, method="structured", outputs="full", block_size=8
+        )
+        assert isinstance(blocked, np.ndarray)
+        expected = np.asarray(ntk(params, a, b))
+        assert blocked.shape == expected.shape
+        assert max_relative_error(blocked, expected) < 1e-5
+
+
+def test_blocked_from_memory_budget():
+    apply_fn, params, x1, _ = make_case("mlp", n1=40)
+    blocked = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, memory_bytes=2**19)
+    expected = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian")(params, x1)
+    assert max_relative_error(blocked, expected) < 1e-5
+
+
+def test_nngp_outputs_and_last_hidden():
+    model = MLP(widths=(16, 8), out=3)
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
+    x2 = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+    params = model.init(jax.random.PRNGKey(2), x1)
+    f1, f2 = model.apply(params, x1), model.apply(params, x2)
+    nngp = ntkjax.empirical_nngp_fn(model.apply, outputs="full")
+    np.testing.assert_allclose(
+        nngp(params, x1, x2), np.einsum("ai,bj->abij", f1, f2), rtol=1e-6, atol=1e-7)
+    trace = ntkjax.empirical_nngp_fn(model.apply, normalize=True)(params, x1, x2)
+    np.testing.assert_allclose(trace, f1 @ f2.T / 3, rtol=1e-5, atol=1e-6)
+
+    def hidden(x):  # the last hidden layer's post-activation, written out by hand
+        p = params["params"]
+        h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return jax.nn.relu(h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"])
+
+    feats = ntkjax.empirical_nngp_fn(model.apply, features="last_hidden")(params, x1, x2)
+    np.testing.assert_allclose(feats, hidden(x1) @ hidden(x2).T, rtol=1e-5, atol=1e-6)
+
+
+def test_ntk_operator_matches_matrix_and_cg_solves():
+    model = MLP(widths=(32,), out=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (12, 4))
+    params = model.init(jax.random.PRNGKey(1), x)
+    theta = np.asarray(ntkjax.empirical_ntk_fn(model.apply, method="jacobian")(params, x),
+                       np.float64)
+    op = ntkjax.ntk_operator(model.apply, params, x, ridge=1e-2)
+    v = jax.random.normal(jax.random.PRNGKey(2), (12, 1))
+    np.testing.assert_allclose(op(v)[:, 0], (theta + 1e-2 * np.eye(12)) @ np.asarray(v[:, 0]),
+                               rtol=1e-4, atol=1e-4 * np.abs(theta).max())
+    y = jax.random.normal(jax.random.PRNGKey(3), (12, 1))
+    sol, _ = jax.scipy.sparse.linalg.cg(op, y, tol=1e-7, maxiter=500)
+    direct = np.linalg.solve(theta + 1e-2 * np.eye(12), np.asarray(y[:, 0], np.float64))
+    assert max_relative_error(sol[:, 0], direct) < 1e-3
+    with pytest.raises(ValueError, match="output shape"):
+        op(jnp.ones((12,)))
+
+
+def test_nnx_helper():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 8, rngs=rngs)
+            self.l2 = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    apply_fn, params = ntkjax.nnx_apply_fn(Net(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    flat, unravel = ravel_pytree(params)
+    jac = jax.jacfwd(lambda t: apply_fn(unravel(t), x))(flat)  # (N, O, P)
+    expected = np.einsum("aip,bjp->abij", jac, jac)
+    for method in METHODS:
+        k = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs="full")(params, x)
+        assert k.shape == (4, 4, 2, 2)
+        assert max_relative_error(k, expected) < 1e-5
+
+
+def test_errors_name_the_problem():
+    apply_fn, params, x1, x2 = make_case("mlp")
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian")
+    with pytest.raises(ValueError, match="allowed"):
+        ntkjax.empirical_ntk_fn(apply_fn, method="exact")
+    with pytest.raises(ValueError, match="'trace', 'full', 'diagonal'"):
+        ntkjax.empirical_ntk_fn(apply_fn, outputs="sum")
+    with pytest.raises(ValueError, match=r"x1.shape=\(5, 6\) and x2.shape=\(4, 5\)"):
+        ntk(params, x1, x2[:, :5])
+    with pytest.raises(ValueError, match="batch axis"):
+        ntk(params, x1[0])
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["params"]["Dense_0"]["kernel"] = jnp.ones((7, 16))
+    with pytest.raises(ValueError, match=r"\(7, 16\)"):
+        ntk(bad, x1)
+    with pytest.raises(ValueError, match="batch axis"):
+        ntkjax.empirical_ntk_matrix(apply_fn, params, x1[0])
