@@ -57,9 +57,8 @@ def _run(name: str, quick: bool) -> None:
     params = model.init(jax.random.PRNGKey(1), x)
     with jax.enable_x64(True):
         p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-        ref = np.asarray(
-            ntkjax.empirical_ntk_fn(model.apply, method="structured")(p64, np.asarray(x, np.float64))
-        )
+        ntk64 = ntkjax.empirical_ntk_fn(model.apply, method="structured")
+        ref = np.asarray(ntk64(p64, np.asarray(x, np.float64)))
     methods = METHODS
     if quick:
         methods = ("structured", "jacobian")

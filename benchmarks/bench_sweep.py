@@ -12,8 +12,8 @@ width 4096). Runs expected to exceed ``SWEEP_BENCH_BUDGET_S`` seconds (env, defa
 program are measured at fewer steps (and, below 200 steps, one record at the end) and also
 extrapolated to 1,000 steps: plain = seconds per step x 1,000, tracked = plain + 11 x the
 measured cost of one probe-kernel record ((tracked - plain) / records measured). Every line
-says which steps were measured (``measured_steps``, ``extrapolated``). ``--quick``: widths 32/128, 2 seeds, 64 points,
-100 steps, tracked every 20 on 16 probe points.
+says which steps were measured (``measured_steps``, ``extrapolated``).
+``--quick``: widths 32/128, 2 seeds, 64 points, 100 steps, tracked every 20 on 16 probe points.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run(quick: bool = False) -> None:
                 measured_steps = every * (affordable // every)
             else:
                 divisors = [d for d in range(1, every + 1) if every % d == 0 and d <= affordable]
-                measured_steps = max(divisors + [calibration_steps])
+                measured_steps = max([*divisors, calibration_steps])
                 measured_every = measured_steps
         log(f"sweep: width {width}: {per_step * 1e3:.2f} ms/step for {seeds} seeds; "
             f"measuring {measured_steps} of {steps} steps (record every {measured_every})")

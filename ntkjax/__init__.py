@@ -32,11 +32,26 @@ from ntkjax.predict import (
 )
 
 # --- training and sweeps ---
+from ntkjax.training import (
+    KernelRegimeReport,
+    PowerLawFit,
+    StabilityReport,
+    TrainingHistory,
+    fit_power_law,
+    kernel_regime_check,
+    learning_rate_check,
+    make_train_fn,
+    train_with_kernel_tracking,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Kernel",
+    "KernelRegimeReport",
+    "PowerLawFit",
+    "StabilityReport",
+    "TrainingHistory",
     "analytic",
     "available_memory_bytes",
     "convergence_bound",
@@ -44,19 +59,24 @@ __all__ = [
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
     "evaluate_in_blocks",
+    "fit_power_law",
     "gp_inference",
     "gradient_descent_mse",
     "gradient_flow_ensemble",
     "gradient_flow_mse",
     "kernel_fn",
     "kernel_matrix",
+    "kernel_regime_check",
+    "learning_rate_check",
     "linearize",
+    "make_train_fn",
     "max_learning_rate",
     "models",
     "nn",
     "nnx_apply_fn",
     "ntk_operator",
     "predict",
+    "train_with_kernel_tracking",
     "two_layer_relu_nngp",
     "two_layer_relu_ntk",
 ]

@@ -115,15 +115,26 @@ def _sqrt0(q: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.maximum(q, 0))
 
 
+def _row_scales(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sqrt(q), 1/sqrt(q))`` from one rsqrt (both 0 at q = 0)."""
+    r = _rsqrt0(q)
+    return q * r, r
+
+
 def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
-    """``c = q12 / sqrt(q11 q22)``: clipped to [-1, 1], snapped to +-1 within 8 eps, 0 at zero variance."""
+    """``c = q12 / sqrt(q11 q22)``: clipped to [-1, 1], snapped to +-1 within 8 eps, and 0 where
+    a variance is 0."""
     q12 = jnp.asarray(q12)
     dtype = _dtype(q12)
     q12 = q12.astype(dtype)
     c = (q12 * _rsqrt0(jnp.asarray(q11, dtype))) * _rsqrt0(jnp.asarray(q22, dtype))
-    tol = _SNAP_EPS * float(jnp.finfo(dtype).eps)
+    return _snap(c)
+
+
+def _snap(c: jax.Array) -> jax.Array:
+    tol = _SNAP_EPS * float(jnp.finfo(c.dtype).eps)
     c = jnp.clip(c, -1, 1)
-    return jnp.where(c > 1 - tol, 1, jnp.where(c < tol - 1, -1, c)).astype(dtype)
+    return jnp.where(c > 1 - tol, 1, jnp.where(c < tol - 1, -1, c)).astype(c.dtype)
 
 
 def _acos_neg(c: jax.Array) -> jax.Array:
@@ -170,9 +181,11 @@ def ab_relu(q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float, b: float) 
     ``sigma_dot = a b + (b - a)^2 kappa0(c)`` (arc-cosine kernels, Cho & Saul 2009).
     """
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
-    c = correlation(q12, q11, q22)
+    s1, r1 = _row_scales(q11)
+    s2, r2 = _row_scales(q22)
+    c = _snap((q12 * r1) * r2)
     kappa1, kappa0 = _arccos_kernels(c)
-    scale = _sqrt0(q11) * _sqrt0(q22)
+    scale = s1 * s2
     ab, d2 = a * b, (b - a) ** 2
     if ab == 0:
         return ActivationMaps(d2 * scale * kappa1, d2 * kappa0)

@@ -354,6 +354,9 @@ def empirical_ntk_matrix(
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``.
     """
     ntk = empirical_ntk_fn(apply_fn, method=method, outputs=outputs)
+    check_batched(x1, "x1", min_ndim=2)
+    if x2 is not None:
+        check_batched(x2, "x2", min_ndim=2)
     check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
 
     def block_fn(a, b, p):

@@ -11,7 +11,8 @@ configurations in the same file are kept and ignored: every row carries a ``conf
 The rows hold the loss, relative NTK change (probe set), relative parameter change and test loss
 at every record, the per-step loss, divergence (``diverged``, ``diverged_at``, ``valid``), and the
 stability check of :func:`ntkjax.training.learning_rate_check` (``max_learning_rate =
-2n/lambda_max``, ``stable``). Non-finite numbers are written as ``null``.
+2n/lambda_max``, ``stable``), and ``seconds``: the wall time of the seeds program (compilation
+included) divided by its number of seeds. Non-finite numbers are written as ``null``.
 
 ``ntkjax sweep`` is the command line for it (:func:`add_arguments`, :func:`run_from_args`).
 The ``study`` preset is the study notebook's section 6 set-up: sin regression with 50 training
@@ -448,7 +449,7 @@ def summarize(rows: list[dict]) -> str:
 
 def write_plots(rows: list[dict], out_dir: str | Path, *, prefix: str = "sweep") -> list[Path]:
     """Drift-vs-width (log-log with fitted slope) and loss-curve PNGs; returns their paths."""
-    from ntkjax.plotting import plot_drift_vs_width, plot_loss_curves  # noqa: PLC0415
+    from ntkjax.plotting import plot_drift_vs_width, plot_loss_curves
 
     out_dir = Path(out_dir)
     paths = []

@@ -24,6 +24,10 @@ Before training, :func:`learning_rate_check` compares a learning rate with the g
 stability edge ``2n / lambda_max(Theta_0)`` of the initial empirical NTK on the training set
 (:func:`ntkjax.predict.max_learning_rate`): on the linearized dynamics
 ``f_{t+1} - y = (I - lr Theta / n)(f_t - y)`` every mode with ``lr lambda / n > 2`` grows.
+The linearized model then always diverges; a nonlinear network slightly above the edge may
+instead "catapult" (Lewkowycz et al. 2020, "The large learning rate phase of deep learning"):
+its loss spikes, its kernel shrinks and it converges with a large kernel change. Far above the
+edge (e.g. the study's standard-parameterization runs at width >= 200) it diverges.
 
 Learning-rate conventions. The study notebook used ``mean((f - y)**2)``, which is ``2 L`` at one
 output; its ``lr = 0.01`` is ``lr = 0.02`` here (the gradients differ by the factor 2).
@@ -337,7 +341,8 @@ def train_with_kernel_tracking(
     Validates the inputs, compiles :func:`make_train_fn`'s ``train`` once and runs it. With
     ``learning_rate`` (the step size the optimizer uses, for plain SGD its ``learning_rate``),
     first runs :func:`learning_rate_check`, warns when it is above the stability edge, and
-    stores the report in ``history.stability``. A run that diverged warns with the step
+    stores the report in ``history.stability``. Without ``probe_x`` the kernel is tracked on
+    ``x_train``. A run that diverged warns with the step
     (``history.diverged``/``diverged_at``; records after it are masked by ``history.valid``).
     See :func:`make_train_fn` for the arguments.
     """

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-
 CASES = ("mlp", "cnn", "resnet", "layernorm", "embed")
 
 
@@ -86,8 +85,8 @@ def make_case(name: str, dtype=jnp.float32, n1: int = 5, n2: int = 4):
         model, shape = LayerNormNet(), (4,)
     elif name == "embed":
         model = EmbedNet()
-        x1 = jax.random.randint(k1, (n1, 3), 0, model.vocab)
-        x2 = jax.random.randint(k2, (n2, 3), 0, model.vocab)
+        x1 = jax.random.randint(k1, (n1, 3), 0, model.vocab, jnp.int32)
+        x2 = jax.random.randint(k2, (n2, 3), 0, model.vocab, jnp.int32)
         x2 = x2.at[0].set(x1[0])  # shared tokens exercise the embedding term
         params = model.init(k3, x1)
         params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
@@ -95,8 +94,8 @@ def make_case(name: str, dtype=jnp.float32, n1: int = 5, n2: int = 4):
     else:
         raise KeyError(name)
     # drawn in float32 and cast, so the float32 and float64 cases are the same numbers
-    x1 = jax.random.normal(k1, (n1, *shape)).astype(dtype)
-    x2 = jax.random.normal(k2, (n2, *shape)).astype(dtype)
+    x1 = jax.random.normal(k1, (n1, *shape), jnp.float32).astype(dtype)
+    x2 = jax.random.normal(k2, (n2, *shape), jnp.float32).astype(dtype)
     params = model.init(k3, x1.astype(jnp.float32))
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     return model.apply, params, x1, x2

@@ -134,7 +134,8 @@ def test_lazy_training_scalings(demo):
 
 def test_digits_accuracy_table(demo):
     s7 = numbers(demo[1], "digits")
-    assert s7["n_train"] + s7["n_test"] == 1797
+    assert s7["n_test"] == 540  # 30 % of 1,797 (stratified split)
+    assert s7["n_train"] <= 1257
     assert s7["accuracy_ntk"] >= 0.97
     assert s7["accuracy_nngp"] >= 0.97
     assert s7["accuracy_svm_rbf"] >= 0.97

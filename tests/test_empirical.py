@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 from helpers import max_relative_error
+from jax.flatten_util import ravel_pytree
 from models_for_ntk import CASES, MLP, brute_force_ntk, case_truth, make_case, reduce_full
 
 import ntkjax

@@ -38,13 +38,13 @@ def test_error_is_second_order_for_a_nonlinear_model(x64):
     direction = _perturb(jax.tree_util.tree_map(jnp.zeros_like, p0), jax.random.PRNGKey(2), 1.0)
     f_lin = jax.jit(ntkjax.linearize(lambda p, x: jnp.tanh(model.apply(p, x)), p0))
     f = lambda p, x: jnp.tanh(model.apply(p, x))
-    eps = np.array([1e-1, 3e-2, 1e-2, 3e-3, 1e-3])
+    eps = np.array([3e-2, 1e-2, 3e-3, 1e-3, 3e-4])
     errors = []
     for e in eps:
         p = jax.tree_util.tree_map(lambda a, d, e=e: a + e * d, p0, direction)
         errors.append(float(jnp.max(jnp.abs(f_lin(p, x) - f(p, x)))))
     slope = np.polyfit(np.log(eps), np.log(errors), 1)[0]
-    assert 1.9 < slope < 2.1, (slope, errors)
+    assert 1.85 < slope < 2.15, (slope, errors)
 
 
 def test_trainable_with_optax_and_gradient_is_the_initial_jacobian():

@@ -42,6 +42,7 @@ def _count_programs(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_rows_stream_and_rerun_resumes(tmp_path, monkeypatch):
     out = tmp_path / "runs" / "sweep.jsonl"
     calls = _count_programs(monkeypatch)
@@ -152,12 +153,15 @@ def test_bad_arguments_raise(tmp_path):
 
 @pytest.mark.slow
 def test_kernel_change_falls_like_inverse_sqrt_width(tmp_path):
-    # theory check (2): lazy training (Lee et al. 2019): after a fixed number of steps the
-    # relative NTK change scales like width^(-1/2) in the NTK parameterization.
-    config = SweepConfig(dataset="gaussian", n_train=16, input_dim=4, n_test=8, n_probe=8,
-                         depth=2, num_steps=20, record_every=20)
-    rows = sweep(widths=(64, 256, 1024, 4096), seeds=2, learning_rates=(0.5,),
+    # theory check (2): lazy training (Jacot et al. 2018; Lee et al. 2019, Thm 2.1: the NTK
+    # moves by O(width^-1/2)): after a fixed number of steps at a learning rate well below the
+    # stability edge (0.5 vs 2n/lambda_max ~ 2.5 here), the relative NTK change of a ReLU MLP
+    # in the NTK parameterization falls with a log-log slope between -0.7 and -0.3.
+    config = SweepConfig(dataset="gaussian", n_train=64, input_dim=4, n_test=8, n_probe=8,
+                         depth=1, num_steps=20, record_every=20)
+    rows = sweep(widths=(64, 256, 1024, 4096), seeds=3, learning_rates=(0.5,),
                  out_path=tmp_path / "scaling.jsonl", config=config, show_progress=False)
     assert not any(r["diverged"] for r in rows)
+    assert all(r["stable"] and r["max_learning_rate"] > 1.0 for r in rows)
     fit = sweep_module.drift_fit(rows)["ntk lr 0.5"]["fit"]
     assert -0.7 <= fit.slope <= -0.3, fit

@@ -139,6 +139,7 @@ def test_linearized_model_is_kernel_gradient_descent(x64):
     assert float(np.max(history.kernel_change)) < 1e-12
 
 
+@pytest.mark.slow
 def test_network_follows_kernel_prediction_closer_with_width():
     # theory check (1): NTK parameterization, lr below 2n/lambda_max: the network's training
     # outputs follow kernel GD with its initial NTK up to an O(width^-1/2) error, and the
@@ -194,7 +195,7 @@ def test_divergence_detected_with_step_and_finite_histories(x64):
     assert bool(history.diverged)
     n = x.shape[0]
     residual = np.asarray(model.apply(params0, x) - y, dtype=np.float64).ravel()
-    eigval, eigvec = np.linalg.eigh(theta)
+    _, eigvec = np.linalg.eigh(theta)
     top = eigvec[:, -1] @ residual
     loss0 = residual @ residual / (2 * n)
     latest = math.ceil(math.log(1e4 * loss0 / (top**2 / (2 * n))) / math.log(4))
@@ -220,7 +221,7 @@ def test_minibatch_of_all_examples_equals_full_batch():
 
 
 def test_minibatch_is_keyed_and_trains():
-    x, y, probe = _data(n=16)
+    x, y, _ = _data(n=16)
     model = _model(32)
     params0 = model.init(jax.random.PRNGKey(8), x)
     train = jax.jit(make_train_fn(model.apply, optimizer=optax.sgd(0.3), num_steps=40,

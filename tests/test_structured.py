@@ -1,0 +1,149 @@
+"""The structured empirical NTK: factored and materialised layer forms, ntkjax.nn.Dense scales,
+and fallbacks (shared modules, tied embeddings, subclasses, LayerNorm) against brute force."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import max_relative_error
+from models_for_ntk import brute_force_ntk, reduce_full
+
+import ntkjax
+from ntkjax.structured import count_structured_layers, structured_kernel
+
+
+class ConvZoo(nn.Module):
+    """Strides, dilation, circular padding and explicit padding in one model."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(3, (3, 3), strides=2, padding="CIRCULAR")(x))
+        x = nn.relu(nn.Conv(4, (2, 2), kernel_dilation=2, padding=((1, 0), (0, 1)))(x))
+        x = nn.Conv(2, (1, 1), use_bias=False)(x)
+        return x.reshape(x.shape[0], -1)
+
+
+class Causal1D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(3, (3,), padding="CAUSAL")(x))
+        return nn.Dense(2)(x.mean(axis=1))
+
+
+class SequenceNet(nn.Module):
+    """Dense and DenseGeneral applied at positions (tokens), embedding of a small vocabulary."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(6, 4)(tokens)  # (N, T, 4)
+        h = nn.gelu(nn.Dense(5)(h))  # positions: T
+        h = nn.DenseGeneral((2, 3), axis=-1)(h)  # (N, T, 2, 3)
+        return nn.DenseGeneral(2, axis=(1, 2, 3))(jnp.tanh(h))
+
+
+def _case(model, x1, x2):
+    params = model.init(jax.random.PRNGKey(0), x1)
+    return model.apply, params, x1, x2
+
+
+def _cases():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    yield "conv_zoo", _case(ConvZoo(), jax.random.normal(k1, (4, 7, 6, 2)),
+                            jax.random.normal(k2, (3, 7, 6, 2)))
+    yield "causal", _case(Causal1D(), jax.random.normal(k1, (4, 5, 2)),
+                          jax.random.normal(k2, (3, 5, 2)))
+    t1 = jax.random.randint(k1, (4, 3), 0, 6)
+    t2 = jax.random.randint(k2, (3, 3), 0, 6).at[0].set(t1[1])
+    yield "sequence", _case(SequenceNet(), t1, t2)
+
+
+CASES = dict(_cases())
+
+
+@functools.cache
+def _truth(name):
+    return brute_force_ntk(*CASES[name])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("form", ["factored", "materialized", "auto"])
+def test_layer_forms_match_brute_force(name, form):
+    apply_fn, params, x1, x2 = CASES[name]
+    full = _truth(name)
+    assert count_structured_layers(apply_fn, params, x1) >= 2
+    for outputs in ("trace", "diagonal", "full"):
+        got = jax.jit(lambda p, a, b, outputs=outputs: structured_kernel(
+            apply_fn, p, a, b, outputs=outputs, form=form))(params, x1, x2)
+        assert max_relative_error(got, reduce_full(full, outputs)) < 1e-5, (name, form, outputs)
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+def test_ntkjax_dense_scales(parameterization):
+    from ntkjax.models import MLP
+
+    model = MLP(features=(16, 8, 3), w_std=1.7, b_std=0.4, parameterization=parameterization)
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
+    x2 = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+    params = model.init(jax.random.PRNGKey(2), x1)
+    assert count_structured_layers(model.apply, params, x1) == 3  # every layer factorised
+    full = brute_force_ntk(model.apply, params, x1, x2)
+    got = ntkjax.empirical_ntk_fn(model.apply, method="structured", outputs="full")(
+        params, x1, x2)
+    assert max_relative_error(got, full) < 1e-5
+
+
+class Shared(nn.Module):
+    """A Dense called twice (shared weights), tied embedding (attend), a Dense subclass."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(5, 4)
+        shared = nn.Dense(4)
+        h = embed(tokens).mean(axis=1)
+        h = shared(jnp.tanh(shared(h)))
+        h = _MyDense(4)(nn.LayerNorm()(h))
+        return embed.attend(h)
+
+
+class _MyDense(nn.Dense):
+    pass
+
+
+def test_unsupported_uses_fall_back_to_jacobian_contraction():
+    tokens1 = jax.random.randint(jax.random.PRNGKey(0), (4, 3), 0, 5)
+    tokens2 = jax.random.randint(jax.random.PRNGKey(1), (2, 3), 0, 5)
+    model = Shared()
+    params = model.init(jax.random.PRNGKey(2), tokens1)
+    assert count_structured_layers(model.apply, params, tokens1) == 0
+    full = brute_force_ntk(model.apply, params, tokens1, tokens2)
+    got = ntkjax.empirical_ntk_fn(model.apply, method="structured", outputs="full")(
+        params, tokens1, tokens2)
+    assert max_relative_error(got, full) < 1e-5
+
+
+def test_mixed_structured_and_fallback_layers():
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(6)(x)
+            h = nn.LayerNorm()(h)
+            h = _MyDense(5)(nn.relu(h))
+            return nn.Dense(2)(jnp.tanh(h))
+
+    model = Mixed()
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    params = model.init(jax.random.PRNGKey(1), x1)
+    assert count_structured_layers(model.apply, params, x1) == 2
+    full = brute_force_ntk(model.apply, params, x1, x1)
+    got = ntkjax.empirical_ntk_fn(model.apply, method="structured", outputs="full")(params, x1)
+    assert max_relative_error(got, full) < 1e-5
+
+
+def test_last_hidden_needs_a_dense_layer():
+    nngp = ntkjax.empirical_nngp_fn(lambda p, x: jnp.tanh(x * p), features="last_hidden")
+    with pytest.raises(ValueError, match="Dense"):
+        nngp(jnp.float32(2.0), jnp.ones((3, 2)))
