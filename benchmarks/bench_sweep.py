@@ -12,7 +12,8 @@ width 4096). Runs expected to exceed ``SWEEP_BENCH_BUDGET_S`` seconds (env, defa
 program are measured at fewer steps (and, below 200 steps, one record at the end) and also
 extrapolated to 1,000 steps: plain = seconds per step x 1,000, tracked = plain + 11 x the
 measured cost of one probe-kernel record ((tracked - plain) / records measured). Every line
-says which steps were measured (``measured_steps``, ``extrapolated``).
+says which steps were measured (``measured_steps``, ``extrapolated``). The environment
+variable ``SWEEP_BENCH_WIDTHS`` (e.g. ``4096``) restricts the widths.
 ``--quick``: widths 32/128, 2 seeds, 64 points, 100 steps, tracked every 20 on 16 probe points.
 """
 
@@ -62,12 +63,14 @@ def run(quick: bool = False) -> None:
         widths, seeds, n_train, n_probe, steps, every = (64, 256, 1024, 4096), 8, 256, 64, 1000, 100
     input_dim, depth = 16, 3
     budget = float(os.environ.get("SWEEP_BENCH_BUDGET_S", "120"))
+    if os.environ.get("SWEEP_BENCH_WIDTHS"):
+        widths = tuple(int(w) for w in os.environ["SWEEP_BENCH_WIDTHS"].split(","))
     x, y, probe = _data(n_train, input_dim, n_probe)
     for width in widths:
         model = MLP(features=(width,) * depth + (1,), activation="relu", w_std=math.sqrt(2.0),
                     b_std=0.0, parameterization="ntk")
         # Calibrate: one short plain program tells the seconds per step.
-        calibration_steps = 10
+        calibration_steps = 2
         calibrate = _program(model, seeds, calibration_steps, calibration_steps, False, x, y,
                              probe)
         jax.block_until_ready(calibrate())
@@ -82,7 +85,7 @@ def run(quick: bool = False) -> None:
                 measured_steps = every * (affordable // every)
             else:
                 divisors = [d for d in range(1, every + 1) if every % d == 0 and d <= affordable]
-                measured_steps = max([*divisors, calibration_steps])
+                measured_steps = max([*divisors, 1])
                 measured_every = measured_steps
         log(f"sweep: width {width}: {per_step * 1e3:.2f} ms/step for {seeds} seeds; "
             f"measuring {measured_steps} of {steps} steps (record every {measured_every})")

@@ -24,6 +24,7 @@ sections -- and returns the JSON content. Loss convention: ``L = 1/(2n) sum (f -
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -376,21 +377,20 @@ def _sin_runs(ctx: _Context) -> dict[str, Any]:
                            make_train_fn(module.apply, track_kernel=False, linearized=True,
                                          **config))
 
-    def train_all(key):
-        out = {}
-        for width, (module, train, train_linear) in programs.items():
-            keys = jax.random.split(jax.random.fold_in(key, width), s.sin_seeds)
-            params0 = jax.vmap(module.init, in_axes=(0, None))(keys, data.x_train[:1])
-            full = jax.vmap(lambda p, train=train: train(
-                p, data.x_train, data.y_train, probe_x=data.x_train, x_test=data.x_test))(params0)
-            linear = jax.vmap(lambda p, train=train_linear: train(
-                p, data.x_train, data.y_train, x_test=data.x_test))(params0)
-            out[width] = (params0, full._replace(final_params=None),
-                          linear._replace(final_params=None))
-        return out
+    def train_width(width, keys):
+        module, train, train_linear = programs[width]
+        params0 = jax.vmap(module.init, in_axes=(0, None))(keys, data.x_train[:1])
+        full = jax.vmap(lambda p: train(
+            p, data.x_train, data.y_train, probe_x=data.x_train, x_test=data.x_test))(params0)
+        linear = jax.vmap(lambda p: train_linear(
+            p, data.x_train, data.y_train, x_test=data.x_test))(params0)
+        return params0, full._replace(final_params=None), linear._replace(final_params=None)
 
-    for width, (params0, full, linear) in jax.device_get(
-            jax.jit(train_all)(ctx.key("sin-init"))).items():
+    # one compiled program per width (full and linearized networks, all seeds vmapped)
+    for width in ctx.progress(s.sin_widths, "training on the sin task"):
+        keys = jax.random.split(jax.random.fold_in(ctx.key("sin-init"), width), s.sin_seeds)
+        params0, full, linear = jax.device_get(
+            jax.jit(functools.partial(train_width, width))(keys))
         runs[width] = {"module": programs[width][0], "params0": params0, "history": full,
                        "linear": linear}
     ctx.cache["sin"] = {"data": data, "ntk_train": ntk_train, "nngp_train": nngp_train,
@@ -555,35 +555,27 @@ def section_drift(ctx: _Context) -> SectionResult:
 
 def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
     """The study's section 6 set-up (:data:`ntkjax.sweep.PRESETS` ``"study"``) in both
-    parameterizations: every width and seed in one compiled program
-    (:func:`ntkjax.sweep.seeds_program` per width, fused)."""
+    parameterizations, through :func:`ntkjax.sweep.sweep` (rows streamed to
+    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it)."""
     import dataclasses
 
-    from ntkjax.sweep import PRESETS, make_data, seeds_program
+    from ntkjax.sweep import PRESETS, sweep
 
     s = ctx.settings
     base = PRESETS["study"]["config"]
-    configs = {p: dataclasses.replace(base, parameterization=p, num_steps=s.study_steps,
-                                      track_kernel=False) for p in ("standard", "ntk")}
-    data = make_data(configs["ntk"])
-    programs = {(p, w): seeds_program(c, w, STUDY_LEARNING_RATE)
-                for p, c in configs.items() for w in s.study_widths}
-    keys = jnp.stack([jax.random.PRNGKey(seed) for seed in range(s.study_seeds)])
-    results = jax.device_get(jax.jit(
-        lambda keys, data: {f"{p}/{w}": run(keys, data) for (p, w), run in programs.items()}
-    )(keys, data))
-    rows: dict[str, list[dict[str, Any]]] = {"standard": [], "ntk": []}
-    for (param, width) in programs:
-        history, stability = results[f"{param}/{width}"]
-        for i in range(s.study_seeds):
-            rows[param].append({
-                "width": width,
-                "diverged": bool(history.diverged[i]),
-                "diverged_at": int(history.diverged_at[i]),
-                "initial_loss": float(history.loss[i, 0]),
-                "final_loss": float(history.loss[i, -1]),
-                "max_learning_rate": float(stability.max_learning_rate[i]),
-            })
+    rows = {}
+    for param in ("standard", "ntk"):
+        config = dataclasses.replace(base, parameterization=param, num_steps=s.study_steps,
+                                     track_kernel=False)
+        rows[param] = [
+            {"width": r["width"], "diverged": r["diverged"], "diverged_at": r["diverged_at"],
+             "initial_loss": r["loss"][0], "final_loss": r["final_loss"],
+             "max_learning_rate": r["max_learning_rate"]}
+            for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
+                           out_path=ctx.out_dir / "study_sweep.jsonl",
+                           learning_rates=(STUDY_LEARNING_RATE,), config=config,
+                           show_progress=ctx.show_progress)
+        ]
     return rows
 
 
@@ -668,7 +660,8 @@ def section_convergence(ctx: _Context) -> SectionResult:
             "final_loss": float(loss_network[-1]),
             "final_loss_kernel": float(loss_kernel[-1]),
             "final_loss_bound": float(loss_bound[-1]),
-            "max_loss_deviation_relative": check.deviation,
+            "max_loss_deviation_relative": check.loss_deviation,
+            "max_prediction_deviation_relative": check.prediction_deviation,
             "bound_violation_max": check.bound_excess,
             "diverged": check.diverged,
         },
@@ -692,7 +685,7 @@ def section_convergence(ctx: _Context) -> SectionResult:
         f"inputs in R^{dim} (targets sin(x.u)) at lr = {lr:.3g}, half the stability edge of "
         "the analytic NTK. Its training loss follows gradient descent with its initial "
         "empirical NTK (`ntkjax.training.kernel_regime_check`; largest deviation "
-        f"{100 * check.deviation:.2g} % of the initial loss) and decays at least as fast as the "
+        f"{100 * check.loss_deviation:.2g} % of the initial loss) and decays at least as fast as the "
         "bound `||f_t - y|| <= exp(-lr λmin t / n) ||f_0 - y||` (the study's section 7, with "
         f"the 1/n of ntkjax's loss): λmin = {lambda_min:.3g}, λmax = {lambda_max:.3g} "
         f"(analytic NTK: {eig_inf[0]:.3g} and {eig_inf[-1]:.3g}). The bound is set by the "

@@ -23,7 +23,7 @@ kernel's eigenvalues: this is exactly the linearized model trained on
 
 Numerics: one symmetric eigendecomposition ``Theta = V diag(s) V^T`` serves all times; tiny
 negative eigenvalues from round-off are clipped to 0, and directions whose (regularized)
-eigenvalue is below ``n * eps * s_max`` are treated as null directions of the kernel, which
+eigenvalue is below ``sqrt(n) * eps * s_max`` are treated as null directions of the kernel, which
 gradient flow never moves (pseudo-inverse semantics; duplicated training points give finite
 outputs). Linear solves (GP inference) use a Cholesky factorization and fall back to the
 eigendecomposition when the matrix is not numerically positive definite. Concrete inputs
@@ -158,6 +158,17 @@ def _regularizer(k: jax.Array, diag_reg) -> jax.Array:
     return jnp.asarray(diag_reg, k.dtype) * jnp.trace(k) / k.shape[0]
 
 
+def _null_tolerance(n: int, eps, largest):
+    """Eigenvalues at or below ``sqrt(n) eps lambda_max`` count as round-off zeros.
+
+    Computed eigenvalues of exactly singular kernels land within about ``eps lambda_max`` of
+    zero; the ``sqrt(n)`` margin covers that while keeping real but small eigenvalues, which the
+    stricter rank tolerance ``n eps lambda_max`` would drop (in float32 it discards informative
+    directions of well-posed kernels with condition numbers of only ~1e4).
+    """
+    return np.sqrt(n) * eps * largest
+
+
 def _eigh_psd(k: jax.Array, diag_reg, name: str) -> _Eigen:
     """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
     k = 0.5 * (k + k.T)
@@ -174,7 +185,7 @@ def _eigh_psd(k: jax.Array, diag_reg, name: str) -> _Eigen:
             )
     values = jnp.maximum(values, 0.0)
     reg = _regularizer(k, diag_reg)
-    null = values + reg <= n * eps * scale
+    null = values + reg <= _null_tolerance(n, eps, scale)
     return _Eigen(values, vectors, reg, null)
 
 
@@ -184,7 +195,7 @@ def _inverse_sqrt(k: jax.Array) -> Callable[[jax.Array], jax.Array]:
     ``H = L^{-1}`` from a Cholesky factorization ``k = L L^T`` when ``k`` is numerically
     positive definite (all pivots finite and ``min L_ii^2 > n eps max k_ii``); otherwise
     ``H = diag(s^{-1/2}) V^T`` from the eigendecomposition with eigenvalues below
-    ``n eps s_max`` (including clipped negatives) dropped. The choice is a ``lax.cond``,
+    ``sqrt(n) eps s_max`` (including clipped negatives) dropped. The choice is a ``lax.cond``,
     so it also works under ``jit``.
     """
     k = 0.5 * (k + k.T)
@@ -202,7 +213,7 @@ def _inverse_sqrt(k: jax.Array) -> Callable[[jax.Array], jax.Array]:
     def via_eigh(b):
         values, vectors = jnp.linalg.eigh(k)
         top = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
-        keep = values > n * eps * top
+        keep = values > _null_tolerance(n, eps, top)
         inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, values, 1.0)), 0.0)
         return inv_sqrt[:, None] * (vectors.T @ b)
 
