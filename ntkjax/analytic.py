@@ -141,7 +141,7 @@ def _acos_neg(c: jax.Array) -> jax.Array:
     """``pi - arccos(c) = arccos(-c)`` for c in [-1, 1] (exact near c = -1, where it is small)."""
     if c.dtype == jnp.float64:
         return jnp.arccos(-c)
-    a = jnp.abs(c)
+    a = jnp.where(c >= 0, c, -c)  # |c|, with the one-sided derivative at 0 (not sign(0) = 0)
     p = jnp.asarray(_ACOS_COEFFS[-1], c.dtype)
     for coeff in _ACOS_COEFFS[-2::-1]:
         p = p * a + coeff
@@ -317,15 +317,22 @@ def gelu_variance(q: jax.Array) -> jax.Array:
 
 
 def _exp_terms(c, q11, q22):
-    """``exp(-(q11 + q22)/2) * (sinh q12, cosh q12)`` without overflow: both equal
-    ``exp(-d) (1 -+ exp(-2|q12|)) / 2`` with ``d = (q11 + q22)/2 - |q12|
-    = (s1 - s2)^2 / 2 + s1 s2 (1 - |c|) >= 0``."""
+    """``exp(-(q11 + q22)/2) * (sinh q12, cosh q12)`` without overflow:
+    ``(exp(-d_minus) -+ exp(-d_plus)) / 2`` with ``d_minus, d_plus = (q11 + q22)/2 -+ q12
+    = (s1 - s2)^2 / 2 + s1 s2 (1 -+ c) >= 0``; the difference through ``expm1`` of whichever
+    exponent is bounded, so small ``q12`` keeps full relative precision. Smooth in ``c``."""
     s1, s2 = _sqrt0(q11), _sqrt0(q22)
     s12 = s1 * s2
-    aq = jnp.abs(c) * s12
-    em = jnp.exp(-(0.5 * (s1 - s2) ** 2 + s12 * (1 - jnp.abs(c))))
-    sinh_part = jnp.sign(c) * em * (-0.5 * jnp.expm1(-2 * aq))
-    cosh_part = em * (0.5 + 0.5 * jnp.exp(-2 * aq))
+    base = 0.5 * (s1 - s2) ** 2
+    e_minus = jnp.exp(-(base + s12 * (1 - c)))
+    e_plus = jnp.exp(-(base + s12 * (1 + c)))
+    positive = c >= 0
+    q_pos = jnp.where(positive, c, 0) * s12  # each branch sees a safe argument
+    q_neg = jnp.where(positive, 0, c) * s12
+    sinh_part = 0.5 * jnp.where(
+        positive, -e_minus * jnp.expm1(-2 * q_pos), e_plus * jnp.expm1(2 * q_neg)
+    )
+    cosh_part = 0.5 * (e_minus + e_plus)
     return sinh_part, cosh_part
 
 

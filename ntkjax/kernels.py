@@ -250,9 +250,25 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
     """
 
     def fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
-        return _apply_to_kernel(module, input_kernel(x1, x2))
+        k = input_kernel(x1, x2)
+        out = _apply_to_kernel(module, k)
+        if not isinstance(k.nngp, jax.core.Tracer):
+            return out
+        # Under jit: a second, structurally distinct copy of the graph for the NNGP output.
+        # XLA fuses an elementwise chain into one loop only when all its users are in that
+        # loop; with both outputs drawn from one graph it materialises every layer (4-10x
+        # slower). Two independent chains -- the NTK one also computes the NNGP internally --
+        # each fuse into a single loop over the (N1, N2) entries.
+        k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
+        return out.replace(nngp=_apply_to_kernel(module, k_copy).nngp)
 
     return fn
+
+
+def _opaque_zero(a: jax.Array) -> jax.Array:
+    """An exact 0 that XLA cannot constant-fold (so the copy is not merged back by CSE)."""
+    s = jnp.sum(a[:1, :1])
+    return jnp.where(jnp.isnan(s), 0, 0 * jnp.sign(s)).astype(a.dtype)
 
 
 def kernel_matrix(
