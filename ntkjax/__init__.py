@@ -4,12 +4,11 @@ Exact infinite-width NNGP/NTK kernels of Flax models, fast empirical NTKs of any
 closed-form training dynamics and GP inference, and optax training loops that track the kernel.
 """
 
-from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
-
-# --- analytic kernels, layers and models (issue: foundation) ---
+# --- analytic kernels, layers and models (issue: foundation; Kernel, kernel_fn, kernel_matrix
+# come from ntkjax.kernels below, where isort puts them) ---
 from ntkjax import analytic, models, nn
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
-from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
+from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 
 # --- empirical kernels and linearization ---
 from ntkjax.empirical import (
@@ -19,6 +18,7 @@ from ntkjax.empirical import (
     nnx_apply_fn,
     ntk_operator,
 )
+from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix  # analytic kernels
 from ntkjax.linearize import linearize
 
 # --- prediction (also binds the submodule ntkjax.predict; ntkjax.datasets imports on use) ---

@@ -43,8 +43,8 @@ class Kernel:
 
     Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
-    layer with fresh zero-mean weights, as in a residual block), and ``alpha * k`` (or ``k / alpha``)
-    is the kernel of ``alpha`` times the outputs (kernels scale by ``alpha^2``).
+    layer with fresh zero-mean weights, as in a residual block), and ``alpha * k`` (or
+    ``k / alpha``) is the kernel of ``alpha`` times the outputs (kernels scale by ``alpha^2``).
     """
 
     nngp: jax.Array

@@ -226,12 +226,13 @@ def identity(x):
     return x
 
 
-def elementwise(fn: Callable[[jax.Array], jax.Array], *, n_quadrature: int = 32) -> Callable:
+def elementwise(fn: Callable[[jax.Array], jax.Array], *, n_quadrature: int = 64) -> Callable:
     """An activation from any elementwise jnp function ``fn``.
 
     On arrays it is ``fn``; on a Kernel its maps come from Gauss-Hermite quadrature with
     ``n_quadrature`` nodes per dimension (:func:`ntkjax.analytic.elementwise`, which states the
-    accuracy: ~1e-9 relative for smooth ``fn``, ~1e-3 / 1e-2 for ReLU-like kinks at 32 nodes).
+    accuracy at the default 64 nodes: 1e-11 for GELU, 5e-7 for erf, 1e-3 / 3e-2 (sigma /
+    sigma_dot) for ReLU-like kinks).
     ``fn``'s derivative is taken by autodiff. Cost: ``n_quadrature^2`` evaluations per entry.
     """
     if not callable(fn):

@@ -4,7 +4,7 @@ angle 0 and pi, homogeneity, and the empirical NTK of a two-layer network."""
 
 from __future__ import annotations
 
-import functools
+import itertools
 
 import jax
 import jax.flatten_util
@@ -66,7 +66,7 @@ def _quad_2d(phi, q12, q11, q22):
     return total
 
 
-@pytest.mark.parametrize("name", SMOOTH + ["identity"])
+@pytest.mark.parametrize("name", [*SMOOTH, "identity"])
 @pytest.mark.parametrize("triple", TRIPLES)
 def test_smooth_maps_match_two_dimensional_quadrature(name, triple, x64):
     phi, dphi = _PHI[name]
@@ -125,7 +125,9 @@ def test_price_theorem_sigma_dot_is_the_derivative_of_sigma(name, x64):
     fn = getattr(analytic, name)
     for q12, q11, q22 in TRIPLES[:2] + TRIPLES[3:]:
         grad = jax.grad(lambda q, a=q11, b=q22: fn(q, a, b).sigma)(jnp.float64(q12))
-        np.testing.assert_allclose(grad, fn(jnp.float64(q12), q11, q22).sigma_dot, rtol=1e-7)
+        np.testing.assert_allclose(
+            grad, fn(jnp.float64(q12), q11, q22).sigma_dot, rtol=1e-7, atol=1e-12
+        )
 
 
 _VARIANCE_PHI = {
@@ -144,7 +146,7 @@ def test_variances_are_second_moments(name, x64):
     phi = _PHI[name][0]
     for q in (0.0, 0.3, 2.0, 7.5):
         want = integrate.quad(
-            lambda z: phi(np.sqrt(q) * z) ** 2 * np.exp(-z * z / 2) / np.sqrt(2 * np.pi),
+            lambda z, q=q: phi(np.sqrt(q) * z) ** 2 * np.exp(-z * z / 2) / np.sqrt(2 * np.pi),
             -12, 12, points=[0.0], epsabs=1e-14, epsrel=1e-12,
         )[0]
         got = _VARIANCE_PHI[name](jnp.float64(q))
@@ -158,32 +160,48 @@ def test_variances_are_second_moments(name, x64):
     np.testing.assert_allclose(analytic.rbf_variance(jnp.array([0.5, 3.0]), 2.0), [1.0, 1.0])
 
 
-@pytest.mark.parametrize("name", SMOOTH)
-def test_elementwise_quadrature_matches_closed_forms_for_smooth_activations(name, x64):
-    fn = {"erf": jax.lax.erf, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-          "sin": jnp.sin, "cos": jnp.cos}[name]
-    q12 = jnp.array([0.5, -0.6, 1.99, 0.0, 0.05])
-    q11 = jnp.array([1.0, 0.3, 2.0, 0.5, 0.1])
-    q22 = jnp.array([2.0, 1.7, 2.0, 0.5, 3.0])
+def _qs():
+    """Test triples as float64 arrays (call under the x64 fixture)."""
+    return (jnp.array([0.5, -0.6, 1.99, 0.0, 0.05, 0.3]),
+            jnp.array([1.0, 0.3, 2.0, 0.5, 0.1, 1.0]),
+            jnp.array([2.0, 1.7, 2.0, 0.5, 3.0, 1.0]))
+
+
+def _rel(a, b) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# documented accuracy of the 64-node quadrature (sigma, sigma_dot), with a little headroom
+@pytest.mark.parametrize(
+    ("name", "fn", "tol_sigma", "tol_dot"),
+    [
+        ("sin", jnp.sin, 1e-13, 1e-13),
+        ("cos", jnp.cos, 1e-13, 1e-13),
+        ("gelu", lambda x: jax.nn.gelu(x, approximate=False), 1e-10, 1e-10),
+        ("erf", jax.lax.erf, 1e-7, 1e-6),
+        ("relu", jax.nn.relu, 2e-3, 4e-2),
+    ],
+)
+def test_elementwise_quadrature_accuracy_against_closed_forms(name, fn, tol_sigma, tol_dot, x64):
+    q12, q11, q22 = _qs()
     got = analytic.elementwise(q12, q11, q22, fn)
     want = getattr(analytic, name)(q12, q11, q22)
-    np.testing.assert_allclose(got.sigma, want.sigma, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got.sigma_dot, want.sigma_dot, rtol=1e-9, atol=1e-12)
+    assert _rel(got.sigma, want.sigma) < tol_sigma
+    assert _rel(got.sigma_dot, want.sigma_dot) < tol_dot
     np.testing.assert_allclose(
         analytic.elementwise_variance(q11, fn), getattr(analytic, f"{name}_variance")(q11),
-        rtol=1e-9,
+        rtol=10 * tol_sigma,
     )
 
 
-def test_elementwise_quadrature_accuracy_for_relu_is_as_documented(x64):
-    q12 = jnp.array([0.5, -0.6, 0.05, 1.0])
-    q11 = jnp.array([1.0, 0.3, 0.1, 1.0])
-    q22 = jnp.array([2.0, 1.7, 3.0, 1.0])
-    got = analytic.elementwise(q12, q11, q22, jax.nn.relu)
-    want = analytic.relu(q12, q11, q22)
-    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-    assert rel(got.sigma, want.sigma) < 1e-3
-    assert rel(got.sigma_dot, want.sigma_dot) < 2e-2
+def test_elementwise_quadrature_converges_with_more_nodes(x64):
+    qs = _qs()
+    errors = [
+        _rel(analytic.elementwise(*qs, jax.lax.erf, n).sigma_dot, analytic.erf(*qs).sigma_dot)
+        for n in (16, 32, 64, 128)
+    ]
+    assert all(b < a for a, b in itertools.pairwise(errors))
+    assert errors[-1] < 1e-11
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -199,7 +217,7 @@ def test_angle_zero_and_pi_and_zero_vectors_are_finite_and_exact(dtype, x64):
     np.testing.assert_allclose(relu0.sigma, q / 2, rtol=1e-6)
     np.testing.assert_allclose(relu0.sigma_dot[1:], 0.5, rtol=1e-6)
     np.testing.assert_allclose(relu_pi.sigma, 0.0, atol=1e-6)
-    np.testing.assert_allclose(relu_pi.sigma_dot, 0.0, atol=1e-6)
+    np.testing.assert_allclose(relu_pi.sigma_dot[1:], 0.0, atol=1e-6)
     # a zero-variance input has zero kernel with everything
     zero = analytic.relu(jnp.zeros(3, dtype), jnp.zeros(3, dtype), jnp.asarray([0.0, 1, 2], dtype))
     assert np.all(np.asarray(zero.sigma) == 0)

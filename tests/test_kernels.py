@@ -1,0 +1,172 @@
+"""ntkjax.kernels: the Kernel object, kernel_fn on modules, the Flax-layer guard, blocking."""
+
+from __future__ import annotations
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import max_relative_error, with_and_without_jit
+
+import ntkjax
+from ntkjax import models, nn
+
+
+def _x(n=5, d=3, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, d), dtype)
+
+
+class Residual(linen.Module):
+    """A user module: h = Dense(x); h + Dense(relu(Dense(h))), then a readout."""
+
+    width: int = 256
+
+    @linen.compact
+    def __call__(self, x):
+        h = nn.Dense(self.width, w_std=1.0, b_std=0.1)(x)
+        branch = nn.Dense(self.width, w_std=np.sqrt(2))(nn.relu(nn.Dense(self.width)(h)))
+        return nn.Dense(1)((h + branch) / np.sqrt(2))
+
+
+class FlaxDenseNet(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(4)(nn.relu(nn.Dense(8)(x)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_jit_and_no_jit_agree_and_keep_dtype(dtype, x64):
+    mlp = models.MLP((64, 64, 2), "erf", w_std=1.5, b_std=0.2)
+    x1, x2 = _x(5, 3, 0, dtype), _x(4, 3, 1, dtype)
+    results = [fn(x1, x2) for fn in with_and_without_jit(ntkjax.kernel_fn(mlp))]
+    for k in results:
+        assert isinstance(k, ntkjax.Kernel)
+        assert k.nngp.shape == k.ntk.shape == (5, 4) and k.nngp.dtype == dtype
+    np.testing.assert_allclose(results[0].nngp, results[1].nngp, rtol=1e-6)
+    np.testing.assert_allclose(results[0].ntk, results[1].ntk, rtol=1e-6)
+
+
+def test_symmetric_kernels_are_symmetric_psd_with_exact_diagonal(x64):
+    x = _x(12, 4, 2, jnp.float64)
+    mlp = models.MLP((64, 64, 1), "relu", w_std=np.sqrt(2), b_std=0.1)
+    k = jax.jit(ntkjax.kernel_fn(mlp))(x)
+    k2 = ntkjax.kernel_fn(mlp)(x, x)
+    for name in ("nngp", "ntk"):
+        a = np.asarray(getattr(k, name))
+        np.testing.assert_allclose(a, a.T, rtol=1e-14)
+        assert np.linalg.eigvalsh(a).min() > -1e-10 * np.abs(a).max()
+        np.testing.assert_allclose(a, getattr(k2, name), rtol=1e-12)
+    np.testing.assert_allclose(np.diagonal(k.nngp), k.var1, rtol=1e-13)
+
+
+def test_float32_diagonal_of_relu_ntk_matches_float64(x64):
+    # identical inputs: the angle must be exactly 0 (no sqrt(ulp) error from arccos)
+    x = _x(64, 16, 3, jnp.float64)
+    mlp = models.MLP((8,) * 10 + (1,), "relu", w_std=np.sqrt(2), b_std=0.1)
+    k64 = ntkjax.kernel_fn(mlp)(x)
+    k32 = jax.jit(ntkjax.kernel_fn(mlp))(x.astype(jnp.float32))
+    assert max_relative_error(k32.ntk, k64.ntk) < 1e-5
+    assert max_relative_error(np.diagonal(k32.ntk), np.diagonal(k64.ntk)) < 1e-5
+
+
+def test_depth_100_w_std_2_float32_does_not_overflow(x64):
+    x = _x(4, 3, 4, jnp.float64) * jnp.array([[1.0], [10.0], [1e-3], [0.0]])
+    mlp = models.MLP((8,) * 100 + (1,), "relu", w_std=2.0, b_std=0.5)
+    k64 = ntkjax.kernel_fn(mlp)(x)
+    k32 = ntkjax.kernel_fn(mlp)(x.astype(jnp.float32))
+    # the true values are huge but representable in float32
+    assert 1e30 < np.max(np.asarray(k64.ntk)) < 1e38
+    for name in ("nngp", "ntk"):
+        a32 = np.asarray(getattr(k32, name))
+        assert np.all(np.isfinite(a32))
+        assert max_relative_error(a32, getattr(k64, name)) < 1e-4
+
+
+def test_residual_user_module_adds_branch_kernels(x64):
+    x1, x2 = _x(5, 3, 5, jnp.float64), _x(3, 3, 6, jnp.float64)
+    k = ntkjax.kernel_fn(Residual())(x1, x2)
+    # the same kernel composed by hand from the Kernel rules
+    h = ntkjax.kernels.input_kernel(x1, x2).dense(256, w_std=1.0, b_std=0.1)
+    branch = h.dense(256, w_std=1.0, b_std=0.0).activation(
+        ntkjax.analytic.relu, ntkjax.analytic.relu_variance
+    ).dense(256, w_std=np.sqrt(2), b_std=0.0)
+    want = (h + branch).__mul__(1 / np.sqrt(2)).dense(1, w_std=1.0, b_std=0.0)
+    np.testing.assert_allclose(k.nngp, want.nngp, rtol=1e-13)
+    np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-13)
+    # and the finite network of the same module runs
+    params = Residual().init(jax.random.PRNGKey(0), x1)
+    assert Residual().apply(params, x1).shape == (5, 1)
+
+
+@pytest.mark.slow
+def test_residual_nngp_matches_monte_carlo_over_networks(x64):
+    x = _x(4, 3, 7, jnp.float64)
+    module = Residual(width=128)
+    outs = jax.vmap(lambda key: module.apply(module.init(key, x), x)[:, 0])(
+        jax.random.split(jax.random.PRNGKey(1), 4000)
+    )
+    empirical = np.cov(np.asarray(outs), rowvar=False, bias=True)
+    k = ntkjax.kernel_fn(module)(x)
+    assert max_relative_error(empirical, k.nngp) < 0.08
+
+
+def test_kernel_arithmetic_and_errors():
+    k = ntkjax.kernel_fn(models.MLP((16, 1)))(_x())
+    np.testing.assert_allclose((2.0 * k).ntk, 4 * k.ntk, rtol=1e-6)
+    np.testing.assert_allclose((k / 2.0).nngp, k.nngp / 4, rtol=1e-6)
+    np.testing.assert_allclose((k + k).nngp, 2 * k.nngp, rtol=1e-6)
+    with pytest.raises(ValueError, match="scalar"):
+        k * jnp.ones(3)
+    other = ntkjax.kernels.input_kernel(_x())  # width 3 vs 1
+    with pytest.raises(ValueError, match="width"):
+        k + other
+
+
+def test_flax_builtin_layer_raises_naming_the_layer():
+    with pytest.raises(ValueError, match=r"flax\.linen\.linear\.Dense.*ntkjax\.nn\.Dense"):
+        ntkjax.kernel_fn(FlaxDenseNet())(_x())
+    # the finite network itself is fine
+    params = FlaxDenseNet().init(jax.random.PRNGKey(0), _x())
+    assert FlaxDenseNet().apply(params, _x()).shape == (5, 4)
+
+
+def test_sequential_container_passes_kernels_through():
+    seq = linen.Sequential([nn.Dense(32), nn.relu, nn.Dense(1)])
+    k = ntkjax.kernel_fn(seq)(_x())
+    want = ntkjax.kernel_fn(models.MLP((32, 1)))(_x())
+    np.testing.assert_allclose(k.ntk, want.ntk, rtol=1e-6)
+
+
+def test_input_validation():
+    fn = ntkjax.kernel_fn(models.MLP((8, 1)))
+    with pytest.raises(ValueError, match="batch axis"):
+        fn(jnp.ones(3))
+    with pytest.raises(ValueError, match="same per-example shape"):
+        fn(jnp.ones((2, 3)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"\(batch, features\)"):
+        fn(jnp.ones((2, 3, 4)))
+
+
+def test_kernel_matrix_matches_kernel_fn_in_blocks(x64):
+    mlp = models.MLP((32, 32, 1), "gelu", w_std=1.3, b_std=0.2)
+    x1, x2 = _x(37, 5, 8, jnp.float64), _x(21, 5, 9, jnp.float64)
+    full = ntkjax.kernel_fn(mlp)(x1, x2)
+    blocked = ntkjax.kernel_matrix(mlp, x1, x2, block_size=8)
+    assert isinstance(blocked.nngp, np.ndarray) and blocked.width == 1
+    np.testing.assert_allclose(blocked.nngp, full.nngp, rtol=1e-12)
+    np.testing.assert_allclose(blocked.ntk, full.ntk, rtol=1e-12)
+    np.testing.assert_allclose(blocked.var1, full.var1, rtol=1e-12)
+    sym = ntkjax.kernel_matrix(mlp, x1, block_size=8)
+    np.testing.assert_allclose(sym.ntk, ntkjax.kernel_fn(mlp)(x1).ntk, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_kernel_matrix_under_a_memory_budget():
+    mlp = models.MLP((512,) * 3 + (1,), "relu", w_std=np.sqrt(2), b_std=0.1)
+    x = _x(3000, 64, 10)
+    k = ntkjax.kernel_matrix(mlp, x, memory_bytes=64 * 2**20)
+    ref = jax.jit(ntkjax.kernel_fn(mlp))(x[:300], x)
+    assert k.ntk.shape == (3000, 3000)
+    np.testing.assert_allclose(k.ntk[:300], ref.ntk, rtol=2e-6)
+    np.testing.assert_allclose(k.ntk, k.ntk.T, rtol=2e-6)
