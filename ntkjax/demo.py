@@ -54,6 +54,12 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 STUDY_LEARNING_RATE = 0.02  # the study's lr = 0.01 on mean((f - y)^2), in ntkjax's loss
 
 
+def _jit(fn: Callable, **kwargs) -> Callable:
+    """``jax.jit`` with :data:`FAST_COMPILE`. Small post-processing goes through one such program
+    per section instead of eager ops: each eager op compiles a program of its own."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
 class DemoSettings(NamedTuple):
     """Sizes of every section; :func:`demo_settings` gives the default and ``--quick`` ones."""
 
@@ -157,13 +163,8 @@ def _analytic(module, x1, x2=None):
 
     with jax.enable_x64(True):
         as64 = lambda x: None if x is None else jnp.asarray(np.asarray(x), jnp.float64)
-        kernel = kernel_fn(module)(as64(x1), as64(x2))
+        kernel = _jit(kernel_fn(module))(as64(x1), as64(x2))
         return np.asarray(kernel.nngp), np.asarray(kernel.ntk)
-
-
-def _init_seeds(module, keys: jax.Array, x: jax.Array):
-    """Parameters of ``module`` for each key, stacked along a leading seed axis."""
-    return jax.jit(jax.vmap(module.init, in_axes=(0, None)))(keys, x[:1])
 
 
 def _kernel_checks(kernel: np.ndarray) -> dict[str, Any]:
@@ -199,13 +200,15 @@ def section_analytic(ctx: _Context) -> SectionResult:
     import ntkjax
 
     s = ctx.settings
+    def kernels(key):
+        x = jax.random.normal(key, (s.n_points, s.input_dim), jnp.float64)
+        return x, ntkjax.two_layer_relu_nngp(x), ntkjax.two_layer_relu_ntk(x)
+
     with jax.enable_x64(True):
-        x = jax.random.normal(ctx.key("analytic"), (s.n_points, s.input_dim), jnp.float64)
-        nngp = np.asarray(ntkjax.two_layer_relu_nngp(x), np.float64)
-        ntk = np.asarray(ntkjax.two_layer_relu_ntk(x), np.float64)
+        x, nngp, ntk = map(np.asarray, _jit(kernels)(ctx.key("analytic")))
         # The study's formula written out, as a check that two_layer_relu_nngp is it.
-        norms = np.linalg.norm(np.asarray(x), axis=1)
-        cos = np.clip(np.asarray(x) @ np.asarray(x).T / np.outer(norms, norms), -1, 1)
+        norms = np.linalg.norm(x, axis=1)
+        cos = np.clip(x @ x.T / np.outer(norms, norms), -1, 1)
         angle = np.arccos(cos)
         study = np.outer(norms, norms) / (2 * np.pi) * (np.sin(angle) + (np.pi - angle) * cos)
     first_layer = ntk - nngp
@@ -264,7 +267,7 @@ def _empirical_ntks(widths, seeds: int, key: jax.Array, x: jax.Array):
                 out[f"{width}/{param}"] = jax.vmap(ntk, in_axes=(0, None))(params, x)
         return out
 
-    flat = jax.device_get(jax.jit(kernels, compiler_options=FAST_COMPILE)(key))
+    flat = jax.device_get(_jit(kernels)(key))
     return {w: {p: np.asarray(flat[f"{w}/{p}"], np.float64) for p in ("ntk", "standard")}
             for w in widths}
 
@@ -367,10 +370,10 @@ def _sin_runs(ctx: _Context) -> dict[str, Any]:
     from ntkjax.training import make_train_fn
 
     s = ctx.settings
-    data = sin_regression(ctx.key("sin-data"))
+    data = _jit(sin_regression)(ctx.key("sin-data"))
     nngp_train, ntk_train = _analytic(_sin_model(1), data.x_train)
     _, ntk_test_train = _analytic(_sin_model(1), data.x_test, data.x_train)
-    edge = float(max_learning_rate(jnp.asarray(ntk_train)))
+    edge = float(_jit(max_learning_rate)(ntk_train.astype(np.float32)))
     lr = s.sin_lr_fraction * edge
     runs = {}
     programs = {}
@@ -395,7 +398,7 @@ def _sin_runs(ctx: _Context) -> dict[str, Any]:
     for width in ctx.progress(s.sin_widths, "training on the sin task"):
         keys = jax.random.split(jax.random.fold_in(ctx.key("sin-init"), width), s.sin_seeds)
         params0, full, linear = jax.device_get(
-            jax.jit(functools.partial(train_width, width), compiler_options=FAST_COMPILE)(keys))
+            _jit(functools.partial(train_width, width))(keys))
         runs[width] = {"module": programs[width][0], "params0": params0, "history": full,
                        "linear": linear}
     ctx.cache["sin"] = {"data": data, "ntk_train": ntk_train, "nngp_train": nngp_train,
@@ -410,13 +413,15 @@ def _kernel_trajectory(sin: dict[str, Any], f0_train, f0_test, steps, kernel=Non
     from ntkjax.predict import gradient_descent_mse
 
     kernel = sin["ntk_train"] if kernel is None else kernel
+    def predict(kernel, y, k_test_train, f0_train, f0_test, steps):
+        return gradient_descent_mse(kernel, y, learning_rate=sin["lr"], k_test_train=k_test_train,
+                                    fx_train_0=f0_train, fx_test_0=f0_test)(steps)
+
     with jax.enable_x64(True):  # the sin task's NTK is ill-conditioned: solve in float64
-        as64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
-        predict = gradient_descent_mse(
-            as64(kernel), as64(sin["data"].y_train if y is None else y), learning_rate=sin["lr"],
-            k_test_train=as64(sin["ntk_test_train"]), fx_train_0=as64(f0_train),
-            fx_test_0=as64(f0_test))
-        out = predict(jnp.asarray(np.asarray(steps)))
+        as64 = lambda a: np.asarray(a, np.float64)
+        out = _jit(predict)(as64(kernel), as64(sin["data"].y_train if y is None else y),
+                            as64(sin["ntk_test_train"]), as64(f0_train), as64(f0_test),
+                            np.asarray(steps))
         return np.asarray(out.train), np.asarray(out.test)
 
 
@@ -455,9 +460,10 @@ def section_kernel_regression(ctx: _Context) -> SectionResult:
     widths = np.asarray(s.sin_widths, np.float64)
     slope_gap = _fit(widths, gaps.mean(1))
     # The study's predictor: kernel ridge regression from f_0 = 0 (t = infinity).
-    ridge = gradient_flow_mse(jnp.asarray(sin["ntk_train"]), data.y_train, learning_rate=1.0,
-                              k_test_train=jnp.asarray(sin["ntk_test_train"]))(jnp.inf)
-    ridge_test = np.asarray(ridge.test)
+    ridge = _jit(lambda k, y, k_test: gradient_flow_mse(k, y, learning_rate=1.0,
+                                                        k_test_train=k_test)(jnp.inf))
+    ridge_test = np.asarray(ridge(sin["ntk_train"].astype(np.float32), data.y_train,
+                                  sin["ntk_test_train"].astype(np.float32)).test)
 
     widest = max(sin["runs"])
     h = sin["runs"][widest]["history"]
@@ -568,27 +574,36 @@ def section_drift(ctx: _Context) -> SectionResult:
 
 def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
     """The study's section 6 set-up (:data:`ntkjax.sweep.PRESETS` ``"study"``) in both
-    parameterizations, through :func:`ntkjax.sweep.sweep` (rows streamed to
-    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it)."""
+    parameterizations: one :func:`ntkjax.sweep.seeds_program` per (parameterization, width),
+    seeds 0..k-1 as :func:`ntkjax.sweep.sweep` runs them, all inside one compiled program."""
     import dataclasses
 
-    from ntkjax.sweep import PRESETS, sweep
+    from ntkjax.sweep import PRESETS, make_data, seeds_program
 
     s = ctx.settings
-    base = PRESETS["study"]["config"]
+    configs = {p: dataclasses.replace(PRESETS["study"]["config"], parameterization=p,
+                                      num_steps=s.study_steps, track_kernel=False)
+               for p in ("standard", "ntk")}
+    data = _jit(functools.partial(make_data, configs["ntk"]))()  # the same for both
+    keys = np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in range(s.study_seeds)])
+
+    def run_all(keys, data):
+        return {p: [seeds_program(config, width, STUDY_LEARNING_RATE)(keys, data)
+                    for width in s.study_widths] for p, config in configs.items()}
+
+    out = jax.device_get(_jit(run_all)(keys, data))
     rows = {}
-    for param in ("standard", "ntk"):
-        config = dataclasses.replace(base, parameterization=param, num_steps=s.study_steps,
-                                     track_kernel=False)
-        rows[param] = [
-            {"width": r["width"], "diverged": r["diverged"], "diverged_at": r["diverged_at"],
-             "initial_loss": r["loss"][0], "final_loss": r["final_loss"],
-             "max_learning_rate": r["max_learning_rate"]}
-            for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
-                           out_path=ctx.out_dir / "study_sweep.jsonl",
-                           learning_rates=(STUDY_LEARNING_RATE,), config=config,
-                           show_progress=ctx.show_progress)
-        ]
+    for p, per_width in out.items():
+        rows[p] = []
+        for width, (history, stability) in zip(s.study_widths, per_width, strict=True):
+            for i in range(s.study_seeds):
+                diverged = bool(history.diverged[i])
+                rows[p].append({
+                    "width": width, "diverged": diverged,
+                    "diverged_at": int(history.diverged_at[i]) if diverged else None,
+                    "initial_loss": float(history.loss[i, 0]),
+                    "final_loss": float(history.loss[i, -1]),
+                    "max_learning_rate": float(stability.max_learning_rate[i])})
     return rows
 
 
@@ -607,12 +622,12 @@ def section_convergence(ctx: _Context) -> SectionResult:
 
     s = ctx.settings
     n, dim = s.convergence_points, s.convergence_dim
-    x, y = _gaussian_task(ctx.key("convergence-data"), n, dim)
+    x, y = _jit(_gaussian_task, static_argnums=(1, 2))(ctx.key("convergence-data"), n, dim)
     width = max(s.sin_widths)
     module = _mlp((width,), b_std=0.1)
     _, ntk_inf = _analytic(module, x)
-    lr = 0.5 * float(max_learning_rate(jnp.asarray(ntk_inf)))
-    params0 = module.init(ctx.key("convergence-init"), x[:1])
+    lr = 0.5 * float(_jit(max_learning_rate)(ntk_inf.astype(np.float32)))
+    params0 = _jit(module.init)(ctx.key("convergence-init"), x[:1])
     check = kernel_regime_check(module.apply, params0, x, y, learning_rate=lr,
                                 num_steps=s.convergence_steps,
                                 record_every=s.convergence_steps // 50)
@@ -803,6 +818,7 @@ def section_digits(ctx: _Context) -> SectionResult:
         return SectionResult(
             "7. Beyond the study: digits", f"Skipped: {err}", {"skipped": True}, [],
             "skipped (scikit-learn missing)")
+    digits = type(digits)(*map(np.asarray, digits))  # host arrays: slicing compiles nothing
     if s.digits_train_subset is not None:  # the split is shuffled and stratified already
         keep = slice(0, s.digits_train_subset)
         digits = digits._replace(x_train=digits.x_train[keep], y_train=digits.y_train[keep],
@@ -814,23 +830,28 @@ def section_digits(ctx: _Context) -> SectionResult:
     labels = np.asarray(digits.labels_test)
     accuracy = lambda scores: float(np.mean(np.argmax(np.asarray(scores), axis=-1) == labels))
     y = digits.y_train
-    ntk_pred = gradient_flow_mse(jnp.asarray(ntk_tt), y, learning_rate=1.0,
-                                 k_test_train=jnp.asarray(ntk_xt), diag_reg=DIGITS_DIAG_REG)(
-                                     jnp.inf).test
-    nngp_pred = gp_inference(jnp.asarray(nngp_tt), jnp.asarray(nngp_xt), None, y,
-                             diag_reg=DIGITS_DIAG_REG).mean
+
+    def kernel_predictions(ntk_tt, ntk_xt, nngp_tt, nngp_xt, y):
+        ntk_pred = gradient_flow_mse(ntk_tt, y, learning_rate=1.0, k_test_train=ntk_xt,
+                                     diag_reg=DIGITS_DIAG_REG)(jnp.inf).test
+        nngp_pred = gp_inference(nngp_tt, nngp_xt, None, y, diag_reg=DIGITS_DIAG_REG).mean
+        return ntk_pred, nngp_pred, max_learning_rate(ntk_tt)
+
+    as32 = lambda a: a.astype(np.float32)
+    ntk_pred, nngp_pred, edge = _jit(kernel_predictions)(
+        as32(ntk_tt), as32(ntk_xt), as32(nngp_tt), as32(nngp_xt), y)
     svm = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
                                                np.asarray(digits.labels_train))
     svm_acc = float(np.mean(svm.predict(np.asarray(digits.x_test)) == labels))
 
-    edge = float(max_learning_rate(jnp.asarray(ntk_tt)))
-    lr = 0.5 * edge
+    lr = 0.5 * float(edge)
     record_every = s.digits_steps // 10
     train = make_train_fn(module.apply, optimizer=optax.sgd(lr), num_steps=s.digits_steps,
                           record_every=record_every, track_kernel=False)
-    params0 = module.init(ctx.key("digits-init"), digits.x_train[:1])
-    history = jax.device_get(jax.jit(
-        lambda p: train(p, digits.x_train, y, x_test=digits.x_test))(params0))
+    params0 = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
+    history = jax.device_get(_jit(
+        lambda p, x, y, x_test: train(p, x, y, x_test=x_test))(params0, digits.x_train, y,
+                                                               digits.x_test))
     net_acc_curve = [accuracy(p) for p in history.test_predictions]
     accuracies = {
         "NTK regression (infinite width)": accuracy(ntk_pred),
