@@ -574,36 +574,27 @@ def section_drift(ctx: _Context) -> SectionResult:
 
 def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
     """The study's section 6 set-up (:data:`ntkjax.sweep.PRESETS` ``"study"``) in both
-    parameterizations: one :func:`ntkjax.sweep.seeds_program` per (parameterization, width),
-    seeds 0..k-1 as :func:`ntkjax.sweep.sweep` runs them, all inside one compiled program."""
+    parameterizations, through :func:`ntkjax.sweep.sweep` (rows streamed to
+    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it)."""
     import dataclasses
 
-    from ntkjax.sweep import PRESETS, make_data, seeds_program
+    from ntkjax.sweep import PRESETS, sweep
 
     s = ctx.settings
-    configs = {p: dataclasses.replace(PRESETS["study"]["config"], parameterization=p,
-                                      num_steps=s.study_steps, track_kernel=False)
-               for p in ("standard", "ntk")}
-    data = _jit(functools.partial(make_data, configs["ntk"]))()  # the same for both
-    keys = np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in range(s.study_seeds)])
-
-    def run_all(keys, data):
-        return {p: [seeds_program(config, width, STUDY_LEARNING_RATE)(keys, data)
-                    for width in s.study_widths] for p, config in configs.items()}
-
-    out = jax.device_get(_jit(run_all)(keys, data))
+    base = PRESETS["study"]["config"]
     rows = {}
-    for p, per_width in out.items():
-        rows[p] = []
-        for width, (history, stability) in zip(s.study_widths, per_width, strict=True):
-            for i in range(s.study_seeds):
-                diverged = bool(history.diverged[i])
-                rows[p].append({
-                    "width": width, "diverged": diverged,
-                    "diverged_at": int(history.diverged_at[i]) if diverged else None,
-                    "initial_loss": float(history.loss[i, 0]),
-                    "final_loss": float(history.loss[i, -1]),
-                    "max_learning_rate": float(stability.max_learning_rate[i])})
+    for param in ("standard", "ntk"):
+        config = dataclasses.replace(base, parameterization=param, num_steps=s.study_steps,
+                                     track_kernel=False)
+        rows[param] = [
+            {"width": r["width"], "diverged": r["diverged"], "diverged_at": r["diverged_at"],
+             "initial_loss": r["loss"][0], "final_loss": r["final_loss"],
+             "max_learning_rate": r["max_learning_rate"]}
+            for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
+                           out_path=ctx.out_dir / "study_sweep.jsonl",
+                           learning_rates=(STUDY_LEARNING_RATE,), config=config,
+                           show_progress=ctx.show_progress)
+        ]
     return rows
 
 
