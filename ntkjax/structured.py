@@ -25,7 +25,9 @@ weights, one feature group, no mask) and ``Embed`` (only through ``__call__``), 
 Only exact classes are recognised (not subclasses), and a module called more than once is
 treated as unsupported. Every parameter not covered -- LayerNorm scales, unsupported layers,
 non-linen parameters -- falls back to per-sample Jacobian contraction, computed in the same
-backward pass.
+backward pass. When every parameter is covered, the O backward passes (one per output, reusing
+one forward pass) run on the whole batch at once; otherwise per sample. The materialised form
+computes all samples' ``G_i`` as one batched matmul with the outputs folded into its columns.
 """
 
 from __future__ import annotations
@@ -305,16 +307,23 @@ def _weight_term(kind, x1, d1, x2, d2, outputs, vocab=None, form="auto"):
         return _combine(a, _delta_gram(d1, d2, outputs))
 
     def grads(x, d):
+        # per-sample G[a, k, (i, f)] = sum_t x[a, t, k] d[a, i, t, f]: one batched matmul
+        # with the outputs folded into its columns.
         if kind == "embed":
-            onehot = jax.nn.one_hot(x, vocab, dtype=d.dtype)
-            return jnp.einsum("atv,aitf->aivf", onehot, d, precision=_PRECISION)
-        return jnp.einsum("atk,aitf->aikf", x, d, precision=_PRECISION)
+            x = jax.nn.one_hot(x, vocab, dtype=d.dtype)
+        n, _, tt, ff = d.shape
+        d = jnp.swapaxes(d, 1, 2).reshape(n, tt, o * ff)
+        return jax.lax.dot_general(
+            x, d, (((1,), (1,)), ((0,), (0,))), precision=_PRECISION
+        ).reshape(n, -1, o, ff)
 
     g1 = grads(x1, d1)
     g2 = g1 if (x2 is x1 and d2 is d1) else grads(x2, d2)
-    return contract_jacobians(
-        g1.reshape(n1, o, -1), g2.reshape(n2, o, -1), outputs
-    )
+    if outputs == "trace":  # any common ordering of (k, i, f) will do
+        return contract_jacobians(g1.reshape(n1, 1, -1), g2.reshape(n2, 1, -1), outputs)
+    g1 = jnp.moveaxis(g1, 2, 1).reshape(n1, o, -1)
+    g2 = jnp.moveaxis(g2, 2, 1).reshape(n2, o, -1)
+    return contract_jacobians(g1, g2, outputs)
 
 
 def _scales(layer: _Layer, node, dtype):
@@ -356,23 +365,30 @@ def _split_rest(trainable, layers):
     return rest, merge
 
 
+def _apply_tapped(apply_fn, params, x, eps):
+    """``apply_fn(params, x)`` with ``eps[path]`` added to the output of the layer at ``path``;
+    also returns each such layer's input."""
+    captured = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            path = tuple(context.module.path)
+            if path in eps:
+                captured[path] = _call_input(args, kwargs)
+                return out + eps[path].astype(out.dtype)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        out = apply_fn(params, x)
+    return out, captured
+
+
 def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
     """x_single -> (rest Jacobians (O, ...), cotangents {path: (O, 1, *out)}, inputs)."""
 
     def tapped(rest, eps, x):
-        captured = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__":
-                path = tuple(context.module.path)
-                if path in eps:
-                    captured[path] = _call_input(args, kwargs)
-                    return out + eps[path].astype(out.dtype)
-            return out
-
-        with nn.intercept_methods(interceptor):
-            out = apply_fn(rebuild(merge(rest)), x[None])
+        out, captured = _apply_tapped(apply_fn, rebuild(merge(rest)), x[None], eps)
         return jnp.reshape(out, (-1,)), captured
 
     basis = jnp.eye(out_dim, dtype=dtype)
@@ -384,6 +400,33 @@ def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
         return rest_jac, deltas, captured
 
     return per_sample
+
+
+def _batched_taps(apply_fn, params, layers, out_dim, dtype):
+    """Like :func:`_per_sample_taps` for a model without fallback parameters, through one
+    batched forward pass: for a model that treats samples independently the gradient of
+    ``sum_a e_i . f(x_a)`` with respect to a perturbation of sample ``a``'s layer output is that
+    sample's cotangent, so the O backward passes run on the whole batch at once."""
+
+    def taps(x):
+        n = x.shape[0]
+
+        def tapped(eps):
+            out, captured = _apply_tapped(apply_fn, params, x, eps)
+            return jnp.reshape(out, (n, out_dim)), captured
+
+        eps = {
+            path: jnp.zeros((n, *lay.out_shape[1:]), lay.out_dtype)
+            for path, lay in layers.items()
+        }
+        _, vjp, captured = jax.vjp(tapped, eps, has_aux=True)
+        basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
+        (deltas,) = jax.vmap(vjp, out_axes=1)(basis)
+        deltas = {k: v[:, :, None] for k, v in deltas.items()}
+        inputs = {k: v[:, None] for k, v in captured.items()}
+        return deltas, inputs
+
+    return taps
 
 
 def structured_kernel(
@@ -406,9 +449,20 @@ def structured_kernel(
     out_dim = int(np.prod(out.shape[1:]))
     dtype = out.dtype
     rest, merge = _split_rest(trainable, layers)
-    per_sample = jax.vmap(
-        _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype), in_axes=(None, 0)
+    batch_first = all(
+        lay.in_shape[:1] == (1,) and lay.out_shape[:1] == (1,) for lay in layers.values()
     )
+    if batch_first and not any(leaf.size for leaf in rest):
+        taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
+
+        def per_sample(_, x):
+            return [], *taps(x)
+
+    else:
+        per_sample = jax.vmap(
+            _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
+            in_axes=(None, 0),
+        )
     jac1, deltas1, inputs1 = per_sample(rest, x1)
     if x2 is None:
         jac2, deltas2, inputs2 = jac1, deltas1, inputs1
