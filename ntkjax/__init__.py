@@ -4,13 +4,12 @@ Exact infinite-width NNGP/NTK kernels of Flax models, fast empirical NTKs of any
 closed-form training dynamics and GP inference, and optax training loops that track the kernel.
 """
 
-# --- analytic kernels, layers and models (issue: foundation; Kernel, kernel_fn, kernel_matrix
-# come from ntkjax.kernels below, where isort puts them) ---
+# Analytic kernels, layers and models: analytic, kernels, models, nn. Empirical kernels:
+# empirical, linearize (structured is internal). Prediction: predict. Training: training
+# (ntkjax.sweep, ntkjax.datasets, ntkjax.plotting and ntkjax.demo import on use).
 from ntkjax import analytic, models, nn
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
-
-# --- empirical kernels and linearization ---
 from ntkjax.empirical import (
     empirical_nngp_fn,
     empirical_ntk_fn,
@@ -18,10 +17,8 @@ from ntkjax.empirical import (
     nnx_apply_fn,
     ntk_operator,
 )
-from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix  # analytic kernels
+from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
 from ntkjax.linearize import linearize
-
-# --- prediction (also binds the submodule ntkjax.predict; ntkjax.datasets imports on use) ---
 from ntkjax.predict import (
     convergence_bound,
     gp_inference,
@@ -30,8 +27,6 @@ from ntkjax.predict import (
     gradient_flow_mse,
     max_learning_rate,
 )
-
-# --- training and sweeps ---
 from ntkjax.training import (
     KernelRegimeReport,
     PowerLawFit,
