@@ -96,7 +96,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
             heatmap_width=1024, heatmap_seeds=10,
             sin_widths=(64, 4096), sin_seeds=4, sin_steps=200, sin_record_every=10,
             sin_lr_fraction=0.5,
-            study_widths=(50, 1000), study_seeds=2, study_steps=500,
+            study_widths=(1000,), study_seeds=2, study_steps=100,
             convergence_points=40, convergence_dim=8, convergence_steps=200,
             digits_width=256, digits_depth=2, digits_steps=300, digits_train_subset=600,
         )

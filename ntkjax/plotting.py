@@ -55,6 +55,23 @@ def save_figure(fig, path: str | Path | None):
 _PALETTE = plt.get_cmap("tab10").colors
 
 
+def _target_axes(ax, *, width: float, height: float):
+    """``(figure, axes, own_figure)``: ``ax`` and its figure, or a new one-axes figure."""
+    if ax is None:
+        fig, axes = new_figure(width=width, height=height)
+        return fig, axes[0, 0], True
+    return ax.figure, ax, False
+
+
+def _finish(fig, ax, own_figure: bool, path, *, xlabel: str, ylabel: str, title: str):
+    """Labels, title and legend; saves (and returns) the figure when this call made it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="best")
+    return save_figure(fig, path) if own_figure else fig
+
+
 def _fit_positive(x, y):
     """:func:`ntkjax.training.fit_power_law` on the points where x and y are positive/finite."""
     from ntkjax.training import fit_power_law  # lazy: keeps plotting import-light
@@ -128,12 +145,7 @@ def plot_power_laws(
     Draws into ``ax`` when given (and then neither lays out nor saves the figure).
     """
     x = np.asarray(x, dtype=np.float64)
-    own_figure = ax is None
-    if own_figure:
-        fig, axes = new_figure(width=6.0, height=4.4)
-        ax = axes[0, 0]
-    else:
-        fig = ax.figure
+    fig, ax, own_figure = _target_axes(ax, width=6.0, height=4.4)
     first_mean = None
     for k, (name, values) in enumerate(series.items()):
         color = _PALETTE[k % len(_PALETTE)]
@@ -159,13 +171,8 @@ def plot_power_laws(
         ax.plot(x, y0 * (x / x0) ** reference_slope, "k--", lw=1, alpha=0.6, label=guide)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    if own_figure:
-        return save_figure(fig, path)
-    return fig
+    return _finish(fig, ax, own_figure, path, xlabel=xlabel, ylabel=ylabel,
+                   title=title)
 
 
 def plot_function_fits(
@@ -189,12 +196,7 @@ def plot_function_fits(
     """
     x_train = np.asarray(x_train).ravel()
     x_test = np.asarray(x_test).ravel()
-    own_figure = ax is None
-    if own_figure:
-        fig, axes = new_figure(width=6.4, height=4.4)
-        ax = axes[0, 0]
-    else:
-        fig = ax.figure
+    fig, ax, own_figure = _target_axes(ax, width=6.4, height=4.4)
     ax.scatter(x_train, np.asarray(y_train).ravel(), s=18, color="0.3", zorder=3,
                label="training data")
     if snapshots is not None:
@@ -211,13 +213,8 @@ def plot_function_fits(
     for k, (name, values) in enumerate(curves.items()):
         ax.plot(x_test, np.asarray(values).ravel(), styles[k % len(styles)],
                 color=_PALETTE[(k + 1) % len(_PALETTE)], lw=2, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(loc="best")
-    if own_figure:
-        return save_figure(fig, path)
-    return fig
+    return _finish(fig, ax, own_figure, path, xlabel=xlabel, ylabel=ylabel,
+                   title=title)
 
 
 def plot_convergence(
@@ -234,12 +231,7 @@ def plot_convergence(
 ):
     """Training losses against steps on a log y axis, with an optional upper bound (dashed)."""
     steps = np.asarray(steps)
-    own_figure = ax is None
-    if own_figure:
-        fig, axes = new_figure(width=6.0, height=4.4)
-        ax = axes[0, 0]
-    else:
-        fig = ax.figure
+    fig, ax, own_figure = _target_axes(ax, width=6.0, height=4.4)
     for k, (name, values) in enumerate(curves.items()):
         values = np.asarray(values, dtype=np.float64)
         if values.shape != steps.shape:
@@ -249,13 +241,8 @@ def plot_convergence(
     if bound is not None:
         ax.plot(steps, np.asarray(bound), "k:", lw=1.5, label=bound_label)
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    if own_figure:
-        return save_figure(fig, path)
-    return fig
+    return _finish(fig, ax, own_figure, path, xlabel=xlabel, ylabel=ylabel,
+                   title=title)
 
 
 def plot_stability(
@@ -276,12 +263,7 @@ def plot_stability(
     crosses; the learning rate used is a horizontal line. Log-log axes.
     """
     widths = np.asarray(widths, dtype=np.float64)
-    own_figure = ax is None
-    if own_figure:
-        fig, axes = new_figure(width=6.2, height=4.4)
-        ax = axes[0, 0]
-    else:
-        fig = ax.figure
+    fig, ax, own_figure = _target_axes(ax, width=6.2, height=4.4)
     crossed = False
     for k, (name, edge) in enumerate(edges.items()):
         edge = np.asarray(edge, dtype=np.float64)
@@ -299,13 +281,8 @@ def plot_stability(
                label=learning_rate_label or f"learning rate {learning_rate:g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("hidden width m")
-    ax.set_ylabel("learning rate")
-    ax.set_title(title)
-    ax.legend()
-    if own_figure:
-        return save_figure(fig, path)
-    return fig
+    return _finish(fig, ax, own_figure, path, xlabel="hidden width m", ylabel="learning rate",
+                   title=title)
 
 
 def plot_trajectories(
@@ -462,8 +439,4 @@ def plot_loss_curves(
         mean[seen] = np.exp(np.nansum(logs, axis=0)[seen] / count[seen])
         ax.plot(steps, mean, "-", color=color, lw=2, label=name)
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(fig, ax, True, path, xlabel=xlabel, ylabel=ylabel, title=title)

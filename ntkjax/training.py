@@ -35,6 +35,7 @@ output; its ``lr = 0.01`` is ``lr = 0.02`` here (the gradients differ by the fac
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -441,6 +442,15 @@ class KernelRegimeReport(NamedTuple):
     diverged: bool
 
 
+@functools.partial(jax.jit, static_argnames=("learning_rate",))
+def _kernel_descent_and_bound(theta0, y_train, f0, steps, *, learning_rate: float):
+    """Kernel gradient descent from ``f0`` at ``steps`` and the convergence bound (one program)."""
+    predict = gradient_descent_mse(theta0, y_train, learning_rate=learning_rate, fx_train_0=f0)
+    residual0 = jnp.linalg.norm(f0 - y_train)
+    bound = convergence_bound(theta0, residual0, learning_rate=learning_rate, t=steps)
+    return predict(steps).train, residual0, bound
+
+
 def kernel_regime_check(
     apply_fn: ApplyFn,
     params0: Any,
@@ -481,19 +491,19 @@ def kernel_regime_check(
     theta0 = _empirical_ntk_fn(apply_fn, ntk_method)(params0, x_train)
     theta0 = theta0 / y_train.shape[1]
     f0 = history.train_predictions[0]
-    predict = gradient_descent_mse(theta0, y_train, learning_rate=learning_rate, fx_train_0=f0)
     steps = np.asarray(history.steps)
-    f_kernel = predict(jnp.asarray(steps)).train  # (R, n, O)
-    loss_kernel = np.asarray(0.5 * jnp.sum((f_kernel - y_train) ** 2, axis=(1, 2)) / n)
-    residual0 = float(jnp.linalg.norm(f0 - y_train))
-    prediction_gap = np.asarray(
-        jnp.linalg.norm((history.train_predictions - f_kernel).reshape(len(steps), -1), axis=1)
+    f_kernel, residual0, residual_bound = jax.device_get(_kernel_descent_and_bound(
+        theta0, jnp.asarray(y_train), f0, jnp.asarray(steps), learning_rate=learning_rate))
+    f_kernel = np.asarray(f_kernel)  # (R, n, O)
+    y_np = np.asarray(y_train)
+    loss_kernel = 0.5 * np.sum((f_kernel - y_np) ** 2, axis=(1, 2)) / n
+    residual0 = float(residual0)
+    prediction_gap = np.linalg.norm(
+        (np.asarray(history.train_predictions) - f_kernel).reshape(len(steps), -1), axis=1
     )
     loss_network = np.asarray(history.loss, dtype=np.float64)
     residual_network = np.sqrt(2.0 * n * loss_network)
-    residual_bound = np.asarray(
-        convergence_bound(theta0, residual0, learning_rate=learning_rate, t=jnp.asarray(steps))
-    )
+    residual_bound = np.asarray(residual_bound)
     return KernelRegimeReport(
         steps=steps,
         loss_network=loss_network,
