@@ -29,6 +29,7 @@ import numpy as np
 
 from ntkjax._checks import check_batched, check_same_features
 from ntkjax._progress import progress as _progress
+from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 
 __all__ = ["available_memory_bytes", "evaluate_in_blocks"]
 
@@ -122,7 +123,7 @@ def evaluate_in_blocks(
     x1 = jnp.asarray(x1)
     x2 = x1 if symmetric else jnp.asarray(x2)
     n1, n2 = x1.shape[0], x2.shape[0]
-    jitted = jax.jit(block_fn)
+    jitted = jit_with_options(block_fn, cpu_convolution_options())
 
     def spec(x, b):
         return jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)

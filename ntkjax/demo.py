@@ -39,6 +39,7 @@ import optax
 
 from ntkjax import empirical_ntk_fn, plotting
 from ntkjax._progress import progress
+from ntkjax.compile_options import FAST_COMPILE
 from ntkjax.report import Report
 
 __all__ = ["SECTIONS", "DemoSettings", "add_arguments", "demo_settings", "run_demo",
@@ -47,10 +48,6 @@ __all__ = ["SECTIONS", "DemoSettings", "add_arguments", "demo_settings", "run_de
 RELU_W_STD = math.sqrt(2.0)  # He initialization, as in the study (kaiming_normal)
 SIN_B_STD = 1.0  # bias scale of the sin-task networks (1-D inputs need biases to bend)
 DIGITS_DIAG_REG = 1e-4  # ridge relative to the mean diagonal (kernel regression on digits)
-# The demo's programs are small and run once: XLA's backend optimizations cost more compile time
-# than they save at run time, so every program here is compiled with them off (per program,
-# through ``jax.jit(..., compiler_options=...)``; nothing global is changed).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STUDY_LEARNING_RATE = 0.02  # the study's lr = 0.01 on mean((f - y)^2), in ntkjax's loss
 
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from ntkjax._checks import check_batched, check_choice, check_same_features
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
+from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 
 __all__ = [
     "METHODS",
@@ -309,7 +310,7 @@ def empirical_ntk_fn(
         kernel = kernel.astype(dtype)
         return symmetrize(kernel, outputs) if x2 is None else kernel
 
-    return jax.jit(ntk)
+    return jit_with_options(ntk, cpu_convolution_options())
 
 
 def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
@@ -461,7 +462,7 @@ def empirical_nngp_fn(
             kernel = p1[:, None, :, None] * p2[None, :, None, :]
         return symmetrize(kernel, outputs) if x2 is None else kernel
 
-    return jax.jit(nngp)
+    return jit_with_options(nngp, cpu_convolution_options())
 
 
 def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:

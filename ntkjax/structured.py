@@ -197,7 +197,13 @@ def count_structured_layers(apply_fn, params, x1) -> int:
 
 
 def _conv_patches(module, x):
-    """(N, *out_spatial, C * prod(kernel)) patches such that the conv is a dense layer on them."""
+    """(N, *out_spatial, prod(kernel) * C) patches such that the conv is a dense layer on them:
+    ``y = patches @ kernel.reshape(-1, F)`` for a ``(*kernel, C, F)`` linen kernel.
+
+    Built from ``prod(kernel)`` strided slices of the padded (and input-dilated) input, one per
+    kernel offset, concatenated along the channels; this is a copy, where
+    ``lax.conv_general_dilated_patches`` runs a convolution with a one-hot kernel.
+    """
     ks = module.kernel_size
     ks = (ks,) if isinstance(ks, int) else tuple(ks)
     nsp = len(ks)
@@ -207,29 +213,34 @@ def _conv_patches(module, x):
         return (v,) * nsp if isinstance(v, int) else tuple(v)
 
     kernel_dilation = bcast(module.kernel_dilation)
+    strides = bcast(module.strides)
+    input_dilation = bcast(module.input_dilation)
+    dilated = [(k - 1) * d + 1 for k, d in zip(ks, kernel_dilation, strict=True)]
     padding = canonicalize_padding(module.padding, nsp)
     if padding in ("CIRCULAR", "REFLECT"):
-        dilated = [(k - 1) * d + 1 for k, d in zip(ks, kernel_dilation, strict=True)]
         pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
         x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
         padding = "VALID"
     elif padding == "CAUSAL":
         x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (ks[0] - 1), 0), (0, 0)])
         padding = "VALID"
-    spatial = "".join("DHW"[-nsp:]) if nsp <= 3 else None
-    if spatial is None:
-        raise NotImplementedError("convolutions with more than 3 spatial dimensions")
-    spec = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    return jax.lax.conv_general_dilated_patches(
-        x,
-        filter_shape=ks,
-        window_strides=bcast(module.strides),
-        padding=padding,
-        lhs_dilation=bcast(module.input_dilation),
-        rhs_dilation=kernel_dilation,
-        dimension_numbers=spec,
-        precision=_PRECISION,
-    )
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
+    else:
+        pads = [tuple(int(v) for v in pad) for pad in padding]
+    config = [(0, 0, 0)] + [
+        (lo, hi, d - 1) for (lo, hi), d in zip(pads, input_dilation, strict=True)
+    ] + [(0, 0, 0)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+    out = [(size - k) // s + 1 for size, k, s in zip(x.shape[1:-1], dilated, strides, strict=True)]
+    slices = []
+    for offset in np.ndindex(*ks):
+        start = [0] + [o * d for o, d in zip(offset, kernel_dilation, strict=True)] + [0]
+        limit = [x.shape[0]] + [
+            st + (m - 1) * s + 1 for st, m, s in zip(start[1:-1], out, strides, strict=True)
+        ] + [x.shape[-1]]
+        slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+    return jnp.concatenate(slices, axis=-1)
 
 
 def _layer_inputs(layer: _Layer, x):
@@ -249,14 +260,14 @@ def _layer_inputs(layer: _Layer, x):
 
 
 def _layer_cotangents(layer: _Layer, d):
-    """Cotangents (N, O, 1, *out) as (N, O, T, F)."""
-    n, o = d.shape[:2]
+    """Cotangents (O, N, 1, *out) as (O, N, T, F)."""
+    o, n = d.shape[:2]
     if layer.kind == "dense" and type(layer.module) is nn.DenseGeneral:
         feats = layer.module.features
         f = int(np.prod(feats)) if isinstance(feats, tuple | list) else int(feats)
     else:
         f = d.shape[-1]
-    return d.reshape(n, o, -1, f)
+    return d.reshape(o, n, -1, f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +275,19 @@ def _layer_cotangents(layer: _Layer, d):
 # ---------------------------------------------------------------------------------------------
 
 
+def _contract_outputs_first(j1, j2, outputs: str):
+    """:func:`contract_jacobians` for Jacobians laid out outputs first: (O, N1, P), (O, N2, P)."""
+    spec = {"trace": "iap,ibp->ab", "diagonal": "iap,ibp->abi", "full": "iap,jbp->abij"}
+    return jnp.einsum(spec[outputs], j1, j2, precision=_PRECISION)
+
+
 def _delta_gram(d1, d2, outputs: str):
-    """sum_f d1[a,i,t,f] d2[b,j,s,f] as (a, t, b, s[, i[, j]]) for trace / diagonal / full."""
+    """sum_f d1[i,a,t,f] d2[j,b,s,f] as (a, t, b, s[, i[, j]]) for trace / diagonal / full."""
     if outputs == "trace":
-        return jnp.einsum("aitf,bisf->atbs", d1, d2, precision=_PRECISION)
+        return jnp.einsum("iatf,ibsf->atbs", d1, d2, precision=_PRECISION)
     if outputs == "diagonal":
-        return jnp.einsum("aitf,bisf->atbsi", d1, d2, precision=_PRECISION)
-    return jnp.einsum("aitf,bjsf->atbsij", d1, d2, precision=_PRECISION)
+        return jnp.einsum("iatf,ibsf->atbsi", d1, d2, precision=_PRECISION)
+    return jnp.einsum("iatf,jbsf->atbsij", d1, d2, precision=_PRECISION)
 
 
 def _combine(a, b):
@@ -284,46 +301,111 @@ def _output_factor(outputs: str, o: int) -> int:
     return o * o if outputs == "full" else o
 
 
-def _weight_term(kind, x1, d1, x2, d2, outputs, vocab=None, form="auto"):
-    """The weight's NTK contribution, factored or materialised, whichever is cheaper
-    (``form="auto"``; ``"factored"`` / ``"materialized"`` force one)."""
-    n1, o, t, f = d1.shape
-    n2, s = d2.shape[0], d2.shape[2]
+def _weight_term(
+    kind, x1, d1, x2, d2, outputs, *, vocab=None, form="auto", scale=1.0, bias_scale=None
+):
+    """The NTK contribution of a layer ``y = scale * x W (+ bias_scale * b)``: its weight and,
+    when ``bias_scale`` is not None, its bias, factored or materialised, whichever is cheaper
+    (``form="auto"``; ``"factored"`` / ``"materialized"`` force one).
+
+    The bias rides along with the weight: it is the weight of a constant input, so the factored
+    form uses ``scale^2 (x_t . x'_s) + bias_scale^2`` and the materialised form appends
+    ``bias_scale`` to every ``scale * x_t`` -- one Gram product for both, and no separate pass
+    over the cotangents to sum them over positions."""
+    o, n1, t, f = d1.shape
+    n2, s = d2.shape[1], d2.shape[2]
     k = vocab if kind == "embed" else x1.shape[-1]
     kx = 1 if kind == "embed" else k
     factored = n1 * n2 * t * s * (kx + f * _output_factor(outputs, o))
     materialised = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(outputs, o)
+    bias_sq = 0.0 if bias_scale is None else bias_scale * bias_scale
     if form != "auto":
         factored, materialised = (0, 1) if form == "factored" else (1, 0)
     elif t == 1 and s == 1 and kind != "embed":
-        a = jnp.matmul(x1[:, 0], x2[:, 0].T, precision=_PRECISION)
-        b = contract_jacobians(d1[:, :, 0], d2[:, :, 0], outputs)
+        a = (scale * scale) * jnp.matmul(x1[:, 0], x2[:, 0].T, precision=_PRECISION) + bias_sq
+        b = _contract_outputs_first(d1[:, :, 0], d2[:, :, 0], outputs)
         return a.reshape(a.shape + (1,) * (b.ndim - 2)) * b
     if factored <= materialised:
         if kind == "embed":
             a = (x1[:, :, None, None] == x2[None, None, :, :]).astype(d1.dtype)
         else:
             a = jnp.einsum("atk,bsk->atbs", x1, x2, precision=_PRECISION)
-        return _combine(a, _delta_gram(d1, d2, outputs))
+        return _combine((scale * scale) * a + bias_sq, _delta_gram(d1, d2, outputs))
 
-    def grads(x, d):
-        # per-sample G[a, k, (i, f)] = sum_t x[a, t, k] d[a, i, t, f]: one batched matmul
-        # with the outputs folded into its columns.
+    same = x2 is x1
+
+    def augmented(x):
         if kind == "embed":
-            x = jax.nn.one_hot(x, vocab, dtype=d.dtype)
-        n, _, tt, ff = d.shape
-        d = jnp.swapaxes(d, 1, 2).reshape(n, tt, o * ff)
-        return jax.lax.dot_general(
-            x, d, (((1,), (1,)), ((0,), (0,))), precision=_PRECISION
-        ).reshape(n, -1, o, ff)
+            x = jax.nn.one_hot(x, vocab, dtype=d1.dtype)
+        if not (isinstance(scale, float) and scale == 1.0):
+            x = scale * x
+        if bias_scale is not None:
+            column = jnp.broadcast_to(jnp.asarray(bias_scale, x.dtype), (*x.shape[:-1], 1))
+            x = jnp.concatenate([x, column], axis=-1)
+        return x
 
-    g1 = grads(x1, d1)
-    g2 = g1 if (x2 is x1 and d2 is d1) else grads(x2, d2)
-    if outputs == "trace":  # any common ordering of (k, i, f) will do
-        return contract_jacobians(g1.reshape(n1, 1, -1), g2.reshape(n2, 1, -1), outputs)
-    g1 = jnp.moveaxis(g1, 2, 1).reshape(n1, o, -1)
-    g2 = jnp.moveaxis(g2, 2, 1).reshape(n2, o, -1)
-    return contract_jacobians(g1, g2, outputs)
+    x1 = augmented(x1)
+    x2 = x1 if same else augmented(x2)
+    return _materialised_term(x1, d1, x2, d2, outputs)
+
+
+# Bytes of per-sample gradients computed at once by the materialised form: a chunk of outputs
+# small enough to stay in the last-level cache between its batched matmul and its Gram product.
+_GRAD_CHUNK_BYTES = 16 * 2**20
+
+
+def _materialised_term(x1, d1, x2, d2, outputs):
+    """``<G_{a,i}, G'_{b,j}>`` from per-sample gradients ``G[a, k, i, f] = sum_t x[a,t,k]
+    d[i,a,t,f]``, each a batched matmul with the outputs folded into its columns.
+
+    For ``"trace"`` and ``"diagonal"`` the outputs are processed in chunks (a ``lax.scan`` over
+    the leading output axis of the cotangents, no copy) so that one chunk's gradients stay in
+    cache between their matmul and their Gram product; ``"full"`` needs every output at once.
+    """
+    same = x2 is x1 and d2 is d1
+    o, n1, _, f = d1.shape
+    n2, k = d2.shape[1], x1.shape[-1]
+
+    def grads(x, d):  # x (n, t, k), d (c, n, t, f) -> (n, k, c, f)
+        if d.shape[0] == 1:
+            g = jax.lax.dot_general(x, d[0], (((1,), (1,)), ((0,), (0,))), precision=_PRECISION)
+            return g[:, :, None]
+        return jax.lax.dot_general(x, d, (((1,), (2,)), ((0,), (1,))), precision=_PRECISION)
+
+    def term(c1, c2):
+        g1 = grads(x1, c1)
+        g2 = g1 if same else grads(x2, c2)
+        if outputs == "trace":  # any common ordering of (k, i, f) will do
+            return jnp.matmul(
+                g1.reshape(g1.shape[0], -1), g2.reshape(g2.shape[0], -1).T, precision=_PRECISION
+            )
+        n_a, n_b, c = g1.shape[0], g2.shape[0], g1.shape[2]
+        g1 = jnp.moveaxis(g1, 2, 1).reshape(n_a, c, -1)
+        g2 = g1 if same else jnp.moveaxis(g2, 2, 1).reshape(n_b, c, -1)
+        return contract_jacobians(g1, g2, outputs)
+
+    per_output = (n1 + (0 if same else n2)) * k * f * d1.dtype.itemsize
+    chunk = o if outputs == "full" else _largest_divisor_at_most(o, _GRAD_CHUNK_BYTES // per_output)
+    if chunk == o:
+        return term(d1, d2)
+
+    def split(d):  # (o, n, t, f) -> (o // chunk, chunk, n, t, f)
+        return d.reshape(o // chunk, chunk, *d.shape[1:])
+
+    c1 = split(d1)
+    c2 = c1 if same else split(d2)
+    if outputs == "trace":
+        total, _ = jax.lax.scan(
+            lambda acc, c: (acc + term(*c), None), jnp.zeros((n1, n2), d1.dtype), (c1, c2)
+        )
+        return total
+    parts = jax.lax.map(lambda c: term(*c), (c1, c2))  # (o // chunk, n1, n2, chunk)
+    return jnp.moveaxis(parts, 0, 2).reshape(n1, n2, o)
+
+
+def _largest_divisor_at_most(o: int, limit: int) -> int:
+    """The largest divisor of ``o`` that is at most ``max(limit, 1)``."""
+    return max(c for c in range(1, o + 1) if o % c == 0 and c <= max(limit, 1))
 
 
 def _scales(layer: _Layer, node, dtype):
@@ -385,7 +467,8 @@ def _apply_tapped(apply_fn, params, x, eps):
 
 
 def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
-    """x_single -> (rest Jacobians (O, ...), cotangents {path: (O, 1, *out)}, inputs)."""
+    """x_single -> (rest Jacobians (O, ...), cotangents {path: (O, 1, *out)}, inputs);
+    vmapped over samples by the caller, which moves the cotangents' output axis first."""
 
     def tapped(rest, eps, x):
         out, captured = _apply_tapped(apply_fn, rebuild(merge(rest)), x[None], eps)
@@ -421,8 +504,7 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
         }
         _, vjp, captured = jax.vjp(tapped, eps, has_aux=True)
         basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
-        (deltas,) = jax.vmap(vjp, out_axes=1)(basis)
-        deltas = {k: v[:, :, None] for k, v in deltas.items()}
+        (deltas,) = jax.vmap(vjp)(basis)  # (O, N, *out): outputs first, as used below
         inputs = {k: v[:, None] for k, v in captured.items()}
         return deltas, inputs
 
@@ -459,10 +541,15 @@ def structured_kernel(
             return [], *taps(x)
 
     else:
-        per_sample = jax.vmap(
+        vmapped = jax.vmap(
             _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
             in_axes=(None, 0),
         )
+
+        def per_sample(rest, x):
+            jac, deltas, inputs = vmapped(rest, x)
+            return jac, {k: jnp.moveaxis(v, 1, 0) for k, v in deltas.items()}, inputs
+
     jac1, deltas1, inputs1 = per_sample(rest, x1)
     if x2 is None:
         jac2, deltas2, inputs2 = jac1, deltas1, inputs1
@@ -488,12 +575,11 @@ def structured_kernel(
         xi1 = _layer_inputs(layer, inputs1[path])
         xi2 = xi1 if x2 is None else _layer_inputs(layer, inputs2[path])
         c, s = _scales(layer, node, dtype)
-        weight_name = "embedding" if layer.kind == "embed" else "kernel"
-        vocab = node[weight_name].shape[0] if layer.kind == "embed" else None
-        add((c * c) * _weight_term(layer.kind, xi1, d1, xi2, d2, outputs, vocab, form))
-        if "bias" in node:
-            b1, b2 = d1.sum(axis=2), d2.sum(axis=2)
-            add((s * s) * contract_jacobians(b1, b2, outputs))
+        vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
+        add(_weight_term(
+            layer.kind, xi1, d1, xi2, d2, outputs, vocab=vocab, form=form, scale=c,
+            bias_scale=s if "bias" in node else None,
+        ))
     return total
 
 

@@ -13,6 +13,8 @@ from helpers import max_relative_error
 from models_for_ntk import brute_force_ntk, reduce_full
 
 import ntkjax
+from ntkjax import nn as ntk_nn
+from ntkjax import structured
 from ntkjax.structured import count_structured_layers, structured_kernel
 
 
@@ -45,6 +47,16 @@ class SequenceNet(nn.Module):
         return nn.DenseGeneral(2, axis=(1, 2, 3))(jnp.tanh(h))
 
 
+class ScaledSequence(nn.Module):
+    """ntkjax.nn.Dense at positions: its scales are probed, its bias rides with the weight."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, T, K)
+        h = jnp.tanh(ntk_nn.Dense(5, w_std=1.3, b_std=0.7)(x))
+        h = ntk_nn.Dense(3, w_std=1.1, b_std=0.2, parameterization="standard")(h)
+        return h.reshape(h.shape[0], -1)
+
+
 def _case(model, x1, x2):
     params = model.init(jax.random.PRNGKey(0), x1)
     return model.apply, params, x1, x2
@@ -59,6 +71,8 @@ def _cases():
     t1 = jax.random.randint(k1, (4, 3), 0, 6)
     t2 = jax.random.randint(k2, (3, 3), 0, 6).at[0].set(t1[1])
     yield "sequence", _case(SequenceNet(), t1, t2)
+    yield "scaled_sequence", _case(ScaledSequence(), jax.random.normal(k1, (4, 3, 2)),
+                                   jax.random.normal(k2, (3, 3, 2)))
 
 
 CASES = dict(_cases())
@@ -79,6 +93,53 @@ def test_layer_forms_match_brute_force(name, form):
         got = jax.jit(lambda p, a, b, outputs=outputs: structured_kernel(
             apply_fn, p, a, b, outputs=outputs, form=form))(params, x1, x2)
         assert max_relative_error(got, reduce_full(full, outputs)) < 1e-5, (name, form, outputs)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_output_chunks_match_brute_force(monkeypatch, same):
+    # conv_zoo has 12 outputs; with a 3000-byte budget its layers take chunks of 1, 2 and all
+    # 12 outputs (per-sample gradients of 7 samples: 19 x 3, 13 x 4 and 4 x 2 floats an output).
+    apply_fn, params, x1, x2 = CASES["conv_zoo"]
+    if same:
+        x2 = None
+    full = brute_force_ntk(apply_fn, params, x1, x1 if same else x2)
+    for budget in (1, 3000):
+        monkeypatch.setattr(structured, "_GRAD_CHUNK_BYTES", budget)
+        for outputs in ("trace", "diagonal"):
+            got = jax.jit(lambda p, a, b, outputs=outputs: structured_kernel(
+                apply_fn, p, a, b, outputs=outputs, form="materialized"))(params, x1, x2)
+            assert max_relative_error(got, reduce_full(full, outputs)) < 1e-5, (budget, outputs)
+
+
+_CONVS = {
+    "same_strided": (dict(features=3, kernel_size=(3, 3), padding="SAME", strides=2), (2, 7, 6, 2)),
+    "valid_dilated": (dict(features=3, kernel_size=(2, 3), padding="VALID",
+                           kernel_dilation=(2, 1)), (2, 7, 6, 2)),
+    "input_dilated": (dict(features=2, kernel_size=(3, 3), padding=((2, 1), (0, 2)),
+                           input_dilation=2), (2, 5, 4, 3)),
+    "int_padding": (dict(features=2, kernel_size=(3, 3), padding=1, strides=(1, 2)),
+                    (2, 5, 7, 2)),
+    "circular_1d": (dict(features=2, kernel_size=(3,), padding="CIRCULAR", strides=2), (2, 9, 3)),
+    "reflect": (dict(features=2, kernel_size=(3, 3), padding="REFLECT"), (2, 6, 5, 2)),
+    "causal_dilated": (dict(features=2, kernel_size=(3,), padding="CAUSAL", kernel_dilation=2),
+                       (2, 8, 3)),
+    "same_3d": (dict(features=2, kernel_size=(2, 2, 2), padding="SAME"), (2, 4, 3, 5, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(_CONVS))
+def test_conv_patches_reproduce_the_convolution(name):
+    """A convolution is a dense layer on its patches: flax's own output is the truth."""
+    kwargs, shape = _CONVS[name]
+    conv = nn.Conv(**kwargs)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    params = conv.init(jax.random.PRNGKey(1), x)["params"]
+    expected = conv.apply({"params": params}, x)
+    patches = structured._conv_patches(conv, x)
+    kernel = params["kernel"]
+    got = patches @ kernel.reshape(-1, kernel.shape[-1]) + params["bias"]
+    assert got.shape == expected.shape
+    assert max_relative_error(got, expected) < 1e-5
 
 
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
