@@ -198,12 +198,15 @@ def count_structured_layers(apply_fn, params, x1) -> int:
 
 def _conv_patches(module, x):
     """(N, *out_spatial, prod(kernel) * C) patches such that the conv is a dense layer on them:
-    ``y = patches @ kernel.reshape(-1, F)`` for a ``(*kernel, C, F)`` linen kernel.
+    ``y = patches @ kernel.reshape(-1, F)`` for a ``(*kernel, C, F)`` linen kernel."""
+    return jnp.concatenate(_conv_patch_parts(module, x), axis=-1)
 
-    Built from ``prod(kernel)`` strided slices of the padded (and input-dilated) input, one per
-    kernel offset, concatenated along the channels; this is a copy, where
-    ``lax.conv_general_dilated_patches`` runs a convolution with a one-hot kernel.
-    """
+
+def _conv_patch_parts(module, x):
+    """The patches of :func:`_conv_patches` as ``prod(kernel)`` parts (N, *out_spatial, C): one
+    strided slice of the padded (and input-dilated) input per kernel offset. Joining them is a
+    copy, where ``lax.conv_general_dilated_patches`` runs a convolution with a one-hot kernel;
+    callers join them once, together with any extra columns."""
     ks = module.kernel_size
     ks = (ks,) if isinstance(ks, int) else tuple(ks)
     nsp = len(ks)
@@ -240,23 +243,25 @@ def _conv_patches(module, x):
             st + (m - 1) * s + 1 for st, m, s in zip(start[1:-1], out, strides, strict=True)
         ] + [x.shape[-1]]
         slices.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
-    return jnp.concatenate(slices, axis=-1)
+    return slices
 
 
-def _layer_inputs(layer: _Layer, x):
-    """Per-sample layer input ``x`` of shape (N, 1, ...) as (N, T, K) (ids (N, T) for Embed)."""
+def _layer_inputs(layer: _Layer, x) -> tuple:
+    """Per-sample layer input ``x`` of shape (N, 1, ...) as parts (N, T, K_j) whose join along
+    the last axis is the (N, T, K) input of the dense form (one part, ids (N, T), for Embed)."""
     n = x.shape[0]
     x = x[:, 0]
     if layer.kind == "embed":
-        return x.reshape(n, -1)
+        return (x.reshape(n, -1),)
     if layer.kind == "conv":
-        patches = _conv_patches(layer.module, x)
-        return patches.reshape(n, -1, patches.shape[-1])
+        return tuple(
+            part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(layer.module, x)
+        )
     axes = list(_dense_axes(layer.module, len(layer.in_shape)))  # same ndim as x here
     k = len(axes)
     x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
     contracted = int(np.prod(x.shape[x.ndim - k :]))
-    return x.reshape(n, -1, contracted)
+    return (x.reshape(n, -1, contracted),)
 
 
 def _layer_cotangents(layer: _Layer, d):
@@ -306,7 +311,8 @@ def _weight_term(
 ):
     """The NTK contribution of a layer ``y = scale * x W (+ bias_scale * b)``: its weight and,
     when ``bias_scale`` is not None, its bias, factored or materialised, whichever is cheaper
-    (``form="auto"``; ``"factored"`` / ``"materialized"`` force one).
+    (``form="auto"``; ``"factored"`` / ``"materialized"`` force one). ``x1``, ``x2``: the
+    layer inputs as parts (see :func:`_layer_inputs`).
 
     The bias rides along with the weight: it is the weight of a constant input, so the factored
     form uses ``scale^2 (x_t . x'_s) + bias_scale^2`` and the materialised form appends
@@ -314,7 +320,7 @@ def _weight_term(
     over the cotangents to sum them over positions."""
     o, n1, t, f = d1.shape
     n2, s = d2.shape[1], d2.shape[2]
-    k = vocab if kind == "embed" else x1.shape[-1]
+    k = vocab if kind == "embed" else sum(part.shape[-1] for part in x1)
     kx = 1 if kind == "embed" else k
     factored = n1 * n2 * t * s * (kx + f * _output_factor(outputs, o))
     materialised = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(outputs, o)
@@ -322,30 +328,44 @@ def _weight_term(
     if form != "auto":
         factored, materialised = (0, 1) if form == "factored" else (1, 0)
     elif t == 1 and s == 1 and kind != "embed":
-        a = (scale * scale) * jnp.matmul(x1[:, 0], x2[:, 0].T, precision=_PRECISION) + bias_sq
+        gram = sum(
+            jnp.matmul(p1[:, 0], p2[:, 0].T, precision=_PRECISION)
+            for p1, p2 in zip(x1, x2, strict=True)
+        )
+        a = (scale * scale) * gram + bias_sq
         b = _contract_outputs_first(d1[:, :, 0], d2[:, :, 0], outputs)
         return a.reshape(a.shape + (1,) * (b.ndim - 2)) * b
     if factored <= materialised:
         if kind == "embed":
-            a = (x1[:, :, None, None] == x2[None, None, :, :]).astype(d1.dtype)
+            (ids1,), (ids2,) = x1, x2
+            a = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(d1.dtype)
         else:
-            a = jnp.einsum("atk,bsk->atbs", x1, x2, precision=_PRECISION)
+            a = sum(
+                jnp.einsum("atk,bsk->atbs", p1, p2, precision=_PRECISION)
+                for p1, p2 in zip(x1, x2, strict=True)
+            )
         return _combine((scale * scale) * a + bias_sq, _delta_gram(d1, d2, outputs))
 
     same = x2 is x1
 
-    def augmented(x):
+    def joined(parts):
+        """scale * x, then bias_scale, then zeros up to a multiple of 8 columns (aligned
+        matmuls; zero columns add nothing), in one concatenation."""
         if kind == "embed":
-            x = jax.nn.one_hot(x, vocab, dtype=d1.dtype)
+            parts = (jax.nn.one_hot(parts[0], vocab, dtype=d1.dtype),)
         if not (isinstance(scale, float) and scale == 1.0):
-            x = scale * x
+            parts = tuple(scale * part for part in parts)
+        lead = parts[0].shape[:-1]
+        dtype = parts[0].dtype
         if bias_scale is not None:
-            column = jnp.broadcast_to(jnp.asarray(bias_scale, x.dtype), (*x.shape[:-1], 1))
-            x = jnp.concatenate([x, column], axis=-1)
-        return x
+            parts = (*parts, jnp.broadcast_to(jnp.asarray(bias_scale, dtype), (*lead, 1)))
+        width = sum(part.shape[-1] for part in parts)
+        if width % 8 and len(parts) > 1:
+            parts = (*parts, jnp.zeros((*lead, -width % 8), dtype))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
-    x1 = augmented(x1)
-    x2 = x1 if same else augmented(x2)
+    x1 = joined(x1)
+    x2 = x1 if same else joined(x2)
     return _materialised_term(x1, d1, x2, d2, outputs)
 
 
