@@ -67,7 +67,7 @@ def _run(name: str, quick: bool) -> None:
         log(f"{name}: {method}")
         fast = method == "structured" and not quick  # the slow methods take seconds a call
         timing = time_call(lambda ntk=ntk: ntk(params, x), repeats=7 if fast else 3,
-                           min_time_s=1.0 if fast else 0.0)
+                           min_time_s=3.0 if fast else 0.0)
         err = float(np.max(np.abs(np.asarray(timing["result"], np.float64) - ref))
                     / np.max(np.abs(ref)))
         extra = {}
