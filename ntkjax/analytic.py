@@ -10,7 +10,8 @@ two inputs' variances (the NNGP diagonal). An activation ``phi`` maps them to
 (Neal 1996; Lee et al. 2018; Jacot et al. 2018). Every map below is an elementwise function
 ``(q12, q11, q22) -> ActivationMaps(sigma, sigma_dot)``; ``q11`` and ``q22`` broadcast against
 ``q12`` (pass ``q11[:, None]`` and ``q22[None, :]`` for a kernel matrix, or ``(q, q, q)`` for the
-variances themselves). A dense layer maps the kernels by :func:`dense`.
+variances themselves). A dense layer maps the kernels by :func:`dense`; a convolution first
+averages them over patches (:func:`patch_average`), then applies :func:`dense`.
 
 Numerics. Everything is written in terms of the correlation ``c = q12 / sqrt(q11 q22)`` (computed
 as ``q12 * rsqrt(q11) * rsqrt(q22)``, so no product of two variances is ever formed and nothing
@@ -34,7 +35,7 @@ formula). Gauss-Hermite quadrature for any other activation (:func:`elementwise`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -49,6 +50,7 @@ __all__ = [
     "ab_relu_variance",
     "abs",
     "abs_variance",
+    "conv_padding",
     "correlation",
     "cos",
     "cos_variance",
@@ -64,6 +66,7 @@ __all__ = [
     "identity_variance",
     "leaky_relu",
     "leaky_relu_variance",
+    "patch_average",
     "rbf",
     "rbf_variance",
     "relu",
@@ -457,11 +460,19 @@ def elementwise_variance(
     return jnp.tensordot(values * values, w, axes=1)
 
 
+def _weak(v):
+    """A Python float for a concrete scalar (numpy scalars included), so that it multiplies
+    arrays without promoting their dtype (``np.sqrt(2) * float32`` would be float64 under x64);
+    anything else (e.g. a traced value) unchanged."""
+    return float(v) if isinstance(v, int | float | np.generic) else v
+
+
 def dense_nngp(
     q: jax.Array, *, w_std: float, b_std: float, use_bias: bool = True
 ) -> jax.Array:
     """NNGP (or variance) after a dense layer, in either parameterization:
     ``Sigma <- w_std^2 Sigma + b_std^2`` (``b_std^2`` only with a bias)."""
+    w_std, b_std = _weak(w_std), _weak(b_std)
     q = w_std**2 * q
     return q + b_std**2 if use_bias and b_std != 0 else q
 
@@ -485,6 +496,7 @@ def dense(
       expected NTK of the finite network, which grows with the actual ``fan_in`` (the gradient
       of ``x W`` w.r.t. W contributes ``x.x' = fan_in Sigma``, the bias's gradient is 1).
     """
+    w_std, b_std = _weak(w_std), _weak(b_std)
     new_nngp = dense_nngp(nngp, w_std=w_std, b_std=b_std, use_bias=use_bias)
     if parameterization == "ntk":
         return new_nngp, new_nngp + w_std**2 * ntk
@@ -496,6 +508,94 @@ def dense(
     raise ValueError(
         f"unknown parameterization {parameterization!r}; allowed: 'ntk', 'standard'."
     )
+
+
+CONV_PADDINGS = ("SAME", "VALID", "CIRCULAR")
+
+
+def conv_padding(
+    spatial_shape: Sequence[int],
+    window: Sequence[int],
+    strides: Sequence[int],
+    padding: str,
+) -> tuple[tuple[tuple[int, int], ...], str]:
+    """``(pads, mode)``: the ``(low, high)`` padding per spatial axis that ``flax.linen.Conv``
+    (i.e. ``lax.conv_general_dilated``) applies, and the ``jnp.pad`` mode -- ``"constant"``
+    (zeros) for ``"SAME"`` / ``"VALID"``, ``"wrap"`` for ``"CIRCULAR"``.
+
+    ``"SAME"``: ``out = ceil(n / s)`` positions and ``(out - 1) s + k - n`` zeros in total, the
+    smaller half in front (``lax.padtype_to_pads``); ``"VALID"``: none; ``"CIRCULAR"``:
+    ``((k - 1) // 2, k // 2)`` periodic copies (flax's convention, independent of the stride).
+    """
+    if padding not in CONV_PADDINGS:
+        raise ValueError(
+            f"unknown padding {padding!r}; allowed: {', '.join(map(repr, CONV_PADDINGS))}."
+        )
+    if padding == "CIRCULAR":
+        return tuple(((k - 1) // 2, k // 2) for k in window), "wrap"
+    pads = jax.lax.padtype_to_pads(tuple(spatial_shape), tuple(window), tuple(strides), padding)
+    return tuple((int(lo), int(hi)) for lo, hi in pads), "constant"
+
+
+def patch_average(
+    k: jax.Array,
+    *,
+    batch_ndim: int,
+    window: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: str = "SAME",
+) -> jax.Array:
+    """The covariance of a convolution's input patches, from the covariance of its inputs.
+
+    ``k`` has shape ``(*batch, *S, *S)``: ``k[..., p, p']`` is the kernel between position ``p``
+    of one input and ``p'`` of the other (``len(S) = len(window)`` spatial axes, ``batch_ndim``
+    leading axes: 2 for an (N1, N2) kernel, 1 for per-input self-covariances). Returns
+
+    ``T[o, o'] = (1 / |K|) sum_{delta in K} k[s o + delta, s o' + delta]``
+
+    over the window's offsets ``delta`` (``|K| = prod(window)``) with strides ``s``, indices
+    into the padded input: zero padding for ``"SAME"`` (positions outside contribute 0), none for
+    ``"VALID"``, periodic for ``"CIRCULAR"`` (see :func:`conv_padding`); output positions as
+    ``flax.linen.Conv``. A convolution is a dense layer on patches of ``|K| C`` features, so
+    :func:`dense` with ``fan_in = |K| C`` applied to ``T`` (for the NNGP, the NTK and the
+    variances alike) gives the kernels after the convolution, in either parameterization
+    (Novak et al. 2019, "Bayesian Deep Convolutional Networks with Many Channels are Gaussian
+    Processes"; Arora et al. 2019, "On Exact Computation with an Infinitely Wide Neural Net").
+
+    The window factorises over axes, so the average is taken one spatial axis at a time
+    (``sum_i k_i`` shifted slices instead of ``prod_i k_i``). Keeps ``k``'s dtype.
+    """
+    nd = len(window)
+    strides = (1,) * nd if strides is None else tuple(strides)
+    spatial = tuple(k.shape[batch_ndim : batch_ndim + nd])
+    if k.ndim != batch_ndim + 2 * nd or tuple(k.shape[batch_ndim + nd :]) != spatial:
+        raise ValueError(
+            f"patch_average needs a kernel of shape (*batch, *S, *S) with {batch_ndim} batch "
+            f"axes and {nd} spatial axes (window {tuple(window)}); got shape {k.shape}."
+        )
+    if len(strides) != nd:
+        raise ValueError(f"strides {strides} and window {tuple(window)} differ in length.")
+    pads, mode = conv_padding(spatial, window, strides, padding)
+    for i, (n, size, step, (lo, hi)) in enumerate(zip(spatial, window, strides, pads, strict=True)):
+        a, b = batch_ndim + i, batch_ndim + nd + i
+        out = (n + lo + hi - size) // step + 1
+        if out < 1:
+            raise ValueError(
+                f"window {size} does not fit spatial axis {i} of size {n} with padding "
+                f"{padding!r}."
+            )
+        if lo or hi:
+            width = [(0, 0)] * k.ndim
+            width[a] = width[b] = (lo, hi)
+            k = jnp.pad(k, width, mode=mode)
+        total = None
+        for j in range(size):
+            index = [slice(None)] * k.ndim
+            index[a] = index[b] = slice(j, j + (out - 1) * step + 1, step)
+            term = k[tuple(index)]
+            total = term if total is None else total + term
+        k = total * (1.0 / size)
+    return k
 
 
 def _two_layer_inputs(x1, x2):

@@ -10,11 +10,21 @@ raises a ValueError naming it.
 Per output: a readout with O outputs gives the kernel of one output, of shape (N1, N2); the
 outputs are independent and identically distributed, so the full NNGP / NTK is
 ``kernel (x) I_O`` (Kronecker product with the O x O identity).
+
+Images. Inputs of shape (N, *S, C) (NHWC for 2-D; any number of spatial axes) keep, per pair of
+inputs, the kernel between every pair of positions: ``nngp[a, b, p, p']`` of shape
+(N1, N2, *S, *S), and per input its covariance across positions, ``var1[a, p, p']``. The input
+kernel is ``x_a[p] . x_b[p'] / C``; :class:`ntkjax.nn.Conv` averages it over patches
+(:func:`ntkjax.analytic.patch_average`) and applies the dense rule; activations act entrywise;
+:func:`ntkjax.nn.flatten` and :func:`ntkjax.nn.global_average_pool` remove the spatial axes
+(Novak et al. 2019; Arora et al. 2019). A dense layer on a kernel with spatial axes acts per
+position, as ``flax.linen.Dense`` on the channel axis does.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,12 +44,16 @@ class Kernel:
     """Infinite-width kernels of a layer's outputs at two batches of inputs (a pytree).
 
     Attributes:
-      nngp: (N1, N2) NNGP -- the covariance ``Sigma(x1_i, x2_j)`` of one output unit.
-      ntk: (N1, N2) NTK ``Theta(x1_i, x2_j)`` of one output unit.
-      var1: (N1,) the NNGP variances ``Sigma(x1_i, x1_i)`` (needed by the activation rules).
-      var2: (N2,) the NNGP variances ``Sigma(x2_j, x2_j)``.
-      width: number of features of the layer (static); the next dense layer's ``fan_in``, which
-        the standard parameterization's NTK uses.
+      nngp: (N1, N2) NNGP -- the covariance ``Sigma(x1_i, x2_j)`` of one output unit; for layers
+        with spatial axes S (images), (N1, N2, *S, *S): ``Sigma(x1_i at p, x2_j at p')``.
+      ntk: the NTK ``Theta(x1_i, x2_j)`` of one output unit, shaped like ``nngp``.
+      var1: (N1,) the NNGP variances ``Sigma(x1_i, x1_i)`` (needed by the activation rules); with
+        spatial axes, (N1, *S, *S): each input's covariance across all pairs of positions (the
+        activation rules use its diagonal, global average pooling all of it).
+      var2: the same for x2: (N2,) or (N2, *S, *S).
+      width: number of features (channels) of the layer (static); the next dense layer's
+        ``fan_in`` (a convolution's is ``|window| * width``), which the standard
+        parameterization's NTK uses.
 
     Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
@@ -54,9 +68,19 @@ class Kernel:
     width: int = struct.field(pytree_node=False)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(N1, N2)``."""
+    def shape(self) -> tuple[int, ...]:
+        """``nngp.shape``: ``(N1, N2)``, or ``(N1, N2, *S, *S)`` with spatial axes."""
         return tuple(self.nngp.shape)
+
+    @property
+    def spatial_ndim(self) -> int:
+        """The number of spatial axes (0 for a kernel of feature vectors)."""
+        return (self.nngp.ndim - 2) // 2
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """``S``: the spatial shape of the layer's outputs (``()`` without spatial axes)."""
+        return tuple(self.nngp.shape[2 : 2 + self.spatial_ndim])
 
     @property
     def dtype(self):
@@ -110,10 +134,32 @@ class Kernel:
     ) -> Kernel:
         """The kernel after an elementwise activation with kernel maps
         ``maps(q12, q11, q22) -> (sigma, sigma_dot)`` and second moment ``variance(q)``:
-        ``Sigma <- sigma``, ``Theta <- sigma_dot * Theta``, ``var <- variance(var)``."""
-        sigma, sigma_dot = maps(self.nngp, self.var1[:, None], self.var2[None, :])
-        var1 = variance(self.var1)
-        var2 = var1 if self.var2 is self.var1 else variance(self.var2)
+        ``Sigma <- sigma``, ``Theta <- sigma_dot * Theta``, ``var <- variance(var)``.
+
+        With spatial axes every entry ``[a, b, p, p']`` is mapped with the variances
+        ``var1[a, p, p]`` and ``var2[b, p', p']``, and each input's covariance across positions
+        ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1)."""
+        nd = self.spatial_ndim
+        if nd == 0:
+            sigma, sigma_dot = maps(self.nngp, self.var1[:, None], self.var2[None, :])
+            var1 = variance(self.var1)
+            var2 = var1 if self.var2 is self.var1 else variance(self.var2)
+        else:
+            d1 = _position_diagonal(self.var1, nd)
+            d2 = d1 if self.var2 is self.var1 else _position_diagonal(self.var2, nd)
+            ones = (1,) * nd
+            sigma, sigma_dot = maps(
+                self.nngp,
+                d1.reshape(d1.shape[0], 1, *d1.shape[1:], *ones),
+                d2.reshape(1, d2.shape[0], *ones, *d2.shape[1:]),
+            )
+
+            def self_map(v, d):
+                return maps(v, d.reshape(*d.shape, *ones), d.reshape(d.shape[0], *ones,
+                                                                      *d.shape[1:]))[0]
+
+            var1 = self_map(self.var1, d1)
+            var2 = var1 if self.var2 is self.var1 else self_map(self.var2, d2)
         var1, var2 = _materialise(var1, var2)
         return Kernel(nngp=sigma, ntk=self.ntk * sigma_dot, var1=var1, var2=var2,
                       width=self.width)
@@ -127,7 +173,11 @@ class Kernel:
         use_bias: bool = True,
         parameterization: str = "ntk",
     ) -> Kernel:
-        """The kernel after a dense layer with ``features`` outputs (see :func:`analytic.dense`)."""
+        """The kernel after a dense layer with ``features`` outputs (see :func:`analytic.dense`).
+
+        With spatial axes the layer acts per position (one weight matrix shared by all
+        positions, as ``flax.linen.Dense`` on the channel axis): the rule applies to every entry
+        ``[a, b, p, p']``."""
         nngp, ntk = analytic.dense(
             self.nngp, self.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
             parameterization=parameterization, fan_in=self.width,
@@ -137,6 +187,98 @@ class Kernel:
         var1 = var(self.var1)
         var2 = var1 if self.var2 is self.var1 else var(self.var2)
         return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features))
+
+    def conv(
+        self,
+        features: int,
+        *,
+        window: tuple[int, ...],
+        strides: tuple[int, ...] | None = None,
+        padding: str = "SAME",
+        w_std: float,
+        b_std: float,
+        use_bias: bool = True,
+        parameterization: str = "ntk",
+    ) -> Kernel:
+        """The kernel after a convolution with ``features`` output channels.
+
+        A convolution is a dense layer on patches: the NNGP, the NTK and the variances are
+        averaged over the window (:func:`analytic.patch_average`; zero padding for ``"SAME"``,
+        strided output positions), then mapped by the dense rule with
+        ``fan_in = prod(window) * width``::
+
+            T(k)[o, o'] = (1/|K|) sum_delta k[s o + delta, s o' + delta]
+            Sigma' = w_std^2 T(Sigma) + b_std^2
+            Theta' = Sigma' + w_std^2 T(Theta)                       (NTK parameterization)
+            Theta' = fan_in T(Sigma) + w_std^2 T(Theta) (+ 1)        (standard)
+
+        (Novak et al. 2019; Arora et al. 2019.)
+        """
+        nd = self.spatial_ndim
+        if nd != len(window):
+            raise ValueError(
+                f"a {len(window)}-D convolution (window {tuple(window)}) needs a kernel with "
+                f"{len(window)} spatial axes; got one with spatial shape {self.spatial_shape}"
+                + (" -- inputs of shape (batch, *spatial, channels)." if nd == 0 else ".")
+            )
+        avg = functools.partial(analytic.patch_average, window=tuple(window),
+                                strides=strides, padding=padding)
+        var1 = avg(self.var1, batch_ndim=1)
+        var2 = var1 if self.var2 is self.var1 else avg(self.var2, batch_ndim=1)
+        patches = Kernel(nngp=avg(self.nngp, batch_ndim=2), ntk=avg(self.ntk, batch_ndim=2),
+                         var1=var1, var2=var2, width=math.prod(window) * self.width)
+        return patches.dense(features, w_std=w_std, b_std=b_std, use_bias=use_bias,
+                             parameterization=parameterization)
+
+    def flatten(self) -> Kernel:
+        """The kernel of the flattened features ``(N, *S, C) -> (N, prod(S) C)``.
+
+        A dense layer on them has independent weights per position, so only matching positions
+        survive: ``Sigma[a, b] = mean_p Sigma[a, b, p, p]`` (likewise Theta and the variances),
+        ``width = prod(S) * C`` (the next layer's fan_in). A kernel without spatial axes is
+        returned unchanged."""
+        nd = self.spatial_ndim
+        if nd == 0:
+            return self
+        var1 = jnp.mean(_position_diagonal(self.var1, nd).reshape(self.var1.shape[0], -1), -1)
+        var2 = var1 if self.var2 is self.var1 else jnp.mean(
+            _position_diagonal(self.var2, nd).reshape(self.var2.shape[0], -1), -1)
+        n1, n2 = self.nngp.shape[:2]
+        positions = math.prod(self.spatial_shape)
+
+        def diag_mean(k):
+            k = k.reshape(n1, n2, positions, positions)
+            return jnp.mean(jnp.diagonal(k, axis1=2, axis2=3), axis=-1)
+
+        return Kernel(nngp=diag_mean(self.nngp), ntk=diag_mean(self.ntk), var1=var1,
+                      var2=var2, width=positions * self.width)
+
+    def global_average_pool(self) -> Kernel:
+        """The kernel of the features averaged over positions ``(N, *S, C) -> (N, C)``:
+        ``Sigma[a, b] = mean_{p, p'} Sigma[a, b, p, p']`` (likewise Theta, and the variances from
+        each input's full covariance across positions), ``width = C``."""
+        nd = self.spatial_ndim
+        if nd == 0:
+            raise ValueError(
+                "global_average_pool needs a kernel with spatial axes (inputs of shape "
+                "(batch, *spatial, channels)); this one has none."
+            )
+
+        def pool(k, lead):
+            return jnp.mean(k, axis=tuple(range(lead, k.ndim)))
+
+        var1 = pool(self.var1, 1)
+        var2 = var1 if self.var2 is self.var1 else pool(self.var2, 1)
+        return Kernel(nngp=pool(self.nngp, 2), ntk=pool(self.ntk, 2), var1=var1, var2=var2,
+                      width=self.width)
+
+
+def _position_diagonal(v: jax.Array, nd: int) -> jax.Array:
+    """``v[a, p, p]`` of shape (N, *S) from per-input covariances ``v`` of shape (N, *S, *S)."""
+    n, spatial = v.shape[0], v.shape[1 : 1 + nd]
+    positions = math.prod(spatial)
+    flat = v.reshape(n, positions, positions)
+    return jnp.diagonal(flat, axis1=1, axis2=2).reshape(n, *spatial)
 
 
 def _fusion_boundary(v: jax.Array) -> jax.Array:
@@ -158,12 +300,7 @@ def _materialise(var1: jax.Array, var2: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def _float_inputs(x1, x2):
-    check_batched(x1, "x1")
-    if jnp.ndim(x1) != 2:
-        raise ValueError(
-            f"kernel_fn takes inputs of shape (batch, features); got x1.shape={jnp.shape(x1)}. "
-            "Flatten the features first, e.g. x.reshape(len(x), -1)."
-        )
+    check_batched(x1, "x1")  # (batch, features) or (batch, *spatial, channels)
     if x2 is not None:
         check_batched(x2, "x2")
         check_same_features(x1, x2)
@@ -180,8 +317,12 @@ def input_kernel(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
 
     With ``x2 = None`` the variances are the diagonal of the same Gram matrix, so the diagonal is
     exactly consistent. Inputs of shape (N, d); integer inputs become the default float dtype.
+    Images (N, *S, C): ``nngp[a, b, p, p'] = x1[a, p] . x2[b, p'] / C`` of shape
+    (N1, N2, *S, *S), ``var1[a, p, p'] = x1[a, p] . x1[a, p'] / C``, ``width = C``.
     """
     x1, x2 = _float_inputs(x1, x2)
+    if x1.ndim > 2:
+        return _image_input_kernel(x1, x2)
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
@@ -192,6 +333,30 @@ def input_kernel(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
         var1 = jnp.sum(x1 * x1, axis=1) / d
         var2 = jnp.sum(x2 * x2, axis=1) / d
     return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=d)
+
+
+def _image_input_kernel(x1: jax.Array, x2: jax.Array | None) -> Kernel:
+    c, spatial = x1.shape[-1], x1.shape[1:-1]
+    flat1 = x1.reshape(x1.shape[0], -1, c)
+    flat2 = flat1 if x2 is None else x2.reshape(x2.shape[0], -1, c)
+    hi = jax.lax.Precision.HIGHEST
+    gram = jnp.einsum("apc,bqc->abpq", flat1, flat2, precision=hi) / c
+    gram = gram.reshape(*gram.shape[:2], *spatial, *spatial)
+    if x2 is None:
+        var1 = var2 = jnp.moveaxis(jnp.diagonal(gram, axis1=0, axis2=1), -1, 0)
+    else:
+        var1, var2 = _self_covariance(x1), _self_covariance(x2)
+    return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=c)
+
+
+def _self_covariance(x: jax.Array) -> jax.Array:
+    """Each input's kernel with itself: (N,) for (N, d); (N, *S, *S) for images (N, *S, C)."""
+    c = x.shape[-1]
+    if x.ndim == 2:
+        return jnp.sum(x * x, axis=1) / c
+    flat = x.reshape(x.shape[0], -1, c)
+    cov = jnp.einsum("apc,aqc->apq", flat, flat, precision=jax.lax.Precision.HIGHEST) / c
+    return cov.reshape(x.shape[0], *x.shape[1:-1], *x.shape[1:-1])
 
 
 def _contains_kernel(args, kwargs) -> bool:
@@ -242,11 +407,16 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
 
     The returned function is pure and jit-compatible (wrap it in ``jax.jit``; the module is
     closed over, i.e. static). It keeps the input dtype (float32 or float64). Inputs of shape
-    (N, d). For matrices larger than one compiled call should hold, use :func:`kernel_matrix`.
+    (N, d), or images (N, *S, C) for convolutional networks (:class:`ntkjax.nn.Conv`,
+    :class:`ntkjax.models.CNN`); a module whose output still has spatial axes gives kernels of
+    shape (N1, N2, *S, *S) (see :class:`Kernel`). Image inputs are always evaluated as one
+    compiled call (the function jits itself outside a trace; compilation is cached per input
+    shape). For matrices larger than one compiled call should hold, use :func:`kernel_matrix`.
 
     Raises:
-      ValueError: for inputs that are not (N, d) or disagree in d, and when the module uses a
-        layer without an infinite-width rule (e.g. ``flax.linen.Dense``).
+      ValueError: for inputs without a feature axis or that disagree in their per-example
+        shape, and when the module uses a layer without an infinite-width rule (e.g.
+        ``flax.linen.Dense``).
     """
 
     def fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
@@ -262,7 +432,16 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
         k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
         return out.replace(nngp=_apply_to_kernel(module, k_copy).nngp)
 
-    return fn
+    jitted = jax.jit(fn)
+
+    def dispatch(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
+        # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
+        # separately (seconds for a small CNN); one compiled call is ~10x faster to first result.
+        if jnp.ndim(x1) > 2 and not isinstance(x1, jax.core.Tracer):
+            return jitted(x1, x2)
+        return fn(x1, x2)
+
+    return dispatch
 
 
 def _opaque_zero(a: jax.Array) -> jax.Array:
@@ -292,8 +471,19 @@ def kernel_matrix(
     Returns:
       A :class:`Kernel` whose ``nngp`` and ``ntk`` are numpy arrays of shape (N1, N2) and
       ``var1``, ``var2`` the NNGP variances (numpy).
+
+    Raises:
+      ValueError: when the module's output kernel still has spatial axes (end a convolutional
+        network with :func:`ntkjax.nn.flatten` or :func:`ntkjax.nn.global_average_pool`).
     """
     x1, x2 = _float_inputs(x1, x2)
+    out = _output_kernel_shape(module, x1)
+    if out.spatial_ndim:
+        raise ValueError(
+            "kernel_matrix needs a module whose output has no spatial axes; this one's output "
+            f"kernel has spatial shape {out.spatial_shape}. End the network with "
+            "ntkjax.nn.flatten or ntkjax.nn.global_average_pool and a Dense readout."
+        )
     compute = kernel_fn(module)
 
     def block_fn(a, b):
@@ -308,17 +498,17 @@ def kernel_matrix(
     diag = jax.jit(lambda a: _apply_to_kernel(module, _row_kernel(a)).var1)
     var1 = jax.device_get(diag(x1))
     var2 = var1 if x2 is None else jax.device_get(diag(x2v))
-    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=_output_width(module, x1))
+    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=out.width)
 
 
 def _row_kernel(x: jax.Array) -> Kernel:
-    """An (N, 1) kernel of x whose ``var1`` carries every row's variance through the network."""
-    d = x.shape[1]
-    var = jnp.sum(x * x, axis=1) / d
+    """An (N, 1) kernel of x whose ``var1`` carries every row's variance through the network
+    (its ``nngp`` column is a placeholder of the right shape)."""
+    var = _self_covariance(x)
     return Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
-                  var2=var[:1], width=d)
+                  var2=var[:1], width=x.shape[-1])
 
 
-def _output_width(module: linen.Module, x: jax.Array) -> int:
-    shapes = jax.eval_shape(lambda a: _apply_to_kernel(module, input_kernel(a)), x[:1])
-    return shapes.width
+def _output_kernel_shape(module: linen.Module, x: jax.Array) -> Kernel:
+    """The shapes (``jax.ShapeDtypeStruct`` leaves) and width of the module's output kernel."""
+    return jax.eval_shape(lambda a: _apply_to_kernel(module, input_kernel(a)), x[:1])

@@ -6,6 +6,10 @@ Every layer and activation here works on arrays (the finite network) and on a
 ``module.init`` / ``module.apply`` for the network and :func:`ntkjax.kernel_fn` for its NNGP and
 NTK. On a Kernel a layer creates no parameters.
 
+Layers: :class:`Dense`, :class:`Conv` (1-D, 2-D, N-D convolutions on (N, *spatial, C) inputs)
+and the readouts :func:`flatten` and :func:`global_average_pool`, which turn a convolutional
+network's (N, *spatial, C) features into (N, features).
+
 Activations (plain functions, usable inside any linen module; parameters via
 ``functools.partial``): :func:`relu`, :func:`leaky_relu`, :func:`ab_relu`, :func:`abs`,
 :func:`erf`, :func:`gelu`, :func:`sin`, :func:`cos`, :func:`rbf`, :func:`sign`,
@@ -15,8 +19,9 @@ Gauss-Hermite quadrature).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,13 +33,16 @@ from ntkjax._checks import check_choice
 from ntkjax.kernels import Kernel
 
 __all__ = [
+    "Conv",
     "Dense",
     "ab_relu",
     "abs",
     "cos",
     "elementwise",
     "erf",
+    "flatten",
     "gelu",
+    "global_average_pool",
     "identity",
     "is_activation",
     "leaky_relu",
@@ -47,7 +55,34 @@ __all__ = [
 PARAMETERIZATIONS = ("ntk", "standard")
 
 
-class Dense(linen.Module):
+class _Affine(linen.Module):
+    """The configuration shared by :class:`Dense` and :class:`Conv` (fields and validation)."""
+
+    features: int
+    w_std: float = 1.0
+    b_std: float = 0.0
+    use_bias: bool = True
+    parameterization: str = "ntk"
+    param_dtype: Any = None
+
+    def _check(self) -> None:
+        check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
+        if int(self.features) != self.features or self.features < 1:
+            raise ValueError(f"features must be a positive integer, got {self.features!r}.")
+        if not (self.w_std >= 0 and self.b_std >= 0):
+            raise ValueError(
+                f"w_std and b_std must be >= 0, got w_std={self.w_std}, b_std={self.b_std}."
+            )
+
+
+def _param_dtype(param_dtype: Any, x: jax.Array):
+    """``param_dtype``, or the input's floating dtype (the default float dtype for integers)."""
+    if param_dtype is not None:
+        return param_dtype
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+
+
+class Dense(_Affine):
     """A dense layer in the NTK or the standard parameterization.
 
     * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * x @ W + b_std * b`` with
@@ -70,22 +105,6 @@ class Dense(linen.Module):
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
     """
 
-    features: int
-    w_std: float = 1.0
-    b_std: float = 0.0
-    use_bias: bool = True
-    parameterization: str = "ntk"
-    param_dtype: Any = None
-
-    def _check(self) -> None:
-        check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
-        if int(self.features) != self.features or self.features < 1:
-            raise ValueError(f"features must be a positive integer, got {self.features!r}.")
-        if not (self.w_std >= 0 and self.b_std >= 0):
-            raise ValueError(
-                f"w_std and b_std must be >= 0, got w_std={self.w_std}, b_std={self.b_std}."
-            )
-
     @linen.compact
     def __call__(self, x):
         self._check()
@@ -97,17 +116,15 @@ class Dense(linen.Module):
         x = jnp.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"Dense needs inputs with a feature axis, got shape {x.shape}.")
-        dtype = self.param_dtype
-        if dtype is None:
-            dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+        dtype = _param_dtype(self.param_dtype, x)
         fan_in = x.shape[-1]
         shape = (fan_in, self.features)
         if self.parameterization == "ntk":
             w = self.param("kernel", linen.initializers.normal(1.0), shape, dtype)
-            y = (self.w_std / math.sqrt(fan_in)) * jnp.matmul(x.astype(dtype), w)
+            y = (float(self.w_std) / math.sqrt(fan_in)) * jnp.matmul(x.astype(dtype), w)
             if self.use_bias:
                 b = self.param("bias", linen.initializers.normal(1.0), (self.features,), dtype)
-                y = y + self.b_std * b
+                y = y + float(self.b_std) * b
             return y
         w_init = linen.initializers.normal(self.w_std / math.sqrt(fan_in))
         w = self.param("kernel", w_init, shape, dtype)
@@ -116,6 +133,137 @@ class Dense(linen.Module):
             b = self.param("bias", linen.initializers.normal(self.b_std), (self.features,), dtype)
             y = y + b
         return y
+
+
+def _per_axis(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
+    """An int (the same for every spatial axis) or one positive int per axis, as a tuple."""
+    values = (value,) * nd if isinstance(value, int) else tuple(value)
+    if len(values) != nd or any(int(v) != v or v < 1 for v in values):
+        raise ValueError(
+            f"{name} must be a positive int or {nd} positive ints (one per spatial axis of the "
+            f"input); got {value!r}."
+        )
+    return tuple(int(v) for v in values)
+
+
+class Conv(_Affine):
+    """A convolution in the NTK or the standard parameterization, on arrays (N, *S, C_in).
+
+    * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * conv(x, W) + b_std * b`` with
+      ``W, b ~ N(0, 1)`` and ``fan_in = prod(kernel_size) * C_in``.
+    * ``parameterization="standard"``: ``y = conv(x, W) + b`` with
+      ``W ~ N(0, w_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``.
+
+    ``conv`` is ``flax.linen.Conv`` (cross-correlation; ``padding`` ``"SAME"`` (zeros),
+    ``"VALID"`` or ``"CIRCULAR"``; ``strides``), held as the submodule ``"conv"`` with parameters
+    ``kernel`` (*kernel_size, C_in, features) and ``bias`` (features,). The NTK
+    parameterization computes it as ``b_std * flax.linen.Conv((w_std / (sqrt(fan_in) b_std)) x)``
+    -- the same function and gradients -- so the whole layer is one ``flax.linen.Conv`` whose
+    per-layer factorisation the structured empirical NTK (:mod:`ntkjax.structured`) recognises.
+    With ``b_std = 0`` in the NTK parameterization there is no bias parameter (it would have
+    neither an effect nor a gradient). Inputs (N, *S, C) with ``len(kernel_size)`` spatial axes
+    (an int ``kernel_size`` / ``strides`` applies to every spatial axis of the input).
+
+    On a :class:`Kernel` (with the same number of spatial axes) it applies the exact
+    infinite-width rule :meth:`Kernel.conv`: patch-average the kernels, then the dense rule with
+    ``fan_in = prod(kernel_size) * width`` (Novak et al. 2019; Arora et al. 2019).
+
+    Attributes:
+      features: number of output channels.
+      kernel_size: window size, an int (every spatial axis) or one int per spatial axis.
+      strides: an int or one int per spatial axis.
+      padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"``.
+      w_std, b_std: weight and bias standard deviations (>= 0).
+      use_bias: whether the layer has a bias.
+      parameterization: ``"ntk"`` or ``"standard"``.
+      param_dtype: dtype of the parameters; None uses the input's floating dtype.
+
+    Configure by keyword (positionally after ``features`` come Dense's fields, then
+    ``kernel_size``, ``strides``, ``padding``).
+    """
+
+    kernel_size: int | Sequence[int] = 3
+    strides: int | Sequence[int] = 1
+    padding: str = "SAME"
+
+    @linen.compact
+    def __call__(self, x):
+        self._check()
+        check_choice(self.padding, analytic.CONV_PADDINGS, "padding")
+        if isinstance(x, Kernel):
+            nd = x.spatial_ndim
+            if nd == 0:
+                raise ValueError(
+                    "Conv needs a kernel with spatial axes, i.e. inputs of shape (batch, "
+                    "*spatial, channels); got a kernel of feature vectors (inputs (batch, d) or "
+                    "after flatten / global_average_pool)."
+                )
+            window = _per_axis(self.kernel_size, nd, "kernel_size")
+            return x.conv(
+                self.features, window=window, strides=_per_axis(self.strides, len(window),
+                                                                "strides"),
+                padding=self.padding, w_std=self.w_std, b_std=self.b_std,
+                use_bias=self.use_bias, parameterization=self.parameterization,
+            )
+        x = jnp.asarray(x)
+        if x.ndim < 3:
+            raise ValueError(
+                f"Conv needs inputs of shape (batch, *spatial, channels), got shape {x.shape}."
+            )
+        nd = x.ndim - 2
+        window = _per_axis(self.kernel_size, nd, "kernel_size")
+        strides = _per_axis(self.strides, nd, "strides")
+        dtype = _param_dtype(self.param_dtype, x)
+        x = x.astype(dtype)
+        fan_in = math.prod(window) * x.shape[-1]
+        conv = functools.partial(
+            linen.Conv, self.features, window, strides=strides, padding=self.padding,
+            param_dtype=dtype, name="conv",
+        )
+        if self.parameterization == "standard":
+            return conv(
+                use_bias=self.use_bias,
+                kernel_init=linen.initializers.normal(self.w_std / math.sqrt(fan_in)),
+                bias_init=linen.initializers.normal(self.b_std),
+            )(x)
+        scale = float(self.w_std) / math.sqrt(fan_in)  # Python floats keep x's dtype
+        b_std = float(self.b_std)
+        unit = linen.initializers.normal(1.0)
+        if self.use_bias and b_std > 0:
+            return b_std * conv(use_bias=True, kernel_init=unit, bias_init=unit)(
+                (scale / b_std) * x
+            )
+        return conv(use_bias=False, kernel_init=unit)(scale * x)
+
+
+def flatten(x):
+    """Readout ``(N, *S, C) -> (N, prod(S) C)``.
+
+    On a :class:`Kernel`: only matching positions survive a dense layer with independent
+    weights per position, ``Sigma[a, b] = mean_p Sigma[a, b, p, p]`` (likewise Theta),
+    ``width = prod(S) C`` (:meth:`Kernel.flatten`; Novak et al. 2019)."""
+    if isinstance(x, Kernel):
+        return x.flatten()
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"flatten needs inputs with a batch axis, got shape {x.shape}.")
+    return x.reshape(x.shape[0], -1)
+
+
+def global_average_pool(x):
+    """Readout ``(N, *S, C) -> (N, C)``, the mean over all spatial positions.
+
+    On a :class:`Kernel`: ``Sigma[a, b] = mean_{p, p'} Sigma[a, b, p, p']`` (likewise Theta),
+    ``width = C`` (:meth:`Kernel.global_average_pool`; Novak et al. 2019)."""
+    if isinstance(x, Kernel):
+        return x.global_average_pool()
+    x = jnp.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(
+            "global_average_pool needs inputs of shape (batch, *spatial, channels), got shape "
+            f"{x.shape}."
+        )
+    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
 def _mark(fn: Callable) -> Callable:

@@ -320,3 +320,74 @@ def test_empirical_ntk_of_two_layer_relu_converges_to_the_ntk_not_the_nngp(x64):
     assert err(ntk) < 0.02
     assert err(nngp) > 0.25  # the NNGP misses the first layer's gradient (~half the NTK)
     assert float(jnp.linalg.norm(ntk - nngp) / jnp.linalg.norm(ntk)) > 0.25
+
+
+# ---- convolutions: patch averaging against explicit patches ----
+
+
+def _numpy_patches(x, window, strides, padding):
+    """(N, *out, |K| C) patch vectors of NHWC-like x, built with plain numpy loops: zero (SAME)
+    or periodic (CIRCULAR) padding, SAME's padding split as in the TensorFlow/XLA convention
+    (total = max((ceil(n/s) - 1) s + k - n, 0), the smaller half in front)."""
+    nd = len(window)
+    pads = []
+    for n, k, s in zip(x.shape[1:-1], window, strides, strict=True):
+        if padding == "VALID":
+            pads.append((0, 0))
+        elif padding == "CIRCULAR":
+            pads.append(((k - 1) // 2, k // 2))
+        else:
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+    mode = "wrap" if padding == "CIRCULAR" else "constant"
+    xp = np.pad(x, [(0, 0), *pads, (0, 0)], mode=mode)
+    outs = [(xp.shape[1 + i] - window[i]) // strides[i] + 1 for i in range(nd)]
+    patches = np.zeros((x.shape[0], *outs, int(np.prod(window)) * x.shape[-1]))
+    for o in itertools.product(*map(range, outs)):
+        parts = [
+            xp[(slice(None), *(o[i] * strides[i] + d[i] for i in range(nd)))]
+            for d in itertools.product(*map(range, window))
+        ]
+        patches[(slice(None), *o)] = np.concatenate(parts, axis=-1)
+    return patches
+
+
+CONV_CASES = [
+    ((3, 3), (1, 1), "SAME", (6, 5)),
+    ((3, 2), (2, 1), "SAME", (7, 5)),
+    ((2, 3), (2, 2), "VALID", (6, 7)),
+    ((3, 3), (1, 2), "CIRCULAR", (5, 6)),
+    ((4,), (3,), "SAME", (9,)),
+    ((3,), (1,), "VALID", (7,)),
+]
+
+
+@pytest.mark.parametrize(("window", "strides", "padding", "spatial"), CONV_CASES)
+def test_patch_average_is_the_kernel_of_explicit_patches(window, strides, padding, spatial, x64):
+    rng = np.random.default_rng(0)
+    c = 2
+    x1, x2 = rng.normal(size=(3, *spatial, c)), rng.normal(size=(2, *spatial, c))
+    nd = len(spatial)
+    flat1, flat2 = x1.reshape(3, -1, c), x2.reshape(2, -1, c)
+    gram = np.einsum("apc,bqc->abpq", flat1, flat2).reshape(3, 2, *spatial, *spatial) / c
+    got = analytic.patch_average(
+        jnp.asarray(gram), batch_ndim=2, window=window, strides=strides, padding=padding
+    )
+    p1, p2 = (_numpy_patches(x, window, strides, padding) for x in (x1, x2))
+    outs = p1.shape[1:-1]
+    want = np.einsum(
+        "apc,bqc->abpq", p1.reshape(3, -1, p1.shape[-1]), p2.reshape(2, -1, p2.shape[-1])
+    ).reshape(3, 2, *outs, *outs) / p1.shape[-1]
+    assert got.shape == want.shape and got.ndim == 2 + 2 * nd
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+def test_patch_average_keeps_dtype_and_rejects_bad_shapes():
+    k = jnp.ones((2, 2, 4, 4, 4, 4), jnp.float32)
+    assert analytic.patch_average(k, batch_ndim=2, window=(3, 3)).dtype == jnp.float32
+    with pytest.raises(ValueError, match="spatial axes"):
+        analytic.patch_average(k, batch_ndim=2, window=(3,))
+    with pytest.raises(ValueError, match="padding"):
+        analytic.patch_average(k, batch_ndim=2, window=(3, 3), padding="REFLECT")
+    with pytest.raises(ValueError, match="does not fit"):
+        analytic.patch_average(k, batch_ndim=2, window=(5, 5), padding="VALID")

@@ -144,8 +144,13 @@ def test_input_validation():
         fn(jnp.ones(3))
     with pytest.raises(ValueError, match="same per-example shape"):
         fn(jnp.ones((2, 3)), jnp.ones((2, 4)))
-    with pytest.raises(ValueError, match=r"\(batch, features\)"):
-        fn(jnp.ones((2, 3, 4)))
+    cnn = ntkjax.kernel_fn(models.CNN((4, 1)))
+    with pytest.raises(ValueError, match="same per-example shape"):
+        cnn(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 5, 5, 3)))  # spatial mismatch
+    with pytest.raises(ValueError, match="same per-example shape"):
+        cnn(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 4, 4, 2)))  # channel mismatch
+    with pytest.raises(ValueError, match="spatial axes"):
+        cnn(jnp.ones((2, 3)))  # a conv net on feature vectors
 
 
 def test_kernel_matrix_matches_kernel_fn_in_blocks(x64):
@@ -170,3 +175,96 @@ def test_kernel_matrix_under_a_memory_budget():
     assert k.ntk.shape == (3000, 3000)
     np.testing.assert_allclose(k.ntk[:300], ref.ntk, rtol=2e-6)
     np.testing.assert_allclose(k.ntk, k.ntk.T, rtol=2e-6)
+
+
+# ---- images and convolutional networks ----
+
+
+def _images(n=4, spatial=(5, 4), c=3, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, *spatial, c), dtype)
+
+
+CNNS = [
+    models.CNN((8, 8, 2), activation="relu", readout="flatten", w_std=np.sqrt(2), b_std=0.1),
+    models.CNN((8, 8, 1), kernel_size=(3, 2), strides=(2, 1), activation="erf",
+               readout="global_average_pool", w_std=1.2, b_std=0.2),
+    models.CNN((8, 1), padding="VALID", activation="gelu", readout="flatten",
+               parameterization="standard", b_std=0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("cnn", CNNS, ids=["flatten", "gap_strided", "valid_standard"])
+def test_cnn_jit_and_no_jit_agree_and_keep_dtype(cnn, dtype, x64):
+    x1, x2 = _images(4, dtype=dtype), _images(3, seed=1, dtype=dtype)
+    results = [fn(x1, x2) for fn in with_and_without_jit(ntkjax.kernel_fn(cnn))]
+    for k in results:
+        assert k.nngp.shape == k.ntk.shape == (4, 3) and k.nngp.dtype == dtype
+        assert k.var1.shape == (4,) and k.var2.shape == (3,) and k.width == cnn.features[-1]
+    rtol = 1e-5 if dtype == jnp.float32 else 1e-12
+    np.testing.assert_allclose(results[0].nngp, results[1].nngp, rtol=rtol)
+    np.testing.assert_allclose(results[0].ntk, results[1].ntk, rtol=rtol)
+
+
+@pytest.mark.parametrize("cnn", CNNS, ids=["flatten", "gap_strided", "valid_standard"])
+def test_cnn_kernels_are_symmetric_psd_with_consistent_variances(cnn, x64):
+    x = _images(10, dtype=jnp.float64)
+    k = jax.jit(ntkjax.kernel_fn(cnn))(x)
+    k2 = ntkjax.kernel_fn(cnn)(x, x)  # separate variance path (per-image covariances)
+    for name in ("nngp", "ntk"):
+        a = np.asarray(getattr(k, name))
+        np.testing.assert_allclose(a, a.T, rtol=1e-13)
+        assert np.linalg.eigvalsh(a).min() > -1e-10 * np.abs(a).max()
+        np.testing.assert_allclose(a, getattr(k2, name), rtol=1e-12)
+    np.testing.assert_allclose(np.diagonal(k.nngp), k.var1, rtol=1e-12)
+    np.testing.assert_allclose(k2.var1, k.var1, rtol=1e-12)
+    np.testing.assert_allclose(k2.var2, k.var1, rtol=1e-12)
+
+
+def test_dense_layers_on_images_act_per_position(x64):
+    # an MLP applied to (N, *S, C) acts on every position's channel vector with shared weights:
+    # its kernel between position p of x1 and p' of x2 is the MLP kernel of those two vectors
+    mlp = models.MLP((16, 16, 2), "erf", w_std=1.4, b_std=0.3)
+    x1, x2 = _images(3, (2, 3), 4, 0, jnp.float64), _images(2, (2, 3), 4, 1, jnp.float64)
+    k = ntkjax.kernel_fn(mlp)(x1, x2)
+    assert k.shape == (3, 2, 2, 3, 2, 3) and k.spatial_shape == (2, 3) and k.width == 2
+    assert k.var1.shape == (3, 2, 3, 2, 3)
+    fn = ntkjax.kernel_fn(mlp)
+    for p in np.ndindex(2, 3):
+        for q in np.ndindex(2, 3):
+            want = fn(x1[:, p[0], p[1]], x2[:, q[0], q[1]])
+            np.testing.assert_allclose(k.nngp[:, :, *p, *q], want.nngp, rtol=1e-13)
+            np.testing.assert_allclose(k.ntk[:, :, *p, *q], want.ntk, rtol=1e-13)
+            self_q = fn(x1[:, p[0], p[1]], x1[:, q[0], q[1]]).nngp
+            np.testing.assert_allclose(k.var1[:, *p, *q], np.diagonal(self_q), rtol=1e-13)
+
+
+def test_circular_cnn_with_pooling_is_invariant_to_cyclic_shifts(x64):
+    cnn = models.CNN((8, 8, 1), padding="CIRCULAR", activation="relu",
+                     readout="global_average_pool", w_std=np.sqrt(2), b_std=0.1)
+    x1, x2 = _images(3, (5, 4), 2, 0, jnp.float64), _images(2, (5, 4), 2, 1, jnp.float64)
+    k = ntkjax.kernel_fn(cnn)(x1, x2)
+    shifted = ntkjax.kernel_fn(cnn)(jnp.roll(x1, (2, 1), axis=(1, 2)), x2)
+    np.testing.assert_allclose(shifted.nngp, k.nngp, rtol=1e-12)
+    np.testing.assert_allclose(shifted.ntk, k.ntk, rtol=1e-12)
+    # and not for zero padding (the borders differ), so the check has teeth
+    same = models.CNN((8, 8, 1), activation="relu", readout="global_average_pool",
+                      w_std=np.sqrt(2), b_std=0.1)
+    a = ntkjax.kernel_fn(same)(x1, x2).ntk
+    b = ntkjax.kernel_fn(same)(jnp.roll(x1, (2, 1), axis=(1, 2)), x2).ntk
+    assert max_relative_error(a, b) > 1e-3
+
+
+def test_cnn_kernel_matrix_matches_kernel_fn_in_blocks(x64):
+    cnn = CNNS[1]
+    x1, x2 = _images(11, dtype=jnp.float64), _images(6, seed=1, dtype=jnp.float64)
+    full = ntkjax.kernel_fn(cnn)(x1, x2)
+    blocked = ntkjax.kernel_matrix(cnn, x1, x2, block_size=4)
+    np.testing.assert_allclose(blocked.nngp, full.nngp, rtol=1e-12)
+    np.testing.assert_allclose(blocked.ntk, full.ntk, rtol=1e-12)
+    np.testing.assert_allclose(blocked.var1, full.var1, rtol=1e-12)
+    np.testing.assert_allclose(blocked.var2, full.var2, rtol=1e-12)
+    sym = ntkjax.kernel_matrix(cnn, x1, block_size=4)
+    np.testing.assert_allclose(sym.ntk, ntkjax.kernel_fn(cnn)(x1).ntk, rtol=1e-12)
+    with pytest.raises(ValueError, match="spatial axes"):
+        ntkjax.kernel_matrix(models.MLP((8, 1)), x1)  # output still (N, *S, 1)
