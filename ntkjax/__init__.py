@@ -5,7 +5,8 @@ closed-form training dynamics and GP inference, and optax training loops that tr
 """
 
 # Analytic kernels, layers and models: analytic, kernels, models, nn. Empirical kernels:
-# empirical, linearize (structured is internal). Prediction: predict. Training: training
+# empirical, linearize (structured is internal). Prediction: predict. Training: training;
+# scaling exponents: scaling. Per-program XLA options: compile_options
 # (ntkjax.sweep, ntkjax.datasets, ntkjax.plotting and ntkjax.demo import on use).
 from ntkjax import analytic, models, nn
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
@@ -27,12 +28,11 @@ from ntkjax.predict import (
     gradient_flow_mse,
     max_learning_rate,
 )
+from ntkjax.scaling import PowerLawFit, fit_power_law
 from ntkjax.training import (
     KernelRegimeReport,
-    PowerLawFit,
     StabilityReport,
     TrainingHistory,
-    fit_power_law,
     kernel_regime_check,
     learning_rate_check,
     make_train_fn,

@@ -184,7 +184,7 @@ def _relative_frobenius(a, b) -> np.ndarray:
 
 
 def _fit(x, y) -> float:
-    from ntkjax.training import fit_power_law
+    from ntkjax.scaling import fit_power_law
 
     return fit_power_law(x, y).slope
 

@@ -73,8 +73,8 @@ def _finish(fig, ax, own_figure: bool, path, *, xlabel: str, ylabel: str, title:
 
 
 def _fit_positive(x, y):
-    """:func:`ntkjax.training.fit_power_law` on the points where x and y are positive/finite."""
-    from ntkjax.training import fit_power_law  # lazy: keeps plotting import-light
+    """:func:`ntkjax.scaling.fit_power_law` on the points where x and y are positive/finite."""
+    from ntkjax.scaling import fit_power_law
 
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()

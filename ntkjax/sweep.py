@@ -48,7 +48,8 @@ from ntkjax._checks import check_choice
 from ntkjax._progress import progress
 from ntkjax.datasets import sin_regression
 from ntkjax.models import MLP
-from ntkjax.training import fit_power_law, learning_rate_check, make_train_fn
+from ntkjax.scaling import fit_power_law
+from ntkjax.training import learning_rate_check, make_train_fn
 
 __all__ = [
     "PRESETS",

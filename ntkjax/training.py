@@ -53,10 +53,8 @@ from ntkjax.predict import convergence_bound, gradient_descent_mse, max_learning
 
 __all__ = [
     "KernelRegimeReport",
-    "PowerLawFit",
     "StabilityReport",
     "TrainingHistory",
-    "fit_power_law",
     "kernel_regime_check",
     "learning_rate_check",
     "make_train_fn",
@@ -389,25 +387,6 @@ def train_with_kernel_tracking(
             stacklevel=2,
         )
     return history._replace(stability=stability)
-
-
-class PowerLawFit(NamedTuple):
-    """``y ~ prefactor * x**slope``, fitted by least squares on ``log y`` against ``log x``."""
-
-    slope: float
-    prefactor: float
-
-
-def fit_power_law(x, y) -> PowerLawFit:
-    """Least-squares line through ``(log x, log y)``; x and y must be positive and finite."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape or x.size < 2:
-        raise ValueError(f"need two equal-length arrays of >= 2 points; got {x.size} and {y.size}.")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
-        raise ValueError("fit_power_law needs positive, finite x and y (it fits in log-log).")
-    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
-    return PowerLawFit(slope=float(slope), prefactor=float(np.exp(intercept)))
 
 
 class KernelRegimeReport(NamedTuple):

@@ -17,7 +17,6 @@ import optax
 import pytest
 
 from ntkjax.training import (
-    fit_power_law,
     kernel_regime_check,
     learning_rate_check,
     make_train_fn,
@@ -286,11 +285,3 @@ def test_bad_input_raises():
                                    record_every=1, probe_x=probe[:, :2])
     with pytest.raises(ValueError, match="probe_x"):
         make_train_fn(model.apply, optimizer=opt, num_steps=2, record_every=1)(params0, x, y)
-
-
-def test_fit_power_law_recovers_exact_law():
-    widths = np.array([64, 256, 1024, 4096])
-    fit = fit_power_law(widths, 3.0 * widths**-0.5)
-    assert abs(fit.slope + 0.5) < 1e-12 and abs(fit.prefactor - 3.0) < 1e-10
-    with pytest.raises(ValueError, match="positive"):
-        fit_power_law([1, 2], [1.0, -1.0])
