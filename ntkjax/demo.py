@@ -590,7 +590,7 @@ def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
             for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
                            out_path=ctx.out_dir / "study_sweep.jsonl",
                            learning_rates=(STUDY_LEARNING_RATE,), config=config,
-                           show_progress=ctx.show_progress)
+                           show_progress=ctx.show_progress, compiler_options=FAST_COMPILE)
         ]
     return rows
 

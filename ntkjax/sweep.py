@@ -191,11 +191,18 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
     return optax.adam(learning_rate)
 
 
-def seeds_program(config: SweepConfig, width: int, learning_rate: float):
+def seeds_program(
+    config: SweepConfig,
+    width: int,
+    learning_rate: float,
+    *,
+    compiler_options: dict[str, Any] | None = None,
+):
     """``run(seed_keys, data) -> (history without final params, stability)``, all seeds vmapped.
 
     ``seed_keys`` is an (S, 2) array of PRNG keys; seed s initializes from its key and draws
-    minibatches from ``fold_in(key, 1)``. The returned function is jitted.
+    minibatches from ``fold_in(key, 1)``. The returned function is jitted, with
+    ``compiler_options`` (e.g. :data:`ntkjax.compile_options.FAST_COMPILE` for short runs).
     """
     model = make_model(config, width)
     train = make_train_fn(
@@ -220,7 +227,7 @@ def seeds_program(config: SweepConfig, width: int, learning_rate: float):
         )
         return history._replace(final_params=None), stability
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)), compiler_options=compiler_options)
 
 
 # --------------------------------------------------------------------------- JSON lines
@@ -286,6 +293,7 @@ def sweep(
     learning_rates: Sequence[float] | None = None,
     config: SweepConfig | None = None,
     show_progress: bool = True,
+    compiler_options: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Trains every (width, learning rate) for all seeds (vmapped) and streams rows to a file.
 
@@ -296,6 +304,8 @@ def sweep(
       learning_rates: defaults to ``(0.02,)`` (the study's 0.01 in its loss convention).
       config: a :class:`SweepConfig` (default: the study's set-up in NTK parameterization).
       show_progress: draw a progress bar over (width, learning rate) programs on stderr.
+      compiler_options: XLA options for every (width, learning rate) program, e.g.
+        :data:`ntkjax.compile_options.FAST_COMPILE` when runs are short and compiling dominates.
 
     Returns:
       The rows of this configuration for the requested widths/seeds/learning rates, in
@@ -331,7 +341,7 @@ def sweep(
         groups, total=len(groups), description="sweep", enabled=show_progress and bool(groups)
     ):
         start = time.perf_counter()
-        run = seeds_program(config, width, lr)
+        run = seeds_program(config, width, lr, compiler_options=compiler_options)
         keys = jnp.stack([jax.random.PRNGKey(s) for s in missing])
         history, stability = jax.device_get(run(keys, data))
         seconds = time.perf_counter() - start

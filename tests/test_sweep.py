@@ -29,8 +29,8 @@ def _count_programs(monkeypatch) -> list:
     calls = []
     original = sweep_module.seeds_program
 
-    def counting(config, width, learning_rate):
-        run = original(config, width, learning_rate)
+    def counting(config, width, learning_rate, **options):
+        run = original(config, width, learning_rate, **options)
 
         def wrapped(keys, data):
             calls.append((width, learning_rate, int(keys.shape[0])))
@@ -85,10 +85,10 @@ def test_interruption_keeps_finished_rows(tmp_path, monkeypatch):
     out = tmp_path / "sweep.jsonl"
     original = sweep_module.seeds_program
 
-    def failing_second(config, width, learning_rate):
+    def failing_second(config, width, learning_rate, **options):
         if width == 32:
             raise KeyboardInterrupt
-        return original(config, width, learning_rate)
+        return original(config, width, learning_rate, **options)
 
     monkeypatch.setattr(sweep_module, "seeds_program", failing_second)
     with pytest.raises(KeyboardInterrupt):
@@ -137,6 +137,17 @@ def test_cli_writes_summary_and_figures(tmp_path, capsys):
     assert pngs == ["cli_drift_vs_width_ntk_lr0.02.png", "cli_loss_curves_ntk_lr0.02.png"]
     assert cli_main(["sweep", "--widths", "16", "--steps", "15", "--record-every", "10",
                      "--out", str(out), "--no-progress"]) == 2
+
+
+def test_compiler_options_change_nothing_but_compilation(tmp_path):
+    from ntkjax.compile_options import FAST_COMPILE
+
+    plain = sweep(widths=(16,), seeds=1, out_path=tmp_path / "a.jsonl", config=TINY,
+                  show_progress=False)
+    fast = sweep(widths=(16,), seeds=1, out_path=tmp_path / "b.jsonl", config=TINY,
+                 show_progress=False, compiler_options=FAST_COMPILE)
+    for key in ("loss", "test_loss", "kernel_change", "param_change"):
+        np.testing.assert_allclose(fast[0][key], plain[0][key], rtol=1e-5, atol=1e-7)
 
 
 def test_bad_arguments_raise(tmp_path):
