@@ -47,16 +47,22 @@ def test_jit_and_no_jit_agree_and_keep_dtype(dtype, x64):
     np.testing.assert_allclose(results[0].ntk, results[1].ntk, rtol=1e-6)
 
 
+def _assert_symmetric_psd_and_equal(k, k2, *, symmetry_rtol):
+    """k's NNGP and NTK are symmetric and PSD, and equal k2's (the same kernels computed via
+    ``x2 = x`` instead of ``x2 = None``)."""
+    for name in ("nngp", "ntk"):
+        a = np.asarray(getattr(k, name))
+        np.testing.assert_allclose(a, a.T, rtol=symmetry_rtol)
+        assert np.linalg.eigvalsh(a).min() > -1e-10 * np.abs(a).max()
+        np.testing.assert_allclose(a, getattr(k2, name), rtol=1e-12)
+
+
 def test_symmetric_kernels_are_symmetric_psd_with_exact_diagonal(x64):
     x = _x(12, 4, 2, jnp.float64)
     mlp = models.MLP((64, 64, 1), "relu", w_std=np.sqrt(2), b_std=0.1)
     k = jax.jit(ntkjax.kernel_fn(mlp))(x)
     k2 = ntkjax.kernel_fn(mlp)(x, x)
-    for name in ("nngp", "ntk"):
-        a = np.asarray(getattr(k, name))
-        np.testing.assert_allclose(a, a.T, rtol=1e-14)
-        assert np.linalg.eigvalsh(a).min() > -1e-10 * np.abs(a).max()
-        np.testing.assert_allclose(a, getattr(k2, name), rtol=1e-12)
+    _assert_symmetric_psd_and_equal(k, k2, symmetry_rtol=1e-14)
     np.testing.assert_allclose(np.diagonal(k.nngp), k.var1, rtol=1e-13)
 
 
@@ -211,11 +217,7 @@ def test_cnn_kernels_are_symmetric_psd_with_consistent_variances(cnn, x64):
     x = _images(10, dtype=jnp.float64)
     k = jax.jit(ntkjax.kernel_fn(cnn))(x)
     k2 = ntkjax.kernel_fn(cnn)(x, x)  # separate variance path (per-image covariances)
-    for name in ("nngp", "ntk"):
-        a = np.asarray(getattr(k, name))
-        np.testing.assert_allclose(a, a.T, rtol=1e-13)
-        assert np.linalg.eigvalsh(a).min() > -1e-10 * np.abs(a).max()
-        np.testing.assert_allclose(a, getattr(k2, name), rtol=1e-12)
+    _assert_symmetric_psd_and_equal(k, k2, symmetry_rtol=1e-13)
     np.testing.assert_allclose(np.diagonal(k.nngp), k.var1, rtol=1e-12)
     np.testing.assert_allclose(k2.var1, k.var1, rtol=1e-12)
     np.testing.assert_allclose(k2.var2, k.var1, rtol=1e-12)
