@@ -57,13 +57,13 @@ def _run(name: str, quick: bool) -> None:
     params = model.init(jax.random.PRNGKey(1), x)
     with jax.enable_x64(True):
         p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-        ntk64 = ntkjax.empirical_ntk_fn(model.apply, method="structured")
+        ntk64 = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured")
         ref = np.asarray(ntk64(p64, np.asarray(x, np.float64)))
     methods = METHODS
     if quick:
         methods = ("structured", "jacobian")
     for method in methods:
-        ntk = ntkjax.empirical_ntk_fn(model.apply, method=method)
+        ntk = ntkjax.empirical_ntk_fn(model.apply, ntk_method=method)
         log(f"{name}: {method}")
         fast = method == "structured" and not quick  # the slow methods take seconds a call
         timing = time_call(lambda ntk=ntk: ntk(params, x), repeats=7 if fast else 3,

@@ -1,7 +1,7 @@
 """Predictions at many training times: one eigendecomposition vs a solve per time point.
 
-Workload ``predict_times``: gradient-flow predictions on n_test points at 100 times for
-n_train = 4,000, n_test = 1,000 in float64 (``--quick``: 400 / 100).
+Workload ``predict_times``: gradient-flow predictions on num_test points at 100 times for
+num_train = 4,000, num_test = 1,000 in float64 (``--quick``: 400 / 100).
 
 - ``eigh_once``: :func:`ntkjax.predict.gradient_flow_mse` (one ``eigh``, then O(n^2) per time).
 - ``expm_per_time_point``: for each t, ``expm(-lr Theta t / n)`` and a Cholesky solve
@@ -30,20 +30,21 @@ def _rbf(x1, x2, length_scale):
 
 def predict_times(quick: bool = False) -> None:
     with jax.enable_x64(True):
-        n_train, n_test, n_times, dim = (400, 100, 100, 20) if quick else (4000, 1000, 100, 20)
+        num_train, num_test, n_times, dim = (400, 100, 100, 20) if quick else (4000, 1000, 100, 20)
         on_cpu = jax.default_backend() == "cpu"
         baseline_points = 3 if on_cpu else n_times
         key_train, key_test, key_y = jax.random.split(jax.random.PRNGKey(0), 3)
-        x = jax.random.normal(key_train, (n_train, dim), jnp.float64)
-        xt = jax.random.normal(key_test, (n_test, dim), jnp.float64)
+        x = jax.random.normal(key_train, (num_train, dim), jnp.float64)
+        xt = jax.random.normal(key_test, (num_test, dim), jnp.float64)
         length_scale = float(np.sqrt(dim))
-        k = _rbf(x, x, length_scale) + 1e-6 * jnp.eye(n_train)
+        k = _rbf(x, x, length_scale) + 1e-6 * jnp.eye(num_train)
         k_xt = _rbf(xt, x, length_scale)
-        y = jnp.sin(x[:, :1]) + 0.1 * jax.random.normal(key_y, (n_train, 1), jnp.float64)
+        y = jnp.sin(x[:, :1]) + 0.1 * jax.random.normal(key_y, (num_train, 1), jnp.float64)
         lr = 1.0
         # lr t / n from 1e-3 to 1e2: spans the fast (top eigenvalue ~0.4 n) to the slow modes
-        times = jnp.asarray(n_train / lr * np.geomspace(1e-3, 1e2, n_times))
-        params = {"n_train": n_train, "n_test": n_test, "n_times": n_times, "dtype": "float64",
+        times = jnp.asarray(num_train / lr * np.geomspace(1e-3, 1e2, n_times))
+        params = {"num_train": num_train, "num_test": num_test, "num_times": n_times,
+                  "dtype": "float64",
                   "kernel": "rbf", "learning_rate": lr}
 
         @jax.jit
@@ -55,13 +56,13 @@ def predict_times(quick: bool = False) -> None:
             factor = jax.scipy.linalg.cho_factor(k, lower=True)
 
             def one(t):
-                decay = jax.scipy.linalg.expm(-(lr * t / n_train) * k)
+                decay = jax.scipy.linalg.expm(-(lr * t / num_train) * k)
                 change = y - decay @ y  # (I - exp(-lr K t / n)) (y - f_0), f_0 = 0
                 return k_xt @ jax.scipy.linalg.cho_solve(factor, change)
 
             return jax.lax.map(one, times)
 
-        log(f"predict_times: eigh_once n_train={n_train}")
+        log(f"predict_times: eigh_once num_train={num_train}")
         fast = time_call(lambda: eigh_once(k, k_xt, y, times), repeats=3 if quick else 2)
         sub = times[np.linspace(0, n_times - 1, baseline_points).astype(int)]
         log(f"predict_times: expm_per_time_point on {baseline_points} time points")

@@ -35,12 +35,12 @@ from ntkjax.training import make_train_fn
 LEARNING_RATE = 0.5
 
 
-def _data(n_train: int, input_dim: int, n_probe: int):
+def _data(num_train: int, input_dim: int, num_probe: int):
     k_x, k_u, k_p = jax.random.split(jax.random.PRNGKey(0), 3)
     u = jax.random.normal(k_u, (input_dim,))
-    x = jax.random.normal(k_x, (n_train, input_dim))
+    x = jax.random.normal(k_x, (num_train, input_dim))
     y = jnp.sin(x @ (u / jnp.linalg.norm(u)))[:, None]
-    probe = jax.random.normal(k_p, (n_probe, input_dim))
+    probe = jax.random.normal(k_p, (num_probe, input_dim))
     return x, y, probe
 
 
@@ -58,14 +58,15 @@ def _program(model, seeds: int, num_steps: int, record_every: int, track: bool, 
 
 def run(quick: bool = False) -> None:
     if quick:
-        widths, seeds, n_train, n_probe, steps, every = (32, 128), 2, 64, 16, 100, 20
+        widths, seeds, num_train, num_probe, steps, every = (32, 128), 2, 64, 16, 100, 20
     else:
-        widths, seeds, n_train, n_probe, steps, every = (64, 256, 1024, 4096), 8, 256, 64, 1000, 100
+        widths, seeds, num_train, num_probe = (64, 256, 1024, 4096), 8, 256, 64
+        steps, every = 1000, 100
     input_dim, depth = 16, 3
     budget = float(os.environ.get("SWEEP_BENCH_BUDGET_S", "120"))
     if os.environ.get("SWEEP_BENCH_WIDTHS"):
         widths = tuple(int(w) for w in os.environ["SWEEP_BENCH_WIDTHS"].split(","))
-    x, y, probe = _data(n_train, input_dim, n_probe)
+    x, y, probe = _data(num_train, input_dim, num_probe)
     for width in widths:
         model = MLP(features=(width,) * depth + (1,), activation="relu", w_std=math.sqrt(2.0),
                     b_std=0.0, parameterization="ntk")
@@ -114,8 +115,8 @@ def run(quick: bool = False) -> None:
         }
         emit(
             "sweep",
-            {"width": width, "depth": depth, "seeds": seeds, "n_train": n_train,
-             "input_dim": input_dim, "n_probe": n_probe, "steps": steps,
+            {"width": width, "depth": depth, "seeds": seeds, "num_train": num_train,
+             "input_dim": input_dim, "num_probe": num_probe, "steps": steps,
              "record_every": every, "measured_steps": measured_steps,
              "measured_record_every": measured_every,
              "learning_rate": LEARNING_RATE, "quick": quick},

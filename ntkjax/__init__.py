@@ -2,13 +2,20 @@
 
 Exact infinite-width NNGP/NTK kernels of Flax models, fast empirical NTKs of any Flax model,
 closed-form training dynamics and GP inference, and optax training loops that track the kernel.
+
+The library, one module per capability: layers and activations with their infinite-width rules
+(:mod:`ntkjax.nn`), ready-made networks (:mod:`ntkjax.models`), the infinite-width kernels of a
+module (:mod:`ntkjax.kernels`) and closed forms (:mod:`ntkjax.analytic`), empirical kernels
+(:mod:`ntkjax.empirical`, :mod:`ntkjax.structured`, :mod:`ntkjax.jacobians`,
+:mod:`ntkjax.linearize`), prediction (:mod:`ntkjax.predict`, :mod:`ntkjax.losses`), training
+(:mod:`ntkjax.training`), width sweeps (:mod:`ntkjax.sweep`, :mod:`ntkjax.tasks`), scaling
+fits (:mod:`ntkjax.scaling`), blocked evaluation (:mod:`ntkjax.blocking`,
+:mod:`ntkjax.compile_options`) and figures (:mod:`ntkjax.plotting`, imported on use). The
+application built on it -- the ``ntkjax`` command line and the NTK study -- is
+:mod:`ntkjax.study`, which the library never imports.
 """
 
-# Analytic kernels, layers and models: analytic, kernels, models, nn. Empirical kernels:
-# empirical, linearize (structured is internal). Prediction: predict. Training: training;
-# scaling exponents: scaling. Per-program XLA options: compile_options
-# (ntkjax.sweep, ntkjax.datasets, ntkjax.plotting and ntkjax.demo import on use).
-from ntkjax import analytic, models, nn
+from ntkjax import analytic, models, nn, predict
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.empirical import (

@@ -8,8 +8,10 @@ and the caller documents that.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -31,6 +33,24 @@ def check_same_features(x1, x2, names: tuple[str, str] = ("x1", "x2")) -> None:
             f"{names[0]} and {names[1]} must have the same per-example shape; got "
             f"{names[0]}.shape={tuple(np.shape(x1))} and {names[1]}.shape={tuple(np.shape(x2))}."
         )
+
+
+def check_pair(x1: Any, x2: Any, *, min_ndim: int = 2) -> None:
+    """The x1 / x2 preamble of every kernel function: both batched (at least ``min_ndim`` axes)
+    and, when ``x2`` is given, of the same per-example shape. ``x2 = None`` means ``x2 = x1``."""
+    check_batched(x1, "x1", min_ndim=min_ndim)
+    if x2 is not None:
+        check_batched(x2, "x2", min_ndim=min_ndim)
+        check_same_features(x1, x2)
+
+
+def float_dtype(*arrays: Any) -> np.dtype:
+    """The floating dtype computations on ``arrays`` run in: their promoted dtype when it is
+    floating, else JAX's default float (float32, or float64 under ``jax.enable_x64``). ``None``
+    entries are ignored; with no arrays, the default float."""
+    present = [a for a in arrays if a is not None]
+    dtype = jnp.result_type(*present) if present else jnp.result_type(float)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
 def check_choice(value, allowed: Sequence, name: str) -> None:

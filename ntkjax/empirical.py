@@ -12,7 +12,7 @@ are offered (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel", ICML,
   leaf by leaf -- never concatenated into one ``N x P`` matrix.
 * ``"ntk_vp"``: NTK-vector products: for every column ``e_{b,j}`` a vector-Jacobian product
   ``J(x'_b)^T e_j`` followed by a Jacobian-vector product with ``J(x)``; no Jacobian is stored.
-* ``"structured"``: for a dense layer ``y = x W`` the weight Jacobian factorises as
+* ``"structured"``: for a dense layer ``y = x W`` the weight Jacobian factorizes as
   ``dy/dW = x (x) delta`` so the layer's contribution is ``(x . x') (delta . delta')`` computed
   from layer inputs and output cotangents (see :mod:`ntkjax.structured`).
 * ``"auto"``: ``"structured"`` when the model has layers it understands, else ``"jacobian"``
@@ -34,20 +34,35 @@ Conventions used throughout this module:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import check_batched, check_choice, check_same_features
+from ntkjax._checks import check_choice, check_pair
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
+from ntkjax.jacobians import (
+    OUTPUTS,
+    PRECISION,
+    Outputs,
+    batched_fn,
+    check_model_inputs,
+    full_to,
+    leaf_jacobian_kernel,
+    per_sample_fn,
+    split_params,
+    symmetrize,
+)
+from ntkjax.structured import count_structured_layers, last_hidden_features, structured_kernel
 
 __all__ = [
-    "METHODS",
+    "NTK_METHODS",
     "OUTPUTS",
+    "NTKMethod",
+    "Outputs",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
@@ -55,151 +70,11 @@ __all__ = [
     "ntk_operator",
 ]
 
-METHODS = ("auto", "jacobian", "ntk_vp", "structured")
-OUTPUTS = ("trace", "full", "diagonal")
-_PRECISION = jax.lax.Precision.HIGHEST
+NTKMethod = Literal["auto", "jacobian", "ntk_vp", "structured"]
+NTK_METHODS: tuple[NTKMethod, ...] = ("auto", "jacobian", "ntk_vp", "structured")
 
 # A kernel function as returned here: (params, x1, x2=None) -> array.
 KernelFn = Callable[..., jax.Array]
-
-
-# ---------------------------------------------------------------------------------------------
-# params: which part is differentiated
-# ---------------------------------------------------------------------------------------------
-
-
-def is_variables_dict(params: Any) -> bool:
-    """True when ``params`` is a flax linen variables dict (a mapping with a ``"params"`` key)."""
-    return isinstance(params, Mapping) and "params" in params
-
-
-def split_params(params: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """Splits ``params`` into the differentiated part and a function rebuilding the whole.
-
-    For a linen variables dict the differentiated part is ``params["params"]`` and the rebuilt
-    dict keeps every other collection unchanged; any other pytree is differentiated whole.
-    """
-    if is_variables_dict(params):
-        others = {k: v for k, v in params.items() if k != "params"}
-
-        def rebuild(trainable):
-            return {**others, "params": trainable}
-
-        return params["params"], rebuild
-    return params, lambda trainable: trainable
-
-
-def _shapes_summary(tree: Any, limit: int = 600) -> str:
-    shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), tree)
-    text = str(shapes)
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def check_model_inputs(apply_fn: Callable, params: Any, x1, x2=None) -> jax.ShapeDtypeStruct:
-    """Validates inputs and params against the model; returns the output shape of ``x1``.
-
-    Raises:
-      ValueError: inputs without a batch axis, x1/x2 of different per-example shapes, params
-        the model cannot be applied with (names the param shapes and input shape), or outputs
-        without the batch axis.
-    """
-    check_batched(x1, "x1", min_ndim=2)
-    if x2 is not None:
-        check_batched(x2, "x2", min_ndim=2)
-        check_same_features(x1, x2)
-    try:
-        out = jax.eval_shape(apply_fn, params, x1)
-    except Exception as err:  # re-raised with the shapes involved
-        raise ValueError(
-            f"apply_fn could not be applied to params with shapes {_shapes_summary(params)} and "
-            f"x1 of shape {tuple(np.shape(x1))} (do the params match the model and the "
-            f"inputs?): {type(err).__name__}: {err}"
-        ) from err
-    if not isinstance(out, jax.ShapeDtypeStruct):
-        raise ValueError(
-            "apply_fn must return one array of shape (N, *out); got a "
-            f"{type(out).__name__} ({jax.tree_util.tree_structure(out)}). Wrap apply_fn to "
-            "return only the network output."
-        )
-    if out.ndim < 1 or out.shape[0] != np.shape(x1)[0]:
-        raise ValueError(
-            f"apply_fn output has shape {out.shape}, which lacks the batch axis of x1 "
-            f"(shape {tuple(np.shape(x1))}); outputs must have shape (N, *out)."
-        )
-    return out
-
-
-def per_sample_fn(apply_fn: Callable, rebuild: Callable) -> Callable:
-    """``f(trainable, x_single) -> (O,)``: the network on one example, outputs flattened."""
-
-    def f(trainable, x):
-        return jnp.reshape(apply_fn(rebuild(trainable), x[None]), (-1,))
-
-    return f
-
-
-def batched_fn(apply_fn: Callable, rebuild: Callable) -> Callable:
-    """``f(trainable, x) -> (N, O)``: the network on a batch, outputs flattened per example."""
-
-    def f(trainable, x):
-        out = apply_fn(rebuild(trainable), x)
-        return jnp.reshape(out, (out.shape[0], -1))
-
-    return f
-
-
-# ---------------------------------------------------------------------------------------------
-# contractions
-# ---------------------------------------------------------------------------------------------
-
-
-def contract_jacobians(j1: jax.Array, j2: jax.Array, outputs: str) -> jax.Array:
-    """Contracts per-sample Jacobians ``(N1, O, P)`` and ``(N2, O, P)`` into a kernel."""
-    if outputs == "trace":
-        n1, n2 = j1.shape[0], j2.shape[0]
-        return jnp.matmul(
-            j1.reshape(n1, -1), j2.reshape(n2, -1).T, precision=_PRECISION
-        )
-    if outputs == "diagonal":
-        return jnp.einsum("aip,bip->abi", j1, j2, precision=_PRECISION)
-    return jnp.einsum("aip,bjp->abij", j1, j2, precision=_PRECISION)
-
-
-def symmetrize(kernel: jax.Array, outputs: str) -> jax.Array:
-    """Makes K(x, x) exactly symmetric: K_{ab,ij} = K_{ba,ji}."""
-    if outputs == "trace":
-        return 0.5 * (kernel + kernel.T)
-    if outputs == "diagonal":
-        return 0.5 * (kernel + jnp.transpose(kernel, (1, 0, 2)))
-    return 0.5 * (kernel + jnp.transpose(kernel, (1, 0, 3, 2)))
-
-
-def full_to(kernel_full: jax.Array, outputs: str) -> jax.Array:
-    """Reduces a ``(N1, N2, O, O)`` kernel to the requested ``outputs`` form."""
-    if outputs == "full":
-        return kernel_full
-    diag = jnp.diagonal(kernel_full, axis1=2, axis2=3)
-    return diag if outputs == "diagonal" else jnp.sum(diag, axis=-1)
-
-
-def leaf_jacobian_kernel(f_single: Callable, trainable: Any, x1, x2, outputs: str):
-    """Jacobian-contraction kernel with respect to the pytree ``trainable``.
-
-    ``f_single(trainable, x_single) -> (O,)``. Each leaf's per-sample Jacobian
-    ``(N, O, *leaf.shape)`` is contracted on its own and the contributions summed.
-    """
-    jac = jax.vmap(jax.jacrev(f_single), in_axes=(None, 0))
-    j1 = jac(trainable, x1)
-    j2 = j1 if x2 is None else jac(trainable, x2)
-    total = None
-    for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2), strict=True):
-        if a.size == 0:
-            continue
-        term = contract_jacobians(
-            a.reshape(a.shape[0], a.shape[1], -1), b.reshape(b.shape[0], b.shape[1], -1), outputs
-        )
-        total = term if total is None else total + term
-    return total
 
 
 def _jacobian_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype):
@@ -257,8 +132,8 @@ def _jacobian_bytes(params, n: int, out_dim: int) -> int:
 def empirical_ntk_fn(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     *,
-    method: str = "auto",
-    outputs: str = "trace",
+    ntk_method: NTKMethod = "auto",
+    outputs: Outputs = "trace",
     vp_batch_size: int | None = None,
 ) -> KernelFn:
     """Returns a jitted ``ntk(params, x1, x2=None)``: the empirical NTK of ``apply_fn``.
@@ -270,32 +145,32 @@ def empirical_ntk_fn(
     Args:
       apply_fn: ``(params, x) -> (N, *out)``, e.g. a linen ``module.apply``. For an NNX module
         use :func:`nnx_apply_fn`.
-      method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"`` (see module doc).
+      ntk_method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"`` (see module doc).
         All give the same kernel up to rounding.
       outputs: ``"trace"`` -- the SUM over outputs, shape ``(N1, N2)``; ``"full"`` -- shape
         ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``.
       vp_batch_size: only for ``"ntk_vp"``: evaluate the columns ``x2[b]`` sequentially in
-        groups of this size (``lax.map``) to bound memory; None vectorises over all of x2.
+        groups of this size (``lax.map``) to bound memory; None vectorizes over all of x2.
 
     Returns:
       ``ntk(params, x1, x2=None)``, a ``jax.jit`` of a pure function (``ntk.__wrapped__``);
       it may be called inside another ``jit``, ``lax.scan`` or ``grad`` with traced params.
       ``x2=None`` means ``x2 = x1``: the per-sample work is done once and the result is
-      exactly symmetric. Configuration (method, outputs) is fixed at construction.
+      exactly symmetric. Configuration (ntk_method, outputs) is fixed at construction.
 
     Raises:
-      ValueError: unknown method/outputs (here); when called: inputs without a batch axis,
+      ValueError: unknown ntk_method/outputs (here); when called: inputs without a batch axis,
         x1 and x2 with different per-example shapes, params that do not fit the model.
     """
-    check_choice(method, METHODS, "method")
+    check_choice(ntk_method, NTK_METHODS, "ntk_method")
     check_choice(outputs, OUTPUTS, "outputs")
 
     def ntk(params, x1, x2=None):
         out = check_model_inputs(apply_fn, params, x1, x2)
         out_dim = int(np.prod(out.shape[1:]))
         dtype = _result_dtype(params, out)
-        chosen = method
-        if method == "auto":
+        chosen = ntk_method
+        if ntk_method == "auto":
             chosen = _auto_method(apply_fn, params, x1, x2, out_dim)
         if chosen == "jacobian":
             kernel = _jacobian_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype)
@@ -304,8 +179,6 @@ def empirical_ntk_fn(
                 apply_fn, params, x1, x2, outputs, out_dim, dtype, vp_batch_size
             )
         else:
-            from ntkjax.structured import structured_kernel
-
             kernel = structured_kernel(apply_fn, params, x1, x2, outputs=outputs)
         kernel = kernel.astype(dtype)
         return symmetrize(kernel, outputs) if x2 is None else kernel
@@ -314,8 +187,6 @@ def empirical_ntk_fn(
 
 
 def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
-    from ntkjax.structured import count_structured_layers
-
     if count_structured_layers(apply_fn, params, x1) > 0:
         return "structured"
     n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
@@ -330,8 +201,8 @@ def empirical_ntk_matrix(
     x1,
     x2=None,
     *,
-    method: str = "auto",
-    outputs: str = "trace",
+    ntk_method: NTKMethod = "auto",
+    outputs: Outputs = "trace",
     memory_bytes: int | None = None,
     block_size: int | None = None,
     show_progress: bool = False,
@@ -344,7 +215,7 @@ def empirical_ntk_matrix(
     computed and mirrored.
 
     Args:
-      apply_fn, method, outputs: as in :func:`empirical_ntk_fn`.
+      apply_fn, ntk_method, outputs: as in :func:`empirical_ntk_fn`.
       params: the model parameters (any pytree / linen variables dict).
       x1: ``(N1, *features)``; x2: ``(N2, *features)`` or None for x2 = x1.
       memory_bytes: budget for one block call; half of the free memory when None.
@@ -354,10 +225,8 @@ def empirical_ntk_matrix(
     Returns:
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``.
     """
-    ntk = empirical_ntk_fn(apply_fn, method=method, outputs=outputs)
-    check_batched(x1, "x1", min_ndim=2)
-    if x2 is not None:
-        check_batched(x2, "x2", min_ndim=2)
+    ntk = empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs=outputs)
+    check_pair(x1, x2)
     check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
 
     def block_fn(a, b, p):
@@ -387,7 +256,7 @@ def ntk_operator(
     ``(Theta v)_{a,i} = sum_{b,j} Theta(x_a, x_b)_{ij} v_{b,j} = [J (J^T v)]_{a,i}``: one
     vector-Jacobian product then one Jacobian-vector product over the batch, so memory is that
     of a forward/backward pass, whatever N. ``v`` has the shape of ``apply_fn(params, x)``.
-    The forward pass is linearised once, so repeated calls (CG iterations) reuse it.
+    The forward pass is linearized once, so repeated calls (CG iterations) reuse it.
 
     Use e.g. ``jax.scipy.sparse.linalg.cg(ntk_operator(apply_fn, params, x), y)``.
     """
@@ -417,7 +286,7 @@ def empirical_nngp_fn(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     *,
     features: str = "outputs",
-    outputs: str = "trace",
+    outputs: Outputs = "trace",
     normalize: bool = False,
 ) -> KernelFn:
     """Returns a jitted ``nngp(params, x1, x2=None)``: the empirical output covariance.
@@ -433,7 +302,7 @@ def empirical_nngp_fn(
 
     ``outputs``: ``"trace"`` sums over the O features (divided by O with ``normalize=True``,
     which for a readout ``y = sigma_w / sqrt(O) W phi`` with ``W ~ N(0, 1)`` is the NNGP
-    ``E[y y'] / sigma_w^2`` at initialisation); ``"full"`` ``(N1, N2, O, O)``; ``"diagonal"``
+    ``E[y y'] / sigma_w^2`` at initialization); ``"full"`` ``(N1, N2, O, O)``; ``"diagonal"``
     ``(N1, N2, O)``.
     """
     check_choice(features, ("outputs", "last_hidden"), "features")
@@ -443,8 +312,6 @@ def empirical_nngp_fn(
         if features == "outputs":
             out = apply_fn(params, x)
         else:
-            from ntkjax.structured import last_hidden_features
-
             out = last_hidden_features(apply_fn, params, x)
         return jnp.reshape(out, (out.shape[0], -1))
 
@@ -453,7 +320,7 @@ def empirical_nngp_fn(
         p1 = phi(params, x1)
         p2 = p1 if x2 is None else phi(params, x2)
         if outputs == "trace":
-            kernel = jnp.matmul(p1, p2.T, precision=_PRECISION)
+            kernel = jnp.matmul(p1, p2.T, precision=PRECISION)
             if normalize:
                 kernel = kernel / p1.shape[1]
         elif outputs == "diagonal":

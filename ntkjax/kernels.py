@@ -2,10 +2,10 @@
 
 The same ``flax.linen`` module defines the finite network (``module.init`` / ``module.apply`` on
 arrays) and its infinite-width limit: :func:`kernel_fn` feeds the module a :class:`Kernel` instead
-of an array, and every :mod:`ntkjax.nn` layer and activation maps the kernel by its closed-form
-rule (:mod:`ntkjax.analytic`). Residual sums of independent branches add kernels. A Flax built-in
-layer that meets a :class:`Kernel` (``flax.linen.Dense``, ``Dropout``, ...) has no such rule and
-raises a ValueError naming it.
+of an array, and every :mod:`ntkjax.nn` layer and activation maps the kernel by the closed-form
+rule it declares beside its finite computation. Residual sums of independent branches add
+kernels. A Flax built-in layer that meets a :class:`Kernel` (``flax.linen.Dense``, ``Dropout``,
+...) has no such rule and raises a ValueError naming it.
 
 Per output: a readout with O outputs gives the kernel of one output, of shape (N1, N2); the
 outputs are independent and identically distributed, so the full NNGP / NTK is
@@ -15,7 +15,7 @@ Images. Inputs of shape (N, *S, C) (NHWC for 2-D; any number of spatial axes) ke
 inputs, the kernel between every pair of positions: ``nngp[a, b, p, p']`` of shape
 (N1, N2, *S, *S), and per input its covariance across positions, ``var1[a, p, p']``. The input
 kernel is ``x_a[p] . x_b[p'] / C``; :class:`ntkjax.nn.Conv` averages it over patches
-(:func:`ntkjax.analytic.patch_average`) and applies the dense rule; activations act entrywise;
+(:func:`ntkjax.nn.conv.patch_average`) and applies the dense rule; activations act entrywise;
 :func:`ntkjax.nn.flatten` and :func:`ntkjax.nn.global_average_pool` remove the spatial axes
 (Novak et al. 2019; Arora et al. 2019). A dense layer on a kernel with spatial axes acts per
 position, as ``flax.linen.Dense`` on the channel axis does.
@@ -23,7 +23,6 @@ position, as ``flax.linen.Dense`` on the channel axis does.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,11 +31,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen, struct
 
-from ntkjax import analytic
-from ntkjax._checks import check_batched, check_same_features
+from ntkjax._checks import check_pair, float_dtype
 from ntkjax.blocking import evaluate_in_blocks
 
-__all__ = ["Kernel", "input_kernel", "kernel_fn", "kernel_matrix"]
+__all__ = ["Kernel", "input_kernel", "kernel_fn", "kernel_matrix", "position_diagonal"]
 
 
 @struct.dataclass
@@ -127,153 +125,32 @@ class Kernel:
     def __neg__(self) -> Kernel:
         return self
 
-    def activation(
-        self,
-        maps: Callable[..., analytic.ActivationMaps],
-        variance: Callable[[jax.Array], jax.Array],
-    ) -> Kernel:
-        """The kernel after an elementwise activation with kernel maps
-        ``maps(q12, q11, q22) -> (sigma, sigma_dot)`` and second moment ``variance(q)``:
-        ``Sigma <- sigma``, ``Theta <- sigma_dot * Theta``, ``var <- variance(var)``.
-
-        With spatial axes every entry ``[a, b, p, p']`` is mapped with the variances
-        ``var1[a, p, p]`` and ``var2[b, p', p']``, and each input's covariance across positions
-        ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1)."""
-        nd = self.spatial_ndim
-        if nd == 0:
-            sigma, sigma_dot = maps(self.nngp, self.var1[:, None], self.var2[None, :])
-            var1 = variance(self.var1)
-            var2 = var1 if self.var2 is self.var1 else variance(self.var2)
-        else:
-            d1 = _position_diagonal(self.var1, nd)
-            d2 = d1 if self.var2 is self.var1 else _position_diagonal(self.var2, nd)
-            ones = (1,) * nd
-            sigma, sigma_dot = maps(
-                self.nngp,
-                d1.reshape(d1.shape[0], 1, *d1.shape[1:], *ones),
-                d2.reshape(1, d2.shape[0], *ones, *d2.shape[1:]),
-            )
-
-            def self_map(v, d):
-                return maps(v, d.reshape(*d.shape, *ones), d.reshape(d.shape[0], *ones,
-                                                                      *d.shape[1:]))[0]
-
-            var1 = self_map(self.var1, d1)
-            var2 = var1 if self.var2 is self.var1 else self_map(self.var2, d2)
-        var1, var2 = _materialise(var1, var2)
-        return Kernel(nngp=sigma, ntk=self.ntk * sigma_dot, var1=var1, var2=var2,
+    def __getitem__(self, index: Any) -> Kernel:
+        """``k[rows, cols]``: the kernel of a subset of x1 (``rows``) and x2 (``cols``) -- any
+        numpy-style index of one axis each (``k[rows]`` keeps every x2). ``nngp`` and ``ntk``
+        are indexed on their two batch axes, ``var1`` by ``rows`` and ``var2`` by ``cols``."""
+        rows, cols = index if isinstance(index, tuple) else (index, slice(None))
+        nngp = self.nngp[rows][:, cols]
+        ntk = self.ntk[rows][:, cols]
+        return Kernel(nngp=nngp, ntk=ntk, var1=self.var1[rows], var2=self.var2[cols],
                       width=self.width)
 
-    def dense(
-        self,
-        features: int,
-        *,
-        w_std: float,
-        b_std: float,
-        use_bias: bool = True,
-        parameterization: str = "ntk",
-    ) -> Kernel:
-        """The kernel after a dense layer with ``features`` outputs (see :func:`analytic.dense`).
+    def map_variances(self, fn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``(fn(var1), fn(var2))``, evaluated once when ``var2`` is ``var1`` (``x2 = None``), so
+        the two stay one array and the diagonal of a symmetric kernel stays consistent."""
+        var1 = fn(self.var1)
+        return var1, (var1 if self.var2 is self.var1 else fn(self.var2))
 
-        With spatial axes the layer acts per position (one weight matrix shared by all
-        positions, as ``flax.linen.Dense`` on the channel axis): the rule applies to every entry
-        ``[a, b, p, p']``."""
-        nngp, ntk = analytic.dense(
-            self.nngp, self.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
-            parameterization=parameterization, fan_in=self.width,
-        )
-        var = functools.partial(analytic.dense_nngp, w_std=w_std, b_std=b_std,
-                                use_bias=use_bias)
-        var1 = var(self.var1)
-        var2 = var1 if self.var2 is self.var1 else var(self.var2)
-        return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features))
-
-    def conv(
-        self,
-        features: int,
-        *,
-        window: tuple[int, ...],
-        strides: tuple[int, ...] | None = None,
-        padding: str = "SAME",
-        w_std: float,
-        b_std: float,
-        use_bias: bool = True,
-        parameterization: str = "ntk",
-    ) -> Kernel:
-        """The kernel after a convolution with ``features`` output channels.
-
-        A convolution is a dense layer on patches: the NNGP, the NTK and the variances are
-        averaged over the window (:func:`analytic.patch_average`; zero padding for ``"SAME"``,
-        strided output positions), then mapped by the dense rule with
-        ``fan_in = prod(window) * width``::
-
-            T(k)[o, o'] = (1/|K|) sum_delta k[s o + delta, s o' + delta]
-            Sigma' = w_std^2 T(Sigma) + b_std^2
-            Theta' = Sigma' + w_std^2 T(Theta)                       (NTK parameterization)
-            Theta' = fan_in T(Sigma) + w_std^2 T(Theta) (+ 1)        (standard)
-
-        (Novak et al. 2019; Arora et al. 2019.)
-        """
-        nd = self.spatial_ndim
-        if nd != len(window):
-            raise ValueError(
-                f"a {len(window)}-D convolution (window {tuple(window)}) needs a kernel with "
-                f"{len(window)} spatial axes; got one with spatial shape {self.spatial_shape}"
-                + (" -- inputs of shape (batch, *spatial, channels)." if nd == 0 else ".")
-            )
-        avg = functools.partial(analytic.patch_average, window=tuple(window),
-                                strides=strides, padding=padding)
-        var1 = avg(self.var1, batch_ndim=1)
-        var2 = var1 if self.var2 is self.var1 else avg(self.var2, batch_ndim=1)
-        patches = Kernel(nngp=avg(self.nngp, batch_ndim=2), ntk=avg(self.ntk, batch_ndim=2),
-                         var1=var1, var2=var2, width=math.prod(window) * self.width)
-        return patches.dense(features, w_std=w_std, b_std=b_std, use_bias=use_bias,
-                             parameterization=parameterization)
-
-    def flatten(self) -> Kernel:
-        """The kernel of the flattened features ``(N, *S, C) -> (N, prod(S) C)``.
-
-        A dense layer on them has independent weights per position, so only matching positions
-        survive: ``Sigma[a, b] = mean_p Sigma[a, b, p, p]`` (likewise Theta and the variances),
-        ``width = prod(S) * C`` (the next layer's fan_in). A kernel without spatial axes is
-        returned unchanged."""
+    def position_variances(self) -> tuple[jax.Array, jax.Array]:
+        """Each input's variance at each position, ``var[a, p, p]``, shaped (N, *S), for x1 and
+        x2 (the variances themselves, (N,), without spatial axes)."""
         nd = self.spatial_ndim
         if nd == 0:
-            return self
-        var1 = jnp.mean(_position_diagonal(self.var1, nd).reshape(self.var1.shape[0], -1), -1)
-        var2 = var1 if self.var2 is self.var1 else jnp.mean(
-            _position_diagonal(self.var2, nd).reshape(self.var2.shape[0], -1), -1)
-        n1, n2 = self.nngp.shape[:2]
-        positions = math.prod(self.spatial_shape)
-
-        def diag_mean(k):
-            k = k.reshape(n1, n2, positions, positions)
-            return jnp.mean(jnp.diagonal(k, axis1=2, axis2=3), axis=-1)
-
-        return Kernel(nngp=diag_mean(self.nngp), ntk=diag_mean(self.ntk), var1=var1,
-                      var2=var2, width=positions * self.width)
-
-    def global_average_pool(self) -> Kernel:
-        """The kernel of the features averaged over positions ``(N, *S, C) -> (N, C)``:
-        ``Sigma[a, b] = mean_{p, p'} Sigma[a, b, p, p']`` (likewise Theta, and the variances from
-        each input's full covariance across positions), ``width = C``."""
-        nd = self.spatial_ndim
-        if nd == 0:
-            raise ValueError(
-                "global_average_pool needs a kernel with spatial axes (inputs of shape "
-                "(batch, *spatial, channels)); this one has none."
-            )
-
-        def pool(k, lead):
-            return jnp.mean(k, axis=tuple(range(lead, k.ndim)))
-
-        var1 = pool(self.var1, 1)
-        var2 = var1 if self.var2 is self.var1 else pool(self.var2, 1)
-        return Kernel(nngp=pool(self.nngp, 2), ntk=pool(self.ntk, 2), var1=var1, var2=var2,
-                      width=self.width)
+            return self.var1, self.var2
+        return self.map_variances(lambda v: position_diagonal(v, nd))
 
 
-def _position_diagonal(v: jax.Array, nd: int) -> jax.Array:
+def position_diagonal(v: jax.Array, nd: int) -> jax.Array:
     """``v[a, p, p]`` of shape (N, *S) from per-input covariances ``v`` of shape (N, *S, *S)."""
     n, spatial = v.shape[0], v.shape[1 : 1 + nd]
     positions = math.prod(spatial)
@@ -281,35 +158,11 @@ def _position_diagonal(v: jax.Array, nd: int) -> jax.Array:
     return jnp.diagonal(flat, axis1=1, axis2=2).reshape(n, *spatial)
 
 
-def _fusion_boundary(v: jax.Array) -> jax.Array:
-    """``v`` unchanged, computed as the smaller of (v, v) by a sort, which XLA never fuses.
-
-    ``jax.lax.optimization_barrier`` is expanded before fusion on the CPU, so without this XLA
-    duplicates the whole O(N) variance recursion into every later layer's fusion and a depth-L
-    network compiles in O(L^2) (depth 30: ~60 s instead of ~2 s).
-    """
-    return jnp.sort(jnp.stack([v, v], axis=-1), axis=-1)[..., 0]
-
-
-def _materialise(var1: jax.Array, var2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Materialises the variances after a layer (see :func:`_fusion_boundary`)."""
-    if var2 is var1:
-        var1 = _fusion_boundary(var1)
-        return var1, var1
-    return _fusion_boundary(var1), _fusion_boundary(var2)
-
-
-def _float_inputs(x1, x2):
-    check_batched(x1, "x1")  # (batch, features) or (batch, *spatial, channels)
-    if x2 is not None:
-        check_batched(x2, "x2")
-        check_same_features(x1, x2)
-    x1 = jnp.asarray(x1)
-    dtype = jnp.result_type(x1) if x2 is None else jnp.result_type(x1, jnp.asarray(x2))
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.result_type(float)
-    x1 = x1.astype(dtype)
-    return x1, (None if x2 is None else jnp.asarray(x2).astype(dtype))
+def _float_inputs(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array | None]:
+    """Validated inputs in one floating dtype: (batch, features) or (batch, *spatial, channels)."""
+    check_pair(x1, x2)
+    dtype = float_dtype(x1, x2)
+    return jnp.asarray(x1, dtype), (None if x2 is None else jnp.asarray(x2, dtype))
 
 
 def input_kernel(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
@@ -380,7 +233,7 @@ def _reject_flax_layers(next_fun, args, kwargs, context):
             f"{cls.__module__}.{cls.__qualname__} (module {module.name!r}) has no infinite-width "
             "kernel rule: ntkjax.kernel_fn needs layers from ntkjax.nn -- use ntkjax.nn.Dense "
             "instead of flax.linen.Dense and the ntkjax.nn activations (ntkjax.nn.elementwise "
-            "for any other one); layers such as Dropout or normalisation have no rule."
+            "for any other one); layers such as Dropout or normalization have no rule."
         )
     return next_fun(*args, **kwargs)
 
@@ -426,7 +279,7 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
             return out
         # Under jit: a second, structurally distinct copy of the graph for the NNGP output.
         # XLA fuses an elementwise chain into one loop only when all its users are in that
-        # loop; with both outputs drawn from one graph it materialises every layer (4-10x
+        # loop; with both outputs drawn from one graph it materializes every layer (4-10x
         # slower). Two independent chains -- the NTK one also computes the NNGP internally --
         # each fuse into a single loop over the (N1, N2) entries.
         k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))

@@ -1,4 +1,4 @@
-"""First-order Taylor expansion of a network in its parameters (the linearised network).
+"""First-order Taylor expansion of a network in its parameters (the linearized network).
 
 ``f_lin(theta, x) = f(theta_0, x) + J(theta_0, x) (theta - theta_0)``, the model whose gradient
 descent dynamics are exactly the NTK dynamics (Lee et al. 2019, "Wide Neural Networks of Any

@@ -18,6 +18,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ntkjax.scaling import fit_power_law
+
 STYLE = {
     "figure.dpi": 110,
     "savefig.dpi": 130,
@@ -74,7 +76,6 @@ def _finish(fig, ax, own_figure: bool, path, *, xlabel: str, ylabel: str, title:
 
 def _fit_positive(x, y):
     """:func:`ntkjax.scaling.fit_power_law` on the points where x and y are positive/finite."""
-    from ntkjax.scaling import fit_power_law
 
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()

@@ -1,4 +1,4 @@
-"""The "structured" empirical NTK: per-layer factorisation from layer inputs and cotangents.
+"""The "structured" empirical NTK: per-layer factorization from layer inputs and cotangents.
 
 For a dense layer ``y = c x W + s b`` applied at positions ``t`` (``x_t in R^K``,
 ``y_t in R^F``), the gradient of output ``i`` with respect to ``W`` is
@@ -11,7 +11,7 @@ layer output. Its contribution to the NTK is therefore
 (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel", section 4, "structured
 derivatives"). Without positions (an MLP) this is ``(X X'^T) * (D D'^T)``: two Gram matrices per
 layer and no per-sample weight gradient ever formed. With positions (convolutions, dense layers
-on sequences) the layer is computed either in this *factored* form or *materialised* as
+on sequences) the layer is computed either in this *factored* form or *materialized* as
 per-sample gradients ``G_i = sum_t x_t (x) delta_{i,t}`` contracted as ``<G_i, G'_j>``,
 whichever needs fewer FLOPs. A convolution is a dense layer on its input patches
 (``lax.conv_general_dilated_patches``); an embedding is a dense layer on one-hot tokens, so
@@ -26,7 +26,7 @@ Only exact classes are recognised (not subclasses), and a module called more tha
 treated as unsupported. Every parameter not covered -- LayerNorm scales, unsupported layers,
 non-linen parameters -- falls back to per-sample Jacobian contraction, computed in the same
 backward pass. When every parameter is covered, the O backward passes (one per output, reusing
-one forward pass) run on the whole batch at once; otherwise per sample. The materialised form
+one forward pass) run on the whole batch at once; otherwise per sample. The materialized form
 computes all samples' ``G_i`` as one batched matmul with the outputs folded into its columns.
 """
 
@@ -42,13 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
 
-from ntkjax.empirical import (
-    _PRECISION,
+from ntkjax.jacobians import (
+    PRECISION,
     contract_jacobians,
+    contract_leaf_jacobians,
     is_variables_dict,
+    leaf_jacobian_kernel,
     per_sample_fn,
     split_params,
 )
+from ntkjax.nn.dense import Dense as NTKDense
 
 __all__ = ["count_structured_layers", "last_hidden_features", "structured_kernel"]
 
@@ -66,14 +69,6 @@ class _Layer:
     out_shape: tuple[int, ...]
     out_dtype: Any
     probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
-
-
-def _ntkjax_dense_class():
-    try:
-        from ntkjax import nn as ntk_nn
-    except ImportError:
-        return None
-    return getattr(ntk_nn, "Dense", None)
 
 
 def _layer_kind(module) -> tuple[str | None, bool]:
@@ -96,8 +91,7 @@ def _layer_kind(module) -> tuple[str | None, bool]:
         return "conv", False
     if cls is nn.Embed:
         return "embed", False
-    ntk_dense = _ntkjax_dense_class()
-    if ntk_dense is not None and cls is ntk_dense:
+    if cls is NTKDense:
         return "dense", True
     return None, False
 
@@ -187,7 +181,7 @@ def _input_ok(layer: _Layer) -> bool:
 
 
 def count_structured_layers(apply_fn, params, x1) -> int:
-    """How many layers of the model the structured method factorises."""
+    """How many layers of the model the structured method factorizes."""
     return len(_discover(apply_fn, params, x1))
 
 
@@ -283,16 +277,16 @@ def _layer_cotangents(layer: _Layer, d):
 def _contract_outputs_first(j1, j2, outputs: str):
     """:func:`contract_jacobians` for Jacobians laid out outputs first: (O, N1, P), (O, N2, P)."""
     spec = {"trace": "iap,ibp->ab", "diagonal": "iap,ibp->abi", "full": "iap,jbp->abij"}
-    return jnp.einsum(spec[outputs], j1, j2, precision=_PRECISION)
+    return jnp.einsum(spec[outputs], j1, j2, precision=PRECISION)
 
 
 def _delta_gram(d1, d2, outputs: str):
     """sum_f d1[i,a,t,f] d2[j,b,s,f] as (a, t, b, s[, i[, j]]) for trace / diagonal / full."""
     if outputs == "trace":
-        return jnp.einsum("iatf,ibsf->atbs", d1, d2, precision=_PRECISION)
+        return jnp.einsum("iatf,ibsf->atbs", d1, d2, precision=PRECISION)
     if outputs == "diagonal":
-        return jnp.einsum("iatf,ibsf->atbsi", d1, d2, precision=_PRECISION)
-    return jnp.einsum("iatf,jbsf->atbsij", d1, d2, precision=_PRECISION)
+        return jnp.einsum("iatf,ibsf->atbsi", d1, d2, precision=PRECISION)
+    return jnp.einsum("iatf,jbsf->atbsij", d1, d2, precision=PRECISION)
 
 
 def _combine(a, b):
@@ -310,12 +304,12 @@ def _weight_term(
     kind, x1, d1, x2, d2, outputs, *, vocab=None, form="auto", scale=1.0, bias_scale=None
 ):
     """The NTK contribution of a layer ``y = scale * x W (+ bias_scale * b)``: its weight and,
-    when ``bias_scale`` is not None, its bias, factored or materialised, whichever is cheaper
+    when ``bias_scale`` is not None, its bias, factored or materialized, whichever is cheaper
     (``form="auto"``; ``"factored"`` / ``"materialized"`` force one). ``x1``, ``x2``: the
     layer inputs as parts (see :func:`_layer_inputs`).
 
     The bias rides along with the weight: it is the weight of a constant input, so the factored
-    form uses ``scale^2 (x_t . x'_s) + bias_scale^2`` and the materialised form appends
+    form uses ``scale^2 (x_t . x'_s) + bias_scale^2`` and the materialized form appends
     ``bias_scale`` to every ``scale * x_t`` -- one Gram product for both, and no separate pass
     over the cotangents to sum them over positions."""
     o, n1, t, f = d1.shape
@@ -323,25 +317,25 @@ def _weight_term(
     k = vocab if kind == "embed" else sum(part.shape[-1] for part in x1)
     kx = 1 if kind == "embed" else k
     factored = n1 * n2 * t * s * (kx + f * _output_factor(outputs, o))
-    materialised = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(outputs, o)
+    materialized = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(outputs, o)
     bias_sq = 0.0 if bias_scale is None else bias_scale * bias_scale
     if form != "auto":
-        factored, materialised = (0, 1) if form == "factored" else (1, 0)
+        factored, materialized = (0, 1) if form == "factored" else (1, 0)
     elif t == 1 and s == 1 and kind != "embed":
         gram = sum(
-            jnp.matmul(p1[:, 0], p2[:, 0].T, precision=_PRECISION)
+            jnp.matmul(p1[:, 0], p2[:, 0].T, precision=PRECISION)
             for p1, p2 in zip(x1, x2, strict=True)
         )
         a = (scale * scale) * gram + bias_sq
         b = _contract_outputs_first(d1[:, :, 0], d2[:, :, 0], outputs)
         return a.reshape(a.shape + (1,) * (b.ndim - 2)) * b
-    if factored <= materialised:
+    if factored <= materialized:
         if kind == "embed":
             (ids1,), (ids2,) = x1, x2
             a = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(d1.dtype)
         else:
             a = sum(
-                jnp.einsum("atk,bsk->atbs", p1, p2, precision=_PRECISION)
+                jnp.einsum("atk,bsk->atbs", p1, p2, precision=PRECISION)
                 for p1, p2 in zip(x1, x2, strict=True)
             )
         return _combine((scale * scale) * a + bias_sq, _delta_gram(d1, d2, outputs))
@@ -366,15 +360,15 @@ def _weight_term(
 
     x1 = joined(x1)
     x2 = x1 if same else joined(x2)
-    return _materialised_term(x1, d1, x2, d2, outputs)
+    return _materialized_term(x1, d1, x2, d2, outputs)
 
 
-# Bytes of per-sample gradients computed at once by the materialised form: a chunk of outputs
+# Bytes of per-sample gradients computed at once by the materialized form: a chunk of outputs
 # small enough to stay in the last-level cache between its batched matmul and its Gram product.
 _GRAD_CHUNK_BYTES = 16 * 2**20
 
 
-def _materialised_term(x1, d1, x2, d2, outputs):
+def _materialized_term(x1, d1, x2, d2, outputs):
     """``<G_{a,i}, G'_{b,j}>`` from per-sample gradients ``G[a, k, i, f] = sum_t x[a,t,k]
     d[i,a,t,f]``, each a batched matmul with the outputs folded into its columns.
 
@@ -388,16 +382,16 @@ def _materialised_term(x1, d1, x2, d2, outputs):
 
     def grads(x, d):  # x (n, t, k), d (c, n, t, f) -> (n, k, c, f)
         if d.shape[0] == 1:
-            g = jax.lax.dot_general(x, d[0], (((1,), (1,)), ((0,), (0,))), precision=_PRECISION)
+            g = jax.lax.dot_general(x, d[0], (((1,), (1,)), ((0,), (0,))), precision=PRECISION)
             return g[:, :, None]
-        return jax.lax.dot_general(x, d, (((1,), (2,)), ((0,), (1,))), precision=_PRECISION)
+        return jax.lax.dot_general(x, d, (((1,), (2,)), ((0,), (1,))), precision=PRECISION)
 
     def term(c1, c2):
         g1 = grads(x1, c1)
         g2 = g1 if same else grads(x2, c2)
         if outputs == "trace":  # any common ordering of (k, i, f) will do
             return jnp.matmul(
-                g1.reshape(g1.shape[0], -1), g2.reshape(g2.shape[0], -1).T, precision=_PRECISION
+                g1.reshape(g1.shape[0], -1), g2.reshape(g2.shape[0], -1).T, precision=PRECISION
             )
         n_a, n_b, c = g1.shape[0], g2.shape[0], g1.shape[2]
         g1 = jnp.moveaxis(g1, 2, 1).reshape(n_a, c, -1)
@@ -534,17 +528,15 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
 def structured_kernel(
     apply_fn, params, x1, x2=None, *, outputs: str = "trace", form: str = "auto"
 ):
-    """The empirical NTK by per-layer factorisation (see module doc); same contract as
-    ``empirical_ntk_fn(..., method="structured")`` but not jitted and without validation.
+    """The empirical NTK by per-layer factorization (see module doc); same contract as
+    ``empirical_ntk_fn(..., ntk_method="structured")`` but not jitted and without validation.
 
-    ``form``: ``"auto"`` picks, per layer, the factored or the materialised form by FLOPs;
+    ``form``: ``"auto"`` picks, per layer, the factored or the materialized form by FLOPs;
     ``"factored"`` or ``"materialized"`` force one for every layer (for testing).
     """
     layers = _discover(apply_fn, params, x1)
     trainable, rebuild = split_params(params)
     if not layers:
-        from ntkjax.empirical import leaf_jacobian_kernel
-
         return leaf_jacobian_kernel(per_sample_fn(apply_fn, rebuild), trainable, x1, x2, outputs)
 
     out = jax.eval_shape(apply_fn, params, x1[:1])
@@ -582,12 +574,9 @@ def structured_kernel(
         nonlocal total
         total = term if total is None else total + term
 
-    for a, b in zip(jax.tree_util.tree_leaves(jac1), jax.tree_util.tree_leaves(jac2), strict=True):
-        if a.size:
-            add(contract_jacobians(
-                a.reshape(a.shape[0], a.shape[1], -1), b.reshape(b.shape[0], b.shape[1], -1),
-                outputs,
-            ))
+    rest_kernel = contract_leaf_jacobians(jac1, jac2, outputs)
+    if rest_kernel is not None:
+        add(rest_kernel)
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
         d1 = _layer_cotangents(layer, deltas1[path])

@@ -14,30 +14,20 @@ stability check of :func:`ntkjax.training.learning_rate_check` (``max_learning_r
 2n/lambda_max``, ``stable``), and ``seconds``: the wall time of the seeds program (compilation
 included) divided by its number of seeds. Non-finite numbers are written as ``null``.
 
-``ntkjax sweep`` is the command line for it (:func:`add_arguments`, :func:`run_from_args`).
-The ``study`` preset is the study notebook's section 6 set-up: sin regression with 50 training
-points, one hidden ReLU layer with He initialization (``w_std = sqrt 2``, zero biases), widths
-50/200/1000/5000, 500 full-batch SGD steps, kernel tracked every 100 steps on 20 N(0, 1) probe
-inputs, and the study's ``lr = 0.01`` on ``mean((f - y)**2)``, which is ``lr = 0.02`` on
-ntkjax's ``1/(2n) sum (f - y)**2``. In the NTK parameterization it converges and the kernel
-change falls like width^(-1/2); in the standard parameterization (the study's) the initial NTK
-grows with width, ``2n/lambda_max`` falls below 0.02 from width ~200 on, and those runs diverge:
-flagged before training by the stability check and reported with the step where they diverged.
+``ntkjax sweep`` (:mod:`ntkjax.study.sweep_command`) is its command line, with named presets.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -46,24 +36,29 @@ import optax
 
 from ntkjax._checks import check_choice
 from ntkjax._progress import progress
-from ntkjax.datasets import sin_regression
 from ntkjax.models import MLP
+from ntkjax.nn.dense import PARAMETERIZATIONS, Parameterization
 from ntkjax.scaling import fit_power_law
+from ntkjax.tasks import gaussian_regression, sin_regression
 from ntkjax.training import learning_rate_check, make_train_fn
 
 __all__ = [
-    "PRESETS",
     "SweepConfig",
-    "add_arguments",
+    "drift_fit",
     "load_rows",
-    "run_from_args",
+    "make_data",
+    "make_model",
+    "make_optimizer",
+    "seeds_program",
     "summarize",
     "sweep",
+    "write_plots",
 ]
 
-DATASETS = ("sin", "gaussian")
-OPTIMIZERS = ("sgd", "momentum", "adam")
-PARAMETERIZATIONS = ("ntk", "standard")
+Dataset = Literal["sin", "gaussian"]
+Optimizer = Literal["sgd", "momentum", "adam"]
+DATASETS: tuple[Dataset, ...] = ("sin", "gaussian")
+OPTIMIZERS: tuple[Optimizer, ...] = ("sgd", "momentum", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +68,8 @@ class SweepConfig:
     Attributes:
       dataset: ``"sin"`` (:func:`ntkjax.datasets.sin_regression`, 1-D inputs, 100-point test
         grid) or ``"gaussian"`` (inputs N(0, I_d), targets ``sin(x . u)`` with a unit vector u).
-      n_train, input_dim, n_test: data sizes (``input_dim`` is 1 for ``"sin"``).
-      n_probe: probe inputs of the tracked NTK, N(0, I_d) as in the study.
+      num_train, input_dim, num_test: data sizes (``input_dim`` is 1 for ``"sin"``).
+      num_probe: probe inputs of the tracked NTK, drawn N(0, I_d).
       depth: hidden layers; the MLP is ``features=(width,) * depth + (1,)``.
       activation, w_std, b_std, parameterization: passed to :class:`ntkjax.models.MLP`.
       num_steps, record_every, batch_size: as in :func:`ntkjax.training.make_train_fn`.
@@ -86,20 +81,20 @@ class SweepConfig:
       dtype: ``"float32"`` or ``"float64"`` (the latter needs ``jax.enable_x64``).
     """
 
-    dataset: str = "sin"
-    n_train: int = 50
+    dataset: Dataset = "sin"
+    num_train: int = 50
     input_dim: int = 1
-    n_test: int = 100
-    n_probe: int = 20
+    num_test: int = 100
+    num_probe: int = 20
     depth: int = 1
     activation: str = "relu"
     w_std: float = math.sqrt(2.0)
     b_std: float = 0.0
-    parameterization: str = "ntk"
+    parameterization: Parameterization = "ntk"
     num_steps: int = 500
     record_every: int = 100
     batch_size: int | None = None
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     track_kernel: bool = True
     ntk_method: str = "auto"
     data_seed: int = 0
@@ -112,7 +107,7 @@ class SweepConfig:
         check_choice(self.dtype, ("float32", "float64"), "dtype")
         if self.dataset == "sin" and self.input_dim != 1:
             raise ValueError(f"the sin dataset has input_dim 1; got input_dim={self.input_dim}.")
-        for name in ("n_train", "input_dim", "n_test", "n_probe", "depth", "num_steps",
+        for name in ("num_train", "input_dim", "num_test", "num_probe", "depth", "num_steps",
                      "record_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
@@ -129,27 +124,6 @@ class SweepConfig:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The study notebook's section 6 (see the module docstring).
-    "study": {
-        "widths": (50, 200, 1000, 5000),
-        "seeds": 4,
-        "learning_rates": (0.02,),
-        "config": SweepConfig(),
-    },
-    # The `sweep` benchmark's set-up: 3 hidden ReLU layers, 256 x 16 Gaussian data.
-    "benchmark": {
-        "widths": (64, 256, 1024, 4096),
-        "seeds": 8,
-        "learning_rates": (0.5,),
-        "config": SweepConfig(
-            dataset="gaussian", n_train=256, input_dim=16, n_test=256, n_probe=64, depth=3,
-            num_steps=1000, record_every=100,
-        ),
-    },
-}
-
-
 # --------------------------------------------------------------------------- data and model
 
 
@@ -158,22 +132,19 @@ def make_data(config: SweepConfig) -> dict[str, jax.Array]:
     dtype = jnp.dtype(config.dtype)
     key_data, key_probe = jax.random.split(jax.random.PRNGKey(config.data_seed))
     if config.dataset == "sin":
-        data = sin_regression(key_data, n_train=config.n_train, n_test=config.n_test, dtype=dtype)
-        x_train, y_train, x_test, y_test = data
+        data = sin_regression(key_data, num_train=config.num_train, num_test=config.num_test,
+                              dtype=dtype)
     else:
-        k_x, k_u, k_t = jax.random.split(key_data, 3)
-        u = jax.random.normal(k_u, (config.input_dim,), dtype)
-        u = u / jnp.linalg.norm(u)
-        x_train = jax.random.normal(k_x, (config.n_train, config.input_dim), dtype)
-        x_test = jax.random.normal(k_t, (config.n_test, config.input_dim), dtype)
-        y_train = jnp.sin(x_train @ u)[:, None]
-        y_test = jnp.sin(x_test @ u)[:, None]
-    probe_x = jax.random.normal(key_probe, (config.n_probe, config.input_dim), dtype)
+        data = gaussian_regression(key_data, num_train=config.num_train, num_test=config.num_test,
+                                   input_dim=config.input_dim, dtype=dtype)
+    x_train, y_train, x_test, y_test = data
+    probe_x = jax.random.normal(key_probe, (config.num_probe, config.input_dim), dtype)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
             "probe_x": probe_x}
 
 
 def make_model(config: SweepConfig, width: int) -> MLP:
+    """The MLP of ``config`` with ``depth`` hidden layers of ``width`` units and one output."""
     return MLP(
         features=(int(width),) * config.depth + (1,),
         activation=config.activation,
@@ -183,7 +154,8 @@ def make_model(config: SweepConfig, width: int) -> MLP:
     )
 
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+def make_optimizer(name: Optimizer, learning_rate: float) -> optax.GradientTransformation:
+    """``optax.sgd``, ``optax.sgd`` with momentum 0.9, or ``optax.adam`` at ``learning_rate``."""
     if name == "sgd":
         return optax.sgd(learning_rate)
     if name == "momentum":
@@ -301,8 +273,9 @@ def sweep(
       widths: hidden-layer widths.
       seeds: a number k (seeds 0..k-1) or explicit seed integers.
       out_path: the JSON-lines file; appended to, created with its folder if needed.
-      learning_rates: defaults to ``(0.02,)`` (the study's 0.01 in its loss convention).
-      config: a :class:`SweepConfig` (default: the study's set-up in NTK parameterization).
+      learning_rates: defaults to ``(0.02,)``.
+      config: a :class:`SweepConfig` (default: ``SweepConfig()``, one hidden ReLU layer in the
+        NTK parameterization on 50 sin-regression points).
       show_progress: draw a progress bar over (width, learning rate) programs on stderr.
       compiler_options: XLA options for every (width, learning rate) program, e.g.
         :data:`ntkjax.compile_options.FAST_COMPILE` when runs are short and compiling dominates.
@@ -460,7 +433,7 @@ def summarize(rows: list[dict]) -> str:
 
 def write_plots(rows: list[dict], out_dir: str | Path, *, prefix: str = "sweep") -> list[Path]:
     """Drift-vs-width (log-log with fitted slope) and loss-curve PNGs; returns their paths."""
-    from ntkjax.plotting import plot_drift_vs_width, plot_loss_curves
+    from ntkjax.plotting import plot_drift_vs_width, plot_loss_curves  # matplotlib on use
 
     out_dir = Path(out_dir)
     paths = []
@@ -492,69 +465,3 @@ def write_plots(rows: list[dict], out_dir: str | Path, *, prefix: str = "sweep")
 
 def _slug(name: str) -> str:
     return name.replace(" lr ", "_lr").replace(" ", "_")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ntkjax sweep``; unset options take the preset's value."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="study",
-                        help="base set-up (default: study = the notebook's section 6)")
-    parser.add_argument("--widths", type=int, nargs="+", help="hidden widths")
-    parser.add_argument("--seeds", type=int, help="number of seeds (0..k-1), vmapped per width")
-    parser.add_argument("--learning-rates", "--lr", type=float, nargs="+", dest="learning_rates",
-                        help="learning rates on ntkjax's 1/(2n) sum (f-y)^2 loss")
-    parser.add_argument("--steps", type=int, dest="num_steps", help="optimizer steps")
-    parser.add_argument("--record-every", type=int, help="steps between kernel records")
-    parser.add_argument("--batch-size", type=int, help="minibatch size (default: full batch)")
-    parser.add_argument("--parameterization", choices=PARAMETERIZATIONS)
-    parser.add_argument("--depth", type=int, help="hidden layers")
-    parser.add_argument("--activation", help="activation name of ntkjax.models.MLP")
-    parser.add_argument("--w-std", type=float)
-    parser.add_argument("--b-std", type=float)
-    parser.add_argument("--dataset", choices=DATASETS)
-    parser.add_argument("--n-train", type=int)
-    parser.add_argument("--input-dim", type=int)
-    parser.add_argument("--n-probe", type=int, help="probe inputs of the tracked NTK")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS)
-    parser.add_argument("--ntk-method", help="empirical NTK method (default auto)")
-    parser.add_argument("--no-kernel", action="store_true", help="do not track the NTK")
-    parser.add_argument("--out", default="runs/sweep.jsonl", help="JSON-lines results file")
-    parser.add_argument("--plot", action="store_true", help="write PNG figures beside --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-_CONFIG_OPTIONS = ("num_steps", "record_every", "batch_size", "parameterization", "depth",
-                   "activation", "w_std", "b_std", "dataset", "n_train", "input_dim", "n_probe",
-                   "optimizer", "ntk_method")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    preset = PRESETS[args.preset]
-    overrides = {name: getattr(args, name) for name in _CONFIG_OPTIONS
-                 if getattr(args, name, None) is not None}
-    if args.no_kernel:
-        overrides["track_kernel"] = False
-    config = dataclasses.replace(preset["config"], **overrides)
-    if "record_every" not in overrides and config.num_steps % config.record_every:
-        config = dataclasses.replace(config, record_every=math.gcd(config.num_steps,
-                                                                   config.record_every))
-    try:
-        rows = sweep(
-            widths=args.widths or preset["widths"],
-            seeds=args.seeds if args.seeds is not None else preset["seeds"],
-            learning_rates=args.learning_rates or preset["learning_rates"],
-            out_path=args.out,
-            config=config,
-            show_progress=not args.no_progress,
-        )
-    except ValueError as err:
-        print(f"ntkjax sweep: error: {err}", file=sys.stderr)
-        return 2
-    print(summarize(rows))
-    print(f"rows: {args.out}")
-    if args.plot:
-        for path in write_plots(rows, Path(args.out).parent, prefix=Path(args.out).stem):
-            print(f"figure: {path}")
-    return 0

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from ntkjax._checks import check_batched, check_same_features
-from ntkjax.empirical import empirical_ntk_fn
+from ntkjax.empirical import NTKMethod, empirical_ntk_fn
 from ntkjax.linearize import linearize
 from ntkjax.losses import mse_loss
 from ntkjax.predict import convergence_bound, gradient_descent_mse, max_learning_rate
@@ -88,8 +88,8 @@ class TrainingHistory(NamedTuple):
       kernel_change: (R,) ``||Theta_t - Theta_0||_F / ||Theta_0||_F`` on the probe set, or None
         when the kernel is not tracked.
       param_change: (R,) ``||theta_t - theta_0|| / ||theta_0||`` over all parameter leaves.
-      train_predictions: (R, n_train, O) network outputs on the training inputs.
-      test_predictions: (R, n_test, O) outputs on ``x_test``, or None without ``x_test``.
+      train_predictions: (R, num_train, O) network outputs on the training inputs.
+      test_predictions: (R, num_test, O) outputs on ``x_test``, or None without ``x_test``.
       step_loss: (num_steps,) the (mini)batch loss each step minimised, before its update.
       valid: (R,) True for records taken before divergence (all True when it never diverged).
       diverged: () bool, True when some step's loss was non-finite or exploded.
@@ -112,22 +112,14 @@ class TrainingHistory(NamedTuple):
     stability: StabilityReport | None = None
 
 
-def _empirical_ntk_fn(apply_fn: ApplyFn, method: str) -> Callable:
+def _trace_ntk_fn(apply_fn: ApplyFn, ntk_method: NTKMethod) -> Callable:
     """The empirical NTK summed over outputs, ``ntk(params, x1, x2=None) -> (N1, N2)``."""
-    return empirical_ntk_fn(apply_fn, method=method, outputs="trace")
-
-
-def _tree_sq_norm(tree: Any) -> jax.Array:
-    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+    return empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs="trace")
 
 
 def _tree_all_finite(tree: Any) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-
-
-def _tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def make_train_fn(
@@ -139,7 +131,7 @@ def make_train_fn(
     batch_size: int | None = None,
     track_kernel: bool = True,
     linearized: bool = False,
-    ntk_method: str = "auto",
+    ntk_method: NTKMethod = "auto",
     divergence_factor: float = 1e4,
 ) -> Callable[..., TrainingHistory]:
     """Builds ``train(params0, x_train, y_train, *, probe_x=None, x_test=None, key=None)``.
@@ -185,23 +177,21 @@ def make_train_fn(
         if track_kernel and probe_x is None:
             raise ValueError("track_kernel=True needs probe_x (the inputs of the tracked NTK).")
         model = linearize(apply_fn, params0) if linearized else apply_fn
-        ntk = _empirical_ntk_fn(model, ntk_method) if track_kernel else None
+        ntk = _trace_ntk_fn(model, ntk_method) if track_kernel else None
 
         def loss_fn(params, x, y):
             return mse_loss(model(params, x), y)
 
         theta0 = ntk(params0, probe_x) if track_kernel else None
         theta0_norm = jnp.linalg.norm(theta0) if track_kernel else None
-        params0_norm = jnp.sqrt(_tree_sq_norm(params0))
+        params0_norm = optax.tree.norm(params0)
 
         def record(params):
             f_train = model(params, x_train)
             out = {
                 "loss": mse_loss(f_train, y_train),
                 "train_predictions": f_train,
-                "param_change": jnp.sqrt(
-                    _tree_sq_norm(jax.tree_util.tree_map(jnp.subtract, params, params0))
-                ) / params0_norm,
+                "param_change": optax.tree.norm(optax.tree.sub(params, params0)) / params0_norm,
                 "kernel_change": None,
                 "test_predictions": None,
             }
@@ -230,8 +220,8 @@ def make_train_fn(
             bad = ~jnp.isfinite(loss) | (loss > threshold) | ~_tree_all_finite(updates)
             diverged_at = jnp.where(bad & ~diverged, step, diverged_at)
             diverged = diverged | bad
-            params = _tree_select(diverged, params, new_params)
-            opt_state = _tree_select(diverged, opt_state, new_opt_state)
+            params = optax.tree.where(diverged, params, new_params)
+            opt_state = optax.tree.where(diverged, opt_state, new_opt_state)
             return (params, opt_state, diverged, diverged_at), loss
 
         def chunk(carry, chunk_index):
@@ -273,7 +263,7 @@ def learning_rate_check(
     x_train: jax.Array,
     *,
     learning_rate: float | jax.Array,
-    ntk_method: str = "auto",
+    ntk_method: NTKMethod = "auto",
 ) -> StabilityReport:
     """Compares ``learning_rate`` with the stability edge ``2n / lambda_max(Theta_0)``.
 
@@ -284,7 +274,7 @@ def learning_rate_check(
     (:func:`ntkjax.predict.max_learning_rate`). Pure and jittable/vmappable (returns arrays).
     """
     check_batched(x_train, "x_train")
-    theta = _empirical_ntk_fn(apply_fn, ntk_method)(params0, x_train)
+    theta = _trace_ntk_fn(apply_fn, ntk_method)(params0, x_train)
     num_outputs = jax.eval_shape(apply_fn, params0, x_train[:1]).shape[-1]
     theta = theta / num_outputs
     eigenvalues = jnp.linalg.eigvalsh(theta)
@@ -304,7 +294,7 @@ def _validate_data(x_train, y_train, probe_x, x_test) -> None:
     check_batched(y_train, "y_train", min_ndim=2)
     if np.ndim(y_train) != 2 or np.shape(y_train)[0] != np.shape(x_train)[0]:
         raise ValueError(
-            f"y_train must have shape (n_train, n_outputs) with n_train = x_train.shape[0] = "
+            f"y_train must have shape (num_train, n_outputs) with num_train = x_train.shape[0] = "
             f"{np.shape(x_train)[0]}; got {tuple(np.shape(y_train))}."
         )
     if probe_x is not None:
@@ -331,7 +321,7 @@ def train_with_kernel_tracking(
     track_kernel: bool = True,
     linearized: bool = False,
     learning_rate: float | None = None,
-    ntk_method: str = "auto",
+    ntk_method: NTKMethod = "auto",
     divergence_factor: float = 1e4,
     warn: bool = True,
 ) -> TrainingHistory:
@@ -440,7 +430,7 @@ def kernel_regime_check(
     num_steps: int,
     record_every: int,
     linearized: bool = False,
-    ntk_method: str = "auto",
+    ntk_method: NTKMethod = "auto",
 ) -> KernelRegimeReport:
     """Theory check (1): full-batch SGD at ``learning_rate`` against the kernel prediction.
 
@@ -467,7 +457,7 @@ def kernel_regime_check(
         warn=False,
     )
     n = x_train.shape[0]
-    theta0 = _empirical_ntk_fn(apply_fn, ntk_method)(params0, x_train)
+    theta0 = _trace_ntk_fn(apply_fn, ntk_method)(params0, x_train)
     theta0 = theta0 / y_train.shape[1]
     f0 = history.train_predictions[0]
     steps = np.asarray(history.steps)

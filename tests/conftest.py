@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE_DIR = SHARED / "reference" / "nt_kernels"
+DATA = Path(__file__).resolve().parent / "data"
+REFERENCE_DIR = DATA / "nt_kernels"
 
 
 @pytest.fixture
@@ -24,5 +21,5 @@ def x64():
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
-        pytest.fail(f"reference kernels not found at {REFERENCE_DIR} (../shared beside the repo)")
+        pytest.fail(f"reference kernels not found at {REFERENCE_DIR} (the repository's tests/data)")
     return REFERENCE_DIR

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error
 
 from ntkjax import compile_options
 from ntkjax.compile_options import FAST_COMPILE, cpu_convolution_options, jit_with_options
+from tests.helpers import max_relative_error
 
 
 def _conv(x, w):

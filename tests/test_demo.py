@@ -15,8 +15,8 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-from ntkjax import cli
-from ntkjax.demo import SECTIONS, demo_settings, run_demo
+from ntkjax.study import cli
+from ntkjax.study.demo import SECTIONS, demo_settings, run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_FIGURES = {
@@ -134,8 +134,8 @@ def test_lazy_training_scalings(demo):
 
 def test_digits_accuracy_table(demo):
     s7 = numbers(demo[1], "digits")
-    assert s7["n_test"] == 540  # 30 % of 1,797 (stratified split)
-    assert s7["n_train"] <= 1257
+    assert s7["num_test"] == 540  # 30 % of 1,797 (stratified split)
+    assert s7["num_train"] <= 1257
     assert s7["accuracy_ntk"] >= 0.97
     assert s7["accuracy_nngp"] >= 0.97
     assert s7["accuracy_svm_rbf"] >= 0.97

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import ntkjax
-from ntkjax import datasets
 from ntkjax.models import MLP
 from ntkjax.predict import gp_inference, gradient_flow_mse
+from ntkjax.study import datasets
 
 pytest.importorskip("sklearn")
 

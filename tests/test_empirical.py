@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error
 from jax.flatten_util import ravel_pytree
-from models_for_ntk import CASES, MLP, brute_force_ntk, case_truth, make_case, reduce_full
 
 import ntkjax
+from tests.helpers import max_relative_error
+from tests.models_for_ntk import CASES, MLP, brute_force_ntk, case_truth, make_case, reduce_full
 
 METHODS = ("jacobian", "ntk_vp", "structured")
 
@@ -23,7 +23,7 @@ def test_methods_match_brute_force_float32(case):
     full = case_truth(case)
     for method in METHODS:
         for outputs in ("trace", "diagonal", "full"):
-            ntk = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs=outputs)
+            ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, outputs=outputs)
             got = ntk(params, x1, x2)
             assert got.dtype == jnp.float32
             expected = reduce_full(full, outputs)
@@ -38,7 +38,7 @@ def test_methods_match_brute_force_float64(case, x64):
     apply_fn, params, x1, x2 = make_case(case, jnp.float64)
     full = case_truth(case)
     for method in METHODS:
-        ntk = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs="full")
+        ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, outputs="full")
         got = ntk(params, x1, x2)
         assert got.dtype == jnp.float64
         assert max_relative_error(got, full) < 1e-10, (case, method)
@@ -46,14 +46,14 @@ def test_methods_match_brute_force_float64(case, x64):
 
 def test_auto_picks_a_correct_method():
     apply_fn, params, x1, x2 = make_case("resnet")
-    got = ntkjax.empirical_ntk_fn(apply_fn, method="auto", outputs="diagonal")(params, x1, x2)
+    got = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="auto", outputs="diagonal")(params, x1, x2)
     assert max_relative_error(got, reduce_full(case_truth("resnet"), "diagonal")) < 1e-5
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_x2_none_is_symmetric_psd_and_equals_x1_x1(method):
     apply_fn, params, x1, _ = make_case("cnn", n1=6)
-    ntk = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs="full")
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, outputs="full")
     k = np.asarray(ntk(params, x1), np.float64)
     np.testing.assert_array_equal(k, np.transpose(k, (1, 0, 3, 2)))
     np.testing.assert_allclose(k, ntk(params, x1, x1), rtol=1e-5, atol=1e-5 * np.abs(k).max())
@@ -77,14 +77,14 @@ def test_output_without_feature_axis_and_extra_collections():
         lambda a: a + 0.5, variables["batch_stats"])}
     full = brute_force_ntk(lambda v, x: model.apply(v, x)[:, None], variables, x, x)
     for method in (*METHODS, "auto"):
-        k = ntkjax.empirical_ntk_fn(model.apply, method=method)(variables, x)
+        k = ntkjax.empirical_ntk_fn(model.apply, ntk_method=method)(variables, x)
         assert k.shape == (4, 4)
         assert max_relative_error(k, full[..., 0, 0]) < 1e-5, method
 
 
 def test_usable_inside_jit_scan_and_grad():
     apply_fn, params, x1, _ = make_case("mlp")
-    ntk = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian")
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian")
     expected = np.asarray(ntk(params, x1))
 
     @jax.jit
@@ -110,16 +110,16 @@ def test_plain_pytree_params():
     s = 1 - jnp.tanh(x @ w) ** 2  # (N, O)
     expected = np.einsum("ai,bi->ab", s, s) * np.asarray(x @ x.T) + 2.0
     for method in ("jacobian", "ntk_vp", "auto"):
-        k = ntkjax.empirical_ntk_fn(apply_fn, method=method)(params, x)
+        k = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method)(params, x)
         assert max_relative_error(k, expected) < 1e-5
 
 
 def test_blocked_matches_unblocked():
     apply_fn, params, x1, x2 = make_case("mlp", n1=21, n2=13)
-    ntk = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian", outputs="full")
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian", outputs="full")
     for a, b in ((x1, x2), (x1, None)):
         blocked = ntkjax.empirical_ntk_matrix(
-            apply_fn, params, a, b, method="structured", outputs="full", block_size=8
+            apply_fn, params, a, b, ntk_method="structured", outputs="full", block_size=8
         )
         assert isinstance(blocked, np.ndarray)
         expected = np.asarray(ntk(params, a, b))
@@ -130,7 +130,7 @@ def test_blocked_matches_unblocked():
 def test_blocked_from_memory_budget():
     apply_fn, params, x1, _ = make_case("mlp", n1=40)
     blocked = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, memory_bytes=2**19)
-    expected = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian")(params, x1)
+    expected = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian")(params, x1)
     assert max_relative_error(blocked, expected) < 1e-5
 
 
@@ -159,7 +159,7 @@ def test_ntk_operator_matches_matrix_and_cg_solves():
     model = MLP(widths=(32,), out=1)
     x = jax.random.normal(jax.random.PRNGKey(0), (12, 4))
     params = model.init(jax.random.PRNGKey(1), x)
-    theta = np.asarray(ntkjax.empirical_ntk_fn(model.apply, method="jacobian")(params, x),
+    theta = np.asarray(ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian")(params, x),
                        np.float64)
     op = ntkjax.ntk_operator(model.apply, params, x, ridge=1e-2)
     v = jax.random.normal(jax.random.PRNGKey(2), (12, 1))
@@ -190,16 +190,16 @@ def test_nnx_helper():
     jac = jax.jacfwd(lambda t: apply_fn(unravel(t), x))(flat)  # (N, O, P)
     expected = np.einsum("aip,bjp->abij", jac, jac)
     for method in METHODS:
-        k = ntkjax.empirical_ntk_fn(apply_fn, method=method, outputs="full")(params, x)
+        k = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, outputs="full")(params, x)
         assert k.shape == (4, 4, 2, 2)
         assert max_relative_error(k, expected) < 1e-5
 
 
 def test_errors_name_the_problem():
     apply_fn, params, x1, x2 = make_case("mlp")
-    ntk = ntkjax.empirical_ntk_fn(apply_fn, method="jacobian")
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian")
     with pytest.raises(ValueError, match="allowed"):
-        ntkjax.empirical_ntk_fn(apply_fn, method="exact")
+        ntkjax.empirical_ntk_fn(apply_fn, ntk_method="exact")
     with pytest.raises(ValueError, match="'trace', 'full', 'diagonal'"):
         ntkjax.empirical_ntk_fn(apply_fn, outputs="sum")
     with pytest.raises(ValueError, match=r"x1.shape=\(5, 6\) and x2.shape=\(4, 5\)"):

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from models_for_ntk import MLP
 
 import ntkjax
+from tests.models_for_ntk import MLP
 
 
 def _perturb(params, key, scale):

@@ -11,10 +11,10 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error
 
 import ntkjax
 from ntkjax import models, nn
+from tests.helpers import max_relative_error
 
 
 def test_mlp_init_apply_shapes_and_layers():

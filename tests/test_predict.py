@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import with_and_without_jit
 
 from ntkjax import predict as P
 from ntkjax.losses import mse_loss
+from tests.helpers import with_and_without_jit
 
 
 def feature_kernels(key, n=12, m=7, p=40, dtype=jnp.float64):
@@ -496,10 +496,10 @@ def test_study_sin_task_wide_mlp_follows_kernel_predictions(x64):
     on the sin task follows both the empirical-NTK and the infinite-width NTK predictions
     (started from the network's own initial outputs) to within a few % of its movement."""
     import ntkjax
-    from ntkjax import datasets
+    from ntkjax import tasks
     from ntkjax.models import MLP
 
-    data = datasets.sin_regression(jax.random.PRNGKey(0))
+    data = tasks.sin_regression(jax.random.PRNGKey(0))
     x, y, xt = data.x_train, data.y_train, data.x_test
     model = MLP(features=(4096, 1), activation="relu", w_std=float(np.sqrt(2.0)), b_std=0.1)
     kernels = ntkjax.kernel_fn(model)

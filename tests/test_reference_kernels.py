@@ -1,4 +1,5 @@
-"""kernel_fn against neural-tangents' float64 reference kernels (../shared/reference/nt_kernels).
+"""kernel_fn against neural-tangents' float64 reference kernels (tests/data/nt_kernels, a copy of
+the project's shared reference set).
 
 Every entry -- fully connected and convolutional (Conv 3x3 SAME, NTK parameterization, then a
 flatten or global-average-pool readout and Dense(1), on 6x6x2 NHWC images) -- must match to
@@ -16,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error
 
 import ntkjax
 from ntkjax import models, nn
+from tests.helpers import max_relative_error
 
-_JSON = Path(__file__).resolve().parents[1].parent / "shared/reference/nt_kernels/kernels.json"
-_META = json.loads(_JSON.read_text()) if _JSON.is_file() else {"entries": [], "nonfinite": []}
+_JSON = Path(__file__).resolve().parent / "data" / "nt_kernels" / "kernels.json"
+_META = json.loads(_JSON.read_text())
 ENTRIES = _META["entries"]
 FC = [e for e in ENTRIES if e["kind"] == "fully_connected"]
 CONV = [e for e in ENTRIES if e["kind"] != "fully_connected"]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ntkjax.report import Report, flatten_numbers, format_number, to_jsonable
+from ntkjax.study.report import Report, flatten_numbers, format_number, to_jsonable
 
 
 def test_to_jsonable_converts_numpy_and_non_finite_values():

@@ -1,4 +1,4 @@
-"""The structured empirical NTK: factored and materialised layer forms, ntkjax.nn.Dense scales,
+"""The structured empirical NTK: factored and materialized layer forms, ntkjax.nn.Dense scales,
 and fallbacks (shared modules, tied embeddings, subclasses, LayerNorm) against brute force."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import max_relative_error
-from models_for_ntk import brute_force_ntk, reduce_full
 
 import ntkjax
 from ntkjax import nn as ntk_nn
 from ntkjax import structured
 from ntkjax.structured import count_structured_layers, structured_kernel
+from tests.helpers import max_relative_error
+from tests.models_for_ntk import brute_force_ntk, reduce_full
 
 
 class ConvZoo(nn.Module):
@@ -150,9 +150,9 @@ def test_ntkjax_dense_scales(parameterization):
     x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
     x2 = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
     params = model.init(jax.random.PRNGKey(2), x1)
-    assert count_structured_layers(model.apply, params, x1) == 3  # every layer factorised
+    assert count_structured_layers(model.apply, params, x1) == 3  # every layer factorized
     full = brute_force_ntk(model.apply, params, x1, x2)
-    got = ntkjax.empirical_ntk_fn(model.apply, method="structured", outputs="full")(
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(
         params, x1, x2)
     assert max_relative_error(got, full) < 1e-5
 
@@ -181,7 +181,7 @@ def test_unsupported_uses_fall_back_to_jacobian_contraction():
     params = model.init(jax.random.PRNGKey(2), tokens1)
     assert count_structured_layers(model.apply, params, tokens1) == 0
     full = brute_force_ntk(model.apply, params, tokens1, tokens2)
-    got = ntkjax.empirical_ntk_fn(model.apply, method="structured", outputs="full")(
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(
         params, tokens1, tokens2)
     assert max_relative_error(got, full) < 1e-5
 
@@ -200,7 +200,7 @@ def test_mixed_structured_and_fallback_layers():
     params = model.init(jax.random.PRNGKey(1), x1)
     assert count_structured_layers(model.apply, params, x1) == 2
     full = brute_force_ntk(model.apply, params, x1, x1)
-    got = ntkjax.empirical_ntk_fn(model.apply, method="structured", outputs="full")(params, x1)
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(params, x1)
     assert max_relative_error(got, full) < 1e-5
 
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import ntkjax.sweep as sweep_module
-from ntkjax.cli import main as cli_main
-from ntkjax.sweep import PRESETS, SweepConfig, load_rows, summarize, sweep
+from ntkjax.study.cli import main as cli_main
+from ntkjax.study.sweep_command import PRESETS
+from ntkjax.sweep import SweepConfig, load_rows, summarize, sweep
 
-TINY = SweepConfig(n_train=10, n_probe=4, n_test=20, num_steps=20, record_every=10)
+TINY = SweepConfig(num_train=10, num_probe=4, num_test=20, num_steps=20, record_every=10)
 
 
 def _finite_numbers(row: dict) -> bool:
@@ -127,7 +128,7 @@ def test_study_preset_standard_divergence_is_caught(tmp_path):
 def test_cli_writes_summary_and_figures(tmp_path, capsys):
     out = tmp_path / "cli.jsonl"
     argv = ["sweep", "--widths", "16", "64", "--seeds", "2", "--steps", "20",
-            "--record-every", "10", "--n-train", "10", "--n-probe", "4", "--out", str(out),
+            "--record-every", "10", "--num-train", "10", "--num-probe", "4", "--out", str(out),
             "--plot", "--no-progress"]
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
@@ -168,7 +169,7 @@ def test_kernel_change_falls_like_inverse_sqrt_width(tmp_path):
     # moves by O(width^-1/2)): after a fixed number of steps at a learning rate well below the
     # stability edge (0.5 vs 2n/lambda_max ~ 2.5 here), the relative NTK change of a ReLU MLP
     # in the NTK parameterization falls with a log-log slope between -0.7 and -0.3.
-    config = SweepConfig(dataset="gaussian", n_train=64, input_dim=4, n_test=8, n_probe=8,
+    config = SweepConfig(dataset="gaussian", num_train=64, input_dim=4, num_test=8, num_probe=8,
                          depth=1, num_steps=20, record_every=20)
     rows = sweep(widths=(64, 256, 1024, 4096), seeds=3, learning_rates=(0.5,),
                  out_path=tmp_path / "scaling.jsonl", config=config, show_progress=False)

@@ -11,8 +11,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("ntkjax.demo", "reproduce the NTK study end to end: figures, report, JSON"),
-    "sweep": ("ntkjax.sweep", "train widths x seeds with kernel tracking; resumable JSON lines"),
+    "demo": ("ntkjax.study.demo", "reproduce the NTK study end to end: figures, report, JSON"),
+    "sweep": ("ntkjax.study.sweep_command",
+              "train widths x seeds with kernel tracking; resumable JSON lines"),
 }
 
 

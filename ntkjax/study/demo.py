@@ -37,10 +37,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntkjax import empirical_ntk_fn, plotting
+from ntkjax import empirical_ntk_fn, kernel_fn, plotting
 from ntkjax._progress import progress
 from ntkjax.compile_options import FAST_COMPILE
-from ntkjax.report import Report
+from ntkjax.models import MLP
+from ntkjax.predict import (
+    gp_inference,
+    gradient_descent_mse,
+    gradient_flow_mse,
+    max_learning_rate,
+)
+from ntkjax.scaling import fit_power_law
+from ntkjax.study.datasets import load_digits
+from ntkjax.study.report import Report
+from ntkjax.study.sweep_command import PRESETS
+from ntkjax.sweep import sweep
+from ntkjax.tasks import sin_regression
+from ntkjax.training import kernel_regime_check, make_train_fn
 
 __all__ = ["SECTIONS", "DemoSettings", "add_arguments", "demo_settings", "run_demo",
            "run_from_args"]
@@ -110,7 +123,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
 
 
 class SectionResult(NamedTuple):
-    """What a section hands to the report (see :meth:`ntkjax.report.Report.add_section`)."""
+    """What a section hands to the report (see :meth:`ntkjax.study.report.Report.add_section`)."""
 
     title: str
     text: str
@@ -148,7 +161,6 @@ class _Context:
 
 def _mlp(hidden: tuple[int, ...], outputs: int = 1, *, w_std: float = RELU_W_STD,
          b_std: float = 0.0, parameterization: str = "ntk"):
-    from ntkjax.models import MLP
 
     return MLP(features=(*hidden, outputs), activation="relu", w_std=w_std, b_std=b_std,
                parameterization=parameterization)
@@ -156,7 +168,6 @@ def _mlp(hidden: tuple[int, ...], outputs: int = 1, *, w_std: float = RELU_W_STD
 
 def _analytic(module, x1, x2=None):
     """(NNGP, NTK) of ``module``, computed in float64, as numpy arrays."""
-    from ntkjax import kernel_fn
 
     with jax.enable_x64(True):
         as64 = lambda x: None if x is None else jnp.asarray(np.asarray(x), jnp.float64)
@@ -184,7 +195,6 @@ def _relative_frobenius(a, b) -> np.ndarray:
 
 
 def _fit(x, y) -> float:
-    from ntkjax.scaling import fit_power_law
 
     return fit_power_law(x, y).slope
 
@@ -362,9 +372,6 @@ def _sin_runs(ctx: _Context) -> dict[str, Any]:
     """
     if "sin" in ctx.cache:
         return ctx.cache["sin"]
-    from ntkjax.datasets import sin_regression
-    from ntkjax.predict import max_learning_rate
-    from ntkjax.training import make_train_fn
 
     s = ctx.settings
     data = _jit(sin_regression)(ctx.key("sin-data"))
@@ -407,7 +414,6 @@ def _kernel_trajectory(sin: dict[str, Any], f0_train, f0_test, steps, kernel=Non
     """Gradient descent in function space with a fixed kernel, from the network's own f_0.
 
     ``y`` (default: the training targets) and ``f0_*`` may carry several output columns."""
-    from ntkjax.predict import gradient_descent_mse
 
     kernel = sin["ntk_train"] if kernel is None else kernel
     def predict(kernel, y, k_test_train, f0_train, f0_test, steps):
@@ -431,7 +437,6 @@ def _rms(a, axis=None) -> np.ndarray:
 
 def section_kernel_regression(ctx: _Context) -> SectionResult:
     """Kernel gradient descent (analytic NTK) vs trained networks of growing width."""
-    from ntkjax.predict import gradient_flow_mse
 
     s = ctx.settings
     sin = _sin_runs(ctx)
@@ -445,7 +450,7 @@ def section_kernel_regression(ctx: _Context) -> SectionResult:
     f0_test = columns([h.test_predictions for h in hist])
     _, k_test = _kernel_trajectory(sin, f0_train, f0_test, hist[0].steps[0],
                                    y=np.repeat(np.asarray(data.y_train), n_runs, axis=1))
-    k_last = k_test[-1].T.reshape(len(hist), s.sin_seeds, -1)  # (widths, seeds, n_test)
+    k_last = k_test[-1].T.reshape(len(hist), s.sin_seeds, -1)  # (widths, seeds, num_test)
     net_last = np.stack([h.test_predictions[:, -1, :, 0] for h in hist])
     y_test = np.asarray(data.y_test)[:, 0]
     gaps = _rms(net_last - k_last, axis=-1)
@@ -486,7 +491,7 @@ def section_kernel_regression(ctx: _Context) -> SectionResult:
     figure = ctx.figure("s3_kernel_regression_vs_networks.png")
     plotting.save_figure(fig, figure)
     numbers = {
-        "n_train": int(data.x_train.shape[0]),
+        "num_train": int(data.x_train.shape[0]),
         "learning_rate": sin["lr"],
         "stability_edge_analytic": sin["edge"],
         "steps": s.sin_steps,
@@ -575,7 +580,6 @@ def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
     ``study_sweep.jsonl`` in the output folder; a re-run resumes from it)."""
     import dataclasses
 
-    from ntkjax.sweep import PRESETS, sweep
 
     s = ctx.settings
     base = PRESETS["study"]["config"]
@@ -605,8 +609,6 @@ def _gaussian_task(key: jax.Array, n: int, dim: int):
 
 def section_convergence(ctx: _Context) -> SectionResult:
     """Loss vs the exp(-lr lambda_min t / n) bound; the stability edge in both parameterizations."""
-    from ntkjax.predict import max_learning_rate
-    from ntkjax.training import kernel_regime_check
 
     s = ctx.settings
     n, dim = s.convergence_points, s.convergence_dim
@@ -662,7 +664,7 @@ def section_convergence(ctx: _Context) -> SectionResult:
                 if e < STUDY_LEARNING_RATE]
     numbers = {
         "convergence": {
-            "n_train": n,
+            "num_train": n,
             "input_dim": dim,
             "width": width,
             "learning_rate": lr,
@@ -794,9 +796,6 @@ def section_lazy(ctx: _Context) -> SectionResult:
 
 def section_digits(ctx: _Context) -> SectionResult:
     """NTK and NNGP regression vs a trained network (and an RBF SVM) on scikit-learn's digits."""
-    from ntkjax.datasets import load_digits
-    from ntkjax.predict import gp_inference, gradient_flow_mse, max_learning_rate
-    from ntkjax.training import make_train_fn
 
     s = ctx.settings
     try:
@@ -851,8 +850,8 @@ def section_digits(ctx: _Context) -> SectionResult:
     plotting.plot_accuracies(accuracies, title="scikit-learn digits: test accuracy (30 % split)",
                              path=figure)
     numbers = {
-        "n_train": int(digits.x_train.shape[0]),
-        "n_test": int(digits.x_test.shape[0]),
+        "num_train": int(digits.x_train.shape[0]),
+        "num_test": int(digits.x_test.shape[0]),
         "train_subset": s.digits_train_subset is not None,
         "architecture": f"ReLU MLP {hidden} -> 10, NTK param., w_std = sqrt 2, b_std = 0.1",
         "accuracy_ntk": accuracies["NTK regression (infinite width)"],
@@ -868,7 +867,7 @@ def section_digits(ctx: _Context) -> SectionResult:
         f"| {name} | {100 * acc:.2f} % |" for name, acc in accuracies.items()])
     text = (
         "Classification as one-hot regression on scikit-learn's 8x8 digits (1,797 images, "
-        "stratified 70/30 split, random_state 0; `ntkjax.datasets.load_digits`"
+        "stratified 70/30 split, random_state 0; `ntkjax.study.datasets.load_digits`"
         + ("" if s.digits_train_subset is None else
            f"; quick run: the first {s.digits_train_subset} training images only")
         + "). The infinite-"
@@ -959,6 +958,7 @@ def run_demo(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ntkjax demo``."""
     parser.add_argument("--out", default="ntkjax-demo", type=Path,
                         help="output folder for figures, report.md and results.json "
                              "(default: ./ntkjax-demo)")
@@ -971,6 +971,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    """Runs ``ntkjax demo`` with parsed ``args``; returns the exit code."""
     start = time.perf_counter()
     result = run_demo(out_dir=args.out, quick=args.quick, seed=args.seed,
                       show_progress=not args.no_progress,

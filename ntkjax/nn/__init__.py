@@ -1,0 +1,59 @@
+"""Flax layers and activations with both a finite-network and an infinite-width meaning.
+
+Every layer and activation here works on arrays (the finite network) and on a
+:class:`ntkjax.Kernel` (its infinite-width limit), so one ``flax.linen`` module that calls them --
+:class:`ntkjax.models.MLP` or your own ``nn.compact`` module, residual sums included -- gives
+``module.init`` / ``module.apply`` for the network and :func:`ntkjax.kernel_fn` for its NNGP and
+NTK. On a Kernel a layer creates no parameters.
+
+One module per kind of layer, each holding the layers and their infinite-width rules:
+
+* :mod:`ntkjax.nn.dense`: :class:`Dense`;
+* :mod:`ntkjax.nn.conv`: :class:`Conv` (1-D, 2-D, N-D convolutions on (N, *spatial, C));
+* :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten` and :func:`global_average_pool`;
+* :mod:`ntkjax.nn.activations`: :class:`Activation` and the activations :data:`relu`,
+  :data:`leaky_relu`, :data:`ab_relu`, :data:`abs`, :data:`erf`, :data:`gelu`, :data:`sin`,
+  :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, and :func:`elementwise` for any other
+  elementwise function (kernel by Gauss-Hermite quadrature).
+"""
+
+from ntkjax.nn.activations import (
+    Activation,
+    ab_relu,
+    abs,
+    cos,
+    elementwise,
+    erf,
+    gelu,
+    identity,
+    is_activation,
+    leaky_relu,
+    rbf,
+    relu,
+    sign,
+    sin,
+)
+from ntkjax.nn.conv import Conv
+from ntkjax.nn.dense import Dense
+from ntkjax.nn.pooling import flatten, global_average_pool
+
+__all__ = [
+    "Activation",
+    "Conv",
+    "Dense",
+    "ab_relu",
+    "abs",
+    "cos",
+    "elementwise",
+    "erf",
+    "flatten",
+    "gelu",
+    "global_average_pool",
+    "identity",
+    "is_activation",
+    "leaky_relu",
+    "rbf",
+    "relu",
+    "sign",
+    "sin",
+]

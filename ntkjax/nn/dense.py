@@ -1,0 +1,199 @@
+"""Dense layers and their infinite-width rule.
+
+A dense layer in the NTK parameterization is ``y = w_std / sqrt(fan_in) x W + b_std b`` with
+``W, b ~ N(0, 1)``; in the standard parameterization ``y = x W + b`` with
+``W ~ N(0, w_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``. Both give the NNGP map
+``Sigma' = w_std^2 Sigma + b_std^2``; their NTK maps differ (Jacot et al. 2018; Lee et al. 2019,
+appendix; Sohl-Dickstein et al. 2020 for the standard parameterization):
+
+* NTK parameterization: ``Theta' = Sigma' + w_std^2 Theta``;
+* standard: ``Theta' = fan_in Sigma + w_std^2 Theta (+ 1 with a bias)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen
+
+from ntkjax._checks import check_choice, float_dtype
+from ntkjax.kernels import Kernel
+
+__all__ = ["PARAMETERIZATIONS", "Dense", "Parameterization", "dense_kernel", "dense_kernels",
+           "dense_variance"]
+
+Parameterization = Literal["ntk", "standard"]
+PARAMETERIZATIONS: tuple[Parameterization, ...] = ("ntk", "standard")
+
+
+def _weak(v: Any) -> Any:
+    """A Python float for a concrete scalar (numpy scalars included), so that it multiplies
+    arrays without promoting their dtype (``np.sqrt(2) * float32`` would be float64 under x64);
+    anything else (e.g. a traced value) unchanged."""
+    return float(v) if isinstance(v, int | float | np.generic) else v
+
+
+def dense_variance(
+    q: jax.Array, *, w_std: float, b_std: float, use_bias: bool = True
+) -> jax.Array:
+    """NNGP (or variance) after a dense layer, in either parameterization:
+    ``Sigma <- w_std^2 Sigma + b_std^2`` (``b_std^2`` only with a bias).
+
+    >>> float(dense_variance(jnp.asarray(1.0), w_std=2.0, b_std=0.5))
+    4.25
+    """
+    w_std, b_std = _weak(w_std), _weak(b_std)
+    q = w_std**2 * q
+    return q + b_std**2 if use_bias and b_std != 0 else q
+
+
+def dense_kernels(
+    nngp: jax.Array,
+    ntk: jax.Array,
+    *,
+    w_std: float,
+    b_std: float,
+    use_bias: bool = True,
+    parameterization: Parameterization = "ntk",
+    fan_in: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(nngp, ntk)`` after a dense layer from the layer's input kernels (Jacot et al. 2018).
+
+    * NTK parameterization (``y = w_std/sqrt(fan_in) x W + b_std b``, W, b ~ N(0, 1)):
+      ``Sigma' = w_std^2 Sigma + b_std^2`` and ``Theta' = Sigma' + w_std^2 Theta``.
+    * Standard parameterization (``y = x W + b``, W ~ N(0, w_std^2 / fan_in), b ~ N(0, b_std^2)):
+      the same ``Sigma'``, and ``Theta' = fan_in Sigma + w_std^2 Theta (+ 1 with a bias)`` -- the
+      expected NTK of the finite network, which grows with the actual ``fan_in`` (the gradient
+      of ``x W`` w.r.t. W contributes ``x.x' = fan_in Sigma``, the bias's gradient is 1).
+
+    >>> nngp, ntk = dense_kernels(jnp.asarray(1.0), jnp.asarray(0.0), w_std=1.0, b_std=0.0)
+    >>> float(nngp), float(ntk)
+    (1.0, 1.0)
+    """
+    w_std, b_std = _weak(w_std), _weak(b_std)
+    new_nngp = dense_variance(nngp, w_std=w_std, b_std=b_std, use_bias=use_bias)
+    if parameterization == "ntk":
+        return new_nngp, new_nngp + w_std**2 * ntk
+    if parameterization == "standard":
+        if fan_in is None:
+            raise ValueError("the standard parameterization needs the layer's fan_in.")
+        new_ntk = fan_in * nngp + w_std**2 * ntk
+        return new_nngp, (new_ntk + 1 if use_bias else new_ntk)
+    raise ValueError(
+        f"unknown parameterization {parameterization!r}; allowed: 'ntk', 'standard'."
+    )
+
+
+def dense_kernel(
+    k: Kernel,
+    features: int,
+    *,
+    w_std: float,
+    b_std: float,
+    use_bias: bool = True,
+    parameterization: Parameterization = "ntk",
+) -> Kernel:
+    """The :class:`~ntkjax.Kernel` after a dense layer with ``features`` outputs
+    (:func:`dense_kernels` with ``fan_in = k.width``).
+
+    With spatial axes the layer acts per position (one weight matrix shared by all positions, as
+    ``flax.linen.Dense`` on the channel axis): the rule applies to every entry ``[a, b, p, p']``.
+    """
+    nngp, ntk = dense_kernels(
+        k.nngp, k.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
+        parameterization=parameterization, fan_in=k.width,
+    )
+    var1, var2 = k.map_variances(
+        lambda v: dense_variance(v, w_std=w_std, b_std=b_std, use_bias=use_bias)
+    )
+    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features))
+
+
+class _Affine(linen.Module):
+    """The configuration shared by :class:`Dense` and :class:`~ntkjax.nn.Conv` (fields and
+    validation)."""
+
+    features: int
+    w_std: float = 1.0
+    b_std: float = 0.0
+    use_bias: bool = True
+    parameterization: Parameterization = "ntk"
+    param_dtype: Any = None
+
+    def _check(self) -> None:
+        check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
+        if int(self.features) != self.features or self.features < 1:
+            raise ValueError(f"features must be a positive integer, got {self.features!r}.")
+        if not (self.w_std >= 0 and self.b_std >= 0):
+            raise ValueError(
+                f"w_std and b_std must be >= 0, got w_std={self.w_std}, b_std={self.b_std}."
+            )
+
+    def _param_dtype(self, x: jax.Array) -> Any:
+        """``param_dtype``, or the input's floating dtype (the default float for integers)."""
+        return self.param_dtype if self.param_dtype is not None else float_dtype(x)
+
+
+class Dense(_Affine):
+    """A dense layer in the NTK or the standard parameterization.
+
+    * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * x @ W + b_std * b`` with
+      ``W, b ~ N(0, 1)`` (Jacot et al. 2018).
+    * ``parameterization="standard"``: ``y = x @ W + b`` with ``W ~ N(0, w_std^2 / fan_in)``,
+      ``b ~ N(0, b_std^2)`` (b starts at 0 when b_std = 0 but is still trained).
+
+    Both give the same function distribution at initialization and the same NNGP
+    (``Sigma <- w_std^2 Sigma + b_std^2``); their NTKs differ (see :func:`dense_kernels`).
+    Parameters ``kernel`` (fan_in, features) and ``bias`` (features,), in ``param_dtype``
+    (default: the input's floating dtype). On a :class:`~ntkjax.Kernel` the layer applies its
+    kernel rule (:func:`dense_kernel`) and creates no parameters.
+
+    Attributes:
+      features: number of outputs.
+      w_std: weight standard deviation (>= 0).
+      b_std: bias standard deviation (>= 0).
+      use_bias: whether the layer has a bias.
+      parameterization: ``"ntk"`` or ``"standard"``.
+      param_dtype: dtype of the parameters; None uses the input's floating dtype.
+
+    >>> import jax, ntkjax
+    >>> layer = Dense(3, w_std=1.5)
+    >>> x = jnp.ones((2, 4))
+    >>> layer.apply(layer.init(jax.random.key(0), x), x).shape
+    (2, 3)
+    >>> ntkjax.kernel_fn(layer)(x).ntk.shape
+    (2, 2)
+    """
+
+    @linen.compact
+    def __call__(self, x: Any) -> Any:
+        self._check()
+        if isinstance(x, Kernel):
+            return dense_kernel(
+                x, self.features, w_std=self.w_std, b_std=self.b_std, use_bias=self.use_bias,
+                parameterization=self.parameterization,
+            )
+        x = jnp.asarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"Dense needs inputs with a feature axis, got shape {x.shape}.")
+        dtype = self._param_dtype(x)
+        fan_in = x.shape[-1]
+        shape = (fan_in, self.features)
+        if self.parameterization == "ntk":
+            w = self.param("kernel", linen.initializers.normal(1.0), shape, dtype)
+            y = (float(self.w_std) / math.sqrt(fan_in)) * jnp.matmul(x.astype(dtype), w)
+            if self.use_bias:
+                b = self.param("bias", linen.initializers.normal(1.0), (self.features,), dtype)
+                y = y + float(self.b_std) * b
+            return y
+        w_init = linen.initializers.normal(self.w_std / math.sqrt(fan_in))
+        w = self.param("kernel", w_init, shape, dtype)
+        y = jnp.matmul(x.astype(dtype), w)
+        if self.use_bias:
+            b = self.param("bias", linen.initializers.normal(self.b_std), (self.features,), dtype)
+            y = y + b
+        return y

@@ -1,0 +1,336 @@
+"""Activations (ntkjax.nn.activations): kernel maps against truths computed independently here --
+1-D and 2-D numerical integration, Price's theorem (sigma_dot = d sigma / d q12) by autodiff, limits
+at angle 0 and pi, homogeneity -- and each activation on arrays and on Kernels."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate, special
+
+import ntkjax
+from ntkjax import nn
+from ntkjax.nn import activations
+
+# (q12, q11, q22) triples covering positive, negative, near-parallel and unequal variances.
+TRIPLES = [(0.5, 1.0, 2.0), (-0.6, 0.3, 1.7), (1.99, 2.0, 2.0), (0.0, 0.5, 0.5), (0.05, 0.1, 3.0)]
+
+_PHI = {
+    "relu": (lambda x: np.maximum(x, 0), lambda x: (x > 0) * 1.0),
+    "abs": (np.abs, np.sign),
+    "erf": (special.erf, lambda x: 2 / np.sqrt(np.pi) * np.exp(-x * x)),
+    "gelu": (
+        lambda x: x * special.ndtr(x),
+        lambda x: special.ndtr(x) + x * np.exp(-x * x / 2) / np.sqrt(2 * np.pi),
+    ),
+    "sin": (np.sin, np.cos),
+    "cos": (np.cos, lambda x: -np.sin(x)),
+    "identity": (lambda x: x, lambda x: np.ones_like(x)),
+}
+SMOOTH = ["erf", "gelu", "sin", "cos"]
+
+
+def _gauss_2d(phi, q12, q11, q22, n=120):
+    """E[phi(u) phi(v)] by a tensor Gauss-Hermite rule in numpy (for smooth phi)."""
+    z, w = np.polynomial.hermite.hermgauss(n)
+    z, w = z * np.sqrt(2), w / np.sqrt(np.pi)
+    chol = np.linalg.cholesky(np.array([[q11, q12], [q12, q22]]) + 1e-300 * np.eye(2))
+    u = chol[0, 0] * z[:, None] + 0 * z[None, :]
+    v = chol[1, 0] * z[:, None] + chol[1, 1] * z[None, :]
+    return float(np.sum(w[:, None] * w[None, :] * phi(u) * phi(v)))
+
+
+def _quad_2d(phi, q12, q11, q22):
+    """E[phi(u) phi(v)] by adaptive quadrature, split at u = 0 for kinks."""
+    chol = np.linalg.cholesky(np.array([[q11, q12], [q12, q22]]))
+    dens = lambda a, b: np.exp(-(a * a + b * b) / 2) / (2 * np.pi)
+
+    def f(b, a):
+        return phi(chol[0, 0] * a) * phi(chol[1, 0] * a + chol[1, 1] * b) * dens(a, b)
+
+    total = 0.0
+    for lo, hi in ((-10, 0), (0, 10)):
+        # inner integral over b, split where v changes sign
+        def inner(a):
+            cut = -chol[1, 0] * a / chol[1, 1]
+            return sum(
+                integrate.quad(lambda b: f(b, a), lo2, hi2, epsabs=1e-13, epsrel=1e-12)[0]
+                for lo2, hi2 in ((-10, min(max(cut, -10), 10)), (min(max(cut, -10), 10), 10))
+            )
+
+        total += integrate.quad(inner, lo, hi, epsabs=1e-12, epsrel=1e-11)[0]
+    return total
+
+
+@pytest.mark.parametrize("name", [*SMOOTH, "identity"])
+@pytest.mark.parametrize("triple", TRIPLES)
+def test_smooth_maps_match_two_dimensional_quadrature(name, triple, x64):
+    phi, dphi = _PHI[name]
+    q12, q11, q22 = triple
+    maps = getattr(nn, name).kernel_maps(jnp.float64(q12), q11, q22)
+    np.testing.assert_allclose(float(maps.sigma), _gauss_2d(phi, *triple), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        float(maps.sigma_dot), _gauss_2d(dphi, *triple), rtol=1e-9, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["relu", "abs"])
+@pytest.mark.parametrize("triple", TRIPLES[:2])
+def test_kinked_maps_match_adaptive_quadrature(name, triple, x64):
+    phi, dphi = _PHI[name]
+    maps = getattr(nn, name).kernel_maps(jnp.float64(triple[0]), triple[1], triple[2])
+    np.testing.assert_allclose(float(maps.sigma), _quad_2d(phi, *triple), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(
+        float(maps.sigma_dot), _quad_2d(dphi, *triple), rtol=1e-7, atol=1e-10
+    )
+
+
+def test_ab_relu_is_linear_plus_relu(x64):
+    q12, q11, q22 = jnp.float64(0.3), 0.8, 1.4
+    a, b = -0.4, 1.7
+    got = nn.ab_relu.kernel_maps(q12, q11, q22, a, b)
+    relu = nn.relu.kernel_maps(q12, q11, q22)
+    # phi = a x + (b - a) relu(x); E[u relu(v)] = q12 / 2, E[1 * relu'(v)] = 1/2
+    want_sigma = a * a * q12 + 2 * a * (b - a) * q12 / 2 + (b - a) ** 2 * relu.sigma
+    want_dot = a * a + 2 * a * (b - a) / 2 + (b - a) ** 2 * relu.sigma_dot
+    np.testing.assert_allclose(got.sigma, want_sigma, rtol=1e-13)
+    np.testing.assert_allclose(got.sigma_dot, want_dot, rtol=1e-13)
+    leaky = nn.leaky_relu.kernel_maps(q12, q11, q22, 0.1)
+    np.testing.assert_allclose(leaky.sigma, nn.ab_relu.kernel_maps(q12, q11, q22, 0.1, 1.0).sigma)
+
+
+def test_rbf_map_is_the_rbf_kernel(x64):
+    q12, q11, q22 = jnp.float64(0.4), 1.1, 0.7
+    for gamma in (0.5, 2.0):
+        phi = lambda x, g=gamma: np.sqrt(2) * np.sin(np.sqrt(2 * g) * x + np.pi / 4)
+        maps = nn.rbf.kernel_maps(q12, q11, q22, gamma)
+        np.testing.assert_allclose(maps.sigma, np.exp(-gamma * (q11 + q22 - 2 * q12)), rtol=1e-13)
+        np.testing.assert_allclose(maps.sigma, _gauss_2d(phi, 0.4, q11, q22), rtol=1e-9)
+        np.testing.assert_allclose(maps.sigma_dot, 2 * gamma * maps.sigma, rtol=1e-13)
+
+
+def test_sign_map_is_sheppards_formula(x64):
+    c = jnp.linspace(-1, 1, 11, dtype=jnp.float64)
+    maps = nn.sign.kernel_maps(c * 2.0, 2.0, 2.0)
+    np.testing.assert_allclose(maps.sigma, 1 - 2 * np.arccos(np.asarray(c)) / np.pi, atol=1e-14)
+    assert np.all(np.asarray(maps.sigma_dot) == 0)
+
+
+@pytest.mark.parametrize("name", ["erf", "gelu", "sin", "cos", "relu", "abs"])
+def test_price_theorem_sigma_dot_is_the_derivative_of_sigma(name, x64):
+    fn = getattr(nn, name).kernel_maps
+    for q12, q11, q22 in TRIPLES[:2] + TRIPLES[3:]:
+        grad = jax.grad(lambda q, a=q11, b=q22: fn(q, a, b).sigma)(jnp.float64(q12))
+        np.testing.assert_allclose(
+            grad, fn(jnp.float64(q12), q11, q22).sigma_dot, rtol=1e-7, atol=1e-12
+        )
+
+
+_VARIANCE_PHI = {
+    "relu": nn.relu.kernel_variance,
+    "abs": nn.abs.kernel_variance,
+    "erf": nn.erf.kernel_variance,
+    "gelu": nn.gelu.kernel_variance,
+    "sin": nn.sin.kernel_variance,
+    "cos": nn.cos.kernel_variance,
+    "identity": nn.identity.kernel_variance,
+}
+
+
+@pytest.mark.parametrize("name", list(_VARIANCE_PHI))
+def test_variances_are_second_moments(name, x64):
+    phi = _PHI[name][0]
+    for q in (0.0, 0.3, 2.0, 7.5):
+        want = integrate.quad(
+            lambda z, q=q: phi(np.sqrt(q) * z) ** 2 * np.exp(-z * z / 2) / np.sqrt(2 * np.pi),
+            -12, 12, points=[0.0], epsabs=1e-14, epsrel=1e-12,
+        )[0]
+        got = _VARIANCE_PHI[name](jnp.float64(q))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+        # and the map's diagonal agrees with the variance
+        diag = getattr(nn, name).kernel_maps(jnp.float64(q), q, q).sigma
+        np.testing.assert_allclose(diag, want, rtol=1e-10, atol=1e-14)
+    leaky = nn.leaky_relu.kernel_variance(jnp.float64(2.0), 0.2)
+    np.testing.assert_allclose(leaky, (1 + 0.04) * 2.0 / 2, rtol=1e-14)
+    np.testing.assert_allclose(nn.sign.kernel_variance(jnp.array([0.0, 3.0])), [0.0, 1.0])
+    np.testing.assert_allclose(nn.rbf.kernel_variance(jnp.array([0.5, 3.0]), 2.0), [1.0, 1.0])
+
+
+def _qs():
+    """Test triples as float64 arrays (call under the x64 fixture)."""
+    return (jnp.array([0.5, -0.6, 1.99, 0.0, 0.05, 0.3]),
+            jnp.array([1.0, 0.3, 2.0, 0.5, 0.1, 1.0]),
+            jnp.array([2.0, 1.7, 2.0, 0.5, 3.0, 1.0]))
+
+
+def _rel(a, b) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# documented accuracy of the 64-node quadrature (sigma, sigma_dot), with a little headroom
+@pytest.mark.parametrize(
+    ("name", "fn", "tol_sigma", "tol_dot"),
+    [
+        ("sin", jnp.sin, 1e-13, 1e-13),
+        ("cos", jnp.cos, 1e-13, 1e-13),
+        ("gelu", lambda x: jax.nn.gelu(x, approximate=False), 1e-10, 1e-10),
+        ("erf", jax.lax.erf, 1e-7, 1e-6),
+        ("relu", jax.nn.relu, 2e-3, 4e-2),
+    ],
+)
+def test_elementwise_quadrature_accuracy_against_closed_forms(name, fn, tol_sigma, tol_dot, x64):
+    q12, q11, q22 = _qs()
+    got = activations.gauss_hermite_maps(q12, q11, q22, fn)
+    want = getattr(nn, name).kernel_maps(q12, q11, q22)
+    assert _rel(got.sigma, want.sigma) < tol_sigma
+    assert _rel(got.sigma_dot, want.sigma_dot) < tol_dot
+    np.testing.assert_allclose(
+        activations.gauss_hermite_variance(q11, fn), getattr(nn, name).kernel_variance(q11),
+        rtol=10 * tol_sigma,
+    )
+
+
+def test_elementwise_quadrature_converges_with_more_nodes(x64):
+    qs = _qs()
+    errors = [
+        _rel(activations.gauss_hermite_maps(*qs, jax.lax.erf, n).sigma_dot,
+             nn.erf.kernel_maps(*qs).sigma_dot)
+        for n in (16, 32, 64, 128)
+    ]
+    assert all(b < a for a, b in itertools.pairwise(errors))
+    assert errors[-1] < 1e-11
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_angle_zero_and_pi_and_zero_vectors_are_finite_and_exact(dtype, x64):
+    q = jnp.asarray([0.0, 1e-3, 1.0, 1e3], dtype)
+    for name in ["relu", "abs", "erf", "gelu", "sin", "cos", "sign", "identity"]:
+        fn = getattr(nn, name).kernel_maps
+        for q12 in (q, -q):  # angle 0 and angle pi
+            maps = fn(q12, q, q)
+            assert maps.sigma.dtype == dtype
+            assert np.all(np.isfinite(maps.sigma)) and np.all(np.isfinite(maps.sigma_dot)), name
+    relu0, relu_pi = nn.relu.kernel_maps(q, q, q), nn.relu.kernel_maps(-q, q, q)
+    np.testing.assert_allclose(relu0.sigma, q / 2, rtol=1e-6)
+    np.testing.assert_allclose(relu0.sigma_dot[1:], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(relu_pi.sigma, 0.0, atol=1e-6)
+    np.testing.assert_allclose(relu_pi.sigma_dot[1:], 0.0, atol=1e-6)
+    # a zero-variance input has zero kernel with everything
+    zero = nn.relu.kernel_maps(
+        jnp.zeros(3, dtype), jnp.zeros(3, dtype), jnp.asarray([0.0, 1, 2], dtype)
+    )
+    assert np.all(np.asarray(zero.sigma) == 0)
+
+
+def test_correlation_is_snapped_at_identical_inputs_in_float32():
+    # q12 equal to the variances up to a few ulps: angle 0 exactly
+    q = jnp.asarray([0.37, 1.3, 11.0], jnp.float32)
+    q12 = q * (1 + 3 * np.finfo(np.float32).eps)
+    np.testing.assert_array_equal(activations.correlation(q12, q, q), 1.0)
+    np.testing.assert_array_equal(activations.correlation(-q12, q, q), -1.0)
+    np.testing.assert_allclose(nn.relu.kernel_maps(q12, q, q).sigma_dot, 0.5, rtol=1e-7)
+
+
+def test_fast_arccos_matches_float64(x64):
+    c = jnp.linspace(-1, 1, 20001)
+    want = nn.relu.kernel_maps(c, 1.0, 1.0)
+    got = nn.relu.kernel_maps(c.astype(jnp.float32), 1.0, 1.0)
+    assert float(jnp.max(jnp.abs(got.sigma - want.sigma))) < 3e-7
+    assert float(jnp.max(jnp.abs(got.sigma_dot - want.sigma_dot))) < 3e-7
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-15, 1e15, 1e30])
+def test_huge_and_tiny_scales_float32(scale):
+    # relu's map is homogeneous: sigma(a q) = a sigma(q); erf saturates; rbf of scaled q
+    q12 = jnp.asarray([0.3, -0.2, 0.9], jnp.float32)
+    q11 = jnp.asarray([0.5, 1.0, 1.0], jnp.float32)
+    q22 = jnp.asarray([1.0, 0.7, 1.0], jnp.float32)
+    base = nn.relu.kernel_maps(q12, q11, q22)
+    big = nn.relu.kernel_maps(q12 * scale, q11 * scale, q22 * scale)
+    np.testing.assert_allclose(big.sigma / scale, base.sigma, rtol=2e-6)
+    np.testing.assert_allclose(big.sigma_dot, base.sigma_dot, rtol=2e-6)
+    for name in ["erf", "gelu", "sin", "cos"]:
+        maps = getattr(nn, name).kernel_maps(q12 * scale, q11 * scale, q22 * scale)
+        assert np.all(np.isfinite(maps.sigma)) and np.all(np.isfinite(maps.sigma_dot)), name
+    with jax.enable_x64(True):
+        q64 = [jnp.asarray(a, jnp.float64) * scale for a in (q12, q11, q22)]
+        for name in ["erf", "gelu"]:
+            want = getattr(nn, name).kernel_maps(*q64)
+            got = getattr(nn, name).kernel_maps(*(a.astype(jnp.float32) for a in q64))
+            np.testing.assert_allclose(got.sigma, want.sigma, rtol=1e-5, atol=1e-37)
+            np.testing.assert_allclose(got.sigma_dot, want.sigma_dot, rtol=1e-5, atol=1e-37)
+
+
+
+def _x(n=6, d=5, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, d), dtype)
+
+
+
+ARRAY_CASES = [
+    (nn.relu, lambda x: np.maximum(x, 0)),
+    (functools.partial(nn.leaky_relu, negative_slope=0.2), lambda x: np.where(x > 0, x, 0.2 * x)),
+    (functools.partial(nn.ab_relu, a=-0.5, b=2.0), lambda x: np.where(x > 0, 2 * x, -0.5 * x)),
+    (nn.abs, np.abs),
+    (nn.erf, special.erf),
+    (nn.gelu, lambda x: 0.5 * x * (1 + special.erf(x / np.sqrt(2)))),
+    (nn.sin, np.sin),
+    (nn.cos, np.cos),
+    (functools.partial(nn.rbf, gamma=0.7),
+     lambda x: np.sqrt(2) * np.sin(np.sqrt(1.4) * x + np.pi / 4)),
+    (nn.sign, np.sign),
+    (nn.identity, lambda x: x),
+    (nn.elementwise(jnp.tanh), np.tanh),
+]
+
+
+@pytest.mark.parametrize(("act", "ref"), ARRAY_CASES)
+def test_activations_on_arrays(act, ref):
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    np.testing.assert_allclose(act(jnp.asarray(x)), ref(x), rtol=1e-6, atol=1e-6)
+    assert nn.is_activation(act)
+
+
+KERNEL_CASES = [
+    (nn.relu, nn.relu.kernel_maps),
+    (functools.partial(nn.leaky_relu, negative_slope=0.2),
+     functools.partial(nn.leaky_relu.kernel_maps, negative_slope=0.2)),
+    (functools.partial(nn.ab_relu, a=-0.5, b=2.0),
+     functools.partial(nn.ab_relu.kernel_maps, a=-0.5, b=2.0)),
+    (nn.abs, nn.abs.kernel_maps),
+    (nn.erf, nn.erf.kernel_maps),
+    (nn.gelu, nn.gelu.kernel_maps),
+    (nn.sin, nn.sin.kernel_maps),
+    (nn.cos, nn.cos.kernel_maps),
+    (functools.partial(nn.rbf, gamma=0.7), functools.partial(nn.rbf.kernel_maps, gamma=0.7)),
+    (nn.sign, nn.sign.kernel_maps),
+    (nn.identity, nn.identity.kernel_maps),
+    (nn.elementwise(jnp.sin), nn.sin.kernel_maps),
+]
+
+
+@pytest.mark.parametrize(("act", "maps"), KERNEL_CASES)
+def test_activations_on_kernels(act, maps, x64):
+    k = nn.Dense(4, b_std=0.3).apply({}, ntkjax.kernels.input_kernel(_x(dtype=jnp.float64)))
+    out = act(k)
+    want = maps(k.nngp, k.var1[:, None], k.var2[None, :])
+    np.testing.assert_allclose(out.nngp, want.sigma, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(out.ntk, k.ntk * want.sigma_dot, rtol=1e-9, atol=1e-14)
+    # variances: the map's diagonal
+    np.testing.assert_allclose(out.var1, np.diagonal(want.sigma), rtol=1e-9, atol=1e-14)
+
+
+def test_elementwise_validation():
+    with pytest.raises(ValueError, match="callable"):
+        nn.elementwise(3.0)
+    with pytest.raises(ValueError, match="num_quadrature"):
+        nn.elementwise(jnp.tanh, num_quadrature=1)
+    assert not nn.is_activation(jnp.tanh)
+
+

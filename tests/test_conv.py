@@ -1,0 +1,194 @@
+"""Convolutions (ntkjax.nn.conv): the finite layer against numpy loops, patch averaging against
+explicit patches, the kernel rule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntkjax
+from ntkjax import nn
+from ntkjax.nn import conv
+
+
+def _x(n=6, d=5, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, d), dtype)
+
+
+
+
+
+def _images(n=3, spatial=(5, 6), c=2, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, *spatial, c), dtype)
+
+
+def _numpy_conv(x, w, strides, padding):
+    """Cross-correlation of NHWC-like x with w (*window, C, F) by explicit loops (numpy)."""
+    nd = w.ndim - 2
+    pads = []
+    for n, k, s in zip(x.shape[1:-1], w.shape[:nd], strides, strict=True):
+        total = max((-(-n // s) - 1) * s + k - n, 0) if padding == "SAME" else 0
+        pads.append((total // 2, total - total // 2))
+    xp = np.pad(x, [(0, 0), *pads, (0, 0)])
+    outs = [(xp.shape[1 + i] - w.shape[i]) // strides[i] + 1 for i in range(nd)]
+    y = np.zeros((x.shape[0], *outs, w.shape[-1]))
+    for o in np.ndindex(*outs):
+        for d in np.ndindex(*w.shape[:nd]):
+            pos = tuple(o[i] * strides[i] + d[i] for i in range(nd))
+            y[(slice(None), *o)] += xp[(slice(None), *pos)] @ w[d]
+    return y
+
+
+@pytest.mark.parametrize(
+    ("spatial", "kernel_size", "strides", "padding"),
+    [((5, 6), 3, 1, "SAME"), ((7, 6), (3, 2), (2, 1), "VALID"), ((8,), 3, 2, "SAME")],
+)
+def test_conv_ntk_parameterization_formula(spatial, kernel_size, strides, padding, x64):
+    x = _images(spatial=spatial, dtype=jnp.float64)
+    layer = nn.Conv(4, kernel_size=kernel_size, strides=strides, padding=padding, w_std=1.3,
+                    b_std=0.4)
+    params = layer.init(jax.random.PRNGKey(1), x)
+    w, b = (np.asarray(params["params"]["conv"][name]) for name in ("kernel", "bias"))
+    nd = len(spatial)
+    window = (kernel_size,) * nd if isinstance(kernel_size, int) else kernel_size
+    assert w.shape == (*window, 2, 4) and b.shape == (4,)
+    stride_t = (strides,) * nd if isinstance(strides, int) else strides
+    fan_in = int(np.prod(window)) * 2
+    want = 1.3 / math.sqrt(fan_in) * _numpy_conv(np.asarray(x), w, stride_t, padding) + 0.4 * b
+    np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_standard_parameterization_formula_and_init_scale():
+    x = _images(2, (6, 6), 40)
+    layer = nn.Conv(256, kernel_size=3, w_std=2.0, b_std=0.5, parameterization="standard")
+    params = layer.init(jax.random.PRNGKey(2), x)
+    w, b = (np.asarray(params["params"]["conv"][name]) for name in ("kernel", "bias"))
+    assert abs(w.std() / (2.0 / math.sqrt(9 * 40)) - 1) < 0.02  # 92160 samples
+    assert abs(b.std() / 0.5 - 1) < 0.15
+    want = _numpy_conv(np.asarray(x, np.float64), w.astype(np.float64), (1, 1), "SAME") + b
+    np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_parameters_dtype_and_bias_rules(x64):
+    x = _images(dtype=jnp.float64)
+    params = nn.Conv(3).init(jax.random.PRNGKey(0), x)  # NTK parameterization, b_std = 0
+    assert set(params["params"]["conv"]) == {"kernel"}  # a bias would have no effect
+    assert params["params"]["conv"]["kernel"].dtype == jnp.float64
+    assert nn.Conv(3).apply(params, x).dtype == jnp.float64
+    assert set(nn.Conv(3, b_std=0.1).init(jax.random.PRNGKey(0), x)["params"]["conv"]) == {
+        "kernel", "bias"}
+    no_bias = nn.Conv(3, b_std=0.1, use_bias=False).init(jax.random.PRNGKey(0), x)
+    assert set(no_bias["params"]["conv"]) == {"kernel"}
+    std = nn.Conv(3, parameterization="standard").init(jax.random.PRNGKey(0), x)
+    assert set(std["params"]["conv"]) == {"kernel", "bias"}  # trained even from b = 0
+
+
+def test_conv_validation():
+    x = _images()
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="padding"):
+        nn.Conv(3, padding="REFLECT").init(key, x)
+    with pytest.raises(ValueError, match="kernel_size"):
+        nn.Conv(3, kernel_size=(3, 3, 3)).init(key, x)
+    with pytest.raises(ValueError, match="strides"):
+        nn.Conv(3, strides=0).init(key, x)
+    with pytest.raises(ValueError, match=r"\(batch, \*spatial, channels\)"):
+        nn.Conv(3).init(key, _x())
+    with pytest.raises(ValueError, match="features"):
+        nn.Conv(0).init(key, x)
+    with pytest.raises(ValueError, match="spatial axes"):
+        nn.Conv(3).apply({}, ntkjax.kernels.input_kernel(_x()))
+    with pytest.raises(ValueError, match="kernel_size"):
+        nn.Conv(3, kernel_size=(3,)).apply({}, ntkjax.kernels.input_kernel(x))
+
+
+def test_one_by_one_conv_on_a_kernel_is_a_per_position_dense_layer(x64):
+    x1, x2 = _images(3, dtype=jnp.float64), _images(2, seed=1, dtype=jnp.float64)
+    k = nn.relu(nn.Dense(5, b_std=0.2).apply({}, ntkjax.kernels.input_kernel(x1, x2)))
+    for parameterization in ("ntk", "standard"):
+        conv = nn.Conv(7, kernel_size=1, w_std=1.5, b_std=0.3, parameterization=parameterization)
+        dense = nn.Dense(7, w_std=1.5, b_std=0.3, parameterization=parameterization)
+        a, b = conv.apply({}, k), dense.apply({}, k)
+        assert a.width == b.width == 7 and a.spatial_shape == (5, 6)
+        for name in ("nngp", "ntk", "var1", "var2"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-14)
+
+
+
+# ---- convolutions: patch averaging against explicit patches ----
+
+
+def _numpy_patches(x, window, strides, padding):
+    """(N, *out, |K| C) patch vectors of NHWC-like x, built with plain numpy loops: zero (SAME)
+    or periodic (CIRCULAR) padding, SAME's padding split as in the TensorFlow/XLA convention
+    (total = max((ceil(n/s) - 1) s + k - n, 0), the smaller half in front)."""
+    nd = len(window)
+    pads = []
+    for n, k, s in zip(x.shape[1:-1], window, strides, strict=True):
+        if padding == "VALID":
+            pads.append((0, 0))
+        elif padding == "CIRCULAR":
+            pads.append(((k - 1) // 2, k // 2))
+        else:
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+    mode = "wrap" if padding == "CIRCULAR" else "constant"
+    xp = np.pad(x, [(0, 0), *pads, (0, 0)], mode=mode)
+    outs = [(xp.shape[1 + i] - window[i]) // strides[i] + 1 for i in range(nd)]
+    patches = np.zeros((x.shape[0], *outs, int(np.prod(window)) * x.shape[-1]))
+    for o in itertools.product(*map(range, outs)):
+        parts = [
+            xp[(slice(None), *(o[i] * strides[i] + d[i] for i in range(nd)))]
+            for d in itertools.product(*map(range, window))
+        ]
+        patches[(slice(None), *o)] = np.concatenate(parts, axis=-1)
+    return patches
+
+
+
+CONV_CASES = [
+    ((3, 3), (1, 1), "SAME", (6, 5)),
+    ((3, 2), (2, 1), "SAME", (7, 5)),
+    ((2, 3), (2, 2), "VALID", (6, 7)),
+    ((3, 3), (1, 2), "CIRCULAR", (5, 6)),
+    ((4,), (3,), "SAME", (9,)),
+    ((3,), (1,), "VALID", (7,)),
+]
+
+
+@pytest.mark.parametrize(("window", "strides", "padding", "spatial"), CONV_CASES)
+def test_patch_average_is_the_kernel_of_explicit_patches(window, strides, padding, spatial, x64):
+    rng = np.random.default_rng(0)
+    c = 2
+    x1, x2 = rng.normal(size=(3, *spatial, c)), rng.normal(size=(2, *spatial, c))
+    nd = len(spatial)
+    flat1, flat2 = x1.reshape(3, -1, c), x2.reshape(2, -1, c)
+    gram = np.einsum("apc,bqc->abpq", flat1, flat2).reshape(3, 2, *spatial, *spatial) / c
+    got = conv.patch_average(
+        jnp.asarray(gram), batch_ndim=2, window=window, strides=strides, padding=padding
+    )
+    p1, p2 = (_numpy_patches(x, window, strides, padding) for x in (x1, x2))
+    outs = p1.shape[1:-1]
+    want = np.einsum(
+        "apc,bqc->abpq", p1.reshape(3, -1, p1.shape[-1]), p2.reshape(2, -1, p2.shape[-1])
+    ).reshape(3, 2, *outs, *outs) / p1.shape[-1]
+    assert got.shape == want.shape and got.ndim == 2 + 2 * nd
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+def test_patch_average_keeps_dtype_and_rejects_bad_shapes():
+    k = jnp.ones((2, 2, 4, 4, 4, 4), jnp.float32)
+    assert conv.patch_average(k, batch_ndim=2, window=(3, 3)).dtype == jnp.float32
+    with pytest.raises(ValueError, match="spatial axes"):
+        conv.patch_average(k, batch_ndim=2, window=(3,))
+    with pytest.raises(ValueError, match="padding"):
+        conv.patch_average(k, batch_ndim=2, window=(3, 3), padding="REFLECT")
+    with pytest.raises(ValueError, match="does not fit"):
+        conv.patch_average(k, batch_ndim=2, window=(5, 5), padding="VALID")
+

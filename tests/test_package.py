@@ -1,0 +1,167 @@
+"""The package's layout: no import cycles, the library never imports the application, ``__all__``
+lists exactly what is exported, and a fresh clone with nothing beside it passes its reference
+tests."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ntkjax
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ntkjax"
+APPLICATION = "ntkjax.study"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imported_modules(name: str, path: Path) -> set[str]:
+    """ntkjax modules that ``name`` imports anywhere in its source (lazy imports inside
+    functions included): ``import a.b`` gives ``a.b``; ``from a import b`` gives ``a.b`` when
+    that is a module, else ``a``; relative imports are resolved against ``name``'s package."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in MODULES else base)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _imported_modules(name, path) for name, path in MODULES.items()}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as a list of modules (first = last), or None; iterative depth-first search."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        stack = [(start, iter(sorted(graph[start])))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                return [*path[path.index(child):], child]
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(sorted(graph[child]))))
+                path.append(child)
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    cycle = _find_cycle(graph)
+    assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"a", "b", "c"}
+    assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_import_graph_sees_lazy_and_relative_imports(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text("def f():\n    from ntkjax import sweep\n    from . import tasks\n")
+    assert _imported_modules("ntkjax.mod", source) == {"ntkjax.sweep", "ntkjax.tasks"}
+
+
+def test_no_import_cycles_among_ntkjax_modules():
+    assert len(MODULES) > 20
+    assert _find_cycle(GRAPH) is None, f"import cycle: {' -> '.join(_find_cycle(GRAPH) or [])}"
+
+
+def test_the_library_never_imports_the_application():
+    offenders = {
+        name: sorted(m for m in imported if m == APPLICATION or m.startswith(APPLICATION + "."))
+        for name, imported in GRAPH.items()
+        if not (name == APPLICATION or name.startswith(APPLICATION + "."))
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def _exported_names(init: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            names.update(alias.asname or alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("package", ["ntkjax", "ntkjax.nn"])
+def test_all_lists_exactly_the_exports(package):
+    module = importlib.import_module(package)
+    init = Path(module.__file__)
+    assert sorted(module.__all__) == sorted(_exported_names(init))
+    assert len(set(module.__all__)) == len(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name).__doc__, f"{package}.{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "ntkjax"))
+def test_every_module_all_names_are_documented(name):
+    if name.rpartition(".")[2].startswith("_"):
+        pytest.skip("private module")
+    module = importlib.import_module(name)
+    assert module.__doc__, f"{name} has no module docstring"
+    for export in getattr(module, "__all__", ()):
+        obj = getattr(module, export)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            assert obj.__doc__, f"{name}.{export} has no docstring"
+
+
+def test_py_typed_marker_ships():
+    assert (PACKAGE / "py.typed").is_file()
+    assert ntkjax.__version__
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_passes_the_reference_tests(tmp_path):
+    """``git clone`` of the committed repository into an empty folder, nothing beside it, then
+    the reference-kernel tests from inside the clone (they read only tests/data)."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout")
+    clone = tmp_path / "alone" / "ntkjax"
+    subprocess.run([git, "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)],
+                   check=True, capture_output=True, timeout=120)
+    assert not (clone.parent / "shared").exists()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import ntkjax; print(ntkjax.__file__)"], cwd=clone, env=env,
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.strip()
+    assert Path(where).resolve().is_relative_to(clone.resolve())
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_reference_kernels.py"],
+        cwd=clone, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
