@@ -1,0 +1,140 @@
+"""Builds ntkjax modules from neural-tangents' ``stax`` layer lists (the ``layers`` field of the
+reference entries in ``tests/data/nt_layers``; see its README for the vocabulary).
+
+``build(layers)`` returns a ``flax.linen`` module made of :mod:`ntkjax.nn` layers that computes
+the same network; a layer name without a translation raises :class:`Unsupported`, which the
+reference tests turn into an explicit skip. Adding a layer: one entry in ``TRANSLATIONS``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import linen
+
+from ntkjax import nn
+
+DATA = Path(__file__).resolve().parent / "data" / "nt_layers"
+
+
+class Unsupported(Exception):
+    """A layer of the list has no ntkjax translation (yet)."""
+
+
+def load_reference() -> tuple[dict, dict[str, np.ndarray]]:
+    """(the parsed kernels.json, the arrays of kernels.npz)."""
+    meta = json.loads((DATA / "kernels.json").read_text())
+    with np.load(DATA / "kernels.npz") as f:
+        arrays = dict(f)
+    return meta, arrays
+
+
+def _affine(spec: dict) -> dict[str, Any]:
+    return {
+        "w_std": spec["W_std"],
+        "b_std": 0.0 if spec["b_std"] is None else spec["b_std"],
+        "use_bias": spec["b_std"] is not None,
+        "parameterization": spec.get("parameterization", "ntk"),
+    }
+
+
+def _dense(spec: dict, x: Any) -> Any:
+    return nn.Dense(spec["out_dim"], **_affine(spec))(x)
+
+
+def _conv(spec: dict, x: Any) -> Any:
+    return nn.Conv(spec["out_chan"], kernel_size=tuple(spec["filter_shape"]),
+                   strides=tuple(spec["strides"] or (1,) * len(spec["filter_shape"])),
+                   padding=spec["padding"], **_affine(spec))(x)
+
+
+# layer name -> f(spec, x) -> y, called inside the module's compact __call__
+TRANSLATIONS: dict[str, Callable[[dict, Any], Any]] = {
+    "Dense": _dense,
+    "Conv": _conv,
+    "Relu": lambda spec, x: nn.relu(x),
+    "LeakyRelu": lambda spec, x: nn.leaky_relu(x, negative_slope=spec["alpha"]),
+    "ABRelu": lambda spec, x: nn.ab_relu(x, a=spec["a"], b=spec["b"]),
+    "Identity": lambda spec, x: x,
+    "Flatten": lambda spec, x: nn.flatten(x),
+    "GlobalAvgPool": lambda spec, x: nn.global_average_pool(x),
+}
+
+
+def _gelu(spec: dict, x: Any) -> Any:
+    if spec["approximate"]:
+        raise Unsupported("Gelu(approximate=True)")
+    return nn.gelu(x)
+
+
+def _scaled(act: nn.Activation) -> Callable[[dict, Any], Any]:
+    """nt's Erf / Sin / Cos(a, b, c) = a f(b x) + c, translated only at a=1, b=1, c=0."""
+
+    def translate(spec: dict, x: Any) -> Any:
+        if (spec["a"], spec["b"], spec["c"]) != (1.0, 1.0, 0.0):
+            raise Unsupported(f"{act.__name__}(a, b, c) with (a, b, c) != (1, 1, 0)")
+        return act(x)
+
+    return translate
+
+
+TRANSLATIONS.update(Gelu=_gelu, Erf=_scaled(nn.erf), Sin=_scaled(nn.sin), Cos=_scaled(nn.cos))
+
+
+def _branches(n: int, x: Any) -> list:
+    return [x] * n
+
+
+class NTNet(linen.Module):
+    """The network of an nt layer list (JSON text, so the module is hashable)."""
+
+    layers_json: str
+
+    @linen.compact
+    def __call__(self, x: Any) -> Any:
+        return _apply(json.loads(self.layers_json), x)
+
+
+def _apply(layers: list[dict], x: Any) -> Any:
+    for spec in layers:
+        name = spec["layer"]
+        if name == "serial":
+            x = _apply(spec["layers"], x)
+        elif name == "FanOut":
+            x = _branches(spec["num"], x)
+        elif name == "parallel":
+            x = [_apply([branch], xi) for branch, xi in zip(spec["layers"], x, strict=True)]
+        elif name == "FanInSum":
+            total = x[0]
+            for xi in x[1:]:
+                total = total + xi
+            x = total
+        elif name in TRANSLATIONS:
+            x = TRANSLATIONS[name](spec, x)
+        else:
+            raise Unsupported(name)
+    return x
+
+
+def layer_names(layers: list[dict]) -> set[str]:
+    """Every layer name in a (nested) layer list."""
+    names = set()
+    for spec in layers:
+        names.add(spec["layer"])
+        if "layers" in spec:
+            names |= layer_names(spec["layers"])
+    return names
+
+
+def build(layers: list[dict]) -> NTNet:
+    """The ntkjax module of an nt layer list; raises :class:`Unsupported` naming what is missing
+    (checked here, before any kernel is computed)."""
+    structural = {"serial", "FanOut", "parallel", "FanInSum"}
+    missing = sorted(layer_names(layers) - structural - set(TRANSLATIONS))
+    if missing:
+        raise Unsupported(", ".join(missing))
+    return NTNet(json.dumps(layers))
