@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 
 def check_batched(x, name: str, *, min_ndim: int = 2) -> None:
@@ -61,7 +61,7 @@ def check_choice(value, allowed: Sequence, name: str) -> None:
 
 def is_concrete(x) -> bool:
     """True when ``x`` holds values (not a tracer inside jit/vmap/grad)."""
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, Tracer)
 
 
 def check_finite(x, name: str) -> None:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import check_batched, check_same_features
+from ntkjax._checks import check_pair
 from ntkjax._progress import progress as _progress
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 
@@ -36,14 +36,14 @@ __all__ = ["available_memory_bytes", "evaluate_in_blocks"]
 _MIN_BLOCK = 8
 
 
-def available_memory_bytes(device: jax.Device | None = None) -> int:
+def available_memory_bytes(device: Any = None) -> int:
     """Free memory, in bytes, on ``device`` (default: the first JAX device).
 
     Accelerators report ``bytes_limit - bytes_in_use`` from ``Device.memory_stats()``; the CPU
     reports ``MemAvailable`` from ``/proc/meminfo`` (or a conservative 4 GiB where that is absent).
     """
     device = jax.devices()[0] if device is None else device
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    stats = getattr(device, "memory_stats", lambda: None)()
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     try:
@@ -115,11 +115,8 @@ def evaluate_in_blocks(
       ValueError: when inputs lack a batch axis or disagree in per-example shape, or when even
         the smallest block does not fit ``memory_bytes``.
     """
-    check_batched(x1, "x1", min_ndim=1)
+    check_pair(x1, x2, min_ndim=1)
     symmetric = x2 is None
-    if not symmetric:
-        check_batched(x2, "x2", min_ndim=1)
-        check_same_features(x1, x2)
     x1 = jnp.asarray(x1)
     x2 = x1 if symmetric else jnp.asarray(x2)
     n1, n2 = x1.shape[0], x2.shape[0]

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ntkjax._checks import is_concrete
+
 __all__ = ["FAST_COMPILE", "cpu_convolution_options", "jit_with_options"]
 
 FAST_COMPILE: dict[str, Any] = {
@@ -76,7 +78,7 @@ def cpu_convolution_options() -> dict[str, Any] | None:
     return dict(_YNN_MATMULS_ONLY)
 
 
-def jit_with_options(fn: Callable, compiler_options: dict[str, Any] | None) -> Callable:
+def jit_with_options(fn: Callable, compiler_options: dict[str, Any] | None) -> Any:
     """``jax.jit(fn, compiler_options=compiler_options)`` for top-level calls, and plain
     ``jax.jit(fn)`` when any argument is a tracer (a call inside another ``jit``, ``grad``,
     ``vmap`` or ``scan``: the caller's program is compiled with the caller's options, and JAX
@@ -92,9 +94,9 @@ def jit_with_options(fn: Callable, compiler_options: dict[str, Any] | None) -> C
     @functools.wraps(fn)
     def call(*args, **kwargs):
         leaves = jax.tree_util.tree_leaves((args, kwargs))
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        if not all(is_concrete(leaf) for leaf in leaves):
             return plain(*args, **kwargs)
         return tuned(*args, **kwargs)
 
-    call.lower = tuned.lower
+    call.lower = tuned.lower  # type: ignore[attr-defined]
     return call

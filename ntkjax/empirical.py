@@ -47,6 +47,7 @@ from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 from ntkjax.jacobians import (
     OUTPUTS,
     PRECISION,
+    ApplyFn,
     Outputs,
     batched_fn,
     check_model_inputs,
@@ -130,7 +131,7 @@ def _jacobian_bytes(params, n: int, out_dim: int) -> int:
 
 
 def empirical_ntk_fn(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    apply_fn: ApplyFn,
     *,
     ntk_method: NTKMethod = "auto",
     outputs: Outputs = "trace",
@@ -180,6 +181,8 @@ def empirical_ntk_fn(
             )
         else:
             kernel = structured_kernel(apply_fn, params, x1, x2, outputs=outputs)
+        if kernel is None:  # no parameter at all
+            kernel = _zeros(x1, x2, out_dim, outputs, dtype)
         kernel = kernel.astype(dtype)
         return symmetrize(kernel, outputs) if x2 is None else kernel
 
@@ -196,7 +199,7 @@ def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
 
 
 def empirical_ntk_matrix(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    apply_fn: ApplyFn,
     params: Any,
     x1,
     x2=None,
@@ -245,7 +248,7 @@ def empirical_ntk_matrix(
 
 
 def ntk_operator(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    apply_fn: ApplyFn,
     params: Any,
     x: jax.Array,
     *,
@@ -283,7 +286,7 @@ def ntk_operator(
 
 
 def empirical_nngp_fn(
-    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    apply_fn: ApplyFn,
     *,
     features: str = "outputs",
     outputs: Outputs = "trace",

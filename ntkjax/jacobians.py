@@ -26,6 +26,7 @@ from ntkjax._checks import check_pair
 __all__ = [
     "OUTPUTS",
     "PRECISION",
+    "ApplyFn",
     "Outputs",
     "batched_fn",
     "check_model_inputs",
@@ -38,6 +39,9 @@ __all__ = [
     "split_params",
     "symmetrize",
 ]
+
+ApplyFn = Callable[..., Any]
+"""A model ``apply_fn(params, x) -> (N, *out)``, e.g. a flax linen ``module.apply``."""
 
 Outputs = Literal["trace", "full", "diagonal"]
 OUTPUTS: tuple[Outputs, ...] = ("trace", "full", "diagonal")

@@ -23,6 +23,7 @@ position, as ``flax.linen.Dense`` on the channel axis does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen, struct
 
-from ntkjax._checks import check_pair, float_dtype
+from ntkjax._checks import check_pair, float_dtype, is_concrete
 from ntkjax.blocking import evaluate_in_blocks
 
 __all__ = ["Kernel", "input_kernel", "kernel_fn", "kernel_matrix", "position_diagonal"]
@@ -275,22 +276,22 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
     def fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
         k = input_kernel(x1, x2)
         out = _apply_to_kernel(module, k)
-        if not isinstance(k.nngp, jax.core.Tracer):
+        if is_concrete(k.nngp):
             return out
         # Under jit: a second, structurally distinct copy of the graph for the NNGP output.
         # XLA fuses an elementwise chain into one loop only when all its users are in that
         # loop; with both outputs drawn from one graph it materializes every layer (4-10x
         # slower). Two independent chains -- the NTK one also computes the NNGP internally --
         # each fuse into a single loop over the (N1, N2) entries.
-        k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
-        return out.replace(nngp=_apply_to_kernel(module, k_copy).nngp)
+        k_copy = dataclasses.replace(k, nngp=k.nngp + _opaque_zero(k.nngp))
+        return dataclasses.replace(out, nngp=_apply_to_kernel(module, k_copy).nngp)
 
     jitted = jax.jit(fn)
 
     def dispatch(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
         # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
         # separately (seconds for a small CNN); one compiled call is ~10x faster to first result.
-        if jnp.ndim(x1) > 2 and not isinstance(x1, jax.core.Tracer):
+        if jnp.ndim(x1) > 2 and is_concrete(x1):
             return jitted(x1, x2)
         return fn(x1, x2)
 

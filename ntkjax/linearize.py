@@ -12,14 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 
-from ntkjax.empirical import split_params
+from ntkjax.jacobians import ApplyFn, split_params
 
 __all__ = ["linearize"]
 
 
 def linearize(
-    apply_fn: Callable[[Any, jax.Array], jax.Array], params0: Any
+    apply_fn: ApplyFn, params0: Any
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """Returns ``f_lin(params, x) = f(params0, x) + J(params0, x) (params - params0)``.
 
@@ -38,8 +39,8 @@ def linearize(
 
     def f_lin(params, x):
         trainable, rebuild = split_params(params)
-        delta = jax.tree_util.tree_map(lambda p, p0: p - p0, trainable, trainable0)
+        delta = optax.tree.sub(trainable, trainable0)
         y0, dy = jax.jvp(lambda p: apply_fn(rebuild(p), x), (trainable0,), (delta,))
-        return jax.tree_util.tree_map(lambda a, b: a + b, y0, dy)
+        return optax.tree.add(y0, dy)
 
     return f_lin

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
-def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    """``1/(2n) * sum((predictions - targets)**2)`` with n = ``predictions.shape[0]``."""
+def mse_loss(predictions: ArrayLike, targets: ArrayLike) -> jax.Array:
+    """``1/(2n) * sum((predictions - targets)**2)`` with n = ``predictions.shape[0]``.
+
+    >>> float(mse_loss(jnp.ones((2, 1)), jnp.zeros((2, 1))))
+    0.5
+    """
+    predictions, targets = jnp.asarray(predictions), jnp.asarray(targets)
     if predictions.shape != targets.shape:
         raise ValueError(
             f"predictions and targets must have the same shape; got {predictions.shape} and "

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from flax import linen
 
 from ntkjax import nn
 from ntkjax._checks import check_choice
 from ntkjax.kernels import Kernel
+from ntkjax.nn.conv import ConvPadding
+from ntkjax.nn.dense import Parameterization
 
 __all__ = ["ACTIVATIONS", "CNN", "MLP", "READOUTS", "resolve_activation"]
 
@@ -27,6 +30,8 @@ ACTIVATIONS: dict[str, Callable] = {
     "identity": nn.identity,
 }
 
+
+Readout = Literal["flatten", "global_average_pool"]
 
 # Readouts of a convolutional network, by name.
 READOUTS: dict[str, Callable] = {
@@ -71,7 +76,7 @@ class _Network(linen.Module):
     activation: str | Callable = "relu"
     w_std: float = 1.0
     b_std: float = 0.0
-    parameterization: str = "ntk"
+    parameterization: Parameterization = "ntk"
 
     def _activation(self, example: str) -> Callable:
         if len(self.features) < 1:
@@ -129,8 +134,8 @@ class CNN(_Network):
 
     kernel_size: int | Sequence[int] = 3
     strides: int | Sequence[int] = 1
-    padding: str = "SAME"
-    readout: str = "flatten"
+    padding: ConvPadding = "SAME"
+    readout: Readout = "flatten"
 
     @linen.compact
     def __call__(self, x):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt
 
 from ntkjax.scaling import fit_power_law
 
-STYLE = {
+STYLE: dict[Any, Any] = {
     "figure.dpi": 110,
     "savefig.dpi": 130,
     "axes.grid": True,
@@ -54,7 +55,7 @@ def save_figure(fig, path: str | Path | None):
 
 # --- study figures (demo) ---------------------------------------------------------------------
 
-_PALETTE = plt.get_cmap("tab10").colors
+_PALETTE = [plt.get_cmap("tab10")(i) for i in range(10)]
 
 
 def _target_axes(ax, *, width: float, height: float):

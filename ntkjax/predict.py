@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
+from jax.typing import ArrayLike
 
-from ntkjax._checks import check_finite, is_concrete
+from ntkjax._checks import check_finite, float_dtype, is_concrete
 
 __all__ = [
     "Gaussian",
@@ -134,13 +135,6 @@ def _check_times(t, name: str, *, integer: bool) -> None:
         raise ValueError(f"{name} must be >= 0 (jnp.inf allowed); got {t!r}.")
     if integer and np.any(np.isfinite(v) & (v != np.round(v))):
         raise ValueError(f"{name} must be whole numbers of steps (or jnp.inf); got {t!r}.")
-
-
-def _float_dtype(*arrays) -> jnp.dtype:
-    dtype = jnp.result_type(*[a for a in arrays if a is not None])
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, jnp.float32)
-    return dtype
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -238,10 +232,10 @@ def _linear_dynamics(
     fx_train_0,
     fx_test_0,
     diag_reg,
-    coefficients: Callable[[jax.Array, jax.Array], jax.Array],
+    coefficients: Callable[[_Eigen, jax.Array], jax.Array],
     time_name: str,
     integer_times: bool,
-) -> Callable[[jax.Array], Predictions]:
+) -> Callable[[ArrayLike], Predictions]:
     """Shared body of gradient flow / descent: ``f = f_0 + K V diag(g(s, t)) V^T r_0``."""
     _check_square(k_train_train, "k_train_train")
     n = np.shape(k_train_train)[0]
@@ -257,13 +251,14 @@ def _linear_dynamics(
             raise ValueError("fx_test_0 needs k_test_train (the test-train kernel).")
         m = np.shape(k_test_train)[0]
         _check_like(fx_test_0, "fx_test_0", (m, *y_shape[1:]))
-    dtype = _float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
+    dtype = float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
 
     k = jnp.asarray(k_train_train, dtype)
     y = _as_2d(jnp.asarray(y_train, dtype))
     f0 = jnp.zeros_like(y) if fx_train_0 is None else _as_2d(jnp.asarray(fx_train_0, dtype))
     eig = _eigh_psd(k, diag_reg, "k_train_train")
     residual = eig.vectors.T @ (y - f0)  # V^T r_0, shape (n, outputs)
+    k_test_v = ft0 = None
     if k_test_train is not None:
         k_test_v = jnp.asarray(k_test_train, dtype) @ eig.vectors  # (m, n)
         if fx_test_0 is None:
@@ -271,14 +266,14 @@ def _linear_dynamics(
         else:
             ft0 = _as_2d(jnp.asarray(fx_test_0, dtype))
 
-    def predict(t) -> Predictions:
+    def predict(t: ArrayLike) -> Predictions:
         _check_times(t, time_name, integer=integer_times)
         t = jnp.asarray(t, dtype)
         g = coefficients(eig, t)  # (..., n): g(s) ~ (1 - decay(s)) / (s + lambda)
         weights = g[..., :, None] * residual
         train = f0 + jnp.einsum("ij,...jk->...ik", eig.vectors, eig.values[:, None] * weights)
         test = None
-        if k_test_train is not None:
+        if k_test_v is not None and ft0 is not None:
             test = ft0 + jnp.einsum("ij,...jk->...ik", k_test_v, weights)
             test = _restore(test, len(y_shape))
         return Predictions(_restore(train, len(y_shape)), test)
@@ -317,7 +312,7 @@ def gradient_flow_mse(
     fx_train_0: jax.Array | None = None,
     fx_test_0: jax.Array | None = None,
     diag_reg: float = 0.0,
-) -> Callable[[jax.Array], Predictions]:
+) -> Callable[[ArrayLike], Predictions]:
     """Predictions of continuous-time gradient flow on the MSE at any training time.
 
     With ``L = 1/(2n) sum ||f - y||^2``, ``df/dt = -(lr / n) Theta (f - y)`` and (Lee et al. 2019,
@@ -361,7 +356,7 @@ def gradient_descent_mse(
     fx_train_0: jax.Array | None = None,
     fx_test_0: jax.Array | None = None,
     diag_reg: float = 0.0,
-) -> Callable[[jax.Array], Predictions]:
+) -> Callable[[ArrayLike], Predictions]:
     """Predictions after k steps of full-batch gradient descent on the MSE at a finite lr.
 
     Each step is ``f <- f - (lr / n) Theta (f - y)`` (the linearized network trained with
@@ -392,7 +387,7 @@ def max_learning_rate(k_train_train: jax.Array, *, diag_reg: float = 0.0) -> jax
     _check_square(k_train_train, "k_train_train")
     _check_diag_reg(diag_reg)
     k = jnp.asarray(k_train_train)
-    k = k.astype(_float_dtype(k))
+    k = k.astype(float_dtype(k))
     eig = _eigh_psd(k, diag_reg, "k_train_train")
     return 2.0 * k.shape[0] / (eig.values[-1] + eig.reg)
 
@@ -418,7 +413,7 @@ def convergence_bound(
     _check_diag_reg(diag_reg)
     _check_times(t, "t", integer=False)
     k = jnp.asarray(k_train_train)
-    k = k.astype(_float_dtype(k))
+    k = k.astype(float_dtype(k))
     eig = _eigh_psd(k, diag_reg, "k_train_train")
     t = jnp.asarray(t, k.dtype)
     rate = jnp.asarray(learning_rate, k.dtype) / k.shape[0]
@@ -456,7 +451,7 @@ def gp_inference(
         _check_rect(k_test_test, "k_test_test", m, m)
     _check_targets(y_train, "y_train", n)
     _check_diag_reg(diag_reg)
-    dtype = _float_dtype(k_train_train, k_test_train, k_test_test, y_train)
+    dtype = float_dtype(k_train_train, k_test_train, k_test_test, y_train)
     k = jnp.asarray(k_train_train, dtype)
     k_reg = k + _regularizer(k, diag_reg) * jnp.eye(n, dtype=dtype)
     if is_concrete(k):
@@ -518,7 +513,7 @@ def gradient_flow_ensemble(
         _check_rect(nngp_xx, "nngp[2] (test-test)", m, m)
     _check_targets(y_train, "y_train", n)
     _check_diag_reg(diag_reg)
-    dtype = _float_dtype(ntk_tt, ntk_xt, nngp_tt, nngp_xt, nngp_xx, y_train)
+    dtype = float_dtype(ntk_tt, ntk_xt, nngp_tt, nngp_xt, nngp_xx, y_train)
 
     eig = _eigh_psd(jnp.asarray(ntk_tt, dtype), diag_reg, "ntk[0] (train-train)")
     t = jnp.asarray(t, dtype)

@@ -33,8 +33,10 @@ computes all samples' ``G_i`` as one batched matmul with the outputs folded into
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+import functools
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -44,6 +46,7 @@ from flax.linen.linear import canonicalize_padding
 
 from ntkjax.jacobians import (
     PRECISION,
+    Outputs,
     contract_jacobians,
     contract_leaf_jacobians,
     is_variables_dict,
@@ -98,8 +101,9 @@ def _layer_kind(module) -> tuple[str | None, bool]:
 
 def _dense_axes(module, ndim: int) -> tuple[int, ...]:
     if type(module) is nn.DenseGeneral:
-        axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
-        return tuple(sorted(a % ndim for a in axis))
+        axis: Any = module.axis
+        axis = axis if isinstance(axis, tuple | list) else (axis,)
+        return tuple(sorted(int(a) % ndim for a in axis))
     return (ndim - 1,)
 
 
@@ -214,9 +218,9 @@ def _conv_patch_parts(module, x):
     input_dilation = bcast(module.input_dilation)
     dilated = [(k - 1) * d + 1 for k, d in zip(ks, kernel_dilation, strict=True)]
     padding = canonicalize_padding(module.padding, nsp)
-    if padding in ("CIRCULAR", "REFLECT"):
+    if padding == "CIRCULAR" or padding == "REFLECT":
         pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        x = jnp.pad(x, pads, mode="wrap" if padding == "CIRCULAR" else "reflect")
         padding = "VALID"
     elif padding == "CAUSAL":
         x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (ks[0] - 1), 0), (0, 0)])
@@ -263,7 +267,7 @@ def _layer_cotangents(layer: _Layer, d):
     o, n = d.shape[:2]
     if layer.kind == "dense" and type(layer.module) is nn.DenseGeneral:
         feats = layer.module.features
-        f = int(np.prod(feats)) if isinstance(feats, tuple | list) else int(feats)
+        f = int(np.prod(feats)) if isinstance(feats, tuple | list) else int(feats)  # type: ignore[arg-type]
     else:
         f = d.shape[-1]
     return d.reshape(o, n, -1, f)
@@ -300,6 +304,11 @@ def _output_factor(outputs: str, o: int) -> int:
     return o * o if outputs == "full" else o
 
 
+def _sum_terms(terms: Iterable[jax.Array]) -> jax.Array:
+    """The sum of a non-empty sequence of arrays (without a Python 0 to start from)."""
+    return functools.reduce(operator.add, terms)
+
+
 def _weight_term(
     kind, x1, d1, x2, d2, outputs, *, vocab=None, form="auto", scale=1.0, bias_scale=None
 ):
@@ -322,7 +331,7 @@ def _weight_term(
     if form != "auto":
         factored, materialized = (0, 1) if form == "factored" else (1, 0)
     elif t == 1 and s == 1 and kind != "embed":
-        gram = sum(
+        gram = _sum_terms(
             jnp.matmul(p1[:, 0], p2[:, 0].T, precision=PRECISION)
             for p1, p2 in zip(x1, x2, strict=True)
         )
@@ -334,7 +343,7 @@ def _weight_term(
             (ids1,), (ids2,) = x1, x2
             a = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(d1.dtype)
         else:
-            a = sum(
+            a = _sum_terms(
                 jnp.einsum("atk,bsk->atbs", p1, p2, precision=PRECISION)
                 for p1, p2 in zip(x1, x2, strict=True)
             )
@@ -346,6 +355,7 @@ def _weight_term(
         """scale * x, then bias_scale, then zeros up to a multiple of 8 columns (aligned
         matmuls; zero columns add nothing), in one concatenation."""
         if kind == "embed":
+            assert vocab is not None
             parts = (jax.nn.one_hot(parts[0], vocab, dtype=d1.dtype),)
         if not (isinstance(scale, float) and scale == 1.0):
             parts = tuple(scale * part for part in parts)
@@ -526,8 +536,14 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
 
 
 def structured_kernel(
-    apply_fn, params, x1, x2=None, *, outputs: str = "trace", form: str = "auto"
-):
+    apply_fn: Callable,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array | None = None,
+    *,
+    outputs: Outputs = "trace",
+    form: Literal["auto", "factored", "materialized"] = "auto",
+) -> jax.Array | None:
     """The empirical NTK by per-layer factorization (see module doc); same contract as
     ``empirical_ntk_fn(..., ntk_method="structured")`` but not jitted and without validation.
 
@@ -549,18 +565,21 @@ def structured_kernel(
     if batch_first and not any(leaf.size for leaf in rest):
         taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
 
-        def per_sample(_, x):
+        def batched(_: Any, x: jax.Array) -> tuple:
             return [], *taps(x)
 
+        per_sample = batched
     else:
         vmapped = jax.vmap(
             _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
             in_axes=(None, 0),
         )
 
-        def per_sample(rest, x):
+        def one_by_one(rest: Any, x: jax.Array) -> tuple:
             jac, deltas, inputs = vmapped(rest, x)
             return jac, {k: jnp.moveaxis(v, 1, 0) for k, v in deltas.items()}, inputs
+
+        per_sample = one_by_one
 
     jac1, deltas1, inputs1 = per_sample(rest, x1)
     if x2 is None:
@@ -568,7 +587,7 @@ def structured_kernel(
     else:
         jac2, deltas2, inputs2 = per_sample(rest, x2)
 
-    total = None
+    total: jax.Array | None = None
 
     def add(term):
         nonlocal total
@@ -579,6 +598,7 @@ def structured_kernel(
         add(rest_kernel)
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
+        assert node is not None  # _discover keeps only layers whose params it found
         d1 = _layer_cotangents(layer, deltas1[path])
         d2 = d1 if x2 is None else _layer_cotangents(layer, deltas2[path])
         xi1 = _layer_inputs(layer, inputs1[path])

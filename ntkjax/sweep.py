@@ -36,6 +36,8 @@ import optax
 
 from ntkjax._checks import check_choice
 from ntkjax._progress import progress
+from ntkjax.empirical import NTKMethod
+from ntkjax.losses import mse_loss
 from ntkjax.models import MLP
 from ntkjax.nn.dense import PARAMETERIZATIONS, Parameterization
 from ntkjax.scaling import fit_power_law
@@ -96,7 +98,7 @@ class SweepConfig:
     batch_size: int | None = None
     optimizer: Optimizer = "sgd"
     track_kernel: bool = True
-    ntk_method: str = "auto"
+    ntk_method: NTKMethod = "auto"
     data_seed: int = 0
     dtype: str = "float32"
 
@@ -116,7 +118,7 @@ class SweepConfig:
                 f"num_steps ({self.num_steps}) must be a multiple of record_every "
                 f"({self.record_every})."
             )
-        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+        if self.dtype == "float64" and not jax.config.read("jax_enable_x64"):
             raise ValueError("dtype float64 needs 64-bit JAX: wrap the call in jax.enable_x64().")
 
     def config_id(self) -> str:
@@ -328,13 +330,15 @@ def sweep(
 
 
 def _make_row(config, config_id, width, seed, lr, history, stability, i, data) -> dict:
-    pick = lambda a: None if a is None else np.asarray(a)[i]
-    y_test = np.asarray(data["y_test"], dtype=np.float64)
-    test_pred = pick(history.test_predictions)
-    test_loss = 0.5 * np.sum((test_pred - y_test) ** 2, axis=(1, 2)) / y_test.shape[0]
+    def pick(a: Any) -> np.ndarray:
+        return np.asarray(a)[i]
+
+    test_loss = jax.vmap(mse_loss, in_axes=(0, None))(
+        pick(history.test_predictions), jnp.asarray(data["y_test"])
+    )
     diverged = bool(pick(history.diverged))
     loss = pick(history.loss)
-    kernel_change = pick(history.kernel_change)
+    kernel_change = None if history.kernel_change is None else pick(history.kernel_change)
     param_change = pick(history.param_change)
     return {
         "config_id": config_id,

@@ -47,6 +47,7 @@ import optax
 
 from ntkjax._checks import check_batched, check_same_features
 from ntkjax.empirical import NTKMethod, empirical_ntk_fn
+from ntkjax.jacobians import ApplyFn
 from ntkjax.linearize import linearize
 from ntkjax.losses import mse_loss
 from ntkjax.predict import convergence_bound, gradient_descent_mse, max_learning_rate
@@ -61,7 +62,6 @@ __all__ = [
     "train_with_kernel_tracking",
 ]
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
 class StabilityReport(NamedTuple):
@@ -177,7 +177,7 @@ def make_train_fn(
         if track_kernel and probe_x is None:
             raise ValueError("track_kernel=True needs probe_x (the inputs of the tracked NTK).")
         model = linearize(apply_fn, params0) if linearized else apply_fn
-        ntk = _trace_ntk_fn(model, ntk_method) if track_kernel else None
+        ntk = _trace_ntk_fn(model, ntk_method)
 
         def loss_fn(params, x, y):
             return mse_loss(model(params, x), y)
@@ -208,6 +208,7 @@ def make_train_fn(
         def batch(step):
             if batch_size is None:
                 return x_train, y_train
+            assert key is not None  # checked above
             idx = jax.random.permutation(jax.random.fold_in(key, step), n)[:batch_size]
             return x_train[idx], y_train[idx]
 
@@ -456,6 +457,7 @@ def kernel_regime_check(
         ntk_method=ntk_method,
         warn=False,
     )
+    assert history.stability is not None  # a learning rate was given
     n = x_train.shape[0]
     theta0 = _trace_ntk_fn(apply_fn, ntk_method)(params0, x_train)
     theta0 = theta0 / y_train.shape[1]
@@ -464,8 +466,7 @@ def kernel_regime_check(
     f_kernel, residual0, residual_bound = jax.device_get(_kernel_descent_and_bound(
         theta0, jnp.asarray(y_train), f0, jnp.asarray(steps), learning_rate=learning_rate))
     f_kernel = np.asarray(f_kernel)  # (R, n, O)
-    y_np = np.asarray(y_train)
-    loss_kernel = 0.5 * np.sum((f_kernel - y_np) ** 2, axis=(1, 2)) / n
+    loss_kernel = np.asarray(jax.vmap(mse_loss, in_axes=(0, None))(f_kernel, y_train), np.float64)
     residual0 = float(residual0)
     prediction_gap = np.linalg.norm(
         (np.asarray(history.train_predictions) - f_kernel).reshape(len(steps), -1), axis=1

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +19,12 @@ __all__ = ["Digits", "load_digits"]
 class Digits(NamedTuple):
     """Digits split: pixels in [0, 1] ``(n, 64)``, one-hot targets ``(n, 10)``, integer labels."""
 
-    x_train: jax.Array
-    y_train: jax.Array
-    x_test: jax.Array
-    y_test: jax.Array
-    labels_train: jax.Array
-    labels_test: jax.Array
+    x_train: jax.Array | np.ndarray
+    y_train: jax.Array | np.ndarray
+    x_test: jax.Array | np.ndarray
+    y_test: jax.Array | np.ndarray
+    labels_train: jax.Array | np.ndarray
+    labels_test: jax.Array | np.ndarray
 
 
 def load_digits(*, test_size: float = 0.3, random_state: int = 0, dtype=None) -> Digits:
@@ -44,7 +44,7 @@ def load_digits(*, test_size: float = 0.3, random_state: int = 0, dtype=None) ->
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be a fraction in (0, 1); got {test_size}.")
     dtype = jnp.dtype(dtype) if dtype is not None else float_dtype()
-    data = sk_load_digits()
+    data: Any = sk_load_digits()
     pixels = np.asarray(data.data, np.float64) / 16.0
     labels = np.asarray(data.target, np.int32)
     x_train, x_test, l_train, l_test = train_test_split(

@@ -41,6 +41,7 @@ from ntkjax import empirical_ntk_fn, kernel_fn, plotting
 from ntkjax._progress import progress
 from ntkjax.compile_options import FAST_COMPILE
 from ntkjax.models import MLP
+from ntkjax.nn.dense import PARAMETERIZATIONS, Parameterization
 from ntkjax.predict import (
     gp_inference,
     gradient_descent_mse,
@@ -160,8 +161,8 @@ class _Context:
 
 
 def _mlp(hidden: tuple[int, ...], outputs: int = 1, *, w_std: float = RELU_W_STD,
-         b_std: float = 0.0, parameterization: str = "ntk"):
-
+         b_std: float = 0.0, parameterization: Parameterization = "ntk") -> MLP:
+    """A ReLU MLP of the study (hidden widths, then ``outputs``)."""
     return MLP(features=(*hidden, outputs), activation="relu", w_std=w_std, b_std=b_std,
                parameterization=parameterization)
 
@@ -267,7 +268,7 @@ def _empirical_ntks(widths, seeds: int, key: jax.Array, x: jax.Array):
         out = {}
         for width in widths:
             keys = jax.random.split(jax.random.fold_in(key, width), seeds)
-            for param in ("ntk", "standard"):
+            for param in PARAMETERIZATIONS:
                 module = _mlp((width,), parameterization=param)
                 ntk = empirical_ntk_fn(module.apply, outputs="trace")
                 params = jax.vmap(module.init, in_axes=(0, None))(keys, x[:1])
@@ -383,11 +384,9 @@ def _sin_runs(ctx: _Context) -> dict[str, Any]:
     programs = {}
     for width in s.sin_widths:
         module = _sin_model(width)
-        config = dict(optimizer=optax.sgd(lr), num_steps=s.sin_steps,
-                      record_every=s.sin_record_every)
-        programs[width] = (module, make_train_fn(module.apply, **config),
-                           make_train_fn(module.apply, track_kernel=False, linearized=True,
-                                         **config))
+        make = functools.partial(make_train_fn, module.apply, optimizer=optax.sgd(lr),
+                                 num_steps=s.sin_steps, record_every=s.sin_record_every)
+        programs[width] = (module, make(), make(track_kernel=False, linearized=True))
 
     def train_width(width, keys):
         module, train, train_linear = programs[width]
