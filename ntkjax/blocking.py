@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from ntkjax._checks import check_pair
 from ntkjax._progress import progress as _progress
@@ -81,8 +82,8 @@ def _footprint(compiled) -> int | None:
 
 def evaluate_in_blocks(
     block_fn: Callable[..., Any],
-    x1,
-    x2=None,
+    x1: ArrayLike,
+    x2: ArrayLike | None = None,
     *,
     fn_args: tuple = (),
     block_size: int | None = None,

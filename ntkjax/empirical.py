@@ -40,6 +40,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from ntkjax._checks import check_choice, check_pair
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
@@ -62,6 +63,7 @@ from ntkjax.structured import count_structured_layers, last_hidden_features, str
 __all__ = [
     "NTK_METHODS",
     "OUTPUTS",
+    "KernelFn",
     "NTKMethod",
     "Outputs",
     "empirical_nngp_fn",
@@ -201,8 +203,8 @@ def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
 def empirical_ntk_matrix(
     apply_fn: ApplyFn,
     params: Any,
-    x1,
-    x2=None,
+    x1: ArrayLike,
+    x2: ArrayLike | None = None,
     *,
     ntk_method: NTKMethod = "auto",
     outputs: Outputs = "trace",
@@ -230,6 +232,8 @@ def empirical_ntk_matrix(
     """
     ntk = empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs=outputs)
     check_pair(x1, x2)
+    x1 = jnp.asarray(x1)
+    x2 = None if x2 is None else jnp.asarray(x2)
     check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
 
     def block_fn(a, b, p):

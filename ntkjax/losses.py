@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+__all__ = ["mse_loss"]
+
 
 def mse_loss(predictions: ArrayLike, targets: ArrayLike) -> jax.Array:
     """``1/(2n) * sum((predictions - targets)**2)`` with n = ``predictions.shape[0]``.

@@ -14,7 +14,7 @@ from ntkjax.kernels import Kernel
 from ntkjax.nn.conv import ConvPadding
 from ntkjax.nn.dense import Parameterization
 
-__all__ = ["ACTIVATIONS", "CNN", "MLP", "READOUTS", "resolve_activation"]
+__all__ = ["ACTIVATIONS", "CNN", "MLP", "READOUTS", "Readout", "resolve_activation"]
 
 # Activations selectable by name (those needing a parameter take their default here).
 ACTIVATIONS: dict[str, Callable] = {

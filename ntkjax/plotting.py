@@ -18,8 +18,29 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from ntkjax.scaling import fit_power_law
+
+__all__ = [
+    "STYLE",
+    "Values",
+    "new_figure",
+    "plot_accuracies",
+    "plot_convergence",
+    "plot_drift_vs_width",
+    "plot_function_fits",
+    "plot_kernel_heatmaps",
+    "plot_loss_curves",
+    "plot_power_laws",
+    "plot_stability",
+    "plot_trajectories",
+    "save_figure",
+]
+
+Values = Any
+"""Anything ``np.asarray`` turns into the numbers to plot (numpy or JAX arrays, lists)."""
 
 STYLE: dict[Any, Any] = {
     "figure.dpi": 110,
@@ -33,7 +54,9 @@ STYLE: dict[Any, Any] = {
 }
 
 
-def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 4.0):
+def new_figure(
+    ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 4.0
+) -> tuple[Figure, np.ndarray]:
     """A figure with ``nrows x ncols`` axes in the ntkjax style."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
@@ -41,7 +64,7 @@ def new_figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: fl
     return fig, axes
 
 
-def save_figure(fig, path: str | Path | None):
+def save_figure(fig: Figure, path: str | Path | None) -> Figure:
     """Lays out ``fig``, writes it as PNG when ``path`` is given, closes it, and returns it."""
     with plt.rc_context(STYLE):
         fig.tight_layout()
@@ -53,12 +76,12 @@ def save_figure(fig, path: str | Path | None):
     return fig
 
 
-# --- study figures (demo) ---------------------------------------------------------------------
+# --- figures ---------------------------------------------------------------------------------
 
 _PALETTE = [plt.get_cmap("tab10")(i) for i in range(10)]
 
 
-def _target_axes(ax, *, width: float, height: float):
+def _target_axes(ax: Axes | None, *, width: float, height: float) -> tuple[Any, Axes, bool]:
     """``(figure, axes, own_figure)``: ``ax`` and its figure, or a new one-axes figure."""
     if ax is None:
         fig, axes = new_figure(width=width, height=height)
@@ -101,7 +124,7 @@ def plot_kernel_heatmaps(
     path: str | Path | None = None,
     cmaps: Mapping[str, str] | None = None,
     panel_size: float = 4.2,
-):
+) -> Figure:
     """One heatmap per kernel matrix (panel title = dict key), each with its own colorbar.
 
     ``cmaps`` maps a panel title to a colormap name (default ``viridis``); use a sequential map
@@ -127,7 +150,7 @@ def plot_kernel_heatmaps(
 
 
 def plot_power_laws(
-    x,
+    x: Values,
     series: Mapping[str, np.ndarray],
     *,
     xlabel: str,
@@ -137,8 +160,8 @@ def plot_power_laws(
     fit: bool = True,
     reference_slope: float | None = None,
     reference_label: str | None = None,
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """Log-log plot of quantities against ``x`` with fitted power laws (slope in the legend).
 
     Each series has shape ``(len(x),)`` or ``(len(x), seeds)``; with seeds, the individual values
@@ -178,19 +201,19 @@ def plot_power_laws(
 
 
 def plot_function_fits(
-    x_train,
-    y_train,
-    x_test,
+    x_train: Values,
+    y_train: Values,
+    x_test: Values,
     curves: Mapping[str, np.ndarray],
     *,
     title: str,
     path: str | Path | None = None,
-    snapshots=None,
+    snapshots: Values | None = None,
     snapshot_label: str = "network during training",
     xlabel: str = "x",
     ylabel: str = "f(x)",
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """1-D regression: training points, labelled curves on ``x_test``, and optional snapshots.
 
     ``snapshots`` has shape ``(T, len(x_test))`` (e.g. a network's predictions during training),
@@ -220,17 +243,17 @@ def plot_function_fits(
 
 
 def plot_convergence(
-    steps,
+    steps: Values,
     curves: Mapping[str, np.ndarray],
     *,
     title: str,
     path: str | Path | None = None,
-    bound=None,
+    bound: Values | None = None,
     bound_label: str = "bound exp(-2 lr λmin t / n) L0",
     xlabel: str = "gradient-descent step t",
     ylabel: str = "training loss",
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """Training losses against steps on a log y axis, with an optional upper bound (dashed)."""
     steps = np.asarray(steps)
     fig, ax, own_figure = _target_axes(ax, width=6.0, height=4.4)
@@ -248,7 +271,7 @@ def plot_convergence(
 
 
 def plot_stability(
-    widths,
+    widths: Values,
     edges: Mapping[str, np.ndarray],
     diverged: Mapping[str, np.ndarray],
     *,
@@ -256,8 +279,8 @@ def plot_stability(
     title: str,
     path: str | Path | None = None,
     learning_rate_label: str | None = None,
-    ax=None,
-):
+    ax: Axes | None = None,
+) -> Figure:
     """The stability edge ``2n / λmax`` against width, per parameterization, and the outcomes.
 
     ``edges[name]`` is the edge at each width, ``diverged[name]`` a boolean per width (the run at
@@ -288,7 +311,7 @@ def plot_stability(
 
 
 def plot_trajectories(
-    times,
+    times: Values,
     panels: Mapping[str, tuple[np.ndarray, np.ndarray]],
     *,
     title: str,
@@ -297,7 +320,7 @@ def plot_trajectories(
     xlabel: str = "gradient-descent step t",
     ylabel: str = "output f_t(x) at test points",
     panel_width: float = 4.6,
-):
+) -> Figure:
     """Full vs linearized outputs over training: one panel per entry, shared y axis.
 
     ``panels[name] = (full, linear)``, each of shape ``(len(times), k)`` for k tracked test
@@ -339,7 +362,7 @@ def plot_accuracies(
     title: str,
     path: str | Path | None = None,
     xlabel: str = "test accuracy (%)",
-):
+) -> Figure:
     """Horizontal bars of accuracies (fractions in [0, 1]), each labelled with its percentage."""
     if not accuracies:
         raise ValueError("plot_accuracies needs at least one accuracy.")
@@ -376,15 +399,15 @@ def _ragged_to_padded(values) -> np.ndarray:
 
 
 def plot_drift_vs_width(
-    widths,
-    drift,
+    widths: Values,
+    drift: Values,
     *,
     title: str = "Relative NTK change after training vs width",
     ylabel: str = "||Θ_t - Θ_0||_F / ||Θ_0||_F",
     label: str = "NTK change",
     reference_slope: float | None = -0.5,
     path: str | Path | None = None,
-):
+) -> Figure:
     """Log-log drift against width with its fitted power law (slope in the legend).
 
     ``drift`` is ``(len(widths),)``, ``(len(widths), seeds)``, or a list of per-width lists of
@@ -412,7 +435,7 @@ def plot_loss_curves(
     xlabel: str = "optimizer step",
     ylabel: str = "training loss 1/(2n) Σ (f - y)²",
     path: str | Path | None = None,
-):
+) -> Figure:
     """Loss against step on a log y axis, one colour per curve (e.g. per width).
 
     ``curves[label] = (steps, losses)`` with losses ``(len(steps),)`` or ``(seeds, len(steps))``;

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["PowerLawFit", "fit_power_law"]
 
@@ -21,7 +22,7 @@ class PowerLawFit(NamedTuple):
     prefactor: float
 
 
-def fit_power_law(x, y) -> PowerLawFit:
+def fit_power_law(x: ArrayLike, y: ArrayLike) -> PowerLawFit:
     """Least-squares line through ``(log x, log y)``: ``log y = slope log x + log prefactor``.
 
     Args:

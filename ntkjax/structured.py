@@ -184,7 +184,7 @@ def _input_ok(layer: _Layer) -> bool:
     return True
 
 
-def count_structured_layers(apply_fn, params, x1) -> int:
+def count_structured_layers(apply_fn: Callable, params: Any, x1: jax.Array) -> int:
     """How many layers of the model the structured method factorizes."""
     return len(_discover(apply_fn, params, x1))
 
@@ -612,7 +612,7 @@ def structured_kernel(
     return total
 
 
-def last_hidden_features(apply_fn, params, x):
+def last_hidden_features(apply_fn: Callable, params: Any, x: jax.Array) -> jax.Array:
     """The input of the last Dense-type layer (Dense, DenseGeneral, Conv, ntkjax Dense) that
     the linen model calls on ``x``, flattened to ``(N, features)``."""
     captured = []

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,9 +42,18 @@ from ntkjax.models import MLP
 from ntkjax.nn.dense import PARAMETERIZATIONS, Parameterization
 from ntkjax.scaling import fit_power_law
 from ntkjax.tasks import gaussian_regression, sin_regression
-from ntkjax.training import learning_rate_check, make_train_fn
+from ntkjax.training import (
+    StabilityReport,
+    TrainingHistory,
+    learning_rate_check,
+    make_train_fn,
+)
 
 __all__ = [
+    "DATASETS",
+    "OPTIMIZERS",
+    "Dataset",
+    "Optimizer",
     "SweepConfig",
     "drift_fit",
     "load_rows",
@@ -171,7 +180,7 @@ def seeds_program(
     learning_rate: float,
     *,
     compiler_options: dict[str, Any] | None = None,
-):
+) -> Callable[[jax.Array, dict[str, jax.Array]], tuple[TrainingHistory, StabilityReport]]:
     """``run(seed_keys, data) -> (history without final params, stability)``, all seeds vmapped.
 
     ``seed_keys`` is an (S, 2) array of PRNG keys; seed s initializes from its key and draws

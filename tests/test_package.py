@@ -165,3 +165,40 @@ def test_a_fresh_clone_passes_the_reference_tests(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def _top_level(path: Path) -> tuple[set[str] | None, dict[str, ast.AST]]:
+    """(``__all__`` or None, every top-level name the module defines -> its node)."""
+    exported, defined = None, {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            exported = set(ast.literal_eval(node.value))
+        elif isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "__all__":
+            exported = set(ast.literal_eval(node.value)) if node.value else set()
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            defined[node.name] = node
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update({t.id: node for t in targets if isinstance(t, ast.Name)})
+    return exported, defined
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in MODULES.items()
+                                        if not p.name.startswith("_") or p.name == "__init__.py"))
+def test_public_names_are_exported_and_public_functions_typed(name):
+    """Every public-looking top-level name is in ``__all__`` (else it is private), and every
+    exported function annotates its parameters and return type."""
+    exported, defined = _top_level(MODULES[name])
+    public = {n for n in defined if not n.startswith("_")}
+    if name == "ntkjax" or name == "ntkjax.nn":
+        return  # their exports are imports, checked above
+    assert exported is not None, f"{name} has no __all__"
+    assert public <= exported, f"{name}: public but not in __all__: {sorted(public - exported)}"
+    for export in sorted(exported & public):
+        node = defined[export]
+        if isinstance(node, ast.FunctionDef):
+            args = [a for a in [*node.args.args, *node.args.kwonlyargs] if a.arg != "self"]
+            untyped = [a.arg for a in args if a.annotation is None]
+            assert node.returns is not None and not untyped, f"{name}.{export}: {untyped}"

@@ -55,6 +55,7 @@ __all__ = [
     "ActivationMaps",
     "ab_relu",
     "abs",
+    "activation_kernel",
     "correlation",
     "cos",
     "elementwise",

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
 SUBCOMMANDS = {
     "demo": ("ntkjax.study.demo", "reproduce the NTK study end to end: figures, report, JSON"),
     "sweep": ("ntkjax.study.sweep_command",
@@ -18,6 +20,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ntkjax`` argument parser, one sub-command per entry of :data:`SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(prog="ntkjax", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -29,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ntkjax`` command: parses ``argv`` and runs the sub-command; its exit code."""
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 

@@ -27,7 +27,7 @@ class Digits(NamedTuple):
     labels_test: jax.Array | np.ndarray
 
 
-def load_digits(*, test_size: float = 0.3, random_state: int = 0, dtype=None) -> Digits:
+def load_digits(*, test_size: float = 0.3, random_state: int = 0, dtype: Any = None) -> Digits:
     """scikit-learn's bundled 8x8 digits (1,797 images), stratified train/test split.
 
     Pixels are divided by 16 (their maximum) into [0, 1]; targets are one-hot rows over the 10

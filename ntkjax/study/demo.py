@@ -59,10 +59,10 @@ from ntkjax.training import kernel_regime_check, make_train_fn
 __all__ = ["SECTIONS", "DemoSettings", "add_arguments", "demo_settings", "run_demo",
            "run_from_args"]
 
-RELU_W_STD = math.sqrt(2.0)  # He initialization, as in the study (kaiming_normal)
-SIN_B_STD = 1.0  # bias scale of the sin-task networks (1-D inputs need biases to bend)
-DIGITS_DIAG_REG = 1e-4  # ridge relative to the mean diagonal (kernel regression on digits)
-STUDY_LEARNING_RATE = 0.02  # the study's lr = 0.01 on mean((f - y)^2), in ntkjax's loss
+_RELU_W_STD = math.sqrt(2.0)  # He initialization, as in the study (kaiming_normal)
+_SIN_B_STD = 1.0  # bias scale of the sin-task networks (1-D inputs need biases to bend)
+_DIGITS_DIAG_REG = 1e-4  # ridge relative to the mean diagonal (kernel regression on digits)
+_STUDY_LEARNING_RATE = 0.02  # the study's lr = 0.01 on mean((f - y)^2), in ntkjax's loss
 
 
 def _jit(fn: Callable, **kwargs) -> Callable:
@@ -123,7 +123,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
     )
 
 
-class SectionResult(NamedTuple):
+class _SectionResult(NamedTuple):
     """What a section hands to the report (see :meth:`ntkjax.study.report.Report.add_section`)."""
 
     title: str
@@ -160,7 +160,7 @@ class _Context:
 # --------------------------------------------------------------------------- shared helpers
 
 
-def _mlp(hidden: tuple[int, ...], outputs: int = 1, *, w_std: float = RELU_W_STD,
+def _mlp(hidden: tuple[int, ...], outputs: int = 1, *, w_std: float = _RELU_W_STD,
          b_std: float = 0.0, parameterization: Parameterization = "ntk") -> MLP:
     """A ReLU MLP of the study (hidden widths, then ``outputs``)."""
     return MLP(features=(*hidden, outputs), activation="relu", w_std=w_std, b_std=b_std,
@@ -203,7 +203,7 @@ def _fit(x, y) -> float:
 # --------------------------------------------------------------------------- section 1
 
 
-def section_analytic(ctx: _Context) -> SectionResult:
+def _section_analytic(ctx: _Context) -> _SectionResult:
     """The two-layer ReLU NNGP (the study's formula) and NTK, symmetric and positive definite."""
     import ntkjax
 
@@ -252,7 +252,7 @@ def section_analytic(ctx: _Context) -> SectionResult:
         f"positive definite: {numbers['nngp']['positive_definite'] and numbers['ntk']['positive_definite']}; "  # noqa: E501
         f"NTK - NNGP = {100 * numbers['ntk_minus_nngp_relative_frobenius']:.0f} % of the NTK"
     )
-    return SectionResult("1. Analytic NTK and NNGP of a two-layer ReLU network", text, numbers,
+    return _SectionResult("1. Analytic NTK and NNGP of a two-layer ReLU network", text, numbers,
                          [figure], summary)
 
 
@@ -280,7 +280,7 @@ def _empirical_ntks(widths, seeds: int, key: jax.Array, x: jax.Array):
             for w in widths}
 
 
-def section_empirical(ctx: _Context) -> SectionResult:
+def _section_empirical(ctx: _Context) -> _SectionResult:
     """Empirical NTK (NTK and standard parameterization) against the analytic NTK vs width."""
     s = ctx.settings
     x = jax.random.normal(ctx.key("empirical-x"), (s.n_points, s.input_dim))
@@ -354,7 +354,7 @@ def section_empirical(ctx: _Context) -> SectionResult:
     )
     summary = (f"empirical -> analytic NTK: slope {slope_ntk:+.2f} (NTK param.), "
                f"{slope_standard:+.2f} (standard param., diverges)")
-    return SectionResult("2. Empirical vs analytic NTK", text, numbers, [fig_heat, fig_err],
+    return _SectionResult("2. Empirical vs analytic NTK", text, numbers, [fig_heat, fig_err],
                          summary)
 
 
@@ -362,7 +362,7 @@ def section_empirical(ctx: _Context) -> SectionResult:
 
 
 def _sin_model(width: int):
-    return _mlp((width,), b_std=SIN_B_STD)
+    return _mlp((width,), b_std=_SIN_B_STD)
 
 
 def _sin_runs(ctx: _Context) -> dict[str, Any]:
@@ -434,7 +434,7 @@ def _rms(a, axis=None) -> np.ndarray:
 # --------------------------------------------------------------------------- section 3
 
 
-def section_kernel_regression(ctx: _Context) -> SectionResult:
+def _section_kernel_regression(ctx: _Context) -> _SectionResult:
     """Kernel gradient descent (analytic NTK) vs trained networks of growing width."""
 
     s = ctx.settings
@@ -504,7 +504,7 @@ def section_kernel_regression(ctx: _Context) -> SectionResult:
     }
     text = (
         "The study's sin task (50 noisy points on [-3, 3], test grid on [-4, 4]) with two-layer "
-        f"ReLU networks in the NTK parameterization (w_std = sqrt 2, b_std = {SIN_B_STD}), "
+        f"ReLU networks in the NTK parameterization (w_std = sqrt 2, b_std = {_SIN_B_STD}), "
         f"trained by full-batch gradient descent at lr = {sin['lr']:.3g} "
         f"({s.sin_lr_fraction:g} x the stability edge 2n/lambda_max = {sin['edge']:.3g} of the "
         "analytic NTK) for "
@@ -522,14 +522,14 @@ def section_kernel_regression(ctx: _Context) -> SectionResult:
     )
     summary = (f"network vs NTK gradient descent: gap slope {slope_gap:+.2f}, "
                f"gap at width {widest} = {gaps.mean(1)[-1]:.3g}")
-    return SectionResult("3. Kernel regression vs trained wide networks", text, numbers,
+    return _SectionResult("3. Kernel regression vs trained wide networks", text, numbers,
                          [figure], summary)
 
 
 # --------------------------------------------------------------------------- section 4
 
 
-def section_drift(ctx: _Context) -> SectionResult:
+def _section_drift(ctx: _Context) -> _SectionResult:
     """Relative change of the empirical NTK during training, vs width."""
     s = ctx.settings
     sin = _sin_runs(ctx)
@@ -567,7 +567,7 @@ def section_drift(ctx: _Context) -> SectionResult:
         "their initial kernel."
     )
     summary = f"NTK drift after training ~ width^{slope:+.2f}"
-    return SectionResult("4. NTK evolution during training", text, numbers, [figure], summary)
+    return _SectionResult("4. NTK evolution during training", text, numbers, [figure], summary)
 
 
 # --------------------------------------------------------------------------- section 5
@@ -592,7 +592,7 @@ def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
              "max_learning_rate": r["max_learning_rate"]}
             for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
                            out_path=ctx.out_dir / "study_sweep.jsonl",
-                           learning_rates=(STUDY_LEARNING_RATE,), config=config,
+                           learning_rates=(_STUDY_LEARNING_RATE,), config=config,
                            show_progress=ctx.show_progress, compiler_options=FAST_COMPILE)
         ]
     return rows
@@ -606,7 +606,7 @@ def _gaussian_task(key: jax.Array, n: int, dim: int):
     return x, jnp.sin(x @ (u / jnp.linalg.norm(u)))[:, None]
 
 
-def section_convergence(ctx: _Context) -> SectionResult:
+def _section_convergence(ctx: _Context) -> _SectionResult:
     """Loss vs the exp(-lr lambda_min t / n) bound; the stability edge in both parameterizations."""
 
     s = ctx.settings
@@ -652,7 +652,7 @@ def section_convergence(ctx: _Context) -> SectionResult:
     plotting.plot_stability(
         widths, {"standard param. (study)": edges["standard"], "NTK param.": edges["ntk"]},
         {"standard param. (study)": diverged["standard"], "NTK param.": diverged["ntk"]},
-        learning_rate=STUDY_LEARNING_RATE,
+        learning_rate=_STUDY_LEARNING_RATE,
         learning_rate_label="study's lr (0.01 on mean loss = 0.02 here)",
         title="Stability edge 2n/λmax of the initial NTK", ax=axes[0, 1],
     )
@@ -660,7 +660,7 @@ def section_convergence(ctx: _Context) -> SectionResult:
     plotting.save_figure(fig, figure)
 
     crossing = [w for w, e in zip(s.study_widths, edges["standard"], strict=True)
-                if e < STUDY_LEARNING_RATE]
+                if e < _STUDY_LEARNING_RATE]
     numbers = {
         "convergence": {
             "num_train": n,
@@ -686,10 +686,10 @@ def section_convergence(ctx: _Context) -> SectionResult:
             "widths": list(s.study_widths),
             "seeds": s.study_seeds,
             "steps": s.study_steps,
-            "learning_rate": STUDY_LEARNING_RATE,
+            "learning_rate": _STUDY_LEARNING_RATE,
             **{f"{p}_param": {
                 "stability_edge": edges[p],
-                "lr_over_edge": STUDY_LEARNING_RATE / edges[p],
+                "lr_over_edge": _STUDY_LEARNING_RATE / edges[p],
                 "diverged": diverged[p],
                 "diverged_at_step": diverged_at[p],
                 "initial_loss": initial_loss[p],
@@ -709,7 +709,7 @@ def section_convergence(ctx: _Context) -> SectionResult:
         f"(analytic NTK: {eig_inf[0]:.3g} and {eig_inf[-1]:.3g}). The bound is set by the "
         "slowest mode; on the 1-D sin task λmin is ~1e-5 of λmax and the bound says "
         "almost nothing. Right: the study's section 6 runs (He init, zero biases, 50 sin "
-        f"points, lr 0.01 on the mean loss = {STUDY_LEARNING_RATE} here, {s.study_steps} steps; "
+        f"points, lr 0.01 on the mean loss = {_STUDY_LEARNING_RATE} here, {s.study_steps} steps; "
         "`ntkjax.sweep`'s study preset). Gradient descent is stable only below `2n / λmax` of "
         "the initial NTK. In the standard parameterization λmax grows like the width, so the "
         f"edge falls below the study's learning rate (at widths {crossing}) and those runs "
@@ -723,14 +723,14 @@ def section_convergence(ctx: _Context) -> SectionResult:
                f"study set-up: standard param. diverged at {n_div}/{len(widths)} widths "
                f"(edge < lr at {crossing}), NTK param. diverged at "
                f"{int(diverged['ntk'].sum())}/{len(widths)}")
-    return SectionResult("5. Convergence and the stability edge", text, numbers, [figure],
+    return _SectionResult("5. Convergence and the stability edge", text, numbers, [figure],
                          summary)
 
 
 # --------------------------------------------------------------------------- section 6
 
 
-def section_lazy(ctx: _Context) -> SectionResult:
+def _section_lazy(ctx: _Context) -> _SectionResult:
     """Relative parameter movement vs width; the network against its linearization."""
     s = ctx.settings
     sin = _sin_runs(ctx)
@@ -786,14 +786,14 @@ def section_lazy(ctx: _Context) -> SectionResult:
     )
     summary = (f"parameter change ~ width^{slope_params:+.2f}, "
                f"network - linearization ~ width^{slope_lin:+.2f}")
-    return SectionResult("6. Lazy training", text, numbers,
+    return _SectionResult("6. Lazy training", text, numbers,
                          [ctx.figure("s6_linearized_trajectories.png"), fig_scaling], summary)
 
 
 # --------------------------------------------------------------------------- section 7
 
 
-def section_digits(ctx: _Context) -> SectionResult:
+def _section_digits(ctx: _Context) -> _SectionResult:
     """NTK and NNGP regression vs a trained network (and an RBF SVM) on scikit-learn's digits."""
 
     s = ctx.settings
@@ -801,7 +801,7 @@ def section_digits(ctx: _Context) -> SectionResult:
         digits = load_digits()
         from sklearn.svm import SVC
     except ImportError as err:
-        return SectionResult(
+        return _SectionResult(
             "7. Beyond the study: digits", f"Skipped: {err}", {"skipped": True}, [],
             "skipped (scikit-learn missing)")
     digits = type(digits)(*map(np.asarray, digits))  # host arrays: slicing compiles nothing
@@ -819,8 +819,8 @@ def section_digits(ctx: _Context) -> SectionResult:
 
     def kernel_predictions(ntk_tt, ntk_xt, nngp_tt, nngp_xt, y):
         ntk_pred = gradient_flow_mse(ntk_tt, y, learning_rate=1.0, k_test_train=ntk_xt,
-                                     diag_reg=DIGITS_DIAG_REG)(jnp.inf).test
-        nngp_pred = gp_inference(nngp_tt, nngp_xt, None, y, diag_reg=DIGITS_DIAG_REG).mean
+                                     diag_reg=_DIGITS_DIAG_REG)(jnp.inf).test
+        nngp_pred = gp_inference(nngp_tt, nngp_xt, None, y, diag_reg=_DIGITS_DIAG_REG).mean
         return ntk_pred, nngp_pred, max_learning_rate(ntk_tt)
 
     as32 = lambda a: a.astype(np.float32)
@@ -873,12 +873,12 @@ def section_digits(ctx: _Context) -> SectionResult:
         f"width kernels are those of the ReLU MLP {hidden} -> 10 (`ntkjax.kernel_fn`); NTK "
         "regression is the t -> infinity limit of gradient flow (`ntkjax.predict."
         "gradient_flow_mse`), NNGP regression the GP posterior mean (`ntkjax.predict."
-        f"gp_inference`), both with a ridge of {DIGITS_DIAG_REG:g} x the mean diagonal. "
+        f"gp_inference`), both with a ridge of {_DIGITS_DIAG_REG:g} x the mean diagonal. "
         "The finite network of the same architecture is trained with "
         f"`optax.sgd({lr:.3g})` for {s.digits_steps} full-batch steps.\n\n" + table
     )
     summary = ", ".join(f"{k.split(' (')[0]} {100 * v:.1f} %" for k, v in accuracies.items())
-    return SectionResult("7. Beyond the study: NTK regression on real data (digits)", text,
+    return _SectionResult("7. Beyond the study: NTK regression on real data (digits)", text,
                          numbers, [figure], summary,
                          data={"network_test_accuracy_during_training": net_acc_curve,
                                "network_record_steps": history.steps})
@@ -886,17 +886,17 @@ def section_digits(ctx: _Context) -> SectionResult:
 
 # --------------------------------------------------------------------------- driver
 
-SECTIONS: dict[str, Callable[[_Context], SectionResult]] = {
-    "analytic": section_analytic,
-    "empirical": section_empirical,
-    "kernel_regression": section_kernel_regression,
-    "drift": section_drift,
-    "convergence": section_convergence,
-    "lazy": section_lazy,
-    "digits": section_digits,
+SECTIONS: dict[str, Callable[[_Context], _SectionResult]] = {
+    "analytic": _section_analytic,
+    "empirical": _section_empirical,
+    "kernel_regression": _section_kernel_regression,
+    "drift": _section_drift,
+    "convergence": _section_convergence,
+    "lazy": _section_lazy,
+    "digits": _section_digits,
 }
 
-INTRO = (
+_INTRO = (
     "This report reproduces the NTK study notebook with ntkjax and corrects it where it is "
     "wrong: the study's kernel formula is the NNGP, not the NTK (section 1); its empirical NTK "
     "is computed in the standard parameterization, where it diverges with width (section 2); "
@@ -912,7 +912,7 @@ def run_demo(
     seed: int = 0,
     show_progress: bool = True,
     sections: tuple[str, ...] | None = None,
-    stream=None,
+    stream: Any = None,
 ) -> dict[str, Any]:
     """Runs the study's sections, writing figures, ``report.md`` and ``results.json``.
 
@@ -935,7 +935,7 @@ def run_demo(
     out_dir = Path(out_dir)
     settings = demo_settings(quick)
     report = Report(out_dir, title="ntkjax demo: the NTK study, reproduced and corrected",
-                    intro=INTRO, meta={"quick": quick, "seed": seed,
+                    intro=_INTRO, meta={"quick": quick, "seed": seed,
                                        "backend": jax.default_backend(),
                                        "jax_version": jax.__version__})
     ctx = _Context(out_dir, settings, jax.random.PRNGKey(seed), show_progress)
