@@ -53,6 +53,11 @@ def float_dtype(*arrays: Any) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
+def requested_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` when given, else JAX's default float (float32, or float64 under x64)."""
+    return jnp.dtype(dtype) if dtype is not None else float_dtype()
+
+
 def check_choice(value, allowed: Sequence, name: str) -> None:
     """Raises ValueError naming the allowed values when ``value`` is not one of them."""
     if value not in allowed:

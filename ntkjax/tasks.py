@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ntkjax._checks import float_dtype
+from ntkjax._checks import requested_dtype
 
 __all__ = ["RegressionData", "gaussian_regression", "sin_regression"]
 
@@ -47,7 +47,7 @@ def sin_regression(
     for name, (lo, hi) in (("x_range", x_range), ("test_range", test_range)):
         if not lo < hi:
             raise ValueError(f"{name} must be (low, high) with low < high; got {(lo, hi)}.")
-    dtype = jnp.dtype(dtype) if dtype is not None else float_dtype()
+    dtype = requested_dtype(dtype)
     k_x, k_noise = jax.random.split(key)
     x_train = jax.random.uniform(
         k_x, (num_train, 1), dtype, minval=x_range[0], maxval=x_range[1]
@@ -72,7 +72,7 @@ def gaussian_regression(
             "num_train, num_test and input_dim must be >= 1; got "
             f"{num_train}, {num_test}, {input_dim}."
         )
-    dtype = jnp.dtype(dtype) if dtype is not None else float_dtype()
+    dtype = requested_dtype(dtype)
     k_x, k_u, k_t = jax.random.split(key, 3)
     u = jax.random.normal(k_u, (input_dim,), dtype)
     u = u / jnp.linalg.norm(u)

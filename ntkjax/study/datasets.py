@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import float_dtype
+from ntkjax._checks import requested_dtype
 
 __all__ = ["Digits", "load_digits"]
 
@@ -43,7 +43,7 @@ def load_digits(*, test_size: float = 0.3, random_state: int = 0, dtype: Any = N
         ) from err
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be a fraction in (0, 1); got {test_size}.")
-    dtype = jnp.dtype(dtype) if dtype is not None else float_dtype()
+    dtype = requested_dtype(dtype)
     data: Any = sk_load_digits()
     pixels = np.asarray(data.data, np.float64) / 16.0
     labels = np.asarray(data.target, np.int32)
