@@ -1,4 +1,4 @@
-"""Closed-form kernels of the two-layer ReLU network of the NTK study (Jacot et al. 2018).
+"""Closed-form kernels of the two-layer ReLU network without biases (Jacot et al. 2018).
 
 ``f(x) = (1/sqrt(m)) sum_j v_j relu(w_j . x)`` with ``w_j ~ N(0, I_d)``, ``v_j ~ N(0, 1)``, no
 biases, ``m -> infinity``. :func:`two_layer_relu_nngp` is the kernel of training the readout

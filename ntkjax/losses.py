@@ -3,7 +3,7 @@
 ntkjax's MSE is ``L(f) = 1/(2n) * sum_i ||f(x_i) - y_i||^2`` over the n training examples (summed
 over outputs). Gradient flow on it, d theta/dt = -lr grad L, moves the outputs by
 ``df/dt = -(lr / n) Theta (f - y)`` -- the normalization used by :mod:`ntkjax.predict`.
-Note: ``((f - y) ** 2).mean()`` (the study notebook's loss) equals ``2 L / n_outputs``; at the
+Note: ``((f - y) ** 2).mean()`` (a common alternative) equals ``2 L / n_outputs``; at the
 same learning rate it trains ``2 / n_outputs`` times faster.
 """
 

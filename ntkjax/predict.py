@@ -402,7 +402,8 @@ def convergence_bound(
 ) -> jax.Array:
     """Upper bound ``exp(-lr lambda_min t / n) ||f_0 - y||`` on ``||f_t(X) - y||``.
 
-    The study notebook's section 7 bound, with the ``1/n`` of our loss convention: gradient flow
+    The linear-convergence bound of Jacot et al. 2018 / Lee et al. 2019 (Thm 2.1), with the
+    ``1/n`` of our loss convention: gradient flow
     shrinks every eigen-component of the training residual by ``exp(-lr lambda_i t / n)``, at
     least by the factor of the smallest eigenvalue (clipped at 0, plus ``lambda`` with
     ``diag_reg``; with ``diag_reg > 0`` it bounds the distance to the ridge fit instead of y).

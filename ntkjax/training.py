@@ -27,10 +27,11 @@ stability edge ``2n / lambda_max(Theta_0)`` of the initial empirical NTK on the 
 The linearized model then always diverges; a nonlinear network slightly above the edge may
 instead "catapult" (Lewkowycz et al. 2020, "The large learning rate phase of deep learning"):
 its loss spikes, its kernel shrinks and it converges with a large kernel change. Far above the
-edge (e.g. the study's standard-parameterization runs at width >= 200) it diverges.
+edge (e.g. standard-parameterization networks, whose NTK grows with width, at a fixed lr) it
+diverges.
 
-Learning-rate conventions. The study notebook used ``mean((f - y)**2)``, which is ``2 L`` at one
-output; its ``lr = 0.01`` is ``lr = 0.02`` here (the gradients differ by the factor 2).
+Learning-rate conventions. A loss ``mean((f - y)**2)`` is ``2 L`` at one output, so its
+``lr = 0.01`` is ``lr = 0.02`` here (the gradients differ by the factor 2).
 """
 
 from __future__ import annotations
