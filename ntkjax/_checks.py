@@ -36,12 +36,38 @@ def check_same_features(x1, x2, names: tuple[str, str] = ("x1", "x2")) -> None:
 
 
 def check_pair(x1: Any, x2: Any, *, min_ndim: int = 2) -> None:
-    """The x1 / x2 preamble of every kernel function: both batched (at least ``min_ndim`` axes)
-    and, when ``x2`` is given, of the same per-example shape. ``x2 = None`` means ``x2 = x1``."""
-    check_batched(x1, "x1", min_ndim=min_ndim)
+    """The x1 / x2 preamble of every kernel function: both batched (at least ``min_ndim`` axes),
+    not empty, with at least one feature, and, when ``x2`` is given, of the same per-example
+    shape; and finite, when their values are concrete (:func:`check_values`; under ``jit`` the
+    values are not known and only shapes are checked). ``x2 = None`` means ``x2 = x1``."""
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        check_batched(x, name, min_ndim=min_ndim)
+        shape = tuple(np.shape(x))
+        if shape[0] == 0:
+            raise ValueError(f"{name} is empty (shape {shape}): pass at least one example.")
+        if 0 in shape[1:]:
+            raise ValueError(
+                f"{name} has no features (shape {shape}): every example needs at least one."
+            )
     if x2 is not None:
-        check_batched(x2, "x2", min_ndim=min_ndim)
         check_same_features(x1, x2)
+    check_values(x1, x2)
+
+
+def check_values(x1: Any, x2: Any = None) -> None:
+    """Raises ValueError when concrete inputs hold NaN or Inf (a no-op on tracers)."""
+    check_finite(x1, "x1")
+    if x2 is not None:
+        check_finite(x2, "x2")
+
+
+def check_scale(value: Any, name: str) -> None:
+    """Raises ValueError unless a concrete ``value`` (a standard deviation) is finite and >= 0
+    (a no-op on tracers, e.g. when differentiating with respect to it)."""
+    if is_concrete(value) and not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
 
 
 def float_dtype(*arrays: Any) -> np.dtype:

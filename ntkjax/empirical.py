@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ntkjax._checks import check_choice, check_pair
+from ntkjax._checks import check_choice, check_pair, check_values
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 from ntkjax.jacobians import (
@@ -163,7 +163,9 @@ def empirical_ntk_fn(
 
     Raises:
       ValueError: unknown ntk_method/outputs (here); when called: inputs without a batch axis,
-        x1 and x2 with different per-example shapes, params that do not fit the model.
+        empty or without features, x1 and x2 with different per-example shapes, params that do
+        not fit the model, and concrete inputs holding NaN or Inf (under an outer ``jit`` the
+        values are unknown and not checked).
     """
     check_choice(ntk_method, NTK_METHODS, "ntk_method")
     check_choice(outputs, OUTPUTS, "outputs")
@@ -188,7 +190,22 @@ def empirical_ntk_fn(
         kernel = kernel.astype(dtype)
         return symmetrize(kernel, outputs) if x2 is None else kernel
 
-    return jit_with_options(ntk, cpu_convolution_options())
+    return _checking_values(ntk)
+
+
+def _checking_values(kernel: Callable) -> KernelFn:
+    """``kernel`` jitted (:func:`ntkjax.compile_options.jit_with_options`), behind a check that
+    concrete inputs are finite -- inside the jitted program they are tracers, whose values are
+    unknown. Keeps ``__wrapped__`` (the pure function) and ``lower``."""
+    jitted = jit_with_options(kernel, cpu_convolution_options())
+
+    def checked(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
+        check_values(x1, x2)
+        return jitted(params, x1, x2)
+
+    checked.__wrapped__ = kernel  # type: ignore[attr-defined]
+    checked.lower = jitted.lower  # type: ignore[attr-defined]
+    return checked
 
 
 def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
@@ -336,7 +353,7 @@ def empirical_nngp_fn(
             kernel = p1[:, None, :, None] * p2[None, :, None, :]
         return symmetrize(kernel, outputs) if x2 is None else kernel
 
-    return jit_with_options(nngp, cpu_convolution_options())
+    return _checking_values(nngp)
 
 
 def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:

@@ -180,21 +180,36 @@ def input_kernel(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
-    gram = jnp.matmul(x1, x2.T, precision=jax.lax.Precision.HIGHEST) / d
+    (x1s, s1), (x2s, s2) = _unit_scaled(x1), _unit_scaled(x2)
+    gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST) / d / s1 / s2
     if same:
         var1 = var2 = jnp.diagonal(gram)
     else:
-        var1 = jnp.sum(x1 * x1, axis=1) / d
-        var2 = jnp.sum(x2 * x2, axis=1) / d
+        var1, var2 = _self_covariance(x1), _self_covariance(x2)
     return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=d)
+
+
+def _unit_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x * s, s)`` with ``s`` the power of two that brings ``max |x|`` into [0.5, 1).
+
+    Gram matrices are formed from the scaled inputs and divided by ``s1 s2`` afterwards: the
+    products are exact (powers of two), so the result is bit-identical to ``x1 x2^T / d``
+    wherever that is representable, and nothing overflows (or underflows) in between --
+    ``x . x'`` of inputs of size 1e18 overflows float32 long before ``x . x' / d`` does.
+    """
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
+    scale = jnp.ldexp(jnp.ones((), x.dtype), -exponent)
+    return x * scale, scale
 
 
 def _image_input_kernel(x1: jax.Array, x2: jax.Array | None) -> Kernel:
     c, spatial = x1.shape[-1], x1.shape[1:-1]
-    flat1 = x1.reshape(x1.shape[0], -1, c)
-    flat2 = flat1 if x2 is None else x2.reshape(x2.shape[0], -1, c)
+    (x1s, s1) = _unit_scaled(x1)
+    (x2s, s2) = (x1s, s1) if x2 is None else _unit_scaled(x2)
+    flat1 = x1s.reshape(x1.shape[0], -1, c)
+    flat2 = x2s.reshape(x2s.shape[0], -1, c)
     hi = jax.lax.Precision.HIGHEST
-    gram = jnp.einsum("apc,bqc->abpq", flat1, flat2, precision=hi) / c
+    gram = jnp.einsum("apc,bqc->abpq", flat1, flat2, precision=hi) / c / s1 / s2
     gram = gram.reshape(*gram.shape[:2], *spatial, *spatial)
     if x2 is None:
         var1 = var2 = jnp.moveaxis(jnp.diagonal(gram, axis1=0, axis2=1), -1, 0)
@@ -206,10 +221,12 @@ def _image_input_kernel(x1: jax.Array, x2: jax.Array | None) -> Kernel:
 def _self_covariance(x: jax.Array) -> jax.Array:
     """Each input's kernel with itself: (N,) for (N, d); (N, *S, *S) for images (N, *S, C)."""
     c = x.shape[-1]
+    x, s = _unit_scaled(x)
     if x.ndim == 2:
-        return jnp.sum(x * x, axis=1) / c
+        return jnp.sum(x * x, axis=1) / c / s / s
     flat = x.reshape(x.shape[0], -1, c)
-    cov = jnp.einsum("apc,aqc->apq", flat, flat, precision=jax.lax.Precision.HIGHEST) / c
+    hi = jax.lax.Precision.HIGHEST
+    cov = jnp.einsum("apc,aqc->apq", flat, flat, precision=hi) / c / s / s
     return cov.reshape(x.shape[0], *x.shape[1:-1], *x.shape[1:-1])
 
 
@@ -292,6 +309,7 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
         # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
         # separately (seconds for a small CNN); one compiled call is ~10x faster to first result.
         if jnp.ndim(x1) > 2 and is_concrete(x1):
+            check_pair(x1, x2)  # inside the jitted program the values are not known
             return jitted(x1, x2)
         return fn(x1, x2)
 

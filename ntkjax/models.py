@@ -75,7 +75,7 @@ class _Network(linen.Module):
     features: Sequence[int]
     activation: str | Callable = "relu"
     w_std: float = 1.0
-    b_std: float = 0.0
+    b_std: float | None = 0.0
     parameterization: Parameterization = "ntk"
 
     def _activation(self, example: str) -> Callable:

@@ -74,3 +74,40 @@ def test_dense_rule_rejects_unknown_parameterization():
         dense.dense_kernels(jnp.ones(2), jnp.ones(2), w_std=1.0, b_std=0.0, parameterization="mup")
 
 
+
+
+def test_dense_bias_parameter_rule_matches_conv_and_b_std_none_means_no_bias():
+    x = _x()
+    params = lambda layer: set(layer.init(jax.random.PRNGKey(0), x)["params"])
+    assert params(nn.Dense(3)) == {"kernel"}  # NTK parameterization, b_std = 0: no effect
+    assert params(nn.Dense(3, b_std=0.1)) == {"kernel", "bias"}
+    assert params(nn.Dense(3, parameterization="standard")) == {"kernel", "bias"}
+    assert params(nn.Dense(3, b_std=None, parameterization="standard")) == {"kernel"}
+    # b_std=None is use_bias=False, on arrays and on kernels
+    a = nn.Dense(3, b_std=None, w_std=1.3)
+    b = nn.Dense(3, use_bias=False, w_std=1.3, b_std=0.7)
+    va = a.init(jax.random.PRNGKey(1), x)
+    np.testing.assert_array_equal(a.apply(va, x), b.apply(va, x))
+    k = ntkjax.kernels.input_kernel(x)
+    np.testing.assert_array_equal(a.apply({}, k).ntk, b.apply({}, k).ntk)
+    mlp = ntkjax.models.MLP((8, 1), b_std=None)
+    assert set(mlp.init(jax.random.PRNGKey(0), x)["params"]["Dense_0"]) == {"kernel"}
+
+
+def test_dense_configuration_is_keyword_only_and_scales_must_be_finite():
+    with pytest.raises(TypeError, match="positional"):
+        nn.Dense(3, 2.0)
+    with pytest.raises(TypeError, match="positional"):
+        nn.Conv(8, (3, 3))
+    for bad in (dict(w_std=np.inf), dict(b_std=np.nan), dict(w_std=-1.0)):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            nn.Dense(3, **bad).init(jax.random.PRNGKey(0), _x())
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            ntkjax.kernel_fn(ntkjax.models.MLP((4, 1), **bad))(_x())
+
+
+def test_dense_and_conv_without_input_features_raise():
+    with pytest.raises(ValueError, match="at least one input feature"):
+        nn.Dense(3).init(jax.random.PRNGKey(0), jnp.ones((2, 0)))
+    with pytest.raises(ValueError, match="at least one input feature"):
+        nn.Conv(3).init(jax.random.PRNGKey(0), jnp.ones((2, 4, 4, 0)))

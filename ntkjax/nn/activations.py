@@ -280,7 +280,8 @@ def _gelu_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps
     + q12 (2 D - q11 q22 D + q12^2) / (2 pi A D^{3/2})``.
 
     The code writes both with row terms ``e = 1/(1 + q)``, ``w = q e`` and
-    ``g = D / A = e1 + e2 - e1 e2 + w1 w2 (1 - c^2)``, so no product of variances is formed.
+    ``g = D / A = e1 + e2 - e1 e2 + w1 w2 (1 - c^2)``, so no product of variances is formed, and
+    ``sigma_dot``'s last two terms as one free of cancellation (see the code).
     """
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
@@ -291,11 +292,11 @@ def _gelu_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps
     scale = _sqrt0(q11) * _sqrt0(q22)
     inv_2pi = 1 / (2 * _PI)
     sigma = scale * (c * (0.25 + asin * inv_2pi) + uu * (g + c * c * ee) * inv_2pi / sg)
-    sigma_dot = (
-        0.25
-        + asin * inv_2pi
-        + c * uu * inv_2pi / sg
-        + c * uu * inv_2pi * ((2 * ee - ww) / sg + c * c * ee * ww / (g * sg))
+    # the last two terms of sigma_dot share c uu / (2 pi sqrt(g)) and, with w = 1 - e, their
+    # bracket 1 + 2 e1 e2 - w1 w2 + c^2 e1 e2 w1 w2 / g = e1 + e2 + e1 e2 + c^2 e1 e2 w1 w2 / g
+    # has no cancellation (at large variances and |c| ~ 1 each term alone is huge)
+    sigma_dot = 0.25 + asin * inv_2pi + (c * uu * inv_2pi / sg) * (
+        e1 + e2 + ee + c * c * (ee / g) * ww
     )
     return ActivationMaps(sigma, sigma_dot)
 

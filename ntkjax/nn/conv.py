@@ -15,6 +15,7 @@ Processes"; Arora et al. 2019, "On Exact Computation with an Infinitely Wide Neu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -182,7 +183,8 @@ class Conv(_Affine):
     -- the same function and gradients -- so the whole layer is one ``flax.linen.Conv`` whose
     per-layer factorization the structured empirical NTK (:mod:`ntkjax.structured`) recognises.
     With ``b_std = 0`` in the NTK parameterization there is no bias parameter (it would have
-    neither an effect nor a gradient). Inputs (N, *S, C) with ``len(kernel_size)`` spatial axes
+    neither an effect nor a gradient; the same rule as :class:`~ntkjax.nn.Dense`), and
+    ``b_std=None`` means no bias. Inputs (N, *S, C) with ``len(kernel_size)`` spatial axes
     (an int ``kernel_size`` / ``strides`` applies to every spatial axis of the input).
 
     On a :class:`~ntkjax.Kernel` (with the same number of spatial axes) it applies the exact
@@ -198,8 +200,7 @@ class Conv(_Affine):
       parameterization: ``"ntk"`` or ``"standard"``.
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
 
-    Configure by keyword (positionally after ``features`` come Dense's fields, then
-    ``kernel_size``, ``strides``, ``padding``).
+    Configuration after ``features`` is keyword-only (``Conv(8, kernel_size=(3, 3))``).
 
     >>> import jax, ntkjax
     >>> conv = Conv(4, kernel_size=3)
@@ -210,6 +211,7 @@ class Conv(_Affine):
     (2, 2, 5, 5, 5, 5)
     """
 
+    _: dataclasses.KW_ONLY
     kernel_size: int | Sequence[int] = 3
     strides: int | Sequence[int] = 1
     padding: ConvPadding = "SAME"
@@ -230,8 +232,8 @@ class Conv(_Affine):
             return conv_kernel(
                 x, self.features, window=window,
                 strides=_per_axis(self.strides, len(window), "strides"),
-                padding=self.padding, w_std=self.w_std, b_std=self.b_std,
-                use_bias=self.use_bias, parameterization=self.parameterization,
+                padding=self.padding, w_std=self.w_std, b_std=self._bias_std,
+                use_bias=self._with_bias, parameterization=self.parameterization,
             )
         x = jnp.asarray(x)
         if x.ndim < 3:
@@ -244,20 +246,21 @@ class Conv(_Affine):
         dtype = self._param_dtype(x)
         x = x.astype(dtype)
         fan_in = math.prod(window) * x.shape[-1]
+        self._check_fan_in(fan_in, x.shape)
         conv = functools.partial(
             linen.Conv, self.features, window, strides=strides, padding=self.padding,
             param_dtype=dtype, name="conv",
         )
         if self.parameterization == "standard":
             return conv(
-                use_bias=self.use_bias,
+                use_bias=self._bias_parameter,
                 kernel_init=linen.initializers.normal(self.w_std / math.sqrt(fan_in)),
-                bias_init=linen.initializers.normal(self.b_std),
+                bias_init=linen.initializers.normal(self._bias_std),
             )(x)
         scale = float(self.w_std) / math.sqrt(fan_in)  # Python floats keep x's dtype
-        b_std = float(self.b_std)
+        b_std = float(self._bias_std)
         unit = linen.initializers.normal(1.0)
-        if self.use_bias and b_std > 0:
+        if self._bias_parameter:
             return b_std * conv(use_bias=True, kernel_init=unit, bias_init=unit)(
                 (scale / b_std) * x
             )

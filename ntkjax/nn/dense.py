@@ -12,6 +12,7 @@ appendix; Sohl-Dickstein et al. 2020 for the standard parameterization):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, float_dtype
+from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete
 from ntkjax.kernels import Kernel
 
 __all__ = ["PARAMETERIZATIONS", "Dense", "Parameterization", "dense_kernel", "dense_kernels",
@@ -118,8 +119,9 @@ class _Affine(linen.Module):
     validation)."""
 
     features: int
+    _: dataclasses.KW_ONLY
     w_std: float = 1.0
-    b_std: float = 0.0
+    b_std: float | None = 0.0
     use_bias: bool = True
     parameterization: Parameterization = "ntk"
     param_dtype: Any = None
@@ -128,9 +130,36 @@ class _Affine(linen.Module):
         check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
         if int(self.features) != self.features or self.features < 1:
             raise ValueError(f"features must be a positive integer, got {self.features!r}.")
-        if not (self.w_std >= 0 and self.b_std >= 0):
+        check_scale(self.w_std, "w_std")
+        if self.b_std is not None:
+            check_scale(self.b_std, "b_std")
+
+    @property
+    def _bias_std(self) -> float:
+        """``b_std`` (0 for ``b_std=None``)."""
+        return 0.0 if self.b_std is None else self.b_std
+
+    @property
+    def _with_bias(self) -> bool:
+        """Whether the layer adds a bias: ``use_bias`` and ``b_std`` is not None (nt's
+        ``b_std=None`` means no bias)."""
+        return self.use_bias and self.b_std is not None
+
+    @property
+    def _bias_parameter(self) -> bool:
+        """Whether the finite layer has a ``bias`` parameter: with a bias in the standard
+        parameterization (it starts at ``N(0, b_std^2)``, 0 for ``b_std = 0``, and is trained);
+        in the NTK parameterization only for ``b_std > 0`` (``b_std * b`` with ``b_std = 0``
+        has neither an effect nor a gradient)."""
+        if self.parameterization == "standard":
+            return self._with_bias
+        return self._with_bias and not (is_concrete(self._bias_std) and self._bias_std == 0)
+
+    def _check_fan_in(self, fan_in: int, shape: tuple[int, ...]) -> None:
+        if fan_in < 1:
             raise ValueError(
-                f"w_std and b_std must be >= 0, got w_std={self.w_std}, b_std={self.b_std}."
+                f"{type(self).__name__} needs at least one input feature; got inputs of shape "
+                f"{shape} (fan_in {fan_in})."
             )
 
     def _param_dtype(self, x: jax.Array) -> Any:
@@ -149,13 +178,18 @@ class Dense(_Affine):
     Both give the same function distribution at initialization and the same NNGP
     (``Sigma <- w_std^2 Sigma + b_std^2``); their NTKs differ (see :func:`dense_kernels`).
     Parameters ``kernel`` (fan_in, features) and ``bias`` (features,), in ``param_dtype``
-    (default: the input's floating dtype). On a :class:`~ntkjax.Kernel` the layer applies its
-    kernel rule (:func:`dense_kernel`) and creates no parameters.
+    (default: the input's floating dtype). The ``bias`` parameter exists with a bias in the
+    standard parameterization (even at ``b_std = 0``: it starts at 0 and is trained) and, in the
+    NTK parameterization, only for ``b_std > 0`` (``0 * b`` has no effect and no gradient) --
+    the same rule as :class:`~ntkjax.nn.Conv`. ``b_std=None`` means no bias, as in
+    neural-tangents (the same as ``use_bias=False``). On a :class:`~ntkjax.Kernel` the layer
+    applies its kernel rule (:func:`dense_kernel`) and creates no parameters. Configuration
+    after ``features`` is keyword-only.
 
     Attributes:
       features: number of outputs.
       w_std: weight standard deviation (>= 0).
-      b_std: bias standard deviation (>= 0).
+      b_std: bias standard deviation (>= 0), or None for no bias.
       use_bias: whether the layer has a bias.
       parameterization: ``"ntk"`` or ``"standard"``.
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
@@ -169,31 +203,35 @@ class Dense(_Affine):
     (2, 2)
     """
 
+    _: dataclasses.KW_ONLY  # (the fields of _Affine after features are keyword-only too)
+
     @linen.compact
     def __call__(self, x: Any) -> Any:
         self._check()
         if isinstance(x, Kernel):
             return dense_kernel(
-                x, self.features, w_std=self.w_std, b_std=self.b_std, use_bias=self.use_bias,
-                parameterization=self.parameterization,
+                x, self.features, w_std=self.w_std, b_std=self._bias_std,
+                use_bias=self._with_bias, parameterization=self.parameterization,
             )
         x = jnp.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"Dense needs inputs with a feature axis, got shape {x.shape}.")
         dtype = self._param_dtype(x)
         fan_in = x.shape[-1]
+        self._check_fan_in(fan_in, x.shape)
         shape = (fan_in, self.features)
         if self.parameterization == "ntk":
             w = self.param("kernel", linen.initializers.normal(1.0), shape, dtype)
             y = (float(self.w_std) / math.sqrt(fan_in)) * jnp.matmul(x.astype(dtype), w)
-            if self.use_bias:
+            if self._bias_parameter:
                 b = self.param("bias", linen.initializers.normal(1.0), (self.features,), dtype)
-                y = y + float(self.b_std) * b
+                y = y + float(self._bias_std) * b
             return y
         w_init = linen.initializers.normal(self.w_std / math.sqrt(fan_in))
         w = self.param("kernel", w_init, shape, dtype)
         y = jnp.matmul(x.astype(dtype), w)
-        if self.use_bias:
-            b = self.param("bias", linen.initializers.normal(self.b_std), (self.features,), dtype)
+        if self._bias_parameter:
+            b_init = linen.initializers.normal(self._bias_std)
+            b = self.param("bias", b_init, (self.features,), dtype)
             y = y + b
         return y
