@@ -168,6 +168,14 @@ def evaluate_in_blocks(
     return jax.tree_util.tree_unflatten(treedef, results)
 
 
+def _format_bytes(n: float) -> str:
+    """``n`` bytes in the largest unit that keeps it >= 1 (B, KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def _choose_block(jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec):
     """Largest power-of-two block whose compiled footprint fits ``memory_bytes``."""
     n_max = max(x1.shape[0], x2.shape[0])
@@ -180,8 +188,8 @@ def _choose_block(jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec):
             return size, compiled
         if size <= _MIN_BLOCK:
             raise ValueError(
-                f"even a {b1} x {b2} block needs {footprint / 2**20:.1f} MiB, more than the "
-                f"memory budget of {memory_bytes / 2**20:.1f} MiB; raise memory_bytes or free "
+                f"even a {b1} x {b2} block needs {_format_bytes(footprint)}, more than the "
+                f"memory budget of {_format_bytes(memory_bytes)}; raise memory_bytes or free "
                 "memory."
             )
         size = max(_MIN_BLOCK, size // 2)

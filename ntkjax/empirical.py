@@ -169,6 +169,12 @@ def empirical_ntk_fn(
     """
     check_choice(ntk_method, NTK_METHODS, "ntk_method")
     check_choice(outputs, OUTPUTS, "outputs")
+    if vp_batch_size is not None and (
+        not isinstance(vp_batch_size, int | np.integer) or vp_batch_size < 1
+    ):
+        raise ValueError(
+            f"vp_batch_size must be None or a positive integer, got {vp_batch_size!r}."
+        )
 
     def ntk(params, x1, x2=None):
         out = check_model_inputs(apply_fn, params, x1, x2)
@@ -362,9 +368,31 @@ def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], An
     ``graphdef, params, rest = nnx.split(module, nnx.Param, ...)``; ``apply_fn(params, x)``
     merges them back (``nnx.merge``) and calls the module, so only ``nnx.Param`` variables are
     differentiated and the other state (batch statistics, RNG counters) is held fixed.
-    """
-    from flax import nnx
 
+    Raises:
+      ValueError: for anything but an ``nnx.Module`` (a linen module's ``apply`` and variables
+        work directly), and for a module in training mode -- a Dropout that is not
+        deterministic or a BatchNorm that uses batch statistics makes samples depend on their
+        batch or on RNG state; call ``module.eval()`` first.
+    """
+    from flax import nnx  # nnx is imported only by users of this helper
+
+    if not isinstance(module, nnx.Module):
+        raise ValueError(
+            f"nnx_apply_fn needs a flax.nnx Module, got {type(module).__name__}; for a "
+            "flax.linen module pass module.apply and its variables to the kernel functions."
+        )
+    training = [
+        f"{type(node).__name__} at {'/'.join(map(str, path)) or '<root>'}"
+        for path, node in nnx.iter_graph(module)
+        if (isinstance(node, nnx.Dropout) and not node.deterministic)
+        or (isinstance(node, nnx.BatchNorm) and not node.use_running_average)
+    ]
+    if training:
+        raise ValueError(
+            f"the module is in training mode ({', '.join(training)}): its outputs depend on "
+            "the batch or on RNG state, so it has no per-sample NTK; call module.eval() first."
+        )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     def apply_fn(p, x):

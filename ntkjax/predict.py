@@ -427,6 +427,18 @@ def convergence_bound(
 # --------------------------------------------------------------------------- Gaussian processes
 
 
+def _symmetric_psd_diagonal(cov: jax.Array) -> jax.Array:
+    """A posterior covariance (``(..., m, m)``) made exactly symmetric, its diagonal -- the
+    variances, exactly >= 0 -- clipped at 0: the difference of two nearly equal matrices leaves
+    rounding errors of either sign (in float32, ~1e-6 of the prior variance), and a negative
+    variance would give NaN standard deviations."""
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    diagonal = jnp.diagonal(cov, axis1=-2, axis2=-1)
+    clipped = jnp.maximum(diagonal, 0)
+    m = cov.shape[-1]
+    return cov + (clipped - diagonal)[..., :, None] * jnp.eye(m, dtype=cov.dtype)
+
+
 def gp_inference(
     k_train_train: jax.Array,
     k_test_train: jax.Array,
@@ -465,8 +477,7 @@ def gp_inference(
     mean = _restore(w_t.T @ w_y, y.ndim)
     cov = None
     if k_test_test is not None:
-        cov = jnp.asarray(k_test_test, dtype) - w_t.T @ w_t
-        cov = 0.5 * (cov + cov.T)
+        cov = _symmetric_psd_diagonal(jnp.asarray(k_test_test, dtype) - w_t.T @ w_t)
     return Gaussian(mean, cov)
 
 
@@ -531,5 +542,5 @@ def gradient_flow_ensemble(
         a_k_a = jnp.einsum("...ij,jk,...lk->...il", a_t, k_tt, a_t)
         cross = jnp.einsum("...ij,kj->...ik", a_t, k_xt)  # A_t K(X, x')
         cov = jnp.asarray(nngp_xx, dtype) + a_k_a - cross - jnp.swapaxes(cross, -1, -2)
-        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+        cov = _symmetric_psd_diagonal(cov)
     return Gaussian(mean, cov)

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
+from jax.interpreters.ad import JVPTracer
 
 from ntkjax.jacobians import (
     PRECISION,
@@ -120,6 +121,7 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
     trainable, rebuild = split_params(params)
     calls: dict[tuple, list] = {}
     other_methods: set[tuple] = set()
+    untappable: set[tuple] = set()
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -133,6 +135,11 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
                 other_methods.add(path)
             return out
         inp = _call_input(args, kwargs)
+        if isinstance(inp, JVPTracer) or isinstance(out, JVPTracer):
+            # called inside a transformation of the model itself (e.g. the jvp of
+            # ntkjax.linearize): its inputs cannot be tapped; the layer falls back to Jacobians
+            untappable.add(path)
+            return out
         calls.setdefault(path, []).append(
             _Layer(
                 path=path,
@@ -153,7 +160,7 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
     jax.eval_shape(run, trainable, x1)
     layers = {}
     for path, found in calls.items():
-        if len(found) != 1 or path in other_methods:
+        if len(found) != 1 or path in other_methods or path in untappable:
             continue
         layer = found[0]
         if _layer_params(trainable, layer) is not None and _input_ok(layer):

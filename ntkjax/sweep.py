@@ -55,6 +55,7 @@ __all__ = [
     "Dataset",
     "Optimizer",
     "SweepConfig",
+    "check_sweep_file",
     "drift_fit",
     "load_rows",
     "make_data",
@@ -241,6 +242,51 @@ def load_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+_ROW_KEYS = ("config_id", "width", "seed", "learning_rate", "config", "loss", "diverged")
+
+
+def check_sweep_file(path: str | Path) -> None:
+    """Raises ValueError, leaving the file untouched, unless ``path`` can hold sweep rows: a
+    writable file path (not a folder, not below a file) that does not exist yet or is a sweep
+    file -- every line a JSON object with a row's keys, except a torn last line (a run killed
+    while writing; it is skipped on reading)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the sweep output {path} is a folder; give a file name (*.jsonl).")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"the sweep output {path} lies below {parent}, a file.")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"the sweep output's folder {parent} is not writable.")
+            break
+    if not path.exists():
+        return
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"the sweep output {path} is not writable.")
+    try:
+        lines = path.read_text().split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a sweep file (not text): refusing to append.") from err
+    torn = lines.pop() if lines else ""  # after the last newline: "" or a torn line
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} is not a sweep file: line {number} is not JSON; refusing to append."
+            ) from err
+        if not isinstance(row, dict) or not all(key in row for key in _ROW_KEYS):
+            raise ValueError(
+                f"{path} is not a sweep file: line {number} is not a row object with keys "
+                f"{', '.join(_ROW_KEYS)}; refusing to append."
+            )
+    if torn.strip() and not torn.lstrip().startswith("{"):
+        raise ValueError(f"{path} is not a sweep file: its last line is not a row.")
+
+
 def _append_row(path: Path, row: dict) -> None:
     """Appends one whole line in one write, then flushes it to disk."""
     line = json.dumps(row, allow_nan=False) + "\n"
@@ -305,9 +351,10 @@ def sweep(
     if not seed_list:
         raise ValueError("seeds must be a positive count or a non-empty list of integers.")
     lrs = [0.02] if learning_rates is None else [float(lr) for lr in learning_rates]
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"learning_rates must be positive; got {lrs}.")
+    if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        raise ValueError(f"learning_rates must be finite and positive; got {lrs}.")
     out_path = Path(out_path)
+    check_sweep_file(out_path)  # before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(out_path)
     config_id = config.config_id()

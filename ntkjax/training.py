@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntkjax._checks import check_batched, check_same_features
+from ntkjax._checks import check_batched, check_finite, check_same_features, is_concrete
 from ntkjax.empirical import NTKMethod, empirical_ntk_fn
 from ntkjax.jacobians import ApplyFn
 from ntkjax.linearize import linearize
@@ -276,6 +276,7 @@ def learning_rate_check(
     (:func:`ntkjax.predict.max_learning_rate`). Pure and jittable/vmappable (returns arrays).
     """
     check_batched(x_train, "x_train")
+    _check_learning_rate(learning_rate)
     theta = _trace_ntk_fn(apply_fn, ntk_method)(params0, x_train)
     num_outputs = jax.eval_shape(apply_fn, params0, x_train[:1]).shape[-1]
     theta = theta / num_outputs
@@ -305,6 +306,17 @@ def _validate_data(x_train, y_train, probe_x, x_test) -> None:
     if x_test is not None:
         check_batched(x_test, "x_test")
         check_same_features(x_train, x_test, ("x_train", "x_test"))
+    for name, value in (("x_train", x_train), ("y_train", y_train), ("probe_x", probe_x),
+                        ("x_test", x_test)):
+        if value is not None:
+            check_finite(value, name)  # bad data, not a divergence at step 0
+
+
+def _check_learning_rate(learning_rate: Any) -> None:
+    if is_concrete(learning_rate) and not (
+        np.ndim(learning_rate) == 0 and np.isfinite(learning_rate) and learning_rate > 0
+    ):
+        raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate!r}.")
 
 
 def train_with_kernel_tracking(
@@ -338,6 +350,8 @@ def train_with_kernel_tracking(
     See :func:`make_train_fn` for the arguments.
     """
     _validate_data(x_train, y_train, probe_x, x_test)
+    if learning_rate is not None:
+        _check_learning_rate(learning_rate)
     if track_kernel and probe_x is None:
         probe_x = x_train
     train = make_train_fn(

@@ -67,3 +67,9 @@ def test_fn_args_are_passed_as_traced_arguments():
     w = w @ w.T  # symmetric, so K(x, x') = x W x' is a symmetric kernel
     out = evaluate_in_blocks(lambda p, q, m: (p @ m) @ q.T, a, fn_args=(w,), block_size=3)
     np.testing.assert_allclose(out, (a @ w) @ a.T, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_message_prints_bytes_at_small_scales():
+    a = np.ones((64, 5), np.float32)
+    with pytest.raises(ValueError, match=r"budget of 1 B;"):
+        evaluate_in_blocks(_rbf_and_outer, a, memory_bytes=1)

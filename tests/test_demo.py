@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from contextlib import redirect_stdout
 
 import numpy as np
@@ -167,3 +168,20 @@ def test_quick_settings_are_smaller():
     assert quick.quick and not full.quick
     assert max(quick.empirical_widths) <= max(full.empirical_widths)
     assert quick.sin_steps <= full.sin_steps and quick.sin_seeds <= full.sin_seeds
+
+
+def test_bad_output_folders_are_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = [(a_file, "is a file"), (a_file / "below", "a file")]
+    if not os.access(read_only, os.W_OK):  # root may write anywhere
+        cases.append((read_only / "out", "not writable"))
+    for out, message in cases:
+        assert cli.main(["demo", "--quick", "--out", str(out), "--sections", "analytic"]) == 2
+        assert message in capsys.readouterr().err
+        with pytest.raises(ValueError, match=message):
+            run_demo(out_dir=out, quick=True, sections=("analytic",))
+    assert a_file.read_text() == "keep me"

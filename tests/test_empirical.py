@@ -212,3 +212,23 @@ def test_errors_name_the_problem():
         ntk(bad, x1)
     with pytest.raises(ValueError, match="batch axis"):
         ntkjax.empirical_ntk_matrix(apply_fn, params, x1[0])
+
+
+def test_vp_batch_size_must_be_a_positive_integer():
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match="vp_batch_size"):
+            ntkjax.empirical_ntk_fn(lambda p, x: x @ p, ntk_method="ntk_vp", vp_batch_size=bad)
+
+
+def test_nnx_helper_refuses_linen_modules_and_training_mode():
+    from flax import nnx
+
+    with pytest.raises(ValueError, match=r"needs a flax\.nnx Module"):
+        ntkjax.nnx_apply_fn(MLP())
+    net = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)),
+                         nnx.Linear(4, 1, rngs=nnx.Rngs(2)))
+    with pytest.raises(ValueError, match=r"training mode \(Dropout at layers/1\).*eval\(\)"):
+        ntkjax.nnx_apply_fn(net)
+    net.eval()
+    apply_fn, params = ntkjax.nnx_apply_fn(net)
+    assert ntkjax.empirical_ntk_fn(apply_fn)(params, jnp.ones((2, 3))).shape == (2, 2)

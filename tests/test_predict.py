@@ -526,3 +526,22 @@ def test_study_sin_task_wide_mlp_follows_kernel_predictions(x64):
             out = P.gradient_descent_mse(kernel, y, learning_rate=lr, k_test_train=kernel_xt,
                                          fx_train_0=f0, fx_test_0=ft0)(steps)
             assert float(jnp.max(jnp.abs(out.test - net))) < 0.04 * moved
+
+
+def test_float32_posterior_variances_are_never_negative():
+    """RBF kernel on a dense 100-point grid: in float32 the exact posterior variances at test
+    points between (or on) training points are ~0 and round-off makes some negative; they are
+    clipped at 0 (so standard deviations are never NaN), and agree with float64 to round-off."""
+    grid = jnp.linspace(-3, 3, 100)[:, None]
+    test = jnp.linspace(-3, 3, 37)[:, None]
+    y = jnp.sin(grid[:, 0])
+    k, k_xt, k_xx = rbf(grid, grid, 1.0), rbf(test, grid, 1.0), rbf(test, test, 1.0)
+    post = P.gp_inference(k, k_xt, k_xx, y, diag_reg=1e-6)
+    ens = P.gradient_flow_ensemble((k, k_xt, k_xx), (k, k_xt, None), y, learning_rate=1.0,
+                                   t=jnp.inf, diag_reg=1e-6)
+    for cov in (post.covariance, ens.covariance):
+        variances = np.diagonal(np.asarray(cov))
+        assert variances.dtype == np.float32 and np.all(variances >= 0)
+        assert np.all(np.isfinite(np.sqrt(variances)))
+        np.testing.assert_array_equal(np.asarray(cov), np.asarray(cov).T)
+        assert np.max(variances) < 1e-4  # the truth is ~0 everywhere on this grid

@@ -177,3 +177,48 @@ def test_kernel_change_falls_like_inverse_sqrt_width(tmp_path):
     assert all(r["stable"] and r["max_learning_rate"] > 1.0 for r in rows)
     fit = sweep_module.drift_fit(rows)["ntk lr 0.5"]["fit"]
     assert -0.7 <= fit.slope <= -0.3, fit
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]\n", "not a row object"),
+        ('{"config_id": "x"}\n', "not a row object"),
+        ("hello world\nsecond line\n", "not JSON"),
+        ("\x89PNG\r\n\x1a\n", "not"),
+    ],
+)
+def test_an_existing_out_that_is_not_a_sweep_file_is_refused_untouched(tmp_path, content,
+                                                                        message, capsys):
+    out = tmp_path / "results.json"
+    out.write_bytes(content.encode("latin-1"))
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
+    assert out.read_bytes() == before
+    argv = ["sweep", "--widths", "8", "--seeds", "1", "--steps", "10", "--record-every", "10",
+            "--out", str(out), "--plot", "--no-progress"]
+    assert cli_main(argv) == 2
+    assert "not a sweep file" in capsys.readouterr().err or message in capsys.readouterr().err
+    assert out.read_bytes() == before and not list(tmp_path.glob("*.png"))
+
+
+def test_bad_output_paths_and_rates_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    calls = _count_programs(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in ((tmp_path, "folder"), (a_file / "rows.jsonl", "a file")):
+        with pytest.raises(ValueError, match=message):
+            sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
+    for lr in ("nan", "inf", "-1"):
+        assert cli_main(["sweep", "--widths", "8", "--lr", lr, "--out",
+                         str(tmp_path / "r.jsonl"), "--no-progress"]) == 2
+        assert "finite and positive" in capsys.readouterr().err
+    assert calls == []  # nothing trained
+    # a torn last line (a killed run) is accepted and skipped
+    good = tmp_path / "good.jsonl"
+    rows = sweep(widths=[8], seeds=1, out_path=good, config=TINY, show_progress=False)
+    with good.open("a") as f:
+        f.write('{"config_id": "abc", "wid')
+    sweep_module.check_sweep_file(good)
+    assert load_rows(good) == rows

@@ -285,3 +285,41 @@ def test_bad_input_raises():
                                    record_every=1, probe_x=probe[:, :2])
     with pytest.raises(ValueError, match="probe_x"):
         make_train_fn(model.apply, optimizer=opt, num_steps=2, record_every=1)(params0, x, y)
+
+
+def test_bad_data_and_rates_are_rejected_not_reported_as_divergence():
+    x, y, probe = _data()
+    model = _model(16)
+    params = model.init(jax.random.PRNGKey(0), x)
+    train = lambda **kw: train_with_kernel_tracking(
+        model.apply, params, kw.pop("x", x), kw.pop("y", y), optimizer=optax.sgd(0.1),
+        num_steps=4, record_every=2, probe_x=probe, **kw)
+    with pytest.raises(ValueError, match="x_train holds 1 non-finite"):
+        train(x=x.at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="y_train holds 1 non-finite"):
+        train(y=y.at[3, 0].set(jnp.inf))
+    for lr in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+            train(learning_rate=lr)
+        with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+            learning_rate_check(model.apply, params, x, learning_rate=lr)
+
+
+def test_linearized_training_with_the_default_structured_method(x64):
+    """The linearized model's layers run inside a jvp: the structured method falls back to
+    Jacobians for them, giving the NTK at the expansion point (brute force)."""
+    import ntkjax
+    from ntkjax.models import MLP
+
+    model = MLP((16, 1), b_std=0.1)
+    x, y, probe = _data(dtype=jnp.float64)
+    params = model.init(jax.random.PRNGKey(1), x)
+    lin = ntkjax.linearize(model.apply, params)
+    want = _brute_force_ntk(model.apply, params, x)
+    for method in ("auto", "structured"):
+        got = ntkjax.empirical_ntk_fn(lin, ntk_method=method)(params, x)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    history = train_with_kernel_tracking(model.apply, params, x, y, optimizer=optax.sgd(0.1),
+                                         num_steps=4, record_every=2, linearized=True,
+                                         probe_x=probe)
+    np.testing.assert_allclose(history.kernel_change, 0.0, atol=1e-10)  # exactly linear

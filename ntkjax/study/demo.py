@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -905,6 +906,20 @@ _INTRO = (
 )
 
 
+def _check_output_folder(out_dir: Path) -> None:
+    """Raises ValueError, before any work, unless ``out_dir`` is (or can be made) a writable
+    folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder.")
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {out_dir} lies below {folder}, a file.")
+            if not os.access(folder, os.W_OK):
+                raise ValueError(f"--out {out_dir}: {folder} is not writable.")
+            return
+
+
 def run_demo(
     *,
     out_dir: str | Path,
@@ -933,6 +948,7 @@ def run_demo(
         raise ValueError(f"unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}.")
     stream = sys.stderr if stream is None else stream
     out_dir = Path(out_dir)
+    _check_output_folder(out_dir)
     settings = demo_settings(quick)
     report = Report(out_dir, title="ntkjax demo: the NTK study, reproduced and corrected",
                     intro=_INTRO, meta={"quick": quick, "seed": seed,
@@ -972,6 +988,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Runs ``ntkjax demo`` with parsed ``args``; returns the exit code."""
     start = time.perf_counter()
+    try:
+        _check_output_folder(Path(args.out))
+    except ValueError as err:
+        print(f"ntkjax demo: error: {err}", file=sys.stderr)
+        return 2
     result = run_demo(out_dir=args.out, quick=args.quick, seed=args.seed,
                       show_progress=not args.no_progress,
                       sections=None if args.sections is None else tuple(args.sections))
