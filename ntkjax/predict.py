@@ -33,6 +33,7 @@ value checks are skipped on tracers (under ``jit``), where the clipping still ap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -235,6 +236,7 @@ def _linear_dynamics(
     coefficients: Callable[[_Eigen, jax.Array], jax.Array],
     time_name: str,
     integer_times: bool,
+    growth: Callable[[_Eigen, jax.Array], tuple[jax.Array, jax.Array, jax.Array]] | None = None,
 ) -> Callable[[ArrayLike], Predictions]:
     """Shared body of gradient flow / descent: ``f = f_0 + K V diag(g(s, t)) V^T r_0``."""
     _check_square(k_train_train, "k_train_train")
@@ -271,14 +273,45 @@ def _linear_dynamics(
         t = jnp.asarray(t, dtype)
         g = coefficients(eig, t)  # (..., n): g(s) ~ (1 - decay(s)) / (s + lambda)
         weights = g[..., :, None] * residual
-        train = f0 + jnp.einsum("ij,...jk->...ik", eig.vectors, eig.values[:, None] * weights)
+
+        def apply(a: jax.Array) -> jax.Array:
+            """``a @ (g * V^T r_0)``, for ``a`` = ``V diag(s)`` (train) or ``K(x, X) V``."""
+            out = jnp.einsum("ij,...jk->...ik", a, weights)
+            if growth is None:
+                return out
+            grow = growth
+            return jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out,
+                                lambda: _diverging(a, eig, t, residual, out, grow))
+
+        train = f0 + apply(eig.vectors * eig.values[None, :])
         test = None
         if k_test_v is not None and ft0 is not None:
-            test = ft0 + jnp.einsum("ij,...jk->...ik", k_test_v, weights)
-            test = _restore(test, len(y_shape))
+            test = _restore(ft0 + apply(k_test_v), len(y_shape))
         return Predictions(_restore(train, len(y_shape)), test)
 
     return predict
+
+
+def _diverging(
+    a: jax.Array,
+    eig: _Eigen,
+    t: jax.Array,
+    residual: jax.Array,
+    out: jax.Array,
+    growth: Callable[[_Eigen, jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
+) -> jax.Array:
+    """``a @ (g * R)`` where some modes' ``g`` overflowed: with ``g = limit - coef * exp(L)``,
+    the growing part is scaled by ``exp(-M)`` (``M`` the largest exponent), multiplied back only
+    where it is not exactly 0 -- so entries are the true values, +-inf where those overflow, and
+    never ``inf * 0`` or ``inf - inf`` (NaN)."""
+    log_growth, coef, limit = growth(eig, t)
+    top = jnp.maximum(jnp.max(log_growth, axis=-1), 0.0)  # (...)
+    scaled = coef * jnp.exp(log_growth - top[..., None])
+    first = jnp.einsum("ij,...jk->...ik", a, limit[..., :, None] * residual)
+    inner = jnp.einsum("ij,...jk->...ik", a, scaled[..., :, None] * residual)
+    big = jnp.exp(top)[..., None, None]
+    safe = first - jnp.where(inner == 0, 0.0, inner * big)
+    return jnp.where(jnp.isnan(out), safe, jnp.where(jnp.isfinite(out), out, safe))
 
 
 def _flow_coefficients(learning_rate, n: int):
@@ -297,10 +330,26 @@ def _descent_coefficients(learning_rate, n: int):
         s = eig.values + eig.reg
         s_safe = jnp.where(eig.null, 1.0, s)
         rate = jnp.asarray(learning_rate, steps.dtype) / n
-        decay = jnp.power(1.0 - rate * s_safe, steps[..., None])
+        k = steps[..., None]
+        # steps = inf: modes at or above the edge have no limit; their Cesaro mean is 0
+        decay = jnp.where(jnp.isinf(k), 0.0, jnp.power(1.0 - rate * s_safe, k))
         return jnp.where(eig.null, 0.0, (1.0 - decay) / s_safe)
 
-    return coefficients
+    def growth(eig: _Eigen, steps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(L, coef, limit)`` with ``g = limit - coef * exp(L)``: ``L = k log|1 - r s|``,
+        ``coef = sign((1 - r s)^k) / s``, ``limit = 1 / s`` (0 on null directions)."""
+        s = eig.values + eig.reg
+        s_safe = jnp.where(eig.null, 1.0, s)
+        base = 1.0 - jnp.asarray(learning_rate, steps.dtype) / n * s_safe
+        k = jnp.where(jnp.isinf(steps), 0.0, steps)[..., None]
+        log_abs = jnp.where(k == 0, 0.0, k * jnp.log(jnp.abs(base)))
+        log_abs = jnp.where(jnp.isinf(steps)[..., None], -jnp.inf, log_abs)
+        odd = jnp.mod(k, 2) == 1
+        sign = jnp.where((base < 0) & odd, -1.0, 1.0)
+        inverse = jnp.where(eig.null, 0.0, 1.0 / s_safe)
+        return log_abs, sign * inverse, jnp.broadcast_to(inverse, log_abs.shape)
+
+    return coefficients, growth
 
 
 def gradient_flow_mse(
@@ -365,17 +414,43 @@ def gradient_descent_mse(
         f_k(X) = f_0(X) + (I - (I - lr Theta / n)^k) (y - f_0(X))
         f_k(x) = f_0(x) + Theta(x, X) Theta^{-1} (I - (I - lr Theta / n)^k) (y - f_0(X))
 
-    Stable for ``lr < max_learning_rate(Theta) = 2n / lambda_max``; beyond it the outputs grow
-    geometrically (returned as they are, possibly ``inf``). ``diag_reg`` as in
-    :func:`gradient_flow_mse`. ``predict(steps)`` takes whole numbers ``>= 0`` (scalar or 1-D),
-    ``jnp.inf`` allowed (kernel ridge for stable learning rates).
+    Stable for ``lr < max_learning_rate(Theta) = 2n / lambda_max``. Above the edge the modes
+    with ``|1 - lr lambda / n| > 1`` grow geometrically: a ``UserWarning`` is issued once (when
+    the kernel and lr are concrete) and ``predict`` returns the true values, ``+-inf`` once they
+    overflow and never NaN (where ``inf * 0`` or ``inf - inf`` would appear, the growing part is
+    rescaled first). At the edge the mode with ``lr lambda / n = 2`` oscillates forever.
+    ``diag_reg`` as in :func:`gradient_flow_mse`. ``predict(steps)`` takes whole numbers
+    ``>= 0`` (scalar or 1-D) or ``jnp.inf`` -- kernel ridge for stable learning rates; at or
+    above the edge ``steps = inf`` has no limit and raises ValueError (under ``jit``, where that
+    cannot be checked, those modes contribute their Cesaro mean, i.e. the kernel-ridge value).
     """
     _check_positive(learning_rate, "learning_rate")
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
-    return _linear_dynamics(
+    coefficients, growth = _descent_coefficients(learning_rate, n)
+    predict = _linear_dynamics(
         k_train_train, y_train, k_test_train, fx_train_0, fx_test_0, diag_reg,
-        _descent_coefficients(learning_rate, n), "steps", integer_times=True,
+        coefficients, "steps", integer_times=True, growth=growth,
     )
+    if not (is_concrete(k_train_train) and is_concrete(learning_rate)):
+        return predict
+    edge = float(max_learning_rate(k_train_train, diag_reg=diag_reg))
+    if learning_rate > edge:
+        warnings.warn(
+            f"learning_rate {learning_rate:g} is above the gradient-descent stability edge "
+            f"2n/lambda_max = {edge:.4g}: the modes above it grow like |1 - lr lambda / n|^k; "
+            "predictions are their true values (+-inf once they overflow).",
+            UserWarning, stacklevel=2,
+        )
+
+    def checked(steps: ArrayLike) -> Predictions:
+        if is_concrete(steps) and np.any(np.isinf(np.asarray(steps))) and learning_rate >= edge:
+            raise ValueError(
+                f"steps = inf has no limit at learning_rate {learning_rate:g} >= the stability "
+                f"edge {edge:.4g}: the modes at or above it oscillate (or grow) forever."
+            )
+        return predict(steps)
+
+    return checked
 
 
 def max_learning_rate(k_train_train: jax.Array, *, diag_reg: float = 0.0) -> jax.Array:

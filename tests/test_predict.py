@@ -545,3 +545,33 @@ def test_float32_posterior_variances_are_never_negative():
         assert np.all(np.isfinite(np.sqrt(variances)))
         np.testing.assert_array_equal(np.asarray(cov), np.asarray(cov).T)
         assert np.max(variances) < 1e-4  # the truth is ~0 everywhere on this grid
+
+
+def test_descent_above_the_edge_is_never_nan_and_warns(x64):
+    """K = [[10, .3, 0], [.3, 9.5, 0], [0, 0, 1]], lr = 1.5 x the edge: two modes grow like
+    |1 - lr lambda / n|^k; after 10,000 steps they overflow to +-inf, the third coordinate
+    (its own stable mode) stays finite, and nothing is NaN. Exact values where representable
+    (k = 20 against the matrix power in numpy)."""
+    k = np.array([[10.0, 0.3, 0.0], [0.3, 9.5, 0.0], [0.0, 0.0, 1.0]])
+    y = np.array([1.0, -2.0, 0.5])
+    edge = 2 * 3 / np.linalg.eigvalsh(k)[-1]
+    lr = 1.5 * edge
+    with pytest.warns(UserWarning, match="above the gradient-descent stability edge"):
+        predict = P.gradient_descent_mse(jnp.asarray(k), jnp.asarray(y), learning_rate=lr)
+    step = np.eye(3) - lr * k / 3
+    exact = (np.eye(3) - np.linalg.matrix_power(step, 20)) @ y
+    np.testing.assert_allclose(predict(20).train, exact, rtol=1e-10)
+    far = np.asarray(predict(jnp.asarray([10_000, 10_001])).train)
+    assert not np.any(np.isnan(far))
+    assert np.all(np.isinf(far[:, :2]))
+    assert np.all(np.sign(far[0, :2]) == -np.sign(far[1, :2]))  # the modes alternate sign
+    np.testing.assert_allclose(far[:, 2], 0.5, rtol=1e-10)  # the stable mode converged
+    with pytest.raises(ValueError, match="no limit"):
+        predict(jnp.inf)
+    at_edge = P.gradient_descent_mse(jnp.asarray(k), jnp.asarray(y), learning_rate=edge)
+    with pytest.raises(ValueError, match="no limit"):
+        at_edge(jnp.inf)
+    # under jit nothing is checked, and the result is still free of NaN
+    jitted = jax.jit(lambda kk, steps: P.gradient_descent_mse(kk, jnp.asarray(y),
+                                                               learning_rate=lr)(steps).train)
+    assert not np.any(np.isnan(np.asarray(jitted(jnp.asarray(k), 10_000))))
