@@ -65,24 +65,23 @@ TRANSLATIONS: dict[str, Callable[[dict, Any], Any]] = {
 }
 
 
-def _gelu(spec: dict, x: Any) -> Any:
-    if spec["approximate"]:
-        raise Unsupported("Gelu(approximate=True)")
-    return nn.gelu(x)
-
-
-def _scaled(act: nn.Activation) -> Callable[[dict, Any], Any]:
-    """nt's Erf / Sin / Cos(a, b, c) = a f(b x) + c, translated only at a=1, b=1, c=0."""
-
-    def translate(spec: dict, x: Any) -> Any:
-        if (spec["a"], spec["b"], spec["c"]) != (1.0, 1.0, 0.0):
-            raise Unsupported(f"{act.__name__}(a, b, c) with (a, b, c) != (1, 1, 0)")
-        return act(x)
-
-    return translate
-
-
-TRANSLATIONS.update(Gelu=_gelu, Erf=_scaled(nn.erf), Sin=_scaled(nn.sin), Cos=_scaled(nn.cos))
+TRANSLATIONS.update(
+    Gelu=lambda spec, x: nn.gelu(x, approximate=spec["approximate"]),
+    Erf=lambda spec, x: nn.erf(x, a=spec["a"], b=spec["b"], c=spec["c"]),
+    Sin=lambda spec, x: nn.sin(x, a=spec["a"], b=spec["b"], c=spec["c"]),
+    Cos=lambda spec, x: nn.cos(x, a=spec["a"], b=spec["b"], c=spec["c"]),
+    Exp=lambda spec, x: nn.exp(x, a=spec["a"], b=spec["b"]),
+    Gaussian=lambda spec, x: nn.gaussian(x, a=spec["a"], b=spec["b"]),
+    ExpNormalized=lambda spec, x: nn.exp_normalized(x, gamma=spec["gamma"],
+                                                    shift=spec["shift"]),
+    Monomial=lambda spec, x: nn.monomial(x, degree=spec["degree"]),
+    RectifiedMonomial=lambda spec, x: nn.rectified_monomial(x, degree=spec["degree"]),
+    Polynomial=lambda spec, x: nn.polynomial(x, coef=tuple(spec["coef"])),
+    Hermite=lambda spec, x: nn.hermite(x, degree=spec["degree"]),
+    Sigmoid_like=lambda spec, x: nn.sigmoid_like(x),
+    Gabor=lambda spec, x: nn.gabor(x),
+    Abs=lambda spec, x: nn.abs(x),
+)
 
 
 def _branches(n: int, x: Any) -> list:

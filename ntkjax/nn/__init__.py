@@ -13,8 +13,10 @@ One module per kind of layer, each holding the layers and their infinite-width r
 * :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten` and :func:`global_average_pool`;
 * :mod:`ntkjax.nn.activations`: :class:`Activation` and the activations :data:`relu`,
   :data:`leaky_relu`, :data:`ab_relu`, :data:`abs`, :data:`erf`, :data:`gelu`, :data:`sin`,
-  :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, and :func:`elementwise` for any other
-  elementwise function (kernel by Gauss-Hermite quadrature).
+  :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, :data:`exp`, :data:`gaussian`,
+  :data:`exp_normalized`, :data:`polynomial`, :data:`monomial`, :data:`rectified_monomial`,
+  :data:`hermite`, :data:`sigmoid_like`, :data:`gabor` (all with closed-form kernels), and
+  :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature).
 """
 
 from ntkjax.nn.activations import (
@@ -24,12 +26,21 @@ from ntkjax.nn.activations import (
     cos,
     elementwise,
     erf,
+    exp,
+    exp_normalized,
+    gabor,
+    gaussian,
     gelu,
+    hermite,
     identity,
     is_activation,
     leaky_relu,
+    monomial,
+    polynomial,
     rbf,
+    rectified_monomial,
     relu,
+    sigmoid_like,
     sign,
     sin,
 )
@@ -46,14 +57,23 @@ __all__ = [
     "cos",
     "elementwise",
     "erf",
+    "exp",
+    "exp_normalized",
     "flatten",
+    "gabor",
+    "gaussian",
     "gelu",
     "global_average_pool",
+    "hermite",
     "identity",
     "is_activation",
     "leaky_relu",
+    "monomial",
+    "polynomial",
     "rbf",
+    "rectified_monomial",
     "relu",
+    "sigmoid_like",
     "sign",
     "sin",
 ]
