@@ -23,6 +23,7 @@ position, as ``flax.linen.Dense`` on the channel axis does.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import linecache
 import math
@@ -43,6 +44,7 @@ __all__ = [
     "input_kernel",
     "kernel_fn",
     "kernel_matrix",
+    "note_same_batch_rule",
     "position_diagonal",
 ]
 
@@ -361,6 +363,22 @@ def _kernel_as_array(self: Kernel) -> Any:
 Kernel.__jax_array__ = _kernel_as_array  # type: ignore[attr-defined]
 
 
+# Rules whose result depends on whether x2 is the same batch as x1 (train-mode dropout), noted
+# while a module is traced inside :func:`kernel_matrix`.
+_SAME_BATCH_RULES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "ntkjax_same_batch_rules", default=None
+)
+
+
+def note_same_batch_rule(name: str) -> None:
+    """Called by a layer rule whose kernel depends on :attr:`Kernel.same_inputs` (e.g.
+    train-mode :class:`ntkjax.nn.Dropout`), so that :func:`kernel_matrix`, which evaluates
+    blocks of one batch as pairs of different batches, can refuse ``x2 = None``."""
+    rules = _SAME_BATCH_RULES.get()
+    if rules is not None:
+        rules.append(name)
+
+
 def _traceback_frames(err: BaseException) -> list[tuple[str, int, str]]:
     return [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(err.__traceback__)]
 
@@ -464,10 +482,23 @@ def kernel_matrix(
 
     Raises:
       ValueError: when the module's output kernel still has spatial axes (end a convolutional
-        network with :func:`ntkjax.nn.flatten` or :func:`ntkjax.nn.global_average_pool`).
+        network with :func:`ntkjax.nn.flatten` or :func:`ntkjax.nn.global_average_pool`), and
+        for ``x2 = None`` with a train-mode :class:`ntkjax.nn.Dropout`.
     """
     x1, x2 = _float_inputs(x1, x2)
-    out = _output_kernel_shape(module, x1)
+    token = _SAME_BATCH_RULES.set([])
+    try:
+        out = _output_kernel_shape(module, x1)
+        same_batch_rules = _SAME_BATCH_RULES.get()
+    finally:
+        _SAME_BATCH_RULES.reset(token)
+    if x2 is None and same_batch_rules:
+        raise ValueError(
+            f"kernel_matrix(module, x1) cannot evaluate a module with {same_batch_rules[0]}: "
+            "its kernel of a batch with itself differs from that of two batches, and the "
+            "blocks are evaluated as pairs of batches. Use kernel_fn(module)(x1), or pass "
+            "x2=x1 for the kernel between two independent batches."
+        )
     if out.spatial_ndim:
         raise ValueError(
             "kernel_matrix needs a module whose output has no spatial axes; this one's output "

@@ -84,6 +84,27 @@ TRANSLATIONS.update(
 )
 
 
+def _attention(spec: dict, x: Any) -> Any:
+    if spec["pos_emb_type"] != "NONE":
+        raise Unsupported("GlobalSelfAttention with positional embeddings")
+    return nn.SelfAttention(
+        spec["n_chan_out"], key_features=spec["n_chan_key"], value_features=spec["n_chan_val"],
+        num_heads=spec["n_heads"], linear_scaling=spec["linear_scaling"],
+        w_key_std=spec["W_key_std"], w_value_std=spec["W_value_std"],
+        w_query_std=spec["W_query_std"], w_out_std=spec["W_out_std"],
+        b_std=0.0 if spec["b_std"] is None else spec["b_std"], use_bias=spec["b_std"] is not None,
+        attention_mechanism=spec["attention_mechanism"].lower(),
+    )(x)
+
+
+TRANSLATIONS.update(
+    LayerNorm=lambda spec, x: nn.LayerNorm(axis=spec["axis"], epsilon=spec["eps"])(x),
+    # nt's rate is the keep probability; ntkjax's (flax's) the drop probability
+    Dropout=lambda spec, x: nn.Dropout(1 - spec["rate"], deterministic=spec["mode"] == "test")(x),
+    GlobalSelfAttention=_attention,
+)
+
+
 def _branches(n: int, x: Any) -> list:
     return [x] * n
 
@@ -112,6 +133,10 @@ def _apply(layers: list[dict], x: Any) -> Any:
             for xi in x[1:]:
                 total = total + xi
             x = total
+        elif name == "FanInConcat":
+            x = nn.concatenate(x, axis=spec["axis"])
+        elif name == "FanInProd":
+            x = nn.multiply(*x)
         elif name in TRANSLATIONS:
             x = TRANSLATIONS[name](spec, x)
         else:
@@ -132,7 +157,7 @@ def layer_names(layers: list[dict]) -> set[str]:
 def build(layers: list[dict]) -> NTNet:
     """The ntkjax module of an nt layer list; raises :class:`Unsupported` naming what is missing
     (checked here, before any kernel is computed)."""
-    structural = {"serial", "FanOut", "parallel", "FanInSum"}
+    structural = {"serial", "FanOut", "parallel", "FanInSum", "FanInConcat", "FanInProd"}
     missing = sorted(layer_names(layers) - structural - set(TRANSLATIONS))
     if missing:
         raise Unsupported(", ".join(missing))

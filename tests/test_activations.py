@@ -369,7 +369,7 @@ PARAM_CASES = {
                    lambda x: 1.0 + x - 0.6 * x**2),
     "hermite3": (nn.hermite, dict(degree=3), _np_hermite(3), _np_hermite(3).deriv()),
     "sigmoid_like": (nn.sigmoid_like, {}, lambda x: 0.5 * special.erf(x * SIGMOID_B) + 0.5,
-                     lambda x: 0.5 * SIGMOID_B * 2 / np.sqrt(np.pi) * np.exp(-(x * SIGMOID_B) ** 2)),
+                     lambda x: SIGMOID_B / np.sqrt(np.pi) * np.exp(-(x * SIGMOID_B) ** 2)),
     "gabor": (nn.gabor, {}, lambda x: np.exp(-x * x) * np.sin(x),
               lambda x: np.exp(-x * x) * (np.cos(x) - 2 * x * np.sin(x))),
 }
