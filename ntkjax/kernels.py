@@ -23,8 +23,12 @@ position, as ``flax.linen.Dense`` on the channel axis does.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import inspect
+import linecache
 import math
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +39,15 @@ from flax import linen, struct
 from ntkjax._checks import check_pair, float_dtype, is_concrete
 from ntkjax.blocking import evaluate_in_blocks
 
-__all__ = ["Kernel", "input_kernel", "kernel_fn", "kernel_matrix", "position_diagonal"]
+__all__ = [
+    "ForeignFunctionError",
+    "Kernel",
+    "input_kernel",
+    "kernel_fn",
+    "kernel_matrix",
+    "note_same_batch_rule",
+    "position_diagonal",
+]
 
 
 @struct.dataclass
@@ -53,6 +65,20 @@ class Kernel:
       width: number of features (channels) of the layer (static); the next dense layer's
         ``fan_in`` (a convolution's is ``|window| * width``), which the standard
         parameterization's NTK uses.
+      non_gaussian: (static) ``""`` when the layer's outputs are, in the limit, zero-mean
+        Gaussian processes with i.i.d. channels -- the outputs of Dense, Conv and SelfAttention
+        layers, their sums and normalizations -- else the name of the layer that made them
+        otherwise (an activation, a channel concatenation or product of branches, train-mode
+        Dropout). Activation rules and LayerNorm assume Gaussian inputs and raise a ValueError
+        naming that layer (as neural-tangents' ``is_gaussian``); a dense layer makes outputs
+        Gaussian again. (Readouts such as :func:`ntkjax.nn.flatten` start a fresh kernel and do
+        not carry the mark.)
+
+    Inputs: ``x2 = None`` (``kernel_fn(module)(x1)``) means the same batch of examples on both
+    sides; then ``var2`` is the very same array object as ``var1`` (:attr:`same_inputs`), which
+    the layers keep, and rules that depend on it (train-mode :class:`ntkjax.nn.Dropout` scales
+    each example's kernel with itself) see it. A given ``x2`` is a different batch, even when
+    equal in value.
 
     Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
@@ -65,6 +91,12 @@ class Kernel:
     var1: jax.Array
     var2: jax.Array
     width: int = struct.field(pytree_node=False)
+    non_gaussian: str = struct.field(pytree_node=False, default="")
+
+    @property
+    def same_inputs(self) -> bool:
+        """True when the kernel is of a batch with itself (``x2 = None``): ``var2 is var1``."""
+        return self.var2 is self.var1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,12 +125,22 @@ class Kernel:
                 "can only add kernels of branches with the same width and inputs; got widths "
                 f"{self.width} and {other.width}, shapes {self.shape} and {other.shape}."
             )
+        if self.non_gaussian and other.non_gaussian:
+            raise ValueError(
+                "the sum of two branches that both end in a layer with non-Gaussian outputs "
+                f"({self.non_gaussian} and {other.non_gaussian}) has no kernel here: their "
+                "means do not vanish, so the cross terms E[f] E[g'] would be missing. End at "
+                "least one branch in a Dense/Conv layer (as in a residual block)."
+            )
+        var1 = self.var1 + other.var1
+        same = self.same_inputs and other.same_inputs
         return Kernel(
             nngp=self.nngp + other.nngp,
             ntk=self.ntk + other.ntk,
-            var1=self.var1 + other.var1,
-            var2=self.var2 + other.var2,
+            var1=var1,
+            var2=var1 if same else self.var2 + other.var2,
             width=self.width,
+            non_gaussian=self.non_gaussian or other.non_gaussian,
         )
 
     def __mul__(self, scale: Any) -> Kernel:
@@ -108,12 +150,14 @@ class Kernel:
                 f"kernel alpha^2 K); got {type(scale).__name__} of shape {jnp.shape(scale)}."
             )
         s2 = jnp.asarray(scale, self.dtype) ** 2
+        var1 = self.var1 * s2
         return Kernel(
             nngp=self.nngp * s2,
             ntk=self.ntk * s2,
-            var1=self.var1 * s2,
-            var2=self.var2 * s2,
+            var1=var1,
+            var2=var1 if self.same_inputs else self.var2 * s2,
             width=self.width,
+            non_gaussian=self.non_gaussian,
         )
 
     __rmul__ = __mul__
@@ -126,6 +170,10 @@ class Kernel:
     def __neg__(self) -> Kernel:
         return self
 
+    def replace(self, **changes: Any) -> Kernel:
+        """A copy with the given fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
     def __getitem__(self, index: Any) -> Kernel:
         """``k[rows, cols]``: the kernel of a subset of x1 (``rows``) and x2 (``cols``) -- any
         numpy-style index of one axis each (``k[rows]`` keeps every x2). ``nngp`` and ``ntk``
@@ -134,7 +182,7 @@ class Kernel:
         nngp = self.nngp[rows][:, cols]
         ntk = self.ntk[rows][:, cols]
         return Kernel(nngp=nngp, ntk=ntk, var1=self.var1[rows], var2=self.var2[cols],
-                      width=self.width)
+                      width=self.width, non_gaussian=self.non_gaussian)
 
     def map_variances(self, fn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
         """``(fn(var1), fn(var2))``, evaluated once when ``var2`` is ``var1`` (``x2 = None``), so
@@ -251,14 +299,125 @@ def _reject_flax_layers(next_fun, args, kwargs, context):
             f"{cls.__module__}.{cls.__qualname__} (module {module.name!r}) has no infinite-width "
             "kernel rule: ntkjax.kernel_fn needs layers from ntkjax.nn -- use ntkjax.nn.Dense "
             "instead of flax.linen.Dense and the ntkjax.nn activations (ntkjax.nn.elementwise "
-            "for any other one); layers such as Dropout or normalization have no rule."
+            "for any other one), ntkjax.nn.LayerNorm, ntkjax.nn.Dropout and "
+            "ntkjax.nn.SelfAttention instead of their flax counterparts."
         )
     return next_fun(*args, **kwargs)
 
 
+# ------------------------------------------------------------- foreign functions on a Kernel
+
+class ForeignFunctionError(ValueError):
+    """A function without an infinite-width rule (``jax.nn.relu``, ``jnp.tanh``, a lambda) was
+    applied to a :class:`Kernel`."""
+
+
+# ntkjax equivalents of JAX functions, by the name of the JAX function that met the Kernel.
+_EQUIVALENTS = {
+    "relu": "ntkjax.nn.relu",
+    "gelu": "ntkjax.nn.gelu (approximate=True matches jax.nn.gelu's default tanh form)",
+    "erf": "ntkjax.nn.erf",
+    "sin": "ntkjax.nn.sin",
+    "cos": "ntkjax.nn.cos",
+    "exp": "ntkjax.nn.exp",
+    "abs": "ntkjax.nn.abs",
+    "absolute": "ntkjax.nn.abs",
+    "sign": "ntkjax.nn.sign",
+    "leaky_relu": "ntkjax.nn.leaky_relu",
+    "maximum": "ntkjax.nn.relu (if this is max(x, 0))",
+    "sigmoid": "ntkjax.nn.sigmoid_like (0.5 erf(x / 2.402) + 0.5, a closed-form stand-in for "
+    "the logistic sigmoid)",
+}
+_API_DIRS = {
+    "/jax/_src/nn/": "jax.nn.",
+    "/jax/_src/numpy/": "jnp.",
+    "/jax/_src/lax/": "jax.lax.",
+    "/jax/_src/scipy/": "jax.scipy.",
+    "/jax/_src/ops/": "jax.ops.",
+}
+_LIBRARY_DIRS = ("/jax/", "/jaxlib/", "/flax/", "/numpy/", "/ntkjax/kernels.py")
+
+
+def _describe_foreign_call(frames: list[tuple[str, int, str]]) -> str:
+    """The message for a Kernel that reached a plain JAX function, from the call stack as
+    ``(filename, lineno, function)`` tuples, outermost first: the user's frame is the innermost
+    one outside JAX/Flax, the function applied the first public JAX function inside it."""
+    paths = [f.replace("\\", "/") for f, _, _ in frames]
+    user = None
+    for i in range(len(frames) - 1, -1, -1):
+        if not any(d in paths[i] for d in _LIBRARY_DIRS):
+            user = i
+            break
+    api, qualified = None, None
+    for i in range(0 if user is None else user + 1, len(frames)):
+        name = frames[i][2]
+        prefix = next((p for d, p in _API_DIRS.items() if d in paths[i]), None)
+        if prefix and not name.startswith(("_", "<")):
+            api, qualified = name, prefix + name
+            break
+    where = ""
+    if user is not None:
+        filename, lineno, function = frames[user]
+        line = linecache.getline(filename, lineno).strip()
+        where = f" in {function} ({filename}:{lineno}{': ' + repr(line) if line else ''})"
+        if function == "<lambda>" and qualified:
+            qualified = f"a lambda calling {qualified}"
+    what = qualified or "a function that is not an ntkjax activation"
+    if api in _EQUIVALENTS:
+        fix = f"use {_EQUIVALENTS[api]} instead"
+    else:
+        fix = ("wrap the function in ntkjax.nn.elementwise(fn) (its kernel then comes from "
+               "Gauss-Hermite quadrature)")
+    return (
+        f"{what} was applied to an ntkjax Kernel{where}. ntkjax.kernel_fn applies the module to "
+        "a Kernel, and only ntkjax.nn layers and activations have an infinite-width rule: "
+        f"{fix}."
+    )
+
+
+def _kernel_as_array(self: Kernel) -> Any:
+    """``Kernel.__jax_array__``: JAX asks for an array when a jnp / jax.nn function receives a
+    Kernel -- raise a :class:`ForeignFunctionError` naming the function and what to use."""
+    stack = [(f.filename, f.lineno, f.function) for f in reversed(inspect.stack(0)[1:])]
+    raise ForeignFunctionError(_describe_foreign_call(stack))
+
+
+Kernel.__jax_array__ = _kernel_as_array  # type: ignore[attr-defined]
+
+
+# Rules whose result depends on whether x2 is the same batch as x1 (train-mode dropout), noted
+# while a module is traced inside :func:`kernel_matrix`.
+_SAME_BATCH_RULES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "ntkjax_same_batch_rules", default=None
+)
+
+
+def note_same_batch_rule(name: str) -> None:
+    """Called by a layer rule whose kernel depends on :attr:`Kernel.same_inputs` (e.g.
+    train-mode :class:`ntkjax.nn.Dropout`), so that :func:`kernel_matrix`, which evaluates
+    blocks of one batch as pairs of different batches, can refuse ``x2 = None``."""
+    rules = _SAME_BATCH_RULES.get()
+    if rules is not None:
+        rules.append(name)
+
+
+def _traceback_frames(err: BaseException) -> list[tuple[str, int, str]]:
+    return [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(err.__traceback__)]
+
+
 def _apply_to_kernel(module: linen.Module, kernel: Kernel) -> Kernel:
-    with linen.intercept_methods(_reject_flax_layers):
-        out = module.apply({}, kernel)
+    try:
+        with linen.intercept_methods(_reject_flax_layers):
+            out = module.apply({}, kernel)
+    except ForeignFunctionError:
+        raise
+    except (TypeError, ValueError) as err:
+        # JAX functions that abstractify their arguments (lax ops, jitted jax.nn functions)
+        # reject a Kernel before asking for __jax_array__: name the call from the traceback.
+        text = str(err)
+        if "__jax_array__" in text or "ntkjax.kernels.Kernel" in text:
+            raise ForeignFunctionError(_describe_foreign_call(_traceback_frames(err))) from err
+        raise
     if not isinstance(out, Kernel):
         raise ValueError(
             f"{type(module).__name__} returned {type(out).__name__} for a Kernel input; "
@@ -346,10 +505,23 @@ def kernel_matrix(
 
     Raises:
       ValueError: when the module's output kernel still has spatial axes (end a convolutional
-        network with :func:`ntkjax.nn.flatten` or :func:`ntkjax.nn.global_average_pool`).
+        network with :func:`ntkjax.nn.flatten` or :func:`ntkjax.nn.global_average_pool`), and
+        for ``x2 = None`` with a train-mode :class:`ntkjax.nn.Dropout`.
     """
     x1, x2 = _float_inputs(x1, x2)
-    out = _output_kernel_shape(module, x1)
+    token = _SAME_BATCH_RULES.set([])
+    try:
+        out = _output_kernel_shape(module, x1)
+        same_batch_rules = _SAME_BATCH_RULES.get()
+    finally:
+        _SAME_BATCH_RULES.reset(token)
+    if x2 is None and same_batch_rules:
+        raise ValueError(
+            f"kernel_matrix(module, x1) cannot evaluate a module with {same_batch_rules[0]}: "
+            "its kernel of a batch with itself differs from that of two batches, and the "
+            "blocks are evaluated as pairs of batches. Use kernel_fn(module)(x1), or pass "
+            "x2=x1 for the kernel between two independent batches."
+        )
     if out.spatial_ndim:
         raise ValueError(
             "kernel_matrix needs a module whose output has no spatial axes; this one's output "

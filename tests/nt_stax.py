@@ -65,24 +65,44 @@ TRANSLATIONS: dict[str, Callable[[dict, Any], Any]] = {
 }
 
 
-def _gelu(spec: dict, x: Any) -> Any:
-    if spec["approximate"]:
-        raise Unsupported("Gelu(approximate=True)")
-    return nn.gelu(x)
+TRANSLATIONS.update(
+    Gelu=lambda spec, x: nn.gelu(x, approximate=spec["approximate"]),
+    Erf=lambda spec, x: nn.erf(x, a=spec["a"], b=spec["b"], c=spec["c"]),
+    Sin=lambda spec, x: nn.sin(x, a=spec["a"], b=spec["b"], c=spec["c"]),
+    Cos=lambda spec, x: nn.cos(x, a=spec["a"], b=spec["b"], c=spec["c"]),
+    Exp=lambda spec, x: nn.exp(x, a=spec["a"], b=spec["b"]),
+    Gaussian=lambda spec, x: nn.gaussian(x, a=spec["a"], b=spec["b"]),
+    ExpNormalized=lambda spec, x: nn.exp_normalized(x, gamma=spec["gamma"],
+                                                    shift=spec["shift"]),
+    Monomial=lambda spec, x: nn.monomial(x, degree=spec["degree"]),
+    RectifiedMonomial=lambda spec, x: nn.rectified_monomial(x, degree=spec["degree"]),
+    Polynomial=lambda spec, x: nn.polynomial(x, coef=tuple(spec["coef"])),
+    Hermite=lambda spec, x: nn.hermite(x, degree=spec["degree"]),
+    Sigmoid_like=lambda spec, x: nn.sigmoid_like(x),
+    Gabor=lambda spec, x: nn.gabor(x),
+    Abs=lambda spec, x: nn.abs(x),
+)
 
 
-def _scaled(act: nn.Activation) -> Callable[[dict, Any], Any]:
-    """nt's Erf / Sin / Cos(a, b, c) = a f(b x) + c, translated only at a=1, b=1, c=0."""
+def _attention(spec: dict, x: Any) -> Any:
+    if spec["pos_emb_type"] != "NONE":
+        raise Unsupported("GlobalSelfAttention with positional embeddings")
+    return nn.SelfAttention(
+        spec["n_chan_out"], key_features=spec["n_chan_key"], value_features=spec["n_chan_val"],
+        num_heads=spec["n_heads"], linear_scaling=spec["linear_scaling"],
+        w_key_std=spec["W_key_std"], w_value_std=spec["W_value_std"],
+        w_query_std=spec["W_query_std"], w_out_std=spec["W_out_std"],
+        b_std=0.0 if spec["b_std"] is None else spec["b_std"], use_bias=spec["b_std"] is not None,
+        attention_mechanism=spec["attention_mechanism"].lower(),
+    )(x)
 
-    def translate(spec: dict, x: Any) -> Any:
-        if (spec["a"], spec["b"], spec["c"]) != (1.0, 1.0, 0.0):
-            raise Unsupported(f"{act.__name__}(a, b, c) with (a, b, c) != (1, 1, 0)")
-        return act(x)
 
-    return translate
-
-
-TRANSLATIONS.update(Gelu=_gelu, Erf=_scaled(nn.erf), Sin=_scaled(nn.sin), Cos=_scaled(nn.cos))
+TRANSLATIONS.update(
+    LayerNorm=lambda spec, x: nn.LayerNorm(axis=spec["axis"], epsilon=spec["eps"])(x),
+    # nt's rate is the keep probability; ntkjax's (flax's) the drop probability
+    Dropout=lambda spec, x: nn.Dropout(1 - spec["rate"], deterministic=spec["mode"] == "test")(x),
+    GlobalSelfAttention=_attention,
+)
 
 
 def _branches(n: int, x: Any) -> list:
@@ -113,6 +133,10 @@ def _apply(layers: list[dict], x: Any) -> Any:
             for xi in x[1:]:
                 total = total + xi
             x = total
+        elif name == "FanInConcat":
+            x = nn.concatenate(x, axis=spec["axis"])
+        elif name == "FanInProd":
+            x = nn.multiply(*x)
         elif name in TRANSLATIONS:
             x = TRANSLATIONS[name](spec, x)
         else:
@@ -133,7 +157,7 @@ def layer_names(layers: list[dict]) -> set[str]:
 def build(layers: list[dict]) -> NTNet:
     """The ntkjax module of an nt layer list; raises :class:`Unsupported` naming what is missing
     (checked here, before any kernel is computed)."""
-    structural = {"serial", "FanOut", "parallel", "FanInSum"}
+    structural = {"serial", "FanOut", "parallel", "FanInSum", "FanInConcat", "FanInProd"}
     missing = sorted(layer_names(layers) - structural - set(TRANSLATIONS))
     if missing:
         raise Unsupported(", ".join(missing))

@@ -334,3 +334,187 @@ def test_elementwise_validation():
     assert not nn.is_activation(jnp.tanh)
 
 
+
+
+# ---- activations with parameters and the closed forms of neural-tangents' activation zoo
+
+SIGMOID_B = 1 / 2.4020563531719796
+
+
+def _np_hermite(n):
+    coef = np.polynomial.hermite_e.herme2poly([0.0] * n + [1.0]) / np.sqrt(special.factorial(n))
+    return np.polynomial.Polynomial(coef)
+
+
+# (activation, params, phi, phi') -- phi and phi' written independently in numpy/scipy
+PARAM_CASES = {
+    "erf_abc": (nn.erf, dict(a=1.2, b=0.8, c=0.1),
+                lambda x: 1.2 * special.erf(0.8 * x) + 0.1,
+                lambda x: 1.2 * 0.8 * 2 / np.sqrt(np.pi) * np.exp(-(0.8 * x) ** 2)),
+    "sin_abc": (nn.sin, dict(a=1.1, b=0.9, c=0.3),
+                lambda x: 1.1 * np.sin(0.9 * x + 0.3), lambda x: 1.1 * 0.9 * np.cos(0.9 * x + 0.3)),
+    "cos_abc": (nn.cos, dict(a=0.9, b=1.2, c=-0.2),
+                lambda x: 0.9 * np.cos(1.2 * x - 0.2),
+                lambda x: -0.9 * 1.2 * np.sin(1.2 * x - 0.2)),
+    "exp": (nn.exp, dict(a=0.8, b=0.5),
+            lambda x: 0.8 * np.exp(0.5 * x), lambda x: 0.4 * np.exp(0.5 * x)),
+    "gaussian": (nn.gaussian, dict(a=1.2, b=-0.7),
+                 lambda x: 1.2 * np.exp(-0.7 * x * x),
+                 lambda x: -2 * 0.7 * 1.2 * x * np.exp(-0.7 * x * x)),
+    "monomial3": (nn.monomial, dict(degree=3), lambda x: x**3, lambda x: 3 * x**2),
+    "monomial0": (nn.monomial, dict(degree=0), lambda x: np.ones_like(x),
+                  lambda x: np.zeros_like(x)),
+    "polynomial": (nn.polynomial, dict(coef=(0.1, 1.0, 0.5, -0.2)),
+                   lambda x: 0.1 + x + 0.5 * x**2 - 0.2 * x**3,
+                   lambda x: 1.0 + x - 0.6 * x**2),
+    "hermite3": (nn.hermite, dict(degree=3), _np_hermite(3), _np_hermite(3).deriv()),
+    "sigmoid_like": (nn.sigmoid_like, {}, lambda x: 0.5 * special.erf(x * SIGMOID_B) + 0.5,
+                     lambda x: SIGMOID_B / np.sqrt(np.pi) * np.exp(-(x * SIGMOID_B) ** 2)),
+    "gabor": (nn.gabor, {}, lambda x: np.exp(-x * x) * np.sin(x),
+              lambda x: np.exp(-x * x) * (np.cos(x) - 2 * x * np.sin(x))),
+}
+
+
+@pytest.mark.parametrize("name", list(PARAM_CASES))
+def test_parametrized_maps_match_two_dimensional_quadrature(name, x64):
+    act, params, phi, dphi = PARAM_CASES[name]
+    for q12, q11, q22 in TRIPLES:
+        maps = act.kernel_maps(jnp.float64(q12), q11, q22, **params)
+        # 200 nodes: the Gaussian envelope of gabor / gaussian needs more than 120
+        np.testing.assert_allclose(float(maps.sigma), _gauss_2d(phi, q12, q11, q22, n=200),
+                                   rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(float(maps.sigma_dot), _gauss_2d(dphi, q12, q11, q22, n=200),
+                                   rtol=1e-9, atol=1e-12, err_msg=name)
+        # the variance is the second moment (1-D quadrature)
+        z, w = np.polynomial.hermite_e.hermegauss(200)
+        want = np.sum(w * phi(np.sqrt(q11) * z) ** 2) / np.sqrt(2 * np.pi)
+        np.testing.assert_allclose(float(act.kernel_variance(jnp.float64(q11), **params)), want,
+                                   rtol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_rectified_monomial_maps_match_adaptive_quadrature(degree, x64):
+    phi = lambda x: np.where(x >= 0, np.abs(x) ** degree, 0.0)
+    dphi = lambda x: np.where(x >= 0, degree * np.abs(x) ** max(degree - 1, 0), 0.0)
+    for triple in TRIPLES[:2]:
+        maps = nn.rectified_monomial.kernel_maps(jnp.float64(triple[0]), *triple[1:], degree)
+        np.testing.assert_allclose(float(maps.sigma), _quad_2d(phi, *triple), rtol=1e-7,
+                                   atol=1e-10)
+        if degree > 0:  # the step's derivative is 0 almost everywhere (nt's convention)
+            np.testing.assert_allclose(float(maps.sigma_dot), _quad_2d(dphi, *triple),
+                                       rtol=1e-7, atol=1e-10)
+    # degree 1 is ReLU, at every angle including 0 and pi, where nt's form is NaN
+    c = jnp.linspace(-1, 1, 41, dtype=jnp.float64)
+    rm = nn.rectified_monomial.kernel_maps(1.3 * c, 1.3, 1.3, 1)
+    relu = nn.relu.kernel_maps(1.3 * c, 1.3, 1.3)
+    np.testing.assert_allclose(rm.sigma, relu.sigma, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(rm.sigma_dot, relu.sigma_dot, rtol=1e-14, atol=1e-15)
+    # angle 0: the second moment (2n - 1)!! q^n / 2
+    q = jnp.asarray([0.3, 1.0, 2.5])
+    same = nn.rectified_monomial.kernel_maps(q, q, q, degree)
+    moment = float(np.prod(np.arange(2 * degree - 1, 0, -2))) * np.asarray(q) ** degree / 2
+    np.testing.assert_allclose(same.sigma, moment, rtol=1e-13)
+    np.testing.assert_allclose(nn.rectified_monomial.kernel_variance(q, degree), moment,
+                               rtol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("act", "params"),
+    [(nn.erf, dict(a=1.2, b=0.8, c=0.1)), (nn.sin, dict(a=1.1, b=0.9, c=0.3)),
+     (nn.cos, dict(a=0.9, b=1.2, c=-0.2)), (nn.exp, dict(a=0.8, b=0.5)),
+     (nn.gaussian, dict(a=1.2, b=-0.7)), (nn.polynomial, dict(coef=(0.1, 1.0, 0.5, -0.2))),
+     (nn.rectified_monomial, dict(degree=2)), (nn.exp_normalized, dict(gamma=1.5, shift=-1.0)),
+     (nn.gabor, {})],
+)
+def test_new_maps_satisfy_price_theorem(act, params, x64):
+    """sigma_dot = d sigma / d q12 (Price's theorem; for exp_normalized by its definition)."""
+    for q12, q11, q22 in TRIPLES[:2] + TRIPLES[3:]:
+        grad = jax.grad(lambda q, a=q11, b=q22: act.kernel_maps(q, a, b, **params).sigma)(
+            jnp.float64(q12)
+        )
+        np.testing.assert_allclose(grad, act.kernel_maps(jnp.float64(q12), q11, q22,
+                                                         **params).sigma_dot,
+                                   rtol=1e-7, atol=1e-12)
+
+
+def test_hermite_at_unit_variance_is_the_power_kernel(x64):
+    c = jnp.linspace(-1, 1, 9, dtype=jnp.float64)
+    for n in range(5):
+        maps = nn.hermite.kernel_maps(c, 1.0, 1.0, n)
+        np.testing.assert_allclose(maps.sigma, c**n, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(maps.sigma_dot, n * c ** max(n - 1, 0) if n else 0 * c,
+                                   rtol=1e-13, atol=1e-13)
+
+
+def test_exp_normalized_is_the_normalized_gaussian_kernel(x64):
+    q12, q11, q22 = jnp.float64(0.4), 1.1, 0.7
+    maps = nn.exp_normalized.kernel_maps(q12, q11, q22, 1.5, -1.0)
+    c = 0.4 / np.sqrt(1.1 * 0.7)
+    np.testing.assert_allclose(maps.sigma, np.sqrt(1.1 * 0.7) * np.exp(1.5 * (c - 1)), rtol=1e-14)
+    np.testing.assert_allclose(maps.sigma_dot, 1.5 * np.exp(1.5 * (c - 1)), rtol=1e-14)
+    with pytest.raises(ValueError, match="no finite-width function"):
+        nn.exp_normalized(jnp.ones(3))
+
+
+def test_parameter_validation():
+    with pytest.raises(ValueError, match="b <= 0"):
+        nn.gaussian(jnp.ones(3), b=0.5)
+    with pytest.raises(ValueError, match="b <= 0"):
+        nn.gaussian.kernel_maps(jnp.ones(3), 1.0, 1.0, 1.0, 0.5)
+    for act in (nn.monomial, nn.hermite, nn.rectified_monomial):
+        with pytest.raises(ValueError, match="degree"):
+            act(jnp.ones(3), -1)
+        with pytest.raises(ValueError, match="degree"):
+            act(jnp.ones(3), 1.5)
+    with pytest.raises(ValueError, match="coefficient"):
+        nn.polynomial(jnp.ones(3), ())
+
+
+def test_approximate_gelu_switches_only_the_finite_network():
+    x = jnp.linspace(-8, 8, 20001)
+    exact, approx = nn.gelu(x), nn.gelu(x, approximate=True)
+    np.testing.assert_allclose(approx, jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-7)
+    assert 1e-4 < float(jnp.max(jnp.abs(approx - exact))) < 4.8e-4
+    q = (jnp.asarray([0.3, -0.2]), jnp.asarray([0.5, 1.0]), jnp.asarray([1.0, 0.7]))
+    for got, want in zip(nn.gelu.kernel_maps(*q, approximate=True), nn.gelu.kernel_maps(*q),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+NEW_ARRAY_CASES = [
+    (functools.partial(nn.erf, a=1.2, b=0.8, c=0.1), lambda x: 1.2 * special.erf(0.8 * x) + 0.1),
+    (functools.partial(nn.sin, a=1.1, b=0.9, c=0.3), lambda x: 1.1 * np.sin(0.9 * x + 0.3)),
+    (functools.partial(nn.cos, a=0.9, b=1.2, c=-0.2), lambda x: 0.9 * np.cos(1.2 * x - 0.2)),
+    (functools.partial(nn.exp, a=0.8, b=0.5), lambda x: 0.8 * np.exp(0.5 * x)),
+    (functools.partial(nn.gaussian, a=1.2, b=-0.7), lambda x: 1.2 * np.exp(-0.7 * x * x)),
+    (functools.partial(nn.monomial, degree=3), lambda x: x**3),
+    (functools.partial(nn.rectified_monomial, degree=2), lambda x: np.where(x >= 0, x * x, 0)),
+    (functools.partial(nn.rectified_monomial, degree=0), lambda x: (x >= 0) * 1.0),
+    (functools.partial(nn.polynomial, coef=(0.1, 1.0, 0.5)), lambda x: 0.1 + x + 0.5 * x * x),
+    (functools.partial(nn.hermite, degree=2), lambda x: (x * x - 1) / np.sqrt(2)),
+    (nn.sigmoid_like, lambda x: 0.5 * special.erf(x * SIGMOID_B) + 0.5),
+    (nn.gabor, lambda x: np.exp(-x * x) * np.sin(x)),
+]
+
+
+@pytest.mark.parametrize(("act", "ref"), NEW_ARRAY_CASES)
+def test_new_activations_on_arrays(act, ref):
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    np.testing.assert_allclose(act(jnp.asarray(x)), ref(x), rtol=1e-5, atol=1e-6)
+    assert nn.is_activation(act)
+
+
+def test_sigmoid_like_is_close_to_the_logistic_sigmoid():
+    x = jnp.linspace(-5, 5, 1001)
+    assert float(jnp.max(jnp.abs(nn.sigmoid_like(x) - jax.nn.sigmoid(x)))) < 0.02
+
+
+def test_activation_after_activation_is_refused_and_identity_passes():
+    k = nn.Dense(4).apply({}, ntkjax.kernels.input_kernel(_x()))
+    h = nn.relu(k)
+    assert h.non_gaussian == "ntkjax.nn.relu" and not k.non_gaussian
+    with pytest.raises(ValueError, match=r"ntkjax\.nn\.erf.*ntkjax\.nn\.relu"):
+        nn.erf(h)
+    assert nn.identity(h).non_gaussian == "ntkjax.nn.relu"
+    assert not nn.identity(k).non_gaussian
+    assert not nn.Dense(3).apply({}, h).non_gaussian  # a dense layer makes it Gaussian again

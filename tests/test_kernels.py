@@ -277,3 +277,44 @@ def test_cnn_kernel_matrix_matches_kernel_fn_in_blocks(x64):
     np.testing.assert_allclose(sym.ntk, ntkjax.kernel_fn(cnn)(x1).ntk, rtol=1e-12)
     with pytest.raises(ValueError, match="spatial axes"):
         ntkjax.kernel_matrix(models.MLP((8, 1)), x1)  # output still (N, *S, 1)
+
+
+class ForeignActivationNet(linen.Module):
+    """A user module that applies a plain function (not an ntkjax activation)."""
+
+    fn: object
+
+    @linen.compact
+    def __call__(self, x):
+        return nn.Dense(1)(self.fn(nn.Dense(8)(x)))
+
+
+@pytest.mark.parametrize(
+    ("fn", "pattern"),
+    [
+        (jax.nn.relu, r"jax\.nn\.relu.*use ntkjax\.nn\.relu"),
+        (linen.relu, r"jax\.nn\.relu.*use ntkjax\.nn\.relu"),
+        (jnp.tanh, r"jnp\.tanh.*ntkjax\.nn\.elementwise\(fn\)"),
+        (lambda h: jnp.maximum(h, 0), r"lambda calling jnp\.maximum.*<lambda>"),
+        (jax.nn.sigmoid, r"jax\.nn\.sigmoid.*ntkjax\.nn\.sigmoid_like"),
+    ],
+)
+def test_plain_jax_function_on_a_kernel_names_it_and_the_fix(fn, pattern):
+    with pytest.raises(ValueError, match=pattern) as err:
+        ntkjax.kernel_fn(ForeignActivationNet(fn))(_x())
+    assert isinstance(err.value, ntkjax.kernels.ForeignFunctionError)
+    assert "test_kernels.py" in str(err.value)  # points at the user's line
+    # the same module is a fine finite network
+    params = ForeignActivationNet(fn).init(jax.random.PRNGKey(0), _x())
+    assert ForeignActivationNet(fn).apply(params, _x()).shape == (5, 1)
+    # and the suggested wrapper gives it a kernel
+    if "elementwise" in pattern:
+        k = ntkjax.kernel_fn(ForeignActivationNet(nn.elementwise(fn)))(_x())
+        assert np.all(np.isfinite(k.ntk))
+
+
+def test_sums_of_two_non_gaussian_branches_are_refused():
+    k = nn.Dense(4).apply({}, ntkjax.kernels.input_kernel(_x()))
+    assert (k + nn.relu(k)).non_gaussian == "ntkjax.nn.relu"  # one non-Gaussian branch: fine
+    with pytest.raises(ValueError, match="both end in a layer with non-Gaussian outputs"):
+        nn.relu(k) + nn.erf(k)

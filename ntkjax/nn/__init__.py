@@ -11,10 +11,16 @@ One module per kind of layer, each holding the layers and their infinite-width r
 * :mod:`ntkjax.nn.dense`: :class:`Dense`;
 * :mod:`ntkjax.nn.conv`: :class:`Conv` (1-D, 2-D, N-D convolutions on (N, *spatial, C));
 * :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten` and :func:`global_average_pool`;
+* :mod:`ntkjax.nn.normalization`: :class:`LayerNorm` (parameter-free);
+* :mod:`ntkjax.nn.dropout`: :class:`Dropout`;
+* :mod:`ntkjax.nn.attention`: :class:`SelfAttention` (multi-head, Hron et al. 2020);
+* :mod:`ntkjax.nn.branches`: :func:`concatenate` and :func:`multiply` of independent branches;
 * :mod:`ntkjax.nn.activations`: :class:`Activation` and the activations :data:`relu`,
   :data:`leaky_relu`, :data:`ab_relu`, :data:`abs`, :data:`erf`, :data:`gelu`, :data:`sin`,
-  :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, and :func:`elementwise` for any other
-  elementwise function (kernel by Gauss-Hermite quadrature).
+  :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, :data:`exp`, :data:`gaussian`,
+  :data:`exp_normalized`, :data:`polynomial`, :data:`monomial`, :data:`rectified_monomial`,
+  :data:`hermite`, :data:`sigmoid_like`, :data:`gabor` (all with closed-form kernels), and
+  :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature).
 """
 
 from ntkjax.nn.activations import (
@@ -24,36 +30,63 @@ from ntkjax.nn.activations import (
     cos,
     elementwise,
     erf,
+    exp,
+    exp_normalized,
+    gabor,
+    gaussian,
     gelu,
+    hermite,
     identity,
     is_activation,
     leaky_relu,
+    monomial,
+    polynomial,
     rbf,
+    rectified_monomial,
     relu,
+    sigmoid_like,
     sign,
     sin,
 )
+from ntkjax.nn.attention import SelfAttention
+from ntkjax.nn.branches import concatenate, multiply
 from ntkjax.nn.conv import Conv
 from ntkjax.nn.dense import Dense
+from ntkjax.nn.dropout import Dropout
+from ntkjax.nn.normalization import LayerNorm
 from ntkjax.nn.pooling import flatten, global_average_pool
 
 __all__ = [
     "Activation",
     "Conv",
     "Dense",
+    "Dropout",
+    "LayerNorm",
+    "SelfAttention",
     "ab_relu",
     "abs",
+    "concatenate",
     "cos",
     "elementwise",
     "erf",
+    "exp",
+    "exp_normalized",
     "flatten",
+    "gabor",
+    "gaussian",
     "gelu",
     "global_average_pool",
+    "hermite",
     "identity",
     "is_activation",
     "leaky_relu",
+    "monomial",
+    "multiply",
+    "polynomial",
     "rbf",
+    "rectified_monomial",
     "relu",
+    "sigmoid_like",
     "sign",
     "sin",
 ]

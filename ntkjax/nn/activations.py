@@ -60,14 +60,23 @@ __all__ = [
     "cos",
     "elementwise",
     "erf",
+    "exp",
+    "exp_normalized",
+    "gabor",
     "gauss_hermite_maps",
     "gauss_hermite_variance",
+    "gaussian",
     "gelu",
+    "hermite",
     "identity",
     "is_activation",
     "leaky_relu",
+    "monomial",
+    "polynomial",
     "rbf",
+    "rectified_monomial",
     "relu",
+    "sigmoid_like",
     "sign",
     "sin",
 ]
@@ -246,13 +255,12 @@ def _erf_like_terms(c, q11, q22, k):
     return e1, e2, w1, w2, uu, g
 
 
-def _erf_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
+def _erf_unit_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
     """``phi = erf``: ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))`` and
     ``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997).
 
     Computed as ``arcsin(rho) = atan2(rho, sqrt(1 - rho^2))`` with ``1 - rho^2`` from row terms.
     """
-    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
     e1, e2, _, _, uu, g = _erf_like_terms(c, q11, q22, 2.0)
     sg = jnp.sqrt(g)
@@ -261,14 +269,32 @@ def _erf_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
     return ActivationMaps(sigma, sigma_dot)
 
 
-def _erf_variance(q: jax.Array) -> jax.Array:
-    """``(2/pi) arcsin(2q / (1 + 2q)) = (2/pi) atan2(2q, sqrt(1 + 4q))``."""
-    q = jnp.asarray(q)
-    return (2 / _PI) * jnp.arctan2(2 * q, jnp.sqrt(1 + 4 * q))
+def _erf_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float = 1.0, b: float = 1.0,
+    c: float = 0.0,
+) -> ActivationMaps:
+    """``phi(x) = a erf(b x) + c``: with ``erf(b u)`` of variance-scaled inputs ``b^2 q``
+    (Williams 1997) and ``E[erf] = 0``: ``sigma = a^2 sigma_erf(b^2 q) + c^2``,
+    ``sigma_dot = a^2 b^2 sigma_dot_erf(b^2 q)``."""
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    b2 = float(b) * float(b)
+    unit = _erf_unit_maps(b2 * q12, b2 * q11, b2 * q22)
+    a2 = float(a) * float(a)
+    return ActivationMaps(a2 * unit.sigma + float(c) ** 2, (a2 * b2) * unit.sigma_dot)
 
 
-def _gelu_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
-    """``phi(x) = x Phi(x)`` (exact GELU). With ``A = (1 + q11)(1 + q22)``, ``D = A - q12^2`` and
+def _erf_variance(q: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
+    """``a^2 (2/pi) arcsin(2 b^2 q / (1 + 2 b^2 q)) + c^2``, with
+    ``arcsin(2q / (1 + 2q)) = atan2(2q, sqrt(1 + 4q))``."""
+    q = float(b) ** 2 * jnp.asarray(q)
+    return float(a) ** 2 * (2 / _PI) * jnp.arctan2(2 * q, jnp.sqrt(1 + 4 * q)) + float(c) ** 2
+
+
+def _gelu_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, approximate: bool = False
+) -> ActivationMaps:
+    """``phi(x) = x Phi(x)`` (exact GELU; ``approximate`` only changes the finite network, as in
+    neural-tangents). With ``A = (1 + q11)(1 + q22)``, ``D = A - q12^2`` and
     ``rho = q12 / sqrt(A)``:
 
     ``sigma = q12/4 + q12 arcsin(rho) / (2 pi) + (q11 q22 D + q12^2) / (2 pi A sqrt(D))``,
@@ -301,7 +327,7 @@ def _gelu_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps
     return ActivationMaps(sigma, sigma_dot)
 
 
-def _gelu_variance(q: jax.Array) -> jax.Array:
+def _gelu_variance(q: jax.Array, approximate: bool = False) -> jax.Array:
     """``q/4 + q arcsin(q / (1 + q)) / (2 pi) + q^2 / (pi (1 + q) sqrt(1 + 2q))`` (the
     diagonal of the GELU maps)."""
     q = jnp.asarray(q)
@@ -330,30 +356,58 @@ def _exp_terms(c, q11, q22):
     return sinh_part, cosh_part
 
 
-def _sin_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
-    """``phi = sin``: ``sigma = exp(-(q11 + q22)/2) sinh(q12)``,
-    ``sigma_dot = exp(-(q11 + q22)/2) cosh(q12)``."""
+def _phase_weights(c: float) -> tuple[float, float]:
+    """``(cos(c)^2, sin(c)^2)`` as Python floats (exactly ``(1, 0)`` at ``c = 0``)."""
+    return math.cos(c) ** 2, math.sin(c) ** 2
+
+
+def _sin_cos_parts(q12, q11, q22, b):
+    """``(S, C) = (E[sin(b u) sin(b v)], E[cos(b u) cos(b v)])
+    = exp(-b^2 (q11 + q22)/2) (sinh(b^2 q12), cosh(b^2 q12))`` (from ``E[exp(i k u)] =
+    exp(-k^2 q / 2)``)."""
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
-    sinh_part, cosh_part = _exp_terms(correlation(q12, q11, q22), q11, q22)
-    return ActivationMaps(sinh_part, cosh_part)
+    b2 = float(b) * float(b)
+    return _exp_terms(correlation(q12, q11, q22), b2 * q11, b2 * q22)
 
 
-def _sin_variance(q: jax.Array) -> jax.Array:
-    """``(1 - exp(-2q)) / 2``."""
-    return -0.5 * jnp.expm1(-2 * jnp.asarray(q))
+def _sin_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float = 1.0, b: float = 1.0,
+    c: float = 0.0,
+) -> ActivationMaps:
+    """``phi(x) = a sin(b x + c) = a (cos c sin(b x) + sin c cos(b x))``; the cross terms
+    ``E[sin(b u) cos(b v)]`` vanish (odd in ``(u, v)``), so
+    ``sigma = a^2 (cos^2 c S + sin^2 c C)``, ``sigma_dot = a^2 b^2 (cos^2 c C + sin^2 c S)``
+    with ``S``, ``C`` of :func:`_sin_cos_parts`."""
+    s_part, c_part = _sin_cos_parts(q12, q11, q22, b)
+    wc, ws = _phase_weights(c)
+    a2, b2 = float(a) ** 2, float(b) ** 2
+    return ActivationMaps(a2 * (wc * s_part + ws * c_part), (a2 * b2) * (wc * c_part + ws * s_part))
 
 
-def _cos_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
-    """``phi = cos``: ``sigma = exp(-(q11 + q22)/2) cosh(q12)``,
-    ``sigma_dot = exp(-(q11 + q22)/2) sinh(q12)``."""
-    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
-    sinh_part, cosh_part = _exp_terms(correlation(q12, q11, q22), q11, q22)
-    return ActivationMaps(cosh_part, sinh_part)
+def _sin_variance(q: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
+    """``a^2 (cos^2 c (1 - e^{-2 b^2 q}) + sin^2 c (1 + e^{-2 b^2 q})) / 2``."""
+    q = float(b) ** 2 * jnp.asarray(q)
+    wc, ws = _phase_weights(c)
+    return float(a) ** 2 * (wc * (-0.5 * jnp.expm1(-2 * q)) + ws * (0.5 + 0.5 * jnp.exp(-2 * q)))
 
 
-def _cos_variance(q: jax.Array) -> jax.Array:
-    """``(1 + exp(-2q)) / 2``."""
-    return 0.5 + 0.5 * jnp.exp(-2 * jnp.asarray(q))
+def _cos_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float = 1.0, b: float = 1.0,
+    c: float = 0.0,
+) -> ActivationMaps:
+    """``phi(x) = a cos(b x + c) = a (cos c cos(b x) - sin c sin(b x))``:
+    ``sigma = a^2 (cos^2 c C + sin^2 c S)``, ``sigma_dot = a^2 b^2 (cos^2 c S + sin^2 c C)``."""
+    s_part, c_part = _sin_cos_parts(q12, q11, q22, b)
+    wc, ws = _phase_weights(c)
+    a2, b2 = float(a) ** 2, float(b) ** 2
+    return ActivationMaps(a2 * (wc * c_part + ws * s_part), (a2 * b2) * (wc * s_part + ws * c_part))
+
+
+def _cos_variance(q: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
+    """``a^2 (cos^2 c (1 + e^{-2 b^2 q}) + sin^2 c (1 - e^{-2 b^2 q})) / 2``."""
+    q = float(b) ** 2 * jnp.asarray(q)
+    wc, ws = _phase_weights(c)
+    return float(a) ** 2 * (wc * (0.5 + 0.5 * jnp.exp(-2 * q)) + ws * (-0.5 * jnp.expm1(-2 * q)))
 
 
 def _rbf_maps(
@@ -385,6 +439,340 @@ def _sign_variance(q: jax.Array) -> jax.Array:
     """``1`` for q > 0, ``0`` for a zero input (sign(0) = 0)."""
     q = jnp.asarray(q)
     return (q > 0).astype(float_dtype(q))
+
+
+def _exp_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float = 1.0, b: float = 1.0
+) -> ActivationMaps:
+    """``phi(x) = a exp(b x)``: from ``E[exp(b (u + v))] = exp(b^2 (q11 + q22 + 2 q12) / 2)``,
+    ``sigma = a^2 exp(b^2 ((q11 + q22)/2 + q12))`` and ``sigma_dot = b^2 sigma``."""
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    b2 = float(b) ** 2
+    sigma = float(a) ** 2 * jnp.exp(b2 * (0.5 * (q11 + q22) + q12))
+    return ActivationMaps(sigma, b2 * sigma)
+
+
+def _exp_variance(q: jax.Array, a: float = 1.0, b: float = 1.0) -> jax.Array:
+    """``a^2 exp(2 b^2 q)``."""
+    return float(a) ** 2 * jnp.exp(2 * float(b) ** 2 * jnp.asarray(q))
+
+
+def _check_gaussian_b(b: float) -> None:
+    if not float(b) <= 0:
+        raise ValueError(
+            f"gaussian(x, a, b) = a exp(b x^2) needs b <= 0, got b={b}: for b > 0 its second "
+            "moment E[exp(2 b u^2)] is infinite once the variance reaches 1 / (4 b)."
+        )
+
+
+def _gaussian_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float = 1.0, b: float = -1.0
+) -> ActivationMaps:
+    """``phi(x) = a exp(b x^2)``, b <= 0: a Gaussian integral gives, with ``beta = -2 b``,
+    ``det = (1 + beta q11)(1 + beta q22) - beta^2 q12^2
+    = 1 + beta (q11 + q22) + beta^2 q11 q22 (1 - c^2) >= 1``,
+    ``sigma = a^2 / sqrt(det)`` and ``sigma_dot = d sigma / d q12 = 4 a^2 b^2 q12 / det^{3/2}``
+    (Price's theorem)."""
+    _check_gaussian_b(b)
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    c = correlation(q12, q11, q22)
+    beta = -2.0 * float(b)
+    s12 = _sqrt0(q11) * _sqrt0(q22)
+    det = 1 + beta * (q11 + q22) + beta**2 * (s12 * s12) * ((1 - c) * (1 + c))
+    a2 = float(a) ** 2
+    inv = jax.lax.rsqrt(det)
+    return ActivationMaps(a2 * inv, (a2 * 4 * float(b) ** 2) * q12 * inv * inv * inv)
+
+
+def _gaussian_variance(q: jax.Array, a: float = 1.0, b: float = -1.0) -> jax.Array:
+    """``a^2 / sqrt(1 - 4 b q)``."""
+    _check_gaussian_b(b)
+    return float(a) ** 2 * jax.lax.rsqrt(1 - 4 * float(b) * jnp.asarray(q))
+
+
+def _exp_normalized_fn(x: jax.Array, gamma: float = 1.0, shift: float = -1.0) -> jax.Array:
+    raise ValueError(
+        "exp_normalized has no finite-width function (as in neural-tangents): it is defined "
+        "only on kernels, as the normalized Gaussian kernel of Shankar et al. 2020."
+    )
+
+
+def _exp_normalized_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, gamma: float = 1.0, shift: float = -1.0
+) -> ActivationMaps:
+    """The "Gaussian normalized kernel" (Shankar et al. 2020, "Neural Kernels Without
+    Tangents", section 3): ``sigma = sqrt(q11 q22) exp(gamma (c + shift))`` with
+    ``c = q12 / sqrt(q11 q22)``, and ``sigma_dot = d sigma / d q12 = gamma exp(gamma (c +
+    shift))``."""
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    c = correlation(q12, q11, q22)
+    e = jnp.exp(float(gamma) * (c + float(shift)))
+    return ActivationMaps(_sqrt0(q11) * _sqrt0(q22) * e, float(gamma) * e)
+
+
+def _exp_normalized_variance(q: jax.Array, gamma: float = 1.0, shift: float = -1.0) -> jax.Array:
+    """``q exp(gamma (1 + shift))``."""
+    return jnp.asarray(q) * math.exp(float(gamma) * (1 + float(shift)))
+
+
+# ---- polynomials, by their Hermite expansion (Mehler's formula)
+
+
+def _check_coefficients(coef: Any) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in np.asarray(coef, dtype=np.float64).ravel())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"polynomial coefficients must be numbers, got {coef!r}.") from err
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"polynomial needs at least one finite coefficient, got {coef!r}.")
+    return values
+
+
+@functools.lru_cache(maxsize=256)
+def _hermite_weights(coef: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+    """``w[l][i]`` with ``H_l(s) = sum_i w[l][i] s^i``: the coefficient of ``He_l(z) / sqrt(l!)``
+    in ``p(s z) = sum_i coef_i s^i z^i``, from ``z^i = sum_k i! / (2^k k! (i - 2k)!) He_{i-2k}``
+    (so ``w[l][i] = coef_i i! / (2^k k! sqrt(l!))``, ``k = (i - l)/2``)."""
+    n = len(coef)
+    rows = []
+    for level in range(n):
+        row = [0.0] * n
+        for i in range(level, n, 2):
+            k = (i - level) // 2
+            row[i] = coef[i] * math.factorial(i) / (
+                2**k * math.factorial(k) * math.sqrt(math.factorial(level))
+            )
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+def _poly(ws: tuple[float, ...], s: jax.Array) -> jax.Array:
+    """``sum_i ws[i] s^i`` by Horner's rule."""
+    out = jnp.zeros_like(s) + ws[-1]
+    for w in ws[-2::-1]:
+        out = out * s + w
+    return out
+
+
+def _polynomial_sigma(coef: tuple[float, ...], c, s1, s2) -> jax.Array:
+    """``E[p(u) p(v)] = sum_l H_l(s1) H_l(s2) c^l`` (Mehler's formula: ``E[He_l(z1) He_m(z2)] =
+    l! c^l [l = m]`` for standard normals of correlation ``c``)."""
+    total, power = None, None
+    for ws in _hermite_weights(coef):
+        term = _poly(ws, s1) * _poly(ws, s2)
+        power = jnp.ones_like(c) if power is None else power * c
+        total = term * power if total is None else total + term * power
+    assert total is not None
+    return total
+
+
+def _derivative_coefficients(coef: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(i * coef[i] for i in range(1, len(coef))) or (0.0,)
+
+
+def _polynomial_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, coef: Any = (0.0, 1.0)
+) -> ActivationMaps:
+    """``phi(x) = sum_i coef[i] x^i``: expanding ``phi(sqrt(q) z)`` in normalized probabilists'
+    Hermite polynomials ``He_l / sqrt(l!)`` with coefficients ``H_l(sqrt(q))``,
+    ``sigma = sum_l H_l(sqrt(q11)) H_l(sqrt(q22)) c^l`` (Mehler's formula); ``sigma_dot`` is the
+    same with ``phi'``. Exact for any variances (neural-tangents' Polynomial uses the same
+    expansion)."""
+    coef = _check_coefficients(coef)
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    c = correlation(q12, q11, q22)
+    s1, s2 = _sqrt0(q11), _sqrt0(q22)
+    sigma = _polynomial_sigma(coef, c, s1, s2)
+    sigma_dot = _polynomial_sigma(_derivative_coefficients(coef), c, s1, s2)
+    shape = jnp.broadcast_shapes(q12.shape, q11.shape, q22.shape)
+    return ActivationMaps(jnp.broadcast_to(sigma, shape), jnp.broadcast_to(sigma_dot, shape))
+
+
+def _polynomial_variance(q: jax.Array, coef: Any = (0.0, 1.0)) -> jax.Array:
+    """``E[p(u)^2] = sum_l H_l(sqrt(q))^2``."""
+    coef = _check_coefficients(coef)
+    q = jnp.asarray(q)
+    q = q.astype(float_dtype(q))
+    s = _sqrt0(q)
+    return _polynomial_sigma(coef, jnp.ones_like(s), s, s)
+
+
+def _polynomial_fn(x: jax.Array, coef: Any = (0.0, 1.0)) -> jax.Array:
+    coef = _check_coefficients(coef)
+    x = jnp.asarray(x)
+    return _poly(coef, x.astype(float_dtype(x)))
+
+
+def _check_degree(degree: Any, name: str) -> int:
+    if isinstance(degree, bool) or int(degree) != degree or degree < 0:
+        raise ValueError(f"{name} needs an integer degree >= 0, got {degree!r}.")
+    return int(degree)
+
+
+def _monomial_coefficients(degree: Any) -> tuple[float, ...]:
+    degree = _check_degree(degree, "monomial")
+    return (0.0,) * degree + (1.0,)
+
+
+def _monomial_fn(x: jax.Array, degree: int = 1) -> jax.Array:
+    return _polynomial_fn(x, _monomial_coefficients(degree))
+
+
+def _monomial_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, degree: int = 1
+) -> ActivationMaps:
+    """``phi(x) = x^n``: :func:`_polynomial_maps` of ``x^n`` -- e.g. ``n = 2``:
+    ``sigma = q11 q22 + 2 q12^2``, ``sigma_dot = 4 q12`` (Isserlis' theorem)."""
+    return _polynomial_maps(q12, q11, q22, _monomial_coefficients(degree))
+
+
+def _monomial_variance(q: jax.Array, degree: int = 1) -> jax.Array:
+    """``(2n - 1)!! q^n``."""
+    degree = _check_degree(degree, "monomial")
+    q = jnp.asarray(q)
+    return float(math.prod(range(2 * degree - 1, 0, -2))) * q**degree
+
+
+@functools.lru_cache(maxsize=64)
+def _hermite_coefficients(degree: int) -> tuple[float, ...]:
+    """Power-series coefficients of ``He_n(x) / sqrt(n!)`` (probabilists' Hermite)."""
+    he = np.polynomial.hermite_e.herme2poly([0.0] * degree + [1.0])
+    return tuple(float(v) / math.sqrt(math.factorial(degree)) for v in he)
+
+
+def _hermite_fn(x: jax.Array, degree: int = 1) -> jax.Array:
+    return _polynomial_fn(x, _hermite_coefficients(_check_degree(degree, "hermite")))
+
+
+def _hermite_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, degree: int = 1
+) -> ActivationMaps:
+    """``phi = He_n / sqrt(n!)``: :func:`_polynomial_maps` of its coefficients, exact for any
+    variances; at unit variances ``sigma = q12^n`` and ``sigma_dot = n q12^{n-1}``
+    (``E[He_n(u) He_n(v)] = n! c^n``), neural-tangents' Hermite kernel, which assumes unit
+    variances (e.g. after a LayerNorm)."""
+    coef = _hermite_coefficients(_check_degree(degree, "hermite"))
+    return _polynomial_maps(q12, q11, q22, coef)
+
+
+def _hermite_variance(q: jax.Array, degree: int = 1) -> jax.Array:
+    """``E[He_n(u)^2] / n!`` for u ~ N(0, q) (1 at q = 1)."""
+    return _polynomial_variance(q, _hermite_coefficients(_check_degree(degree, "hermite")))
+
+
+# ---- rectified monomials: arc-cosine kernels of any degree
+
+
+@functools.lru_cache(maxsize=64)
+def _arccos_polynomials(degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(P_n, Q_n)`` (numpy power-series coefficients in ``c = cos t``) with Cho & Saul's
+    ``J_n(t) = (-1)^n sin^{2n+1} t (1/sin t d/dt)^n ((pi - t)/sin t)
+    = P_n(c) (pi - t) + Q_n(c) sin t``.
+
+    Writing the n-th derivative as ``A_n(c) (pi - t) / sin^{2n+1} t + B_n(c) / sin^{2n} t``,
+    one more ``(1/sin t) d/dt`` gives ``A_{n+1} = -(1 - c^2) A_n' - (2n + 1) c A_n`` and
+    ``B_{n+1} = -A_n - (1 - c^2) B_n' - 2n c B_n`` (``A_0 = 1``, ``B_0 = 0``); then
+    ``P_n = (-1)^n A_n``, ``Q_n = (-1)^n B_n``. E.g. ``J_1 = c (pi - t) + sin t``,
+    ``J_2 = (1 + 2c^2)(pi - t) + 3 c sin t``. This form has no ``0 * inf`` at ``t = 0``."""
+    poly = np.polynomial.polynomial
+    one_minus_c2 = np.array([1.0, 0.0, -1.0])
+    c_poly = np.array([0.0, 1.0])
+    a, b = np.array([1.0]), np.array([0.0])
+    for n in range(degree):
+        a_next = poly.polysub(
+            -poly.polymul(one_minus_c2, poly.polyder(a)), (2 * n + 1) * poly.polymul(c_poly, a)
+        )
+        b_next = poly.polysub(
+            poly.polysub(-a, poly.polymul(one_minus_c2, poly.polyder(b))),
+            2 * n * poly.polymul(c_poly, b),
+        )
+        a, b = a_next, b_next
+    sign = (-1.0) ** degree
+    return sign * np.asarray(a, dtype=np.float64), sign * np.asarray(b, dtype=np.float64)
+
+
+def _arccos_j(degree: int, c: jax.Array) -> jax.Array:
+    """``J_n(t)`` at ``c = cos t`` (see :func:`_arccos_polynomials`)."""
+    p, q = _arccos_polynomials(degree)
+    return _poly(tuple(p), c) * _acos_neg(c) + _poly(tuple(q), c) * _sin_angle(c)
+
+
+def _rectified_monomial_fn(x: jax.Array, degree: int = 1) -> jax.Array:
+    degree = _check_degree(degree, "rectified_monomial")
+    x = jnp.asarray(x)
+    x = x.astype(float_dtype(x))
+    return jnp.where(x >= 0, x**degree, 0)
+
+
+def _rectified_monomial_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, degree: int = 1
+) -> ActivationMaps:
+    """``phi(x) = [x >= 0] x^n``: the arc-cosine kernel of degree n (Cho & Saul 2009),
+    ``sigma = (q11 q22)^{n/2} J_n(t) / (2 pi)``, and, since ``phi' = n [x >= 0] x^{n-1}``,
+    ``sigma_dot = n^2 (q11 q22)^{(n-1)/2} J_{n-1}(t) / (2 pi)``; ``n = 0`` (a step) has
+    ``sigma_dot = 0`` (its derivative vanishes almost everywhere; neural-tangents' convention).
+    Finite at every angle, including ``t = 0`` where neural-tangents' form is ``0 * inf``; a
+    zero-variance input is 0, where the step is 1."""
+    degree = _check_degree(degree, "rectified_monomial")
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    c = correlation(q12, q11, q22)
+    s12 = _sqrt0(q11) * _sqrt0(q22)
+    inv_2pi = 1 / (2 * _PI)
+    sigma = s12**degree * _arccos_j(degree, c) * inv_2pi
+    if degree == 0:
+        # the step at a zero-variance input is 1: E = P(v >= 0) = 1/2, or 1 if both are zero
+        half1, half2 = jnp.where(q11 > 0, 0.5, 1.0), jnp.where(q22 > 0, 0.5, 1.0)
+        sigma = jnp.where((q11 > 0) & (q22 > 0), sigma, half1 * half2)
+        return ActivationMaps(sigma, jnp.zeros_like(sigma))
+    sigma_dot = (degree**2 * inv_2pi) * s12 ** (degree - 1) * _arccos_j(degree - 1, c)
+    return ActivationMaps(sigma, sigma_dot)
+
+
+def _rectified_monomial_variance(q: jax.Array, degree: int = 1) -> jax.Array:
+    """``E[[u >= 0] u^{2n}] = (2n - 1)!! q^n / 2`` (1 for the step at ``q = 0``)."""
+    degree = _check_degree(degree, "rectified_monomial")
+    q = jnp.asarray(q)
+    q = q.astype(float_dtype(q))
+    moment = 0.5 * float(math.prod(range(2 * degree - 1, 0, -2))) * q**degree
+    return jnp.where(q > 0, moment, 1.0) if degree == 0 else moment
+
+
+# ---- Gabor
+
+
+def _gabor_fn(x: jax.Array) -> jax.Array:
+    return jnp.exp(-x * x) * jnp.sin(x)
+
+
+def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
+    """``E[exp(-u^2 - v^2) sin u sin v]``: writing ``sin u sin v = (cos(u - v) - cos(u + v))/2``
+    and using ``E[exp(-x^T x + i t^T x)] = det(I + 2 S)^{-1/2} exp(-t^T S (I + 2 S)^{-1} t / 2)``
+    for ``x ~ N(0, S)``: with ``D = det(I + 2S) = 1 + 2 (q11 + q22) + 4 Delta``,
+    ``Delta = q11 q22 - q12^2``,
+    ``sigma = (exp(-(q11 + q22 + 4 Delta - 2 q12) / (2 D))
+    - exp(-(q11 + q22 + 4 Delta + 2 q12) / (2 D))) / (2 sqrt(D))``, evaluated through
+    ``expm1`` (no cancellation at small q12)."""
+    delta = q11 * q22 - q12 * q12
+    d = 1 + 2 * (q11 + q22) + 4 * delta
+    e_plus = jnp.exp(-(q11 + q22 + 4 * delta + 2 * q12) / (2 * d))
+    return e_plus * jnp.expm1(2 * q12 / d) * (0.5 * jax.lax.rsqrt(d))
+
+
+def _gabor_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
+    """``phi(x) = exp(-x^2) sin x``: ``sigma`` in closed form (:func:`_gabor_sigma`) and
+    ``sigma_dot = d sigma / d q12`` (Price's theorem) by forward-mode autodiff of it."""
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    shape = jnp.broadcast_shapes(q12.shape, q11.shape, q22.shape)
+    q12 = jnp.broadcast_to(q12, shape)
+    sigma, sigma_dot = jax.jvp(lambda q: _gabor_sigma(q, q11, q22), (q12,), (jnp.ones_like(q12),))
+    return ActivationMaps(sigma, sigma_dot)
+
+
+def _gabor_variance(q: jax.Array) -> jax.Array:
+    """``(1 - exp(-2q / (1 + 4q))) / (2 sqrt(1 + 4q))``."""
+    q = jnp.asarray(q)
+    d = 1 + 4 * q
+    return -jnp.expm1(-2 * q / d) * (0.5 * jax.lax.rsqrt(d))
 
 
 def _probabilists_hermite(n: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -472,6 +860,8 @@ def activation_kernel(
     k: Kernel,
     maps: Callable[..., ActivationMaps],
     variance: Callable[[jax.Array], jax.Array],
+    *,
+    name: str | None = None,
 ) -> Kernel:
     """The kernel after an elementwise activation with kernel maps
     ``maps(q12, q11, q22) -> (sigma, sigma_dot)`` and second moment ``variance(q)``:
@@ -479,7 +869,17 @@ def activation_kernel(
 
     With spatial axes every entry ``[a, b, p, p']`` is mapped with the variances
     ``var1[a, p, p]`` and ``var2[b, p', p']``, and each input's covariance across positions
-    ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1)."""
+    ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1).
+
+    The maps hold for Gaussian pre-activations: with ``name`` given, an input kernel marked
+    non-Gaussian (:attr:`ntkjax.Kernel.non_gaussian`) raises a ValueError and the output is
+    marked ``name`` (without ``name``, the mark passes through unchecked)."""
+    if name is not None and k.non_gaussian:
+        raise ValueError(
+            f"activation {name} needs Gaussian pre-activations, but its input comes from "
+            f"{k.non_gaussian}, whose outputs are not Gaussian in the infinite-width limit; put "
+            "a Dense (or Conv) layer before the activation."
+        )
     nd = k.spatial_ndim
     if nd == 0:
         sigma, sigma_dot = maps(k.nngp, k.var1[:, None], k.var2[None, :])
@@ -503,7 +903,8 @@ def activation_kernel(
         var1 = var2 = _fusion_boundary(var1)
     else:
         var1, var2 = _fusion_boundary(var1), _fusion_boundary(var2)
-    return Kernel(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2, width=k.width)
+    return Kernel(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2, width=k.width,
+                  non_gaussian=k.non_gaussian if name is None else name)
 
 
 # --------------------------------------------------------------------------- declarations
@@ -527,6 +928,11 @@ class Activation:
       name: the activation's name (its ``__name__``).
       doc: its docstring (the function and its kernel, with sources).
       num_quadrature: quadrature nodes per dimension when ``maps`` is None.
+      linear: True for a linear function (``identity``), which keeps Gaussian inputs Gaussian;
+        any other activation needs Gaussian inputs and marks its output non-Gaussian
+        (:attr:`ntkjax.Kernel.non_gaussian`), as neural-tangents does.
+
+    Parameters are static Python numbers (or sequences), fixed when the network is built.
     """
 
     def __init__(
@@ -538,8 +944,10 @@ class Activation:
         name: str,
         doc: str = "",
         num_quadrature: int = 64,
+        linear: bool = False,
     ) -> None:
         self.fn = fn
+        self.linear = bool(linear)
         self.maps = maps
         self.variance = variance
         self.num_quadrature = int(num_quadrature)
@@ -551,11 +959,13 @@ class Activation:
 
     def __call__(self, x: Any, *params: Any, **kw_params: Any) -> Any:
         if isinstance(x, Kernel):
-            return activation_kernel(
+            out = activation_kernel(
                 x,
                 lambda q12, q11, q22: self.kernel_maps(q12, q11, q22, *params, **kw_params),
                 lambda q: self.kernel_variance(q, *params, **kw_params),
+                name=None if self.linear else f"ntkjax.nn.{self.__name__}",
             )
+            return out
         return self.fn(x, *params, **kw_params)
 
     def _bound_fn(self, params: tuple, kw_params: dict) -> Callable[[jax.Array], jax.Array]:
@@ -601,6 +1011,46 @@ def _leaky_relu_fn(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     return jnp.where(x > 0, x, negative_slope * x)
 
 
+def _erf_fn(x: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
+    return a * jax.lax.erf(b * x) + c
+
+
+def _gelu_fn(x: jax.Array, approximate: bool = False) -> jax.Array:
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def _sin_fn(x: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
+    return a * jnp.sin(b * x + c)
+
+
+def _cos_fn(x: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
+    return a * jnp.cos(b * x + c)
+
+
+def _exp_fn(x: jax.Array, a: float = 1.0, b: float = 1.0) -> jax.Array:
+    return a * jnp.exp(b * x)
+
+
+def _gaussian_fn(x: jax.Array, a: float = 1.0, b: float = -1.0) -> jax.Array:
+    _check_gaussian_b(b)
+    return a * jnp.exp(b * x * x)
+
+
+_SIGMOID_LIKE = (0.5, 1 / 2.4020563531719796, 0.5)  # erf's (a, b, c)
+
+
+def _sigmoid_like_fn(x: jax.Array) -> jax.Array:
+    return _erf_fn(x, *_SIGMOID_LIKE)
+
+
+def _sigmoid_like_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
+    return _erf_maps(q12, q11, q22, *_SIGMOID_LIKE)
+
+
+def _sigmoid_like_variance(q: jax.Array) -> jax.Array:
+    return _erf_variance(q, *_SIGMOID_LIKE)
+
+
 def _rbf_fn(x: jax.Array, gamma: float = 1.0) -> jax.Array:
     return math.sqrt(2) * jnp.sin(math.sqrt(2 * gamma) * x + math.pi / 4)
 
@@ -627,24 +1077,33 @@ abs = Activation(
     doc="``|x|``; kernel as :data:`ab_relu` with ``a = -1, b = 1``.",
 )
 erf = Activation(
-    jax.lax.erf, _erf_maps, _erf_variance, name="erf",
-    doc="``erf(x)``; ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))``, "
-    "``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997).",
+    _erf_fn, _erf_maps, _erf_variance, name="erf",
+    doc="``a * erf(b * x) + c`` (``erf(x, a=1, b=1, c=0)``, neural-tangents' ``Erf(a, b, c)``); "
+    "for ``erf``: ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))``, "
+    "``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997); with "
+    "``a, b, c``: ``sigma = a^2 sigma_erf(b^2 q) + c^2``, ``sigma_dot = a^2 b^2 "
+    "sigma_dot_erf(b^2 q)`` (``E[erf] = 0``).",
 )
 gelu = Activation(
-    functools.partial(jax.nn.gelu, approximate=False), _gelu_maps, _gelu_variance, name="gelu",
-    doc="Exact GELU ``x Phi(x) = x (1 + erf(x / sqrt 2)) / 2``; closed-form kernel by Gaussian "
-    "integration by parts (Tsuchida et al. 2021).",
+    _gelu_fn, _gelu_maps, _gelu_variance, name="gelu",
+    doc="GELU ``x Phi(x) = x (1 + erf(x / sqrt 2)) / 2`` (``gelu(x, approximate=False)``); "
+    "closed-form kernel by Gaussian integration by parts (Tsuchida et al. 2021). As in "
+    "neural-tangents' ``Gelu(approximate)``, ``approximate=True`` switches only the finite "
+    "network to the tanh form of ``jax.nn.gelu`` (within 4.8e-4 of the exact GELU everywhere); "
+    "the kernel stays the exact GELU's.",
 )
 sin = Activation(
-    jnp.sin, _sin_maps, _sin_variance, name="sin",
-    doc="``sin(x)``; ``sigma = exp(-(q11 + q22)/2) sinh(q12)``, "
-    "``sigma_dot = exp(-(q11 + q22)/2) cosh(q12)``.",
+    _sin_fn, _sin_maps, _sin_variance, name="sin",
+    doc="``a * sin(b * x + c)`` (``sin(x, a=1, b=1, c=0)``, neural-tangents' "
+    "``Sin(a, b, c)``); with ``S, C = exp(-b^2 (q11 + q22)/2) (sinh, cosh)(b^2 q12)``: "
+    "``sigma = a^2 (cos^2 c S + sin^2 c C)``, ``sigma_dot = a^2 b^2 (cos^2 c C + sin^2 c S)`` "
+    "(from ``E[exp(i k u)] = exp(-k^2 q / 2)``).",
 )
 cos = Activation(
-    jnp.cos, _cos_maps, _cos_variance, name="cos",
-    doc="``cos(x)``; ``sigma = exp(-(q11 + q22)/2) cosh(q12)``, "
-    "``sigma_dot = exp(-(q11 + q22)/2) sinh(q12)``.",
+    _cos_fn, _cos_maps, _cos_variance, name="cos",
+    doc="``a * cos(b * x + c)`` (``cos(x, a=1, b=1, c=0)``, neural-tangents' "
+    "``Cos(a, b, c) = Sin(a, b, c + pi/2)``); ``sigma = a^2 (cos^2 c C + sin^2 c S)``, "
+    "``sigma_dot = a^2 b^2 (cos^2 c S + sin^2 c C)`` with ``S, C`` as in :data:`sin`.",
 )
 rbf = Activation(
     _rbf_fn, _rbf_maps, _rbf_variance, name="rbf",
@@ -658,8 +1117,74 @@ sign = Activation(
     "almost everywhere, so it stops the NTK (``sigma_dot = 0``).",
 )
 identity = Activation(
-    lambda x: x, _identity_maps, _identity_variance, name="identity",
+    lambda x: x, _identity_maps, _identity_variance, name="identity", linear=True,
     doc="``x``; ``sigma = q12``, ``sigma_dot = 1``.",
+)
+exp = Activation(
+    _exp_fn, _exp_maps, _exp_variance, name="exp",
+    doc="``a * exp(b * x)`` (``exp(x, a=1, b=1)``, neural-tangents' ``Exp(a, b)``); "
+    "``sigma = a^2 exp(b^2 ((q11 + q22)/2 + q12))``, ``sigma_dot = b^2 sigma`` (the Gaussian "
+    "moment generating function).",
+)
+gaussian = Activation(
+    _gaussian_fn, _gaussian_maps, _gaussian_variance, name="gaussian",
+    doc="``a * exp(b * x^2)`` with ``b <= 0`` (``gaussian(x, a=1, b=-1)``, neural-tangents' "
+    "``Gaussian(a, b)``); ``sigma = a^2 / sqrt((1 - 2b q11)(1 - 2b q22) - 4 b^2 q12^2)``, "
+    "``sigma_dot = 4 a^2 b^2 q12 / (...)^{3/2}`` (a Gaussian integral; Price's theorem).",
+)
+exp_normalized = Activation(
+    _exp_normalized_fn, _exp_normalized_maps, _exp_normalized_variance, name="exp_normalized",
+    doc="neural-tangents' ``ExpNormalized(gamma=1, shift=-1)`` (``exp_normalized(x, gamma, "
+    "shift)``): the Gaussian normalized kernel of Shankar et al. 2020, defined on kernels only "
+    "(on arrays it raises a ValueError): ``sigma = sqrt(q11 q22) exp(gamma (c + shift))``, "
+    "``sigma_dot = gamma exp(gamma (c + shift))``, ``c = q12 / sqrt(q11 q22)`` (always clipped "
+    "to [-1, 1], as nt's ``do_clip=True``; the same for a valid kernel).",
+)
+polynomial = Activation(
+    _polynomial_fn, _polynomial_maps, _polynomial_variance, name="polynomial",
+    doc="``coef[0] + coef[1] x + ... + coef[n] x^n`` (``polynomial(x, coef)``, "
+    "neural-tangents' ``Polynomial(coef)``); exact kernel for any variances by the Hermite "
+    "expansion ``p(sqrt(q) z) = sum_l H_l(sqrt(q)) He_l(z) / sqrt(l!)``: "
+    "``sigma = sum_l H_l(sqrt(q11)) H_l(sqrt(q22)) c^l`` (Mehler's formula), ``sigma_dot`` "
+    "likewise for ``p'``.",
+)
+monomial = Activation(
+    _monomial_fn, _monomial_maps, _monomial_variance, name="monomial",
+    doc="``x^degree`` (``monomial(x, degree)``, neural-tangents' ``Monomial(degree)``, which "
+    "allows degrees 0-5; here any degree >= 0): the :data:`polynomial` kernel of ``x^n``, e.g. "
+    "``sigma = q11 q22 + 2 q12^2`` for ``n = 2`` (Isserlis' theorem); variance "
+    "``(2n - 1)!! q^n``.",
+)
+rectified_monomial = Activation(
+    _rectified_monomial_fn, _rectified_monomial_maps, _rectified_monomial_variance,
+    name="rectified_monomial",
+    doc="``[x >= 0] x^degree`` (``rectified_monomial(x, degree)``, neural-tangents' "
+    "``RectifiedMonomial(degree)``; degree 1 is ReLU): the arc-cosine kernel of degree n "
+    "(Cho & Saul 2009) ``sigma = (q11 q22)^{n/2} J_n(t) / (2 pi)``, "
+    "``sigma_dot = n^2 (q11 q22)^{(n-1)/2} J_{n-1}(t) / (2 pi)`` (0 for the step, n = 0), with "
+    "``J_n = P_n(cos t)(pi - t) + Q_n(cos t) sin t`` -- finite at every angle, where "
+    "neural-tangents' evaluation returns NaN at angle 0 (every x-with-itself entry).",
+)
+hermite = Activation(
+    _hermite_fn, _hermite_maps, _hermite_variance, name="hermite",
+    doc="The normalized probabilists' Hermite polynomial ``He_n(x) / sqrt(n!)`` "
+    "(``hermite(x, degree)``, neural-tangents' ``Hermite(degree)``); kernel: the exact "
+    ":data:`polynomial` kernel, which at unit variances (e.g. after a LayerNorm) is "
+    "nt's ``sigma = q12^n``, ``sigma_dot = n q12^{n-1}`` (``E[He_n(u) He_n(v)] = n! c^n``); "
+    "nt assumes unit variances, this holds for any.",
+)
+sigmoid_like = Activation(
+    _sigmoid_like_fn, _sigmoid_like_maps, _sigmoid_like_variance, name="sigmoid_like",
+    doc="``0.5 * erf(x / 2.4020563531719796) + 0.5`` (neural-tangents' ``Sigmoid_like()``, the "
+    "erf that best fits the logistic sigmoid in squared error on [-5, 5]): :data:`erf` with "
+    "``a = 0.5, b = 1 / 2.4020563531719796, c = 0.5``.",
+)
+gabor = Activation(
+    _gabor_fn, _gabor_maps, _gabor_variance, name="gabor",
+    doc="``exp(-x^2) sin(x)`` (neural-tangents' ``Gabor()``); with ``D = 1 + 2 (q11 + q22) + "
+    "4 (q11 q22 - q12^2)``: ``sigma = (exp(-(q11 + q22 + 4 Delta - 2 q12)/(2D)) - exp(-(q11 + "
+    "q22 + 4 Delta + 2 q12)/(2D))) / (2 sqrt D)`` (a Gaussian integral), ``sigma_dot = "
+    "d sigma / d q12`` by autodiff (Price's theorem).",
 )
 
 

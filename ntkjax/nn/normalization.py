@@ -1,0 +1,153 @@
+"""Normalization layers and their infinite-width rules.
+
+:class:`LayerNorm` without parameters (neural-tangents' ``LayerNorm``): each example is
+centred and scaled over ``axis``, ``y = (x - mean(x)) / sqrt(var(x) + epsilon)``. With
+infinitely many channels of a zero-mean Gaussian layer (i.i.d. across channels) the channel mean
+vanishes and the channel variance becomes the NNGP variance, so the normalization is a
+deterministic rescaling of every example (and position): with ``v_a(p)`` the variance of example
+``a`` at position ``p``, averaged over the normalized spatial axes,
+
+    Sigma'[a, b, p, p'] = Sigma[a, b, p, p'] / sqrt((v_a(p) + epsilon) (v_b(p') + epsilon)),
+    Theta'[a, b, p, p'] = Theta[a, b, p, p'] / sqrt((v_a(p) + epsilon) (v_b(p') + epsilon)),
+
+(likewise each example's covariance across positions). ``axis=-1`` normalizes each position over
+its channels (``v_a(p) = Sigma[a, a, p, p]``); including spatial axes averages over them too
+(``v_a = mean_p Sigma[a, a, p, p]`` over those axes). The normalized axes must include the
+channel axis -- over positions alone the statistics stay random and there is no limiting kernel
+-- and must not include the batch axis. The NTK scales like the NNGP because the statistics'
+own dependence on the weights vanishes in the limit (neural-tangents' rule; Yang 2019, "Tensor
+Programs I", for the scaling limit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen
+
+from ntkjax.kernels import Kernel
+
+__all__ = ["LayerNorm", "layer_norm_kernel"]
+
+
+def _normalized_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """``axis`` as sorted non-negative axes of an ``ndim``-axis array; a ValueError for the
+    batch axis, repeats or axes out of range."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not axes or any(isinstance(a, bool) or int(a) != a for a in axes):
+        raise ValueError(f"LayerNorm axis must be an int or a sequence of ints, got {axis!r}.")
+    if any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"LayerNorm axis {axis!r} is out of range for inputs with {ndim} axes.")
+    out = tuple(sorted({int(a) % ndim for a in axes}))
+    if len(out) != len(axes):
+        raise ValueError(f"LayerNorm axis {axis!r} repeats an axis.")
+    if 0 in out:
+        raise ValueError(
+            f"LayerNorm axis {axis!r} includes the batch axis 0: examples must be normalized "
+            "independently."
+        )
+    return out
+
+
+def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
+                      epsilon: float = 1e-6) -> Kernel:
+    """The :class:`~ntkjax.Kernel` after :class:`LayerNorm` over ``axis`` (module docstring):
+    NNGP, NTK and variances divided by ``sqrt((v1 + epsilon)(v2 + epsilon))``.
+
+    Raises:
+      ValueError: when ``axis`` lacks the channel axis or includes the batch axis, or the input
+        kernel is not that of a Gaussian layer (e.g. right after an activation).
+    """
+    nd = k.spatial_ndim
+    axes = _normalized_axes(axis, nd + 2)
+    if nd + 1 not in axes:
+        raise ValueError(
+            f"LayerNorm over axis {axis!r} does not include the channel axis {nd + 1} (-1): "
+            "normalizing over positions alone has no infinite-width limit (neural-tangents "
+            "requires the channel axis too)."
+        )
+    if k.non_gaussian:
+        raise ValueError(
+            f"LayerNorm's infinite-width rule needs the outputs of a Gaussian layer (zero "
+            f"channel mean); its input comes from {k.non_gaussian}. Put the LayerNorm right "
+            "after a Dense, Conv or SelfAttention layer (or a sum of them)."
+        )
+    spatial = tuple(a - 1 for a in axes if a != nd + 1)  # 0-based spatial axes averaged
+    eps = float(epsilon)
+    ones = (1,) * nd
+
+    def scales(d: jax.Array) -> jax.Array:
+        """1 / sqrt(v + eps), shaped (N, *S), from position variances d of shape (N, *S)."""
+        if spatial:
+            d = jnp.mean(d, axis=tuple(1 + a for a in spatial), keepdims=True)
+            d = jnp.broadcast_to(d, (d.shape[0], *k.spatial_shape))
+        return jax.lax.rsqrt(d + eps)
+
+    d1, d2 = k.position_variances()
+    r1 = scales(d1)
+    r2 = r1 if d2 is d1 else scales(d2)
+    if nd == 0:
+        outer = r1[:, None] * r2[None, :]
+        var1 = k.var1 * (r1 * r1)
+        var2 = var1 if k.same_inputs else k.var2 * (r2 * r2)
+    else:
+        outer = (r1.reshape(r1.shape[0], 1, *r1.shape[1:], *ones)
+                 * r2.reshape(1, r2.shape[0], *ones, *r2.shape[1:]))
+
+        def self_outer(r: jax.Array) -> jax.Array:
+            return r.reshape(*r.shape, *ones) * r.reshape(r.shape[0], *ones, *r.shape[1:])
+
+        var1 = k.var1 * self_outer(r1)
+        var2 = var1 if k.same_inputs else k.var2 * self_outer(r2)
+    return k.replace(nngp=k.nngp * outer, ntk=k.ntk * outer, var1=var1, var2=var2)
+
+
+class LayerNorm(linen.Module):
+    """Layer normalization without parameters (neural-tangents' ``LayerNorm``):
+    ``y = (x - mean(x)) / sqrt(var(x) + epsilon)``, mean and (biased) variance over ``axis`` of
+    each example.
+
+    Same computation as ``flax.linen.LayerNorm(reduction_axes=axis, use_scale=False,
+    use_bias=False, epsilon=epsilon)`` (the default ``epsilon = 1e-6`` is flax's;
+    neural-tangents' is 1e-12). ``axis=-1`` normalizes each position over its channels; on
+    images, ``axis=(1, 2, 3)`` (or ``(-3, -2, -1)``) normalizes over channels and positions.
+
+    On a :class:`~ntkjax.Kernel` the infinite-width rule :func:`layer_norm_kernel` (module
+    docstring): ``Sigma'[a, b, p, p'] = Sigma[a, b, p, p'] / sqrt((v_a(p) + eps)(v_b(p') +
+    eps))``, the same for Theta, with ``v`` the examples' variances averaged over the normalized
+    spatial axes. The axes must include the channel axis (a ValueError otherwise) and the input
+    must be the output of a Gaussian layer (Dense, Conv, SelfAttention, or a sum of them).
+
+    Attributes:
+      axis: the normalized axes (an int or a sequence of ints; never the batch axis 0).
+      epsilon: added to the variance.
+
+    >>> import ntkjax
+    >>> x = jnp.arange(6.0).reshape(2, 3)
+    >>> LayerNorm().apply({}, x).round(3).tolist()
+    [[-1.225, 0.0, 1.225], [-1.225, 0.0, 1.225]]
+    >>> k = ntkjax.kernel_fn(ntkjax.nn.LayerNorm())(x)  # the input kernel, normalized
+    >>> [round(v, 4) for v in k.var1.tolist()]
+    [1.0, 1.0]
+    """
+
+    axis: int | Sequence[int] = -1
+    epsilon: float = 1e-6
+
+    @linen.compact
+    def __call__(self, x: Any) -> Any:
+        if not self.epsilon >= 0:
+            raise ValueError(f"LayerNorm epsilon must be >= 0, got {self.epsilon!r}.")
+        if isinstance(x, Kernel):
+            return layer_norm_kernel(x, self.axis, epsilon=self.epsilon)
+        x = jnp.asarray(x)
+        if x.ndim < 2:
+            raise ValueError(f"LayerNorm needs inputs with a batch axis, got shape {x.shape}.")
+        axes = _normalized_axes(self.axis, x.ndim)
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        centred = x - mean
+        var = jnp.mean(centred * centred, axis=axes, keepdims=True)
+        return centred * jax.lax.rsqrt(var + jnp.asarray(self.epsilon, var.dtype))
