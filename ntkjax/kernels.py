@@ -462,7 +462,15 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
         k_copy = dataclasses.replace(k, nngp=k.nngp + _opaque_zero(k.nngp))
         return dataclasses.replace(out, nngp=_apply_to_kernel(module, k_copy).nngp)
 
-    jitted = jax.jit(fn)
+    def symmetric_fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
+        out = fn(x1, x2)
+        if x2 is None and jnp.ndim(x1) > 2:
+            # Dense layers and activations map symmetric kernels to exactly symmetric ones;
+            # pooling sums positions in a different order for k[a, b] and k[b, a].
+            out = out.replace(nngp=_symmetrized(out.nngp), ntk=_symmetrized(out.ntk))
+        return out
+
+    jitted = jax.jit(symmetric_fn)
 
     def dispatch(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
         # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
@@ -470,9 +478,17 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
         if jnp.ndim(x1) > 2 and is_concrete(x1):
             check_pair(x1, x2)  # inside the jitted program the values are not known
             return jitted(x1, x2)
-        return fn(x1, x2)
+        return symmetric_fn(x1, x2)
 
     return dispatch
+
+
+def _symmetrized(k: jax.Array) -> jax.Array:
+    """``(k + k^T) / 2`` for a kernel of shape (N, N, *S, *S): x1 and x2 swapped, and with them
+    the two position axes of each pair."""
+    nd = (k.ndim - 2) // 2
+    axes = (1, 0, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return 0.5 * (k + jnp.transpose(k, axes))
 
 
 def _opaque_zero(a: jax.Array) -> jax.Array:

@@ -127,7 +127,9 @@ def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
     q12 = jnp.asarray(q12)
     dtype = float_dtype(q12)
     q12 = q12.astype(dtype)
-    c = (q12 * _rsqrt0(jnp.asarray(q11, dtype))) * _rsqrt0(jnp.asarray(q22, dtype))
+    # q12 (r1 r2), not (q12 r1) r2: symmetric in (q11, q22) to the last bit, so a kernel of x
+    # with itself is exactly symmetric
+    c = q12 * (_rsqrt0(jnp.asarray(q11, dtype)) * _rsqrt0(jnp.asarray(q22, dtype)))
     return _snap(c)
 
 
@@ -185,7 +187,7 @@ def _ab_relu_maps(
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     s1, r1 = _row_scales(q11)
     s2, r2 = _row_scales(q22)
-    c = _snap((q12 * r1) * r2)
+    c = _snap(q12 * (r1 * r2))
     kappa1, kappa0 = _arccos_kernels(c)
     scale = s1 * s2
     ab, d2 = a * b, (b - a) ** 2
@@ -799,6 +801,9 @@ def gauss_hermite_maps(
     (``num_quadrature^2`` evaluations of ``fn`` per kernel entry); ``phi'`` is ``fn``'s derivative
     by forward-mode autodiff.
 
+    Both orders of the two inputs are integrated and averaged, so the maps are symmetric in
+    ``(q11, q22)`` to the last bit and a kernel of x with itself is exactly symmetric.
+
     Accuracy (default num_quadrature = 64, float64, max error relative to the largest entry, against
     the closed forms for variances in [0.1, 3]; tests/test_analytic.py): sin and cos 1e-15, GELU
     1e-11 (sigma_dot) and erf 5e-7 (sigma_dot; saturating activations converge more slowly: 8e-4
@@ -806,6 +811,20 @@ def gauss_hermite_maps(
     sigma_dot (a step function) 2.5e-2 -- use the closed forms where they exist. Oscillating
     activations of large variance need more nodes (sin at variance q needs n >> sqrt(q)).
     """
+    one_order = _gauss_hermite_one_order(q12, q11, q22, fn, num_quadrature)
+    other_order = _gauss_hermite_one_order(q12, q22, q11, fn, num_quadrature)
+    return ActivationMaps(0.5 * (one_order.sigma + other_order.sigma),
+                          0.5 * (one_order.sigma_dot + other_order.sigma_dot))
+
+
+def _gauss_hermite_one_order(
+    q12: jax.Array,
+    q11: jax.Array,
+    q22: jax.Array,
+    fn: Callable[[jax.Array], jax.Array],
+    num_quadrature: int,
+) -> ActivationMaps:
+    """:func:`gauss_hermite_maps` with ``u`` integrated first (not symmetric in the inputs)."""
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     dtype = q12.dtype
     c = correlation(q12, q11, q22)
