@@ -18,6 +18,7 @@ application built on it -- the ``ntkjax`` command line and the NTK study -- is
 from ntkjax import analytic, models, nn, predict
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
+from ntkjax.dynamics import SolverStats, gradient_flow
 from ntkjax.empirical import (
     empirical_nngp_fn,
     empirical_ntk_fn,
@@ -52,6 +53,7 @@ __all__ = [
     "Kernel",
     "KernelRegimeReport",
     "PowerLawFit",
+    "SolverStats",
     "StabilityReport",
     "TrainingHistory",
     "analytic",
@@ -64,6 +66,7 @@ __all__ = [
     "fit_power_law",
     "gp_inference",
     "gradient_descent_mse",
+    "gradient_flow",
     "gradient_flow_ensemble",
     "gradient_flow_mse",
     "kernel_fn",
