@@ -26,6 +26,7 @@ from ntkjax.empirical import (
     nnx_apply_fn,
     ntk_operator,
 )
+from ntkjax.ensemble import ensemble_predictor
 from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
 from ntkjax.linearize import linearize
 from ntkjax.predict import (
@@ -62,6 +63,7 @@ __all__ = [
     "empirical_nngp_fn",
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
+    "ensemble_predictor",
     "evaluate_in_blocks",
     "fit_power_law",
     "gp_inference",
