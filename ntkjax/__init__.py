@@ -28,7 +28,8 @@ from ntkjax.empirical import (
 )
 from ntkjax.ensemble import ensemble_predictor
 from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
-from ntkjax.linearize import linearize
+from ntkjax.linearize import linearize, taylor_expand
+from ntkjax.monte_carlo import MonteCarloKernel, monte_carlo_kernel_fn
 from ntkjax.predict import (
     convergence_bound,
     gp_inference,
@@ -53,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Kernel",
     "KernelRegimeReport",
+    "MonteCarloKernel",
     "PowerLawFit",
     "SolverStats",
     "StabilityReport",
@@ -79,10 +81,12 @@ __all__ = [
     "make_train_fn",
     "max_learning_rate",
     "models",
+    "monte_carlo_kernel_fn",
     "nn",
     "nnx_apply_fn",
     "ntk_operator",
     "predict",
+    "taylor_expand",
     "train_with_kernel_tracking",
     "two_layer_relu_nngp",
     "two_layer_relu_ntk",
