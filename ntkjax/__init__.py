@@ -27,6 +27,11 @@ from ntkjax.empirical import (
     ntk_operator,
 )
 from ntkjax.ensemble import ensemble_predictor
+from ntkjax.hyperparameters import (
+    MarginalLikelihoodFit,
+    fit_marginal_likelihood,
+    gp_log_marginal_likelihood,
+)
 from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
 from ntkjax.linearize import linearize, taylor_expand
 from ntkjax.monte_carlo import MonteCarloKernel, monte_carlo_kernel_fn
@@ -54,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Kernel",
     "KernelRegimeReport",
+    "MarginalLikelihoodFit",
     "MonteCarloKernel",
     "PowerLawFit",
     "SolverStats",
@@ -67,8 +73,10 @@ __all__ = [
     "empirical_ntk_matrix",
     "ensemble_predictor",
     "evaluate_in_blocks",
+    "fit_marginal_likelihood",
     "fit_power_law",
     "gp_inference",
+    "gp_log_marginal_likelihood",
     "gradient_descent_mse",
     "gradient_flow",
     "gradient_flow_ensemble",

@@ -28,7 +28,7 @@ def test_converges_to_kernel_fn_like_one_over_sqrt_samples(x64):
     x = inputs()
     exact = ntkjax.kernel_fn(MODEL)(x)
     samples = (16, 64, 256)
-    repeats = 8
+    repeats = 32
     errors = {"nngp": [], "ntk": []}
     z_scores = {"nngp": [], "ntk": []}
     for s in samples:

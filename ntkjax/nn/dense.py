@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, float_dtype
+from ntkjax._checks import check_choice, float_dtype, is_concrete
 from ntkjax.kernels import Kernel
 
 __all__ = ["PARAMETERIZATIONS", "Dense", "Parameterization", "dense_kernel", "dense_kernels",
@@ -48,7 +48,8 @@ def dense_variance(
     """
     w_std, b_std = _weak(w_std), _weak(b_std)
     q = w_std**2 * q
-    return q + b_std**2 if use_bias and b_std != 0 else q
+    # a traced b_std (hyperparameters by gradient) is always added
+    return q if not use_bias or (isinstance(b_std, float) and b_std == 0) else q + b_std**2
 
 
 def dense_kernels(
@@ -128,7 +129,8 @@ class _Affine(linen.Module):
         check_choice(self.parameterization, PARAMETERIZATIONS, "parameterization")
         if int(self.features) != self.features or self.features < 1:
             raise ValueError(f"features must be a positive integer, got {self.features!r}.")
-        if not (self.w_std >= 0 and self.b_std >= 0):
+        stds = [v for v in (self.w_std, self.b_std) if is_concrete(v)]
+        if not all(v >= 0 for v in stds):  # traced stds (hyperparameters by gradient) pass
             raise ValueError(
                 f"w_std and b_std must be >= 0, got w_std={self.w_std}, b_std={self.b_std}."
             )
