@@ -18,6 +18,7 @@ application built on it -- the ``ntkjax`` command line and the NTK study -- is
 from ntkjax import analytic, models, nn, predict
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
+from ntkjax.dynamics import SolverStats, gradient_flow
 from ntkjax.empirical import (
     empirical_nngp_fn,
     empirical_ntk_fn,
@@ -25,8 +26,15 @@ from ntkjax.empirical import (
     nnx_apply_fn,
     ntk_operator,
 )
+from ntkjax.ensemble import ensemble_predictor
+from ntkjax.hyperparameters import (
+    MarginalLikelihoodFit,
+    fit_marginal_likelihood,
+    gp_log_marginal_likelihood,
+)
 from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
-from ntkjax.linearize import linearize
+from ntkjax.linearize import linearize, taylor_expand
+from ntkjax.monte_carlo import MonteCarloKernel, monte_carlo_kernel_fn
 from ntkjax.predict import (
     convergence_bound,
     gp_inference,
@@ -51,7 +59,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Kernel",
     "KernelRegimeReport",
+    "MarginalLikelihoodFit",
+    "MonteCarloKernel",
     "PowerLawFit",
+    "SolverStats",
     "StabilityReport",
     "TrainingHistory",
     "analytic",
@@ -60,10 +71,14 @@ __all__ = [
     "empirical_nngp_fn",
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
+    "ensemble_predictor",
     "evaluate_in_blocks",
+    "fit_marginal_likelihood",
     "fit_power_law",
     "gp_inference",
+    "gp_log_marginal_likelihood",
     "gradient_descent_mse",
+    "gradient_flow",
     "gradient_flow_ensemble",
     "gradient_flow_mse",
     "kernel_fn",
@@ -74,10 +89,12 @@ __all__ = [
     "make_train_fn",
     "max_learning_rate",
     "models",
+    "monte_carlo_kernel_fn",
     "nn",
     "nnx_apply_fn",
     "ntk_operator",
     "predict",
+    "taylor_expand",
     "train_with_kernel_tracking",
     "two_layer_relu_nngp",
     "two_layer_relu_ntk",

@@ -28,6 +28,8 @@ Conventions used throughout this module:
   differentiated; every other collection (``batch_stats``, constants, ...) passes through
   unchanged. So ``module.apply`` with its variables works directly.
 * ``outputs="trace"`` is the SUM over the O outputs, ``sum_i Theta_{ii}``, shape ``(N1, N2)``;
+  ``"mean"`` the MEAN over them, ``(1/O) sum_i Theta_{ii}`` (neural-tangents' default
+  ``trace_axes=(-1,)``; it estimates the per-output kernel of :func:`ntkjax.kernel_fn`);
   ``"full"`` has shape ``(N1, N2, O, O)``; ``"diagonal"`` is ``Theta_{ii}`` with shape
   ``(N1, N2, O)``.
 """
@@ -150,8 +152,9 @@ def empirical_ntk_fn(
         use :func:`nnx_apply_fn`.
       ntk_method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"`` (see module doc).
         All give the same kernel up to rounding.
-      outputs: ``"trace"`` -- the SUM over outputs, shape ``(N1, N2)``; ``"full"`` -- shape
-        ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``.
+      outputs: ``"trace"`` -- the SUM over outputs, shape ``(N1, N2)``; ``"mean"`` -- the
+        MEAN over outputs (neural-tangents' ``trace_axes=(-1,)``), shape ``(N1, N2)``;
+        ``"full"`` -- shape ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``.
       vp_batch_size: only for ``"ntk_vp"``: evaluate the columns ``x2[b]`` sequentially in
         groups of this size (``lax.map``) to bound memory; None vectorizes over all of x2.
 
@@ -176,6 +179,8 @@ def empirical_ntk_fn(
             f"vp_batch_size must be None or a positive integer, got {vp_batch_size!r}."
         )
 
+    inner: Outputs = "trace" if outputs == "mean" else outputs  # "mean": the trace over O
+
     def ntk(params, x1, x2=None):
         out = check_model_inputs(apply_fn, params, x1, x2)
         out_dim = int(np.prod(out.shape[1:]))
@@ -184,17 +189,19 @@ def empirical_ntk_fn(
         if ntk_method == "auto":
             chosen = _auto_method(apply_fn, params, x1, x2, out_dim)
         if chosen == "jacobian":
-            kernel = _jacobian_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype)
+            kernel = _jacobian_kernel(apply_fn, params, x1, x2, inner, out_dim, dtype)
         elif chosen == "ntk_vp":
             kernel = _ntk_vp_kernel(
-                apply_fn, params, x1, x2, outputs, out_dim, dtype, vp_batch_size
+                apply_fn, params, x1, x2, inner, out_dim, dtype, vp_batch_size
             )
         else:
-            kernel = structured_kernel(apply_fn, params, x1, x2, outputs=outputs)
+            kernel = structured_kernel(apply_fn, params, x1, x2, outputs=inner)
         if kernel is None:  # no parameter at all
-            kernel = _zeros(x1, x2, out_dim, outputs, dtype)
+            kernel = _zeros(x1, x2, out_dim, inner, dtype)
         kernel = kernel.astype(dtype)
-        return symmetrize(kernel, outputs) if x2 is None else kernel
+        if outputs == "mean":
+            kernel = kernel / out_dim
+        return symmetrize(kernel, inner) if x2 is None else kernel
 
     return _checking_values(ntk)
 
@@ -332,8 +339,10 @@ def empirical_nngp_fn(
 
     ``outputs``: ``"trace"`` sums over the O features (divided by O with ``normalize=True``,
     which for a readout ``y = sigma_w / sqrt(O) W phi`` with ``W ~ N(0, 1)`` is the NNGP
-    ``E[y y'] / sigma_w^2`` at initialization); ``"full"`` ``(N1, N2, O, O)``; ``"diagonal"``
-    ``(N1, N2, O)``.
+    ``E[y y'] / sigma_w^2`` at initialization); ``"mean"`` averages over them (the trace
+    divided by O, neural-tangents' ``trace_axes=(-1,)``: for ``features="outputs"`` it
+    estimates :func:`ntkjax.kernel_fn`'s per-output NNGP); ``"full"`` ``(N1, N2, O, O)``;
+    ``"diagonal"`` ``(N1, N2, O)``.
     """
     check_choice(features, ("outputs", "last_hidden"), "features")
     check_choice(outputs, OUTPUTS, "outputs")
@@ -349,16 +358,17 @@ def empirical_nngp_fn(
         check_model_inputs(apply_fn, params, x1, x2)
         p1 = phi(params, x1)
         p2 = p1 if x2 is None else phi(params, x2)
-        if outputs == "trace":
+        if outputs in ("trace", "mean"):
             kernel = jnp.matmul(p1, p2.T, precision=PRECISION)
-            if normalize:
+            if normalize or outputs == "mean":
                 kernel = kernel / p1.shape[1]
         elif outputs == "diagonal":
             kernel = p1[:, None, :] * p2[None, :, :]
         else:
             kernel = p1[:, None, :, None] * p2[None, :, None, :]
-        return symmetrize(kernel, outputs) if x2 is None else kernel
+        return symmetrize(kernel, inner) if x2 is None else kernel
 
+    inner: Outputs = "trace" if outputs == "mean" else outputs
     return _checking_values(nngp)
 
 

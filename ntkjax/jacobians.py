@@ -8,6 +8,10 @@ outputs flattened, validation of a model against its inputs, and the contraction
 per-sample Jacobians into kernels in the three output layouts:
 
 * ``"trace"``: the SUM over the O outputs, ``sum_i Theta_ii``, shape ``(N1, N2)``;
+* ``"mean"``: the MEAN over the O outputs, ``(1/O) sum_i Theta_ii``, shape ``(N1, N2)`` --
+  neural-tangents' ``trace_axes=(-1,)``, and the per-output kernel that
+  :func:`ntkjax.kernel_fn` gives (the contractions below take ``"trace"`` and the callers
+  divide by O);
 * ``"diagonal"``: ``Theta_ii`` per output, shape ``(N1, N2, O)``;
 * ``"full"``: shape ``(N1, N2, O, O)``.
 """
@@ -43,8 +47,8 @@ __all__ = [
 ApplyFn = Callable[..., Any]
 """A model ``apply_fn(params, x) -> (N, *out)``, e.g. a flax linen ``module.apply``."""
 
-Outputs = Literal["trace", "full", "diagonal"]
-OUTPUTS: tuple[Outputs, ...] = ("trace", "full", "diagonal")
+Outputs = Literal["trace", "mean", "full", "diagonal"]
+OUTPUTS: tuple[Outputs, ...] = ("trace", "mean", "full", "diagonal")
 PRECISION = jax.lax.Precision.HIGHEST
 
 

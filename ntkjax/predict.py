@@ -453,18 +453,32 @@ def gradient_descent_mse(
     return checked
 
 
-def max_learning_rate(k_train_train: jax.Array, *, diag_reg: float = 0.0) -> jax.Array:
-    """The gradient-descent stability edge ``2 n / lambda_max(Theta + lambda I)``.
+def max_learning_rate(
+    k_train_train: jax.Array, *, diag_reg: float = 0.0, momentum: float = 0.0
+) -> jax.Array:
+    """The gradient-descent stability edge ``2 (1 + m) n / lambda_max(Theta + lambda I)``.
 
     Under ``L = 1/(2n) sum ||f - y||^2`` the residual along eigenvector i is multiplied by
-    ``1 - lr lambda_i / n`` each step, which shrinks iff ``lr < 2 n / lambda_i``.
+    ``1 - lr lambda_i / n`` each step, which shrinks iff ``lr < 2 n / lambda_i``. With heavy-ball
+    momentum ``m`` (``optax.sgd(lr, momentum=m)``) each mode follows
+    ``r_{k+1} = (1 + m - a) r_k - m r_{k-1}`` with ``a = lr lambda_i / n``, whose roots lie inside
+    the unit circle iff ``0 < a < 2 (1 + m)`` (Goh 2017, "Why Momentum Really Works";
+    neural-tangents' ``predict.max_learning_rate``). ``momentum`` in ``[0, 1)``.
+
+    >>> float(max_learning_rate(jnp.eye(2) * 4.0, momentum=0.5))
+    1.5
     """
     _check_square(k_train_train, "k_train_train")
     _check_diag_reg(diag_reg)
+    if is_concrete(momentum):
+        m = np.asarray(momentum, dtype=np.float64)
+        if m.shape != () or not np.isfinite(m) or not 0.0 <= m < 1.0:
+            raise ValueError(f"momentum must be a scalar in [0, 1); got {momentum!r}.")
     k = jnp.asarray(k_train_train)
     k = k.astype(float_dtype(k))
     eig = _eigh_psd(k, diag_reg, "k_train_train")
-    return 2.0 * k.shape[0] / (eig.values[-1] + eig.reg)
+    factor = 2.0 * (1.0 + jnp.asarray(momentum, k.dtype))
+    return factor * k.shape[0] / (eig.values[-1] + eig.reg)
 
 
 def convergence_bound(
@@ -603,19 +617,53 @@ def gradient_flow_ensemble(
     dtype = float_dtype(ntk_tt, ntk_xt, nngp_tt, nngp_xt, nngp_xx, y_train)
 
     eig = _eigh_psd(jnp.asarray(ntk_tt, dtype), diag_reg, "ntk[0] (train-train)")
-    t = jnp.asarray(t, dtype)
-    g = _flow_coefficients(learning_rate, n)(eig, t)  # (..., n)
-    v = eig.vectors
-    # A_t = Theta(x, X) V diag(g) V^T, shape (..., m, n)
-    a_t = jnp.einsum("ij,...j,kj->...ik", jnp.asarray(ntk_xt, dtype) @ v, g, v)
+    a_t = ensemble_transfer(eig, learning_rate, jnp.asarray(t, dtype), jnp.asarray(ntk_xt, dtype))
     y = jnp.asarray(y_train, dtype)
-    mean = _restore(jnp.einsum("...ij,jk->...ik", a_t, _as_2d(y)), y.ndim)
+    mean = ensemble_mean(a_t, y)
     cov = None
     if nngp_xx is not None:
-        k_tt = jnp.asarray(nngp_tt, dtype)
         k_xt = jnp.asarray(nngp_xt, dtype)
-        a_k_a = jnp.einsum("...ij,jk,...lk->...il", a_t, k_tt, a_t)
-        cross = jnp.einsum("...ij,kj->...ik", a_t, k_xt)  # A_t K(X, x')
-        cov = jnp.asarray(nngp_xx, dtype) + a_k_a - cross - jnp.swapaxes(cross, -1, -2)
-        cov = _symmetric_psd_diagonal(cov)
+        cov = _symmetric_psd_diagonal(ensemble_covariance(
+            a_t, a_t, jnp.asarray(nngp_tt, dtype), k_xt, k_xt, jnp.asarray(nngp_xx, dtype)
+        ))
     return Gaussian(mean, cov)
+
+
+# --------------------------------------------------------------------------- ensemble pieces
+# The terms of Lee et al. 2019, eqs. 15-16, given one eigendecomposition of the training kernel;
+# shared by :func:`gradient_flow_ensemble` and :mod:`ntkjax.ensemble` (which reuses one
+# decomposition across blocks of test points and times).
+
+
+def ensemble_transfer(eig: _Eigen, learning_rate, t: jax.Array, k_test_train: jax.Array):
+    """``A_t = Theta(x, X) V diag(g_t) V^T`` of shape ``(..., m, n)`` (leading time axes of
+    ``t``), with ``g_t = (1 - exp(-lr s t / n)) / s`` on the (regularized) eigenvalues ``s``
+    and 0 on null directions, so that ``A_t = Theta(x, X) Theta^{-1} (I - exp(-lr Theta t /
+    n))``."""
+    n = eig.vectors.shape[0]
+    g = _flow_coefficients(learning_rate, n)(eig, t)  # (..., n)
+    v = eig.vectors
+    return jnp.einsum("ij,...j,kj->...ik", k_test_train @ v, g, v)
+
+
+def ensemble_mean(a_t: jax.Array, y_train: jax.Array) -> jax.Array:
+    """``mu_t = A_t y`` with ``y`` of shape ``(n,)`` or ``(n, outputs)``."""
+    return _restore(jnp.einsum("...ij,jk->...ik", a_t, _as_2d(y_train)), y_train.ndim)
+
+
+def ensemble_covariance(a_1, a_2, k_train_train, k_1_train, k_2_train, k_12) -> jax.Array:
+    """``Sigma_t(x1, x2) = K(x1, x2) + A_1 K(X, X) A_2^T - A_1 K(X, x2) - K(x1, X) A_2^T``
+    for two blocks of test points (``a_1 = a_2`` on the diagonal block), with the NNGP ``K``."""
+    a_k_a = jnp.einsum("...ij,jk,...lk->...il", a_1, k_train_train, a_2)
+    cross_12 = jnp.einsum("...ij,kj->...ik", a_1, k_2_train)  # A_1 K(X, x2)
+    cross_21 = jnp.einsum("ij,...kj->...ik", k_1_train, a_2)  # K(x1, X) A_2^T
+    return k_12 + a_k_a - cross_12 - cross_21
+
+
+def ensemble_variance(a_t, k_train_train, k_test_train, k_test_var) -> jax.Array:
+    """The diagonal of :func:`ensemble_covariance` for one block, without forming the rest:
+    ``K(x, x) + (A K A^T)_xx - 2 (A K(X, x))_xx``; ``k_test_var`` is ``K(x, x)`` per point."""
+    a_k = jnp.einsum("...ij,jk->...ik", a_t, k_train_train)
+    quad = jnp.sum(a_k * a_t, axis=-1)
+    cross = jnp.sum(a_t * k_test_train, axis=-1)
+    return jnp.maximum(k_test_var + quad - 2.0 * cross, 0)  # >= 0 exactly; round-off clipped

@@ -232,3 +232,22 @@ def test_nnx_helper_refuses_linen_modules_and_training_mode():
     net.eval()
     apply_fn, params = ntkjax.nnx_apply_fn(net)
     assert ntkjax.empirical_ntk_fn(apply_fn)(params, jnp.ones((2, 3))).shape == (2, 2)
+
+
+def test_outputs_mean_is_the_brute_force_mean_over_outputs():
+    # neural-tangents' trace_axes=(-1,): (1/O) sum_i Theta_ii, for every method and the NNGP
+    apply_fn, params, x1, x2 = make_case("mlp")
+    full = np.asarray(case_truth("mlp"))
+    o = full.shape[-1]
+    expected = np.trace(full, axis1=2, axis2=3) / o
+    for method in METHODS:
+        got = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, outputs="mean")(params, x1, x2)
+        assert got.shape == expected.shape
+        assert max_relative_error(got, expected) < 1e-5, method
+    sym = ntkjax.empirical_ntk_fn(apply_fn, outputs="mean")(params, x1)
+    np.testing.assert_array_equal(sym, sym.T)
+    f1, f2 = np.asarray(apply_fn(params, x1)), np.asarray(apply_fn(params, x2))
+    nngp = ntkjax.empirical_nngp_fn(apply_fn, outputs="mean")(params, x1, x2)
+    np.testing.assert_allclose(nngp, f1 @ f2.T / f1.shape[1], rtol=1e-5, atol=1e-6)
+    blocked = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, outputs="mean", block_size=2)
+    assert max_relative_error(blocked, expected) < 1e-5

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import ntkjax
 from tests.models_for_ntk import MLP
@@ -93,3 +94,72 @@ def test_other_collections_pass_through():
     delta = jax.tree_util.tree_map(lambda a, b: a - b, v1["params"], v0["params"])
     y0, dy = jax.jvp(lambda p: model.apply({**v0, "params": p}, x), (v0["params"],), (delta,))
     np.testing.assert_allclose(f_lin(v1, x), y0 + dy, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- taylor_expand
+
+
+def test_taylor_degree_one_is_linearize_and_degree_zero_the_initial_network(x64):
+    model = MLP(widths=(8,), out=2)
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float64)
+    p0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                model.init(jax.random.PRNGKey(1), x.astype(jnp.float32)))
+    p1 = _perturb(p0, jax.random.PRNGKey(2), 0.3)
+    f = lambda p, x: jnp.tanh(model.apply(p, x))
+    both = jax.jit(lambda p, x: (ntkjax.taylor_expand(f, p0, 1)(p, x),
+                                 ntkjax.linearize(f, p0)(p, x),
+                                 ntkjax.taylor_expand(f, p0, 0)(p, x), f(p0, x)))
+    first, lin, zeroth, initial = both(p1, x)
+    np.testing.assert_allclose(first, lin, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(zeroth, initial, rtol=1e-13)
+
+
+def test_taylor_degree_two_matches_the_hessian_expansion(x64):
+    from jax.flatten_util import ravel_pytree
+
+    model = MLP(widths=(5,), out=2)
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 3), jnp.float64)
+    p0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                model.init(jax.random.PRNGKey(4), x.astype(jnp.float32)))
+    p1 = _perturb(p0, jax.random.PRNGKey(5), 0.2)
+    f = lambda p, x: jnp.tanh(model.apply(p, x))
+    flat0, unravel = ravel_pytree(p0)
+    delta = ravel_pytree(p1)[0] - flat0
+    g = lambda v: f(unravel(v), x).ravel()
+
+    @jax.jit
+    def by_hand_fn(flat0, delta):
+        jac = jax.jacfwd(g)(flat0)  # (outputs, P)
+        hess = jax.hessian(g)(flat0)  # (outputs, P, P)
+        return g(flat0) + jac @ delta + 0.5 * jnp.einsum("opq,p,q->o", hess, delta, delta)
+
+    by_hand = by_hand_fn(flat0, delta)
+    f2 = jax.jit(ntkjax.taylor_expand(f, p0, 2))
+    np.testing.assert_allclose(f2(p1, x).ravel(), by_hand, rtol=1e-12, atol=1e-12)
+    # the error of degree k is of order k + 1 in the step
+    f_jit = jax.jit(f)
+    expansions = {k: jax.jit(ntkjax.taylor_expand(f, p0, k)) for k in (1, 3)}
+    expansions[2] = f2
+    errors = {k: [] for k in expansions}
+    eps = np.array([0.1, 0.05, 0.025])
+    for e in eps:
+        p = jax.tree_util.tree_map(lambda a, b, e=e: a + e * (b - a), p0, p1)
+        for k, fk in expansions.items():
+            errors[k].append(float(jnp.max(jnp.abs(fk(p, x) - f_jit(p, x)))))
+    for k, errs in errors.items():
+        slope = np.polyfit(np.log(eps), np.log(errs), 1)[0]
+        assert k + 0.8 < slope < k + 1.2, (k, slope, errs)
+
+
+def test_taylor_is_exact_for_a_polynomial_and_rejects_bad_degrees(x64):
+    f = lambda p, x: (x @ p["w"]) ** 3 + p["b"] * x[:, 0]
+    p0 = {"w": jnp.array([0.3, -0.2]), "b": jnp.array(0.5)}
+    p1 = {"w": jnp.array([1.1, 0.4]), "b": jnp.array(-0.7)}
+    x = jnp.array([[1.0, 2.0], [-0.5, 0.3]])
+    for degree in (3, 4):
+        np.testing.assert_allclose(ntkjax.taylor_expand(f, p0, degree)(p1, x), f(p1, x),
+                                   rtol=1e-12)
+    assert not np.allclose(ntkjax.taylor_expand(f, p0, 2)(p1, x), f(p1, x))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="degree"):
+            ntkjax.taylor_expand(f, p0, bad)

@@ -269,6 +269,35 @@ def test_wide_network_trained_with_optax_follows_prediction(x64):
 # ----------------------------------------------------------------------------- rates and bounds
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_max_learning_rate_with_momentum_is_the_heavy_ball_edge(x64, momentum):
+    # optax.sgd(lr, momentum) on the linear model f = J theta with the MSE: just below the
+    # edge the loss shrinks, just above it grows (the top mode's roots leave the unit circle).
+    j_train, _, k, _, _ = feature_kernels(jax.random.PRNGKey(21), n=6, p=40)
+    j = j_train / np.sqrt(40)  # Theta = J J^T = k
+    y = jax.random.normal(jax.random.PRNGKey(22), (6,), jnp.float64)
+    edge = float(P.max_learning_rate(k, momentum=momentum))
+    np.testing.assert_allclose(edge, (1 + momentum) * float(P.max_learning_rate(k)), rtol=1e-12)
+
+    @jax.jit
+    def final_loss(lr):
+        opt = optax.sgd(lr, momentum=momentum if momentum else None)
+        loss = lambda th: mse_loss(j @ th, y)
+
+        def step(carry, _):
+            theta, state = carry
+            updates, state = opt.update(jax.grad(loss)(theta), state)
+            return (optax.apply_updates(theta, updates), state), None
+
+        theta0 = jnp.zeros(40, jnp.float64)
+        (theta, _), _ = jax.lax.scan(step, (theta0, opt.init(theta0)), None, length=400)
+        return loss(theta), loss(theta0)
+
+    below, start = map(float, final_loss(0.97 * edge))
+    above = float(final_loss(1.03 * edge)[0])
+    assert below < start and above > 10 * start
+
+
 def test_max_learning_rate_and_bound(x64):
     s = jnp.array([0.2, 1.0, 5.0])
     n = 3

@@ -49,7 +49,8 @@ def dense_variance(
     """
     w_std, b_std = _weak(w_std), _weak(b_std)
     q = w_std**2 * q
-    return q + b_std**2 if use_bias and b_std != 0 else q
+    # a traced b_std (hyperparameters by gradient) is always added
+    return q if not use_bias or (isinstance(b_std, float) and b_std == 0) else q + b_std**2
 
 
 def dense_kernels(
