@@ -55,7 +55,7 @@ import numpy as np
 from ntkjax._checks import check_finite, float_dtype, is_concrete
 from ntkjax.predict import Predictions
 
-__all__ = ["SolverStats", "gradient_flow"]
+__all__ = ["SolverStats", "check_sorted_times", "gradient_flow"]
 
 # Default tolerances of the adaptive solver (relative, absolute), per dtype.
 _TOLERANCES = {4: (1e-5, 1e-6), 8: (1e-10, 1e-12)}

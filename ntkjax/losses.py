@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["mse_loss"]
+__all__ = ["mse_loss", "softmax_cross_entropy"]
 
 
 def mse_loss(predictions: ArrayLike, targets: ArrayLike) -> jax.Array:

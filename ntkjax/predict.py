@@ -49,6 +49,10 @@ __all__ = [
     "Gaussian",
     "Predictions",
     "convergence_bound",
+    "ensemble_covariance",
+    "ensemble_mean",
+    "ensemble_transfer",
+    "ensemble_variance",
     "gp_inference",
     "gradient_descent_mse",
     "gradient_flow_ensemble",
@@ -635,7 +639,9 @@ def gradient_flow_ensemble(
 # decomposition across blocks of test points and times).
 
 
-def ensemble_transfer(eig: _Eigen, learning_rate, t: jax.Array, k_test_train: jax.Array):
+def ensemble_transfer(
+    eig: _Eigen, learning_rate: float | jax.Array, t: jax.Array, k_test_train: jax.Array
+) -> jax.Array:
     """``A_t = Theta(x, X) V diag(g_t) V^T`` of shape ``(..., m, n)`` (leading time axes of
     ``t``), with ``g_t = (1 - exp(-lr s t / n)) / s`` on the (regularized) eigenvalues ``s``
     and 0 on null directions, so that ``A_t = Theta(x, X) Theta^{-1} (I - exp(-lr Theta t /
@@ -651,7 +657,14 @@ def ensemble_mean(a_t: jax.Array, y_train: jax.Array) -> jax.Array:
     return _restore(jnp.einsum("...ij,jk->...ik", a_t, _as_2d(y_train)), y_train.ndim)
 
 
-def ensemble_covariance(a_1, a_2, k_train_train, k_1_train, k_2_train, k_12) -> jax.Array:
+def ensemble_covariance(
+    a_1: jax.Array,
+    a_2: jax.Array,
+    k_train_train: jax.Array,
+    k_1_train: jax.Array,
+    k_2_train: jax.Array,
+    k_12: jax.Array,
+) -> jax.Array:
     """``Sigma_t(x1, x2) = K(x1, x2) + A_1 K(X, X) A_2^T - A_1 K(X, x2) - K(x1, X) A_2^T``
     for two blocks of test points (``a_1 = a_2`` on the diagonal block), with the NNGP ``K``."""
     a_k_a = jnp.einsum("...ij,jk,...lk->...il", a_1, k_train_train, a_2)
@@ -660,7 +673,9 @@ def ensemble_covariance(a_1, a_2, k_train_train, k_1_train, k_2_train, k_12) -> 
     return k_12 + a_k_a - cross_12 - cross_21
 
 
-def ensemble_variance(a_t, k_train_train, k_test_train, k_test_var) -> jax.Array:
+def ensemble_variance(
+    a_t: jax.Array, k_train_train: jax.Array, k_test_train: jax.Array, k_test_var: jax.Array
+) -> jax.Array:
     """The diagonal of :func:`ensemble_covariance` for one block, without forming the rest:
     ``K(x, x) + (A K A^T)_xx - 2 (A K(X, x))_xx``; ``k_test_var`` is ``K(x, x)`` per point."""
     a_k = jnp.einsum("...ij,jk->...ik", a_t, k_train_train)

@@ -28,7 +28,7 @@ from ntkjax.models import MLP
 from ntkjax.predict import gp_inference
 from ntkjax.study.datasets import load_digits
 
-__all__ = ["digits_marginal_likelihood"]
+__all__ = ["INITIAL", "INITIAL_RELATIVE_NOISE", "digits_marginal_likelihood", "main"]
 
 INITIAL = {"w_std": math.sqrt(2.0), "b_std": 0.1}
 INITIAL_RELATIVE_NOISE = 1e-4  # the demo's ridge, relative to the mean diagonal
@@ -94,6 +94,7 @@ def digits_marginal_likelihood(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Fits the digits NNGP by marginal likelihood and prints the accuracies (a script)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--depth", type=int, default=3)
