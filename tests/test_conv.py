@@ -126,15 +126,14 @@ def test_one_by_one_conv_on_a_kernel_is_a_per_position_dense_layer(x64):
 
 def _numpy_patches(x, window, strides, padding):
     """(N, *out, |K| C) patch vectors of NHWC-like x, built with plain numpy loops: zero (SAME)
-    or periodic (CIRCULAR) padding, SAME's padding split as in the TensorFlow/XLA convention
-    (total = max((ceil(n/s) - 1) s + k - n, 0), the smaller half in front)."""
+    or periodic (CIRCULAR) padding, both split as in the TensorFlow/XLA SAME convention
+    (total = max((ceil(n/s) - 1) s + k - n, 0), the smaller half in front; for CIRCULAR this is
+    neural-tangents' convention)."""
     nd = len(window)
     pads = []
     for n, k, s in zip(x.shape[1:-1], window, strides, strict=True):
         if padding == "VALID":
             pads.append((0, 0))
-        elif padding == "CIRCULAR":
-            pads.append(((k - 1) // 2, k // 2))
         else:
             total = max((-(-n // s) - 1) * s + k - n, 0)
             pads.append((total // 2, total - total // 2))

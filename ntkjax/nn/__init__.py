@@ -9,8 +9,10 @@ NTK. On a Kernel a layer creates no parameters.
 One module per kind of layer, each holding the layers and their infinite-width rules:
 
 * :mod:`ntkjax.nn.dense`: :class:`Dense`;
-* :mod:`ntkjax.nn.conv`: :class:`Conv` (1-D, 2-D, N-D convolutions on (N, *spatial, C));
-* :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten` and :func:`global_average_pool`;
+* :mod:`ntkjax.nn.conv`: :class:`Conv` and :class:`ConvTranspose` (1-D, 2-D, N-D on
+  (N, *spatial, C));
+* :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten`, :func:`global_average_pool` and
+  :func:`global_sum_pool`, and the windowed poolings :func:`avg_pool` and :func:`sum_pool`;
 * :mod:`ntkjax.nn.activations`: :class:`Activation` and the activations :data:`relu`,
   :data:`leaky_relu`, :data:`ab_relu`, :data:`abs`, :data:`erf`, :data:`gelu`, :data:`sin`,
   :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, and :func:`elementwise` for any other
@@ -33,22 +35,25 @@ from ntkjax.nn.activations import (
     sign,
     sin,
 )
-from ntkjax.nn.conv import Conv
+from ntkjax.nn.conv import Conv, ConvTranspose
 from ntkjax.nn.dense import Dense
-from ntkjax.nn.pooling import flatten, global_average_pool
+from ntkjax.nn.pooling import avg_pool, flatten, global_average_pool, global_sum_pool, sum_pool
 
 __all__ = [
     "Activation",
     "Conv",
+    "ConvTranspose",
     "Dense",
     "ab_relu",
     "abs",
+    "avg_pool",
     "cos",
     "elementwise",
     "erf",
     "flatten",
     "gelu",
     "global_average_pool",
+    "global_sum_pool",
     "identity",
     "is_activation",
     "leaky_relu",
@@ -56,4 +61,5 @@ __all__ = [
     "relu",
     "sign",
     "sin",
+    "sum_pool",
 ]
