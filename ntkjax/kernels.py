@@ -12,13 +12,28 @@ outputs are independent and identically distributed, so the full NNGP / NTK is
 ``kernel (x) I_O`` (Kronecker product with the O x O identity).
 
 Images. Inputs of shape (N, *S, C) (NHWC for 2-D; any number of spatial axes) keep, per pair of
-inputs, the kernel between every pair of positions: ``nngp[a, b, p, p']`` of shape
-(N1, N2, *S, *S), and per input its covariance across positions, ``var1[a, p, p']``. The input
-kernel is ``x_a[p] . x_b[p'] / C``; :class:`ntkjax.nn.Conv` averages it over patches
-(:func:`ntkjax.nn.conv.patch_average`) and applies the dense rule; activations act entrywise;
-:func:`ntkjax.nn.flatten` and :func:`ntkjax.nn.global_average_pool` remove the spatial axes
-(Novak et al. 2019; Arora et al. 2019). A dense layer on a kernel with spatial axes acts per
-position, as ``flax.linen.Dense`` on the channel axis does.
+inputs, the kernel between pairs of positions. The input kernel is ``x_a[p] . x_b[p'] / C``;
+:class:`ntkjax.nn.Conv` averages it over patches (:func:`ntkjax.nn.conv.patch_average`) and
+applies the dense rule; activations act entrywise; :func:`ntkjax.nn.flatten` and the global
+poolings remove the spatial axes (Novak et al. 2019; Arora et al. 2019). A dense layer on a
+kernel with spatial axes acts per position, as ``flax.linen.Dense`` on the channel axis does.
+
+Only the pairs of positions the readout needs are kept. Convolutions, dense layers and
+activations map the kernel between positions ``(p, p)`` to kernels between positions
+``(o, o)`` (a convolution averages ``k[o + delta, o + delta]`` over its window), and a flatten
+readout reads only those: such a network needs the *same-position* kernel, of shape
+(N1, N2, *S) (``Kernel.diagonal_spatial``). Pooling and anything else that mixes positions needs
+*all pairs*, (N1, N2, *S, *S). :func:`kernel_fn` decides from the module itself, as
+neural-tangents propagates its diagonal masks back from the readout: it first traces the module
+on a same-position kernel, and a layer that needs all pairs raises :class:`AllPairsRequired`
+(through :meth:`Kernel.require_all_pairs`), upon which the module is run with all pairs.
+
+Variances. The activation rules read each input's variance at each position; nothing else
+does. With ``x2 = None`` they are read off the diagonal of the NNGP itself. Otherwise (and for
+every block of a blocked evaluation) each input's variances are computed once, by running the
+module on that input alone and recording every variance a layer reads
+(:meth:`Kernel.position_variances`); the pairwise pass then replays them, so no per-input
+covariance is carried through the pairwise computation.
 """
 
 from __future__ import annotations
@@ -30,18 +45,22 @@ import linecache
 import math
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen, struct
 
-from ntkjax._checks import check_pair, float_dtype, is_concrete
+from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
 from ntkjax.blocking import evaluate_in_blocks
 
 __all__ = [
+    "POSITION_PAIRS",
+    "AllPairsRequired",
     "ForeignFunctionError",
     "Kernel",
+    "PositionPairs",
     "input_kernel",
     "kernel_fn",
     "kernel_matrix",
@@ -49,22 +68,37 @@ __all__ = [
     "position_diagonal",
 ]
 
+PositionPairs = Literal["auto", "all", "same"]
+POSITION_PAIRS: tuple[PositionPairs, ...] = ("auto", "all", "same")
+
+
+class AllPairsRequired(Exception):
+    """Raised by a layer rule that needs the kernel between all pairs of positions when it
+    meets a :class:`Kernel` that holds only same-position pairs; :func:`kernel_fn` catches it
+    and runs the module with all pairs."""
+
 
 @struct.dataclass
 class Kernel:
     """Infinite-width kernels of a layer's outputs at two batches of inputs (a pytree).
 
     Attributes:
-      nngp: (N1, N2) NNGP -- the covariance ``Sigma(x1_i, x2_j)`` of one output unit; for layers
-        with spatial axes S (images), (N1, N2, *S, *S): ``Sigma(x1_i at p, x2_j at p')``.
+      nngp: (N1, N2) NNGP -- the covariance ``Sigma(x1_i, x2_j)`` of one output unit. With
+        spatial axes S (images): (N1, N2, *S, *S), ``Sigma(x1_i at p, x2_j at p')`` for all pairs
+        of positions; or, with ``diagonal_spatial``, (N1, N2, *S): the same-position entries
+        ``Sigma(x1_i at p, x2_j at p)`` only.
       ntk: the NTK ``Theta(x1_i, x2_j)`` of one output unit, shaped like ``nngp``.
-      var1: (N1,) the NNGP variances ``Sigma(x1_i, x1_i)`` (needed by the activation rules); with
-        spatial axes, (N1, *S, *S): each input's covariance across all pairs of positions (the
-        activation rules use its diagonal, global average pooling all of it).
-      var2: the same for x2: (N2,) or (N2, *S, *S).
+      var1: (N1,) the NNGP variances ``Sigma(x1_i, x1_i)``; with spatial axes, (N1, *S, *S): each
+        input's covariance across all pairs of positions ((N1, *S) with ``diagonal_spatial``).
+        ``None`` inside :func:`kernel_fn`'s own evaluation: the variances are then read off the
+        NNGP's diagonal (``x2 = None``) or replayed from a per-input pass (see the module
+        docstring); layers read them through :meth:`position_variances` and propagate them
+        through :meth:`map_variances`, both of which handle ``None``.
+      var2: the same for x2.
       width: number of features (channels) of the layer (static); the next dense layer's
         ``fan_in`` (a convolution's is ``|window| * width``), which the standard
         parameterization's NTK uses.
+      diagonal_spatial: whether only same-position pairs are held (static).
       non_gaussian: (static) ``""`` when the layer's outputs are, in the limit, zero-mean
         Gaussian processes with i.i.d. channels -- the outputs of Dense, Conv and SelfAttention
         layers, their sums and normalizations -- else the name of the layer that made them
@@ -88,25 +122,36 @@ class Kernel:
 
     nngp: jax.Array
     ntk: jax.Array
-    var1: jax.Array
-    var2: jax.Array
+    var1: jax.Array | None
+    var2: jax.Array | None
     width: int = struct.field(pytree_node=False)
+    diagonal_spatial: bool = struct.field(pytree_node=False, default=False)
     non_gaussian: str = struct.field(pytree_node=False, default="")
 
     @property
     def same_inputs(self) -> bool:
-        """True when the kernel is of a batch with itself (``x2 = None``): ``var2 is var1``."""
+        """True when the kernel is of a batch with itself (``x2 = None``): ``var2 is var1``
+        (kernels without variances replaying a per-input pass are of two batches)."""
+        if self.var1 is None:
+            tape = _TAPE.get()
+            return not (tape is not None and tape.replaying)
         return self.var2 is self.var1
+
+    def replace(self, **changes: Any) -> Kernel:
+        """A copy with the given fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """``nngp.shape``: ``(N1, N2)``, or ``(N1, N2, *S, *S)`` with spatial axes."""
+        """``nngp.shape``: ``(N1, N2)``, ``(N1, N2, *S, *S)``, or ``(N1, N2, *S)`` with
+        ``diagonal_spatial``."""
         return tuple(self.nngp.shape)
 
     @property
     def spatial_ndim(self) -> int:
         """The number of spatial axes (0 for a kernel of feature vectors)."""
-        return (self.nngp.ndim - 2) // 2
+        extra = len(self.nngp.shape) - 2
+        return extra if self.diagonal_spatial else extra // 2
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -117,10 +162,20 @@ class Kernel:
     def dtype(self):
         return self.nngp.dtype
 
+    def require_all_pairs(self, layer: str) -> None:
+        """For layer rules that mix positions: raises :class:`AllPairsRequired` when this kernel
+        holds only same-position pairs (``kernel_fn`` then runs the module with all pairs)."""
+        if self.diagonal_spatial:
+            raise AllPairsRequired(
+                f"{layer} needs the kernel between all pairs of positions, but this kernel "
+                "holds only same-position pairs (kernel_fn(module, position_pairs='same'))."
+            )
+
     def __add__(self, other: Any) -> Kernel:
         if not isinstance(other, Kernel):
             return NotImplemented
-        if self.width != other.width or self.shape != other.shape:
+        if (self.width != other.width or self.shape != other.shape
+                or self.diagonal_spatial != other.diagonal_spatial):
             raise ValueError(
                 "can only add kernels of branches with the same width and inputs; got widths "
                 f"{self.width} and {other.width}, shapes {self.shape} and {other.shape}."
@@ -132,15 +187,16 @@ class Kernel:
                 "means do not vanish, so the cross terms E[f] E[g'] would be missing. End at "
                 "least one branch in a Dense/Conv layer (as in a residual block)."
             )
-        var1 = self.var1 + other.var1
-        same = self.same_inputs and other.same_inputs
-        return Kernel(
-            nngp=self.nngp + other.nngp,
-            ntk=self.ntk + other.ntk,
+        a, b = (self, other) if (self.var1 is None) == (other.var1 is None) else (
+            self.with_variances(), other.with_variances())
+        var1 = None if a.var1 is None or b.var1 is None else a.var1 + b.var1
+        same = a.same_inputs and b.same_inputs
+        return a.replace(
+            nngp=a.nngp + b.nngp,
+            ntk=a.ntk + b.ntk,
             var1=var1,
-            var2=var1 if same else self.var2 + other.var2,
-            width=self.width,
-            non_gaussian=self.non_gaussian or other.non_gaussian,
+            var2=var1 if same or a.var2 is None or b.var2 is None else a.var2 + b.var2,
+            non_gaussian=a.non_gaussian or b.non_gaussian,
         )
 
     def __mul__(self, scale: Any) -> Kernel:
@@ -150,15 +206,8 @@ class Kernel:
                 f"kernel alpha^2 K); got {type(scale).__name__} of shape {jnp.shape(scale)}."
             )
         s2 = jnp.asarray(scale, self.dtype) ** 2
-        var1 = self.var1 * s2
-        return Kernel(
-            nngp=self.nngp * s2,
-            ntk=self.ntk * s2,
-            var1=var1,
-            var2=var1 if self.same_inputs else self.var2 * s2,
-            width=self.width,
-            non_gaussian=self.non_gaussian,
-        )
+        var1, var2 = self.map_variances(lambda v: v * s2)
+        return self.replace(nngp=self.nngp * s2, ntk=self.ntk * s2, var1=var1, var2=var2)
 
     __rmul__ = __mul__
 
@@ -170,33 +219,82 @@ class Kernel:
     def __neg__(self) -> Kernel:
         return self
 
-    def replace(self, **changes: Any) -> Kernel:
-        """A copy with the given fields replaced (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
-
     def __getitem__(self, index: Any) -> Kernel:
         """``k[rows, cols]``: the kernel of a subset of x1 (``rows``) and x2 (``cols``) -- any
         numpy-style index of one axis each (``k[rows]`` keeps every x2). ``nngp`` and ``ntk``
         are indexed on their two batch axes, ``var1`` by ``rows`` and ``var2`` by ``cols``."""
+        k = self.with_variances()
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
-        nngp = self.nngp[rows][:, cols]
-        ntk = self.ntk[rows][:, cols]
-        return Kernel(nngp=nngp, ntk=ntk, var1=self.var1[rows], var2=self.var2[cols],
-                      width=self.width, non_gaussian=self.non_gaussian)
+        assert k.var1 is not None and k.var2 is not None
+        return k.replace(nngp=k.nngp[rows][:, cols], ntk=k.ntk[rows][:, cols],
+                         var1=k.var1[rows], var2=k.var2[cols])
 
-    def map_variances(self, fn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def map_variances(
+        self, fn: Callable[[jax.Array], jax.Array]
+    ) -> tuple[jax.Array | None, jax.Array | None]:
         """``(fn(var1), fn(var2))``, evaluated once when ``var2`` is ``var1`` (``x2 = None``), so
-        the two stay one array and the diagonal of a symmetric kernel stays consistent."""
+        the two stay one array and the diagonal of a symmetric kernel stays consistent;
+        ``(None, None)`` when the variances are not carried (``var1 is None``)."""
+        if self.var1 is None or self.var2 is None:
+            return None, None
         var1 = fn(self.var1)
         return var1, (var1 if self.var2 is self.var1 else fn(self.var2))
 
     def position_variances(self) -> tuple[jax.Array, jax.Array]:
         """Each input's variance at each position, ``var[a, p, p]``, shaped (N, *S), for x1 and
-        x2 (the variances themselves, (N,), without spatial axes)."""
+        x2 (the variances themselves, (N,), without spatial axes).
+
+        Every layer rule that reads variances reads them here (see the module docstring): from
+        ``var1`` / ``var2``, or, when they are not carried, from the NNGP's diagonal
+        (``x2 = None``) or from the per-input pass's record."""
+        if self.var1 is None or self.var2 is None:
+            tape = _TAPE.get()
+            if tape is not None and tape.replaying:
+                return tape.next()
+            d = _batch_diagonal(self.nngp)
+            if not self.diagonal_spatial and self.spatial_ndim:
+                d = position_diagonal(d, self.spatial_ndim)
+            if tape is not None:
+                tape.record(d)
+            return d, d
         nd = self.spatial_ndim
-        if nd == 0:
+        if nd == 0 or self.diagonal_spatial:
             return self.var1, self.var2
-        return self.map_variances(lambda v: position_diagonal(v, nd))
+        d1, d2 = self.map_variances(lambda v: position_diagonal(v, nd))
+        assert d1 is not None and d2 is not None
+        return d1, d2
+
+    def self_covariances(self) -> tuple[jax.Array, jax.Array]:
+        """Each input's kernel with itself across all its positions, ``(N, *S, *S)`` (``(N, *S)``
+        for same-position kernels, ``(N,)`` without spatial axes), for x1 and x2: ``var1`` and
+        ``var2`` when carried, else -- like :meth:`position_variances` -- the NNGP's diagonal
+        (``x2 = None``) or the per-input pass's record (for rules that mix positions)."""
+        if self.var1 is not None and self.var2 is not None:
+            return self.var1, self.var2
+        tape = _TAPE.get()
+        if tape is not None and tape.replaying:
+            return tape.next()
+        d = _batch_diagonal(self.nngp)
+        if tape is not None:
+            tape.record(d)
+        return d, d
+
+    def with_variances(self) -> Kernel:
+        """This kernel with ``var1`` and ``var2`` as arrays (taken from the NNGP's diagonal when
+        they are not carried, which needs ``x2 = x1``)."""
+        if self.var1 is not None and self.var2 is not None:
+            return self
+        tape = _TAPE.get()
+        if (tape is not None and tape.replaying) or self.nngp.shape[0] != self.nngp.shape[1]:
+            raise ValueError("this kernel carries no variances and is not a kernel of x with "
+                             "itself; its variances are unknown here.")
+        var = _batch_diagonal(self.nngp)
+        return self.replace(var1=var, var2=var)
+
+
+def _batch_diagonal(a: jax.Array) -> jax.Array:
+    """``a[i, i, ...]`` of shape (N, ...) from ``a`` of shape (N, N, ...)."""
+    return jnp.moveaxis(jnp.diagonal(a, axis1=0, axis2=1), -1, 0)
 
 
 def position_diagonal(v: jax.Array, nd: int) -> jax.Array:
@@ -207,6 +305,43 @@ def position_diagonal(v: jax.Array, nd: int) -> jax.Array:
     return jnp.diagonal(flat, axis1=1, axis2=2).reshape(n, *spatial)
 
 
+class _VarianceTape:
+    """The variances the layers read (:meth:`Kernel.position_variances`), in the order they read
+    them: recorded by a per-input pass, replayed by the pairwise pass."""
+
+    def __init__(self, replay: tuple[list, list] | None = None) -> None:
+        self.recorded: list[jax.Array] = []
+        self._replay = replay
+        self._index = 0
+
+    @property
+    def replaying(self) -> bool:
+        return self._replay is not None
+
+    def record(self, d: jax.Array) -> None:
+        self.recorded.append(d)
+
+    def next(self) -> tuple[jax.Array, jax.Array]:
+        assert self._replay is not None
+        tape1, tape2 = self._replay
+        if self._index >= len(tape1):
+            raise ValueError(
+                "the module read more variances on a pair of inputs than on one input alone; "
+                "kernel_fn needs a module that runs the same layers on any inputs."
+            )
+        i = self._index
+        self._index += 1
+        return tape1[i], tape2[i]
+
+    def done(self) -> bool:
+        return self._replay is None or self._index == len(self._replay[0])
+
+
+_TAPE: contextvars.ContextVar[_VarianceTape | None] = contextvars.ContextVar(
+    "ntkjax_variance_tape", default=None
+)
+
+
 def _float_inputs(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array | None]:
     """Validated inputs in one floating dtype: (batch, features) or (batch, *spatial, channels)."""
     check_pair(x1, x2)
@@ -214,17 +349,20 @@ def _float_inputs(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array | None]:
     return jnp.asarray(x1, dtype), (None if x2 is None else jnp.asarray(x2, dtype))
 
 
-def input_kernel(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
+def input_kernel(
+    x1: jax.Array, x2: jax.Array | None = None, *, diagonal_spatial: bool = False
+) -> Kernel:
     """The kernel of the inputs themselves: ``nngp = x1 x2^T / d``, ``ntk = 0``, ``width = d``.
 
     With ``x2 = None`` the variances are the diagonal of the same Gram matrix, so the diagonal is
     exactly consistent. Inputs of shape (N, d); integer inputs become the default float dtype.
     Images (N, *S, C): ``nngp[a, b, p, p'] = x1[a, p] . x2[b, p'] / C`` of shape
-    (N1, N2, *S, *S), ``var1[a, p, p'] = x1[a, p] . x1[a, p'] / C``, ``width = C``.
+    (N1, N2, *S, *S), ``var1[a, p, p'] = x1[a, p] . x1[a, p'] / C``, ``width = C``; with
+    ``diagonal_spatial`` only ``p = p'``: (N1, N2, *S) and (N1, *S).
     """
     x1, x2 = _float_inputs(x1, x2)
     if x1.ndim > 2:
-        return _image_input_kernel(x1, x2)
+        return _image_input_kernel(x1, x2, diagonal=diagonal_spatial, variances=True)
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
@@ -250,28 +388,39 @@ def _unit_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x * scale, scale
 
 
-def _image_input_kernel(x1: jax.Array, x2: jax.Array | None) -> Kernel:
+def _image_input_kernel(
+    x1: jax.Array, x2: jax.Array | None, *, diagonal: bool, variances: bool
+) -> Kernel:
+    """The input kernel of images; without ``variances`` it carries none (``var1 = None``: read
+    off the NNGP's diagonal for x2 = None, or replayed)."""
     c, spatial = x1.shape[-1], x1.shape[1:-1]
-    (x1s, s1) = _unit_scaled(x1)
-    (x2s, s2) = (x1s, s1) if x2 is None else _unit_scaled(x2)
+    x1s, s1 = _unit_scaled(x1)
+    x2s, s2 = (x1s, s1) if x2 is None else _unit_scaled(x2)
     flat1 = x1s.reshape(x1.shape[0], -1, c)
     flat2 = x2s.reshape(x2s.shape[0], -1, c)
     hi = jax.lax.Precision.HIGHEST
-    gram = jnp.einsum("apc,bqc->abpq", flat1, flat2, precision=hi) / c / s1 / s2
-    gram = gram.reshape(*gram.shape[:2], *spatial, *spatial)
-    if x2 is None:
-        var1 = var2 = jnp.moveaxis(jnp.diagonal(gram, axis1=0, axis2=1), -1, 0)
+    if diagonal:
+        gram = jnp.einsum("apc,bpc->abp", flat1, flat2, precision=hi) / c / s1 / s2
+        gram = gram.reshape(*gram.shape[:2], *spatial)
     else:
-        var1, var2 = _self_covariance(x1), _self_covariance(x2)
-    return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=c)
+        gram = jnp.einsum("apc,bqc->abpq", flat1, flat2, precision=hi) / c / s1 / s2
+        gram = gram.reshape(*gram.shape[:2], *spatial, *spatial)
+    k = Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=None, var2=None, width=c,
+               diagonal_spatial=diagonal)
+    if not variances:
+        return k
+    if x2 is None:
+        return k.with_variances()
+    return k.replace(var1=_self_covariance(x1, diagonal), var2=_self_covariance(x2, diagonal))
 
 
-def _self_covariance(x: jax.Array) -> jax.Array:
-    """Each input's kernel with itself: (N,) for (N, d); (N, *S, *S) for images (N, *S, C)."""
+def _self_covariance(x: jax.Array, diagonal: bool = False) -> jax.Array:
+    """Each input's kernel with itself: (N,) for (N, d); (N, *S, *S) for images (N, *S, C), or
+    (N, *S) with ``diagonal``."""
     c = x.shape[-1]
     x, s = _unit_scaled(x)
-    if x.ndim == 2:
-        return jnp.sum(x * x, axis=1) / c / s / s
+    if x.ndim == 2 or diagonal:
+        return jnp.sum(x * x, axis=-1) / c / s / s
     flat = x.reshape(x.shape[0], -1, c)
     hi = jax.lax.Precision.HIGHEST
     cov = jnp.einsum("apc,aqc->apq", flat, flat, precision=hi) / c / s / s
@@ -426,7 +575,23 @@ def _apply_to_kernel(module: linen.Module, kernel: Kernel) -> Kernel:
     return out
 
 
-def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
+def _apply_with_tape(module: linen.Module, kernel: Kernel, tape: _VarianceTape) -> Kernel:
+    token = _TAPE.set(tape)
+    try:
+        out = _apply_to_kernel(module, kernel)
+    finally:
+        _TAPE.reset(token)
+    if not tape.done():
+        raise ValueError(
+            "the module read fewer variances on a pair of inputs than on one input alone; "
+            "kernel_fn needs a module that runs the same layers on any inputs."
+        )
+    return out
+
+
+def kernel_fn(
+    module: linen.Module, *, position_pairs: PositionPairs = "auto"
+) -> Callable[..., Kernel]:
     """The infinite-width kernels of ``module``: ``kernel_fn(module)(x1, x2=None) -> Kernel``.
 
     ``module`` is any ``flax.linen`` module built from :mod:`ntkjax.nn` layers and activations
@@ -443,34 +608,41 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
     compiled call (the function jits itself outside a trace; compilation is cached per input
     shape). For matrices larger than one compiled call should hold, use :func:`kernel_matrix`.
 
+    Args:
+      module: the network.
+      position_pairs: for images, which pairs of positions the evaluation keeps (module
+        docstring): ``"auto"`` -- only same-position pairs when the module allows it (no layer
+        mixes positions and the output has no spatial axes), else all pairs; ``"all"`` --
+        always all pairs; ``"same"`` -- only same-position pairs (a module whose output keeps
+        spatial axes then gives (N1, N2, *S) kernels; a module that mixes positions is a
+        ValueError). The kernels are the same either way.
+
     Raises:
       ValueError: for inputs without a feature axis or that disagree in their per-example
         shape, and when the module uses a layer without an infinite-width rule (e.g.
         ``flax.linen.Dense``).
+
+    >>> import ntkjax
+    >>> cnn = ntkjax.models.CNN((8, 1), readout="flatten")
+    >>> ntkjax.kernel_fn(cnn)(jnp.ones((3, 4, 4, 2))).ntk.shape
+    (3, 3)
     """
+    check_choice(position_pairs, POSITION_PAIRS, "position_pairs")
 
     def fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
-        k = input_kernel(x1, x2)
-        out = _apply_to_kernel(module, k)
-        if is_concrete(k.nngp):
-            return out
-        # Under jit: a second, structurally distinct copy of the graph for the NNGP output.
-        # XLA fuses an elementwise chain into one loop only when all its users are in that
-        # loop; with both outputs drawn from one graph it materializes every layer (4-10x
-        # slower). Two independent chains -- the NTK one also computes the NNGP internally --
-        # each fuse into a single loop over the (N1, N2) entries.
-        k_copy = dataclasses.replace(k, nngp=k.nngp + _opaque_zero(k.nngp))
-        return dataclasses.replace(out, nngp=_apply_to_kernel(module, k_copy).nngp)
-
-    def symmetric_fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
-        out = fn(x1, x2)
-        if x2 is None and jnp.ndim(x1) > 2:
+        x1, x2 = _float_inputs(x1, x2)
+        if x1.ndim == 2:
+            return _vector_kernels(module, x1, x2)
+        diagonal = _use_diagonal(module, x1, position_pairs)
+        out = _image_kernels(module, x1, x2, diagonal)
+        if x2 is None:
             # Dense layers and activations map symmetric kernels to exactly symmetric ones;
             # pooling sums positions in a different order for k[a, b] and k[b, a].
-            out = out.replace(nngp=_symmetrized(out.nngp), ntk=_symmetrized(out.ntk))
+            out = out.replace(nngp=_symmetrized(out.nngp, out.diagonal_spatial),
+                              ntk=_symmetrized(out.ntk, out.diagonal_spatial))
         return out
 
-    jitted = jax.jit(symmetric_fn)
+    jitted = jax.jit(fn)
 
     def dispatch(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
         # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
@@ -478,17 +650,113 @@ def kernel_fn(module: linen.Module) -> Callable[..., Kernel]:
         if jnp.ndim(x1) > 2 and is_concrete(x1):
             check_pair(x1, x2)  # inside the jitted program the values are not known
             return jitted(x1, x2)
-        return symmetric_fn(x1, x2)
+        return fn(x1, x2)
 
     return dispatch
 
 
-def _symmetrized(k: jax.Array) -> jax.Array:
-    """``(k + k^T) / 2`` for a kernel of shape (N, N, *S, *S): x1 and x2 swapped, and with them
-    the two position axes of each pair."""
+def _symmetrized(k: jax.Array, diagonal_spatial: bool) -> jax.Array:
+    """``(k + k^T) / 2`` for a kernel of shape (N, N, *S, *S) (x1 and x2 swapped, and with them
+    the two position axes of each pair) or, same-position pairs, (N, N, *S)."""
+    if diagonal_spatial:
+        return 0.5 * (k + jnp.swapaxes(k, 0, 1))
     nd = (k.ndim - 2) // 2
     axes = (1, 0, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
     return 0.5 * (k + jnp.transpose(k, axes))
+
+
+def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
+    """``apply(k)`` with the NNGP taken from a second, structurally distinct copy of the graph.
+
+    XLA fuses an elementwise chain into one loop only when all its users are in that loop; with
+    both outputs drawn from one graph it materializes every layer (4-10x slower). Two
+    independent chains -- the NTK one also computes the NNGP internally -- each fuse into a
+    single loop over the (N1, N2) entries. Outside a trace, one application."""
+    out = apply(k)
+    if is_concrete(k.nngp):
+        return out
+    k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
+    return out.replace(nngp=apply(k_copy).nngp)
+
+
+def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None) -> Kernel:
+    return _two_graphs(lambda k: _apply_to_kernel(module, k), input_kernel(x1, x2))
+
+
+def _use_diagonal(module: linen.Module, x1: jax.Array, position_pairs: PositionPairs) -> bool:
+    """Whether the module's kernels can be computed from same-position pairs only: traced on
+    shapes, a layer that mixes positions raises :class:`AllPairsRequired`."""
+    if position_pairs == "all":
+        return False
+    one = jax.ShapeDtypeStruct((1, *x1.shape[1:]), x1.dtype)
+    try:
+        out = jax.eval_shape(
+            lambda a: _apply_to_kernel(
+                module, _image_input_kernel(a, None, diagonal=True, variances=False)
+            ),
+            one,
+        )
+    except AllPairsRequired as err:
+        if position_pairs == "same":
+            raise ValueError(f"position_pairs='same' is not possible for this module: {err}") \
+                from err
+        return False
+    return not (position_pairs == "auto" and out.spatial_ndim)
+
+
+# Per-input pass: inputs evaluated together (vmap) in chunks of at most this many kernel entries.
+_PER_INPUT_ENTRIES = 2**24
+
+
+def _per_input_pass(
+    module: linen.Module, x: jax.Array, diagonal: bool
+) -> tuple[list[jax.Array], jax.Array]:
+    """Runs the module on each input alone (x2 = None, one input at a time): returns the
+    variances every layer reads, stacked over inputs (each (N, *S_l) or (N,)), and each input's
+    output variances ((N,), or (N, *S, *S) / (N, *S) for a spatial output)."""
+
+    def one(xi: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        tape = _VarianceTape()
+        k = _image_input_kernel(xi[None], None, diagonal=diagonal, variances=False)
+        token = _TAPE.set(tape)
+        try:
+            out = _apply_to_kernel(module, k)
+        finally:
+            _TAPE.reset(token)
+        return [d[0] for d in tape.recorded], _batch_diagonal(out.nngp)[0]
+
+    spatial = math.prod(x.shape[1:-1])
+    entries = spatial if diagonal else spatial * spatial
+    chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(entries, 1)))
+    if chunk >= x.shape[0]:
+        return jax.vmap(one)(x)
+    return jax.lax.map(one, x, batch_size=chunk)
+
+
+def _pairwise(
+    module: linen.Module,
+    x1: jax.Array,
+    x2: jax.Array,
+    tapes: tuple[list[jax.Array], list[jax.Array]],
+    diagonal: bool,
+) -> Kernel:
+    """The module on the kernel of x1 against x2, replaying the per-input variances (the
+    result carries no variances)."""
+    k = _image_input_kernel(x1, x2, diagonal=diagonal, variances=False)
+    return _two_graphs(lambda kk: _apply_with_tape(module, kk, _VarianceTape(tapes)), k)
+
+
+def _image_kernels(
+    module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool
+) -> Kernel:
+    if x2 is None:
+        k = _image_input_kernel(x1, None, diagonal=diagonal, variances=False)
+        return _two_graphs(lambda kk: _apply_to_kernel(module, kk), k).with_variances()
+    n1 = x1.shape[0]
+    tape, var = _per_input_pass(module, jnp.concatenate([x1, x2]), diagonal)
+    tapes = ([t[:n1] for t in tape], [t[n1:] for t in tape])
+    out = _pairwise(module, x1, x2, tapes, diagonal)
+    return out.replace(var1=var[:n1], var2=var[n1:])
 
 
 def _opaque_zero(a: jax.Array) -> jax.Array:
@@ -515,14 +783,17 @@ def kernel_matrix(
     40,000 x 40,000 float32 NNGP and NTK of a depth-3 ReLU MLP (2 x 6.4 GB). With
     ``x2 = None`` only the blocks on and above the diagonal are computed and mirrored.
 
+    Images: whichever readout (flatten, global pooling, ...), the pairs of positions are chosen
+    as in :func:`kernel_fn`, and each input's variances at every layer are computed once, in a
+    per-input pass, and handed to every block that needs them (module docstring).
+
     Returns:
       A :class:`Kernel` whose ``nngp`` and ``ntk`` are numpy arrays of shape (N1, N2) and
       ``var1``, ``var2`` the NNGP variances (numpy).
 
     Raises:
       ValueError: when the module's output kernel still has spatial axes (end a convolutional
-        network with :func:`ntkjax.nn.flatten` or :func:`ntkjax.nn.global_average_pool`), and
-        for ``x2 = None`` with a train-mode :class:`ntkjax.nn.Dropout`.
+        network with :func:`ntkjax.nn.flatten` or a global pooling and a Dense readout).
     """
     x1, x2 = _float_inputs(x1, x2)
     token = _SAME_BATCH_RULES.set([])
@@ -544,6 +815,9 @@ def kernel_matrix(
             f"kernel has spatial shape {out.spatial_shape}. End the network with "
             "ntkjax.nn.flatten or ntkjax.nn.global_average_pool and a Dense readout."
         )
+    if x1.ndim > 2:
+        return _image_kernel_matrix(module, x1, x2, memory_bytes=memory_bytes,
+                                    block_size=block_size, show_progress=show_progress)
     compute = kernel_fn(module)
 
     def block_fn(a, b):
@@ -561,9 +835,35 @@ def kernel_matrix(
     return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=out.width)
 
 
+def _image_kernel_matrix(module, x1, x2, *, memory_bytes, block_size, show_progress) -> Kernel:
+    diagonal = _use_diagonal(module, x1, "auto")
+    per_input = jax.jit(lambda a: _per_input_pass(module, a, diagonal))
+    tape1, var1 = per_input(x1)
+    tape2, var2 = (tape1, var1) if x2 is None else per_input(x2)
+    width = _output_kernel_shape(module, x1).width
+
+    def block_fn(i1, i2, a1, a2, t1, t2):
+        rows1, rows2 = i1[:, 0], i2[:, 0]
+        tapes = ([t[rows1] for t in t1], [t[rows2] for t in t2])
+        k = _pairwise(module, a1[rows1], a2[rows2], tapes, diagonal)
+        return k.nngp, k.ntk
+
+    index1 = jnp.arange(x1.shape[0])[:, None]
+    index2 = None if x2 is None else jnp.arange(x2.shape[0])[:, None]
+    nngp, ntk = evaluate_in_blocks(
+        block_fn, index1, index2,
+        fn_args=(x1, x1 if x2 is None else x2, tape1, tape2),
+        block_size=block_size, memory_bytes=memory_bytes, show_progress=show_progress,
+        description="kernel blocks",
+    )
+    var1 = np.asarray(jax.device_get(var1))
+    var2 = var1 if x2 is None else np.asarray(jax.device_get(var2))
+    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=width)  # type: ignore[arg-type]
+
+
 def _row_kernel(x: jax.Array) -> Kernel:
-    """An (N, 1) kernel of x whose ``var1`` carries every row's variance through the network
-    (its ``nngp`` column is a placeholder of the right shape)."""
+    """An (N, 1) kernel of feature vectors x whose ``var1`` carries every row's variance through
+    the network (its ``nngp`` column is a placeholder of the right shape)."""
     var = _self_covariance(x)
     return Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                   var2=var[:1], width=x.shape[-1])

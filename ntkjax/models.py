@@ -1,10 +1,12 @@
 """Ready-made networks built from :mod:`ntkjax.nn`, usable as finite networks and as kernels:
-:class:`MLP` (fully connected) and :class:`CNN` (convolutional)."""
+:class:`MLP` (fully connected), :class:`CNN` (convolutional, with optional pooling) and
+:class:`Myrtle` (Shankar et al. 2020's convolutional kernels)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from flax import linen
 
@@ -14,7 +16,8 @@ from ntkjax.kernels import Kernel
 from ntkjax.nn.conv import ConvPadding
 from ntkjax.nn.dense import Parameterization
 
-__all__ = ["ACTIVATIONS", "CNN", "MLP", "READOUTS", "Readout", "resolve_activation"]
+__all__ = ["ACTIVATIONS", "CNN", "MLP", "MYRTLE_DEPTHS", "POOLINGS", "READOUTS", "Myrtle",
+           "Readout", "resolve_activation"]
 
 # Activations selectable by name (those needing a parameter take their default here).
 ACTIVATIONS: dict[str, Callable] = {
@@ -37,7 +40,11 @@ Readout = Literal["flatten", "global_average_pool"]
 READOUTS: dict[str, Callable] = {
     "flatten": nn.flatten,
     "global_average_pool": nn.global_average_pool,
+    "global_sum_pool": nn.global_sum_pool,
 }
+
+# Pooling between convolutions, by name.
+POOLINGS: dict[str, Callable] = {"avg": nn.avg_pool, "sum": nn.sum_pool}
 
 
 def resolve_activation(activation: str | Callable) -> Callable:
@@ -113,8 +120,8 @@ class MLP(_Network):
 
 
 class CNN(_Network):
-    """A convolutional network: ``Conv(c1) -> act -> ... -> Conv(c_L) -> act -> readout ->
-    Dense(out)``, on inputs (N, *spatial, C) (NHWC for images; 1-D and N-D alike).
+    """A convolutional network: ``Conv(c1) -> act [-> pool] -> ... -> Conv(c_L) -> act ->
+    readout -> Dense(out)``, on inputs (N, *spatial, C) (NHWC for images; 1-D and N-D alike).
 
     Attributes:
       features: ``(c1, ..., c_L, out)``: the convolutions' channels, then the number of outputs.
@@ -122,25 +129,46 @@ class CNN(_Network):
         spatial axis; padding ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"``).
       activation: as in :class:`MLP` (a name in :data:`ACTIVATIONS` or an :mod:`ntkjax.nn`
         activation).
-      readout: ``"flatten"`` (:func:`ntkjax.nn.flatten`) or ``"global_average_pool"``
-        (:func:`ntkjax.nn.global_average_pool`).
+      readout: ``"flatten"`` (:func:`ntkjax.nn.flatten`), ``"global_average_pool"`` or
+        ``"global_sum_pool"``.
+      pooling: None (no pooling), ``"avg"`` (:func:`ntkjax.nn.avg_pool`) or ``"sum"``
+        (:func:`ntkjax.nn.sum_pool`) after the activation of every convolution but the last
+        (or of those listed in ``pool_after``).
+      pool_window, pool_strides, pool_padding: the pooling's window (an int for every spatial
+        axis, or one per axis), strides (default: the window) and padding (``"VALID"``,
+        ``"SAME"``, ``"CIRCULAR"``).
+      pool_after: indices of the convolutions followed by pooling (None: all but the last).
       w_std, b_std, parameterization: of every Conv and of the Dense readout.
 
     ``CNN(...).init(key, x)`` / ``.apply(variables, x)`` map (N, *S, C) to (N, out);
     ``ntkjax.kernel_fn(CNN(...))`` gives its infinite-width NNGP and NTK (per output), the
     CNN-GP / CNTK of Novak et al. 2019 and Arora et al. 2019 (global average pooling: CNTK-GAP).
     Configure by keyword.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> cnn = CNN((8, 8, 1), pooling="avg", readout="flatten")
+    >>> ntkjax.kernel_fn(cnn)(jnp.ones((2, 8, 8, 3))).ntk.shape
+    (2, 2)
     """
 
     kernel_size: int | Sequence[int] = 3
     strides: int | Sequence[int] = 1
     padding: ConvPadding = "SAME"
     readout: Readout = "flatten"
+    pooling: str | None = None
+    pool_window: int | Sequence[int] = 2
+    pool_strides: int | Sequence[int] | None = None
+    pool_padding: str = "VALID"
+    pool_after: Sequence[int] | None = None
 
     @linen.compact
     def __call__(self, x):
         act = self._activation("(64, 1)")
         check_choice(self.readout, tuple(READOUTS), "readout")
+        if self.pooling is not None:
+            check_choice(self.pooling, tuple(POOLINGS), "pooling")
+        n_conv = len(self.features) - 1
+        pool_after = (range(n_conv - 1) if self.pool_after is None else self.pool_after)
         for i, channels in enumerate(self.features[:-1]):
             conv = nn.Conv(
                 channels, kernel_size=self.kernel_size, strides=self.strides,
@@ -148,8 +176,108 @@ class CNN(_Network):
                 parameterization=self.parameterization, name=f"Conv_{i}",
             )
             x = act(conv(x))
+            if self.pooling is not None and i in pool_after:
+                x = _pool(x, POOLINGS[self.pooling], self.pool_window, self.pool_strides,
+                          self.pool_padding)
         x = READOUTS[self.readout](x)
         return nn.Dense(
             self.features[-1], w_std=self.w_std, b_std=self.b_std,
             parameterization=self.parameterization, name="Dense_0",
         )(x)
+
+
+def _spatial_ndim(x: Any) -> int:
+    return x.spatial_ndim if isinstance(x, Kernel) else x.ndim - 2
+
+
+def _pool(x: Any, pool: Callable, window: int | Sequence[int],
+          strides: int | Sequence[int] | None, padding: str) -> Any:
+    nd = _spatial_ndim(x)
+    window = (window,) * nd if isinstance(window, int) else tuple(window)
+    strides = window if strides is None else (
+        (strides,) * nd if isinstance(strides, int) else tuple(strides))
+    return pool(x, window, strides, padding)
+
+
+# Convolutions per stage of Myrtle networks (Shankar et al. 2020, as in neural-tangents'
+# Myrtle notebook): stage sizes 32 -> 16 -> 8 pixels for CIFAR-10.
+MYRTLE_DEPTHS: dict[int, tuple[int, int, int]] = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
+
+
+class Myrtle(linen.Module):
+    """Myrtle networks (Shankar et al. 2020, "Neural Kernels Without Tangents"), as
+    neural-tangents' Myrtle notebook builds them: three stages of 3x3 SAME convolutions with
+    ReLU, separated by 2x2 average pooling (stride 2), then 2x2 average pooling until one pixel
+    is left, flatten and a Dense readout::
+
+        [Conv(c) -> relu] x n1 -> AvgPool 2 -> [Conv(c) -> relu] x n2 -> AvgPool 2
+        -> [Conv(c) -> relu] x n3 -> AvgPool 2 (repeated to 1 x 1) -> Flatten -> Dense(out)
+
+    with ``(n1, n2, n3)`` = (2, 1, 1), (2, 2, 2), (3, 3, 3) for depth 5, 7, 10
+    (:data:`MYRTLE_DEPTHS`; depth counts the convolutions and the readout). On 32 x 32 images
+    the final pooling runs three times (8 -> 1), on 16 x 16 twice.
+
+    Attributes:
+      depth: 5, 7 or 10.
+      channels: the convolutions' channels (finite network; the kernel does not depend on it
+        in the NTK parameterization).
+      num_outputs: the readout's outputs (10 for CIFAR-10).
+      activation: as in :class:`MLP` (ReLU in the paper).
+      w_std, b_std, parameterization: of every Conv and of the readout (``sqrt(2)``, 0 and the
+        NTK parameterization, as in the notebook).
+      readout_w_std: the readout's weight standard deviation (None: ``w_std``, as the notebook
+        does).
+      final_pools: how many 2x2 poolings end the network; None pools until the image is one
+        pixel (at most as many as the input allows).
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> ntkjax.kernel_fn(Myrtle(5))(jnp.ones((2, 16, 16, 3))).ntk.shape
+    (2, 2)
+    """
+
+    depth: int = 5
+    channels: int = 128
+    num_outputs: int = 10
+    activation: str | Callable = "relu"
+    w_std: float = math.sqrt(2.0)
+    b_std: float = 0.0
+    parameterization: Parameterization = "ntk"
+    readout_w_std: float | None = None
+    final_pools: int | None = None
+
+    @linen.compact
+    def __call__(self, x):
+        check_choice(self.depth, tuple(MYRTLE_DEPTHS), "depth")
+        act = resolve_activation(self.activation)
+        nd = _spatial_ndim(x)
+        if nd < 1:
+            raise ValueError("Myrtle needs inputs of shape (batch, *spatial, channels).")
+        conv_index = 0
+
+        def conv(h):
+            nonlocal conv_index
+            layer = nn.Conv(self.channels, kernel_size=3, padding="SAME", w_std=self.w_std,
+                            b_std=self.b_std, parameterization=self.parameterization,
+                            name=f"Conv_{conv_index}")
+            conv_index += 1
+            return act(layer(h))
+
+        def pool(h):
+            return nn.avg_pool(h, (2,) * nd, strides=(2,) * nd)
+
+        for stage, count in enumerate(MYRTLE_DEPTHS[self.depth]):
+            for _ in range(count):
+                x = conv(x)
+            if stage < 2:
+                x = pool(x)
+        spatial = x.spatial_shape if isinstance(x, Kernel) else x.shape[1:-1]
+        if self.final_pools is None:
+            pools = max(min(spatial), 1).bit_length() - 1  # halvings down to one pixel
+        else:
+            pools = self.final_pools
+        for _ in range(pools):
+            x = pool(x)
+        x = nn.flatten(x)
+        w_std = self.w_std if self.readout_w_std is None else self.readout_w_std
+        return nn.Dense(self.num_outputs, w_std=w_std, b_std=self.b_std,
+                        parameterization=self.parameterization, name="Dense_0")(x)

@@ -20,8 +20,11 @@ whichever needs fewer FLOPs. A convolution is a dense layer on its input patches
 Layer inputs ``x`` are captured, and the cotangents ``delta`` obtained as gradients with respect
 to zero perturbations added to each layer's output, through ``flax.linen.intercept_methods``.
 Supported: ``flax.linen`` ``Dense``, ``DenseGeneral`` (without ``batch_dims``), ``Conv`` (shared
-weights, one feature group, no mask) and ``Embed`` (only through ``__call__``), and
+weights, one feature group, no mask), ``ConvTranspose`` (no mask, kernel not transposed,
+``"SAME"``, ``"VALID"`` or explicit padding: a stride-1 convolution of the stride-dilated input,
+so a dense layer on that input's patches) and ``Embed`` (only through ``__call__``), and
 ``ntkjax.nn.Dense`` (its kernel/bias scales are read off by differentiating the layer once).
+``ntkjax.nn.Conv`` and ``ntkjax.nn.ConvTranspose`` are one ``flax.linen.Conv`` each.
 Only exact classes are recognised (not subclasses), and a module called more than once is
 treated as unsupported. Every parameter not covered -- LayerNorm scales, unsupported layers,
 non-linen parameters -- falls back to per-sample Jacobian contraction, computed in the same
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -59,7 +63,8 @@ from ntkjax.nn.dense import Dense as NTKDense
 
 __all__ = ["count_structured_layers", "last_hidden_features", "structured_kernel"]
 
-_PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"}, "embed": {"embedding"}}
+_PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"},
+                "conv_transpose": {"kernel", "bias"}, "embed": {"embedding"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,7 @@ class _Layer:
     """A supported layer called once: where its params live and how to read its input."""
 
     path: tuple[str, ...]
-    kind: str  # "dense" | "conv" | "embed"
+    kind: str  # "dense" | "conv" | "conv_transpose" | "embed"
     module: Any  # unbound clone, for static attributes and the scale probe
     in_shape: tuple[int, ...]  # per-call input shape (batch axis 1 included)
     out_shape: tuple[int, ...]
@@ -93,6 +98,14 @@ def _layer_kind(module) -> tuple[str | None, bool]:
         ):
             return None, False
         return "conv", False
+    if cls is nn.ConvTranspose:
+        if (
+            module.mask is not None
+            or module.transpose_kernel
+            or (isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"))
+        ):
+            return None, False
+        return "conv_transpose", False
     if cls is nn.Embed:
         return "embed", False
     if cls is NTKDense:
@@ -182,7 +195,7 @@ def _layer_params(trainable, layer: _Layer):
 
 
 def _input_ok(layer: _Layer) -> bool:
-    if layer.kind == "conv":
+    if layer.kind in ("conv", "conv_transpose"):
         ks = layer.module.kernel_size
         n_spatial = 1 if isinstance(ks, int) else len(ks)
         return len(layer.in_shape) == n_spatial + 2
@@ -251,6 +264,38 @@ def _conv_patch_parts(module, x):
     return slices
 
 
+def _conv_transpose_as_conv(module):
+    """The stride-1 convolution of the stride-dilated input that ``flax.linen.ConvTranspose``
+    (``lax.conv_transpose`` without kernel flip) computes, as the attributes
+    :func:`_conv_patch_parts` reads: ``input_dilation`` = the strides, and the padding
+    ``lax.conv_transpose`` derives from ``"SAME"`` / ``"VALID"`` for the dilated kernel (explicit
+    pairs are the transposed convolution's own padding)."""
+    ks = module.kernel_size
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+
+    def bcast(v):
+        v = 1 if v is None else v
+        return (v,) * len(ks) if isinstance(v, int) else tuple(v)
+
+    strides, dilation = bcast(module.strides), bcast(module.kernel_dilation)
+    padding = module.padding
+    if isinstance(padding, str):
+        pads = []
+        for k, s, d in zip(ks, strides, dilation, strict=True):
+            k_eff = (k - 1) * d + 1
+            if padding == "SAME":
+                total = k_eff + s - 2
+                lo = k_eff - 1 if s > k_eff - 1 else -(-total // 2)
+            else:
+                total = k_eff + s - 2 + max(k_eff - s, 0)
+                lo = k_eff - 1
+            pads.append((lo, total - lo))
+    else:
+        pads = [tuple(int(v) for v in pad) for pad in canonicalize_padding(padding, len(ks))]
+    return types.SimpleNamespace(kernel_size=ks, kernel_dilation=dilation,
+                                 strides=(1,) * len(ks), input_dilation=strides, padding=pads)
+
+
 def _layer_inputs(layer: _Layer, x) -> tuple:
     """Per-sample layer input ``x`` of shape (N, 1, ...) as parts (N, T, K_j) whose join along
     the last axis is the (N, T, K) input of the dense form (one part, ids (N, T), for Embed)."""
@@ -258,9 +303,12 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
     x = x[:, 0]
     if layer.kind == "embed":
         return (x.reshape(n, -1),)
-    if layer.kind == "conv":
+    if layer.kind in ("conv", "conv_transpose"):
+        module = layer.module
+        if layer.kind == "conv_transpose":
+            module = _conv_transpose_as_conv(module)
         return tuple(
-            part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(layer.module, x)
+            part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(module, x)
         )
     axes = list(_dense_axes(layer.module, len(layer.in_shape)))  # same ndim as x here
     k = len(axes)
@@ -626,7 +674,7 @@ def last_hidden_features(apply_fn: Callable, params: Any, x: jax.Array) -> jax.A
 
     def interceptor(next_fun, args, kwargs, context):
         kind, _ = _layer_kind(context.module)
-        if context.method_name == "__call__" and kind in ("dense", "conv"):
+        if context.method_name == "__call__" and kind in ("dense", "conv", "conv_transpose"):
             captured.append(_call_input(args, kwargs))
         return next_fun(*args, **kwargs)
 

@@ -52,6 +52,26 @@ def _conv(spec: dict, x: Any) -> Any:
                    padding=spec["padding"], **_affine(spec))(x)
 
 
+def _conv_transpose(spec: dict, x: Any) -> Any:
+    return nn.ConvTranspose(spec["out_chan"], kernel_size=tuple(spec["filter_shape"]),
+                            strides=tuple(spec["strides"] or (1,) * len(spec["filter_shape"])),
+                            padding=spec["padding"], **_affine(spec))(x)
+
+
+def _pool_args(spec: dict) -> dict[str, Any]:
+    return {"window_shape": tuple(spec["window_shape"]),
+            "strides": None if spec["strides"] is None else tuple(spec["strides"]),
+            "padding": spec["padding"]}
+
+
+def _avg_pool(spec: dict, x: Any) -> Any:
+    return nn.avg_pool(x, **_pool_args(spec), count_include_pad=not spec["normalize_edges"])
+
+
+def _sum_pool(spec: dict, x: Any) -> Any:
+    return nn.sum_pool(x, **_pool_args(spec))
+
+
 # layer name -> f(spec, x) -> y, called inside the module's compact __call__
 TRANSLATIONS: dict[str, Callable[[dict, Any], Any]] = {
     "Dense": _dense,
@@ -62,6 +82,10 @@ TRANSLATIONS: dict[str, Callable[[dict, Any], Any]] = {
     "Identity": lambda spec, x: x,
     "Flatten": lambda spec, x: nn.flatten(x),
     "GlobalAvgPool": lambda spec, x: nn.global_average_pool(x),
+    "GlobalSumPool": lambda spec, x: nn.global_sum_pool(x),
+    "AvgPool": _avg_pool,
+    "SumPool": _sum_pool,
+    "ConvTranspose": _conv_transpose,
 }
 
 

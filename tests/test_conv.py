@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import flax.linen
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -126,15 +127,14 @@ def test_one_by_one_conv_on_a_kernel_is_a_per_position_dense_layer(x64):
 
 def _numpy_patches(x, window, strides, padding):
     """(N, *out, |K| C) patch vectors of NHWC-like x, built with plain numpy loops: zero (SAME)
-    or periodic (CIRCULAR) padding, SAME's padding split as in the TensorFlow/XLA convention
-    (total = max((ceil(n/s) - 1) s + k - n, 0), the smaller half in front)."""
+    or periodic (CIRCULAR) padding, both split as in the TensorFlow/XLA SAME convention
+    (total = max((ceil(n/s) - 1) s + k - n, 0), the smaller half in front; for CIRCULAR this is
+    neural-tangents' convention)."""
     nd = len(window)
     pads = []
     for n, k, s in zip(x.shape[1:-1], window, strides, strict=True):
         if padding == "VALID":
             pads.append((0, 0))
-        elif padding == "CIRCULAR":
-            pads.append(((k - 1) // 2, k // 2))
         else:
             total = max((-(-n // s) - 1) * s + k - n, 0)
             pads.append((total // 2, total - total // 2))
@@ -192,3 +192,105 @@ def test_patch_average_keeps_dtype_and_rejects_bad_shapes():
     with pytest.raises(ValueError, match="does not fit"):
         conv.patch_average(k, batch_ndim=2, window=(5, 5), padding="VALID")
 
+
+
+# ---- same-position (diagonal) kernels, transposed convolutions, validation ----
+
+
+@pytest.mark.parametrize(("window", "strides", "padding", "spatial"), CONV_CASES[:4])
+def test_diagonal_patch_average_is_the_same_position_kernel_of_explicit_patches(
+        window, strides, padding, spatial, x64):
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.normal(size=(3, *spatial, 2)), rng.normal(size=(2, *spatial, 2))
+    diag = np.einsum("apc,bpc->abp", x1.reshape(3, -1, 2), x2.reshape(2, -1, 2)) / 2
+    got = conv.patch_average(jnp.asarray(diag.reshape(3, 2, *spatial)), batch_ndim=2,
+                             window=window, strides=strides, padding=padding,
+                             diagonal_spatial=True)
+    p1, p2 = (_numpy_patches(x, window, strides, padding) for x in (x1, x2))
+    outs = p1.shape[1:-1]
+    want = np.einsum("apc,bpc->abp", p1.reshape(3, -1, p1.shape[-1]),
+                     p2.reshape(2, -1, p2.shape[-1])).reshape(3, 2, *outs) / p1.shape[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+def _numpy_transpose_patches(x, window, strides, padding):
+    """Patches of the stride-dilated input padded as lax.conv_transpose pads it (total
+    k + s - 2 for SAME, k - 1 in front when s > k - 1 else half rounded up; VALID: k - 1 in
+    front, k + s - 2 + max(k - s, 0) in total), built with numpy loops."""
+    nd = len(window)
+    shape = [x.shape[0]] + [(n - 1) * s + 1 for n, s in zip(x.shape[1:-1], strides,
+                                                             strict=True)] + [x.shape[-1]]
+    dil = np.zeros(shape)
+    dil[(slice(None), *(slice(None, None, s) for s in strides))] = x
+    pads = []
+    for k, s in zip(window, strides, strict=True):
+        if padding == "SAME":
+            total = k + s - 2
+            lo = k - 1 if s > k - 1 else -(-total // 2)
+        else:
+            total = k + s - 2 + max(k - s, 0)
+            lo = k - 1
+        pads.append((lo, total - lo))
+    xp = np.pad(dil, [(0, 0), *pads, (0, 0)])
+    outs = [xp.shape[1 + i] - window[i] + 1 for i in range(nd)]
+    patches = np.zeros((x.shape[0], *outs, int(np.prod(window)) * x.shape[-1]))
+    for o in itertools.product(*map(range, outs)):
+        parts = [xp[(slice(None), *(o[i] + d[i] for i in range(nd)))]
+                 for d in itertools.product(*map(range, window))]
+        patches[(slice(None), *o)] = np.concatenate(parts, axis=-1)
+    return patches
+
+
+TRANSPOSE_CASES = [
+    ((3, 3), (2, 2), "SAME", (3, 4)),
+    ((3, 2), (2, 1), "VALID", (3, 4)),
+    ((2,), (3,), "SAME", (4,)),
+    ((4,), (2,), "VALID", (3,)),
+]
+
+
+@pytest.mark.parametrize(("window", "strides", "padding", "spatial"), TRANSPOSE_CASES)
+def test_conv_transpose_matches_flax_and_its_kernel_the_dilated_patches(
+        window, strides, padding, spatial, x64):
+    x1 = _images(3, spatial, 2, dtype=jnp.float64)
+    x2 = _images(2, spatial, 2, seed=1, dtype=jnp.float64)
+    # finite: flax.linen.ConvTranspose with the same kernel and bias, times the NTK scales
+    layer = nn.ConvTranspose(4, kernel_size=window, strides=strides, padding=padding,
+                             w_std=1.3, b_std=0.4)
+    params = layer.init(jax.random.PRNGKey(2), x1)
+    w, b = params["params"]["conv"]["kernel"], params["params"]["conv"]["bias"]
+    flax_layer = flax.linen.ConvTranspose(4, window, strides=strides, padding=padding)
+    want = flax_layer.apply({"params": {"kernel": w, "bias": b}}, 1.3 / math.sqrt(
+        np.prod(window) * 2) * x1 / 0.4) * 0.4
+    got = layer.apply(params, x1)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # kernel: the patch kernel of the dilated, padded inputs (full and same-position)
+    p1, p2 = (_numpy_transpose_patches(np.asarray(x), window, strides, padding)
+              for x in (x1, x2))
+    assert p1.shape[1:-1] == got.shape[1:-1]
+    outs, width = p1.shape[1:-1], p1.shape[-1]
+    f1, f2 = p1.reshape(3, -1, width), p2.reshape(2, -1, width)
+    k = ntkjax.kernels.input_kernel(x1, x2)
+    full = conv.transpose_patch_average(k.nngp, batch_ndim=2, window=window, strides=strides,
+                                        padding=padding)
+    np.testing.assert_allclose(full, np.einsum("apc,bqc->abpq", f1, f2).reshape(
+        3, 2, *outs, *outs) / width, rtol=1e-13, atol=1e-14)
+    kd = ntkjax.kernels.input_kernel(x1, x2, diagonal_spatial=True)
+    diag = conv.transpose_patch_average(kd.nngp, batch_ndim=2, window=window,
+                                        strides=strides, padding=padding,
+                                        diagonal_spatial=True)
+    np.testing.assert_allclose(diag, np.einsum("apc,bpc->abp", f1, f2).reshape(
+        3, 2, *outs) / width, rtol=1e-13, atol=1e-14)
+
+
+def test_conv_layers_validate_window_and_padding():
+    x = _images(2, (3, 3), 2)
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="larger than"):
+        nn.Conv(3, kernel_size=5, padding="VALID").init(key, x)
+    with pytest.raises(ValueError, match="does not fit"):
+        ntkjax.kernel_fn(nn.Conv(3, kernel_size=5, padding="VALID"))(x)
+    with pytest.raises(ValueError, match="padding"):
+        nn.ConvTranspose(3, padding="CIRCULAR").init(key, x)
+    assert nn.Conv(3, kernel_size=5).init(key, x)  # SAME pads a 3 x 3 input to fit

@@ -208,3 +208,57 @@ def test_last_hidden_needs_a_dense_layer():
     nngp = ntkjax.empirical_nngp_fn(lambda p, x: jnp.tanh(x * p), features="last_hidden")
     with pytest.raises(ValueError, match="Dense"):
         nngp(jnp.float32(2.0), jnp.ones((3, 2)))
+
+
+_CONV_TRANSPOSES = {
+    "same_strided": (dict(features=3, kernel_size=(3, 3), strides=(2, 2), padding="SAME"),
+                     (2, 3, 4, 2)),
+    "valid_dilated": (dict(features=2, kernel_size=(2, 3), strides=(2, 1), padding="VALID",
+                           kernel_dilation=(2, 1)), (2, 3, 4, 2)),
+    "explicit_1d": (dict(features=2, kernel_size=(3,), strides=(3,), padding=((1, 2),)),
+                    (2, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(_CONV_TRANSPOSES))
+def test_conv_transpose_patches_reproduce_flax(name):
+    """A transposed convolution is a dense layer on patches of the stride-dilated input:
+    flax.linen.ConvTranspose's own output is the truth."""
+    kwargs, shape = _CONV_TRANSPOSES[name]
+    layer = nn.ConvTranspose(**kwargs)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    params = layer.init(jax.random.PRNGKey(1), x)["params"]
+    expected = layer.apply({"params": params}, x)
+    patches = jnp.concatenate(
+        structured._conv_patch_parts(structured._conv_transpose_as_conv(layer), x), axis=-1)
+    kernel = params["kernel"]
+    got = patches @ kernel.reshape(-1, kernel.shape[-1]) + params["bias"]
+    assert got.shape == expected.shape
+    assert max_relative_error(got, expected) < 1e-5
+
+
+class UpDown(nn.Module):
+    """ntkjax's ConvTranspose (one flax Conv on the dilated input), a flax ConvTranspose,
+    average pooling and a convolution."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = ntk_nn.relu(ntk_nn.ConvTranspose(3, kernel_size=3, strides=2, w_std=1.4,
+                                             b_std=0.3)(x))
+        h = ntk_nn.avg_pool(h, (2, 2), (2, 2))
+        h = jnp.tanh(nn.ConvTranspose(2, (2, 2), strides=(2, 2), padding="VALID")(h))
+        h = ntk_nn.Conv(2, kernel_size=3, strides=2, padding="CIRCULAR")(h)
+        return ntk_nn.Dense(3)(ntk_nn.flatten(h))
+
+
+def test_conv_transpose_networks_all_methods_agree_with_brute_force():
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 4, 2))
+    x2 = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 2))
+    model = UpDown()
+    params = model.init(jax.random.PRNGKey(2), x1)
+    assert count_structured_layers(model.apply, params, x1) == 4  # every layer factorized
+    full = brute_force_ntk(model.apply, params, x1, x2)
+    for method in ("jacobian", "ntk_vp", "structured"):
+        got = ntkjax.empirical_ntk_fn(model.apply, ntk_method=method, outputs="full")(
+            params, x1, x2)
+        assert max_relative_error(got, full) < 1e-5, method

@@ -9,8 +9,10 @@ NTK. On a Kernel a layer creates no parameters.
 One module per kind of layer, each holding the layers and their infinite-width rules:
 
 * :mod:`ntkjax.nn.dense`: :class:`Dense`;
-* :mod:`ntkjax.nn.conv`: :class:`Conv` (1-D, 2-D, N-D convolutions on (N, *spatial, C));
-* :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten` and :func:`global_average_pool`;
+* :mod:`ntkjax.nn.conv`: :class:`Conv` and :class:`ConvTranspose` (1-D, 2-D, N-D on
+  (N, *spatial, C));
+* :mod:`ntkjax.nn.pooling`: the readouts :func:`flatten`, :func:`global_average_pool` and
+  :func:`global_sum_pool`, and the windowed poolings :func:`avg_pool` and :func:`sum_pool`;
 * :mod:`ntkjax.nn.normalization`: :class:`LayerNorm` (parameter-free);
 * :mod:`ntkjax.nn.dropout`: :class:`Dropout`;
 * :mod:`ntkjax.nn.attention`: :class:`SelfAttention` (multi-head, Hron et al. 2020);
@@ -50,21 +52,23 @@ from ntkjax.nn.activations import (
 )
 from ntkjax.nn.attention import SelfAttention
 from ntkjax.nn.branches import concatenate, multiply
-from ntkjax.nn.conv import Conv
+from ntkjax.nn.conv import Conv, ConvTranspose
 from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
 from ntkjax.nn.normalization import LayerNorm
-from ntkjax.nn.pooling import flatten, global_average_pool
+from ntkjax.nn.pooling import avg_pool, flatten, global_average_pool, global_sum_pool, sum_pool
 
 __all__ = [
     "Activation",
     "Conv",
+    "ConvTranspose",
     "Dense",
     "Dropout",
     "LayerNorm",
     "SelfAttention",
     "ab_relu",
     "abs",
+    "avg_pool",
     "concatenate",
     "cos",
     "elementwise",
@@ -76,6 +80,7 @@ __all__ = [
     "gaussian",
     "gelu",
     "global_average_pool",
+    "global_sum_pool",
     "hermite",
     "identity",
     "is_activation",
@@ -89,4 +94,5 @@ __all__ = [
     "sigmoid_like",
     "sign",
     "sin",
+    "sum_pool",
 ]

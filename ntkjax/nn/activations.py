@@ -888,7 +888,11 @@ def activation_kernel(
 
     With spatial axes every entry ``[a, b, p, p']`` is mapped with the variances
     ``var1[a, p, p]`` and ``var2[b, p', p']``, and each input's covariance across positions
-    ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1).
+    ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1). A kernel of
+    same-position pairs (``diagonal_spatial``) maps ``[a, b, p]`` with ``var1[a, p]`` and
+    ``var2[b, p]``, and its variances by ``variance``. The variances are read through
+    :meth:`~ntkjax.Kernel.position_variances` (and not propagated when the kernel carries
+    none).
 
     The maps hold for Gaussian pre-activations: with ``name`` given, an input kernel marked
     non-Gaussian (:attr:`ntkjax.Kernel.non_gaussian`) raises a ValueError and the output is
@@ -900,8 +904,9 @@ def activation_kernel(
             "a Dense (or Conv) layer before the activation."
         )
     nd = k.spatial_ndim
-    if nd == 0:
-        sigma, sigma_dot = maps(k.nngp, k.var1[:, None], k.var2[None, :])
+    if nd == 0 or k.diagonal_spatial:
+        d1, d2 = k.position_variances()
+        sigma, sigma_dot = maps(k.nngp, d1[:, None], d2[None, :])
         var1, var2 = k.map_variances(variance)
     else:
         d1, d2 = k.position_variances()
@@ -916,14 +921,19 @@ def activation_kernel(
             return maps(v, d.reshape(*d.shape, *ones), d.reshape(d.shape[0], *ones,
                                                                   *d.shape[1:]))[0]
 
-        var1 = self_map(k.var1, d1)
-        var2 = var1 if k.var2 is k.var1 else self_map(k.var2, d2)
-    if var2 is var1:
+        if k.var1 is None or k.var2 is None:
+            var1 = var2 = None
+        else:
+            var1 = self_map(k.var1, d1)
+            var2 = var1 if k.var2 is k.var1 else self_map(k.var2, d2)
+    if var1 is None or var2 is None:
+        pass
+    elif var2 is var1:
         var1 = var2 = _fusion_boundary(var1)
     else:
         var1, var2 = _fusion_boundary(var1), _fusion_boundary(var2)
-    return Kernel(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2, width=k.width,
-                  non_gaussian=k.non_gaussian if name is None else name)
+    return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
+                     non_gaussian=k.non_gaussian if name is None else name)
 
 
 # --------------------------------------------------------------------------- declarations

@@ -102,8 +102,10 @@ def attention_kernel(
     n1, n2 = k.nngp.shape[:2]
     k12 = k.nngp.reshape(n1, n2, length, length)
     t12 = k.ntk.reshape(n1, n2, length, length)
-    v1 = k.var1.reshape(n1, length, length)
-    v2 = v1 if k.same_inputs else k.var2.reshape(n2, length, length)
+    k.require_all_pairs("SelfAttention")
+    c1, c2 = k.self_covariances()
+    v1 = c1.reshape(n1, length, length)
+    v2 = v1 if k.same_inputs and c2 is c1 else c2.reshape(n2, length, length)
     bias = float(b_std) ** 2 if use_bias else 0.0
     if linear_scaling:
         scale = float(ov_std) ** 2

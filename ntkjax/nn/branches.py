@@ -48,13 +48,14 @@ def _channel_concat(ks: list[Kernel]) -> Kernel:
         weighted = [a * (w / total) for a, w in zip(arrays, widths, strict=True)]
         return functools.reduce(operator.add, weighted)
 
-    var1 = average([k.var1 for k in ks])
+    carried = all(k.var1 is not None and k.var2 is not None for k in ks)
+    var1 = average([k.var1 for k in ks]) if carried else None  # type: ignore[misc]
     same = all(k.same_inputs for k in ks)
-    return Kernel(
+    return ks[0].replace(
         nngp=average([k.nngp for k in ks]),
         ntk=average([k.ntk for k in ks]),
         var1=var1,
-        var2=var1 if same else average([k.var2 for k in ks]),
+        var2=var1 if same or not carried else average([k.var2 for k in ks]),  # type: ignore
         width=total,
         non_gaussian="ntkjax.nn.concatenate (along channels)",
     )
@@ -80,6 +81,8 @@ def _block_diagonal(arrays: list[jax.Array], axes: tuple[int, int]) -> jax.Array
 
 def _spatial_concat(ks: list[Kernel], axis: int) -> Kernel:
     """Concatenation along spatial axis ``axis`` (0-based among the spatial axes)."""
+    for k in ks:
+        k.require_all_pairs("concatenate along a spatial axis")
     nd = ks[0].spatial_ndim
     if len({k.width for k in ks}) != 1:
         raise ValueError(
@@ -101,14 +104,16 @@ def _spatial_concat(ks: list[Kernel], axis: int) -> Kernel:
         )
     pair_axes = (2 + axis, 2 + nd + axis)
     self_axes = (1 + axis, 1 + nd + axis)
-    var1 = _block_diagonal([k.var1 for k in ks], self_axes)
+    carried = all(k.var1 is not None and k.var2 is not None for k in ks)
+    var1 = _block_diagonal([k.var1 for k in ks], self_axes) if carried else None  # type: ignore
     same = all(k.same_inputs for k in ks)
-    return Kernel(
+    return ks[0].replace(
         nngp=_block_diagonal([k.nngp for k in ks], pair_axes),
         ntk=_block_diagonal([k.ntk for k in ks], pair_axes),
         var1=var1,
-        var2=var1 if same else _block_diagonal([k.var2 for k in ks], self_axes),
-        width=ks[0].width,
+        var2=(var1 if same or not carried
+              else _block_diagonal([k.var2 for k in ks], self_axes)),  # type: ignore[arg-type]
+        non_gaussian="",
     )
 
 
@@ -173,14 +178,14 @@ def _multiply_kernels(a: Kernel, b: Kernel) -> Kernel:
             "multiply needs branches with the same shape and width; got kernels of shapes "
             f"{a.shape} and {b.shape}, widths {a.width} and {b.width}."
         )
-    var1 = a.var1 * b.var1
+    carried = None not in (a.var1, a.var2, b.var1, b.var2)
+    var1 = a.var1 * b.var1 if carried else None  # type: ignore[operator]
     same = a.same_inputs and b.same_inputs
-    return Kernel(
+    return a.replace(
         nngp=a.nngp * b.nngp,
         ntk=a.ntk * b.nngp + a.nngp * b.ntk,
         var1=var1,
-        var2=var1 if same else a.var2 * b.var2,
-        width=a.width,
+        var2=var1 if same or not carried else a.var2 * b.var2,  # type: ignore[operator]
         non_gaussian="ntkjax.nn.multiply",
     )
 

@@ -1,4 +1,4 @@
-"""Convolutions and their infinite-width rule.
+"""Convolutions (and transposed convolutions) and their infinite-width rule.
 
 A convolution is a dense layer on patches: its NNGP, NTK and variances are averaged over the
 window (:func:`patch_average`), then mapped by the dense rule with
@@ -11,6 +11,15 @@ window (:func:`patch_average`), then mapped by the dense rule with
 
 (Novak et al. 2019, "Bayesian Deep Convolutional Networks with Many Channels are Gaussian
 Processes"; Arora et al. 2019, "On Exact Computation with an Infinitely Wide Neural Net").
+
+A transposed convolution (``lax.conv_transpose``) is a stride-1 convolution of the input dilated
+by the strides (``s - 1`` zeros between neighbours) and padded as ``lax.conv_transpose`` pads it,
+so its rule is the same average taken over the dilated kernel, where the inserted zeros count in
+``|K|`` (:func:`transpose_patch_average`; neural-tangents' ``ConvTranspose`` convention).
+
+Only same-position pairs: on a kernel with ``diagonal_spatial`` (shape (*batch, *S)) the average
+is ``T[o, o] = (1/|K|) sum_delta k[s o + delta, s o + delta]``, which again reads only
+same-position entries.
 """
 
 from __future__ import annotations
@@ -29,10 +38,25 @@ from ntkjax._checks import check_choice
 from ntkjax.kernels import Kernel
 from ntkjax.nn.dense import Parameterization, _Affine, dense_kernel
 
-__all__ = ["CONV_PADDINGS", "Conv", "ConvPadding", "conv_kernel", "conv_padding", "patch_average"]
+__all__ = [
+    "CONV_PADDINGS",
+    "TRANSPOSE_PADDINGS",
+    "Conv",
+    "ConvPadding",
+    "ConvTranspose",
+    "TransposePadding",
+    "conv_kernel",
+    "conv_padding",
+    "patch_average",
+    "transpose_padding",
+    "transpose_patch_average",
+    "window_sum",
+]
 
 ConvPadding = Literal["SAME", "VALID", "CIRCULAR"]
 CONV_PADDINGS: tuple[ConvPadding, ...] = ("SAME", "VALID", "CIRCULAR")
+TransposePadding = Literal["SAME", "VALID"]
+TRANSPOSE_PADDINGS: tuple[TransposePadding, ...] = ("SAME", "VALID")
 
 
 def conv_padding(
@@ -41,25 +65,120 @@ def conv_padding(
     strides: Sequence[int],
     padding: ConvPadding,
 ) -> tuple[tuple[tuple[int, int], ...], str]:
-    """``(pads, mode)``: the ``(low, high)`` padding per spatial axis that ``flax.linen.Conv``
-    (i.e. ``lax.conv_general_dilated``) applies, and the ``jnp.pad`` mode -- ``"constant"``
-    (zeros) for ``"SAME"`` / ``"VALID"``, ``"wrap"`` for ``"CIRCULAR"``.
+    """``(pads, mode)``: the ``(low, high)`` padding per spatial axis and the ``jnp.pad`` mode --
+    ``"constant"`` (zeros) for ``"SAME"`` / ``"VALID"``, ``"wrap"`` for ``"CIRCULAR"``.
 
-    ``"SAME"``: ``out = ceil(n / s)`` positions and ``(out - 1) s + k - n`` zeros in total, the
-    smaller half in front (``lax.padtype_to_pads``); ``"VALID"``: none; ``"CIRCULAR"``:
-    ``((k - 1) // 2, k // 2)`` periodic copies (flax's convention, independent of the stride).
+    ``"SAME"``: ``out = ceil(n / s)`` positions and ``max((out - 1) s + k - n, 0)`` zeros in
+    total, the smaller half in front (``lax.padtype_to_pads``); ``"VALID"``: none;
+    ``"CIRCULAR"``: the same amounts as ``"SAME"``, filled periodically (neural-tangents'
+    convention: the input is a torus and the outputs sit where ``"SAME"`` puts them; for
+    stride 1 this is also ``flax.linen.Conv``'s ``((k - 1) // 2, k // 2)``).
 
     >>> conv_padding((8,), (3,), (1,), "SAME")
     (((1, 1),), 'constant')
     """
-    if padding not in CONV_PADDINGS:
+    check_choice(padding, CONV_PADDINGS, "padding")
+    kind = "SAME" if padding == "CIRCULAR" else padding
+    pads = jax.lax.padtype_to_pads(tuple(spatial_shape), tuple(window), tuple(strides), kind)
+    return tuple((int(lo), int(hi)) for lo, hi in pads), (
+        "wrap" if padding == "CIRCULAR" else "constant")
+
+
+def transpose_padding(
+    window: Sequence[int], strides: Sequence[int], padding: TransposePadding
+) -> tuple[tuple[int, int], ...]:
+    """The ``(low, high)`` zeros that ``lax.conv_transpose`` (and ``flax.linen.ConvTranspose``)
+    adds around the stride-dilated input before its stride-1 convolution, per spatial axis:
+    ``"SAME"``: ``k + s - 2`` in total, ``k - 1`` in front when ``s > k - 1`` else
+    ``ceil((k + s - 2) / 2)`` (output ``n s``); ``"VALID"``: ``k + s - 2 + max(k - s, 0)`` in
+    total, ``k - 1`` in front (output ``n s + max(k - s, 0)``).
+
+    >>> transpose_padding((3,), (2,), "SAME")
+    ((2, 1),)
+    """
+    check_choice(padding, TRANSPOSE_PADDINGS, "padding")
+    pads = []
+    for k, s in zip(window, strides, strict=True):
+        if padding == "SAME":
+            total = k + s - 2
+            lo = k - 1 if s > k - 1 else -(-total // 2)
+        else:
+            total = k + s - 2 + max(k - s, 0)
+            lo = k - 1
+        pads.append((lo, total - lo))
+    return tuple(pads)
+
+
+def window_sum(
+    a: jax.Array,
+    groups: Sequence[Sequence[int]],
+    *,
+    window: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    mode: str = "constant",
+    dilation: Sequence[int] | None = None,
+) -> jax.Array:
+    """Sums of ``a`` over sliding windows, one spatial dimension at a time.
+
+    For spatial dimension ``i``, the axes ``groups[i]`` of ``a`` (one axis, or several that move
+    together -- a convolution shifts both position indices of a kernel by the same offset) are
+    dilated by ``dilation[i]`` (``dilation - 1`` zeros between neighbours), padded by
+    ``pads[i]`` (zeros, or periodically with ``mode="wrap"``) and replaced by
+    ``out[o] = sum_{j < window[i]} a[strides[i] o + j]`` (the same ``j`` on every axis of the
+    group). Each dimension costs ``window[i]`` shifted strided slices.
+
+    >>> window_sum(jnp.arange(4.0), [(0,)], window=(2,), strides=(2,), pads=((0, 0),))
+    Array([1., 5.], dtype=float32)
+    """
+    for i, axes in enumerate(groups):
+        size, step, (lo, hi) = window[i], strides[i], pads[i]
+        dil = 1 if dilation is None else dilation[i]
+        n = a.shape[axes[0]]
+        out = ((n - 1) * dil + 1 + lo + hi - size) // step + 1
+        if out < 1:
+            raise ValueError(
+                f"window {size} does not fit spatial axis {i} of size {n} with padding "
+                f"({lo}, {hi}); the window is larger than the padded input."
+            )
+        if mode == "wrap" and (lo or hi):
+            width = [(0, 0)] * a.ndim
+            for ax in axes:
+                width[ax] = (lo, hi)
+            a = jnp.pad(a, width, mode="wrap")
+        elif lo or hi or dil > 1:
+            config = [(0, 0, 0)] * a.ndim
+            for ax in axes:
+                config[ax] = (lo, hi, dil - 1)
+            a = jax.lax.pad(a, jnp.zeros((), a.dtype), config)
+        total = None
+        for j in range(size):
+            index: list[Any] = [slice(None)] * a.ndim
+            for ax in axes:
+                index[ax] = slice(j, j + (out - 1) * step + 1, step)
+            term = a[tuple(index)]
+            total = term if total is None else total + term
+        assert total is not None
+        a = total
+    return a
+
+
+def _kernel_groups(
+    k: jax.Array, batch_ndim: int, nd: int, diagonal_spatial: bool, name: str, window
+) -> list[tuple[int, ...]]:
+    """The axis groups of a kernel array for :func:`window_sum`, after checking its shape."""
+    spatial = tuple(k.shape[batch_ndim : batch_ndim + nd])
+    want_ndim = batch_ndim + (nd if diagonal_spatial else 2 * nd)
+    if k.ndim != want_ndim or (not diagonal_spatial and tuple(k.shape[batch_ndim + nd :])
+                               != spatial):
+        layout = "(*batch, *S)" if diagonal_spatial else "(*batch, *S, *S)"
         raise ValueError(
-            f"unknown padding {padding!r}; allowed: {', '.join(map(repr, CONV_PADDINGS))}."
+            f"{name} needs a kernel of shape {layout} with {batch_ndim} batch axes and {nd} "
+            f"spatial axes (window {tuple(window)}); got shape {k.shape}."
         )
-    if padding == "CIRCULAR":
-        return tuple(((k - 1) // 2, k // 2) for k in window), "wrap"
-    pads = jax.lax.padtype_to_pads(tuple(spatial_shape), tuple(window), tuple(strides), padding)
-    return tuple((int(lo), int(hi)) for lo, hi in pads), "constant"
+    if diagonal_spatial:
+        return [(batch_ndim + i,) for i in range(nd)]
+    return [(batch_ndim + i, batch_ndim + nd + i) for i in range(nd)]
 
 
 def patch_average(
@@ -69,6 +188,7 @@ def patch_average(
     window: Sequence[int],
     strides: Sequence[int] | None = None,
     padding: ConvPadding = "SAME",
+    diagonal_spatial: bool = False,
 ) -> jax.Array:
     """The covariance of a convolution's input patches, from the covariance of its inputs.
 
@@ -80,50 +200,66 @@ def patch_average(
 
     over the window's offsets ``delta`` (``|K| = prod(window)``) with strides ``s``, indices
     into the padded input: zero padding for ``"SAME"`` (positions outside contribute 0), none for
-    ``"VALID"``, periodic for ``"CIRCULAR"`` (see :func:`conv_padding`); output positions as
-    ``flax.linen.Conv``. A convolution is a dense layer on patches of ``|K| C`` features, so the
-    dense rule with ``fan_in = |K| C`` applied to ``T`` (for the NNGP, the NTK and the variances
-    alike) gives the kernels after the convolution, in either parameterization (Novak et al.
-    2019; Arora et al. 2019).
+    ``"VALID"``, periodic for ``"CIRCULAR"`` (see :func:`conv_padding`). A convolution is a dense
+    layer on patches of ``|K| C`` features, so the dense rule with ``fan_in = |K| C`` applied to
+    ``T`` (for the NNGP, the NTK and the variances alike) gives the kernels after the
+    convolution, in either parameterization (Novak et al. 2019; Arora et al. 2019).
+
+    With ``diagonal_spatial``, ``k`` holds only same-position entries, shape ``(*batch, *S)``,
+    and so does the result: ``T[o, o] = (1 / |K|) sum_delta k[s o + delta, s o + delta]``.
 
     The window factorizes over axes, so the average is taken one spatial axis at a time
-    (``sum_i k_i`` shifted slices instead of ``prod_i k_i``). Keeps ``k``'s dtype.
+    (``sum_i k_i`` shifted slices instead of ``prod_i k_i``; :func:`window_sum`). Keeps ``k``'s
+    dtype.
 
     >>> patch_average(jnp.eye(3)[None], batch_ndim=1, window=(3,), padding="VALID").shape
     (1, 1, 1)
     """
     nd = len(window)
     strides = (1,) * nd if strides is None else tuple(strides)
-    spatial = tuple(k.shape[batch_ndim : batch_ndim + nd])
-    if k.ndim != batch_ndim + 2 * nd or tuple(k.shape[batch_ndim + nd :]) != spatial:
-        raise ValueError(
-            f"patch_average needs a kernel of shape (*batch, *S, *S) with {batch_ndim} batch "
-            f"axes and {nd} spatial axes (window {tuple(window)}); got shape {k.shape}."
-        )
     if len(strides) != nd:
         raise ValueError(f"strides {strides} and window {tuple(window)} differ in length.")
+    groups = _kernel_groups(k, batch_ndim, nd, diagonal_spatial, "patch_average", window)
+    spatial = tuple(k.shape[batch_ndim : batch_ndim + nd])
     pads, mode = conv_padding(spatial, window, strides, padding)
-    for i, (n, size, step, (lo, hi)) in enumerate(zip(spatial, window, strides, pads, strict=True)):
-        a, b = batch_ndim + i, batch_ndim + nd + i
-        out = (n + lo + hi - size) // step + 1
-        if out < 1:
-            raise ValueError(
-                f"window {size} does not fit spatial axis {i} of size {n} with padding "
-                f"{padding!r}."
-            )
-        if lo or hi:
-            width = [(0, 0)] * k.ndim
-            width[a] = width[b] = (lo, hi)
-            k = jnp.pad(k, width, mode=mode)
-        total = None
-        for j in range(size):
-            index: list[Any] = [slice(None)] * k.ndim
-            index[a] = index[b] = slice(j, j + (out - 1) * step + 1, step)
-            term = k[tuple(index)]
-            total = term if total is None else total + term
-        assert total is not None
-        k = total * (1.0 / size)
-    return k
+    total = window_sum(k, groups, window=window, strides=strides, pads=pads, mode=mode)
+    return total * (1.0 / math.prod(window))
+
+
+def transpose_patch_average(
+    k: jax.Array,
+    *,
+    batch_ndim: int,
+    window: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: TransposePadding = "SAME",
+    diagonal_spatial: bool = False,
+) -> jax.Array:
+    """:func:`patch_average` for a transposed convolution: the input kernel dilated by the
+    strides on both position indices (zeros between neighbours), padded by
+    :func:`transpose_padding`, then averaged over stride-1 windows,
+
+    ``T[o, o'] = (1 / |K|) sum_delta k_dil[o + delta, o' + delta]``,
+
+    where the zeros count in ``|K| = prod(window)``: an output position that receives fewer than
+    ``|K|`` inputs has a smaller variance (neural-tangents' ``ConvTranspose``; the layer is
+    normalized by ``fan_in = |K| C`` like a convolution). Output size ``n s`` for ``"SAME"``,
+    ``n s + max(k - s, 0)`` for ``"VALID"``.
+
+    >>> transpose_patch_average(jnp.ones((1, 2, 2)), batch_ndim=1, window=(2,), strides=(2,),
+    ...                         padding="VALID").shape
+    (1, 4, 4)
+    """
+    nd = len(window)
+    strides = (1,) * nd if strides is None else tuple(strides)
+    if len(strides) != nd:
+        raise ValueError(f"strides {strides} and window {tuple(window)} differ in length.")
+    groups = _kernel_groups(k, batch_ndim, nd, diagonal_spatial, "transpose_patch_average",
+                            window)
+    pads = transpose_padding(window, strides, padding)
+    total = window_sum(k, groups, window=window, strides=(1,) * nd, pads=pads,
+                       dilation=strides)
+    return total * (1.0 / math.prod(window))
 
 
 def conv_kernel(
@@ -137,10 +273,11 @@ def conv_kernel(
     b_std: float,
     use_bias: bool = True,
     parameterization: Parameterization = "ntk",
+    transpose: bool = False,
 ) -> Kernel:
     """The :class:`~ntkjax.Kernel` after a convolution with ``features`` output channels:
-    :func:`patch_average`, then the dense rule with ``fan_in = prod(window) * width`` (module
-    docstring)."""
+    :func:`patch_average` (:func:`transpose_patch_average` with ``transpose``), then the dense
+    rule with ``fan_in = prod(window) * width`` (module docstring)."""
     nd = k.spatial_ndim
     if nd != len(window):
         raise ValueError(
@@ -148,11 +285,12 @@ def conv_kernel(
             f"{len(window)} spatial axes; got one with spatial shape {k.spatial_shape}"
             + (" -- inputs of shape (batch, *spatial, channels)." if nd == 0 else ".")
         )
-    avg = functools.partial(patch_average, window=tuple(window), strides=strides,
-                            padding=padding)
+    average = transpose_patch_average if transpose else patch_average
+    avg = functools.partial(average, window=tuple(window), strides=strides,
+                            padding=padding, diagonal_spatial=k.diagonal_spatial)
     var1, var2 = k.map_variances(lambda v: avg(v, batch_ndim=1))
-    patches = Kernel(nngp=avg(k.nngp, batch_ndim=2), ntk=avg(k.ntk, batch_ndim=2),
-                     var1=var1, var2=var2, width=math.prod(window) * k.width)
+    patches = k.replace(nngp=avg(k.nngp, batch_ndim=2), ntk=avg(k.ntk, batch_ndim=2),
+                        var1=var1, var2=var2, width=math.prod(window) * k.width)
     return dense_kernel(patches, features, w_std=w_std, b_std=b_std, use_bias=use_bias,
                         parameterization=parameterization)
 
@@ -168,88 +306,72 @@ def _per_axis(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]
     return tuple(int(v) for v in values)
 
 
-class Conv(_Affine):
-    """A convolution in the NTK or the standard parameterization, on arrays (N, *S, C_in).
-
-    * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * conv(x, W) + b_std * b`` with
-      ``W, b ~ N(0, 1)`` and ``fan_in = prod(kernel_size) * C_in``.
-    * ``parameterization="standard"``: ``y = conv(x, W) + b`` with
-      ``W ~ N(0, w_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``.
-
-    ``conv`` is ``flax.linen.Conv`` (cross-correlation; ``padding`` ``"SAME"`` (zeros),
-    ``"VALID"`` or ``"CIRCULAR"``; ``strides``), held as the submodule ``"conv"`` with parameters
-    ``kernel`` (*kernel_size, C_in, features) and ``bias`` (features,). The NTK
-    parameterization computes it as ``b_std * flax.linen.Conv((w_std / (sqrt(fan_in) b_std)) x)``
-    -- the same function and gradients -- so the whole layer is one ``flax.linen.Conv`` whose
-    per-layer factorization the structured empirical NTK (:mod:`ntkjax.structured`) recognises.
-    With ``b_std = 0`` in the NTK parameterization there is no bias parameter (it would have
-    neither an effect nor a gradient; the same rule as :class:`~ntkjax.nn.Dense`), and
-    ``b_std=None`` means no bias. Inputs (N, *S, C) with ``len(kernel_size)`` spatial axes
-    (an int ``kernel_size`` / ``strides`` applies to every spatial axis of the input).
-
-    On a :class:`~ntkjax.Kernel` (with the same number of spatial axes) it applies the exact
-    infinite-width rule :func:`conv_kernel` (module docstring).
-
-    Attributes:
-      features: number of output channels.
-      kernel_size: window size, an int (every spatial axis) or one int per spatial axis.
-      strides: an int or one int per spatial axis.
-      padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"``.
-      w_std, b_std: weight and bias standard deviations (>= 0).
-      use_bias: whether the layer has a bias.
-      parameterization: ``"ntk"`` or ``"standard"``.
-      param_dtype: dtype of the parameters; None uses the input's floating dtype.
-
-    Configuration after ``features`` is keyword-only (``Conv(8, kernel_size=(3, 3))``).
-
-    >>> import jax, ntkjax
-    >>> conv = Conv(4, kernel_size=3)
-    >>> images = jnp.ones((2, 5, 5, 3))
-    >>> conv.apply(conv.init(jax.random.key(0), images), images).shape
-    (2, 5, 5, 4)
-    >>> ntkjax.kernel_fn(conv)(images).nngp.shape
-    (2, 2, 5, 5, 5, 5)
-    """
+class _ConvLayer(_Affine):
+    """What :class:`Conv` and :class:`ConvTranspose` share: configuration, validation, the
+    finite layer as one ``flax.linen.Conv`` (submodule ``"conv"``) and the kernel rule."""
 
     _: dataclasses.KW_ONLY
     kernel_size: int | Sequence[int] = 3
     strides: int | Sequence[int] = 1
-    padding: ConvPadding = "SAME"
+    padding: Any = "SAME"  # narrowed by Conv and ConvTranspose
+
+    _transpose = False
+
+    def _paddings(self) -> tuple[str, ...]:
+        return TRANSPOSE_PADDINGS if self._transpose else CONV_PADDINGS
 
     @linen.compact
     def __call__(self, x: Any) -> Any:
         self._check()
-        check_choice(self.padding, CONV_PADDINGS, "padding")
+        check_choice(self.padding, self._paddings(), "padding")
+        name = type(self).__name__
         if isinstance(x, Kernel):
             nd = x.spatial_ndim
             if nd == 0:
                 raise ValueError(
-                    "Conv needs a kernel with spatial axes, i.e. inputs of shape (batch, "
+                    f"{name} needs a kernel with spatial axes, i.e. inputs of shape (batch, "
                     "*spatial, channels); got a kernel of feature vectors (inputs (batch, d) or "
-                    "after flatten / global_average_pool)."
+                    "after flatten / a global pooling)."
                 )
             window = _per_axis(self.kernel_size, nd, "kernel_size")
             return conv_kernel(
                 x, self.features, window=window,
                 strides=_per_axis(self.strides, len(window), "strides"),
-                padding=self.padding, w_std=self.w_std, b_std=self._bias_std,
-                use_bias=self._with_bias, parameterization=self.parameterization,
+                padding=self.padding,  # type: ignore[arg-type]
+                w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
+                parameterization=self.parameterization, transpose=self._transpose,
             )
         x = jnp.asarray(x)
         if x.ndim < 3:
             raise ValueError(
-                f"Conv needs inputs of shape (batch, *spatial, channels), got shape {x.shape}."
+                f"{name} needs inputs of shape (batch, *spatial, channels), got shape {x.shape}."
             )
         nd = x.ndim - 2
         window = _per_axis(self.kernel_size, nd, "kernel_size")
         strides = _per_axis(self.strides, nd, "strides")
         dtype = self._param_dtype(x)
         x = x.astype(dtype)
+        spatial = x.shape[1:-1]
+        if self._transpose:
+            pads = transpose_padding(window, strides, self.padding)  # type: ignore[arg-type]
+            conv_strides, dilation = (1,) * nd, strides
+        else:
+            pads, mode = conv_padding(spatial, window, strides, self.padding)  # type: ignore
+            conv_strides, dilation = strides, (1,) * nd
+            for i, (n, k, (lo, hi)) in enumerate(zip(spatial, window, pads, strict=True)):
+                if n + lo + hi < k:
+                    raise ValueError(
+                        f"Conv window {k} is larger than spatial axis {i} of the input (size "
+                        f"{n}, padded to {n + lo + hi} with padding {self.padding!r})."
+                    )
+            if mode == "wrap":
+                x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode="wrap")
+                pads = ((0, 0),) * nd
         fan_in = math.prod(window) * x.shape[-1]
         self._check_fan_in(fan_in, x.shape)
         conv = functools.partial(
-            linen.Conv, self.features, window, strides=strides, padding=self.padding,
-            param_dtype=dtype, name="conv",
+            linen.Conv, self.features, window, strides=conv_strides, padding=pads,
+            input_dilation=dilation, param_dtype=dtype, name="conv",
         )
         if self.parameterization == "standard":
             return conv(
@@ -265,3 +387,97 @@ class Conv(_Affine):
                 (scale / b_std) * x
             )
         return conv(use_bias=False, kernel_init=unit)(scale * x)
+
+
+class Conv(_ConvLayer):
+    """A convolution in the NTK or the standard parameterization, on arrays (N, *S, C_in).
+
+    * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * conv(x, W) + b_std * b`` with
+      ``W, b ~ N(0, 1)`` and ``fan_in = prod(kernel_size) * C_in``.
+    * ``parameterization="standard"``: ``y = conv(x, W) + b`` with
+      ``W ~ N(0, w_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``.
+
+    ``conv`` is ``flax.linen.Conv`` (cross-correlation; ``padding`` ``"SAME"`` (zeros),
+    ``"VALID"`` or ``"CIRCULAR"``; ``strides``), held as the submodule ``"conv"`` with parameters
+    ``kernel`` (*kernel_size, C_in, features) and ``bias`` (features,). ``"CIRCULAR"`` pads
+    periodically by :func:`conv_padding` (neural-tangents' convention), then convolves without
+    padding; for stride 1 that is exactly ``flax.linen.Conv(padding="CIRCULAR")``, for larger
+    strides flax centres the windows differently. The NTK parameterization computes the layer
+    as ``b_std * flax.linen.Conv((w_std / (sqrt(fan_in) b_std)) x)`` -- the same function and
+    gradients -- so the whole layer is one ``flax.linen.Conv`` whose per-layer factorization the
+    structured empirical NTK (:mod:`ntkjax.structured`) recognises. With ``b_std = 0`` in the
+    NTK parameterization there is no bias parameter (it would have neither an effect nor a
+    gradient; the same rule as :class:`~ntkjax.nn.Dense`), and ``b_std=None`` means no bias.
+    Inputs (N, *S, C) with ``len(kernel_size)`` spatial axes (an int
+    ``kernel_size`` / ``strides`` applies to every spatial axis of the input).
+
+    On a :class:`~ntkjax.Kernel` (with the same number of spatial axes) it applies the exact
+    infinite-width rule :func:`conv_kernel` (module docstring).
+
+    Attributes:
+      features: number of output channels.
+      kernel_size: window size, an int (every spatial axis) or one int per spatial axis.
+      strides: an int or one int per spatial axis.
+      padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"``.
+      w_std, b_std: weight and bias standard deviations (>= 0).
+      use_bias: whether the layer has a bias.
+      parameterization: ``"ntk"`` or ``"standard"``.
+      param_dtype: dtype of the parameters; None uses the input's floating dtype.
+
+    Raises:
+      ValueError: for a window larger than the (padded) input.
+
+    Configuration after ``features`` is keyword-only (``Conv(8, kernel_size=(3, 3))``).
+
+    >>> import jax, ntkjax
+    >>> conv = Conv(4, kernel_size=3)
+    >>> images = jnp.ones((2, 5, 5, 3))
+    >>> conv.apply(conv.init(jax.random.key(0), images), images).shape
+    (2, 5, 5, 4)
+    >>> ntkjax.kernel_fn(conv)(images).nngp.shape
+    (2, 2, 5, 5, 5, 5)
+    """
+
+    _: dataclasses.KW_ONLY
+    padding: ConvPadding = "SAME"
+
+
+class ConvTranspose(_ConvLayer):
+    """A transposed convolution in the NTK or the standard parameterization, on arrays
+    (N, *S, C_in) -- ``flax.linen.ConvTranspose`` (``lax.conv_transpose``, kernel not flipped).
+
+    * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * conv_transpose(x, W) + b_std b``
+      with ``W, b ~ N(0, 1)``;
+    * ``parameterization="standard"``: ``y = conv_transpose(x, W) + b`` with
+      ``W ~ N(0, w_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``;
+
+    both with ``fan_in = prod(kernel_size) * C_in``, as a convolution (neural-tangents'
+    convention). ``conv_transpose`` dilates the input by ``strides`` (``s - 1`` zeros between
+    neighbours), pads it by :func:`transpose_padding` and convolves with stride 1: output size
+    ``n s`` for ``"SAME"``, ``n s + max(k - s, 0)`` for ``"VALID"``. The layer is computed as
+    that stride-1 ``flax.linen.Conv`` with ``input_dilation=strides`` (submodule ``"conv"``,
+    parameters ``kernel`` (*kernel_size, C_in, features) and ``bias``), the same function as
+    ``flax.linen.ConvTranspose`` with the same kernel, and a dense layer on patches of the
+    dilated input, which the structured empirical NTK factorizes.
+
+    On a :class:`~ntkjax.Kernel`: :func:`conv_kernel` with ``transpose=True``
+    (:func:`transpose_patch_average`, then the dense rule).
+
+    Attributes:
+      features, kernel_size, strides, w_std, b_std, use_bias, parameterization, param_dtype:
+        as :class:`Conv`.
+      padding: ``"SAME"`` or ``"VALID"``.
+
+    >>> import jax, ntkjax
+    >>> up = ConvTranspose(4, kernel_size=3, strides=2)
+    >>> images = jnp.ones((2, 5, 5, 3))
+    >>> up.apply(up.init(jax.random.key(0), images), images).shape
+    (2, 10, 10, 4)
+    >>> ntkjax.kernel_fn(up, position_pairs="same")(images).nngp.shape
+    (2, 2, 10, 10)
+    """
+
+    _: dataclasses.KW_ONLY
+    padding: TransposePadding = "SAME"
+
+    _transpose = True

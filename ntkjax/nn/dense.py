@@ -103,7 +103,8 @@ def dense_kernel(
     (:func:`dense_kernels` with ``fan_in = k.width``).
 
     With spatial axes the layer acts per position (one weight matrix shared by all positions, as
-    ``flax.linen.Dense`` on the channel axis): the rule applies to every entry ``[a, b, p, p']``.
+    ``flax.linen.Dense`` on the channel axis): the rule applies to every entry ``[a, b, p, p']``
+    (or ``[a, b, p]`` of a same-position kernel).
     """
     nngp, ntk = dense_kernels(
         k.nngp, k.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
@@ -112,7 +113,7 @@ def dense_kernel(
     var1, var2 = k.map_variances(
         lambda v: dense_variance(v, w_std=w_std, b_std=b_std, use_bias=use_bias)
     )
-    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features))
+    return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features))
 
 
 class _Affine(linen.Module):

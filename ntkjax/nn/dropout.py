@@ -57,10 +57,12 @@ def dropout_kernel(k: Kernel, rate: float) -> Kernel:
     at the same position likewise."""
     keep = 1.0 - float(rate)
     factor = 1.0 / keep
-    nd = k.spatial_ndim
+    nd = 0 if k.diagonal_spatial else k.spatial_ndim  # same-position kernels: every entry
     note_same_batch_rule("ntkjax.nn.Dropout (train mode)")
-    var1 = _scale_self_entries(k.var1, factor, 1, nd)
-    var2 = var1 if k.same_inputs else _scale_self_entries(k.var2, factor, 1, nd)
+    var1, var2 = k.var1, k.var2
+    if var1 is not None and var2 is not None:
+        var1 = _scale_self_entries(var1, factor, 1, nd)
+        var2 = var1 if k.same_inputs else _scale_self_entries(var2, factor, 1, nd)
     nngp, ntk = k.nngp, k.ntk
     if k.same_inputs:
         n = nngp.shape[0]
@@ -72,8 +74,8 @@ def dropout_kernel(k: Kernel, rate: float) -> Kernel:
             self_pairs = self_pairs & same_position
         nngp = jnp.where(self_pairs, nngp * factor, nngp)
         ntk = jnp.where(self_pairs, ntk * factor, ntk)
-    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=k.width,
-                  non_gaussian="ntkjax.nn.Dropout (train mode)")
+    return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2,
+                     non_gaussian="ntkjax.nn.Dropout (train mode)")
 
 
 class Dropout(linen.Module):
