@@ -42,6 +42,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen
 from jax.typing import ArrayLike
 
 from ntkjax._checks import check_choice, check_pair, check_values
@@ -60,6 +61,7 @@ from ntkjax.jacobians import (
     split_params,
     symmetrize,
 )
+from ntkjax.nn.dropout import Dropout
 from ntkjax.structured import count_structured_layers, last_hidden_features, structured_kernel
 
 __all__ = [
@@ -167,8 +169,11 @@ def empirical_ntk_fn(
     Raises:
       ValueError: unknown ntk_method/outputs (here); when called: inputs without a batch axis,
         empty or without features, x1 and x2 with different per-example shapes, params that do
-        not fit the model, and concrete inputs holding NaN or Inf (under an outer ``jit`` the
-        values are unknown and not checked).
+        not fit the model, concrete inputs holding NaN or Inf (under an outer ``jit`` the
+        values are unknown and not checked), and a linen model with a train-mode dropout
+        (``flax.linen.Dropout`` or :class:`ntkjax.nn.Dropout` with ``deterministic=False`` and
+        ``rate > 0``): its masks depend on how examples are batched, so the methods would
+        disagree.
     """
     check_choice(ntk_method, NTK_METHODS, "ntk_method")
     check_choice(outputs, OUTPUTS, "outputs")
@@ -182,6 +187,10 @@ def empirical_ntk_fn(
     inner: Outputs = "trace" if outputs == "mean" else outputs  # "mean": the trace over O
 
     def ntk(params, x1, x2=None):
+        with linen.intercept_methods(_reject_active_dropout):
+            return _ntk(params, x1, x2)
+
+    def _ntk(params, x1, x2):
         out = check_model_inputs(apply_fn, params, x1, x2)
         out_dim = int(np.prod(out.shape[1:]))
         dtype = _result_dtype(params, out)
@@ -219,6 +228,31 @@ def _checking_values(kernel: Callable) -> KernelFn:
     checked.__wrapped__ = kernel  # type: ignore[attr-defined]
     checked.lower = jitted.lower  # type: ignore[attr-defined]
     return checked
+
+
+def _active_dropout(module: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of a (flax or ntkjax) Dropout module drops units."""
+    if not isinstance(module, linen.Dropout | Dropout):
+        return False
+    deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+    if deterministic is None:
+        deterministic = module.deterministic
+    return not deterministic and float(module.rate) > 0
+
+
+def _reject_active_dropout(next_fun, args, kwargs, context):
+    """Interceptor: the empirical NTK of a train-mode dropout network is not one kernel."""
+    if context.method_name == "__call__" and _active_dropout(context.module, args, kwargs):
+        cls = type(context.module)
+        raise ValueError(
+            f"empirical_ntk_fn: {cls.__module__}.{cls.__qualname__} (module "
+            f"{context.module.name!r}) is in train mode (deterministic=False, rate "
+            f"{context.module.rate}). Its masks depend on how the examples are batched -- the "
+            "per-sample methods draw one mask per single-example call, the batched ones one "
+            "per batch row -- so the empirical NTK would differ between methods. Apply the "
+            "model with deterministic=True (or make the masks explicit inputs)."
+        )
+    return next_fun(*args, **kwargs)
 
 
 def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:

@@ -1,6 +1,7 @@
 """Ready-made networks built from :mod:`ntkjax.nn`, usable as finite networks and as kernels:
-:class:`MLP` (fully connected), :class:`CNN` (convolutional, with optional pooling) and
-:class:`Myrtle` (Shankar et al. 2020's convolutional kernels)."""
+:class:`MLP` (fully connected), :class:`CNN` (convolutional, with optional pooling),
+:class:`Myrtle` (Shankar et al. 2020's convolutional kernels) and :class:`Transformer` (pre-norm
+self-attention encoder)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from flax import linen
 from ntkjax import nn
 from ntkjax._checks import check_choice
 from ntkjax.kernels import Kernel
+from ntkjax.nn.attention import AttentionMechanism
 from ntkjax.nn.conv import ConvPadding
 from ntkjax.nn.dense import Parameterization
 
 __all__ = ["ACTIVATIONS", "CNN", "MLP", "MYRTLE_DEPTHS", "POOLINGS", "READOUTS", "Myrtle",
-           "Readout", "resolve_activation"]
+           "Readout", "Transformer", "resolve_activation"]
 
 # Activations selectable by name (those needing a parameter take their default here).
 ACTIVATIONS: dict[str, Callable] = {
@@ -281,3 +283,82 @@ class Myrtle(linen.Module):
         w_std = self.w_std if self.readout_w_std is None else self.readout_w_std
         return nn.Dense(self.num_outputs, w_std=w_std, b_std=self.b_std,
                         parameterization=self.parameterization, name="Dense_0")(x)
+
+
+class Transformer(linen.Module):
+    """A pre-norm self-attention encoder on sequences (N, L, C), finite and infinite:
+
+    ``x = Dense(features)(x)``, then ``depth`` blocks of
+    ``x = x + SelfAttention(LayerNorm(x))`` and ``x = x + Dense(features)(act(Dense(mlp)(
+    LayerNorm(x))))``, then ``LayerNorm`` (over channels), the readout over positions and
+    ``Dense(out_features)``. Every layer is an :mod:`ntkjax.nn` layer in the NTK
+    parameterization, so ``ntkjax.kernel_fn(Transformer(...))`` is the exact NNGP / NTK as the
+    widths and heads go to infinity (Hron et al. 2020 for the attention; the residual branches
+    end in dense layers, so their kernels add).
+
+    Attributes:
+      features: the model width (embedding, attention output and residual stream channels).
+      out_features: number of outputs.
+      depth: number of encoder blocks.
+      num_heads: attention heads per block.
+      key_features, value_features: per-head key / value widths (default: ``features``).
+      mlp_features: hidden width of the blocks' MLPs (default: ``features``).
+      activation: the MLP activation, as in :class:`MLP` (a name or an ntkjax.nn activation).
+      attention_mechanism: ``"softmax"``, ``"identity"``, ``"abs"`` or ``"relu"``.
+      linear_scaling: see :class:`ntkjax.nn.SelfAttention` (True: closed-form kernels for every
+        mechanism).
+      readout: ``"global_average_pool"`` (mean over positions) or ``"flatten"``.
+      w_std, b_std: weight and bias scales of every dense layer (and of the attention's
+        projections and output bias).
+      epsilon: the LayerNorms' epsilon.
+
+    >>> import jax, ntkjax
+    >>> net = Transformer(16, depth=1, num_heads=2)
+    >>> x = jnp.ones((3, 5, 4))
+    >>> net.apply(net.init(jax.random.key(0), x), x).shape
+    (3, 1)
+    >>> ntkjax.kernel_fn(net)(x).ntk.shape
+    (3, 3)
+    """
+
+    features: int
+    out_features: int = 1
+    depth: int = 2
+    num_heads: int = 4
+    key_features: int | None = None
+    value_features: int | None = None
+    mlp_features: int | None = None
+    activation: str | Callable = "relu"
+    attention_mechanism: AttentionMechanism = "softmax"
+    linear_scaling: bool = True
+    readout: str = "global_average_pool"
+    w_std: float = 1.0
+    b_std: float = 0.0
+    epsilon: float = 1e-6
+
+    @linen.compact
+    def __call__(self, x):
+        act = resolve_activation(self.activation)
+        check_choice(self.readout, tuple(READOUTS), "readout")
+        if int(self.depth) != self.depth or self.depth < 0:
+            raise ValueError(f"depth must be an integer >= 0, got {self.depth!r}.")
+        width = int(self.features)
+        key = self.key_features or width
+        value = self.value_features or width
+        mlp = self.mlp_features or width
+        dense = lambda f, name: nn.Dense(f, w_std=self.w_std, b_std=self.b_std, name=name)
+        norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, name=name)
+        x = dense(width, "embed")(x)
+        for i in range(int(self.depth)):
+            h = norm(f"block{i}_norm_attention")(x)
+            x = x + nn.SelfAttention(
+                width, key_features=key, value_features=value, num_heads=self.num_heads,
+                linear_scaling=self.linear_scaling, w_key_std=self.w_std,
+                w_query_std=self.w_std, w_value_std=self.w_std, w_out_std=self.w_std,
+                b_std=self.b_std, attention_mechanism=self.attention_mechanism,
+                name=f"block{i}_attention",
+            )(h)
+            h = norm(f"block{i}_norm_mlp")(x)
+            x = x + dense(width, f"block{i}_mlp_out")(act(dense(mlp, f"block{i}_mlp_in")(h)))
+        x = READOUTS[self.readout](norm("final_norm")(x))
+        return dense(self.out_features, "readout")(x)

@@ -1,0 +1,124 @@
+"""ntkjax.nn.LayerNorm: the finite layer against flax.linen.LayerNorm; the kernel rule against
+the input kernel of normalized zero-mean inputs (exact); errors; and (slow) the empirical NTK of
+finite LayerNorm + residual networks converging to kernel_fn like width^-1/2."""
+
+from __future__ import annotations
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntkjax
+from ntkjax import nn
+from ntkjax.kernels import input_kernel
+from ntkjax.scaling import fit_power_law
+
+
+def _x(n=5, shape=(6,), seed=0, dtype=jnp.float64):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, *shape), dtype)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((6,), -1), ((4, 3, 5), -1), ((4, 3, 5), (1, 2, 3)),
+                                             ((4, 3, 5), (-2, -1))])
+def test_finite_layer_is_flax_layernorm_without_parameters(shape, axis):
+    x = 3.0 + 2.0 * _x(3, shape, dtype=jnp.float32)
+    axes = (axis,) if isinstance(axis, int) else axis
+    ref = linen.LayerNorm(reduction_axes=axes, use_scale=False, use_bias=False, epsilon=1e-3)
+    got = nn.LayerNorm(axis=axis, epsilon=1e-3).apply({}, x)
+    np.testing.assert_allclose(got, ref.apply({}, x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((7,), -1), ((4, 3, 5), -1), ((4, 3, 5), (1, 2, 3)),
+                                             ((6, 5), (1, 2))])
+def test_kernel_rule_is_the_input_kernel_of_normalized_zero_mean_inputs(shape, axis, x64):
+    """For inputs with zero mean over the normalized axes, LayerNorm only rescales each example
+    (and position) by 1/sqrt(var + eps) with var = |x|^2 / size: then the rule applied to the
+    input kernel equals the input kernel of the normalized inputs, exactly."""
+    axes = tuple(a % (len(shape) + 1) for a in ((axis,) if isinstance(axis, int) else axis))
+
+    def centred(x):
+        return x - jnp.mean(x, axis=axes, keepdims=True)
+
+    x1, x2 = centred(_x(4, shape, 0)), centred(3 * _x(3, shape, 1))
+    layer = nn.LayerNorm(axis=axis, epsilon=0.1)
+    for other in (None, x2):
+        got = layer.apply({}, input_kernel(x1, other))
+        want = input_kernel(layer.apply({}, x1), None if other is None else layer.apply({}, other))
+        for name in ("nngp", "var1", "var2"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12,
+                                       atol=1e-14)
+        assert got.same_inputs == (other is None)
+
+
+def test_errors(x64):
+    img = input_kernel(_x(2, (3, 4, 2)))
+    with pytest.raises(ValueError, match="channel axis"):
+        nn.LayerNorm(axis=(1, 2)).apply({}, img)
+    with pytest.raises(ValueError, match="batch axis"):
+        nn.LayerNorm(axis=(0, -1)).apply({}, img)
+    with pytest.raises(ValueError, match="batch axis"):
+        nn.LayerNorm(axis=0).apply({}, _x())
+    with pytest.raises(ValueError, match="out of range"):
+        nn.LayerNorm(axis=3).apply({}, _x())
+    h = nn.relu(nn.Dense(4).apply({}, input_kernel(_x())))
+    with pytest.raises(ValueError, match=r"Gaussian.*ntkjax\.nn\.relu"):
+        nn.LayerNorm().apply({}, h)
+    # on arrays, normalizing over positions alone is fine (only the limit needs channels)
+    assert nn.LayerNorm(axis=(1, 2)).apply({}, _x(2, (3, 4, 2))).shape == (2, 3, 4, 2)
+
+
+class NormResidual(linen.Module):
+    """x = Dense(x); x = x + Dense(relu(Dense(LayerNorm(x)))); readout of relu(LayerNorm(x))."""
+
+    width: int
+
+    @linen.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, b_std=0.1)(x)
+        h = nn.Dense(self.width, w_std=1.4, b_std=0.1)(nn.LayerNorm()(x))
+        x = x + nn.Dense(self.width)(nn.relu(h))
+        return nn.Dense(1)(nn.relu(nn.LayerNorm()(x)))
+
+
+def _random_params(module, x):
+    """``key -> params`` with every parameter N(0, 1) (the NTK parameterization's init)."""
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+
+    def sample(key):
+        leaves, tree = jax.tree_util.tree_flatten(shapes)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree_util.tree_unflatten(
+            tree, [jax.random.normal(k, s.shape, s.dtype)
+                   for k, s in zip(keys, leaves, strict=True)]
+        )
+
+    return sample
+
+
+def ntk_errors(make, configs, x, n_networks, seed=0):
+    """RMS over ``n_networks`` networks of ||Theta_emp - Theta|| / ||Theta|| for each config."""
+    errors = []
+    for config in configs:
+        module = make(*config)
+        theta = ntkjax.kernel_fn(module)(x).ntk
+        ntk_fn = ntkjax.empirical_ntk_fn(module.apply)
+        sample = _random_params(module, x)
+        keys = jax.random.split(jax.random.PRNGKey(seed + config[0]), n_networks)
+        emp = jax.jit(lambda ks, f=ntk_fn, s=sample: jax.lax.map(lambda k: f(s(k), x), ks))(keys)
+        sq = jnp.sum((emp - theta) ** 2, axis=(1, 2)) / jnp.sum(theta**2)
+        errors.append(float(jnp.sqrt(jnp.mean(sq))))
+    return errors
+
+
+@pytest.mark.slow
+def test_layernorm_residual_empirical_ntk_converges_like_inverse_sqrt_width(x64):
+    """RMS over 24 networks of the relative NTK error of a LayerNorm + residual network at
+    widths 128-1024; fitted log-log slope in [-0.7, -0.3]."""
+    x = _x(5, (4,), 42)
+    widths = [128, 256, 512, 1024]
+    errors = ntk_errors(NormResidual, [(w,) for w in widths], x, 24)
+    slope = fit_power_law(widths, errors).slope
+    assert -0.7 <= slope <= -0.3, (slope, errors)
+    assert errors[-1] < 0.15
