@@ -119,9 +119,10 @@ def ensemble_predictor(
       ``predict(x_test, *, t=jnp.inf, get="ntk", covariance="full") -> Gaussian``: numpy
       arrays; ``mean`` of shape ``(*T, m)`` or ``(*T, m, outputs)``, ``covariance``
       ``(*T, m, m)`` for ``"full"``, the variances ``(*T, m)`` for ``"diagonal"``, None for
-      ``"none"`` (shared by all outputs). ``t``: a scalar or 1-D array of times ``>= 0``
-      (``jnp.inf`` allowed); ``get``: ``"ntk"`` (gradient descent) or ``"nngp"`` (Bayesian
-      posterior at ``t = inf``).
+      ``"none"`` (shared by all outputs); variances that round-off makes negative (at the
+      training points, where they vanish) are clipped to 0. ``t``: a scalar or 1-D array of
+      times ``>= 0`` (``jnp.inf`` allowed); ``get``: ``"ntk"`` (gradient descent) or
+      ``"nngp"`` (Bayesian posterior at ``t = inf``).
 
     Raises:
       ValueError: a kernel function whose kernels have spatial axes, inputs without a batch
@@ -210,7 +211,9 @@ def ensemble_predictor(
             a_t, k_bt, mu, v = block_moments(eig, times, xb, k_train["nngp"], get == "nngp")
             keep = min(size, m - i)
             mean[(*lead, slice(i, i + keep))] = np.asarray(mu)[(*lead, slice(0, keep))]
-            var[(*lead, slice(i, i + keep))] = np.asarray(v)[(*lead, slice(0, keep))]
+            # variances below 0 are round-off (cancellation in K + A K A^T - 2 A K): clip them
+            var[(*lead, slice(i, i + keep))] = np.maximum(np.asarray(v)[(*lead, slice(0, keep))],
+                                                          0)
             if covariance == "full":
                 blocks.append((i, keep, xb, a_t, k_bt))
         if covariance == "none":
@@ -224,6 +227,8 @@ def ensemble_predictor(
                 tile = tile[..., :keep_i, :keep_j]
                 if i == j:
                     tile = 0.5 * (tile + np.swapaxes(tile, -1, -2))
+                    diag = np.einsum("...ii->...i", tile)  # a view
+                    np.maximum(diag, 0, out=diag)  # round-off negatives, as for "diagonal"
                 cov[..., i : i + keep_i, j : j + keep_j] = tile
                 cov[..., j : j + keep_j, i : i + keep_i] = np.swapaxes(tile, -1, -2)
         diagonal = np.arange(m)  # variances, >= 0 exactly: round-off clipped
