@@ -25,6 +25,14 @@ from ntkjax.empirical import (
     nnx_apply_fn,
     ntk_operator,
 )
+from ntkjax.features import (
+    FeatureMap,
+    FeatureRidge,
+    Features,
+    feature_map,
+    feature_ridge,
+    hermite_truncation_error,
+)
 from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
 from ntkjax.linearize import linearize
 from ntkjax.predict import (
@@ -49,6 +57,9 @@ from ntkjax.training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureMap",
+    "FeatureRidge",
+    "Features",
     "Kernel",
     "KernelRegimeReport",
     "PowerLawFit",
@@ -61,11 +72,14 @@ __all__ = [
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
     "evaluate_in_blocks",
+    "feature_map",
+    "feature_ridge",
     "fit_power_law",
     "gp_inference",
     "gradient_descent_mse",
     "gradient_flow_ensemble",
     "gradient_flow_mse",
+    "hermite_truncation_error",
     "kernel_fn",
     "kernel_matrix",
     "kernel_regime_check",
