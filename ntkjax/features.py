@@ -18,8 +18,9 @@ their kernel entry points for the duration of the walk (other threads, and any K
 the stand-in, pass through unchanged). A layer without a feature rule raises a ValueError naming
 it.
 
-Per-layer feature rules (features per spatial position for images, shape (N, *S, D); every
-random quantity is drawn once per input shape from the key):
+Per-layer feature rules (features per spatial position for images, shape (N, *S, D)). Every
+random quantity is drawn once per input shape, on the host, by numpy's generator seeded with the
+bits of ``jax.random.fold_in(key, i)`` (i counts the draws of the walk):
 
 * input: ``phi = x / sqrt(d)`` (exact), ``psi`` empty (Theta = 0).
 * :class:`~ntkjax.nn.Dense`, from Sigma' = w^2 Sigma + b^2 and Theta' = Sigma' + w^2 Theta (NTK
@@ -48,20 +49,23 @@ random quantity is drawn once per input shape from the key):
   ``a_k(q) = E[act(sqrt(q) z) h_k(z)]``, ``b_k(q) = E[act'(sqrt(q) z) h_k(z)]`` (z ~ N(0, 1),
   by Gauss-Hermite quadrature of the activation's ``fn``), Mehler's formula gives
   ``sigma = sum_k a_k(q1) a_k(q2) c^k`` and ``sigma_dot = sum_k b_k(q1) b_k(q2) c^k``; the
-  features are ``F = [a_0, a_1 u, a_2 T_2(u), ..., a_K T_K(u)]`` (then compressed to m by a
-  subsampled randomized Hadamard transform) with ``T_k = TensorSRHT(T_{k-1}, u)`` unbiased
-  sketches of ``u^{(x) k}`` (Ahle et al. 2020). Truncating at degree K (default 8) errs by at
-  most ``sqrt(tail(q1) tail(q2))`` with ``tail(q) = E[act^2] - sum_{k <= K} a_k(q)^2``
-  (Cauchy-Schwarz, |c| <= 1): see :func:`hermite_truncation_error`, which computes it, and its
-  table of values.
+  features are ``F = [a_0, a_1 u, a_2 T_2(u), ..., a_K T_K(u)]`` (then compressed to m, below)
+  with ``T_k = TensorSRHT(T_{k-1}, u)`` unbiased sketches of ``u^{(x) k}`` (the degree-by-degree
+  form of PolySketch, Ahle et al. 2020). Truncating at degree K (default 8) errs by at most
+  ``sqrt(tail(q1) tail(q2))`` with ``tail(q) = E[act^2] - sum_{k <= K} a_k(q)^2``
+  (Cauchy-Schwarz, |c| <= 1): :func:`hermite_truncation_error` computes it and tabulates values.
 * Every activation: ``Theta' = sigma_dot Theta`` is a product of kernels, whose features are
-  the tensor product ``psi (x) F_dot``, sketched to m coordinates by TensorSRHT
-  (``u_i v_j / sqrt(m)`` with ``u = H D1 psi``, ``v = H D2 F_dot``: random signs D, Walsh-Hadamard
-  H, sampled coordinates; Ahle et al. 2020, "Oblivious Sketching of High-Degree Polynomial
-  Kernels", SODA; used for the NTK by Zandieh et al. 2021): unbiased, ``E[S(a (x) b) .
-  S(a' (x) b')] = (a . a')(b . b')``.
-* output: features with more than D coordinates are compressed to D by a subsampled randomized
-  Hadamard transform (Ailon & Chazelle 2006; unbiased); fewer are zero-padded (exact).
+  the tensor product ``psi (x) F_dot``, sketched to m coordinates by TensorSRHT (Ahle et al.
+  2020, "Oblivious Sketching of High-Degree Polynomial Kernels", SODA; used for the NTK by
+  Zandieh et al. 2021): ``u_I * v_J / sqrt(m)`` with ``u = H fold(psi)``, ``v = H fold(F_dot)``
+  -- H the Walsh-Hadamard matrix, ``fold`` a sum of blocks of the input with independent random
+  signs (so no input is padded beyond the sketch size), I, J sampled coordinates. Every
+  coordinate is a random-sign combination of all of the input, so the sketch is unbiased:
+  ``E[S(a (x) b) . S(a' (x) b')] = (a . a')(b . b')``.
+* compression (the output, and the Hermite features): more than D coordinates are randomly
+  permuted and folded with random signs into D (a count sketch with balanced buckets; Charikar
+  et al. 2002): unbiased, and only coordinates sharing a bucket add error, so a few extra
+  coordinates (e.g. a bias) cost almost nothing. Fewer than D are zero-padded (exact).
 
 Bias and error. Each random layer is unbiased given its input features, so a network with one
 random layer (e.g. Dense -> ReLU -> Dense, or one convolution, an activation and a readout) has
@@ -291,12 +295,6 @@ def _next_pow2(d: int) -> int:
     return 1 << max(0, (d - 1).bit_length())
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class _HadamardPlan:
-    sizes: tuple[int, ...]
-
-
 def _sylvester(n: int) -> np.ndarray:
     h = np.ones((1, 1))
     while h.shape[0] < n:
@@ -378,8 +376,8 @@ def _compress(walk: _Walk, a: jax.Array, m: int) -> jax.Array:
 
 def _tensor_sketch(walk: _Walk, a: jax.Array, b: jax.Array, m: int) -> jax.Array:
     """TensorSRHT of ``a (x) b`` to m coordinates (Ahle et al. 2020): ``u_I * v_J / sqrt(m)``
-    with independent SRHTs u of a and v of b; ``E[S . S'] = (a . a')(b . b')``. Empty when
-    ``a`` is (a kernel that is identically zero)."""
+    with independent SRHTs u of a and v of b; ``E[S . S'] = (a . a')(b . b')``. Empty (zero
+    coordinates) when ``a`` or ``b`` is, i.e. when the product kernel is identically zero."""
     if a.shape[-1] == 0 or b.shape[-1] == 0:
         return jnp.zeros((*a.shape[:-1], 0), a.dtype)
     da, db, dtype = a.shape[-1], b.shape[-1], a.dtype
