@@ -693,6 +693,8 @@ def _walk_module(module: linen.Module, walk: _Walk, x: jax.Array) -> Features:
             try:
                 out = module.apply({}, stand_in)
             except TypeError as err:
+                if _FeatureKernel.__name__ not in str(err):
+                    raise
                 raise ValueError(
                     f"feature_map: a function without a random-feature rule received the feature "
                     f"stand-in after {walk.last()} ({err}). Use ntkjax.nn layers; wrap other "
