@@ -27,6 +27,14 @@ from ntkjax.empirical import (
     ntk_operator,
 )
 from ntkjax.ensemble import ensemble_predictor
+from ntkjax.features import (
+    FeatureMap,
+    FeatureRidge,
+    Features,
+    feature_map,
+    feature_ridge,
+    hermite_truncation_error,
+)
 from ntkjax.hyperparameters import (
     MarginalLikelihoodFit,
     fit_marginal_likelihood,
@@ -57,6 +65,9 @@ from ntkjax.training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FeatureMap",
+    "FeatureRidge",
+    "Features",
     "Kernel",
     "KernelRegimeReport",
     "MarginalLikelihoodFit",
@@ -73,6 +84,8 @@ __all__ = [
     "empirical_ntk_matrix",
     "ensemble_predictor",
     "evaluate_in_blocks",
+    "feature_map",
+    "feature_ridge",
     "fit_marginal_likelihood",
     "fit_power_law",
     "gp_inference",
@@ -81,6 +94,7 @@ __all__ = [
     "gradient_flow",
     "gradient_flow_ensemble",
     "gradient_flow_mse",
+    "hermite_truncation_error",
     "kernel_fn",
     "kernel_matrix",
     "kernel_regime_check",

@@ -1,0 +1,1091 @@
+"""Random features and sketches of the NNGP and NTK: kernel methods in time linear in the data.
+
+:func:`feature_map` turns the same :mod:`ntkjax.nn` module that :func:`ntkjax.kernel_fn` accepts
+into a jitted map ``x -> Features(nngp=phi(x), ntk=psi(x))`` of D features each, with
+``phi(x) . phi(x') ~ Sigma(x, x')`` (NNGP) and ``psi(x) . psi(x') ~ Theta(x, x')`` (NTK);
+:func:`feature_ridge` then fits kernel ridge regression on n points in O(n D^2) time and
+O(D^2 + batch D) memory, streaming over the data.
+
+How the module is walked. As :func:`ntkjax.kernel_fn` applies the module to a
+:class:`~ntkjax.Kernel` instead of an array, :func:`feature_map` applies it to a stand-in: a
+Kernel holding each input's exact kernel with itself (its variances, O(N) entries, O(N P^2) for
+images of P positions) and, beside it, the features. Every layer first computes its exact rule
+on the Kernel part -- the layer's own code, so the variances are exact -- then its feature rule
+(one per layer, in :data:`FEATURE_RULES` below). ntkjax.nn layers dispatch only on
+``isinstance(x, Kernel)``; the walk reaches the rules through flax's ``intercept_methods`` for
+modules, and for the function layers (activations and readouts) through dispatchers installed at
+their kernel entry points for the duration of the walk (other threads, and any Kernel that is not
+the stand-in, pass through unchanged). A layer without a feature rule raises a ValueError naming
+it.
+
+Per-layer feature rules (features per spatial position for images, shape (N, *S, D)). Every
+random quantity is drawn once per input shape, on the host, by numpy's generator seeded with the
+bits of ``jax.random.fold_in(key, i)`` (i counts the draws of the walk):
+
+* input: ``phi = x / sqrt(d)`` (exact), ``psi`` empty (Theta = 0).
+* :class:`~ntkjax.nn.Dense`, from Sigma' = w^2 Sigma + b^2 and Theta' = Sigma' + w^2 Theta (NTK
+  parameterization) or Theta' = fan_in Sigma + w^2 Theta (+ 1) (standard): sums of kernels are
+  concatenations of features and scalings are scalings, so ``phi' = [w phi, b]``,
+  ``psi' = [phi', w psi]`` (NTK) or ``[sqrt(fan_in) phi, w psi, 1]`` (standard) -- exact.
+* :class:`~ntkjax.nn.Conv`: a convolution is a dense layer on patches; ``patches(phi)[o] =
+  concat_delta phi[s o + delta] / sqrt(|K|)`` reproduces the patch average
+  ``T(Sigma)[o, o'] = mean_delta Sigma[s o + delta, s o' + delta]`` exactly (zero padding for
+  SAME, periodic for CIRCULAR), then the dense rule with ``fan_in = |K| C`` (the CNTK features
+  of Zandieh et al. 2021, section 5).
+* :func:`~ntkjax.nn.flatten`: ``phi.reshape(N, P D) / sqrt(P)``; :func:`~ntkjax.nn.
+  global_average_pool`: ``mean_p phi[p]`` -- both exact (Novak et al. 2019 readouts).
+* residual sums ``k1 + k2`` (independent branches): concatenation; ``alpha * k``: ``|alpha| phi``.
+* ReLU family ``a min(u, 0) + b max(u, 0)`` (:data:`~ntkjax.nn.relu`, ``leaky_relu``,
+  ``ab_relu``, ``abs``) -- arc-cosine random features (Cho & Saul 2009; Zandieh et al. 2021,
+  "Scaling Neural Tangent Kernels via Sketching and Random Features", NeurIPS, section 4): with
+  the unit direction ``u = phi / |phi|``, the exact pre-activation variance q, Gaussian
+  ``G (d, m)``, ``F = sqrt(q / m) act(u G)`` and ``F_dot = act'(u G) / sqrt(m)``. Given the
+  input features, ``E[F . F'] = sigma(q12, q1, q2)`` and ``E[F_dot . F_dot'] = sigma_dot`` at
+  the correlation ``u . u'`` exactly (the arc-cosine kernels kappa_1, kappa_0). Identity (a = b)
+  is exact: ``F = |a| phi``.
+* Any other activation (erf, GELU, sin, :func:`~ntkjax.nn.elementwise` ...) -- truncated Hermite
+  expansion (Han et al. 2022, "Fast Neural Kernel Embeddings for General Activations",
+  NeurIPS): with the normalized Hermite polynomials h_k and
+  ``a_k(q) = E[act(sqrt(q) z) h_k(z)]``, ``b_k(q) = E[act'(sqrt(q) z) h_k(z)]`` (z ~ N(0, 1),
+  by Gauss-Hermite quadrature of the activation's ``fn``), Mehler's formula gives
+  ``sigma = sum_k a_k(q1) a_k(q2) c^k`` and ``sigma_dot = sum_k b_k(q1) b_k(q2) c^k``; the
+  features are ``F = [a_0, a_1 u, a_2 T_2(u), ..., a_K T_K(u)]`` (then compressed to m, below)
+  with ``T_k = TensorSRHT(T_{k-1}, u)`` unbiased sketches of ``u^{(x) k}`` (the degree-by-degree
+  form of PolySketch, Ahle et al. 2020). Truncating at degree K (default 8) errs by at most
+  ``sqrt(tail(q1) tail(q2))`` with ``tail(q) = E[act^2] - sum_{k <= K} a_k(q)^2``
+  (Cauchy-Schwarz, |c| <= 1): :func:`hermite_truncation_error` computes it and tabulates values.
+* Every activation: ``Theta' = sigma_dot Theta`` is a product of kernels, whose features are
+  the tensor product ``psi (x) F_dot``, sketched to m coordinates by TensorSRHT (Ahle et al.
+  2020, "Oblivious Sketching of High-Degree Polynomial Kernels", SODA; used for the NTK by
+  Zandieh et al. 2021): ``u_I * v_J / sqrt(m)`` with ``u = H fold(psi)``, ``v = H fold(F_dot)``
+  -- H the Walsh-Hadamard matrix, ``fold`` a sum of blocks of the input with independent random
+  signs (so no input is padded beyond the sketch size), I, J sampled coordinates. Every
+  coordinate is a random-sign combination of all of the input, so the sketch is unbiased:
+  ``E[S(a (x) b) . S(a' (x) b')] = (a . a')(b . b')``.
+* compression (the output, and the Hermite features): more than D coordinates are randomly
+  permuted and folded with random signs into D (a count sketch with balanced buckets; Charikar
+  et al. 2002): unbiased, and only coordinates sharing a bucket add error, so a few extra
+  coordinates (e.g. a bias) cost almost nothing. Fewer than D are zero-padded (exact).
+
+Bias and error. Each random layer is unbiased given its input features, so a network with one
+random layer (e.g. Dense -> ReLU -> Dense, or one convolution, an activation and a readout) has
+unbiased NNGP and NTK features; deeper networks compose nonlinear maps of estimates and are
+biased by O(1/m). The error falls like D^(-1/2) (tests/test_features.py fits the slope).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
+import itertools
+import math
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen, struct
+
+from ntkjax import nn
+from ntkjax._checks import check_batched, check_choice, float_dtype
+from ntkjax._progress import progress
+from ntkjax.kernels import Kernel
+from ntkjax.nn import pooling as _pooling
+from ntkjax.nn.activations import Activation
+from ntkjax.nn.conv import Conv, conv_padding
+from ntkjax.nn.dense import Dense
+
+__all__ = [
+    "FEATURE_RULES",
+    "FeatureMap",
+    "FeatureRidge",
+    "Features",
+    "feature_map",
+    "feature_ridge",
+    "hermite_truncation_error",
+]
+
+Get = Literal["ntk", "nngp"]
+GETS: tuple[Get, ...] = ("ntk", "nngp")
+
+
+class Features(NamedTuple):
+    """Feature matrices of a batch: ``nngp`` (N, D) with ``nngp @ nngp.T ~ NNGP`` and ``ntk``
+    (N, D) with ``ntk @ ntk.T ~ NTK`` (the kernels of one output, as :func:`ntkjax.kernel_fn`)."""
+
+    nngp: jax.Array
+    ntk: jax.Array
+
+
+# --------------------------------------------------------------------------- the stand-in
+
+
+@struct.dataclass
+class _FeatureKernel(Kernel):
+    """The stand-in a module is applied to: a :class:`Kernel` of each input with itself
+    (``nngp`` (N, 1, ...) a placeholder column, ``var1`` the exact variances, as
+    ``kernels._row_kernel``), plus ``phi`` (N, *S, D_nngp) and ``psi`` (N, *S, D_ntk)."""
+
+    # defaults only because Kernel's last fields have defaults; always given
+    phi: jax.Array = None  # type: ignore[assignment]
+    psi: jax.Array = None  # type: ignore[assignment]
+
+    def exact(self) -> Kernel:
+        """The Kernel part (each input with itself), which layers map by their exact rules."""
+        return Kernel(nngp=self.nngp, ntk=self.ntk, var1=self.var1, var2=self.var2,
+                      width=self.width)
+
+    @staticmethod
+    def of(k: Kernel, phi: jax.Array, psi: jax.Array) -> _FeatureKernel:
+        return _FeatureKernel(nngp=k.nngp, ntk=k.ntk, var1=k.var1, var2=k.var2, width=k.width,
+                              phi=phi, psi=psi)
+
+    # Residual sums of independent branches: kernels add, features concatenate.
+    def __add__(self, other: Any) -> Any:
+        if not isinstance(other, Kernel):
+            return NotImplemented
+        walk = _current_walk("+")
+        other = walk.expect(other, "a residual sum (+)")
+        exact = self.exact() + other.exact()
+        walk.record("+")
+        return _FeatureKernel.of(exact, _concat([self.phi, other.phi]),
+                                 _concat([self.psi, other.psi]))
+
+    __radd__ = __add__
+
+    def __mul__(self, scale: Any) -> Any:
+        if isinstance(scale, Kernel):
+            return NotImplemented
+        exact = self.exact() * scale  # validates the scalar
+        s = jnp.abs(jnp.asarray(scale, self.phi.dtype))
+        return _FeatureKernel.of(exact, self.phi * s, self.psi * s)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> _FeatureKernel:
+        return self
+
+
+def _concat(parts: list[jax.Array]) -> jax.Array:
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _self_covariance(x: jax.Array) -> jax.Array:
+    """(N,) for (N, d); (N, *S, *S) for images (N, *S, C): ``x[a, p] . x[a, p'] / C``."""
+    c = x.shape[-1]
+    if x.ndim == 2:
+        return jnp.sum(x * x, axis=1) / c
+    flat = x.reshape(x.shape[0], -1, c)
+    cov = jnp.einsum("apc,aqc->apq", flat, flat, precision=jax.lax.Precision.HIGHEST) / c
+    return cov.reshape(x.shape[0], *x.shape[1:-1], *x.shape[1:-1])
+
+
+def _input_stand_in(x: jax.Array) -> _FeatureKernel:
+    var = _self_covariance(x)
+    c = x.shape[-1]
+    phi = x * (1.0 / math.sqrt(c))
+    psi = jnp.zeros((*x.shape[:-1], 0), x.dtype)
+    return _FeatureKernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
+                          var2=var[:1], width=c, phi=phi, psi=psi)
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    num_features: int
+    hidden_features: int
+    sketch_features: int
+    hermite_degree: int
+    hermite_quadrature: int
+
+
+class _Walk:
+    """One pass of a module over the stand-in: draws (init) or replays (apply) the random
+    parameters in the order the rules ask for them, and remembers the layers it applied."""
+
+    def __init__(self, config: _Config, key: jax.Array | None, params: tuple | None = None) -> None:
+        self.config = config
+        self.key = key
+        self.init = params is None
+        self.params: list = [] if params is None else list(params)
+        self.makers: list[Callable[[np.random.Generator], Any]] = []
+        self.index = 0
+        self.trail: list[str] = []
+        self.exact_depth = 0
+
+    def draw(self, make: Callable[[np.random.Generator], Any]) -> Any:
+        """The next random parameter: when initializing, ``make(rng)`` with a numpy generator
+        seeded by the bits of ``jax.random.fold_in(key, i)`` (host-side: no compilation per
+        shape); when applying, the recorded one."""
+        if self.init:
+            assert self.key is not None
+            value = make(_rng(self.key, self.index))
+            self.params.append(value)
+            self.makers.append(make)
+        else:
+            if self.index >= len(self.params):
+                raise ValueError("feature map parameters do not match the module's walk.")
+            value = self.params[self.index]
+        self.index += 1
+        return value
+
+    def record(self, name: str) -> None:
+        self.trail.append(name)
+
+    def last(self) -> str:
+        return self.trail[-1] if self.trail else "the input"
+
+    def expect(self, x: Any, where: str) -> _FeatureKernel:
+        """``x`` as the stand-in; a plain Kernel here means a layer dropped the features."""
+        if isinstance(x, _FeatureKernel):
+            return x
+        raise ValueError(
+            f"feature_map: {where} received a plain Kernel instead of features: the layer "
+            f"applied after {self.last()} has no random-feature rule (it ran its exact kernel "
+            f"rule). {_SUPPORTED}"
+        )
+
+    @contextlib.contextmanager
+    def exact_rules(self) -> Iterator[None]:
+        """While a layer computes its exact rule on the Kernel part, dispatch stays off."""
+        self.exact_depth += 1
+        try:
+            yield
+        finally:
+            self.exact_depth -= 1
+
+
+def _rng(key: jax.Array, index: int) -> np.random.Generator:
+    """numpy's generator seeded by the bits of ``jax.random.fold_in(key, index)``."""
+    with jax.ensure_compile_time_eval():
+        bits = jax.random.key_data(jax.random.fold_in(key, index))
+    return np.random.default_rng(np.asarray(bits, np.uint32).ravel().tolist())
+
+
+_SUPPORTED = (
+    "Layers with random-feature rules: ntkjax.nn.Dense and ntkjax.nn.Conv (both "
+    "parameterizations), ntkjax.nn.flatten, ntkjax.nn.global_average_pool, every ntkjax.nn "
+    "activation (ReLU family in closed form, others by Hermite expansion), residual sums and "
+    "scalar multiples; container modules are walked through."
+)
+
+_CURRENT: contextvars.ContextVar[_Walk | None] = contextvars.ContextVar(
+    "ntkjax_feature_walk", default=None)
+_LOCK = threading.RLock()
+_INSTALLED = [0]
+
+
+def _current_walk(where: str) -> _Walk:
+    walk = _CURRENT.get()
+    if walk is None:
+        raise ValueError(f"feature_map's stand-in used outside a feature walk ({where}).")
+    return walk
+
+
+# --------------------------------------------------------------------------- random sketches
+
+
+def _next_pow2(d: int) -> int:
+    return 1 << max(0, (d - 1).bit_length())
+
+
+def _sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _hadamard(x: jax.Array) -> jax.Array:
+    """Unnormalized Walsh-Hadamard transform of the last axis (length 2^L), as a Kronecker
+    product of small Sylvester matrices (one dense matmul per factor of at most 64)."""
+    n = x.shape[-1]
+    levels = n.bit_length() - 1
+    chunks = max(1, math.ceil(levels / 6))
+    base, extra = divmod(levels, chunks)
+    sizes = [1 << (base + (i < extra)) for i in range(chunks)]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, *sizes)
+    letters = "bcdefgh"[: len(sizes)]
+    for i, s in enumerate(sizes):
+        if s == 1:
+            continue
+        h = jnp.asarray(_sylvester(s), x.dtype)
+        out = letters[:i] + "z" + letters[i + 1 :]
+        y = jnp.einsum(f"a{letters},{letters[i]}z->a{out}", y, h)
+    return y.reshape(*lead, n)
+
+
+def _fold(a: jax.Array, signs: jax.Array) -> jax.Array:
+    """``sum_r D_r a_r``: ``a`` cut into blocks of ``signs.shape[1]`` coordinates (the last one
+    zero-padded), each multiplied by its row of random signs, summed. ``E[fold(a) . fold(a')] =
+    a . a'`` (random signs make cross-block terms vanish in expectation)."""
+    blocks, n = signs.shape
+    d = a.shape[-1]
+    out = None
+    for r in range(blocks):  # contiguous slices: a few fused elementwise passes
+        part = a[..., r * n : min((r + 1) * n, d)]
+        if part.shape[-1] < n:
+            part = jnp.pad(part, [(0, 0)] * (a.ndim - 1) + [(0, n - part.shape[-1])])
+        term = part * signs[r]
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+def _signs(rng: np.random.Generator, blocks: int, n: int, dtype) -> np.ndarray:
+    return rng.choice(np.asarray([-1.0, 1.0], np.dtype(dtype)), size=(blocks, n))
+
+
+def _srht_params(rng: np.random.Generator, d: int, m: int,
+                 dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Signs (blocks, n) and m coordinates of [0, n): n = 2^ceil(log2 min(d, m)), inputs
+    folded into n coordinates when wider; coordinates balanced (each used ceil or floor m/n
+    times, in independent random orders)."""
+    n = _next_pow2(min(d, m))
+    reps = -(-m // n)
+    idx = np.concatenate([rng.permutation(n) for _ in range(reps)])[:m].astype(np.int32)
+    return _signs(rng, -(-d // n), n, dtype), idx
+
+
+def _srht_apply(a: jax.Array, signs: jax.Array, idx: jax.Array) -> jax.Array:
+    """``(H fold(a))[idx]``, H the Walsh-Hadamard matrix: every coordinate is a +-1
+    combination of all of ``a`` with random signs, so ``E[u_i u'_i] = a . a'`` for each i."""
+    return jnp.take(_hadamard(_fold(a, signs)), idx, axis=-1)
+
+
+def _compress(walk: _Walk, a: jax.Array, m: int) -> jax.Array:
+    """``a`` (d > m coordinates) to m: a random permutation, then a signed fold into m
+    buckets (a count sketch with balanced buckets; Charikar et al. 2002, Weinberger et al.
+    2009): ``E[S a . S a'] = a . a'``, and only coordinates sharing a bucket add error -- for
+    d = m + 1 a single pair. The identity when d <= m."""
+    d = a.shape[-1]
+    if d <= m:
+        return a
+    dtype = a.dtype
+    perm, signs = walk.draw(lambda rng: (rng.permutation(d).astype(np.int32),
+                                         _signs(rng, -(-d // m), m, dtype)))
+    return _fold(jnp.take(a, perm, axis=-1), signs)
+
+
+def _tensor_sketch(walk: _Walk, a: jax.Array, b: jax.Array, m: int) -> jax.Array:
+    """TensorSRHT of ``a (x) b`` to m coordinates (Ahle et al. 2020): ``u_I * v_J / sqrt(m)``
+    with independent SRHTs u of a and v of b; ``E[S . S'] = (a . a')(b . b')``. Empty (zero
+    coordinates) when ``a`` or ``b`` is, i.e. when the product kernel is identically zero."""
+    if a.shape[-1] == 0 or b.shape[-1] == 0:
+        return jnp.zeros((*a.shape[:-1], 0), a.dtype)
+    da, db, dtype = a.shape[-1], b.shape[-1], a.dtype
+    sa, ia = walk.draw(lambda rng: _srht_params(rng, da, m, dtype))
+    sb, ib = walk.draw(lambda rng: _srht_params(rng, db, m, dtype))
+    return _srht_apply(a, sa, ia) * _srht_apply(b, sb, ib) * (1.0 / math.sqrt(m))
+
+
+def _standard_normal(rng: np.random.Generator, d: int, m: int, dtype) -> np.ndarray:
+    """A (d, m) standard normal matrix in ``dtype``, drawn in float64 (the same numbers for
+    every dtype) a block of rows at a time (bounded temporary memory)."""
+    out = np.empty((d, m), np.dtype(dtype))
+    rows = max(1, (1 << 22) // max(m, 1))
+    for start in range(0, d, rows):
+        stop = min(start + rows, d)
+        out[start:stop] = rng.standard_normal((stop - start, m))
+    return out
+
+
+def _gaussian(walk: _Walk, d: int, m: int, dtype) -> jax.Array:
+    return walk.draw(lambda rng: _standard_normal(rng, d, m, dtype))
+
+
+def _unit(phi: jax.Array) -> jax.Array:
+    """``phi / |phi|`` along the last axis (0 where phi = 0)."""
+    sq = jnp.sum(phi * phi, axis=-1, keepdims=True)
+    positive = sq > 0
+    return phi * jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, sq, 1)), 0)
+
+
+# --------------------------------------------------------------------------- feature rules
+
+
+def _dense_rule(phi: jax.Array, psi: jax.Array, *, w_std: float, b_std: float, use_bias: bool,
+                parameterization: str, fan_in: int) -> tuple[jax.Array, jax.Array]:
+    """Features after a dense layer (exact; module docstring)."""
+    w, b = float(w_std), float(b_std)
+    ones = jnp.ones((*phi.shape[:-1], 1), phi.dtype)
+    parts = [w * phi]
+    if use_bias and b != 0:
+        parts.append(b * ones)
+    new_phi = _concat(parts)
+    if parameterization == "ntk":
+        return new_phi, _concat([new_phi, w * psi])
+    parts = [math.sqrt(fan_in) * phi, w * psi]
+    if use_bias:
+        parts.append(ones)
+    return new_phi, _concat(parts)
+
+
+def _dense_features(walk: _Walk, module: Dense, x: _FeatureKernel, exact: Kernel):
+    phi, psi = _dense_rule(x.phi, x.psi, w_std=module.w_std, b_std=module._bias_std,
+                           use_bias=module._with_bias, parameterization=module.parameterization,
+                           fan_in=x.width)
+    return phi, psi
+
+
+def _per_axis(value: Any, nd: int) -> tuple[int, ...]:
+    return (int(value),) * nd if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _patches(phi: jax.Array, window: tuple[int, ...], strides: tuple[int, ...],
+             padding: Any) -> jax.Array:
+    """``concat_delta phi[s o + delta] / sqrt(|K|)`` over the window offsets: inner products of
+    patches are the patch average of the inner products (:func:`ntkjax.nn.conv.patch_average`)."""
+    nd = len(window)
+    spatial = phi.shape[1 : 1 + nd]
+    pads, mode = conv_padding(spatial, window, strides, padding)
+    phi = jnp.pad(phi, [(0, 0), *pads, (0, 0)], mode=mode)
+    outs = [(n + lo + hi - k) // s + 1
+            for n, (lo, hi), k, s in zip(spatial, pads, window, strides, strict=True)]
+    pieces = []
+    for delta in itertools.product(*(range(k) for k in window)):
+        window_slices = (slice(d, d + (o - 1) * s + 1, s)
+                         for d, o, s in zip(delta, outs, strides, strict=True))
+        index = (slice(None), *window_slices, slice(None))
+        pieces.append(phi[index])
+    return _concat(pieces) * (1.0 / math.sqrt(math.prod(window)))
+
+
+def _conv_features(walk: _Walk, module: Conv, x: _FeatureKernel, exact: Kernel):
+    nd = x.spatial_ndim
+    window = _per_axis(module.kernel_size, nd)
+    strides = _per_axis(module.strides, nd)
+    phi = _patches(x.phi, window, strides, module.padding)
+    psi = _patches(x.psi, window, strides, module.padding)
+    return _dense_rule(phi, psi, w_std=module.w_std, b_std=module._bias_std,
+                       use_bias=module._with_bias, parameterization=module.parameterization,
+                       fan_in=math.prod(window) * x.width)
+
+
+def _flatten_features(walk: _Walk, x: _FeatureKernel):
+    nd = x.spatial_ndim
+    if nd == 0:
+        return x.phi, x.psi
+    positions = math.prod(x.spatial_shape)
+    scale = 1.0 / math.sqrt(positions)
+    n = x.phi.shape[0]
+    return x.phi.reshape(n, -1) * scale, x.psi.reshape(n, -1) * scale
+
+
+def _global_average_pool_features(walk: _Walk, x: _FeatureKernel):
+    axes = tuple(range(1, 1 + x.spatial_ndim))
+    return jnp.mean(x.phi, axis=axes), jnp.mean(x.psi, axis=axes)
+
+
+# ReLU family: phi(u) = a min(u, 0) + b max(u, 0), by activation.
+def _ab_of(activation: Activation, params: tuple, kw_params: dict) -> tuple[float, float] | None:
+    """``(a, b)`` when ``activation`` is in the ReLU family (static parameters), else None."""
+    if activation is nn.relu:
+        return 0.0, 1.0
+    if activation is nn.abs:
+        return -1.0, 1.0
+    if activation is nn.identity:
+        return 1.0, 1.0
+    if activation is nn.leaky_relu or activation is nn.ab_relu:
+        bound = inspect.signature(activation.fn).bind(0.0, *params, **kw_params)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        try:
+            if activation is nn.leaky_relu:
+                return float(args["negative_slope"]), 1.0
+            return float(args["a"]), float(args["b"])
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return None  # traced slopes: use the general (Hermite) rule
+    return None
+
+
+def _relu_family_features(walk: _Walk, x: _FeatureKernel, a: float, b: float):
+    """Arc-cosine random features (module docstring): ``F = sqrt(q/m) act(u G)``,
+    ``F_dot = act'(u G) / sqrt(m)``, ``psi' = TensorSRHT(psi (x) F_dot)``."""
+    if a == b:  # a linear activation: exact
+        return abs(a) * x.phi, abs(a) * x.psi
+    cfg = walk.config
+    m = cfg.hidden_features
+    q = x.position_variances()[0]
+    u = _unit(x.phi)
+    g = _gaussian(walk, u.shape[-1], m, u.dtype)
+    z = jnp.matmul(u, g)
+    act = a * jnp.minimum(z, 0) + b * jnp.maximum(z, 0)
+    f = act * (jnp.sqrt(jnp.maximum(q, 0) / m)[..., None])
+    f_dot = jnp.where(z > 0, b, a).astype(z.dtype) * (1.0 / math.sqrt(m))
+    return f, _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
+
+
+def _hermite_basis(num_quadrature: int, degree: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Probabilists' Gauss-Hermite nodes folded into ``W[j, k] = w_j h_k(z_j)`` and the nodes
+    z_j, with ``h_k = He_k / sqrt(k!)`` orthonormal under N(0, 1)."""
+    z, w = np.polynomial.hermite.hermgauss(num_quadrature)
+    z, w = z * np.sqrt(2.0), w / np.sqrt(np.pi)
+    h = np.zeros((num_quadrature, degree + 1))
+    h[:, 0] = 1.0
+    if degree >= 1:
+        h[:, 1] = z
+    for k in range(1, degree):
+        h[:, k + 1] = (z * h[:, k] - np.sqrt(k) * h[:, k - 1]) / np.sqrt(k + 1)
+    return jnp.asarray(z, dtype), jnp.asarray(w[:, None] * h, dtype)
+
+
+def _hermite_coefficients(fn: Callable[[jax.Array], jax.Array], q: jax.Array, degree: int,
+                          num_quadrature: int) -> tuple[jax.Array, jax.Array]:
+    """``a_k(q) = E[fn(sqrt(q) z) h_k(z)]`` and ``b_k(q) = E[fn'(sqrt(q) z) h_k(z)]``, shape
+    (*q.shape, degree + 1), by Gauss-Hermite quadrature (fn' by forward-mode autodiff)."""
+    z, wh = _hermite_basis(num_quadrature, degree, q.dtype)
+    s = jnp.sqrt(jnp.maximum(q, 0))[..., None] * z
+    values, derivs = jax.jvp(fn, (s,), (jnp.ones_like(s),))
+    return jnp.matmul(values, wh), jnp.matmul(derivs, wh)
+
+
+def _hermite_features(walk: _Walk, x: _FeatureKernel, fn: Callable[[jax.Array], jax.Array]):
+    """Truncated Hermite expansion (module docstring; Han et al. 2022)."""
+    cfg = walk.config
+    m, degree = cfg.hidden_features, cfg.hermite_degree
+    q = x.position_variances()[0]
+    a, b = _hermite_coefficients(fn, q, degree, cfg.hermite_quadrature)
+    u = _unit(x.phi)
+    powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
+    t = u
+    for _ in range(2, degree + 1):
+        t = _tensor_sketch(walk, t, u, m)
+        powers.append(t)
+    f = _concat([a[..., k : k + 1] * powers[k] for k in range(degree + 1)])
+    f_dot = _concat([b[..., k : k + 1] * powers[k] for k in range(degree + 1)])
+    return _compress(walk, f, m), _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
+
+
+def _activation_features(walk: _Walk, activation: Activation, x: _FeatureKernel,
+                         params: tuple, kw_params: dict):
+    ab = _ab_of(activation, params, kw_params)
+    if ab is not None:
+        return _relu_family_features(walk, x, *ab)
+    return _hermite_features(walk, x, lambda u: activation.fn(u, *params, **kw_params))
+
+
+#: The random-feature rule of each layer: modules by class (``rule(walk, module, x, exact)``),
+#: the function layers by the kernel entry point they dispatch to (``rule(walk, x)``), the
+#: activations by :class:`~ntkjax.nn.Activation` (``rule(walk, activation, x, params,
+#: kw_params)``). Each returns the new ``(phi, psi)``.
+FEATURE_RULES: dict[Any, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    Dense: _dense_features,
+    Conv: _conv_features,
+    Activation: _activation_features,
+    "_flatten_kernel": _flatten_features,
+    "_global_average_pool_kernel": _global_average_pool_features,
+}
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _rule_for_module(module: linen.Module):
+    for cls in type(module).__mro__:
+        if cls in FEATURE_RULES:
+            return FEATURE_RULES[cls]
+    return None
+
+
+def _find_stand_in(args: tuple, kwargs: dict) -> Any:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Kernel):
+            return a
+    return None
+
+
+def _intercept(next_fun, args, kwargs, context):
+    """Flax method interceptor: modules with a feature rule apply it; other ntkjax.nn or flax
+    layers raise; containers and user modules are walked through."""
+    walk = _CURRENT.get()
+    x = _find_stand_in(args, kwargs)
+    if walk is None or walk.exact_depth or x is None:
+        return next_fun(*args, **kwargs)
+    module = context.module
+    cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__} (module {module.name!r})"
+    rule = _rule_for_module(module) if context.method_name == "__call__" else None
+    if rule is not None:
+        x = walk.expect(x, name)
+        with walk.exact_rules():
+            exact = next_fun(x.exact())
+        phi, psi = rule(walk, module, x, exact)
+        walk.record(name)
+        return _FeatureKernel.of(exact, phi, psi)
+    layer_module = cls.__module__.startswith(("flax.", "ntkjax.nn"))
+    if layer_module and not isinstance(module, linen.Sequential):
+        raise ValueError(f"feature_map: {name} has no random-feature rule. {_SUPPORTED}")
+    return next_fun(*args, **kwargs)
+
+
+def _activation_dispatch(original: Callable) -> Callable:
+    def call(self: Activation, x: Any, *params: Any, **kw_params: Any) -> Any:
+        walk = _CURRENT.get()
+        if walk is None or walk.exact_depth or not isinstance(x, Kernel):
+            return original(self, x, *params, **kw_params)
+        name = f"ntkjax.nn.{self.__name__}"
+        x = walk.expect(x, name)
+        with walk.exact_rules():
+            exact = original(self, x.exact(), *params, **kw_params)
+        phi, psi = FEATURE_RULES[Activation](walk, self, x, params, kw_params)
+        walk.record(name)
+        return _FeatureKernel.of(exact, phi, psi)
+
+    return call
+
+
+def _readout_dispatch(entry: str, original: Callable) -> Callable:
+    def call(k: Any) -> Any:
+        walk = _CURRENT.get()
+        if walk is None or walk.exact_depth:
+            return original(k)
+        name = "ntkjax.nn." + entry.strip("_").removesuffix("_kernel")
+        x = walk.expect(k, name)
+        with walk.exact_rules():
+            exact = original(x.exact())
+        phi, psi = FEATURE_RULES[entry](walk, x)
+        walk.record(name)
+        return _FeatureKernel.of(exact, phi, psi)
+
+    return call
+
+
+@contextlib.contextmanager
+def _dispatch_installed() -> Iterator[None]:
+    """Installs the dispatchers at the function layers' kernel entry points (once, however
+    nested); they defer to the originals whenever no walk is active in the calling context."""
+    with _LOCK:
+        if _INSTALLED[0] == 0:
+            saved = (Activation.__call__, {e: getattr(_pooling, e) for e in
+                                           ("_flatten_kernel", "_global_average_pool_kernel")})
+            Activation.__call__ = _activation_dispatch(saved[0])  # type: ignore[method-assign]
+            for entry, fn in saved[1].items():
+                setattr(_pooling, entry, _readout_dispatch(entry, fn))
+            _SAVED.append(saved)
+        _INSTALLED[0] += 1
+        try:
+            yield
+        finally:
+            _INSTALLED[0] -= 1
+            if _INSTALLED[0] == 0:
+                call, entries = _SAVED.pop()
+                Activation.__call__ = call  # type: ignore[method-assign]
+                for entry, fn in entries.items():
+                    setattr(_pooling, entry, fn)
+
+
+_SAVED: list = []
+
+
+def _walk_module(module: linen.Module, walk: _Walk, x: jax.Array) -> Features:
+    stand_in = _input_stand_in(x)
+    token = _CURRENT.set(walk)
+    try:
+        with _dispatch_installed(), linen.intercept_methods(_intercept):
+            try:
+                out = module.apply({}, stand_in)
+            except TypeError as err:
+                if _FeatureKernel.__name__ not in str(err):
+                    raise
+                raise ValueError(
+                    f"feature_map: a function without a random-feature rule received the feature "
+                    f"stand-in after {walk.last()} ({err}). Use ntkjax.nn layers; wrap other "
+                    "elementwise functions in ntkjax.nn.elementwise."
+                ) from err
+    finally:
+        _CURRENT.reset(token)
+    if not isinstance(out, Kernel):
+        raise ValueError(
+            f"{type(module).__name__} returned {type(out).__name__} for the feature stand-in; "
+            "feature_map needs a module whose output is a single array built from ntkjax.nn "
+            "layers."
+        )
+    out = walk.expect(out, "the module's output")
+    if out.spatial_ndim:
+        raise ValueError(
+            "feature_map needs a module whose output has no spatial axes; this one's output has "
+            f"spatial shape {out.spatial_shape}. End the network with ntkjax.nn.flatten or "
+            "ntkjax.nn.global_average_pool and a Dense readout."
+        )
+    d = walk.config.num_features
+    return Features(nngp=_fit(walk, out.phi, d), ntk=_fit(walk, out.psi, d))
+
+
+def _fit(walk: _Walk, a: jax.Array, d: int) -> jax.Array:
+    """Exactly d columns: compressed (SRHT) when wider, zero-padded when narrower."""
+    a = _compress(walk, a, d)
+    return jnp.pad(a, [(0, 0), (0, d - a.shape[-1])])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+# What each (module, config, example shape, dtype) draws, in order: walking once is enough.
+_PLANS: dict[tuple, tuple[Callable[[np.random.Generator], Any], ...]] = {}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_features(module: linen.Module, config: _Config, params: tuple,
+                    x: jax.Array) -> Features:
+    return _walk_module(module, _Walk(config, None, params), x)
+
+
+class FeatureMap:
+    """A random feature map of a module's NNGP and NTK (built by :func:`feature_map`).
+
+    ``fmap(x)`` maps a batch ``x`` (N, d) or images (N, *S, C) to :class:`Features` with
+    ``nngp`` and ``ntk`` of shape (N, num_features). The random parameters are drawn once per
+    per-example shape and dtype (:meth:`init`) and reused, so every batch gets the same map;
+    :meth:`apply` is the jitted map with explicit parameters. Rows are independent: the map is
+    vmappable and batch sizes can differ between calls.
+    """
+
+    def __init__(self, module: linen.Module, key: jax.Array, config: _Config) -> None:
+        self.module = module
+        self.key = key
+        self.config = config
+        self._params: dict[tuple, tuple] = {}
+
+    def apply(self, params: tuple, x: jax.Array) -> Features:
+        """The jitted map with explicit parameters (from :meth:`init`); one compilation is
+        shared by every FeatureMap of an equal module and configuration."""
+        return _apply_features(self.module, self.config, params, x)
+
+    @property
+    def num_features(self) -> int:
+        """D: the number of columns of both feature matrices."""
+        return self.config.num_features
+
+    def init(self, example_shape: tuple[int, ...], dtype: Any = None) -> tuple:
+        """The random parameters for inputs of per-example shape ``example_shape`` (a tuple of
+        concrete arrays, drawn by walking the module on an abstract batch of one)."""
+        dtype = jnp.dtype(dtype if dtype is not None else float_dtype())
+        cache_key = (tuple(example_shape), dtype.name)
+        if cache_key not in self._params:
+            plan_key = (self.module, self.config, *cache_key)
+            makers = _PLANS.get(plan_key)
+            if makers is None:  # walk the module once (abstractly) to find what to draw
+                walk = _Walk(self.config, self.key)
+                spec = jax.ShapeDtypeStruct((1, *example_shape), dtype)
+                jax.eval_shape(lambda a: _walk_module(self.module, walk, a), spec)
+                _PLANS[plan_key] = tuple(walk.makers)
+                params = tuple(walk.params)
+            else:
+                params = tuple(make(_rng(self.key, i)) for i, make in enumerate(makers))
+            self._params[cache_key] = params
+        return self._params[cache_key]
+
+    def __call__(self, x: jax.Array) -> Features:
+        check_batched(x, "x")
+        x = jnp.asarray(x)
+        x = x.astype(float_dtype(x))
+        return self.apply(self.init(x.shape[1:], x.dtype), x)
+
+
+def feature_map(
+    module: linen.Module,
+    *,
+    key: jax.Array,
+    num_features: int,
+    hidden_features: int | None = None,
+    sketch_features: int | None = None,
+    hermite_degree: int = 8,
+    hermite_quadrature: int = 64,
+) -> FeatureMap:
+    """Random features of ``module``'s NNGP and NTK: ``feature_map(...)(x) -> Features``.
+
+    ``module`` is any ``flax.linen`` module that :func:`ntkjax.kernel_fn` accepts, built from
+    the layers with feature rules (module docstring): Dense and Conv in either
+    parameterization, the ReLU family in closed form (arc-cosine random features, Zandieh et al.
+    2021), any other activation by its Hermite expansion truncated at ``hermite_degree`` (Han
+    et al. 2022; truncation error: :func:`hermite_truncation_error`), residual sums, flatten and
+    global-average-pool readouts. ``features.nngp @ features.nngp.T`` estimates
+    ``kernel_fn(module)(x).nngp`` and ``features.ntk @ features.ntk.T`` its ``.ntk``, the kernels
+    of one output (see :func:`ntkjax.kernel_fn`).
+
+    Args:
+      module: the network.
+      key: PRNG key of every random projection and sketch.
+      num_features: D, the columns of each output feature matrix.
+      hidden_features: random features per activation (m; default D). Memory: m x (width of the
+        layer's input features) floats for each ReLU-family layer.
+      sketch_features: coordinates of each NTK tensor sketch (default D).
+      hermite_degree: K, the degree of the Hermite expansion of non-ReLU activations (>= 1).
+      hermite_quadrature: Gauss-Hermite nodes for the Hermite coefficients (exact for
+        polynomial activations of degree < 2 * nodes - K).
+
+    Cost: O(N m (d_in + log m)) per layer, linear in N. The error of the kernel estimates falls
+    like D^(-1/2) (with m = D); networks with one random layer are unbiased.
+
+    >>> import jax, ntkjax
+    >>> mlp = ntkjax.models.MLP((512, 1), "relu", w_std=2**0.5)
+    >>> fmap = feature_map(mlp, key=jax.random.key(0), num_features=256)
+    >>> f = fmap(jnp.ones((3, 4)))
+    >>> f.nngp.shape, f.ntk.shape
+    ((3, 256), (3, 256))
+
+    Raises:
+      ValueError: for a layer without a feature rule (naming it), a module whose output keeps
+        spatial axes, and bad sizes.
+    """
+    sizes = {"num_features": num_features, "hidden_features": hidden_features,
+             "sketch_features": sketch_features, "hermite_degree": hermite_degree,
+             "hermite_quadrature": hermite_quadrature}
+    for name, value in sizes.items():
+        if value is not None and (int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(module, linen.Module):
+        raise ValueError(f"feature_map needs a flax.linen module, got {type(module).__name__}.")
+    d = int(num_features)
+    config = _Config(
+        num_features=d,
+        hidden_features=int(hidden_features or d),
+        sketch_features=int(sketch_features or d),
+        hermite_degree=int(hermite_degree),
+        hermite_quadrature=int(hermite_quadrature),
+    )
+    return FeatureMap(module, key, config)
+
+
+def hermite_truncation_error(
+    activation: Activation | Callable[[jax.Array], jax.Array],
+    variance: jax.Array,
+    *,
+    degree: int = 8,
+    num_quadrature: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Bounds on the truncation error of the degree-K Hermite expansion used by
+    :func:`feature_map` for an activation at pre-activation variance q:
+
+    ``|sigma - sigma_K| <= tail(q1)^(1/2) tail(q2)^(1/2)`` with
+    ``tail(q) = E[act(sqrt(q) z)^2] - sum_{k <= K} a_k(q)^2`` (and likewise for sigma_dot with
+    act'), by Mehler's formula and Cauchy-Schwarz over ``|c| <= 1`` (Han et al. 2022). Returns
+    ``(tail_nngp(q), tail_ntk(q))``: at equal variances, the largest possible error of the NNGP
+    map and of sigma_dot. Expectations by Gauss-Hermite quadrature.
+
+    Values at the default degree 8 (``tail_nngp / tail_ntk``; 128 nodes), growing with q --
+    saturating activations of large variance need a higher degree:
+
+    ========  ===============  ===============  ===============
+    act       q = 0.5          q = 1            q = 2
+    ========  ===============  ===============  ===============
+    erf       4.6e-05/2.0e-04  7.6e-04/3.1e-03  5.1e-03/1.7e-02
+    tanh      4.0e-05/2.4e-04  4.8e-04/2.2e-03  3.0e-03/9.9e-03
+    GELU      6.7e-07/1.4e-05  3.6e-05/3.8e-04  6.5e-04/3.6e-03
+    sin       3.3e-09/1.6e-10  1.0e-06/1.0e-07  2.0e-04/3.9e-05
+    softplus  3.7e-10/7.6e-09  3.9e-08/4.0e-07  1.9e-06/1.0e-05
+    ========  ===============  ===============  ===============
+
+    (erf at degree 16: 1.2e-05/9.2e-05 at q = 1.) Kinks converge slowly (ReLU is handled in
+    closed form instead); a polynomial activation of degree <= K is exact.
+
+    >>> t_nngp, t_ntk = hermite_truncation_error(nn.erf, jnp.asarray(1.0))
+    >>> bool(t_nngp < 1e-3)
+    True
+    """
+    fn = activation.fn if isinstance(activation, Activation) else activation
+    if int(degree) != degree or degree < 1:
+        raise ValueError(f"degree must be a positive integer, got {degree!r}.")
+    q = jnp.asarray(variance)
+    q = q.astype(float_dtype(q))
+    a, b = _hermite_coefficients(fn, q, int(degree), int(num_quadrature))
+    z, wh = _hermite_basis(int(num_quadrature), 0, q.dtype)
+    s = jnp.sqrt(jnp.maximum(q, 0))[..., None] * z
+    values, derivs = jax.jvp(fn, (s,), (jnp.ones_like(s),))
+    w = wh[:, 0]
+    second = jnp.matmul(values * values, w)
+    second_dot = jnp.matmul(derivs * derivs, w)
+    tail = jnp.maximum(second - jnp.sum(a * a, -1), 0)
+    tail_dot = jnp.maximum(second_dot - jnp.sum(b * b, -1), 0)
+    return tail, tail_dot
+
+
+# --------------------------------------------------------------------------- ridge regression
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureRidge:
+    """Ridge regression on random features (from :func:`feature_ridge`).
+
+    Attributes:
+      weights: (D, O) -- or (D,) for 1-D targets -- the solution of
+        ``(Phi^T Phi + ridge I) w = Phi^T y``.
+      ridge: the ridge lambda used (``diag_reg`` times the mean of ``|phi(x_i)|^2``).
+      num_train: n.
+      get: ``"ntk"`` or ``"nngp"``, the features regressed on.
+      feature_fn: the feature map.
+      batch_size: the rows per compiled step.
+    """
+
+    weights: jax.Array
+    ridge: float
+    num_train: int
+    get: Get
+    feature_fn: Callable[[jax.Array], Features]
+    batch_size: int
+
+    def predict(self, x: Any, *, batch_size: int | None = None) -> jax.Array:
+        """``phi(x) @ weights``, streamed over ``x`` in batches (default: the fit's batch size;
+        the last one padded, so one compiled step serves every batch):
+        ``K(x, X) (K(X, X) + ridge I)^{-1} y`` with ``K = Phi Phi^T``."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        _check_batch_size(batch_size)
+        check_batched(x, "x")
+        return _predict(self.feature_fn, self.get, self.weights, x, int(batch_size))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _predict_step(feature_fn: Callable, get: str, w: jax.Array, xb: jax.Array) -> jax.Array:
+    return jnp.matmul(getattr(feature_fn(xb), get), w, precision=jax.lax.Precision.HIGHEST)
+
+
+def _predict(feature_fn: Callable, get: str, w: jax.Array, x: Any, batch_size: int) -> jax.Array:
+    n = int(np.shape(x)[0])
+    batch_size = min(batch_size, n)
+    dtype = w.dtype
+    out = []
+    for start in range(0, n, batch_size):
+        xb, count = _padded(x, start, batch_size)
+        out.append(_predict_step(feature_fn, get, w, jnp.asarray(xb, dtype))[:count])
+    return jnp.concatenate(out, axis=0)
+
+
+def _padded(a: Any, start: int, size: int) -> tuple[np.ndarray, int]:
+    """Rows ``start : start + size`` of ``a`` as a host array, zero-padded to ``size`` rows."""
+    block = np.asarray(a[start : start + size])
+    count = block.shape[0]
+    if count < size:
+        block = np.concatenate([block, np.zeros((size - count, *block.shape[1:]), block.dtype)])
+    return block, count
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
+def _solve_psd(a: np.ndarray, ridge: float, rhs: np.ndarray) -> np.ndarray:
+    """``(a + ridge I)^{-1} rhs`` in float64: Cholesky, or the minimum-norm least-squares
+    solution when ``a + ridge I`` is singular (e.g. ``ridge = 0`` with fewer points than
+    features)."""
+    import scipy.linalg  # a dependency of jax
+
+    reg = a + ridge * np.eye(a.shape[0])
+    if ridge > 0:
+        try:
+            return scipy.linalg.cho_solve(scipy.linalg.cho_factor(reg), rhs)
+        except np.linalg.LinAlgError:
+            pass
+    return np.linalg.lstsq(reg, rhs, rcond=None)[0]
+
+
+def feature_ridge(
+    feature_fn: Callable[[jax.Array], Features],
+    x: Any,
+    y: Any,
+    *,
+    get: Get = "ntk",
+    diag_reg: float = 0.0,
+    batch_size: int = 4096,
+    show_progress: bool = False,
+) -> FeatureRidge:
+    """Kernel ridge regression on random features, streamed over the data.
+
+    Solves ``(Phi^T Phi + lambda I) w = Phi^T y`` (``Phi`` the ``get`` features of
+    :func:`feature_map`, n x D) with ``lambda = diag_reg * trace(Phi^T Phi) / n`` -- the
+    ``diag_reg`` convention of :func:`ntkjax.gp_inference`, relative to the mean diagonal of
+    ``K = Phi Phi^T``. Predictions ``phi(x) w = K(x, X) (K + lambda I)^{-1} y`` are kernel ridge
+    regression with the approximate kernel (push-through identity), so with the NTK they
+    approximate the infinitely wide network trained to convergence on the MSE loss, and with the
+    NNGP the GP posterior mean.
+
+    Streaming: for n > D, ``A = Phi^T Phi`` (D x D) and ``c = Phi^T y`` (D x O) are accumulated
+    batch by batch and ``(A + lambda I) w = c`` is solved by Cholesky in float64 on the host:
+    time O(n D^2 + D^3), memory O(D^2 + batch_size D) whatever n. For n <= D the features
+    themselves (n x D, at most D^2 numbers) are kept and the dual system
+    ``w = Phi^T (Phi Phi^T + lambda I)^{-1} y`` is solved instead (O(n^2 D), the same w).
+    ``x`` and ``y`` may be host (numpy) arrays, transferred one batch at a time; every batch
+    (the last padded and masked) runs one compiled step. With ``diag_reg = 0`` and a singular
+    system the minimum-norm (least-squares) solution is returned. ``show_progress`` draws a
+    progress bar on stderr.
+
+    >>> import jax, ntkjax
+    >>> fmap = feature_map(ntkjax.models.MLP((64, 1)), key=jax.random.key(0), num_features=64)
+    >>> x = jax.random.normal(jax.random.key(1), (100, 3))
+    >>> fit = feature_ridge(fmap, x, x[:, :1], diag_reg=1e-3)
+    >>> fit.weights.shape, fit.predict(x).shape
+    ((64, 1), (100, 1))
+
+    Raises:
+      ValueError: for mismatched x and y, a bad ``get``, ``diag_reg < 0`` or ``batch_size < 1``.
+    """
+    check_choice(get, GETS, "get")
+    _check_batch_size(batch_size)
+    if not diag_reg >= 0:
+        raise ValueError(f"diag_reg must be >= 0, got {diag_reg!r}.")
+    check_batched(x, "x")
+    n = int(np.shape(x)[0])
+    y_shape = tuple(np.shape(y))
+    if len(y_shape) not in (1, 2) or y_shape[0] != n:
+        raise ValueError(
+            f"y must have shape (n,) or (n, outputs) with n = {n} rows of x; got {y_shape}."
+        )
+    if n == 0:
+        raise ValueError("feature_ridge needs at least one training point.")
+    dtype = float_dtype(jnp.asarray(x[:1]))
+    batch_size = min(int(batch_size), n)
+    d = getattr(jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), dtype)),
+                get).shape[-1]
+    outputs = 1 if len(y_shape) == 1 else y_shape[1]
+    dual = n <= d
+    hi = jax.lax.Precision.HIGHEST
+
+    def features(xb, count):
+        f = getattr(feature_fn(xb), get)
+        return f * (jnp.arange(xb.shape[0]) < count).astype(f.dtype)[:, None]  # padded rows: 0
+
+    def step(gram, proj, xb, yb, count):
+        f = features(xb, count)
+        return (gram + jnp.matmul(f.T, f, precision=hi),
+                proj + jnp.matmul(f.T, yb, precision=hi))
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    collect = jax.jit(features)
+    gram = jnp.zeros((d, d), dtype)
+    proj = jnp.zeros((d, outputs), dtype)
+    rows: list[jax.Array] = []
+    starts = range(0, n, batch_size)
+    for start in progress(starts, total=len(starts), description="feature ridge",
+                          enabled=show_progress):
+        xb, count = _padded(x, start, batch_size)
+        if dual:
+            rows.append(collect(jnp.asarray(xb, dtype), count)[:count])
+        else:
+            yb = np.asarray(y[start : start + batch_size]).reshape(-1, outputs)
+            yb = np.pad(yb, [(0, batch_size - count), (0, 0)])
+            gram, proj = step(gram, proj, jnp.asarray(xb, dtype), jnp.asarray(yb, dtype),
+                              count)
+    if dual:
+        targets = np.asarray(y, np.float64).reshape(n, outputs)
+        phi = jnp.concatenate(rows)
+        k = np.asarray(jnp.matmul(phi, phi.T, precision=hi), np.float64)
+        ridge = float(diag_reg) * float(np.trace(k)) / n
+        alpha = jnp.asarray(_solve_psd(k, ridge, targets), dtype)
+        w = jnp.matmul(phi.T, alpha, precision=hi)
+    else:
+        a = np.asarray(gram, np.float64)
+        ridge = float(diag_reg) * float(np.trace(a)) / n
+        w = jnp.asarray(_solve_psd(a, ridge, np.asarray(proj, np.float64)), dtype)
+    if len(y_shape) == 1:
+        w = w[:, 0]
+    return FeatureRidge(weights=w, ridge=ridge, num_train=n, get=get, feature_fn=feature_fn,
+                        batch_size=batch_size)
