@@ -15,6 +15,7 @@ import sys
 
 MODULES = [
     "benchmarks.bench_analytic",
+    "benchmarks.bench_attention",
     "benchmarks.bench_empirical",
     "benchmarks.bench_features",
     "benchmarks.bench_predict",
