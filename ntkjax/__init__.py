@@ -7,7 +7,10 @@ The library, one module per capability: layers and activations with their infini
 (:mod:`ntkjax.nn`), ready-made networks (:mod:`ntkjax.models`), the infinite-width kernels of a
 module (:mod:`ntkjax.kernels`) and closed forms (:mod:`ntkjax.analytic`), empirical kernels
 (:mod:`ntkjax.empirical`, :mod:`ntkjax.structured`, :mod:`ntkjax.jacobians`,
-:mod:`ntkjax.linearize`), prediction (:mod:`ntkjax.predict`, :mod:`ntkjax.losses`), training
+:mod:`ntkjax.linearize` with Taylor expansions, Monte Carlo averages :mod:`ntkjax.monte_carlo`),
+prediction (:mod:`ntkjax.predict`, :mod:`ntkjax.losses`; any loss and momentum:
+:mod:`ntkjax.dynamics`; infinite ensembles from a module: :mod:`ntkjax.ensemble`), kernel
+hyperparameters by marginal likelihood (:mod:`ntkjax.hyperparameters`), training
 (:mod:`ntkjax.training`), width sweeps (:mod:`ntkjax.sweep`, :mod:`ntkjax.tasks`), scaling
 fits (:mod:`ntkjax.scaling`), blocked evaluation (:mod:`ntkjax.blocking`,
 :mod:`ntkjax.compile_options`) and figures (:mod:`ntkjax.plotting`, imported on use). The
