@@ -113,7 +113,8 @@ def dense_kernel(
     var1, var2 = k.map_variances(
         lambda v: dense_variance(v, w_std=w_std, b_std=b_std, use_bias=use_bias)
     )
-    return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features))
+    return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features),
+                     non_gaussian="")  # a dense layer's outputs are Gaussian again
 
 
 class _Affine(linen.Module):
