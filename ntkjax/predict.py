@@ -89,6 +89,8 @@ def _check_square(k, name: str) -> None:
     shape = np.shape(k)
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"{name} must be a square (n, n) matrix; got shape {tuple(shape)}.")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(shape)}): pass at least one example.")
     check_finite(k, name)
 
 

@@ -604,3 +604,13 @@ def test_descent_above_the_edge_is_never_nan_and_warns(x64):
     jitted = jax.jit(lambda kk, steps: P.gradient_descent_mse(kk, jnp.asarray(y),
                                                                learning_rate=lr)(steps).train)
     assert not np.any(np.isnan(np.asarray(jitted(jnp.asarray(k), 10_000))))
+
+
+def test_empty_training_kernels_are_refused_like_empty_inputs():
+    empty = jnp.zeros((0, 0))
+    for call in (lambda: P.gradient_flow_mse(empty, jnp.zeros((0,)), learning_rate=1.0),
+                 lambda: P.gradient_descent_mse(empty, jnp.zeros((0,)), learning_rate=1.0),
+                 lambda: P.max_learning_rate(empty),
+                 lambda: P.gp_inference(empty, jnp.zeros((2, 0)), None, jnp.zeros((0,)))):
+        with pytest.raises(ValueError, match="empty"):
+            call()
