@@ -18,16 +18,18 @@ gradient_flow_ensemble` is the same computation on precomputed kernel triples); 
 ``1/(2n) sum ||f - y||^2``).
 
 Cost. The training kernels and one eigendecomposition per ``get`` are computed once (on first
-use) and reused for every call, block of test points and time (the training kernels in blocks
-by :func:`ntkjax.evaluate_in_blocks`). Test points are processed in blocks of ``block_size``
-rows -- their kernels against the training set, ``A_t``, mean and variances in one compiled
-call per block (the last block padded to the same shape) -- so memory grows with the block, not
-with the test set, except for the full covariance, which is ``(m, m)`` per time by definition
-(``covariance="diagonal"`` gives the variances alone).
+use) and reused for every call, block of test points and time. Kernels are evaluated
+``block_size`` rows at a time, and test points are processed in blocks of ``block_size`` rows
+-- their kernels against the training set, ``A_t``, mean and variances in one compiled call
+per block (the last block padded to the same shape) -- so memory grows with the block, not with
+the test set, except for the full covariance, which is ``(m, m)`` per time by definition
+(``covariance="diagonal"`` gives the variances alone). Compiled code is shared by predictors
+of equal modules (and of the same kernel function).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -37,7 +39,6 @@ import numpy as np
 from flax import linen
 
 from ntkjax._checks import check_choice, check_finite, check_pair, float_dtype
-from ntkjax.blocking import evaluate_in_blocks
 from ntkjax.kernels import kernel_fn as module_kernel_fn
 from ntkjax.predict import (
     Gaussian,
@@ -62,9 +63,16 @@ COVARIANCES: tuple[Covariance, ...] = ("full", "diagonal", "none")
 _DEFAULT_BLOCK = 512
 
 
+@functools.lru_cache(maxsize=32)
+def _module_kernel(module: linen.Module) -> Callable[..., Any]:
+    """One kernel function per (hashable, compared by value) module, so that predictors of
+    equal modules share compiled code."""
+    return module_kernel_fn(module)
+
+
 def _resolve_kernel(kernel: Any) -> Callable[..., Any]:
     if isinstance(kernel, linen.Module):
-        return module_kernel_fn(kernel)
+        return _module_kernel(kernel)
     if callable(kernel):
         return kernel
     raise ValueError(
@@ -152,37 +160,18 @@ def ensemble_predictor(
     block = _DEFAULT_BLOCK if block_size is None else int(block_size)
     _check_flat(jax.eval_shape(fn, x_train[:1]), "x_train")
 
-    def pair(a, b):
-        k = fn(a, b)
-        return k.nngp, k.ntk
-
-    train = evaluate_in_blocks(pair, x_train, None, block_size=block)
-    dtype = float_dtype(train[0])
-    k_train = {"nngp": jnp.asarray(train[0], dtype), "ntk": jnp.asarray(train[1], dtype)}
+    dtype = float_dtype(x_train, jax.eval_shape(fn, x_train[:1]).nngp)
+    x_train_dev = jnp.asarray(x_train, dtype)
+    nngp_train, ntk_train = _rows(fn, x_train_dev, x_train_dev, block)
+    k_train = {"nngp": nngp_train, "ntk": ntk_train}
     y = jnp.asarray(y_train, dtype)
+    lr = jnp.asarray(learning_rate, dtype)
     eigen: dict[str, _Eigen] = {}
 
     def decomposition(get: str) -> _Eigen:
         if get not in eigen:
             eigen[get] = _eigh_psd(k_train[get], diag_reg, f"the {get} of x_train")
         return eigen[get]
-
-    lr = jnp.asarray(learning_rate, dtype)
-    x_train_dev = jnp.asarray(x_train, dtype)
-
-    @jax.jit
-    def block_moments(eig, t, xb, nngp_train, use_nngp):
-        """Kernels of one block of test points against x_train, then ``A_t``, the mean and the
-        variances (one compiled call per block shape and time shape)."""
-        k = fn(xb, x_train_dev)
-        drive = jnp.where(use_nngp, k.nngp, k.ntk)
-        a_t = ensemble_transfer(eig, lr, t, drive)
-        var = ensemble_variance(a_t, nngp_train, k.nngp, k.var1)
-        return a_t, k.nngp, ensemble_mean(a_t, y), var
-
-    @jax.jit
-    def cross_block(a_1, a_2, nngp_train, k_1t, k_2t, x1, x2):
-        return ensemble_covariance(a_1, a_2, nngp_train, k_1t, k_2t, fn(x1, x2).nngp)
 
     def predict(
         x_test: jax.Array,
@@ -208,7 +197,8 @@ def ensemble_predictor(
         for i in starts:
             rows = _padded_rows(i, min(size, m - i), size)
             xb = x_test[rows]
-            a_t, k_bt, mu, v = block_moments(eig, times, xb, k_train["nngp"], get == "nngp")
+            a_t, k_bt, mu, v = _block_moments(fn, get == "nngp", eig, lr, times, xb, x_train_dev,
+                                              k_train["nngp"], y)
             keep = min(size, m - i)
             mean[(*lead, slice(i, i + keep))] = np.asarray(mu)[(*lead, slice(0, keep))]
             # variances below 0 are round-off (cancellation in K + A K A^T - 2 A K): clip them
@@ -223,7 +213,7 @@ def ensemble_predictor(
         cov = np.empty((*times.shape, m, m), dtype)
         for bi, (i, keep_i, x_i, a_i, k_i) in enumerate(blocks):
             for j, keep_j, x_j, a_j, k_j in blocks[bi:]:
-                tile = np.asarray(cross_block(a_i, a_j, k_train["nngp"], k_i, k_j, x_i, x_j))
+                tile = np.asarray(_cross_block(fn, a_i, a_j, k_train["nngp"], k_i, k_j, x_i, x_j))
                 tile = tile[..., :keep_i, :keep_j]
                 if i == j:
                     tile = 0.5 * (tile + np.swapaxes(tile, -1, -2))
@@ -236,6 +226,41 @@ def ensemble_predictor(
         return _host_gaussian(mean, cov)
 
     return predict
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kernel_rows(fn, xb, x2):
+    k = fn(xb, x2)
+    return k.nngp, k.ntk
+
+
+def _rows(fn, x1: jax.Array, x2: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """``(nngp, ntk)`` of ``fn(x1, x2)`` computed ``block`` rows of ``x1`` at a time."""
+    m = x1.shape[0]
+    size = min(block, m)
+    nngp, ntk = [], []
+    for i in range(0, m, size):
+        keep = min(size, m - i)
+        a, b = _kernel_rows(fn, x1[_padded_rows(i, keep, size)], x2)
+        nngp.append(a[:keep])
+        ntk.append(b[:keep])
+    return jnp.concatenate(nngp), jnp.concatenate(ntk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_moments(fn, use_nngp, eig, lr, t, xb, x_train, nngp_train, y):
+    """Kernels of one block of test points against x_train, then ``A_t``, the mean and the
+    variances (one compiled call per kernel function, block shape and time shape)."""
+    k = fn(xb, x_train)
+    a_t = ensemble_transfer(eig, lr, t, k.nngp if use_nngp else k.ntk)
+    var = ensemble_variance(a_t, nngp_train, k.nngp, k.var1)
+    return a_t, k.nngp, ensemble_mean(a_t, y), var
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cross_block(fn, a_1, a_2, nngp_train, k_1t, k_2t, x1, x2):
+    """The covariance between two blocks of test points."""
+    return ensemble_covariance(a_1, a_2, nngp_train, k_1t, k_2t, fn(x1, x2).nngp)
 
 
 def _host_gaussian(mean: np.ndarray, covariance: np.ndarray | None) -> Gaussian:

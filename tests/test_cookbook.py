@@ -58,9 +58,9 @@ def mean_loss(gaussian, ys):
 def test_prior_posterior_and_infinite_time_gradient_descent():
     key, train_xs, train_ys, test_xs, test_ys = sin_task()
     # prior draws vs the NNGP prior: kernel = kernel_fn(test_xs, test_xs, 'nngp')
-    kernel = ntkjax.kernel_fn(MODEL)(test_xs)
+    kernel = jax.jit(ntkjax.kernel_fn(MODEL))(test_xs)
     std_dev = np.sqrt(np.diag(kernel.nngp))
-    draws = jax.vmap(lambda k: MODEL.apply(MODEL.init(k, test_xs), test_xs))(
+    draws = jax.jit(jax.vmap(lambda k: MODEL.apply(MODEL.init(k, test_xs), test_xs)))(
         jax.random.split(key, 200))
     empirical_std = np.asarray(jnp.std(draws[..., 0], axis=0))
     assert np.max(np.abs(empirical_std / std_dev - 1)) < 0.25  # 200 draws of width 512

@@ -200,7 +200,7 @@ def test_errors_name_the_problem():
     ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian")
     with pytest.raises(ValueError, match="allowed"):
         ntkjax.empirical_ntk_fn(apply_fn, ntk_method="exact")
-    with pytest.raises(ValueError, match="'trace', 'full', 'diagonal'"):
+    with pytest.raises(ValueError, match="'trace', 'mean', 'full', 'diagonal'"):
         ntkjax.empirical_ntk_fn(apply_fn, outputs="sum")
     with pytest.raises(ValueError, match=r"x1.shape=\(5, 6\) and x2.shape=\(4, 5\)"):
         ntk(params, x1, x2[:, :5])

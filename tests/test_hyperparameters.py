@@ -43,14 +43,13 @@ def test_evidence_is_the_multivariate_normal_log_density(x64):
                                ).logpdf(np.asarray(y[:, 0])), rtol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["relu", "erf"])
-def test_kernel_fn_gradients_in_w_std_and_b_std_match_finite_differences(x64, activation):
+def test_kernel_fn_gradients_in_w_std_and_b_std_match_finite_differences(x64):
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 4), jnp.float64)
     probe = jax.random.normal(jax.random.PRNGKey(2), (5, 5), jnp.float64)
 
     @jax.jit
     def summary(h):  # a scalar touching every entry of both kernels
-        k = ntkjax.kernel_fn(MLP(features=(8, 8, 8, 1), activation=activation,
+        k = ntkjax.kernel_fn(MLP(features=(8, 8, 8, 1), activation="erf",
                                  w_std=h[0], b_std=h[1]))(x)
         return jnp.sum(probe * k.nngp) + 0.3 * jnp.sum(probe * k.ntk)
 
@@ -59,7 +58,7 @@ def test_kernel_fn_gradients_in_w_std_and_b_std_match_finite_differences(x64, ac
     np.testing.assert_allclose(grad, central_difference(summary, h), rtol=1e-7)
 
 
-def test_convolutional_kernel_gradients_match_finite_differences(x64):
+def test_relu_convolutional_kernel_gradients_match_finite_differences(x64):
     images = jax.random.normal(jax.random.PRNGKey(3), (3, 4, 4, 2), jnp.float64)
 
     @jax.jit
