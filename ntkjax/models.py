@@ -11,6 +11,7 @@ from flax import linen
 from ntkjax import nn
 from ntkjax._checks import check_choice
 from ntkjax.kernels import Kernel
+from ntkjax.nn.attention import AttentionMechanism
 
 __all__ = ["ACTIVATIONS", "CNN", "MLP", "READOUTS", "Transformer", "resolve_activation"]
 
@@ -195,7 +196,7 @@ class Transformer(linen.Module):
     value_features: int | None = None
     mlp_features: int | None = None
     activation: str | Callable = "relu"
-    attention_mechanism: str = "softmax"
+    attention_mechanism: AttentionMechanism = "softmax"
     linear_scaling: bool = True
     readout: str = "global_average_pool"
     w_std: float = 1.0

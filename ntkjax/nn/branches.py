@@ -44,7 +44,8 @@ def _channel_concat(ks: list[Kernel]) -> Kernel:
     total = sum(widths)
 
     def average(arrays: list[jax.Array]) -> jax.Array:
-        return sum(a * w for a, w in zip(arrays, widths, strict=True)) / total
+        weighted = [a * w for a, w in zip(arrays, widths, strict=True)]
+        return functools.reduce(jnp.add, weighted) / total
 
     var1 = average([k.var1 for k in ks])
     same = all(k.same_inputs for k in ks)

@@ -102,7 +102,8 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
 
         var1 = k.var1 * self_outer(r1)
         var2 = var1 if k.same_inputs else k.var2 * self_outer(r2)
-    return k.replace(nngp=k.nngp * outer, ntk=k.ntk * outer, var1=var1, var2=var2)
+    return Kernel(nngp=k.nngp * outer, ntk=k.ntk * outer, var1=var1, var2=var2, width=k.width,
+                  non_gaussian=k.non_gaussian)
 
 
 class LayerNorm(linen.Module):
