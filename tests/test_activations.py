@@ -375,66 +375,73 @@ PARAM_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(PARAM_CASES))
-def test_parametrized_maps_match_two_dimensional_quadrature(name, x64):
-    act, params, phi, dphi = PARAM_CASES[name]
-    for q12, q11, q22 in TRIPLES:
-        maps = act.kernel_maps(jnp.float64(q12), q11, q22, **params)
-        # 200 nodes: the Gaussian envelope of gabor / gaussian needs more than 120
-        np.testing.assert_allclose(float(maps.sigma), _gauss_2d(phi, q12, q11, q22, n=200),
-                                   rtol=1e-9, atol=1e-12, err_msg=name)
-        np.testing.assert_allclose(float(maps.sigma_dot), _gauss_2d(dphi, q12, q11, q22, n=200),
-                                   rtol=1e-9, atol=1e-12, err_msg=name)
-        # the variance is the second moment (1-D quadrature)
-        z, w = np.polynomial.hermite_e.hermegauss(200)
-        want = np.sum(w * phi(np.sqrt(q11) * z) ** 2) / np.sqrt(2 * np.pi)
-        np.testing.assert_allclose(float(act.kernel_variance(jnp.float64(q11), **params)), want,
-                                   rtol=1e-10, err_msg=name)
+def _triples():
+    return tuple(jnp.asarray(v, jnp.float64) for v in zip(*TRIPLES, strict=True))
 
 
-@pytest.mark.parametrize("degree", [0, 1, 2, 3])
-def test_rectified_monomial_maps_match_adaptive_quadrature(degree, x64):
-    phi = lambda x: np.where(x >= 0, np.abs(x) ** degree, 0.0)
-    dphi = lambda x: np.where(x >= 0, degree * np.abs(x) ** max(degree - 1, 0), 0.0)
-    for triple in TRIPLES[:2]:
+def test_parametrized_maps_match_two_dimensional_quadrature(x64):
+    q12, q11, q22 = _triples()
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    for name, (act, params, phi, dphi) in PARAM_CASES.items():
+        maps = act.kernel_maps(q12, q11, q22, **params)
+        variance = act.kernel_variance(q11, **params)
+        for i, triple in enumerate(TRIPLES):
+            # 200 nodes: the Gaussian envelope of gabor / gaussian needs more than 120
+            np.testing.assert_allclose(float(maps.sigma[i]), _gauss_2d(phi, *triple, n=200),
+                                       rtol=1e-9, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(float(maps.sigma_dot[i]),
+                                       _gauss_2d(dphi, *triple, n=200),
+                                       rtol=1e-9, atol=1e-12, err_msg=name)
+            # the variance is the second moment (1-D quadrature)
+            want = np.sum(w * phi(np.sqrt(triple[1]) * z) ** 2) / np.sqrt(2 * np.pi)
+            np.testing.assert_allclose(float(variance[i]), want, rtol=1e-10, err_msg=name)
+
+
+def test_rectified_monomial_maps_match_adaptive_quadrature(x64):
+    triple = TRIPLES[1]
+    q = jnp.asarray([0.3, 1.0, 2.5])
+    c = jnp.linspace(-1, 1, 41, dtype=jnp.float64)
+    for degree in range(4):
+        phi = lambda x, n=degree: np.where(x >= 0, np.abs(x) ** n, 0.0)
+        dphi = lambda x, n=degree: np.where(x >= 0, n * np.abs(x) ** max(n - 1, 0), 0.0)
         maps = nn.rectified_monomial.kernel_maps(jnp.float64(triple[0]), *triple[1:], degree)
         np.testing.assert_allclose(float(maps.sigma), _quad_2d(phi, *triple), rtol=1e-7,
                                    atol=1e-10)
         if degree > 0:  # the step's derivative is 0 almost everywhere (nt's convention)
             np.testing.assert_allclose(float(maps.sigma_dot), _quad_2d(dphi, *triple),
                                        rtol=1e-7, atol=1e-10)
-    # degree 1 is ReLU, at every angle including 0 and pi, where nt's form is NaN
-    c = jnp.linspace(-1, 1, 41, dtype=jnp.float64)
+        # angle 0: the second moment (2n - 1)!! q^n / 2, where nt's form is 0 * inf
+        same = nn.rectified_monomial.kernel_maps(q, q, q, degree)
+        moment = float(np.prod(np.arange(2 * degree - 1, 0, -2))) * np.asarray(q) ** degree / 2
+        np.testing.assert_allclose(same.sigma, moment, rtol=1e-13)
+        np.testing.assert_allclose(nn.rectified_monomial.kernel_variance(q, degree), moment,
+                                   rtol=1e-13)
+        assert np.all(np.isfinite(nn.rectified_monomial.kernel_maps(c, 1.0, 1.0, degree)))
+    # degree 1 is ReLU, at every angle including 0 and pi
     rm = nn.rectified_monomial.kernel_maps(1.3 * c, 1.3, 1.3, 1)
     relu = nn.relu.kernel_maps(1.3 * c, 1.3, 1.3)
     np.testing.assert_allclose(rm.sigma, relu.sigma, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(rm.sigma_dot, relu.sigma_dot, rtol=1e-14, atol=1e-15)
-    # angle 0: the second moment (2n - 1)!! q^n / 2
-    q = jnp.asarray([0.3, 1.0, 2.5])
-    same = nn.rectified_monomial.kernel_maps(q, q, q, degree)
-    moment = float(np.prod(np.arange(2 * degree - 1, 0, -2))) * np.asarray(q) ** degree / 2
-    np.testing.assert_allclose(same.sigma, moment, rtol=1e-13)
-    np.testing.assert_allclose(nn.rectified_monomial.kernel_variance(q, degree), moment,
-                               rtol=1e-13)
 
 
-@pytest.mark.parametrize(
-    ("act", "params"),
-    [(nn.erf, dict(a=1.2, b=0.8, c=0.1)), (nn.sin, dict(a=1.1, b=0.9, c=0.3)),
-     (nn.cos, dict(a=0.9, b=1.2, c=-0.2)), (nn.exp, dict(a=0.8, b=0.5)),
-     (nn.gaussian, dict(a=1.2, b=-0.7)), (nn.polynomial, dict(coef=(0.1, 1.0, 0.5, -0.2))),
-     (nn.rectified_monomial, dict(degree=2)), (nn.exp_normalized, dict(gamma=1.5, shift=-1.0)),
-     (nn.gabor, {})],
-)
-def test_new_maps_satisfy_price_theorem(act, params, x64):
+PRICE_CASES = [
+    (nn.erf, dict(a=1.2, b=0.8, c=0.1)), (nn.sin, dict(a=1.1, b=0.9, c=0.3)),
+    (nn.cos, dict(a=0.9, b=1.2, c=-0.2)), (nn.exp, dict(a=0.8, b=0.5)),
+    (nn.gaussian, dict(a=1.2, b=-0.7)), (nn.polynomial, dict(coef=(0.1, 1.0, 0.5, -0.2))),
+    (nn.rectified_monomial, dict(degree=2)), (nn.exp_normalized, dict(gamma=1.5, shift=-1.0)),
+    (nn.gabor, {}),
+]
+
+
+def test_new_maps_satisfy_price_theorem(x64):
     """sigma_dot = d sigma / d q12 (Price's theorem; for exp_normalized by its definition)."""
-    for q12, q11, q22 in TRIPLES[:2] + TRIPLES[3:]:
-        grad = jax.grad(lambda q, a=q11, b=q22: act.kernel_maps(q, a, b, **params).sigma)(
-            jnp.float64(q12)
-        )
-        np.testing.assert_allclose(grad, act.kernel_maps(jnp.float64(q12), q11, q22,
-                                                         **params).sigma_dot,
-                                   rtol=1e-7, atol=1e-12)
+    q12, q11, q22 = (a[np.r_[0, 1, 3, 4]] for a in _triples())
+    for act, params in PRICE_CASES:
+        grad = jax.vmap(jax.grad(lambda q, a, b, m=act, p=params: m.kernel_maps(q, a, b,
+                                                                                **p).sigma))
+        np.testing.assert_allclose(grad(q12, q11, q22),
+                                   act.kernel_maps(q12, q11, q22, **params).sigma_dot,
+                                   rtol=1e-7, atol=1e-12, err_msg=act.__name__)
 
 
 def test_hermite_at_unit_variance_is_the_power_kernel(x64):

@@ -16,10 +16,11 @@ import ntkjax
 from ntkjax import nn
 from ntkjax.kernels import input_kernel
 from tests.helpers import max_relative_error
+from tests.random_params import normal, ntk_param_sampler
 
 
 def _x(n=5, shape=(6,), seed=0, dtype=jnp.float64):
-    return jax.random.normal(jax.random.PRNGKey(seed), (n, *shape), dtype)
+    return normal((n, *shape), seed, dtype)
 
 
 def test_on_arrays():
@@ -107,16 +108,7 @@ def test_spatial_concatenation_nngp_matches_monte_carlo_over_networks(x64):
     finite-width bias ~2 %): positions from different branches are independent."""
     x = _x(3, (3, 2), 7)
     module = SpatialJoin()
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-
-    def sample(key):  # every parameter is N(0, 1) in the NTK parameterization
-        leaves, tree = jax.tree_util.tree_flatten(shapes)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree_util.tree_unflatten(
-            tree, [jax.random.normal(k, s.shape, s.dtype)
-                   for k, s in zip(keys, leaves, strict=True)]
-        )
-
+    sample = ntk_param_sampler(module, x)
     outs = jax.jit(jax.vmap(lambda k: module.apply(sample(k), x)[:, 0]))(
         jax.random.split(jax.random.PRNGKey(1), 3000)
     )

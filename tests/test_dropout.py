@@ -14,10 +14,11 @@ import ntkjax
 from ntkjax import nn
 from ntkjax.kernels import input_kernel
 from tests.helpers import max_relative_error
+from tests.random_params import normal, ntk_param_sampler, ntk_params
 
 
 def _x(n=4, shape=(5,), seed=0, dtype=jnp.float64):
-    return jax.random.normal(jax.random.PRNGKey(seed), (n, *shape), dtype)
+    return normal((n, *shape), seed, dtype)
 
 
 def test_on_arrays_like_flax_dropout():
@@ -52,27 +53,13 @@ class DropNet(linen.Module):
         return nn.Dense(1)(h)
 
 
-def _sampler(module, x):
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-
-    def sample(key):  # every parameter is N(0, 1) in the NTK parameterization
-        leaves, tree = jax.tree_util.tree_flatten(shapes)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree_util.tree_unflatten(
-            tree, [jax.random.normal(k, s.shape, s.dtype)
-                   for k, s in zip(keys, leaves, strict=True)]
-        )
-
-    return sample
-
-
 @pytest.mark.slow
 def test_train_kernel_matches_monte_carlo_over_networks_and_masks(x64):
     """E[f(x_a) f(x_b)] over 3000 (network, mask) draws: one batch with itself (x2 = None: an
     example shares its mask with itself) and two independently masked batches (x2 given)."""
     module = DropNet(0.5)
     x1, x2 = _x(4, seed=1), _x(3, seed=2)
-    sample = _sampler(module, x1)
+    sample = ntk_param_sampler(module, x1)
 
     def outputs(key):
         kp, k1, k2 = jax.random.split(key, 3)
@@ -139,17 +126,17 @@ class FlaxDropNet(linen.Module):
         return nn.Dense(2)(h)
 
 
-@pytest.mark.parametrize("method", ["auto", "jacobian", "ntk_vp", "structured"])
-def test_empirical_ntk_refuses_active_dropout_and_agrees_without(method, x64):
+def test_empirical_ntk_refuses_active_dropout_and_agrees_without(x64):
     x = _x(4)
     for net in (DropNet(0.5, width=16), FlaxDropNet(train=True)):
-        params = net.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x)
+        params = ntk_params(net, x)
         apply = lambda p, a, n=net: n.apply(p, a, rngs={"dropout": jax.random.PRNGKey(2)})
-        with pytest.raises(ValueError, match="train mode"):
-            ntkjax.empirical_ntk_fn(apply, ntk_method=method)(params, x)
-    # deterministic: every method gives the one kernel
+        for method in ("auto", "jacobian", "ntk_vp", "structured"):
+            with pytest.raises(ValueError, match="train mode"):
+                ntkjax.empirical_ntk_fn(apply, ntk_method=method)(params, x)
+    # deterministic: the methods give one kernel
     net = DropNet(0.5, deterministic=True, width=16)
-    params = net.init(jax.random.PRNGKey(0), x)
-    got = ntkjax.empirical_ntk_fn(net.apply, ntk_method=method)(params, x)
+    params = ntk_params(net, x)
+    got = ntkjax.empirical_ntk_fn(net.apply, ntk_method="structured")(params, x)
     want = ntkjax.empirical_ntk_fn(net.apply, ntk_method="jacobian")(params, x)
     np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -14,42 +14,53 @@ import ntkjax
 from ntkjax import nn
 from ntkjax.kernels import input_kernel
 from ntkjax.scaling import fit_power_law
+from tests.random_params import normal, ntk_param_sampler
 
 
 def _x(n=5, shape=(6,), seed=0, dtype=jnp.float64):
-    return jax.random.normal(jax.random.PRNGKey(seed), (n, *shape), dtype)
+    return normal((n, *shape), seed, dtype)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((6,), -1), ((4, 3, 5), -1), ((4, 3, 5), (1, 2, 3)),
-                                             ((4, 3, 5), (-2, -1))])
-def test_finite_layer_is_flax_layernorm_without_parameters(shape, axis):
-    x = 3.0 + 2.0 * _x(3, shape, dtype=jnp.float32)
-    axes = (axis,) if isinstance(axis, int) else axis
-    ref = linen.LayerNorm(reduction_axes=axes, use_scale=False, use_bias=False, epsilon=1e-3)
-    got = nn.LayerNorm(axis=axis, epsilon=1e-3).apply({}, x)
-    np.testing.assert_allclose(got, ref.apply({}, x), rtol=2e-5, atol=2e-5)
+CASES = [((7,), -1), ((4, 3, 5), -1), ((4, 3, 5), (1, 2, 3)), ((4, 3, 5), (-2, -1)),
+         ((6, 5), (1, 2))]
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((7,), -1), ((4, 3, 5), -1), ((4, 3, 5), (1, 2, 3)),
-                                             ((6, 5), (1, 2))])
-def test_kernel_rule_is_the_input_kernel_of_normalized_zero_mean_inputs(shape, axis, x64):
+def test_finite_layer_is_flax_layernorm_without_parameters():
+    for shape, axis in CASES:
+        x = 3.0 + 2.0 * _x(3, shape, dtype=jnp.float32)
+        axes = (axis,) if isinstance(axis, int) else axis
+        ref = linen.LayerNorm(reduction_axes=axes, use_scale=False, use_bias=False,
+                              epsilon=1e-3)
+        got = nn.LayerNorm(axis=axis, epsilon=1e-3).apply({}, x)
+        np.testing.assert_allclose(got, ref.apply({}, x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_kernel_rule_is_the_input_kernel_of_normalized_zero_mean_inputs(same, x64):
     """For inputs with zero mean over the normalized axes, LayerNorm only rescales each example
     (and position) by 1/sqrt(var + eps) with var = |x|^2 / size: then the rule applied to the
-    input kernel equals the input kernel of the normalized inputs, exactly."""
-    axes = tuple(a % (len(shape) + 1) for a in ((axis,) if isinstance(axis, int) else axis))
+    input kernel equals the input kernel of the normalized inputs, exactly (vectors; images
+    per position, over channels and positions, over one spatial axis and channels)."""
 
-    def centred(x):
-        return x - jnp.mean(x, axis=axes, keepdims=True)
+    @jax.jit
+    def both(x1, x2):
+        out = []
+        for (_, axis), a, b in zip(CASES[1:] + CASES[:1], x1, x2, strict=True):
+            layer = nn.LayerNorm(axis=axis, epsilon=0.1)
+            axes = tuple(i % a.ndim for i in ((axis,) if isinstance(axis, int) else axis))
+            a = a - jnp.mean(a, axis=axes, keepdims=True)
+            b = None if same else b - jnp.mean(b, axis=axes, keepdims=True)
+            out.append((layer.apply({}, input_kernel(a, b)),
+                        input_kernel(layer.apply({}, a), None if same else layer.apply({}, b))))
+        return out
 
-    x1, x2 = centred(_x(4, shape, 0)), centred(3 * _x(3, shape, 1))
-    layer = nn.LayerNorm(axis=axis, epsilon=0.1)
-    for other in (None, x2):
-        got = layer.apply({}, input_kernel(x1, other))
-        want = input_kernel(layer.apply({}, x1), None if other is None else layer.apply({}, other))
+    shapes = [shape for shape, _ in CASES[1:] + CASES[:1]]
+    results = both([_x(4, s, i) for i, s in enumerate(shapes)],
+                   [3 * _x(3, s, 10 + i) for i, s in enumerate(shapes)])
+    for got, want in results:
         for name in ("nngp", "var1", "var2"):
             np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12,
                                        atol=1e-14)
-        assert got.same_inputs == (other is None)
 
 
 def test_errors(x64):
@@ -82,21 +93,6 @@ class NormResidual(linen.Module):
         return nn.Dense(1)(nn.relu(nn.LayerNorm()(x)))
 
 
-def _random_params(module, x):
-    """``key -> params`` with every parameter N(0, 1) (the NTK parameterization's init)."""
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
-
-    def sample(key):
-        leaves, tree = jax.tree_util.tree_flatten(shapes)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree_util.tree_unflatten(
-            tree, [jax.random.normal(k, s.shape, s.dtype)
-                   for k, s in zip(keys, leaves, strict=True)]
-        )
-
-    return sample
-
-
 def ntk_errors(make, configs, x, n_networks, seed=0):
     """RMS over ``n_networks`` networks of ||Theta_emp - Theta|| / ||Theta|| for each config."""
     errors = []
@@ -104,7 +100,7 @@ def ntk_errors(make, configs, x, n_networks, seed=0):
         module = make(*config)
         theta = ntkjax.kernel_fn(module)(x).ntk
         ntk_fn = ntkjax.empirical_ntk_fn(module.apply)
-        sample = _random_params(module, x)
+        sample = ntk_param_sampler(module, x)
         keys = jax.random.split(jax.random.PRNGKey(seed + config[0]), n_networks)
         emp = jax.jit(lambda ks, f=ntk_fn, s=sample: jax.lax.map(lambda k: f(s(k), x), ks))(keys)
         sq = jnp.sum((emp - theta) ** 2, axis=(1, 2)) / jnp.sum(theta**2)

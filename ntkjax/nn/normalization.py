@@ -127,8 +127,8 @@ class LayerNorm(linen.Module):
 
     >>> import ntkjax
     >>> x = jnp.arange(6.0).reshape(2, 3)
-    >>> LayerNorm().apply({}, x).round(3).tolist()
-    [[-1.225, 0.0, 1.225], [-1.225, 0.0, 1.225]]
+    >>> [round(v, 3) for v in LayerNorm().apply({}, x)[0].tolist()]
+    [-1.225, 0.0, 1.225]
     >>> k = ntkjax.kernel_fn(ntkjax.nn.LayerNorm())(x)  # the input kernel, normalized
     >>> [round(v, 4) for v in k.var1.tolist()]
     [1.0, 1.0]
