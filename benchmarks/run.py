@@ -16,6 +16,7 @@ import sys
 MODULES = [
     "benchmarks.bench_analytic",
     "benchmarks.bench_attention",
+    "benchmarks.bench_cnn",
     "benchmarks.bench_empirical",
     "benchmarks.bench_features",
     "benchmarks.bench_predict",
