@@ -111,6 +111,12 @@ def _global_pool_kernel(k: Kernel, name: str, average: bool) -> Kernel:
                      diagonal_spatial=False)
 
 
+def _global_average_pool_kernel(k: Kernel) -> Kernel:
+    """The rule of :func:`global_average_pool` (an entry point of its own: ntkjax.features
+    dispatches the readout's random-feature rule here)."""
+    return _global_pool_kernel(k, "global_average_pool", average=True)
+
+
 def _check_spatial_input(x: jax.Array, name: str) -> None:
     if x.ndim < 3:
         raise ValueError(
@@ -128,7 +134,7 @@ def global_average_pool(x: Any) -> Any:
     (2, 4)
     """
     if isinstance(x, Kernel):
-        return _global_pool_kernel(x, "global_average_pool", average=True)
+        return _global_average_pool_kernel(x)
     x = jnp.asarray(x)
     _check_spatial_input(x, "global_average_pool")
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
