@@ -221,6 +221,9 @@ def test_shapes_dtypes_and_float64():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
     ints = feature_map(module, key=jax.random.key(0), num_features=8)(jnp.ones((2, 3), int))
     assert ints.nngp.dtype == jnp.float32
+    unhashable = models.MLP([16, 1], "relu", w_std=SQRT2, b_std=0.1)  # a list of widths
+    listed = feature_map(unhashable, key=jax.random.key(0), num_features=64)(x)
+    np.testing.assert_allclose(listed.ntk, f32.ntk, rtol=1e-6, atol=1e-7)
 
 
 def test_jit_vmap_and_rows_independent_of_the_batch():
