@@ -127,5 +127,5 @@ def test_bad_input():
         fit_marginal_likelihood(lambda h: k * h["a"], jnp.ones(3), {"a": 1.0}, noise=0.0)
     with pytest.raises(ValueError, match=r"\(3, 3\) matrix"):
         fit_marginal_likelihood(lambda h: jnp.ones((2, 2)) * h["a"], jnp.ones(3), {"a": 1.0})
-    with pytest.raises(ValueError, match="w_std and b_std"):
+    with pytest.raises(ValueError, match="w_std must be finite and >= 0"):
         ntkjax.kernel_fn(MLP(features=(4, 1), w_std=-1.0))(jnp.ones((2, 3)))

@@ -97,12 +97,12 @@ def attention_kernel(
             "has no known closed-form infinite-width kernel (Hron et al. 2020); use "
             "linear_scaling=True or attention_mechanism='identity'."
         )
+    k.require_all_pairs("SelfAttention")
     spatial = k.spatial_shape
     length = math.prod(spatial)
     n1, n2 = k.nngp.shape[:2]
     k12 = k.nngp.reshape(n1, n2, length, length)
     t12 = k.ntk.reshape(n1, n2, length, length)
-    k.require_all_pairs("SelfAttention")
     c1, c2 = k.self_covariances()
     v1 = c1.reshape(n1, length, length)
     v2 = v1 if k.same_inputs and c2 is c1 else c2.reshape(n2, length, length)

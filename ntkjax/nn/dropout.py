@@ -66,7 +66,7 @@ def dropout_kernel(k: Kernel, rate: float) -> Kernel:
     nngp, ntk = k.nngp, k.ntk
     if k.same_inputs:
         n = nngp.shape[0]
-        self_pairs = jnp.eye(n, dtype=bool).reshape(n, n, *(1,) * (2 * nd))
+        self_pairs = jnp.eye(n, dtype=bool).reshape(n, n, *(1,) * (nngp.ndim - 2))
         if nd:
             spatial = k.spatial_shape
             positions = math.prod(spatial)

@@ -89,7 +89,7 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
     d1, d2 = k.position_variances()
     r1 = scales(d1)
     r2 = r1 if d2 is d1 else scales(d2)
-    if nd == 0:
+    if nd == 0 or k.diagonal_spatial:  # entries [a, b] or [a, b, p] (same positions)
         outer = r1[:, None] * r2[None, :]
         var1 = None if k.var1 is None else k.var1 * (r1 * r1)
         var2 = var1 if k.same_inputs or k.var2 is None else k.var2 * (r2 * r2)
