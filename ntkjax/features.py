@@ -102,9 +102,11 @@ from ntkjax.nn.dense import Dense
 
 __all__ = [
     "FEATURE_RULES",
+    "GETS",
     "FeatureMap",
     "FeatureRidge",
     "Features",
+    "Get",
     "feature_map",
     "feature_ridge",
     "hermite_truncation_error",
