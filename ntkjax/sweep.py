@@ -296,15 +296,18 @@ def _append_row(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _repair_tail(path: Path) -> None:
-    """Ends the file with a newline, so a torn last line stays a separate (skipped) line."""
-    if path.exists() and path.stat().st_size > 0:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            last = f.read(1)
-        if last != b"\n":
-            with path.open("a") as f:
-                f.write("\n")
+def _drop_torn_tail(path: Path) -> None:
+    """Cuts an unfinished last line (a run killed mid-write: an incomplete row, never a finished
+    one) so that the next row starts on a line of its own and the file stays all rows."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    with path.open("r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _row_key(row: dict) -> tuple:
@@ -356,7 +359,7 @@ def sweep(
     out_path = Path(out_path)
     check_sweep_file(out_path)  # before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(out_path)
+    _drop_torn_tail(out_path)
     config_id = config.config_id()
     done = {_row_key(r): r for r in load_rows(out_path) if r.get("config_id") == config_id}
 

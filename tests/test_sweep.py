@@ -75,6 +75,8 @@ def test_rows_stream_and_rerun_resumes(tmp_path, monkeypatch):
     assert calls[2:] == [(32, 0.02, 1)]
     np.testing.assert_allclose(resumed[3]["loss"], rows[3]["loss"], rtol=1e-5)
     assert len(load_rows(out)) == 4
+    # the unfinished row is gone: every line of the file is a whole row
+    assert [json.loads(line)["seed"] for line in out.read_text().splitlines()] == [0, 1, 0, 1]
     # a different configuration in the same file is computed separately
     other = dataclasses.replace(TINY, num_steps=10)
     sweep(widths=(16,), seeds=1, out_path=out, config=other, show_progress=False)
