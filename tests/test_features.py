@@ -191,7 +191,8 @@ def test_hermite_truncation_error_bounds_the_truncated_erf_kernel(x64):
 
 
 def test_hermite_features_of_erf_converge_to_the_kernel():
-    """Non-ReLU activations take the Hermite route (two erf layers); their kernels converge."""
+    """Non-ReLU activations take the Hermite route (two erf layers, the default degree 8);
+    their kernels converge."""
     x = jax.random.normal(jax.random.key(1), (50, 6))
     module = models.MLP((64, 64, 1), "erf", w_std=1.2, b_std=0.2)
     exact = ntkjax.kernel_fn(module)(x)
@@ -229,8 +230,8 @@ def test_shapes_dtypes_and_float64():
 def test_jit_vmap_and_rows_independent_of_the_batch():
     """The map is the same for every batch: rows do not depend on their batch, and the map
     under jit and vmap agrees with the plain call."""
-    module = models.CNN((4, 1), activation="relu", readout="global_average_pool", w_std=SQRT2)
-    x = _images(n=5, shape=(4, 4, 2))
+    module = models.MLP((4, 4, 1), "relu", w_std=SQRT2, b_std=0.1)
+    x = jax.random.normal(jax.random.key(1), (5, 3))
     fmap = feature_map(module, key=jax.random.key(3), num_features=32)
     full = fmap(x)
     one = fmap(x[2:3])
