@@ -15,6 +15,7 @@ import sys
 
 MODULES = [
     "benchmarks.bench_analytic",
+    "benchmarks.bench_cnn",
     "benchmarks.bench_empirical",
     "benchmarks.bench_predict",
     "benchmarks.bench_sweep",
