@@ -743,20 +743,115 @@ def _pairwise(
     """The module on the kernel of x1 against x2, replaying the per-input variances (the
     result carries no variances)."""
     k = _image_input_kernel(x1, x2, diagonal=diagonal, variances=False)
-    return _two_graphs(lambda kk: _apply_with_tape(module, kk, _VarianceTape(tapes)), k)
+    return _apply_with_tape(module, k, _VarianceTape(tapes))
 
 
 def _image_kernels(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool
 ) -> Kernel:
-    if x2 is None:
-        k = _image_input_kernel(x1, None, diagonal=diagonal, variances=False)
-        return _two_graphs(lambda kk: _apply_to_kernel(module, kk), k).with_variances()
     n1 = x1.shape[0]
-    tape, var = _per_input_pass(module, jnp.concatenate([x1, x2]), diagonal)
+    n2 = n1 if x2 is None else x2.shape[0]
+    block = _block_rows(x1, diagonal)
+    if x2 is None and block >= n1:
+        k = _image_input_kernel(x1, None, diagonal=diagonal, variances=False)
+        return _apply_to_kernel(module, k).with_variances()
+    both = x1 if x2 is None else jnp.concatenate([x1, x2])
+    tape, var = _per_input_pass(module, both, diagonal)
+    if x2 is None:
+        out = _blocked_pairwise(module, x1, None, (tape, tape), diagonal, block)
+        return out.replace(var1=var, var2=var)
     tapes = ([t[:n1] for t in tape], [t[n1:] for t in tape])
-    out = _pairwise(module, x1, x2, tapes, diagonal)
+    out = _blocked_pairwise(module, x1, x2, tapes, diagonal, min(block, max(n1, n2)))
     return out.replace(var1=var[:n1], var2=var[n1:])
+
+
+# Pairwise evaluation in blocks of rows whose kernels hold about this many entries per array
+# (64 KiB in float32): blocks whose whole layer-by-layer computation stays in the processor's
+# caches (measured on the 2-core machine: a depth-3 flatten CNN on 256 8x8 images takes 0.18 s
+# in blocks of 2^14 entries, 0.35 s in blocks of 2^20 and 0.48 s in one block); and for
+# x2 = None only the blocks on and above the diagonal (the others are their mirror images).
+_BLOCK_ENTRIES = 2**14
+
+
+def _block_rows(x: jax.Array, diagonal: bool) -> int:
+    """Rows of x1 (and x2) per block of the pairwise evaluation (a power of two)."""
+    positions = math.prod(x.shape[1:-1])
+    per_pair = positions if diagonal else positions * positions
+    rows = 1
+    while rows * 2 <= x.shape[0] and (rows * 2) ** 2 * per_pair <= _BLOCK_ENTRIES:
+        rows *= 2
+    return rows
+
+
+def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
+    if a.shape[0] == rows:
+        return a
+    return jnp.concatenate([a, jnp.broadcast_to(a[-1:], (rows - a.shape[0], *a.shape[1:]))])
+
+
+def _blocked_pairwise(
+    module: linen.Module,
+    x1: jax.Array,
+    x2: jax.Array | None,
+    tapes: tuple[list[jax.Array], list[jax.Array]],
+    diagonal: bool,
+    block: int,
+) -> Kernel:
+    """:func:`_pairwise` over blocks of ``block`` rows of x1 and x2 (``lax.map``), assembled
+    into the (N1, N2, ...) kernel. With ``x2 = None`` only the blocks (i, j), i <= j, are
+    computed; block (j, i) is block (i, j) with its two inputs (and their positions) swapped."""
+    symmetric = x2 is None
+    x2v = x1 if x2 is None else x2
+    n1, n2 = x1.shape[0], x2v.shape[0]
+    r1, r2 = -(-n1 // block), -(-n2 // block)
+    if r1 * r2 == 1:
+        return _pairwise(module, x1, x2v, tapes, diagonal)
+
+    def rows(a: jax.Array, r: int) -> jax.Array:
+        a = _pad_rows(a, r * block)
+        return a.reshape(r, block, *a.shape[1:])
+
+    xb1, xb2 = rows(x1, r1), rows(x2v, r2)
+    tb1 = [rows(t, r1) for t in tapes[0]]
+    tb2 = tb1 if symmetric else [rows(t, r2) for t in tapes[1]]
+    pairs = [(i, j) for i in range(r1) for j in range(r2) if not symmetric or j >= i]
+    index1 = jnp.asarray([i for i, _ in pairs], jnp.int32)
+    index2 = jnp.asarray([j for _, j in pairs], jnp.int32)
+
+    def one(ij):
+        i, j = ij
+        k = _pairwise(module, xb1[i], xb2[j], ([t[i] for t in tb1], [t[j] for t in tb2]),
+                      diagonal)
+        return k.nngp, k.ntk
+
+    nngp_blocks, ntk_blocks = jax.lax.map(one, (index1, index2))
+    out_shape = jax.eval_shape(
+        lambda: _pairwise(module, xb1[0], xb2[0], ([t[0] for t in tb1], [t[0] for t in tb2]),
+                          diagonal))
+
+    def assemble(blocks: jax.Array) -> jax.Array:
+        trailing = blocks.shape[3:]
+        grid = jnp.zeros((r1, r2, block, block, *trailing), blocks.dtype)
+        grid = grid.at[index1, index2].set(blocks)
+        if symmetric:
+            grid = grid.at[index2, index1].set(_swap_inputs(blocks, out_shape, batch_ndim=1))
+        grid = jnp.moveaxis(grid, 2, 1).reshape(r1 * block, r2 * block, *trailing)
+        return grid[:n1, :n2]
+
+    return out_shape.replace(nngp=assemble(nngp_blocks), ntk=assemble(ntk_blocks))
+
+
+def _swap_inputs(a: jax.Array, k: Kernel, *, batch_ndim: int = 0) -> jax.Array:
+    """The kernel array of (x2, x1) from that of (x1, x2): the two input axes transposed, and,
+    with all pairs of positions, the two groups of position axes too."""
+    lead = tuple(range(batch_ndim))
+    b = batch_ndim
+    nd = k.spatial_ndim
+    if nd == 0 or k.diagonal_spatial:
+        rest = tuple(range(b + 2, a.ndim))
+    else:
+        rest = (*range(b + 2 + nd, b + 2 + 2 * nd), *range(b + 2, b + 2 + nd))
+    return jnp.transpose(a, (*lead, b + 1, b, *rest))
 
 
 def _opaque_zero(a: jax.Array) -> jax.Array:

@@ -318,3 +318,74 @@ def test_sums_of_two_non_gaussian_branches_are_refused():
     assert (k + nn.relu(k)).non_gaussian == "ntkjax.nn.relu"  # one non-Gaussian branch: fine
     with pytest.raises(ValueError, match="both end in a layer with non-Gaussian outputs"):
         nn.relu(k) + nn.erf(k)
+
+
+# ---- only the pairs of positions the readout needs; blocks ----
+
+
+class PerPosition(linen.Module):
+    """Convolutions whose output keeps its spatial axes (no readout)."""
+
+    @linen.compact
+    def __call__(self, x):
+        return nn.Conv(4, kernel_size=(3, 2), strides=(2, 1), b_std=0.2)(
+            nn.erf(nn.Conv(4, padding="CIRCULAR", w_std=1.3)(x)))
+
+
+def test_position_pairs_are_chosen_from_the_module():
+    x = _images(2, (6, 5), 2)
+    use_diagonal = ntkjax.kernels._use_diagonal
+    assert use_diagonal(CNNS[0], x, "auto")  # convolutions, activations, flatten
+    assert not use_diagonal(CNNS[1], x, "auto")  # global average pooling
+    assert not use_diagonal(models.CNN((4, 4, 1), pooling="avg"), x, "auto")
+    assert not use_diagonal(PerPosition(), x, "auto")  # the output keeps all pairs
+    assert use_diagonal(PerPosition(), x, "same")
+    assert not use_diagonal(CNNS[0], x, "all")
+    with pytest.raises(ValueError, match="not possible"):
+        ntkjax.kernel_fn(CNNS[1], position_pairs="same")(x)
+    with pytest.raises(ValueError, match="position_pairs"):
+        ntkjax.kernel_fn(CNNS[0], position_pairs="diagonal")
+
+
+def test_same_position_kernels_are_the_diagonal_of_all_pairs(x64):
+    x1, x2 = _images(3, dtype=jnp.float64), _images(2, seed=1, dtype=jnp.float64)
+    for args in ((x1, x2), (x1,)):
+        full = ntkjax.kernel_fn(PerPosition())(*args)
+        same = ntkjax.kernel_fn(PerPosition(), position_pairs="same")(*args)
+        assert full.shape == (3, len(args[-1]), 3, 4, 3, 4) and same.shape == full.shape[:4]
+        assert same.diagonal_spatial and not full.diagonal_spatial
+        for name in ("nngp", "ntk"):
+            a = getattr(full, name).reshape(3, len(args[-1]), 12, 12)
+            want = np.diagonal(a, axis1=2, axis2=3).reshape(same.shape)
+            np.testing.assert_allclose(getattr(same, name), want, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(same.var1.reshape(3, 12), np.diagonal(
+            full.var1.reshape(3, 12, 12), axis1=1, axis2=2), rtol=1e-13)
+        flat = ntkjax.kernel_fn(CNNS[0], position_pairs="all")(*args)
+        auto = ntkjax.kernel_fn(CNNS[0])(*args)
+        np.testing.assert_allclose(auto.ntk, flat.ntk, rtol=1e-13)
+        np.testing.assert_allclose(auto.var1, flat.var1, rtol=1e-13)
+
+
+@pytest.mark.parametrize("cnn", [CNNS[0], models.CNN((4, 4, 1), pooling="avg", b_std=0.1)],
+                         ids=["same_positions", "all_pairs"])
+def test_blocks_of_rows_match_one_block(cnn, monkeypatch, x64):
+    # blocks of one row each: every pair is its own block; x2 = None mirrors the upper blocks
+    x1, x2 = _images(5, (4, 4), dtype=jnp.float64), _images(3, (4, 4), seed=1,
+                                                             dtype=jnp.float64)
+    monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", 2**30)
+    fn = jax.jit(ntkjax.kernel_fn(cnn))
+    whole = [fn(x1, x2), fn(x1)]
+    monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", 1)
+    fn = jax.jit(ntkjax.kernel_fn(cnn))
+    for got, want in zip([fn(x1, x2), fn(x1)], whole, strict=True):
+        for name in ("nngp", "ntk", "var1", "var2"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12)
+
+
+def test_flatten_readout_cnn_fits_in_memory_at_large_n():
+    # the kernel between all pairs of positions of 256 8x8 images would take 2 x 1 GiB per
+    # layer; same-position pairs in blocks take kilobytes beyond the (N, N) result
+    cnn = models.CNN((64, 64, 64, 1), readout="flatten", w_std=np.sqrt(2), b_std=0.1)
+    x = jax.ShapeDtypeStruct((256, 8, 8, 3), jnp.float32)
+    stats = jax.jit(ntkjax.kernel_fn(cnn)).lower(x).compile().memory_analysis()
+    assert stats.temp_size_in_bytes < 32 * 2**20

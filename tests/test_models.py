@@ -151,3 +151,78 @@ def test_cnn_empirical_ntk_converges_to_kernel_fn_like_inverse_sqrt_width(x64):
     slope = np.polyfit(np.log(widths), np.log(errors), 1)[0]
     assert -0.7 <= slope <= -0.3, (slope, errors)
     assert errors[-1] < 0.2
+
+
+# ---- pooling between convolutions, Myrtle ----
+
+
+def test_cnn_pooling_between_convolutions():
+    x = _images(2, (8, 6), 3)
+    cnn = models.CNN((4, 4, 5, 2), pooling="avg", pool_window=2, readout="flatten", b_std=0.1)
+    params = cnn.init(jax.random.PRNGKey(0), x)
+    # 8 x 6 -> pool -> 4 x 3 -> pool -> 2 x 1 (after the first two of three convolutions)
+    assert params["params"]["Dense_0"]["kernel"].shape == (2 * 1 * 5, 2)
+    p = params["params"]
+    h = nn.relu(nn.Conv(4, b_std=0.1).apply({"params": p["Conv_0"]}, x))
+    h = nn.relu(nn.Conv(4, b_std=0.1).apply({"params": p["Conv_1"]}, nn.avg_pool(h, (2, 2),
+                                                                                (2, 2))))
+    h = nn.relu(nn.Conv(5, b_std=0.1).apply({"params": p["Conv_2"]}, nn.avg_pool(h, (2, 2),
+                                                                                (2, 2))))
+    want = nn.Dense(2, b_std=0.1).apply({"params": p["Dense_0"]}, nn.flatten(h))
+    np.testing.assert_allclose(cnn.apply(params, x), want, rtol=1e-5, atol=1e-6)
+    summed = models.CNN((4, 4, 1), pooling="sum", pool_after=(0,), pool_window=(2, 3),
+                        readout="global_sum_pool")
+    assert summed.apply(summed.init(jax.random.PRNGKey(0), x), x).shape == (2, 1)
+    with pytest.raises(ValueError, match="pooling"):
+        models.CNN((4, 1), pooling="max").init(jax.random.PRNGKey(0), x)
+
+
+def test_myrtle_layers_and_validation():
+    x = _images(2, (16, 16), 3)
+    net = models.Myrtle(7, channels=8, num_outputs=3)
+    params = net.init(jax.random.PRNGKey(0), x)
+    assert sorted(params["params"]) == [f"Conv_{i}" for i in range(6)] + ["Dense_0"]
+    # 16 -> 8 -> 4 after the stages, then pooled to one pixel: the readout sees 8 channels
+    assert params["params"]["Dense_0"]["kernel"].shape == (8, 3)
+    assert net.apply(params, x).shape == (2, 3)
+    assert models.Myrtle(10, channels=4).init(jax.random.PRNGKey(0), x)["params"][
+        "Conv_8"]["conv"]["kernel"].shape == (3, 3, 4, 4)
+    with pytest.raises(ValueError, match="depth"):
+        models.Myrtle(6).init(jax.random.PRNGKey(0), x)
+
+
+def test_myrtle5_kernel_matches_neural_tangents_myrtle_notebook_network(x64):
+    """nt's reference entry myrtle5_16x16 is the notebook's MyrtleNetwork(5) (readout W_std 1)
+    on 16 x 16 images."""
+    from tests.nt_stax import load_reference
+
+    meta, arrays = load_reference()
+    entry = next(e for e in meta["entries"] if e["key"] == "myrtle5_16x16")
+    x1, x2 = (arrays[entry["arrays"][name]] for name in ("x1", "x2"))
+    k = ntkjax.kernel_fn(models.Myrtle(5, num_outputs=1, readout_w_std=1.0))(x1, x2)
+    assert max_relative_error(k.nngp, arrays[entry["arrays"]["nngp_12"]]) < 1e-10
+    assert max_relative_error(k.ntk, arrays[entry["arrays"]["ntk_12"]]) < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.skip(reason="written but not yet run (issue 11's helper was stopped before its "
+                         "run): run it once, check the thresholds, and remove this mark")
+def test_myrtle_empirical_ntk_converges_to_kernel_fn_like_inverse_sqrt_width(x64):
+    """RMS over 8 networks of ||Theta_emp - Theta|| / ||Theta|| for Myrtle-5 (ReLU, 2x2 average
+    pooling between the stages) on 4 x 4 images, empirical NTK by ntkjax.empirical_ntk_fn;
+    fitted log-log slope over four channel counts in [-0.7, -0.3]."""
+    x = jax.random.normal(jax.random.PRNGKey(7), (4, 4, 4, 2), jnp.float64)
+    widths = [16, 32, 64, 128]
+    theta = ntkjax.kernel_fn(models.Myrtle(5, num_outputs=1))(x).ntk
+    errors = []
+    for width in widths:
+        net = models.Myrtle(5, channels=width, num_outputs=1)
+        ntk_fn = ntkjax.empirical_ntk_fn(net.apply)
+        sq = []
+        for key in jax.random.split(jax.random.PRNGKey(width), 8):
+            emp = ntk_fn(net.init(key, x), x)
+            sq.append(float(jnp.sum((emp - theta) ** 2) / jnp.sum(theta**2)))
+        errors.append(float(np.sqrt(np.mean(sq))))
+    slope = np.polyfit(np.log(widths), np.log(errors), 1)[0]
+    assert -0.7 <= slope <= -0.3, (slope, errors)
+    assert errors[-1] < 0.25
