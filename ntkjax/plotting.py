@@ -9,7 +9,7 @@ Edit this file only with small inserts/replacements: several sweep/demo figures 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "Values",
     "new_figure",
     "plot_accuracies",
+    "plot_accuracy_vs_features",
     "plot_convergence",
     "plot_drift_vs_width",
     "plot_function_fits",
@@ -380,6 +381,51 @@ def plot_accuracies(
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(axis="y", visible=False)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_vs_features(
+    feature_counts: Sequence[int],
+    accuracies: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    exact: Mapping[str, float],
+    title: str,
+    path: str | Path | None = None,
+) -> Figure:
+    """Test accuracy of random-feature regression against the number of features D (log axis).
+
+    Args:
+      feature_counts: the D values, increasing.
+      accuracies: per curve, one list of accuracies (fractions, one per draw of the features)
+        for each D: the mean is drawn with the range over draws as a band.
+      exact: per curve, the accuracy of the exact kernel, drawn as a dashed line.
+      title: the axes' title.
+      path: where to save the PNG (None: not saved).
+
+    Returns:
+      The figure.
+    """
+    counts = np.asarray(feature_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or np.any(counts <= 0):
+        raise ValueError(f"feature_counts must be positive numbers; got {feature_counts}.")
+    fig, axes = new_figure(width=6.4, height=4.2)
+    ax = axes[0, 0]
+    for k, (name, per_count) in enumerate(accuracies.items()):
+        if len(per_count) != counts.size:
+            raise ValueError(f"{name}: {len(per_count)} accuracy lists for {counts.size} D's.")
+        color = _PALETTE[k % len(_PALETTE)]
+        values = [100.0 * np.asarray(v, dtype=np.float64) for v in per_count]
+        ax.plot(counts, [v.mean() for v in values], "o-", color=color, label=f"{name} features")
+        ax.fill_between(counts, [v.min() for v in values], [v.max() for v in values],
+                        color=color, alpha=0.2)
+        if name in exact:
+            ax.axhline(100.0 * float(exact[name]), color=color, ls="--",
+                       label=f"{name} exact kernel")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=9)
+    ax.set_xlabel("number of random features D")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
     return save_figure(fig, path)
 
 

@@ -28,6 +28,9 @@ EXPECTED_FIGURES = {
     "convergence": ["s5_convergence_and_stability.png"],
     "lazy": ["s6_linearized_trajectories.png", "s6_lazy_training_vs_width.png"],
     "digits": ["s7_digits_accuracy.png"],
+    "digits_images": ["s8_digits_cnn_accuracy.png"],
+    "digits_likelihood": [],
+    "digits_features": ["s10_digits_features_accuracy.png"],
 }
 
 
@@ -142,6 +145,33 @@ def test_digits_accuracy_table(demo):
     assert s7["accuracy_svm_rbf"] >= 0.97
     assert s7["accuracy_network"] >= 0.90
     assert not s7["network_diverged"]
+
+
+def test_digits_as_images_convolutional_kernels(demo):
+    s8 = numbers(demo[1], "digits_images")
+    assert s8["num_train"] == s8["num_test"] == demo_settings(quick=True).digits_image_subset
+    for name in ("accuracy_mlp_ntk", "accuracy_cnn_flatten_ntk", "accuracy_cnn_gap_ntk"):
+        assert 0.85 <= s8[name] <= 1.0, (name, s8[name])
+
+
+def test_marginal_likelihood_fit_raises_the_evidence(demo):
+    s9 = numbers(demo[1], "digits_likelihood")
+    # Adam on the log-hyperparameters ascends the evidence from the demo's values
+    assert s9["log_marginal_likelihood_fitted"] > s9["log_marginal_likelihood_initial"]
+    assert all(s9["fitted"][k] > 0 for k in ("w_std", "b_std", "noise"))
+    assert s9["test_accuracy_fitted"] >= 0.85 and s9["test_accuracy_initial"] >= 0.85
+
+
+def test_random_features_approach_the_exact_kernel(demo):
+    s10 = numbers(demo[1], "digits_features")
+    s8 = numbers(demo[1], "digits_images")
+    # the exact accuracies are those of section 8 (same kernels, same split)
+    assert s10["accuracy_exact_MLP"] == s8["accuracy_mlp_ntk"]
+    assert s10["accuracy_exact_CNN-GAP"] == s8["accuracy_cnn_gap_ntk"]
+    largest = s10["feature_counts"][-1]
+    for name in ("MLP", "CNN-GAP"):
+        assert abs(s10[f"gap_points_at_D{largest}_{name}"]) <= 10.0
+        assert min(s10[f"accuracy_features_{name}"]) >= 0.7
 
 
 def test_cli_runs_one_section_and_prints_a_summary(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 import ntkjax
 from ntkjax import models, nn
+from ntkjax.scaling import fit_power_law
 from tests.helpers import max_relative_error
 
 
@@ -205,24 +206,28 @@ def test_myrtle5_kernel_matches_neural_tangents_myrtle_notebook_network(x64):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="written but not yet run (issue 11's helper was stopped before its "
-                         "run): run it once, check the thresholds, and remove this mark")
 def test_myrtle_empirical_ntk_converges_to_kernel_fn_like_inverse_sqrt_width(x64):
     """RMS over 8 networks of ||Theta_emp - Theta|| / ||Theta|| for Myrtle-5 (ReLU, 2x2 average
     pooling between the stages) on 4 x 4 images, empirical NTK by ntkjax.empirical_ntk_fn;
-    fitted log-log slope over four channel counts in [-0.7, -0.3]."""
+    fitted log-log slope over four channel counts in [-0.7, -0.3] (fluctuations of a finite
+    network's NTK are O(width^-1/2): Jacot et al. 2018, Hanin & Nica 2020)."""
     x = jax.random.normal(jax.random.PRNGKey(7), (4, 4, 4, 2), jnp.float64)
-    widths = [16, 32, 64, 128]
+    widths = [8, 16, 32, 64]
     theta = ntkjax.kernel_fn(models.Myrtle(5, num_outputs=1))(x).ntk
     errors = []
     for width in widths:
         net = models.Myrtle(5, channels=width, num_outputs=1)
         ntk_fn = ntkjax.empirical_ntk_fn(net.apply)
-        sq = []
-        for key in jax.random.split(jax.random.PRNGKey(width), 8):
-            emp = ntk_fn(net.init(key, x), x)
-            sq.append(float(jnp.sum((emp - theta) ** 2) / jnp.sum(theta**2)))
-        errors.append(float(np.sqrt(np.mean(sq))))
-    slope = np.polyfit(np.log(widths), np.log(errors), 1)[0]
-    assert -0.7 <= slope <= -0.3, (slope, errors)
-    assert errors[-1] < 0.25
+
+        @jax.jit
+        def relative_squared_errors(keys, net=net, ntk_fn=ntk_fn):
+            def one(key):
+                emp = ntk_fn(net.init(key, x), x)
+                return jnp.sum((emp - theta) ** 2) / jnp.sum(theta**2)
+            return jax.lax.map(one, keys)
+
+        sq = relative_squared_errors(jax.random.split(jax.random.PRNGKey(width), 8))
+        errors.append(float(np.sqrt(np.mean(np.asarray(sq)))))
+    fit = fit_power_law(widths, errors)
+    assert -0.7 <= fit.slope <= -0.3, (fit, errors)
+    assert errors[-1] < 0.35

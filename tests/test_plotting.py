@@ -174,3 +174,22 @@ def test_accuracies_bars_labelled_in_percent(tmp_path):
     assert [t.get_text() for t in top_to_bottom] == ["NTK", "NNGP", "network"]
     assert {t.get_text().strip() for t in ax.texts} == {"99.00%", "98.50%", "97.00%"}
     assert "accuracy" in ax.get_xlabel()
+
+
+def test_accuracy_vs_features_draws_means_bands_and_exact_lines(tmp_path):
+    path = tmp_path / "features.png"
+    counts = [256, 1024, 4096]
+    draws = {"MLP": [[0.90, 0.92], [0.95, 0.97], [0.98, 0.98]], "CNN": [[0.8], [0.9], [0.95]]}
+    fig = plotting.plot_accuracy_vs_features(counts, draws, exact={"MLP": 0.985},
+                                             title="features", path=path)
+    assert_png(path)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    means = {line.get_label(): line.get_ydata() for line in ax.lines}
+    np.testing.assert_allclose(means["MLP features"], [91.0, 96.0, 98.0])
+    np.testing.assert_allclose(means["MLP exact kernel"], [98.5, 98.5])
+    assert "CNN exact kernel" not in means  # no exact value given: no line
+    with pytest.raises(ValueError, match="2 accuracy lists for 3"):
+        plotting.plot_accuracy_vs_features(counts, {"a": [[0.9], [0.9]]}, exact={}, title="t")
+    with pytest.raises(ValueError, match="positive"):
+        plotting.plot_accuracy_vs_features([0, 4], {"a": [[0.9], [0.9]]}, exact={}, title="t")

@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntkjax import empirical_ntk_fn, kernel_fn, plotting
+from ntkjax import empirical_ntk_fn, kernel_fn, kernel_matrix, plotting
 from ntkjax._progress import progress
 from ntkjax.compile_options import FAST_COMPILE
-from ntkjax.models import MLP
+from ntkjax.features import feature_map, feature_ridge
+from ntkjax.models import CNN, MLP
 from ntkjax.nn.dense import PARAMETERIZATIONS, Parameterization
 from ntkjax.predict import (
     gp_inference,
@@ -50,7 +51,8 @@ from ntkjax.predict import (
     max_learning_rate,
 )
 from ntkjax.scaling import fit_power_law
-from ntkjax.study.datasets import load_digits
+from ntkjax.study.datasets import Digits, load_digits
+from ntkjax.study.marginal_likelihood import digits_marginal_likelihood
 from ntkjax.study.report import Report
 from ntkjax.study.sweep_command import PRESETS
 from ntkjax.sweep import sweep
@@ -97,6 +99,10 @@ class DemoSettings(NamedTuple):
     digits_depth: int
     digits_steps: int
     digits_train_subset: int | None  # None: the whole 70 % training split
+    digits_image_subset: int | None  # sections 8 and 10: first images of train and test split
+    digits_feature_counts: tuple[int, ...]  # D of the random-feature curves (section 10)
+    digits_feature_keys: int  # independent draws of the features per D
+    digits_likelihood_steps: int  # Adam steps of the marginal-likelihood fit (section 9)
 
 
 def demo_settings(quick: bool = False) -> DemoSettings:
@@ -111,6 +117,8 @@ def demo_settings(quick: bool = False) -> DemoSettings:
             study_widths=(1000,), study_seeds=2, study_steps=100,
             convergence_points=40, convergence_dim=8, convergence_steps=200,
             digits_width=256, digits_depth=2, digits_steps=300, digits_train_subset=600,
+            digits_image_subset=120, digits_feature_counts=(256, 1024), digits_feature_keys=1,
+            digits_likelihood_steps=10,
         )
     return DemoSettings(
         quick=False, n_points=10, input_dim=3,
@@ -121,6 +129,9 @@ def demo_settings(quick: bool = False) -> DemoSettings:
         study_widths=(50, 200, 1000, 5000), study_seeds=4, study_steps=500,
         convergence_points=40, convergence_dim=8, convergence_steps=500,
         digits_width=512, digits_depth=2, digits_steps=1000, digits_train_subset=None,
+        digits_image_subset=None, digits_feature_counts=(256, 1024, 4096, 8192),
+        digits_feature_keys=2,
+        digits_likelihood_steps=100,
     )
 
 
@@ -799,23 +810,16 @@ def _section_digits(ctx: _Context) -> _SectionResult:
 
     s = ctx.settings
     try:
-        digits = load_digits()
+        digits = _digits_split(ctx)
         from sklearn.svm import SVC
     except ImportError as err:
-        return _SectionResult(
-            "7. Beyond the study: digits", f"Skipped: {err}", {"skipped": True}, [],
-            "skipped (scikit-learn missing)")
-    digits = type(digits)(*map(np.asarray, digits))  # host arrays: slicing compiles nothing
-    if s.digits_train_subset is not None:  # the split is shuffled and stratified already
-        keep = slice(0, s.digits_train_subset)
-        digits = digits._replace(x_train=digits.x_train[keep], y_train=digits.y_train[keep],
-                                 labels_train=digits.labels_train[keep])
+        return _skipped_digits("7. Beyond the study: digits", err)
     hidden = (s.digits_width,) * s.digits_depth
-    module = _mlp(hidden, outputs=10, b_std=0.1)
+    module = _digits_mlp(s)
     nngp_tt, ntk_tt = _analytic(module, digits.x_train)
     nngp_xt, ntk_xt = _analytic(module, digits.x_test, digits.x_train)
     labels = np.asarray(digits.labels_test)
-    accuracy = lambda scores: float(np.mean(np.argmax(np.asarray(scores), axis=-1) == labels))
+    accuracy = functools.partial(_digits_accuracy, digits)
     y = digits.y_train
 
     def kernel_predictions(ntk_tt, ntk_xt, nngp_tt, nngp_xt, y):
@@ -885,6 +889,201 @@ def _section_digits(ctx: _Context) -> _SectionResult:
                                "network_record_steps": history.steps})
 
 
+def _digits_split(ctx: _Context) -> Digits:
+    """scikit-learn's digits split as host arrays (the first ``digits_train_subset`` training
+    images in a quick run; the split is shuffled and stratified already). Raises ImportError
+    without scikit-learn."""
+    if "digits" not in ctx.cache:
+        digits = load_digits()
+        digits = type(digits)(*map(np.asarray, digits))  # host arrays: slicing compiles nothing
+        subset = ctx.settings.digits_train_subset
+        if subset is not None:
+            keep = slice(0, subset)
+            digits = digits._replace(x_train=digits.x_train[keep], y_train=digits.y_train[keep],
+                                     labels_train=digits.labels_train[keep])
+        ctx.cache["digits"] = digits
+    return ctx.cache["digits"]
+
+
+def _digits_image_split(ctx: _Context) -> Digits:
+    """The split of sections 8 and 10: a quick run keeps the first ``digits_image_subset``
+    training and test images (all-pairs convolutional kernels cost ~N^2 x positions^2)."""
+    digits = _digits_split(ctx)
+    keep = ctx.settings.digits_image_subset
+    if keep is None:
+        return digits
+    return Digits(*(a[:keep] for a in digits))
+
+
+def _skipped_digits(title: str, err: Exception) -> _SectionResult:
+    return _SectionResult(title, f"Skipped: {err}", {"skipped": True}, [],
+                          "skipped (scikit-learn missing)")
+
+
+def _digits_mlp(s: DemoSettings) -> MLP:
+    """The ReLU MLP of the digits sections: ``digits_depth`` hidden layers -> 10 outputs."""
+    return _mlp((s.digits_width,) * s.digits_depth, outputs=10, b_std=0.1)
+
+
+def _digits_accuracy(digits: Digits, scores) -> float:
+    return float(np.mean(np.argmax(np.asarray(scores), axis=-1) == np.asarray(
+        digits.labels_test)))
+
+
+def _ntk_regression_accuracy(module, digits: Digits, x_train, x_test) -> float:
+    """Test accuracy of exact NTK regression (t -> infinity of gradient flow, the digits
+    sections' ridge) with the infinite-width NTK of ``module``, in float64 on the host."""
+    k_tt = np.asarray(kernel_matrix(module, x_train).ntk, np.float64)
+    k_xt = np.asarray(kernel_matrix(module, x_test, x_train).ntk, np.float64)
+    ridge = _DIGITS_DIAG_REG * np.trace(k_tt) / k_tt.shape[0]
+    weights = np.linalg.solve(k_tt + ridge * np.eye(k_tt.shape[0]),
+                              np.asarray(digits.y_train, np.float64))
+    return _digits_accuracy(digits, k_xt @ weights)
+
+
+def _as_images(x) -> np.ndarray:
+    return np.asarray(x).reshape(-1, 8, 8, 1)
+
+
+def _digits_cnns() -> dict[str, CNN]:
+    """The two convolutional networks of sections 8 and 10 (3x3 SAME convolutions, ReLU)."""
+    return {
+        "CNN, flatten readout": CNN((64, 64, 10), kernel_size=3, activation="relu",
+                                    readout="flatten", w_std=_RELU_W_STD, b_std=0.1),
+        "CNN, global average pooling": CNN((64, 10), kernel_size=3, activation="relu",
+                                           readout="global_average_pool", w_std=_RELU_W_STD,
+                                           b_std=0.1),
+    }
+
+
+def _section_digits_images(ctx: _Context) -> _SectionResult:
+    """Digits as 8x8x1 images: NTK regression with two convolutional kernels beside the MLP's."""
+    title = "8. Digits as images: convolutional kernels"
+    try:
+        digits = _digits_image_split(ctx)
+    except ImportError as err:
+        return _skipped_digits(title, err)
+    s = ctx.settings
+    accuracies = {f"MLP {(s.digits_width,) * s.digits_depth} (vectors)": _ntk_regression_accuracy(
+        _digits_mlp(s), digits, digits.x_train, digits.x_test)}
+    for name, cnn in _digits_cnns().items():
+        accuracies[name] = _ntk_regression_accuracy(cnn, digits, _as_images(digits.x_train),
+                                                    _as_images(digits.x_test))
+    ctx.cache["digits_exact_accuracy"] = accuracies
+    figure = ctx.figure("s8_digits_cnn_accuracy.png")
+    plotting.plot_accuracies(accuracies, title="digits: infinite-width NTK regression",
+                             path=figure)
+    mlp, flat, pooled = accuracies.values()
+    numbers = {"num_train": int(digits.x_train.shape[0]), "num_test": int(
+        digits.x_test.shape[0]), "accuracy_mlp_ntk": mlp, "accuracy_cnn_flatten_ntk": flat,
+        "accuracy_cnn_gap_ntk": pooled}
+    table = "\n".join(["| infinite-width NTK of | test accuracy |", "|---|---|"] + [
+        f"| {name} | {100 * acc:.2f} % |" for name, acc in accuracies.items()])
+    text = (
+        "The same split and ridge as section 7, with the digits as 8x8x1 images: NTK regression "
+        "(t -> infinity) with the exact infinite-width kernels (`ntkjax.kernel_matrix`, float64 "
+        "solve) of a ReLU CNN of two 3x3 SAME convolutions and a flatten readout (only "
+        "same-position pairs are needed: Novak et al. 2019), and of one 3x3 convolution followed "
+        "by global average pooling (the CNTK-GAP of Arora et al. 2019, all pairs of positions), "
+        "beside the MLP kernel of section 7 on the pixels as vectors.\n\n" + table)
+    summary = ", ".join(f"{k.split(',')[0] if 'MLP' in k else k} {100 * v:.1f} %"
+                        for k, v in accuracies.items())
+    return _SectionResult(title, text, numbers, [figure], summary)
+
+
+def _section_digits_likelihood(ctx: _Context) -> _SectionResult:
+    """w_std, b_std and the noise of a depth-3 ReLU NNGP fitted by marginal likelihood."""
+    title = "9. Digits: hyperparameters fitted by marginal likelihood"
+    s = ctx.settings
+    try:
+        fit = digits_marginal_likelihood(
+            depth=3, num_steps=s.digits_likelihood_steps,
+            train_subset=s.digits_train_subset, test_subset=s.digits_image_subset)
+    except ImportError as err:
+        return _skipped_digits(title, err)
+    before, after = fit["initial"], fit["fitted"]
+    rows = [("w_std", "w_std"), ("b_std", "b_std"), ("noise variance", "noise")]
+    table = "\n".join(["| | before | after |", "|---|---|---|"] + [
+        f"| {label} | {before[key]:.4g} | {after[key]:.4g} |" for label, key in rows] + [
+        f"| log marginal likelihood | {fit['log_marginal_likelihood_initial']:.1f} | "
+        f"{fit['log_marginal_likelihood_fitted']:.1f} |",
+        f"| test accuracy (GP posterior mean) | {100 * fit['test_accuracy_initial']:.2f} % | "
+        f"{100 * fit['test_accuracy_fitted']:.2f} % |"])
+    text = (
+        "The NNGP of a depth-3 ReLU MLP (NTK parameterization) is the GP prior of each one-hot "
+        "output (centred by 0.1). Its `w_std`, `b_std` and the observation noise are fitted by "
+        "maximizing the GP evidence of the training targets with Adam on their logarithms "
+        f"({fit['num_steps']} steps, gradients through the kernel recursion: "
+        "`ntkjax.fit_marginal_likelihood`, float64); test accuracy is the argmax of the GP "
+        f"posterior mean ({fit['num_train']} training, {fit['num_test']} test images; "
+        f"{fit['fit_seconds']:.1f} s).\n\n" + table)
+    summary = (f"accuracy {100 * fit['test_accuracy_initial']:.2f} % -> "
+               f"{100 * fit['test_accuracy_fitted']:.2f} %, log evidence "
+               f"{fit['log_marginal_likelihood_initial']:.0f} -> "
+               f"{fit['log_marginal_likelihood_fitted']:.0f}")
+    return _SectionResult(title, text, fit, [], summary)
+
+
+def _section_digits_features(ctx: _Context) -> _SectionResult:
+    """Test accuracy of NTK random-feature regression against the number of features D."""
+    title = "10. Digits: NTK random features against the exact kernel"
+    try:
+        digits = _digits_image_split(ctx)
+    except ImportError as err:
+        return _skipped_digits(title, err)
+    s = ctx.settings
+    cnn = _digits_cnns()["CNN, global average pooling"]
+    networks = {"MLP": (_digits_mlp(s), np.asarray(digits.x_train), np.asarray(digits.x_test)),
+                "CNN-GAP": (cnn, _as_images(digits.x_train), _as_images(digits.x_test))}
+    exact_cached = ctx.cache.get("digits_exact_accuracy", {})
+    curves, exact = {}, {}
+    for name, (module, x_train, x_test) in networks.items():
+        cached = [v for k, v in exact_cached.items() if k.startswith(
+            "MLP" if name == "MLP" else "CNN, global")]
+        exact[name] = cached[0] if cached else _ntk_regression_accuracy(
+            module, digits, x_train, x_test)
+        per_d = []
+        for count in ctx.progress(s.digits_feature_counts, f"{name} features"):
+            runs = []
+            for draw in range(s.digits_feature_keys):
+                fmap = feature_map(module, key=jax.random.fold_in(ctx.key(f"features-{name}"),
+                                                                   draw), num_features=count)
+                fit = feature_ridge(fmap, x_train, digits.y_train, diag_reg=_DIGITS_DIAG_REG,
+                                    batch_size=256)
+                runs.append(_digits_accuracy(digits, fit.predict(x_test)))
+            per_d.append(runs)
+        curves[name] = per_d
+    figure = ctx.figure("s10_digits_features_accuracy.png")
+    plotting.plot_accuracy_vs_features(
+        list(s.digits_feature_counts), curves, exact=exact,
+        title="digits: NTK random-feature regression", path=figure)
+    largest = s.digits_feature_counts[-1]
+    numbers: dict[str, Any] = {"feature_counts": list(s.digits_feature_counts),
+                               "draws_per_count": s.digits_feature_keys}
+    for name in networks:
+        numbers[f"accuracy_exact_{name}"] = exact[name]
+        numbers[f"accuracy_features_{name}"] = [float(np.mean(r)) for r in curves[name]]
+        numbers[f"gap_points_at_D{largest}_{name}"] = round(
+            100 * (float(np.mean(curves[name][-1])) - exact[name]), 2)
+    rows = [f"| {name} | " + " | ".join(f"{100 * np.mean(r):.2f} %" for r in curves[name])
+            + f" | {100 * exact[name]:.2f} % |" for name in networks]
+    header = "| NTK of | " + " | ".join(f"D = {d}" for d in s.digits_feature_counts)
+    table = "\n".join([header + " | exact |",
+                       "|---" * (len(s.digits_feature_counts) + 2) + "|", *rows])
+    text = (
+        "Kernel ridge regression on D random features of the NTK (`ntkjax.feature_map`: "
+        "arc-cosine features and TensorSRHT sketches, Zandieh et al. 2021; `ntkjax."
+        "feature_ridge`, streamed, the same ridge) against exact NTK regression with the same "
+        f"kernel, mean over {s.digits_feature_keys} draw(s) of the features: the MLP of section "
+        "7 and the CNN-GAP of section 8. Time and memory are linear in the number of images."
+        "\n\n" + table)
+    summary = ", ".join(
+        f"{name} D={largest} {100 * np.mean(curves[name][-1]):.1f} % vs exact "
+        f"{100 * exact[name]:.1f} %" for name in networks)
+    return _SectionResult(title, text, numbers, [figure], summary,
+                          data={"accuracy_per_draw": curves})
+
+
 # --------------------------------------------------------------------------- driver
 
 SECTIONS: dict[str, Callable[[_Context], _SectionResult]] = {
@@ -895,6 +1094,9 @@ SECTIONS: dict[str, Callable[[_Context], _SectionResult]] = {
     "convergence": _section_convergence,
     "lazy": _section_lazy,
     "digits": _section_digits,
+    "digits_images": _section_digits_images,
+    "digits_likelihood": _section_digits_likelihood,
+    "digits_features": _section_digits_features,
 }
 
 _INTRO = (
