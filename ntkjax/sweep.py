@@ -203,6 +203,21 @@ def make_optimizer(name: Optimizer, learning_rate: float) -> optax.GradientTrans
 _SEED_AXIS = "seeds"
 
 
+def _local_devices(devices: Sequence[Device] | None) -> list[Device]:
+    """``devices`` (default: ``jax.local_devices()``) as a list, checked to be non-empty and this
+    process's own."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("the seeds need at least one device; got an empty list of devices.")
+    foreign = [d for d in devices if d.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(
+            f"seeds are split over this process's devices only; {foreign} belong to other "
+            f"processes (use shard=(K, N) to split work between processes)."
+        )
+    return devices
+
+
 def shard_seeds(
     fn: Callable[[Any, Any], Any],
     *,
@@ -240,15 +255,7 @@ def shard_seeds(
     >>> run(keys, jnp.float32(2.0)).shape
     (3,)
     """
-    devices = list(jax.local_devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("shard_seeds needs at least one device; got an empty list.")
-    foreign = [d for d in devices if d.process_index != jax.process_index()]
-    if foreign:
-        raise ValueError(
-            f"shard_seeds splits seeds over this process's devices only; {foreign} belong to "
-            f"other processes (use shard=(K, N) to split work between processes)."
-        )
+    devices = _local_devices(devices)
     mesh = Mesh(np.array(devices), (_SEED_AXIS,))
     split = NamedSharding(mesh, PartitionSpec(_SEED_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -588,9 +595,10 @@ def sweep(
       already in the sweep's files (:func:`load_rows`, all shards merged) and the new ones.
 
     Raises:
-      ValueError: bad widths, seeds, learning rates, configuration or shard; an output that is
-        not a sweep file or not writable; shard files of ``out_path`` written for another
-        number of shards N. Nothing is written or trained then.
+      ValueError: bad widths, seeds, learning rates, configuration, shard or devices (empty,
+        or another process's); an output that is not a sweep file or not writable; shard files
+        of ``out_path`` written for another number of shards N. Nothing is written or trained
+        then.
     """
     config = SweepConfig() if config is None else config
     config.validate()
@@ -605,7 +613,7 @@ def sweep(
     if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
         raise ValueError(f"learning_rates must be finite and positive; got {lrs}.")
     shard_pair = _resolve_shard(shard)
-    devices = list(jax.local_devices() if devices is None else devices)
+    devices = _local_devices(devices)
     out_path = Path(out_path)
     write_path = out_path if shard_pair is None else shard_path(out_path, shard_pair)
     # every check before anything is written

@@ -449,6 +449,9 @@ def test_shards_of_another_count_are_refused_naming_both(tmp_path, monkeypatch, 
         with pytest.raises(ValueError, match="shard"):
             sweep(widths=(8,), seeds=1, out_path=tmp_path / "x.jsonl", config=TINY,
                   shard=shard)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one device"):
+        sweep(widths=(8,), seeds=1, out_path=tmp_path / "x.jsonl", config=TINY, devices=[])
+    assert not list(tmp_path.iterdir())  # refused before anything is written
     out = tmp_path / "runs.jsonl"
     old = sweep_module.shard_path(out, (3, 4))
     old.write_text("")
