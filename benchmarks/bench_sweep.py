@@ -14,6 +14,12 @@ extrapolated to 1,000 steps: plain = seconds per step x 1,000, tracked = plain +
 measured cost of one probe-kernel record ((tracked - plain) / records measured). Every line
 says which steps were measured (``measured_steps``, ``extrapolated``). The environment
 variable ``SWEEP_BENCH_WIDTHS`` (e.g. ``4096``) restricts the widths.
+
+The seeds are split over all local devices as in ``ntkjax sweep`` (:func:`ntkjax.sweep.shard_seeds`:
+a one-axis mesh over ``jax.local_devices()``, seeds padded to a multiple of the device count);
+each line records ``devices``. The width-4096 figure on a GPU:
+``SWEEP_BENCH_WIDTHS=4096 python -m benchmarks.run sweep`` (one H200: one device; with
+``CUDA_VISIBLE_DEVICES`` naming several GPUs, the 8 seeds are split over them).
 ``--quick``: widths 32/128, 2 seeds, 64 points, 100 steps, tracked every 20 on 16 probe points.
 """
 
@@ -30,6 +36,7 @@ import optax
 
 from benchmarks.harness import emit, log, time_call
 from ntkjax.models import MLP
+from ntkjax.sweep import shard_seeds
 from ntkjax.training import make_train_fn
 
 LEARNING_RATE = 0.5
@@ -51,9 +58,15 @@ def _program(model, seeds: int, num_steps: int, record_every: int, track: bool, 
     )
     keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
     params = jax.vmap(lambda k: model.init(k, x[:1]))(keys)
-    run = jax.jit(jax.vmap(lambda p: train(p, x, y, probe_x=probe if track else None)
-                           ._replace(final_params=None, train_predictions=None)))
-    return lambda: run(params)
+
+    def one_seed(p, data):
+        x, y, probe = data
+        return train(p, x, y, probe_x=probe if track else None)._replace(
+            final_params=None, train_predictions=None)
+
+    # the seed axis split over all local devices, the data replicated on each
+    run = shard_seeds(jax.vmap(one_seed, in_axes=(0, None)))
+    return lambda: run(params, (x, y, probe))
 
 
 def run(quick: bool = False) -> None:
@@ -119,7 +132,8 @@ def run(quick: bool = False) -> None:
              "input_dim": input_dim, "num_probe": num_probe, "steps": steps,
              "record_every": every, "measured_steps": measured_steps,
              "measured_record_every": measured_every,
-             "learning_rate": LEARNING_RATE, "quick": quick},
+             "learning_rate": LEARNING_RATE, "quick": quick,
+             "devices": jax.local_device_count()},
             timings[True],
             accuracy=accuracy,
             plain_s=round(plain_s, 4),

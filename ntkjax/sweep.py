@@ -14,6 +14,20 @@ stability check of :func:`ntkjax.training.learning_rate_check` (``max_learning_r
 2n/lambda_max``, ``stable``), and ``seconds``: the wall time of the seeds program (compilation
 included) divided by its number of seeds. Non-finite numbers are written as ``null``.
 
+Across devices and machines. The seeds of one (width, learning rate) run as one program whose
+seed axis is split across the local devices (:func:`shard_seeds`: a ``jax.sharding.Mesh`` over
+``jax.local_devices()`` and ``jax.shard_map``; seeds are padded to a multiple of the device
+count with copies of the last seed, whose rows are dropped). Each seed's computation is the one
+it would have on one device, so the rows equal the one-device rows up to float rounding. With
+``shard=(K, N)`` (``ntkjax sweep --shard K/N``), N independent processes split the (width,
+learning rate) groups: group i of the request, in (learning rate, width) order, belongs to
+shard ``i mod N``, whatever is already done. Under ``jax.distributed`` (``jax.process_count() >
+1``) the default shard is ``(jax.process_index(), jax.process_count())``. Shard K of N appends
+to its own file, ``<stem>.shard-K-of-N<suffix>`` beside ``out_path`` (:func:`shard_path`), and
+records ``shard: [K, N]`` in every row; :func:`load_rows` and the resume merge the unsharded
+file and every shard file of ``out_path``, keeping the first row of each (configuration, width,
+seed, learning rate) in a fixed file order (unsharded file, then shard files by N and K).
+
 ``ntkjax sweep`` (:mod:`ntkjax.study.sweep_command`) is its command line, with named presets.
 """
 
@@ -24,15 +38,17 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ntkjax._checks import check_choice
 from ntkjax._progress import progress
@@ -49,6 +65,11 @@ from ntkjax.training import (
     make_train_fn,
 )
 
+if TYPE_CHECKING:  # jax.Device is an alias that type checkers cannot use in annotations
+    from jaxlib._jax import Device
+else:
+    from jax import Device
+
 __all__ = [
     "DATASETS",
     "OPTIMIZERS",
@@ -61,7 +82,11 @@ __all__ = [
     "make_data",
     "make_model",
     "make_optimizer",
+    "parse_shard",
     "seeds_program",
+    "shard_files",
+    "shard_path",
+    "shard_seeds",
     "summarize",
     "sweep",
     "write_plots",
@@ -175,18 +200,105 @@ def make_optimizer(name: Optimizer, learning_rate: float) -> optax.GradientTrans
     return optax.adam(learning_rate)
 
 
+_SEED_AXIS = "seeds"
+
+
+def _local_devices(devices: Sequence[Device] | None) -> list[Device]:
+    """``devices`` (default: ``jax.local_devices()``) as a list, checked to be non-empty and this
+    process's own."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("the seeds need at least one device; got an empty list of devices.")
+    foreign = [d for d in devices if d.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(
+            f"seeds are split over this process's devices only; {foreign} belong to other "
+            f"processes (use shard=(K, N) to split work between processes)."
+        )
+    return devices
+
+
+def shard_seeds(
+    fn: Callable[[Any, Any], Any],
+    *,
+    devices: Sequence[Device] | None = None,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[[Any, Any], Any]:
+    """``run(batched, shared)``: ``fn`` compiled with the leading (seed) axis split over devices.
+
+    ``fn(batched, shared)`` must treat the entries along the leading axis of every leaf of
+    ``batched`` independently (a ``jax.vmap`` over it, for instance) and return a pytree whose
+    leaves all carry that axis; ``shared`` (data) is replicated on every device. The devices form
+    a one-axis ``jax.sharding.Mesh``; ``jax.shard_map`` runs ``fn`` on each device's slice of the
+    seeds, with no communication between devices, so each entry is computed as on one device
+    (equal up to float rounding, as XLA may fuse a batch of another size differently). A
+    leading size that is not a multiple of the device count is padded with copies of the last
+    entry, and the padding is cut from the outputs. Under ``jax.distributed`` the mesh holds
+    only this process's devices, so processes run independent programs.
+
+    Args:
+      fn: the per-shard function (traced once per shape; its Python structure is static).
+      devices: the devices to split over; default ``jax.local_devices()``.
+      compiler_options: XLA options of the ``jax.jit`` compilation.
+
+    Returns:
+      ``run(batched, shared)``, returning ``fn``'s outputs for the unpadded entries, as arrays
+      sharded over the devices.
+
+    Raises:
+      ValueError: ``devices`` is empty or holds another process's device; at call time,
+        ``batched`` has no leaves, leaves of different leading sizes, or a leading size of 0.
+
+    >>> import jax, jax.numpy as jnp
+    >>> run = shard_seeds(jax.vmap(lambda k, x: jax.random.normal(k) * x, in_axes=(0, None)))
+    >>> keys = jnp.stack([jax.random.PRNGKey(s) for s in range(3)])
+    >>> run(keys, jnp.float32(2.0)).shape
+    (3,)
+    """
+    devices = _local_devices(devices)
+    mesh = Mesh(np.array(devices), (_SEED_AXIS,))
+    split = NamedSharding(mesh, PartitionSpec(_SEED_AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    program = jax.jit(
+        jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(_SEED_AXIS), PartitionSpec()),
+                      out_specs=PartitionSpec(_SEED_AXIS), check_vma=False),
+        compiler_options=compiler_options,
+    )
+    count = len(devices)
+
+    def run(batched: Any, shared: Any) -> Any:
+        sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1
+                 for leaf in jax.tree.leaves(batched)}
+        if len(sizes) != 1 or min(sizes) < 1:
+            raise ValueError(
+                "shard_seeds: every leaf of the batched argument needs the same leading (seed) "
+                f"axis of size >= 1; got leading sizes {sorted(sizes)} (-1: a scalar)."
+            )
+        size = sizes.pop()
+        pad = -size % count
+        if pad:
+            batched = jax.tree.map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), batched)
+        out = program(jax.device_put(batched, split), jax.device_put(shared, replicated))
+        return jax.tree.map(lambda a: a[:size], out) if pad else out
+
+    return run
+
+
 def seeds_program(
     config: SweepConfig,
     width: int,
     learning_rate: float,
     *,
     compiler_options: dict[str, Any] | None = None,
+    devices: Sequence[Device] | None = None,
 ) -> Callable[[jax.Array, dict[str, jax.Array]], tuple[TrainingHistory, StabilityReport]]:
     """``run(seed_keys, data) -> (history without final params, stability)``, all seeds vmapped.
 
     ``seed_keys`` is an (S, 2) array of PRNG keys; seed s initializes from its key and draws
-    minibatches from ``fold_in(key, 1)``. The returned function is jitted, with
-    ``compiler_options`` (e.g. :data:`ntkjax.compile_options.FAST_COMPILE` for short runs).
+    minibatches from ``fold_in(key, 1)``. The seeds are split over ``devices`` (default: all
+    local devices) by :func:`shard_seeds`, which jits the program with ``compiler_options``
+    (e.g. :data:`ntkjax.compile_options.FAST_COMPILE` for short runs).
     """
     model = make_model(config, width)
     train = make_train_fn(
@@ -211,7 +323,8 @@ def seeds_program(
         )
         return history._replace(final_params=None), stability
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)), compiler_options=compiler_options)
+    return shard_seeds(jax.vmap(one_seed, in_axes=(0, None)), devices=devices,
+                       compiler_options=compiler_options)
 
 
 # --------------------------------------------------------------------------- JSON lines
@@ -224,9 +337,8 @@ def _finite_or_none(values) -> Any:
     return [float(v) if np.isfinite(v) else None for v in arr]
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """The complete rows of a sweep file (a torn last line, from a crash, is skipped)."""
-    path = Path(path)
+def _read_rows(path: Path) -> list[dict]:
+    """The complete rows of one file (a torn last line, from a crash, is skipped)."""
     if not path.exists():
         return []
     rows = []
@@ -240,6 +352,133 @@ def load_rows(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` (0-based shard K of N, ``0 <= K < N``) as ``(K, N)``.
+
+    Raises:
+      ValueError: ``text`` is not two integers ``K/N`` with ``0 <= K < N``.
+
+    >>> parse_shard("2/4")
+    (2, 4)
+    """
+    match = re.fullmatch(r"\s*(-?\d+)\s*/\s*(-?\d+)\s*", str(text))
+    if match is None:
+        raise ValueError(
+            f"a shard is K/N, the 0-based shard K of N processes (0 <= K < N), e.g. 0/4; "
+            f"got {text!r}."
+        )
+    return _check_shard((int(match[1]), int(match[2])))
+
+
+def _check_shard(shard: Any) -> tuple[int, int]:
+    """``shard`` as a validated ``(K, N)`` pair of ints with ``0 <= K < N``."""
+    if isinstance(shard, str):
+        return parse_shard(shard)
+    try:
+        index, count = shard
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"shard must be a pair (K, N) or the text 'K/N'; got {shard!r}.") from err
+    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool)
+               for v in (index, count)):
+        raise ValueError(f"shard (K, N) must hold two integers; got {shard!r}.")
+    index, count = int(index), int(count)
+    if count < 1:
+        raise ValueError(f"the number of shards N must be >= 1; got shard {index}/{count}.")
+    if not 0 <= index < count:
+        raise ValueError(
+            f"shard K of N is 0-based: 0 <= K < N = {count}; got shard {index}/{count}."
+        )
+    return index, count
+
+
+def shard_path(out_path: str | Path, shard: tuple[int, int]) -> Path:
+    """The rows file of shard K of N beside ``out_path``: ``<stem>.shard-K-of-N<suffix>``.
+
+    Shard 0 of 1 is ``out_path`` itself (an unsharded sweep).
+
+    >>> str(shard_path("runs/sweep.jsonl", (1, 4)))
+    'runs/sweep.shard-1-of-4.jsonl'
+    """
+    index, count = _check_shard(shard)
+    out_path = Path(out_path)
+    if count == 1:
+        return out_path
+    return out_path.with_name(f"{out_path.stem}.shard-{index}-of-{count}{out_path.suffix}")
+
+
+def shard_files(out_path: str | Path) -> list[tuple[tuple[int, int], Path]]:
+    """The existing shard files of ``out_path`` as ``((K, N), path)``, sorted by N, then K."""
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(out_path.stem) + r"\.shard-(\d+)-of-(\d+)"
+                         + re.escape(out_path.suffix))
+    found = []
+    for path in out_path.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_file():
+            found.append(((int(match[1]), int(match[2])), path))
+    return sorted(found, key=lambda item: (item[0][1], item[0][0]))
+
+
+def load_rows(path: str | Path, *, merge_shards: bool = True) -> list[dict]:
+    """The complete rows of a sweep: the file ``path`` and, with ``merge_shards``, the files of
+    all its shards (:func:`shard_files`), a torn last line (from a crash) skipped in each.
+
+    Rows are read in a fixed order (``path``, then shard files by N and K, each in file order);
+    of rows with the same (configuration, width, seed, learning rate), only the first is kept.
+    """
+    path = Path(path)
+    paths = [path] + ([p for _, p in shard_files(path)] if merge_shards else [])
+    rows, seen = [], set()
+    for file in paths:
+        for row in _read_rows(file):
+            try:
+                key = _row_key(row)
+            except (KeyError, TypeError, ValueError):
+                rows.append(row)  # not a keyed row: kept as it is
+                continue
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def _check_shard_files(out_path: Path, shard: tuple[int, int] | None) -> None:
+    """Refuses a sharded run whose output already has shard files of another shard count, and a
+    shard file holding rows recorded for another shard."""
+    if shard is None:
+        return
+    index, count = shard
+    others = sorted({n for (_, n), _ in shard_files(out_path) if n != count})
+    if others:
+        names = ", ".join(p.name for (_, n), p in shard_files(out_path) if n != count)
+        raise ValueError(
+            f"{out_path} already has shard files written with N = "
+            f"{' and '.join(map(str, others))} shards ({names}); this run asks for shard "
+            f"{index}/{count}, N = {count}. Use the same N as before, or another output."
+        )
+    own = shard_path(out_path, shard)
+    for row in _read_rows(own):
+        recorded = row.get("shard") if isinstance(row, dict) else None
+        if recorded is not None and list(recorded) != [index, count]:
+            raise ValueError(
+                f"{own} holds rows of shard {recorded[0]}/{recorded[1]}, not of shard "
+                f"{index}/{count}: refusing to append."
+            )
+
+
+def _resolve_shard(shard: Any) -> tuple[int, int] | None:
+    """``shard`` validated; ``None``: the process index / count under ``jax.distributed``, else
+    unsharded; one shard of one is unsharded."""
+    if shard is None:
+        if jax.process_count() == 1:
+            return None
+        shard = (jax.process_index(), jax.process_count())
+    index, count = _check_shard(shard)
+    return None if count == 1 else (index, count)
 
 
 _ROW_KEYS = ("config_id", "width", "seed", "learning_rate", "config", "loss", "diverged")
@@ -326,6 +565,8 @@ def sweep(
     config: SweepConfig | None = None,
     show_progress: bool = True,
     compiler_options: dict[str, Any] | None = None,
+    shard: tuple[int, int] | str | None = None,
+    devices: Sequence[Device] | None = None,
 ) -> list[dict]:
     """Trains every (width, learning rate) for all seeds (vmapped) and streams rows to a file.
 
@@ -339,10 +580,25 @@ def sweep(
       show_progress: draw a progress bar over (width, learning rate) programs on stderr.
       compiler_options: XLA options for every (width, learning rate) program, e.g.
         :data:`ntkjax.compile_options.FAST_COMPILE` when runs are short and compiling dominates.
+      shard: ``(K, N)`` or ``"K/N"``: run only shard K (0-based) of N of the (width, learning
+        rate) groups -- group i, in (learning rate, width) order of the de-duplicated request,
+        belongs to shard ``i mod N`` -- appending to :func:`shard_path` ``(out_path, (K, N))``.
+        Every shard must be given the same widths and learning rates. Default: ``(process
+        index, process count)`` under ``jax.distributed`` with more than one process, else
+        unsharded. ``(0, 1)`` is unsharded.
+      devices: the local devices the seeds of a group are split over (:func:`shard_seeds`);
+        default all of ``jax.local_devices()``.
 
     Returns:
-      The rows of this configuration for the requested widths/seeds/learning rates, in
-      (learning rate, width, seed) order: the ones already in the file and the new ones.
+      The rows of this configuration for the requested seeds of this shard's (width, learning
+      rate) groups (all groups when unsharded), in (learning rate, width, seed) order: the ones
+      already in the sweep's files (:func:`load_rows`, all shards merged) and the new ones.
+
+    Raises:
+      ValueError: bad widths, seeds, learning rates, configuration, shard or devices (empty,
+        or another process's); an output that is not a sweep file or not writable; shard files
+        of ``out_path`` written for another number of shards N. Nothing is written or trained
+        then.
     """
     config = SweepConfig() if config is None else config
     config.validate()
@@ -356,36 +612,51 @@ def sweep(
     lrs = [0.02] if learning_rates is None else [float(lr) for lr in learning_rates]
     if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
         raise ValueError(f"learning_rates must be finite and positive; got {lrs}.")
+    shard_pair = _resolve_shard(shard)
+    devices = _local_devices(devices)
     out_path = Path(out_path)
-    check_sweep_file(out_path)  # before anything is written
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_torn_tail(out_path)
+    write_path = out_path if shard_pair is None else shard_path(out_path, shard_pair)
+    # every check before anything is written
+    check_sweep_file(out_path)
+    if write_path != out_path:
+        check_sweep_file(write_path)
+    _check_shard_files(out_path, shard_pair)
+    write_path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(write_path)
     config_id = config.config_id()
-    done = {_row_key(r): r for r in load_rows(out_path) if r.get("config_id") == config_id}
+    done = {_row_key(r): r for r in load_rows(out_path)
+            if isinstance(r, dict) and r.get("config_id") == config_id}
 
+    all_groups = [(lr, width) for lr in dict.fromkeys(lrs) for width in dict.fromkeys(widths)]
+    mine = [group for i, group in enumerate(all_groups)
+            if shard_pair is None or i % shard_pair[1] == shard_pair[0]]
     groups = []
-    for lr in lrs:
-        for width in widths:
-            missing = [s for s in seed_list if (config_id, width, s, lr) not in done]
-            if missing:
-                groups.append((lr, width, missing))
+    for lr, width in mine:
+        missing = [s for s in dict.fromkeys(seed_list) if (config_id, width, s, lr) not in done]
+        if missing:
+            groups.append((lr, width, missing))
     data = make_data(config)
-    device = str(jax.devices()[0])
+    device = str(devices[0]) if devices else ""
+    description = "sweep" if shard_pair is None else f"sweep {shard_pair[0]}/{shard_pair[1]}"
     for lr, width, missing in progress(
-        groups, total=len(groups), description="sweep", enabled=show_progress and bool(groups)
+        groups, total=len(groups), description=description, enabled=show_progress and bool(groups)
     ):
         start = time.perf_counter()
-        run = seeds_program(config, width, lr, compiler_options=compiler_options)
+        run = seeds_program(config, width, lr, compiler_options=compiler_options,
+                            devices=devices)
         keys = jnp.stack([jax.random.PRNGKey(s) for s in missing])
         history, stability = jax.device_get(run(keys, data))
         seconds = time.perf_counter() - start
         for i, seed in enumerate(missing):
             row = _make_row(config, config_id, width, seed, lr, history, stability, i, data)
             row.update(seconds=seconds / len(missing), backend=jax.default_backend(),
-                       device=device)
-            _append_row(out_path, row)
+                       device=device, devices=len(devices),
+                       shard=None if shard_pair is None else list(shard_pair))
+            _append_row(write_path, row)
             done[_row_key(row)] = row
-    return [done[(config_id, w, s, lr)] for lr in lrs for w in widths for s in seed_list]
+    mine_set = set(mine)
+    return [done[(config_id, w, s, lr)] for lr in dict.fromkeys(lrs)
+            for w in dict.fromkeys(widths) if (lr, w) in mine_set for s in dict.fromkeys(seed_list)]
 
 
 def _make_row(config, config_id, width, seed, lr, history, stability, i, data) -> dict:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 
+import jax
 import numpy as np
 import pytest
 
 import ntkjax.sweep as sweep_module
+from ntkjax.compile_options import FAST_COMPILE
 from ntkjax.study.cli import main as cli_main
 from ntkjax.study.sweep_command import PRESETS
 from ntkjax.sweep import SweepConfig, load_rows, summarize, sweep
@@ -224,3 +233,239 @@ def test_bad_output_paths_and_rates_are_refused_before_training(tmp_path, monkey
         f.write('{"config_id": "abc", "wid')
     sweep_module.check_sweep_file(good)
     assert load_rows(good) == rows
+
+
+# --------------------------------------------------------------------------- devices, shards
+
+# The CLI's study preset at tiny size (so that `ntkjax sweep` options can name it exactly);
+# compiled with FAST_COMPILE, which leaves the numbers unchanged (see the test above) and halves
+# the compile time that dominates these runs.
+SHARDED = dataclasses.replace(PRESETS["study"]["config"], num_train=10, num_probe=4,
+                              num_steps=20, record_every=10)
+SHARDED_ARGS = ["--widths", "8", "16", "--seeds", "3", "--steps", "20", "--record-every", "10",
+                "--num-train", "10", "--num-probe", "4", "--no-progress"]
+NUMBERS = ("loss", "test_loss", "kernel_change", "param_change", "step_loss",
+           "max_learning_rate", "lambda_max")
+
+
+@pytest.fixture(scope="module")
+def one_device_rows(tmp_path_factory) -> dict:
+    """The uninterrupted one-process, unsharded sweep: widths 8 and 16, seeds 0..2, by key."""
+    out = tmp_path_factory.mktemp("reference") / "sweep.jsonl"
+    rows = sweep(widths=(8, 16), seeds=3, out_path=out, config=SHARDED, show_progress=False,
+                 devices=jax.local_devices()[:1], compiler_options=FAST_COMPILE)
+    assert len(rows) == 6 and all(r["shard"] is None and r["devices"] == 1 for r in rows)
+    return {(r["width"], r["seed"]): r for r in rows}
+
+
+def _assert_same_rows(rows: list[dict], reference: dict) -> None:
+    """Each (width, seed) exactly once, with the reference's numbers up to float rounding."""
+    keys = [(r["width"], r["seed"]) for r in rows]
+    assert sorted(keys) == sorted(reference), keys
+    for row in rows:
+        ref = reference[(row["width"], row["seed"])]
+        assert row["config_id"] == ref["config_id"] and row["steps"] == ref["steps"]
+        assert (row["stable"], row["diverged"]) == (ref["stable"], ref["diverged"])
+        for key in NUMBERS:
+            np.testing.assert_allclose(row[key], ref[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def _child(code: str, *, devices: int = 1, **popen) -> subprocess.Popen:
+    """A fresh Python running ``code`` with ``devices`` forced CPU devices (XLA_FLAGS must be set
+    before jax is imported, hence a new process)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"child timed out after {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}"
+    return out
+
+
+_CHILD_SWEEP = """
+    import dataclasses, json
+    import jax
+    {setup}
+    from ntkjax.compile_options import FAST_COMPILE
+    from ntkjax.sweep import SweepConfig, sweep
+    config = SweepConfig(**json.loads({config!r}))
+    rows = sweep(widths=(8, 16), seeds=3, out_path={out!r}, config=config,
+                 compiler_options=FAST_COMPILE, show_progress=False)
+    print(json.dumps({{"devices": jax.local_device_count(), "rows": len(rows)}}))
+"""
+
+
+def _config_json() -> str:
+    return json.dumps(dataclasses.asdict(SHARDED))
+
+
+@pytest.mark.slow
+def test_seeds_split_over_four_devices_equal_one_device(tmp_path, one_device_rows):
+    out = tmp_path / "four.jsonl"
+    setup = """
+    from ntkjax.sweep import shard_seeds
+    assert jax.local_device_count() == 4, jax.devices()
+    import jax.numpy as jnp
+    run = shard_seeds(jax.vmap(lambda k, x: jax.random.normal(k) * x, in_axes=(0, None)))
+    spread = run(jnp.stack([jax.random.PRNGKey(s) for s in range(4)]), 1.0).sharding.device_set
+    assert len(spread) == 4, spread
+    """
+    child = _child(_CHILD_SWEEP.format(setup=setup, config=_config_json(), out=str(out)),
+                   devices=4)
+    report = json.loads(_finish(child).splitlines()[-1])
+    assert report == {"devices": 4, "rows": 6}
+    rows = load_rows(out)
+    assert all(r["devices"] == 4 for r in rows)  # 3 seeds padded to 4, one per device
+    _assert_same_rows(rows, one_device_rows)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_jax_distributed_processes_split_a_sweep(tmp_path, one_device_rows):
+    out = tmp_path / "multi.jsonl"
+    port = _free_port()
+    children = []
+    for i in range(2):
+        setup = f"""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                               process_id={i}, initialization_timeout=60)
+    assert jax.process_count() == 2
+    """
+        children.append(_child(_CHILD_SWEEP.format(setup=setup, config=_config_json(),
+                                                   out=str(out))))
+    try:
+        reports = [json.loads(_finish(child).splitlines()[-1]) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=30)
+    # by default, process K of 2 runs shard K of 2: one width each, three seeds
+    assert reports == [{"devices": 1, "rows": 3}] * 2
+    files = sweep_module.shard_files(out)
+    assert [shard for shard, _ in files] == [(0, 2), (1, 2)] and not out.exists()
+    for (index, count), path in files:
+        rows = sweep_module.load_rows(path, merge_shards=False)
+        assert {r["width"] for r in rows} == {(8, 16)[index]}
+        assert all(r["shard"] == [index, count] for r in rows)
+    _assert_same_rows(load_rows(out), one_device_rows)
+
+
+@pytest.mark.slow
+def test_a_killed_shard_restarts_with_every_row_exactly_once(tmp_path, one_device_rows,
+                                                             monkeypatch, capsys):
+    out = tmp_path / "killed.jsonl"
+    first = sweep_module.shard_path(out, (0, 2))
+    # the child stalls after its first row, so that SIGKILL lands mid-sweep, deterministically
+    setup = """
+    import time
+    import ntkjax.sweep as module
+    append = module._append_row
+    def append_then_stall(path, row):
+        append(path, row)
+        time.sleep(600)
+    module._append_row = append_then_stall
+    """
+    code = _CHILD_SWEEP.format(setup=setup, config=_config_json(), out=str(out))
+    child = _child(code.replace("show_progress=False)", "show_progress=False, shard=(0, 2))"))
+    try:
+        deadline = time.monotonic() + 300
+        while not (first.exists() and first.read_text().endswith("\n")):
+            assert child.poll() is None, child.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no row within 300 s"
+            time.sleep(0.1)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert len(first.read_text().splitlines()) == 1  # width 8, seed 0 only
+    # the other shard runs meanwhile; the killed one restarts and computes only what is missing
+    calls = _count_programs(monkeypatch)
+    sweep(widths=(8, 16), seeds=3, out_path=out, config=SHARDED, show_progress=False,
+          shard=(1, 2), compiler_options=FAST_COMPILE)
+    restarted = sweep(widths=(8, 16), seeds=3, out_path=out, config=SHARDED,
+                      show_progress=False, shard="0/2", compiler_options=FAST_COMPILE)
+    assert calls == [(16, 0.02, 3), (8, 0.02, 2)]
+    assert [(r["width"], r["seed"]) for r in restarted] == [(8, 0), (8, 1), (8, 2)]
+    raw = [json.loads(line) for path in (first, sweep_module.shard_path(out, (1, 2)))
+           for line in path.read_text().splitlines()]
+    _assert_same_rows(raw, one_device_rows)  # every row exactly once across the files
+    # the command without --shard reads all shards: nothing to train, the whole summary
+    assert SweepConfig(**raw[0]["config"]) == SHARDED
+    assert cli_main(["sweep", *SHARDED_ARGS, "--out", str(out)]) == 0
+    assert len(calls) == 2 and not out.exists()
+    text = capsys.readouterr().out
+    assert "NTK change ~ width^" in text and "present" not in text
+
+
+def test_sharded_rows_merge_once_in_a_fixed_order(tmp_path):
+    rows = [{"config_id": "c", "width": w, "seed": s, "learning_rate": 0.02, "config": {},
+             "loss": [1.0], "diverged": False, "source": "?"} for w in (8, 16) for s in (0, 1)]
+    out = tmp_path / "m.jsonl"
+
+    def write(path, picked, source):
+        path.write_text("".join(json.dumps({**r, "source": source}) + "\n" for r in picked))
+
+    write(out, rows[:1], "plain")
+    write(sweep_module.shard_path(out, (1, 2)), rows[2:], "1/2")
+    write(sweep_module.shard_path(out, (0, 2)), rows[:2], "0/2")  # (8, 0) also in the plain file
+    with sweep_module.shard_path(out, (1, 2)).open("a") as f:
+        f.write('{"config_id": "c", "wid')  # torn by a kill
+    merged = load_rows(out)
+    assert [(r["width"], r["seed"], r["source"]) for r in merged] == [
+        (8, 0, "plain"), (8, 1, "0/2"), (16, 0, "1/2"), (16, 1, "1/2")]
+    assert len(load_rows(out, merge_shards=False)) == 1
+    assert sweep_module.shard_path(out, (0, 1)) == out
+    assert sweep_module.shard_path(tmp_path / "s", (3, 4)).name == "s.shard-3-of-4"
+
+
+@pytest.mark.parametrize("text", ["4/4", "-1/4", "3", "a/b", "1/0", "1/2/3", "", "0 of 4"])
+def test_a_malformed_shard_is_refused(text, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"K/N|0 <= K < N|N must be >= 1"):
+        sweep_module.parse_shard(text)
+    out = tmp_path / "s.jsonl"
+    assert cli_main(["sweep", *SHARDED_ARGS, f"--shard={text}", "--out", str(out)]) == 2
+    assert "shard" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_shards_of_another_count_are_refused_naming_both(tmp_path, monkeypatch, capsys):
+    calls = _count_programs(monkeypatch)
+    for shard in ((2, 2), (-1, 2), (True, 2), (0.0, 2), (1,), "1/-2"):
+        with pytest.raises(ValueError, match="shard"):
+            sweep(widths=(8,), seeds=1, out_path=tmp_path / "x.jsonl", config=TINY,
+                  shard=shard)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one device"):
+        sweep(widths=(8,), seeds=1, out_path=tmp_path / "x.jsonl", config=TINY, devices=[])
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+    out = tmp_path / "runs.jsonl"
+    old = sweep_module.shard_path(out, (3, 4))
+    old.write_text("")
+    with pytest.raises(ValueError, match=r"N = 4.*N = 2"):
+        sweep(widths=(8,), seeds=1, out_path=out, config=TINY, shard=(1, 2))
+    assert cli_main(["sweep", *SHARDED_ARGS, "--shard", "0/2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "N = 4" in err and "N = 2" in err and old.name in err
+    # a shard file holding rows recorded for another shard is not appended to
+    mine = sweep_module.shard_path(out, (0, 4))
+    row = {"config_id": "c", "width": 8, "seed": 0, "learning_rate": 0.02, "config": {},
+           "loss": [1.0], "diverged": False, "shard": [1, 4]}
+    mine.write_text(json.dumps(row) + "\n")
+    before = mine.read_text()
+    with pytest.raises(ValueError, match="shard 1/4"):
+        sweep(widths=(8,), seeds=1, out_path=out, config=TINY, shard=(0, 4))
+    assert mine.read_text() == before and calls == []

@@ -9,6 +9,13 @@ change falls like width^(-1/2); in the standard parameterization (the study's) t
 grows with width, ``2n/lambda_max`` falls below 0.02 from width ~200 on, and those runs diverge:
 flagged before training by the stability check and reported with the step where they diverged.
 The ``benchmark`` preset is the ``sweep`` benchmark's set-up.
+
+``--shard K/N`` runs shard K (0-based) of N of the (width, learning rate) groups, appending to
+``<stem>.shard-K-of-N<suffix>`` beside ``--out`` (under ``jax.distributed`` the default is the
+process index of the process count). The summary and figures always read the whole sweep: the
+``--out`` file and all its shard files, merged; a sharded run reports how many of the requested
+rows are present so far, and a run without ``--shard`` after all shards finished trains nothing
+and summarizes everything.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from ntkjax.sweep import (
     DATASETS,
     OPTIMIZERS,
     SweepConfig,
+    load_rows,
+    parse_shard,
     summarize,
     sweep,
     write_plots,
@@ -80,6 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/sweep.jsonl", help="JSON-lines results file")
     parser.add_argument("--plot", action="store_true", help="write PNG figures beside --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard", metavar="K/N",
+        help="run only shard K (0-based) of N of the (width, lr) groups, into "
+             "<out stem>.shard-K-of-N<suffix>; default under jax.distributed: process index/"
+             "count (e.g. --shard $SLURM_ARRAY_TASK_ID/4)")
 
 
 _CONFIG_OPTIONS = ("num_steps", "record_every", "batch_size", "parameterization", "depth",
@@ -98,20 +112,34 @@ def run_from_args(args: argparse.Namespace) -> int:
     if "record_every" not in overrides and config.num_steps % config.record_every:
         config = dataclasses.replace(config, record_every=math.gcd(config.num_steps,
                                                                    config.record_every))
+    widths = args.widths or preset["widths"]
+    seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    learning_rates = args.learning_rates or preset["learning_rates"]
     try:
-        rows = sweep(
-            widths=args.widths or preset["widths"],
-            seeds=args.seeds if args.seeds is not None else preset["seeds"],
-            learning_rates=args.learning_rates or preset["learning_rates"],
+        shard = None if args.shard is None else parse_shard(args.shard)
+        sweep(
+            widths=widths,
+            seeds=seeds,
+            learning_rates=learning_rates,
             out_path=args.out,
             config=config,
             show_progress=not args.no_progress,
+            shard=shard,
         )
     except ValueError as err:
         print(f"ntkjax sweep: error: {err}", file=sys.stderr)
         return 2
+    # the whole sweep so far, every shard merged: the requested rows of this configuration
+    config_id = config.config_id()
+    seed_list = range(seeds) if isinstance(seeds, int) else seeds
+    wanted = {(config_id, int(w), int(s), float(lr))
+              for lr in learning_rates for w in widths for s in seed_list}
+    rows = [r for r in load_rows(args.out)
+            if isinstance(r, dict) and (r.get("config_id"), r.get("width"), r.get("seed"),
+                                        r.get("learning_rate")) in wanted]
     print(summarize(rows))
-    print(f"rows: {args.out}")
+    print(f"rows: {args.out}" + (f" ({len(rows)} of {len(wanted)} present, all shards merged)"
+                                 if len(rows) < len(wanted) else ""))
     if args.plot:
         for path in write_plots(rows, Path(args.out).parent, prefix=Path(args.out).stem):
             print(f"figure: {path}")
