@@ -93,8 +93,10 @@ class MarginalLikelihoodFit(NamedTuple):
     """The result of :func:`fit_marginal_likelihood`.
 
     Attributes:
-      hyperparameters: the fitted hyperparameters (the structure of ``init``, positive).
-      noise: the fitted noise variance.
+      hyperparameters: the fitted hyperparameters (the structure of ``init``, positive): the
+        iterate of highest evidence among the ``num_steps + 1`` visited, so the fit never ends
+        below where it started (``max(log_likelihood)`` is theirs).
+      noise: the fitted noise variance (of the same iterate).
       log_likelihood: ``(num_steps + 1,)`` the evidence before each step and after the last.
     """
 
@@ -180,15 +182,23 @@ def fit_marginal_likelihood(
     @jax.jit
     def run(logs, y, args):
         def step(carry, _):
-            logs, state = carry
+            logs, state, best, best_value = carry
             loss, grads = value_and_grad(logs, y, args)
+            value = -loss * size  # the evidence of ``logs``, before this step's update
+            better = value > best_value
+            best = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), logs, best)
+            best_value = jnp.where(better, value, best_value)
             updates, state = optimizer.update(grads, state, logs)
-            return (optax.apply_updates(logs, updates), state), -loss * size
+            return (optax.apply_updates(logs, updates), state, best, best_value), value
 
-        (logs, _), history = jax.lax.scan(
-            step, (logs, optimizer.init(logs)), None, length=int(num_steps)
+        start = (logs, optimizer.init(logs), logs, jnp.asarray(-jnp.inf, dtype))
+        (logs, _, best, best_value), history = jax.lax.scan(
+            step, start, None, length=int(num_steps)
         )
-        return logs, jnp.append(history, evidence(logs, y, args))
+        last = evidence(logs, y, args)
+        best = jax.tree_util.tree_map(lambda a, b: jnp.where(last >= best_value, a, b), logs,
+                                      best)
+        return best, jnp.append(history, last)
 
     logs, history = run(log_params, y, tuple(args))
     return MarginalLikelihoodFit(

@@ -111,6 +111,24 @@ def test_fit_recovers_the_hyperparameters_the_targets_were_drawn_with(x64):
     np.testing.assert_allclose(float(fit.noise), true_noise, rtol=0.2)
 
 
+def test_an_overshooting_optimizer_returns_the_best_iterate_never_worse_than_the_start(x64):
+    import optax
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (30, 3), jnp.float64)
+    y = jnp.sin(x[:, :1])
+    init = {"w_std": 1.3, "b_std": 0.2}
+    # plain gradient steps far too long for the log-evidence: every step lands far worse
+    fit = fit_marginal_likelihood(nngp, y, init, args=(x,), noise=0.1, num_steps=5,
+                                  optimizer=optax.sgd(10.0))
+    history = np.asarray(fit.log_likelihood)
+    start = float(gp_log_marginal_likelihood(nngp(init, x), y, noise=0.1))
+    np.testing.assert_allclose(history[0], start, rtol=1e-12)
+    assert history[-1] < start  # the last iterate went downhill
+    fitted = float(gp_log_marginal_likelihood(nngp(fit.hyperparameters, x), y, noise=fit.noise))
+    np.testing.assert_allclose(fitted, history.max(), rtol=1e-12)  # the best iterate is returned
+    assert fitted >= start
+
+
 def test_bad_input():
     k = jnp.eye(3)
     with pytest.raises(ValueError, match="noise"):
