@@ -205,8 +205,7 @@ def evaluate_in_blocks(
     else:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}.")
-        b1, b2 = min(block_size, n1), min(block_size, n2)
-        compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+        compiled = None  # compiled below, only for the one-device path
     b1, b2 = min(block_size, n1), min(block_size, n2)
 
     store = None
@@ -260,6 +259,8 @@ def evaluate_in_blocks(
     if not local:
         blocks = iter(())
     elif local == [jax.local_devices()[0]]:
+        if compiled is None:
+            compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
         blocks = _one_device(compiled, x1, x2, fn_args, todo[local[0]], b1, b2, n1, n2)
     else:
         blocks = _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n2)
