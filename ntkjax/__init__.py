@@ -13,9 +13,10 @@ prediction (:mod:`ntkjax.predict`, :mod:`ntkjax.losses`; any loss and momentum:
 hyperparameters by marginal likelihood (:mod:`ntkjax.hyperparameters`), training
 (:mod:`ntkjax.training`), width sweeps (:mod:`ntkjax.sweep`, :mod:`ntkjax.tasks`), scaling
 fits (:mod:`ntkjax.scaling`), blocked evaluation on many devices and processes
-(:mod:`ntkjax.blocking`, :mod:`ntkjax.distributed`, :mod:`ntkjax.compile_options`) and figures (:mod:`ntkjax.plotting`, imported on use). The
-application built on it -- the ``ntkjax`` command line and the NTK study -- is
-:mod:`ntkjax.study`, which the library never imports.
+(:mod:`ntkjax.blocking`, :mod:`ntkjax.distributed`, :mod:`ntkjax.compile_options`) and
+figures (:mod:`ntkjax.plotting`, imported on use). The application built on it -- the
+``ntkjax`` command line and the NTK study -- is :mod:`ntkjax.study`, which the library never
+imports.
 """
 
 from ntkjax import analytic, models, nn, predict
