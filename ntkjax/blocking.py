@@ -14,7 +14,14 @@ result can be far larger than what one compiled call may hold.
 * Symmetry: with ``x2=None`` the kernel is taken as symmetric, K(x, x')_{ab} = K(x', x)_{ba};
   only blocks (i, j) with i <= j are computed and the others are filled by transposing axes 0 and
   1 and reversing the trailing (output) axes, which swaps (O, O) output blocks.
-* The result lives in host numpy arrays allocated once, so nothing is ever concatenated.
+* The result lives in host numpy arrays allocated once, so nothing is ever concatenated --
+  or, with ``out=``, in a resumable zarr store on disk with one chunk per block
+  (:mod:`ntkjax._store`).
+* Devices: the blocks are dealt round-robin over ``devices`` (default ``jax.devices()``: all
+  devices of all processes under ``jax.distributed``); each process computes the blocks of its
+  local devices, one per device per ``shard_map`` call, without cross-process communication;
+  the processes meet only to agree on the block size, at the store's creation, at the end, and
+  (without ``out``) to gather the result.
 """
 
 from __future__ import annotations
@@ -202,6 +209,9 @@ def evaluate_in_blocks(
         block_size, compiled = _choose_block(
             jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec
         )
+        agreed = _distributed._minimum_over_processes(block_size)
+        if agreed != block_size:  # every process must use the same blocks
+            block_size, compiled = agreed, None
     else:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}.")

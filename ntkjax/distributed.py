@@ -98,8 +98,8 @@ def initialize_distributed(
         ``timeout_s`` seconds.)
 
     >>> import ntkjax
-    >>> ntkjax.initialize_distributed("127.0.0.1:1", num_processes=2, process_id=1,
-    ...                               timeout_s=0.2)  # nothing listens on port 1
+    >>> address = "127.0.0.1:1"  # nothing listens on port 1
+    >>> ntkjax.initialize_distributed(address, 2, 1, timeout_s=0.2)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     TimeoutError: could not reach the jax.distributed coordinator at 127.0.0.1:1 ...
     """
@@ -135,6 +135,15 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _minimum_over_processes(value: int) -> int:
+    """The smallest of every process's ``value`` (``value`` itself with one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
 def _sum_over_processes(local: np.ndarray, max_bytes: int = 2**26) -> np.ndarray:
