@@ -26,6 +26,7 @@ result can be far larger than what one compiled call may hold.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -273,7 +274,20 @@ def evaluate_in_blocks(
             compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
         blocks = _one_device(compiled, x1, x2, fn_args, todo[local[0]], b1, b2, n1, n2)
     else:
+        rest: list[tuple[int, int]] = []
+        if local[0].platform == "cpu":
+            # Forced host devices share the cores: a last, partial round is computed on one
+            # device instead of padding it with filler blocks on the others.
+            full = min(len(v) for v in todo.values())
+            rest = [p for v in todo.values() for p in v[full:]]
+            todo = {d: v[:full] for d, v in todo.items()}
         blocks = _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n2)
+        if rest:
+            if compiled is None:
+                compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+            blocks = itertools.chain(
+                blocks, _one_device(compiled, x1, x2, fn_args, rest, b1, b2, n1, n2)
+            )
     for i, j, tiles in _progress(blocks, total=total, description=description,
                                  enabled=show_progress):
         write(i, j, tiles)
