@@ -109,6 +109,14 @@ class BlockStore:
         """The record: a boolean (blocks of x1, blocks of x2) array."""
         return np.asarray(self.record[...]).astype(bool)
 
+    def complete(self) -> bool:
+        """Whether every block is recorded (for a symmetric kernel, those on and above the
+        diagonal)."""
+        done = self.finished()
+        if self.meta["layout"]["symmetric"]:
+            return bool(done[np.triu_indices(done.shape[0], m=done.shape[1])].all())
+        return bool(done.all())
+
     def write(self, i: int, j: int, tiles: Sequence[np.ndarray], mirrors: Sequence | None):
         """Writes block rows i.., columns j.. (and the mirrored tile), then records it."""
         for arr, tile in zip(self.arrays, tiles, strict=True):
@@ -194,7 +202,7 @@ def check_processes(path: str, meta: dict, store: BlockStore) -> None:
     """Refuses to resume an unfinished store with another number of processes (shards)."""
     recorded = meta["num_processes"]
     now = jax.process_count()
-    if recorded != now and not store.finished().all():
+    if recorded != now and not store.complete():
         raise ValueError(
             f"the store at {path!r} is being filled by {recorded} process(es) (shards) and is "
             f"unfinished; this run has {now}. Resume it with {recorded} process(es), so that "

@@ -267,7 +267,7 @@ def evaluate_in_blocks(
             todo[device].append((i, j))
     total = sum(len(v) for v in todo.values())
 
-    if not local:
+    if not total:
         blocks = iter(())
     elif local == [jax.local_devices()[0]]:
         if compiled is None:

@@ -112,10 +112,12 @@ def test_two_processes_fill_one_store(tmp_path, reference):
         np.testing.assert_allclose(got["cross_ntk"], reference["cross_ntk"], rtol=1e-12,
                                    atol=1e-12)
 
-    # The store records 2 writers; unfinished, one process may not resume it.
+    # The store records 2 writers: finished, one process may read it; unfinished, not resume.
+    x, _, _, mlp, _, _ = problem()
+    np.testing.assert_array_equal(ntkjax.kernel_matrix(mlp, x, block_size=8, out=store).ntk[:],
+                                  stored)
     record = zarr.open_array(store, path="finished_blocks", mode="r+")
     record[0, 1] = 0
-    x, _, _, mlp, _, _ = problem()
     with pytest.raises(ValueError, match=r"2 process\(es\).*this run has 1"):
         ntkjax.kernel_matrix(mlp, x, block_size=8, out=store)
 
@@ -129,7 +131,7 @@ def test_killed_store_resumes_with_only_the_missing_blocks(tmp_path, x64):
         env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
             done = _finished(store)
             if done is not None and done.sum() >= 1:
