@@ -218,7 +218,8 @@ def create(path: str, fingerprint: dict, layout: dict, shapes, dtypes) -> None:
     for name, shape, dtype in zip(layout["names"], shapes, dtypes, strict=True):
         chunks = (b1, b2, *shape[2:])
         group.create_array(name, shape=tuple(shape), chunks=chunks, dtype=dtype,
-                           fill_value=np.nan, compressors=None)
+                           fill_value=np.nan if np.issubdtype(dtype, np.floating) else 0,
+                           compressors=None)
     n1, n2 = shapes[0][:2]
     grid = (-(-n1 // b1), -(-n2 // b2))
     group.create_array(_RECORD, shape=grid, chunks=(1, 1), dtype="uint8", fill_value=0,

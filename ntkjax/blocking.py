@@ -170,6 +170,7 @@ def evaluate_in_blocks(
     x2 = x1 if symmetric else jnp.asarray(x2)
     n1, n2 = x1.shape[0], x2.shape[0]
     devices = _resolve_devices(devices)
+    _distributed._check_same_devices(devices)
     local = [d for d in devices if d.process_index == jax.process_index()]
     options = cpu_convolution_options()
     jitted = jit_with_options(block_fn, options)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,6 +145,22 @@ def _minimum_over_processes(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def _check_same_devices(devices: Sequence[Any]) -> None:
+    """Raises ValueError (in every process alike) unless all processes pass the same devices."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    ids = ",".join(str(d.id) for d in devices)
+    code = np.asarray(zlib.crc32(ids.encode()) & 0x7FFFFFFF, np.int32)
+    codes = np.asarray(multihost_utils.process_allgather(code)).ravel()
+    if len(set(codes.tolist())) > 1:
+        raise ValueError(
+            "devices must be the same list in every process (e.g. the default jax.devices()); "
+            f"process {jax.process_index()} passed device ids [{ids}], and others differ."
+        )
 
 
 def _sum_over_processes(local: np.ndarray, max_bytes: int = 2**26) -> np.ndarray:

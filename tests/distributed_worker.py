@@ -79,7 +79,12 @@ def main(argv: list[str]) -> None:
         assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
         stored = ntkjax.kernel_matrix(mlp, x, block_size=8, out=store)
         gathered = ntkjax.kernel_matrix(mlp, x, y, block_size=8)
-        np.savez(result, stored_ntk=stored.ntk[:], cross_ntk=gathered.ntk)
+        try:  # each process its own devices: refused alike in both
+            ntkjax.kernel_matrix(mlp, x, devices=jax.local_devices())
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
+        np.savez(result, stored_ntk=stored.ntk[:], cross_ntk=gathered.ntk, refused=refused)
     elif role == "slow_store":
         store, sleep_s, count_file = argv[1], float(argv[2]), argv[3]
         ntkjax.evaluate_in_blocks(slow_block_fn(sleep_s, count_file), x, block_size=5,

@@ -111,6 +111,7 @@ def test_two_processes_fill_one_store(tmp_path, reference):
         np.testing.assert_array_equal(got["stored_ntk"], stored)
         np.testing.assert_allclose(got["cross_ntk"], reference["cross_ntk"], rtol=1e-12,
                                    atol=1e-12)
+        assert "same list in every process" in str(got["refused"])
 
     # The store records 2 writers: finished, one process may read it; unfinished, not resume.
     x, _, _, mlp, _, _ = problem()
