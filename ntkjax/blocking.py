@@ -152,9 +152,11 @@ def evaluate_in_blocks(
 
     Raises:
       ValueError: when inputs lack a batch axis or disagree in per-example shape, when even
-        the smallest block does not fit ``memory_bytes``, for an empty or repeated device list,
-        or when ``out`` holds a store made for other inputs, another block function or
-        arguments, another block layout, or (unfinished) another number of processes.
+        the smallest block does not fit ``memory_bytes``, for an empty or repeated device list
+        (or, under ``jax.distributed``, one that differs between processes), or when ``out``
+        holds a store made for other inputs, another block function or arguments, another
+        block layout, or (unfinished) another number of processes.
+      TypeError: when ``devices`` holds something other than ``jax.Device`` objects.
 
     >>> import jax.numpy as jnp
     >>> from ntkjax.blocking import evaluate_in_blocks
