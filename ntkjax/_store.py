@@ -134,8 +134,8 @@ class BlockStore:
 
 def read_meta(path: str) -> dict | None:
     """The ``ntkjax`` record of the store at ``path``, or None when there is no store."""
-    if not os.path.exists(path):
-        return None
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return None  # no store yet (an empty directory counts as none)
     zarr = _zarr()
     try:
         group = zarr.open_group(path, mode="r")
@@ -213,7 +213,8 @@ def check_processes(path: str, meta: dict, store: BlockStore) -> None:
 def create(path: str, fingerprint: dict, layout: dict, shapes, dtypes) -> None:
     """Creates the group, its arrays, an empty record and the ``ntkjax`` attribute."""
     zarr = _zarr()
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    empty_dir = os.path.isdir(path) and not os.listdir(path)
+    group = zarr.open_group(path, mode="w" if empty_dir else "w-", zarr_format=3)
     b1, b2 = layout["block"]
     for name, shape, dtype in zip(layout["names"], shapes, dtypes, strict=True):
         chunks = (b1, b2, *shape[2:])
