@@ -201,6 +201,7 @@ def test_store_for_other_inputs_or_model_is_refused(tmp_path):
         ntkjax.empirical_ntk_matrix(mlp.apply, params, x, block_size=4, out=emp, outputs="full")
 
     (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("not a store")
     with pytest.raises(ValueError, match=r"not an ntkjax block store|not a zarr"):
         ntkjax.kernel_matrix(mlp, x, out=tmp_path / "plain")
     with pytest.raises(ValueError, match="devices is empty"):
