@@ -12,15 +12,17 @@ prediction (:mod:`ntkjax.predict`, :mod:`ntkjax.losses`; any loss and momentum:
 :mod:`ntkjax.dynamics`; infinite ensembles from a module: :mod:`ntkjax.ensemble`), kernel
 hyperparameters by marginal likelihood (:mod:`ntkjax.hyperparameters`), training
 (:mod:`ntkjax.training`), width sweeps (:mod:`ntkjax.sweep`, :mod:`ntkjax.tasks`), scaling
-fits (:mod:`ntkjax.scaling`), blocked evaluation (:mod:`ntkjax.blocking`,
-:mod:`ntkjax.compile_options`) and figures (:mod:`ntkjax.plotting`, imported on use). The
-application built on it -- the ``ntkjax`` command line and the NTK study -- is
-:mod:`ntkjax.study`, which the library never imports.
+fits (:mod:`ntkjax.scaling`), blocked evaluation on many devices and processes
+(:mod:`ntkjax.blocking`, :mod:`ntkjax.distributed`, :mod:`ntkjax.compile_options`) and
+figures (:mod:`ntkjax.plotting`, imported on use). The application built on it -- the
+``ntkjax`` command line and the NTK study -- is :mod:`ntkjax.study`, which the library never
+imports.
 """
 
 from ntkjax import analytic, models, nn, predict
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
+from ntkjax.distributed import initialize_distributed
 from ntkjax.dynamics import SolverStats, gradient_flow
 from ntkjax.empirical import (
     empirical_nngp_fn,
@@ -98,6 +100,7 @@ __all__ = [
     "gradient_flow_ensemble",
     "gradient_flow_mse",
     "hermite_truncation_error",
+    "initialize_distributed",
     "kernel_fn",
     "kernel_matrix",
     "kernel_regime_check",

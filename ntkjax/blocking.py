@@ -14,20 +14,32 @@ result can be far larger than what one compiled call may hold.
 * Symmetry: with ``x2=None`` the kernel is taken as symmetric, K(x, x')_{ab} = K(x', x)_{ba};
   only blocks (i, j) with i <= j are computed and the others are filled by transposing axes 0 and
   1 and reversing the trailing (output) axes, which swaps (O, O) output blocks.
-* The result lives in host numpy arrays allocated once, so nothing is ever concatenated.
+* The result lives in host numpy arrays allocated once, so nothing is ever concatenated --
+  or, with ``out=``, in a resumable zarr store on disk with one chunk per block
+  (:mod:`ntkjax._store`).
+* Devices: the blocks are dealt round-robin over ``devices`` (default ``jax.devices()``: all
+  devices of all processes under ``jax.distributed``); each process computes the blocks of its
+  local devices, one per device per ``shard_map`` call, without cross-process communication;
+  the processes meet only to agree on the block size, at the store's creation, at the end, and
+  (without ``out``) to gather the result.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from ntkjax import _store
+from ntkjax import distributed as _distributed
 from ntkjax._checks import check_pair
 from ntkjax._progress import progress as _progress
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
@@ -89,10 +101,28 @@ def evaluate_in_blocks(
     block_size: int | None = None,
     memory_bytes: int | None = None,
     max_block_size: int = 4096,
+    devices: Sequence[Any] | None = None,
+    out: str | os.PathLike | None = None,
+    fingerprint: str | None = None,
     show_progress: bool = False,
     description: str = "kernel blocks",
 ) -> Any:
     """Evaluates ``block_fn`` over all pairs of ``x1`` and ``x2`` rows, block by block.
+
+    Devices: block k of the list of blocks (row-major, upper triangle only when symmetric) goes
+    to ``devices[k % len(devices)]``; each process computes the blocks of its own (local)
+    devices, several at a time -- one per local device -- in one ``shard_map`` call, so every
+    device holds one block call at a time and the memory budget is per device. Under
+    ``jax.distributed`` (see :func:`ntkjax.initialize_distributed`) every process must make the
+    same call; without ``out`` each process then receives the full result, assembled with an
+    all-gather over processes in row strips (exact: every entry comes from one process).
+
+    Out of core: with ``out`` (a directory path) the result goes to a zarr (v3) store with one
+    chunk per block, and a record of finished blocks, instead of host RAM; a store that exists
+    is resumed -- only blocks not yet recorded are computed -- after checking that it was made
+    for the same inputs, block function (``fingerprint``), ``fn_args``, block layout and
+    number of processes. Several processes write one store, each its own blocks. Format and
+    guarantees: ``docs/guides/scaling_out.md``.
 
     Args:
       block_fn: ``(x1_block, x2_block, *fn_args) -> pytree`` of arrays with leading shape
@@ -102,70 +132,273 @@ def evaluate_in_blocks(
       x2: array of shape ``(N2, ...)`` with the same per-example shape, or None for x2 = x1, in
         which case the result is assumed symmetric and only one triangle of blocks is computed.
       fn_args: extra arguments (pytrees of arrays, e.g. network parameters) passed to every call.
-      block_size: rows of x1 (and x2) per block; chosen from ``memory_bytes`` when None.
-      memory_bytes: budget for one compiled block call (arguments, outputs and temporaries);
-        half of the free device memory, after the result is allocated, when None.
+      block_size: rows of x1 (and x2) per block; chosen from ``memory_bytes`` when None (or
+        taken from the store being resumed).
+      memory_bytes: budget for one compiled block call on one device (arguments, outputs and
+        temporaries); when None, half of the free device memory -- on the CPU, half of the
+        free RAM after the in-memory result, shared by the local CPU devices.
       max_block_size: the largest tile tried when choosing the block size.
+      devices: the devices to use, the same list in every process; default ``jax.devices()``
+        (all devices of all processes).
+      out: path of a zarr store to write the result to (and resume from) instead of RAM.
+      fingerprint: a description of ``block_fn`` recorded in the store and compared on resume
+        (default: its module and qualified name); callers pass e.g. the module's ``repr``.
       show_progress: draw a progress bar on stderr.
       description: label of the progress bar.
 
     Returns:
-      The pytree ``block_fn`` returns, with numpy leaves of leading shape ``(N1, N2)``.
+      The pytree ``block_fn`` returns, with numpy leaves of leading shape ``(N1, N2)``; with
+      ``out``, read-only ``zarr.Array`` leaves of that shape (``a[i:j]`` reads rows as numpy).
 
     Raises:
-      ValueError: when inputs lack a batch axis or disagree in per-example shape, or when even
-        the smallest block does not fit ``memory_bytes``.
+      ValueError: when inputs lack a batch axis or disagree in per-example shape, when even
+        the smallest block does not fit ``memory_bytes``, for an empty or repeated device list
+        (or, under ``jax.distributed``, one that differs between processes), or when ``out``
+        holds a store made for other inputs, another block function or arguments, another
+        block layout, or (unfinished) another number of processes.
+      TypeError: when ``devices`` holds something other than ``jax.Device`` objects.
+
+    >>> import jax.numpy as jnp
+    >>> from ntkjax.blocking import evaluate_in_blocks
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> evaluate_in_blocks(lambda a, b: a @ b.T, x, block_size=2)
+    array([[ 1.,  3.,  5.],
+           [ 3., 13., 23.],
+           [ 5., 23., 41.]], dtype=float32)
     """
     check_pair(x1, x2, min_ndim=1)
     symmetric = x2 is None
     x1 = jnp.asarray(x1)
     x2 = x1 if symmetric else jnp.asarray(x2)
     n1, n2 = x1.shape[0], x2.shape[0]
-    jitted = jit_with_options(block_fn, cpu_convolution_options())
+    devices = _resolve_devices(devices)
+    _distributed._check_same_devices(devices)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    options = cpu_convolution_options()
+    jitted = jit_with_options(block_fn, options)
 
     def spec(x, b):
         return jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
 
     full_shapes = jax.eval_shape(block_fn, spec(x1, n1), spec(x2, n2), *fn_args)
+    out_leaves, treedef = jax.tree_util.tree_flatten(full_shapes)
     result_bytes = sum(
-        int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        for leaf in jax.tree_util.tree_leaves(full_shapes)
+        int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in out_leaves
     )
+
+    path = None if out is None else os.fspath(out)
+    meta = prints = None
+    if path is not None:
+        prints = {
+            "x1": _store.describe_array(x1),
+            "x2": None if symmetric else _store.describe_array(x2),
+            "model": fingerprint if fingerprint is not None else _store.describe_object(block_fn),
+            "arguments": _store.describe_tree(fn_args),
+        }
+        meta = _store.read_meta(path)
+        if meta is not None:
+            _store.check_meta(path, meta, prints)
+            if block_size is None:
+                block_size = max(meta["layout"]["block"])
 
     if block_size is None:
         if memory_bytes is None:
-            # On the CPU the result shares RAM with the blocks; on a device it lives on the host.
-            free = available_memory_bytes()
-            if jax.devices()[0].platform == "cpu":
-                free -= result_bytes
+            device = local[0] if local else devices[0]
+            free = available_memory_bytes(device)
+            if device.platform == "cpu":
+                # On the CPU the result shares RAM with the blocks, and forced host devices
+                # share the RAM; on a device the result lives on the host.
+                free = (free - (0 if path else result_bytes)) // max(len(local), 1)
             memory_bytes = max(free // 2, 0)
         block_size, compiled = _choose_block(
             jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec
         )
+        agreed = _distributed._minimum_over_processes(block_size)
+        if agreed != block_size:  # every process must use the same blocks
+            block_size, compiled = agreed, None
     else:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}.")
-        b1, b2 = min(block_size, n1), min(block_size, n2)
-        compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+        compiled = None  # compiled below, only for the one-device path
     b1, b2 = min(block_size, n1), min(block_size, n2)
 
-    out_leaves, treedef = jax.tree_util.tree_flatten(full_shapes)
-    results = [np.empty(leaf.shape, dtype=leaf.dtype) for leaf in out_leaves]
+    store = None
+    if path is not None:
+        assert prints is not None
+        layout = {
+            "block": [b1, b2],
+            "shapes": [list(leaf.shape) for leaf in out_leaves],
+            "dtypes": [str(np.dtype(leaf.dtype)) for leaf in out_leaves],
+            "names": _store.leaf_names(full_shapes),
+            "symmetric": symmetric,
+        }
+        if meta is not None:
+            _store.check_layout(path, meta, layout)
+        _distributed._barrier("ntkjax-store-checked")
+        if meta is None and jax.process_index() == 0:
+            _store.create(path, prints, layout, layout["shapes"], layout["dtypes"])
+        _distributed._barrier("ntkjax-store-created")
+        store = _store.open_store(path)
+        _store.check_meta(path, store.meta, prints)
+        _store.check_layout(path, store.meta, layout)
+        _store.check_processes(path, store.meta, store)
+        finished = store.finished()
+        results = []
 
-    starts1 = range(0, n1, b1)
-    starts2 = range(0, n2, b2)
-    pairs = [(i, j) for i in starts1 for j in starts2 if not symmetric or j >= i]
-    for i, j in _progress(pairs, description=description, enabled=show_progress):
-        m1, m2 = min(b1, n1 - i), min(b2, n2 - j)
-        block = compiled(
-            _pad_rows(x1[i : i + m1], b1), _pad_rows(x2[j : j + m2], b2), *fn_args
-        )
-        for res, leaf in zip(results, jax.tree_util.tree_leaves(block), strict=True):
-            tile = np.asarray(leaf)[:m1, :m2]
-            res[i : i + m1, j : j + m2] = tile
-            if symmetric and j > i:
-                res[j : j + m2, i : i + m1] = _mirror(tile)
+        def write(i, j, tiles):
+            mirrors = [_mirror(t) for t in tiles] if symmetric and j > i else None
+            store.write(i, j, tiles, mirrors)
+    else:
+        finished = None
+        # Under jax.distributed every process fills its own blocks and the others are summed
+        # in, so the rest must be zeros.
+        alloc = np.zeros if jax.process_count() > 1 else np.empty
+        results = [alloc(leaf.shape, dtype=leaf.dtype) for leaf in out_leaves]
+
+        def write(i, j, tiles):
+            for res, tile in zip(results, tiles, strict=True):
+                res[i : i + tile.shape[0], j : j + tile.shape[1]] = tile
+                if symmetric and j > i:
+                    res[j : j + tile.shape[1], i : i + tile.shape[0]] = _mirror(tile)
+
+    pairs = [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2)
+             if not symmetric or j >= i]
+    todo: dict[Any, list[tuple[int, int]]] = {d: [] for d in local}
+    for k, (i, j) in enumerate(pairs):
+        device = devices[k % len(devices)]
+        if device in todo and (finished is None or not finished[i // b1, j // b2]):
+            todo[device].append((i, j))
+    total = sum(len(v) for v in todo.values())
+
+    if not total:
+        blocks = iter(())
+    elif local == [jax.local_devices()[0]]:
+        if compiled is None:
+            compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+        blocks = _one_device(compiled, x1, x2, fn_args, todo[local[0]], b1, b2, n1, n2)
+    else:
+        rest: list[tuple[int, int]] = []
+        if local[0].platform == "cpu":
+            # Forced host devices share the cores: a last, partial round is computed on one
+            # device instead of padding it with filler blocks on the others.
+            full = min(len(v) for v in todo.values())
+            rest = [p for v in todo.values() for p in v[full:]]
+            todo = {d: v[:full] for d, v in todo.items()}
+        blocks = _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n2)
+        if rest:
+            if compiled is None:
+                compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+            blocks = itertools.chain(
+                blocks, _one_device(compiled, x1, x2, fn_args, rest, b1, b2, n1, n2)
+            )
+    for i, j, tiles in _progress(blocks, total=total, description=description,
+                                 enabled=show_progress):
+        write(i, j, tiles)
+
+    _distributed._barrier("ntkjax-blocks-done")
+    if store is not None:
+        return jax.tree_util.tree_unflatten(treedef, store.readers())
+    for res in results:
+        _distributed._sum_over_processes(res)
     return jax.tree_util.tree_unflatten(treedef, results)
+
+
+def _resolve_devices(devices: Sequence[Any] | None) -> list[Any]:
+    if devices is None:
+        return list(jax.devices())
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: pass at least one device, or None for all.")
+    for d in devices:
+        if not isinstance(d, jax.Device):
+            raise TypeError(f"devices must hold jax.Device objects, got {type(d).__name__}.")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices lists a device more than once: {devices}.")
+    return devices
+
+
+def _pipelined(calls):
+    """Runs the ``(dispatch, collect)`` pairs of ``calls`` keeping one call in flight: JAX
+    dispatches asynchronously, so the next blocks compute while the last ones are copied to
+    the host and written."""
+    pending = None
+    for dispatch, collect in calls:
+        current = (dispatch(), collect)
+        if pending is not None:
+            yield from pending[1](pending[0])
+        pending = current
+    if pending is not None:
+        yield from pending[1](pending[0])
+
+
+def _one_device(compiled, x1, x2, fn_args, todo, b1, b2, n1, n2):
+    """Blocks on the default device, one compiled call each."""
+
+    def call(i, j):
+        m1, m2 = min(b1, n1 - i), min(b2, n2 - j)
+
+        def dispatch():
+            return compiled(
+                _pad_rows(x1[i : i + m1], b1), _pad_rows(x2[j : j + m2], b2), *fn_args
+            )
+
+        def collect(out):
+            leaves = jax.device_get(jax.tree_util.tree_leaves(out))
+            yield i, j, [np.asarray(leaf)[:m1, :m2] for leaf in leaves]
+
+        return dispatch, collect
+
+    return _pipelined(call(i, j) for i, j in todo)
+
+
+def _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n2):
+    """Blocks on several local devices: one ``shard_map`` call computes one block on each."""
+    mesh = Mesh(np.array(local), ("blocks",))
+
+    def body(a, b, *args):
+        out = block_fn(a[0], b[0], *args)
+        return jax.tree_util.tree_map(lambda leaf: leaf[None], out)
+
+    sharded = jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=(P("blocks"), P("blocks"), *([P()] * len(fn_args))),
+            out_specs=P("blocks"), check_vma=False,
+        ),
+        **({"compiler_options": options} if options else {}),
+    )
+    stacked = NamedSharding(mesh, P("blocks"))
+    args = jax.device_put(fn_args, NamedSharding(mesh, P()))
+    h1 = np.asarray(jax.device_get(x1))
+    h2 = h1 if x2 is x1 else np.asarray(jax.device_get(x2))
+    rounds = max((len(v) for v in todo.values()), default=0)
+
+    def call(r):
+        slots = [todo[d][r] if r < len(todo[d]) else None for d in local]
+        filler = next(p for p in slots if p is not None)
+        work = [p or filler for p in slots]
+
+        def dispatch():
+            a = np.stack([_pad_host(h1[i : i + b1], b1) for i, _ in work])
+            b = np.stack([_pad_host(h2[j : j + b2], b2) for _, j in work])
+            return sharded(jax.device_put(a, stacked), jax.device_put(b, stacked), *args)
+
+        def collect(out):
+            leaves = [np.asarray(leaf) for leaf in jax.device_get(jax.tree_util.tree_leaves(out))]
+            for k, p in enumerate(slots):
+                if p is not None:
+                    i, j = p
+                    m1, m2 = min(b1, n1 - i), min(b2, n2 - j)
+                    yield i, j, [leaf[k, :m1, :m2] for leaf in leaves]
+
+        return dispatch, collect
+
+    return _pipelined(call(r) for r in range(rounds))
+
+
+def _pad_host(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[0] == size:
+        return x
+    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
 
 def _format_bytes(n: float) -> str:

@@ -36,7 +36,8 @@ Conventions used throughout this module:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -46,6 +47,7 @@ from flax import linen
 from jax.typing import ArrayLike
 
 from ntkjax._checks import check_choice, check_pair, check_values
+from ntkjax._store import describe_object
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 from ntkjax.jacobians import (
@@ -274,8 +276,10 @@ def empirical_ntk_matrix(
     outputs: Outputs = "trace",
     memory_bytes: int | None = None,
     block_size: int | None = None,
+    devices: Sequence[Any] | None = None,
+    out: str | os.PathLike | None = None,
     show_progress: bool = False,
-) -> np.ndarray:
+) -> Any:
     """The empirical NTK of large inputs, computed in memory-bounded blocks into host memory.
 
     Blocks of x1 and x2 rows are evaluated with :func:`empirical_ntk_fn` through
@@ -289,10 +293,15 @@ def empirical_ntk_matrix(
       x1: ``(N1, *features)``; x2: ``(N2, *features)`` or None for x2 = x1.
       memory_bytes: budget for one block call; half of the free memory when None.
       block_size: rows per block (overrides ``memory_bytes``).
+      devices: devices to spread the blocks over (default: all, of all processes).
+      out: path of a resumable zarr store (array ``kernel``) to write to instead of RAM,
+        recorded with the inputs, the parameters, ``apply_fn``, ``ntk_method`` and ``outputs``
+        (:func:`ntkjax.blocking.evaluate_in_blocks`).
       show_progress: progress bar on stderr.
 
     Returns:
-      A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``.
+      A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; with ``out``
+      a read-only ``zarr.Array`` of that shape (``a[i:j]`` reads rows as numpy).
     """
     ntk = empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs=outputs)
     check_pair(x1, x2)
@@ -312,6 +321,12 @@ def empirical_ntk_matrix(
         memory_bytes=memory_bytes,
         show_progress=show_progress,
         description="empirical NTK blocks",
+        devices=devices,
+        out=out,
+        fingerprint=(
+            f"empirical_ntk_matrix ntk_method={ntk_method} outputs={outputs} "
+            f"apply_fn={describe_object(apply_fn)}"
+        ),
     )
 
 

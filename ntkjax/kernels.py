@@ -43,8 +43,9 @@ import dataclasses
 import inspect
 import linecache
 import math
+import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -53,6 +54,7 @@ import numpy as np
 from flax import linen, struct
 
 from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
+from ntkjax._store import describe_object
 from ntkjax.blocking import evaluate_in_blocks
 
 __all__ = [
@@ -867,6 +869,8 @@ def kernel_matrix(
     *,
     memory_bytes: int | None = None,
     block_size: int | None = None,
+    devices: Sequence[Any] | None = None,
+    out: str | os.PathLike | None = None,
     show_progress: bool = False,
 ) -> Kernel:
     """The kernels of ``module`` for large N, computed in blocks into host (numpy) arrays.
@@ -882,8 +886,14 @@ def kernel_matrix(
     as in :func:`kernel_fn`, and each input's variances at every layer are computed once, in a
     per-input pass, and handed to every block that needs them (module docstring).
 
+    Devices and out of core (:func:`ntkjax.blocking.evaluate_in_blocks`): the blocks are
+    spread over ``devices`` (default: all devices of all processes); with ``out`` (a directory
+    path) the kernels go to a resumable zarr store, arrays ``nngp`` and ``ntk``, recorded with
+    the inputs and ``repr(module)``.
+
     Returns:
-      A :class:`Kernel` whose ``nngp`` and ``ntk`` are numpy arrays of shape (N1, N2) and
+      A :class:`Kernel` whose ``nngp`` and ``ntk`` are numpy arrays of shape (N1, N2) (with
+      ``out``: read-only ``zarr.Array`` of the store, ``k.ntk[i:j]`` reads rows as numpy) and
       ``var1``, ``var2`` the NNGP variances (numpy).
 
     Raises:
@@ -893,7 +903,7 @@ def kernel_matrix(
     x1, x2 = _float_inputs(x1, x2)
     token = _SAME_BATCH_RULES.set([])
     try:
-        out = _output_kernel_shape(module, x1)
+        shape = _output_kernel_shape(module, x1)
         same_batch_rules = _SAME_BATCH_RULES.get()
     finally:
         _SAME_BATCH_RULES.reset(token)
@@ -904,33 +914,37 @@ def kernel_matrix(
             "blocks are evaluated as pairs of batches. Use kernel_fn(module)(x1), or pass "
             "x2=x1 for the kernel between two independent batches."
         )
-    if out.spatial_ndim:
+    if shape.spatial_ndim:
         raise ValueError(
             "kernel_matrix needs a module whose output has no spatial axes; this one's output "
-            f"kernel has spatial shape {out.spatial_shape}. End the network with "
+            f"kernel has spatial shape {shape.spatial_shape}. End the network with "
             "ntkjax.nn.flatten or ntkjax.nn.global_average_pool and a Dense readout."
         )
     if x1.ndim > 2:
         return _image_kernel_matrix(module, x1, x2, memory_bytes=memory_bytes,
-                                    block_size=block_size, show_progress=show_progress)
+                                    block_size=block_size, show_progress=show_progress,
+                                    devices=devices, out=out)
     compute = kernel_fn(module)
 
     def block_fn(a, b):
         k = compute(a, b)
-        return k.nngp, k.ntk
+        return {"nngp": k.nngp, "ntk": k.ntk}
 
-    nngp, ntk = evaluate_in_blocks(
+    blocks = evaluate_in_blocks(
         block_fn, x1, x2, block_size=block_size, memory_bytes=memory_bytes,
-        show_progress=show_progress, description="kernel blocks",
+        show_progress=show_progress, description="kernel blocks", devices=devices, out=out,
+        fingerprint=f"kernel_matrix {describe_object(module)}",
     )
+    nngp, ntk = blocks["nngp"], blocks["ntk"]
     x2v = x1 if x2 is None else x2
     diag = jax.jit(lambda a: _apply_to_kernel(module, _row_kernel(a)).var1)
     var1 = jax.device_get(diag(x1))
     var2 = var1 if x2 is None else jax.device_get(diag(x2v))
-    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=out.width)
+    return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=shape.width)
 
 
-def _image_kernel_matrix(module, x1, x2, *, memory_bytes, block_size, show_progress) -> Kernel:
+def _image_kernel_matrix(module, x1, x2, *, memory_bytes, block_size, show_progress, devices,
+                         out) -> Kernel:
     diagonal = _use_diagonal(module, x1, "auto")
     per_input = jax.jit(lambda a: _per_input_pass(module, a, diagonal))
     tape1, var1 = per_input(x1)
@@ -941,16 +955,18 @@ def _image_kernel_matrix(module, x1, x2, *, memory_bytes, block_size, show_progr
         rows1, rows2 = i1[:, 0], i2[:, 0]
         tapes = ([t[rows1] for t in t1], [t[rows2] for t in t2])
         k = _pairwise(module, a1[rows1], a2[rows2], tapes, diagonal)
-        return k.nngp, k.ntk
+        return {"nngp": k.nngp, "ntk": k.ntk}
 
     index1 = jnp.arange(x1.shape[0])[:, None]
     index2 = None if x2 is None else jnp.arange(x2.shape[0])[:, None]
-    nngp, ntk = evaluate_in_blocks(
+    blocks = evaluate_in_blocks(
         block_fn, index1, index2,
         fn_args=(x1, x1 if x2 is None else x2, tape1, tape2),
         block_size=block_size, memory_bytes=memory_bytes, show_progress=show_progress,
-        description="kernel blocks",
+        description="kernel blocks", devices=devices, out=out,
+        fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
+    nngp, ntk = blocks["nngp"], blocks["ntk"]
     var1 = np.asarray(jax.device_get(var1))
     var2 = var1 if x2 is None else np.asarray(jax.device_get(var2))
     return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=width)  # type: ignore[arg-type]

@@ -1,0 +1,182 @@
+"""Starting multi-process runs on JAX's distributed runtime, and the few collectives ntkjax uses.
+
+ntkjax has no scheduler of its own: several processes (on one machine or many) form one JAX
+runtime through :func:`jax.distributed.initialize`, after which ``jax.devices()`` lists the
+devices of every process and ``jax.local_devices()`` those of this one. The block functions of
+:mod:`ntkjax.blocking` (and :func:`ntkjax.kernel_matrix`, :func:`ntkjax.empirical_ntk_matrix`)
+then spread their blocks over all of them.
+
+:func:`initialize_distributed` wraps :func:`jax.distributed.initialize` so that
+
+* a coordinator that cannot be reached gives a :class:`TimeoutError` naming the address after
+  ``timeout_s`` seconds -- ``jax.distributed.initialize`` itself aborts the whole process
+  (``SIGABRT`` from its C++ client) when it cannot register in time;
+* on the CPU, cross-process collectives use gloo (the CPU backend has none by default);
+* an explicit ``coordinator_address`` is also the address the coordinator binds to (not every
+  interface, JAX's default).
+
+Under Slurm or Open MPI, call it with no arguments: ``jax.distributed.initialize`` detects the
+coordinator, the number of processes and this process's index from the environment.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["initialize_distributed"]
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(
+            f"coordinator_address must be 'host:port', e.g. '127.0.0.1:12345'; got {address!r}."
+        )
+    return host.strip("[]"), int(port)
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+    """Connects (and disconnects) to ``host:port`` until it answers; TimeoutError after
+    ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            with socket.create_connection((host, port), timeout=min(1.0, remaining)):
+                return
+        except OSError as err:  # refused, unreachable, timed out: retry until the deadline
+            last = err
+        time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+    raise TimeoutError(
+        f"could not reach the jax.distributed coordinator at {host}:{port} within "
+        f"{timeout_s:g} s ({last}). Start the process with process_id=0 (the coordinator) "
+        "first, and check the address, the port and any firewall between the hosts."
+    )
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: int | Sequence[int] | None = None,
+    timeout_s: float = 60.0,
+    cpu_collectives: str | None = "gloo",
+    **kwargs: Any,
+) -> None:
+    """Joins this process to a multi-process JAX runtime (:func:`jax.distributed.initialize`).
+
+    Call it once, at the start of every process and before any other JAX call. Afterwards
+    ``jax.devices()`` spans all processes and ntkjax's block functions use all of them.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0, which runs the coordination service
+        and binds to exactly this address. None: detected by JAX under Slurm / Open MPI.
+      num_processes: number of processes (None: detected).
+      process_id: index of this process, 0 .. num_processes - 1 (None: detected).
+      local_device_ids: restricts this process to these local devices (as in JAX).
+      timeout_s: how long a process other than the coordinator waits for the coordinator to
+        answer, and how long every process waits for all of them to register.
+      cpu_collectives: collectives implementation of the CPU backend (``"gloo"`` or ``"mpi"``;
+        None leaves JAX's setting alone). Set before the backend starts.
+      **kwargs: passed on to :func:`jax.distributed.initialize`.
+
+    Raises:
+      ValueError: for an address that is not ``host:port``, or a ``process_id`` outside
+        ``0 .. num_processes - 1``.
+      TimeoutError: when the coordinator cannot be reached within ``timeout_s`` seconds. (If
+        it is reached but some process never registers, JAX itself ends the processes after
+        ``timeout_s`` seconds.)
+
+    >>> import ntkjax
+    >>> address = "127.0.0.1:1"  # nothing listens on port 1
+    >>> ntkjax.initialize_distributed(address, 2, 1, timeout_s=0.2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TimeoutError: could not reach the jax.distributed coordinator at 127.0.0.1:1 ...
+    """
+    if num_processes is not None and process_id is not None and not (
+        0 <= process_id < num_processes
+    ):
+        raise ValueError(
+            f"process_id must be in 0 .. {num_processes - 1} for num_processes={num_processes}; "
+            f"got {process_id}."
+        )
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}.")
+    if coordinator_address is not None:
+        host, port = _split_address(coordinator_address)
+        if process_id not in (None, 0):
+            _wait_for_coordinator(host, port, timeout_s)
+        kwargs.setdefault("coordinator_bind_address", coordinator_address)
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=max(1, int(np.ceil(timeout_s))),
+        **kwargs,
+    )
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _minimum_over_processes(value: int) -> int:
+    """The smallest of every process's ``value`` (``value`` itself with one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def _check_same_devices(devices: Sequence[Any]) -> None:
+    """Raises ValueError (in every process alike) unless all processes pass the same devices."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    ids = ",".join(str(d.id) for d in devices)
+    code = np.asarray(zlib.crc32(ids.encode()) & 0x7FFFFFFF, np.int32)
+    codes = np.asarray(multihost_utils.process_allgather(code)).ravel()
+    if len(set(codes.tolist())) > 1:
+        raise ValueError(
+            "devices must be the same list in every process (e.g. the default jax.devices()); "
+            f"process {jax.process_index()} passed device ids [{ids}], and others differ."
+        )
+
+
+def _sum_over_processes(local: np.ndarray, max_bytes: int = 2**26) -> np.ndarray:
+    """The sum over processes of each process's ``local`` array, in place, in row strips.
+
+    Used to assemble a result that every process filled in part (zeros elsewhere): adding
+    zeros is exact, so the result equals the parts. Strips hold at most ``max_bytes`` per
+    process, so the gather needs ``num_processes * max_bytes`` of extra memory.
+    """
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    row_bytes = max(1, local[:1].nbytes)
+    rows = max(1, min(local.shape[0], max_bytes // row_bytes))
+    for start in range(0, local.shape[0], rows):
+        parts = multihost_utils.process_allgather(np.ascontiguousarray(local[start:start + rows]))
+        local[start:start + rows] = np.sum(np.asarray(parts), axis=0, dtype=local.dtype)
+    return local
