@@ -206,14 +206,14 @@ class _KernelFunctionOperator:
         """``K v``, computing each tile pair ``(I, J)``, ``I <= J``, once (K is symmetric)."""
         v_tiles = _tiles(v.astype(self.dtype), self.b, mode="zero")
         vs = [jax.device_put(v_tiles, d) for d in self.devices]
-        partial = []
-        for c in range(self._pairs.shape[0]):
-            k = c % len(self.devices)
-            partial.append(self._pair_blocks(self._cols[k], vs[k], self._pairs_on[k][c]))
         home = self.devices[0]
-        total = partial[0]
-        for p in partial[1:]:
-            total = total + jax.device_put(p, home)
+        total = None
+        for c in range(self._pairs.shape[0]):  # summed as they come: O(n C) memory
+            k = c % len(self.devices)
+            part = jax.device_put(
+                self._pair_blocks(self._cols[k], vs[k], self._pairs_on[k][c]), home)
+            total = part if total is None else total + part
+        assert total is not None
         return total.reshape(-1, v.shape[1])[: self.n]
 
     def rows(self, idx: np.ndarray) -> jax.Array:
