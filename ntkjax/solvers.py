@@ -489,8 +489,8 @@ def kernel_regression_cg(
     if rank > 0 and key is None:
         raise ValueError("the Nyström preconditioner needs a PRNG key: pass key=jax.random.key(0)"
                          " (or rank=0 for plain CG).")
-    stored = x is None and _is_stored(kernel)
-    dtype = float_dtype(y, x, np.empty(0, kernel.dtype) if stored else None)
+    stored_dtype = getattr(kernel, "dtype", None) if x is None and _is_stored(kernel) else None
+    dtype = float_dtype(y, x, None if stored_dtype is None else np.empty(0, stored_dtype))
     op = _operator(kernel, n, x=x, get=get, block_size=block_size, devices=devices,
                    dtype=dtype)
     rhs = jnp.asarray(y, dtype)
@@ -619,7 +619,8 @@ def kernel_ridge_predict(
         shape = tuple(kernel.shape)
         if len(shape) != 2 or shape[1] != n:
             raise ValueError(f"the test-train kernel must have shape (m, {n}); got {shape}.")
-        dtype = float_dtype(alpha, np.empty(0, kernel.dtype))
+        stored_dtype = getattr(kernel, "dtype", None)
+        dtype = float_dtype(alpha, None if stored_dtype is None else np.empty(0, stored_dtype))
         stored = _StoredOperator(kernel, block_size=block_size,
                                  devices=jax.local_devices() if devices is None else devices,
                                  dtype=dtype)
