@@ -12,7 +12,8 @@ prediction (:mod:`ntkjax.predict`, :mod:`ntkjax.losses`; any loss and momentum:
 :mod:`ntkjax.dynamics`; infinite ensembles from a module: :mod:`ntkjax.ensemble`), kernel
 hyperparameters by marginal likelihood (:mod:`ntkjax.hyperparameters`), training
 (:mod:`ntkjax.training`), width sweeps (:mod:`ntkjax.sweep`, :mod:`ntkjax.tasks`), scaling
-fits (:mod:`ntkjax.scaling`), blocked evaluation on many devices and processes
+fits (:mod:`ntkjax.scaling`), kernel regression beyond memory by preconditioned conjugate
+gradients (:mod:`ntkjax.solvers`), blocked evaluation on many devices and processes
 (:mod:`ntkjax.blocking`, :mod:`ntkjax.distributed`, :mod:`ntkjax.compile_options`) and
 figures (:mod:`ntkjax.plotting`, imported on use). The application built on it -- the
 ``ntkjax`` command line and the NTK study -- is :mod:`ntkjax.study`, which the library never
@@ -57,6 +58,13 @@ from ntkjax.predict import (
     max_learning_rate,
 )
 from ntkjax.scaling import PowerLawFit, fit_power_law
+from ntkjax.solvers import (
+    CGResult,
+    NystromEigensystem,
+    gradient_flow_lowrank,
+    kernel_regression_cg,
+    kernel_ridge_predict,
+)
 from ntkjax.training import (
     KernelRegimeReport,
     StabilityReport,
@@ -70,6 +78,7 @@ from ntkjax.training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGResult",
     "FeatureMap",
     "FeatureRidge",
     "Features",
@@ -77,6 +86,7 @@ __all__ = [
     "KernelRegimeReport",
     "MarginalLikelihoodFit",
     "MonteCarloKernel",
+    "NystromEigensystem",
     "PowerLawFit",
     "SolverStats",
     "StabilityReport",
@@ -98,12 +108,15 @@ __all__ = [
     "gradient_descent_mse",
     "gradient_flow",
     "gradient_flow_ensemble",
+    "gradient_flow_lowrank",
     "gradient_flow_mse",
     "hermite_truncation_error",
     "initialize_distributed",
     "kernel_fn",
     "kernel_matrix",
     "kernel_regime_check",
+    "kernel_regression_cg",
+    "kernel_ridge_predict",
     "learning_rate_check",
     "linearize",
     "make_train_fn",
