@@ -312,7 +312,7 @@ class Transformer(linen.Module):
         projections and output bias).
       epsilon: the LayerNorms' epsilon.
 
-    >>> import jax, ntkjax
+    >>> import jax, jax.numpy as jnp, ntkjax
     >>> net = Transformer(16, depth=1, num_heads=2)
     >>> x = jnp.ones((3, 5, 4))
     >>> net.apply(net.init(jax.random.key(0), x), x).shape
