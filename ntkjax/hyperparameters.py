@@ -96,6 +96,9 @@ class MarginalLikelihoodFit(NamedTuple):
       hyperparameters: the fitted hyperparameters (the structure of ``init``, positive).
       noise: the fitted noise variance.
       log_likelihood: ``(num_steps + 1,)`` the evidence before each step and after the last.
+
+    >>> MarginalLikelihoodFit._fields
+    ('hyperparameters', 'noise', 'log_likelihood')
     """
 
     hyperparameters: Any
