@@ -24,11 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = ROOT / "notebooks"
 STORED_DIR = ROOT / "docs" / "notebooks"
-QUICK_SETUP = (
-    "import matplotlib\n"
-    "matplotlib.rcParams['figure.dpi'] = 50\n"
-    "matplotlib.rcParams['savefig.dpi'] = 50\n"
-)
+MAX_WIDTH = 720  # pixels of a stored figure
 
 
 def _text(value: Any) -> str:
@@ -87,6 +83,29 @@ def on_files(files: Any, config: Any) -> Any:
     return files
 
 
+def shrink_figures(notebook: Any) -> None:
+    """Stores each figure at most ``MAX_WIDTH`` pixels wide, as a 64-colour PNG (a few tens of
+    kilobytes each), so the committed runs stay small."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" not in data:
+                continue
+            image = Image.open(io.BytesIO(base64.b64decode(_text(data["image/png"]))))
+            image = image.convert("RGB")
+            if image.width > MAX_WIDTH:
+                height = round(image.height * MAX_WIDTH / image.width)
+                image = image.resize((MAX_WIDTH, height), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            image.quantize(colors=64).save(buffer, format="PNG", optimize=True)
+            data["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def execute_all() -> None:
     """Runs every notebook in quick mode and stores it, outputs included, in docs/notebooks/."""
     import nbclient
@@ -97,10 +116,9 @@ def execute_all() -> None:
     STORED_DIR.mkdir(parents=True, exist_ok=True)
     for source in sorted(SOURCE_DIR.glob("*.ipynb")):
         notebook = nbformat.read(source, as_version=4)
-        notebook.cells.insert(0, nbformat.v4.new_code_cell(QUICK_SETUP))
         nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                 resources={"metadata": {"path": str(SOURCE_DIR)}}).execute()
-        notebook.cells.pop(0)
+        shrink_figures(notebook)
         for cell in notebook.cells:
             cell.metadata = {}
         notebook.metadata = {"kernelspec": notebook.metadata.get("kernelspec", {})}
