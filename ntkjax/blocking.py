@@ -124,6 +124,12 @@ def evaluate_in_blocks(
     Raises:
       ValueError: when inputs lack a batch axis or disagree in per-example shape, or when even
         the smallest block does not fit ``memory_bytes``.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(5.0)[:, None]
+    >>> gram = evaluate_in_blocks(lambda a, b: a @ b.T, x, block_size=2)  # 3 x 3 blocks
+    >>> gram.shape, float(gram[4, 3])
+    ((5, 5), 12.0)
     """
     check_pair(x1, x2, min_ndim=1)
     symmetric = x2 is None
