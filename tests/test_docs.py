@@ -183,6 +183,25 @@ def test_readme_links_to_docs_pages_that_exist():
     assert [link for link in links if not (ROOT / link).is_file()] == []
 
 
+# --------------------------------------------------------------------------- guides
+
+GUIDES = ["getting_started", "one_module_two_meanings", "empirical_ntk", "training_dynamics",
+          "training_and_sweeps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guide", GUIDES)
+def test_guide_examples_run(guide):
+    """The ``python`` blocks of a guide run, top to bottom, in one namespace (pseudo-code is
+    in ``text`` blocks; the neural-tangents guide holds nt code and is not run)."""
+    text = (ROOT / "docs" / "guides" / f"{guide}.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{guide}.md[{i}]", "exec"), namespace)
+
+
 # --------------------------------------------------------------------------- notebooks
 
 
