@@ -251,7 +251,8 @@ def test_docstring_rewrites_for_the_site():
     text = (
         "Uses :func:`kernel_fn` and :class:`~ntkjax.Kernel`, not :func:`jax.jit`.\n\n"
         "Args:\n  x1, x2: inputs\n    of one shape.\n  y: targets.\n\n"
-        ">>> 1 + 1\n2\n"
+        ">>> 1 + 1\n2\n\n"
+        "===  ===\nact  q\n===  ===\nerf  1\n===  ===\n"
     )
     loader = griffe.GriffeLoader()
     package = loader.load("ntkjax")
@@ -262,3 +263,4 @@ def test_docstring_rewrites_for_the_site():
     assert "`jax.jit`" in out and "[`jax.jit`]" not in out
     assert "  x1: inputs\n    of one shape.\n  x2: inputs\n    of one shape.\n  y: targets." in out
     assert "```pycon\n>>> 1 + 1\n2\n```" in out
+    assert "```text\n===  ===\nact  q\n===  ===\nerf  1\n===  ===\n```" in out

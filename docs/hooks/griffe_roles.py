@@ -4,7 +4,8 @@ Three rewrites, made on the loaded docstrings (the sources are untouched):
 
 * Sphinx roles (``:func:`kernel_fn```) become cross-references;
 * doctest examples (``>>>`` lines and their expected output) become ``pycon`` code blocks;
-* an ``Args:`` entry naming several parameters (``x1, x2: ...``) becomes one entry each.
+* an ``Args:`` entry naming several parameters (``x1, x2: ...``) becomes one entry each;
+* a reStructuredText simple table (rows between ``====  ====`` borders) becomes a text block.
 
 A role naming an ntkjax object becomes an autorefs link, resolved like Sphinx does (the current
 class, the current module, its package, then ``ntkjax`` and ``ntkjax.nn``); a target that names
@@ -23,6 +24,7 @@ import griffe
 ROLE = re.compile(r":(?:py:)?(?:class|func|mod|data|meth|attr|obj|exc|const):`(~?)([^`]+)`")
 LITERAL_BLOCK = re.compile(r"(?<=\S)::\n")
 SHARED_ENTRY = re.compile(r"^(\s+)(\*{0,2}\w+(?:,\s*\*{0,2}\w+)+):(\s.*)?$")
+TABLE_BORDER = re.compile(r"^\s*=+(\s+=+)+\s*$")
 SECTION = re.compile(r"^(\s*)(Args|Arguments|Attributes|Parameters):\s*$")
 
 
@@ -79,7 +81,29 @@ class SphinxRoles(griffe.Extension):
             return f"[`{shown}`][{resolved or target}]"
 
         text = LITERAL_BLOCK.sub(":\n", ROLE.sub(link, text))
-        return _split_shared_entries(_fence_examples(text))
+        return _split_shared_entries(_fence_tables(_fence_examples(text)))
+
+
+def _fence_tables(text: str) -> str:
+    """Puts each reStructuredText simple table, first border to last, in a ``text`` fence."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if not TABLE_BORDER.match(lines[i]):
+            out.append(lines[i])
+            i += 1
+            continue
+        end = i + 1
+        last_border = i
+        while end < len(lines) and lines[end].strip():
+            if TABLE_BORDER.match(lines[end]):
+                last_border = end
+            end += 1
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        out += [f"{indent}```text", *lines[i:last_border + 1], f"{indent}```"]
+        i = last_border + 1
+    return "\n".join(out)
 
 
 def _fence_examples(text: str) -> str:
