@@ -225,6 +225,19 @@ def test_stored_notebook_runs_hold_the_current_notebooks():
     assert total < 400_000, f"the stored runs take {total} bytes"
 
 
+def test_stored_demo_run_is_small_and_complete():
+    """The NTK-study guide includes a committed quick run of ``ntkjax demo``: its report and
+    every figure the report shows, together under 200 KB."""
+    folder = ROOT / "docs" / "guides" / "ntk_study"
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    shown = re.findall(r"\]\(ntk_study/([^)]+\.png)\)", report)
+    assert len(shown) >= 7
+    assert all((folder / name).is_file() for name in shown)
+    assert sum(p.stat().st_size for p in folder.glob("*.png")) < 200_000
+    guide = (ROOT / "docs" / "guides" / "ntk_study.md").read_text(encoding="utf-8")
+    assert '--8<-- "docs/guides/ntk_study/report.md"' in guide
+
+
 def test_notebook_page_has_code_text_and_figures():
     nbformat = pytest.importorskip("nbformat")
     hook = _load(HOOKS / "notebooks.py")
