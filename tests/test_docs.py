@@ -74,7 +74,8 @@ def broken_links(site: Path) -> list[str]:
                 continue  # external: not checked (the build runs offline)
             path = unquote(parts.path)
             if path:
-                resolved = (page.parent / path).resolve()
+                base = site if path.startswith("/") else page.parent  # 404.html: site-absolute
+                resolved = (base / path.lstrip("/")).resolve()
                 if resolved.is_dir():
                     resolved = resolved / "index.html"
             else:
