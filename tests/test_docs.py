@@ -148,7 +148,10 @@ def _check_every_public_name_has_an_api_entry(site: Path) -> None:
                 target = f"{defined[0]}.{name}" if defined else target
             if target not in ids:
                 missing.append(f"{package}.{name} ({target})")
-    assert missing == []
+    assert missing == [], (
+        "not in the API reference: add `::: <its module>` to a page of docs/api/ (and a new page "
+        "to the nav of mkdocs.yml)"
+    )
 
 
 # --------------------------------------------------------------------------- README
