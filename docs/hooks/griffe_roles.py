@@ -5,7 +5,9 @@ Three rewrites, made on the loaded docstrings (the sources are untouched):
 * Sphinx roles (``:func:`kernel_fn```) become cross-references;
 * doctest examples (``>>>`` lines and their expected output) become ``pycon`` code blocks;
 * an ``Args:`` entry naming several parameters (``x1, x2: ...``) becomes one entry each;
-* a reStructuredText simple table (rows between ``====  ====`` borders) becomes a text block.
+* a reStructuredText simple table (rows between ``====  ====`` borders) becomes a text block;
+* a module attribute without a docstring of its own whose object carries one (an activation
+  built with ``Activation(..., doc=...)``) gets that docstring.
 
 A role naming an ntkjax object becomes an autorefs link, resolved like Sphinx does (the current
 class, the current module, its package, then ``ntkjax`` and ``ntkjax.nn``); a target that names
@@ -16,6 +18,7 @@ code. A reStructuredText ``::`` that opens a literal block becomes ``:``.
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any
 
@@ -65,6 +68,10 @@ class SphinxRoles(griffe.Extension):
         if obj.is_alias or obj.path in seen:
             return
         seen.add(obj.path)
+        if obj.is_attribute and obj.docstring is None and obj.parent.is_module:
+            doc = _runtime_docstring(obj.parent.path, obj.name)
+            if doc:
+                obj.docstring = griffe.Docstring(doc, parent=obj)
         if obj.docstring is not None:
             obj.docstring.value = self._rewrite(obj, loader, obj.docstring.value)
         for member in obj.members.values():
@@ -82,6 +89,16 @@ class SphinxRoles(griffe.Extension):
 
         text = LITERAL_BLOCK.sub(":\n", ROLE.sub(link, text))
         return _split_shared_entries(_fence_tables(_fence_examples(text)))
+
+
+def _runtime_docstring(module: str, name: str) -> str | None:
+    """The docstring an object carries at run time when it is its own (not its type's)."""
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except Exception:  # a module that cannot be imported here: no docstring to add
+        return None
+    doc = getattr(value, "__doc__", None)
+    return doc if isinstance(doc, str) and doc != type(value).__doc__ else None
 
 
 def _fence_tables(text: str) -> str:
