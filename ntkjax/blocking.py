@@ -54,6 +54,15 @@ def available_memory_bytes(device: Any = None) -> int:
 
     Accelerators report ``bytes_limit - bytes_in_use`` from ``Device.memory_stats()``; the CPU
     reports ``MemAvailable`` from ``/proc/meminfo`` (or a conservative 4 GiB where that is absent).
+
+    Args:
+      device: a JAX device; None for ``jax.devices()[0]``.
+
+    Returns:
+      The free memory in bytes.
+
+    >>> available_memory_bytes() > 0
+    True
     """
     device = jax.devices()[0] if device is None else device
     stats = getattr(device, "memory_stats", lambda: None)()

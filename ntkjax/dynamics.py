@@ -63,7 +63,17 @@ _TOLERANCES = {4: (1e-5, 1e-6), 8: (1e-10, 1e-12)}
 
 class SolverStats(NamedTuple):
     """What the ODE solver did for one call: accepted and rejected steps, and evaluations of
-    the vector field (6 per step attempt for Tsit5, plus one)."""
+    the vector field (6 per step attempt for Tsit5, plus one).
+
+    Attributes:
+      num_steps: step attempts.
+      num_accepted_steps: accepted steps.
+      num_rejected_steps: rejected steps.
+
+    >>> stats = SolverStats(jnp.array(5), jnp.array(4), jnp.array(1))
+    >>> int(stats.num_accepted_steps + stats.num_rejected_steps) == int(stats.num_steps)
+    True
+    """
 
     num_steps: jax.Array
     num_accepted_steps: jax.Array

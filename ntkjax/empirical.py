@@ -176,6 +176,15 @@ def empirical_ntk_fn(
         (``flax.linen.Dropout`` or :class:`ntkjax.nn.Dropout` with ``deterministic=False`` and
         ``rate > 0``): its masks depend on how examples are batched, so the methods would
         disagree.
+
+    A linear model ``f(x) = x w`` has the NTK ``x1 x2^T``:
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> apply_fn = lambda params, x: x @ params["w"]
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> print(ntkjax.empirical_ntk_fn(apply_fn)({"w": jnp.ones((2, 1))}, x))
+    [[ 5. 11.]
+     [11. 25.]]
     """
     check_choice(ntk_method, NTK_METHODS, "ntk_method")
     check_choice(outputs, OUTPUTS, "outputs")
@@ -302,6 +311,14 @@ def empirical_ntk_matrix(
     Returns:
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; with ``out``
       a read-only ``zarr.Array`` of that shape (``a[i:j]`` reads rows as numpy).
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> apply_fn = lambda params, x: x @ params["w"]  # linear: the NTK is x1 x2^T
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> print(ntkjax.empirical_ntk_matrix(apply_fn, {"w": jnp.ones((2, 1))}, x, block_size=2))
+    [[ 1.  3.  5.]
+     [ 3. 13. 23.]
+     [ 5. 23. 41.]]
     """
     ntk = empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs=outputs)
     check_pair(x1, x2)
@@ -345,6 +362,23 @@ def ntk_operator(
     The forward pass is linearized once, so repeated calls (CG iterations) reuse it.
 
     Use e.g. ``jax.scipy.sparse.linalg.cg(ntk_operator(apply_fn, params, x), y)``.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)``, as in :func:`empirical_ntk_fn`.
+      params: the model parameters (any pytree / linen variables dict).
+      x: the inputs ``(N, *features)``.
+      ridge: added multiple of the identity.
+
+    Returns:
+      The function ``v -> (Theta + ridge I) v`` on arrays of the output shape.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> apply_fn = lambda params, x: x @ params["w"]  # linear: Theta = x x^T
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> op = ntkjax.ntk_operator(apply_fn, {"w": jnp.ones((2, 1))}, x, ridge=1.0)
+    >>> print(op(jnp.array([[1.0], [0.0]])))  # (x x^T + I) e_1
+    [[ 6.]
+     [11.]]
     """
     out = check_model_inputs(apply_fn, params, x)
     trainable, rebuild = split_params(params)
@@ -392,6 +426,22 @@ def empirical_nngp_fn(
     divided by O, neural-tangents' ``trace_axes=(-1,)``: for ``features="outputs"`` it
     estimates :func:`ntkjax.kernel_fn`'s per-output NNGP); ``"full"`` ``(N1, N2, O, O)``;
     ``"diagonal"`` ``(N1, N2, O)``.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)``, e.g. a linen ``module.apply``.
+      features: ``"outputs"`` or ``"last_hidden"`` (above).
+      outputs: ``"trace"``, ``"mean"``, ``"full"`` or ``"diagonal"`` (above).
+      normalize: divide the ``"trace"`` kernel by the number of features O.
+
+    Returns:
+      ``nngp(params, x1, x2=None)``, jitted; ``x2=None`` means ``x2 = x1``.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> apply_fn = lambda params, x: x * params["scale"]  # features 2 x: K = 4 x1 x2^T
+    >>> x = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+    >>> print(ntkjax.empirical_nngp_fn(apply_fn)({"scale": 2.0}, x))
+    [[4. 4.]
+     [4. 8.]]
     """
     check_choice(features, ("outputs", "last_hidden"), "features")
     check_choice(outputs, OUTPUTS, "outputs")
@@ -433,6 +483,21 @@ def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], An
         work directly), and for a module in training mode -- a Dropout that is not
         deterministic or a BatchNorm that uses batch statistics makes samples depend on their
         batch or on RNG state; call ``module.eval()`` first.
+
+    Args:
+      module: a ``flax.nnx.Module`` in evaluation mode.
+
+    Returns:
+      ``(apply_fn, params)``: ``apply_fn(params, x)`` calls the module with ``params`` (the
+      module's ``nnx.Param`` state).
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> from flax import nnx
+    >>> apply_fn, params = ntkjax.nnx_apply_fn(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> apply_fn(params, jnp.ones((4, 3))).shape
+    (4, 2)
+    >>> ntkjax.empirical_ntk_fn(apply_fn)(params, jnp.ones((4, 3))).shape
+    (4, 4)
     """
     from flax import nnx  # nnx is imported only by users of this helper
 

@@ -118,7 +118,15 @@ GETS: tuple[Get, ...] = ("ntk", "nngp")
 
 class Features(NamedTuple):
     """Feature matrices of a batch: ``nngp`` (N, D) with ``nngp @ nngp.T ~ NNGP`` and ``ntk``
-    (N, D) with ``ntk @ ntk.T ~ NTK`` (the kernels of one output, as :func:`ntkjax.kernel_fn`)."""
+    (N, D) with ``ntk @ ntk.T ~ NTK`` (the kernels of one output, as :func:`ntkjax.kernel_fn`).
+
+    >>> import jax.numpy as jnp
+    >>> f = Features(nngp=jnp.ones((3, 2)), ntk=jnp.ones((3, 2)))
+    >>> print(f.ntk @ f.ntk.T)  # the NTK estimate these features give
+    [[2. 2. 2.]
+     [2. 2. 2.]
+     [2. 2. 2.]]
+    """
 
     nngp: jax.Array
     ntk: jax.Array
@@ -773,6 +781,12 @@ class FeatureMap:
     per-example shape and dtype (:meth:`init`) and reused, so every batch gets the same map;
     :meth:`apply` is the jitted map with explicit parameters. Rows are independent: the map is
     vmappable and batch sizes can differ between calls.
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> mlp = ntkjax.models.MLP((512, 1), "relu", w_std=2**0.5)
+    >>> fmap = feature_map(mlp, key=jax.random.key(0), num_features=256)
+    >>> fmap.num_features, fmap(jnp.ones((3, 4))).ntk.shape
+    (256, (3, 256))
     """
 
     def __init__(self, module: linen.Module, key: jax.Array, config: _Config) -> None:
@@ -855,7 +869,10 @@ def feature_map(
     involve no matrix products; the random projections use the default matmul precision (TF32
     on recent GPUs, relative errors ~1e-3, far below the Monte Carlo error).
 
-    >>> import jax, ntkjax
+    Returns:
+      A :class:`FeatureMap`: ``fmap(x)`` gives the :class:`Features` of a batch.
+
+    >>> import jax, jax.numpy as jnp, ntkjax
     >>> mlp = ntkjax.models.MLP((512, 1), "relu", w_std=2**0.5)
     >>> fmap = feature_map(mlp, key=jax.random.key(0), num_features=256)
     >>> f = fmap(jnp.ones((3, 4)))
@@ -901,6 +918,15 @@ def hermite_truncation_error(
     ``(tail_nngp(q), tail_ntk(q))``: at equal variances, the largest possible error of the NNGP
     map and of sigma_dot. Expectations by Gauss-Hermite quadrature.
 
+    Args:
+      activation: an :class:`ntkjax.nn.Activation` or an elementwise function.
+      variance: the pre-activation variance q (an array; the bounds are elementwise).
+      degree: K, the truncation degree.
+      num_quadrature: Gauss-Hermite nodes for the expectations.
+
+    Returns:
+      ``(tail_nngp(q), tail_ntk(q))``, arrays of the shape of ``variance``.
+
     Values at the default degree 8 (``tail_nngp / tail_ntk``; 128 nodes), growing with q --
     saturating activations of large variance need a higher degree:
 
@@ -917,6 +943,8 @@ def hermite_truncation_error(
     (erf at degree 16: 1.2e-05/9.2e-05 at q = 1.) Kinks converge slowly (ReLU is handled in
     closed form instead); a polynomial activation of degree <= K is exact.
 
+    >>> import jax.numpy as jnp
+    >>> from ntkjax import nn
     >>> t_nngp, t_ntk = hermite_truncation_error(nn.erf, jnp.asarray(1.0))
     >>> bool(t_nngp < 1e-3)
     True
@@ -953,6 +981,13 @@ class FeatureRidge:
       get: ``"ntk"`` or ``"nngp"``, the features regressed on.
       feature_fn: the feature map.
       batch_size: the rows per compiled step.
+
+    >>> import jax, ntkjax
+    >>> fmap = feature_map(ntkjax.models.MLP((64, 1)), key=jax.random.key(0), num_features=64)
+    >>> x = jax.random.normal(jax.random.key(1), (100, 3))
+    >>> fit = feature_ridge(fmap, x, x[:, :1], diag_reg=1e-3)
+    >>> fit.num_train, fit.get, fit.predict(x[:2]).shape
+    (100, 'ntk', (2, 1))
     """
 
     weights: jax.Array
@@ -1046,6 +1081,18 @@ def feature_ridge(
     (the last padded and masked) runs one compiled step. With ``diag_reg = 0`` and a singular
     system the minimum-norm (least-squares) solution is returned. ``show_progress`` draws a
     progress bar on stderr.
+
+    Args:
+      feature_fn: the feature map, e.g. a :class:`FeatureMap` from :func:`feature_map`.
+      x: training inputs ``(n, *features)`` (host or device arrays).
+      y: training targets ``(n,)`` or ``(n, O)``.
+      get: ``"ntk"`` or ``"nngp"``: the features regressed on.
+      diag_reg: the ridge, relative to the mean diagonal of the feature kernel.
+      batch_size: rows per compiled step.
+      show_progress: progress bar on stderr.
+
+    Returns:
+      The fitted :class:`FeatureRidge` (``predict(x)`` gives predictions).
 
     >>> import jax, ntkjax
     >>> fmap = feature_map(ntkjax.models.MLP((64, 1)), key=jax.random.key(0), num_features=64)

@@ -98,6 +98,9 @@ class MarginalLikelihoodFit(NamedTuple):
         below where it started (``max(log_likelihood)`` is theirs).
       noise: the fitted noise variance (of the same iterate).
       log_likelihood: ``(num_steps + 1,)`` the evidence before each step and after the last.
+
+    >>> MarginalLikelihoodFit._fields
+    ('hyperparameters', 'noise', 'log_likelihood')
     """
 
     hyperparameters: Any

@@ -120,6 +120,14 @@ class Kernel:
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
     layer with fresh zero-mean weights, as in a residual block), and ``alpha * k`` (or
     ``k / alpha``) is the kernel of ``alpha`` times the outputs (kernels scale by ``alpha^2``).
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> k = ntkjax.kernel_fn(ntkjax.nn.Dense(1, w_std=1.0, b_std=0.0))(jnp.eye(2) * 2.0)
+    >>> print(k.nngp)  # x1 x2^T / d
+    [[2. 0.]
+     [0. 2.]]
+    >>> print((3.0 * k).ntk[0, 0], (k + k).ntk[0, 0])  # alpha^2 k; independent branches add
+    18.0 4.0
     """
 
     nngp: jax.Array
@@ -619,12 +627,15 @@ def kernel_fn(
         spatial axes then gives (N1, N2, *S) kernels; a module that mixes positions is a
         ValueError). The kernels are the same either way.
 
+    Returns:
+      ``fn(x1, x2=None)``, a pure function giving the :class:`Kernel` of the module's outputs.
+
     Raises:
       ValueError: for inputs without a feature axis or that disagree in their per-example
         shape, and when the module uses a layer without an infinite-width rule (e.g.
         ``flax.linen.Dense``).
 
-    >>> import ntkjax
+    >>> import jax.numpy as jnp, ntkjax
     >>> cnn = ntkjax.models.CNN((8, 1), readout="flatten")
     >>> ntkjax.kernel_fn(cnn)(jnp.ones((3, 4, 4, 2))).ntk.shape
     (3, 3)
@@ -899,6 +910,21 @@ def kernel_matrix(
     Raises:
       ValueError: when the module's output kernel still has spatial axes (end a convolutional
         network with :func:`ntkjax.nn.flatten` or a global pooling and a Dense readout).
+
+    Args:
+      module: a flax module built from :mod:`ntkjax.nn` layers, as in :func:`kernel_fn`.
+      x1: inputs ``(N1, *features)``.
+      x2: inputs ``(N2, *features)``, or None for ``x2 = x1``.
+      memory_bytes: budget for one block call; None for half of the free memory.
+      block_size: rows per block (overrides ``memory_bytes``).
+      show_progress: progress bar on stderr.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> dense = ntkjax.nn.Dense(1, w_std=1.0, b_std=0.0)  # NNGP = NTK = x1 x2^T / d
+    >>> print(ntkjax.kernel_matrix(dense, jnp.eye(3) * 3.0, block_size=2).ntk)
+    [[3. 0. 0.]
+     [0. 3. 0.]
+     [0. 0. 3.]]
     """
     x1, x2 = _float_inputs(x1, x2)
     token = _SAME_BATCH_RULES.set([])

@@ -41,6 +41,11 @@ def linearize(
       ``f_lin(params, x)``, a pure function of the same signature as ``apply_fn``,
       differentiable in ``params`` (so optax can train it), jit- and vmap-compatible. It is
       exactly linear in ``params``.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> f_lin = ntkjax.linearize(lambda p, x: jnp.sin(p * x), 0.0)
+    >>> print(f_lin(0.5, jnp.array([1.0, 2.0])))  # sin(0) + cos(0) x (0.5 - 0)
+    [0.5 1. ]
     """
     trainable0, _ = split_params(params0)
 

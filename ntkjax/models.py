@@ -54,6 +54,16 @@ def resolve_activation(activation: str | Callable) -> Callable:
 
     A callable that is not an :mod:`ntkjax.nn` activation works on arrays but raises a
     ValueError when it meets a Kernel (wrap it in :func:`ntkjax.nn.elementwise`).
+
+    Args:
+      activation: a name in :data:`ACTIVATIONS` or a callable.
+
+    Returns:
+      The activation function.
+
+    >>> from ntkjax import nn
+    >>> resolve_activation("relu") is nn.relu
+    True
     """
     if isinstance(activation, str):
         if activation == "ab_relu":
@@ -107,6 +117,14 @@ class MLP(_Network):
 
     ``MLP(...).init(key, x)`` / ``.apply(variables, x)`` map (N, d) to (N, out);
     ``ntkjax.kernel_fn(MLP(...))`` gives its infinite-width NNGP and NTK (per output).
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> mlp = MLP((16, 1), "relu")
+    >>> x = jnp.ones((3, 4))
+    >>> mlp.apply(mlp.init(jax.random.key(0), x), x).shape
+    (3, 1)
+    >>> ntkjax.kernel_fn(mlp)(x).ntk.shape
+    (3, 3)
     """
 
     @linen.compact
@@ -312,7 +330,7 @@ class Transformer(linen.Module):
         projections and output bias).
       epsilon: the LayerNorms' epsilon.
 
-    >>> import jax, ntkjax
+    >>> import jax, jax.numpy as jnp, ntkjax
     >>> net = Transformer(16, depth=1, num_heads=2)
     >>> x = jnp.ones((3, 5, 4))
     >>> net.apply(net.init(jax.random.key(0), x), x).shape

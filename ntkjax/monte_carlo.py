@@ -35,7 +35,18 @@ __all__ = ["MonteCarloKernel", "monte_carlo_kernel_fn"]
 
 class MonteCarloKernel(NamedTuple):
     """Mean empirical kernels over ``num_samples`` initializations and their standard errors
-    (``std over draws / sqrt(num_samples)``, ddof = 1); all ``(N1, N2)``."""
+    (``std over draws / sqrt(num_samples)``, ddof = 1); all ``(N1, N2)``.
+
+    Attributes:
+      nngp: the mean empirical NNGP.
+      ntk: the mean empirical NTK.
+      nngp_stderr: the standard error of ``nngp``.
+      ntk_stderr: the standard error of ``ntk``.
+      num_samples: the number of initializations averaged.
+
+    >>> MonteCarloKernel._fields
+    ('nngp', 'ntk', 'nngp_stderr', 'ntk_stderr', 'num_samples')
+    """
 
     nngp: jax.Array
     ntk: jax.Array

@@ -368,13 +368,14 @@ def gradient_flow_mse(
     fx_test_0: jax.Array | None = None,
     diag_reg: float = 0.0,
 ) -> Callable[[ArrayLike], Predictions]:
-    """Predictions of continuous-time gradient flow on the MSE at any training time.
+    r"""Predictions of continuous-time gradient flow on the MSE at any training time.
 
     With ``L = 1/(2n) sum ||f - y||^2``, ``df/dt = -(lr / n) Theta (f - y)`` and (Lee et al. 2019,
-    eqs. 10-11)::
+    eqs. 10-11), ``eta`` the learning rate:
 
-        f_t(X) = f_0(X) + (I - exp(-lr Theta t / n)) (y - f_0(X))
-        f_t(x) = f_0(x) + Theta(x, X) Theta^{-1} (I - exp(-lr Theta t / n)) (y - f_0(X))
+    $$f_t(X) = f_0(X) + \left(I - e^{-\eta \Theta t / n}\right) (y - f_0(X)),$$
+    $$f_t(x) = f_0(x) + \Theta(x, X)\, \Theta^{-1} \left(I - e^{-\eta \Theta t / n}\right)
+      (y - f_0(X)),$$
 
     with ``Theta + lambda I`` (``lambda = diag_reg * trace(Theta) / n``) in the inverse and the
     exponential when ``diag_reg > 0``; ``t = jnp.inf`` gives kernel ridge regression. One
@@ -393,6 +394,13 @@ def gradient_flow_mse(
       ``predict(t) -> Predictions(train, test)``; ``t`` a scalar or 1-D array (leading time
       axis in the outputs), ``>= 0``, ``jnp.inf`` allowed. ``predict`` is pure and can be
       wrapped in ``jax.jit`` / ``jax.vmap``.
+
+    With ``Theta = I`` and ``n = 2`` the outputs approach y like ``1 - exp(-t / 2)``:
+
+    >>> import jax.numpy as jnp
+    >>> predict = gradient_flow_mse(jnp.eye(2), jnp.array([1.0, 2.0]), learning_rate=1.0)
+    >>> print(predict(2 * jnp.log(2.0)).train, predict(jnp.inf).train)
+    [0.5 1. ] [1. 2.]
     """
     _check_positive(learning_rate, "learning_rate")
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
@@ -412,13 +420,14 @@ def gradient_descent_mse(
     fx_test_0: jax.Array | None = None,
     diag_reg: float = 0.0,
 ) -> Callable[[ArrayLike], Predictions]:
-    """Predictions after k steps of full-batch gradient descent on the MSE at a finite lr.
+    r"""Predictions after k steps of full-batch gradient descent on the MSE at a finite lr.
 
     Each step is ``f <- f - (lr / n) Theta (f - y)`` (the linearized network trained with
-    ``optax.sgd(lr)`` on :func:`ntkjax.losses.mse_loss`), so::
+    ``optax.sgd(lr)`` on :func:`ntkjax.losses.mse_loss`), so, ``eta`` the learning rate:
 
-        f_k(X) = f_0(X) + (I - (I - lr Theta / n)^k) (y - f_0(X))
-        f_k(x) = f_0(x) + Theta(x, X) Theta^{-1} (I - (I - lr Theta / n)^k) (y - f_0(X))
+    $$f_k(X) = f_0(X) + \left(I - (I - \eta \Theta / n)^k\right) (y - f_0(X)),$$
+    $$f_k(x) = f_0(x) + \Theta(x, X)\, \Theta^{-1} \left(I - (I - \eta \Theta / n)^k\right)
+      (y - f_0(X)).$$
 
     Stable for ``lr < max_learning_rate(Theta) = 2n / lambda_max``. Above the edge the modes
     with ``|1 - lr lambda / n| > 1`` grow geometrically: a ``UserWarning`` is issued once (when
@@ -429,6 +438,26 @@ def gradient_descent_mse(
     ``>= 0`` (scalar or 1-D) or ``jnp.inf`` -- kernel ridge for stable learning rates; at or
     above the edge ``steps = inf`` has no limit and raises ValueError (under ``jit``, where that
     cannot be checked, those modes contribute their Cesaro mean, i.e. the kernel-ridge value).
+
+    Args:
+      k_train_train: ``(n, n)`` kernel (NTK for trained networks) on the training inputs.
+      y_train: ``(n,)`` or ``(n, outputs)`` targets.
+      learning_rate: the step size ``lr``.
+      k_test_train: optional ``(m, n)`` kernel between test and training inputs.
+      fx_train_0: outputs on the training inputs at initialization (zeros when omitted).
+      fx_test_0: outputs on the test inputs at initialization (zeros when omitted).
+      diag_reg: relative diagonal regularizer, as in :func:`gradient_flow_mse`.
+
+    Returns:
+      ``predict(steps) -> Predictions(train, test)``; ``steps`` a whole number or 1-D array of
+      them (leading time axis in the outputs), or ``jnp.inf``.
+
+    With ``Theta = I``, ``n = 2`` and ``lr = 1`` each step halves the residual:
+
+    >>> import jax.numpy as jnp
+    >>> predict = gradient_descent_mse(jnp.eye(2), jnp.array([1.0, 2.0]), learning_rate=1.0)
+    >>> print(predict(2).train)
+    [0.75 1.5 ]
     """
     _check_positive(learning_rate, "learning_rate")
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
@@ -471,6 +500,15 @@ def max_learning_rate(
     the unit circle iff ``0 < a < 2 (1 + m)`` (Goh 2017, "Why Momentum Really Works";
     neural-tangents' ``predict.max_learning_rate``). ``momentum`` in ``[0, 1)``.
 
+    Args:
+      k_train_train: the ``(n, n)`` NTK on the training inputs.
+      diag_reg: relative diagonal regularizer, as in :func:`gradient_flow_mse`.
+      momentum: the heavy-ball momentum ``m``.
+
+    Returns:
+      The largest stable learning rate, a scalar array.
+
+    >>> import jax.numpy as jnp
     >>> float(max_learning_rate(jnp.eye(2) * 4.0, momentum=0.5))
     1.5
     """
@@ -495,7 +533,9 @@ def convergence_bound(
     t: jax.Array,
     diag_reg: float = 0.0,
 ) -> jax.Array:
-    """Upper bound ``exp(-lr lambda_min t / n) ||f_0 - y||`` on ``||f_t(X) - y||``.
+    r"""Upper bound ``exp(-lr lambda_min t / n) ||f_0 - y||`` on ``||f_t(X) - y||``:
+
+    $$\|f_t(X) - y\| \le e^{-\eta \lambda_{\min}(\Theta)\, t / n}\, \|f_0(X) - y\|.$$
 
     The linear-convergence bound of Jacot et al. 2018 / Lee et al. 2019 (Thm 2.1), with the
     ``1/n`` of our loss convention: gradient flow
@@ -503,6 +543,20 @@ def convergence_bound(
     least by the factor of the smallest eigenvalue (clipped at 0, plus ``lambda`` with
     ``diag_reg``; with ``diag_reg > 0`` it bounds the distance to the ridge fit instead of y).
     ``t`` a scalar or 1-D array.
+
+    Args:
+      k_train_train: the ``(n, n)`` NTK on the training inputs.
+      residual_0_norm: ``||f_0(X) - y||`` at initialization.
+      learning_rate: the learning rate ``lr`` (``eta``).
+      t: training time(s), a scalar or 1-D array, ``>= 0``.
+      diag_reg: relative diagonal regularizer, as in :func:`gradient_flow_mse`.
+
+    Returns:
+      The bound at each time, shaped like ``t``.
+
+    >>> import jax.numpy as jnp
+    >>> float(convergence_bound(2.0 * jnp.eye(2), 1.0, learning_rate=1.0, t=jnp.log(2.0)))
+    0.5
     """
     _check_square(k_train_train, "k_train_train")
     _check_positive(learning_rate, "learning_rate")
@@ -542,14 +596,33 @@ def gp_inference(
     *,
     diag_reg: float = 0.0,
 ) -> Gaussian:
-    """Exact GP posterior (Bayesian inference with the NNGP as prior covariance).
+    r"""Exact GP posterior (Bayesian inference with the NNGP as prior covariance).
 
-    ``mean = K(x, X) (K + lambda I)^{-1} y`` and
-    ``cov = K(x, x') - K(x, X) (K + lambda I)^{-1} K(X, x')`` (Rasmussen & Williams 2006,
-    eqs. 2.23-2.24), ``lambda = diag_reg * trace(K) / n`` playing the observation-noise
-    variance. Solved through a Cholesky factor, with an eigendecomposition fallback when
-    ``K + lambda I`` is not numerically positive definite (pseudo-inverse). ``k_test_test``
-    may be None (no covariance returned).
+    $$\mu(x) = K(x, X) (K + \lambda I)^{-1} y, \qquad
+      \Sigma(x, x') = K(x, x') - K(x, X) (K + \lambda I)^{-1} K(X, x')$$
+
+    (Rasmussen & Williams 2006, eqs. 2.23-2.24), ``lambda = diag_reg * trace(K) / n`` playing the
+    observation-noise variance. Solved through a Cholesky factor, with an eigendecomposition
+    fallback when ``K + lambda I`` is not numerically positive definite (pseudo-inverse).
+    ``k_test_test`` may be None (no covariance returned).
+
+    Args:
+      k_train_train: ``K(X, X)``, ``(n, n)``, the NNGP on the training inputs.
+      k_test_train: ``K(x, X)``, ``(m, n)``.
+      k_test_test: ``K(x, x')``, ``(m, m)``, or None.
+      y_train: ``(n,)`` or ``(n, outputs)`` targets.
+      diag_reg: relative diagonal regularizer (the observation noise, relative to the mean
+        diagonal of ``K``).
+
+    Returns:
+      A :class:`Gaussian`: the posterior ``mean`` ``(m,)`` or ``(m, outputs)`` and
+      ``covariance`` ``(m, m)`` (None without ``k_test_test``).
+
+    >>> import jax.numpy as jnp
+    >>> post = gp_inference(jnp.eye(2), jnp.array([[0.5, 0.0]]), jnp.array([[1.0]]),
+    ...                     jnp.array([2.0, 4.0]))
+    >>> print(post.mean, post.covariance)  # 0.5 * 2 and 1 - 0.5^2
+    [1.] [[0.75]]
     """
     _check_square(k_train_train, "k_train_train")
     n = np.shape(k_train_train)[0]
@@ -603,6 +676,19 @@ def gradient_flow_ensemble(
       ntk: ``(Theta(X, X), Theta(x, X), Theta(x, x'))``; the last is not needed and may be None.
       y_train: ``(n,)`` or ``(n, outputs)`` targets.
       learning_rate, t: as in :func:`gradient_flow_mse`; ``t`` a scalar or 1-D array.
+      diag_reg: relative diagonal regularizer of ``Theta``.
+
+    Returns:
+      A :class:`Gaussian` (with a leading time axis for a 1-D ``t``).
+
+    At ``t = 0`` the prior; at ``t = inf`` the NTK regression mean:
+
+    >>> import jax.numpy as jnp
+    >>> k = (jnp.eye(2), jnp.array([[0.5, 0.0]]), jnp.array([[1.0]]))
+    >>> y = jnp.array([2.0, 4.0])
+    >>> post = gradient_flow_ensemble(k, k, y, learning_rate=1.0, t=jnp.array([0.0, jnp.inf]))
+    >>> print(post.mean.ravel(), post.covariance.ravel())  # means; variances 1 and 1 - 0.5^2
+    [0. 1.] [1.   0.75]
     """
     if len(nngp) != 3 or len(ntk) != 3:
         raise ValueError("nngp and ntk must be (train_train, test_train, test_test) triples.")

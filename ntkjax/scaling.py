@@ -16,7 +16,16 @@ __all__ = ["PowerLawFit", "fit_power_law"]
 
 
 class PowerLawFit(NamedTuple):
-    """``y ~ prefactor * x**slope``, fitted by least squares on ``log y`` against ``log x``."""
+    """``y ~ prefactor * x**slope``, fitted by least squares on ``log y`` against ``log x``.
+
+    Attributes:
+      slope: the exponent.
+      prefactor: the factor.
+
+    >>> fit = PowerLawFit(slope=-0.5, prefactor=2.0)
+    >>> fit.prefactor * 16.0**fit.slope
+    0.5
+    """
 
     slope: float
     prefactor: float
@@ -34,6 +43,10 @@ def fit_power_law(x: ArrayLike, y: ArrayLike) -> PowerLawFit:
     Raises:
       ValueError: for fewer than two points, unequal lengths, or values that are not positive
         and finite.
+
+    >>> fit = fit_power_law([1.0, 4.0, 16.0], [2.0, 1.0, 0.5])  # y = 2 x^(-1/2)
+    >>> round(fit.slope, 6), round(fit.prefactor, 6)
+    (-0.5, 2.0)
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()

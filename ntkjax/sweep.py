@@ -103,7 +103,7 @@ class SweepConfig:
     """Everything but widths, seeds and learning rates; its hash is a row's ``config_id``.
 
     Attributes:
-      dataset: ``"sin"`` (:func:`ntkjax.datasets.sin_regression`, 1-D inputs, 100-point test
+      dataset: ``"sin"`` (:func:`ntkjax.tasks.sin_regression`, 1-D inputs, 100-point test
         grid) or ``"gaussian"`` (inputs N(0, I_d), targets ``sin(x . u)`` with a unit vector u).
       num_train, input_dim, num_test: data sizes (``input_dim`` is 1 for ``"sin"``).
       num_probe: probe inputs of the tracked NTK, drawn N(0, I_d).

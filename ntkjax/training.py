@@ -71,6 +71,16 @@ class StabilityReport(NamedTuple):
     ``max_learning_rate = 2n / lambda_max`` with ``Theta_0`` the empirical NTK on the ``n``
     training inputs (summed over outputs, divided by the number of outputs). ``stable`` is
     ``learning_rate < max_learning_rate``.
+
+    Attributes:
+      learning_rate: the learning rate checked.
+      max_learning_rate: the stability edge ``2n / lambda_max``.
+      lambda_max: the largest eigenvalue of ``Theta_0``.
+      lambda_min: the smallest eigenvalue of ``Theta_0``.
+      stable: whether ``learning_rate < max_learning_rate``.
+
+    >>> StabilityReport._fields
+    ('learning_rate', 'max_learning_rate', 'lambda_max', 'lambda_min', 'stable')
     """
 
     learning_rate: jax.Array
@@ -97,6 +107,9 @@ class TrainingHistory(NamedTuple):
       diverged_at: () int, the first such step, or -1.
       final_params: the parameters after training (frozen at divergence).
       stability: a :class:`StabilityReport` when a learning rate was checked, else None.
+
+    >>> TrainingHistory._fields[:4]
+    ('steps', 'loss', 'kernel_change', 'param_change')
     """
 
     steps: jax.Array
@@ -154,6 +167,20 @@ def make_train_fn(
         (:func:`ntkjax.linearize`) instead of the network.
       ntk_method: the :func:`ntkjax.empirical_ntk_fn` method for the probe kernel.
       divergence_factor: a loss above this multiple of the initial loss counts as divergence.
+
+    Returns:
+      ``train(params0, x_train, y_train, *, probe_x=None, x_test=None, key=None)``, a pure
+      function returning a :class:`TrainingHistory`.
+
+    >>> import jax.numpy as jnp, optax, ntkjax
+    >>> apply_fn = lambda p, x: x @ p["w"]  # a linear model: Theta = x x^T = I here
+    >>> x, y, params = jnp.eye(2), jnp.array([[1.0], [2.0]]), {"w": jnp.zeros((2, 1))}
+    >>> import jax
+    >>> train = jax.jit(ntkjax.make_train_fn(apply_fn, optimizer=optax.sgd(1.0), num_steps=4,
+    ...                                      record_every=2, track_kernel=False))
+    >>> history = train(params, x, y)
+    >>> print(history.steps, history.loss[1] / history.loss[0])  # residual x (1 - lr / n)^2
+    [0 2 4] 0.0625
     """
     if not isinstance(num_steps, int | np.integer) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
@@ -274,6 +301,23 @@ def learning_rate_check(
     are exchangeable, exactly so at O = 1). Gradient descent on the linearized model,
     ``f_{t+1} - y = (I - lr Theta_0 / n)(f_t - y)``, is stable iff ``lr < 2n / lambda_max``
     (:func:`ntkjax.predict.max_learning_rate`). Pure and jittable/vmappable (returns arrays).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, O)``.
+      params0: the parameters at initialization.
+      x_train: the ``n`` training inputs.
+      learning_rate: the step size to check.
+      ntk_method: the :func:`ntkjax.empirical_ntk_fn` method for ``Theta_0``.
+
+    Returns:
+      A :class:`StabilityReport`.
+
+    >>> import jax.numpy as jnp, optax, ntkjax
+    >>> apply_fn = lambda p, x: x @ p["w"]  # a linear model: Theta = x x^T = I here
+    >>> x, y, params = jnp.eye(2), jnp.array([[1.0], [2.0]]), {"w": jnp.zeros((2, 1))}
+    >>> rep = ntkjax.learning_rate_check(apply_fn, params, x, learning_rate=1.0)
+    >>> float(rep.max_learning_rate), bool(rep.stable)  # 2n / lambda_max = 4
+    (4.0, True)
     """
     check_batched(x_train, "x_train")
     _check_learning_rate(learning_rate)
@@ -348,6 +392,37 @@ def train_with_kernel_tracking(
     ``x_train``. A run that diverged warns with the step
     (``history.diverged``/``diverged_at``; records after it are masked by ``history.valid``).
     See :func:`make_train_fn` for the arguments.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, O)``, e.g. a linen ``module.apply``.
+      params0: the parameters at initialization.
+      x_train: training inputs.
+      y_train: training targets ``(n, O)``.
+      optimizer: any optax transformation.
+      num_steps: optimizer steps; a positive multiple of ``record_every``.
+      record_every: steps between records.
+      probe_x: inputs on which the kernel change is tracked (default ``x_train``).
+      x_test: inputs whose predictions are recorded.
+      batch_size: None for full-batch steps, else minibatches drawn with ``key``.
+      key: PRNG key for minibatches.
+      track_kernel: record the kernel change.
+      linearized: train the linearized network.
+      learning_rate: the optimizer's step size, for the stability check and its warning.
+      ntk_method: the :func:`ntkjax.empirical_ntk_fn` method.
+      divergence_factor: a loss above this multiple of the initial loss counts as divergence.
+      warn: warn when the learning rate is unstable or the run diverged.
+
+    Returns:
+      A :class:`TrainingHistory`.
+
+    >>> import jax.numpy as jnp, optax, ntkjax
+    >>> apply_fn = lambda p, x: x @ p["w"]  # a linear model: Theta = x x^T = I here
+    >>> x, y, params = jnp.eye(2), jnp.array([[1.0], [2.0]]), {"w": jnp.zeros((2, 1))}
+    >>> history = ntkjax.train_with_kernel_tracking(
+    ...     apply_fn, params, x, y, optimizer=optax.sgd(1.0), num_steps=4, record_every=2,
+    ...     learning_rate=1.0)
+    >>> print(history.loss[1] / history.loss[0], history.kernel_change)  # a fixed NTK
+    0.0625 [0. 0. 0.]
     """
     _validate_data(x_train, y_train, probe_x, x_test)
     if learning_rate is not None:
@@ -413,6 +488,9 @@ class KernelRegimeReport(NamedTuple):
         network decays at least as fast as the bound.
       stability: the :class:`StabilityReport` of the learning rate.
       diverged: whether the network run diverged.
+
+    >>> KernelRegimeReport._fields[:3]
+    ('steps', 'loss_network', 'loss_kernel')
     """
 
     steps: np.ndarray
@@ -456,6 +534,30 @@ def kernel_regime_check(
     ``lr lambda_max / n <= 1`` every mode contracts by ``1 - lr lambda / n <= exp(-lr lambda_min
     / n)`` per step). Both hold up to a finite-width error that shrinks with width; with
     ``linearized=True`` they hold exactly (up to rounding).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, O)``, e.g. a linen ``module.apply``.
+      params0: the parameters at initialization.
+      x_train: training inputs ``(n, *features)``.
+      y_train: training targets ``(n, O)``.
+      learning_rate: the SGD step size.
+      num_steps: full-batch steps; a positive multiple of ``record_every``.
+      record_every: steps between records.
+      linearized: train the linearized network instead (the check then holds exactly).
+      ntk_method: the :func:`ntkjax.empirical_ntk_fn` method for ``Theta_0``.
+
+    Returns:
+      A :class:`KernelRegimeReport`.
+
+    A linear model is its own linearization, so it follows the kernel prediction exactly:
+
+    >>> import jax.numpy as jnp, optax, ntkjax
+    >>> apply_fn = lambda p, x: x @ p["w"]  # a linear model: Theta = x x^T = I here
+    >>> x, y, params = jnp.eye(2), jnp.array([[1.0], [2.0]]), {"w": jnp.zeros((2, 1))}
+    >>> rep = ntkjax.kernel_regime_check(apply_fn, params, x, y, learning_rate=1.0,
+    ...                                  num_steps=4, record_every=2)
+    >>> bool(rep.loss_deviation < 1e-5), bool(rep.bound_excess <= 1e-6)
+    (True, True)
     """
     _validate_data(x_train, y_train, None, None)
     history = train_with_kernel_tracking(

@@ -4,8 +4,8 @@ The cookbook fits ``sin`` from 5 noisy points with an Erf network
 ``Dense(512, W_std=1.5, b_std=0.05) -> Erf -> Dense(512, ...) -> Erf -> Dense(1, ...)``:
 prior draws and the NNGP prior, exact Bayesian inference (NNGP posterior), gradient descent on
 the infinite network (NTK ensemble) at infinite and finite times with the mean MSE, and an
-ensemble of finite networks trained with SGD. Conversions applied (docs/
-coming_from_neural_tangents.md):
+ensemble of finite networks trained with SGD. Conversions applied
+(docs/guides/coming_from_neural_tangents.md):
 
 * ``stax.serial(...)`` -> a Flax module of :mod:`ntkjax.nn` layers (here ``ntkjax.models.MLP``);
 * ``nt.predict.gradient_descent_mse_ensemble(kernel_fn, x, y, diag_reg=1e-4)`` ->

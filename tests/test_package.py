@@ -124,6 +124,63 @@ def test_all_lists_exactly_the_exports(package):
         assert getattr(module, name).__doc__, f"{package}.{name} has no docstring"
 
 
+PUBLIC_PACKAGES = ["ntkjax", "ntkjax.nn", "ntkjax.models"]
+
+
+def _public_callables() -> list[tuple[str, str, object]]:
+    found = []
+    for package in PUBLIC_PACKAGES:
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                found.append((package, name, obj))
+    return found
+
+
+def _parameters(obj) -> list[str]:
+    return [p for p in inspect.signature(obj).parameters if p not in ("self", "cls")]
+
+
+@pytest.mark.parametrize("package,name,obj", _public_callables(),
+                         ids=[f"{p}.{n}" for p, n, _ in _public_callables()])
+def test_public_docstrings_have_sections_and_an_example(package, name, obj):
+    """The API reference is generated from these docstrings, and their examples are doctests:
+    every public function documents its arguments (when it has any) and what it returns, and
+    every public function and class shows a ``>>>`` example."""
+    doc = inspect.getdoc(obj) or ""
+    assert ">>>" in doc, f"{package}.{name}: no >>> example in its docstring"
+    if inspect.isfunction(obj):
+        if _parameters(obj):
+            assert "\nArgs:\n" in doc, f"{package}.{name}: no Args: section"
+        assert "\nReturns:\n" in doc, f"{package}.{name}: no Returns: section"
+
+
+def test_the_docstring_check_sees_what_is_missing():
+    def documented(x: int) -> int:
+        """Doubles.
+
+        Args:
+          x: a number.
+
+        Returns:
+          2 x.
+
+        >>> documented(1)
+        2
+        """
+        return 2 * x
+
+    def bare(x: int) -> int:
+        """Doubles."""
+        return 2 * x
+
+    test_public_docstrings_have_sections_and_an_example("t", "documented", documented)
+    with pytest.raises(AssertionError, match="no >>> example"):
+        test_public_docstrings_have_sections_and_an_example("t", "bare", bare)
+    assert len(_public_callables()) > 60
+
+
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "ntkjax"))
 def test_every_module_all_names_are_documented(name):
     if name.rpartition(".")[2].startswith("_"):

@@ -962,6 +962,13 @@ class Activation:
         (:attr:`ntkjax.Kernel.non_gaussian`), as neural-tangents does.
 
     Parameters are static Python numbers (or sequences), fixed when the network is built.
+
+    >>> import jax.numpy as jnp
+    >>> print(relu(jnp.array([-1.0, 2.0])))
+    [0. 2.]
+    >>> square = Activation(lambda x: x**2, name="square")  # kernel maps by quadrature
+    >>> is_activation(square), square.__name__
+    (True, 'square')
     """
 
     def __init__(
@@ -1024,6 +1031,13 @@ def is_activation(fn: Any) -> bool:
     """True for an :class:`Activation` (or a ``functools.partial`` of one): a function with an
     infinite-width kernel rule.
 
+    Args:
+      fn: any object.
+
+    Returns:
+      Whether ``fn`` is an activation with a kernel rule.
+
+    >>> import jax.numpy as jnp
     >>> is_activation(relu), is_activation(jnp.tanh)
     (True, False)
     """
@@ -1226,6 +1240,14 @@ def elementwise(fn: Callable[[jax.Array], jax.Array], *, num_quadrature: int = 6
     ReLU-like kinks). ``fn``'s derivative is taken by autodiff. Cost: ``num_quadrature^2``
     evaluations per entry.
 
+    Args:
+      fn: an elementwise function of an array.
+      num_quadrature: Gauss-Hermite nodes per dimension.
+
+    Returns:
+      An :class:`Activation`.
+
+    >>> import jax
     >>> softplus = elementwise(jax.nn.softplus)
     >>> is_activation(softplus)
     True

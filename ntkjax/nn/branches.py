@@ -132,6 +132,14 @@ def concatenate(branches: Sequence[Any], axis: int = -1) -> Any:
 
     (neural-tangents' ``FanInConcat``; module docstring.)
 
+    Args:
+      branches: the branches' outputs: arrays, or Kernels.
+      axis: the axis joined (never the batch axis 0).
+
+    Returns:
+      The concatenated array, or the Kernel of the concatenation.
+
+    >>> import jax.numpy as jnp
     >>> concatenate([jnp.ones((2, 3)), jnp.zeros((2, 5))]).shape
     (2, 8)
     """
@@ -198,6 +206,15 @@ def multiply(a: Any, b: Any, *more: Any) -> Any:
     multiply in turn), marked non-Gaussian (neural-tangents' ``FanInProd``). On arrays of one
     shape: their product.
 
+    Args:
+      a: the first branch's output (an array or a Kernel).
+      b: the second branch's output.
+      *more: further branches.
+
+    Returns:
+      The product, or the Kernel of the product.
+
+    >>> import jax.numpy as jnp
     >>> multiply(jnp.full((2, 3), 2.0), jnp.full((2, 3), 3.0))[0, 0].item()
     6.0
     """

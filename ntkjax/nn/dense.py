@@ -1,4 +1,4 @@
-"""Dense layers and their infinite-width rule.
+r"""Dense layers and their infinite-width rule.
 
 A dense layer in the NTK parameterization is ``y = w_std / sqrt(fan_in) x W + b_std b`` with
 ``W, b ~ N(0, 1)``; in the standard parameterization ``y = x W + b`` with
@@ -8,6 +8,12 @@ appendix; Sohl-Dickstein et al. 2020 for the standard parameterization):
 
 * NTK parameterization: ``Theta' = Sigma' + w_std^2 Theta``;
 * standard: ``Theta' = fan_in Sigma + w_std^2 Theta (+ 1 with a bias)``.
+
+In symbols ($\sigma_w$ = ``w_std``, $\sigma_b$ = ``b_std``, $d$ = ``fan_in``):
+
+$$\Sigma' = \sigma_w^2 \Sigma + \sigma_b^2, \qquad
+  \Theta'_{\mathrm{ntk}} = \Sigma' + \sigma_w^2 \Theta, \qquad
+  \Theta'_{\mathrm{standard}} = d\, \Sigma + \sigma_w^2 \Theta \; (+1 \text{ with a bias}).$$
 """
 
 from __future__ import annotations

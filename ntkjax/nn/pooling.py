@@ -83,6 +83,13 @@ def flatten(x: Any) -> Any:
     ``width = prod(S) C`` (the next layer's fan_in; module docstring). It reads only
     same-position pairs. A kernel without spatial axes is returned unchanged.
 
+    Args:
+      x: inputs (N, *S, C), or their Kernel.
+
+    Returns:
+      The flattened array, or its Kernel.
+
+    >>> import jax.numpy as jnp
     >>> flatten(jnp.ones((2, 3, 3, 4))).shape
     (2, 36)
     """
@@ -130,6 +137,13 @@ def global_average_pool(x: Any) -> Any:
     On a :class:`~ntkjax.Kernel`: ``Sigma[a, b] = mean_{p, p'} Sigma[a, b, p, p']`` (likewise
     Theta), ``width = C`` (module docstring).
 
+    Args:
+      x: inputs (N, *S, C), or their Kernel.
+
+    Returns:
+      The pooled array (N, C), or its Kernel.
+
+    >>> import jax.numpy as jnp
     >>> global_average_pool(jnp.ones((2, 3, 3, 4))).shape
     (2, 4)
     """
@@ -146,8 +160,15 @@ def global_sum_pool(x: Any) -> Any:
     On a :class:`~ntkjax.Kernel`: ``Sigma[a, b] = sum_{p, p'} Sigma[a, b, p, p']`` (likewise
     Theta and the variances), ``width = C`` (neural-tangents' ``GlobalSumPool``).
 
-    >>> global_sum_pool(jnp.ones((2, 3, 3, 4)))[0, 0]
-    Array(9., dtype=float32)
+    Args:
+      x: inputs (N, *S, C), or their Kernel.
+
+    Returns:
+      The pooled array (N, C), or its Kernel.
+
+    >>> import jax.numpy as jnp
+    >>> print(global_sum_pool(jnp.ones((2, 3, 3, 4)))[0, 0])
+    9.0
     """
     if isinstance(x, Kernel):
         return _global_pool_kernel(x, "global_sum_pool", average=False)
@@ -317,8 +338,19 @@ def avg_pool(
     ``Sigma'[o, o'] = sum_{p in W_o, p' in W_o'} Sigma[p, p'] / (|W_o| |W_o'|)``, likewise Theta
     and each input's covariance; ``width`` unchanged.
 
-    >>> avg_pool(jnp.arange(4.0).reshape(1, 4, 1), (2,), strides=(2,))[0, :, 0]
-    Array([0.5, 2.5], dtype=float32)
+    Args:
+      x: inputs (N, *S, C), or their Kernel.
+      window_shape: the window, one size per spatial axis (or one int for all).
+      strides: the strides (default 1).
+      padding: ``"VALID"``, ``"SAME"``, ``"CIRCULAR"`` or ``(low, high)`` pairs.
+      count_include_pad: whether padded zeros count in the average.
+
+    Returns:
+      The pooled array, or its Kernel.
+
+    >>> import jax.numpy as jnp
+    >>> print(avg_pool(jnp.arange(4.0).reshape(1, 4, 1), (2,), strides=(2,))[0, :, 0])
+    [0.5 2.5]
     """
     return _pool(x, window_shape, strides, padding, average=True,
                  count_include_pad=count_include_pad, name="avg_pool")
@@ -336,6 +368,16 @@ def sum_pool(
     On a :class:`~ntkjax.Kernel`: ``Sigma'[o, o'] = sum_{p in W_o, p' in W_o'} Sigma[p, p']``
     (likewise Theta and the covariances; neural-tangents' ``SumPool``).
 
+    Args:
+      x: inputs (N, *S, C), or their Kernel.
+      window_shape: the window, one size per spatial axis (or one int for all).
+      strides: the strides (default 1).
+      padding: ``"VALID"``, ``"SAME"``, ``"CIRCULAR"`` or ``(low, high)`` pairs.
+
+    Returns:
+      The pooled array, or its Kernel.
+
+    >>> import jax.numpy as jnp
     >>> sum_pool(jnp.ones((1, 4, 4, 1)), (2, 2), strides=(2, 2)).shape
     (1, 2, 2, 1)
     """

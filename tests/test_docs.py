@@ -1,0 +1,283 @@
+"""The documentation: the site builds in strict mode (a broken cross-reference, a missing page or
+a bad docstring section fails), every internal link and anchor of the built HTML resolves,
+every public name has its entry in the API reference, the README's example runs, and the
+notebook pages come from runs of the current notebooks.
+
+The site is built into a temporary folder (``mkdocs build --strict``, about 15 s) by one test
+that then checks it, so the check depends on no earlier command and, under ``pytest -n``, the
+site is built once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = ROOT / "docs" / "hooks"
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- link check
+
+
+class _Links(HTMLParser):
+    """The ``id``s of a page and the ``href``/``src`` values it points to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for key, value in attrs:
+            if value is None:
+                continue
+            if key in ("id", "name"):
+                self.ids.add(value)
+            elif key in ("href", "src") and not (tag == "link" and key == "href" and
+                                                 value.startswith("http")):
+                self.targets.append(value)
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def broken_links(site: Path) -> list[str]:
+    """Every internal ``href``/``src`` of ``site/**/*.html`` that names no file, or an anchor
+    that the target page does not define, as ``page: target`` strings."""
+    pages = {p: _parse(p) for p in site.rglob("*.html")}
+    broken = []
+    for page, links in pages.items():
+        for target in links.targets:
+            parts = urlsplit(target)
+            if parts.scheme or parts.netloc or target.startswith(("mailto:", "data:")):
+                continue  # external: not checked (the build runs offline)
+            path = unquote(parts.path)
+            if path:
+                base = site if path.startswith("/") else page.parent  # 404.html: site-absolute
+                resolved = (base / path.lstrip("/")).resolve()
+                if resolved.is_dir():
+                    resolved = resolved / "index.html"
+            else:
+                resolved = page.resolve()
+            if not resolved.is_file():
+                broken.append(f"{page.relative_to(site)}: {target}")
+                continue
+            if parts.fragment and resolved.suffix == ".html":
+                ids = pages[resolved].ids if resolved in pages else _parse(resolved).ids
+                if unquote(parts.fragment) not in ids:
+                    broken.append(f"{page.relative_to(site)}: {target} (no such anchor)")
+    return broken
+
+
+def test_link_check_finds_planted_breakage(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "index.html").write_text(
+        '<a href="a/page.html#here">ok</a> <a href="a/page.html#gone">bad anchor</a>'
+        '<img src="missing.png"> <a href="https://example.org/x">external</a>'
+        '<a href="#top">self</a><span id="top"></span>'
+    )
+    (tmp_path / "a" / "page.html").write_text('<h1 id="here">x</h1><a href="../index.html">up</a>')
+    assert sorted(broken_links(tmp_path)) == [
+        "index.html: a/page.html#gone (no such anchor)",
+        "index.html: missing.png",
+    ]
+
+
+def _build_site(out: Path) -> None:
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
+
+
+def test_site_builds_strictly_links_resolve_and_the_api_is_complete(tmp_path):
+    site = tmp_path / "site"
+    _build_site(site)
+    assert (site / "index.html").is_file()
+    assert len(list(site.rglob("*.html"))) > 20
+    assert broken_links(site) == []
+    _check_every_public_name_has_an_api_entry(site)
+    page = (site / "api" / "predict.html").read_text(encoding="utf-8")
+    assert 'class="arithmatex"' in page and "\\Theta" in page  # math goes to MathJax
+
+
+def _check_every_public_name_has_an_api_entry(site: Path) -> None:
+    """Each public name of ``ntkjax``, ``ntkjax.nn`` and ``ntkjax.models`` has an anchor (its
+    canonical path) in the API reference."""
+    ids: set[str] = set()
+    for page in (site / "api").glob("*.html"):
+        ids |= _parse(page).ids
+    missing = []
+    for package in ("ntkjax", "ntkjax.nn", "ntkjax.models"):
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.ismodule(obj):
+                target = obj.__name__
+            elif inspect.isfunction(obj) or inspect.isclass(obj):
+                target = f"{obj.__module__}.{obj.__qualname__}"
+            else:
+                target = f"{package}.{name}"  # an activation: documented where it is defined
+                defined = [m for m in ("ntkjax.nn.activations",) if hasattr(
+                    importlib.import_module(m), name)]
+                target = f"{defined[0]}.{name}" if defined else target
+            if target not in ids:
+                missing.append(f"{package}.{name} ({target})")
+    assert missing == [], (
+        "not in the API reference: add `::: <its module>` to a page of docs/api/ (and a new page "
+        "to the nav of mkdocs.yml)"
+    )
+
+
+# --------------------------------------------------------------------------- README
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_is_short_and_its_example_runs():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.encode()) < 4096, "the README should stay under 4 KB"
+    blocks = _readme_python_blocks()
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 12
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    k, ntk = namespace["k"], namespace["ntk"]
+    assert k.ntk.shape == (8, 8) and ntk.shape == (8, 8)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
+    assert f"\n{command}\n" in readme
+
+
+def test_readme_links_to_docs_pages_that_exist():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert links, "the README should link to the documentation pages"
+    assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+# --------------------------------------------------------------------------- guides
+
+GUIDES = ["getting_started", "one_module_two_meanings", "empirical_ntk", "training_dynamics",
+          "training_and_sweeps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guide", GUIDES)
+def test_guide_examples_run(guide):
+    """The ``python`` blocks of a guide run, top to bottom, in one namespace (pseudo-code is
+    in ``text`` blocks; the neural-tangents guide holds nt code and is not run)."""
+    text = (ROOT / "docs" / "guides" / f"{guide}.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{guide}.md[{i}]", "exec"), namespace)
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def _code_cells(path: Path) -> list[str]:
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(path, as_version=4)
+    return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def test_stored_notebook_runs_hold_the_current_notebooks():
+    """docs/notebooks/ holds one quick-mode run of each notebook of notebooks/ (regenerate with
+    ``.venv/bin/python docs/hooks/notebooks.py``), with exactly its code and some output."""
+    sources = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    stored = sorted((ROOT / "docs" / "notebooks").glob("*.ipynb"))
+    assert [p.name for p in stored] == [p.name for p in sources]
+    for source, run in zip(sources, stored, strict=True):
+        assert _code_cells(run) == _code_cells(source), (
+            f"{run} is a run of an older {source.name}: run docs/hooks/notebooks.py"
+        )
+    total = sum(p.stat().st_size for p in stored)
+    assert total < 400_000, f"the stored runs take {total} bytes"
+
+
+def test_stored_demo_run_is_small_and_complete():
+    """The NTK-study guide includes a committed quick run of ``ntkjax demo``: its report and
+    every figure the report shows, together under 200 KB."""
+    folder = ROOT / "docs" / "guides" / "ntk_study"
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    shown = re.findall(r"\]\(ntk_study/([^)]+\.png)\)", report)
+    assert len(shown) >= 7
+    assert all((folder / name).is_file() for name in shown)
+    assert sum(p.stat().st_size for p in folder.glob("*.png")) < 200_000
+    guide = (ROOT / "docs" / "guides" / "ntk_study.md").read_text(encoding="utf-8")
+    assert '--8<-- "docs/guides/ntk_study/report.md"' in guide
+
+
+def test_notebook_page_has_code_text_and_figures():
+    nbformat = pytest.importorskip("nbformat")
+    hook = _load(HOOKS / "notebooks.py")
+    notebook = nbformat.v4.new_notebook()
+    code = nbformat.v4.new_code_cell("print('hi')")
+    code.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="hi\n"),
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="}),
+    ]
+    notebook.cells = [nbformat.v4.new_markdown_cell("# Title\n$x^2$"), code]
+    page = hook.notebook_markdown(notebook, "demo.ipynb")
+    assert "# Title\n$x^2$" in page
+    assert "```python\nprint('hi')\n```" in page
+    assert "```text\nhi\n```" in page
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in page
+
+
+# --------------------------------------------------------------------------- docstring rewrites
+
+
+def test_docstring_rewrites_for_the_site():
+    griffe = pytest.importorskip("griffe")
+    roles = _load(HOOKS / "griffe_roles.py")
+    text = (
+        "Uses :func:`kernel_fn` and :class:`~ntkjax.Kernel`, not :func:`jax.jit`.\n\n"
+        "Args:\n  x1, x2: inputs\n    of one shape.\n  y: targets.\n\n"
+        ">>> 1 + 1\n2\n\n"
+        "===  ===\nact  q\n===  ===\nerf  1\n===  ===\n"
+    )
+    loader = griffe.GriffeLoader()
+    package = loader.load("ntkjax")
+    function = package["kernels"]["kernel_matrix"]
+    out = roles.SphinxRoles()._rewrite(function, loader, text)
+    assert "[`kernel_fn`][ntkjax.kernels.kernel_fn]" in out
+    assert "[`Kernel`][ntkjax.kernels.Kernel]" in out
+    assert "`jax.jit`" in out and "[`jax.jit`]" not in out
+    assert "  x1: inputs\n    of one shape.\n  x2: inputs\n    of one shape.\n  y: targets." in out
+    assert "```pycon\n>>> 1 + 1\n2\n```" in out
+    assert "```text\n===  ===\nact  q\n===  ===\nerf  1\n===  ===\n```" in out
