@@ -91,6 +91,10 @@ def initialize_distributed(
         None leaves JAX's setting alone). Set before the backend starts.
       **kwargs: passed on to :func:`jax.distributed.initialize`.
 
+    Returns:
+      None; afterwards ``jax.process_count()`` is ``num_processes`` and ``jax.devices()`` lists
+      the devices of every process.
+
     Raises:
       ValueError: for an address that is not ``host:port``, or a ``process_id`` outside
         ``0 .. num_processes - 1``.

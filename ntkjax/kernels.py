@@ -765,7 +765,7 @@ def _image_kernels(
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     block = _block_rows(x1, diagonal)
-    if x2 is None and block >= n1:
+    if x2 is None and (block >= n1 or not _blocks_replay_exactly(module, x1, diagonal)):
         k = _image_input_kernel(x1, None, diagonal=diagonal, variances=False)
         return _apply_to_kernel(module, k).with_variances()
     both = x1 if x2 is None else jnp.concatenate([x1, x2])
@@ -776,6 +776,32 @@ def _image_kernels(
     tapes = ([t[:n1] for t in tape], [t[n1:] for t in tape])
     out = _blocked_pairwise(module, x1, x2, tapes, diagonal, min(block, max(n1, n2)))
     return out.replace(var1=var[:n1], var2=var[n1:])
+
+
+def _blocks_replay_exactly(module: linen.Module, x: jax.Array, diagonal: bool) -> bool:
+    """Whether the kernel of ``x`` with itself may be assembled from kernels of pairs of row
+    blocks that replay the per-input variances. Not when a rule's kernel of a batch with itself
+    differs from that of two batches (train-mode dropout: :func:`note_same_batch_rule`), nor
+    when a layer needs variances that the replay does not carry (e.g. a residual sum around
+    self-attention); both are found by tracing shapes only, and such modules are evaluated on
+    the whole batch at once."""
+    token = _SAME_BATCH_RULES.set([])
+    try:
+        _output_kernel_shape(module, x)
+        if _SAME_BATCH_RULES.get():
+            return False
+
+        def one_pair(a: jax.Array) -> Kernel:
+            tape, _ = _per_input_pass(module, a, diagonal)
+            tapes = ([t[:1] for t in tape], [t[1:] for t in tape])
+            return _pairwise(module, a[:1], a[1:], tapes, diagonal)
+
+        jax.eval_shape(one_pair, jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype))
+        return True
+    except ValueError:
+        return False
+    finally:
+        _SAME_BATCH_RULES.reset(token)
 
 
 # Pairwise evaluation in blocks of rows whose kernels hold about this many entries per array

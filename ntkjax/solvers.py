@@ -76,6 +76,13 @@ class NystromEigensystem(NamedTuple):
         kernel's top eigenvalues (``K - U diag(lam) U^T`` is positive semi-definite).
       indices: ``(r,)`` the sampled training indices (column Nyström), or None for a Gaussian
         sketch.
+
+    >>> import jax, numpy as np, ntkjax
+    >>> k = np.diag([4.0, 3.0, 2.0, 1.0])  # a stored kernel (any row-sliceable array)
+    >>> eig = ntkjax.kernel_regression_cg(k, np.ones(4), rank=4, ridge=0.1,
+    ...                                   key=jax.random.key(0)).eigensystem
+    >>> np.round(np.asarray(eig.values, np.float64), 5).tolist()  # rank n: the exact spectrum
+    [4.0, 3.0, 2.0, 1.0]
     """
 
     vectors: jax.Array
@@ -94,6 +101,12 @@ class CGResult(NamedTuple):
       converged: ``(C,)`` whether each column reached ``tol``.
       eigensystem: the preconditioner's Nyström eigensystem, or None with ``rank=0``.
       ridge: the ridge ``mu`` that was added to the kernel's diagonal.
+
+    >>> import jax, numpy as np, ntkjax
+    >>> k = np.array([[2.0, 1.0], [1.0, 2.0]])
+    >>> res = ntkjax.kernel_regression_cg(k, np.array([3.0, 3.0]), rank=0, ridge=1.0)
+    >>> np.asarray(res.alpha), bool(res.converged.all())  # (K + I) alpha = y: alpha = (0.75, 0.75)
+    (array([0.75, 0.75]...), True)
     """
 
     alpha: jax.Array

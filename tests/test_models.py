@@ -230,4 +230,4 @@ def test_myrtle_empirical_ntk_converges_to_kernel_fn_like_inverse_sqrt_width(x64
         errors.append(float(np.sqrt(np.mean(np.asarray(sq)))))
     fit = fit_power_law(widths, errors)
     assert -0.7 <= fit.slope <= -0.3, (fit, errors)
-    assert errors[-1] < 0.35
+    assert errors[-1] < errors[0] / 2  # 8x the channels: about sqrt(8) ~ 2.8x smaller
