@@ -55,7 +55,7 @@ from flax import linen, struct
 
 from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
 from ntkjax._store import describe_object
-from ntkjax.blocking import evaluate_in_blocks
+from ntkjax.blocking import _pad_rows, evaluate_in_blocks
 
 __all__ = [
     "POSITION_PAIRS",
@@ -822,12 +822,6 @@ def _block_rows(x: jax.Array, diagonal: bool) -> int:
     return rows
 
 
-def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
-    if a.shape[0] == rows:
-        return a
-    return jnp.concatenate([a, jnp.broadcast_to(a[-1:], (rows - a.shape[0], *a.shape[1:]))])
-
-
 def _blocked_pairwise(
     module: linen.Module,
     x1: jax.Array,
@@ -847,8 +841,7 @@ def _blocked_pairwise(
         return _pairwise(module, x1, x2v, tapes, diagonal)
 
     def rows(a: jax.Array, r: int) -> jax.Array:
-        a = _pad_rows(a, r * block)
-        return a.reshape(r, block, *a.shape[1:])
+        return jnp.asarray(_pad_rows(a, r * block)).reshape(r, block, *a.shape[1:])
 
     xb1, xb2 = rows(x1, r1), rows(x2v, r2)
     tb1 = [rows(t, r1) for t in tapes[0]]

@@ -59,6 +59,7 @@ from ntkjax.jacobians import (
     per_sample_fn,
     split_params,
 )
+from ntkjax.nn.conv import transpose_padding
 from ntkjax.nn.dense import Dense as NTKDense
 
 __all__ = ["count_structured_layers", "last_hidden_features", "structured_kernel"]
@@ -280,16 +281,8 @@ def _conv_transpose_as_conv(module):
     strides, dilation = bcast(module.strides), bcast(module.kernel_dilation)
     padding = module.padding
     if isinstance(padding, str):
-        pads = []
-        for k, s, d in zip(ks, strides, dilation, strict=True):
-            k_eff = (k - 1) * d + 1
-            if padding == "SAME":
-                total = k_eff + s - 2
-                lo = k_eff - 1 if s > k_eff - 1 else -(-total // 2)
-            else:
-                total = k_eff + s - 2 + max(k_eff - s, 0)
-                lo = k_eff - 1
-            pads.append((lo, total - lo))
+        dilated = tuple((k - 1) * d + 1 for k, d in zip(ks, dilation, strict=True))
+        pads = list(transpose_padding(dilated, strides, "SAME" if padding == "SAME" else "VALID"))
     else:
         pads = [tuple(int(v) for v in pad) for pad in canonicalize_padding(padding, len(ks))]
     return types.SimpleNamespace(kernel_size=ks, kernel_dilation=dilation,
