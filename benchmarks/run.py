@@ -23,6 +23,7 @@ MODULES = [
     "benchmarks.bench_predict",
     "benchmarks.bench_solvers",
     "benchmarks.bench_sweep",
+    "benchmarks.bench_torch",
 ]
 
 

@@ -36,8 +36,12 @@ Algorithm 2.1.
 
 The host drives the iteration (a Python loop: operators may read files or loop over blocks),
 so :func:`kernel_regression_cg` is not itself ``jit``-able; each block product is one compiled
-call, and the row blocks are dealt round-robin over ``devices`` (JAX dispatches them
-asynchronously, so several devices work at once).
+call, and the work items (chunks of tile pairs, row blocks) are dealt round-robin over
+``devices`` (JAX dispatches them asynchronously, so several devices work at once). Under
+``jax.distributed`` (:func:`ntkjax.initialize_distributed`) the default ``devices`` are those of
+every process: each process computes the items of its own devices and the partial products are
+summed across processes (an all-gather per product of ``n x C`` numbers), so every process runs
+the same, cheap ``O(n C)`` CG recurrences on the same product and ends with the same ``alpha``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from jax.typing import ArrayLike
 
 from ntkjax._checks import check_choice, check_finite, float_dtype
 from ntkjax._progress import progress as _progress
+from ntkjax.blocking import _resolve_devices
+from ntkjax.distributed import _check_same_devices, _sum_over_processes
 from ntkjax.predict import Predictions
 
 __all__ = [
@@ -149,6 +155,34 @@ def _tiles(x: jax.Array, b: int, *, mode: str) -> jax.Array:
     return x.reshape(n // b + (1 if pad else 0), b, *x.shape[1:])
 
 
+class _Placement:
+    """Which of ``devices`` (the same list in every process) this process drives.
+
+    Work item ``k`` (a row block, a chunk of tile pairs) belongs to ``devices[k % len]``; each
+    process computes the items of its own devices into a partial result (zeros elsewhere), and
+    :meth:`total` sums the partial results over processes (exact for the zeros), so every
+    process ends with the same product. With one process this is round-robin over devices.
+    """
+
+    def __init__(self, devices: Sequence[Any]):
+        self.devices = list(devices)
+        me = jax.process_index()
+        self.mine = {k: d for k, d in enumerate(self.devices) if d.process_index == me}
+        self.home = next(iter(self.mine.values()), jax.local_devices()[0])
+
+    def owner(self, item: int) -> Any | None:
+        """The local device that computes work item ``item``, or None (another process)."""
+        return self.mine.get(item % len(self.devices))
+
+    def total(self, partial: jax.Array | None, shape: tuple, dtype) -> jax.Array:
+        """The sum over processes of this process's ``partial`` (None: nothing computed here)."""
+        if jax.process_count() == 1:
+            assert partial is not None
+            return partial
+        local = np.zeros(shape, dtype) if partial is None else np.array(partial, dtype)
+        return jax.device_put(_sum_over_processes(local), self.home)
+
+
 class _KernelFunctionOperator:
     """``V -> K(x_rows, x) V`` recomputed block by block (never storing ``n x n``)."""
 
@@ -158,9 +192,9 @@ class _KernelFunctionOperator:
         self.n = int(self.x.shape[0])
         self.dtype = dtype
         self.b = min(block_size, self.n)
-        self.devices = list(devices)
-        self._cols = [jax.device_put(_tiles(self.x, self.b, mode="edge"), d)
-                      for d in self.devices]
+        self.place = _Placement(devices)
+        tiled = _tiles(self.x, self.b, mode="edge")
+        self._cols = {d: jax.device_put(tiled, d) for d in self.place.mine.values()}
         block = self.block
 
         def row_block(row_tiles, i, col_tiles, v_tiles):
@@ -177,11 +211,11 @@ class _KernelFunctionOperator:
 
         # Tile pairs (I, J), I <= J, in chunks of `tiles` pairs (the last padded with weight 0):
         # each chunk is one call of one compiled function; chunks go round-robin to devices.
-        tiles = self._cols[0].shape[0]
+        tiles = tiled.shape[0]
         pairs = [(i, j, 1) for i in range(tiles) for j in range(i, tiles)]
         pairs += [(0, 0, 0)] * (-len(pairs) % tiles)
         self._pairs = np.asarray(pairs, np.int32).reshape(-1, tiles, 3)
-        self._pairs_on = [jax.device_put(self._pairs, d) for d in self.devices]
+        self._pairs_on = {d: jax.device_put(self._pairs, d) for d in self._cols}
 
         def pair_blocks(col_tiles, v_tiles, pairs):
             def step(acc, pair):
@@ -205,34 +239,43 @@ class _KernelFunctionOperator:
     def apply(self, v: jax.Array, row_x: jax.Array) -> jax.Array:
         """``K(row_x, x) v`` for ``v`` of shape ``(n, C)``: row blocks of ``row_x``."""
         v_tiles = _tiles(v.astype(self.dtype), self.b, mode="zero")
-        rows = [jax.device_put(_tiles(jnp.asarray(row_x, self.dtype), self.b, mode="edge"), d)
-                for d in self.devices]
-        vs = [jax.device_put(v_tiles, d) for d in self.devices]
+        row_tiles = _tiles(jnp.asarray(row_x, self.dtype), self.b, mode="edge")
+        rows = {d: jax.device_put(row_tiles, d) for d in self._cols}
+        vs = {d: jax.device_put(v_tiles, d) for d in self._cols}
+        home = self.place.home
         outs = []
-        for i in range(rows[0].shape[0]):
-            k = i % len(self.devices)
-            outs.append(self._row_block(rows[k], i, self._cols[k], vs[k]))
-        home = self.devices[0]
-        return jnp.concatenate([jax.device_put(o, home) for o in outs])[: np.shape(row_x)[0]]
+        for i in range(row_tiles.shape[0]):
+            d = self.place.owner(i)
+            if d is None:  # another process's block: zeros here, its values after the sum
+                outs.append(jnp.zeros((self.b, v_tiles.shape[-1]), self.dtype, device=home))
+            else:
+                outs.append(jax.device_put(self._row_block(rows[d], i, self._cols[d], vs[d]),
+                                           home))
+        out = jnp.concatenate(outs)
+        return self.place.total(out, out.shape, self.dtype)[: np.shape(row_x)[0]]
 
     def matmat(self, v: jax.Array) -> jax.Array:
         """``K v``, computing each tile pair ``(I, J)``, ``I <= J``, once (K is symmetric)."""
         v_tiles = _tiles(v.astype(self.dtype), self.b, mode="zero")
-        vs = [jax.device_put(v_tiles, d) for d in self.devices]
-        home = self.devices[0]
+        vs = {d: jax.device_put(v_tiles, d) for d in self._cols}
         total = None
         for c in range(self._pairs.shape[0]):  # summed as they come: O(n C) memory
-            k = c % len(self.devices)
-            part = jax.device_put(
-                self._pair_blocks(self._cols[k], vs[k], self._pairs_on[k][c]), home)
+            d = self.place.owner(c)
+            if d is None:
+                continue
+            part = jax.device_put(self._pair_blocks(self._cols[d], vs[d], self._pairs_on[d][c]),
+                                  self.place.home)
             total = part if total is None else total + part
-        assert total is not None
+        total = self.place.total(total, v_tiles.shape, self.dtype)
         return total.reshape(-1, v.shape[1])[: self.n]
 
     def rows(self, idx: np.ndarray) -> jax.Array:
         """``K(x_idx, x)`` of shape ``(len(idx), n)``."""
-        out = self._kernel_rows(self.x[jnp.asarray(idx)], self._cols[0])
-        return jax.device_put(out[:, : self.n], self.devices[0])
+        cols = self._cols.get(self.place.home)
+        if cols is None:  # this process drives none of the devices: rows on its own device
+            cols = jax.device_put(_tiles(self.x, self.b, mode="edge"), self.place.home)
+        out = self._kernel_rows(self.x[jnp.asarray(idx)], cols)
+        return jax.device_put(out[:, : self.n], self.place.home)
 
 
 class _StoredOperator:
@@ -243,7 +286,7 @@ class _StoredOperator:
         self.n = int(a.shape[0])
         self.dtype = dtype
         self.b = min(block_size, self.n)
-        self.devices = list(devices)
+        self.place = _Placement(devices)
         self._product = jax.jit(lambda blk, v: jnp.matmul(blk, v, precision=_HIGHEST))
 
     def _read(self, i: int) -> np.ndarray:
@@ -255,14 +298,18 @@ class _StoredOperator:
 
     def matmat(self, v: jax.Array) -> jax.Array:
         v = v.astype(self.dtype)
-        vs = [jax.device_put(v, d) for d in self.devices]
+        vs = {d: jax.device_put(v, d) for d in self.place.mine.values()}
+        home = self.place.home
         outs = []
         for k, i in enumerate(range(0, self.n, self.b)):
-            dev = k % len(self.devices)
-            outs.append(self._product(jax.device_put(self._read(i), self.devices[dev]),
-                                      vs[dev]))
-        home = self.devices[0]
-        return jnp.concatenate([jax.device_put(o, home) for o in outs])[: self.n]
+            d = self.place.owner(k)
+            if d is None:  # another process reads and multiplies this block
+                outs.append(jnp.zeros((self.b, v.shape[1]), self.dtype, device=home))
+            else:
+                outs.append(jax.device_put(
+                    self._product(jax.device_put(self._read(i), d), vs[d]), home))
+        out = jnp.concatenate(outs)
+        return self.place.total(out, out.shape, self.dtype)[: self.n]
 
     def rows(self, idx: np.ndarray) -> jax.Array:
         """Rows ``A[idx]``, reading each row block that holds one of them once."""
@@ -301,12 +348,15 @@ def _is_stored(obj: Any) -> bool:
     return hasattr(obj, "shape") and hasattr(obj, "__getitem__") and not callable(obj)
 
 
+def _devices(devices: Sequence[Any] | None) -> list[Any]:
+    """``devices`` checked (default: every device of every process), the same in all processes."""
+    devices = _resolve_devices(devices)
+    _check_same_devices(devices)
+    return devices
+
+
 def _operator(kernel, n, *, x, get, block_size, devices, dtype):
-    if devices is None:
-        devices = jax.local_devices()
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device, or None for all.")
+    devices = _devices(devices)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}.")
     if x is not None:
@@ -464,7 +514,9 @@ def kernel_regression_cg(
         :func:`gradient_flow_lowrank` uses); ``"auto"`` -- columns when the kernel has rows
         (module, kernel function, stored array), else Gaussian (callables).
       block_size: rows per block (and columns per tile) of blocked operators.
-      devices: devices to deal row blocks to round-robin (default: all local devices).
+      devices: devices to deal work items to round-robin (default: ``jax.devices()``, every
+        device of every process under ``jax.distributed``; must be the same list in every
+        process).
       show_progress: draw a progress bar on stderr (one step per iteration).
 
     Returns:
@@ -634,8 +686,7 @@ def kernel_ridge_predict(
             raise ValueError(f"the test-train kernel must have shape (m, {n}); got {shape}.")
         stored_dtype = getattr(kernel, "dtype", None)
         dtype = float_dtype(alpha, None if stored_dtype is None else np.empty(0, stored_dtype))
-        stored = _StoredOperator(kernel, block_size=block_size,
-                                 devices=jax.local_devices() if devices is None else devices,
+        stored = _StoredOperator(kernel, block_size=block_size, devices=_devices(devices),
                                  dtype=dtype)
         stored.n = shape[0]
         out = stored.matmat(w.astype(dtype))

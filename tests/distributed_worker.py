@@ -28,6 +28,31 @@ def problem():
     return x, y, images, mlp, cnn, params
 
 
+CG_RIDGE = 0.1
+
+
+def cg_targets(x: np.ndarray) -> np.ndarray:
+    """Two target columns for the kernel-regression solves."""
+    return np.stack([np.sin(x[:, 0]), np.cos(x[:, 1])], axis=1)
+
+
+def solve_with_cg(mlp, x, y, stored) -> dict:
+    """``kernel_regression_cg`` on the MLP recomputed in blocks and on a stored kernel, and
+    ``kernel_ridge_predict`` at ``y``: arrays to compare with a direct solve."""
+    import jax
+
+    import ntkjax
+
+    t = cg_targets(x)
+    common = dict(ridge=CG_RIDGE, rank=10, key=jax.random.key(3), tol=1e-12,
+                  max_iterations=200, block_size=8)
+    blocked = ntkjax.kernel_regression_cg(mlp, t, x=x, **common)
+    from_store = ntkjax.kernel_regression_cg(stored, t, **common)
+    pred = ntkjax.kernel_ridge_predict(mlp, blocked.alpha, x_train=x, x_test=y, block_size=8)
+    return {"cg_alpha": np.asarray(blocked.alpha), "cg_stored_alpha": np.asarray(from_store.alpha),
+            "cg_pred": np.asarray(pred), "cg_converged": np.asarray(blocked.converged.all())}
+
+
 def slow_block_fn(sleep_s: float, count_file: str):
     """The MLP NTK of a pair of blocks, with a host callback that sleeps ``sleep_s`` and
     appends a line to ``count_file`` (one line per computed block)."""
@@ -74,7 +99,7 @@ def main(argv: list[str]) -> None:
         emp = ntkjax.empirical_ntk_matrix(mlp.apply, params, x, y, block_size=8)
         stored = ntkjax.kernel_matrix(mlp, x, block_size=8, out=store)
         np.savez(result, sym_ntk=stored.ntk[:], sym_nngp=stored.nngp[:], cross_ntk=cross.ntk,
-                 conv_ntk=conv.ntk, emp=emp)
+                 conv_ntk=conv.ntk, emp=emp, **solve_with_cg(mlp, x, y, stored.ntk))
     elif role == "multi_process":
         assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
         stored = ntkjax.kernel_matrix(mlp, x, block_size=8, out=store)
@@ -84,7 +109,8 @@ def main(argv: list[str]) -> None:
             refused = ""
         except ValueError as err:
             refused = str(err)
-        np.savez(result, stored_ntk=stored.ntk[:], cross_ntk=gathered.ntk, refused=refused)
+        np.savez(result, stored_ntk=stored.ntk[:], cross_ntk=gathered.ntk, refused=refused,
+                 **solve_with_cg(mlp, x, y, stored.ntk))
     elif role == "slow_store":
         store, sleep_s, count_file = argv[1], float(argv[2]), argv[3]
         ntkjax.evaluate_in_blocks(slow_block_fn(sleep_s, count_file), x, block_size=5,

@@ -22,7 +22,7 @@ import pytest
 import zarr
 
 import ntkjax
-from tests.distributed_worker import problem, slow_block_fn
+from tests.distributed_worker import CG_RIDGE, cg_targets, problem, slow_block_fn
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 ROOT = WORKER.parent.parent
@@ -71,6 +71,17 @@ def reference(x64):
     }
 
 
+def _assert_solves(got, reference) -> None:
+    """CG on many devices or processes against a direct solve of ``(K + ridge I) a = t``."""
+    x = problem()[0]
+    alpha = np.linalg.solve(reference["sym_ntk"] + CG_RIDGE * np.eye(len(x)), cg_targets(x))
+    assert bool(got["cg_converged"])
+    for name in ("cg_alpha", "cg_stored_alpha"):
+        np.testing.assert_allclose(got[name], alpha, rtol=1e-8, atol=1e-10, err_msg=name)
+    np.testing.assert_allclose(got["cg_pred"], reference["cross_ntk"].T @ alpha, rtol=1e-8,
+                               atol=1e-10)
+
+
 @pytest.mark.slow
 def test_four_devices_give_the_one_device_kernels(tmp_path, reference):
     assert len(jax.devices()) == 1
@@ -81,6 +92,7 @@ def test_four_devices_give_the_one_device_kernels(tmp_path, reference):
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-12, atol=1e-12,
                                    err_msg=name)
     np.testing.assert_array_equal(got["sym_ntk"], got["sym_ntk"].T)  # mirrored blocks
+    _assert_solves(got, reference)
 
 
 @pytest.mark.slow
@@ -112,6 +124,7 @@ def test_two_processes_fill_one_store(tmp_path, reference):
         np.testing.assert_allclose(got["cross_ntk"], reference["cross_ntk"], rtol=1e-12,
                                    atol=1e-12)
         assert "same list in every process" in str(got["refused"])
+        _assert_solves(got, reference)  # each process holds the whole solution
 
     # The store records 2 writers: finished, one process may read it; unfinished, not resume.
     x, _, _, mlp, _, _ = problem()
