@@ -191,7 +191,7 @@ def _ntk_fns(torch, module):
     return {"jacobian": jacobian, "ntk_vp": ntk_vp}
 
 
-def torch_empirical_ntk(quick: bool = False) -> None:
+def torch_empirical_ntk(quick: bool = False, models: tuple[str, ...] | None = None) -> None:
     torch = _torch()
     if torch is None:
         return _skip("torch_empirical_ntk")
@@ -199,6 +199,8 @@ def torch_empirical_ntk(quick: bool = False) -> None:
     from benchmarks.bench_empirical import _SPECS
 
     for name, (make, shape, n, *_rest) in _SPECS.items():
+        if models is not None and name not in models:
+            continue
         if quick:
             n = max(4, n // 8)
         model = make()

@@ -7,6 +7,8 @@ optax SGD on the same loss, and the textbook GP posterior formulas.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +213,7 @@ def _apply_mlp(params, x):
     return h @ params["w2"] / np.sqrt(h.shape[1])
 
 
+@jax.jit
 def _empirical_ntk(params, x1, x2):
     """Brute-force empirical NTK: J(x1) J(x2)^T from full Jacobians."""
     flat = lambda x: jax.tree_util.tree_leaves(
@@ -220,23 +223,27 @@ def _empirical_ntk(params, x1, x2):
     return j1 @ j2.T
 
 
+@functools.partial(jax.jit, static_argnums=4)
+def _optax_sgd(params, x, y, lr, steps):
+    """``steps`` of optax.sgd(lr) on the MSE, one compiled scan (compiled once per width)."""
+    opt = optax.sgd(lr)
+
+    def step(carry, _):
+        p, state = carry
+        grads = jax.grad(lambda q: mse_loss(_apply_mlp(q, x), y))(p)
+        updates, state = opt.update(grads, state)
+        return (optax.apply_updates(p, updates), state), None
+
+    return jax.lax.scan(step, (params, opt.init(params)), None, length=steps)[0][0]
+
+
 def _optax_vs_prediction_gap(params, x, xt, y, steps):
     """Max gap between optax.sgd training and the empirical-NTK prediction on test inputs,
     relative to how far the network's test outputs moved."""
     n = x.shape[0]
     k, k_xt = _empirical_ntk(params, x, x), _empirical_ntk(params, xt, x)
     lr = 0.5 * n / float(jnp.linalg.eigvalsh(k)[-1])
-    opt = optax.sgd(lr)
-
-    @jax.jit
-    def train_step(params, state):
-        grads = jax.grad(lambda p: mse_loss(_apply_mlp(p, x), y))(params)
-        updates, state = opt.update(grads, state)
-        return optax.apply_updates(params, updates), state
-
-    trained, state = params, opt.init(params)
-    for _ in range(steps):
-        trained, state = train_step(trained, state)
+    trained = _optax_sgd(params, x, y, lr, steps)
     out = P.gradient_descent_mse(
         k, y, learning_rate=lr, k_test_train=k_xt,
         fx_train_0=_apply_mlp(params, x), fx_test_0=_apply_mlp(params, xt),
