@@ -213,32 +213,16 @@ def test_diagonal_patch_average_is_the_same_position_kernel_of_explicit_patches(
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
 
 
-def _numpy_transpose_patches(x, window, strides, padding):
-    """Patches of the stride-dilated input padded as lax.conv_transpose pads it (total
-    k + s - 2 for SAME, k - 1 in front when s > k - 1 else half rounded up; VALID: k - 1 in
-    front, k + s - 2 + max(k - s, 0) in total), built with numpy loops."""
-    nd = len(window)
-    shape = [x.shape[0]] + [(n - 1) * s + 1 for n, s in zip(x.shape[1:-1], strides,
-                                                             strict=True)] + [x.shape[-1]]
-    dil = np.zeros(shape)
-    dil[(slice(None), *(slice(None, None, s) for s in strides))] = x
-    pads = []
-    for k, s in zip(window, strides, strict=True):
-        if padding == "SAME":
-            total = k + s - 2
-            lo = k - 1 if s > k - 1 else -(-total // 2)
-        else:
-            total = k + s - 2 + max(k - s, 0)
-            lo = k - 1
-        pads.append((lo, total - lo))
-    xp = np.pad(dil, [(0, 0), *pads, (0, 0)])
-    outs = [xp.shape[1 + i] - window[i] + 1 for i in range(nd)]
-    patches = np.zeros((x.shape[0], *outs, int(np.prod(window)) * x.shape[-1]))
-    for o in itertools.product(*map(range, outs)):
-        parts = [xp[(slice(None), *(o[i] + d[i] for i in range(nd)))]
-                 for d in itertools.product(*map(range, window))]
-        patches[(slice(None), *o)] = np.concatenate(parts, axis=-1)
-    return patches
+def _flax_transpose_patches(x, window, strides, padding):
+    """The patches a transposed convolution reads, taken from ``flax.linen.ConvTranspose``
+    itself (not from our padding rule): with the identity kernel -- one output feature per
+    window offset and input channel -- output feature ``(d, c)`` at position ``o`` is the entry
+    of the stride-dilated, padded input that offset ``d`` of the window at ``o`` sees."""
+    size = int(np.prod(window)) * x.shape[-1]
+    identity = np.eye(size).reshape(*window, x.shape[-1], size)
+    layer = flax.linen.ConvTranspose(size, tuple(window), strides=tuple(strides),
+                                     padding=padding, use_bias=False)
+    return np.asarray(layer.apply({"params": {"kernel": identity}}, x))
 
 
 TRANSPOSE_CASES = [
@@ -265,9 +249,9 @@ def test_conv_transpose_matches_flax_and_its_kernel_the_dilated_patches(
     got = layer.apply(params, x1)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    # kernel: the patch kernel of the dilated, padded inputs (full and same-position)
-    p1, p2 = (_numpy_transpose_patches(np.asarray(x), window, strides, padding)
-              for x in (x1, x2))
+    # kernel: the patch kernel of the dilated, padded inputs (full and same-position), with
+    # the patches read off flax's layer
+    p1, p2 = (_flax_transpose_patches(x, window, strides, padding) for x in (x1, x2))
     assert p1.shape[1:-1] == got.shape[1:-1]
     outs, width = p1.shape[1:-1], p1.shape[-1]
     f1, f2 = p1.reshape(3, -1, width), p2.reshape(2, -1, width)
