@@ -23,14 +23,13 @@ cores).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.harness import emit, log
+from benchmarks.harness import emit, log, time_call
 
 
 def _torch() -> Any:
@@ -49,21 +48,19 @@ def _skip(workload: str) -> None:
           flush=True)
 
 
-def _time_torch(fn, *, repeats: int, min_time_s: float = 0.0) -> dict:
-    """As ``harness.time_call``; torch on CPU runs synchronously, so no blocking is needed."""
-    t0 = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - t0
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) > 200:
-            break
-    median = float(np.median(times))
-    return {"median_s": median, "compile_s": max(first - median, 0.0), "repeats": len(times),
-            "result": out}
+def _synchronous(result: Any) -> Any:
+    """Torch on the CPU computes before it returns: nothing to wait for."""
+    return result
+
+
+def _linear(torch, dense: dict):
+    """A ``torch.nn.Linear`` holding a flax ``Dense`` layer's ``kernel`` (in, out) and bias."""
+    kernel = np.asarray(dense["kernel"])
+    lin = torch.nn.Linear(*kernel.shape)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
+        lin.bias.copy_(torch.from_numpy(np.array(dense["bias"])))
+    return lin
 
 
 def _relu_mlp_ntk_torch(torch, x, depth: int, w_std: float, b_std: float):
@@ -100,9 +97,9 @@ def torch_analytic_relu_mlp(quick: bool = False) -> None:
     xt = torch.from_numpy(np.array(x))
     for depth in (3, 10):
         with torch.no_grad():
-            timing = _time_torch(
+            timing = time_call(
                 lambda depth=depth: _relu_mlp_ntk_torch(torch, xt, depth, math.sqrt(2), 0.1),
-                repeats=5)
+                repeats=5, wait=_synchronous)
         mlp = models.MLP((512,) * depth + (1,), "relu", w_std=float(np.sqrt(2)), b_std=0.1)
         with jax.enable_x64(True):
             ref = np.asarray(jax.jit(lambda a, m=mlp: ntkjax.kernel_fn(m)(a).ntk)(
@@ -120,12 +117,7 @@ def _torch_mlp(torch, params: dict, names: list[str]):
     """A torch MLP (ReLU between Linear layers) holding the flax ``Dense`` parameters."""
     layers = []
     for i, name in enumerate(names):
-        kernel = np.asarray(params[name]["kernel"])
-        lin = torch.nn.Linear(*kernel.shape)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            lin.bias.copy_(torch.from_numpy(np.array(params[name]["bias"])))
-        layers.append(lin)
+        layers.append(_linear(torch, params[name]))
         if i < len(names) - 1:
             layers.append(torch.nn.ReLU())
     return torch.nn.Sequential(*layers)
@@ -145,11 +137,7 @@ def _torch_cnn(torch, params: dict):
                     conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
                     conv.bias.copy_(torch.from_numpy(np.array(params[f"Conv_{i}"]["bias"])))
                 self.convs.append(conv)
-            kernel = np.asarray(params["Dense_0"]["kernel"])
-            self.readout = torch.nn.Linear(*kernel.shape)
-            with torch.no_grad():
-                self.readout.weight.copy_(torch.from_numpy(kernel.T.copy()))
-                self.readout.bias.copy_(torch.from_numpy(np.array(params["Dense_0"]["bias"])))
+            self.readout = _linear(torch, params["Dense_0"])
 
         def forward(self, x):  # x: (N, H, W, C)
             h = x.permute(0, 3, 1, 2)
@@ -217,7 +205,8 @@ def torch_empirical_ntk(quick: bool = False, models: tuple[str, ...] | None = No
         xt = torch.from_numpy(np.array(x))
         for method, fn in _ntk_fns(torch, module).items():
             log(f"torch {name}: {method}")
-            timing = _time_torch(lambda fn=fn, xt=xt: fn(xt).detach(), repeats=3 if quick else 5)
+            timing = time_call(lambda fn=fn, xt=xt: fn(xt).detach(), repeats=3 if quick else 5,
+                               wait=_synchronous)
             got = timing["result"].numpy().astype(np.float64)
             err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
             log(f"  {timing['median_s']:.3f} s, err {err:.1e}")

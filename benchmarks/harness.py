@@ -25,20 +25,22 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 5, min_time_s: float = 0.0) -> dict:
+def time_call(fn: Callable[[], Any], *, repeats: int = 5, min_time_s: float = 0.0,
+              wait: Callable[[Any], Any] = block) -> dict:
     """Times ``fn()``: the first call (compile + run) and the median of ``repeats`` later calls.
 
     With ``min_time_s`` > 0, keeps repeating (beyond ``repeats``) until that much time is spent,
-    so fast workloads get a stable median.
+    so fast workloads get a stable median. ``wait(result)`` returns once the result is computed
+    (JAX's asynchronous dispatch; the identity for synchronous frameworks).
     """
     t0 = time.perf_counter()
-    out = block(fn())
+    out = wait(fn())
     first = time.perf_counter() - t0
     times: list[float] = []
     spent = 0.0
     while len(times) < repeats or spent < min_time_s:
         t0 = time.perf_counter()
-        block(fn())
+        wait(fn())
         dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt

@@ -818,10 +818,15 @@ _BLOCK_ENTRIES = 2**14
 _STEP_ENTRIES = 2**18
 
 
+def _entries_per_pair(x: jax.Array, diagonal: bool) -> int:
+    """Kernel entries per pair of inputs: positions (same-position pairs) or their square."""
+    positions = math.prod(x.shape[1:-1])
+    return positions if diagonal else positions * positions
+
+
 def _block_rows(x: jax.Array, diagonal: bool) -> int:
     """Rows of x1 (and x2) per block of the pairwise evaluation (a power of two)."""
-    positions = math.prod(x.shape[1:-1])
-    per_pair = positions if diagonal else positions * positions
+    per_pair = _entries_per_pair(x, diagonal)
     rows = 1
     while rows * 2 <= x.shape[0] and (rows * 2) ** 2 * per_pair <= _BLOCK_ENTRIES:
         rows *= 2
@@ -863,8 +868,7 @@ def _blocked_pairwise(
                       diagonal)
         return k.nngp, k.ntk
 
-    positions = math.prod(x1.shape[1:-1])
-    per_block = block * block * (positions if diagonal else positions * positions)
+    per_block = block * block * _entries_per_pair(x1, diagonal)
     per_step = max(1, min(len(pairs), _STEP_ENTRIES // per_block))
     nngp_blocks, ntk_blocks = jax.lax.map(one, (index1, index2), batch_size=per_step)
     out_shape = jax.eval_shape(

@@ -174,6 +174,21 @@ class _Placement:
         """The local device that computes work item ``item``, or None (another process)."""
         return self.mine.get(item % len(self.devices))
 
+    def stack(self, count: int, compute: Callable[[int, Any], jax.Array],
+              item_shape: tuple, dtype) -> jax.Array:
+        """Items ``0..count-1`` (each ``item_shape``) stacked along axis 0: this process
+        computes its own (``compute(item, device)``), zeros stand for the others' until
+        :meth:`total` sums the processes' stacks."""
+        outs = []
+        for item in range(count):
+            d = self.owner(item)
+            if d is None:
+                outs.append(jnp.zeros(item_shape, dtype, device=self.home))
+            else:
+                outs.append(jax.device_put(compute(item, d), self.home))
+        out = jnp.concatenate(outs)
+        return self.total(out, out.shape, dtype)
+
     def total(self, partial: jax.Array | None, shape: tuple, dtype) -> jax.Array:
         """The sum over processes of this process's ``partial`` (None: nothing computed here)."""
         if jax.process_count() == 1:
@@ -242,17 +257,10 @@ class _KernelFunctionOperator:
         row_tiles = _tiles(jnp.asarray(row_x, self.dtype), self.b, mode="edge")
         rows = {d: jax.device_put(row_tiles, d) for d in self._cols}
         vs = {d: jax.device_put(v_tiles, d) for d in self._cols}
-        home = self.place.home
-        outs = []
-        for i in range(row_tiles.shape[0]):
-            d = self.place.owner(i)
-            if d is None:  # another process's block: zeros here, its values after the sum
-                outs.append(jnp.zeros((self.b, v_tiles.shape[-1]), self.dtype, device=home))
-            else:
-                outs.append(jax.device_put(self._row_block(rows[d], i, self._cols[d], vs[d]),
-                                           home))
-        out = jnp.concatenate(outs)
-        return self.place.total(out, out.shape, self.dtype)[: np.shape(row_x)[0]]
+        out = self.place.stack(row_tiles.shape[0],
+                               lambda i, d: self._row_block(rows[d], i, self._cols[d], vs[d]),
+                               (self.b, v_tiles.shape[-1]), self.dtype)
+        return out[: np.shape(row_x)[0]]
 
     def matmat(self, v: jax.Array) -> jax.Array:
         """``K v``, computing each tile pair ``(I, J)``, ``I <= J``, once (K is symmetric)."""
@@ -299,17 +307,11 @@ class _StoredOperator:
     def matmat(self, v: jax.Array) -> jax.Array:
         v = v.astype(self.dtype)
         vs = {d: jax.device_put(v, d) for d in self.place.mine.values()}
-        home = self.place.home
-        outs = []
-        for k, i in enumerate(range(0, self.n, self.b)):
-            d = self.place.owner(k)
-            if d is None:  # another process reads and multiplies this block
-                outs.append(jnp.zeros((self.b, v.shape[1]), self.dtype, device=home))
-            else:
-                outs.append(jax.device_put(
-                    self._product(jax.device_put(self._read(i), d), vs[d]), home))
-        out = jnp.concatenate(outs)
-        return self.place.total(out, out.shape, self.dtype)[: self.n]
+        out = self.place.stack(
+            -(-self.n // self.b),
+            lambda k, d: self._product(jax.device_put(self._read(k * self.b), d), vs[d]),
+            (self.b, v.shape[1]), self.dtype)
+        return out[: self.n]
 
     def rows(self, idx: np.ndarray) -> jax.Array:
         """Rows ``A[idx]``, reading each row block that holds one of them once."""
