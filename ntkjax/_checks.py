@@ -103,3 +103,33 @@ def check_finite(x, name: str) -> None:
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or Inf) of {arr.size}.")
+
+
+def check_positive(value, name: str) -> None:
+    """Raises ValueError unless a concrete ``value`` is a positive finite scalar."""
+    if is_concrete(value):
+        v = np.asarray(value)
+        if v.shape != () or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite scalar; got {value!r}.")
+
+
+def check_diag_reg(diag_reg) -> None:
+    """Raises ValueError unless a concrete ``diag_reg`` is a finite scalar >= 0."""
+    if is_concrete(diag_reg):
+        v = np.asarray(diag_reg)
+        if v.shape != () or not np.isfinite(v) or v < 0:
+            raise ValueError(f"diag_reg must be a finite scalar >= 0; got {diag_reg!r}.")
+
+
+def check_times(t, name: str, *, integer: bool) -> None:
+    """Raises ValueError unless ``t`` is a scalar or 1-D array of times >= 0 (inf allowed),
+    whole numbers with ``integer``."""
+    if np.ndim(t) > 1:
+        raise ValueError(f"{name} must be a scalar or a 1-D array; got shape {np.shape(t)}.")
+    if not is_concrete(t):
+        return
+    v = np.asarray(t, dtype=np.float64)
+    if np.any(np.isnan(v)) or np.any(v < 0):
+        raise ValueError(f"{name} must be >= 0 (jnp.inf allowed); got {t!r}.")
+    if integer and np.any(np.isfinite(v) & (v != np.round(v))):
+        raise ValueError(f"{name} must be whole numbers of steps (or jnp.inf); got {t!r}.")

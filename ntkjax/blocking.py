@@ -38,10 +38,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from ntkjax import _store
-from ntkjax import distributed as _distributed
+from ntkjax import _collectives, _store
 from ntkjax._checks import check_pair
+from ntkjax._placement import check_same_devices, resolve_devices
 from ntkjax._progress import progress as _progress
+from ntkjax._tiling import pad_rows
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 
 __all__ = ["available_memory_bytes", "evaluate_in_blocks"]
@@ -82,14 +83,6 @@ def _mirror(block: np.ndarray) -> np.ndarray:
     """K(x', x) from K(x, x'): swap the two batch axes and reverse the trailing output axes."""
     trailing = tuple(range(block.ndim - 1, 1, -1))
     return np.transpose(block, (1, 0, *trailing))
-
-
-def _pad_rows(x: np.ndarray | jax.Array, size: int):
-    n = x.shape[0]
-    if n == size:
-        return x
-    pad = [(0, size - n)] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(x, pad, mode="edge")
 
 
 def _footprint(compiled) -> int | None:
@@ -180,8 +173,8 @@ def evaluate_in_blocks(
     x1 = jnp.asarray(x1)
     x2 = x1 if symmetric else jnp.asarray(x2)
     n1, n2 = x1.shape[0], x2.shape[0]
-    devices = _resolve_devices(devices)
-    _distributed._check_same_devices(devices)
+    devices = resolve_devices(devices)
+    check_same_devices(devices)
     local = [d for d in devices if d.process_index == jax.process_index()]
     options = cpu_convolution_options()
     jitted = jit_with_options(block_fn, options)
@@ -222,7 +215,7 @@ def evaluate_in_blocks(
         block_size, compiled = _choose_block(
             jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec
         )
-        agreed = _distributed._minimum_over_processes(block_size)
+        agreed = _collectives.minimum_over_processes(block_size)
         if agreed != block_size:  # every process must use the same blocks
             block_size, compiled = agreed, None
     else:
@@ -243,10 +236,10 @@ def evaluate_in_blocks(
         }
         if meta is not None:
             _store.check_layout(path, meta, layout)
-        _distributed._barrier("ntkjax-store-checked")
+        _collectives.barrier("ntkjax-store-checked")
         if meta is None and jax.process_index() == 0:
             _store.create(path, prints, layout, layout["shapes"], layout["dtypes"])
-        _distributed._barrier("ntkjax-store-created")
+        _collectives.barrier("ntkjax-store-created")
         store = _store.open_store(path)
         _store.check_meta(path, store.meta, prints)
         _store.check_layout(path, store.meta, layout)
@@ -304,26 +297,12 @@ def evaluate_in_blocks(
                                  enabled=show_progress):
         write(i, j, tiles)
 
-    _distributed._barrier("ntkjax-blocks-done")
+    _collectives.barrier("ntkjax-blocks-done")
     if store is not None:
         return jax.tree_util.tree_unflatten(treedef, store.readers())
     for res in results:
-        _distributed._sum_over_processes(res)
+        _collectives.sum_over_processes(res)
     return jax.tree_util.tree_unflatten(treedef, results)
-
-
-def _resolve_devices(devices: Sequence[Any] | None) -> list[Any]:
-    if devices is None:
-        return list(jax.devices())
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty: pass at least one device, or None for all.")
-    for d in devices:
-        if not isinstance(d, jax.Device):
-            raise TypeError(f"devices must hold jax.Device objects, got {type(d).__name__}.")
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices lists a device more than once: {devices}.")
-    return devices
 
 
 def _pipelined(calls):
@@ -348,7 +327,7 @@ def _one_device(compiled, x1, x2, fn_args, todo, b1, b2, n1, n2):
 
         def dispatch():
             return compiled(
-                _pad_rows(x1[i : i + m1], b1), _pad_rows(x2[j : j + m2], b2), *fn_args
+                pad_rows(x1[i : i + m1], b1), pad_rows(x2[j : j + m2], b2), *fn_args
             )
 
         def collect(out):
@@ -387,8 +366,8 @@ def _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n
         work = [p or filler for p in slots]
 
         def dispatch():
-            a = np.stack([_pad_host(h1[i : i + b1], b1) for i, _ in work])
-            b = np.stack([_pad_host(h2[j : j + b2], b2) for _, j in work])
+            a = np.stack([pad_rows(h1[i : i + b1], b1) for i, _ in work])
+            b = np.stack([pad_rows(h2[j : j + b2], b2) for _, j in work])
             return sharded(jax.device_put(a, stacked), jax.device_put(b, stacked), *args)
 
         def collect(out):
@@ -402,12 +381,6 @@ def _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n
         return dispatch, collect
 
     return _pipelined(call(r) for r in range(rounds))
-
-
-def _pad_host(x: np.ndarray, size: int) -> np.ndarray:
-    if x.shape[0] == size:
-        return x
-    return np.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
 
 def _format_bytes(n: float) -> str:

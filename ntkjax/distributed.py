@@ -1,4 +1,5 @@
-"""Starting multi-process runs on JAX's distributed runtime, and the few collectives ntkjax uses.
+"""Starting multi-process runs on JAX's distributed runtime (the collectives ntkjax uses are in
+:mod:`ntkjax._collectives`).
 
 ntkjax has no scheduler of its own: several processes (on one machine or many) form one JAX
 runtime through :func:`jax.distributed.initialize`, after which ``jax.devices()`` lists the
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import socket
 import time
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,55 +132,3 @@ def initialize_distributed(
         initialization_timeout=max(1, int(np.ceil(timeout_s))),
         **kwargs,
     )
-
-
-def _barrier(name: str) -> None:
-    """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _minimum_over_processes(value: int) -> int:
-    """The smallest of every process's ``value`` (``value`` itself with one process)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int32))))
-
-
-def _check_same_devices(devices: Sequence[Any]) -> None:
-    """Raises ValueError (in every process alike) unless all processes pass the same devices."""
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    ids = ",".join(str(d.id) for d in devices)
-    code = np.asarray(zlib.crc32(ids.encode()) & 0x7FFFFFFF, np.int32)
-    codes = np.asarray(multihost_utils.process_allgather(code)).ravel()
-    if len(set(codes.tolist())) > 1:
-        raise ValueError(
-            "devices must be the same list in every process (e.g. the default jax.devices()); "
-            f"process {jax.process_index()} passed device ids [{ids}], and others differ."
-        )
-
-
-def _sum_over_processes(local: np.ndarray, max_bytes: int = 2**26) -> np.ndarray:
-    """The sum over processes of each process's ``local`` array, in place, in row strips.
-
-    Used to assemble a result that every process filled in part (zeros elsewhere): adding
-    zeros is exact, so the result equals the parts. Strips hold at most ``max_bytes`` per
-    process, so the gather needs ``num_processes * max_bytes`` of extra memory.
-    """
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    row_bytes = max(1, local[:1].nbytes)
-    rows = max(1, min(local.shape[0], max_bytes // row_bytes))
-    for start in range(0, local.shape[0], rows):
-        parts = multihost_utils.process_allgather(np.ascontiguousarray(local[start:start + rows]))
-        local[start:start + rows] = np.sum(np.asarray(parts), axis=0, dtype=local.dtype)
-    return local

@@ -38,15 +38,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, check_finite, check_pair, float_dtype
+from ntkjax._checks import (
+    check_choice,
+    check_diag_reg,
+    check_finite,
+    check_pair,
+    check_positive,
+    check_times,
+    float_dtype,
+)
+from ntkjax._spectral import Eigen, eigh_psd
+from ntkjax._tiling import padded_row_indices
 from ntkjax.kernels import kernel_fn as module_kernel_fn
 from ntkjax.predict import (
     Gaussian,
-    _check_diag_reg,
-    _check_positive,
-    _check_times,
-    _Eigen,
-    _eigh_psd,
     ensemble_covariance,
     ensemble_mean,
     ensemble_transfer,
@@ -153,8 +158,8 @@ def ensemble_predictor(
         raise ValueError(f"y_train must have shape ({n},) or ({n}, outputs) to match x_train's "
                          f"{n} points; got shape {y_shape}.")
     check_finite(y_train, "y_train")
-    _check_positive(learning_rate, "learning_rate")
-    _check_diag_reg(diag_reg)
+    check_positive(learning_rate, "learning_rate")
+    check_diag_reg(diag_reg)
     if block_size is not None and (int(block_size) != block_size or block_size < 1):
         raise ValueError(f"block_size must be a positive integer; got {block_size!r}.")
     block = _DEFAULT_BLOCK if block_size is None else int(block_size)
@@ -166,11 +171,11 @@ def ensemble_predictor(
     k_train = {"nngp": nngp_train, "ntk": ntk_train}
     y = jnp.asarray(y_train, dtype)
     lr = jnp.asarray(learning_rate, dtype)
-    eigen: dict[str, _Eigen] = {}
+    eigen: dict[str, Eigen] = {}
 
-    def decomposition(get: str) -> _Eigen:
+    def decomposition(get: str) -> Eigen:
         if get not in eigen:
-            eigen[get] = _eigh_psd(k_train[get], diag_reg, f"the {get} of x_train")
+            eigen[get] = eigh_psd(k_train[get], diag_reg, f"the {get} of x_train")
         return eigen[get]
 
     def predict(
@@ -183,7 +188,7 @@ def ensemble_predictor(
         check_choice(get, GETS, "get")
         check_choice(covariance, COVARIANCES, "covariance")
         check_pair(x_test, x_train)
-        _check_times(t, "t", integer=False)
+        check_times(t, "t", integer=False)
         times = jnp.asarray(t, dtype)
         x_test = jnp.asarray(x_test, dtype)
         m = x_test.shape[0]
@@ -195,7 +200,7 @@ def ensemble_predictor(
         var = np.empty((*times.shape, m), dtype)
         blocks = []
         for i in starts:
-            rows = _padded_rows(i, min(size, m - i), size)
+            rows = padded_row_indices(i, min(size, m - i), size)
             xb = x_test[rows]
             a_t, k_bt, mu, v = _block_moments(fn, get == "nngp", eig, lr, times, xb, x_train_dev,
                                               k_train["nngp"], y)
@@ -241,7 +246,7 @@ def _rows(fn, x1: jax.Array, x2: jax.Array, block: int) -> tuple[jax.Array, jax.
     nngp, ntk = [], []
     for i in range(0, m, size):
         keep = min(size, m - i)
-        a, b = _kernel_rows(fn, x1[_padded_rows(i, keep, size)], x2)
+        a, b = _kernel_rows(fn, x1[padded_row_indices(i, keep, size)], x2)
         nngp.append(a[:keep])
         ntk.append(b[:keep])
     return jnp.concatenate(nngp), jnp.concatenate(ntk)
@@ -266,12 +271,3 @@ def _cross_block(fn, a_1, a_2, nngp_train, k_1t, k_2t, x1, x2):
 def _host_gaussian(mean: np.ndarray, covariance: np.ndarray | None) -> Gaussian:
     """A :class:`ntkjax.predict.Gaussian` holding host (numpy) arrays."""
     return Gaussian(cast(Any, mean), cast(Any, covariance))
-
-
-def _padded_rows(start: int, size: int, block: int) -> np.ndarray:
-    """Row indices of one block, padded to ``block`` rows by repeating its last row (so every
-    block has one shape and one compilation); the padding is cut off afterwards."""
-    rows = np.arange(start, start + size)
-    if size < block:
-        rows = np.concatenate([rows, np.full(block - size, start + size - 1)])
-    return rows

@@ -55,7 +55,8 @@ from flax import linen, struct
 
 from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
 from ntkjax._store import describe_object
-from ntkjax.blocking import _pad_rows, evaluate_in_blocks
+from ntkjax._tiling import pad_rows as _pad_rows
+from ntkjax.blocking import evaluate_in_blocks
 
 __all__ = [
     "POSITION_PAIRS",

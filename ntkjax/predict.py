@@ -43,7 +43,14 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.typing import ArrayLike
 
+from ntkjax._checks import check_diag_reg as _check_diag_reg
 from ntkjax._checks import check_finite, float_dtype, is_concrete
+from ntkjax._checks import check_positive as _check_positive
+from ntkjax._checks import check_times as _check_times
+from ntkjax._spectral import Eigen as _Eigen
+from ntkjax._spectral import eigh_psd as _eigh_psd
+from ntkjax._spectral import null_tolerance as _null_tolerance
+from ntkjax._spectral import regularizer as _regularizer
 
 __all__ = [
     "Gaussian",
@@ -118,76 +125,7 @@ def _check_like(f, name: str, shape: tuple[int, ...]) -> None:
     check_finite(f, name)
 
 
-def _check_positive(value, name: str) -> None:
-    if is_concrete(value):
-        v = np.asarray(value)
-        if v.shape != () or not np.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive finite scalar; got {value!r}.")
-
-
-def _check_diag_reg(diag_reg) -> None:
-    if is_concrete(diag_reg):
-        v = np.asarray(diag_reg)
-        if v.shape != () or not np.isfinite(v) or v < 0:
-            raise ValueError(f"diag_reg must be a finite scalar >= 0; got {diag_reg!r}.")
-
-
-def _check_times(t, name: str, *, integer: bool) -> None:
-    if np.ndim(t) > 1:
-        raise ValueError(f"{name} must be a scalar or a 1-D array; got shape {np.shape(t)}.")
-    if not is_concrete(t):
-        return
-    v = np.asarray(t, dtype=np.float64)
-    if np.any(np.isnan(v)) or np.any(v < 0):
-        raise ValueError(f"{name} must be >= 0 (jnp.inf allowed); got {t!r}.")
-    if integer and np.any(np.isfinite(v) & (v != np.round(v))):
-        raise ValueError(f"{name} must be whole numbers of steps (or jnp.inf); got {t!r}.")
-
-
 # --------------------------------------------------------------------------- linear algebra
-
-
-class _Eigen(NamedTuple):
-    values: jax.Array  # clipped eigenvalues of the (unregularized) kernel, ascending
-    vectors: jax.Array
-    reg: jax.Array  # absolute diagonal regularizer lambda
-    null: jax.Array  # True where values + reg is numerically zero
-
-
-def _regularizer(k: jax.Array, diag_reg) -> jax.Array:
-    """``diag_reg * trace(k) / n``: diag_reg is relative to the mean diagonal entry."""
-    return jnp.asarray(diag_reg, k.dtype) * jnp.trace(k) / k.shape[0]
-
-
-def _null_tolerance(n: int, eps, largest):
-    """Eigenvalues at or below ``sqrt(n) eps lambda_max`` count as round-off zeros.
-
-    Computed eigenvalues of exactly singular kernels land within about ``eps lambda_max`` of
-    zero; the ``sqrt(n)`` margin covers that while keeping real but small eigenvalues, which the
-    stricter rank tolerance ``n eps lambda_max`` would drop (in float32 it discards informative
-    directions of well-posed kernels with condition numbers of only ~1e4).
-    """
-    return np.sqrt(n) * eps * largest
-
-
-def _eigh_psd(k: jax.Array, diag_reg, name: str) -> _Eigen:
-    """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
-    k = 0.5 * (k + k.T)
-    values, vectors = jnp.linalg.eigh(k)
-    n = k.shape[0]
-    eps = jnp.finfo(k.dtype).eps
-    scale = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
-    if is_concrete(values):
-        smallest, largest = float(values[0]), float(scale)
-        if smallest < -100.0 * n * float(eps) * largest:
-            raise ValueError(
-                f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.3e} "
-                f"against largest {largest:.3e} (beyond round-off). Pass a kernel matrix."
-            )
-    values = jnp.maximum(values, 0.0)
-    reg = _regularizer(k, diag_reg)
-    null = values + reg <= _null_tolerance(n, eps, scale)
-    return _Eigen(values, vectors, reg, null)
 
 
 def _inverse_sqrt(k: jax.Array) -> Callable[[jax.Array], jax.Array]:

@@ -57,9 +57,9 @@ from flax import linen
 from jax.typing import ArrayLike
 
 from ntkjax._checks import check_choice, check_finite, float_dtype
+from ntkjax._placement import Placement, check_same_devices, resolve_devices
 from ntkjax._progress import progress as _progress
-from ntkjax.blocking import _resolve_devices
-from ntkjax.distributed import _check_same_devices, _sum_over_processes
+from ntkjax._tiling import pad_rows, tile_rows
 from ntkjax.predict import Predictions
 
 __all__ = [
@@ -145,59 +145,6 @@ def _module_kernel_fn(module: linen.Module) -> Callable:
     return kernel_fn(module)
 
 
-def _tiles(x: jax.Array, b: int, *, mode: str) -> jax.Array:
-    """``x`` padded along axis 0 to a multiple of ``b`` and reshaped to ``(tiles, b, ...)``."""
-    n = x.shape[0]
-    pad = -n % b
-    if pad:
-        widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
-        x = jnp.pad(x, widths, mode="edge" if mode == "edge" else "constant")
-    return x.reshape(n // b + (1 if pad else 0), b, *x.shape[1:])
-
-
-class _Placement:
-    """Which of ``devices`` (the same list in every process) this process drives.
-
-    Work item ``k`` (a row block, a chunk of tile pairs) belongs to ``devices[k % len]``; each
-    process computes the items of its own devices into a partial result (zeros elsewhere), and
-    :meth:`total` sums the partial results over processes (exact for the zeros), so every
-    process ends with the same product. With one process this is round-robin over devices.
-    """
-
-    def __init__(self, devices: Sequence[Any]):
-        self.devices = list(devices)
-        me = jax.process_index()
-        self.mine = {k: d for k, d in enumerate(self.devices) if d.process_index == me}
-        self.home = next(iter(self.mine.values()), jax.local_devices()[0])
-
-    def owner(self, item: int) -> Any | None:
-        """The local device that computes work item ``item``, or None (another process)."""
-        return self.mine.get(item % len(self.devices))
-
-    def stack(self, count: int, compute: Callable[[int, Any], jax.Array],
-              item_shape: tuple, dtype) -> jax.Array:
-        """Items ``0..count-1`` (each ``item_shape``) stacked along axis 0: this process
-        computes its own (``compute(item, device)``), zeros stand for the others' until
-        :meth:`total` sums the processes' stacks."""
-        outs = []
-        for item in range(count):
-            d = self.owner(item)
-            if d is None:
-                outs.append(jnp.zeros(item_shape, dtype, device=self.home))
-            else:
-                outs.append(jax.device_put(compute(item, d), self.home))
-        out = jnp.concatenate(outs)
-        return self.total(out, out.shape, dtype)
-
-    def total(self, partial: jax.Array | None, shape: tuple, dtype) -> jax.Array:
-        """The sum over processes of this process's ``partial`` (None: nothing computed here)."""
-        if jax.process_count() == 1:
-            assert partial is not None
-            return partial
-        local = np.zeros(shape, dtype) if partial is None else np.array(partial, dtype)
-        return jax.device_put(_sum_over_processes(local), self.home)
-
-
 class _KernelFunctionOperator:
     """``V -> K(x_rows, x) V`` recomputed block by block (never storing ``n x n``)."""
 
@@ -207,8 +154,8 @@ class _KernelFunctionOperator:
         self.n = int(self.x.shape[0])
         self.dtype = dtype
         self.b = min(block_size, self.n)
-        self.place = _Placement(devices)
-        tiled = _tiles(self.x, self.b, mode="edge")
+        self.place = Placement(devices)
+        tiled = tile_rows(self.x, self.b)
         self._cols = {d: jax.device_put(tiled, d) for d in self.place.mine.values()}
         block = self.block
 
@@ -253,8 +200,8 @@ class _KernelFunctionOperator:
 
     def apply(self, v: jax.Array, row_x: jax.Array) -> jax.Array:
         """``K(row_x, x) v`` for ``v`` of shape ``(n, C)``: row blocks of ``row_x``."""
-        v_tiles = _tiles(v.astype(self.dtype), self.b, mode="zero")
-        row_tiles = _tiles(jnp.asarray(row_x, self.dtype), self.b, mode="edge")
+        v_tiles = tile_rows(v.astype(self.dtype), self.b, mode="zeros")
+        row_tiles = tile_rows(jnp.asarray(row_x, self.dtype), self.b)
         rows = {d: jax.device_put(row_tiles, d) for d in self._cols}
         vs = {d: jax.device_put(v_tiles, d) for d in self._cols}
         out = self.place.stack(row_tiles.shape[0],
@@ -264,7 +211,7 @@ class _KernelFunctionOperator:
 
     def matmat(self, v: jax.Array) -> jax.Array:
         """``K v``, computing each tile pair ``(I, J)``, ``I <= J``, once (K is symmetric)."""
-        v_tiles = _tiles(v.astype(self.dtype), self.b, mode="zero")
+        v_tiles = tile_rows(v.astype(self.dtype), self.b, mode="zeros")
         vs = {d: jax.device_put(v_tiles, d) for d in self._cols}
         total = None
         for c in range(self._pairs.shape[0]):  # summed as they come: O(n C) memory
@@ -281,7 +228,7 @@ class _KernelFunctionOperator:
         """``K(x_idx, x)`` of shape ``(len(idx), n)``."""
         cols = self._cols.get(self.place.home)
         if cols is None:  # this process drives none of the devices: rows on its own device
-            cols = jax.device_put(_tiles(self.x, self.b, mode="edge"), self.place.home)
+            cols = jax.device_put(tile_rows(self.x, self.b), self.place.home)
         out = self._kernel_rows(self.x[jnp.asarray(idx)], cols)
         return jax.device_put(out[:, : self.n], self.place.home)
 
@@ -294,15 +241,12 @@ class _StoredOperator:
         self.n = int(a.shape[0])
         self.dtype = dtype
         self.b = min(block_size, self.n)
-        self.place = _Placement(devices)
+        self.place = Placement(devices)
         self._product = jax.jit(lambda blk, v: jnp.matmul(blk, v, precision=_HIGHEST))
 
     def _read(self, i: int) -> np.ndarray:
-        blk = np.asarray(self.a[i : i + self.b], dtype=self.dtype)
-        if blk.shape[0] < self.b:
-            blk = np.concatenate([blk, np.zeros((self.b - blk.shape[0], blk.shape[1]),
-                                                 blk.dtype)])
-        return blk
+        return pad_rows(np.asarray(self.a[i : i + self.b], dtype=self.dtype), self.b,
+                        mode="zeros")
 
     def matmat(self, v: jax.Array) -> jax.Array:
         v = v.astype(self.dtype)
@@ -352,8 +296,8 @@ def _is_stored(obj: Any) -> bool:
 
 def _devices(devices: Sequence[Any] | None) -> list[Any]:
     """``devices`` checked (default: every device of every process), the same in all processes."""
-    devices = _resolve_devices(devices)
-    _check_same_devices(devices)
+    devices = resolve_devices(devices)
+    check_same_devices(devices)
     return devices
 
 

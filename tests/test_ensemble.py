@@ -82,8 +82,9 @@ def test_nngp_at_infinity_is_the_gp_posterior(x64):
 def test_blocks_diagonal_and_one_eigendecomposition(x64, monkeypatch):
     x, y, x_test = data(m=11)
     calls = []
-    original = P._eigh_psd
-    monkeypatch.setattr("ntkjax.ensemble._eigh_psd",
+    from ntkjax._spectral import eigh_psd as original
+
+    monkeypatch.setattr("ntkjax.ensemble.eigh_psd",
                         lambda *a, **kw: calls.append(1) or original(*a, **kw))
     ts = jnp.array([1.0, 10.0, jnp.inf])
     whole = ensemble_predictor(MODEL, x, y[:, 0], learning_rate=2.0)(x_test, t=ts)

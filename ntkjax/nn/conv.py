@@ -36,7 +36,7 @@ from flax import linen
 
 from ntkjax._checks import check_choice
 from ntkjax.kernels import Kernel
-from ntkjax.nn.dense import Parameterization, _Affine, dense_kernel
+from ntkjax.nn.dense import Affine, Parameterization, dense_kernel
 
 __all__ = [
     "CONV_PADDINGS",
@@ -314,7 +314,7 @@ def _per_axis(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]
     return tuple(int(v) for v in values)
 
 
-class _ConvLayer(_Affine):
+class _ConvLayer(Affine):
     """What :class:`Conv` and :class:`ConvTranspose` share: configuration, validation, the
     finite layer as one ``flax.linen.Conv`` (submodule ``"conv"``) and the kernel rule."""
 

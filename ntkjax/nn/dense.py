@@ -30,8 +30,8 @@ from flax import linen
 from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete
 from ntkjax.kernels import Kernel
 
-__all__ = ["PARAMETERIZATIONS", "Dense", "Parameterization", "dense_kernel", "dense_kernels",
-           "dense_variance"]
+__all__ = ["PARAMETERIZATIONS", "Affine", "Dense", "Parameterization", "dense_kernel",
+           "dense_kernels", "dense_variance"]
 
 Parameterization = Literal["ntk", "standard"]
 PARAMETERIZATIONS: tuple[Parameterization, ...] = ("ntk", "standard")
@@ -123,7 +123,7 @@ def dense_kernel(
                      non_gaussian="")  # a dense layer's outputs are Gaussian again
 
 
-class _Affine(linen.Module):
+class Affine(linen.Module):
     """The configuration shared by :class:`Dense` and :class:`~ntkjax.nn.Conv` (fields and
     validation)."""
 
@@ -176,7 +176,7 @@ class _Affine(linen.Module):
         return self.param_dtype if self.param_dtype is not None else float_dtype(x)
 
 
-class Dense(_Affine):
+class Dense(Affine):
     """A dense layer in the NTK or the standard parameterization.
 
     * ``parameterization="ntk"``: ``y = w_std / sqrt(fan_in) * x @ W + b_std * b`` with
@@ -212,7 +212,7 @@ class Dense(_Affine):
     (2, 2)
     """
 
-    _: dataclasses.KW_ONLY  # (the fields of _Affine after features are keyword-only too)
+    _: dataclasses.KW_ONLY  # (the fields of Affine after features are keyword-only too)
 
     @linen.compact
     def __call__(self, x: Any) -> Any:

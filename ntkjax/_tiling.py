@@ -1,0 +1,54 @@
+"""Row tiling for block evaluation: padding a batch to a whole number of equal blocks, so that
+every block has one shape and one compilation, and the padding is cut off afterwards.
+
+Padding repeats the last row (``mode="edge"``: the padded rows are valid inputs, so a kernel
+evaluated on them stays finite) or appends zeros (``mode="zeros"``: for coefficient vectors,
+whose padded rows must contribute nothing to a product).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["pad_rows", "padded_row_indices", "tile_rows"]
+
+PadMode = Literal["edge", "zeros"]
+
+
+def pad_rows(x: Any, size: int, *, mode: PadMode = "edge") -> Any:
+    """``x`` padded along axis 0 to ``size`` rows (``x`` itself when it has ``size`` rows).
+
+    A numpy array stays a numpy array (padded on the host); anything else is padded with
+    ``jnp.pad`` (on its device, traceable).
+    """
+    n = x.shape[0]
+    if n == size:
+        return x
+    if n > size:
+        raise ValueError(f"cannot pad {n} rows to {size}: more rows than the block holds.")
+    widths = [(0, size - n)] + [(0, 0)] * (x.ndim - 1)
+    how = "edge" if mode == "edge" else "constant"
+    if isinstance(x, np.ndarray):
+        return np.pad(x, widths, mode=how)
+    return jnp.pad(x, widths, mode=how)
+
+
+def tile_rows(x: jax.Array, block: int, *, mode: PadMode = "edge") -> jax.Array:
+    """``x`` padded along axis 0 to a multiple of ``block`` and reshaped to
+    ``(tiles, block, ...)``."""
+    tiles = -(-x.shape[0] // block)
+    return jnp.asarray(pad_rows(x, tiles * block, mode=mode)).reshape(
+        tiles, block, *x.shape[1:])
+
+
+def padded_row_indices(start: int, count: int, block: int) -> np.ndarray:
+    """Row indices ``start .. start + count - 1`` padded to ``block`` entries by repeating the
+    last one (the index form of ``pad_rows(x[start:start + count], block)``)."""
+    rows = np.arange(start, start + count)
+    if count < block:
+        rows = np.concatenate([rows, np.full(block - count, start + count - 1)])
+    return rows
