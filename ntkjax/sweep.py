@@ -8,6 +8,13 @@ line followed by ``flush`` and ``fsync``, so an interruption loses no finished r
 with the same configuration reads the file and skips the rows it holds (rows of other
 configurations in the same file are kept and ignored: every row carries a ``config_id``).
 
+File format: the first line of every sweep file is the header :data:`SWEEP_HEADER`
+(``{"format": "ntkjax.sweep", "version": 1}``), every further line one row (a header line
+further down, left by concatenating shard files, is skipped). An existing file that does not
+start with the header is refused, never appended to or cut. Only an unparsable last line
+without a newline (a row torn by a kill) is cut before appending; a complete last row without
+a newline (a file rewritten with ``"\n".join(rows)``) is kept and gets its newline.
+
 The rows hold the loss, relative NTK change (probe set), relative parameter change and test loss
 at every record, the per-step loss, divergence (``diverged``, ``diverged_at``, ``valid``), and the
 stability check of :func:`ntkjax.training.learning_rate_check` (``max_learning_rate =
@@ -73,6 +80,7 @@ else:
 __all__ = [
     "DATASETS",
     "OPTIMIZERS",
+    "SWEEP_HEADER",
     "Dataset",
     "Optimizer",
     "SweepConfig",
@@ -337,20 +345,70 @@ def _finite_or_none(values) -> Any:
     return [float(v) if np.isfinite(v) else None for v in arr]
 
 
+SWEEP_HEADER = {"format": "ntkjax.sweep", "version": 1}
+_HEADER_LINE = json.dumps(SWEEP_HEADER) + "\n"
+
+
+def _is_header(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("format") == SWEEP_HEADER["format"]
+
+
+def _split_sweep_file(path: Path) -> tuple[list[str], str]:
+    """``(lines, tail)`` of an existing sweep file: its whole lines after the header, and the
+    text after its last newline (``""``, a row without a newline, or a torn row).
+
+    Raises ValueError, naming the file, unless it is empty or starts with the header line
+    (a file holding only the start of the header, from a kill while it was written, counts as
+    empty)."""
+    data = path.read_bytes()
+    if not data or _HEADER_LINE.encode().startswith(data):
+        return [], ""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a sweep file (not text): refusing to append.") from err
+    first, newline, rest = text.partition("\n")
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError:
+        header = None
+    if not newline or not _is_header(header):
+        raise ValueError(
+            f"{path} is not a sweep file: it does not start with the sweep header line "
+            f"{_HEADER_LINE.strip()}; refusing to append to it or cut it. Pass another --out "
+            "(a sweep file written by an older ntkjax needs this line prepended)."
+        )
+    if header.get("version") != SWEEP_HEADER["version"]:
+        raise ValueError(f"{path} is a sweep file of version {header.get('version')}; this "
+                         f"ntkjax reads version {SWEEP_HEADER['version']}.")
+    lines = rest.split("\n")
+    return lines[:-1], lines[-1]
+
+
+def _parse_tail(tail: str) -> Any:
+    """The row in the text after the last newline, or None when it is empty or torn."""
+    try:
+        return json.loads(tail) if tail.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def _read_rows(path: Path) -> list[dict]:
-    """The complete rows of one file (a torn last line, from a crash, is skipped)."""
+    """The rows of one file (a torn last line, from a crash, is skipped; a complete last row
+    without a newline is kept); ValueError for a file that is not a sweep file."""
     if not path.exists():
         return []
+    lines, tail = _split_sweep_file(path)
     rows = []
-    with path.open() as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in [*lines, tail]:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not _is_header(row):
+            rows.append(row)
     return rows
 
 
@@ -484,11 +542,18 @@ def _resolve_shard(shard: Any) -> tuple[int, int] | None:
 _ROW_KEYS = ("config_id", "width", "seed", "learning_rate", "config", "loss", "diverged")
 
 
+def _refuse_unwritable(path: Path, err: OSError, what: str = "sweep output") -> ValueError:
+    return ValueError(f"cannot write the {what} {path}: {err.strerror or err}.")
+
+
 def check_sweep_file(path: str | Path) -> None:
     """Raises ValueError, leaving the file untouched, unless ``path`` can hold sweep rows: a
-    writable file path (not a folder, not below a file) that does not exist yet or is a sweep
-    file -- every line a JSON object with a row's keys, except a torn last line (a run killed
-    while writing; it is skipped on reading)."""
+    file path (not a folder, not below a file) that does not exist yet (its folder is created
+    and a file is tried there and removed) or a writable sweep file -- the header line
+    :data:`SWEEP_HEADER`, then every line a JSON object with a row's keys, except a torn last
+    line (a run killed while writing; it is skipped on reading). Writability is tried, not
+    read off permission bits (root passes ``os.access`` on read-only and virtual file
+    systems)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"the sweep output {path} is a folder; give a file name (*.jsonl).")
@@ -496,19 +561,23 @@ def check_sweep_file(path: str | Path) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"the sweep output {path} lies below {parent}, a file.")
-            if not os.access(parent, os.W_OK):
-                raise ValueError(f"the sweep output's folder {parent} is not writable.")
             break
     if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("xb"):
+                pass
+            path.unlink()
+        except OSError as err:
+            raise _refuse_unwritable(path, err) from err
         return
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"the sweep output {path} is not writable.")
     try:
-        lines = path.read_text().split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a sweep file (not text): refusing to append.") from err
-    torn = lines.pop() if lines else ""  # after the last newline: "" or a torn line
-    for number, line in enumerate(lines, start=1):
+        with path.open("ab"):
+            pass
+    except OSError as err:
+        raise _refuse_unwritable(path, err) from err
+    lines, tail = _split_sweep_file(path)
+    for number, line in enumerate(lines, start=2):
         if not line.strip():
             continue
         try:
@@ -517,36 +586,60 @@ def check_sweep_file(path: str | Path) -> None:
             raise ValueError(
                 f"{path} is not a sweep file: line {number} is not JSON; refusing to append."
             ) from err
+        if _is_header(row):
+            continue
         if not isinstance(row, dict) or not all(key in row for key in _ROW_KEYS):
             raise ValueError(
                 f"{path} is not a sweep file: line {number} is not a row object with keys "
                 f"{', '.join(_ROW_KEYS)}; refusing to append."
             )
-    if torn.strip() and not torn.lstrip().startswith("{"):
+    last = _parse_tail(tail)
+    if tail.strip() and last is None and not tail.lstrip().startswith("{"):
         raise ValueError(f"{path} is not a sweep file: its last line is not a row.")
+    if last is not None and not (_is_header(last) or (
+            isinstance(last, dict) and all(key in last for key in _ROW_KEYS))):
+        raise ValueError(f"{path} is not a sweep file: its last line is not a row object with "
+                         f"keys {', '.join(_ROW_KEYS)}; refusing to append.")
 
 
 def _append_row(path: Path, row: dict) -> None:
-    """Appends one whole line in one write, then flushes it to disk."""
+    """Appends one whole line in one write (after the header, in a new or empty file), then
+    flushes it to disk; an OSError becomes a ValueError naming the file."""
     line = json.dumps(row, allow_nan=False) + "\n"
-    with path.open("a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("a") as f:
+            if f.tell() == 0:
+                line = _HEADER_LINE + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _refuse_unwritable(path, err) from err
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cuts an unfinished last line (a run killed mid-write: an incomplete row, never a finished
-    one) so that the next row starts on a line of its own and the file stays all rows."""
+def _repair_tail(path: Path) -> None:
+    """Before appending: cuts an unparsable last line (a run killed mid-write: an incomplete
+    row, never a finished one) and ends a complete last row that lacks its newline, so that the
+    next row starts on a line of its own and the file stays all rows. A file holding only the
+    start of the header is emptied (the header is written with the first row)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
     if data.endswith(b"\n"):
         return
-    with path.open("r+b") as f:
-        f.truncate(data.rfind(b"\n") + 1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("r+b") as f:
+            if _HEADER_LINE.encode().startswith(data):
+                f.truncate(0)
+            elif _parse_tail(data[data.rfind(b"\n") + 1:].decode()) is not None:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _refuse_unwritable(path, err) from err
 
 
 def _row_key(row: dict) -> tuple:
@@ -621,8 +714,7 @@ def sweep(
     if write_path != out_path:
         check_sweep_file(write_path)
     _check_shard_files(out_path, shard_pair)
-    write_path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_torn_tail(write_path)
+    _repair_tail(write_path)
     config_id = config.config_id()
     done = {_row_key(r): r for r in load_rows(out_path)
             if isinstance(r, dict) and r.get("config_id") == config_id}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -58,7 +59,8 @@ def test_rows_stream_and_rerun_resumes(tmp_path, monkeypatch):
     calls = _count_programs(monkeypatch)
     rows = sweep(widths=(16, 32), seeds=2, out_path=out, config=TINY, show_progress=False)
     assert calls == [(16, 0.02, 2), (32, 0.02, 2)]
-    lines = out.read_text().splitlines()
+    header, *lines = out.read_text().splitlines()
+    assert json.loads(header) == sweep_module.SWEEP_HEADER
     assert len(lines) == 4 and all(json.loads(line) for line in lines)
     assert [(r["width"], r["seed"]) for r in rows] == [(16, 0), (16, 1), (32, 0), (32, 1)]
     for row in rows:
@@ -73,19 +75,20 @@ def test_rows_stream_and_rerun_resumes(tmp_path, monkeypatch):
     # a second run with the same configuration computes nothing and returns the same rows
     again = sweep(widths=(16, 32), seeds=2, out_path=out, config=TINY, show_progress=False)
     assert len(calls) == 2 and again == rows
-    assert len(out.read_text().splitlines()) == 4
+    assert len(out.read_text().splitlines()) == 5
 
     # a torn last line (a crash mid-write) and a lost row: only the missing seed is recomputed,
     # alone, and matches the value it had when vmapped with the other seed
     kept = [line for line in lines if json.loads(line)["width"] != 32 or
             json.loads(line)["seed"] != 1]
-    out.write_text("\n".join(kept) + "\n" + '{"config_id": "tor')
+    out.write_text("\n".join([header, *kept]) + "\n" + '{"config_id": "tor')
     resumed = sweep(widths=(16, 32), seeds=2, out_path=out, config=TINY, show_progress=False)
     assert calls[2:] == [(32, 0.02, 1)]
     np.testing.assert_allclose(resumed[3]["loss"], rows[3]["loss"], rtol=1e-5)
     assert len(load_rows(out)) == 4
     # the unfinished row is gone: every line of the file is a whole row
-    assert [json.loads(line)["seed"] for line in out.read_text().splitlines()] == [0, 1, 0, 1]
+    assert [json.loads(line)["seed"] for line in out.read_text().splitlines()[1:]] == [
+        0, 1, 0, 1]
     # a different configuration in the same file is computed separately
     other = dataclasses.replace(TINY, num_steps=10)
     sweep(widths=(16,), seeds=1, out_path=out, config=other, show_progress=False)
@@ -193,15 +196,19 @@ def test_kernel_change_falls_like_inverse_sqrt_width(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("[1, 2]\n", "not a row object"),
-        ('{"config_id": "x"}\n', "not a row object"),
-        ("hello world\nsecond line\n", "not JSON"),
+        ("[1, 2]\n", "sweep header"),
+        ("HEADER[1, 2]\n", "not a row object"),
+        ('HEADER{"config_id": "x"}\n', "not a row object"),
+        ('HEADER{"config_id": "x"}', "not a row object"),  # a complete last line, no newline
+        ("HEADER[1, 2]", "not a row"),
+        ("HEADERhello world\nsecond line\n", "not JSON"),
         ("\x89PNG\r\n\x1a\n", "not"),
     ],
 )
 def test_an_existing_out_that_is_not_a_sweep_file_is_refused_untouched(tmp_path, content,
                                                                         message, capsys):
     out = tmp_path / "results.json"
+    content = content.replace("HEADER", json.dumps(sweep_module.SWEEP_HEADER) + "\n")
     out.write_bytes(content.encode("latin-1"))
     before = out.read_bytes()
     with pytest.raises(ValueError, match=message):
@@ -212,6 +219,77 @@ def test_an_existing_out_that_is_not_a_sweep_file_is_refused_untouched(tmp_path,
     assert cli_main(argv) == 2
     assert "not a sweep file" in capsys.readouterr().err or message in capsys.readouterr().err
     assert out.read_bytes() == before and not list(tmp_path.glob("*.png"))
+
+
+def test_a_json_dump_without_newline_is_refused_not_truncated(tmp_path, capsys):
+    """``--out cfg.json`` holding one ``json.dump`` line (starts with ``{``, no newline) looks
+    like a torn row; without the sweep header it is refused, byte for byte untouched."""
+    out = tmp_path / "cfg.json"
+    with out.open("w") as f:
+        json.dump({"learning_rate": 0.1, "widths": [8, 16]}, f)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="does not start with the sweep header"):
+        sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
+    assert cli_main(["sweep", "--widths", "8", "--seeds", "1", "--steps", "10",
+                     "--record-every", "10", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not a sweep file" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == before
+    # nor is a file of complete rows without the header (an older sweep file), nor a header
+    # of another format
+    for text in ['{"config_id": "a", "width": 8}\n', '{"format": "other"}\n']:
+        out.write_text(text)
+        with pytest.raises(ValueError, match="sweep header"):
+            sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
+        assert out.read_text() == text
+
+
+def test_a_complete_last_row_without_newline_is_kept(tmp_path, monkeypatch):
+    out = tmp_path / "rows.jsonl"
+    rows = sweep(widths=[8, 16], seeds=1, out_path=out, config=TINY, show_progress=False)
+    header, *lines = out.read_text().splitlines()
+    out.write_text("\n".join([header, *lines]))  # rewritten by a script: no final newline
+    calls = _count_programs(monkeypatch)
+    # a request that does not include the last row (width 16) must not lose it
+    again = sweep(widths=[8, 32], seeds=1, out_path=out, config=TINY, show_progress=False)
+    assert calls == [(32, 0.02, 1)] and again[0] == rows[0]
+    kept = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert [(r["width"], r["seed"]) for r in kept] == [(8, 0), (16, 0), (32, 0)]
+    assert kept[1] == rows[1] and out.read_text().endswith("\n")
+    # a file holding only the start of the header (killed while writing it) counts as empty
+    start = tmp_path / "start.jsonl"
+    start.write_text(json.dumps(sweep_module.SWEEP_HEADER)[:9])
+    sweep(widths=[8], seeds=1, out_path=start, config=TINY, show_progress=False)
+    assert [json.loads(line)["width"] for line in start.read_text().splitlines()[1:]] == [8]
+
+
+def test_an_unwritable_output_is_tried_not_assumed(tmp_path, monkeypatch, capsys):
+    """Root passes ``os.access`` on read-only and virtual file systems: the write itself is
+    tried and its OSError becomes the one-line error (here with os.access saying yes)."""
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    calls = _count_programs(monkeypatch)
+    targets = [Path("/proc/ntkjax-sweep-test.jsonl"), Path("/proc/ntkjax-dir/sweep.jsonl")]
+    if not Path("/proc/self").exists():
+        pytest.skip("needs Linux /proc (a virtual file system)")
+    if Path("/proc/version").exists():
+        targets.append(Path("/proc/version"))  # exists; open for append fails or is not a sweep
+    for out in targets:
+        with pytest.raises(ValueError, match=str(out)):
+            sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
+        assert cli_main(["sweep", "--widths", "8", "--seeds", "1", "--steps", "10",
+                         "--record-every", "10", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(out) in err
+    assert calls == []
+    # a write that fails later (disk full, file system gone read-only) names the file too
+    out = tmp_path / "late.jsonl"
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    with pytest.raises(ValueError, match=r"cannot write the sweep output .*late.jsonl.*Read-only"):
+        sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
 
 
 def test_bad_output_paths_and_rates_are_refused_before_training(tmp_path, monkeypatch, capsys):
@@ -392,7 +470,7 @@ def test_a_killed_shard_restarts_with_every_row_exactly_once(tmp_path, one_devic
         child.send_signal(signal.SIGKILL)
         child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    assert len(first.read_text().splitlines()) == 1  # width 8, seed 0 only
+    assert len(first.read_text().splitlines()) == 2  # the header, then width 8, seed 0 only
     # the other shard runs meanwhile; the killed one restarts and computes only what is missing
     calls = _count_programs(monkeypatch)
     sweep(widths=(8, 16), seeds=3, out_path=out, config=SHARDED, show_progress=False,
@@ -402,7 +480,7 @@ def test_a_killed_shard_restarts_with_every_row_exactly_once(tmp_path, one_devic
     assert calls == [(16, 0.02, 3), (8, 0.02, 2)]
     assert [(r["width"], r["seed"]) for r in restarted] == [(8, 0), (8, 1), (8, 2)]
     raw = [json.loads(line) for path in (first, sweep_module.shard_path(out, (1, 2)))
-           for line in path.read_text().splitlines()]
+           for line in path.read_text().splitlines()[1:]]
     _assert_same_rows(raw, one_device_rows)  # every row exactly once across the files
     # the command without --shard reads all shards: nothing to train, the whole summary
     assert SweepConfig(**raw[0]["config"]) == SHARDED
@@ -418,7 +496,8 @@ def test_sharded_rows_merge_once_in_a_fixed_order(tmp_path):
     out = tmp_path / "m.jsonl"
 
     def write(path, picked, source):
-        path.write_text("".join(json.dumps({**r, "source": source}) + "\n" for r in picked))
+        path.write_text(json.dumps(sweep_module.SWEEP_HEADER) + "\n" + "".join(
+            json.dumps({**r, "source": source}) + "\n" for r in picked))
 
     write(out, rows[:1], "plain")
     write(sweep_module.shard_path(out, (1, 2)), rows[2:], "1/2")
@@ -464,7 +543,7 @@ def test_shards_of_another_count_are_refused_naming_both(tmp_path, monkeypatch, 
     mine = sweep_module.shard_path(out, (0, 4))
     row = {"config_id": "c", "width": 8, "seed": 0, "learning_rate": 0.02, "config": {},
            "loss": [1.0], "diverged": False, "shard": [1, 4]}
-    mine.write_text(json.dumps(row) + "\n")
+    mine.write_text(json.dumps(sweep_module.SWEEP_HEADER) + "\n" + json.dumps(row) + "\n")
     before = mine.read_text()
     with pytest.raises(ValueError, match="shard 1/4"):
         sweep(widths=(8,), seeds=1, out_path=out, config=TINY, shard=(0, 4))
