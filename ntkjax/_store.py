@@ -4,16 +4,24 @@ Layout of the store at ``out`` (a directory, a zarr group):
 
 * one array per output leaf of the block function (``nngp`` and ``ntk`` for
   :func:`ntkjax.kernel_matrix`, ``kernel`` for :func:`ntkjax.empirical_ntk_matrix`), shape
-  ``(N1, N2, ...)``, chunks ``(block, block, ...)``, no compression, fill value NaN (a block not
-  yet computed reads as NaN);
+  ``(N1, N2, ...)``, chunks ``(block, block, ...)``, no compression, a CRC32C checksum after
+  every chunk (zarr's ``crc32c`` codec), fill value NaN (a block not yet computed reads as NaN);
 * ``finished_blocks``: a ``(ceil(N1 / block), ceil(N2 / block))`` uint8 array with one chunk per
   entry; entry (I, J) is set to 1 after block (I, J) -- and, for a symmetric kernel, its mirror
   (J, I) -- is written. zarr writes each chunk to a temporary file and renames it, so a chunk
   is either absent or complete, and the record never runs ahead of the data;
 * the group attribute ``ntkjax`` with the fingerprints of the inputs (shape, dtype and SHA-256
-  of the bytes of x1 and x2), of the model (a description of the block function -- the module's
-  ``repr``, or ``apply_fn`` with ``ntk_method`` and ``outputs`` -- and SHA-256 of the parameters
-  and other arguments), the block layout and the number of processes that fill it.
+  of the bytes of x1 and x2), of the computation (SHA-256 of the jaxpr of the block function
+  traced on the inputs' shapes and dtypes, with its constants' bytes -- or a key the caller
+  supplies -- beside a readable description, e.g. the module's ``repr``), SHA-256 of the
+  parameters and other arguments, the block layout and the number of processes that fill it.
+
+Integrity: on resume every recorded block's chunks are checked (present, of the full chunk size,
+checksum correct); a missing, truncated or corrupt chunk is reported with its path (a warning)
+and its block is computed again. A store is created under a temporary name and renamed into
+place, so a store at ``out`` is always complete; of two processes creating the same store at
+once, the loser finds the winner's store, checks that it was made for the same call, and joins
+it.
 
 Several processes write one store safely: every block (and its mirror) belongs to exactly one
 process, so no two processes write the same chunk.
@@ -24,6 +32,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import uuid
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +42,7 @@ import jax
 import numpy as np
 
 FORMAT = "ntkjax.block_store"
-VERSION = 1
+VERSION = 2  # 2: chunk checksums, computation fingerprints
 _RECORD = "finished_blocks"
 
 
@@ -46,8 +57,14 @@ def _zarr():
 
 
 def describe_array(x: Any) -> dict:
-    """Shape, dtype and SHA-256 of the bytes of a concrete array."""
+    """Shape, dtype and SHA-256 of the bytes of a concrete array (ValueError for an array of
+    Python objects, whose bytes are addresses, not values)."""
     arr = np.ascontiguousarray(np.asarray(x))
+    if arr.dtype == object:
+        raise ValueError(
+            "cannot fingerprint a store argument that is not a numeric array (it holds Python "
+            f"objects of type {type(x).__name__}): pass arrays, or no out=."
+        )
     return {
         "shape": list(arr.shape),
         "dtype": str(arr.dtype),
@@ -74,6 +91,32 @@ def describe_object(obj: Any) -> str:
             return f"{name} of {describe_object(owner)}"
         return name
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
+
+
+_OPAQUE = re.compile(r"\b(pure_callback|io_callback|callback)\[")
+
+
+def describe_computation(closed_jaxpr: Any) -> str:
+    """SHA-256 of a closed jaxpr: its text (the operations, shapes, dtypes and literals) and the
+    bytes of its constants (arrays the function closes over).
+
+    Raises ValueError for a computation that calls back into Python (``pure_callback``,
+    ``io_callback``): what such a call computes is not in the jaxpr, so it cannot identify the
+    numbers.
+    """
+    text = str(closed_jaxpr)
+    opaque = _OPAQUE.search(text)
+    if opaque:
+        raise ValueError(
+            f"cannot fingerprint the block function for the store: it calls back into Python "
+            f"({opaque.group(1)}), whose results its jaxpr does not determine. Pass a key "
+            "naming the computation (evaluate_in_blocks(..., store_key='...')), or no out=."
+        )
+    h = hashlib.sha256(text.encode())
+    for const in closed_jaxpr.consts:
+        d = describe_array(const)
+        h.update(f"{d['shape']}{d['dtype']}{d['sha256']}".encode())
+    return h.hexdigest()
 
 
 def leaf_names(tree: Any) -> list[str]:
@@ -105,9 +148,60 @@ class BlockStore:
         self.arrays = [group[name] for name in self.names]
         self.record = group[_RECORD]
 
+    def _chunk_file(self, array: Any, coords: tuple[int, ...]) -> str:
+        key = array.metadata.encode_chunk_key(coords)
+        return os.path.join(self.path, array.path, *key.split("/"))
+
+    def _chunk_problem(self, array: Any, coords: tuple[int, ...]) -> str | None:
+        """None when the chunk file at ``coords`` is whole (present, full size, checksum
+        right), else what is wrong with it, naming its path."""
+        file = self._chunk_file(array, coords)
+        expected = int(np.prod(array.chunks)) * array.dtype.itemsize + 4
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return f"{file} is missing"
+        except OSError as err:
+            return f"{file} cannot be read ({err})"
+        if len(data) != expected:
+            return f"{file} holds {len(data)} bytes, not {expected} (truncated or overwritten)"
+        import google_crc32c  # zarr's crc32c codec uses it
+
+        stored = np.frombuffer(data[-4:], np.uint32)[0]
+        if int(stored) != int(google_crc32c.value(data[:-4])):
+            return f"{file} fails its CRC32C checksum (corrupt)"
+        return None
+
     def finished(self) -> np.ndarray:
-        """The record: a boolean (blocks of x1, blocks of x2) array."""
-        return np.asarray(self.record[...]).astype(bool)
+        """The record: a boolean (blocks of x1, blocks of x2) array. A record chunk that is
+        missing or damaged counts as not finished."""
+        shape = self.record.shape
+        done = np.zeros(shape, bool)
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                if self._chunk_problem(self.record, (i, j)) is None:
+                    with open(self._chunk_file(self.record, (i, j)), "rb") as f:
+                        done[i, j] = f.read(1) != b"\0"
+        return done
+
+    def damaged(self, finished: np.ndarray) -> list[tuple[int, int, str]]:
+        """``(I, J, problem)`` for every recorded block with a chunk (or, for a symmetric
+        store, a mirrored chunk) that is missing, truncated or corrupt."""
+        symmetric = self.meta["layout"]["symmetric"]
+        bad = []
+        for bi, bj in zip(*np.nonzero(finished), strict=True):
+            coords = [(int(bi), int(bj))]
+            if symmetric and bj > bi:
+                coords.append((int(bj), int(bi)))
+            for array in self.arrays:
+                trailing = (0,) * (array.ndim - 2)
+                problems = [self._chunk_problem(array, (*c, *trailing)) for c in coords]
+                problem = next((p for p in problems if p is not None), None)
+                if problem is not None:
+                    bad.append((int(bi), int(bj), problem))
+                    break
+        return bad
 
     def complete(self) -> bool:
         """Whether every block is recorded (for a symmetric kernel, those on and above the
@@ -132,6 +226,19 @@ class BlockStore:
         return [zarr.open_array(self.path, path=name, mode="r") for name in self.names]
 
 
+def unfinished_damaged(path: str, store: BlockStore) -> np.ndarray:
+    """The store's record with every damaged block (:meth:`BlockStore.damaged`) taken out; a
+    warning names each damaged chunk's file (its block is computed again)."""
+    finished = store.finished()
+    for bi, bj, problem in store.damaged(finished):
+        warnings.warn(
+            f"the store at {path!r}: {problem}; block ({bi}, {bj}) is computed again.",
+            RuntimeWarning, stacklevel=3,
+        )
+        finished[bi, bj] = False
+    return finished
+
+
 def read_meta(path: str) -> dict | None:
     """The ``ntkjax`` record of the store at ``path``, or None when there is no store."""
     if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
@@ -149,6 +256,12 @@ def read_meta(path: str) -> dict | None:
         raise ValueError(
             f"out={path!r} is a zarr group but not an ntkjax block store (no 'ntkjax' record); "
             "pass a new path."
+        )
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"out={path!r} is an ntkjax block store of format version {meta.get('version')} "
+            f"(this ntkjax writes version {VERSION}: chunk checksums, computation "
+            "fingerprints); pass a new path to compute it again."
         )
     return meta
 
@@ -176,8 +289,13 @@ def check_meta(path: str, meta: dict, fingerprint: dict) -> None:
                                 f"shape {tuple(b['shape'])} {b['dtype']}")
             raise _mismatch(path, label + " (same shape, other values)",
                             f"sha256 {a['sha256'][:12]}", f"sha256 {b['sha256'][:12]}")
-    if rec["model"] != fingerprint["model"]:
-        raise _mismatch(path, "model (block function)", rec["model"], fingerprint["model"])
+    a, b = rec["model"], fingerprint["model"]
+    if a["computation"] != b["computation"]:
+        raise _mismatch(
+            path, "model (block function: another computation)",
+            f"{a['description']} (computation {a['computation'][:16]})",
+            f"{b['description']} (computation {b['computation'][:16]})",
+        )
     if rec["arguments"] != fingerprint["arguments"]:
         raise _mismatch(
             path, "model parameters / arguments (fn_args; for images, the images)",
@@ -210,33 +328,51 @@ def check_processes(path: str, meta: dict, store: BlockStore) -> None:
         )
 
 
-def create(path: str, fingerprint: dict, layout: dict, shapes, dtypes) -> None:
-    """Creates the group, its arrays, an empty record and the ``ntkjax`` attribute."""
+def create(path: str, fingerprint: dict, layout: dict, shapes, dtypes) -> bool:
+    """Creates the group, its arrays, an empty record and the ``ntkjax`` attribute: under a
+    temporary name beside ``path``, then renamed into place, so that a store at ``path`` is
+    always whole. Returns False when another process created ``path`` first (the caller checks
+    that store against its call and joins it); True when this call created it."""
     zarr = _zarr()
-    empty_dir = os.path.isdir(path) and not os.listdir(path)
-    group = zarr.open_group(path, mode="w" if empty_dir else "w-", zarr_format=3)
-    b1, b2 = layout["block"]
-    for name, shape, dtype in zip(layout["names"], shapes, dtypes, strict=True):
-        chunks = (b1, b2, *shape[2:])
-        group.create_array(name, shape=tuple(shape), chunks=chunks, dtype=dtype,
-                           fill_value=np.nan if np.issubdtype(dtype, np.floating) else 0,
-                           compressors=None)
-    n1, n2 = shapes[0][:2]
-    grid = (-(-n1 // b1), -(-n2 // b2))
-    group.create_array(_RECORD, shape=grid, chunks=(1, 1), dtype="uint8", fill_value=0,
-                       compressors=None)
-    group.attrs["ntkjax"] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "fingerprint": fingerprint,
-        "layout": layout,
-        "num_processes": jax.process_count(),
-    }
+    from zarr.codecs import Crc32cCodec
+
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.creating-{uuid.uuid4().hex}")
+    try:
+        group = zarr.open_group(tmp, mode="w-", zarr_format=3)
+        b1, b2 = layout["block"]
+        for array, shape, dtype in zip(layout["names"], shapes, dtypes, strict=True):
+            chunks = (b1, b2, *shape[2:])
+            group.create_array(array, shape=tuple(shape), chunks=chunks, dtype=dtype,
+                               fill_value=np.nan if np.issubdtype(dtype, np.floating) else 0,
+                               compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+        n1, n2 = shapes[0][:2]
+        grid = (-(-n1 // b1), -(-n2 // b2))
+        group.create_array(_RECORD, shape=grid, chunks=(1, 1), dtype="uint8", fill_value=0,
+                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+        group.attrs["ntkjax"] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": fingerprint,
+            "layout": layout,
+            "num_processes": jax.process_count(),
+        }
+        try:
+            os.rename(tmp, path)  # atomic; replaces an empty folder, fails on a full one
+        except OSError:
+            if os.path.isdir(path) and os.listdir(path):
+                return False  # another process was first
+            raise
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_store(path: str) -> BlockStore:
-    zarr = _zarr()
-    group = zarr.open_group(path, mode="r+")
-    meta = dict(group.attrs)["ntkjax"]
-    assert isinstance(meta, dict)
+    """The store at ``path``, opened for writing (ValueError when it is not one of ours)."""
+    meta = read_meta(path)
+    if meta is None:
+        raise ValueError(f"out={path!r}: the store was not created (an empty folder remains).")
+    group = _zarr().open_group(path, mode="r+")
     return BlockStore(path, group, meta)

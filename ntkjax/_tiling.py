@@ -37,7 +37,7 @@ def pad_rows(x: Any, size: int, *, mode: PadMode = "edge") -> Any:
     return jnp.pad(x, widths, mode=how)
 
 
-def tile_rows(x: jax.Array, block: int, *, mode: PadMode = "edge") -> jax.Array:
+def tile_rows(x: Any, block: int, *, mode: PadMode = "edge") -> jax.Array:
     """``x`` padded along axis 0 to a multiple of ``block`` and reshaped to
     ``(tiles, block, ...)``."""
     tiles = -(-x.shape[0] // block)

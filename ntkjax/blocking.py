@@ -106,6 +106,7 @@ def evaluate_in_blocks(
     devices: Sequence[Any] | None = None,
     out: str | os.PathLike | None = None,
     fingerprint: str | None = None,
+    store_key: str | None = None,
     show_progress: bool = False,
     description: str = "kernel blocks",
 ) -> Any:
@@ -122,9 +123,15 @@ def evaluate_in_blocks(
     Out of core: with ``out`` (a directory path) the result goes to a zarr (v3) store with one
     chunk per block, and a record of finished blocks, instead of host RAM; a store that exists
     is resumed -- only blocks not yet recorded are computed -- after checking that it was made
-    for the same inputs, block function (``fingerprint``), ``fn_args``, block layout and
-    number of processes. Several processes write one store, each its own blocks. Format and
-    guarantees: ``docs/guides/scaling_out.md``.
+    for the same inputs, computation, ``fn_args``, block layout and number of processes. The
+    computation is identified by the SHA-256 of the jaxpr of ``block_fn`` on the inputs'
+    shapes and dtypes (with the bytes of the arrays it closes over), or by ``store_key``; a
+    ``block_fn`` that calls back into Python (``jax.pure_callback``) cannot be fingerprinted
+    and needs a ``store_key``. Every chunk carries a CRC32C checksum: on resume a recorded
+    block whose chunk is missing, truncated or corrupt is computed again (a RuntimeWarning
+    names the chunk's file). Several processes write one store, each its own blocks; two
+    independent calls creating the same store at once share it. Format and guarantees:
+    ``docs/guides/scaling_out.md``.
 
     Args:
       block_fn: ``(x1_block, x2_block, *fn_args) -> pytree`` of arrays with leading shape
@@ -143,8 +150,12 @@ def evaluate_in_blocks(
       devices: the devices to use, the same list in every process; default ``jax.devices()``
         (all devices of all processes).
       out: path of a zarr store to write the result to (and resume from) instead of RAM.
-      fingerprint: a description of ``block_fn`` recorded in the store and compared on resume
-        (default: its module and qualified name); callers pass e.g. the module's ``repr``.
+      fingerprint: a readable description of ``block_fn`` recorded in the store and shown when
+        a resume is refused (default: its module and qualified name); callers pass e.g. the
+        module's ``repr``. It does not identify the computation: the jaxpr does.
+      store_key: a key naming the computation, recorded and compared on resume instead of the
+        jaxpr's hash (for a ``block_fn`` that cannot be fingerprinted; you vouch that equal
+        keys mean equal numbers).
       show_progress: draw a progress bar on stderr.
       description: label of the progress bar.
 
@@ -156,8 +167,9 @@ def evaluate_in_blocks(
       ValueError: when inputs lack a batch axis or disagree in per-example shape, when even
         the smallest block does not fit ``memory_bytes``, for an empty or repeated device list
         (or, under ``jax.distributed``, one that differs between processes), or when ``out``
-        holds a store made for other inputs, another block function or arguments, another
-        block layout, or (unfinished) another number of processes.
+        holds a store made for other inputs, another computation or arguments, another
+        block layout, or (unfinished) another number of processes; when ``block_fn`` cannot
+        be fingerprinted (it calls back into Python) and no ``store_key`` is given.
       TypeError: when ``devices`` holds something other than ``jax.Device`` objects.
 
     >>> import jax.numpy as jnp
@@ -182,19 +194,31 @@ def evaluate_in_blocks(
     def spec(x, b):
         return jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
 
-    full_shapes = jax.eval_shape(block_fn, spec(x1, n1), spec(x2, n2), *fn_args)
+    path = None if out is None else os.fspath(out)
+    closed = None
+    if path is not None and store_key is None:
+        closed, full_shapes = jax.make_jaxpr(block_fn, return_shape=True)(
+            spec(x1, n1), spec(x2, n2), *fn_args)
+    else:
+        full_shapes = jax.eval_shape(block_fn, spec(x1, n1), spec(x2, n2), *fn_args)
     out_leaves, treedef = jax.tree_util.tree_flatten(full_shapes)
     result_bytes = sum(
         int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in out_leaves
     )
 
-    path = None if out is None else os.fspath(out)
     meta = prints = None
     if path is not None:
+        if store_key is not None and not (isinstance(store_key, str) and store_key):
+            raise ValueError(f"store_key must be a non-empty string; got {store_key!r}.")
         prints = {
             "x1": _store.describe_array(x1),
             "x2": None if symmetric else _store.describe_array(x2),
-            "model": fingerprint if fingerprint is not None else _store.describe_object(block_fn),
+            "model": {
+                "computation": (f"key {store_key}" if closed is None
+                                else _store.describe_computation(closed)),
+                "description": (fingerprint if fingerprint is not None
+                                else _store.describe_object(block_fn)),
+            },
             "arguments": _store.describe_tree(fn_args),
         }
         meta = _store.read_meta(path)
@@ -240,11 +264,11 @@ def evaluate_in_blocks(
         if meta is None and jax.process_index() == 0:
             _store.create(path, prints, layout, layout["shapes"], layout["dtypes"])
         _collectives.barrier("ntkjax-store-created")
-        store = _store.open_store(path)
+        store = _store.open_store(path)  # ours, or one another call created meanwhile
         _store.check_meta(path, store.meta, prints)
         _store.check_layout(path, store.meta, layout)
         _store.check_processes(path, store.meta, store)
-        finished = store.finished()
+        finished = _store.unfinished_damaged(path, store)
         results = []
 
         def write(i, j, tiles):

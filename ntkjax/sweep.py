@@ -372,7 +372,7 @@ def _split_sweep_file(path: Path) -> tuple[list[str], str]:
         header = json.loads(first)
     except json.JSONDecodeError:
         header = None
-    if not newline or not _is_header(header):
+    if not newline or not isinstance(header, dict) or not _is_header(header):
         raise ValueError(
             f"{path} is not a sweep file: it does not start with the sweep header line "
             f"{_HEADER_LINE.strip()}; refusing to append to it or cut it. Pass another --out "
