@@ -363,7 +363,7 @@ def _nystrom(op, rank: int, key: jax.Array, sketch: str) -> NystromEigensystem:
     if not bool(check):
         raise ValueError("the kernel holds non-finite values (NaN or Inf) in its sampled columns.")
     eps = float(jnp.finfo(dtype).eps)
-    nu = math.sqrt(n) * eps * float(jnp.linalg.norm(y))
+    nu = math.sqrt(n) * eps * float(jnp.max(_norms(y.reshape(-1, 1))))
     core = 0.5 * (core + core.T) + nu * jnp.eye(rank, dtype=dtype)
     if omega is not None:
         y_nu = y + nu * omega
@@ -515,16 +515,38 @@ def kernel_regression_cg(
     return CGResult(alpha, iterations, history, converged, eig, ridge)
 
 
+def _column_scales(a: jax.Array) -> jax.Array:
+    """Per column of ``a``, the power of two ``2^e`` with ``max_i |a_ic| / 2^e`` in [0.5, 1)
+    (1 for a zero column): dividing by it is exact and brings the column to unit size."""
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(a), axis=0))
+    return jnp.ldexp(jnp.ones(exponent.shape, a.dtype), exponent)
+
+
+def _norms(a: jax.Array) -> jax.Array:
+    """Column 2-norms, scaled before squaring: ``s ||a / s||`` with ``s`` the column's
+    :func:`_column_scales`, so that no square underflows (entries ~1e-20 in float32, whose
+    squares are below the smallest normal number) or overflows (~1e20)."""
+    scale = _column_scales(a)
+    return scale * jnp.linalg.norm(a / scale, axis=0)
+
+
 def _cg(op, rhs, ridge, precondition, tol, max_iterations, show_progress):
-    """Preconditioned CG on the columns of ``rhs`` in lockstep; frozen once converged."""
-    norms = jnp.linalg.norm(rhs, axis=0)
+    """Preconditioned CG on the columns of ``rhs`` in lockstep; frozen once converged.
+
+    Each column is divided by a power of two that brings it to unit size (exact), solved, and
+    ``alpha`` multiplied back: the iterates are those of the unscaled system wherever those are
+    representable, and no residual norm or inner product under- or overflows for targets of
+    any representable size (float32 targets of 1e-20 or 1e20 included)."""
+    scale = _column_scales(rhs)
+    rhs = rhs / scale
+    norms = _norms(rhs)
     safe = jnp.where(norms > 0, norms, 1.0)
     alpha = jnp.zeros_like(rhs)
     r = rhs
     z = precondition(r)
     p = z
     rz = jnp.sum(r * z, axis=0)
-    history = [np.asarray(jnp.linalg.norm(r, axis=0) / safe)]
+    history = [np.asarray(_norms(r) / safe)]
     iterations = 0
 
     def pending():
@@ -560,9 +582,9 @@ def _cg(op, rhs, ridge, precondition, tol, max_iterations, show_progress):
         p = jnp.where(act, z + beta * p, p)
         rz = jnp.where(act, rz_new, rz)
         iterations += 1
-        history.append(np.asarray(jnp.linalg.norm(r, axis=0) / safe))
+        history.append(np.asarray(_norms(r) / safe))
     hist = np.stack(history)
-    return alpha, iterations, hist, hist[-1] <= tol
+    return alpha * scale, iterations, hist, hist[-1] <= tol
 
 
 # --------------------------------------------------------------------------- predictions

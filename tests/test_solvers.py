@@ -287,3 +287,27 @@ def test_four_devices_give_the_one_device_solve(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-10
+
+
+@pytest.mark.parametrize("size", [1e-20, 1e-30, 1e20, 1e30])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_float32_targets_at_extreme_scales_match_a_float64_solve(size, rank):
+    """Targets of 1e-20 square to below float32's smallest normal number, targets of 1e20 to
+    above its largest: the residual norms are scaled before squaring, so CG runs as it does
+    for targets of size 1 (and alpha is then that solution times the scale)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 60))
+    k = (a @ a.T / 60).astype(np.float32)  # a PSD kernel, eigenvalues ~ 0.1 .. 3
+    y = (rng.standard_normal((40, 2)) * size).astype(np.float32)
+    exact = np.linalg.solve(k.astype(np.float64) + 0.1 * np.eye(40), y.astype(np.float64))
+    key = jax.random.key(0) if rank else None
+    res = ntkjax.kernel_regression_cg(k, y, ridge=0.1, rank=rank, key=key, tol=1e-5)
+    assert res.alpha.dtype == jnp.float32
+    assert res.iterations > 1 and res.converged.all()
+    assert np.isfinite(res.residual_history).all() and res.residual_history[0].tolist() == [1, 1]
+    assert rel(res.alpha, exact) < 1e-4
+    # the same float32 solve on unit-size targets, scaled: the scale changes nothing else
+    unit = ntkjax.kernel_regression_cg(k, (y / np.float32(size)), ridge=0.1, rank=rank, key=key,
+                                       tol=1e-5)
+    assert unit.iterations == res.iterations
+    assert rel(np.asarray(unit.alpha, np.float64) * size, exact) < 1e-4
