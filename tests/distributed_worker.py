@@ -79,6 +79,18 @@ def slow_block_fn(sleep_s: float, count_file: str):
 
 def main(argv: list[str]) -> None:
     role = argv[0]
+    if role == "count_mismatch":  # initialize_distributed with this process's own count
+        pid, port, count = int(argv[1]), argv[2], int(argv[3])
+        import ntkjax
+
+        try:
+            ntkjax.initialize_distributed(f"127.0.0.1:{port}", num_processes=count,
+                                          process_id=pid, timeout_s=20)
+        except ValueError as err:
+            print(f"refused: {err}")
+            return
+        print("started")
+        return
     if role == "multi_process":
         pid, port, store, result = int(argv[1]), argv[2], argv[3], argv[4]
         import ntkjax
@@ -114,7 +126,7 @@ def main(argv: list[str]) -> None:
     elif role == "slow_store":
         store, sleep_s, count_file = argv[1], float(argv[2]), argv[3]
         ntkjax.evaluate_in_blocks(slow_block_fn(sleep_s, count_file), x, block_size=5,
-                                  out=store, fingerprint="slow relu NTK")
+                                  out=store, store_key="slow relu NTK")
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -182,6 +182,56 @@ def test_unreachable_coordinator_is_a_clear_error_in_seconds():
         ntkjax.initialize_distributed("127.0.0.1:1", num_processes=2, process_id=2)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"timeout_s": float("nan")}, ValueError, r"timeout_s .*nan"),  # hung forever before
+        ({"timeout_s": float("inf")}, ValueError, r"timeout_s .*inf"),  # was an OverflowError
+        ({"timeout_s": 0}, ValueError, "timeout_s"),
+        ({"timeout_s": -1.0}, ValueError, "timeout_s"),
+        ({"timeout_s": "10"}, TypeError, "timeout_s"),
+        ({"address": "127.0.0.1:99999"}, ValueError, r"port must be in 1 \.\. 65535; got 99999"),
+        ({"address": "127.0.0.1:0"}, ValueError, "port must be in 1"),
+        ({"num_processes": 0, "process_id": 0}, ValueError, "num_processes"),
+        ({"num_processes": 2.0}, ValueError, "num_processes"),
+        ({"process_id": -1}, ValueError, "process_id"),
+        ({"process_id": True}, ValueError, "process_id"),
+    ],
+)
+def test_start_up_arguments_are_checked_before_anything_starts(kwargs, error, message):
+    args = {"address": "127.0.0.1:1", "num_processes": 2, "process_id": 1, "timeout_s": 1.0}
+    args.update(kwargs)
+    start = time.monotonic()
+    with pytest.raises(error, match=message):
+        ntkjax.initialize_distributed(args.pop("address"), args.pop("num_processes"),
+                                      args.pop("process_id"), **args)
+    assert time.monotonic() - start < 0.5  # refused at once, before any connection attempt
+
+
+@pytest.mark.slow
+def test_processes_given_different_counts_are_refused_in_every_process():
+    """JAX takes the coordinator's num_processes and ignores the others': given 2 and 3, both
+    processes ran with 2. The counts are exchanged at start-up and both refuse."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), "count_mismatch", str(i), str(port),
+                          str(count)], env=_env(1), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for i, count in enumerate((2, 3))
+    ]
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "refused: num_processes differs" in out, out + err[-3000:]
+        assert "process 0: 2, process 1: 3" in out
+
+
 def test_store_for_other_inputs_or_model_is_refused(tmp_path):
     from ntkjax import models
 
