@@ -386,8 +386,12 @@ def _entries_per_pair(x: jax.Array, diagonal: bool) -> int:
 def _block_rows(x: jax.Array, diagonal: bool) -> int:
     """Rows of x1 (and x2) per block of the pairwise evaluation (a power of two)."""
     per_pair = _entries_per_pair(x, diagonal)
+    # each block also maps its inputs' own variances, 2 * rows beside the rows^2 pairs: at
+    # least 4 rows while 16 pairs stay within 4 x _BLOCK_ENTRIES (8x8 images, all pairs)
+    least = 4 if 4 * per_pair <= _BLOCK_ENTRIES else 1
     rows = 1
-    while rows * 2 <= x.shape[0] and (rows * 2) ** 2 * per_pair <= _BLOCK_ENTRIES:
+    while rows * 2 <= x.shape[0] and ((rows * 2) ** 2 * per_pair <= _BLOCK_ENTRIES
+                                      or rows < least):
         rows *= 2
     return rows
 
@@ -488,8 +492,9 @@ def kernel_matrix(
     ``x2 = None`` only the blocks on and above the diagonal are computed and mirrored.
 
     Images: whichever readout (flatten, global pooling, ...), the pairs of positions are chosen
-    as in :func:`kernel_fn`, and each input's variances at every layer are computed once, in a
-    per-input pass, and handed to every block that needs them (module docstring).
+    as in :func:`kernel_fn`; every block is the kernel of its two blocks of inputs, each
+    input's variances included (module docstring), so residual sums around attention and
+    LayerNorm evaluate in blocks exactly.
 
     Devices and out of core (:func:`ntkjax.blocking.evaluate_in_blocks`): the blocks are
     spread over ``devices`` (default: all devices of all processes); with ``out`` (a directory

@@ -247,7 +247,7 @@ def test_static_facts_name_the_layers_that_need_them():
     k = Dropped().apply({}, input_kernel(jnp.ones((1, 4, 2))))
     assert k.same_batch_layers == ("ntkjax.nn.Dropout (train mode)",)
     assert k.all_pairs_layers == ("SelfAttention",)
-    with pytest.raises(ValueError, match="cannot evaluate a module with ntkjax.nn.Dropout"):
+    with pytest.raises(ValueError, match=r"cannot evaluate a module with ntkjax\.nn\.Dropout"):
         ntkjax.kernel_matrix(Dropped(), jnp.ones((3, 4, 2)))
     with pytest.raises(ntkjax.kernels.AllPairsRequired, match="SelfAttention needs"):
         Dropped().apply({}, input_kernel(jnp.ones((1, 4, 2)), diagonal_spatial=True))

@@ -922,6 +922,10 @@ def activation_kernel(
 
         var1 = self_map(k.var1, d1)
         var2 = var1 if k.same_inputs else self_map(k.var2, d2)
+        # (N, *S, *S) variances are as large as a row of the kernel: a sort per layer would
+        # cost as much as the layer (image kernels are evaluated in small blocks of rows)
+        return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
+                         non_gaussian=k.non_gaussian if name is None else name)
     if k.same_inputs:
         var1 = var2 = _fusion_boundary(var1)
     else:
