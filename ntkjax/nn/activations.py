@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax._checks import float_dtype
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 
 __all__ = [
     "Activation",
@@ -891,8 +891,7 @@ def activation_kernel(
     ``var1[a, p, p']`` by the same map (its diagonal by ``maps`` at correlation 1). A kernel of
     same-position pairs (``diagonal_spatial``) maps ``[a, b, p]`` with ``var1[a, p]`` and
     ``var2[b, p]``, and its variances by ``variance``. The variances are read through
-    :meth:`~ntkjax.Kernel.position_variances` (and not propagated when the kernel carries
-    none).
+    :meth:`~ntkjax.Kernel.position_variances`.
 
     The maps hold for Gaussian pre-activations: with ``name`` given, an input kernel marked
     non-Gaussian (:attr:`ntkjax.Kernel.non_gaussian`) raises a ValueError and the output is
@@ -921,14 +920,13 @@ def activation_kernel(
             return maps(v, d.reshape(*d.shape, *ones), d.reshape(d.shape[0], *ones,
                                                                   *d.shape[1:]))[0]
 
-        if k.var1 is None or k.var2 is None:
-            var1 = var2 = None
-        else:
-            var1 = self_map(k.var1, d1)
-            var2 = var1 if k.var2 is k.var1 else self_map(k.var2, d2)
-    if var1 is None or var2 is None:
-        pass
-    elif var2 is var1:
+        var1 = self_map(k.var1, d1)
+        var2 = var1 if k.same_inputs else self_map(k.var2, d2)
+        # (N, *S, *S) variances are as large as a row of the kernel: a sort per layer would
+        # cost as much as the layer (image kernels are evaluated in small blocks of rows)
+        return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
+                         non_gaussian=k.non_gaussian if name is None else name)
+    if k.same_inputs:
         var1 = var2 = _fusion_boundary(var1)
     else:
         var1, var2 = _fusion_boundary(var1), _fusion_boundary(var2)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import linen
 
 from ntkjax._checks import check_choice
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 from ntkjax.nn.dense import Dense
 
 __all__ = ["ATTENTION_MECHANISMS", "AttentionMechanism", "SelfAttention", "attention_kernel"]
@@ -97,7 +97,7 @@ def attention_kernel(
             "has no known closed-form infinite-width kernel (Hron et al. 2020); use "
             "linear_scaling=True or attention_mechanism='identity'."
         )
-    k.require_all_pairs("SelfAttention")
+    k = k.require_all_pairs("SelfAttention")
     spatial = k.spatial_shape
     length = math.prod(spatial)
     n1, n2 = k.nngp.shape[:2]
@@ -105,7 +105,7 @@ def attention_kernel(
     t12 = k.ntk.reshape(n1, n2, length, length)
     c1, c2 = k.self_covariances()
     v1 = c1.reshape(n1, length, length)
-    v2 = v1 if k.same_inputs and c2 is c1 else c2.reshape(n2, length, length)
+    v2 = v1 if k.same_inputs else c2.reshape(n2, length, length)
     bias = float(b_std) ** 2 if use_bias else 0.0
     if linear_scaling:
         scale = float(ov_std) ** 2
@@ -135,12 +135,15 @@ def attention_kernel(
         new_v1 = self_map(v1)
         new_v2 = new_v1 if k.same_inputs else self_map(v2)
     shape2, shape1 = (n1, n2, *spatial, *spatial), (*spatial, *spatial)
-    return Kernel(
+    var1 = new_v1.reshape(n1, *shape1)
+    return k.replace(
         nngp=nngp.reshape(shape2),
         ntk=ntk.reshape(shape2),
-        var1=new_v1.reshape(n1, *shape1),
-        var2=new_v1.reshape(n1, *shape1) if k.same_inputs else new_v2.reshape(n2, *shape1),
+        var1=var1,
+        var2=var1 if k.same_inputs else new_v2.reshape(n2, *shape1),
         width=int(out_features),
+        diagonal_spatial=False,
+        non_gaussian="",
     )
 
 

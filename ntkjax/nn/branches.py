@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 
 __all__ = ["concatenate", "multiply"]
 
@@ -48,14 +48,14 @@ def _channel_concat(ks: list[Kernel]) -> Kernel:
         weighted = [a * (w / total) for a, w in zip(arrays, widths, strict=True)]
         return functools.reduce(operator.add, weighted)
 
-    carried = all(k.var1 is not None and k.var2 is not None for k in ks)
-    var1 = average([k.var1 for k in ks]) if carried else None  # type: ignore[misc]
+    var1 = average([k.var1 for k in ks])
     same = all(k.same_inputs for k in ks)
-    return ks[0].replace(
+    return ks[0].with_facts_of(*ks[1:]).replace(
         nngp=average([k.nngp for k in ks]),
         ntk=average([k.ntk for k in ks]),
         var1=var1,
-        var2=var1 if same or not carried else average([k.var2 for k in ks]),  # type: ignore
+        var2=var1 if same else average([k.var2 for k in ks]),
+        same_inputs=same,
         width=total,
         non_gaussian="ntkjax.nn.concatenate (along channels)",
     )
@@ -81,8 +81,7 @@ def _block_diagonal(arrays: list[jax.Array], axes: tuple[int, int]) -> jax.Array
 
 def _spatial_concat(ks: list[Kernel], axis: int) -> Kernel:
     """Concatenation along spatial axis ``axis`` (0-based among the spatial axes)."""
-    for k in ks:
-        k.require_all_pairs("concatenate along a spatial axis")
+    ks = [k.require_all_pairs("concatenate along a spatial axis") for k in ks]
     nd = ks[0].spatial_ndim
     if len({k.width for k in ks}) != 1:
         raise ValueError(
@@ -104,15 +103,14 @@ def _spatial_concat(ks: list[Kernel], axis: int) -> Kernel:
         )
     pair_axes = (2 + axis, 2 + nd + axis)
     self_axes = (1 + axis, 1 + nd + axis)
-    carried = all(k.var1 is not None and k.var2 is not None for k in ks)
-    var1 = _block_diagonal([k.var1 for k in ks], self_axes) if carried else None  # type: ignore
+    var1 = _block_diagonal([k.var1 for k in ks], self_axes)
     same = all(k.same_inputs for k in ks)
-    return ks[0].replace(
+    return ks[0].with_facts_of(*ks[1:]).replace(
         nngp=_block_diagonal([k.nngp for k in ks], pair_axes),
         ntk=_block_diagonal([k.ntk for k in ks], pair_axes),
         var1=var1,
-        var2=(var1 if same or not carried
-              else _block_diagonal([k.var2 for k in ks], self_axes)),  # type: ignore[arg-type]
+        var2=var1 if same else _block_diagonal([k.var2 for k in ks], self_axes),
+        same_inputs=same,
         non_gaussian="",
     )
 
@@ -186,14 +184,14 @@ def _multiply_kernels(a: Kernel, b: Kernel) -> Kernel:
             "multiply needs branches with the same shape and width; got kernels of shapes "
             f"{a.shape} and {b.shape}, widths {a.width} and {b.width}."
         )
-    carried = None not in (a.var1, a.var2, b.var1, b.var2)
-    var1 = a.var1 * b.var1 if carried else None  # type: ignore[operator]
+    var1 = a.var1 * b.var1
     same = a.same_inputs and b.same_inputs
-    return a.replace(
+    return a.with_facts_of(b).replace(
         nngp=a.nngp * b.nngp,
         ntk=a.ntk * b.nngp + a.nngp * b.ntk,
         var1=var1,
-        var2=var1 if same or not carried else a.var2 * b.var2,  # type: ignore[operator]
+        var2=var1 if same else a.var2 * b.var2,
+        same_inputs=same,
         non_gaussian="ntkjax.nn.multiply",
     )
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import linen
 
 from ntkjax._checks import check_choice
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 from ntkjax.nn.dense import Affine, Parameterization, dense_kernel
 
 __all__ = [

@@ -28,7 +28,7 @@ import numpy as np
 from flax import linen
 
 from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 
 __all__ = ["PARAMETERIZATIONS", "Affine", "Dense", "Parameterization", "dense_kernel",
            "dense_kernels", "dense_variance"]

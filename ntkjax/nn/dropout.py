@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax.kernels import Kernel, note_same_batch_rule
+from ntkjax._kernel import Kernel
 
 __all__ = ["Dropout", "dropout_kernel"]
 
@@ -58,11 +58,8 @@ def dropout_kernel(k: Kernel, rate: float) -> Kernel:
     keep = 1.0 - float(rate)
     factor = 1.0 / keep
     nd = 0 if k.diagonal_spatial else k.spatial_ndim  # same-position kernels: every entry
-    note_same_batch_rule("ntkjax.nn.Dropout (train mode)")
-    var1, var2 = k.var1, k.var2
-    if var1 is not None and var2 is not None:
-        var1 = _scale_self_entries(var1, factor, 1, nd)
-        var2 = var1 if k.same_inputs else _scale_self_entries(var2, factor, 1, nd)
+    k = k.noting_same_batch("ntkjax.nn.Dropout (train mode)")
+    var1, var2 = k.map_variances(lambda v: _scale_self_entries(v, factor, 1, nd))
     nngp, ntk = k.nngp, k.ntk
     if k.same_inputs:
         n = nngp.shape[0]

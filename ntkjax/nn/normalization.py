@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
 
@@ -88,11 +88,11 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
 
     d1, d2 = k.position_variances()
     r1 = scales(d1)
-    r2 = r1 if d2 is d1 else scales(d2)
+    r2 = r1 if k.same_inputs else scales(d2)
     if nd == 0 or k.diagonal_spatial:  # entries [a, b] or [a, b, p] (same positions)
         outer = r1[:, None] * r2[None, :]
-        var1 = None if k.var1 is None else k.var1 * (r1 * r1)
-        var2 = var1 if k.same_inputs or k.var2 is None else k.var2 * (r2 * r2)
+        var1 = k.var1 * (r1 * r1)
+        var2 = var1 if k.same_inputs else k.var2 * (r2 * r2)
     else:
         outer = (r1.reshape(r1.shape[0], 1, *r1.shape[1:], *ones)
                  * r2.reshape(1, r2.shape[0], *ones, *r2.shape[1:]))
@@ -100,8 +100,8 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
         def self_outer(r: jax.Array) -> jax.Array:
             return r.reshape(*r.shape, *ones) * r.reshape(r.shape[0], *ones, *r.shape[1:])
 
-        var1 = None if k.var1 is None else k.var1 * self_outer(r1)
-        var2 = var1 if k.same_inputs or k.var2 is None else k.var2 * self_outer(r2)
+        var1 = k.var1 * self_outer(r1)
+        var2 = var1 if k.same_inputs else k.var2 * self_outer(r2)
     return k.replace(nngp=k.nngp * outer, ntk=k.ntk * outer, var1=var1, var2=var2)
 
 

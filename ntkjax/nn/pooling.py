@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ntkjax._checks import check_choice
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 from ntkjax.nn.conv import CONV_PADDINGS, conv_padding, window_sum
 
 __all__ = [
@@ -107,7 +107,7 @@ def _global_pool_kernel(k: Kernel, name: str, average: bool) -> Kernel:
             f"{name} needs a kernel with spatial axes (inputs of shape (batch, *spatial, "
             "channels)); this one has none."
         )
-    k.require_all_pairs(name)
+    k = k.require_all_pairs(name)
     reduce = jnp.mean if average else jnp.sum
 
     def pool(a: jax.Array, lead: int) -> jax.Array:
@@ -292,7 +292,7 @@ def _pool_kernel(
             f"{name} with window {window_shape!r} needs a kernel with {n_window} spatial axes; "
             f"got one with spatial shape {k.spatial_shape}."
         )
-    k.require_all_pairs(name)
+    k = k.require_all_pairs(name)
     spatial = k.spatial_shape
     window, step, pads, mode = _pool_config(spatial, window_shape, strides, padding)
     divisors = (_divisors(spatial, window, step, pads, mode, count_include_pad, k.dtype)

@@ -1,0 +1,370 @@
+"""The :class:`Kernel` data type: infinite-width kernels of a layer's outputs, as plain data.
+
+This is the lowest floor of the package: the layers of :mod:`ntkjax.nn` map a ``Kernel`` to a
+``Kernel`` by their closed-form rules, and :mod:`ntkjax.kernels` evaluates modules on them. This
+module imports no evaluation machinery (no blocking, stores or devices) and holds no ambient
+state: everything a layer rule reads is a field of the ``Kernel`` it receives.
+
+* Per-input variances are data. ``var1`` / ``var2`` hold each input's covariance with itself
+  (across all pairs of its positions, for images), and every layer rule maps them along with
+  the pairwise kernels; so a kernel of two different batches (``x2`` given, or one block of a
+  blocked evaluation) has everything that activations, LayerNorm and attention read.
+* Static facts travel with the kernel (``all_pairs_layers``, ``same_batch_layers``): a layer
+  whose rule mixes positions, or depends on ``x2`` being the same batch as ``x1``, notes its
+  name on its output, and sums and concatenations of branches keep the notes of every branch.
+  :func:`ntkjax.kernel_fn` reads them off one shape-only trace of the module.
+* A plain JAX function applied to a ``Kernel`` (``jnp.tanh(k)``) raises
+  :class:`ForeignFunctionError` naming the call and what to use instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import linecache
+import math
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+__all__ = [
+    "AllPairsRequired",
+    "ForeignFunctionError",
+    "Kernel",
+    "batch_diagonal",
+    "describe_foreign_call",
+    "position_diagonal",
+    "traceback_frames",
+]
+
+
+class AllPairsRequired(ValueError):
+    """Raised by a layer rule that needs the kernel between all pairs of positions when it
+    meets a :class:`Kernel` that holds only same-position pairs (``diagonal_spatial``).
+
+    :func:`ntkjax.kernel_fn` never lets this happen on its own (it reads which layers mix
+    positions off the module first); it reaches a user who applies such a layer to a
+    same-position kernel directly."""
+
+
+def _union(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of all groups, each once, in order of first appearance."""
+    return tuple(dict.fromkeys(name for group in groups for name in group))
+
+
+@struct.dataclass
+class Kernel:
+    """Infinite-width kernels of a layer's outputs at two batches of inputs (a pytree).
+
+    Attributes:
+      nngp: (N1, N2) NNGP -- the covariance ``Sigma(x1_i, x2_j)`` of one output unit. With
+        spatial axes S (images): (N1, N2, *S, *S), ``Sigma(x1_i at p, x2_j at p')`` for all pairs
+        of positions; or, with ``diagonal_spatial``, (N1, N2, *S): the same-position entries
+        ``Sigma(x1_i at p, x2_j at p)`` only.
+      ntk: the NTK ``Theta(x1_i, x2_j)`` of one output unit, shaped like ``nngp``.
+      var1: (N1,) the NNGP variances ``Sigma(x1_i, x1_i)``; with spatial axes, (N1, *S, *S): each
+        input's covariance across all pairs of positions ((N1, *S) with ``diagonal_spatial``).
+        Always carried: every layer rule maps it with the pairwise kernels (:meth:`map_variances`)
+        and reads it where its closed form needs each input's variance
+        (:meth:`position_variances`, :meth:`self_covariances`).
+      var2: the same for x2.
+      width: number of features (channels) of the layer (static); the next dense layer's
+        ``fan_in`` (a convolution's is ``|window| * width``), which the standard
+        parameterization's NTK uses.
+      diagonal_spatial: whether only same-position pairs are held (static).
+      non_gaussian: (static) ``""`` when the layer's outputs are, in the limit, zero-mean
+        Gaussian processes with i.i.d. channels -- the outputs of Dense, Conv and SelfAttention
+        layers, their sums and normalizations -- else the name of the layer that made them
+        otherwise (an activation, a channel concatenation or product of branches, train-mode
+        Dropout). Activation rules and LayerNorm assume Gaussian inputs and raise a ValueError
+        naming that layer (as neural-tangents' ``is_gaussian``); a dense layer makes outputs
+        Gaussian again. (Readouts such as :func:`ntkjax.nn.flatten` start a fresh kernel and do
+        not carry the mark.)
+      same_inputs: (static) True when x2 is the very batch x1 (``kernel_fn(module)(x1)``); then
+        ``var2`` equals ``var1`` and rules that depend on it (train-mode
+        :class:`ntkjax.nn.Dropout` scales each example's kernel with itself) see it. A given
+        ``x2`` is a different batch, even when equal in value.
+      all_pairs_layers: (static) the layers met so far whose rule mixes positions and so needs
+        all pairs of positions (pooling, attention, ...): :meth:`require_all_pairs` notes them.
+      same_batch_layers: (static) the layers met so far whose rule depends on
+        :attr:`same_inputs` (:meth:`noting_same_batch`).
+
+    Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
+    independent branches (kernels add; valid when each branch, or all but one, ends in a dense
+    layer with fresh zero-mean weights, as in a residual block), and ``alpha * k`` (or
+    ``k / alpha``) is the kernel of ``alpha`` times the outputs (kernels scale by ``alpha^2``).
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> k = ntkjax.kernel_fn(ntkjax.nn.Dense(1, w_std=1.0, b_std=0.0))(jnp.eye(2) * 2.0)
+    >>> print(k.nngp)  # x1 x2^T / d
+    [[2. 0.]
+     [0. 2.]]
+    >>> print((3.0 * k).ntk[0, 0], (k + k).ntk[0, 0])  # alpha^2 k; independent branches add
+    18.0 4.0
+    """
+
+    nngp: jax.Array
+    ntk: jax.Array
+    var1: jax.Array
+    var2: jax.Array
+    width: int = struct.field(pytree_node=False)
+    diagonal_spatial: bool = struct.field(pytree_node=False, default=False)
+    non_gaussian: str = struct.field(pytree_node=False, default="")
+    same_inputs: bool = struct.field(pytree_node=False, default=False)
+    all_pairs_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    same_batch_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+    def replace(self, **changes: Any) -> Kernel:
+        """A copy with the given fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``nngp.shape``: ``(N1, N2)``, ``(N1, N2, *S, *S)``, or ``(N1, N2, *S)`` with
+        ``diagonal_spatial``."""
+        return tuple(self.nngp.shape)
+
+    @property
+    def spatial_ndim(self) -> int:
+        """The number of spatial axes (0 for a kernel of feature vectors)."""
+        extra = len(self.nngp.shape) - 2
+        return extra if self.diagonal_spatial else extra // 2
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """``S``: the spatial shape of the layer's outputs (``()`` without spatial axes)."""
+        return tuple(self.nngp.shape[2 : 2 + self.spatial_ndim])
+
+    @property
+    def dtype(self):
+        return self.nngp.dtype
+
+    # ---------------------------------------------------------------- static facts
+
+    def require_all_pairs(self, layer: str) -> Kernel:
+        """For layer rules that mix positions: this kernel with ``layer`` noted in
+        :attr:`all_pairs_layers`; raises :class:`AllPairsRequired` (a ValueError) when it holds
+        only same-position pairs."""
+        if self.diagonal_spatial:
+            raise AllPairsRequired(
+                f"{layer} needs the kernel between all pairs of positions, but this kernel "
+                "holds only same-position pairs (kernel_fn(module, position_pairs='same'))."
+            )
+        return self.replace(all_pairs_layers=_union(self.all_pairs_layers, (layer,)))
+
+    def noting_same_batch(self, layer: str) -> Kernel:
+        """For layer rules whose result depends on :attr:`same_inputs`: this kernel with
+        ``layer`` noted in :attr:`same_batch_layers` (a blocked evaluation, which treats blocks
+        of one batch as pairs of batches, then refuses or evaluates the batch whole)."""
+        return self.replace(same_batch_layers=_union(self.same_batch_layers, (layer,)))
+
+    def with_facts_of(self, *others: Kernel) -> Kernel:
+        """This kernel with the static facts (:attr:`all_pairs_layers`,
+        :attr:`same_batch_layers`) of ``others`` added: for rules that join branches."""
+        return self.replace(
+            all_pairs_layers=_union(self.all_pairs_layers, *(k.all_pairs_layers for k in others)),
+            same_batch_layers=_union(self.same_batch_layers,
+                                     *(k.same_batch_layers for k in others)),
+        )
+
+    # ---------------------------------------------------------------- arithmetic
+
+    def __add__(self, other: Any) -> Kernel:
+        if not isinstance(other, Kernel):
+            return NotImplemented
+        if (self.width != other.width or self.shape != other.shape
+                or self.diagonal_spatial != other.diagonal_spatial):
+            raise ValueError(
+                "can only add kernels of branches with the same width and inputs; got widths "
+                f"{self.width} and {other.width}, shapes {self.shape} and {other.shape}."
+            )
+        if self.non_gaussian and other.non_gaussian:
+            raise ValueError(
+                "the sum of two branches that both end in a layer with non-Gaussian outputs "
+                f"({self.non_gaussian} and {other.non_gaussian}) has no kernel here: their "
+                "means do not vanish, so the cross terms E[f] E[g'] would be missing. End at "
+                "least one branch in a Dense/Conv layer (as in a residual block)."
+            )
+        same = self.same_inputs and other.same_inputs
+        var1 = self.var1 + other.var1
+        return self.with_facts_of(other).replace(
+            nngp=self.nngp + other.nngp,
+            ntk=self.ntk + other.ntk,
+            var1=var1,
+            var2=var1 if same else self.var2 + other.var2,
+            same_inputs=same,
+            non_gaussian=self.non_gaussian or other.non_gaussian,
+        )
+
+    def __mul__(self, scale: Any) -> Kernel:
+        if isinstance(scale, Kernel) or jnp.ndim(scale) != 0:
+            raise ValueError(
+                "a Kernel can only be multiplied by a scalar (the network output times alpha has "
+                f"kernel alpha^2 K); got {type(scale).__name__} of shape {jnp.shape(scale)}."
+            )
+        s2 = jnp.asarray(scale, self.dtype) ** 2
+        var1, var2 = self.map_variances(lambda v: v * s2)
+        return self.replace(nngp=self.nngp * s2, ntk=self.ntk * s2, var1=var1, var2=var2)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: Any) -> Kernel:
+        if isinstance(scale, Kernel):
+            return NotImplemented
+        return self * (1 / jnp.asarray(scale, self.dtype))
+
+    def __neg__(self) -> Kernel:
+        return self
+
+    def __getitem__(self, index: Any) -> Kernel:
+        """``k[rows, cols]``: the kernel of a subset of x1 (``rows``) and x2 (``cols``) -- any
+        numpy-style index of one axis each (``k[rows]`` keeps every x2). ``nngp`` and ``ntk``
+        are indexed on their two batch axes, ``var1`` by ``rows`` and ``var2`` by ``cols``; the
+        result is a kernel of two batches (``same_inputs`` False)."""
+        rows, cols = index if isinstance(index, tuple) else (index, slice(None))
+        return self.replace(nngp=self.nngp[rows][:, cols], ntk=self.ntk[rows][:, cols],
+                            var1=self.var1[rows], var2=self.var2[cols], same_inputs=False)
+
+    def __jax_array__(self) -> Any:
+        """JAX asks for an array when a jnp / jax.nn function receives a Kernel: raise a
+        :class:`ForeignFunctionError` naming the function and what to use."""
+        stack = [(f.filename, f.lineno, f.function) for f in reversed(inspect.stack(0)[1:])]
+        raise ForeignFunctionError(describe_foreign_call(stack))
+
+    # ---------------------------------------------------------------- per-input variances
+
+    def map_variances(self, fn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``(fn(var1), fn(var2))``, evaluated once for a batch with itself (:attr:`same_inputs`),
+        so the two stay one array and the diagonal of a symmetric kernel stays consistent."""
+        var1 = fn(self.var1)
+        return var1, (var1 if self.same_inputs else fn(self.var2))
+
+    def position_variances(self) -> tuple[jax.Array, jax.Array]:
+        """Each input's variance at each position, ``var[a, p, p]``, shaped (N, *S), for x1 and
+        x2 (the variances themselves, (N,), without spatial axes). One array for both when
+        :attr:`same_inputs`."""
+        nd = self.spatial_ndim
+        if nd == 0 or self.diagonal_spatial:
+            return self.var1, self.var2
+        return self.map_variances(lambda v: position_diagonal(v, nd))
+
+    def self_covariances(self) -> tuple[jax.Array, jax.Array]:
+        """Each input's kernel with itself across all its positions, ``(N, *S, *S)`` (``(N, *S)``
+        for same-position kernels, ``(N,)`` without spatial axes), for x1 and x2: ``var1`` and
+        ``var2``."""
+        return self.var1, self.var2
+
+
+def batch_diagonal(a: jax.Array) -> jax.Array:
+    """``a[i, i, ...]`` of shape (N, ...) from ``a`` of shape (N, N, ...).
+
+    >>> import jax.numpy as jnp
+    >>> batch_diagonal(jnp.arange(8.0).reshape(2, 2, 2)).tolist()
+    [[0.0, 1.0], [6.0, 7.0]]
+    """
+    return jnp.moveaxis(jnp.diagonal(a, axis1=0, axis2=1), -1, 0)
+
+
+def position_diagonal(v: jax.Array, nd: int) -> jax.Array:
+    """``v[a, p, p]`` of shape (N, *S) from per-input covariances ``v`` of shape (N, *S, *S).
+
+    >>> import jax.numpy as jnp
+    >>> position_diagonal(jnp.arange(8.0).reshape(2, 2, 2), 1).tolist()
+    [[0.0, 3.0], [4.0, 7.0]]
+    """
+    n, spatial = v.shape[0], v.shape[1 : 1 + nd]
+    positions = math.prod(spatial)
+    flat = v.reshape(n, positions, positions)
+    return jnp.diagonal(flat, axis1=1, axis2=2).reshape(n, *spatial)
+
+
+# ------------------------------------------------------------- foreign functions on a Kernel
+
+class ForeignFunctionError(ValueError):
+    """A function without an infinite-width rule (``jax.nn.relu``, ``jnp.tanh``, a lambda) was
+    applied to a :class:`Kernel`."""
+
+
+# ntkjax equivalents of JAX functions, by the name of the JAX function that met the Kernel.
+_EQUIVALENTS = {
+    "relu": "ntkjax.nn.relu",
+    "gelu": "ntkjax.nn.gelu (approximate=True matches jax.nn.gelu's default tanh form)",
+    "erf": "ntkjax.nn.erf",
+    "sin": "ntkjax.nn.sin",
+    "cos": "ntkjax.nn.cos",
+    "exp": "ntkjax.nn.exp",
+    "abs": "ntkjax.nn.abs",
+    "absolute": "ntkjax.nn.abs",
+    "sign": "ntkjax.nn.sign",
+    "leaky_relu": "ntkjax.nn.leaky_relu",
+    "maximum": "ntkjax.nn.relu (if this is max(x, 0))",
+    "sigmoid": "ntkjax.nn.sigmoid_like (0.5 erf(x / 2.402) + 0.5, a closed-form stand-in for "
+    "the logistic sigmoid)",
+}
+_API_DIRS = {
+    "/jax/_src/nn/": "jax.nn.",
+    "/jax/_src/numpy/": "jnp.",
+    "/jax/_src/lax/": "jax.lax.",
+    "/jax/_src/scipy/": "jax.scipy.",
+    "/jax/_src/ops/": "jax.ops.",
+}
+_LIBRARY_DIRS = ("/jax/", "/jaxlib/", "/flax/", "/numpy/", "/ntkjax/kernels.py",
+                 "/ntkjax/_kernel.py")
+
+
+def describe_foreign_call(frames: list[tuple[str, int, str]]) -> str:
+    """The message for a Kernel that reached a plain JAX function, from the call stack as
+    ``(filename, lineno, function)`` tuples, outermost first: the user's frame is the innermost
+    one outside JAX/Flax, the function applied the first public JAX function inside it.
+
+    >>> describe_foreign_call([]).startswith("a function that is not an ntkjax activation")
+    True
+    """
+    paths = [f.replace("\\", "/") for f, _, _ in frames]
+    user = None
+    for i in range(len(frames) - 1, -1, -1):
+        if not any(d in paths[i] for d in _LIBRARY_DIRS):
+            user = i
+            break
+    api, qualified = None, None
+    for i in range(0 if user is None else user + 1, len(frames)):
+        name = frames[i][2]
+        prefix = next((p for d, p in _API_DIRS.items() if d in paths[i]), None)
+        if prefix and not name.startswith(("_", "<")):
+            api, qualified = name, prefix + name
+            break
+    where = ""
+    if user is not None:
+        filename, lineno, function = frames[user]
+        line = linecache.getline(filename, lineno).strip()
+        where = f" in {function} ({filename}:{lineno}{': ' + repr(line) if line else ''})"
+        if function == "<lambda>" and qualified:
+            qualified = f"a lambda calling {qualified}"
+    what = qualified or "a function that is not an ntkjax activation"
+    if api in _EQUIVALENTS:
+        fix = f"use {_EQUIVALENTS[api]} instead"
+    else:
+        fix = ("wrap the function in ntkjax.nn.elementwise(fn) (its kernel then comes from "
+               "Gauss-Hermite quadrature)")
+    return (
+        f"{what} was applied to an ntkjax Kernel{where}. ntkjax.kernel_fn applies the module to "
+        "a Kernel, and only ntkjax.nn layers and activations have an infinite-width rule: "
+        f"{fix}."
+    )
+
+
+def traceback_frames(err: BaseException) -> list[tuple[str, int, str]]:
+    """``(filename, lineno, function)`` of each frame of ``err``'s traceback, outermost first
+    (the input of :func:`describe_foreign_call`).
+
+    >>> try:
+    ...     raise ValueError
+    ... except ValueError as e:
+    ...     traceback_frames(e)[-1][2]
+    '<module>'
+    """
+    return [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(err.__traceback__)]
