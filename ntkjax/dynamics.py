@@ -113,7 +113,9 @@ def _check_output_kernel(k, name: str, rows: int | None, cols: int | None,
         raise ValueError(
             f"{name} must be a {want} kernel over examples and the {outputs} outputs of "
             f"y_train (a full kernel, as empirical_ntk_fn(..., outputs='full') gives); got "
-            f"shape {shape}."
+            f"shape {shape}. (A kernel with spatial axes (N1, N2, *S, *S) is no dynamics "
+            "kernel: end a convolutional network with ntkjax.nn.flatten or "
+            "ntkjax.nn.global_average_pool.)"
         )
     check_finite(k, name)
 
