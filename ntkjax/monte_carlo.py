@@ -33,6 +33,7 @@ from flax import linen
 from ntkjax._checks import check_choice, check_pair, is_concrete
 from ntkjax.empirical import (
     OUTPUTS,
+    BatchMode,
     NTKMethod,
     Outputs,
     empirical_nngp_fn,
@@ -174,12 +175,10 @@ def monte_carlo_kernel_fn(
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     batch_size = int(batch_size)
+    modes: dict[bool | None, BatchMode] = {None: "auto", False: "per_sample", True: "whole"}
     ntk_fns = {
-        coupled: empirical_ntk_fn(
-            apply_fn, ntk_method=ntk_method, outputs=outputs,
-            batch={None: "auto", False: "per_sample", True: "whole"}[coupled],
-        )
-        for coupled in (None, False, True)
+        coupled: empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs=outputs, batch=mode)
+        for coupled, mode in modes.items()
     }
     nngp_fn = empirical_nngp_fn(apply_fn, outputs=outputs)
     keys = jax.random.split(key, total)
@@ -238,8 +237,10 @@ def monte_carlo_kernel_fn(
         draw_keys = keys if key is None else jax.random.split(key, total)
         coupled = batch_coupling(draw_keys, x1, x2)
         estimates = [
-            MonteCarloKernel(*values, count)
-            for values, count in zip(kernel_impl(draw_keys, x1, x2, coupled), counts, strict=True)
+            MonteCarloKernel(nngp, ntk, se_nngp, se_ntk, count)
+            for (nngp, ntk, se_nngp, se_ntk), count in zip(
+                kernel_impl(draw_keys, x1, x2, coupled), counts, strict=True
+            )
         ]
         return estimates if isinstance(num_samples, Sequence) else estimates[0]
 
