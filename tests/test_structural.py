@@ -99,3 +99,66 @@ def test_elementwise_nngp_refuses_what_is_not_callable():
         nn.elementwise_nngp(jnp.cos, 1.0)
     with pytest.raises(ValueError, match="d_nngp_fn"):
         nn.elementwise_nngp(jnp.cos, lambda c, a, b: c, "derivative")
+
+
+class IndexCropNet(linen.Module):
+    """idx_crop_stride: Conv(64, 3x3) -> Relu -> Index[:, 1:7, ::2, :] -> Conv -> Relu ->
+    Flatten -> Dense(1)."""
+
+    @linen.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(64, kernel_size=(3, 3), w_std=1.4, b_std=0.1)(x))
+        x = nn.index(x, (slice(None), slice(1, 7), slice(None, None, 2), slice(None)))
+        x = nn.relu(nn.Conv(64, kernel_size=(3, 3), w_std=1.4, b_std=0.1)(x))
+        return nn.Dense(1, w_std=1.0, b_std=0.0)(nn.flatten(x))
+
+
+class IndexRowNet(linen.Module):
+    """idx_row_to_1d: Conv(64, 3x3) -> Relu -> Index[:, 2, ...] -> Conv(64, 3) -> Relu ->
+    GlobalAvgPool -> Dense(1)."""
+
+    @linen.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(64, kernel_size=(3, 3), w_std=1.4, b_std=0.1)(x))
+        x = nn.index(x, (slice(None), 2, ...))
+        x = nn.relu(nn.Conv(64, kernel_size=(3,), w_std=1.4, b_std=0.1)(x))
+        return nn.Dense(1, w_std=1.0, b_std=0.0)(nn.global_average_pool(x))
+
+
+class ScaleNet(linen.Module):
+    """dg_scalar_rhs: Conv(64, 3) -> Relu -> DotGeneral(rhs=2.0) -> GlobalAvgPool -> Dense(1)."""
+
+    @linen.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(64, kernel_size=(3,), w_std=1.3, b_std=0.1)(x))
+        return nn.Dense(1, w_std=1.0, b_std=0.0)(nn.global_average_pool(nn.scale(x, 2.0)))
+
+
+@pytest.mark.parametrize(("key", "model"), [("idx_crop_stride", IndexCropNet()),
+                                             ("idx_row_to_1d", IndexRowNet()),
+                                             ("dg_scalar_rhs", ScaleNet())])
+def test_index_and_scale_match_the_nt_reference(key, model, x64):
+    _, ref = _reference(key)
+    kernel_fn = ntkjax.kernel_fn(model)
+    k12 = kernel_fn(jnp.asarray(ref["x1"]), jnp.asarray(ref["x2"]))
+    k11 = kernel_fn(jnp.asarray(ref["x1"]))
+    for got, name in ((k12.nngp, "nngp_12"), (k12.ntk, "ntk_12"), (k11.nngp, "nngp_11"),
+                      (k11.ntk, "ntk_11")):
+        assert max_relative_error(got, ref[name]) < TOLERANCE, (key, name)
+    # the finite network runs with the same layers
+    x = jnp.asarray(ref["x1"])
+    assert model.apply(model.init(jax.random.PRNGKey(0), x), x).shape == (x.shape[0], 1)
+
+
+def test_index_and_scale_bad_input():
+    k = ntkjax.kernels.input_kernel(jnp.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match="batch axis"):
+        nn.index(k, (slice(0, 1),))
+    with pytest.raises(ValueError, match="channel axis"):
+        nn.index(k, (slice(None), slice(None), 0))
+    with pytest.raises(ValueError, match="selects nothing"):
+        nn.index(k, (slice(None), slice(5, 9)))
+    with pytest.raises(ValueError, match="ints, slices"):
+        nn.index(k, (slice(None), [0, 1]))
+    with pytest.raises(ValueError, match="finite scalar"):
+        nn.scale(k, float("nan"))

@@ -1,4 +1,14 @@
-"""Structural layers: elementwise functions given by their NNGP map.
+"""Structural layers: indexing, products with a constant, elementwise functions given by their
+NNGP map.
+
+:func:`index` is neural-tangents' ``stax.Index(idx)``: ``x[idx]`` on arrays ``(N, *S, C)``. On
+a Kernel the positions are independent coordinates of the kernel arrays, so the rule indexes
+both position axes of every entry: ``Sigma'[a, b, p, p'] = Sigma[a, b, idx_S(p), idx_S(p')]``
+(likewise Theta and the variances); a slice of the channels changes nothing but the width
+(channels are exchangeable), the batch axis must be kept whole.
+
+:func:`scale` is ``stax.DotGeneral`` with a scalar constant (``x * c``): ``Sigma' = c^2 Sigma``,
+``Theta' = c^2 Theta``.
 
 :func:`elementwise_nngp` is neural-tangents' ``stax.Elementwise(fn, nngp_fn, d_nngp_fn)``: an
 elementwise nonlinearity ``phi`` whose infinite-width rule the user states in closed form.
@@ -16,14 +26,18 @@ Each layer's kernel rule is a small function of its own (:func:`elementwise_nngp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ntkjax.kernels import Kernel
 from ntkjax.nn.activations import Activation, ActivationMaps
 
-__all__ = ["elementwise_nngp", "elementwise_nngp_maps"]
+__all__ = ["elementwise_nngp", "elementwise_nngp_maps", "index", "index_kernel", "scale",
+           "scale_kernel"]
 
 NNGPFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -104,3 +118,130 @@ def elementwise_nngp(
     label = name or f"elementwise_nngp({getattr(fn, '__name__', repr(fn))})"
     return Activation(fn, maps, variance, name=label,
                       doc=f"Activation {label} with a user-given NNGP map.")
+
+
+def _normalized_index(idx: Any, ndim: int) -> tuple[Any, ...]:
+    """``idx`` as one int or slice per axis of an ``ndim``-axis array (``...`` expanded)."""
+    items = tuple(idx) if isinstance(idx, tuple | list) else (idx,)
+    for item in items:
+        if not (item is Ellipsis or isinstance(item, slice)
+                or (isinstance(item, int) and not isinstance(item, bool))):
+            raise ValueError(f"index: idx may hold ints, slices and one '...'; got {item!r} in "
+                             f"{idx!r}.")
+    if sum(item is Ellipsis for item in items) > 1:
+        raise ValueError(f"index: idx may hold at most one '...'; got {idx!r}.")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        fill = ndim - (len(items) - 1)
+        items = items[:at] + (slice(None),) * max(fill, 0) + items[at + 1 :]
+    if len(items) > ndim:
+        raise ValueError(f"index: idx {idx!r} has {len(items)} entries for inputs with {ndim} "
+                         "axes (batch, *spatial, channels).")
+    return items + (slice(None),) * (ndim - len(items))
+
+
+def index_kernel(k: Kernel, idx: Any) -> Kernel:
+    """The rule of :func:`index` on a Kernel of inputs ``(N, *S, C)``: the spatial entries of
+    ``idx`` index both position axes of the NNGP, the NTK and the variances (``[a, p]`` only,
+    for same-position kernels); the channel entry sets the width.
+
+    >>> import ntkjax
+    >>> k = ntkjax.kernels.input_kernel(jnp.ones((2, 4, 3)))
+    >>> index_kernel(k, (slice(None), slice(1, 3))).nngp.shape
+    (2, 2, 2, 2)
+    """
+    nd = k.spatial_ndim
+    items = _normalized_index(idx, nd + 2)
+    batch, spatial, channel = items[0], items[1:-1], items[-1]
+    if batch != slice(None):
+        raise ValueError(f"index: the kernel rule keeps the batch axis whole; idx {idx!r} "
+                         f"indexes it with {batch!r}. Index the inputs before kernel_fn.")
+    if not isinstance(channel, slice):
+        raise ValueError(f"index: idx {idx!r} removes the channel axis (an int there); the "
+                         "layers after it need (N, *S, C) -- use a slice such as i:i+1.")
+    width = len(range(k.width)[channel])
+    if width == 0:
+        raise ValueError(f"index: idx {idx!r} keeps no channel of {k.width}.")
+    for i, (item, n) in enumerate(zip(spatial, k.spatial_shape, strict=True)):
+        if (isinstance(item, int) and not -n <= item < n) or (
+            isinstance(item, slice) and len(range(n)[item]) == 0
+        ):
+            raise ValueError(f"index: idx {idx!r} selects nothing on spatial axis {i} of size "
+                             f"{n}.")
+    positions = spatial if k.diagonal_spatial else spatial + spatial
+
+    def take(a: jax.Array | None, lead: int) -> jax.Array | None:
+        return None if a is None else a[(slice(None),) * lead + positions]
+
+    var1 = take(k.var1, 1)
+    var2 = var1 if k.var2 is k.var1 else take(k.var2, 1)
+    return k.replace(nngp=take(k.nngp, 2), ntk=take(k.ntk, 2), var1=var1, var2=var2,
+                     width=width)
+
+
+def index(x: Any, idx: Any) -> Any:
+    """``x[idx]`` on inputs ``(N, *S, C)`` (neural-tangents' ``stax.Index``); on a Kernel,
+    :func:`index_kernel`.
+
+    Args:
+      x: an array ``(N, *S, C)`` or its Kernel.
+      idx: numpy basic indexing -- a tuple of ints, slices and at most one ``...``, one entry
+        per axis (batch, spatial..., channels). On a Kernel the batch entry must be ``:`` and
+        the channel entry a slice.
+
+    Returns:
+      The indexed array, or its Kernel.
+
+    Raises:
+      ValueError: other index entries, an index that removes the channel axis or touches the
+        batch axis of a Kernel, or one that selects nothing.
+
+    >>> import ntkjax
+    >>> x = jnp.ones((2, 8, 8, 3))
+    >>> index(x, (slice(None), slice(1, 7), slice(None, None, 2))).shape
+    (2, 6, 4, 3)
+    >>> index(ntkjax.kernels.input_kernel(x), (slice(None), 2, ...)).nngp.shape
+    (2, 2, 8, 8)
+    """
+    if isinstance(x, Kernel):
+        return index_kernel(x, idx)
+    x = jnp.asarray(x)
+    return x[_normalized_index(idx, x.ndim)]
+
+
+def scale_kernel(k: Kernel, c: float) -> Kernel:
+    """The rule of :func:`scale`: ``c^2`` times the NNGP, the NTK and the variances.
+
+    >>> import ntkjax
+    >>> k = ntkjax.kernels.input_kernel(jnp.ones((2, 3)))
+    >>> print(scale_kernel(k, 2.0).nngp)
+    [[4. 4.]
+     [4. 4.]]
+    """
+    c2 = float(c) ** 2
+    var1, var2 = k.map_variances(lambda v: c2 * v)
+    return k.replace(nngp=c2 * k.nngp, ntk=c2 * k.ntk, var1=var1, var2=var2)
+
+
+def scale(x: Any, c: float) -> Any:
+    """The product ``x * c`` with a scalar constant (neural-tangents' ``stax.DotGeneral`` with
+    a scalar ``lhs`` or ``rhs``); on a Kernel, :func:`scale_kernel`.
+
+    Args:
+      x: an array or its Kernel.
+      c: a finite Python or numpy scalar (static).
+
+    Returns:
+      ``x * c``, or its Kernel.
+
+    Raises:
+      ValueError: a ``c`` that is not a finite scalar.
+
+    >>> print(scale(jnp.array([1.0, -2.0]), 3.0))
+    [ 3. -6.]
+    """
+    if isinstance(c, Sequence) or not math.isfinite(float(c)):
+        raise ValueError(f"scale: c must be a finite scalar; got {c!r}.")
+    if isinstance(x, Kernel):
+        return scale_kernel(x, c)
+    return x * c
