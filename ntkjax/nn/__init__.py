@@ -23,8 +23,9 @@ One module per kind of layer, each holding the layers and their infinite-width r
   :data:`exp_normalized`, :data:`polynomial`, :data:`monomial`, :data:`rectified_monomial`,
   :data:`hermite`, :data:`sigmoid_like`, :data:`gabor` (all with closed-form kernels), and
   :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature);
-* :mod:`ntkjax.nn.structural`: :func:`index` (slicing), :func:`scale` (product with a
-  constant) and :func:`elementwise_nngp`, an elementwise layer with a user-given NNGP map.
+* :mod:`ntkjax.nn.structural`: :func:`index` (slicing), :func:`image_resize`,
+  :func:`scale` (product with a constant) and :func:`elementwise_nngp`, an elementwise layer
+  with a user-given NNGP map.
 """
 
 from ntkjax.nn.activations import (
@@ -59,7 +60,7 @@ from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
 from ntkjax.nn.normalization import LayerNorm
 from ntkjax.nn.pooling import avg_pool, flatten, global_average_pool, global_sum_pool, sum_pool
-from ntkjax.nn.structural import elementwise_nngp, index, scale
+from ntkjax.nn.structural import elementwise_nngp, image_resize, index, scale
 
 __all__ = [
     "Activation",
@@ -87,6 +88,7 @@ __all__ = [
     "global_sum_pool",
     "hermite",
     "identity",
+    "image_resize",
     "index",
     "is_activation",
     "leaky_relu",

@@ -7,6 +7,11 @@ both position axes of every entry: ``Sigma'[a, b, p, p'] = Sigma[a, b, idx_S(p),
 (likewise Theta and the variances); a slice of the channels changes nothing but the width
 (channels are exchangeable), the batch axis must be kept whole.
 
+:func:`image_resize` is ``stax.ImageResize``: ``jax.image.resize`` of the spatial axes, a linear
+map ``R_i`` (an ``(m, n)`` matrix, :func:`resize_matrix`) per axis, so on a Kernel
+``Sigma' = R Sigma R^T`` on both position axes of every entry (likewise Theta and the
+variances).
+
 :func:`scale` is ``stax.DotGeneral`` with a scalar constant (``x * c``): ``Sigma' = c^2 Sigma``,
 ``Theta' = c^2 Theta``.
 
@@ -36,8 +41,8 @@ import jax.numpy as jnp
 from ntkjax.kernels import Kernel
 from ntkjax.nn.activations import Activation, ActivationMaps
 
-__all__ = ["elementwise_nngp", "elementwise_nngp_maps", "index", "index_kernel", "scale",
-           "scale_kernel"]
+__all__ = ["elementwise_nngp", "elementwise_nngp_maps", "image_resize", "image_resize_kernel",
+           "index", "index_kernel", "resize_matrix", "scale", "scale_kernel"]
 
 NNGPFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -245,3 +250,104 @@ def scale(x: Any, c: float) -> Any:
     if isinstance(x, Kernel):
         return scale_kernel(x, c)
     return x * c
+
+
+_RESIZE_METHODS = ("linear", "nearest")
+
+
+def resize_matrix(n: int, m: int, method: str = "linear", antialias: bool = True,
+                  dtype: Any = jnp.float32) -> jax.Array:
+    """The ``(m, n)`` matrix of ``jax.image.resize`` along one axis from ``n`` to ``m``
+    positions: column ``i`` is the resized unit vector ``e_i`` (the map is linear).
+
+    >>> print(resize_matrix(2, 4, "nearest"))
+    [[1. 0.]
+     [1. 0.]
+     [0. 1.]
+     [0. 1.]]
+    """
+    eye = jnp.eye(n, dtype=dtype)
+    return jax.image.resize(eye, (m, n), method=method, antialias=antialias,
+                            precision=jax.lax.Precision.HIGHEST)
+
+
+def _resize_shape(shape: Any, spatial: Sequence[int], width: int) -> tuple[int, ...]:
+    """The new spatial shape from ``shape`` = ``(N, *S, C)`` with ``-1`` = unchanged."""
+    shape = tuple(shape)
+    if len(shape) != len(spatial) + 2:
+        raise ValueError(f"image_resize: shape {shape} needs {len(spatial) + 2} entries (batch, "
+                         f"*spatial, channels) for inputs with spatial shape {tuple(spatial)}.")
+    if shape[0] != -1 or shape[-1] not in (-1, width):
+        raise ValueError(f"image_resize: shape {shape} may resize only the spatial axes; give "
+                         "-1 for the batch and channel axes.")
+    new = tuple(n if s == -1 else s for s, n in zip(shape[1:-1], spatial, strict=True))
+    if any(not isinstance(s, int) or s < 1 for s in new):
+        raise ValueError(f"image_resize: spatial sizes must be positive ints or -1; got "
+                         f"{shape}.")
+    return new
+
+
+def image_resize_kernel(k: Kernel, shape: Any, method: str = "linear",
+                        antialias: bool = True) -> Kernel:
+    """The rule of :func:`image_resize`: ``R_i`` (:func:`resize_matrix`) applied to both
+    position axes ``i`` of the NNGP, the NTK and the variances.
+
+    >>> import ntkjax
+    >>> k = ntkjax.kernels.input_kernel(jnp.ones((2, 4, 3)))
+    >>> image_resize_kernel(k, (-1, 8, -1)).nngp.shape
+    (2, 2, 8, 8)
+    """
+    if method not in _RESIZE_METHODS:
+        raise ValueError(f"image_resize: method must be one of {_RESIZE_METHODS} (a linear map "
+                         f"of the positions); got {method!r}.")
+    k.require_all_pairs("image_resize")  # it mixes positions
+    nd = k.spatial_ndim
+    new = _resize_shape(shape, k.spatial_shape, k.width)
+
+    def apply(a: jax.Array | None, lead: int) -> jax.Array | None:
+        if a is None:
+            return None
+        for i, (n, m) in enumerate(zip(k.spatial_shape, new, strict=True)):
+            if n == m:
+                continue
+            r = resize_matrix(n, m, method, antialias, a.dtype)
+            for ax in (lead + i, lead + nd + i):
+                a = jnp.moveaxis(jnp.tensordot(r, a, axes=((1,), (ax,)),
+                                               precision=jax.lax.Precision.HIGHEST), 0, ax)
+        return a
+
+    var1 = apply(k.var1, 1)
+    var2 = var1 if k.var2 is k.var1 else apply(k.var2, 1)
+    return k.replace(nngp=apply(k.nngp, 2), ntk=apply(k.ntk, 2), var1=var1, var2=var2)
+
+
+def image_resize(x: Any, shape: Any, method: str = "linear", antialias: bool = True) -> Any:
+    """``jax.image.resize`` of the spatial axes of ``(N, *S, C)`` inputs (neural-tangents'
+    ``stax.ImageResize``); on a Kernel, :func:`image_resize_kernel`.
+
+    Args:
+      x: an array ``(N, *S, C)`` or its Kernel.
+      shape: the new shape ``(-1, *S', -1)``; ``-1`` keeps an axis.
+      method: ``"linear"`` or ``"nearest"`` (the linear maps neural-tangents supports).
+      antialias: as in ``jax.image.resize`` (for downsampling).
+
+    Returns:
+      The resized array, or its Kernel.
+
+    Raises:
+      ValueError: another method, or a shape that resizes the batch or channel axes or has
+        the wrong length. (A same-position Kernel raises ``AllPairsRequired``, on which
+        ``kernel_fn`` reruns the module with all position pairs.)
+
+    >>> image_resize(jnp.ones((2, 4, 4, 3)), (-1, 8, 2, -1)).shape
+    (2, 8, 2, 3)
+    """
+    if isinstance(x, Kernel):
+        return image_resize_kernel(x, shape, method, antialias)
+    if method not in _RESIZE_METHODS:
+        raise ValueError(f"image_resize: method must be one of {_RESIZE_METHODS}; got "
+                         f"{method!r}.")
+    x = jnp.asarray(x)
+    new = _resize_shape(shape, x.shape[1:-1], x.shape[-1])
+    return jax.image.resize(x, (x.shape[0], *new, x.shape[-1]), method=method,
+                            antialias=antialias, precision=jax.lax.Precision.HIGHEST)
