@@ -24,11 +24,12 @@ from ntkjax import analytic, models, nn, predict
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.distributed import initialize_distributed
-from ntkjax.dynamics import SolverStats, gradient_flow
+from ntkjax.dynamics import ODEState, SolverStats, gradient_flow
 from ntkjax.empirical import (
     empirical_nngp_fn,
     empirical_ntk_fn,
     empirical_ntk_matrix,
+    is_batch_coupled,
     nnx_apply_fn,
     ntk_operator,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "MarginalLikelihoodFit",
     "MonteCarloKernel",
     "NystromEigensystem",
+    "ODEState",
     "PowerLawFit",
     "SolverStats",
     "StabilityReport",
@@ -112,6 +114,7 @@ __all__ = [
     "gradient_flow_mse",
     "hermite_truncation_error",
     "initialize_distributed",
+    "is_batch_coupled",
     "kernel_fn",
     "kernel_matrix",
     "kernel_regime_check",

@@ -55,7 +55,7 @@ import numpy as np
 from ntkjax._checks import check_finite, float_dtype, is_concrete
 from ntkjax.predict import Predictions
 
-__all__ = ["SolverStats", "check_sorted_times", "gradient_flow"]
+__all__ = ["ODEState", "SolverStats", "check_sorted_times", "gradient_flow"]
 
 # Default tolerances of the adaptive solver (relative, absolute), per dtype.
 _TOLERANCES = {4: (1e-5, 1e-6), 8: (1e-10, 1e-12)}
@@ -78,6 +78,46 @@ class SolverStats(NamedTuple):
     num_steps: jax.Array
     num_accepted_steps: jax.Array
     num_rejected_steps: jax.Array
+
+
+class ODEState(NamedTuple):
+    """The state of the function-space ODE at the requested times: outputs and, with momentum,
+    their velocities ``q = df/dt`` (neural-tangents' ``ODEState``). Passing them back as
+    ``fx_train_0``/``fx_test_0``/``qx_train_0``/``qx_test_0`` resumes the dynamics there.
+
+    Attributes:
+      fx_train: training outputs.
+      fx_test: test outputs (None without ``k_test_train``).
+      qx_train: training velocities (None without momentum).
+      qx_test: test velocities (None without momentum or test kernel).
+
+    >>> ODEState._fields
+    ('fx_train', 'fx_test', 'qx_train', 'qx_test')
+    """
+
+    fx_train: jax.Array
+    fx_test: jax.Array | None
+    qx_train: jax.Array | None
+    qx_test: jax.Array | None
+
+
+def _check_output_kernel(k, name: str, rows: int | None, cols: int | None,
+                         outputs: int) -> None:
+    """A full ``(rows, cols, O, O)`` kernel over examples and outputs."""
+    shape = tuple(np.shape(k))
+    if len(shape) != 4 or (rows is not None and shape[0] != rows) or (
+        cols is not None and shape[1] != cols
+    ) or shape[2:] != (outputs, outputs):
+        want = f"({'m' if rows is None else rows}, {'n' if cols is None else cols}, " \
+               f"{outputs}, {outputs})"
+        raise ValueError(
+            f"{name} must be a {want} kernel over examples and the {outputs} outputs of "
+            f"y_train (a full kernel, as empirical_ntk_fn(..., outputs='full') gives); got "
+            f"shape {shape}. (A kernel with spatial axes (N1, N2, *S, *S) is no dynamics "
+            "kernel: end a convolutional network with ntkjax.nn.flatten or "
+            "ntkjax.nn.global_average_pool.)"
+        )
+    check_finite(k, name)
 
 
 def _check_kernel_matrix(k, name: str, rows: int | None, cols: int | None) -> None:
@@ -158,6 +198,8 @@ def gradient_flow(
     k_test_train: jax.Array | None = None,
     fx_train_0: jax.Array | None = None,
     fx_test_0: jax.Array | None = None,
+    qx_train_0: jax.Array | None = None,
+    qx_test_0: jax.Array | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 100_000,
@@ -175,27 +217,38 @@ def gradient_flow(
       loss: ``loss(fx_train, y_train) -> scalar``, differentiable in ``fx_train`` (shape of
         ``y_train``): the objective optax would minimize, e.g.
         :func:`ntkjax.losses.softmax_cross_entropy` (mean over examples).
-      k_train_train: ``(n, n)`` NTK of one output on the training inputs.
-      y_train: ``(n,)`` or ``(n, outputs)`` targets (one-hot rows for cross-entropy).
+      k_train_train: ``(n, n)`` NTK of one output on the training inputs (the full kernel is
+        ``Theta (x) I_O``), or the full ``(n, n, O, O)`` NTK over examples and outputs
+        (``Theta(x_a, x_b)_{ij}``, e.g. ``empirical_ntk_fn(..., outputs="full")``), which
+        then acts as ``(Theta g)_{a,i} = sum_{b,j} Theta_{abij} g_{b,j}``.
+      y_train: ``(n,)`` or ``(n, outputs)`` targets (one-hot rows for cross-entropy);
+        ``(n, O)`` with a full kernel.
       learning_rate: ``lr``; time is measured in steps at this learning rate.
       momentum: None for gradient flow, or ``m`` in ``[0, 1)`` for the momentum system.
-      k_test_train: optional ``(m, n)`` NTK between test and training inputs.
-      fx_train_0, fx_test_0: outputs at initialization (zeros when omitted).
+      k_test_train: optional ``(m, n)`` NTK between test and training inputs
+        (``(m, n, O, O)`` with a full kernel).
+      fx_train_0, fx_test_0: outputs at the start (zeros when omitted).
+      qx_train_0, qx_test_0: only with momentum: velocities ``df/dt`` at the start (zeros
+        when omitted, as at initialization). With the outputs, an :class:`ODEState` returned
+        at ``t1`` (``return_state=True``) resumes the dynamics: running ``t2 - t1`` from it is
+        running ``t2`` from the start (up to the solver tolerance).
       rtol, atol: the solver's relative and absolute tolerances (per step, on every output);
         default ``1e-5, 1e-6`` in float32 and ``1e-10, 1e-12`` in float64.
       max_steps: the most solver steps one call may take (an error beyond it).
       solver: a diffrax solver instance; default ``diffrax.Tsit5()``.
 
     Returns:
-      ``predict(t, *, return_stats=False)``: ``t`` a scalar or a sorted 1-D array of finite
-      times ``>= 0`` (outputs then carry a leading time axis); returns
-      ``Predictions(train, test)`` (``test`` None without ``k_test_train``), or
-      ``(Predictions, SolverStats)`` with ``return_stats=True``. The whole trajectory is one
+      ``predict(t, *, return_stats=False, return_state=False)``: ``t`` a scalar or a sorted
+      1-D array of finite times ``>= 0`` (outputs then carry a leading time axis); returns
+      ``Predictions(train, test)`` (``test`` None without ``k_test_train``) -- or with
+      ``return_state=True`` an :class:`ODEState` (outputs and velocities) in its place -- and
+      ``(..., SolverStats)`` with ``return_stats=True``. The whole trajectory is one
       solve from 0 to ``t[-1]`` saving at every ``t``; ``predict`` is pure (jit / vmap).
 
     Raises:
       ValueError: a loss that does not return a scalar, negative or unsorted times, momentum
-        outside [0, 1), a kernel with spatial axes, or shapes that disagree.
+        outside [0, 1), a kernel with spatial axes, velocities without momentum, or shapes
+        that disagree.
 
     >>> import jax.numpy as jnp
     >>> from ntkjax.losses import softmax_cross_entropy
@@ -204,10 +257,29 @@ def gradient_flow(
     >>> predict = gradient_flow(softmax_cross_entropy, k, y, learning_rate=1.0)
     >>> predict(jnp.array([0.0, 10.0])).train.shape
     (2, 2, 2)
+
+    Resuming with momentum from the state at ``t = 4`` (outputs and velocities):
+
+    >>> predict = gradient_flow(softmax_cross_entropy, k, y, learning_rate=1.0, momentum=0.9)
+    >>> s = predict(4.0, return_state=True)
+    >>> resumed = gradient_flow(softmax_cross_entropy, k, y, learning_rate=1.0, momentum=0.9,
+    ...                         fx_train_0=s.fx_train, qx_train_0=s.qx_train)
+    >>> bool(jnp.allclose(resumed(6.0).train, predict(10.0).train, atol=1e-4))
+    True
     """
-    _check_kernel_matrix(k_train_train, "k_train_train", None, None)
-    n = np.shape(k_train_train)[0]
-    _check_kernel_matrix(k_train_train, "k_train_train", n, n)
+    full_kernel = np.ndim(k_train_train) == 4
+    if full_kernel:
+        y_shape = tuple(np.shape(y_train))
+        n = np.shape(k_train_train)[0]
+        if len(y_shape) != 2:
+            raise ValueError(f"with a full (n, n, O, O) kernel y_train must have shape (n, O); "
+                             f"got shape {y_shape}.")
+        _check_output_kernel(k_train_train, "k_train_train", y_shape[0], y_shape[0],
+                             y_shape[1])
+    else:
+        _check_kernel_matrix(k_train_train, "k_train_train", None, None)
+        n = np.shape(k_train_train)[0]
+        _check_kernel_matrix(k_train_train, "k_train_train", n, n)
     y_shape = tuple(np.shape(y_train))
     if len(y_shape) not in (1, 2) or y_shape[0] != n:
         raise ValueError(f"y_train must have shape ({n},) or ({n}, outputs) to match the "
@@ -220,10 +292,19 @@ def gradient_flow(
                              f"{learning_rate!r}.")
     _check_momentum(momentum)
     if k_test_train is not None:
-        _check_kernel_matrix(k_test_train, "k_test_train", None, n)
+        if full_kernel:
+            _check_output_kernel(k_test_train, "k_test_train", None, n, y_shape[1])
+        else:
+            _check_kernel_matrix(k_test_train, "k_test_train", None, n)
     if fx_test_0 is not None and k_test_train is None:
         raise ValueError("fx_test_0 needs k_test_train (the test-train kernel).")
-    dtype = float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
+    if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
+        raise ValueError("qx_train_0 / qx_test_0 (velocities) need momentum: gradient flow "
+                         "without momentum is first order, its state is the outputs alone.")
+    if qx_test_0 is not None and k_test_train is None:
+        raise ValueError("qx_test_0 needs k_test_train (the test-train kernel).")
+    dtype = float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0,
+                        qx_train_0, qx_test_0)
     k = jnp.asarray(k_train_train, dtype)
     y = jnp.asarray(y_train, dtype)
     f0 = jnp.zeros(y_shape, dtype) if fx_train_0 is None else jnp.asarray(fx_train_0, dtype)
@@ -238,6 +319,18 @@ def gradient_flow(
         if ft0.shape != test_shape:
             raise ValueError(f"fx_test_0 must have shape {test_shape}; got {ft0.shape}.")
         check_finite(ft0, "fx_test_0")
+    q0 = qt0 = None
+    if momentum is not None:
+        q0 = jnp.zeros(y_shape, dtype) if qx_train_0 is None else jnp.asarray(qx_train_0, dtype)
+        if q0.shape != y_shape:
+            raise ValueError(f"qx_train_0 must have shape {y_shape}; got {q0.shape}.")
+        check_finite(q0, "qx_train_0")
+        if ft0 is not None:
+            qt0 = (jnp.zeros_like(ft0) if qx_test_0 is None
+                   else jnp.asarray(qx_test_0, dtype))
+            if qt0.shape != ft0.shape:
+                raise ValueError(f"qx_test_0 must have shape {ft0.shape}; got {qt0.shape}.")
+            check_finite(qt0, "qx_test_0")
     _check_loss(loss, f0, y)
     default_rtol, default_atol = _TOLERANCES.get(jnp.dtype(dtype).itemsize, _TOLERANCES[4])
     config = _SolverConfig(
@@ -251,14 +344,14 @@ def gradient_flow(
     lr = jnp.asarray(learning_rate, dtype)
     mom = jnp.asarray(0.0 if momentum is None else momentum, dtype)
 
-    def predict(t, *, return_stats: bool = False):
+    def predict(t, *, return_stats: bool = False, return_state: bool = False):
         check_sorted_times(t)
         times = jnp.asarray(t, dtype)
-        (train, test), stats = _solve(config, jnp.atleast_1d(times), k, k_xt, y, f0, ft0, lr, mom)
+        state, stats = _solve(config, jnp.atleast_1d(times), k, k_xt, y, f0, ft0, q0, qt0, lr,
+                              mom)
         if times.ndim == 0:
-            train = train[0]
-            test = None if test is None else test[0]
-        out = Predictions(train, test)
+            state = jax.tree_util.tree_map(lambda a: a[0], state)
+        out = state if return_state else Predictions(state.fx_train, state.fx_test)
         return (out, stats) if return_stats else out
 
     return predict
@@ -276,16 +369,18 @@ class _SolverConfig(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _solve(config: _SolverConfig, ts, k, k_xt, y, f0, ft0, lr, momentum):
-    """One diffrax solve from 0 to ``ts[-1]`` saving at ``ts``: ``((train, test), stats)``."""
+def _solve(config: _SolverConfig, ts, k, k_xt, y, f0, ft0, q0, qt0, lr, momentum):
+    """One diffrax solve from 0 to ``ts[-1]`` saving at ``ts``: ``(ODEState, stats)``."""
     dtype = k.dtype
     grad_loss = jax.grad(lambda f: config.loss(f, y).astype(dtype))
+    # (n, n) kernel: Theta acts on the example axis; (n, n, O, O): on examples and outputs
+    apply_axes = ((1, 3), (0, 1)) if k.ndim == 4 else 1
 
     def force(f_train):
         """``-lr Theta grad_f L`` on the training and test outputs."""
         g = grad_loss(f_train)
-        d_train = -lr * jnp.tensordot(k, g, axes=1)
-        d_test = None if k_xt is None else -lr * jnp.tensordot(k_xt, g, axes=1)
+        d_train = -lr * jnp.tensordot(k, g, axes=apply_axes)
+        d_test = None if k_xt is None else -lr * jnp.tensordot(k_xt, g, axes=apply_axes)
         return d_train, d_test
 
     def first_order(t, state, args):
@@ -300,17 +395,19 @@ def _solve(config: _SolverConfig, ts, k, k_xt, y, f0, ft0, lr, momentum):
         dq_test = None if q_test is None else force_test - damping * q_test
         return (q_train, q_test), (dq_train, dq_test)
 
-    zeros = lambda a: None if a is None else jnp.zeros_like(a)
-    state0: Any = ((f0, ft0), (zeros(f0), zeros(ft0))) if config.momentum else (f0, ft0)
+    state0: Any = ((f0, ft0), (q0, qt0)) if config.momentum else (f0, ft0)
     term = diffrax.ODETerm(second_order if config.momentum else first_order)
     solution = diffrax.diffeqsolve(
         term, config.solver, jnp.zeros((), dtype), ts[-1], None, state0,
         stepsize_controller=diffrax.PIDController(rtol=config.rtol, atol=config.atol),
         saveat=diffrax.SaveAt(ts=ts), max_steps=config.max_steps,
     )
-    ys = solution.ys if not config.momentum else solution.ys[0]  # type: ignore[index]
+    if config.momentum:
+        (train, test), (q_train, q_test) = solution.ys  # type: ignore[misc]
+    else:
+        (train, test), q_train, q_test = solution.ys, None, None  # type: ignore[misc]
     stats = solution.stats
-    return ys, SolverStats(
+    return ODEState(train, test, q_train, q_test), SolverStats(
         num_steps=stats["num_steps"],
         num_accepted_steps=stats["num_accepted_steps"],
         num_rejected_steps=stats["num_rejected_steps"],

@@ -36,6 +36,7 @@ Conventions used throughout this module:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -46,7 +47,7 @@ import numpy as np
 from flax import linen
 from jax.typing import ArrayLike
 
-from ntkjax._checks import check_choice, check_pair, check_values
+from ntkjax._checks import check_choice, check_pair, check_values, is_concrete
 from ntkjax._store import describe_object
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
@@ -54,11 +55,12 @@ from ntkjax.jacobians import (
     OUTPUTS,
     PRECISION,
     ApplyFn,
+    ModelRefused,
     Outputs,
     batched_fn,
     check_model_inputs,
+    contract_leaf_jacobians,
     full_to,
-    leaf_jacobian_kernel,
     per_sample_fn,
     split_params,
     symmetrize,
@@ -67,59 +69,134 @@ from ntkjax.nn.dropout import Dropout
 from ntkjax.structured import count_structured_layers, last_hidden_features, structured_kernel
 
 __all__ = [
+    "BATCH_MODES",
     "NTK_METHODS",
     "OUTPUTS",
+    "BatchMode",
     "KernelFn",
     "NTKMethod",
     "Outputs",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
+    "is_batch_coupled",
     "nnx_apply_fn",
     "ntk_operator",
 ]
 
 NTKMethod = Literal["auto", "jacobian", "ntk_vp", "structured"]
+BatchMode = Literal["auto", "per_sample", "whole"]
+BATCH_MODES: tuple[BatchMode, ...] = ("auto", "per_sample", "whole")
 NTK_METHODS: tuple[NTKMethod, ...] = ("auto", "jacobian", "ntk_vp", "structured")
 
 # A kernel function as returned here: (params, x1, x2=None) -> array.
 KernelFn = Callable[..., jax.Array]
 
 
-def _jacobian_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype):
-    trainable, rebuild = split_params(params)
-    kernel = leaf_jacobian_kernel(per_sample_fn(apply_fn, rebuild), trainable, x1, x2, outputs)
-    if kernel is None:
-        return _zeros(x1, x2, out_dim, outputs, dtype)
-    return kernel
+def _per_sample_jacobians(apply_fn, rebuild, trainable, x):
+    """Leaves ``(N, O, *leaf.shape)``: the Jacobian of each example called on its own."""
+    jac = jax.vmap(jax.jacrev(per_sample_fn(apply_fn, rebuild)), in_axes=(None, 0))
+    return jac(trainable, x)
 
 
-def _ntk_vp_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype, vp_batch_size):
+def _whole_batch_jacobians(apply_fn, rebuild, trainable, x):
+    """Leaves ``(N, O, *leaf.shape)``: the Jacobian of the batched function ``f(theta, X)``,
+    row ``a`` holding ``d f_a(theta, X) / d theta`` (neural-tangents' ``vmap_axes=None``)."""
+    return jax.jacrev(batched_fn(apply_fn, rebuild))(trainable, x)
+
+
+def _paired_contraction(j1, j2, outputs: Outputs) -> jax.Array | None:
+    """``Theta(x1_a, x2_a)`` from Jacobian pytrees with leaves ``(N, O, *leaf)``: shapes
+    ``(N,)``, ``(N, O)`` or ``(N, O, O)`` for trace, diagonal, full. None without parameters."""
+    spec = {"trace": "aip,aip->a", "diagonal": "aip,aip->ai", "full": "aip,ajp->aij"}[outputs]
+    total = None
+    for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2), strict=True):
+        if a.size == 0:
+            continue
+        term = jnp.einsum(
+            spec, a.reshape(a.shape[0], a.shape[1], -1), b.reshape(b.shape[0], b.shape[1], -1),
+            precision=PRECISION,
+        )
+        total = term if total is None else total + term
+    return total
+
+
+def _jacobian_kernel(apply_fn, params, x1, x2, outputs, whole, paired):
     trainable, rebuild = split_params(params)
-    f_single = per_sample_fn(apply_fn, rebuild)
-    f_batch = batched_fn(apply_fn, rebuild)
+    jacobians = _whole_batch_jacobians if whole else _per_sample_jacobians
+    j1 = jacobians(apply_fn, rebuild, trainable, x1)
+    j2 = j1 if x2 is None else jacobians(apply_fn, rebuild, trainable, x2)
+    if paired:
+        return _paired_contraction(j1, j2, outputs)
+    return contract_leaf_jacobians(j1, j2, outputs)
+
+
+def _map(fn, xs, batch_size):
+    """``vmap`` of ``fn`` over the leading axis of ``xs``, or ``lax.map`` in groups."""
+    if batch_size is None:
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=batch_size)
+
+
+def _ntk_vp_kernel(apply_fn, params, x1, x2, outputs, out_dim, dtype, vp_batch_size, whole,
+                   paired):
+    trainable, rebuild = split_params(params)
     xs2 = x1 if x2 is None else x2
-    _, jvp1 = jax.linearize(lambda p: f_batch(p, x1), trainable)
     basis = jnp.eye(out_dim, dtype=dtype)
+    if whole:
+        # Theta[:, b, :, j] = J(X1) J(X2)^T e_{b,j}, J of the batched function.
+        f_batch = batched_fn(apply_fn, rebuild)
+        _, jvp1 = jax.linearize(lambda p: f_batch(p, x1), trainable)
+        _, vjp2 = jax.vjp(lambda p: f_batch(p, xs2), trainable)
+        n2 = xs2.shape[0]
+        units = jnp.eye(n2 * out_dim, dtype=dtype).reshape(n2 * out_dim, n2, out_dim)
+        cols = _map(lambda e: jvp1(vjp2(e)[0]), units, vp_batch_size)  # (N2 O_j, N1, O_i)
+        cols = cols.reshape(n2, out_dim, x1.shape[0], out_dim)
+        kernel_full = jnp.transpose(cols, (2, 0, 3, 1))  # (N1, N2, O_i, O_j)
+        if paired:
+            kernel_full = jnp.moveaxis(jnp.diagonal(kernel_full, axis1=0, axis2=1), -1, 0)
+        return full_to(kernel_full, outputs)
+    f_single = per_sample_fn(apply_fn, rebuild)
+
+    def block(xa, xb):
+        # Theta(xa, xb)[..., j] = J(xa) J(xb)^T e_j, for every output j.
+        _, vjp = jax.vjp(lambda p: f_single(p, xb), trainable)
+        _, jvp = jax.linearize(lambda p: f_single(p, xa), trainable)
+        return jax.vmap(lambda e: jvp(vjp(e)[0]))(basis)  # (O_j, O_i)
+
+    if paired:
+        blocks = _map(lambda pair: block(*pair), (x1, xs2), vp_batch_size)  # (N, O_j, O_i)
+        return full_to(jnp.transpose(blocks, (0, 2, 1)), outputs)
+    f_batch = batched_fn(apply_fn, rebuild)
+    _, jvp1 = jax.linearize(lambda p: f_batch(p, x1), trainable)
 
     def column(xb):
-        # Theta(x1, xb)[:, :, :, j] = J(x1) J(xb)^T e_j, for every output j.
         _, vjp = jax.vjp(lambda p: f_single(p, xb), trainable)
         return jax.vmap(lambda e: jvp1(vjp(e)[0]))(basis)  # (O_j, N1, O_i)
 
-    if vp_batch_size is None:
-        cols = jax.vmap(column)(xs2)
-    else:
-        cols = jax.lax.map(column, xs2, batch_size=vp_batch_size)
+    cols = _map(column, xs2, vp_batch_size)
     kernel_full = jnp.transpose(cols, (2, 0, 3, 1))  # (N1, N2, O_i, O_j)
     return full_to(kernel_full, outputs)
 
 
-def _zeros(x1, x2, out_dim, outputs, dtype):
+def _structured_paired(apply_fn, params, x1, x2, outputs):
+    """``Theta(x1_a, x2_a)`` by the structured method, one example pair at a time."""
+    xs2 = x1 if x2 is None else x2
+
+    def one(xa, xb):
+        kernel = structured_kernel(apply_fn, params, xa[None], xb[None], outputs=outputs)
+        return None if kernel is None else kernel[0, 0]
+
+    if structured_kernel(apply_fn, params, x1[:1], xs2[:1], outputs=outputs) is None:
+        return None
+    return jax.vmap(one)(x1, xs2)
+
+
+def _zeros(x1, x2, out_dim, outputs, dtype, paired):
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     shape = {"trace": (n1, n2), "diagonal": (n1, n2, out_dim), "full": (n1, n2, out_dim, out_dim)}
-    return jnp.zeros(shape[outputs], dtype)
+    return jnp.zeros(shape[outputs][1:] if paired else shape[outputs], dtype)
 
 
 def _result_dtype(params, out):
@@ -144,6 +221,8 @@ def empirical_ntk_fn(
     ntk_method: NTKMethod = "auto",
     outputs: Outputs = "trace",
     vp_batch_size: int | None = None,
+    batch: BatchMode = "auto",
+    diagonal_batch: bool = False,
 ) -> KernelFn:
     """Returns a jitted ``ntk(params, x1, x2=None)``: the empirical NTK of ``apply_fn``.
 
@@ -151,31 +230,49 @@ def empirical_ntk_fn(
     over every differentiated parameter (for a linen variables dict: the ``"params"``
     collection only; other collections pass through unchanged).
 
+    Batch coupling. The fast methods differentiate each example on its own,
+    ``f(theta, x_a[None])``, which is right when examples do not interact. A function that
+    uses its batch (a batch mean, a train-mode ``flax.linen.BatchNorm`` applied with
+    ``mutable=["batch_stats"]``) has instead the kernel of the batched function
+    ``F(theta, X) in R^{N x O}``: ``Theta(X1, X2) = J(X1) J(X2)^T`` with ``J(X) = dF(theta,
+    X)/dtheta`` of shape ``(N O, P)`` -- neural-tangents' ``vmap_axes=None``; each of x1 and x2
+    is one batch. ``batch="auto"`` tells the two apart by a probe (:func:`is_batch_coupled`:
+    the outputs and a random Jacobian-vector product of the batched call against the
+    per-example calls) and computes the batched kernel for a coupled function; the decision
+    is kept per input shapes, and under an outer ``jit`` without an earlier concrete call the
+    probe runs in the program and ``lax.cond`` picks the kernel.
+
     Args:
       apply_fn: ``(params, x) -> (N, *out)``, e.g. a linen ``module.apply``. For an NNX module
         use :func:`nnx_apply_fn`.
       ntk_method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"`` (see module doc).
-        All give the same kernel up to rounding.
+        All give the same kernel up to rounding. The batched kernel of a coupled function is
+        computed by ``"jacobian"`` (for ``"structured"`` too) or ``"ntk_vp"``.
       outputs: ``"trace"`` -- the SUM over outputs, shape ``(N1, N2)``; ``"mean"`` -- the
         MEAN over outputs (neural-tangents' ``trace_axes=(-1,)``), shape ``(N1, N2)``;
         ``"full"`` -- shape ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``.
       vp_batch_size: only for ``"ntk_vp"``: evaluate the columns ``x2[b]`` sequentially in
         groups of this size (``lax.map``) to bound memory; None vectorizes over all of x2.
+      batch: ``"auto"`` (probe, above), ``"per_sample"`` (examples are independent: no probe)
+        or ``"whole"`` (the batched kernel, always).
+      diagonal_batch: only the pairs ``Theta(x1_a, x2_a)`` (``x2=None``: ``Theta(x_a, x_a)``),
+        without forming the ``N1 x N2`` matrix -- neural-tangents' ``diagonal_axes=(0,)``.
+        Shapes ``(N,)``, ``(N, O)`` or ``(N, O, O)``; x1 and x2 need the same N.
 
     Returns:
       ``ntk(params, x1, x2=None)``, a ``jax.jit`` of a pure function (``ntk.__wrapped__``);
       it may be called inside another ``jit``, ``lax.scan`` or ``grad`` with traced params.
       ``x2=None`` means ``x2 = x1``: the per-sample work is done once and the result is
-      exactly symmetric. Configuration (ntk_method, outputs) is fixed at construction.
+      exactly symmetric. Configuration (ntk_method, outputs, batch) is fixed at construction.
 
     Raises:
-      ValueError: unknown ntk_method/outputs (here); when called: inputs without a batch axis,
-        empty or without features, x1 and x2 with different per-example shapes, params that do
-        not fit the model, concrete inputs holding NaN or Inf (under an outer ``jit`` the
-        values are unknown and not checked), and a linen model with a train-mode dropout
-        (``flax.linen.Dropout`` or :class:`ntkjax.nn.Dropout` with ``deterministic=False`` and
-        ``rate > 0``): its masks depend on how examples are batched, so the methods would
-        disagree.
+      ValueError: unknown ntk_method/outputs/batch (here); when called: inputs without a batch
+        axis, empty or without features, x1 and x2 with different per-example shapes (or
+        different N with ``diagonal_batch``), params that do not fit the model, concrete inputs
+        holding NaN or Inf (under an outer ``jit`` the values are unknown and not checked), and
+        a linen model with a train-mode dropout (``flax.linen.Dropout`` or
+        :class:`ntkjax.nn.Dropout` with ``deterministic=False`` and ``rate > 0``): its masks
+        depend on RNG state and on how examples are batched, so it has no one kernel.
 
     A linear model ``f(x) = x w`` has the NTK ``x1 x2^T``:
 
@@ -185,9 +282,21 @@ def empirical_ntk_fn(
     >>> print(ntkjax.empirical_ntk_fn(apply_fn)({"w": jnp.ones((2, 1))}, x))
     [[ 5. 11.]
      [11. 25.]]
+    >>> print(ntkjax.empirical_ntk_fn(apply_fn, diagonal_batch=True)({"w": jnp.ones((2, 1))}, x))
+    [ 5. 25.]
+
+    Centering by the batch mean couples the examples; the kernel is that of the batch:
+
+    >>> centered = lambda params, x: (x - x.mean(0)) @ params["w"]
+    >>> print(ntkjax.empirical_ntk_fn(centered)({"w": jnp.ones((2, 1))}, x))
+    [[ 2. -2.]
+     [-2.  2.]]
     """
     check_choice(ntk_method, NTK_METHODS, "ntk_method")
     check_choice(outputs, OUTPUTS, "outputs")
+    check_choice(batch, BATCH_MODES, "batch")
+    if not isinstance(diagonal_batch, bool):
+        raise ValueError(f"diagonal_batch must be True or False, got {diagonal_batch!r}.")
     if vp_batch_size is not None and (
         not isinstance(vp_batch_size, int | np.integer) or vp_batch_size < 1
     ):
@@ -196,34 +305,166 @@ def empirical_ntk_fn(
         )
 
     inner: Outputs = "trace" if outputs == "mean" else outputs  # "mean": the trace over O
+    decisions: dict[Any, bool] = {}  # coupled or not, per input shapes (batch="auto")
 
-    def ntk(params, x1, x2=None):
+    def compute(params, x1, x2, whole):
         with linen.intercept_methods(_reject_active_dropout):
-            return _ntk(params, x1, x2)
+            return _ntk(params, x1, x2, whole)
 
-    def _ntk(params, x1, x2):
+    def _ntk(params, x1, x2, whole):
         out = check_model_inputs(apply_fn, params, x1, x2)
+        if diagonal_batch and x2 is not None and x1.shape[0] != x2.shape[0]:
+            raise ValueError(
+                f"diagonal_batch pairs x1[a] with x2[a], so x1 and x2 need the same number of "
+                f"examples; got x1 of shape {tuple(x1.shape)} and x2 of shape "
+                f"{tuple(x2.shape)}."
+            )
         out_dim = int(np.prod(out.shape[1:]))
         dtype = _result_dtype(params, out)
         chosen = ntk_method
-        if ntk_method == "auto":
-            chosen = _auto_method(apply_fn, params, x1, x2, out_dim)
+        if ntk_method == "auto" or (whole and ntk_method == "structured"):
+            chosen = _auto_method(apply_fn, params, x1, x2, out_dim, whole)
         if chosen == "jacobian":
-            kernel = _jacobian_kernel(apply_fn, params, x1, x2, inner, out_dim, dtype)
+            kernel = _jacobian_kernel(apply_fn, params, x1, x2, inner, whole, diagonal_batch)
         elif chosen == "ntk_vp":
             kernel = _ntk_vp_kernel(
-                apply_fn, params, x1, x2, inner, out_dim, dtype, vp_batch_size
+                apply_fn, params, x1, x2, inner, out_dim, dtype, vp_batch_size, whole,
+                diagonal_batch,
             )
+        elif diagonal_batch:
+            kernel = _structured_paired(apply_fn, params, x1, x2, inner)
         else:
             kernel = structured_kernel(apply_fn, params, x1, x2, outputs=inner)
         if kernel is None:  # no parameter at all
-            kernel = _zeros(x1, x2, out_dim, inner, dtype)
+            kernel = _zeros(x1, x2, out_dim, inner, dtype, diagonal_batch)
         kernel = kernel.astype(dtype)
         if outputs == "mean":
             kernel = kernel / out_dim
-        return symmetrize(kernel, inner) if x2 is None else kernel
+        if x2 is not None:
+            return kernel
+        if diagonal_batch:
+            return 0.5 * (kernel + jnp.swapaxes(kernel, -1, -2)) if inner == "full" else kernel
+        return symmetrize(kernel, inner)
 
-    return _checking_values(ntk)
+    def shapes_key(params, x1, x2):
+        leaves = jax.tree_util.tree_leaves((params, x1, x2))
+        return jax.tree_util.tree_structure((params, x1, x2)), tuple(
+            (np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
+        )
+
+    def ntk(params, x1, x2=None):
+        if batch != "auto":
+            return compute(params, x1, x2, batch == "whole")
+        key = shapes_key(params, x1, x2)
+        if key in decisions:
+            return compute(params, x1, x2, decisions[key])
+        coupled = _coupling_gap(apply_fn, params, x1, x2) > _COUPLING_TOLERANCE
+        return jax.lax.cond(
+            coupled,
+            lambda: compute(params, x1, x2, True),
+            lambda: compute(params, x1, x2, False),
+        )
+
+    per_sample = jit_with_options(functools.partial(compute, whole=False),
+                                  cpu_convolution_options())
+    whole_batch = jit_with_options(functools.partial(compute, whole=True),
+                                   cpu_convolution_options())
+    probe = jax.jit(functools.partial(_coupling_gap, apply_fn))
+    selecting = jax.jit(ntk)
+
+    def checked(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
+        check_values(x1, x2)
+        if batch == "per_sample":
+            return per_sample(params, x1, x2)
+        if batch == "whole":
+            return whole_batch(params, x1, x2)
+        key = shapes_key(params, x1, x2)
+        if key not in decisions and all(
+            is_concrete(leaf) for leaf in jax.tree_util.tree_leaves((params, x1, x2))
+        ):
+            check_pair(x1, x2)
+            with linen.intercept_methods(_reject_active_dropout):
+                check_model_inputs(apply_fn, params, x1, x2)
+                decisions[key] = bool(probe(params, x1, x2) > _COUPLING_TOLERANCE)
+        if key in decisions:
+            return (whole_batch if decisions[key] else per_sample)(params, x1, x2)
+        return selecting(params, x1, x2)
+
+    checked.__wrapped__ = ntk  # type: ignore[attr-defined]
+    return checked
+
+
+# A batched call whose outputs or Jacobian-vector product differ from the per-example calls
+# by more than this (relative to their largest entry) is batch-coupled.
+_COUPLING_TOLERANCE = 1e-3
+# Rows of x1 and x2 on which empirical_ntk_matrix probes for batch coupling.
+_PROBE_ROWS = 16
+
+
+def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
+    """The largest relative difference between the batched call ``F(theta, X)`` and the
+    per-example calls ``f(theta, x_a[None])``, in the outputs and in a Jacobian-vector product
+    along a fixed pseudo-random parameter direction, over x1 and x2 (0 for independent
+    examples, up to rounding)."""
+    trainable, rebuild = split_params(params)
+    f_batch = batched_fn(apply_fn, rebuild)
+    f_single = per_sample_fn(apply_fn, rebuild)
+    leaves, treedef = jax.tree_util.tree_flatten(trainable)
+    keys = jax.random.split(jax.random.key(20260), max(len(leaves), 1))
+    tangent = jax.tree_util.tree_unflatten(treedef, [
+        jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else jnp.zeros_like(leaf)
+        for k, leaf in zip(keys, leaves, strict=False)
+    ])
+    gap = jnp.zeros(())
+    for x in (x1, x2):
+        if x is None:
+            continue
+        batched = jax.jvp(lambda p, x=x: f_batch(p, x), (trainable,), (tangent,))
+        single = jax.vmap(
+            lambda xa: jax.jvp(lambda p: f_single(p, xa), (trainable,), (tangent,))
+        )(x)
+        for b, s in zip(batched, single, strict=True):
+            scale = jnp.maximum(jnp.max(jnp.abs(b)), jnp.max(jnp.abs(s)))
+            diff = jnp.max(jnp.abs(b - s)) / jnp.where(scale > 0, scale, 1.0)
+            gap = jnp.maximum(gap, diff.astype(gap.dtype))
+    return gap
+
+
+def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
+                     x2: ArrayLike | None = None) -> bool:
+    """Whether ``apply_fn`` couples the examples of a batch (e.g. through a batch mean).
+
+    Compares the batched call ``F(theta, X)`` with the per-example calls
+    ``f(theta, x_a[None])``: their outputs and their Jacobian-vector products along a fixed
+    pseudo-random parameter direction ``v`` (``J(X) v`` against ``J(x_a) v``, so a difference
+    in the Jacobians is found with probability one). Coupled when the largest difference
+    exceeds ``1e-3`` of the largest entry; independent examples agree up to rounding. This is
+    the probe of :func:`empirical_ntk_fn`'s ``batch="auto"``.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)``.
+      params: the model parameters (any pytree / linen variables dict).
+      x1: ``(N1, *features)``; x2: ``(N2, *features)`` or None. Concrete arrays.
+
+    Returns:
+      True when the examples of x1 (or of x2) interact.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 5.0]])
+    >>> w = {"w": jnp.ones((2, 1))}
+    >>> ntkjax.is_batch_coupled(lambda p, x: x @ p["w"], w, x)
+    False
+    >>> ntkjax.is_batch_coupled(lambda p, x: (x - x.mean(0)) @ p["w"], w, x)
+    True
+    """
+    check_pair(x1, x2)
+    x1 = jnp.asarray(x1)
+    x2 = None if x2 is None else jnp.asarray(x2)
+    with linen.intercept_methods(_reject_active_dropout):
+        check_model_inputs(apply_fn, params, x1, x2)
+        gap = jax.jit(functools.partial(_coupling_gap, apply_fn))(params, x1, x2)
+    return bool(gap > _COUPLING_TOLERANCE)
 
 
 def _checking_values(kernel: Callable) -> KernelFn:
@@ -255,7 +496,7 @@ def _reject_active_dropout(next_fun, args, kwargs, context):
     """Interceptor: the empirical NTK of a train-mode dropout network is not one kernel."""
     if context.method_name == "__call__" and _active_dropout(context.module, args, kwargs):
         cls = type(context.module)
-        raise ValueError(
+        raise ModelRefused(
             f"empirical_ntk_fn: {cls.__module__}.{cls.__qualname__} (module "
             f"{context.module.name!r}) is in train mode (deterministic=False, rate "
             f"{context.module.rate}). Its masks depend on how the examples are batched -- the "
@@ -266,8 +507,8 @@ def _reject_active_dropout(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _auto_method(apply_fn, params, x1, x2, out_dim) -> str:
-    if count_structured_layers(apply_fn, params, x1) > 0:
+def _auto_method(apply_fn, params, x1, x2, out_dim, whole) -> str:
+    if not whole and count_structured_layers(apply_fn, params, x1) > 0:
         return "structured"
     n = x1.shape[0] + (0 if x2 is None else x2.shape[0])
     if _jacobian_bytes(params, n, out_dim) > available_memory_bytes() // 4:
@@ -308,6 +549,10 @@ def empirical_ntk_matrix(
         (:func:`ntkjax.blocking.evaluate_in_blocks`).
       show_progress: progress bar on stderr.
 
+    Raises:
+      ValueError: as :func:`empirical_ntk_fn`, and for a batch-coupled ``apply_fn``
+        (:func:`is_batch_coupled` on the first rows), whose kernel has no blocks.
+
     Returns:
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; with ``out``
       a read-only ``zarr.Array`` of that shape (``a[i:j]`` reads rows as numpy).
@@ -320,11 +565,21 @@ def empirical_ntk_matrix(
      [ 3. 13. 23.]
      [ 5. 23. 41.]]
     """
-    ntk = empirical_ntk_fn(apply_fn, ntk_method=ntk_method, outputs=outputs)
+    ntk = empirical_ntk_fn(
+        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample"
+    )
     check_pair(x1, x2)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
     check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
+    rows = _PROBE_ROWS
+    if is_batch_coupled(apply_fn, params, x1[:rows], None if x2 is None else x2[:rows]):
+        raise ValueError(
+            "empirical_ntk_matrix: apply_fn couples the examples of a batch (its output on "
+            "one example depends on the others, e.g. through a batch mean), so its kernel is "
+            "that of one whole batch and cannot be assembled from blocks. Use "
+            "ntkjax.empirical_ntk_fn(apply_fn, batch='whole') on the whole batch."
+        )
 
     def block_fn(a, b, p):
         return ntk(p, a, b)

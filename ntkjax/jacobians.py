@@ -31,6 +31,7 @@ __all__ = [
     "OUTPUTS",
     "PRECISION",
     "ApplyFn",
+    "ModelRefused",
     "Outputs",
     "batched_fn",
     "check_model_inputs",
@@ -50,6 +51,12 @@ ApplyFn = Callable[..., Any]
 Outputs = Literal["trace", "mean", "full", "diagonal"]
 OUTPUTS: tuple[Outputs, ...] = ("trace", "mean", "full", "diagonal")
 PRECISION = jax.lax.Precision.HIGHEST
+
+
+class ModelRefused(ValueError):
+    """A model the kernel functions refuse for a reason of their own (e.g. a train-mode
+    dropout): raised while the model is applied, it passes through
+    :func:`check_model_inputs` unwrapped, as it is not a mismatch of params and inputs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +104,8 @@ def check_model_inputs(
     check_pair(x1, x2)
     try:
         out = jax.eval_shape(apply_fn, params, x1)
+    except ModelRefused:
+        raise
     except Exception as err:  # re-raised with the shapes involved
         raise ValueError(
             f"apply_fn could not be applied to params with shapes {_shapes_summary(params)} and "
@@ -163,10 +172,11 @@ def symmetrize(kernel: jax.Array, outputs: Outputs) -> jax.Array:
 
 
 def full_to(kernel_full: jax.Array, outputs: Outputs) -> jax.Array:
-    """Reduces a ``(N1, N2, O, O)`` kernel to the requested ``outputs`` form."""
+    """Reduces a ``(..., O, O)`` kernel (``(N1, N2, O, O)``, or ``(N, O, O)`` batch-diagonal)
+    to the requested ``outputs`` form."""
     if outputs == "full":
         return kernel_full
-    diag = jnp.diagonal(kernel_full, axis1=2, axis2=3)
+    diag = jnp.diagonal(kernel_full, axis1=-2, axis2=-1)
     return diag if outputs == "diagonal" else jnp.sum(diag, axis=-1)
 
 

@@ -296,6 +296,51 @@ def _descent_coefficients(learning_rate, n: int):
     return coefficients, growth
 
 
+def _full_output_kernels(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0):
+    """A full ``(n, n, O, O)`` kernel problem as one over the ``n O`` (example, output) pairs:
+    the kernels as ``(n O, n O)`` / ``(m O, n O)`` matrices, targets and outputs as
+    ``(n O,)`` vectors. Returns those and ``restore(Predictions)`` back to ``(..., n, O)``."""
+    y_shape = tuple(np.shape(y_train))
+    k_shape = tuple(np.shape(k_train_train))
+    if len(y_shape) != 2 or k_shape != (y_shape[0], y_shape[0], y_shape[1], y_shape[1]):
+        raise ValueError(
+            f"a full kernel k_train_train needs shape (n, n, O, O) and y_train shape (n, O); "
+            f"got {k_shape} and {y_shape}."
+        )
+    n, o = y_shape
+    if k_test_train is not None and (
+        np.ndim(k_test_train) != 4 or tuple(np.shape(k_test_train))[1:] != (n, o, o)
+    ):
+        raise ValueError(f"k_test_train must have shape (m, {n}, {o}, {o}) with a full "
+                         f"k_train_train; got {tuple(np.shape(k_test_train))}.")
+    m = None if k_test_train is None else np.shape(k_test_train)[0]
+
+    def matrix(k):
+        k = jnp.asarray(k)
+        return jnp.transpose(k, (0, 2, 1, 3)).reshape(k.shape[0] * o, k.shape[1] * o)
+
+    def vector(f, rows):
+        if f is None:
+            return None
+        if tuple(np.shape(f)) != (rows, o):
+            raise ValueError(f"initial outputs must have shape ({rows}, {o}) with a full "
+                             f"kernel; got {tuple(np.shape(f))}.")
+        return jnp.reshape(jnp.asarray(f), (rows * o,))
+
+    flat = (
+        matrix(k_train_train), jnp.reshape(jnp.asarray(y_train), (n * o,)),
+        None if k_test_train is None else matrix(k_test_train),
+        vector(fx_train_0, n), None if fx_test_0 is None else vector(fx_test_0, m),
+    )
+
+    def restore(out: Predictions) -> Predictions:
+        train = out.train.reshape(*out.train.shape[:-1], n, o)
+        test = None if out.test is None else out.test.reshape(*out.test.shape[:-1], -1, o)
+        return Predictions(train, test)
+
+    return flat, restore
+
+
 def gradient_flow_mse(
     k_train_train: jax.Array,
     y_train: jax.Array,
@@ -320,11 +365,14 @@ def gradient_flow_mse(
     eigendecomposition is computed here and reused for every ``t``.
 
     Args:
-      k_train_train: ``(n, n)`` kernel (NTK for trained networks) on the training inputs.
-      y_train: ``(n,)`` or ``(n, outputs)`` targets.
+      k_train_train: ``(n, n)`` kernel (NTK for trained networks) on the training inputs, or
+        a full ``(n, n, O, O)`` kernel over examples and outputs (then ``Theta`` above is the
+        ``(n O, n O)`` matrix ``Theta_{(a,i),(b,j)}``).
+      y_train: ``(n,)`` or ``(n, outputs)`` targets (``(n, O)`` with a full kernel).
       learning_rate: the step size ``lr`` of the loss above (time is measured in units such
         that ``t`` gradient-descent steps at a small ``lr`` reach time ``t``).
-      k_test_train: optional ``(m, n)`` kernel between test and training inputs.
+      k_test_train: optional ``(m, n)`` kernel between test and training inputs
+        (``(m, n, O, O)`` with a full kernel).
       fx_train_0, fx_test_0: outputs at initialization (zeros when omitted).
       diag_reg: relative diagonal regularizer (weight decay towards init, see module doc).
 
@@ -341,6 +389,15 @@ def gradient_flow_mse(
     [0.5 1. ] [1. 2.]
     """
     _check_positive(learning_rate, "learning_rate")
+    if np.ndim(k_train_train) == 4:
+        flat, restore = _full_output_kernels(
+            k_train_train, y_train, k_test_train, fx_train_0, fx_test_0
+        )
+        flow = _linear_dynamics(
+            *flat, diag_reg, _flow_coefficients(learning_rate, np.shape(k_train_train)[0]), "t",
+            integer_times=False,
+        )
+        return lambda t: restore(flow(t))
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
     return _linear_dynamics(
         k_train_train, y_train, k_test_train, fx_train_0, fx_test_0, diag_reg,
@@ -378,10 +435,13 @@ def gradient_descent_mse(
     cannot be checked, those modes contribute their Cesaro mean, i.e. the kernel-ridge value).
 
     Args:
-      k_train_train: ``(n, n)`` kernel (NTK for trained networks) on the training inputs.
-      y_train: ``(n,)`` or ``(n, outputs)`` targets.
+      k_train_train: ``(n, n)`` kernel (NTK for trained networks) on the training inputs, or
+        a full ``(n, n, O, O)`` kernel over examples and outputs, as in
+        :func:`gradient_flow_mse`.
+      y_train: ``(n,)`` or ``(n, outputs)`` targets (``(n, O)`` with a full kernel).
       learning_rate: the step size ``lr``.
-      k_test_train: optional ``(m, n)`` kernel between test and training inputs.
+      k_test_train: optional ``(m, n)`` kernel between test and training inputs
+        (``(m, n, O, O)`` with a full kernel).
       fx_train_0: outputs on the training inputs at initialization (zeros when omitted).
       fx_test_0: outputs on the test inputs at initialization (zeros when omitted).
       diag_reg: relative diagonal regularizer, as in :func:`gradient_flow_mse`.
@@ -398,6 +458,16 @@ def gradient_descent_mse(
     [0.75 1.5 ]
     """
     _check_positive(learning_rate, "learning_rate")
+    if np.ndim(k_train_train) == 4:
+        flat, restore = _full_output_kernels(
+            k_train_train, y_train, k_test_train, fx_train_0, fx_test_0
+        )
+        descent = gradient_descent_mse(
+            flat[0], flat[1], learning_rate=learning_rate * flat[0].shape[0]
+            / np.shape(k_train_train)[0], k_test_train=flat[2], fx_train_0=flat[3],
+            fx_test_0=flat[4], diag_reg=diag_reg,
+        )
+        return lambda steps: restore(descent(steps))
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
     coefficients, growth = _descent_coefficients(learning_rate, n)
     predict = _linear_dynamics(

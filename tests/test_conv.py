@@ -276,5 +276,61 @@ def test_conv_layers_validate_window_and_padding():
     with pytest.raises(ValueError, match="does not fit"):
         ntkjax.kernel_fn(nn.Conv(3, kernel_size=5, padding="VALID"))(x)
     with pytest.raises(ValueError, match="padding"):
-        nn.ConvTranspose(3, padding="CIRCULAR").init(key, x)
+        nn.ConvTranspose(3, padding="REFLECT").init(key, x)
     assert nn.Conv(3, kernel_size=5).init(key, x)  # SAME pads a 3 x 3 input to fit
+
+
+CIRCULAR_TRANSPOSE_CASES = [
+    ((3, 2), (2, 1), (3, 4)),  # window larger than the stride: the VALID output wraps
+    ((2,), (3,), (4,)),  # window smaller than the stride: nothing to wrap
+    ((4,), (1,), (5,)),
+]
+
+
+@pytest.mark.parametrize(("window", "strides", "spatial"), CIRCULAR_TRANSPOSE_CASES)
+def test_circular_conv_transpose_is_the_adjoint_of_a_circular_conv_and_its_kernel_exact(
+        window, strides, spatial, x64):
+    """Finite layer: without bias it is the adjoint of the stride-s circular convolution with
+    the kernel flipped and its channels swapped (wrap-padded by lax's SAME amounts, then VALID
+    lax.conv): <T x, z> = <x, C z>. Kernel: the exact covariance of the layer over its Gaussian
+    weights, J J^T from the float64 Jacobian of the finite layer in its kernel, plus b_std^2."""
+    nd = len(window)
+    x1 = _images(3, spatial, 2, dtype=jnp.float64)
+    x2 = _images(2, spatial, 2, seed=1, dtype=jnp.float64)
+    w_std, b_std = 1.3, 0.4
+    layer = nn.ConvTranspose(3, kernel_size=window, strides=strides, padding="CIRCULAR",
+                             w_std=w_std, b_std=b_std)
+    params = layer.init(jax.random.PRNGKey(2), x1)
+    y = layer.apply(params, x1)
+    out_spatial = tuple(n * s for n, s in zip(spatial, strides, strict=True))
+    assert y.shape == (3, *out_spatial, 3)
+    w = params["params"]["conv"]["kernel"]  # (*window, C_in, F)
+    bias = params["params"]["bias"]
+    scale = w_std / math.sqrt(np.prod(window) * 2)
+    z = jax.random.normal(jax.random.PRNGKey(3), y.shape, jnp.float64)
+    flipped = jnp.swapaxes(jnp.flip(w, axis=tuple(range(nd))), -1, -2)  # (*window, F, C_in)
+    pads = jax.lax.padtype_to_pads(out_spatial, window, strides, "SAME")
+    z_wrapped = jnp.pad(z, [(0, 0), *pads, (0, 0)], mode="wrap")
+    spec = ("NHC", "HIO", "NHC") if nd == 1 else ("NHWC", "HWIO", "NHWC")
+    cz = scale * jax.lax.conv_general_dilated(z_wrapped, flipped, strides, "VALID",
+                                              dimension_numbers=spec)
+    assert cz.shape == x1.shape
+    lhs = jnp.vdot(y - b_std * bias, z)
+    np.testing.assert_allclose(lhs, jnp.vdot(x1, cz), rtol=1e-12)
+
+    def feature0(kernel, x):
+        p = {"params": {**params["params"], "conv": {"kernel": kernel}}}
+        return layer.apply(p, x)[..., 0]
+
+    j1 = jax.jacrev(feature0)(w, x1)[..., 0].reshape(3, *out_spatial, -1)
+    j2 = jax.jacrev(feature0)(w, x2)[..., 0].reshape(2, *out_spatial, -1)
+    exact = jnp.einsum("apk,bqk->abpq", j1.reshape(3, -1, j1.shape[-1]),
+                       j2.reshape(2, -1, j2.shape[-1])).reshape(
+        3, 2, *out_spatial, *out_spatial) + b_std**2
+    k = ntkjax.kernel_fn(layer)(x1, x2)
+    np.testing.assert_allclose(k.nngp, exact, rtol=1e-12, atol=1e-13)
+    same = ntkjax.kernel_fn(layer, position_pairs="same")(x1, x2).nngp
+    idx = np.indices(out_spatial).reshape(nd, -1)
+    diag = exact.reshape(3, 2, -1, int(np.prod(out_spatial)))[
+        :, :, np.arange(idx.shape[1]), np.arange(idx.shape[1])].reshape(3, 2, *out_spatial)
+    np.testing.assert_allclose(same, diag, rtol=1e-12, atol=1e-13)

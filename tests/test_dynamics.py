@@ -243,3 +243,119 @@ def test_wide_networks_trained_on_cross_entropy_follow_the_dynamics(x64):
     fit = fit_power_law(widths, gaps)
     assert -0.75 < fit.slope < -0.35, (gaps, fit)
     assert gaps[-1] < 0.05 * moved, (gaps, moved)
+
+
+# ----------------------------------------------------------------------------- resume, full kernels
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_resuming_from_a_returned_state_equals_running_straight(x64, momentum):
+    """State at t1 (outputs and, with momentum, velocities) run for t2 - t1 is the run to t2;
+    with momentum, dropping the velocity is measurably off (the test can fail)."""
+    k, k_xt = feature_kernels(jax.random.PRNGKey(5), n=6, m=3)
+    y = one_hot_labels(6, 3)
+    args = dict(learning_rate=2.0, momentum=momentum, k_test_train=k_xt)
+    straight = gradient_flow(softmax_cross_entropy, k, y, **args)
+    t1, t2 = 3.0, 8.0
+    state = straight(t1, return_state=True)
+    assert (state.qx_train is None) == (momentum is None)
+    resumed = gradient_flow(
+        softmax_cross_entropy, k, y, **args, fx_train_0=state.fx_train,
+        fx_test_0=state.fx_test, qx_train_0=state.qx_train, qx_test_0=state.qx_test,
+    )
+    want = straight(t2)
+    got = resumed(t2 - t1)
+    np.testing.assert_allclose(got.train, want.train, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(got.test, want.test, rtol=1e-8, atol=1e-9)
+    if momentum is not None:
+        # the velocity at t1 is the momentum system's own: q = df/dt, by finite differences
+        h = 1e-4
+        fd = (straight(t1 + h).train - straight(t1 - h).train) / (2 * h)
+        np.testing.assert_allclose(state.qx_train, fd, rtol=1e-5, atol=1e-7)
+        forgetful = gradient_flow(
+            softmax_cross_entropy, k, y, **args, fx_train_0=state.fx_train,
+            fx_test_0=state.fx_test,
+        )
+        assert np.abs(forgetful(t2 - t1).train - want.train).max() > 1e-3
+
+
+def _random_output_kernel(key, n, o, m=3):
+    """A full (n, n, O, O) train kernel with output coupling and its (m, n, O, O) test kernel,
+    from explicit features: Theta_{(a,i),(b,j)} = phi_{a,i} . phi_{b,j} / p."""
+    p = 40
+    phi = jax.random.normal(key, (n + m, o, p), jnp.float64)
+    full = jnp.einsum("aip,bjp->abij", phi, phi) / p
+    return full[:n, :n], full[n:, :n]
+
+
+def _expm_flow(theta, theta_xt, y, f0, ft0, rate, t):
+    """Direct float64 solution of df/dt = -rate Theta (f - y) on the (n O) flattened system:
+    f_t = y + expm(-rate t Theta) (f0 - y), f_test = ft0 + Theta_xX Theta^-1 (f_t - f0)."""
+    import scipy.linalg
+
+    n, o = y.shape
+    mat = np.transpose(np.asarray(theta), (0, 2, 1, 3)).reshape(n * o, n * o)
+    mat_xt = np.transpose(np.asarray(theta_xt), (0, 2, 1, 3)).reshape(-1, n * o)
+    r0 = np.asarray(f0 - y).reshape(-1)
+    ft = np.asarray(y).reshape(-1) + scipy.linalg.expm(-rate * t * mat) @ r0
+    test = np.asarray(ft0).reshape(-1) + mat_xt @ np.linalg.solve(
+        mat, ft - np.asarray(f0).reshape(-1)
+    )
+    return ft.reshape(n, o), test.reshape(-1, o)
+
+
+def test_full_output_kernels_match_a_matrix_exponential(x64):
+    n, o, lr, t = 5, 3, 1.5, 2.5
+    theta, theta_xt = _random_output_kernel(jax.random.PRNGKey(1), n, o)
+    y = jax.random.normal(jax.random.PRNGKey(2), (n, o), jnp.float64)
+    f0 = 0.3 * jax.random.normal(jax.random.PRNGKey(3), (n, o), jnp.float64)
+    ft0 = 0.3 * jax.random.normal(jax.random.PRNGKey(4), (3, o), jnp.float64)
+    train, test = _expm_flow(theta, theta_xt, y, f0, ft0, lr / n, t)
+    init = dict(k_test_train=theta_xt, fx_train_0=f0, fx_test_0=ft0)
+    for out in (
+        gradient_flow(mse_loss, theta, y, learning_rate=lr, **init)(t),
+        ntkjax.gradient_flow_mse(theta, y, learning_rate=lr, **init)(t),
+    ):
+        np.testing.assert_allclose(out.train, train, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(out.test, test, rtol=1e-8, atol=1e-10)
+    # gradient descent: the direct iteration f <- f - (lr / n) Theta (f - y), 7 steps
+    mat = np.transpose(np.asarray(theta), (0, 2, 1, 3)).reshape(n * o, n * o)
+    mat_xt = np.transpose(np.asarray(theta_xt), (0, 2, 1, 3)).reshape(-1, n * o)
+    f, g = np.asarray(f0).reshape(-1), np.asarray(ft0).reshape(-1)
+    for _ in range(7):
+        r = f - np.asarray(y).reshape(-1)
+        f, g = f - lr / n * mat @ r, g - lr / n * mat_xt @ r
+    out = ntkjax.gradient_descent_mse(theta, y, learning_rate=lr, **init)(7)
+    np.testing.assert_allclose(out.train, f.reshape(n, o), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(out.test, g.reshape(-1, o), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_kernel_times_identity_over_outputs_is_the_per_output_dynamics(x64, momentum):
+    k, k_xt = feature_kernels(jax.random.PRNGKey(8), n=5, m=2)
+    y = one_hot_labels(5, 3)
+    eye = jnp.eye(3)
+    full = k[:, :, None, None] * eye
+    full_xt = k_xt[:, :, None, None] * eye
+    ts = jnp.array([0.5, 4.0])
+    args = dict(learning_rate=1.0, momentum=momentum)
+    want = gradient_flow(softmax_cross_entropy, k, y, k_test_train=k_xt, **args)(ts)
+    got = gradient_flow(softmax_cross_entropy, full, y, k_test_train=full_xt, **args)(ts)
+    np.testing.assert_allclose(got.train, want.train, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(got.test, want.test, rtol=1e-9, atol=1e-11)
+
+
+def test_full_kernel_and_state_bad_input():
+    k, _ = feature_kernels(jax.random.PRNGKey(8), n=4, m=2, dtype=jnp.float32)
+    y = one_hot_labels(4, 2, jnp.float32)
+    full = k[:, :, None, None] * jnp.eye(2)
+    with pytest.raises(ValueError, match=r"\(4, 4, 3, 3\)"):
+        gradient_flow(softmax_cross_entropy, full, one_hot_labels(4, 3, jnp.float32),
+                      learning_rate=1.0)
+    with pytest.raises(ValueError, match="need momentum"):
+        gradient_flow(softmax_cross_entropy, k, y, learning_rate=1.0, qx_train_0=y)
+    with pytest.raises(ValueError, match="qx_train_0 must have shape"):
+        gradient_flow(softmax_cross_entropy, k, y, learning_rate=1.0, momentum=0.5,
+                      qx_train_0=y[:2])
+    with pytest.raises(ValueError, match=r"\(n, n, O, O\)"):
+        ntkjax.gradient_flow_mse(full, y[:, 0], learning_rate=1.0)

@@ -251,3 +251,126 @@ def test_outputs_mean_is_the_brute_force_mean_over_outputs():
     np.testing.assert_allclose(nngp, f1 @ f2.T / f1.shape[1], rtol=1e-5, atol=1e-6)
     blocked = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, outputs="mean", block_size=2)
     assert max_relative_error(blocked, expected) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-coupled functions (neural-tangents' vmap_axes=None) and batch-diagonal kernels
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainBatchNormNet(nn.Module):
+    """A train-mode BatchNorm: every output depends on the whole batch."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8)(x)
+        h = nn.BatchNorm(use_running_average=False)(h)
+        return nn.Dense(2)(nn.tanh(h))
+
+
+def _coupled_cases(dtype):
+    """(name, apply_fn, variables, x1, x2): a train-mode BatchNorm network (applied with
+    mutable batch_stats, as in training) and a Dense layer of batch-centered inputs."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    x1 = jax.random.normal(k1, (5, 3), jnp.float32).astype(dtype)
+    x2 = jax.random.normal(k2, (4, 3), jnp.float32).astype(dtype)
+    bn = TrainBatchNormNet()
+    bn_vars = jax.tree_util.tree_map(lambda a: a.astype(dtype), bn.init(k3, x1))
+    bn_apply = lambda v, x: bn.apply(v, x, mutable=["batch_stats"])[0]
+    dense = nn.Dense(3)
+    dense_vars = jax.tree_util.tree_map(lambda a: a.astype(dtype), dense.init(k3, x1))
+    centered = lambda v, x: dense.apply(v, x - x.mean(0))
+    return [("batchnorm", bn_apply, bn_vars, x1, x2), ("centered", centered, dense_vars, x1, x2)]
+
+
+@pytest.mark.slow
+def test_batch_coupled_functions_get_the_whole_batch_kernel(x64):
+    """The kernel of a batch-coupled function is J(X1) J(X2)^T of the batched function (the
+    float64 Jacobian of the whole batch), never the per-example kernel (zeros for centering)."""
+    for name, apply_fn, variables, x1, x2 in _coupled_cases(jnp.float64):
+        assert ntkjax.is_batch_coupled(apply_fn, variables, x1)
+        truth11 = brute_force_ntk(apply_fn, variables, x1, x1)
+        truth12 = brute_force_ntk(apply_fn, variables, x1, x2)
+        assert np.abs(truth11).max() > 0.1
+        runs = [("auto", "auto", None, truth11), ("auto", "auto", x2, truth12)]
+        runs += [(method, "whole", x2, truth12) for method in METHODS]
+        for method, batch, xs2, truth in runs:
+            ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, outputs="full",
+                                          batch=batch)
+            got = ntk(variables, x1, xs2)
+            assert max_relative_error(got, truth) < 1e-10, (name, method, batch)
+
+
+def test_batch_coupling_is_found_under_an_outer_jit_and_kept_per_shape():
+    _, apply_fn, variables, x1, _ = _coupled_cases(jnp.float32)[1]
+    truth = brute_force_ntk(apply_fn, variables, x1, x1)
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian", outputs="full")
+    got = jax.jit(lambda v, x: ntk(v, x))(variables, x1)  # no concrete call before: lax.cond
+    assert max_relative_error(got, truth) < 1e-5
+    ntk(variables, x1)  # concrete: the decision is kept for these shapes
+    got = jax.jit(lambda v, x: ntk(v, x))(variables, x1)
+    assert max_relative_error(got, truth) < 1e-5
+    # an independent model is not coupled, and keeps the per-example kernel
+    mlp, params, a, _ = make_case("mlp")
+    assert not ntkjax.is_batch_coupled(mlp, params, a)
+
+
+def test_blocks_refuse_a_batch_coupled_function():
+    _, apply_fn, variables, x1, _ = _coupled_cases(jnp.float32)[0]
+    with pytest.raises(ValueError, match="couples the examples"):
+        ntkjax.empirical_ntk_matrix(apply_fn, variables, x1, block_size=2)
+
+
+def test_train_mode_dropout_refusal_is_not_called_a_params_mismatch():
+    class Drop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.Dropout(0.5, deterministic=False)(nn.Dense(4)(x)))
+
+    x = jnp.ones((3, 2))
+    variables = Drop().init(jax.random.PRNGKey(0), x)
+    apply_fn = lambda v, a: Drop().apply(v, a, rngs={"dropout": jax.random.PRNGKey(1)})
+    for batch in ("auto", "per_sample", "whole"):
+        with pytest.raises(ValueError, match="train mode") as info:
+            ntkjax.empirical_ntk_fn(apply_fn, batch=batch)(variables, x)
+        assert "could not be applied" not in str(info.value)
+        assert "do the params match" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "case", ["mlp", "embed", pytest.param("cnn", marks=pytest.mark.slow)])
+def test_diagonal_batch_is_the_diagonal_of_the_float64_kernel(case):
+    apply_fn, params, x1, x2 = make_case(case, n1=4, n2=4)
+    truths = {None: brute_force_ntk(apply_fn, params, x1, x1), "x2": case_truth(case)}
+    runs = [(method, "full", xs2) for method in METHODS for xs2 in (None, "x2")]
+    runs += [("auto", outputs, "x2") for outputs in ("trace", "mean", "diagonal")]
+    for method, outputs, xs2 in runs:
+        pairs = np.moveaxis(np.diagonal(truths[xs2], axis1=0, axis2=1), -1, 0)  # (N, O, O)
+        ntk = ntkjax.empirical_ntk_fn(
+            apply_fn, ntk_method=method, outputs=outputs, diagonal_batch=True
+        )
+        got = ntk(params, x1, None if xs2 is None else x2)
+        want = {
+            "full": pairs,
+            "diagonal": np.diagonal(pairs, axis1=1, axis2=2),
+            "trace": np.trace(pairs, axis1=1, axis2=2),
+            "mean": np.trace(pairs, axis1=1, axis2=2) / pairs.shape[-1],
+        }[outputs]
+        assert got.shape == want.shape, (case, method, outputs)
+        assert max_relative_error(got, want) < 1e-5, (case, method, outputs)
+
+
+def test_diagonal_batch_of_a_coupled_function_and_bad_pairs(x64):
+    _, apply_fn, variables, x1, _ = _coupled_cases(jnp.float64)[0]
+    full = brute_force_ntk(apply_fn, variables, x1, x1)
+    pairs = np.moveaxis(np.diagonal(full, axis1=0, axis2=1), -1, 0)
+    for method in ("jacobian", "ntk_vp"):
+        got = ntkjax.empirical_ntk_fn(
+            apply_fn, ntk_method=method, outputs="full", diagonal_batch=True
+        )(variables, x1)
+        assert max_relative_error(got, pairs) < 1e-10
+    apply_fn, params, a, _ = make_case("mlp")
+    with pytest.raises(ValueError, match="same number of examples"):
+        ntkjax.empirical_ntk_fn(apply_fn, diagonal_batch=True)(params, a, a[:2])
+    with pytest.raises(ValueError, match="batch"):
+        ntkjax.empirical_ntk_fn(apply_fn, batch="rows")

@@ -86,3 +86,56 @@ def test_init_apply_pair_and_bad_input():
         monte_carlo_kernel_fn(lambda p, x: x, jax.random.PRNGKey(0), 4)
     with pytest.raises(ValueError, match="batch axis"):
         mc(jnp.ones(3))
+
+
+def test_several_sample_counts_in_one_pass_with_output_axes(x64):
+    """Each count's estimate is the mean (and standard error) over the first S draws of the
+    per-draw kernels with all output axes, computed here from the definition."""
+    x = inputs()
+    x2 = x[:2] + 0.25
+    key = jax.random.PRNGKey(11)
+    counts = [2, 5, 9]
+    estimates = monte_carlo_kernel_fn(MODEL, key, counts, batch_size=4, outputs="full")(x, x2)
+    assert [e.num_samples for e in estimates] == counts
+    keys = jax.random.split(key, counts[-1])
+    ntk_fn = ntkjax.empirical_ntk_fn(MODEL.apply, outputs="full")
+    ntks, nngps = [], []
+    for k in keys:
+        params = MODEL.init(k, x[:1])
+        ntks.append(np.asarray(ntk_fn(params, x, x2)))
+        a, b = np.asarray(MODEL.apply(params, x)), np.asarray(MODEL.apply(params, x2))
+        nngps.append(np.einsum("ai,bj->abij", a, b))
+    for est, s in zip(estimates, counts, strict=True):
+        assert est.ntk.shape == (5, 2, 2, 2)
+        np.testing.assert_allclose(est.ntk, np.mean(ntks[:s], 0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(est.nngp, np.mean(nngps[:s], 0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            est.ntk_stderr, np.std(ntks[:s], 0, ddof=1) / np.sqrt(s), rtol=1e-7, atol=1e-12
+        )
+    # the per-output "diagonal" layout of the last count is the diagonal of the full one
+    diag = monte_carlo_kernel_fn(MODEL, key, counts[-1], outputs="diagonal")(x, x2)
+    np.testing.assert_allclose(
+        diag.ntk, np.diagonal(np.mean(ntks, 0), axis1=2, axis2=3), rtol=1e-10
+    )
+
+
+def test_batch_coupled_model_gets_the_whole_batch_kernel():
+    """A model that centers its batch: each draw's NTK is that of the batched function,
+    (X - mean)(X - mean)^T + 1 per output for a Dense readout (never the per-example zeros)."""
+    import flax.linen as nn
+
+    dense = nn.Dense(2)
+    init_fn = lambda k, x: dense.init(k, x)
+    apply_fn = lambda p, x: dense.apply(p, x - x.mean(0))
+    x = inputs(jnp.float32)
+    k = monte_carlo_kernel_fn((init_fn, apply_fn), jax.random.PRNGKey(0), 3)(x)
+    centered = np.asarray(x - x.mean(0), np.float64)
+    np.testing.assert_allclose(k.ntk, centered @ centered.T + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_counts_and_outputs_bad_input():
+    for bad in ([], [3, 3], [4, 2], [2, 0], [2.5]):
+        with pytest.raises(ValueError, match="num_samples"):
+            monte_carlo_kernel_fn(MODEL, jax.random.PRNGKey(0), bad)
+    with pytest.raises(ValueError, match="outputs"):
+        monte_carlo_kernel_fn(MODEL, jax.random.PRNGKey(0), 2, outputs="sum")

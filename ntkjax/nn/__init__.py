@@ -22,7 +22,10 @@ One module per kind of layer, each holding the layers and their infinite-width r
   :data:`cos`, :data:`rbf`, :data:`sign`, :data:`identity`, :data:`exp`, :data:`gaussian`,
   :data:`exp_normalized`, :data:`polynomial`, :data:`monomial`, :data:`rectified_monomial`,
   :data:`hermite`, :data:`sigmoid_like`, :data:`gabor` (all with closed-form kernels), and
-  :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature).
+  :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature);
+* :mod:`ntkjax.nn.structural`: :func:`index` (slicing), :func:`image_resize`,
+  :func:`scale` (product with a constant) and :func:`elementwise_nngp`, an elementwise layer
+  with a user-given NNGP map.
 """
 
 from ntkjax.nn.activations import (
@@ -57,6 +60,7 @@ from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
 from ntkjax.nn.normalization import LayerNorm
 from ntkjax.nn.pooling import avg_pool, flatten, global_average_pool, global_sum_pool, sum_pool
+from ntkjax.nn.structural import elementwise_nngp, image_resize, index, scale
 
 __all__ = [
     "Activation",
@@ -72,6 +76,7 @@ __all__ = [
     "concatenate",
     "cos",
     "elementwise",
+    "elementwise_nngp",
     "erf",
     "exp",
     "exp_normalized",
@@ -83,6 +88,8 @@ __all__ = [
     "global_sum_pool",
     "hermite",
     "identity",
+    "image_resize",
+    "index",
     "is_activation",
     "leaky_relu",
     "monomial",
@@ -91,6 +98,7 @@ __all__ = [
     "rbf",
     "rectified_monomial",
     "relu",
+    "scale",
     "sigmoid_like",
     "sign",
     "sin",

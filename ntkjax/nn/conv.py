@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -47,6 +47,7 @@ __all__ = [
     "TransposePadding",
     "conv_kernel",
     "conv_padding",
+    "fold_periodic",
     "patch_average",
     "transpose_padding",
     "transpose_patch_average",
@@ -55,8 +56,8 @@ __all__ = [
 
 ConvPadding = Literal["SAME", "VALID", "CIRCULAR"]
 CONV_PADDINGS: tuple[ConvPadding, ...] = ("SAME", "VALID", "CIRCULAR")
-TransposePadding = Literal["SAME", "VALID"]
-TRANSPOSE_PADDINGS: tuple[TransposePadding, ...] = ("SAME", "VALID")
+TransposePadding = Literal["SAME", "VALID", "CIRCULAR"]
+TRANSPOSE_PADDINGS: tuple[TransposePadding, ...] = ("SAME", "VALID", "CIRCULAR")
 
 
 def conv_padding(
@@ -91,7 +92,8 @@ def transpose_padding(
     adds around the stride-dilated input before its stride-1 convolution, per spatial axis:
     ``"SAME"``: ``k + s - 2`` in total, ``k - 1`` in front when ``s > k - 1`` else
     ``ceil((k + s - 2) / 2)`` (output ``n s``); ``"VALID"``: ``k + s - 2 + max(k - s, 0)`` in
-    total, ``k - 1`` in front (output ``n s + max(k - s, 0)``).
+    total, ``k - 1`` in front (output ``n s + max(k - s, 0)``). ``"CIRCULAR"`` is computed as
+    ``"VALID"`` and then folded (:func:`fold_periodic`), so it gets the ``"VALID"`` amounts.
 
     >>> transpose_padding((3,), (2,), "SAME")
     ((2, 1),)
@@ -102,11 +104,41 @@ def transpose_padding(
         if padding == "SAME":
             total = k + s - 2
             lo = k - 1 if s > k - 1 else -(-total // 2)
-        else:
+        else:  # "VALID", and "CIRCULAR" before its fold
             total = k + s - 2 + max(k - s, 0)
             lo = k - 1
         pads.append((lo, total - lo))
     return tuple(pads)
+
+
+def fold_periodic(
+    a: jax.Array, groups: Sequence[Sequence[int]], sizes: Sequence[int]
+) -> jax.Array:
+    """Wraps axes onto a torus: for spatial dimension ``i`` each axis in ``groups[i]`` (length
+    ``m``) becomes length ``n = sizes[i]`` with
+
+    ``out[j] = sum_{p : (p - lo) mod n = j} a[p]``,   ``lo = (m - n) // 2``,
+
+    the adjoint of the periodic ``"SAME"`` padding of a length-``n`` axis to length ``m``
+    (``lo`` in front, as ``lax.padtype_to_pads``). A transposed convolution with ``"CIRCULAR"``
+    padding is the ``"VALID"`` one folded to ``n s`` positions this way (neural-tangents'
+    convention: the transpose of the circular convolution); applied to both position indices of
+    a covariance, it gives the covariance of the folded outputs.
+
+    >>> fold_periodic(jnp.arange(5.0), [(0,)], (3,))  # lo = 1: a[1] + a[4], a[2], a[3] + a[0]
+    Array([5., 2., 3.], dtype=float32)
+    """
+    for axes, n in zip(groups, sizes, strict=True):
+        for ax in axes:
+            m = a.shape[ax]
+            front = (-((m - n) // 2)) % n
+            back = -(-(front + m) // n) * n - front - m
+            pads = [(0, 0)] * a.ndim
+            pads[ax] = (front, back)
+            a = jnp.pad(a, pads)
+            shape = (*a.shape[:ax], (front + m + back) // n, n, *a.shape[ax + 1 :])
+            a = a.reshape(shape).sum(axis=ax)
+    return a
 
 
 def window_sum(
@@ -251,8 +283,9 @@ def transpose_patch_average(
 
     where the zeros count in ``|K| = prod(window)``: an output position that receives fewer than
     ``|K|`` inputs has a smaller variance (neural-tangents' ``ConvTranspose``; the layer is
-    normalized by ``fan_in = |K| C`` like a convolution). Output size ``n s`` for ``"SAME"``,
-    ``n s + max(k - s, 0)`` for ``"VALID"``.
+    normalized by ``fan_in = |K| C`` like a convolution). Output size ``n s`` for ``"SAME"``
+    and ``"CIRCULAR"`` (the ``"VALID"`` result folded by :func:`fold_periodic` on every position
+    index), ``n s + max(k - s, 0)`` for ``"VALID"``.
 
     >>> transpose_patch_average(jnp.ones((1, 2, 2)), batch_ndim=1, window=(2,), strides=(2,),
     ...                         padding="VALID").shape
@@ -267,6 +300,10 @@ def transpose_patch_average(
     pads = transpose_padding(window, strides, padding)
     total = window_sum(k, groups, window=window, strides=(1,) * nd, pads=pads,
                        dilation=strides)
+    if padding == "CIRCULAR":
+        spatial = k.shape[batch_ndim : batch_ndim + nd]
+        total = fold_periodic(total, groups, [n * s for n, s in zip(spatial, strides,
+                                                                    strict=True)])
     return total * (1.0 / math.prod(window))
 
 
@@ -381,7 +418,16 @@ class _ConvLayer(Affine):
             linen.Conv, self.features, window, strides=conv_strides, padding=pads,
             input_dilation=dilation, param_dtype=dtype, name="conv",
         )
+        fold = None
+        if self._transpose and self.padding == "CIRCULAR":
+            sizes = [n * s for n, s in zip(spatial, strides, strict=True)]
+            groups = [(1 + i,) for i in range(nd)]
+            fold = functools.partial(fold_periodic, groups=groups, sizes=sizes)
         if self.parameterization == "standard":
+            if fold:
+                weights = linen.initializers.normal(self.w_std / math.sqrt(fan_in))
+                return self._circular_conv(conv(use_bias=False, kernel_init=weights), x, fold,
+                                           1.0)
             return conv(
                 use_bias=self._bias_parameter,
                 kernel_init=linen.initializers.normal(self.w_std / math.sqrt(fan_in)),
@@ -390,11 +436,26 @@ class _ConvLayer(Affine):
         scale = float(self.w_std) / math.sqrt(fan_in)  # Python floats keep x's dtype
         b_std = float(self._bias_std)
         unit = linen.initializers.normal(1.0)
+        if fold:
+            return self._circular_conv(conv(use_bias=False, kernel_init=unit), x * scale, fold,
+                                       b_std)
         if self._bias_parameter:
             return b_std * conv(use_bias=True, kernel_init=unit, bias_init=unit)(
                 (scale / b_std) * x
             )
         return conv(use_bias=False, kernel_init=unit)(scale * x)
+
+    def _circular_conv(self, conv: Any, x: Any, fold: Callable, b_scale: float) -> Any:
+        """A ``"CIRCULAR"`` transposed convolution: the bias-free ``"VALID"`` one folded onto
+        the torus (:func:`fold_periodic`), then its bias (scaled by ``b_scale``) -- added after
+        the fold, so once per output position."""
+        y = fold(conv(x))
+        if not self._bias_parameter:
+            return y
+        init = (linen.initializers.normal(self._bias_std) if self.parameterization ==
+                "standard" else linen.initializers.normal(1.0))
+        bias = self.param("bias", init, (self.features,), y.dtype)
+        return y + b_scale * bias
 
 
 class Conv(_ConvLayer):
@@ -474,7 +535,10 @@ class ConvTranspose(_ConvLayer):
     Attributes:
       features, kernel_size, strides, w_std, b_std, use_bias, parameterization, param_dtype:
         as :class:`Conv`.
-      padding: ``"SAME"`` or ``"VALID"``.
+      padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"`` (neural-tangents' circular
+        transposed convolution: the ``"VALID"`` output folded onto ``n s`` positions by
+        :func:`fold_periodic`, the adjoint of a circular convolution's periodic padding; the
+        bias, a parameter ``bias`` of this module, is added after the fold).
 
     >>> import jax, ntkjax
     >>> up = ConvTranspose(4, kernel_size=3, strides=2)
