@@ -34,7 +34,7 @@ def format_eta(seconds: float | None) -> str:
         return "eta      ?"
     if seconds < 100:
         return f"eta {seconds:5.1f}s"
-    minutes, rest = divmod(int(round(seconds)), 60)
+    minutes, rest = divmod(round(seconds), 60)
     return f"eta {minutes:2d}m{rest:02d}s"
 
 

@@ -59,8 +59,9 @@ from ntkjax.sweep import sweep
 from ntkjax.tasks import sin_regression
 from ntkjax.training import kernel_regime_check, make_train_fn
 
-__all__ = ["DESCRIPTION", "EPILOG", "FULL_ONLY_SECTIONS", "SECTIONS", "DemoSettings", "add_arguments", "default_sections",
-           "demo_settings", "run_demo", "run_from_args"]
+__all__ = ["DESCRIPTION", "EPILOG", "FULL_ONLY_SECTIONS", "NOT_QUICK_SECTIONS", "SECTIONS",
+           "DemoSettings",
+           "add_arguments", "default_sections", "demo_settings", "run_demo", "run_from_args"]
 
 _RELU_W_STD = math.sqrt(2.0)  # He initialization, as in the study (kaiming_normal)
 _SIN_B_STD = 1.0  # bias scale of the sin-task networks (1-D inputs need biases to bend)
@@ -115,6 +116,9 @@ class DemoSettings(NamedTuple):
 #: Sections that a run without ``--full`` (or ``--sections``) leaves out: the marginal-likelihood
 #: fit of section 9 costs minutes and leaves the test accuracy where it was.
 FULL_ONLY_SECTIONS = ("digits_likelihood",)
+#: Sections a ``--quick`` run leaves out (unless named with ``--sections``): the study's
+#: sections 1-7 only, so that the smoke run takes well under a minute.
+NOT_QUICK_SECTIONS = ("digits_images", "digits_likelihood", "digits_features")
 
 
 def demo_settings(quick: bool = False, full: bool = False) -> DemoSettings:
@@ -1269,10 +1273,15 @@ def _check_output_folder(out_dir: Path) -> None:
             return
 
 
-def default_sections(full: bool = False) -> tuple[str, ...]:
-    """The sections a run without ``--sections`` runs: all of :data:`SECTIONS` with ``full``,
-    else all but :data:`FULL_ONLY_SECTIONS`."""
-    return tuple(n for n in SECTIONS if full or n not in FULL_ONLY_SECTIONS)
+def default_sections(quick: bool = False, full: bool = False) -> tuple[str, ...]:
+    """The sections a run without ``--sections`` runs: all of :data:`SECTIONS` with ``full``;
+    all but :data:`NOT_QUICK_SECTIONS` with ``quick``; else all but :data:`FULL_ONLY_SECTIONS`.
+
+    >>> default_sections(quick=True)[-1], len(default_sections()), len(default_sections(full=True))
+    ('digits', 9, 10)
+    """
+    left_out = () if full else (NOT_QUICK_SECTIONS if quick else FULL_ONLY_SECTIONS)
+    return tuple(n for n in SECTIONS if n not in left_out)
 
 
 def run_demo(
@@ -1289,13 +1298,14 @@ def run_demo(
 
     Args:
       out_dir: output folder (created if needed).
-      quick: small widths, seeds and step counts (seconds instead of minutes).
+      quick: small widths, seeds, step counts and digit subsets, and by default only the
+        study's sections 1-7 (under a minute instead of minutes).
       full: the whole digits split in sections 8 and 10, more random-feature counts, and
         section 9 (the marginal-likelihood fit) among the default sections.
       seed: seed of the PRNG key from which every section derives its own key.
       show_progress: print each section's start and time, and progress bars for long loops.
-      sections: names from :data:`SECTIONS` to run (default: :func:`default_sections`, in
-        order).
+      sections: names from :data:`SECTIONS` to run, in this order (default:
+        :func:`default_sections`).
       stream: where progress lines go (default ``sys.stderr``).
 
     Returns:
@@ -1305,7 +1315,7 @@ def run_demo(
       ValueError: for unknown section names, ``quick`` together with ``full``, or an output
         folder that cannot be written.
     """
-    names = default_sections(full) if sections is None else tuple(sections)
+    names = default_sections(quick, full) if sections is None else tuple(sections)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}.")
@@ -1354,9 +1364,9 @@ sections (in order):
   convergence        5. loss bound and the stability edge (the study's divergence)
   lazy               6. parameter movement; the network vs its linearization
   digits             7. NTK/NNGP regression, a trained network and an SVM on digits
-  digits_images      8. convolutional NTKs on digits as images
+  digits_images      8. convolutional NTKs on digits as images (not in --quick)
   digits_likelihood  9. hyperparameters fitted by marginal likelihood (--full only)
-  digits_features    10. NTK random features against the exact kernel
+  digits_features    10. NTK random features against the exact kernel (not in --quick)
 
 cost on a 2-core CPU (user+sys CPU time, peak memory):
   --quick   about 40 CPU-s, 1.5 GB
@@ -1376,7 +1386,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder for the figures, report.md and results.json")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="small widths, seeds, steps and digit subsets: a smoke run")
+                      help="sections 1-7 at small widths, seeds and steps: a smoke run")
     size.add_argument("--full", action="store_true",
                       help="the heavy studies too: section 9 and the whole digits split in "
                            "sections 8 and 10 (see the costs below)")
@@ -1385,7 +1395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
                         metavar="NAME",
                         help="run only these sections, in this order (names below; default: "
-                             "all but digits_likelihood, or all with --full)")
+                             "all but digits_likelihood; --quick: 1-7; --full: all)")
     parser.add_argument("--no-progress", action="store_true",
                         help="print no progress lines or bars")
 
