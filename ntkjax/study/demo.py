@@ -1368,13 +1368,14 @@ sections (in order):
   digits_likelihood  9. hyperparameters fitted by marginal likelihood (--full only)
   digits_features    10. NTK random features against the exact kernel (not in --quick)
 
-cost on a 2-core CPU (user+sys CPU time, peak memory):
-  --quick   about 40 CPU-s, 1.5 GB
-  default   about 4 CPU-min, 1.5 GB (sections 1-8 and 10; 8 and 10 on 500 training and
-            400 test images)
-  --full    about 16 CPU-min, 3 GB (all 10 sections; sections 8 and 10 on the whole
-            digits split, more feature counts)
-  Wall time is about CPU time / 1.3 on an idle machine.
+cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
+  --quick   about 40 CPU-s, 1 GB (sections 1-7)
+  default   about 220 CPU-s, 2 GB (sections 1-8 and 10; 8 and 10 on 500 training and
+            400 test images, 4 draws of the random features)
+  --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
+            on the whole digits split, D up to 8192)
+  On an idle machine the wall time is about the CPU time: most of it is compilation,
+  which uses one core.
 
 example:
   ntkjax demo --out demo_out"""
