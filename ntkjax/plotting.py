@@ -65,10 +65,13 @@ def new_figure(
     return fig, axes
 
 
-def save_figure(fig: Figure, path: str | Path | None) -> Figure:
-    """Lays out ``fig``, writes it as PNG when ``path`` is given, closes it, and returns it."""
+def save_figure(fig: Figure, path: str | Path | None, *,
+                rect: tuple[float, float, float, float] | None = None) -> Figure:
+    """Lays out ``fig`` (its axes within ``rect`` of the figure, in figure coordinates, when
+    given: e.g. room for a figure legend), writes it as PNG when ``path`` is given, closes it,
+    and returns it."""
     with plt.rc_context(STYLE):
-        fig.tight_layout()
+        fig.tight_layout(rect=rect)
         if path is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,16 +380,9 @@ def plot_trajectories(
     for ax in axes:
         ax.set_ylim(min(lows), max(highs))
     fig.suptitle(title, fontsize=13)
-    with plt.rc_context(STYLE):
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 5), fontsize=9,
                frameon=False)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    plt.close(fig)
-    return fig
+    return save_figure(fig, path, rect=(0, 0.1, 1, 1))
 
 
 def plot_accuracies(

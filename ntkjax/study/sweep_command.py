@@ -83,6 +83,21 @@ example:
   ntkjax sweep --preset study --parameterization standard --plot --out runs/study.jsonl"""
 
 
+# options of SweepConfig fields: flag, type, choices, help (the default is the preset's value)
+_CONFIG_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--depth", int, None, "hidden layers"),
+    ("--activation", str, None, "activation name of ntkjax.models.MLP (e.g. relu, erf, tanh)"),
+    ("--w-std", float, None, "weight standard deviation"),
+    ("--b-std", float, None, "bias standard deviation"),
+    ("--dataset", str, DATASETS, "training task"),
+    ("--num-train", int, None, "training points"),
+    ("--input-dim", int, None, "input dimension (gaussian dataset)"),
+    ("--num-probe", int, None, "probe inputs of the tracked NTK"),
+    ("--optimizer", str, OPTIMIZERS, "optax optimizer"),
+    ("--ntk-method", str, NTK_METHODS, "empirical NTK method of the tracking"),
+)
+
+
 def _preset_help(text: str, field: str | None = None) -> str:
     """``text`` with the values of both presets as its default."""
     if field is None:
@@ -122,27 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parameterization", choices=PARAMETERIZATIONS,
                         help=_preset_help("ntk (NTK parameterization) or standard",
                                           "parameterization"))
-    parser.add_argument("--depth", type=int, help=_preset_help("hidden layers", "depth"))
-    parser.add_argument("--activation",
-                        help=_preset_help("activation name of ntkjax.models.MLP (e.g. relu, "
-                                          "erf, tanh)", "activation"))
-    parser.add_argument("--w-std", type=float,
-                        help=_preset_help("weight standard deviation", "w_std"))
-    parser.add_argument("--b-std", type=float,
-                        help=_preset_help("bias standard deviation", "b_std"))
-    parser.add_argument("--dataset", choices=DATASETS,
-                        help=_preset_help("training task", "dataset"))
-    parser.add_argument("--num-train", type=int,
-                        help=_preset_help("training points", "num_train"))
-    parser.add_argument("--input-dim", type=int,
-                        help=_preset_help("input dimension (gaussian dataset)", "input_dim"))
-    parser.add_argument("--num-probe", type=int,
-                        help=_preset_help("probe inputs of the tracked NTK", "num_probe"))
-    parser.add_argument("--optimizer", choices=OPTIMIZERS,
-                        help=_preset_help("optax optimizer", "optimizer"))
-    parser.add_argument("--ntk-method", choices=NTK_METHODS,
-                        help=_preset_help("empirical NTK method of the tracking",
-                                          "ntk_method"))
+    for flag, kind, choices, text in _CONFIG_FLAGS:
+        field = flag[2:].replace("-", "_")
+        parser.add_argument(flag, type=kind, choices=choices, help=_preset_help(text, field))
     parser.add_argument("--no-kernel", action="store_true",
                         help="do not track the NTK (loss only)")
     parser.add_argument("--out", default="runs/sweep.jsonl", metavar="FILE",
