@@ -863,8 +863,6 @@ def _section_digits(ctx: _Context) -> _SectionResult:
         return _skipped_digits("7. Beyond the study: digits", err)
     hidden = (s.digits_width,) * s.digits_depth
     module = _digits_mlp(s)
-    nngp_tt, ntk_tt = _analytic(module, digits.x_train)
-    nngp_xt, ntk_xt = _analytic(module, digits.x_test, digits.x_train)
     labels = np.asarray(digits.labels_test)
     accuracy = functools.partial(_digits_accuracy, digits)
     y = digits.y_train
@@ -875,21 +873,33 @@ def _section_digits(ctx: _Context) -> _SectionResult:
         nngp_pred = gp_inference(nngp_tt, nngp_xt, None, y, diag_reg=_DIGITS_DIAG_REG).mean
         return ntk_pred, nngp_pred, max_learning_rate(ntk_tt)
 
-    as32 = lambda a: a.astype(np.float32)
-    ntk_pred, nngp_pred, edge = _jit(kernel_predictions)(
-        as32(ntk_tt), as32(ntk_xt), as32(nngp_tt), as32(nngp_xt), y)
-    svm = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
-                                               np.asarray(digits.labels_train))
-    svm_acc = float(np.mean(svm.predict(np.asarray(digits.x_test)) == labels))
+    def kernels():
+        (nngp_tt, ntk_tt), (nngp_xt, ntk_xt) = (
+            _analytic(module, digits.x_train), _analytic(module, digits.x_test, digits.x_train))
+        as32 = lambda a: a.astype(np.float32)
+        return _jit(kernel_predictions)(as32(ntk_tt), as32(ntk_xt), as32(nngp_tt),
+                                        as32(nngp_xt), y)
 
-    lr = 0.5 * float(edge)
-    record_every = s.digits_steps // 10
-    train = make_train_fn(module.apply, optimizer=optax.sgd(lr), num_steps=s.digits_steps,
-                          record_every=record_every, track_kernel=False)
-    params0 = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
-    history = jax.device_get(_jit(
-        lambda p, x, y, x_test: train(p, x, y, x_test=x_test))(params0, digits.x_train, y,
-                                                               digits.x_test))
+    def svm():
+        model = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
+                                                     np.asarray(digits.labels_train))
+        return float(np.mean(model.predict(np.asarray(digits.x_test)) == labels))
+
+    def network():
+        lr = 0.5 * float(done["kernels"][2])  # half the stability edge of the analytic NTK
+        train = make_train_fn(module.apply, optimizer=optax.sgd(lr), num_steps=s.digits_steps,
+                              record_every=s.digits_steps // 10, track_kernel=False)
+        params0 = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
+        return lr, jax.device_get(_jit(
+            lambda p, x, y, x_test: train(p, x, y, x_test=x_test))(params0, digits.x_train, y,
+                                                                   digits.x_test))
+
+    # three steps of ~5-20 s each, under one progress bar
+    steps = {"kernels": kernels, "svm": svm, "network": network}
+    done: dict[str, Any] = {}
+    for name in ctx.progress(list(steps), "infinite-width kernels, SVM, network training"):
+        done[name] = steps[name]()
+    (ntk_pred, nngp_pred, _), svm_acc, (lr, history) = (done[k] for k in steps)
     net_acc_curve = [accuracy(p) for p in history.test_predictions]
     accuracies = {
         "NTK regression (infinite width)": accuracy(ntk_pred),
