@@ -446,7 +446,7 @@ def plot_accuracy_vs_features(
 
     >>> fig = plot_accuracy_vs_features([64, 256], {"MLP": [[0.9, 0.92], [0.95, 0.96]]},
     ...                                 exact={"MLP": 0.97}, title="digits")
-    >>> fig.axes[0].get_ylim()[1] <= 100.0
+    >>> bool(fig.axes[0].get_ylim()[1] <= 100.0)
     True
     """
     fig, axes = new_figure(width=6.4, height=4.6)
