@@ -1215,10 +1215,11 @@ def _section_digits_features(ctx: _Context) -> _SectionResult:
                          + (" (within noise)" if noisy else f" (> 2 s.e. = {2 * se:.2f})"))
         gap = means[-1] - 100 * exact[name]
         gap_se = math.hypot(errors[-1], 100 * _standard_error(exact[name], n_test))
-        findings.append(
-            f"{name}: " + "; ".join(steps) + f"; at D = {counts[-1]} the features are "
-            f"{abs(gap):.2f} points {'below' if gap < 0 else 'above'} the exact kernel"
-            + (" (within noise)" if abs(gap) <= 2 * gap_se else "") + ".")
+        steps.append(
+            f"at D = {counts[-1]} the features are {abs(gap):.2f} points "
+            f"{'below' if gap < 0 else 'above'} the exact kernel"
+            + (" (within noise)" if abs(gap) <= 2 * gap_se else ""))
+        findings.append(f"{name}: " + "; ".join(steps) + ".")
     header_counts = sorted({d for _, _, _, counts in networks.values() for d in counts})
     rows = []
     for name, (_, _, _, counts) in networks.items():
