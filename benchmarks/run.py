@@ -17,6 +17,7 @@ MODULES = [
     "benchmarks.bench_analytic",
     "benchmarks.bench_attention",
     "benchmarks.bench_cnn",
+    "benchmarks.bench_demo",
     "benchmarks.bench_devices",
     "benchmarks.bench_empirical",
     "benchmarks.bench_features",

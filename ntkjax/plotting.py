@@ -65,10 +65,13 @@ def new_figure(
     return fig, axes
 
 
-def save_figure(fig: Figure, path: str | Path | None) -> Figure:
-    """Lays out ``fig``, writes it as PNG when ``path`` is given, closes it, and returns it."""
+def save_figure(fig: Figure, path: str | Path | None, *,
+                rect: tuple[float, float, float, float] | None = None) -> Figure:
+    """Lays out ``fig`` (its axes within ``rect`` of the figure, in figure coordinates, when
+    given: e.g. room for a figure legend), writes it as PNG when ``path`` is given, closes it,
+    and returns it."""
     with plt.rc_context(STYLE):
-        fig.tight_layout()
+        fig.tight_layout(rect=rect)
         if path is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,8 +310,18 @@ def plot_stability(
                label=learning_rate_label or f"learning rate {learning_rate:g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    return _finish(fig, ax, own_figure, path, xlabel="hidden width m", ylabel="learning rate",
-                   title=title)
+    ax.set_xlabel("hidden width m")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    _legend_below(ax)
+    return save_figure(fig, path) if own_figure else fig
+
+
+def _legend_below(ax: Axes, ncols: int = 2, **kwargs: Any) -> None:
+    """The legend under the axes (below the x label), where it cannot hide a line; laid out
+    by :func:`save_figure`'s ``tight_layout``."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=ncols, fontsize=8,
+              frameon=False, **kwargs)
 
 
 def plot_trajectories(
@@ -318,6 +331,7 @@ def plot_trajectories(
     title: str,
     path: str | Path | None = None,
     labels: tuple[str, str] = ("network", "linearized network"),
+    point_labels: Sequence[str] | None = None,
     xlabel: str = "gradient-descent step t",
     ylabel: str = "output f_t(x) at test points",
     panel_width: float = 4.6,
@@ -325,11 +339,16 @@ def plot_trajectories(
     """Full vs linearized outputs over training: one panel per entry, shared y axis.
 
     ``panels[name] = (full, linear)``, each of shape ``(len(times), k)`` for k tracked test
-    points. Solid lines are the full network, dashed its linearization, one colour per point.
+    points. One colour per point (named by ``point_labels``, default ``point 1..k``) for both
+    curves; solid lines are the full network, dashed its linearization. The legend (under the
+    panels) names every colour and both line styles.
     """
+    from matplotlib.lines import Line2D
+
     times = np.asarray(times)
-    fig, axes = new_figure(len(panels), width=panel_width, height=4.0)
+    fig, axes = new_figure(len(panels), width=panel_width, height=4.3)
     axes = axes[0]
+    count = None
     for ax, (name, (full, linear)) in zip(axes, panels.items(), strict=True):
         full, linear = np.asarray(full), np.asarray(linear)
         if full.shape != linear.shape or full.shape[0] != times.size:
@@ -339,22 +358,31 @@ def plot_trajectories(
             )
         full = full.reshape(times.size, -1)
         linear = linear.reshape(times.size, -1)
-        for j in range(full.shape[1]):
+        count = full.shape[1]
+        for j in range(count):
             color = _PALETTE[j % len(_PALETTE)]
-            ax.plot(times, full[:, j], "-", color=color, lw=2, alpha=0.8,
-                    label=labels[0] if j == 0 else None)
-            ax.plot(times, linear[:, j], "--", color="k", lw=1,
-                    label=labels[1] if j == 0 else None)
+            ax.plot(times, full[:, j], "-", color=color, lw=2.2, alpha=0.6)
+            ax.plot(times, linear[:, j], "--", color=color, lw=1.2)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
-        ax.legend(loc="best")
+    count = count or 0
+    names = list(point_labels) if point_labels is not None else [
+        f"point {j + 1}" for j in range(count)]
+    if len(names) != count:
+        raise ValueError(f"point_labels has {len(names)} names for {count} points.")
+    handles = [Line2D([], [], color=_PALETTE[j % len(_PALETTE)], lw=2, label=names[j])
+               for j in range(count)]
+    handles += [Line2D([], [], color="0.3", ls="-", lw=2.2, alpha=0.6, label=labels[0]),
+                Line2D([], [], color="0.3", ls="--", lw=1.2, label=labels[1])]
     axes[0].set_ylabel(ylabel)
     lows = [ax.get_ylim()[0] for ax in axes]
     highs = [ax.get_ylim()[1] for ax in axes]
     for ax in axes:
         ax.set_ylim(min(lows), max(highs))
     fig.suptitle(title, fontsize=13)
-    return save_figure(fig, path)
+    fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 5), fontsize=9,
+               frameon=False)
+    return save_figure(fig, path, rect=(0, 0.1, 1, 1))
 
 
 def plot_accuracies(
@@ -364,20 +392,24 @@ def plot_accuracies(
     path: str | Path | None = None,
     xlabel: str = "test accuracy (%)",
 ) -> Figure:
-    """Horizontal bars of accuracies (fractions in [0, 1]), each labelled with its percentage."""
+    """Horizontal bars of accuracies (fractions in [0, 1]), each labelled with its percentage;
+    the axis ends at 100 %."""
     if not accuracies:
         raise ValueError("plot_accuracies needs at least one accuracy.")
     names = list(accuracies)
     percent = np.array([100.0 * float(accuracies[n]) for n in names])
+    if not np.all((percent >= 0) & (percent <= 100)):
+        raise ValueError(f"accuracies must be fractions in [0, 1]; got {dict(accuracies)}.")
     fig, axes = new_figure(width=6.4, height=0.55 * len(names) + 1.6)
     ax = axes[0, 0]
     y = np.arange(len(names))[::-1]
     ax.barh(y, percent, color=[_PALETTE[k % len(_PALETTE)] for k in range(len(names))])
-    for yi, value in zip(y, percent, strict=True):
-        ax.text(value, yi, f" {value:.2f}%", va="center", fontsize=9)
+    for yi, value in zip(y, percent, strict=True):  # inside the bar's end: the axis stops at 100
+        ax.text(value, yi, f"{value:.2f}% ", va="center", ha="right", fontsize=9,
+                color="white", fontweight="bold")
     ax.set_yticks(y, names)
     low = max(0.0, float(np.floor(percent.min() / 5.0) * 5.0 - 5.0))
-    ax.set_xlim(low, 103.0)
+    ax.set_xlim(low, 100.0)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(axis="y", visible=False)
@@ -385,7 +417,7 @@ def plot_accuracies(
 
 
 def plot_accuracy_vs_features(
-    feature_counts: Sequence[int],
+    feature_counts: Sequence[int] | Mapping[str, Sequence[int]],
     accuracies: Mapping[str, Sequence[Sequence[float]]],
     *,
     exact: Mapping[str, float],
@@ -394,35 +426,58 @@ def plot_accuracy_vs_features(
 ) -> Figure:
     """Test accuracy of random-feature regression against the number of features D (log axis).
 
+    Each curve is the mean over draws of the features, its shaded band the range (lowest to
+    highest) over the draws; the exact kernel's accuracy is a horizontal line in the curve's
+    colour, its value in the legend. Exact lines of different curves have dash patterns that
+    interleave, so two equal accuracies stay visible as one two-coloured line. The accuracy
+    axis ends at 100 %.
+
     Args:
-      feature_counts: the D values, increasing.
+      feature_counts: the D values, increasing: one sequence for every curve, or a mapping
+        from curve name to its own D values.
       accuracies: per curve, one list of accuracies (fractions, one per draw of the features)
-        for each D: the mean is drawn with the range over draws as a band.
-      exact: per curve, the accuracy of the exact kernel, drawn as a dashed line.
+        for each of its D.
+      exact: per curve, the accuracy of the exact kernel (curves without one get no line).
       title: the axes' title.
       path: where to save the PNG (None: not saved).
 
     Returns:
       The figure.
+
+    >>> fig = plot_accuracy_vs_features([64, 256], {"MLP": [[0.9, 0.92], [0.95, 0.96]]},
+    ...                                 exact={"MLP": 0.97}, title="digits")
+    >>> bool(fig.axes[0].get_ylim()[1] <= 100.0)
+    True
     """
-    counts = np.asarray(feature_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0 or np.any(counts <= 0):
-        raise ValueError(f"feature_counts must be positive numbers; got {feature_counts}.")
-    fig, axes = new_figure(width=6.4, height=4.2)
+    fig, axes = new_figure(width=6.4, height=4.6)
     ax = axes[0, 0]
+    highest = 0.0
     for k, (name, per_count) in enumerate(accuracies.items()):
+        own = feature_counts[name] if isinstance(feature_counts, Mapping) else feature_counts
+        counts = np.asarray(own, dtype=np.float64)
+        if counts.ndim != 1 or counts.size == 0 or np.any(counts <= 0):
+            raise ValueError(f"feature_counts must be positive numbers; got {own}.")
         if len(per_count) != counts.size:
             raise ValueError(f"{name}: {len(per_count)} accuracy lists for {counts.size} D's.")
         color = _PALETTE[k % len(_PALETTE)]
         values = [100.0 * np.asarray(v, dtype=np.float64) for v in per_count]
-        ax.plot(counts, [v.mean() for v in values], "o-", color=color, label=f"{name} features")
-        ax.fill_between(counts, [v.min() for v in values], [v.max() for v in values],
-                        color=color, alpha=0.2)
+        draws = min(v.size for v in values)
+        ax.plot(counts, [v.mean() for v in values], "o-", color=color,
+                label=f"{name} features: mean of {draws} draw{'s' * (draws != 1)}")
+        if draws > 1:
+            ax.fill_between(counts, [v.min() for v in values], [v.max() for v in values],
+                            color=color, alpha=0.2, label=f"{name}: range over the draws")
+        highest = max(highest, *(v.max() for v in values))
         if name in exact:
-            ax.axhline(100.0 * float(exact[name]), color=color, ls="--",
-                       label=f"{name} exact kernel")
+            value = 100.0 * float(exact[name])
+            highest = max(highest, value)
+            dashes = "--" if len(exact) == 1 else (6 * k, (6, 6 * len(exact) - 6))
+            ax.axhline(value, color=color, lw=1.8, ls=dashes,
+                       label=f"{name} exact kernel: {value:.2f} %")
     ax.set_xscale("log", base=2)
-    ax.legend(fontsize=9)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, min(high, 100.0) if highest <= 100.0 else high)
+    _legend_below(ax, ncols=2)
     ax.set_xlabel("number of random features D")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

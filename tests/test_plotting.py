@@ -6,6 +6,7 @@ the fitted slopes shown in legends against power laws built with a known exponen
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -186,10 +187,149 @@ def test_accuracy_vs_features_draws_means_bands_and_exact_lines(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     means = {line.get_label(): line.get_ydata() for line in ax.lines}
-    np.testing.assert_allclose(means["MLP features"], [91.0, 96.0, 98.0])
-    np.testing.assert_allclose(means["MLP exact kernel"], [98.5, 98.5])
-    assert "CNN exact kernel" not in means  # no exact value given: no line
+    np.testing.assert_allclose(means["MLP features: mean of 2 draws"], [91.0, 96.0, 98.0])
+    np.testing.assert_allclose(means["MLP exact kernel: 98.50 %"], [98.5, 98.5])
+    assert not any(k.startswith("CNN exact") for k in means)  # no exact value: no line
+    assert "CNN features: mean of 1 draw" in means  # one draw: no band
+    assert len(ax.collections) == 1
     with pytest.raises(ValueError, match="2 accuracy lists for 3"):
         plotting.plot_accuracy_vs_features(counts, {"a": [[0.9], [0.9]]}, exact={}, title="t")
     with pytest.raises(ValueError, match="positive"):
         plotting.plot_accuracy_vs_features([0, 4], {"a": [[0.9], [0.9]]}, exact={}, title="t")
+
+
+# --- every figure of the demo, on small data: limits and legends against the data -------------
+
+
+def assert_data_within_limits(ax) -> None:
+    """Every finite point of every line lies inside the axes' limits."""
+    x_low, x_high = sorted(ax.get_xlim())
+    y_low, y_high = sorted(ax.get_ylim())
+    for line in ax.lines:
+        if line.get_transform() != ax.transData:  # axhline/axvline: blended coordinates
+            continue
+        x = np.asarray(line.get_xdata(), float)
+        y = np.asarray(line.get_ydata(), float)
+        keep = np.isfinite(x) & np.isfinite(y)
+        assert np.all((x[keep] >= x_low) & (x[keep] <= x_high)), line.get_label()
+        assert np.all((y[keep] >= y_low) & (y[keep] <= y_high)), line.get_label()
+
+
+def drawn(fig):
+    """An Agg canvas of ``fig``, drawn (a saved figure is closed: pyplot's canvas is gone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas
+
+
+def legend_box(fig, legend):
+    return legend.get_window_extent(drawn(fig).get_renderer())
+
+
+def line_points(line) -> np.ndarray:
+    """A line's points in display coordinates, densely along each segment."""
+    xy = np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float)
+    xy = xy[np.all(np.isfinite(xy), axis=1)]
+    dense = [a + t * (b - a) for a, b in itertools.pairwise(xy)
+             for t in np.linspace(0, 1, 50)] if len(xy) > 1 else list(xy)
+    return line.get_transform().transform(np.asarray(dense))
+
+
+def test_stability_legend_covers_no_line(tmp_path):
+    # the demo's set-up: the standard edge falls through the learning rate, NTK edge flat
+    widths = np.array([50, 200, 1000, 5000])
+    fig = plotting.plot_stability(
+        widths, {"standard param. (study)": 0.9 * 50 / widths, "NTK param.": np.full(4, 0.9)},
+        {"standard param. (study)": np.array([False, True, True, True]),
+         "NTK param.": np.zeros(4, bool)},
+        learning_rate=0.02, learning_rate_label="study's lr", title="edge",
+        path=tmp_path / "s5.png")
+    ax = fig.axes[0]
+    box = legend_box(fig, ax.get_legend())
+    for line in ax.lines:
+        points = line_points(line)
+        inside = ((points[:, 0] >= box.x0) & (points[:, 0] <= box.x1)
+                  & (points[:, 1] >= box.y0) & (points[:, 1] <= box.y1))
+        assert not inside.any(), f"the legend covers {line.get_label()!r}"
+    assert set(legend_texts(ax)) == {"standard param. (study): edge 2n/λmax",
+                                     "NTK param.: edge 2n/λmax", "run diverged", "study's lr"}
+    assert_data_within_limits(ax)
+
+
+def test_trajectories_legend_names_every_colour_and_both_styles(tmp_path):
+    t = np.arange(11)
+    full = np.outer(1 - np.exp(-0.2 * t), [1.0, -0.5, 0.3])
+    fig = plotting.plot_trajectories(
+        t, {"width 64": (full, full + 0.05), "width 4096": (full, full + 0.001)},
+        title="lazy", point_labels=["x = -3", "x = 0", "x = 2"], path=tmp_path / "s6.png")
+    (legend,) = fig.legends
+    handles = legend.legend_handles
+    texts = [text.get_text() for text in legend.get_texts()]
+    assert texts == ["x = -3", "x = 0", "x = 2", "network", "linearized network"]
+    colours = {matplotlib_colour(h.get_color()) for h in handles[:3]}
+    for ax in fig.axes:
+        # every drawn colour is named in the legend; solid = network, dashed = linearization
+        assert {matplotlib_colour(line.get_color()) for line in ax.lines} == colours
+        assert sorted(line.get_linestyle() for line in ax.lines) == ["-"] * 3 + ["--"] * 3
+        assert_data_within_limits(ax)
+    assert [h.get_linestyle() for h in handles[3:]] == ["-", "--"]
+    with pytest.raises(ValueError, match="point_labels"):
+        plotting.plot_trajectories(t, {"w": (full, full)}, title="t", point_labels=["a"])
+
+
+def matplotlib_colour(colour) -> tuple:
+    from matplotlib.colors import to_rgb
+
+    return tuple(np.round(to_rgb(colour), 3))
+
+
+@pytest.mark.parametrize("accuracies", [
+    {"NTK": 0.993, "NNGP": 0.991, "network": 0.97, "SVM": 0.987},  # the demo's s7
+    {"MLP": 1.0, "CNN": 0.95},  # a perfect score still ends the axis at 100 %
+])
+def test_accuracy_axis_ends_at_100_percent(tmp_path, accuracies):
+    fig = plotting.plot_accuracies(accuracies, title="digits", path=tmp_path / "acc.png")
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    assert high == 100.0
+    widths = [bar.get_width() for bar in ax.patches]
+    np.testing.assert_allclose(sorted(widths), sorted(100 * np.asarray(list(
+        accuracies.values()))))
+    assert low <= min(widths) - 5
+    # every percentage label sits inside the axes
+    renderer = drawn(fig).get_renderer()
+    box = ax.get_window_extent()
+    for text in ax.texts:
+        extent = text.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 + 1, text.get_text()
+    with pytest.raises(ValueError, match="fractions"):
+        plotting.plot_accuracies({"a": 99.0}, title="percent by mistake")
+
+
+def test_features_exact_lines_stay_visible_when_equal_and_band_is_labelled(tmp_path):
+    counts = {"MLP": [256, 1024, 4096], "CNN-GAP": [256, 1024]}
+    draws = {"MLP": [[0.90, 0.93, 0.91], [0.95, 0.96, 0.955], [0.97, 0.975, 0.98]],
+             "CNN-GAP": [[0.85, 0.88, 0.86], [0.93, 0.95, 0.94]]}
+    exact = {"MLP": 0.985, "CNN-GAP": 0.985}  # equal: one line would hide the other
+    fig = plotting.plot_accuracy_vs_features(counts, draws, exact=exact, title="features",
+                                             path=tmp_path / "s10.png")
+    ax = fig.axes[0]
+    texts = legend_texts(ax)
+    for name in counts:
+        assert f"{name} features: mean of 3 draws" in texts
+        assert f"{name}: range over the draws" in texts
+        assert f"{name} exact kernel: 98.50 %" in texts
+    assert len(ax.collections) == 2  # one band per curve
+    low, high = ax.get_ylim()
+    assert high <= 100.0 and low <= 85.0
+    assert_data_within_limits(ax)
+    # both colours show along the shared exact line in the rendered image
+    image = np.asarray(drawn(fig).buffer_rgba())[..., :3].astype(float) / 255
+    row = image.shape[0] - round(float(ax.transData.transform((300, 98.5))[1]))
+    x0, x1 = (int(v) for v in ax.transData.transform([(300, 0), (3000, 0)])[:, 0])
+    strip = image[row - 1:row + 2, x0:x1].reshape(-1, 3)
+    for k in range(2):
+        colour = np.asarray(plotting._PALETTE[k][:3])
+        assert np.sum(np.all(np.abs(strip - colour) < 0.08, axis=1)) > 20, f"colour {k} hidden"

@@ -57,3 +57,13 @@ def test_report_is_rewritten_after_every_section(tmp_path):
     assert second["sections"]["two"]["numbers"]["x"] == "nan"
     assert second["meta"] == {"quick": True}
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_numbers_from_a_thousand_on_keep_every_integer_digit():
+    # a log evidence of 12950.3 -> 12980.1 once printed as 1.295e+04 -> 1.298e+04
+    assert format_number(12950.3) == "12950.3"
+    assert format_number(12980.14) == "12980.1"
+    assert format_number(-2_500_000.0) == "-2500000.0"
+    assert format_number(999.94) == "999.9"
+    assert format_number(3.2e9) == "3.200000e+09"
+    assert format_number(12950) == "12950"  # integers stay integers

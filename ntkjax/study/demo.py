@@ -59,13 +59,15 @@ from ntkjax.sweep import sweep
 from ntkjax.tasks import sin_regression
 from ntkjax.training import kernel_regime_check, make_train_fn
 
-__all__ = ["SECTIONS", "DemoSettings", "add_arguments", "demo_settings", "run_demo",
-           "run_from_args"]
+__all__ = ["DESCRIPTION", "EPILOG", "FULL_ONLY_SECTIONS", "NOT_QUICK_SECTIONS", "SECTIONS",
+           "DemoSettings",
+           "add_arguments", "default_sections", "demo_settings", "run_demo", "run_from_args"]
 
 _RELU_W_STD = math.sqrt(2.0)  # He initialization, as in the study (kaiming_normal)
 _SIN_B_STD = 1.0  # bias scale of the sin-task networks (1-D inputs need biases to bend)
 _DIGITS_DIAG_REG = 1e-4  # ridge relative to the mean diagonal (kernel regression on digits)
 _STUDY_LEARNING_RATE = 0.02  # the study's lr = 0.01 on mean((f - y)^2), in ntkjax's loss
+_KERNEL_BLOCK_BYTES = 256 * 2**20  # memory of one kernel_matrix block call (sections 8, 10)
 
 
 def _jit(fn: Callable, **kwargs) -> Callable:
@@ -75,7 +77,8 @@ def _jit(fn: Callable, **kwargs) -> Callable:
 
 
 class DemoSettings(NamedTuple):
-    """Sizes of every section; :func:`demo_settings` gives the default and ``--quick`` ones."""
+    """Sizes of every section; :func:`demo_settings` gives the ``--quick``, default and
+    ``--full`` ones."""
 
     quick: bool
     n_points: int  # section 1-2 inputs (the study: 10 points in R^3)
@@ -99,14 +102,30 @@ class DemoSettings(NamedTuple):
     digits_depth: int
     digits_steps: int
     digits_train_subset: int | None  # None: the whole 70 % training split
-    digits_image_subset: int | None  # sections 8 and 10: first images of train and test split
-    digits_feature_counts: tuple[int, ...]  # D of the random-feature curves (section 10)
+    # sections 8 and 10: the first images of the training and test split (None: all of it);
+    # the all-pairs CNN-GAP kernel costs ~ N_train (N_train + N_test) x 64^2 position pairs
+    digits_image_train: int | None
+    digits_image_test: int | None
+    digits_feature_counts: tuple[int, ...]  # D of the MLP's random-feature curve (section 10)
+    digits_cnn_feature_counts: tuple[int, ...]  # D of the CNN-GAP's curve (costlier features)
     digits_feature_keys: int  # independent draws of the features per D
     digits_likelihood_steps: int  # Adam steps of the marginal-likelihood fit (section 9)
+    full: bool = False
 
 
-def demo_settings(quick: bool = False) -> DemoSettings:
-    """The default run (a few minutes at most) or the ``--quick`` one (seconds)."""
+#: Sections that a run without ``--full`` (or ``--sections``) leaves out: the marginal-likelihood
+#: fit of section 9 costs minutes and leaves the test accuracy where it was.
+FULL_ONLY_SECTIONS = ("digits_likelihood",)
+#: Sections a ``--quick`` run leaves out (unless named with ``--sections``): the study's
+#: sections 1-7 only, so that the smoke run takes well under a minute.
+NOT_QUICK_SECTIONS = ("digits_images", "digits_likelihood", "digits_features")
+
+
+def demo_settings(quick: bool = False, full: bool = False) -> DemoSettings:
+    """The default run (about 4 CPU-minutes), the ``--quick`` one (seconds) or the ``--full``
+    one (the whole digits split in sections 8-10, more feature counts and draws)."""
+    if quick and full:
+        raise ValueError("quick and full exclude each other; choose one.")
     if quick:
         return DemoSettings(
             quick=True, n_points=10, input_dim=3,
@@ -117,10 +136,11 @@ def demo_settings(quick: bool = False) -> DemoSettings:
             study_widths=(1000,), study_seeds=2, study_steps=100,
             convergence_points=40, convergence_dim=8, convergence_steps=200,
             digits_width=256, digits_depth=2, digits_steps=300, digits_train_subset=600,
-            digits_image_subset=120, digits_feature_counts=(256, 1024), digits_feature_keys=1,
+            digits_image_train=120, digits_image_test=120, digits_feature_counts=(256, 1024),
+            digits_cnn_feature_counts=(256,), digits_feature_keys=2,
             digits_likelihood_steps=10,
         )
-    return DemoSettings(
+    default = DemoSettings(
         quick=False, n_points=10, input_dim=3,
         empirical_widths=(64, 256, 1024, 4096, 16384), empirical_seeds=32,
         heatmap_width=1024, heatmap_seeds=10,
@@ -129,10 +149,16 @@ def demo_settings(quick: bool = False) -> DemoSettings:
         study_widths=(50, 200, 1000, 5000), study_seeds=4, study_steps=500,
         convergence_points=40, convergence_dim=8, convergence_steps=500,
         digits_width=512, digits_depth=2, digits_steps=1000, digits_train_subset=None,
-        digits_image_subset=None, digits_feature_counts=(256, 1024, 4096, 8192),
-        digits_feature_keys=2,
+        digits_image_train=500, digits_image_test=400, digits_feature_counts=(256, 1024, 4096),
+        digits_cnn_feature_counts=(256, 1024), digits_feature_keys=4,
         digits_likelihood_steps=100,
     )
+    if not full:
+        return default
+    return default._replace(
+        full=True, digits_image_train=None, digits_image_test=None,
+        digits_feature_counts=(256, 1024, 4096, 8192),
+        digits_cnn_feature_counts=(256, 1024, 4096, 8192), digits_feature_keys=3)
 
 
 class _SectionResult(NamedTuple):
@@ -150,7 +176,8 @@ class _Context:
     """Settings, output folder, PRNG keys per section, and results shared between sections."""
 
     def __init__(self, out_dir: Path, settings: DemoSettings, key: jax.Array,
-                 show_progress: bool):
+                 show_progress: bool, stream: Any = None):
+        self.stream = sys.stderr if stream is None else stream
         self.out_dir = out_dir
         self.settings = settings
         self._key = key
@@ -166,7 +193,13 @@ class _Context:
         return self.out_dir / name
 
     def progress(self, items, description: str):
-        return progress(items, description=f"  {description}", enabled=self.show_progress)
+        return progress(items, description=f"  {description}", enabled=self.show_progress,
+                        stream=self.stream)
+
+    def note(self, text: str) -> None:
+        """A progress line (only when progress is shown)."""
+        if self.show_progress:
+            print(text, file=self.stream, flush=True)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -760,17 +793,23 @@ def _section_lazy(ctx: _Context) -> _SectionResult:
     differences = np.stack(differences)
     slope_lin = _fit(widths, differences.mean(1))
 
-    picks = np.searchsorted(np.asarray(data.x_test)[:, 0], [-3.0, 0.0, 2.0])
+    points = (-3.0, 0.0, 2.0)
+    picks = np.searchsorted(np.asarray(data.x_test)[:, 0], points)
     steps = sin["runs"][s.sin_widths[0]]["history"].steps[0]
     shown = (s.sin_widths[0], s.sin_widths[-1])
-    traj = plotting.plot_trajectories(
-        steps,
-        {f"width {w}": (sin["runs"][w]["history"].test_predictions[0][:, picks, 0],
-                        linear_tests[w][0][:, picks, 0]) for w in shown},
-        title="Network (solid) vs its linearization (dashed) at x = -3, 0, 2",
+    shown_curves = {w: (np.asarray(sin["runs"][w]["history"].test_predictions[0][:, picks, 0]),
+                        np.asarray(linear_tests[w][0][:, picks, 0])) for w in shown}
+    plotting.plot_trajectories(
+        steps, {f"width {w}": curves for w, curves in shown_curves.items()},
+        title="Network (solid) vs its linearization (dashed), one seed",
+        point_labels=[f"x = {p:g}" for p in points],
         path=ctx.figure("s6_linearized_trajectories.png"),
     )
-    del traj
+    # how far apart the curves of the narrowest panel are, relative to the panel's range
+    full_narrow, linear_narrow = shown_curves[shown[0]]
+    panel_range = max(float(np.ptp(np.concatenate([c.ravel() for pair in shown_curves.values()
+                                                   for c in pair]))), 1e-12)
+    narrow_gap = float(np.max(np.abs(full_narrow - linear_narrow)))
     fig, axes = plotting.new_figure(1, width=6.2, height=4.6)
     plotting.plot_power_laws(
         widths, {"||θ_T - θ_0|| / ||θ_0||": param_change,
@@ -787,14 +826,22 @@ def _section_lazy(ctx: _Context) -> _SectionResult:
         "slope_parameter_change": slope_params,
         "linearization_gap_rms_mean_over_seeds": differences.mean(1),
         "slope_linearization_gap": slope_lin,
+        "shown_narrowest_max_gap": narrow_gap,
+        "shown_narrowest_max_gap_over_range": narrow_gap / panel_range,
     }
     text = (
         "Lazy training: the parameters of wider networks move less, relative to their size "
         f"(`||θ_T - θ_0|| / ||θ_0||` ~ width^{slope_params:.2f}; theory -1/2), and the network "
         "stays close to its first-order Taylor expansion around the initialization "
         "(`ntkjax.linearize`, trained by the same compiled loop): the RMS difference of their "
-        f"test predictions falls like width^{slope_lin:.2f}. At small width the two visibly "
-        "part (left panel) -- the network learns features the fixed kernel does not have."
+        f"test predictions falls like width^{slope_lin:.2f}. "
+        + (f"In the left panel (width {shown[0]}) the two visibly part: they differ by up to "
+           f"{narrow_gap:.3g}, {100 * narrow_gap / panel_range:.0f} % of the panel's range -- "
+           "the network learns features the fixed kernel does not have."
+           if narrow_gap > 0.05 * panel_range else
+           f"Even at width {shown[0]} (left panel) the two curves lie on top of each other: "
+           f"they differ by at most {narrow_gap:.2g}, {100 * narrow_gap / panel_range:.1f} % of "
+           "the panel's range; the difference shows only in the numbers (second figure).")
     )
     summary = (f"parameter change ~ width^{slope_params:+.2f}, "
                f"network - linearization ~ width^{slope_lin:+.2f}")
@@ -816,8 +863,6 @@ def _section_digits(ctx: _Context) -> _SectionResult:
         return _skipped_digits("7. Beyond the study: digits", err)
     hidden = (s.digits_width,) * s.digits_depth
     module = _digits_mlp(s)
-    nngp_tt, ntk_tt = _analytic(module, digits.x_train)
-    nngp_xt, ntk_xt = _analytic(module, digits.x_test, digits.x_train)
     labels = np.asarray(digits.labels_test)
     accuracy = functools.partial(_digits_accuracy, digits)
     y = digits.y_train
@@ -828,21 +873,45 @@ def _section_digits(ctx: _Context) -> _SectionResult:
         nngp_pred = gp_inference(nngp_tt, nngp_xt, None, y, diag_reg=_DIGITS_DIAG_REG).mean
         return ntk_pred, nngp_pred, max_learning_rate(ntk_tt)
 
-    as32 = lambda a: a.astype(np.float32)
-    ntk_pred, nngp_pred, edge = _jit(kernel_predictions)(
-        as32(ntk_tt), as32(ntk_xt), as32(nngp_tt), as32(nngp_xt), y)
-    svm = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
-                                               np.asarray(digits.labels_train))
-    svm_acc = float(np.mean(svm.predict(np.asarray(digits.x_test)) == labels))
+    def kernels():
+        (nngp_tt, ntk_tt), (nngp_xt, ntk_xt) = (
+            _analytic(module, digits.x_train), _analytic(module, digits.x_test, digits.x_train))
+        as32 = lambda a: a.astype(np.float32)
+        return _jit(kernel_predictions)(as32(ntk_tt), as32(ntk_xt), as32(nngp_tt),
+                                        as32(nngp_xt), y)
 
-    lr = 0.5 * float(edge)
-    record_every = s.digits_steps // 10
-    train = make_train_fn(module.apply, optimizer=optax.sgd(lr), num_steps=s.digits_steps,
-                          record_every=record_every, track_kernel=False)
-    params0 = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
-    history = jax.device_get(_jit(
-        lambda p, x, y, x_test: train(p, x, y, x_test=x_test))(params0, digits.x_train, y,
-                                                               digits.x_test))
+    def svm():
+        model = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
+                                                     np.asarray(digits.labels_train))
+        return float(np.mean(model.predict(np.asarray(digits.x_test)) == labels))
+
+    def network(lr):
+        """Full-batch SGD (no optimizer state) in 10 equal chunks of one compiled program, each
+        from the last one's parameters -- the same run as one loop -- under a progress bar."""
+        chunk = s.digits_steps // 10
+        train = _jit(lambda p, x, y, x_test: make_train_fn(
+            module.apply, optimizer=optax.sgd(lr), num_steps=chunk, record_every=chunk,
+            track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None))
+        params = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
+        records = []
+        for _ in ctx.progress(range(10), f"training the width-{s.digits_width} network "
+                                         f"({s.digits_steps} steps)"):
+            part = jax.device_get(train(params, digits.x_train, y, digits.x_test))
+            records.append(part)
+            params = part.final_params
+        first = records[0]
+        return first._replace(
+            steps=np.arange(11) * chunk,
+            loss=np.array([first.loss[0], *(r.loss[-1] for r in records)]),
+            test_predictions=np.stack([first.test_predictions[0],
+                                       *(r.test_predictions[-1] for r in records)]),
+            diverged=any(bool(r.diverged) for r in records), final_params=params)
+
+    ctx.note("  infinite-width kernels and an RBF SVM (a few seconds each)")
+    ntk_pred, nngp_pred, edge = kernels()
+    svm_acc = svm()
+    lr = 0.5 * float(edge)  # half the stability edge of the analytic NTK
+    history = network(lr)
     net_acc_curve = [accuracy(p) for p in history.test_predictions]
     accuracies = {
         "NTK regression (infinite width)": accuracy(ntk_pred),
@@ -906,13 +975,19 @@ def _digits_split(ctx: _Context) -> Digits:
 
 
 def _digits_image_split(ctx: _Context) -> Digits:
-    """The split of sections 8 and 10: a quick run keeps the first ``digits_image_subset``
-    training and test images (all-pairs convolutional kernels cost ~N^2 x positions^2)."""
-    digits = _digits_split(ctx)
-    keep = ctx.settings.digits_image_subset
-    if keep is None:
-        return digits
-    return Digits(*(a[:keep] for a in digits))
+    """The split of sections 8 and 10: the first ``digits_image_train`` training and
+    ``digits_image_test`` test images of the full split (all-pairs convolutional kernels cost
+    ~ N_train (N_train + N_test) x positions^2; the split is shuffled and stratified)."""
+    if "digits_images" not in ctx.cache:
+        digits = load_digits()  # raises ImportError without scikit-learn
+        digits = type(digits)(*map(np.asarray, digits))
+        train = slice(0, ctx.settings.digits_image_train)
+        test = slice(0, ctx.settings.digits_image_test)
+        ctx.cache["digits_images"] = Digits(
+            x_train=digits.x_train[train], y_train=digits.y_train[train],
+            x_test=digits.x_test[test], y_test=digits.y_test[test],
+            labels_train=digits.labels_train[train], labels_test=digits.labels_test[test])
+    return ctx.cache["digits_images"]
 
 
 def _skipped_digits(title: str, err: Exception) -> _SectionResult:
@@ -930,15 +1005,37 @@ def _digits_accuracy(digits: Digits, scores) -> float:
         digits.labels_test)))
 
 
-def _ntk_regression_accuracy(module, digits: Digits, x_train, x_test) -> float:
+def _ntk_regression_accuracy(ctx: _Context, name: str, module, digits: Digits, x_train,
+                             x_test) -> float:
     """Test accuracy of exact NTK regression (t -> infinity of gradient flow, the digits
-    sections' ridge) with the infinite-width NTK of ``module``, in float64 on the host."""
-    k_tt = np.asarray(kernel_matrix(module, x_train).ntk, np.float64)
-    k_xt = np.asarray(kernel_matrix(module, x_test, x_train).ntk, np.float64)
+    sections' ridge) with the infinite-width NTK of ``module``, in float64 on the host.
+
+    The kernels are computed block by block (:func:`ntkjax.kernel_matrix`) within
+    :data:`_KERNEL_BLOCK_BYTES` per block, with a progress bar per matrix."""
+    shapes = f"{len(x_train)} x {len(x_train)} and {len(x_test)} x {len(x_train)}"
+    ctx.note(f"  exact NTK of {name} ({shapes}):")
+    blocks = functools.partial(kernel_matrix, module, memory_bytes=_KERNEL_BLOCK_BYTES,
+                               show_progress=ctx.show_progress)
+    k_tt = np.asarray(blocks(x_train).ntk, np.float64)
+    k_xt = np.asarray(blocks(x_test, x_train).ntk, np.float64)
     ridge = _DIGITS_DIAG_REG * np.trace(k_tt) / k_tt.shape[0]
     weights = np.linalg.solve(k_tt + ridge * np.eye(k_tt.shape[0]),
                               np.asarray(digits.y_train, np.float64))
     return _digits_accuracy(digits, k_xt @ weights)
+
+
+def _standard_error(accuracy: float, num_test: int) -> float:
+    """Binomial standard error ``sqrt(p (1 - p) / n)`` of a test accuracy on n images (at
+    least that of one image in n, so that a perfect score is not called exact)."""
+    return max(math.sqrt(accuracy * (1.0 - accuracy) / num_test), 1.0 / num_test)
+
+
+def _compare(a: float, b: float, se: float) -> str:
+    """``"higher"``/``"lower"`` when ``a - b`` exceeds two standard errors ``se`` of the
+    difference, else ``"the same within noise"``."""
+    if abs(a - b) <= 2 * se:
+        return "the same within noise"
+    return "higher" if a > b else "lower"
 
 
 def _as_images(x) -> np.ndarray:
@@ -956,6 +1053,15 @@ def _digits_cnns() -> dict[str, CNN]:
     }
 
 
+def _split_text(s: DemoSettings, digits: Digits) -> str:
+    """How many images of the split sections 8 and 10 use."""
+    n_train, n_test = len(digits.x_train), len(digits.x_test)
+    if s.digits_image_train is None and s.digits_image_test is None:
+        return f"the whole split ({n_train} training, {n_test} test images)"
+    return (f"the first {n_train} training and {n_test} test images of the split (`--full`: "
+            "all 1,257 and 540)")
+
+
 def _section_digits_images(ctx: _Context) -> _SectionResult:
     """Digits as 8x8x1 images: NTK regression with two convolutional kernels beside the MLP's."""
     title = "8. Digits as images: convolutional kernels"
@@ -964,30 +1070,46 @@ def _section_digits_images(ctx: _Context) -> _SectionResult:
     except ImportError as err:
         return _skipped_digits(title, err)
     s = ctx.settings
-    accuracies = {f"MLP {(s.digits_width,) * s.digits_depth} (vectors)": _ntk_regression_accuracy(
-        _digits_mlp(s), digits, digits.x_train, digits.x_test)}
-    for name, cnn in _digits_cnns().items():
-        accuracies[name] = _ntk_regression_accuracy(cnn, digits, _as_images(digits.x_train),
-                                                    _as_images(digits.x_test))
+    networks = {
+        "MLP": (f"MLP {(s.digits_width,) * s.digits_depth} (pixels as vectors)",
+                _digits_mlp(s), digits.x_train, digits.x_test),
+        **{short: (name, cnn, _as_images(digits.x_train), _as_images(digits.x_test))
+           for short, (name, cnn) in zip(("CNN-flatten", "CNN-GAP"), _digits_cnns().items(),
+                                         strict=True)},
+    }
+    accuracies = {short: _ntk_regression_accuracy(ctx, short, module, digits, x_train, x_test)
+                  for short, (_, module, x_train, x_test) in networks.items()}
     ctx.cache["digits_exact_accuracy"] = accuracies
+    n_test = len(digits.x_test)
     figure = ctx.figure("s8_digits_cnn_accuracy.png")
-    plotting.plot_accuracies(accuracies, title="digits: infinite-width NTK regression",
-                             path=figure)
+    plotting.plot_accuracies({networks[k][0]: v for k, v in accuracies.items()},
+                             title="digits: infinite-width NTK regression", path=figure)
     mlp, flat, pooled = accuracies.values()
-    numbers = {"num_train": int(digits.x_train.shape[0]), "num_test": int(
-        digits.x_test.shape[0]), "accuracy_mlp_ntk": mlp, "accuracy_cnn_flatten_ntk": flat,
-        "accuracy_cnn_gap_ntk": pooled}
-    table = "\n".join(["| infinite-width NTK of | test accuracy |", "|---|---|"] + [
-        f"| {name} | {100 * acc:.2f} % |" for name, acc in accuracies.items()])
+    se = {k: _standard_error(v, n_test) for k, v in accuracies.items()}
+    se_diff = math.sqrt(se["CNN-GAP"] ** 2 + se["MLP"] ** 2)
+    numbers = {"num_train": len(digits.x_train), "num_test": n_test,
+               "accuracy_mlp_ntk": mlp, "accuracy_cnn_flatten_ntk": flat,
+               "accuracy_cnn_gap_ntk": pooled,
+               "standard_error_points": {k: round(100 * v, 2) for k, v in se.items()},
+               "cnn_gap_minus_mlp_points": round(100 * (pooled - mlp), 2)}
+    table = "\n".join(["| infinite-width NTK of | test accuracy | ± 1 s.e. |",
+                       "|---|---|---|"] + [
+        f"| {networks[k][0]} | {100 * acc:.2f} % | {100 * se[k]:.2f} |"
+        for k, acc in accuracies.items()])
     text = (
-        "The same split and ridge as section 7, with the digits as 8x8x1 images: NTK regression "
-        "(t -> infinity) with the exact infinite-width kernels (`ntkjax.kernel_matrix`, float64 "
-        "solve) of a ReLU CNN of two 3x3 SAME convolutions and a flatten readout (only "
-        "same-position pairs are needed: Novak et al. 2019), and of one 3x3 convolution followed "
-        "by global average pooling (the CNTK-GAP of Arora et al. 2019, all pairs of positions), "
-        "beside the MLP kernel of section 7 on the pixels as vectors.\n\n" + table)
-    summary = ", ".join(f"{k.split(',')[0] if 'MLP' in k else k} {100 * v:.1f} %"
-                        for k, v in accuracies.items())
+        f"The same ridge as section 7 on {_split_text(s, digits)}, with the digits as 8x8x1 "
+        "images: NTK regression (t -> infinity) with the exact infinite-width kernels "
+        "(`ntkjax.kernel_matrix`, float64 solve) of a ReLU CNN of two 3x3 SAME convolutions and "
+        "a flatten readout (only same-position pairs are needed: Novak et al. 2019), and of one "
+        "3x3 convolution followed by global average pooling (the CNTK-GAP of Arora et al. 2019, "
+        "all pairs of positions), beside the MLP kernel of section 7 on the pixels as vectors. "
+        f"With {n_test} test images one image is {100 / n_test:.2f} points and the standard "
+        "error of an accuracy is about "
+        f"{100 * float(np.mean(list(se.values()))):.1f} points: the CNN-GAP kernel is "
+        f"{_compare(pooled, mlp, se_diff)} than the MLP's "
+        f"({100 * (pooled - mlp):+.2f} points, 2 s.e. of the difference = "
+        f"{200 * se_diff:.2f}).\n\n" + table)
+    summary = ", ".join(f"{k} {100 * v:.1f} %" for k, v in accuracies.items())
     return _SectionResult(title, text, numbers, [figure], summary)
 
 
@@ -995,33 +1117,53 @@ def _section_digits_likelihood(ctx: _Context) -> _SectionResult:
     """w_std, b_std and the noise of a depth-3 ReLU NNGP fitted by marginal likelihood."""
     title = "9. Digits: hyperparameters fitted by marginal likelihood"
     s = ctx.settings
+    ctx.note(f"  Adam on the evidence, {s.digits_likelihood_steps} steps in one compiled loop "
+             "(no progress inside it; --full: about 3 CPU-minutes)")
     try:
         fit = digits_marginal_likelihood(
             depth=3, num_steps=s.digits_likelihood_steps,
-            train_subset=s.digits_train_subset, test_subset=s.digits_image_subset)
+            train_subset=s.digits_train_subset, test_subset=s.digits_image_test)
     except ImportError as err:
         return _skipped_digits(title, err)
     before, after = fit["initial"], fit["fitted"]
+    gain = fit["log_marginal_likelihood_fitted"] - fit["log_marginal_likelihood_initial"]
+    acc0, acc1 = fit["test_accuracy_initial"], fit["test_accuracy_fitted"]
+    n_test = fit["num_test"]
+    se = math.sqrt(_standard_error(acc0, n_test) ** 2 + _standard_error(acc1, n_test) ** 2)
+    verdict = _compare(acc1, acc0, se)
     rows = [("w_std", "w_std"), ("b_std", "b_std"), ("noise variance", "noise")]
-    table = "\n".join(["| | before | after |", "|---|---|---|"] + [
-        f"| {label} | {before[key]:.4g} | {after[key]:.4g} |" for label, key in rows] + [
+    table = "\n".join(["| | before | after | change |", "|---|---|---|---|"] + [
+        f"| {label} | {before[key]:.5g} | {after[key]:.5g} | "
+        f"{after[key] / before[key]:.3g} x |" for label, key in rows] + [
         f"| log marginal likelihood | {fit['log_marginal_likelihood_initial']:.1f} | "
-        f"{fit['log_marginal_likelihood_fitted']:.1f} |",
-        f"| test accuracy (GP posterior mean) | {100 * fit['test_accuracy_initial']:.2f} % | "
-        f"{100 * fit['test_accuracy_fitted']:.2f} % |"])
+        f"{fit['log_marginal_likelihood_fitted']:.1f} | {gain:+.1f} |",
+        f"| test accuracy (GP posterior mean) | {100 * acc0:.2f} % | {100 * acc1:.2f} % | "
+        f"{100 * (acc1 - acc0):+.2f} points |"])
+    outcome = (
+        f"The fit raises the log evidence by {gain:.1f} nats, but the test accuracy is "
+        + ("unchanged" if acc0 == acc1 else f"{verdict} ({100 * (acc1 - acc0):+.2f} points)")
+        + f" (2 standard errors of the difference: {200 * se:.2f} points): on these digits a "
+        "higher evidence does not buy a better classifier."
+        if verdict == "the same within noise" else
+        f"The fit raises the log evidence by {gain:.1f} nats and the test accuracy is "
+        f"{verdict} by {100 * abs(acc1 - acc0):.2f} points (more than 2 standard errors, "
+        f"{200 * se:.2f} points).")
     text = (
         "The NNGP of a depth-3 ReLU MLP (NTK parameterization) is the GP prior of each one-hot "
         "output (centred by 0.1). Its `w_std`, `b_std` and the observation noise are fitted by "
         "maximizing the GP evidence of the training targets with Adam on their logarithms "
         f"({fit['num_steps']} steps, gradients through the kernel recursion: "
         "`ntkjax.fit_marginal_likelihood`, float64); test accuracy is the argmax of the GP "
-        f"posterior mean ({fit['num_train']} training, {fit['num_test']} test images; "
-        f"{fit['fit_seconds']:.1f} s).\n\n" + table)
-    summary = (f"accuracy {100 * fit['test_accuracy_initial']:.2f} % -> "
-               f"{100 * fit['test_accuracy_fitted']:.2f} %, log evidence "
-               f"{fit['log_marginal_likelihood_initial']:.0f} -> "
-               f"{fit['log_marginal_likelihood_fitted']:.0f}")
-    return _SectionResult(title, text, fit, [], summary)
+        f"posterior mean ({fit['num_train']} training, {n_test} test images; "
+        f"{fit['fit_seconds']:.1f} s). " + outcome + " This section runs with `--full` (or "
+        "`--sections digits_likelihood`).\n\n" + table)
+    numbers = {**fit, "log_marginal_likelihood_change": gain,
+               "test_accuracy_change_points": round(100 * (acc1 - acc0), 2),
+               "accuracy_change_significant": verdict != "the same within noise"}
+    summary = (f"log evidence {fit['log_marginal_likelihood_initial']:.1f} -> "
+               f"{fit['log_marginal_likelihood_fitted']:.1f} ({gain:+.1f}); accuracy "
+               f"{100 * acc0:.2f} % -> {100 * acc1:.2f} % ({verdict})")
+    return _SectionResult(title, text, numbers, [], summary)
 
 
 def _section_digits_features(ctx: _Context) -> _SectionResult:
@@ -1033,52 +1175,84 @@ def _section_digits_features(ctx: _Context) -> _SectionResult:
         return _skipped_digits(title, err)
     s = ctx.settings
     cnn = _digits_cnns()["CNN, global average pooling"]
-    networks = {"MLP": (_digits_mlp(s), np.asarray(digits.x_train), np.asarray(digits.x_test)),
-                "CNN-GAP": (cnn, _as_images(digits.x_train), _as_images(digits.x_test))}
+    networks = {"MLP": (_digits_mlp(s), np.asarray(digits.x_train), np.asarray(digits.x_test),
+                        s.digits_feature_counts),
+                "CNN-GAP": (cnn, _as_images(digits.x_train), _as_images(digits.x_test),
+                            s.digits_cnn_feature_counts)}
     exact_cached = ctx.cache.get("digits_exact_accuracy", {})
+    n_test, draws = len(digits.x_test), s.digits_feature_keys
     curves, exact = {}, {}
-    for name, (module, x_train, x_test) in networks.items():
-        cached = [v for k, v in exact_cached.items() if k.startswith(
-            "MLP" if name == "MLP" else "CNN, global")]
-        exact[name] = cached[0] if cached else _ntk_regression_accuracy(
-            module, digits, x_train, x_test)
-        per_d = []
-        for count in ctx.progress(s.digits_feature_counts, f"{name} features"):
-            runs = []
-            for draw in range(s.digits_feature_keys):
-                fmap = feature_map(module, key=jax.random.fold_in(ctx.key(f"features-{name}"),
-                                                                   draw), num_features=count)
-                fit = feature_ridge(fmap, x_train, digits.y_train, diag_reg=_DIGITS_DIAG_REG,
-                                    batch_size=256)
-                runs.append(_digits_accuracy(digits, fit.predict(x_test)))
-            per_d.append(runs)
-        curves[name] = per_d
+    for name, (module, x_train, x_test, counts) in networks.items():
+        exact[name] = exact_cached[name] if name in exact_cached else _ntk_regression_accuracy(
+            ctx, name, module, digits, x_train, x_test)
+        fits = [(count, draw) for count in counts for draw in range(draws)]
+        accuracy = {count: [] for count in counts}
+        for count, draw in ctx.progress(
+                fits, f"{name} random features, D = {', '.join(map(str, counts))} x {draws} "
+                      "draws"):
+            fmap = feature_map(module, key=jax.random.fold_in(ctx.key(f"features-{name}"),
+                                                               draw), num_features=count)
+            fit = feature_ridge(fmap, x_train, digits.y_train, diag_reg=_DIGITS_DIAG_REG,
+                                batch_size=256)
+            accuracy[count].append(_digits_accuracy(digits, fit.predict(x_test)))
+        curves[name] = [accuracy[count] for count in counts]
     figure = ctx.figure("s10_digits_features_accuracy.png")
     plotting.plot_accuracy_vs_features(
-        list(s.digits_feature_counts), curves, exact=exact,
-        title="digits: NTK random-feature regression", path=figure)
-    largest = s.digits_feature_counts[-1]
-    numbers: dict[str, Any] = {"feature_counts": list(s.digits_feature_counts),
-                               "draws_per_count": s.digits_feature_keys}
-    for name in networks:
-        numbers[f"accuracy_exact_{name}"] = exact[name]
-        numbers[f"accuracy_features_{name}"] = [float(np.mean(r)) for r in curves[name]]
-        numbers[f"gap_points_at_D{largest}_{name}"] = round(
-            100 * (float(np.mean(curves[name][-1])) - exact[name]), 2)
-    rows = [f"| {name} | " + " | ".join(f"{100 * np.mean(r):.2f} %" for r in curves[name])
-            + f" | {100 * exact[name]:.2f} % |" for name in networks]
-    header = "| NTK of | " + " | ".join(f"D = {d}" for d in s.digits_feature_counts)
-    table = "\n".join([header + " | exact |",
-                       "|---" * (len(s.digits_feature_counts) + 2) + "|", *rows])
+        {name: list(networks[name][3]) for name in networks}, curves, exact=exact,
+        title=f"digits: NTK random-feature regression ({draws} draws per D)", path=figure)
+
+    def stats(runs):  # mean and standard error over the draws, in points
+        runs = 100 * np.asarray(runs, np.float64)
+        return float(runs.mean()), float(runs.std(ddof=1) / math.sqrt(len(runs))) \
+            if len(runs) > 1 else float("nan")
+
+    numbers: dict[str, Any] = {"num_train": len(digits.x_train), "num_test": n_test,
+                               "draws_per_count": draws}
+    findings = []
+    for name, (_, _, _, counts) in networks.items():
+        means, errors = zip(*(stats(r) for r in curves[name]), strict=True)
+        numbers[name] = {
+            "feature_counts": list(counts),
+            "accuracy_exact": exact[name],
+            "accuracy_features_mean": [m / 100 for m in means],
+            "standard_error_over_draws_points": [round(e, 2) for e in errors],
+            f"gap_points_at_D{counts[-1]}": round(means[-1] - 100 * exact[name], 2),
+        }
+        steps = []
+        for k in range(1, len(counts)):
+            change = means[k] - means[k - 1]
+            se = math.hypot(errors[k], errors[k - 1])
+            noisy = not math.isfinite(se) or abs(change) <= 2 * se
+            steps.append(f"D = {counts[k - 1]} -> {counts[k]}: {change:+.2f} points"
+                         + (" (within noise)" if noisy else f" (> 2 s.e. = {2 * se:.2f})"))
+        gap = means[-1] - 100 * exact[name]
+        gap_se = math.hypot(errors[-1], 100 * _standard_error(exact[name], n_test))
+        steps.append(
+            f"at D = {counts[-1]} the features are {abs(gap):.2f} points "
+            f"{'below' if gap < 0 else 'above'} the exact kernel"
+            + (" (within noise)" if abs(gap) <= 2 * gap_se else ""))
+        findings.append(f"{name}: " + "; ".join(steps) + ".")
+    header_counts = sorted({d for _, _, _, counts in networks.values() for d in counts})
+    rows = []
+    for name, (_, _, _, counts) in networks.items():
+        cells = {d: "{:.2f} ± {:.2f} %".format(*stats(r))
+                 for d, r in zip(counts, curves[name], strict=True)}
+        rows.append(f"| {name} | " + " | ".join(cells.get(d, "-") for d in header_counts)
+                    + f" | {100 * exact[name]:.2f} % |")
+    table = "\n".join(["| NTK of | " + " | ".join(f"D = {d}" for d in header_counts)
+                       + " | exact |", "|---" * (len(header_counts) + 2) + "|", *rows])
     text = (
         "Kernel ridge regression on D random features of the NTK (`ntkjax.feature_map`: "
         "arc-cosine features and TensorSRHT sketches, Zandieh et al. 2021; `ntkjax."
         "feature_ridge`, streamed, the same ridge) against exact NTK regression with the same "
-        f"kernel, mean over {s.digits_feature_keys} draw(s) of the features: the MLP of section "
-        "7 and the CNN-GAP of section 8. Time and memory are linear in the number of images."
-        "\n\n" + table)
+        f"kernel (section 8) on {_split_text(s, digits)}: the MLP of section 7 and the CNN-GAP "
+        f"of section 8. Each entry is the mean ± standard error over {draws} independent draws "
+        "of the features; a change is called within noise when it is smaller than two "
+        "standard errors (of the draws; the test set adds "
+        f"{100 * _standard_error(exact['MLP'], n_test):.1f} points of its own to a comparison "
+        "with another test set). " + " ".join(findings) + "\n\n" + table)
     summary = ", ".join(
-        f"{name} D={largest} {100 * np.mean(curves[name][-1]):.1f} % vs exact "
+        f"{name} D={networks[name][3][-1]} {100 * np.mean(curves[name][-1]):.1f} % vs exact "
         f"{100 * exact[name]:.1f} %" for name in networks)
     return _SectionResult(title, text, numbers, [figure], summary,
                           data={"accuracy_per_draw": curves})
@@ -1122,10 +1296,22 @@ def _check_output_folder(out_dir: Path) -> None:
             return
 
 
+def default_sections(quick: bool = False, full: bool = False) -> tuple[str, ...]:
+    """The sections a run without ``--sections`` runs: all of :data:`SECTIONS` with ``full``;
+    all but :data:`NOT_QUICK_SECTIONS` with ``quick``; else all but :data:`FULL_ONLY_SECTIONS`.
+
+    >>> default_sections(quick=True)[-1], len(default_sections()), len(default_sections(full=True))
+    ('digits', 9, 10)
+    """
+    left_out = () if full else (NOT_QUICK_SECTIONS if quick else FULL_ONLY_SECTIONS)
+    return tuple(n for n in SECTIONS if n not in left_out)
+
+
 def run_demo(
     *,
     out_dir: str | Path,
     quick: bool = False,
+    full: bool = False,
     seed: int = 0,
     show_progress: bool = True,
     sections: tuple[str, ...] | None = None,
@@ -1135,28 +1321,37 @@ def run_demo(
 
     Args:
       out_dir: output folder (created if needed).
-      quick: small widths, seeds and step counts (seconds instead of minutes).
+      quick: small widths, seeds, step counts and digit subsets, and by default only the
+        study's sections 1-7 (under a minute instead of minutes).
+      full: the whole digits split in sections 8 and 10, more random-feature counts, and
+        section 9 (the marginal-likelihood fit) among the default sections.
       seed: seed of the PRNG key from which every section derives its own key.
       show_progress: print each section's start and time, and progress bars for long loops.
-      sections: names from :data:`SECTIONS` to run (default: all, in order).
+      sections: names from :data:`SECTIONS` to run, in this order (default:
+        :func:`default_sections`).
       stream: where progress lines go (default ``sys.stderr``).
 
     Returns:
       The report as a dict (the content of ``results.json``).
+
+    Raises:
+      ValueError: for unknown section names, ``quick`` together with ``full``, or an output
+        folder that cannot be written.
     """
-    names = tuple(SECTIONS) if sections is None else tuple(sections)
+    names = default_sections(quick, full) if sections is None else tuple(sections)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}.")
+    settings = demo_settings(quick, full)
     stream = sys.stderr if stream is None else stream
     out_dir = Path(out_dir)
     _check_output_folder(out_dir)
-    settings = demo_settings(quick)
+    mode = "quick" if quick else ("full" if full else "default")
     report = Report(out_dir, title="ntkjax demo: the NTK study, reproduced and corrected",
-                    intro=_INTRO, meta={"quick": quick, "seed": seed,
+                    intro=_INTRO, meta={"mode": mode, "quick": quick, "seed": seed,
                                        "backend": jax.default_backend(),
                                        "jax_version": jax.__version__})
-    ctx = _Context(out_dir, settings, jax.random.PRNGKey(seed), show_progress)
+    ctx = _Context(out_dir, settings, jax.random.PRNGKey(seed), show_progress, stream)
     for index, name in enumerate(names, start=1):
         if show_progress:
             print(f"[{index}/{len(names)}] {name} ...", file=stream, flush=True)
@@ -1174,17 +1369,59 @@ def run_demo(
     return report.as_dict()
 
 
+DESCRIPTION = """\
+Reproduce the NTK study notebook end to end, and correct it where it is wrong: its kernel
+formula is the NNGP, not the NTK (section 1); its empirical NTK uses the standard
+parameterization, which grows with width (section 2); its training runs at width >= 200 diverge
+because the learning rate is above the stability edge 2n/lambda_max (section 5). Sections 7-10
+go beyond the study: digits with MLP and convolutional kernels, a marginal-likelihood fit, and
+random features. Writes PNG figures, report.md and results.json into --out, rewritten after
+every section."""
+
+EPILOG = """\
+sections (in order):
+  analytic           1. analytic NNGP and NTK of a two-layer ReLU network
+  empirical          2. empirical vs analytic NTK against width
+  kernel_regression  3. trained networks vs NTK gradient descent (sin task)
+  drift              4. NTK change during training against width
+  convergence        5. loss bound and the stability edge (the study's divergence)
+  lazy               6. parameter movement; the network vs its linearization
+  digits             7. NTK/NNGP regression, a trained network and an SVM on digits
+  digits_images      8. convolutional NTKs on digits as images (not in --quick)
+  digits_likelihood  9. hyperparameters fitted by marginal likelihood (--full only)
+  digits_features    10. NTK random features against the exact kernel (not in --quick)
+
+cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
+  --quick   about 40-50 CPU-s, 0.8 GB (sections 1-7)
+  default   about 220 CPU-s, 2 GB (sections 1-8 and 10; 8 and 10 on 500 training and
+            400 test images, 4 draws of the random features)
+  --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
+            on the whole digits split, D up to 8192)
+  On an idle machine the wall time is about the CPU time: most of it is compilation,
+  which uses one core.
+
+example:
+  ntkjax demo --out demo_out"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ntkjax demo``."""
-    parser.add_argument("--out", default="ntkjax-demo", type=Path,
-                        help="output folder for figures, report.md and results.json "
-                             "(default: ./ntkjax-demo)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small widths/seeds/steps: about 30 s instead of a few minutes")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    parser.add_argument("--out", default="ntkjax-demo", type=Path, metavar="DIR",
+                        help="output folder for the figures, report.md and results.json")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="sections 1-7 at small widths, seeds and steps: a smoke run")
+    size.add_argument("--full", action="store_true",
+                      help="the heavy studies too: section 9 and the whole digits split in "
+                           "sections 8 and 10 (see the costs below)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the PRNG key every section derives its key from")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
-                        help="run only these sections")
-    parser.add_argument("--no-progress", action="store_true", help="print no progress lines")
+                        metavar="NAME",
+                        help="run only these sections, in this order (names below; default: "
+                             "all but digits_likelihood; --quick: 1-7; --full: all)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="print no progress lines or bars")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -1195,12 +1432,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"ntkjax demo: error: {err}", file=sys.stderr)
         return 2
-    result = run_demo(out_dir=args.out, quick=args.quick, seed=args.seed,
+    result = run_demo(out_dir=args.out, quick=args.quick, full=args.full, seed=args.seed,
                       show_progress=not args.no_progress,
                       sections=None if args.sections is None else tuple(args.sections))
     out = Path(args.out)
     figures = [f for section in result["sections"].values() for f in section["figures"]]
-    print(f"ntkjax demo ({'quick' if args.quick else 'default'}): "
+    print(f"ntkjax demo ({result['meta']['mode']}): "
           f"{time.perf_counter() - start:.0f} s")
     for index, (name, section) in enumerate(result["sections"].items(), start=1):
         print(f"  {index}. {name}: {section['data']['summary']}")

@@ -50,7 +50,9 @@ def to_jsonable(value: Any) -> Any:
 
 
 def format_number(value: Any) -> str:
-    """Numbers with four significant digits, booleans as yes/no, lists comma-separated."""
+    """Numbers with four significant digits, but every digit before the decimal point (and one
+    after) from 1,000 on, so that 12,950.3 and 12,980.1 never round to the same text; booleans as
+    yes/no, lists comma-separated."""
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
     if isinstance(value, int | np.integer):
@@ -59,8 +61,12 @@ def format_number(value: Any) -> str:
         value = float(value)
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        if value != 0 and abs(value) < 1e-3:
             return f"{value:.3e}"
+        if abs(value) >= 1e9:
+            return f"{value:.6e}"
+        if abs(value) >= 1e3:
+            return f"{value:.1f}"
         return f"{value:.4g}"
     if isinstance(value, list | tuple) or (hasattr(value, "shape") and hasattr(value, "dtype")):
         return "[" + ", ".join(format_number(v) for v in np.asarray(value, dtype=object).ravel()) \

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ntkjax.empirical import NTK_METHODS
 from ntkjax.nn.dense import PARAMETERIZATIONS
 from ntkjax.sweep import (
     DATASETS,
@@ -39,7 +40,7 @@ from ntkjax.sweep import (
     write_plots,
 )
 
-__all__ = ["PRESETS", "add_arguments", "run_from_args"]
+__all__ = ["DESCRIPTION", "EPILOG", "PRESETS", "add_arguments", "run_from_args"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The NTK study's section 6 (see the module docstring).
@@ -63,37 +64,93 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 
+DESCRIPTION = """\
+Train networks of several widths and seeds (seeds vmapped in one compiled program per width)
+with the empirical NTK tracked during training; one JSON line per run, appended to --out, so an
+interrupted sweep resumes where it stopped. Options left unset take the value of --preset:
+
+  study      the NTK study's section 6: sin regression, 50 points, one hidden ReLU layer,
+             He init, widths 50/200/1000/5000, 4 seeds, 500 full-batch SGD steps, lr 0.02
+             (the study's 0.01 on mean((f - y)^2)); in the standard parameterization the
+             runs from width ~200 on are above the stability edge and diverge
+  benchmark  the sweep benchmark: 3 hidden ReLU layers, 256 x 16 Gaussian inputs, widths
+             64/256/1024/4096, 8 seeds, 1000 steps, lr 0.5
+
+The summary and figures read the whole sweep, every shard file merged."""
+
+EPILOG = """\
+example:
+  ntkjax sweep --preset study --parameterization standard --plot --out runs/study.jsonl"""
+
+
+# options of SweepConfig fields: flag, type, choices, help (the default is the preset's value)
+_CONFIG_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--depth", int, None, "hidden layers"),
+    ("--activation", str, None, "activation name of ntkjax.models.MLP (e.g. relu, erf, tanh)"),
+    ("--w-std", float, None, "weight standard deviation"),
+    ("--b-std", float, None, "bias standard deviation"),
+    ("--dataset", str, DATASETS, "training task"),
+    ("--num-train", int, None, "training points"),
+    ("--input-dim", int, None, "input dimension (gaussian dataset)"),
+    ("--num-probe", int, None, "probe inputs of the tracked NTK"),
+    ("--optimizer", str, OPTIMIZERS, "optax optimizer"),
+    ("--ntk-method", str, NTK_METHODS, "empirical NTK method of the tracking"),
+)
+
+
+def _preset_help(text: str, field: str | None = None) -> str:
+    """``text`` with the values of both presets as its default."""
+    if field is None:
+        return f"{text} (default: from --preset)"
+    values = []
+    for name, preset in sorted(PRESETS.items()):
+        value = preset[field] if field in preset else getattr(preset["config"], field)
+        if isinstance(value, tuple):
+            value = " ".join(map(str, value))
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        values.append(f"{name}: {value}")
+    return f"{text} (default: {'; '.join(values)})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ntkjax sweep``; unset options take the preset's value."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="study",
-                        help="base set-up (default: study = the notebook's section 6)")
-    parser.add_argument("--widths", type=int, nargs="+", help="hidden widths")
-    parser.add_argument("--seeds", type=int, help="number of seeds (0..k-1), vmapped per width")
+                        help="base set-up that every unset option is taken from (default: "
+                             "study = the notebook's section 6)")
+    parser.add_argument("--widths", type=int, nargs="+", metavar="M",
+                        help=_preset_help("hidden widths", "widths"))
+    parser.add_argument("--seeds", type=int, metavar="K",
+                        help=_preset_help("number of seeds (0..K-1), vmapped per width",
+                                          "seeds"))
     parser.add_argument("--learning-rates", "--lr", type=float, nargs="+", dest="learning_rates",
-                        help="learning rates on ntkjax's 1/(2n) sum (f-y)^2 loss")
-    parser.add_argument("--steps", type=int, dest="num_steps", help="optimizer steps")
-    parser.add_argument("--record-every", type=int, help="steps between kernel records")
-    parser.add_argument("--batch-size", type=int, help="minibatch size (default: full batch)")
-    parser.add_argument("--parameterization", choices=PARAMETERIZATIONS)
-    parser.add_argument("--depth", type=int, help="hidden layers")
-    parser.add_argument("--activation", help="activation name of ntkjax.models.MLP")
-    parser.add_argument("--w-std", type=float)
-    parser.add_argument("--b-std", type=float)
-    parser.add_argument("--dataset", choices=DATASETS)
-    parser.add_argument("--num-train", type=int)
-    parser.add_argument("--input-dim", type=int)
-    parser.add_argument("--num-probe", type=int, help="probe inputs of the tracked NTK")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS)
-    parser.add_argument("--ntk-method", help="empirical NTK method (default auto)")
-    parser.add_argument("--no-kernel", action="store_true", help="do not track the NTK")
-    parser.add_argument("--out", default="runs/sweep.jsonl", help="JSON-lines results file")
+                        metavar="LR",
+                        help=_preset_help("learning rates on ntkjax's 1/(2n) sum (f-y)^2 loss",
+                                          "learning_rates"))
+    parser.add_argument("--steps", type=int, dest="num_steps",
+                        help=_preset_help("optimizer steps", "num_steps"))
+    parser.add_argument("--record-every", type=int, metavar="STEPS",
+                        help=_preset_help("steps between loss/kernel records (made a divisor "
+                                          "of --steps when left unset)", "record_every"))
+    parser.add_argument("--batch-size", type=int,
+                        help="minibatch size (default: the full batch)")
+    parser.add_argument("--parameterization", choices=PARAMETERIZATIONS,
+                        help=_preset_help("ntk (NTK parameterization) or standard",
+                                          "parameterization"))
+    for flag, kind, choices, text in _CONFIG_FLAGS:
+        field = flag[2:].replace("-", "_")
+        parser.add_argument(flag, type=kind, choices=choices, help=_preset_help(text, field))
+    parser.add_argument("--no-kernel", action="store_true",
+                        help="do not track the NTK (loss only)")
+    parser.add_argument("--out", default="runs/sweep.jsonl", metavar="FILE",
+                        help="JSON-lines results file (appended to; a re-run resumes)")
     parser.add_argument("--plot", action="store_true", help="write PNG figures beside --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="draw no progress bar")
     parser.add_argument(
         "--shard", metavar="K/N",
         help="run only shard K (0-based) of N of the (width, lr) groups, into "
-             "<out stem>.shard-K-of-N<suffix>; default under jax.distributed: process index/"
-             "count (e.g. --shard $SLURM_ARRAY_TASK_ID/4)")
+             "<out stem>.shard-K-of-N<suffix>, e.g. --shard $SLURM_ARRAY_TASK_ID/4 (default: "
+             "all groups; under jax.distributed: process index/count)")
 
 
 _CONFIG_OPTIONS = ("num_steps", "record_every", "batch_size", "parameterization", "depth",
