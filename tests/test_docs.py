@@ -104,15 +104,42 @@ def test_link_check_finds_planted_breakage(tmp_path):
     ]
 
 
+WARNING_LINE = re.compile(r"^(?:WARNING|ERROR)\s+-", flags=re.M)
+
+
+def build_warnings(output: str) -> list[str]:
+    """The ``WARNING`` and ``ERROR`` lines of mkdocs' log (its own, mkdocstrings', griffe's,
+    autorefs')."""
+    return [line for line in output.splitlines() if WARNING_LINE.match(line)]
+
+
+def test_warning_count_sees_planted_warnings():
+    log = (
+        "INFO    -  Building documentation to directory: site\n"
+        "WARNING -  mkdocs_autorefs: api/blocking.md: Could not find cross-reference target 'x'\n"
+        "ERROR   -  Error reading page 'a.md'\n"
+        "INFO    -  a line that mentions WARNING - but is not one\n"
+    )
+    assert len(build_warnings(log)) == 2
+    assert build_warnings("INFO    -  Documentation built in 12.0 seconds\n") == []
+
+
 def _build_site(out: Path) -> None:
+    """``mkdocs build --strict``, not ``--quiet`` (which drops the warnings before mkdocs counts
+    them, so a strict build with warnings passed): the log must hold no warning at all."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")
     run = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
     )
-    assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
+    log = run.stdout + run.stderr
+    warnings = build_warnings(log)
+    assert warnings == [] and run.returncode == 0, (
+        f"mkdocs build --strict: {len(warnings)} warning(s), exit code {run.returncode}:\n"
+        + "\n".join(warnings or log.splitlines()[-30:])
+    )
 
 
 def test_site_builds_strictly_links_resolve_and_the_api_is_complete(tmp_path):
