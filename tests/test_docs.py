@@ -16,6 +16,7 @@ import inspect
 import re
 import subprocess
 import sys
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -151,6 +152,79 @@ def test_site_builds_strictly_links_resolve_and_the_api_is_complete(tmp_path):
     _check_every_public_name_has_an_api_entry(site)
     page = (site / "api" / "predict.html").read_text(encoding="utf-8")
     assert 'class="arithmatex"' in page and "\\Theta" in page  # math goes to MathJax
+    _check_the_site_reads_offline(site)
+    _check_api_tables(site)
+    index = (site / "index.html").read_text(encoding="utf-8")
+    import ntkjax
+
+    assert f"ntkjax {ntkjax.__version__}" in index
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert f'href="{project["urls"]["Repository"]}"' in index
+
+
+EXTERNAL_SCRIPT = re.compile(
+    r"<script\b[^>]*\bsrc=[\"']?(?:https?:)?//|<link\b[^>]*\bhref=[\"']?(?:https?:)?//[^>]*"
+    r"\brel=[\"']?stylesheet|<link\b[^>]*\brel=[\"']?stylesheet[^>]*\bhref=[\"']?(?:https?:)?//",
+    flags=re.I,
+)
+
+
+def external_resources(html: str) -> list[str]:
+    """``<script src>`` and stylesheet ``<link href>`` tags of a page that load from another
+    host (a CDN): an offline reader would not get them."""
+    return [m.group(0) for m in EXTERNAL_SCRIPT.finditer(html)]
+
+
+def test_external_resource_check_sees_a_cdn():
+    assert external_resources(
+        '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+    )
+    assert external_resources('<link rel="stylesheet" href="//fonts.example.org/css">')
+    assert external_resources('<script src="javascripts/mathjax/tex-mml-chtml.js"></script>'
+                              '<a href="https://example.org">a link</a>') == []
+
+
+def _check_the_site_reads_offline(site: Path) -> None:
+    """No page loads a script or stylesheet from another host, and MathJax itself (with its
+    fonts) is part of the site (its ``src`` resolving is checked by the link check)."""
+    loaded = {str(page.relative_to(site)): found for page in site.rglob("*.html")
+              if (found := external_resources(page.read_text(encoding="utf-8")))}
+    assert loaded == {}
+    mathjax = site / "javascripts" / "mathjax"
+    assert (mathjax / "tex-mml-chtml.js").is_file()
+    assert list(mathjax.glob("output/chtml/fonts/woff-v2/*.woff"))
+    assert 'src="javascripts/mathjax/tex-mml-chtml.js"' in (site / "index.html").read_text(
+        encoding="utf-8")
+
+
+def _object_html(page: str, path: str) -> str:
+    """The HTML of one documented object: from its anchor to the next object's."""
+    start = page.index(f'id="{path}"')
+    end = page.find('<div class="doc doc-object', start)
+    return page[start:end if end != -1 else len(page)]
+
+
+def _check_api_tables(site: Path) -> None:
+    """Every Returns table of the API reference has one entry (a multi-line description is one
+    entry, not one row per line), and the tables of the blocked kernels list every parameter."""
+    rows = re.compile(r'<tr class="doc-section-item">')
+    returns = re.compile(r'doc-section-title">Returns:</span>.*?</table>', flags=re.S)
+    split = {}
+    for page in (site / "api").glob("*.html"):
+        for table in returns.findall(page.read_text(encoding="utf-8")):
+            if len(rows.findall(table)) != 1:
+                split[page.name] = split.get(page.name, 0) + 1
+    assert split == {}, f"Returns tables with several rows: {split}"
+    kernels = (site / "api" / "kernels.html").read_text(encoding="utf-8")
+    empirical = (site / "api" / "empirical.html").read_text(encoding="utf-8")
+    import ntkjax
+
+    for page, function in ((kernels, ntkjax.kernel_matrix),
+                           (empirical, ntkjax.empirical_ntk_matrix),
+                           (empirical, ntkjax.empirical_ntk_fn)):
+        html = _object_html(page, f"{function.__module__}.{function.__name__}")
+        shown = set(re.findall(r"<td>\s*<code>(\w+)</code>\s*</td>", html))
+        assert set(inspect.signature(function).parameters) <= shown, function.__name__
 
 
 def _check_every_public_name_has_an_api_entry(site: Path) -> None:
