@@ -334,6 +334,7 @@ def test_opt_outs_are_rare():
     assert len(reasons) <= MAX_NOT_RUN, reasons
 
 
+@pytest.mark.slow  # a few seconds per page, about a minute in all
 @pytest.mark.parametrize("page", EXAMPLE_PAGES)
 def test_page_examples_run_as_written(page, tmp_path, monkeypatch):
     """The page's ``python`` blocks run top to bottom in one namespace, each exactly as shown."""
