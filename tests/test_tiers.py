@@ -79,12 +79,13 @@ def fast_tier_gaps() -> list[str]:
     """The modules no fast test file tests: a module is tested by ``tests/test_<name>.py`` and by
     every test file that imports it; it needs one such file with a test that is not slow."""
     files = {p: test_functions(p) for p in sorted(TESTS.glob("test_*.py"))}
-    fast_files = [p for p, tests in files.items() if not all(tests.values())]
+    fast_files = {p: imported_modules(p) for p, tests in files.items()
+                  if not all(tests.values())}
 
     def covered(module: str) -> bool:
         short = module.rsplit(".", 1)[1]
-        return any(p.stem == f"test_{short}" or module in imported_modules(p)
-                   for p in fast_files)
+        return any(p.stem == f"test_{short}" or module in imports
+                   for p, imports in fast_files.items())
 
     gaps = []
     for module in MODULES:
