@@ -16,7 +16,7 @@ result can be far larger than what one compiled call may hold.
   1 and reversing the trailing (output) axes, which swaps (O, O) output blocks.
 * The result lives in host numpy arrays allocated once, so nothing is ever concatenated --
   or, with ``out=``, in a resumable zarr store on disk with one chunk per block
-  (:mod:`ntkjax._store`).
+  (written by the private module ``ntkjax._store``).
 * Devices: the blocks are dealt round-robin over ``devices`` (default ``jax.devices()``: all
   devices of all processes under ``jax.distributed``); each process computes the blocks of its
   local devices, one per device per ``shard_map`` call, without cross-process communication;

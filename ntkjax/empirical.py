@@ -540,7 +540,8 @@ def empirical_ntk_matrix(
     Args:
       apply_fn, ntk_method, outputs: as in :func:`empirical_ntk_fn`.
       params: the model parameters (any pytree / linen variables dict).
-      x1: ``(N1, *features)``; x2: ``(N2, *features)`` or None for x2 = x1.
+      x1: ``(N1, *features)``.
+      x2: ``(N2, *features)`` or None for x2 = x1.
       memory_bytes: budget for one block call; half of the free memory when None.
       block_size: rows per block (overrides ``memory_bytes``).
       devices: devices to spread the blocks over (default: all, of all processes).

@@ -517,6 +517,9 @@ def kernel_matrix(
       x2: inputs ``(N2, *features)``, or None for ``x2 = x1``.
       memory_bytes: budget for one block call; None for half of the free memory.
       block_size: rows per block (overrides ``memory_bytes``).
+      devices: devices to spread the blocks over (default: all, of all processes).
+      out: path of a resumable zarr store (arrays ``nngp`` and ``ntk``) to write to instead
+        of RAM; None keeps the result in host memory.
       show_progress: progress bar on stderr.
 
     >>> import jax.numpy as jnp, ntkjax

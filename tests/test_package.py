@@ -5,14 +5,17 @@ tests."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as flax_nn
 import pytest
 
 import ntkjax
@@ -179,6 +182,64 @@ def test_the_docstring_check_sees_what_is_missing():
     with pytest.raises(AssertionError, match="no >>> example"):
         test_public_docstrings_have_sections_and_an_example("t", "bare", bare)
     assert len(_public_callables()) > 60
+
+
+ENTRY_SECTION = re.compile(r"^(\s*)(?:Args|Arguments|Parameters|Attributes):\s*$")
+ENTRY = re.compile(r"^(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*(?:\([^)]*\))?:(?:\s|$)")
+
+
+def documented_entries(doc: str) -> set[str]:
+    """The names of the entries of a docstring's ``Args:`` / ``Attributes:`` sections, as the
+    API tables show them: one per line at the section's item indentation, ``x1, x2: ...``
+    naming both (continuation lines, indented deeper, name nothing)."""
+    names: set[str] = set()
+    lines = doc.split("\n")
+    for i, line in enumerate(lines):
+        if not ENTRY_SECTION.match(line):
+            continue
+        item_indent = None
+        for item in lines[i + 1:]:
+            indent = len(item) - len(item.lstrip())
+            if not item.strip() or indent <= len(line) - len(line.lstrip()):
+                break
+            item_indent = indent if item_indent is None else item_indent
+            if indent == item_indent and (entry := ENTRY.match(item.strip())):
+                names |= {n.strip().lstrip("*") for n in entry.group(1).split(",")}
+    return names
+
+
+def _undocumented_parameters(obj) -> list[str]:
+    if inspect.isclass(obj) and issubclass(obj, flax_nn.Module):
+        wanted = [f.name for f in dataclasses.fields(obj) if f.init and f.name not in
+                  ("parent", "name")]
+    elif inspect.isfunction(obj):
+        wanted = _parameters(obj)
+    else:
+        return []
+    entries = documented_entries(inspect.getdoc(obj) or "")
+    return [p for p in wanted if p not in entries]
+
+
+@pytest.mark.parametrize("package,name,obj", _public_callables(),
+                         ids=[f"{p}.{n}" for p, n, _ in _public_callables()])
+def test_every_parameter_has_an_entry(package, name, obj):
+    """Every parameter of a public function (every field of a public flax module) has its own
+    ``Args:`` (``Attributes:``) entry, so that it appears in the API reference's tables."""
+    assert _undocumented_parameters(obj) == [], f"{package}.{name}: parameters without an entry"
+
+
+def test_the_parameter_check_sees_what_is_missing():
+    def f(x1, x2, devices=None, *, out=None, **options):
+        """Sums.
+
+        Args:
+          x1, x2: inputs
+            of one shape; devices: not an entry, a continuation line.
+          **options: passed on.
+        """
+
+    assert documented_entries(inspect.getdoc(f) or "") == {"x1", "x2", "options"}
+    assert _undocumented_parameters(f) == ["devices", "out"]
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "ntkjax"))

@@ -176,7 +176,8 @@ class SelfAttention(linen.Module):
         ``q k^T / sqrt(d_k)`` with independent ones (False).
       w_key_std, w_query_std, w_value_std, w_out_std: the projections' weight scales (the
         kernel depends on ``w_query_std w_key_std`` and ``w_out_std w_value_std``).
-      b_std: the output bias scale; use_bias: whether the output has a bias.
+      b_std: the output bias scale.
+      use_bias: whether the output has a bias.
       attention_mechanism: ``"softmax"``, ``"identity"``, ``"abs"`` or ``"relu"``.
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
 
