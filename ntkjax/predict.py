@@ -43,7 +43,7 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.typing import ArrayLike
 
-from ntkjax._checks import check_finite, float_dtype, is_concrete
+from ntkjax._checks import check_finite, check_kernel_psd, float_dtype, is_concrete
 
 __all__ = [
     "Gaussian",
@@ -172,18 +172,13 @@ def _null_tolerance(n: int, eps, largest):
 
 def _eigh_psd(k: jax.Array, diag_reg, name: str) -> _Eigen:
     """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
-    k = 0.5 * (k + k.T)
-    values, vectors = jnp.linalg.eigh(k)
+    k_sym = 0.5 * (k + k.T)
+    values, vectors = jnp.linalg.eigh(k_sym)
     n = k.shape[0]
     eps = jnp.finfo(k.dtype).eps
     scale = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
-    if is_concrete(values):
-        smallest, largest = float(values[0]), float(scale)
-        if smallest < -100.0 * n * float(eps) * largest:
-            raise ValueError(
-                f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.3e} "
-                f"against largest {largest:.3e} (beyond round-off). Pass a kernel matrix."
-            )
+    check_kernel_psd(k, name, values)  # the same checks as ntkjax.gradient_flow's
+    k = k_sym
     values = jnp.maximum(values, 0.0)
     reg = _regularizer(k, diag_reg)
     null = values + reg <= _null_tolerance(n, eps, scale)
