@@ -164,14 +164,16 @@ def _correlation_from_rsqrt(q12: jax.Array, r1: jax.Array, r2: jax.Array) -> jax
     """``q12 r1 r2`` (``r = 1 / sqrt(q)``), scaled before multiplying: ``r1 r2`` itself
     underflows in float32 once both variances pass ~1e19 (at 1e38 it is 1e-38, flushed to 0 on
     CPU and GPU), which made every ReLU kernel entry at |x| ~ 1e19 equal ``q / pi``. With
-    ``r = m p`` (mantissa times a power of two), ``((q12 (m1 m2)) p1) p2``: the products with
+    ``r = m p`` (mantissa times a power of two), ``((q12 p1) p2) (m1 m2)``: the products with
     ``p1`` and ``p2`` are exact and their intermediate is of the order of ``sqrt(q22)``, so the
     result is symmetric in (q11, q22) to the last bit (a kernel of x with itself is exactly
     symmetric) and neither overflows nor underflows for any normal variances."""
     (m1, e1), (m2, e2) = _split_pow2(r1), _split_pow2(r2)
     one = jnp.ones_like(r1)
     p1, p2 = jnp.ldexp(one, e1), jnp.ldexp(one, e2)  # finite: r is at most ~1e22 in float32
-    return _snap(((q12 * (m1 * m2)) * p1) * p2)
+    # the powers of two first: q12 p1 p2 = c / (m1 m2) is O(1), while q12 (m1 m2) would
+    # underflow for variances near the smallest normal number
+    return _snap(((q12 * p1) * p2) * (m1 * m2))
 
 
 def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
@@ -645,22 +647,28 @@ def _polynomial_sigma(coef: tuple[float, ...], c, s1, s2) -> jax.Array:
     """``E[p(u) p(v)] = sum_l H_l(s1) H_l(s2) c^l`` (Mehler's formula: ``E[He_l(z1) He_m(z2)] =
     l! c^l [l = m]`` for standard normals of correlation ``c``).
 
-    Scaled before multiplying: each ``H_l(s)`` is divided by ``t^n`` (``t = max(s, 1)``, ``n``
-    the degree; :func:`_scaled_poly`), the bounded sum is formed, and ``(t1 t2)^n`` is applied
-    last as mantissas and powers of two (:func:`_times_pow2`). So an overflowing kernel is +-inf
-    with the sign of the sum -- not ``inf - inf`` between terms of opposite signs, nor ``inf * 0``
-    at ``c = 0`` (NaN) -- and a kernel that is exactly 0 stays 0."""
-    n = len(coef) - 1
-    total, power = None, None
+    Scaled before multiplying: each ``H_l`` (of degree ``d_l``) is divided by ``t^{d_l}``
+    (``t = max(s, 1)``; :func:`_scaled_poly`), so every term is a bounded number times a power
+    of two ``2^{E_l}``; the terms are summed relative to the largest ``E_l`` among the nonzero
+    ones, which is applied last (:func:`_times_pow2`). So an overflowing kernel is +-inf with
+    the sign of the sum -- not ``inf - inf`` between terms of opposite signs, nor ``inf * 0`` at
+    ``c = 0`` (NaN) -- a kernel that is exactly 0 stays 0, and no term underflows early."""
+    (m1, e1), (m2, e2) = (_split_pow2(jnp.maximum(s, 1)) for s in (s1, s2))
+    # t = (2m) 2^(e-1) with 2m in [1, 2): exactly 1 (no scaling at all) where t = 1
+    mm, ee = (2 * m1) * (2 * m2), e1 + e2 - 2
+    terms, exponents, power = [], [], None
     for ws in _hermite_weights(coef):
-        term = _scaled_poly(ws, s1) * _scaled_poly(ws, s2)
+        nonzero = [i for i, w in enumerate(ws) if w != 0]
+        ws = ws[: nonzero[-1] + 1] if nonzero else (0.0,)
+        degree = len(ws) - 1
         power = jnp.ones_like(c) if power is None else power * c
-        total = term * power if total is None else total + term * power
-    assert total is not None
-    # t = 2m 2^(e-1), 2m in [1, 2): exactly 1 (no scaling, no early underflow) where t = 1
-    m1, e1 = _split_pow2(jnp.maximum(s1, 1))
-    m2, e2 = _split_pow2(jnp.maximum(s2, 1))
-    return _times_pow2(total * ((2 * m1) ** n * (2 * m2) ** n), n * (e1 + e2 - 2))
+        terms.append(_scaled_poly(ws, s1) * _scaled_poly(ws, s2) * power * mm**degree)
+        exponents.append(degree * ee)
+    floor = jnp.iinfo(ee.dtype).min // 4
+    top = functools.reduce(jnp.maximum, [jnp.where(x != 0, e, floor)
+                                         for x, e in zip(terms, exponents, strict=True)])
+    total = sum(_times_pow2(x, e - top) for x, e in zip(terms, exponents, strict=True))
+    return _times_pow2(jnp.asarray(total), top)
 
 
 def _derivative_coefficients(coef: tuple[float, ...]) -> tuple[float, ...]:
