@@ -125,7 +125,7 @@ def test_raw_inputs_are_refused_and_the_docstring_case_is_right_after_a_dense(x6
     it, and the rule (a rescaling) gave [[1, 0.997], ...] for the docstring's x = [[0, 1, 2],
     [3, 4, 5]], whose normalized rows [-1.22, 0, 1.22] are identical (kernel [[1, 1], ...])."""
     x = jnp.arange(6.0).reshape(2, 3)
-    with pytest.raises(ValueError, match="kernel of the inputs themselves.*Put a Dense"):
+    with pytest.raises(ValueError, match=r"kernel of the inputs themselves.*Put a Dense"):
         ntkjax.kernel_fn(nn.LayerNorm())(x)
     # the rule on a Gaussian layer: Dense (no bias) then LayerNorm is the correlation matrix
     # x x^T / (|x_a| |x_b|) (the Dense kernel is w^2 x x^T / d)
