@@ -134,8 +134,10 @@ def _times_pow2(x: jax.Array, exponent: jax.Array) -> jax.Array:
     of the scale-before-multiply pattern."""
     half = exponent // 2
     one = jnp.ones_like(x)
-    out = (x * jnp.ldexp(one, half)) * jnp.ldexp(one, exponent - half)
-    return jnp.where(x == 0, jnp.zeros_like(x), out)
+    a, b = jnp.ldexp(one, half), jnp.ldexp(one, exponent - half)
+    out = (x * a) * b
+    # only where a power overflowed is 0 * inf replaced (elsewhere x = 0 keeps its derivative)
+    return jnp.where((x == 0) & ~(jnp.isfinite(a) & jnp.isfinite(b)), jnp.zeros_like(x), out)
 
 
 def _rsqrt1p(q: jax.Array, k: float) -> jax.Array:
