@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import is_concrete
+from ntkjax._checks import check_kernel_psd
 
 __all__ = ["Eigen", "eigh_psd", "null_tolerance", "regularizer"]
 
@@ -43,18 +43,13 @@ def null_tolerance(n: int, eps, largest):
 
 def eigh_psd(k: jax.Array, diag_reg, name: str) -> Eigen:
     """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
-    k = 0.5 * (k + k.T)
-    values, vectors = jnp.linalg.eigh(k)
+    k_sym = 0.5 * (k + k.T)
+    values, vectors = jnp.linalg.eigh(k_sym)
     n = k.shape[0]
     eps = jnp.finfo(k.dtype).eps
     scale = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
-    if is_concrete(values):
-        smallest, largest = float(values[0]), float(scale)
-        if smallest < -100.0 * n * float(eps) * largest:
-            raise ValueError(
-                f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.3e} "
-                f"against largest {largest:.3e} (beyond round-off). Pass a kernel matrix."
-            )
+    check_kernel_psd(k, name, values)  # the same checks as ntkjax.gradient_flow's
+    k = k_sym
     values = jnp.maximum(values, 0.0)
     reg = regularizer(k, diag_reg)
     null = values + reg <= null_tolerance(n, eps, scale)

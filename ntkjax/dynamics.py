@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import check_finite, float_dtype, is_concrete
+from ntkjax._checks import check_finite, check_kernel_psd, float_dtype, is_concrete
 from ntkjax.predict import Predictions
 
 __all__ = ["ODEState", "SolverStats", "check_sorted_times", "gradient_flow"]
@@ -247,8 +247,13 @@ def gradient_flow(
 
     Raises:
       ValueError: a loss that does not return a scalar, negative or unsorted times, momentum
-        outside [0, 1), a kernel with spatial axes, velocities without momentum, or shapes
-        that disagree.
+        outside [0, 1), a kernel with spatial axes, velocities without momentum, shapes
+        that disagree, or a ``k_train_train`` that is not symmetric and positive
+        semi-definite up to round-off (the same tolerances as
+        :func:`ntkjax.gradient_flow_mse`; a concrete kernel is checked, one O(n^3)
+        eigenvalue computation; it is read as ``(K + K^T) / 2``). A negative
+        eigenvalue would make the flow diverge exponentially, which the adaptive
+        solver follows until it runs out of ``max_steps``.
 
     >>> import jax.numpy as jnp
     >>> from ntkjax.losses import softmax_cross_entropy
@@ -280,6 +285,7 @@ def gradient_flow(
         _check_kernel_matrix(k_train_train, "k_train_train", None, None)
         n = np.shape(k_train_train)[0]
         _check_kernel_matrix(k_train_train, "k_train_train", n, n)
+        check_kernel_psd(k_train_train, "k_train_train")  # as gradient_flow_mse
     y_shape = tuple(np.shape(y_train))
     if len(y_shape) not in (1, 2) or y_shape[0] != n:
         raise ValueError(f"y_train must have shape ({n},) or ({n}, outputs) to match the "
@@ -306,6 +312,8 @@ def gradient_flow(
     dtype = float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0,
                         qx_train_0, qx_test_0)
     k = jnp.asarray(k_train_train, dtype)
+    # read as gradient_flow_mse reads it (equal within round-off, checked)
+    k = 0.5 * (k + (jnp.transpose(k, (1, 0, 3, 2)) if full_kernel else k.T))
     y = jnp.asarray(y_train, dtype)
     f0 = jnp.zeros(y_shape, dtype) if fx_train_0 is None else jnp.asarray(fx_train_0, dtype)
     if f0.shape != y_shape:

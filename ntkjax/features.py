@@ -92,7 +92,7 @@ import numpy as np
 from flax import linen, struct
 
 from ntkjax import nn
-from ntkjax._checks import check_batched, check_choice, float_dtype
+from ntkjax._checks import check_batched, check_choice, check_finite, float_dtype
 from ntkjax._progress import progress
 from ntkjax.kernels import Kernel
 from ntkjax.nn import pooling as _pooling
@@ -1052,6 +1052,17 @@ def _solve_psd(a: np.ndarray, ridge: float, rhs: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(reg, rhs, rcond=None)[0]
 
 
+def _check_feature_kernel(a: np.ndarray, dtype: Any) -> None:
+    """Raises ValueError when the accumulated feature kernel is not finite (finite inputs whose
+    features overflow ``dtype``, or a feature map that returns NaN)."""
+    if not np.all(np.isfinite(a)):
+        raise ValueError(
+            f"the features of x overflowed {np.dtype(dtype).name} (or feature_fn returned NaN): "
+            "their Gram matrix is not finite. Scale x down, or compute in float64 "
+            "(jax.enable_x64)."
+        )
+
+
 def feature_ridge(
     feature_fn: Callable[[jax.Array], Features],
     x: Any,
@@ -1102,12 +1113,14 @@ def feature_ridge(
     ((64, 1), (100, 1))
 
     Raises:
-      ValueError: for mismatched x and y, a bad ``get``, ``diag_reg < 0`` or ``batch_size < 1``.
+      ValueError: for mismatched x and y, NaN or Inf in ``x`` or ``y`` (naming the rows), a
+        bad ``get``, a negative or infinite ``diag_reg``, ``batch_size < 1``, or features that
+        overflow the dtype.
     """
     check_choice(get, GETS, "get")
     _check_batch_size(batch_size)
-    if not diag_reg >= 0:
-        raise ValueError(f"diag_reg must be >= 0, got {diag_reg!r}.")
+    if not (np.isfinite(diag_reg) and diag_reg >= 0):
+        raise ValueError(f"diag_reg must be finite and >= 0, got {diag_reg!r}.")
     check_batched(x, "x")
     n = int(np.shape(x)[0])
     y_shape = tuple(np.shape(y))
@@ -1143,22 +1156,27 @@ def feature_ridge(
     for start in progress(starts, total=len(starts), description="feature ridge",
                           enabled=show_progress):
         xb, count = _padded(x, start, batch_size)
+        check_finite(xb[:count], f"x (rows {start} to {start + count - 1})")
         if dual:
             rows.append(collect(jnp.asarray(xb, dtype), count)[:count])
         else:
             yb = np.asarray(y[start : start + batch_size]).reshape(-1, outputs)
+            check_finite(yb, f"y (rows {start} to {start + count - 1})")
             yb = np.pad(yb, [(0, batch_size - count), (0, 0)])
             gram, proj = step(gram, proj, jnp.asarray(xb, dtype), jnp.asarray(yb, dtype),
                               count)
     if dual:
         targets = np.asarray(y, np.float64).reshape(n, outputs)
+        check_finite(targets, "y")
         phi = jnp.concatenate(rows)
         k = np.asarray(jnp.matmul(phi, phi.T, precision=hi), np.float64)
+        _check_feature_kernel(k, dtype)
         ridge = float(diag_reg) * float(np.trace(k)) / n
         alpha = jnp.asarray(_solve_psd(k, ridge, targets), dtype)
         w = jnp.matmul(phi.T, alpha, precision=hi)
     else:
         a = np.asarray(gram, np.float64)
+        _check_feature_kernel(a, dtype)
         ridge = float(diag_reg) * float(np.trace(a)) / n
         w = jnp.asarray(_solve_psd(a, ridge, np.asarray(proj, np.float64)), dtype)
     if len(y_shape) == 1:

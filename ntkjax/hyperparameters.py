@@ -143,7 +143,8 @@ def fit_marginal_likelihood(
       :class:`MarginalLikelihoodFit`.
 
     Raises:
-      ValueError: non-positive initial values or noise, or a kernel of the wrong shape.
+      ValueError: non-positive or non-finite initial values or noise, initial values that
+        overflow the dtype, or a kernel of the wrong shape.
 
     >>> x = jnp.linspace(-1.0, 1.0, 6)[:, None]
     >>> rbf = lambda h: jnp.exp(-0.5 * (x - x.T) ** 2 / h["scale"] ** 2)
@@ -152,6 +153,11 @@ def fit_marginal_likelihood(
     True
     """
     leaves = jax.tree_util.tree_leaves(init)
+    if leaves and not all(np.all(np.isfinite(np.asarray(v, np.float64))) for v in leaves):
+        raise ValueError(
+            f"init must be a pytree of finite hyperparameters; got {init!r} (an infinite "
+            "initial value makes the kernel and the evidence NaN)."
+        )
     if not leaves or not all(np.all(np.asarray(v) > 0) for v in leaves):
         raise ValueError(f"init must be a pytree of positive hyperparameters; got {init!r}.")
     if not (np.isfinite(noise) and noise > 0):
@@ -159,6 +165,12 @@ def fit_marginal_likelihood(
     if int(num_steps) != num_steps or num_steps < 0:
         raise ValueError(f"num_steps must be a whole number >= 0; got {num_steps!r}.")
     dtype = float_dtype(y_train, *leaves)
+    with np.errstate(over="ignore"):
+        overflows = not all(np.all(np.isfinite(np.asarray(v, dtype))) for v in leaves)
+    if overflows:
+        raise ValueError(
+            f"init holds a value that overflows {np.dtype(dtype).name}; got {init!r}."
+        )
     y = jnp.asarray(y_train, dtype)
     size = y.size
     k0 = jax.eval_shape(

@@ -525,3 +525,205 @@ def test_activation_after_activation_is_refused_and_identity_passes():
     assert nn.identity(h).non_gaussian == "ntkjax.nn.relu"
     assert not nn.identity(k).non_gaussian
     assert not nn.Dense(3).apply({}, h).non_gaussian  # a dense layer makes it Gaussian again
+
+
+# --------------------------------------------------------------------------- numerical range
+#
+# docs/numerical_behaviour.md states, per activation, the range of input variances in which the
+# kernel maps are finite and accurate. These tests sweep that range: a log-spaced ladder of
+# variance scales from the smallest normal number to the largest, one vectorized evaluation per
+# activation and dtype, against (a) closed forms evaluated naively in numpy long double (80-bit,
+# exponent range 1e+-4932: no overflow or underflow anywhere in the float64 range), and (b) for
+# activations without such a naive form, the float64 maps (themselves checked against quadrature
+# above) for the float32 sweep. Inside the range the values are finite and match; where the
+# kernel itself overflows they are +-inf, never NaN.
+
+# (q12, q11, q22) shapes of covariance: positive, negative, zero, near-parallel and parallel
+# correlations, equal and unequal variances
+_RANGE_TRIPLES = np.array([
+    (0.3, 0.5, 1.0), (-0.2, 1.0, 0.7), (0.0, 1.0, 0.5), (0.9, 1.0, 1.0), (1.0, 1.0, 1.0),
+    (-1.0, 1.0, 1.0), (-0.5, 1.0, 0.25),
+])
+
+
+def _range_sweep(dtype):
+    """Triples scaled by powers of ten from 16x the smallest normal number of ``dtype`` to a
+    quarter of its largest (every variance, ``q12`` aside, stays a normal number)."""
+    info = np.finfo(dtype)
+    lo, hi = np.log10(16 * float(info.tiny)), np.log10(float(info.max) / 4)
+    scales = 10.0 ** np.linspace(lo, hi, 40)
+    t = (_RANGE_TRIPLES[None, :, :] * scales[:, None, None]).reshape(-1, 3)
+    return t[:, 0], t[:, 1], t[:, 2]
+
+
+def _ld_relu_like(a, b):
+    def maps(q12, q11, q22):
+        s = np.sqrt(q11 * q22)
+        c = np.clip(q12 / s, -1, 1)
+        t = np.arccos(c)
+        pi = np.arccos(np.longdouble(-1))
+        sin_t = np.sqrt((1 - c) * (1 + c))  # exactly 0 at c = +-1, unlike sin(arccos c)
+        k1, k0 = (sin_t + (pi - t) * c) / (2 * pi), (pi - t) / (2 * pi)
+        return a * b * q12 + (b - a) ** 2 * s * k1, a * b + (b - a) ** 2 * k0
+    return maps
+
+
+def _ld_det(q12, q11, q22):
+    """(1 + 2 q11)(1 + 2 q22) - 4 q12^2, expanded so that parallel inputs (q12^2 = q11 q22,
+    bit for bit) cancel exactly."""
+    return 1 + 2 * (q11 + q22) + 4 * (q11 * q22 - q12**2)
+
+
+def _ld_erf(q12, q11, q22):
+    # arcsin(2 q12 / sqrt(a)) = atan2(2 q12, sqrt(a - 4 q12^2)), a = (1 + 2 q11)(1 + 2 q22):
+    # the arcsin of an argument within 1e-19 (long double rounding) of 1 would lose half the
+    # digits
+    root = np.sqrt(_ld_det(q12, q11, q22))
+    return (2 / np.pi) * np.arctan2(2 * q12, root), (4 / np.pi) / root
+
+
+def _ld_gaussian(q12, q11, q22):  # a = 1, b = -1
+    det = _ld_det(q12, q11, q22)
+    return 1 / np.sqrt(det), 4 * q12 / det**1.5
+
+
+def _ld_monomial3(q12, q11, q22):  # Isserlis: E[u^3 v^3], E[3u^2 3v^2]
+    return 9 * q11 * q22 * q12 + 6 * q12**3, 9 * (q11 * q22 + 2 * q12**2)
+
+
+def _ld_rectified2(q12, q11, q22):  # Cho & Saul: J_2 and J_1
+    s = np.sqrt(q11 * q22)
+    c = np.clip(q12 / s, -1, 1)
+    t = np.arccos(c)
+    pi = np.arccos(np.longdouble(-1))
+    sin_t = np.sqrt((1 - c) * (1 + c))
+    j2 = (1 + 2 * c**2) * (pi - t) + 3 * c * sin_t
+    j1 = sin_t + (pi - t) * c
+    return s**2 * j2 / (2 * pi), 4 * s * j1 / (2 * pi)
+
+
+def _ld_exp(q12, q11, q22):  # a = b = 1
+    sigma = np.exp((q11 + q22) / 2 + q12)
+    return sigma, sigma
+
+
+def _ld_sign(q12, q11, q22):
+    return (2 / np.pi) * np.arcsin(np.clip(q12 / np.sqrt(q11 * q22), -1, 1)), 0 * q12
+
+
+_LONG_DOUBLE_MAPS = {
+    "relu": _ld_relu_like(0.0, 1.0),
+    "leaky_relu": _ld_relu_like(0.01, 1.0),
+    "abs": _ld_relu_like(-1.0, 1.0),
+    "erf": _ld_erf,
+    "gaussian": _ld_gaussian,
+    "monomial3": _ld_monomial3,
+    "rectified_monomial2": _ld_rectified2,
+    "exp": _ld_exp,
+    "sign": _ld_sign,
+}
+_RANGE_ACTIVATIONS = {
+    "relu": nn.relu.kernel_maps,
+    "leaky_relu": nn.leaky_relu.kernel_maps,
+    "abs": nn.abs.kernel_maps,
+    "erf": nn.erf.kernel_maps,
+    "gaussian": nn.gaussian.kernel_maps,
+    "monomial3": functools.partial(nn.monomial.kernel_maps, degree=3),
+    "rectified_monomial2": functools.partial(nn.rectified_monomial.kernel_maps, degree=2),
+    "exp": nn.exp.kernel_maps,
+    "sign": nn.sign.kernel_maps,
+    "gelu": nn.gelu.kernel_maps,
+    "sin": nn.sin.kernel_maps,
+    "cos": nn.cos.kernel_maps,
+    "rbf": nn.rbf.kernel_maps,
+    "gabor": nn.gabor.kernel_maps,
+    "sigmoid_like": nn.sigmoid_like.kernel_maps,
+    "exp_normalized": nn.exp_normalized.kernel_maps,
+    "hermite3": functools.partial(nn.hermite.kernel_maps, degree=3),
+    "polynomial": functools.partial(nn.polynomial.kernel_maps, coef=(1.0, -2.0, 0.5, 0.25)),
+}
+
+
+def _assert_matches_in_range(got, want, dtype, rtol, name):
+    """``got`` (computed in ``dtype``) against ``want`` (higher precision): never NaN; +-inf
+    exactly where ``want`` overflows ``dtype``; elsewhere within ``rtol`` of the larger of
+    ``|want|`` and the entries of its row of the sweep (a kernel entry is judged relative to the
+    kernel's scale), values below the smallest normal number allowed to flush to 0; within
+    ``rtol`` of the largest number either a finite value or +-inf is right."""
+    got = np.asarray(got, np.float64)
+    info = np.finfo(dtype)
+    want = np.asarray(want, np.longdouble)
+    assert not np.any(np.isnan(got)), f"{name}: NaN at {np.flatnonzero(np.isnan(got))[:5]}"
+    top = np.longdouble(info.max)
+    over = np.abs(want) > top * (1 + rtol)
+    np.testing.assert_array_equal(got[over], np.sign(want[over]) * np.inf, err_msg=name)
+    fine = np.abs(want) < top * (1 - rtol)  # at the threshold either is right
+    assert np.all(np.isfinite(got[fine])), f"{name}: inf where the kernel is finite"
+    scale = np.abs(want).reshape(-1, len(_RANGE_TRIPLES))
+    row_scale = np.where(np.isfinite(scale), scale, 0).max(axis=1, keepdims=True)
+    ref = np.broadcast_to(row_scale, scale.shape).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf where both overflow
+        err = np.abs(got.astype(np.longdouble) - want)
+    tol = rtol * ref + 4 * float(info.tiny)
+    bad = fine & (err > tol)
+    assert not np.any(bad), (
+        f"{name}: {int(bad.sum())} entries off, worst {float(np.max(err[bad] / ref[bad])):.2e} "
+        f"at q = {_range_sweep(dtype)[1][bad][:3]}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(_LONG_DOUBLE_MAPS))
+def test_kernel_maps_over_the_whole_range_match_long_double_closed_forms(name, dtype):
+    q12, q11, q22 = _range_sweep(dtype)
+    with jax.enable_x64(dtype == np.float64):
+        got = _RANGE_ACTIVATIONS[name](*(jnp.asarray(a, dtype) for a in (q12, q11, q22)))
+        assert got.sigma.dtype == dtype and got.sigma_dot.dtype == dtype
+    ld = [np.asarray(a, np.longdouble) for a in (q12, q11, q22)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = _LONG_DOUBLE_MAPS[name](*ld)
+    rtol = 5e-6 if dtype == np.float32 else 1e-13  # observed: 6e-7 and 1e-15
+    _assert_matches_in_range(got.sigma, want[0], dtype, rtol, f"{name} sigma")
+    _assert_matches_in_range(got.sigma_dot, want[1], dtype, rtol, f"{name} sigma_dot")
+
+
+@pytest.mark.parametrize("name", sorted(set(_RANGE_ACTIVATIONS) - set(_LONG_DOUBLE_MAPS)))
+def test_float32_kernel_maps_over_the_whole_range_match_float64(name):
+    q12, q11, q22 = _range_sweep(np.float32)
+    got = _RANGE_ACTIVATIONS[name](*(jnp.asarray(a, jnp.float32) for a in (q12, q11, q22)))
+    with jax.enable_x64(True):
+        want = _RANGE_ACTIVATIONS[name](*(jnp.asarray(a, jnp.float64) for a in (q12, q11, q22)))
+        # the float64 maps over the float64 range: never NaN
+        q64 = _range_sweep(np.float64)
+        wide = _RANGE_ACTIVATIONS[name](*(jnp.asarray(a, jnp.float64) for a in q64))
+    assert got.sigma.dtype == jnp.float32
+    for field in ("sigma", "sigma_dot"):
+        ref = np.asarray(getattr(want, field), np.longdouble)
+        _assert_matches_in_range(getattr(got, field), ref, np.float32, 5e-6, f"{name} {field}")
+        assert not np.any(np.isnan(np.asarray(getattr(wide, field)))), f"{name} {field} float64"
+
+
+@pytest.mark.slow  # six kernel compilations (~40 s on a busy 2-core machine)
+def test_networks_at_the_edge_of_float32():
+    """Whole kernels at inputs ~4e18 (ReLU family; NTK ~1e38, still representable) and ~1e18
+    (Gaussian, Gabor; pre-activation variances ~1e36). Outside truths: a bias-free ReLU network
+    is positively homogeneous, K(a x) = a^2 K(x) (NNGP and NTK); the saturating ones against the
+    same network in float64."""
+    x = jax.random.normal(jax.random.key(0), (4, 3), jnp.float32)
+    x = x / jnp.max(jnp.abs(x))  # so that x . x / d at x * 1e19 stays below float32's max
+    for act in ("relu", "abs"):
+        fn = ntkjax.kernel_fn(ntkjax.models.MLP((8, 8, 1), act, w_std=1.0, b_std=None))
+        small, big = fn(x), fn(x * 4e18)  # the NTK, a sum over layers, reaches ~1e38
+        for got, want in ((big.nngp, small.nngp), (big.ntk, small.ntk)):
+            assert np.all(np.isfinite(np.asarray(got))), act
+            np.testing.assert_allclose(np.asarray(got) / 1.6e37, want, rtol=2e-5, atol=1e-6,
+                                       err_msg=act)
+    for act in (nn.gaussian, nn.gabor):
+        model = ntkjax.models.MLP((8, 1), act, w_std=1.0, b_std=0.5)
+        got = ntkjax.kernel_fn(model)(x * 1e18)
+        with jax.enable_x64(True):
+            want = ntkjax.kernel_fn(model)(x.astype(jnp.float64) * 1e18)
+        for g, w in ((got.nngp, want.nngp), (got.ntk, want.ntk)):
+            assert g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g))), act
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6 * float(np.max(np.abs(w))),
+                                       err_msg=act)

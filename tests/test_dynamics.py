@@ -191,6 +191,28 @@ def test_bad_input_raises_value_error():
         gradient_flow(softmax_cross_entropy, k, y[:3], learning_rate=1.0)
 
 
+def test_non_psd_and_asymmetric_kernels_are_refused_like_gradient_flow_mse():
+    """Both dynamics validate k_train_train alike: a non-PSD float32 kernel (which the flow
+    integrated to ~1e99, or ran out of solver steps on) and an asymmetric one are refused,
+    naming the argument; a kernel and its transpose give bit-identical predictions."""
+    k, _ = feature_kernels(jax.random.PRNGKey(15), n=6, m=2, dtype=jnp.float32)
+    y = jnp.ones((6,), jnp.float32) - 2.0 * (jnp.arange(6) % 2)
+    flows = [lambda kk, **kw: gradient_flow(mse_loss, kk, y, learning_rate=1.0, **kw),
+             lambda kk, **kw: ntkjax.gradient_flow_mse(kk, y, learning_rate=1.0, **kw)]
+    indefinite = k - 2.0 * jnp.eye(6, dtype=jnp.float32) * jnp.max(jnp.diag(k))
+    skew = jnp.triu(jnp.ones((6, 6), jnp.float32), 1) * 0.05
+    for flow in flows:
+        with pytest.raises(ValueError, match="k_train_train is not positive semi-definite"):
+            flow(indefinite)
+        with pytest.raises(ValueError, match="k_train_train is not symmetric"):
+            flow(k + skew)
+    # asymmetric within round-off: both read (K + K^T) / 2, so K and K^T give the same outputs
+    wobble = k + jnp.triu(jnp.full((6, 6), 4.0 * np.finfo(np.float32).eps), 1) * jnp.max(k)
+    ts = jnp.array([0.0, 3.0, 30.0])
+    for flow in flows:
+        np.testing.assert_array_equal(flow(wobble)(ts).train, flow(wobble.T)(ts).train)
+
+
 # ----------------------------------------------------------------------------- wide networks
 
 

@@ -370,3 +370,26 @@ def test_digits_ntk_feature_regression_matches_exact_ntk_regression():
 def _kernel_ridge_from_kernels(k_tt, k_xt, y, diag_reg):
     lam = diag_reg * np.trace(k_tt) / k_tt.shape[0]
     return k_xt @ np.linalg.solve(k_tt + lam * np.eye(k_tt.shape[0]), y)
+
+
+@pytest.mark.parametrize("n", [20, 80])  # n <= D (dual solve) and n > D (streamed solve)
+def test_feature_ridge_names_the_argument_holding_nan_or_inf(n):
+    # today these reach SciPy / LAPACK, whose errors name no argument
+    fmap = feature_map(models.MLP((16, 1), "relu"), key=jax.random.key(0), num_features=32)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (n, 3)))
+    y = np.cos(x[:, :1])
+    bad_y = y.copy()
+    bad_y[n - 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^y .*holds 1 non-finite"):
+        feature_ridge(fmap, x, bad_y, batch_size=16)
+    bad_x = x.copy()
+    bad_x[n - 2, 1] = np.inf
+    first = (n - 2) // 16 * 16  # the batch of rows holding the bad value
+    with pytest.raises(ValueError, match=rf"^x \(rows {first} to {n - 1}\) holds 1 non-finite"):
+        feature_ridge(fmap, bad_x, y, batch_size=16)
+    for reg in (np.inf, np.nan):
+        with pytest.raises(ValueError, match="diag_reg must be finite and >= 0"):
+            feature_ridge(fmap, x, y, diag_reg=reg)
+    # finite inputs whose features overflow float32 (their squares reach ~1e60)
+    with pytest.raises(ValueError, match="features of x overflowed float32"):
+        feature_ridge(fmap, (x * 1e30).astype(np.float32), y, batch_size=16)

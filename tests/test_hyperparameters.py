@@ -147,3 +147,14 @@ def test_bad_input():
         fit_marginal_likelihood(lambda h: jnp.ones((2, 2)) * h["a"], jnp.ones(3), {"a": 1.0})
     with pytest.raises(ValueError, match="w_std must be finite and >= 0"):
         ntkjax.kernel_fn(MLP(features=(4, 1), w_std=-1.0))(jnp.ones((2, 3)))
+
+
+def test_non_finite_initial_values_are_refused_naming_init():
+    # an infinite initial value gives an infinite kernel and a NaN evidence: refused up front
+    k = jnp.eye(3)
+    for bad in (np.inf, np.nan):
+        with pytest.raises(ValueError, match="init must be a pytree of finite"):
+            fit_marginal_likelihood(lambda h: k * h["a"], jnp.ones(3), {"a": bad}, num_steps=1)
+    # finite in float64 but infinite once cast to the float32 the fit runs in
+    with pytest.raises(ValueError, match="init holds a value that overflows float32"):
+        fit_marginal_likelihood(lambda h: k * h["a"], jnp.ones(3), {"a": 1e300}, num_steps=1)

@@ -118,3 +118,34 @@ def test_layernorm_residual_empirical_ntk_converges_like_inverse_sqrt_width(x64)
     slope = fit_power_law(widths, errors).slope
     assert -0.7 <= slope <= -0.3, (slope, errors)
     assert errors[-1] < 0.15
+
+
+def test_raw_inputs_are_refused_and_the_docstring_case_is_right_after_a_dense(x64):
+    """LayerNorm subtracts each example's channel mean; the kernel of raw inputs does not hold
+    it, and the rule (a rescaling) gave [[1, 0.997], ...] for the docstring's x = [[0, 1, 2],
+    [3, 4, 5]], whose normalized rows [-1.22, 0, 1.22] are identical (kernel [[1, 1], ...])."""
+    x = jnp.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match=r"kernel of the inputs themselves.*Put a Dense"):
+        ntkjax.kernel_fn(nn.LayerNorm())(x)
+    # the rule on a Gaussian layer: Dense (no bias) then LayerNorm is the correlation matrix
+    # x x^T / (|x_a| |x_b|) (the Dense kernel is w^2 x x^T / d)
+    model = linen.Sequential([nn.Dense(8, w_std=1.3, b_std=None), nn.LayerNorm(epsilon=0.0)])
+    k = ntkjax.kernel_fn(model)(x)
+    norms = np.linalg.norm(np.asarray(x), axis=1)
+    np.testing.assert_allclose(k.nngp, np.asarray(x @ x.T) / np.outer(norms, norms), rtol=1e-12)
+
+
+def test_epsilon_zero_on_an_all_zero_example_gives_zeros_not_nan(x64):
+    x = jnp.array([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [0.3, 0.1, -1.0]])
+    model = linen.Sequential([nn.Dense(8, b_std=None), nn.LayerNorm(epsilon=0.0)])
+    k = ntkjax.kernel_fn(model)(x)
+    for name in ("nngp", "ntk", "var1"):
+        value = np.asarray(getattr(k, name))
+        assert np.all(np.isfinite(value)), name
+    np.testing.assert_array_equal(np.asarray(k.nngp)[0], 0.0)
+    np.testing.assert_array_equal(np.asarray(k.var1)[0], 0.0)
+    np.testing.assert_allclose(np.asarray(k.var1)[1:], 1.0, rtol=1e-12)  # the others: unit
+    # the finite layer maps a constant example to 0 as well (flax's gives NaN at epsilon = 0)
+    out = nn.LayerNorm(epsilon=0.0).apply({}, jnp.array([[2.0, 2.0, 2.0], [1.0, 2.0, 3.0]]))
+    np.testing.assert_array_equal(np.asarray(out)[0], 0.0)
+    np.testing.assert_allclose(np.asarray(out)[1], [-np.sqrt(1.5), 0.0, np.sqrt(1.5)])

@@ -121,16 +121,73 @@ def _row_scales(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q * r, r
 
 
+def _split_pow2(r: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(m, e)`` with ``r = m 2^e`` exactly and ``m`` in [0.5, 1) (``m = 0, e = 0`` at
+    ``r = 0``); ``e`` carries no gradient, ``m`` all of it."""
+    _, exponent = jnp.frexp(jax.lax.stop_gradient(r))
+    return _times_pow2(r, -exponent), exponent
+
+
+def _times_pow2(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x 2^exponent`` for an integer ``exponent`` of either sign, in two exact halves, so it is
+    +-inf only when the product overflows (never ``inf * 0``: ``x = 0`` gives 0) -- the last step
+    of the scale-before-multiply pattern."""
+    half = exponent // 2
+    one = jnp.ones_like(x)
+    a, b = jnp.ldexp(one, half), jnp.ldexp(one, exponent - half)
+    out = (x * a) * b
+    # only where a power overflowed is 0 * inf replaced (elsewhere x = 0 keeps its derivative)
+    return jnp.where((x == 0) & ~(jnp.isfinite(a) & jnp.isfinite(b)), jnp.zeros_like(x), out)
+
+
+def _rsqrt1p(q: jax.Array, k: float) -> jax.Array:
+    """``1 / sqrt(1 + k q)`` (``k >= 0``, ``q >= 0``) without forming ``1 + k q``, which
+    overflows for ``k > 1`` and variances near the dtype's largest number."""
+    big = q > 1
+    qs = jnp.where(big, q, 1)
+    qsmall = jnp.where(big, 0, q)
+    return jnp.where(big, jax.lax.rsqrt(qs) * jax.lax.rsqrt(k + 1 / qs),
+                     jax.lax.rsqrt(1 + k * qsmall))
+
+
+def _rsqrt_det(k: float, c: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
+    """``1 / sqrt(det)``, ``det = (1 + k q11)(1 + k q22) - k^2 q12^2 = L^2 + k^2 q11 q22 (1 - c^2)``
+    with ``L = sqrt(1 + k (q11 + q22))`` (the determinant of the erf, GELU, Gaussian and Gabor
+    integrals), scaled before squaring: ``det = L^2 (1 + r^2 (1 - c^2))``, ``r = k sqrt(q11 q22)
+    / L <= sqrt(k sqrt(q11 q22) / 2)``, and ``L`` by ``hypot`` -- so neither ``det`` (~q^2, which
+    overflows float32 from q ~ 1e19) nor any square of a variance is formed."""
+    s1, s2 = _sqrt0(q11), _sqrt0(q22)
+    big_l = jnp.hypot(1.0, math.sqrt(k) * jnp.hypot(s1, s2))
+    r = k * ((s1 * s2) / big_l)
+    return jax.lax.rsqrt(1 + (r * r) * ((1 - c) * (1 + c))) / big_l
+
+
+def _correlation_from_rsqrt(q12: jax.Array, r1: jax.Array, r2: jax.Array) -> jax.Array:
+    """``q12 r1 r2`` (``r = 1 / sqrt(q)``), scaled before multiplying: ``r1 r2`` itself
+    underflows in float32 once both variances pass ~1e19 (at 1e38 it is 1e-38, flushed to 0 on
+    CPU and GPU), which made every ReLU kernel entry at |x| ~ 1e19 equal ``q / pi``. With
+    ``r = m p`` (mantissa times a power of two), ``((q12 p1) p2) (m1 m2)``: the products with
+    ``p1`` and ``p2`` are exact and their intermediate is of the order of ``sqrt(q22)``, so the
+    result is symmetric in (q11, q22) to the last bit (a kernel of x with itself is exactly
+    symmetric) and neither overflows nor underflows for any normal variances."""
+    (m1, e1), (m2, e2) = _split_pow2(r1), _split_pow2(r2)
+    one = jnp.ones_like(r1)
+    p1, p2 = jnp.ldexp(one, e1), jnp.ldexp(one, e2)  # finite: r is at most ~1e22 in float32
+    # the powers of two first: q12 p1 p2 = c / (m1 m2) is O(1), while q12 (m1 m2) would
+    # underflow for variances near the smallest normal number
+    return _snap(((q12 * p1) * p2) * (m1 * m2))
+
+
 def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
     """``c = q12 / sqrt(q11 q22)``: clipped to [-1, 1], snapped to +-1 within 8 eps, and 0 where
-    a variance is 0."""
+    a variance is 0; computed from scaled quantities, so it is exact to a few ulps for any
+    normal (non-subnormal) variances, up to the dtype's largest number."""
     q12 = jnp.asarray(q12)
     dtype = float_dtype(q12)
     q12 = q12.astype(dtype)
-    # q12 (r1 r2), not (q12 r1) r2: symmetric in (q11, q22) to the last bit, so a kernel of x
-    # with itself is exactly symmetric
-    c = q12 * (_rsqrt0(jnp.asarray(q11, dtype)) * _rsqrt0(jnp.asarray(q22, dtype)))
-    return _snap(c)
+    return _correlation_from_rsqrt(
+        q12, _rsqrt0(jnp.asarray(q11, dtype)), _rsqrt0(jnp.asarray(q22, dtype))
+    )
 
 
 def _snap(c: jax.Array) -> jax.Array:
@@ -187,7 +244,7 @@ def _ab_relu_maps(
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     s1, r1 = _row_scales(q11)
     s2, r2 = _row_scales(q22)
-    c = _snap(q12 * (r1 * r2))
+    c = _correlation_from_rsqrt(q12, r1, r2)
     kappa1, kappa0 = _arccos_kernels(c)
     scale = s1 * s2
     ab, d2 = a * b, (b - a) ** 2
@@ -249,9 +306,11 @@ def _identity_variance(q: jax.Array) -> jax.Array:
 def _erf_like_terms(c, q11, q22, k):
     """Row terms for erf (k = 2) and GELU (k = 1): ``e = 1/(1 + k q)``, ``w = q e`` and
     ``g = 1 - rho^2 = e1 + e2 - e1 e2 + k^2 w1 w2 (1 - c^2)`` with ``rho = k c sqrt(w1 w2)``
-    -- positive and free of cancellation at any scale."""
+    -- positive and free of cancellation at any scale. ``w = (1 - e) / k`` once ``e <= 1/2``,
+    which stays right (``1/k``) where ``1 + k q`` overflows and ``e`` is 0."""
     e1, e2 = 1 / (1 + k * q11), 1 / (1 + k * q22)
-    w1, w2 = q11 * e1, q22 * e2
+    w1 = jnp.where(e1 > 0.5, q11 * e1, (1 - e1) / k)
+    w2 = jnp.where(e2 > 0.5, q22 * e2, (1 - e2) / k)
     uu = _sqrt0(w1) * _sqrt0(w2)
     g = e1 + e2 - e1 * e2 + (k * k) * (w1 * w2) * ((1 - c) * (1 + c))
     return e1, e2, w1, w2, uu, g
@@ -261,13 +320,13 @@ def _erf_unit_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> Activation
     """``phi = erf``: ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))`` and
     ``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997).
 
-    Computed as ``arcsin(rho) = atan2(rho, sqrt(1 - rho^2))`` with ``1 - rho^2`` from row terms.
+    Computed as ``arcsin(rho) = atan2(rho, sqrt(1 - rho^2))`` with ``1 - rho^2`` from row terms,
+    and ``sigma_dot`` by :func:`_rsqrt_det` (finite up to the dtype's largest variance).
     """
     c = correlation(q12, q11, q22)
-    e1, e2, _, _, uu, g = _erf_like_terms(c, q11, q22, 2.0)
-    sg = jnp.sqrt(g)
-    sigma = (2 / _PI) * jnp.arctan2(2 * c * uu, sg)
-    sigma_dot = (4 / _PI) * (_sqrt0(e1) * _sqrt0(e2)) / sg
+    _, _, _, _, uu, g = _erf_like_terms(c, q11, q22, 2.0)
+    sigma = (2 / _PI) * jnp.arctan2(2 * c * uu, jnp.sqrt(g))
+    sigma_dot = (4 / _PI) * _rsqrt_det(2.0, c, q11, q22)
     return ActivationMaps(sigma, sigma_dot)
 
 
@@ -287,9 +346,12 @@ def _erf_maps(
 
 def _erf_variance(q: jax.Array, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> jax.Array:
     """``a^2 (2/pi) arcsin(2 b^2 q / (1 + 2 b^2 q)) + c^2``, with
-    ``arcsin(2q / (1 + 2q)) = atan2(2q, sqrt(1 + 4q))``."""
+    ``arcsin(2q / (1 + 2q)) = atan2(2q, sqrt(1 + 4q)) = atan2(2 sqrt(q) (sqrt(q) / sqrt(1 + 4q)),
+    1)`` (no overflow of ``1 + 4q``)."""
     q = float(b) ** 2 * jnp.asarray(q)
-    return float(a) ** 2 * (2 / _PI) * jnp.arctan2(2 * q, jnp.sqrt(1 + 4 * q)) + float(c) ** 2
+    s = _sqrt0(q)
+    angle = jnp.arctan2(2 * s * (s * _rsqrt1p(q, 4.0)), 1.0)
+    return float(a) ** 2 * (2 / _PI) * angle + float(c) ** 2
 
 
 def _gelu_maps(
@@ -309,22 +371,30 @@ def _gelu_maps(
 
     The code writes both with row terms ``e = 1/(1 + q)``, ``w = q e`` and
     ``g = D / A = e1 + e2 - e1 e2 + w1 w2 (1 - c^2)``, so no product of variances is formed, and
-    ``sigma_dot``'s last two terms as one free of cancellation (see the code).
+    ``sigma_dot``'s last two terms as one free of cancellation (see the code). Where ``g`` is
+    divided by, it is replaced by scaled quantities: with ``re = 1 / sqrt(1 + q)`` (so ``e =
+    re^2``) and ``h = 1 / sqrt(D)`` (:func:`_rsqrt_det`), ``sqrt(g) = re1 re2 / h`` -- ``g`` and
+    ``e`` themselves underflow float32 from variances ~1e38, where ``e / sqrt(g)`` was 0/0.
     """
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
-    e1, e2, w1, w2, uu, g = _erf_like_terms(c, q11, q22, 1.0)
+    _, _, w1, w2, uu, g = _erf_like_terms(c, q11, q22, 1.0)
     sg = jnp.sqrt(g)
     asin = jnp.arctan2(c * uu, sg)
-    ee, ww = e1 * e2, w1 * w2
+    re1, re2 = _rsqrt1p(q11, 1.0), _rsqrt1p(q22, 1.0)
+    h = _rsqrt_det(1.0, c, q11, q22)
+    rr, ww = re1 * re2, w1 * w2
     scale = _sqrt0(q11) * _sqrt0(q22)
     inv_2pi = 1 / (2 * _PI)
-    sigma = scale * (c * (0.25 + asin * inv_2pi) + uu * (g + c * c * ee) * inv_2pi / sg)
+    # (g + c^2 e1 e2) / sqrt(g) = sqrt(g) + c^2 re1 re2 h
+    sigma = scale * (c * (0.25 + asin * inv_2pi) + uu * (sg + c * c * rr * h) * inv_2pi)
     # the last two terms of sigma_dot share c uu / (2 pi sqrt(g)) and, with w = 1 - e, their
     # bracket 1 + 2 e1 e2 - w1 w2 + c^2 e1 e2 w1 w2 / g = e1 + e2 + e1 e2 + c^2 e1 e2 w1 w2 / g
-    # has no cancellation (at large variances and |c| ~ 1 each term alone is huge)
-    sigma_dot = 0.25 + asin * inv_2pi + (c * uu * inv_2pi / sg) * (
-        e1 + e2 + ee + c * c * (ee / g) * ww
+    # has no cancellation (at large variances and |c| ~ 1 each term alone is huge); divided by
+    # sqrt(g) = re1 re2 / h it is h (re1/re2 + re2/re1 + re1 re2) + c^2 w1 w2 h (h/re1) (h/re2)
+    # (h <= re1, re2), every factor bounded
+    sigma_dot = 0.25 + asin * inv_2pi + (c * uu * inv_2pi) * (
+        h * (re1 / re2 + re2 / re1 + rr) + c * c * ww * h * ((h / re1) * (h / re2))
     )
     return ActivationMaps(sigma, sigma_dot)
 
@@ -333,9 +403,11 @@ def _gelu_variance(q: jax.Array, approximate: bool = False) -> jax.Array:
     """``q/4 + q arcsin(q / (1 + q)) / (2 pi) + q^2 / (pi (1 + q) sqrt(1 + 2q))`` (the
     diagonal of the GELU maps)."""
     q = jnp.asarray(q)
-    root = jnp.sqrt(1 + 2 * q)
-    asin = jnp.arctan2(q, root)
-    return q * (0.25 + asin / (2 * _PI) + q / (_PI * (1 + q) * root))
+    s, rr = _sqrt0(q), _rsqrt1p(q, 2.0)  # rr = 1 / sqrt(1 + 2q)
+    asin = jnp.arctan2(s * (s * rr), 1.0)  # atan2(q, sqrt(1 + 2q)) without overflow
+    e = 1 / (1 + q)
+    w = jnp.where(e > 0.5, q * e, 1 - e)  # q / (1 + q)
+    return q * (0.25 + asin / (2 * _PI) + w * rr / _PI)
 
 
 def _exp_terms(c, q11, q22):
@@ -420,7 +492,8 @@ def _rbf_maps(
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
     s1, s2 = _sqrt0(q11), _sqrt0(q22)
-    sigma = jnp.exp(-gamma * ((s1 - s2) ** 2 + 2 * (s1 * s2) * (1 - c)))
+    # (s1 s2) (2 (1 - c)), not (2 s1 s2)(1 - c): 2 s1 s2 overflows at the largest variances
+    sigma = jnp.exp(-gamma * ((s1 - s2) ** 2 + (s1 * s2) * (2 * (1 - c))))
     return ActivationMaps(sigma, (2 * gamma) * sigma)
 
 
@@ -447,10 +520,18 @@ def _exp_maps(
     q12: jax.Array, q11: jax.Array, q22: jax.Array, a: float = 1.0, b: float = 1.0
 ) -> ActivationMaps:
     """``phi(x) = a exp(b x)``: from ``E[exp(b (u + v))] = exp(b^2 (q11 + q22 + 2 q12) / 2)``,
-    ``sigma = a^2 exp(b^2 ((q11 + q22)/2 + q12))`` and ``sigma_dot = b^2 sigma``."""
+    ``sigma = a^2 exp(b^2 ((q11 + q22)/2 + q12))`` and ``sigma_dot = b^2 sigma``. The exponent
+    is ``(s1 - s2)^2 / 2 + s1 s2 (1 + c) >= 0`` (``s = sqrt(q)``): no ``inf - inf`` where
+    ``q11 + q22`` overflows, so an overflowing kernel is +inf, never NaN."""
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
-    b2 = float(b) ** 2
-    sigma = float(a) ** 2 * jnp.exp(b2 * (0.5 * (q11 + q22) + q12))
+    b2, a2 = float(b) ** 2, float(a) ** 2
+    shape = jnp.broadcast_shapes(q12.shape, jnp.shape(q11), jnp.shape(q22))
+    if a2 == 0 or b2 == 0:  # a constant a^2 (or 0), without 0 * inf at huge variances
+        sigma = jnp.full(shape, a2, q12.dtype)
+        return ActivationMaps(sigma, b2 * sigma)
+    c = correlation(q12, q11, q22)
+    s1, s2 = _sqrt0(q11), _sqrt0(q22)
+    sigma = a2 * jnp.exp(b2 * (0.5 * (s1 - s2) ** 2 + (s1 * s2) * (1 + c)))
     return ActivationMaps(sigma, b2 * sigma)
 
 
@@ -474,22 +555,22 @@ def _gaussian_maps(
     ``det = (1 + beta q11)(1 + beta q22) - beta^2 q12^2
     = 1 + beta (q11 + q22) + beta^2 q11 q22 (1 - c^2) >= 1``,
     ``sigma = a^2 / sqrt(det)`` and ``sigma_dot = d sigma / d q12 = 4 a^2 b^2 q12 / det^{3/2}``
-    (Price's theorem)."""
+    (Price's theorem). ``1 / sqrt(det)`` by :func:`_rsqrt_det` (``det`` ~ q^2 overflowed float32
+    from q ~ 1e19) and ``q12 / det^{3/2} = c (sqrt(q11) h) (sqrt(q22) h) h``, ``h = 1 / sqrt(det)``,
+    each factor bounded."""
     _check_gaussian_b(b)
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
-    beta = -2.0 * float(b)
-    s12 = _sqrt0(q11) * _sqrt0(q22)
-    det = 1 + beta * (q11 + q22) + beta**2 * (s12 * s12) * ((1 - c) * (1 + c))
+    h = _rsqrt_det(-2.0 * float(b), c, q11, q22)
     a2 = float(a) ** 2
-    inv = jax.lax.rsqrt(det)
-    return ActivationMaps(a2 * inv, (a2 * 4 * float(b) ** 2) * q12 * inv * inv * inv)
+    cross = c * ((_sqrt0(q11) * h) * (_sqrt0(q22) * h)) * h
+    return ActivationMaps(a2 * h, (a2 * 4 * float(b) ** 2) * cross)
 
 
 def _gaussian_variance(q: jax.Array, a: float = 1.0, b: float = -1.0) -> jax.Array:
     """``a^2 / sqrt(1 - 4 b q)``."""
     _check_gaussian_b(b)
-    return float(a) ** 2 * jax.lax.rsqrt(1 - 4 * float(b) * jnp.asarray(q))
+    return float(a) ** 2 * _rsqrt1p(jnp.asarray(q), -4.0 * float(b))
 
 
 def _exp_normalized_fn(x: jax.Array, gamma: float = 1.0, shift: float = -1.0) -> jax.Array:
@@ -556,16 +637,40 @@ def _poly(ws: tuple[float, ...], s: jax.Array) -> jax.Array:
     return out
 
 
+def _scaled_poly(ws: tuple[float, ...], s: jax.Array) -> jax.Array:
+    """``sum_i ws[i] s^i / max(s, 1)^n`` (``n = len(ws) - 1``): for ``s > 1`` by Horner's rule in
+    ``1/s`` on the reversed coefficients, so it is bounded by ``sum |ws|`` at any ``s``."""
+    big = s > 1
+    inv = 1 / jnp.where(big, s, 1)
+    return jnp.where(big, _poly(ws[::-1], inv), _poly(ws, jnp.where(big, 1, s)))
+
+
 def _polynomial_sigma(coef: tuple[float, ...], c, s1, s2) -> jax.Array:
     """``E[p(u) p(v)] = sum_l H_l(s1) H_l(s2) c^l`` (Mehler's formula: ``E[He_l(z1) He_m(z2)] =
-    l! c^l [l = m]`` for standard normals of correlation ``c``)."""
-    total, power = None, None
+    l! c^l [l = m]`` for standard normals of correlation ``c``).
+
+    Scaled before multiplying: each ``H_l`` (of degree ``d_l``) is divided by ``t^{d_l}``
+    (``t = max(s, 1)``; :func:`_scaled_poly`), so every term is a bounded number times a power
+    of two ``2^{E_l}``; the terms are summed relative to the largest ``E_l`` among the nonzero
+    ones, which is applied last (:func:`_times_pow2`). So an overflowing kernel is +-inf with
+    the sign of the sum -- not ``inf - inf`` between terms of opposite signs, nor ``inf * 0`` at
+    ``c = 0`` (NaN) -- a kernel that is exactly 0 stays 0, and no term underflows early."""
+    (m1, e1), (m2, e2) = (_split_pow2(jnp.maximum(s, 1)) for s in (s1, s2))
+    # t = (2m) 2^(e-1) with 2m in [1, 2): exactly 1 (no scaling at all) where t = 1
+    mm, ee = (2 * m1) * (2 * m2), e1 + e2 - 2
+    terms, exponents, power = [], [], None
     for ws in _hermite_weights(coef):
-        term = _poly(ws, s1) * _poly(ws, s2)
+        nonzero = [i for i, w in enumerate(ws) if w != 0]
+        ws = ws[: nonzero[-1] + 1] if nonzero else (0.0,)
+        degree = len(ws) - 1
         power = jnp.ones_like(c) if power is None else power * c
-        total = term * power if total is None else total + term * power
-    assert total is not None
-    return total
+        terms.append(_scaled_poly(ws, s1) * _scaled_poly(ws, s2) * power * mm**degree)
+        exponents.append(degree * ee)
+    floor = jnp.iinfo(ee.dtype).min // 4
+    top = functools.reduce(jnp.maximum, [jnp.where(x != 0, e, floor)
+                                         for x, e in zip(terms, exponents, strict=True)])
+    total = sum(_times_pow2(x, e - top) for x, e in zip(terms, exponents, strict=True))
+    return _times_pow2(jnp.asarray(total), top)
 
 
 def _derivative_coefficients(coef: tuple[float, ...]) -> tuple[float, ...]:
@@ -696,7 +801,9 @@ def _arccos_polynomials(degree: int) -> tuple[np.ndarray, np.ndarray]:
 def _arccos_j(degree: int, c: jax.Array) -> jax.Array:
     """``J_n(t)`` at ``c = cos t`` (see :func:`_arccos_polynomials`)."""
     p, q = _arccos_polynomials(degree)
-    return _poly(tuple(p), c) * _acos_neg(c) + _poly(tuple(q), c) * _sin_angle(c)
+    # Python floats (weakly typed): numpy float64 scalars would promote float32 to float64
+    p, q = tuple(float(v) for v in p), tuple(float(v) for v in q)
+    return _poly(p, c) * _acos_neg(c) + _poly(q, c) * _sin_angle(c)
 
 
 def _rectified_monomial_fn(x: jax.Array, degree: int = 1) -> jax.Array:
@@ -718,15 +825,20 @@ def _rectified_monomial_maps(
     degree = _check_degree(degree, "rectified_monomial")
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
-    s12 = _sqrt0(q11) * _sqrt0(q22)
+    # s12^n applied last as mantissa^n and a power of two: +inf only where the kernel
+    # overflows, and 0 (not inf * 0) at angle pi, where J_n = 0
+    m12, e12 = _split_pow2(_sqrt0(q11) * _sqrt0(q22))
     inv_2pi = 1 / (2 * _PI)
-    sigma = s12**degree * _arccos_j(degree, c) * inv_2pi
+    sigma = _times_pow2(m12**degree * _arccos_j(degree, c) * inv_2pi, degree * e12)
     if degree == 0:
         # the step at a zero-variance input is 1: E = P(v >= 0) = 1/2, or 1 if both are zero
         half1, half2 = jnp.where(q11 > 0, 0.5, 1.0), jnp.where(q22 > 0, 0.5, 1.0)
         sigma = jnp.where((q11 > 0) & (q22 > 0), sigma, half1 * half2)
         return ActivationMaps(sigma, jnp.zeros_like(sigma))
-    sigma_dot = (degree**2 * inv_2pi) * s12 ** (degree - 1) * _arccos_j(degree - 1, c)
+    sigma_dot = _times_pow2(
+        (degree**2 * inv_2pi) * m12 ** (degree - 1) * _arccos_j(degree - 1, c),
+        (degree - 1) * e12,
+    )
     return ActivationMaps(sigma, sigma_dot)
 
 
@@ -746,6 +858,25 @@ def _gabor_fn(x: jax.Array) -> jax.Array:
     return jnp.exp(-x * x) * jnp.sin(x)
 
 
+@jax.custom_jvp
+def _gabor_gaps(z: jax.Array, a1: jax.Array, a2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(a1 + a2 - 2 z, a1 a2 - z^2)`` for a covariance ``[[a1, z], [z, a2]]``, evaluated as
+    ``((t1 - t2)^2 + 2 t1 t2 (1 - c), (t1 t2)^2 (1 - c)(1 + c))`` (``t = sqrt(a)``, ``c`` the
+    correlation): no cancellation between nearly equal terms (exactly 0 for identical inputs);
+    the derivatives are the polynomials' own, ``(-2, -2 z)`` in ``z`` (a snapped ``c`` has none)."""
+    c = correlation(z, a1, a2)
+    t1, t2 = _sqrt0(a1), _sqrt0(a2)
+    t12 = t1 * t2
+    return (t1 - t2) ** 2 + 2 * t12 * (1 - c), (t12 * t12) * ((1 - c) * (1 + c))
+
+
+@_gabor_gaps.defjvp
+def _gabor_gaps_jvp(primals, tangents):
+    z, a1, a2 = primals
+    dz, da1, da2 = tangents
+    return _gabor_gaps(z, a1, a2), (da1 + da2 - 2 * dz, a2 * da1 + a1 * da2 - 2 * z * dz)
+
+
 def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
     """``E[exp(-u^2 - v^2) sin u sin v]``: writing ``sin u sin v = (cos(u - v) - cos(u + v))/2``
     and using ``E[exp(-x^T x + i t^T x)] = det(I + 2 S)^{-1/2} exp(-t^T S (I + 2 S)^{-1} t / 2)``
@@ -753,11 +884,23 @@ def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
     ``Delta = q11 q22 - q12^2``,
     ``sigma = (exp(-(q11 + q22 + 4 Delta - 2 q12) / (2 D))
     - exp(-(q11 + q22 + 4 Delta + 2 q12) / (2 D))) / (2 sqrt(D))``, evaluated through
-    ``expm1`` (no cancellation at small q12)."""
-    delta = q11 * q22 - q12 * q12
-    d = 1 + 2 * (q11 + q22) + 4 * delta
-    e_plus = jnp.exp(-(q11 + q22 + 4 * delta + 2 * q12) / (2 * d))
-    return e_plus * jnp.expm1(2 * q12 / d) * (0.5 * jax.lax.rsqrt(d))
+    ``expm1`` (no cancellation at small q12).
+
+    Scaled before squaring (``Delta`` ~ q^2 overflowed float32 from q ~ 1e19): with ``M = p^2``,
+    ``p`` the power of two with ``p <= sqrt(max(q11, q22, 1)) < 2p``, everything is written in
+    ``a = q / M``, ``z = q12 / M`` (<= 4 in magnitude) and ``d / M = 1/M + 2 (a1 + a2) + 4 M
+    delta`` (``delta = Delta / M^2``); the exponent as ``-(1 - 1/D)/2 + (q11 + q22 - 2 q12) /
+    (2D)``, whose second term has no cancellation (:func:`_gabor_gaps`)."""
+    t = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(jnp.maximum(q11, q22), 1)))
+    _, exponent = jnp.frexp(t)
+    p = jnp.ldexp(jnp.ones_like(t), exponent - 1)
+    pinv = jnp.ldexp(jnp.ones_like(t), 1 - exponent)
+    a1, a2, z = (q11 * pinv) * pinv, (q22 * pinv) * pinv, (q12 * pinv) * pinv
+    dist, delta = _gabor_gaps(z, a1, a2)
+    dm = pinv * pinv + 2 * (a1 + a2) + 4 * ((p * p) * delta)  # D / M, possibly +inf
+    h = jax.lax.rsqrt(dm) * pinv  # 1 / sqrt(D)
+    e_plus = jnp.exp(-0.5 * (1 - h * h) + dist / (2 * dm))
+    return e_plus * jnp.expm1(2 * z / dm) * (0.5 * h)
 
 
 def _gabor_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
@@ -771,10 +914,12 @@ def _gabor_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMap
 
 
 def _gabor_variance(q: jax.Array) -> jax.Array:
-    """``(1 - exp(-2q / (1 + 4q))) / (2 sqrt(1 + 4q))``."""
+    """``(1 - exp(-2q / (1 + 4q))) / (2 sqrt(1 + 4q))``, with ``r = 1 / sqrt(1 + 4q)`` and
+    ``2q / (1 + 4q) = 2 (sqrt(q) r)^2`` (no overflow of ``1 + 4q``)."""
     q = jnp.asarray(q)
-    d = 1 + 4 * q
-    return -jnp.expm1(-2 * q / d) * (0.5 * jax.lax.rsqrt(d))
+    r = _rsqrt1p(q, 4.0)
+    sr = _sqrt0(q) * r
+    return -jnp.expm1(-2 * (sr * sr)) * (0.5 * r)
 
 
 def _probabilists_hermite(n: int, dtype) -> tuple[jax.Array, jax.Array]:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
+from ntkjax._checks import is_concrete
 from ntkjax._kernel import Kernel
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
@@ -57,9 +58,16 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
     """The :class:`~ntkjax.Kernel` after :class:`LayerNorm` over ``axis`` (module docstring):
     NNGP, NTK and variances divided by ``sqrt((v1 + epsilon)(v2 + epsilon))``.
 
+    An example (or position) of zero variance with ``epsilon = 0`` -- e.g. an all-zero
+    pre-activation, which the finite layer maps to 0 -- gets a zero kernel row, never NaN.
+
     Raises:
       ValueError: when ``axis`` lacks the channel axis or includes the batch axis, or the input
-        kernel is not that of a Gaussian layer (e.g. right after an activation).
+        kernel is not that of a Gaussian layer: right after an activation, or the kernel of the
+        inputs themselves (a concrete kernel with an NTK of exactly zero: no trainable layer
+        before the LayerNorm). Raw inputs have a channel mean that LayerNorm subtracts and the
+        kernel does not hold (``[[1, 0.997], ...]`` would come out where ``[[1, -0.5], ...]``
+        is right); put a Dense (or Conv) layer first. Under ``jit`` that value check is skipped.
     """
     nd = k.spatial_ndim
     axes = _normalized_axes(axis, nd + 2)
@@ -75,6 +83,13 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
             f"channel mean); its input comes from {k.non_gaussian}. Put the LayerNorm right "
             "after a Dense, Conv or SelfAttention layer (or a sum of them)."
         )
+    if is_concrete(k.ntk) and is_concrete(k.nngp) and not jnp.any(k.ntk) and jnp.any(k.nngp):
+        raise ValueError(
+            "LayerNorm's infinite-width rule needs zero-mean Gaussian pre-activations, but its "
+            "input kernel has a zero NTK: it is the kernel of the inputs themselves (no "
+            "trainable layer before it). LayerNorm subtracts each input's channel mean, which "
+            "that kernel does not hold. Put a Dense (or Conv) layer before the LayerNorm."
+        )
     spatial = tuple(a - 1 for a in axes if a != nd + 1)  # 0-based spatial axes averaged
     eps = float(epsilon)
     ones = (1,) * nd
@@ -84,7 +99,10 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
         if spatial:
             d = jnp.mean(d, axis=tuple(1 + a for a in spatial), keepdims=True)
             d = jnp.broadcast_to(d, (d.shape[0], *k.spatial_shape))
-        return jax.lax.rsqrt(d + eps)
+        v = d + eps
+        # a zero-variance example with eps = 0 (all-zero pre-activations): a zero row, not
+        # 0 * inf = NaN
+        return jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
 
     d1, d2 = k.position_variances()
     r1 = scales(d1)
@@ -125,11 +143,14 @@ class LayerNorm(linen.Module):
       axis: the normalized axes (an int or a sequence of ints; never the batch axis 0).
       epsilon: added to the variance.
 
+    With ``epsilon = 0`` an all-zero (constant) example is mapped to 0, and so is its kernel.
+
     >>> import ntkjax
     >>> x = jnp.arange(6.0).reshape(2, 3)
     >>> [round(v, 3) for v in LayerNorm().apply({}, x)[0].tolist()]
     [-1.225, 0.0, 1.225]
-    >>> k = ntkjax.kernel_fn(ntkjax.nn.LayerNorm())(x)  # the input kernel, normalized
+    >>> model = linen.Sequential([ntkjax.nn.Dense(8), LayerNorm()])  # Gaussian inputs first
+    >>> k = ntkjax.kernel_fn(model)(x)  # the Dense layer's kernel, normalized
     >>> [round(v, 4) for v in k.var1.tolist()]
     [1.0, 1.0]
     """
@@ -150,4 +171,6 @@ class LayerNorm(linen.Module):
         mean = jnp.mean(x, axis=axes, keepdims=True)
         centred = x - mean
         var = jnp.mean(centred * centred, axis=axes, keepdims=True)
-        return centred * jax.lax.rsqrt(var + jnp.asarray(self.epsilon, var.dtype))
+        v = var + jnp.asarray(self.epsilon, var.dtype)
+        # a constant example with epsilon = 0: 0 (as its kernel), not 0 * inf = NaN
+        return centred * jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
