@@ -96,8 +96,8 @@ def _cells():
     for net in networks():
         for meaning in MEANINGS:
             marks = []
-            if meaning in SLOW_MEANINGS:
-                marks.append(pytest.mark.slow)
+            if meaning in SLOW_MEANINGS or (meaning == "empirical_ntk" and net.kind != "vector"):
+                marks.append(pytest.mark.slow)  # statistical, or compiles for over ~5 s
             if (net.name, meaning) in XFAIL:
                 marks.append(pytest.mark.xfail(strict=True, reason=XFAIL[net.name, meaning]))
             yield pytest.param(net.name, meaning, marks=marks, id=f"{net.name}-{meaning}")
@@ -208,15 +208,11 @@ def device_kernels(tmp_path_factory) -> dict[str, np.ndarray]:
 
 def check_kernel_matrix_devices(net: Net, device_kernels: dict[str, np.ndarray]) -> None:
     i = next(i for i, n in enumerate(networks()) if n.name == net.name)
-    for tag, same in (("same", True), ("cross", False)):
-        error = device_kernels.get(f"{i}/{tag}/error")
-        if net.train_dropout and same:
-            assert error is not None and "Dropout" in str(error), error
-            continue
-        assert error is None, str(error)
-        nngp, ntk = _blocks(net.name, same)
-        _close(device_kernels[f"{i}/{tag}/nngp"], nngp, f"4 devices {tag} nngp")
-        _close(device_kernels[f"{i}/{tag}/ntk"], ntk, f"4 devices {tag} ntk")
+    error = device_kernels.get(f"{i}/error")
+    assert error is None, str(error)
+    nngp, ntk = _blocks(net.name, same=False)
+    _close(device_kernels[f"{i}/nngp"], nngp, "4 devices nngp")
+    _close(device_kernels[f"{i}/ntk"], ntk, "4 devices ntk")
 
 
 def check_empirical_ntk(net: Net, _) -> None:
@@ -234,46 +230,41 @@ def check_empirical_ntk(net: Net, _) -> None:
                                    err_msg=method)
 
 
-WIDTHS = {"vector": (16, 64, 256), "image": (8, 32, 128), "sequence": (16, 64, 256)}
+WIDTHS = {"vector": (16, 256), "image": (8, 128), "sequence": (16, 256)}
 NETWORK_DRAWS = 8
 
 
 def check_wide_limit(net: Net, _) -> None:
-    """RMS over 8 networks of ||Theta_emp - Theta||_F / ||Theta||_F at three widths (16x
-    apart): fitted slope in [-0.7, -0.3], and the widest error at most half the narrowest."""
+    """RMS over 8 networks of ||Theta_emp - Theta||_F / ||Theta||_F at two widths 16x apart:
+    log-log slope in [-0.7, -0.3] (the error falls about 4x). One compiled empirical NTK per
+    width, called per network (cheaper to compile than a vmapped one)."""
     x1, x2 = inputs(net.kind)
     x = np.concatenate([x1, x2])
     theta = joint_kernel(net.name)[1]
     errors = []
     for width in WIDTHS[net.kind]:
         module = net.make(width)
-        leaves, tree = jax.tree_util.tree_flatten(_variables(module, x[:1], net.train_dropout))
+        shapes = _variables(module, x[:1], net.train_dropout)
         ntk_fn = ntkjax.empirical_ntk_fn(_apply_fn(module, net.train_dropout))
-
-        @jax.jit
-        def squared_errors(keys, ntk_fn=ntk_fn, leaves=leaves, tree=tree):
-            def one(key):
-                draws = jax.random.split(key, len(leaves))
-                params = jax.tree_util.tree_unflatten(
-                    tree, [jax.random.normal(k, s.shape, s.dtype)
-                           for k, s in zip(draws, leaves, strict=True)])
-                return jnp.sum((ntk_fn(params, x) - theta) ** 2) / jnp.sum(theta**2)
-            return jax.vmap(one)(keys)
-
-        sq = squared_errors(jax.random.split(jax.random.PRNGKey(width), NETWORK_DRAWS))
-        errors.append(float(np.sqrt(np.mean(np.asarray(sq)))))
+        rng = np.random.default_rng(width)
+        sq = []
+        for _ in range(NETWORK_DRAWS):
+            params = jax.tree_util.tree_map(
+                lambda s, r=rng: jnp.asarray(r.standard_normal(s.shape), s.dtype), shapes)
+            emp = np.asarray(ntk_fn(params, x))
+            sq.append(np.sum((emp - theta) ** 2) / np.sum(theta**2))
+        errors.append(float(np.sqrt(np.mean(sq))))
     fit = fit_power_law(WIDTHS[net.kind], errors)
     assert -0.7 <= fit.slope <= -0.3, (fit, errors)
-    assert errors[-1] < errors[0] / 2, errors
 
 
-FEATURE_SIZES = (64, 256, 1024)
-FEATURE_KEYS = 3
+FEATURE_SIZES = (64, 1024)
+FEATURE_KEYS = 6
 
 
 def check_feature_map(net: Net, _) -> None:
     """Relative Frobenius errors of the NNGP and NTK feature Gram matrices against
-    ``kernel_fn`` on 5 examples, averaged over 3 keys per D: fitted log-log slope against D in
+    ``kernel_fn`` on 5 examples, averaged over 6 keys per D, at D = 64 and 1024: log-log slope in
     [-0.65, -0.35] (or exact: networks without a random layer)."""
     x1, x2 = inputs(net.kind)
     x = np.concatenate([x1, x2])
@@ -292,7 +283,6 @@ def check_feature_map(net: Net, _) -> None:
             continue
         slope = np.polyfit(np.log(FEATURE_SIZES), np.log(e), 1)[0]
         assert -0.65 <= slope <= -0.35, (what, slope, e)
-        assert e[-1] < e[0] / 2.5, (what, e)
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in MEANINGS}
