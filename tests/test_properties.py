@@ -104,3 +104,125 @@ def test_bad_inputs_raise_value_error(bad, entry):
     }[entry]
     with pytest.raises(ValueError):
         call(x, x_bad)
+
+
+# ------------------------------------------------ sequences and images (issue 22)
+# Attention + LayerNorm + residual networks on sequences, CNNs with pooling (and transposed
+# convolutions, branches) on images: where the transformer kernels with x2 failed unseen.
+
+_XFAIL_X2 = pytest.mark.xfail(strict=True, reason="fixed by protokern; lead removes at merge")
+
+
+def _post_ln(width, heads, mechanism, act):
+    """A post-LN transformer block: LayerNorm(x + attention), LayerNorm(x + MLP)."""
+    from flax import linen
+
+    from ntkjax import nn
+
+    class PostLN(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            x = nn.Dense(width, b_std=0.1)(x)
+            h = nn.SelfAttention(width, width, width, num_heads=heads,
+                                 attention_mechanism=mechanism)(x)
+            x = nn.LayerNorm()(x + h)
+            h = nn.Dense(width)(getattr(nn, act)(nn.Dense(width, w_std=1.4)(x)))
+            return nn.Dense(1)(nn.global_average_pool(nn.LayerNorm()(x + h)))
+
+    return PostLN()
+
+
+sequence_nets = st.one_of(
+    st.builds(
+        lambda depth, heads, act, mech, readout: models.Transformer(
+            8, depth=depth, num_heads=heads, activation=act, attention_mechanism=mech,
+            readout=readout, b_std=0.1),
+        depth=st.integers(1, 2),
+        heads=st.integers(1, 2),
+        act=st.sampled_from(["relu", "erf", "gelu"]),
+        mech=st.sampled_from(["softmax", "identity", "abs", "relu"]),
+        readout=st.sampled_from(["global_average_pool", "flatten"]),
+    ),
+    st.builds(_post_ln, width=st.just(8), heads=st.integers(1, 2),
+              mechanism=st.sampled_from(["softmax", "relu"]),
+              act=st.sampled_from(["relu", "gelu"])),
+)
+image_nets = st.one_of(
+    st.builds(
+        lambda act, pooling, readout, padding, window: models.CNN(
+            (4, 4, 1), kernel_size=2, activation=act, pooling=pooling, readout=readout,
+            padding=padding, pool_window=window, w_std=1.4, b_std=0.1),
+        act=st.sampled_from(["relu", "erf", "gelu"]),
+        pooling=st.sampled_from(["avg", "sum"]),
+        readout=st.sampled_from(["flatten", "global_average_pool", "global_sum_pool"]),
+        padding=st.sampled_from(["SAME", "VALID", "CIRCULAR"]),
+        window=st.integers(1, 2),
+    ),
+    st.builds(lambda: models.Myrtle(5, num_outputs=1)),
+)
+
+
+def _check_psd_symmetric_permutation(model, shape, seed):
+    x = _inputs(seed, (5, *shape), 1.0)
+    perm = np.random.default_rng(seed).permutation(5)
+    with jax.enable_x64(True):
+        fn = ntkjax.kernel_fn(model)
+        k, k_perm = fn(x), fn(x[perm])
+    for name in ("nngp", "ntk"):
+        a = np.asarray(getattr(k, name))
+        assert np.all(np.isfinite(a))
+        np.testing.assert_array_equal(a, a.T)  # exactly symmetric
+        assert np.linalg.eigvalsh(a)[0] >= -1e-10 * np.max(np.abs(a))
+        # permuting the examples permutes the kernel (equivariance)
+        np.testing.assert_allclose(getattr(k_perm, name), a[perm][:, perm], rtol=1e-12,
+                                   atol=1e-12 * np.max(np.abs(a)))
+
+
+def _check_x2_transpose_and_blocks(model, shape, seed):
+    x1, x2 = _inputs(seed, (4, *shape), 1.0), _inputs(seed + 1, (3, *shape), 1.0)
+    with jax.enable_x64(True):
+        fn = ntkjax.kernel_fn(model)
+        k11, k12, k21 = fn(x1), fn(x1, x2), fn(x2, x1)
+        blocked = ntkjax.kernel_matrix(model, x1, block_size=2)
+        blocked12 = ntkjax.kernel_matrix(model, x1, x2, block_size=2)
+    for name in ("nngp", "ntk"):
+        a12 = np.asarray(getattr(k12, name))
+        tol = dict(rtol=1e-12, atol=1e-12 * np.max(np.abs(a12)))
+        np.testing.assert_allclose(getattr(k21, name), a12.T, **tol)  # x1 <-> x2: transpose
+        np.testing.assert_allclose(getattr(blocked12, name), a12, **tol)  # blocked = whole
+        np.testing.assert_allclose(getattr(blocked, name), getattr(k11, name), rtol=1e-12,
+                                   atol=1e-12 * np.max(np.abs(getattr(k11, name))))
+
+
+SMALL = settings(SETTINGS, max_examples=3)
+
+
+@pytest.mark.xfail(strict=True, reason="kernel_fn(x) of the post-LN block is 1 ulp from symmetric "
+                   "(issue 22, 'Also': symmetrize); lead removes at merge")
+@pytest.mark.slow
+@SMALL
+@given(model=sequence_nets, seed=st.integers(0, 2**16))
+def test_sequence_kernels_symmetric_psd_and_permutation_equivariant(model, seed):
+    _check_psd_symmetric_permutation(model, (3, 2), seed)
+
+
+@_XFAIL_X2
+@pytest.mark.slow
+@SMALL
+@given(model=sequence_nets, seed=st.integers(0, 2**16))
+def test_sequence_kernels_x2_is_the_transpose_and_blocked_equals_whole(model, seed):
+    _check_x2_transpose_and_blocks(model, (3, 2), seed)
+
+
+@pytest.mark.slow
+@SMALL
+@given(model=image_nets, seed=st.integers(0, 2**16))
+def test_image_kernels_symmetric_psd_and_permutation_equivariant(model, seed):
+    _check_psd_symmetric_permutation(model, (4, 4, 2), seed)
+
+
+@pytest.mark.slow
+@SMALL
+@given(model=image_nets, seed=st.integers(0, 2**16))
+def test_image_kernels_x2_is_the_transpose_and_blocked_equals_whole(model, seed):
+    _check_x2_transpose_and_blocks(model, (4, 4, 2), seed)
