@@ -25,6 +25,7 @@ One module per kind of layer, each holding the layers and their infinite-width r
   :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature).
 """
 
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declare
 from ntkjax.nn.activations import (
     Activation,
     ab_relu,
@@ -64,13 +65,17 @@ __all__ = [
     "ConvTranspose",
     "Dense",
     "Dropout",
+    "FeatureStandIn",
     "LayerNorm",
     "SelfAttention",
+    "UnsupportedMeaning",
     "ab_relu",
     "abs",
     "avg_pool",
     "concatenate",
     "cos",
+    "declaration_of",
+    "declare",
     "elementwise",
     "erf",
     "exp",
