@@ -39,10 +39,14 @@ __all__ = [
     "jax_equivalents",
     "meaning_rows",
     "meaning_table",
+    "register",
 ]
 
 #: The meanings a declaration states (besides the finite network, which every layer has).
 MEANINGS: tuple[str, ...] = ("kernel", "features", "structured")
+
+_RULES = {"finite": "finite network", "kernel": "infinite-width kernel rule",
+          "features": "random-feature rule", "structured": "structured-NTK form"}
 
 
 class UnsupportedMeaning(ValueError):
@@ -60,13 +64,14 @@ class UnsupportedMeaning(ValueError):
     >>> isinstance(err, ValueError), err.meaning
     (True, 'features')
     >>> print(err)
-    ntkjax.nn.SelfAttention has no rule for the meaning 'features'; use kernel_fn.
+    ntkjax.nn.SelfAttention has no random-feature rule (meaning 'features'); use kernel_fn.
     """
 
     def __init__(self, layer: str, meaning: str = "", instead: str = "") -> None:
         self.layer, self.meaning, self.instead = layer, meaning, instead
         if meaning:
-            message = f"{layer} has no rule for the meaning {meaning!r}"
+            rule = _RULES.get(meaning, "rule")
+            message = f"{layer} has no {rule} (meaning {meaning!r})"
             message += f"; {instead}" if instead else "."
         else:  # a ready message (e.g. when unpickled)
             message = layer
@@ -189,9 +194,9 @@ class Declaration:
           An :class:`UnsupportedMeaning`.
 
         >>> decl = Declaration(layer=len, name="demo.len", kernel=None, features=None,
-        ...                    instead={"kernel": "wrap it in ntkjax.nn.elementwise."})
+        ...                    instead={"kernel": "use abs."})
         >>> print(decl.unsupported("kernel"))
-        demo.len has no rule for the meaning 'kernel'; wrap it in ntkjax.nn.elementwise.
+        demo.len has no infinite-width kernel rule (meaning 'kernel'); use abs.
         """
         instead = self.instead.get(meaning, "")
         if not instead and meaning == "features":
@@ -216,10 +221,11 @@ class Declaration:
           The stand-in after the layer.
 
         >>> decl = Declaration(layer=len, name="demo.len", kernel=len, features=None)
-        >>> decl.on_features(FeatureStandIn(), len)
-        Traceback (most recent call last):
-          ...
-        ntkjax._meanings.UnsupportedMeaning: demo.len has no rule for the meaning 'features'; ...
+        >>> try:
+        ...     decl.on_features(FeatureStandIn(), len)
+        ... except UnsupportedMeaning as err:
+        ...     print(err.layer, err.meaning)
+        demo.len features
         """
         if self.features is None:
             raise self.unsupported("features")
@@ -257,11 +263,26 @@ def declare(layer: Any, *, name: str | None = None, **meanings: Any) -> Declarat
     name = name or f"ntkjax.nn.{layer.__name__}"
     meanings.setdefault("kernel", None)
     meanings.setdefault("features", None)
-    decl = Declaration(layer=layer, name=name, **meanings)
-    old = _REGISTRY.get(name)
-    if old is not None and old.layer is not layer:
-        raise ValueError(f"a different layer is already declared as {name!r}.")
-    _REGISTRY[name] = decl
+    return register(Declaration(layer=layer, name=name, **meanings))
+
+
+def register(decl: Declaration) -> Declaration:
+    """Registers a ready :class:`Declaration` (e.g. an activation's ``meanings``).
+
+    Args:
+      decl: the declaration.
+
+    Returns:
+      ``decl``.
+
+    >>> decl = Declaration(layer=abs, name="demo.abs", kernel=None, features=None)
+    >>> register(decl) is declaration_of(abs)
+    True
+    """
+    old = _REGISTRY.get(decl.name)
+    if old is not None and old.layer is not decl.layer:
+        raise ValueError(f"a different layer is already declared as {decl.name!r}.")
+    _REGISTRY[decl.name] = decl
     return decl
 
 
@@ -372,8 +393,9 @@ def meaning_rows(names: Sequence[str] | None = None) -> list[tuple[str, ...]]:
 
 
 def meaning_table() -> str:
-    """The layer x meaning table of every declaration, as markdown (the table in
-    ``docs/development.md``, checked against this by the tests).
+    """The layer x meaning table of the package's declared layers (ntkjax's and the flax layers
+    it knows), as markdown: the table in ``docs/development.md``, checked against this by the
+    tests.
 
     Returns:
       A markdown table.
@@ -384,6 +406,7 @@ def meaning_table() -> str:
     """
     lines = ["| layer | finite | kernel | features | structured NTK | static facts |",
              "|---|---|---|---|---|---|"]
+    names = [d.name for d in declarations() if d.name.startswith(("ntkjax.", "flax."))]
     lines += ["| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(row)) + " |"
-              for row in meaning_rows()]
+              for row in meaning_rows(names)]
     return "\n".join(lines)
