@@ -334,12 +334,12 @@ class _Joined(linen.Module):
                                      axis=1)
             return nn.Dense(1, w_std=1.2)(nn.flatten(spatial))
         a = act(nn.Dense(5, w_std=1.4, b_std=0.1)(x))
+        if self.kind == "user":
+            return nn.Dense(1, w_std=1.2)(_twice(nn.Dense(4)(a) + nn.Dense(4)(x)))
         b = (act if self.kind == "linear" else nn.erf)(nn.Dense(5, w_std=1.1, b_std=0.2)(x))
         a, b = nn.Dense(4)(a), nn.Dense(6 if self.kind != "multiply" else 4, w_std=1.3)(b)
         if self.kind == "multiply":
             h = nn.multiply(a, b)
-        elif self.kind == "user":
-            h = _twice(nn.Dense(4)(a + nn.Dense(4)(b)))
         else:
             h = nn.concatenate([a, b])
         return nn.Dense(1, w_std=1.2, b_std=0.1)(h)
