@@ -54,6 +54,7 @@ import numpy as np
 from flax import linen, struct
 
 from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
+from ntkjax._meanings import jax_equivalents
 from ntkjax._store import describe_object
 from ntkjax.blocking import _pad_rows, evaluate_in_blocks
 
@@ -471,22 +472,9 @@ class ForeignFunctionError(ValueError):
     applied to a :class:`Kernel`."""
 
 
-# ntkjax equivalents of JAX functions, by the name of the JAX function that met the Kernel.
-_EQUIVALENTS = {
-    "relu": "ntkjax.nn.relu",
-    "gelu": "ntkjax.nn.gelu (approximate=True matches jax.nn.gelu's default tanh form)",
-    "erf": "ntkjax.nn.erf",
-    "sin": "ntkjax.nn.sin",
-    "cos": "ntkjax.nn.cos",
-    "exp": "ntkjax.nn.exp",
-    "abs": "ntkjax.nn.abs",
-    "absolute": "ntkjax.nn.abs",
-    "sign": "ntkjax.nn.sign",
-    "leaky_relu": "ntkjax.nn.leaky_relu",
-    "maximum": "ntkjax.nn.relu (if this is max(x, 0))",
-    "sigmoid": "ntkjax.nn.sigmoid_like (0.5 erf(x / 2.402) + 0.5, a closed-form stand-in for "
-    "the logistic sigmoid)",
-}
+# ntkjax equivalents of JAX functions, by the name of the JAX function that met the Kernel:
+# derived from the layers' declarations (each activation names the JAX functions it replaces).
+_EQUIVALENTS = jax_equivalents()
 _API_DIRS = {
     "/jax/_src/nn/": "jax.nn.",
     "/jax/_src/numpy/": "jnp.",

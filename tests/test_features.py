@@ -282,7 +282,7 @@ class _Uses(linen.Module):
 
 @pytest.mark.parametrize("kind, match", [
     ("flax", r"flax.linen.linear.Dense .* has no random-feature rule \(meaning 'features'\); "
-             r"use the ntkjax.nn layers"),
+             r"use ntkjax.nn.Dense instead"),
     ("raw", r"jnp\.tanh \(applied after ntkjax.nn.Dense\) has no random-feature rule"),
     ("rule-free", r"tests.rule_free_pool has no random-feature rule \(meaning 'features'\)"),
 ])

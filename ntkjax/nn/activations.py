@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax._checks import float_dtype
-from ntkjax._meanings import Declaration, FeatureStandIn, register
+from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 from ntkjax.kernels import Kernel
 
 __all__ = [
@@ -494,10 +494,10 @@ def _gaussian_variance(q: jax.Array, a: float = 1.0, b: float = -1.0) -> jax.Arr
 
 
 def _exp_normalized_fn(x: jax.Array, gamma: float = 1.0, shift: float = -1.0) -> jax.Array:
-    raise ValueError(
-        "exp_normalized has no finite-width function (as in neural-tangents): it is defined "
-        "only on kernels, as the normalized Gaussian kernel of Shankar et al. 2020."
-    )
+    raise UnsupportedMeaning(
+        "ntkjax.nn.exp_normalized", "finite",
+        "it has no finite-width function (as in neural-tangents): it is defined only on "
+        "kernels, as the normalized Gaussian kernel of Shankar et al. 2020.")
 
 
 def _exp_normalized_maps(
