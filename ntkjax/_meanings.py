@@ -25,7 +25,7 @@ This module imports nothing of ntkjax: it is the lowest floor of the package.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -242,6 +242,7 @@ class Declaration:
 
 
 _REGISTRY: dict[str, Declaration] = {}
+_EQUIVALENTS: dict[str, str] = {}  # read off each declaration's ``replaces`` on registration
 
 
 def declare(layer: Any, *, name: str | None = None, **meanings: Any) -> Declaration:
@@ -283,6 +284,8 @@ def register(decl: Declaration) -> Declaration:
     if old is not None and old.layer is not decl.layer:
         raise ValueError(f"a different layer is already declared as {decl.name!r}.")
     _REGISTRY[decl.name] = decl
+    for api, note in decl.replaces.items():
+        _EQUIVALENTS[api] = decl.name + (f" {note}" if note else "")
     return decl
 
 
@@ -326,38 +329,19 @@ def declaration_of(layer: Any) -> Declaration | None:
     return None
 
 
-class _Equivalents(Mapping[str, str]):
-    """``{jax function name: its ntkjax replacement}``, read off the declarations on use."""
-
-    def _table(self) -> dict[str, str]:
-        table = {}
-        for decl in declarations():
-            for api, note in decl.replaces.items():
-                table[api] = decl.name + (f" {note}" if note else "")
-        return table
-
-    def __getitem__(self, key: str) -> str:
-        return self._table()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
-def jax_equivalents() -> Mapping[str, str]:
+def jax_equivalents() -> dict[str, str]:
     """The ntkjax layer to use instead of each JAX function a declaration replaces (read by
     :class:`ntkjax.kernels.ForeignFunctionError`'s message), derived from the declarations.
 
     Returns:
-      A live mapping ``{jax function name: "ntkjax.nn.<layer> (note)"}``.
+      The live table ``{jax function name: "ntkjax.nn.<layer> (note)"}``, filled as layers
+      are declared.
 
     >>> import ntkjax
     >>> jax_equivalents()["relu"]
     'ntkjax.nn.relu'
     """
-    return _Equivalents()
+    return _EQUIVALENTS
 
 
 def _cell(decl: Declaration, meaning: str) -> str:
