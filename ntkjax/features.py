@@ -7,20 +7,21 @@ into a jitted map ``x -> Features(nngp=phi(x), ntk=psi(x))`` of D features each,
 O(D^2 + batch D) memory, streaming over the data.
 
 How the module is walked. As :func:`ntkjax.kernel_fn` applies the module to a
-:class:`~ntkjax.Kernel` instead of an array, :func:`feature_map` applies it to a stand-in: a
-Kernel holding each input's exact kernel with itself (its variances, O(N) entries, O(N P^2) for
-images of P positions) and, beside it, the features. Every layer first computes its exact rule
-on the Kernel part -- the layer's own code, so the variances are exact -- then its feature rule
-(one per layer, in :data:`FEATURE_RULES` below). ntkjax.nn layers dispatch only on
-``isinstance(x, Kernel)``; the walk reaches the rules through flax's ``intercept_methods`` for
-modules, and for the function layers (activations and readouts) through dispatchers installed at
-their kernel entry points for the duration of the walk (other threads, and any Kernel that is not
-the stand-in, pass through unchanged). A layer without a feature rule raises a ValueError naming
-it.
+:class:`~ntkjax.Kernel` instead of an array, :func:`feature_map` applies it to a stand-in of its
+own type (a :class:`ntkjax.nn.FeatureStandIn`, not a Kernel): each input's exact kernel with
+itself (its variances, O(N) entries, O(N P^2) for images of P positions) and, beside it, the
+features. Every layer dispatches on its input's type; on the stand-in it applies the feature
+rule of its declaration (``ntkjax._meanings``, beside the layer's finite code; collected in
+:data:`FEATURE_RULES`): first its exact rule on the Kernel part -- the layer's own code, so the
+variances are exact -- then its feature rule. A layer whose declaration has no feature rule, a
+flax layer, or a JAX function that meets the stand-in raises
+:class:`~ntkjax.UnsupportedMeaning` naming it: nothing passes through silently, and nothing of
+:mod:`ntkjax.nn` is patched.
 
-Per-layer feature rules (features per spatial position for images, shape (N, *S, D)). Every
-random quantity is drawn once per input shape, on the host, by numpy's generator seeded with the
-bits of ``jax.random.fold_in(key, i)`` (i counts the draws of the walk):
+Feature rules (features per spatial position for images, shape (N, *S, D); each stated and
+sourced beside its layer, summarized here). Every random quantity is drawn once per input
+shape, on the host, by numpy's generator seeded with the bits of ``jax.random.fold_in(key, i)``
+(i counts the draws of the walk):
 
 * input: ``phi = x / sqrt(d)`` (exact), ``psi`` empty (Theta = 0).
 * :class:`~ntkjax.nn.Dense`, from Sigma' = w^2 Sigma + b^2 and Theta' = Sigma' + w^2 Theta (NTK
@@ -32,9 +33,19 @@ bits of ``jax.random.fold_in(key, i)`` (i counts the draws of the walk):
   ``T(Sigma)[o, o'] = mean_delta Sigma[s o + delta, s o' + delta]`` exactly (zero padding for
   SAME, periodic for CIRCULAR), then the dense rule with ``fan_in = |K| C`` (the CNTK features
   of Zandieh et al. 2021, section 5).
-* :func:`~ntkjax.nn.flatten`: ``phi.reshape(N, P D) / sqrt(P)``; :func:`~ntkjax.nn.
-  global_average_pool`: ``mean_p phi[p]`` -- both exact (Novak et al. 2019 readouts).
+* :func:`~ntkjax.nn.flatten`: ``phi.reshape(N, P D) / sqrt(P)``; the poolings
+  (:func:`~ntkjax.nn.global_average_pool`, ``global_sum_pool``, ``avg_pool``, ``sum_pool``):
+  the finite pooling applied to the per-position features (pooling is linear, so
+  ``phi'[o] . phi'[o']`` is the pooled kernel) -- all exact (Novak et al. 2019 readouts).
 * residual sums ``k1 + k2`` (independent branches): concatenation; ``alpha * k``: ``|alpha| phi``.
+* :func:`~ntkjax.nn.concatenate`: along channels ``[sqrt(C_b / C) phi_b]_b`` (the width-weighted
+  sum of kernels), along a spatial axis each branch in coordinates of its own -- exact;
+  :func:`~ntkjax.nn.multiply`: ``phi = S(phi_a (x) phi_b)``, ``psi = [S(psi_a (x) phi_b),
+  S(phi_a (x) psi_b)]`` with the TensorSRHT S below -- unbiased.
+* :class:`~ntkjax.nn.LayerNorm`: ``phi[a, p] / sqrt(v_a[p] + eps)`` from the exact variances --
+  exact. No rule (UnsupportedMeaning): :class:`~ntkjax.nn.SelfAttention`, active
+  :class:`~ntkjax.nn.Dropout` (its kernel depends on which inputs coincide),
+  :class:`~ntkjax.nn.ConvTranspose`, ``exp_normalized``.
 * ReLU family ``a min(u, 0) + b max(u, 0)`` (:data:`~ntkjax.nn.relu`, ``leaky_relu``,
   ``ab_relu``, ``abs``) -- arc-cosine random features (Cho & Saul 2009; Zandieh et al. 2021,
   "Scaling Neural Tangent Kernels via Sketching and Random Features", NeurIPS, section 4): with
@@ -661,11 +672,12 @@ def feature_map(
     """Random features of ``module``'s NNGP and NTK: ``feature_map(...)(x) -> Features``.
 
     ``module`` is any ``flax.linen`` module that :func:`ntkjax.kernel_fn` accepts, built from
-    the layers with feature rules (module docstring): Dense and Conv in either
-    parameterization, the ReLU family in closed form (arc-cosine random features, Zandieh et al.
-    2021), any other activation by its Hermite expansion truncated at ``hermite_degree`` (Han
-    et al. 2022; truncation error: :func:`hermite_truncation_error`), residual sums, flatten and
-    global-average-pool readouts. ``features.nngp @ features.nngp.T`` estimates
+    the layers with feature rules (module docstring; the layer table of the developer guide):
+    Dense and Conv in either parameterization, the ReLU family in closed form (arc-cosine
+    random features, Zandieh et al. 2021), any other activation by its Hermite expansion
+    truncated at ``hermite_degree`` (Han et al. 2022; truncation error:
+    :func:`hermite_truncation_error`), residual sums, concatenations and products of branches,
+    LayerNorm, the poolings and readouts. ``features.nngp @ features.nngp.T`` estimates
     ``kernel_fn(module)(x).nngp`` and ``features.ntk @ features.ntk.T`` its ``.ntk``, the kernels
     of one output (see :func:`ntkjax.kernel_fn`).
 
@@ -696,8 +708,8 @@ def feature_map(
     ((3, 256), (3, 256))
 
     Raises:
-      ValueError: for a layer without a feature rule (naming it), a module whose output keeps
-        spatial axes, and bad sizes.
+      UnsupportedMeaning: (a ValueError) for a layer without a feature rule, naming it.
+      ValueError: for a module whose output keeps spatial axes, and bad sizes.
     """
     sizes = {"num_features": num_features, "hidden_features": hidden_features,
              "sketch_features": sketch_features, "hermite_degree": hermite_degree,

@@ -23,6 +23,12 @@ One module per kind of layer, each holding the layers and their infinite-width r
   :data:`exp_normalized`, :data:`polynomial`, :data:`monomial`, :data:`rectified_monomial`,
   :data:`hermite`, :data:`sigmoid_like`, :data:`gabor` (all with closed-form kernels), and
   :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature).
+
+The layer protocol (:mod:`ntkjax._meanings`): each layer dispatches on its input's type -- an
+array, a Kernel, or feature_map's :class:`FeatureStandIn` -- and states every meaning it
+supports in one declaration beside its finite code (:func:`declare`, :func:`declaration_of`);
+a meaning without a rule raises :class:`UnsupportedMeaning`. Your own layers use the same
+recipe (docs/development.md, "Adding an activation or a layer").
 """
 
 from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declare
