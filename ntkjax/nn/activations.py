@@ -970,7 +970,7 @@ class Activation:
         (``{"relu": ""}``): the hint of :class:`ntkjax.kernels.ForeignFunctionError`.
 
     The activation's meanings -- finite, kernel, random features, structured NTK -- are its
-    :class:`~ntkjax.nn.declaration_of` (``act.meanings``), derived from these arguments.
+    :func:`~ntkjax.nn.declaration_of` (``act.meanings``), derived from these arguments.
 
     Parameters are static Python numbers (or sequences), fixed when the network is built.
 
