@@ -56,6 +56,66 @@ def _images(n=6, shape=(5, 4, 2), seed=2):
     return jax.random.normal(jax.random.key(seed), (n, *shape))
 
 
+def _twice(x):
+    """A user's own function layer by the documented recipe (docs/development.md): ``2 x``,
+    declared with its kernel rule (``4 K``: a Kernel times 2) and its feature rule
+    (``2 phi``)."""
+    if isinstance(x, nn.FeatureStandIn):
+        return _TWICE.on_features(x, _twice)
+    if isinstance(x, Kernel):
+        return x * 2.0
+    return 2.0 * jnp.asarray(x)
+
+
+_TWICE = nn.declare(_twice, name="tests.twice", kernel=_twice,
+                    features=lambda x, exact: (2.0 * x.phi, 2.0 * x.psi))
+
+
+def _undeclared_twice(x):
+    """The same layer without a declaration: its array branch meets the stand-in."""
+    if isinstance(x, Kernel):
+        return x * 2.0
+    return 2.0 * jnp.asarray(x)
+
+
+class _Joined(linen.Module):
+    """Branches joined by concatenation or product; windowed average pooling that counts only
+    in-input positions; a user function layer."""
+
+    kind: str
+
+    @linen.compact
+    def __call__(self, x):
+        act = nn.identity if self.kind.startswith("linear") else nn.relu
+        if self.kind == "linear-images":  # Conv -> act -> avg_pool (edges) -> concat -> flatten
+            h = act(nn.Conv(3, kernel_size=2, w_std=1.3, b_std=0.1)(x))
+            h = nn.avg_pool(h, (2, 2), strides=(1, 1), padding="SAME", count_include_pad=False)
+            spatial = nn.concatenate([nn.Conv(2, kernel_size=1)(h), nn.Conv(2, kernel_size=1)(h)],
+                                     axis=1)
+            return nn.Dense(1, w_std=1.2)(nn.flatten(spatial))
+        a = act(nn.Dense(5, w_std=1.4, b_std=0.1)(x))
+        if self.kind == "user":
+            return nn.Dense(1, w_std=1.2)(_twice(nn.Dense(4)(a) + nn.Dense(4)(x)))
+        b = (act if self.kind == "linear" else nn.erf)(nn.Dense(5, w_std=1.1, b_std=0.2)(x))
+        a, b = nn.Dense(4)(a), nn.Dense(6 if self.kind != "multiply" else 4, w_std=1.3)(b)
+        if self.kind == "multiply":
+            h = nn.multiply(a, b)
+        else:
+            h = nn.concatenate([a, b])
+        return nn.Dense(1, w_std=1.2, b_std=0.1)(h)
+
+
+class _Normed(linen.Module):
+    """LayerNorm over channels (or channels and positions) after a Conv, in a linear network."""
+
+    axis: tuple[int, ...]
+
+    @linen.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(axis=self.axis)(nn.Conv(3, kernel_size=2, w_std=1.3, b_std=0.4)(x))
+        return nn.Dense(1, w_std=0.9, b_std=0.1)(nn.flatten(nn.Conv(2, kernel_size=2)(h)))
+
+
 LINEAR_CASES = {
     "mlp-ntk": (models.MLP((7, 9, 3), "identity", w_std=1.3, b_std=0.4), None),
     "mlp-standard": (models.MLP((7, 9, 3), "identity", w_std=1.3, b_std=0.4,
@@ -73,7 +133,10 @@ LINEAR_CASES = {
     "cnn-avg-pool-same": (models.CNN((3, 3, 2), kernel_size=2, activation="identity",
                                      pooling="avg", pool_window=2, pool_strides=1,
                                      pool_padding="SAME", w_std=1.1, b_std=0.2), "images"),
-    "avg-pool-edges-concat": (None, "images"),  # _Joined("linear"), defined below
+    "avg-pool-edges-concat": (_Joined("linear-images"), "images"),
+    "concat-channels": (_Joined("linear"), None),
+    "layer-norm-channels": (_Normed((-1,)), "images"),
+    "layer-norm-all-axes": (_Normed((1, 2, 3)), "images"),
     "cnn-sum-pool-gsp": (models.CNN((3, 2), kernel_size=2, activation="identity",
                                     pooling="sum", pool_window=(2, 2), pool_strides=(2, 1),
                                     pool_padding="CIRCULAR", readout="global_sum_pool",
@@ -296,57 +359,6 @@ def test_layers_without_rules_raise_naming_them(kind, match):
     assert float(ntkjax.kernel_fn(models.MLP((4, 1)))(jnp.ones((1, 3))).ntk[0, 0]) > 0
 
 
-def _twice(x):
-    """A user's own function layer by the documented recipe (docs/development.md): ``2 x``,
-    declared with its kernel rule (``4 K``: a Kernel times 2) and its feature rule
-    (``2 phi``)."""
-    if isinstance(x, nn.FeatureStandIn):
-        return _TWICE.on_features(x, _twice)
-    if isinstance(x, Kernel):
-        return x * 2.0
-    return 2.0 * jnp.asarray(x)
-
-
-_TWICE = nn.declare(_twice, name="tests.twice", kernel=_twice,
-                    features=lambda x, exact: (2.0 * x.phi, 2.0 * x.psi))
-
-
-def _undeclared_twice(x):
-    """The same layer without a declaration: its array branch meets the stand-in."""
-    if isinstance(x, Kernel):
-        return x * 2.0
-    return 2.0 * jnp.asarray(x)
-
-
-class _Joined(linen.Module):
-    """Branches joined by concatenation or product; windowed average pooling that counts only
-    in-input positions; a user function layer."""
-
-    kind: str
-
-    @linen.compact
-    def __call__(self, x):
-        act = nn.identity if self.kind.startswith("linear") else nn.relu
-        if self.kind == "linear-images":  # Conv -> act -> avg_pool (edges) -> concat -> flatten
-            h = act(nn.Conv(3, kernel_size=2, w_std=1.3, b_std=0.1)(x))
-            h = nn.avg_pool(h, (2, 2), strides=(1, 1), padding="SAME", count_include_pad=False)
-            spatial = nn.concatenate([nn.Conv(2, kernel_size=1)(h), nn.Conv(2, kernel_size=1)(h)],
-                                     axis=1)
-            return nn.Dense(1, w_std=1.2)(nn.flatten(spatial))
-        a = act(nn.Dense(5, w_std=1.4, b_std=0.1)(x))
-        if self.kind == "user":
-            return nn.Dense(1, w_std=1.2)(_twice(nn.Dense(4)(a) + nn.Dense(4)(x)))
-        b = (act if self.kind == "linear" else nn.erf)(nn.Dense(5, w_std=1.1, b_std=0.2)(x))
-        a, b = nn.Dense(4)(a), nn.Dense(6 if self.kind != "multiply" else 4, w_std=1.3)(b)
-        if self.kind == "multiply":
-            h = nn.multiply(a, b)
-        else:
-            h = nn.concatenate([a, b])
-        return nn.Dense(1, w_std=1.2, b_std=0.1)(h)
-
-
-LINEAR_CASES["avg-pool-edges-concat"] = (_Joined("linear-images"), "images")
-LINEAR_CASES["concat-channels"] = (_Joined("linear"), None)
 
 
 # Networks whose features are Monte Carlo estimates (the issue's measured silent failures).
