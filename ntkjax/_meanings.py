@@ -250,7 +250,8 @@ def declare(layer: Any, *, name: str | None = None, **meanings: Any) -> Declarat
 
     Args:
       layer: the layer (class, function or activation).
-      name: its public name (default ``ntkjax.nn.<its __name__>``).
+      name: its public name (default: ``ntkjax.nn.<its __name__>`` for a layer of
+        :mod:`ntkjax.nn`, else ``<its module>.<its qualified name>``).
       **meanings: the fields of :class:`Declaration` (``kernel`` and ``features`` default to
         None: unsupported).
 
@@ -261,7 +262,10 @@ def declare(layer: Any, *, name: str | None = None, **meanings: Any) -> Declarat
     >>> declaration_of(len) is decl
     True
     """
-    name = name or f"ntkjax.nn.{layer.__name__}"
+    if name is None:
+        module = getattr(layer, "__module__", "") or ""
+        name = (f"ntkjax.nn.{layer.__name__}" if module.startswith("ntkjax.nn") else
+                f"{module}.{getattr(layer, '__qualname__', layer.__name__)}")
     meanings.setdefault("kernel", None)
     meanings.setdefault("features", None)
     return register(Declaration(layer=layer, name=name, **meanings))
