@@ -36,6 +36,7 @@ __all__ = [
     "declaration_of",
     "declarations",
     "declare",
+    "feature_rules",
     "jax_equivalents",
     "meaning_rows",
     "meaning_table",
@@ -243,6 +244,7 @@ class Declaration:
 
 _REGISTRY: dict[str, Declaration] = {}
 _EQUIVALENTS: dict[str, str] = {}  # read off each declaration's ``replaces`` on registration
+_FEATURE_RULES: dict[str, Callable[..., Any]] = {}  # and its feature rule
 
 
 def declare(layer: Any, *, name: str | None = None, **meanings: Any) -> Declaration:
@@ -290,6 +292,9 @@ def register(decl: Declaration) -> Declaration:
     _REGISTRY[decl.name] = decl
     for api, note in decl.replaces.items():
         _EQUIVALENTS[api] = decl.name + (f" {note}" if note else "")
+    _FEATURE_RULES.pop(decl.name, None)
+    if decl.features is not None:
+        _FEATURE_RULES[decl.name] = decl.features
     return decl
 
 
@@ -331,6 +336,20 @@ def declaration_of(layer: Any) -> Declaration | None:
         if id(base) in by_layer:
             return by_layer[id(base)]
     return None
+
+
+def feature_rules() -> dict[str, Callable[..., Any]]:
+    """The random-feature rule of every declared layer that has one, by the layer's name
+    (:data:`ntkjax.features.FEATURE_RULES`), derived from the declarations.
+
+    Returns:
+      The live table ``{layer name: feature rule}``, filled as layers are declared.
+
+    >>> import ntkjax
+    >>> "ntkjax.nn.avg_pool" in feature_rules()
+    True
+    """
+    return _FEATURE_RULES
 
 
 def jax_equivalents() -> dict[str, str]:

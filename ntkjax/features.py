@@ -99,7 +99,7 @@ import numpy as np
 from flax import linen
 
 from ntkjax._checks import check_batched, check_choice, float_dtype
-from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declarations
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, feature_rules
 from ntkjax._progress import progress
 from ntkjax.kernels import Kernel
 from ntkjax.nn.activations import Activation
@@ -504,11 +504,10 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
 
 
 #: The random-feature rule of each declared layer, by its public name -- derived from the
-#: layers' declarations (:func:`ntkjax.nn.declaration_of`), never listed here: a layer gets its
-#: rule by its own declaration, beside its finite code.
-FEATURE_RULES: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    d.name: d.features for d in declarations() if d.features is not None
-}
+#: layers' declarations (:func:`ntkjax.nn.declaration_of`; a live table that layers declared
+#: later join), never listed here: a layer gets its rule by its own declaration, beside its
+#: finite code.
+FEATURE_RULES: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = feature_rules()
 
 
 # --------------------------------------------------------------------------- the walk of a module

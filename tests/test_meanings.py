@@ -84,10 +84,7 @@ def test_registries_equal_what_the_declarations_give():
     assert _old_activation_names() <= set(models.ACTIVATIONS)
     assert "ab_relu" not in models.ACTIVATIONS and "exp_normalized" not in models.ACTIVATIONS
     assert len(models.ACTIVATIONS) == 18
-    x = jnp.ones((2, 3))
-    for name in models.ACTIVATIONS:  # each is selectable by name, in both meanings
-        mlp = models.MLP((3, 1), name)
-        assert mlp.apply(mlp.init(jax.random.key(0), x), x).shape == (2, 1)
+    # (tests/test_models.py builds a kernel of an MLP by each of these names)
 
     # features.FEATURE_RULES: the declared feature rules, by layer name
     assert features.FEATURE_RULES == {d.name: d.features for d in declarations()
@@ -149,6 +146,7 @@ def test_declared_feature_rules_are_what_feature_map_does():
             assert fmap(x).ntk.shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_a_new_activation_gets_every_meaning_from_its_one_declaration(x64):
     """docs/development.md's worked example, a scaled ReLU ``c max(x, 0)`` declared once: its
     finite network, its kernel (c^2 times the ReLU network's, by homogeneity), its random
