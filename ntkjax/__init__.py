@@ -21,6 +21,7 @@ imports.
 """
 
 from ntkjax import analytic, models, nn, predict
+from ntkjax._meanings import UnsupportedMeaning
 from ntkjax.analytic import two_layer_relu_nngp, two_layer_relu_ntk
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
 from ntkjax.distributed import initialize_distributed
@@ -93,6 +94,7 @@ __all__ = [
     "SolverStats",
     "StabilityReport",
     "TrainingHistory",
+    "UnsupportedMeaning",
     "analytic",
     "available_memory_bytes",
     "convergence_bound",

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ntkjax._meanings import jax_equivalents
+
 __all__ = [
     "AllPairsRequired",
     "ForeignFunctionError",
@@ -290,21 +292,6 @@ class ForeignFunctionError(ValueError):
 
 
 # ntkjax equivalents of JAX functions, by the name of the JAX function that met the Kernel.
-_EQUIVALENTS = {
-    "relu": "ntkjax.nn.relu",
-    "gelu": "ntkjax.nn.gelu (approximate=True matches jax.nn.gelu's default tanh form)",
-    "erf": "ntkjax.nn.erf",
-    "sin": "ntkjax.nn.sin",
-    "cos": "ntkjax.nn.cos",
-    "exp": "ntkjax.nn.exp",
-    "abs": "ntkjax.nn.abs",
-    "absolute": "ntkjax.nn.abs",
-    "sign": "ntkjax.nn.sign",
-    "leaky_relu": "ntkjax.nn.leaky_relu",
-    "maximum": "ntkjax.nn.relu (if this is max(x, 0))",
-    "sigmoid": "ntkjax.nn.sigmoid_like (0.5 erf(x / 2.402) + 0.5, a closed-form stand-in for "
-    "the logistic sigmoid)",
-}
 _API_DIRS = {
     "/jax/_src/nn/": "jax.nn.",
     "/jax/_src/numpy/": "jnp.",
@@ -345,8 +332,9 @@ def describe_foreign_call(frames: list[tuple[str, int, str]]) -> str:
         if function == "<lambda>" and qualified:
             qualified = f"a lambda calling {qualified}"
     what = qualified or "a function that is not an ntkjax activation"
-    if api in _EQUIVALENTS:
-        fix = f"use {_EQUIVALENTS[api]} instead"
+    equivalents = jax_equivalents()  # from the layers' declarations
+    if api in equivalents:
+        fix = f"use {equivalents[api]} instead"
     else:
         fix = ("wrap the function in ntkjax.nn.elementwise(fn) (its kernel then comes from "
                "Gauss-Hermite quadrature)")

@@ -7,20 +7,21 @@ into a jitted map ``x -> Features(nngp=phi(x), ntk=psi(x))`` of D features each,
 O(D^2 + batch D) memory, streaming over the data.
 
 How the module is walked. As :func:`ntkjax.kernel_fn` applies the module to a
-:class:`~ntkjax.Kernel` instead of an array, :func:`feature_map` applies it to a stand-in: a
-Kernel holding each input's exact kernel with itself (its variances, O(N) entries, O(N P^2) for
-images of P positions) and, beside it, the features. Every layer first computes its exact rule
-on the Kernel part -- the layer's own code, so the variances are exact -- then its feature rule
-(one per layer, in :data:`FEATURE_RULES` below). ntkjax.nn layers dispatch only on
-``isinstance(x, Kernel)``; the walk reaches the rules through flax's ``intercept_methods`` for
-modules, and for the function layers (activations and readouts) through dispatchers installed at
-their kernel entry points for the duration of the walk (other threads, and any Kernel that is not
-the stand-in, pass through unchanged). A layer without a feature rule raises a ValueError naming
-it.
+:class:`~ntkjax.Kernel` instead of an array, :func:`feature_map` applies it to a stand-in of its
+own type (a :class:`ntkjax.nn.FeatureStandIn`, not a Kernel): each input's exact kernel with
+itself (its variances, O(N) entries, O(N P^2) for images of P positions) and, beside it, the
+features. Every layer dispatches on its input's type; on the stand-in it applies the feature
+rule of its declaration (``ntkjax._meanings``, beside the layer's finite code; collected in
+:data:`FEATURE_RULES`): first its exact rule on the Kernel part -- the layer's own code, so the
+variances are exact -- then its feature rule. A layer whose declaration has no feature rule, a
+flax layer, or a JAX function that meets the stand-in raises
+:class:`~ntkjax.UnsupportedMeaning` naming it: nothing passes through silently, and nothing of
+:mod:`ntkjax.nn` is patched.
 
-Per-layer feature rules (features per spatial position for images, shape (N, *S, D)). Every
-random quantity is drawn once per input shape, on the host, by numpy's generator seeded with the
-bits of ``jax.random.fold_in(key, i)`` (i counts the draws of the walk):
+Feature rules (features per spatial position for images, shape (N, *S, D); each stated and
+sourced beside its layer, summarized here). Every random quantity is drawn once per input
+shape, on the host, by numpy's generator seeded with the bits of ``jax.random.fold_in(key, i)``
+(i counts the draws of the walk):
 
 * input: ``phi = x / sqrt(d)`` (exact), ``psi`` empty (Theta = 0).
 * :class:`~ntkjax.nn.Dense`, from Sigma' = w^2 Sigma + b^2 and Theta' = Sigma' + w^2 Theta (NTK
@@ -32,9 +33,19 @@ bits of ``jax.random.fold_in(key, i)`` (i counts the draws of the walk):
   ``T(Sigma)[o, o'] = mean_delta Sigma[s o + delta, s o' + delta]`` exactly (zero padding for
   SAME, periodic for CIRCULAR), then the dense rule with ``fan_in = |K| C`` (the CNTK features
   of Zandieh et al. 2021, section 5).
-* :func:`~ntkjax.nn.flatten`: ``phi.reshape(N, P D) / sqrt(P)``; :func:`~ntkjax.nn.
-  global_average_pool`: ``mean_p phi[p]`` -- both exact (Novak et al. 2019 readouts).
+* :func:`~ntkjax.nn.flatten`: ``phi.reshape(N, P D) / sqrt(P)``; the poolings
+  (:func:`~ntkjax.nn.global_average_pool`, ``global_sum_pool``, ``avg_pool``, ``sum_pool``):
+  the finite pooling applied to the per-position features (pooling is linear, so
+  ``phi'[o] . phi'[o']`` is the pooled kernel) -- all exact (Novak et al. 2019 readouts).
 * residual sums ``k1 + k2`` (independent branches): concatenation; ``alpha * k``: ``|alpha| phi``.
+* :func:`~ntkjax.nn.concatenate`: along channels ``[sqrt(C_b / C) phi_b]_b`` (the width-weighted
+  sum of kernels), along a spatial axis each branch in coordinates of its own -- exact;
+  :func:`~ntkjax.nn.multiply`: ``phi = S(phi_a (x) phi_b)``, ``psi = [S(psi_a (x) phi_b),
+  S(phi_a (x) psi_b)]`` with the TensorSRHT S below -- unbiased.
+* :class:`~ntkjax.nn.LayerNorm`: ``phi[a, p] / sqrt(v_a[p] + eps)`` from the exact variances --
+  exact. No rule (UnsupportedMeaning): :class:`~ntkjax.nn.SelfAttention`, active
+  :class:`~ntkjax.nn.Dropout` (its kernel depends on which inputs coincide),
+  :class:`~ntkjax.nn.ConvTranspose`, ``exp_normalized``.
 * ReLU family ``a min(u, 0) + b max(u, 0)`` (:data:`~ntkjax.nn.relu`, ``leaky_relu``,
   ``ab_relu``, ``abs``) -- arc-cosine random features (Cho & Saul 2009; Zandieh et al. 2021,
   "Scaling Neural Tangent Kernels via Sketching and Random Features", NeurIPS, section 4): with
@@ -75,30 +86,23 @@ biased by O(1/m). The error falls like D^(-1/2) (tests/test_features.py fits the
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import inspect
-import itertools
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen, struct
+from flax import linen
 
-from ntkjax import nn
 from ntkjax._checks import check_batched, check_choice, check_finite, float_dtype
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, feature_rules
 from ntkjax._progress import progress
 from ntkjax.kernels import Kernel
-from ntkjax.nn import pooling as _pooling
 from ntkjax.nn.activations import Activation
-from ntkjax.nn.conv import Conv, conv_padding
-from ntkjax.nn.dense import Dense
 
 __all__ = [
     "FEATURE_RULES",
@@ -135,54 +139,112 @@ class Features(NamedTuple):
 # --------------------------------------------------------------------------- the stand-in
 
 
-@struct.dataclass
-class _FeatureKernel(Kernel):
-    """The stand-in a module is applied to: a :class:`Kernel` of each input with itself
-    (``nngp`` (N, 1, ...) a placeholder column, ``var1`` the exact variances, as
-    ``kernels._row_kernel``), plus ``phi`` (N, *S, D_nngp) and ``psi`` (N, *S, D_ntk)."""
+def _concat(parts: list[jax.Array]) -> jax.Array:
+    return jnp.concatenate(parts, axis=-1)
 
-    # defaults only because Kernel's last fields have defaults; always given
-    phi: jax.Array = None  # type: ignore[assignment]
-    psi: jax.Array = None  # type: ignore[assignment]
 
-    def exact(self) -> Kernel:
-        """The Kernel part (each input with itself), which layers map by their exact rules."""
-        return Kernel(nngp=self.nngp, ntk=self.ntk, var1=self.var1, var2=self.var2,
-                      width=self.width)
+@jax.tree_util.register_pytree_node_class
+class _StandIn(FeatureStandIn):
+    """What :func:`feature_map` applies a module to: ``exact``, the :class:`Kernel` of each
+    input with itself (``nngp`` (N, 1, ...) a placeholder column, ``var1`` the exact variances),
+    and ``phi`` (N, *S, D_nngp), ``psi`` (N, *S, D_ntk); its own type (not a Kernel), so a layer
+    without a feature rule cannot pass it through as a kernel. The walk (``self.walk``) draws
+    the random parameters of the primitives below."""
 
-    @staticmethod
-    def of(k: Kernel, phi: jax.Array, psi: jax.Array) -> _FeatureKernel:
-        return _FeatureKernel(nngp=k.nngp, ntk=k.ntk, var1=k.var1, var2=k.var2, width=k.width,
-                              phi=phi, psi=psi)
+    def __init__(self, walk: _Walk, exact: Kernel, phi: jax.Array, psi: jax.Array) -> None:
+        self.walk, self.exact, self.phi, self.psi = walk, exact, phi, psi
 
-    # Residual sums of independent branches: kernels add, features concatenate.
+    # a pytree (leaves: the exact kernel and the features), so that a JAX function applied to
+    # it reaches __jax_array__ below and raises UnsupportedMeaning naming the function
+    def tree_flatten(self) -> tuple[tuple, _Walk]:
+        return (self.exact, self.phi, self.psi), self.walk
+
+    @classmethod
+    def tree_unflatten(cls, walk: _Walk, leaves: tuple) -> _StandIn:
+        return cls(walk, *leaves)
+
+    def after(self, layer: str, exact: Any, phi: Any, psi: Any) -> _StandIn:
+        if not isinstance(exact, Kernel):
+            raise ValueError(f"feature_map: {layer}'s kernel rule returned {type(exact).__name__}.")
+        self.walk.trail.append(layer)
+        return _StandIn(self.walk, exact, phi, psi)
+
+    # shapes, as the array of activations (N, *S, C) and as the Kernel
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.phi.shape[0], *self.exact.spatial_shape, self.exact.width)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.exact.spatial_shape
+
+    @property
+    def spatial_ndim(self) -> int:
+        return self.exact.spatial_ndim
+
+    # random-feature primitives (module docstring)
+    def tensor_sketch(self, a: Any, b: Any) -> Any:
+        return _tensor_sketch(self.walk, a, b, self.walk.config.sketch_features)
+
+    def arc_cosine(self, a: float, b: float) -> tuple[Any, Any]:
+        return _relu_family_features(self, a, b)
+
+    def hermite(self, fn: Callable[[Any], Any]) -> tuple[Any, Any]:
+        return _hermite_features(self, fn)
+
+    # residual sums of independent branches: kernels add, features concatenate
     def __add__(self, other: Any) -> Any:
-        if not isinstance(other, Kernel):
-            return NotImplemented
-        walk = _current_walk("+")
-        other = walk.expect(other, "a residual sum (+)")
-        exact = self.exact() + other.exact()
-        walk.record("+")
-        return _FeatureKernel.of(exact, _concat([self.phi, other.phi]),
-                                 _concat([self.psi, other.psi]))
+        if not isinstance(other, _StandIn):
+            raise UnsupportedMeaning(
+                "a residual sum (+)", "features",
+                f"both terms must come from the module's input; got {type(other).__name__} "
+                f"after {self.walk.last()}.")
+        exact = self.exact + other.exact
+        return self.after("+", exact, _concat([self.phi, other.phi]),
+                          _concat([self.psi, other.psi]))
 
     __radd__ = __add__
 
     def __mul__(self, scale: Any) -> Any:
-        if isinstance(scale, Kernel):
-            return NotImplemented
-        exact = self.exact() * scale  # validates the scalar
+        if isinstance(scale, _StandIn):
+            raise UnsupportedMeaning(
+                "a product (*) of two branches", "features", "use ntkjax.nn.multiply.")
+        exact = self.exact * scale  # validates the scalar
         s = jnp.abs(jnp.asarray(scale, self.phi.dtype))
-        return _FeatureKernel.of(exact, self.phi * s, self.psi * s)
+        return _StandIn(self.walk, exact, self.phi * s, self.psi * s)
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> _FeatureKernel:
+    def __truediv__(self, scale: Any) -> Any:
+        return self * (1 / jnp.asarray(scale, self.phi.dtype))
+
+    def __neg__(self) -> _StandIn:
         return self
 
+    def __jax_array__(self) -> Any:
+        raise UnsupportedMeaning(
+            f"{_foreign_function()} (applied after {self.walk.last()})", "features",
+            "only ntkjax.nn layers and activations have random-feature rules: use them, wrap "
+            "other elementwise functions in ntkjax.nn.elementwise, and declare your own layers "
+            "(docs/development.md, 'Adding an activation or a layer').")
 
-def _concat(parts: list[jax.Array]) -> jax.Array:
-    return jnp.concatenate(parts, axis=-1)
+
+_API_PREFIXES = {"/jax/_src/numpy/": "jnp.", "/jax/_src/nn/": "jax.nn.",
+                 "/jax/_src/lax/": "jax.lax.", "/jax/_src/scipy/": "jax.scipy."}
+
+
+def _foreign_function() -> str:
+    """The public JAX function that asked the stand-in for an array (outermost such frame)."""
+    for frame in reversed(inspect.stack(0)):  # outermost first
+        path = frame.filename.replace("\\", "/")
+        prefix = next((p for d, p in _API_PREFIXES.items() if d in path), None)
+        if prefix and not frame.function.startswith(("_", "<")):
+            return f"{prefix}{frame.function}"
+    return "a function that is not an ntkjax.nn layer"
 
 
 def _self_covariance(x: jax.Array) -> jax.Array:
@@ -195,13 +257,14 @@ def _self_covariance(x: jax.Array) -> jax.Array:
     return cov.reshape(x.shape[0], *x.shape[1:-1], *x.shape[1:-1])
 
 
-def _input_stand_in(x: jax.Array) -> _FeatureKernel:
+def _input_stand_in(walk: _Walk, x: jax.Array) -> _StandIn:
     var = _self_covariance(x)
     c = x.shape[-1]
     phi = x * (1.0 / math.sqrt(c))
     psi = jnp.zeros((*x.shape[:-1], 0), x.dtype)
-    return _FeatureKernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
-                          var2=var[:1], width=c, phi=phi, psi=psi)
+    exact = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var, var2=var[:1],
+                   width=c)
+    return _StandIn(walk, exact, phi, psi)
 
 
 # --------------------------------------------------------------------------- the walk
@@ -228,7 +291,6 @@ class _Walk:
         self.makers: list[Callable[[np.random.Generator], Any]] = []
         self.index = 0
         self.trail: list[str] = []
-        self.exact_depth = 0
 
     def draw(self, make: Callable[[np.random.Generator], Any]) -> Any:
         """The next random parameter: when initializing, ``make(rng)`` with a numpy generator
@@ -246,30 +308,8 @@ class _Walk:
         self.index += 1
         return value
 
-    def record(self, name: str) -> None:
-        self.trail.append(name)
-
     def last(self) -> str:
         return self.trail[-1] if self.trail else "the input"
-
-    def expect(self, x: Any, where: str) -> _FeatureKernel:
-        """``x`` as the stand-in; a plain Kernel here means a layer dropped the features."""
-        if isinstance(x, _FeatureKernel):
-            return x
-        raise ValueError(
-            f"feature_map: {where} received a plain Kernel instead of features: the layer "
-            f"applied after {self.last()} has no random-feature rule (it ran its exact kernel "
-            f"rule). {_SUPPORTED}"
-        )
-
-    @contextlib.contextmanager
-    def exact_rules(self) -> Iterator[None]:
-        """While a layer computes its exact rule on the Kernel part, dispatch stays off."""
-        self.exact_depth += 1
-        try:
-            yield
-        finally:
-            self.exact_depth -= 1
 
 
 def _rng(key: jax.Array, index: int) -> np.random.Generator:
@@ -278,25 +318,6 @@ def _rng(key: jax.Array, index: int) -> np.random.Generator:
         bits = jax.random.key_data(jax.random.fold_in(key, index))
     return np.random.default_rng(np.asarray(bits, np.uint32).ravel().tolist())
 
-
-_SUPPORTED = (
-    "Layers with random-feature rules: ntkjax.nn.Dense and ntkjax.nn.Conv (both "
-    "parameterizations), ntkjax.nn.flatten, ntkjax.nn.global_average_pool, every ntkjax.nn "
-    "activation (ReLU family in closed form, others by Hermite expansion), residual sums and "
-    "scalar multiples; container modules are walked through."
-)
-
-_CURRENT: contextvars.ContextVar[_Walk | None] = contextvars.ContextVar(
-    "ntkjax_feature_walk", default=None)
-_LOCK = threading.RLock()
-_INSTALLED = [0]
-
-
-def _current_walk(where: str) -> _Walk:
-    walk = _CURRENT.get()
-    if walk is None:
-        raise ValueError(f"feature_map's stand-in used outside a feature walk ({where}).")
-    return walk
 
 
 # --------------------------------------------------------------------------- random sketches
@@ -419,112 +440,18 @@ def _unit(phi: jax.Array) -> jax.Array:
     return phi * jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, sq, 1)), 0)
 
 
-# --------------------------------------------------------------------------- feature rules
+# --------------------------------------------------------------------------- activation rules
 
 
-def _dense_rule(phi: jax.Array, psi: jax.Array, *, w_std: float, b_std: float, use_bias: bool,
-                parameterization: str, fan_in: int) -> tuple[jax.Array, jax.Array]:
-    """Features after a dense layer (exact; module docstring)."""
-    w, b = float(w_std), float(b_std)
-    ones = jnp.ones((*phi.shape[:-1], 1), phi.dtype)
-    parts = [w * phi]
-    if use_bias and b != 0:
-        parts.append(b * ones)
-    new_phi = _concat(parts)
-    if parameterization == "ntk":
-        return new_phi, _concat([new_phi, w * psi])
-    parts = [math.sqrt(fan_in) * phi, w * psi]
-    if use_bias:
-        parts.append(ones)
-    return new_phi, _concat(parts)
-
-
-def _dense_features(walk: _Walk, module: Dense, x: _FeatureKernel, exact: Kernel):
-    phi, psi = _dense_rule(x.phi, x.psi, w_std=module.w_std, b_std=module._bias_std,
-                           use_bias=module._with_bias, parameterization=module.parameterization,
-                           fan_in=x.width)
-    return phi, psi
-
-
-def _per_axis(value: Any, nd: int) -> tuple[int, ...]:
-    return (int(value),) * nd if isinstance(value, int) else tuple(int(v) for v in value)
-
-
-def _patches(phi: jax.Array, window: tuple[int, ...], strides: tuple[int, ...],
-             padding: Any) -> jax.Array:
-    """``concat_delta phi[s o + delta] / sqrt(|K|)`` over the window offsets: inner products of
-    patches are the patch average of the inner products (:func:`ntkjax.nn.conv.patch_average`)."""
-    nd = len(window)
-    spatial = phi.shape[1 : 1 + nd]
-    pads, mode = conv_padding(spatial, window, strides, padding)
-    phi = jnp.pad(phi, [(0, 0), *pads, (0, 0)], mode=mode)
-    outs = [(n + lo + hi - k) // s + 1
-            for n, (lo, hi), k, s in zip(spatial, pads, window, strides, strict=True)]
-    pieces = []
-    for delta in itertools.product(*(range(k) for k in window)):
-        window_slices = (slice(d, d + (o - 1) * s + 1, s)
-                         for d, o, s in zip(delta, outs, strides, strict=True))
-        index = (slice(None), *window_slices, slice(None))
-        pieces.append(phi[index])
-    return _concat(pieces) * (1.0 / math.sqrt(math.prod(window)))
-
-
-def _conv_features(walk: _Walk, module: Conv, x: _FeatureKernel, exact: Kernel):
-    nd = x.spatial_ndim
-    window = _per_axis(module.kernel_size, nd)
-    strides = _per_axis(module.strides, nd)
-    phi = _patches(x.phi, window, strides, module.padding)
-    psi = _patches(x.psi, window, strides, module.padding)
-    return _dense_rule(phi, psi, w_std=module.w_std, b_std=module._bias_std,
-                       use_bias=module._with_bias, parameterization=module.parameterization,
-                       fan_in=math.prod(window) * x.width)
-
-
-def _flatten_features(walk: _Walk, x: _FeatureKernel):
-    nd = x.spatial_ndim
-    if nd == 0:
-        return x.phi, x.psi
-    positions = math.prod(x.spatial_shape)
-    scale = 1.0 / math.sqrt(positions)
-    n = x.phi.shape[0]
-    return x.phi.reshape(n, -1) * scale, x.psi.reshape(n, -1) * scale
-
-
-def _global_average_pool_features(walk: _Walk, x: _FeatureKernel):
-    axes = tuple(range(1, 1 + x.spatial_ndim))
-    return jnp.mean(x.phi, axis=axes), jnp.mean(x.psi, axis=axes)
-
-
-# ReLU family: phi(u) = a min(u, 0) + b max(u, 0), by activation.
-def _ab_of(activation: Activation, params: tuple, kw_params: dict) -> tuple[float, float] | None:
-    """``(a, b)`` when ``activation`` is in the ReLU family (static parameters), else None."""
-    if activation is nn.relu:
-        return 0.0, 1.0
-    if activation is nn.abs:
-        return -1.0, 1.0
-    if activation is nn.identity:
-        return 1.0, 1.0
-    if activation is nn.leaky_relu or activation is nn.ab_relu:
-        bound = inspect.signature(activation.fn).bind(0.0, *params, **kw_params)
-        bound.apply_defaults()
-        args = dict(bound.arguments)
-        try:
-            if activation is nn.leaky_relu:
-                return float(args["negative_slope"]), 1.0
-            return float(args["a"]), float(args["b"])
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            return None  # traced slopes: use the general (Hermite) rule
-    return None
-
-
-def _relu_family_features(walk: _Walk, x: _FeatureKernel, a: float, b: float):
+def _relu_family_features(x: _StandIn, a: float, b: float):
     """Arc-cosine random features (module docstring): ``F = sqrt(q/m) act(u G)``,
     ``F_dot = act'(u G) / sqrt(m)``, ``psi' = TensorSRHT(psi (x) F_dot)``."""
     if a == b:  # a linear activation: exact
         return abs(a) * x.phi, abs(a) * x.psi
+    walk = x.walk
     cfg = walk.config
     m = cfg.hidden_features
-    q = x.position_variances()[0]
+    q = x.exact.position_variances()[0]
     u = _unit(x.phi)
     g = _gaussian(walk, u.shape[-1], m, u.dtype)
     z = jnp.matmul(u, g)
@@ -558,11 +485,12 @@ def _hermite_coefficients(fn: Callable[[jax.Array], jax.Array], q: jax.Array, de
     return jnp.matmul(values, wh), jnp.matmul(derivs, wh)
 
 
-def _hermite_features(walk: _Walk, x: _FeatureKernel, fn: Callable[[jax.Array], jax.Array]):
+def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     """Truncated Hermite expansion (module docstring; Han et al. 2022)."""
+    walk = x.walk
     cfg = walk.config
     m, degree = cfg.hidden_features, cfg.hermite_degree
-    q = x.position_variances()[0]
+    q = x.exact.position_variances()[0]
     a, b = _hermite_coefficients(fn, q, degree, cfg.hermite_quadrature)
     u = _unit(x.phi)
     powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
@@ -575,153 +503,50 @@ def _hermite_features(walk: _Walk, x: _FeatureKernel, fn: Callable[[jax.Array], 
     return _compress(walk, f, m), _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
 
 
-def _activation_features(walk: _Walk, activation: Activation, x: _FeatureKernel,
-                         params: tuple, kw_params: dict):
-    ab = _ab_of(activation, params, kw_params)
-    if ab is not None:
-        return _relu_family_features(walk, x, *ab)
-    return _hermite_features(walk, x, lambda u: activation.fn(u, *params, **kw_params))
+#: The random-feature rule of each declared layer, by its public name -- derived from the
+#: layers' declarations (:func:`ntkjax.nn.declaration_of`; a live table that layers declared
+#: later join), never listed here: a layer gets its rule by its own declaration, beside its
+#: finite code.
+FEATURE_RULES: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = feature_rules()
 
 
-#: The random-feature rule of each layer: modules by class (``rule(walk, module, x, exact)``,
-#: reached through flax's method interceptor; subclasses included), the function layers of
-#: :mod:`ntkjax.nn.pooling` by the name of the kernel function they dispatch to on a Kernel
-#: (``rule(walk, x)``), every :class:`~ntkjax.nn.Activation` by that class (``rule(walk,
-#: activation, x, params, kw_params)``). Each returns the new ``(phi, psi)``; a new layer gets
-#: its rule by one entry here.
-FEATURE_RULES: dict[Any, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    Dense: _dense_features,
-    Conv: _conv_features,
-    Activation: _activation_features,
-    "_flatten_kernel": _flatten_features,
-    "_global_average_pool_kernel": _global_average_pool_features,
-}
+# --------------------------------------------------------------------------- the walk of a module
 
 
-# --------------------------------------------------------------------------- dispatch
-
-
-def _rule_for_module(module: linen.Module):
-    for cls in type(module).__mro__:
-        if cls in FEATURE_RULES:
-            return FEATURE_RULES[cls]
-    return None
-
-
-def _find_stand_in(args: tuple, kwargs: dict) -> Any:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, Kernel):
-            return a
-    return None
-
-
-def _intercept(next_fun, args, kwargs, context):
-    """Flax method interceptor: modules with a feature rule apply it; other ntkjax.nn or flax
-    layers raise; containers and user modules are walked through."""
-    walk = _CURRENT.get()
-    x = _find_stand_in(args, kwargs)
-    if walk is None or walk.exact_depth or x is None:
-        return next_fun(*args, **kwargs)
+def _reject_foreign_modules(next_fun, args, kwargs, context):
+    """Flax interceptor: a flax built-in layer (not a container) that receives the stand-in
+    raises UnsupportedMeaning; ntkjax.nn layers dispatch on the stand-in themselves, user
+    modules and containers are walked through."""
     module = context.module
     cls = type(module)
-    name = f"{cls.__module__}.{cls.__qualname__} (module {module.name!r})"
-    rule = _rule_for_module(module) if context.method_name == "__call__" else None
-    if rule is not None:
-        x = walk.expect(x, name)
-        with walk.exact_rules():
-            exact = next_fun(x.exact())
-        phi, psi = rule(walk, module, x, exact)
-        walk.record(name)
-        return _FeatureKernel.of(exact, phi, psi)
-    layer_module = cls.__module__.startswith(("flax.", "ntkjax.nn"))
-    if layer_module and not isinstance(module, linen.Sequential):
-        raise ValueError(f"feature_map: {name} has no random-feature rule. {_SUPPORTED}")
+    if (cls.__module__.startswith("flax.") and not isinstance(module, linen.Sequential)
+            and any(isinstance(a, _StandIn) for a in (*args, *kwargs.values()))):
+        decl = declaration_of(cls)
+        name = f"{cls.__module__}.{cls.__qualname__} (module {module.name!r})"
+        instead = (decl.instead.get("features", "") if decl else "") or (
+            "use the ntkjax.nn layers (ntkjax.nn.Dense, ntkjax.nn.Conv, ...).")
+        raise UnsupportedMeaning(name, "features", instead)
     return next_fun(*args, **kwargs)
 
 
-def _activation_dispatch(original: Callable) -> Callable:
-    def call(self: Activation, x: Any, *params: Any, **kw_params: Any) -> Any:
-        walk = _CURRENT.get()
-        if walk is None or walk.exact_depth or not isinstance(x, Kernel):
-            return original(self, x, *params, **kw_params)
-        name = f"ntkjax.nn.{self.__name__}"
-        x = walk.expect(x, name)
-        with walk.exact_rules():
-            exact = original(self, x.exact(), *params, **kw_params)
-        phi, psi = FEATURE_RULES[Activation](walk, self, x, params, kw_params)
-        walk.record(name)
-        return _FeatureKernel.of(exact, phi, psi)
-
-    return call
-
-
-def _readout_dispatch(entry: str, original: Callable) -> Callable:
-    def call(k: Any) -> Any:
-        walk = _CURRENT.get()
-        if walk is None or walk.exact_depth:
-            return original(k)
-        name = "ntkjax.nn." + entry.strip("_").removesuffix("_kernel")
-        x = walk.expect(k, name)
-        with walk.exact_rules():
-            exact = original(x.exact())
-        phi, psi = FEATURE_RULES[entry](walk, x)
-        walk.record(name)
-        return _FeatureKernel.of(exact, phi, psi)
-
-    return call
-
-
-@contextlib.contextmanager
-def _dispatch_installed() -> Iterator[None]:
-    """Installs the dispatchers at the function layers' kernel entry points (once, however
-    nested); they defer to the originals whenever no walk is active in the calling context."""
-    with _LOCK:
-        if _INSTALLED[0] == 0:
-            entries = [key for key in FEATURE_RULES if isinstance(key, str)]
-            saved = (Activation.__call__, {e: getattr(_pooling, e) for e in entries})
-            Activation.__call__ = _activation_dispatch(saved[0])  # type: ignore[method-assign]
-            for entry, fn in saved[1].items():
-                setattr(_pooling, entry, _readout_dispatch(entry, fn))
-            _SAVED.append(saved)
-        _INSTALLED[0] += 1
-        try:
-            yield
-        finally:
-            _INSTALLED[0] -= 1
-            if _INSTALLED[0] == 0:
-                call, entries = _SAVED.pop()
-                Activation.__call__ = call  # type: ignore[method-assign]
-                for entry, fn in entries.items():
-                    setattr(_pooling, entry, fn)
-
-
-_SAVED: list = []
-
-
 def _walk_module(module: linen.Module, walk: _Walk, x: jax.Array) -> Features:
-    stand_in = _input_stand_in(x)
-    token = _CURRENT.set(walk)
-    try:
-        with _dispatch_installed(), linen.intercept_methods(_intercept):
-            try:
-                out = module.apply({}, stand_in)
-            except TypeError as err:
-                if _FeatureKernel.__name__ not in str(err):
-                    raise
-                raise ValueError(
-                    f"feature_map: a function without a random-feature rule received the feature "
-                    f"stand-in after {walk.last()} ({err}). Use ntkjax.nn layers; wrap other "
-                    "elementwise functions in ntkjax.nn.elementwise."
-                ) from err
-    finally:
-        _CURRENT.reset(token)
-    if not isinstance(out, Kernel):
+    stand_in = _input_stand_in(walk, x)
+    with linen.intercept_methods(_reject_foreign_modules):
+        try:
+            out = module.apply({}, stand_in)
+        except TypeError as err:
+            if _StandIn.__name__ not in str(err):
+                raise
+            raise UnsupportedMeaning(
+                f"a function applied after {walk.last()}", "features",
+                f"it received feature_map's stand-in ({err}); use ntkjax.nn layers, wrap other "
+                "elementwise functions in ntkjax.nn.elementwise.") from err
+    if not isinstance(out, _StandIn):
         raise ValueError(
             f"{type(module).__name__} returned {type(out).__name__} for the feature stand-in; "
             "feature_map needs a module whose output is a single array built from ntkjax.nn "
             "layers."
         )
-    out = walk.expect(out, "the module's output")
     if out.spatial_ndim:
         raise ValueError(
             "feature_map needs a module whose output has no spatial axes; this one's output has "
@@ -736,6 +561,7 @@ def _fit(walk: _Walk, a: jax.Array, d: int) -> jax.Array:
     """Exactly d columns: compressed (SRHT) when wider, zero-padded when narrower."""
     a = _compress(walk, a, d)
     return jnp.pad(a, [(0, 0), (0, d - a.shape[-1])])
+
 
 
 # --------------------------------------------------------------------------- public API
@@ -845,11 +671,12 @@ def feature_map(
     """Random features of ``module``'s NNGP and NTK: ``feature_map(...)(x) -> Features``.
 
     ``module`` is any ``flax.linen`` module that :func:`ntkjax.kernel_fn` accepts, built from
-    the layers with feature rules (module docstring): Dense and Conv in either
-    parameterization, the ReLU family in closed form (arc-cosine random features, Zandieh et al.
-    2021), any other activation by its Hermite expansion truncated at ``hermite_degree`` (Han
-    et al. 2022; truncation error: :func:`hermite_truncation_error`), residual sums, flatten and
-    global-average-pool readouts. ``features.nngp @ features.nngp.T`` estimates
+    the layers with feature rules (module docstring; the layer table of the developer guide):
+    Dense and Conv in either parameterization, the ReLU family in closed form (arc-cosine
+    random features, Zandieh et al. 2021), any other activation by its Hermite expansion
+    truncated at ``hermite_degree`` (Han et al. 2022; truncation error:
+    :func:`hermite_truncation_error`), residual sums, concatenations and products of branches,
+    LayerNorm, the poolings and readouts. ``features.nngp @ features.nngp.T`` estimates
     ``kernel_fn(module)(x).nngp`` and ``features.ntk @ features.ntk.T`` its ``.ntk``, the kernels
     of one output (see :func:`ntkjax.kernel_fn`).
 
@@ -880,8 +707,8 @@ def feature_map(
     ((3, 256), (3, 256))
 
     Raises:
-      ValueError: for a layer without a feature rule (naming it), a module whose output keeps
-        spatial axes, and bad sizes.
+      UnsupportedMeaning: (a ValueError) for a layer without a feature rule, naming it.
+      ValueError: for a module whose output keeps spatial axes, and bad sizes.
     """
     sizes = {"num_features": num_features, "hidden_features": hidden_features,
              "sketch_features": sketch_features, "hermite_degree": hermite_degree,

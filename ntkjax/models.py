@@ -5,6 +5,7 @@ self-attention encoder)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from flax import linen
 
 from ntkjax import nn
 from ntkjax._checks import check_choice
+from ntkjax._meanings import declarations
 from ntkjax.kernels import Kernel
 from ntkjax.nn.attention import AttentionMechanism
 from ntkjax.nn.conv import ConvPadding
@@ -21,18 +23,22 @@ from ntkjax.nn.dense import Parameterization
 __all__ = ["ACTIVATIONS", "CNN", "MLP", "MYRTLE_DEPTHS", "POOLINGS", "READOUTS", "Myrtle",
            "Readout", "Transformer", "resolve_activation"]
 
-# Activations selectable by name (those needing a parameter take their default here).
+def _parameters_default(activation: nn.Activation) -> bool:
+    """Whether every parameter of ``activation`` after its input has a default."""
+    try:
+        params = list(inspect.signature(activation.fn).parameters.values())[1:]
+    except (TypeError, ValueError):  # no introspectable signature: no parameters
+        return True
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params)
+
+
+# Activations selectable by name: every declared ntkjax.nn activation with a finite network
+# whose parameters have defaults (they take their defaults here) -- derived from the
+# declarations, so a new activation is selectable by its declaration alone.
 ACTIVATIONS: dict[str, Callable] = {
-    "relu": nn.relu,
-    "leaky_relu": nn.leaky_relu,
-    "abs": nn.abs,
-    "erf": nn.erf,
-    "gelu": nn.gelu,
-    "sin": nn.sin,
-    "cos": nn.cos,
-    "rbf": nn.rbf,
-    "sign": nn.sign,
-    "identity": nn.identity,
+    d.layer.__name__: d.layer for d in declarations()
+    if isinstance(d.layer, nn.Activation) and d.finite and _parameters_default(d.layer)
 }
 
 
@@ -110,9 +116,10 @@ class MLP(_Network):
 
     Attributes:
       features: ``(h1, ..., h_L, out)``: hidden widths then the number of outputs.
-      activation: a name (``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"abs"``, ``"erf"``,
-        ``"gelu"``, ``"sin"``, ``"cos"``, ``"rbf"`` (gamma 1), ``"sign"``, ``"identity"``) or an
-        :mod:`ntkjax.nn` activation, with parameters via ``functools.partial``.
+      activation: a name in :data:`ACTIVATIONS` (every :mod:`ntkjax.nn` activation whose
+        parameters have defaults, at its defaults: ``"relu"``, ``"leaky_relu"`` (slope 0.01),
+        ``"erf"``, ...) or an :mod:`ntkjax.nn` activation, with parameters via
+        ``functools.partial``.
       w_std, b_std, parameterization: of every :class:`ntkjax.nn.Dense` layer.
 
     ``MLP(...).init(key, x)`` / ``.apply(variables, x)`` map (N, d) to (N, out);

@@ -49,6 +49,7 @@ import numpy as np
 from flax.linen.linear import canonicalize_padding
 from jax.interpreters.ad import JVPTracer
 
+from ntkjax._meanings import declarations
 from ntkjax.jacobians import (
     PRECISION,
     Outputs,
@@ -60,7 +61,7 @@ from ntkjax.jacobians import (
     split_params,
 )
 from ntkjax.nn.conv import transpose_padding
-from ntkjax.nn.dense import Dense as NTKDense
+from ntkjax.nn.flax_layers import FLAX_LAYERS
 
 __all__ = ["count_structured_layers", "last_hidden_features", "structured_kernel"]
 
@@ -81,37 +82,39 @@ class _Layer:
     probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
 
 
+def _structured_kinds() -> dict[type, tuple[str, bool]]:
+    """``{layer class: (kind, probe_scales)}`` of every declared layer with a structured-NTK
+    kind (:mod:`ntkjax.nn.flax_layers`, ``ntkjax.nn.Dense``): read off the declarations."""
+    assert FLAX_LAYERS  # (imported for its declarations)
+    return {d.layer: (d.structured, d.probe_scales) for d in declarations()
+            if isinstance(d.layer, type) and d.structured in _PARAM_NAMES}
+
+
 def _layer_kind(module) -> tuple[str | None, bool]:
     """(kind, probe_scales) for a supported module, (None, False) otherwise."""
     cls = type(module)
-    if cls is nn.Dense or cls is nn.DenseGeneral:
+    kind, probe = _structured_kinds().get(cls, (None, False))
+    if kind is None or probe:
+        return kind, probe
+    if kind == "dense":
         if module.dot_general is not None or module.dot_general_cls is not None:
             return None, False
-        if cls is nn.DenseGeneral and module.batch_dims:
+        if getattr(module, "batch_dims", ()):
             return None, False
-        return "dense", False
-    if cls is nn.Conv:
-        if (
-            module.feature_group_count != 1
-            or module.mask is not None
-            or module.conv_general_dilated is not None
-            or module.conv_general_dilated_cls is not None
-        ):
-            return None, False
-        return "conv", False
-    if cls is nn.ConvTranspose:
-        if (
-            module.mask is not None
-            or module.transpose_kernel
-            or (isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"))
-        ):
-            return None, False
-        return "conv_transpose", False
-    if cls is nn.Embed:
-        return "embed", False
-    if cls is NTKDense:
-        return "dense", True
-    return None, False
+    if kind == "conv" and (
+        module.feature_group_count != 1
+        or module.mask is not None
+        or module.conv_general_dilated is not None
+        or module.conv_general_dilated_cls is not None
+    ):
+        return None, False
+    if kind == "conv_transpose" and (
+        module.mask is not None
+        or module.transpose_kernel
+        or (isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"))
+    ):
+        return None, False
+    return kind, False
 
 
 def _dense_axes(module, ndim: int) -> tuple[int, ...]:

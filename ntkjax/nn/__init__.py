@@ -26,8 +26,15 @@ One module per kind of layer, each holding the layers and their infinite-width r
 * :mod:`ntkjax.nn.structural`: :func:`index` (slicing), :func:`image_resize`,
   :func:`scale` (product with a constant) and :func:`elementwise_nngp`, an elementwise layer
   with a user-given NNGP map.
+
+The layer protocol (:mod:`ntkjax._meanings`): each layer dispatches on its input's type -- an
+array, a Kernel, or feature_map's :class:`FeatureStandIn` -- and states every meaning it
+supports in one declaration beside its finite code (:func:`declare`, :func:`declaration_of`);
+a meaning without a rule raises :class:`UnsupportedMeaning`. Your own layers use the same
+recipe (docs/development.md, "Adding an activation or a layer").
 """
 
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declare
 from ntkjax.nn.activations import (
     Activation,
     ab_relu,
@@ -68,13 +75,17 @@ __all__ = [
     "ConvTranspose",
     "Dense",
     "Dropout",
+    "FeatureStandIn",
     "LayerNorm",
     "SelfAttention",
+    "UnsupportedMeaning",
     "ab_relu",
     "abs",
     "avg_pool",
     "concatenate",
     "cos",
+    "declaration_of",
+    "declare",
     "elementwise",
     "elementwise_nngp",
     "erf",

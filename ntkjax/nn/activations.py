@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -49,6 +49,7 @@ import numpy as np
 
 from ntkjax._checks import float_dtype
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 
 __all__ = [
     "Activation",
@@ -574,10 +575,10 @@ def _gaussian_variance(q: jax.Array, a: float = 1.0, b: float = -1.0) -> jax.Arr
 
 
 def _exp_normalized_fn(x: jax.Array, gamma: float = 1.0, shift: float = -1.0) -> jax.Array:
-    raise ValueError(
-        "exp_normalized has no finite-width function (as in neural-tangents): it is defined "
-        "only on kernels, as the normalized Gaussian kernel of Shankar et al. 2020."
-    )
+    raise UnsupportedMeaning(
+        "ntkjax.nn.exp_normalized", "finite",
+        "it has no finite-width function (as in neural-tangents): it is defined only on "
+        "kernels, as the normalized Gaussian kernel of Shankar et al. 2020.")
 
 
 def _exp_normalized_maps(
@@ -1103,6 +1104,16 @@ class Activation:
       linear: True for a linear function (``identity``), which keeps Gaussian inputs Gaussian;
         any other activation needs Gaussian inputs and marks its output non-Gaussian
         (:attr:`ntkjax.Kernel.non_gaussian`), as neural-tangents does.
+      relu_family: for ``fn(x, *params) = a min(x, 0) + b max(x, 0)``, the map
+        ``(*params) -> (a, b)``: its random features are then the arc-cosine features in closed
+        form (:func:`ntkjax.feature_map`); None uses the Hermite expansion of ``fn``.
+      finite: False for an activation defined on kernels only (no finite network, no
+        features).
+      replaces: JAX functions this activation stands in for, each with a note
+        (``{"relu": ""}``): the hint of :class:`ntkjax.kernels.ForeignFunctionError`.
+
+    The activation's meanings -- finite, kernel, random features, structured NTK -- are its
+    :func:`~ntkjax.nn.declaration_of` (``act.meanings``), derived from these arguments.
 
     Parameters are static Python numbers (or sequences), fixed when the network is built.
 
@@ -1124,19 +1135,33 @@ class Activation:
         doc: str = "",
         num_quadrature: int = 64,
         linear: bool = False,
+        relu_family: Callable[..., tuple[float, float]] | None = None,
+        finite: bool = True,
+        replaces: Mapping[str, str] | None = None,
     ) -> None:
         self.fn = fn
         self.linear = bool(linear)
         self.maps = maps
         self.variance = variance
         self.num_quadrature = int(num_quadrature)
+        self.relu_family = relu_family
         self.__name__ = self.__qualname__ = name
         self.__doc__ = doc
+        self.meanings = Declaration(
+            layer=self, name=f"ntkjax.nn.{name}", kernel=activation_kernel,
+            features=_activation_features if finite else None,
+            structured="parameter-free", per_input_variances=not linear, finite=finite,
+            replaces=dict(replaces or {}),
+            instead={"features": "it has no finite function to expand; use ntkjax.kernel_fn."},
+        )
 
     def __repr__(self) -> str:
         return f"ntkjax.nn.{self.__name__}"
 
     def __call__(self, x: Any, *params: Any, **kw_params: Any) -> Any:
+        if isinstance(x, FeatureStandIn):
+            return self.meanings.on_features(
+                x, lambda k: self(k, *params, **kw_params), self, params, kw_params)
         if isinstance(x, Kernel):
             out = activation_kernel(
                 x,
@@ -1168,6 +1193,22 @@ class Activation:
                                           self.num_quadrature)
         q = jnp.asarray(q)
         return self.maps(q, q, q, *params, **kw_params).sigma
+
+
+def _activation_features(x: FeatureStandIn, exact: Kernel, activation: Activation,
+                         params: tuple, kw_params: dict) -> tuple[Any, Any]:
+    """Random features after an activation (ntkjax.features): the ReLU family
+    ``a min(u, 0) + b max(u, 0)`` by arc-cosine random features in closed form (Cho & Saul
+    2009; Zandieh et al. 2021), any other by its truncated Hermite expansion (Han et al. 2022)
+    -- also a ReLU-family member whose slopes are traced."""
+    if activation.relu_family is not None:
+        try:
+            a, b = (float(v) for v in activation.relu_family(*params, **kw_params))
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            pass  # traced slopes: the general (Hermite) rule
+        else:
+            return x.arc_cosine(a, b)
+    return x.hermite(lambda u: activation.fn(u, *params, **kw_params))
 
 
 def is_activation(fn: Any) -> bool:
@@ -1242,28 +1283,31 @@ def _rbf_fn(x: jax.Array, gamma: float = 1.0) -> jax.Array:
 
 
 relu = Activation(
-    jax.nn.relu, _relu_maps, _relu_variance, name="relu",
+    jax.nn.relu, _relu_maps, _relu_variance, name="relu", relu_family=lambda: (0.0, 1.0),
+    replaces={"relu": "", "maximum": "(if this is max(x, 0))"},
     doc="``max(x, 0)``; kernel: the arc-cosine kernel of degree 1 (Cho & Saul 2009), "
     "``sigma = sqrt(q11 q22) (sin t + (pi - t) cos t) / (2 pi)``, "
     "``sigma_dot = (pi - t) / (2 pi)``, ``t = arccos(c)``.",
 )
 leaky_relu = Activation(
     _leaky_relu_fn, _leaky_relu_maps, _leaky_relu_variance, name="leaky_relu",
+    relu_family=lambda negative_slope=0.01: (negative_slope, 1.0), replaces={"leaky_relu": ""},
     doc="``x if x > 0 else negative_slope * x`` (``leaky_relu(x, negative_slope=0.01)``); "
     "kernel as :data:`ab_relu` with ``a = negative_slope, b = 1``.",
 )
 ab_relu = Activation(
-    _ab_relu_fn, _ab_relu_maps, _ab_relu_variance, name="ab_relu",
+    _ab_relu_fn, _ab_relu_maps, _ab_relu_variance, name="ab_relu", relu_family=lambda a, b: (a, b),
     doc="``a * min(x, 0) + b * max(x, 0)`` (``ab_relu(x, a, b)``); with "
     "``phi(x) = a x + (b - a) relu(x)``: ``sigma = a b q12 + (b - a)^2 sqrt(q11 q22) kappa1(c)``, "
     "``sigma_dot = a b + (b - a)^2 kappa0(c)`` (arc-cosine kernels, Cho & Saul 2009).",
 )
 abs = Activation(
-    jnp.abs, _abs_maps, _abs_variance, name="abs",
+    jnp.abs, _abs_maps, _abs_variance, name="abs", relu_family=lambda: (-1.0, 1.0),
+    replaces={"abs": "", "absolute": ""},
     doc="``|x|``; kernel as :data:`ab_relu` with ``a = -1, b = 1``.",
 )
 erf = Activation(
-    _erf_fn, _erf_maps, _erf_variance, name="erf",
+    _erf_fn, _erf_maps, _erf_variance, name="erf", replaces={"erf": ""},
     doc="``a * erf(b * x) + c`` (``erf(x, a=1, b=1, c=0)``, neural-tangents' ``Erf(a, b, c)``); "
     "for ``erf``: ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))``, "
     "``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997); with "
@@ -1272,6 +1316,7 @@ erf = Activation(
 )
 gelu = Activation(
     _gelu_fn, _gelu_maps, _gelu_variance, name="gelu",
+    replaces={"gelu": "(approximate=True matches jax.nn.gelu's default tanh form)"},
     doc="GELU ``x Phi(x) = x (1 + erf(x / sqrt 2)) / 2`` (``gelu(x, approximate=False)``); "
     "closed-form kernel by Gaussian integration by parts (Tsuchida et al. 2021). As in "
     "neural-tangents' ``Gelu(approximate)``, ``approximate=True`` switches only the finite "
@@ -1279,14 +1324,14 @@ gelu = Activation(
     "the kernel stays the exact GELU's.",
 )
 sin = Activation(
-    _sin_fn, _sin_maps, _sin_variance, name="sin",
+    _sin_fn, _sin_maps, _sin_variance, name="sin", replaces={"sin": ""},
     doc="``a * sin(b * x + c)`` (``sin(x, a=1, b=1, c=0)``, neural-tangents' "
     "``Sin(a, b, c)``); with ``S, C = exp(-b^2 (q11 + q22)/2) (sinh, cosh)(b^2 q12)``: "
     "``sigma = a^2 (cos^2 c S + sin^2 c C)``, ``sigma_dot = a^2 b^2 (cos^2 c C + sin^2 c S)`` "
     "(from ``E[exp(i k u)] = exp(-k^2 q / 2)``).",
 )
 cos = Activation(
-    _cos_fn, _cos_maps, _cos_variance, name="cos",
+    _cos_fn, _cos_maps, _cos_variance, name="cos", replaces={"cos": ""},
     doc="``a * cos(b * x + c)`` (``cos(x, a=1, b=1, c=0)``, neural-tangents' "
     "``Cos(a, b, c) = Sin(a, b, c + pi/2)``); ``sigma = a^2 (cos^2 c C + sin^2 c S)``, "
     "``sigma_dot = a^2 b^2 (cos^2 c S + sin^2 c C)`` with ``S, C`` as in :data:`sin`.",
@@ -1298,16 +1343,17 @@ rbf = Activation(
     "``sigma_dot = 2 gamma sigma``.",
 )
 sign = Activation(
-    jnp.sign, _sign_maps, _sign_variance, name="sign",
+    jnp.sign, _sign_maps, _sign_variance, name="sign", replaces={"sign": ""},
     doc="``sign(x)``; ``sigma = (2/pi) arcsin(c)`` (Sheppard's formula); its derivative is 0 "
     "almost everywhere, so it stops the NTK (``sigma_dot = 0``).",
 )
 identity = Activation(
     lambda x: x, _identity_maps, _identity_variance, name="identity", linear=True,
+    relu_family=lambda: (1.0, 1.0),
     doc="``x``; ``sigma = q12``, ``sigma_dot = 1``.",
 )
 exp = Activation(
-    _exp_fn, _exp_maps, _exp_variance, name="exp",
+    _exp_fn, _exp_maps, _exp_variance, name="exp", replaces={"exp": ""},
     doc="``a * exp(b * x)`` (``exp(x, a=1, b=1)``, neural-tangents' ``Exp(a, b)``); "
     "``sigma = a^2 exp(b^2 ((q11 + q22)/2 + q12))``, ``sigma_dot = b^2 sigma`` (the Gaussian "
     "moment generating function).",
@@ -1320,6 +1366,7 @@ gaussian = Activation(
 )
 exp_normalized = Activation(
     _exp_normalized_fn, _exp_normalized_maps, _exp_normalized_variance, name="exp_normalized",
+    finite=False,
     doc="neural-tangents' ``ExpNormalized(gamma=1, shift=-1)`` (``exp_normalized(x, gamma, "
     "shift)``): the Gaussian normalized kernel of Shankar et al. 2020, defined on kernels only "
     "(on arrays it raises a ValueError): ``sigma = sqrt(q11 q22) exp(gamma (c + shift))``, "
@@ -1361,6 +1408,8 @@ hermite = Activation(
 )
 sigmoid_like = Activation(
     _sigmoid_like_fn, _sigmoid_like_maps, _sigmoid_like_variance, name="sigmoid_like",
+    replaces={"sigmoid": "(0.5 erf(x / 2.402) + 0.5, a closed-form stand-in for the logistic "
+              "sigmoid)"},
     doc="``0.5 * erf(x / 2.4020563531719796) + 0.5`` (neural-tangents' ``Sigmoid_like()``, the "
     "erf that best fits the logistic sigmoid in squared error on [-5, 5]): :data:`erf` with "
     "``a = 0.5, b = 1 / 2.4020563531719796, c = 0.5``.",
@@ -1372,6 +1421,11 @@ gabor = Activation(
     "q22 + 4 Delta + 2 q12)/(2D))) / (2 sqrt D)`` (a Gaussian integral), ``sigma_dot = "
     "d sigma / d q12`` by autodiff (Price's theorem).",
 )
+
+
+# The activations above are declared layers of ntkjax.nn (elementwise ones stay undeclared).
+for _activation in [v for v in list(globals().values()) if isinstance(v, Activation)]:
+    register(_activation.meanings)
 
 
 def elementwise(fn: Callable[[jax.Array], jax.Array], *, num_quadrature: int = 64) -> Activation:

@@ -45,6 +45,7 @@ from flax import linen
 
 from ntkjax._checks import check_choice
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.dense import Dense
 
 __all__ = ["ATTENTION_MECHANISMS", "AttentionMechanism", "SelfAttention", "attention_kernel"]
@@ -218,6 +219,8 @@ class SelfAttention(linen.Module):
     @linen.compact
     def __call__(self, x: Any) -> Any:
         self._check()
+        if isinstance(x, FeatureStandIn):
+            return _MEANINGS.on_features(x, self.__call__)
         if isinstance(x, Kernel):
             return attention_kernel(
                 x, self.out_features, linear_scaling=self.linear_scaling,
@@ -254,3 +257,11 @@ class SelfAttention(linen.Module):
         out = Dense(self.out_features, w_std=self.w_out_std, b_std=self.b_std,
                     use_bias=self.use_bias, param_dtype=self.param_dtype, name="out")(heads)
         return out.reshape(n, *spatial, self.out_features)
+
+
+_MEANINGS = declare(
+    SelfAttention, kernel=attention_kernel, features=None,
+    structured="via its ntkjax.nn.Dense projections", all_pairs=True, per_input_variances=True,
+    instead={"features": "self-attention has no random-feature rule; use ntkjax.kernel_fn "
+             "(exact) or the empirical NTK of a finite network."},
+)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 
 __all__ = ["concatenate", "multiply"]
 
@@ -144,6 +145,8 @@ def concatenate(branches: Sequence[Any], axis: int = -1) -> Any:
     branches = list(branches)
     if not branches:
         raise ValueError("concatenate needs at least one branch.")
+    if any(isinstance(b, FeatureStandIn) for b in branches):
+        return _CONCATENATE.on_features(branches, lambda ks: concatenate(ks, axis), axis)
     kernels = [isinstance(b, Kernel) for b in branches]
     if any(kernels) and not all(kernels):
         raise ValueError("concatenate got a mix of Kernels and arrays; pass one kind.")
@@ -217,6 +220,8 @@ def multiply(a: Any, b: Any, *more: Any) -> Any:
     6.0
     """
     branches = [a, b, *more]
+    if any(isinstance(x, FeatureStandIn) for x in branches):
+        return _MULTIPLY.on_features(branches, lambda ks: multiply(*ks))
     kernels = [isinstance(x, Kernel) for x in branches]
     if any(kernels) and not all(kernels):
         raise ValueError("multiply got a mix of Kernels and arrays; pass one kind.")
@@ -228,3 +233,58 @@ def multiply(a: Any, b: Any, *more: Any) -> Any:
             f"multiply needs branches of one shape; got shapes {[x.shape for x in arrays]}."
         )
     return functools.reduce(jnp.multiply, arrays)
+
+
+def _concatenate_features(xs: list[FeatureStandIn], exact: Kernel, axis: int):
+    """Random features of a concatenation, exact.
+
+    * Channels: ``K = sum_b C_b K_b / C`` is a weighted sum of kernels, whose features are the
+      concatenation ``phi = [sqrt(C_1 / C) phi_1, ..., sqrt(C_B / C) phi_B]`` (likewise psi).
+    * A spatial axis: the positions of the branches follow one another along it and the kernel
+      between positions of different branches is 0, so each branch's features go into
+      coordinates of their own (zero elsewhere) and the positions are concatenated:
+      ``phi[p] = [0, .., phi_b[p], .., 0]`` for p in branch b (likewise psi).
+    """
+    if len(xs) == 1:
+        return xs[0].phi, xs[0].psi
+    ndim = xs[0].exact.spatial_ndim + 2
+    if axis % ndim == ndim - 1:
+        widths = [x.exact.width for x in xs]
+        total = sum(widths)
+        scales = [(w / total) ** 0.5 for w in widths]
+        return (jnp.concatenate([s * x.phi for s, x in zip(scales, xs, strict=True)], -1),
+                jnp.concatenate([s * x.psi for s, x in zip(scales, xs, strict=True)], -1))
+
+    def own_coordinates(parts: list[jax.Array]) -> jax.Array:
+        sizes = [p.shape[-1] for p in parts]
+        total, offset, placed = sum(sizes), 0, []
+        for p, size in zip(parts, sizes, strict=True):
+            pads = [(0, 0)] * (p.ndim - 1) + [(offset, total - offset - size)]
+            placed.append(jnp.pad(p, pads))
+            offset += size
+        return jnp.concatenate(placed, axis=axis % ndim)
+
+    return own_coordinates([x.phi for x in xs]), own_coordinates([x.psi for x in xs])
+
+
+def _multiply_features(xs: list[FeatureStandIn], exact: Kernel):
+    """Random features of a product of independent branches (unbiased): a product of kernels
+    has the tensor product of the features as its features, sketched to a fixed size by
+    TensorSRHT (Ahle et al. 2020; ``FeatureStandIn.tensor_sketch``, unbiased:
+    ``E[S(a (x) b) . S(a' (x) b')] = (a . a')(b . b')``), so for two branches
+    ``Sigma = Sigma_a Sigma_b`` has ``phi = S(phi_a (x) phi_b)`` and
+    ``Theta = Theta_a Sigma_b + Sigma_a Theta_b`` has ``psi = [S(psi_a (x) phi_b),
+    S(phi_a (x) psi_b)]``; more branches multiply in turn. Per position for images."""
+    x0 = xs[0]
+    phi, psi = x0.phi, x0.psi
+    for x in xs[1:]:
+        phi, psi = (x0.tensor_sketch(phi, x.phi),
+                    jnp.concatenate([x0.tensor_sketch(psi, x.phi),
+                                     x0.tensor_sketch(phi, x.psi)], axis=-1))
+    return phi, psi
+
+
+_CONCATENATE = declare(concatenate, kernel=concatenate, features=_concatenate_features,
+                       structured="parameter-free")
+_MULTIPLY = declare(multiply, kernel=_multiply_kernels, features=_multiply_features,
+                    structured="parameter-free")

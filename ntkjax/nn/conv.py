@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -36,7 +37,8 @@ from flax import linen
 
 from ntkjax._checks import check_choice
 from ntkjax._kernel import Kernel
-from ntkjax.nn.dense import Affine, Parameterization, dense_kernel
+from ntkjax._meanings import FeatureStandIn, declaration_of, declare
+from ntkjax.nn.dense import Affine, Parameterization, dense_features, dense_kernel
 
 __all__ = [
     "CONV_PADDINGS",
@@ -370,6 +372,10 @@ class _ConvLayer(Affine):
         self._check()
         check_choice(self.padding, self._paddings(), "padding")
         name = type(self).__name__
+        if isinstance(x, FeatureStandIn):
+            meanings = declaration_of(type(self))
+            assert meanings is not None
+            return meanings.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
             nd = x.spatial_ndim
             if nd == 0:
@@ -553,3 +559,46 @@ class ConvTranspose(_ConvLayer):
     padding: TransposePadding = "SAME"
 
     _transpose = True
+
+
+def _patches(phi: jax.Array, window: tuple[int, ...], strides: tuple[int, ...],
+             padding: str) -> jax.Array:
+    """``concat_delta phi[s o + delta] / sqrt(|K|)`` over the window offsets delta (zero
+    padding for SAME, periodic for CIRCULAR, as :func:`conv_padding`): the inner products of
+    patches are the patch average of the inner products (:func:`patch_average`)."""
+    nd = len(window)
+    spatial = phi.shape[1 : 1 + nd]
+    pads, mode = conv_padding(spatial, window, strides, padding)  # type: ignore[arg-type]
+    phi = jnp.pad(phi, [(0, 0), *pads, (0, 0)], mode=mode)
+    outs = [(n + lo + hi - k) // s + 1
+            for n, (lo, hi), k, s in zip(spatial, pads, window, strides, strict=True)]
+    pieces = []
+    for delta in itertools.product(*(range(k) for k in window)):
+        index = (slice(None), *(slice(d, d + (o - 1) * s + 1, s)
+                                for d, o, s in zip(delta, outs, strides, strict=True)),
+                 slice(None))
+        pieces.append(phi[index])
+    return jnp.concatenate(pieces, axis=-1) * (1.0 / math.sqrt(math.prod(window)))
+
+
+def _conv_features(x: FeatureStandIn, exact: Kernel, module: Conv):
+    """A convolution is a dense layer on patches (CNTK features, Zandieh et al. 2021,
+    section 5): :func:`_patches` of phi and psi, then
+    :func:`~ntkjax.nn.dense.dense_features` with ``fan_in = |K| C`` -- exact."""
+    nd = x.exact.spatial_ndim
+    window = _per_axis(module.kernel_size, nd, "kernel_size")
+    strides = _per_axis(module.strides, nd, "strides")
+    phi = _patches(x.phi, window, strides, module.padding)
+    psi = _patches(x.psi, window, strides, module.padding)
+    return dense_features(phi, psi, w_std=module.w_std, b_std=module._bias_std,
+                          use_bias=module._with_bias, parameterization=module.parameterization,
+                          fan_in=math.prod(window) * x.exact.width)
+
+
+_MEANINGS = declare(Conv, kernel=conv_kernel, features=_conv_features,
+                    structured="via its flax.linen.Conv")
+_TRANSPOSE_MEANINGS = declare(
+    ConvTranspose, kernel=conv_kernel, features=None, structured="via its flax.linen.Conv",
+    instead={"features": "a transposed convolution has no random-feature rule yet; use "
+             "ntkjax.kernel_fn (exact) or the empirical NTK of a finite network."},
+)

@@ -29,8 +29,10 @@ from flax import linen
 
 from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 
-__all__ = ["PARAMETERIZATIONS", "Affine", "Dense", "Parameterization", "dense_kernel",
+__all__ = ["PARAMETERIZATIONS", "Affine", "Dense", "Parameterization", "dense_features",
+           "dense_kernel",
            "dense_kernels", "dense_variance"]
 
 Parameterization = Literal["ntk", "standard"]
@@ -121,6 +123,37 @@ def dense_kernel(
     )
     return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features),
                      non_gaussian="")  # a dense layer's outputs are Gaussian again
+
+
+def dense_features(
+    phi: jax.Array,
+    psi: jax.Array,
+    *,
+    w_std: float,
+    b_std: float,
+    use_bias: bool,
+    parameterization: Parameterization,
+    fan_in: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Random features after a dense layer, exact: a sum of kernels has the concatenated
+    features and a scaled kernel the scaled ones, so from ``Sigma' = w^2 Sigma + b^2`` and
+    ``Theta' = Sigma' + w^2 Theta`` (NTK parameterization) or
+    ``Theta' = fan_in Sigma + w^2 Theta (+ 1)`` (standard): ``phi' = [w phi, b]`` and
+    ``psi' = [phi', w psi]`` or ``[sqrt(fan_in) phi, w psi, 1]`` (the last axis holds the
+    features; a zero bias adds no column).
+    """
+    w, b = float(w_std), float(b_std)
+    ones = jnp.ones((*phi.shape[:-1], 1), phi.dtype)
+    parts = [w * phi]
+    if use_bias and b != 0:
+        parts.append(b * ones)
+    new_phi = jnp.concatenate(parts, axis=-1)
+    if parameterization == "ntk":
+        return new_phi, jnp.concatenate([new_phi, w * psi], axis=-1)
+    parts = [math.sqrt(fan_in) * phi, w * psi]
+    if use_bias:
+        parts.append(ones)
+    return new_phi, jnp.concatenate(parts, axis=-1)
 
 
 class Affine(linen.Module):
@@ -217,6 +250,8 @@ class Dense(Affine):
     @linen.compact
     def __call__(self, x: Any) -> Any:
         self._check()
+        if isinstance(x, FeatureStandIn):
+            return _MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
             return dense_kernel(
                 x, self.features, w_std=self.w_std, b_std=self._bias_std,
@@ -244,3 +279,15 @@ class Dense(Affine):
             b = self.param("bias", b_init, (self.features,), dtype)
             y = y + b
         return y
+
+
+def _dense_layer_features(x: FeatureStandIn, exact: Kernel, module: Dense):
+    return dense_features(x.phi, x.psi, w_std=module.w_std, b_std=module._bias_std,
+                          use_bias=module._with_bias, parameterization=module.parameterization,
+                          fan_in=x.exact.width)
+
+
+_MEANINGS = declare(
+    Dense, kernel=dense_kernel, features=_dense_layer_features, structured="dense",
+    probe_scales=True,
+)

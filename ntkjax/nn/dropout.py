@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import linen
 
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 
 __all__ = ["Dropout", "dropout_kernel"]
 
@@ -125,9 +126,22 @@ class Dropout(linen.Module):
             )
         if not self.active(deterministic):
             return x
+        if isinstance(x, FeatureStandIn):
+            return _MEANINGS.on_features(x, lambda k: self(k, deterministic))
         if isinstance(x, Kernel):
             return dropout_kernel(x, self.rate)
         x = jnp.asarray(x)
         keep = 1.0 - float(self.rate)
         mask = jax.random.bernoulli(self.make_rng(self.rng_collection), keep, x.shape)
         return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
+
+
+# Active dropout raises only each input's own entries (its kernel depends on which inputs are
+# the same, i.e. on the batch), which no fixed feature map of one input reproduces; inactive
+# dropout is the identity in every meaning.
+_MEANINGS = declare(
+    Dropout, kernel=dropout_kernel, features=None, structured="parameter-free",
+    batch_dependent=True,
+    instead={"features": "active dropout's kernel depends on which inputs coincide; use "
+             "Dropout(deterministic=True) in the feature map, or ntkjax.kernel_fn."},
+)

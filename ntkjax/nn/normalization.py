@@ -30,6 +30,7 @@ from flax import linen
 
 from ntkjax._checks import is_concrete
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
 
@@ -51,6 +52,19 @@ def _normalized_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
             "independently."
         )
     return out
+
+
+def _inverse_scales(d: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+    """``1 / sqrt(v + eps)``, shaped (N, *S), from position variances ``d`` (N, *S), ``v``
+    averaged over the normalized spatial axes (``axes`` of the activations (N, *S, C))."""
+    nd = d.ndim - 1
+    spatial = tuple(a for a in axes if a != nd + 1)  # 1-based spatial axes averaged
+    if spatial:
+        d = jnp.broadcast_to(jnp.mean(d, axis=spatial, keepdims=True), d.shape)
+    v = d + float(epsilon)
+    # a zero-variance example with eps = 0 (all-zero pre-activations): a zero row, not
+    # 0 * inf = NaN
+    return jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
 
 
 def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
@@ -90,19 +104,10 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
             "trainable layer before it). LayerNorm subtracts each input's channel mean, which "
             "that kernel does not hold. Put a Dense (or Conv) layer before the LayerNorm."
         )
-    spatial = tuple(a - 1 for a in axes if a != nd + 1)  # 0-based spatial axes averaged
-    eps = float(epsilon)
     ones = (1,) * nd
 
     def scales(d: jax.Array) -> jax.Array:
-        """1 / sqrt(v + eps), shaped (N, *S), from position variances d of shape (N, *S)."""
-        if spatial:
-            d = jnp.mean(d, axis=tuple(1 + a for a in spatial), keepdims=True)
-            d = jnp.broadcast_to(d, (d.shape[0], *k.spatial_shape))
-        v = d + eps
-        # a zero-variance example with eps = 0 (all-zero pre-activations): a zero row, not
-        # 0 * inf = NaN
-        return jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
+        return _inverse_scales(d, axes, epsilon)
 
     d1, d2 = k.position_variances()
     r1 = scales(d1)
@@ -162,6 +167,8 @@ class LayerNorm(linen.Module):
     def __call__(self, x: Any) -> Any:
         if not self.epsilon >= 0:
             raise ValueError(f"LayerNorm epsilon must be >= 0, got {self.epsilon!r}.")
+        if isinstance(x, FeatureStandIn):
+            return _MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
             return layer_norm_kernel(x, self.axis, epsilon=self.epsilon)
         x = jnp.asarray(x)
@@ -174,3 +181,18 @@ class LayerNorm(linen.Module):
         v = var + jnp.asarray(self.epsilon, var.dtype)
         # a constant example with epsilon = 0: 0 (as its kernel), not 0 * inf = NaN
         return centred * jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
+
+
+def _layer_norm_features(x: FeatureStandIn, exact: Kernel, module: LayerNorm):
+    """Random features after a LayerNorm, exact: its kernel rule multiplies entry
+    ``[a, b, p, p']`` by ``r_a[p] r_b[p']`` with ``r = 1 / sqrt(v + eps)`` from the exact
+    variances, so ``phi'[a, p] = r_a[p] phi[a, p]`` (likewise psi). (The kernel rule, applied
+    first, has checked the axes and the Gaussian input.)"""
+    nd = x.exact.spatial_ndim
+    r = _inverse_scales(x.exact.position_variances()[0],
+                        _normalized_axes(module.axis, nd + 2), module.epsilon)[..., None]
+    return x.phi * r.astype(x.phi.dtype), x.psi * r.astype(x.psi.dtype)
+
+
+_MEANINGS = declare(LayerNorm, kernel=layer_norm_kernel, features=_layer_norm_features,
+                    structured="parameter-free", per_input_variances=True)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from ntkjax._checks import check_choice
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.conv import CONV_PADDINGS, conv_padding, window_sum
 
 __all__ = [
@@ -93,6 +94,8 @@ def flatten(x: Any) -> Any:
     >>> flatten(jnp.ones((2, 3, 3, 4))).shape
     (2, 36)
     """
+    if isinstance(x, FeatureStandIn):
+        return _FLATTEN.on_features(x, flatten)
     if isinstance(x, Kernel):
         return _flatten_kernel(x)
     x = jnp.asarray(x)
@@ -119,8 +122,7 @@ def _global_pool_kernel(k: Kernel, name: str, average: bool) -> Kernel:
 
 
 def _global_average_pool_kernel(k: Kernel) -> Kernel:
-    """The rule of :func:`global_average_pool` (an entry point of its own: ntkjax.features
-    dispatches the readout's random-feature rule here)."""
+    """The rule of :func:`global_average_pool`."""
     return _global_pool_kernel(k, "global_average_pool", average=True)
 
 
@@ -147,6 +149,8 @@ def global_average_pool(x: Any) -> Any:
     >>> global_average_pool(jnp.ones((2, 3, 3, 4))).shape
     (2, 4)
     """
+    if isinstance(x, FeatureStandIn):
+        return _GLOBAL_AVERAGE_POOL.on_features(x, global_average_pool, average=True)
     if isinstance(x, Kernel):
         return _global_average_pool_kernel(x)
     x = jnp.asarray(x)
@@ -170,6 +174,8 @@ def global_sum_pool(x: Any) -> Any:
     >>> print(global_sum_pool(jnp.ones((2, 3, 3, 4)))[0, 0])
     9.0
     """
+    if isinstance(x, FeatureStandIn):
+        return _GLOBAL_SUM_POOL.on_features(x, global_sum_pool, average=False)
     if isinstance(x, Kernel):
         return _global_pool_kernel(x, "global_sum_pool", average=False)
     x = jnp.asarray(x)
@@ -352,6 +358,11 @@ def avg_pool(
     >>> print(avg_pool(jnp.arange(4.0).reshape(1, 4, 1), (2,), strides=(2,))[0, :, 0])
     [0.5 2.5]
     """
+    if isinstance(x, FeatureStandIn):
+        return _AVG_POOL.on_features(
+            x, lambda k: avg_pool(k, window_shape, strides, padding, count_include_pad),
+            window_shape, strides, padding, average=True, count_include_pad=count_include_pad,
+            name="avg_pool")
     return _pool(x, window_shape, strides, padding, average=True,
                  count_include_pad=count_include_pad, name="avg_pool")
 
@@ -381,5 +392,61 @@ def sum_pool(
     >>> sum_pool(jnp.ones((1, 4, 4, 1)), (2, 2), strides=(2, 2)).shape
     (1, 2, 2, 1)
     """
+    if isinstance(x, FeatureStandIn):
+        return _SUM_POOL.on_features(
+            x, lambda k: sum_pool(k, window_shape, strides, padding),
+            window_shape, strides, padding, average=False, count_include_pad=True,
+            name="sum_pool")
     return _pool(x, window_shape, strides, padding, average=False, count_include_pad=True,
                  name="sum_pool")
+
+
+# Random-feature rules (ntkjax.features; features per position, shape (N, *S, D)). Every
+# pooling is linear in the per-position values, and a kernel is the inner product of features,
+# so pooling the features by the finite layer itself gives exactly the pooled kernel:
+# ``phi'[o] = sum_{p in W_o} phi[p] / |W_o|`` has ``phi'[o] . phi'[o'] = sum_{p, p'}
+# Sigma[p, p'] / (|W_o| |W_o'|)`` (likewise psi and Theta; the global pools are one window).
+# flatten keeps every position in its own coordinates: ``phi.reshape(N, P D) / sqrt(P)`` has
+# inner products ``mean_p Sigma[p, p]`` (Novak et al. 2019 readouts).
+
+
+def _flatten_features(x: FeatureStandIn, exact: Kernel):
+    nd = x.exact.spatial_ndim
+    if nd == 0:
+        return x.phi, x.psi
+    scale = 1.0 / math.sqrt(math.prod(x.exact.spatial_shape))
+    n = x.phi.shape[0]
+    return x.phi.reshape(n, -1) * scale, x.psi.reshape(n, -1) * scale
+
+
+def _global_pool_features(x: FeatureStandIn, exact: Kernel, *, average: bool):
+    axes = tuple(range(1, 1 + x.exact.spatial_ndim))
+    reduce = jnp.mean if average else jnp.sum
+    return reduce(x.phi, axis=axes), reduce(x.psi, axis=axes)
+
+
+def _window_pool_features(x: FeatureStandIn, exact: Kernel, window_shape: Any, strides: Any,
+                          padding: Any, *, average: bool, count_include_pad: bool, name: str):
+    nd = x.exact.spatial_ndim  # an int window or stride applies to every axis, as the kernel
+    window = (window_shape,) * nd if isinstance(window_shape, int) else tuple(window_shape)
+    step = (strides,) * nd if isinstance(strides, int) else strides
+
+    def pool(a: jax.Array) -> jax.Array:
+        return _pool(a, window, step, padding, average=average,
+                     count_include_pad=count_include_pad, name=name)
+
+    return pool(x.phi), pool(x.psi)
+
+
+_FLATTEN = declare(flatten, kernel=_flatten_kernel, features=_flatten_features,
+                   structured="parameter-free")
+_GLOBAL_AVERAGE_POOL = declare(global_average_pool, kernel=_global_average_pool_kernel,
+                               features=_global_pool_features, structured="parameter-free",
+                               all_pairs=True)
+_GLOBAL_SUM_POOL = declare(global_sum_pool, kernel=_global_pool_kernel,
+                           features=_global_pool_features, structured="parameter-free",
+                           all_pairs=True)
+_AVG_POOL = declare(avg_pool, kernel=_pool_kernel, features=_window_pool_features,
+                    structured="parameter-free", all_pairs=True)
+_SUM_POOL = declare(sum_pool, kernel=_pool_kernel, features=_window_pool_features,
+                    structured="parameter-free", all_pairs=True)

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntkjax.kernels import Kernel
+from ntkjax._kernel import Kernel
 from ntkjax.nn.activations import Activation, ActivationMaps
 
 __all__ = ["elementwise_nngp", "elementwise_nngp_maps", "image_resize", "image_resize_kernel",
