@@ -204,3 +204,17 @@ def test_a_store_created_meanwhile_by_another_call_is_joined(tmp_path, monkeypat
     with pytest.raises(ValueError, match="another computation"):
         evaluate_in_blocks(lambda a, b: 2 * a @ b.T, x, block_size=4, out=out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_a_store_of_the_old_format_is_refused_by_name(tmp_path):
+    """Version 1 stores had no checksums and repr fingerprints: reusing one could be silently
+    wrong, so it is refused with the version named."""
+    import zarr
+
+    x, out = _data(), tmp_path / "K.zarr"
+    evaluate_in_blocks(_outer, x, block_size=4, out=out)
+    group = zarr.open_group(out, mode="r+")
+    meta = dict(group.attrs)["ntkjax"]
+    group.attrs["ntkjax"] = {**meta, "version": 1}
+    with pytest.raises(ValueError, match="format version 1"):
+        evaluate_in_blocks(_outer, x, block_size=4, out=out)
