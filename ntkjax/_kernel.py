@@ -356,3 +356,7 @@ def traceback_frames(err: BaseException) -> list[tuple[str, int, str]]:
     '<module>'
     """
     return [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(err.__traceback__)]
+
+
+# Kernel's public home, where the API reference documents it (and pickles find it).
+Kernel.__module__ = "ntkjax.kernels"

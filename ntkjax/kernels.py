@@ -216,7 +216,7 @@ def _apply_to_kernel(module: linen.Module, kernel: Kernel) -> Kernel:
         # JAX functions that abstractify their arguments (lax ops, jitted jax.nn functions)
         # reject a Kernel before asking for __jax_array__: name the call from the traceback.
         text = str(err)
-        if "__jax_array__" in text or "ntkjax._kernel.Kernel" in text:
+        if "__jax_array__" in text or "ntkjax.kernels.Kernel" in text:
             raise ForeignFunctionError(describe_foreign_call(traceback_frames(err))) from err
         raise
     if not isinstance(out, Kernel):
