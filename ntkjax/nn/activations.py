@@ -22,7 +22,8 @@ two variances is ever formed and nothing underflows) and of row quantities such 
 ``sqrt(q11)``; determinants by ``hypot`` and row scales, polynomial kernels with
 ``max(sqrt(q), 1)^n`` factored out and applied last. So every map is finite for all normal
 variances wherever its value is representable, and +-inf (never NaN) where it overflows
-(``docs/numerical_behaviour.md`` has the ranges; ``tests/test_activations.py`` sweeps them). ``c`` is clipped to [-1, 1] and a ``c`` within ``8 eps`` of +-1
+(``docs/numerical_behaviour.md`` has the ranges; ``tests/test_activations.py`` sweeps them).
+``c`` is clipped to [-1, 1] and a ``c`` within ``8 eps`` of +-1
 is taken as exactly +-1: the computed ``c`` of two identical inputs is only known to a few ulps,
 and the angle ``arccos c`` of a ``c`` a few ulps below 1 is ``sqrt(2 * ulps)`` -- without this
 the NTK diagonal of a ReLU network would be off by ~1e-4 in float32. A zero variance gives
