@@ -17,8 +17,13 @@ limit, ``(u, v) ~ N(0, [[q11, q12], [q12, q22]])``, with ``q12`` the NNGP entry 
 (Neal 1996; Lee et al. 2018; Jacot et al. 2018). ``q11`` and ``q22`` broadcast against ``q12``.
 
 Numerics. Everything is written in terms of the correlation ``c = q12 / sqrt(q11 q22)`` (computed
-as ``q12 * rsqrt(q11) * rsqrt(q22)``, so no product of two variances is ever formed) and of row
-quantities such as ``sqrt(q11)``. ``c`` is clipped to [-1, 1] and a ``c`` within ``8 eps`` of +-1
+from ``rsqrt(q11)`` and ``rsqrt(q22)`` split into mantissas and powers of two, so no product of
+two variances is ever formed and nothing underflows) and of row quantities such as
+``sqrt(q11)``; determinants by ``hypot`` and row scales, polynomial kernels with
+``max(sqrt(q), 1)^n`` factored out and applied last. So every map is finite for all normal
+variances wherever its value is representable, and +-inf (never NaN) where it overflows
+(``docs/numerical_behaviour.md`` has the ranges; ``tests/test_activations.py`` sweeps them).
+``c`` is clipped to [-1, 1] and a ``c`` within ``8 eps`` of +-1
 is taken as exactly +-1: the computed ``c`` of two identical inputs is only known to a few ulps,
 and the angle ``arccos c`` of a ``c`` a few ulps below 1 is ``sqrt(2 * ulps)`` -- without this
 the NTK diagonal of a ReLU network would be off by ~1e-4 in float32. A zero variance gives
