@@ -122,7 +122,7 @@ NOT_QUICK_SECTIONS = ("digits_images", "digits_likelihood", "digits_features")
 
 
 def demo_settings(quick: bool = False, full: bool = False) -> DemoSettings:
-    """The default run (about 4 CPU-minutes), the ``--quick`` one (seconds) or the ``--full``
+    """The default run (about 4 CPU-minutes), the ``--quick`` one (under a minute) or the ``--full``
     one (the whole digits split in sections 8-10, more feature counts and draws)."""
     if quick and full:
         raise ValueError("quick and full exclude each other; choose one.")
@@ -1393,8 +1393,8 @@ sections (in order):
 
 cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
   --quick   about 40-50 CPU-s, 0.8 GB (sections 1-7)
-  default   about 220 CPU-s, 2 GB (sections 1-8 and 10; 8 and 10 on 500 training and
-            400 test images, 4 draws of the random features)
+  default   220-290 CPU-s, 2.1 GB (sections 1-8 and 10; 8 and 10 on 500 training and
+            400 test images, 4 draws of the random features; 290 at load ~20)
   --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
             on the whole digits split, D up to 8192)
   On an idle machine the wall time is about the CPU time: most of it is compilation,
