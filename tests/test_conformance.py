@@ -19,9 +19,10 @@ Meanings and their truths:
   devices (one subprocess for every network) equal the joint kernel's blocks to 1e-12;
   ``kernel_matrix(module, x1)`` of a train-mode dropout network is the documented refusal;
 * ``empirical_ntk``: the three methods of ``empirical_ntk_fn`` agree to 1e-10;
-* ``wide_limit`` (slow): the empirical NTK of networks of growing width converges to
-  ``kernel_fn`` with a fitted log-log slope near -1/2 (fluctuations of a finite network's NTK
-  are O(width^-1/2): Jacot et al. 2018; Hanin & Nica 2020), as the suite's other width fits
+* ``wide_limit`` (slow): the empirical NTK of networks 16x wider is closer to ``kernel_fn``,
+  with a log-log slope between -1 and -0.3 (fluctuations of a finite network's NTK are
+  O(width^-1/2): Jacot et al. 2018; Hanin & Nica 2020; narrow networks add an O(1/width) bias;
+  a wrong limit flattens the slope towards 0), as the suite's other width fits
   (tests/test_models.py, tests/test_normalization.py);
 * ``feature_map`` (slow): the error of random features against ``kernel_fn`` falls like
   D^-1/2 (fitted slope in [-0.65, -0.35], as tests/test_features.py), or ``feature_map`` raises
@@ -89,7 +90,28 @@ MATRIX: dict[str, dict[str, str]] = {
 _PROTOKERN = "fixed by protokern; lead removes at merge"
 _PROTOFEAT = "fixed by protofeat; lead removes at merge"
 # Cells that fail on this branch (issue 21's defects), each seen failing.
-XFAIL: dict[tuple[str, str], str] = {}
+XFAIL: dict[tuple[str, str], str] = {
+    **{(net, meaning): _PROTOKERN
+       for net in ("post-LN transformer", "models.Transformer")
+       for meaning in ("kernel_fn_x2", "kernel_matrix_blocks", "kernel_matrix_store",
+                       "kernel_matrix_devices")},  # "this kernel carries no variances"
+    # UnsupportedMeaning does not exist yet (a plain ValueError, or an error from inside)
+    **{(net, "feature_map"): _PROTOFEAT
+       for net in ("act_exp_normalized", "LayerNorm", "Dropout(eval)", "Dropout(train)",
+                   "ConvTranspose", "image LayerNorm", "SelfAttention", "SelfAttention(identity)",
+                   "post-LN transformer", "models.Transformer")},
+    # silently wrong features (errors that do not fall with D), or a crash inside
+    **{(net, "feature_map"): _PROTOFEAT
+       for net in ("concatenate", "multiply", "models.CNN(avg,flatten)", "models.CNN(sum,gap)",
+                   "models.CNN(global_sum_pool)", "models.Myrtle", "sequence Conv")},
+    # silently wrong features outside protofeat's brief: the Hermite features stop falling
+    **{(net, "feature_map"): "Hermite features plateau (reported to the lead); lead decides"
+       for net in ("act_sign", "act_gaussian", "act_gabor")},
+    ("residual", "feature_map"): "two random layers: the NTK error falls like D^-0.66 (bias); "
+    "reported to the lead",
+    ("act_exp", "wide_limit"): "the exp network's empirical NTK error falls only from 0.87 to "
+    "0.67 over 16x the width (heavy tails or a wrong limit); reported to the lead",
+}
 
 
 def _cells():
@@ -236,7 +258,8 @@ NETWORK_DRAWS = 8
 
 def check_wide_limit(net: Net, _) -> None:
     """RMS over 8 networks of ||Theta_emp - Theta||_F / ||Theta||_F at two widths 16x apart:
-    log-log slope in [-0.7, -0.3] (the error falls about 4x). One compiled empirical NTK per
+    log-log slope in [-1, -0.3] (the suite's [-0.7, -0.3], widened to -1 for the O(1/width)
+    bias of the narrow networks that a two-point fit sees). One compiled empirical NTK per
     width, called per network (cheaper to compile than a vmapped one)."""
     x1, x2 = inputs(net.kind)
     x = np.concatenate([x1, x2])
@@ -255,16 +278,18 @@ def check_wide_limit(net: Net, _) -> None:
             sq.append(np.sum((emp - theta) ** 2) / np.sum(theta**2))
         errors.append(float(np.sqrt(np.mean(sq))))
     fit = fit_power_law(WIDTHS[net.kind], errors)
-    assert -0.7 <= fit.slope <= -0.3, (fit, errors)
+    # between the O(width^-1) bias of the narrow networks and their O(width^-1/2)
+    # fluctuations; a wrong limit flattens it towards 0
+    assert -1.0 <= fit.slope <= -0.3, (fit, errors)
 
 
 FEATURE_SIZES = (64, 1024)
-FEATURE_KEYS = 6
+FEATURE_KEYS = 16
 
 
 def check_feature_map(net: Net, _) -> None:
     """Relative Frobenius errors of the NNGP and NTK feature Gram matrices against
-    ``kernel_fn`` on 5 examples, averaged over 6 keys per D, at D = 64 and 1024: log-log slope in
+    ``kernel_fn`` on 5 examples, averaged over 16 keys per D, at D = 64 and 1024: log-log slope in
     [-0.65, -0.35] (or exact: networks without a random layer)."""
     x1, x2 = inputs(net.kind)
     x = np.concatenate([x1, x2])
