@@ -30,8 +30,7 @@ Meanings and their truths:
 
 :data:`MATRIX` is the expected table (network x meaning: ``ok`` / ``unsupported`` /
 ``refused``), derived from the layers each network uses; compare it with the generated docs
-table. Cells that fail on this branch because of the defects of issue 21 carry a strict xfail
-(:data:`XFAIL`): the lead removes them at merge.
+table. Cells that still fail carry a strict xfail (:data:`XFAIL`), each with its reason.
 """
 
 from __future__ import annotations
@@ -87,23 +86,8 @@ MATRIX: dict[str, dict[str, str]] = {
     net.name: {meaning: expected(net, meaning) for meaning in MEANINGS} for net in networks()
 }
 
-_PROTOKERN = "fixed by protokern; lead removes at merge"
-_PROTOFEAT = "fixed by protofeat; lead removes at merge"
-# Cells that fail on this branch (issue 21's defects), each seen failing.
+# Cells that still fail, each seen failing.
 XFAIL: dict[tuple[str, str], str] = {
-    **{(net, meaning): _PROTOKERN
-       for net in ("post-LN transformer", "models.Transformer")
-       for meaning in ("kernel_fn_x2", "kernel_matrix_blocks", "kernel_matrix_store",
-                       "kernel_matrix_devices")},  # "this kernel carries no variances"
-    # UnsupportedMeaning does not exist yet (a plain ValueError, or an error from inside)
-    **{(net, "feature_map"): _PROTOFEAT
-       for net in ("act_exp_normalized", "LayerNorm", "Dropout(eval)", "Dropout(train)",
-                   "ConvTranspose", "image LayerNorm", "SelfAttention", "SelfAttention(identity)",
-                   "post-LN transformer", "models.Transformer")},
-    # silently wrong features (errors that do not fall with D), or a crash inside
-    **{(net, "feature_map"): _PROTOFEAT
-       for net in ("concatenate", "multiply", "models.CNN(avg,flatten)", "models.CNN(sum,gap)",
-                   "models.CNN(global_sum_pool)", "models.Myrtle", "sequence Conv")},
     # silently wrong features outside protofeat's brief: the Hermite features stop falling
     **{(net, "feature_map"): "Hermite features plateau (reported to the lead); lead decides"
        for net in ("act_sign", "act_gaussian", "act_gabor")},
@@ -331,3 +315,14 @@ def test_conformance(name: str, meaning: str, request, x64) -> None:
             CHECKS[meaning](net, arg)
     else:
         CHECKS[meaning](net, arg)
+
+
+def test_matrix_agrees_with_the_declared_table():
+    """The layers this matrix expects to lack random features are exactly those whose
+    declaration (the generated table of docs/development.md) says so."""
+    from ntkjax import _meanings
+
+    declared = {row[0].removeprefix("ntkjax.nn.") for row in _meanings.meaning_rows()
+                if row[0].startswith("ntkjax.nn.") and row[3] == "UnsupportedMeaning"}
+    expected_here = {name.removesuffix("(train)") for name in FEATURELESS_LAYERS}
+    assert declared == expected_here

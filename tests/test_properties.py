@@ -110,9 +110,6 @@ def test_bad_inputs_raise_value_error(bad, entry):
 # Attention + LayerNorm + residual networks on sequences, CNNs with pooling (and transposed
 # convolutions, branches) on images: where the transformer kernels with x2 failed unseen.
 
-_XFAIL_X2 = pytest.mark.xfail(strict=True, reason="fixed by protokern; lead removes at merge")
-
-
 def _post_ln(width, heads, mechanism, act):
     """A post-LN transformer block: LayerNorm(x + attention), LayerNorm(x + MLP)."""
     from flax import linen
@@ -206,7 +203,6 @@ def test_sequence_kernels_symmetric_psd_and_permutation_equivariant(model, seed)
     _check_psd_symmetric_permutation(model, (3, 2), seed)
 
 
-@_XFAIL_X2
 @pytest.mark.slow
 @SMALL
 @given(model=sequence_nets, seed=st.integers(0, 2**16))
