@@ -445,7 +445,8 @@ def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
     Args:
       apply_fn: ``(params, x) -> (N, *out)``.
       params: the model parameters (any pytree / linen variables dict).
-      x1: ``(N1, *features)``; x2: ``(N2, *features)`` or None. Concrete arrays.
+      x1: ``(N1, *features)``, concrete.
+      x2: ``(N2, *features)`` or None, concrete.
 
     Returns:
       True when the examples of x1 (or of x2) interact.

@@ -98,7 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_batched, check_choice, check_finite, float_dtype
+from ntkjax._checks import check_batched, check_choice, check_finite, float_dtype, is_concrete
 from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, feature_rules
 from ntkjax._progress import progress
 from ntkjax.kernels import Kernel
@@ -277,6 +277,7 @@ class _Config:
     sketch_features: int
     hermite_degree: int
     hermite_quadrature: int
+    max_truncation_error: float = 0.05
 
 
 class _Walk:
@@ -291,6 +292,8 @@ class _Walk:
         self.makers: list[Callable[[np.random.Generator], Any]] = []
         self.index = 0
         self.trail: list[str] = []
+        # the relative Hermite truncation errors of the activations walked (traced scalars)
+        self.truncation: list[jax.Array] = []
 
     def draw(self, make: Callable[[np.random.Generator], Any]) -> Any:
         """The next random parameter: when initializing, ``make(rng)`` with a numpy generator
@@ -492,6 +495,10 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     m, degree = cfg.hidden_features, cfg.hermite_degree
     q = x.exact.position_variances()[0]
     a, b = _hermite_coefficients(fn, q, degree, cfg.hermite_quadrature)
+    tail, tail_dot, second, second_dot = _hermite_tails(fn, q, a, b, cfg.hermite_quadrature)
+    tiny = jnp.finfo(q.dtype).tiny
+    walk.truncation.append(jnp.maximum(jnp.max(tail / jnp.maximum(second, tiny)),
+                                       jnp.max(tail_dot / jnp.maximum(second_dot, tiny))))
     u = _unit(x.phi)
     powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
     t = u
@@ -594,9 +601,31 @@ def _static_module(module: linen.Module) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply_features(static: Any, config: _Config, params: tuple, x: jax.Array) -> Features:
+def _apply_features(
+    static: Any, config: _Config, params: tuple, x: jax.Array
+) -> tuple[Features, jax.Array]:
+    """The features and the largest relative Hermite truncation error of the walk (0 when no
+    activation is expanded)."""
     module = static.module if isinstance(static, _ByIdentity) else static
-    return _walk_module(module, _Walk(config, None, params), x)
+    walk = _Walk(config, None, params)
+    features = _walk_module(module, walk, x)
+    worst = jnp.max(jnp.stack(walk.truncation)) if walk.truncation else jnp.zeros((), x.dtype)
+    return features, worst
+
+
+def _check_truncation(worst: jax.Array, config: _Config) -> None:
+    """Refuses features whose Hermite truncation bias exceeds ``max_truncation_error`` (a
+    concrete check; under an outer jit the value is not known and is not checked)."""
+    if not is_concrete(worst):
+        return
+    value = float(worst)
+    if value > config.max_truncation_error:
+        raise UnsupportedMeaning(
+            f"an activation's degree-{config.hermite_degree} Hermite expansion", "features",
+            f"its truncation leaves a relative error of up to {value:.3g} in the activation's "
+            f"kernel maps at these inputs (max_truncation_error={config.max_truncation_error}), "
+            "a bias that more features do not remove: raise hermite_degree (see "
+            "ntkjax.features.hermite_truncation_error), or use kernel_fn for the exact kernel.")
 
 
 class FeatureMap:
@@ -625,7 +654,9 @@ class FeatureMap:
     def apply(self, params: tuple, x: jax.Array) -> Features:
         """The jitted map with explicit parameters (from :meth:`init`); one compilation is
         shared by every FeatureMap of an equal module and configuration."""
-        return _apply_features(self._static, self.config, params, x)
+        features, worst = _apply_features(self._static, self.config, params, x)
+        _check_truncation(worst, self.config)
+        return features
 
     @property
     def num_features(self) -> int:
@@ -667,6 +698,7 @@ def feature_map(
     sketch_features: int | None = None,
     hermite_degree: int = 8,
     hermite_quadrature: int = 64,
+    max_truncation_error: float = 0.05,
 ) -> FeatureMap:
     """Random features of ``module``'s NNGP and NTK: ``feature_map(...)(x) -> Features``.
 
@@ -690,6 +722,13 @@ def feature_map(
       hermite_degree: K, the degree of the Hermite expansion of non-ReLU activations (>= 1).
       hermite_quadrature: Gauss-Hermite nodes for the Hermite coefficients (exact for
         polynomial activations of degree < 2 * nodes - K).
+      max_truncation_error: the largest relative truncation error of an activation's kernel
+        maps that the features may carry, ``tail(q) / E[act(sqrt(q) z)^2]`` (and likewise for
+        act') at the inputs' variances (:func:`hermite_truncation_error`): a bias that more
+        features do not remove. Beyond it, a call with concrete inputs raises
+        UnsupportedMeaning naming the degree (e.g. ``sign``, whose expansion converges like
+        K^-1/2, or ``gaussian`` at variance 1 and K = 8); raise ``hermite_degree`` then. Under
+        an outer ``jax.jit`` of :meth:`FeatureMap.apply` it is not checked.
 
     Cost: O(N m (d_in + log m)) per layer, linear in N. The error of the kernel estimates falls
     like D^(-1/2) (with m = D); networks with one random layer are unbiased. The exact rules
@@ -725,8 +764,16 @@ def feature_map(
         sketch_features=int(sketch_features or d),
         hermite_degree=int(hermite_degree),
         hermite_quadrature=int(hermite_quadrature),
+        max_truncation_error=_positive_float(max_truncation_error, "max_truncation_error"),
     )
     return FeatureMap(module, key, config)
+
+
+def _positive_float(value: Any, name: str) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+    return v
 
 
 def hermite_truncation_error(
@@ -782,7 +829,17 @@ def hermite_truncation_error(
     q = jnp.asarray(variance)
     q = q.astype(float_dtype(q))
     a, b = _hermite_coefficients(fn, q, int(degree), int(num_quadrature))
-    z, wh = _hermite_basis(int(num_quadrature), 0, q.dtype)
+    tail, tail_dot, _, _ = _hermite_tails(fn, q, a, b, int(num_quadrature))
+    return tail, tail_dot
+
+
+def _hermite_tails(
+    fn: Callable[[jax.Array], jax.Array], q: jax.Array, a: jax.Array, b: jax.Array,
+    num_quadrature: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(tail, tail_dot, E[fn^2], E[fn'^2])`` at variances q from the Hermite coefficients
+    ``a`` (of fn) and ``b`` (of fn'): ``tail = E[fn(sqrt(q) z)^2] - sum_k a_k^2`` (Parseval)."""
+    z, wh = _hermite_basis(num_quadrature, 0, q.dtype)
     s = jnp.sqrt(jnp.maximum(q, 0))[..., None] * z
     values, derivs = jax.jvp(fn, (s,), (jnp.ones_like(s),))
     w = wh[:, 0]
@@ -790,7 +847,7 @@ def hermite_truncation_error(
     second_dot = jnp.matmul(derivs * derivs, w)
     tail = jnp.maximum(second - jnp.sum(a * a, -1), 0)
     tail_dot = jnp.maximum(second_dot - jnp.sum(b * b, -1), 0)
-    return tail, tail_dot
+    return tail, tail_dot, second, second_dot
 
 
 # --------------------------------------------------------------------------- ridge regression

@@ -21,14 +21,14 @@ import pytest
 from flax import linen
 
 import ntkjax
-from ntkjax import features, kernels, models, nn, structured
-from ntkjax._meanings import declarations, meaning_rows, meaning_table
+from ntkjax import features, models, nn, structured
+from ntkjax._meanings import declarations, jax_equivalents, meaning_rows, meaning_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Public names of ntkjax.nn that are not layers (the protocol's own names, helpers).
 NOT_LAYERS = {"Activation", "FeatureStandIn", "UnsupportedMeaning", "declaration_of", "declare",
-              "elementwise", "is_activation"}
+              "elementwise", "elementwise_nngp", "is_activation"}
 
 
 def _public_layers() -> dict[str, object]:
@@ -104,8 +104,8 @@ def test_registries_equal_what_the_declarations_give():
         "sigmoid": "ntkjax.nn.sigmoid_like (0.5 erf(x / 2.402) + 0.5, a closed-form stand-in "
                    "for the logistic sigmoid)",
     }
-    assert dict(kernels._EQUIVALENTS) == old
-    assert dict(kernels._EQUIVALENTS) == {
+    assert dict(jax_equivalents()) == old
+    assert dict(jax_equivalents()) == {
         api: d.name + (f" {note}" if note else "")
         for d in declarations() for api, note in d.replaces.items()}
 
@@ -137,7 +137,7 @@ def test_declared_feature_rules_are_what_feature_map_does():
                 return nn.Dense(1)(layer(nn.Dense(4)(h)))
 
         fmap = features.feature_map(Net(), key=jax.random.key(0), num_features=4,
-                                    hermite_degree=2)
+                                    hermite_degree=2, max_truncation_error=1.0)
         if layer is nn.exp_normalized:
             with pytest.raises(nn.UnsupportedMeaning, match=r"ntkjax.nn.exp_normalized has no "
                                                             r"random-feature rule"):

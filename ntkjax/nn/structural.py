@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from ntkjax._kernel import Kernel
+from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.activations import Activation, ActivationMaps
 
 __all__ = ["elementwise_nngp", "elementwise_nngp_maps", "image_resize", "image_resize_kernel",
@@ -208,6 +209,8 @@ def index(x: Any, idx: Any) -> Any:
     >>> index(ntkjax.kernels.input_kernel(x), (slice(None), 2, ...)).nngp.shape
     (2, 2, 8, 8)
     """
+    if isinstance(x, FeatureStandIn):
+        return _INDEX.on_features(x, lambda k: index_kernel(k, idx))
     if isinstance(x, Kernel):
         return index_kernel(x, idx)
     x = jnp.asarray(x)
@@ -247,6 +250,8 @@ def scale(x: Any, c: float) -> Any:
     """
     if isinstance(c, Sequence) or not math.isfinite(float(c)):
         raise ValueError(f"scale: c must be a finite scalar; got {c!r}.")
+    if isinstance(x, FeatureStandIn):
+        return _SCALE.on_features(x, lambda k: scale_kernel(k, c), c)
     if isinstance(x, Kernel):
         return scale_kernel(x, c)
     return x * c
@@ -300,7 +305,7 @@ def image_resize_kernel(k: Kernel, shape: Any, method: str = "linear",
     if method not in _RESIZE_METHODS:
         raise ValueError(f"image_resize: method must be one of {_RESIZE_METHODS} (a linear map "
                          f"of the positions); got {method!r}.")
-    k.require_all_pairs("image_resize")  # it mixes positions
+    k = k.require_all_pairs("image_resize")  # it mixes positions
     nd = k.spatial_ndim
     new = _resize_shape(shape, k.spatial_shape, k.width)
 
@@ -342,6 +347,9 @@ def image_resize(x: Any, shape: Any, method: str = "linear", antialias: bool = T
     >>> image_resize(jnp.ones((2, 4, 4, 3)), (-1, 8, 2, -1)).shape
     (2, 8, 2, 3)
     """
+    if isinstance(x, FeatureStandIn):
+        return _IMAGE_RESIZE.on_features(
+            x, lambda k: image_resize_kernel(k, shape, method, antialias))
     if isinstance(x, Kernel):
         return image_resize_kernel(x, shape, method, antialias)
     if method not in _RESIZE_METHODS:
@@ -351,3 +359,18 @@ def image_resize(x: Any, shape: Any, method: str = "linear", antialias: bool = T
     new = _resize_shape(shape, x.shape[1:-1], x.shape[-1])
     return jax.image.resize(x, (x.shape[0], *new, x.shape[-1]), method=method,
                             antialias=antialias, precision=jax.lax.Precision.HIGHEST)
+
+
+def _scale_features(x: FeatureStandIn, exact: Kernel, c: float):
+    """Random features after :func:`scale`, exact: kernels scale by ``c^2``, features by ``c``."""
+    return x.phi * c, x.psi * c
+
+
+_NO_FEATURES = "kernel_fn for the exact kernel (no random-feature rule yet)"
+_INDEX = declare(index, kernel=index_kernel, features=None, structured="parameter-free",
+                 instead={"features": _NO_FEATURES})
+_SCALE = declare(scale, kernel=scale_kernel, features=_scale_features,
+                 structured="parameter-free")
+_IMAGE_RESIZE = declare(image_resize, kernel=image_resize_kernel, features=None,
+                        structured="parameter-free", all_pairs=True,
+                        instead={"features": _NO_FEATURES})
