@@ -45,11 +45,11 @@ from ntkjax.nn.activations import Activation, ActivationMaps
 __all__ = ["elementwise_nngp", "elementwise_nngp_maps", "image_resize", "image_resize_kernel",
            "index", "index_kernel", "resize_matrix", "scale", "scale_kernel"]
 
-NNGPFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+_NNGPFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def elementwise_nngp_maps(
-    nngp_fn: NNGPFn, d_nngp_fn: NNGPFn | None, q12: jax.Array, q11: jax.Array, q22: jax.Array
+    nngp_fn: _NNGPFn, d_nngp_fn: _NNGPFn | None, q12: jax.Array, q11: jax.Array, q22: jax.Array
 ) -> ActivationMaps:
     """The kernel maps of :func:`elementwise_nngp`: ``sigma = nngp_fn(q12, q11, q22)`` and
     ``sigma_dot = d_nngp_fn(q12, q11, q22)``, or, without ``d_nngp_fn``, the derivative of
@@ -74,8 +74,8 @@ def elementwise_nngp_maps(
 
 def elementwise_nngp(
     fn: Callable[[jax.Array], jax.Array],
-    nngp_fn: NNGPFn,
-    d_nngp_fn: NNGPFn | None = None,
+    nngp_fn: _NNGPFn,
+    d_nngp_fn: _NNGPFn | None = None,
     *,
     name: str | None = None,
 ) -> Activation:
