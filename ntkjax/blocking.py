@@ -57,7 +57,7 @@ def available_memory_bytes(device: Any = None) -> int:
     reports ``MemAvailable`` from ``/proc/meminfo`` (or a conservative 4 GiB where that is absent).
 
     Args:
-      device: a JAX device; None for ``jax.devices()[0]``.
+      device: a JAX device of this process; None for ``jax.local_devices()[0]``.
 
     Returns:
       The free memory in bytes.
@@ -65,7 +65,7 @@ def available_memory_bytes(device: Any = None) -> int:
     >>> available_memory_bytes() > 0
     True
     """
-    device = jax.devices()[0] if device is None else device
+    device = jax.local_devices()[0] if device is None else device
     stats = getattr(device, "memory_stats", lambda: None)()
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))

@@ -1,5 +1,5 @@
 """Starting multi-process runs on JAX's distributed runtime (the collectives ntkjax uses are in
-:mod:`ntkjax._collectives`).
+``ntkjax._collectives``).
 
 ntkjax has no scheduler of its own: several processes (on one machine or many) form one JAX
 runtime through :func:`jax.distributed.initialize`, after which ``jax.devices()`` lists the

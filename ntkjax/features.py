@@ -277,7 +277,7 @@ class _Config:
     sketch_features: int
     hermite_degree: int
     hermite_quadrature: int
-    max_truncation_error: float = 0.05
+    max_truncation_error: float = 0.3
 
 
 class _Walk:
@@ -698,7 +698,7 @@ def feature_map(
     sketch_features: int | None = None,
     hermite_degree: int = 8,
     hermite_quadrature: int = 64,
-    max_truncation_error: float = 0.05,
+    max_truncation_error: float = 0.3,
 ) -> FeatureMap:
     """Random features of ``module``'s NNGP and NTK: ``feature_map(...)(x) -> Features``.
 
@@ -726,8 +726,9 @@ def feature_map(
         maps that the features may carry, ``tail(q) / E[act(sqrt(q) z)^2]`` (and likewise for
         act') at the inputs' variances (:func:`hermite_truncation_error`): a bias that more
         features do not remove. Beyond it, a call with concrete inputs raises
-        UnsupportedMeaning naming the degree (e.g. ``sign``, whose expansion converges like
-        K^-1/2, or ``gaussian`` at variance 1 and K = 8); raise ``hermite_degree`` then. Under
+        UnsupportedMeaning naming the degree (e.g. ``gabor`` at variance 1 and K = 8); raise
+        ``hermite_degree`` then. (This bounds the worst case, correlation 1, of one
+        activation's maps; the kernel's own bias is smaller.) Under
         an outer ``jax.jit`` of :meth:`FeatureMap.apply` it is not checked.
 
     Cost: O(N m (d_in + log m)) per layer, linear in N. The error of the kernel estimates falls

@@ -194,8 +194,6 @@ def _check_x2_transpose_and_blocks(model, shape, seed):
 SMALL = settings(SETTINGS, max_examples=3)
 
 
-@pytest.mark.xfail(strict=True, reason="kernel_fn(x) of the post-LN block is 1 ulp from symmetric "
-                   "(issue 22, 'Also': symmetrize); lead removes at merge")
 @pytest.mark.slow
 @SMALL
 @given(model=sequence_nets, seed=st.integers(0, 2**16))

@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run_from_args(args) -> int``; this module only wires them together. Every help text is plain
-text (no reST markup) and shows each option's default (:class:`HelpFormatter`); an option the
+text (no reST markup) and shows each option's default (``HelpFormatter``); an option the
 subcommand does not know is reported with that subcommand's usage.
 """
 

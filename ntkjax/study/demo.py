@@ -1328,7 +1328,7 @@ def run_demo(
       seed: seed of the PRNG key from which every section derives its own key.
       show_progress: print each section's start and time, and progress bars for long loops.
       sections: names from :data:`SECTIONS` to run, in this order (default:
-        :func:`default_sections`).
+        ``default_sections``).
       stream: where progress lines go (default ``sys.stderr``).
 
     Returns:
