@@ -301,10 +301,10 @@ def _symmetrized(k: jax.Array, diagonal_spatial: bool) -> jax.Array:
     """``(k + k^T) / 2`` for a kernel of shape (N, N, *S, *S) (x1 and x2 swapped, and with them
     the two position axes of each pair) or, same-position pairs, (N, N, *S)."""
     if diagonal_spatial:
-        return 0.5 * (k + jnp.swapaxes(k, 0, 1))
+        return 0.5 * k + 0.5 * jnp.swapaxes(k, 0, 1)  # halves first: no overflow near the max
     nd = (k.ndim - 2) // 2
     axes = (1, 0, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    return 0.5 * (k + jnp.transpose(k, axes))
+    return 0.5 * k + 0.5 * jnp.transpose(k, axes)
 
 
 def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
