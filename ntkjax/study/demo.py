@@ -1392,13 +1392,12 @@ sections (in order):
   digits_features    10. NTK random features against the exact kernel (not in --quick)
 
 cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
-  --quick   about 40-50 CPU-s, 0.8 GB (sections 1-7)
-  default   220-290 CPU-s, 2.1 GB (sections 1-8 and 10; 8 and 10 on 500 training and
-            400 test images, 4 draws of the random features; 290 at load ~20)
+  --quick   40 s wall, 55 CPU-s, 1.2 GB (sections 1-7)
+  default   2 min 43 s wall, 257 CPU-s, 2.6 GB (sections 1-8 and 10; 8 and 10 on 500
+            training and 400 test images, 4 draws of the random features)
   --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
             on the whole digits split, D up to 8192)
-  On an idle machine the wall time is about the CPU time: most of it is compilation,
-  which uses one core.
+  (quick and default measured on an idle machine, 2026-12-06).
 
 example:
   ntkjax demo --out demo_out"""
