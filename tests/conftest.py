@@ -1,11 +1,24 @@
-"""Suite-wide fixtures. float64 tests enter ``jax.enable_x64`` through the ``x64`` fixture."""
+"""Suite-wide fixtures. float64 tests enter ``jax.enable_x64`` through the ``x64`` fixture.
+
+XLA compiles the suite's programs with most optimizations off (``jax_disable_most_optimizations``,
+as JAX's own test suite does): almost every test program is small, so compiling costs more than
+running, and this takes about 40 % of the suite's CPU time. The setting reaches the suite's
+subprocesses through the environment. Tests that check float32 numerics of the programs users
+run carry ``@pytest.mark.xla_optimized`` and compile with XLA's full optimization pipeline.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import jax
-import pytest
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402  (after the environment that subprocesses inherit)
+import pytest  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false"))
 
 DATA = Path(__file__).resolve().parent / "data"
 REFERENCE_DIR = DATA / "nt_kernels"
@@ -16,6 +29,23 @@ def x64():
     """Runs the test with 64-bit JAX types enabled."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimization(request):
+    """Compiles a ``@pytest.mark.xla_optimized`` test with XLA's full optimization pipeline (the
+    caches are cleared on the way in and out, so no program compiled the other way is reused)."""
+    if request.node.get_closest_marker("xla_optimized") is None:
+        yield
+        return
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+        jax.clear_caches()
 
 
 @pytest.fixture(scope="session")

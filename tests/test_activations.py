@@ -228,6 +228,7 @@ def test_angle_zero_and_pi_and_zero_vectors_are_finite_and_exact(dtype, x64):
     assert np.all(np.asarray(zero.sigma) == 0)
 
 
+@pytest.mark.xla_optimized
 def test_correlation_is_snapped_at_identical_inputs_in_float32():
     # q12 equal to the variances up to a few ulps: angle 0 exactly
     q = jnp.asarray([0.37, 1.3, 11.0], jnp.float32)
@@ -246,6 +247,7 @@ def test_fast_arccos_matches_float64(x64):
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-15, 1e15, 1e30])
+@pytest.mark.xla_optimized
 def test_huge_and_tiny_scales_float32(scale):
     # relu's map is homogeneous: sigma(a q) = a sigma(q); erf saturates; rbf of scaled q
     q12 = jnp.asarray([0.3, -0.2, 0.9], jnp.float32)
@@ -688,6 +690,7 @@ def test_kernel_maps_over_the_whole_range_match_long_double_closed_forms(name, d
 
 
 @pytest.mark.parametrize("name", sorted(set(_RANGE_ACTIVATIONS) - set(_LONG_DOUBLE_MAPS)))
+@pytest.mark.xla_optimized
 def test_float32_kernel_maps_over_the_whole_range_match_float64(name):
     q12, q11, q22 = _range_sweep(np.float32)
     got = _RANGE_ACTIVATIONS[name](*(jnp.asarray(a, jnp.float32) for a in (q12, q11, q22)))
@@ -704,6 +707,7 @@ def test_float32_kernel_maps_over_the_whole_range_match_float64(name):
 
 
 @pytest.mark.slow  # six kernel compilations (~40 s on a busy 2-core machine)
+@pytest.mark.xla_optimized
 def test_networks_at_the_edge_of_float32():
     """Whole kernels at inputs ~1.4e19 (ReLU family; pre-activation variances ~1.8e38 and an
     NTK ~1.8e38, still representable; the NTK was q/pi everywhere) and ~1e18 (Gaussian, Gabor;

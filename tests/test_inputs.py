@@ -69,6 +69,7 @@ def test_image_kernels_check_values_before_compiling():
      ("gelu", 1e3), ("sin", 1e3)],
 )
 @pytest.mark.parametrize("dim", [1, 200])
+@pytest.mark.xla_optimized
 def test_huge_and_tiny_inputs_give_finite_kernels_close_to_float64(activation, scale, dim):
     """Inputs x = scale * N(0, 1): the float32 kernels are finite and match float64 wherever
     their entries are representable (``x . x'`` overflows float32 from |x| ~ 1e18 at d = 200,

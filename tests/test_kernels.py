@@ -68,6 +68,7 @@ def test_symmetric_kernels_are_symmetric_psd_with_exact_diagonal(x64):
     np.testing.assert_allclose(np.diagonal(k.nngp), k.var1, rtol=1e-13)
 
 
+@pytest.mark.xla_optimized
 def test_float32_diagonal_of_relu_ntk_matches_float64(x64):
     # identical inputs: the angle must be exactly 0 (no sqrt(ulp) error from arccos)
     x = _x(64, 16, 3, jnp.float64)
@@ -78,6 +79,7 @@ def test_float32_diagonal_of_relu_ntk_matches_float64(x64):
     assert max_relative_error(np.diagonal(k32.ntk), np.diagonal(k64.ntk)) < 1e-5
 
 
+@pytest.mark.xla_optimized
 def test_depth_100_w_std_2_float32_does_not_overflow(x64):
     x = _x(4, 3, 4, jnp.float64) * jnp.array([[1.0], [10.0], [1e-3], [0.0]])
     mlp = models.MLP((8,) * 100 + (1,), "relu", w_std=2.0, b_std=0.5)

@@ -370,6 +370,7 @@ def test_gp_cholesky_and_eigh_paths_agree_and_singular_is_finite(x64):
         )
 
 
+@pytest.mark.xla_optimized
 def test_float32_keeps_small_but_real_eigenvalues():
     """cond = 3e4 at n = 400 in float32: n eps cond > 1, yet every direction is resolvable
     (eigenvalue errors ~ eps s_max); interpolation at t = inf must use all of them."""
@@ -564,6 +565,7 @@ def test_study_sin_task_wide_mlp_follows_kernel_predictions(x64):
             assert float(jnp.max(jnp.abs(out.test - net))) < 0.04 * moved
 
 
+@pytest.mark.xla_optimized
 def test_float32_posterior_variances_are_never_negative():
     """RBF kernel on a dense 100-point grid: in float32 the exact posterior variances at test
     points between (or on) training points are ~0 and round-off makes some negative; they are

@@ -70,6 +70,7 @@ def test_fully_connected_float64(entry, data, x64):
 
 
 @pytest.mark.parametrize("entry", FC, ids=[e["key"] for e in FC])
+@pytest.mark.xla_optimized
 def test_fully_connected_float32(entry, data):
     x1 = jnp.asarray(data[entry["x1"]], jnp.float32)
     x2 = jnp.asarray(data[entry["x2"]], jnp.float32)
@@ -108,6 +109,7 @@ def test_convolutional_float64(entry, data, x64):
 
 
 @pytest.mark.parametrize("entry", CONV, ids=[e["key"] for e in CONV])
+@pytest.mark.xla_optimized
 def test_convolutional_float32(entry, data):
     x1 = jnp.asarray(data[entry["x1"]], jnp.float32)
     x2 = jnp.asarray(data[entry["x2"]], jnp.float32)

@@ -291,6 +291,7 @@ def test_four_devices_give_the_one_device_solve(tmp_path):
 
 @pytest.mark.parametrize("size", [1e-20, 1e-30, 1e20, 1e30])
 @pytest.mark.parametrize("rank", [0, 8])
+@pytest.mark.xla_optimized
 def test_float32_targets_at_extreme_scales_match_a_float64_solve(size, rank):
     """Targets of 1e-20 square to below float32's smallest normal number, targets of 1e20 to
     above its largest: the residual norms are scaled before squaring, so CG runs as it does

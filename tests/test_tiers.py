@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SLOW_TESTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +134,20 @@ def test_the_tier_helpers_see_markers_and_imports(tmp_path):
     assert test_functions(path) == {"test_a": True}
 
 
+
+
+def test_the_suite_compiles_with_most_xla_optimizations_off():
+    """tests/conftest.py turns most XLA optimizations off for the suite (and its subprocesses)."""
+    import os
+
+    import jax
+
+    assert jax.config.values["jax_disable_most_optimizations"]
+    assert os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+
+
+@pytest.mark.xla_optimized
+def test_xla_optimized_tests_compile_with_the_full_pipeline():
+    import jax
+
+    assert not jax.config.values["jax_disable_most_optimizations"]
