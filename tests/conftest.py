@@ -14,8 +14,8 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-import jax  # noqa: E402  (after the environment that subprocesses inherit)
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false"))

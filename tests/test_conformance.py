@@ -35,6 +35,7 @@ table. Cells that still fail carry a strict xfail (:data:`XFAIL`), each with its
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import subprocess
@@ -210,14 +211,24 @@ def check_kernel_matrix_store(net: Net, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def device_kernels(tmp_path_factory) -> dict[str, np.ndarray]:
-    """Every network's ``kernel_matrix`` on 4 forced CPU devices: one subprocess."""
-    out = tmp_path_factory.mktemp("devices") / "kernels.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(WORKER), "devices", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """Every network's ``kernel_matrix`` on 4 forced CPU devices: one subprocess for the whole
+    run (the pytest-xdist workers share the basetemp's parent; the first to take the lock
+    computes, the others read its file)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "conformance_devices.npz"
+    with open(shared / "conformance_devices.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            partial = shared / "conformance_devices.partial.npz"
+            env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                       JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+            proc = subprocess.run([sys.executable, str(WORKER), "devices", str(partial)],
+                                  env=env, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            partial.replace(out)
     with np.load(out) as data:
         return {key: data[key] for key in data.files}
 
