@@ -151,3 +151,18 @@ def test_xla_optimized_tests_compile_with_the_full_pipeline():
     import jax
 
     assert not jax.config.values["jax_disable_most_optimizations"]
+
+
+def test_the_suite_shares_compiled_programs_through_this_runs_cache():
+    """tests/conftest.py points JAX's persistent compilation cache at a directory of this run;
+    compiling a program then stores it there."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    directory = Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    assert jax.config.values["jax_compilation_cache_dir"] == str(directory)
+    before = set(directory.rglob("*")) if directory.exists() else set()
+    jax.jit(lambda a: jnp.sin(a) * 3.25 + 0.125)(jnp.arange(7.0))
+    assert set(directory.rglob("*")) - before
