@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen
 from scipy import special
 
 import ntkjax
 from ntkjax import nn
 from tests.helpers import max_relative_error
-from tests.nt_stax import build, formula_function
+from tests.nt_stax import build
 from tests.random_params import normal
 
 DATA = Path(__file__).resolve().parent / "data" / "nt_layers2"
@@ -102,3 +103,149 @@ def test_finite_layer_is_nt_formula(pe_type, c_pe, val, shape, causal, x64):
                                        c_pe=c_pe, decay=_decay, p_norm=1.5, w_pe=0.7, val=val,
                                        causal=causal)
     np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-11, atol=1e-12)
+
+
+def _position_kernels(k, out: int):
+    """(N1, N2, L, L) of a Monte Carlo kernel over the flattened (L * out) outputs
+    (``outputs="full"``): the mean over the channel diagonal, with its standard error."""
+    def fold(a):
+        n1, n2, m, _ = a.shape
+        a = np.asarray(a).reshape(n1, n2, m // out, out, m // out, out)
+        return np.einsum("abpcqc->abpq", a) / out
+    return fold(k.nngp), fold(k.ntk), fold(k.nngp_stderr), fold(k.ntk_stderr)
+
+
+def test_causal_identity_kernel_is_the_monte_carlo_mean(x64):
+    """On raw inputs, one identity-mechanism layer (1/sqrt(d_k), independent queries and keys)
+    has E[y_i y_k] = c K[i,k] sum_{j<=i, l<=k} K[j,l]^2 at ANY width (Gaussian weights, four
+    independent matrices): the Monte Carlo mean over 192 networks agrees within 5 standard
+    errors at widths 6, for the NNGP and the NTK at every pair of positions."""
+    out = 4
+    layer = nn.SelfAttention(out, key_features=6, value_features=6, num_heads=2,
+                             linear_scaling=False, attention_mechanism="identity",
+                             w_query_std=0.9, w_value_std=1.2, b_std=0.3, causal=True)
+    x1, x2 = normal((2, 4, 3), 3), normal((1, 4, 3), 4)
+    mc = ntkjax.monte_carlo_kernel_fn(layer, jax.random.key(5), 192, outputs="full")(x1, x2)
+    nngp, ntk, nngp_se, ntk_se = _position_kernels(mc, out)
+    exact = ntkjax.kernel_fn(layer)(x1, x2)
+    for got, se, want in ((nngp, nngp_se, exact.nngp), (ntk, ntk_se, exact.ntk)):
+        z = np.abs(got - np.asarray(want)) / se
+        assert np.max(z) < 5, np.max(z)
+    # the later keys are really cut off: without the mask the kernel is another one
+    full = ntkjax.kernel_fn(layer.clone(causal=False))(x1, x2).nngp
+    assert np.max(np.abs(np.asarray(full) - nngp) / nngp_se) > 20
+
+
+def _relative_frobenius(got, want) -> float:
+    got, want = np.asarray(got), np.asarray(want)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _wide_causal_layer(out: int, values: int) -> nn.SelfAttention:
+    return nn.SelfAttention(out, key_features=128, value_features=values, num_heads=1,
+                            b_std=0.2, pos_emb_type="concat", pos_emb_features=128,
+                            w_pos_emb_std=1.3, pos_emb_decay_fn=_decay, val_pos_emb=True,
+                            causal=True)
+
+
+def test_wide_causal_softmax_with_positions_converges_to_the_kernel(x64):
+    """Softmax attention (linear scaling) with concatenated positional embeddings and a causal
+    mask on raw 3-channel inputs: with 128 embedding channels and key width 128 the logits are
+    within ~1/11 of their limit (the bias of the mean is second order). NNGP: the mean of
+    y y'^T over 16 networks with 512 value and 512 output channels (noise ~ 1/sqrt(16 * 512)
+    per stage, ~2 % measured) is within 6 % (Frobenius, relative) of the kernel at every pair
+    of positions; NTK: the Monte Carlo empirical NTK over 16 networks (2 outputs, 32 value
+    channels; ~4 % noise) within 10 %. The kernel without the mask, or without the
+    embeddings, is > 25 % off both."""
+    x = normal((2, 5, 3), 7)
+    wide = _wide_causal_layer(512, 512)
+    ys = jax.jit(jax.vmap(lambda k: wide.apply(wide.init(k, x), x)))(
+        jax.random.split(jax.random.key(9), 16))
+    nngp = np.einsum("sapc,sbqc->abpq", ys, ys) / (16 * 512)
+    layer = _wide_causal_layer(2, 32)
+    mc = ntkjax.monte_carlo_kernel_fn(layer, jax.random.key(8), 16, outputs="full")(x)
+    ntk = _position_kernels(mc, 2)[1]
+    exact = ntkjax.kernel_fn(layer)(x)
+    assert _relative_frobenius(nngp, exact.nngp) < 0.06
+    assert _relative_frobenius(ntk, exact.ntk) < 0.1
+    for other in (layer.clone(causal=False), layer.clone(pos_emb_type=None)):
+        k = ntkjax.kernel_fn(other)(x)
+        assert _relative_frobenius(nngp, k.nngp) > 0.25
+        assert _relative_frobenius(ntk, k.ntk) > 0.25
+
+
+class _CausalNet(linen.Module):
+    """Dense -> causal SelfAttention (positional embeddings summed) -> relu -> Dense(1) per
+    position: a sequence-to-sequence decoder block."""
+
+    mech: str = "softmax"
+    linear_scaling: bool = True
+
+    @linen.compact
+    def __call__(self, x):
+        h = nn.Dense(16, w_std=1.2, b_std=0.1)(x)
+        h = nn.SelfAttention(16, key_features=8, value_features=8, num_heads=2, b_std=0.1,
+                             attention_mechanism=self.mech, linear_scaling=self.linear_scaling,
+                             pos_emb_type="sum", pos_emb_decay_fn=_decay, val_pos_emb=True,
+                             causal=True)(h)
+        return nn.Dense(1)(nn.relu(h))
+
+
+@pytest.mark.parametrize(("mech", "linear"), [("softmax", True), ("relu", True),
+                                             ("identity", False)])
+def test_position_i_does_not_see_later_positions(mech, linear, x64):
+    """Finite: changing positions > i leaves outputs at <= i unchanged. Kernel: its (<= i, <= i)
+    block is the kernel of the sequences cut after position i (positional covariance R only
+    depends on the two positions)."""
+    net = _CausalNet(mech, linear)
+    x1, x2 = normal((2, 6, 3), 11), normal((3, 6, 3), 12)
+    params = net.init(jax.random.key(0), x1)
+    changed = x1.at[:, 4:].set(normal((2, 2, 3), 13))
+    y, y_changed = net.apply(params, x1), net.apply(params, changed)
+    np.testing.assert_allclose(y[:, :4], y_changed[:, :4], rtol=1e-13, atol=1e-13)
+    assert np.max(np.abs(y[:, 4:] - y_changed[:, 4:])) > 1e-3
+    whole = ntkjax.kernel_fn(net)(x1, x2)
+    cut = ntkjax.kernel_fn(net)(x1[:, :4], x2[:, :4])
+    for a, b in ((whole.nngp, cut.nngp), (whole.ntk, cut.ntk)):
+        np.testing.assert_allclose(np.asarray(a)[:, :, :4, :4], b, rtol=1e-12, atol=1e-14)
+
+
+def test_x2_given_is_the_off_diagonal_block_of_the_joint_kernel(x64):
+    net = build(ENTRIES[2]["layers"])  # CONCAT, decay exp(-d/2), values too, 2 heads
+    x1, x2 = normal((3, 8, 4), 21), normal((2, 8, 4), 22)
+    joint = ntkjax.kernel_fn(net)(jnp.concatenate([x1, x2]))
+    pair = ntkjax.kernel_fn(net)(x1, x2)
+    for a, b in ((joint.nngp, pair.nngp), (joint.ntk, pair.ntk)):
+        np.testing.assert_allclose(np.asarray(a)[:3, 3:], b, rtol=1e-12)
+    causal = _CausalNet("identity", False)
+    joint = ntkjax.kernel_fn(causal)(jnp.concatenate([x1, x2]))
+    pair = ntkjax.kernel_fn(causal)(x1, x2)
+    np.testing.assert_allclose(np.asarray(joint.ntk)[:3, 3:], pair.ntk, rtol=1e-12)
+
+
+def test_bad_input_errors():
+    seq, img = jnp.ones((2, 5, 3)), jnp.ones((2, 3, 4, 3))
+    causal = nn.SelfAttention(4, 4, 4, causal=True)
+    with pytest.raises(ValueError, match=r"causal=True.*\(2, 3, 4, 3\)"):
+        causal.init(jax.random.key(0), img)
+    with pytest.raises(ValueError, match=r"causal=True.*\(3, 4\)"):
+        ntkjax.kernel_fn(causal)(img)
+    pos = nn.SelfAttention(4, 4, 4, pos_emb_type="concat", pos_emb_features=2)
+    params = pos.init(jax.random.key(0), seq)
+    with pytest.raises(ValueError, match=r"spatial shape \(5,\).*\(2, 3, 4, 3\)"):
+        pos.apply(params, img)
+    with pytest.raises(ValueError, match=r"spatial shape \(5,\).*\(2, 7, 3\)"):
+        pos.apply(params, jnp.ones((2, 7, 3)))
+    with pytest.raises(ValueError, match="pos_emb_features=2 must be None or 3"):
+        nn.SelfAttention(4, 4, 4, pos_emb_type="sum", pos_emb_features=2).init(
+            jax.random.key(0), seq)
+    with pytest.raises(ValueError, match="pos_emb_features=2 must be None or 3"):
+        ntkjax.kernel_fn(nn.SelfAttention(4, 4, 4, pos_emb_type="sum", pos_emb_features=2))(seq)
+    with pytest.raises(ValueError, match="pos_emb_type"):
+        nn.SelfAttention(4, 4, 4, pos_emb_type="SUM").init(jax.random.key(0), seq)
+    with pytest.raises(ValueError, match="not positive definite"):
+        nn.SelfAttention(4, 4, 4, pos_emb_type="sum",
+                         pos_emb_decay_fn=lambda d: jnp.ones_like(d)).init(jax.random.key(0), seq)
+    with pytest.raises(ValueError, match="pos_emb_p_norm"):
+        nn.SelfAttention(4, 4, 4, pos_emb_type="sum", pos_emb_p_norm=0).init(
+            jax.random.key(0), seq)
