@@ -31,7 +31,47 @@ As H, d_k, d_v -> infinity:
 
   the other mechanisms raise a ValueError on kernels (no known closed form).
 
-Not implemented (yet): positional embeddings and attention masks.
+Positional embeddings (nt's ``pos_emb_type``; Hron et al. 2020, section 3.2). Positions p are the
+multi-indices of the spatial axes (l for sequences, (h, w) for images). The layer holds a
+standard normal parameter ``z`` of shape (1, *S, c_pe) and adds ``e = w_pe_std L z`` to its
+inputs (``"sum"``, c_pe = C) or appends it as c_pe more channels (``"concat"``), with
+``L L^T = R`` (Cholesky) and
+
+    R[p, p'] = decay(sum_a |p_a - p'_a| ** p_norm),   or R = identity when decay is None.
+
+Keys and queries always see the embedded inputs; values only with ``val_pos_emb``. In the
+limit every kernel the keys (and, with ``val_pos_emb``, the values) see is interpolated,
+
+    K~ = w_in K + w_pe R,  Theta~ = w_in Theta + w_pe R  (the embedding is trained),
+    "sum":    w_in = 1,                w_pe = w_pe_std^2,
+    "concat": w_in = C / (C + c_pe),   w_pe = w_pe_std^2 c_pe / (C + c_pe),
+
+C the input width (:attr:`Kernel.width`). Then, with ``(Kv, Thetav) = (K~, Theta~)`` if
+``val_pos_emb`` else ``(K, Theta)``: ``linear_scaling=True`` uses ``G_a = mech(w_q w_k K~_aa)``
+and ``Sigma' = s G_a Kv_ab G_b^T + b_std^2``, ``Theta' = s G_a (Thetav_ab + 2 Kv_ab) G_b^T +
+b_std^2``; ``linear_scaling=False`` (identity): the formulas below with ``T`` all ones.
+
+Causal attention (``causal=True``, sequences only): query i sees the keys j <= i; softmax
+normalizes over them (logits of j > i at -inf), the other mechanisms zero the weights of j > i.
+The limit follows Hron et al.'s derivation with the sums over keys cut at the query:
+
+* ``linear_scaling=True``: the logits still converge to ``w_q w_k K~_aa[i, j]`` entrywise, so
+  ``G_a = mech_causal(w_q w_k K~_aa)`` (zero above the diagonal; softmax renormalized over
+  j <= i) and the formulas above hold with this G;
+* ``linear_scaling=False``, identity: ``A_ij = q_i k_j / sqrt(d_k)`` is Gaussian with
+  ``E[A_ij(a) A_kl(b)] = (w_q w_k)^2 K~_ab[i, k] K~_ab[j, l]`` (independent queries and keys),
+  so with ``T`` the lower-triangular matrix of ones (all ones without the mask) and
+  ``P_ab = T (K~_ab * Kv_ab) T^T`` (``P[i, k] = sum_{j <= i, l <= k} K~[j, l] Kv[j, l]``),
+
+      Sigma'_ab = c K~_ab * P_ab + b_std^2,
+      Theta'_ab = c [(T (Theta~_ab * Kv_ab + K~_ab * Thetav_ab) T^T) * K~_ab
+                     + P_ab * (Theta~_ab + 4 K~_ab)] + b_std^2
+
+  (products ``*`` entrywise: the query path gives ``Theta~ * P``, the key and value paths the
+  first term, each of the four weight matrices ``K~ * P``). Without the mask these are nt's
+  formulas (``<A, B>`` above is ``T (A * B) T^T`` with ``T`` all ones).
+
+Not implemented (yet): attention masks (padding).
 """
 
 from __future__ import annotations
@@ -285,8 +325,9 @@ class SelfAttention(linen.Module):
     as heads, key and value widths go to infinity. ``linear_scaling=True`` (logits divided by
     ``d_k``, tied query/key weights) has closed forms for every mechanism;
     ``linear_scaling=False`` (the usual ``1/sqrt(d_k)``) only for ``"identity"`` (others raise
-    a ValueError on kernels, and work on arrays). Positional embeddings and attention masks are
-    not implemented yet.
+    a ValueError on kernels, and work on arrays). Positional embeddings (nt's ``pos_emb_type``
+    ``"SUM"`` / ``"CONCAT"``) and causal attention (``causal=True``) have finite networks and
+    exact kernels (module docstring); attention masks are not implemented yet.
 
     Attributes:
       out_features: output channels (nt's ``n_chan_out``).
@@ -301,6 +342,20 @@ class SelfAttention(linen.Module):
       use_bias: whether the output has a bias.
       attention_mechanism: ``"softmax"``, ``"identity"``, ``"abs"`` or ``"relu"``.
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
+      pos_emb_type: None (no positional embeddings), ``"sum"`` (added to the inputs) or
+        ``"concat"`` (appended as channels); nt's ``"NONE"``, ``"SUM"``, ``"CONCAT"``. The
+        parameter ``"pos_emb"`` (1, *S, c_pe) fixes the spatial shape at ``init``: inputs of
+        another spatial shape raise a ValueError naming both.
+      pos_emb_p_norm: p of the distance ``sum_a |p_a - p'_a| ** p`` between positions.
+      pos_emb_decay_fn: the positional covariance ``R = decay(distance)`` (a function of an
+        array, e.g. ``lambda d: jnp.exp(-d)``); None: ``R`` is the identity. The finite layer
+        needs ``R`` positive definite (its Cholesky factor).
+      pos_emb_features: embedding channels c_pe for ``"concat"`` (nt's ``n_chan_pos_emb``);
+        None: as many as the inputs (the only choice for ``"sum"``).
+      w_pos_emb_std: the embedding's scale (nt's ``W_pos_emb_std``).
+      val_pos_emb: whether the values see the embeddings too (else keys and queries only).
+      causal: position i attends only to positions j <= i (sequences (N, L, C) only; other
+        inputs raise a ValueError naming their shape). nt has no causal attention.
 
     >>> import jax, ntkjax
     >>> attn = SelfAttention(8, key_features=4, value_features=4, num_heads=2)
@@ -309,6 +364,11 @@ class SelfAttention(linen.Module):
     (3, 5, 8)
     >>> ntkjax.kernel_fn(attn)(x).nngp.shape
     (3, 3, 5, 5)
+    >>> decoder = SelfAttention(8, 4, 4, pos_emb_type="sum", causal=True,
+    ...                         pos_emb_decay_fn=lambda d: jnp.exp(-d))
+    >>> jax.tree_util.tree_map(jnp.shape, decoder.init(jax.random.key(0), x))["params"]["pos_emb"]
+    (1, 5, 6)
+    >>> k = ntkjax.kernel_fn(decoder)(x)
     """
 
     out_features: int
