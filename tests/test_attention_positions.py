@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,13 +97,14 @@ def test_finite_layer_is_nt_formula(pe_type, c_pe, val, shape, causal, x64):
                              pos_emb_decay_fn=_decay, w_pos_emb_std=0.7, val_pos_emb=val,
                              causal=causal)
     x = normal((2, *shape, 4), 0)
-    params = layer.init(jax.random.key(1), x)
+    params: Any = layer.init(jax.random.key(1), x)
     c_pe = 4 if c_pe is None else c_pe
     assert params["params"]["pos_emb"].shape == (1, *shape, c_pe)
     want = _numpy_positional_attention(params, x, heads=2, dk=3, dv=2, pe_type=pe_type,
                                        c_pe=c_pe, decay=_decay, p_norm=1.5, w_pe=0.7, val=val,
                                        causal=causal)
-    np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(layer.apply(params, x)), want, rtol=1e-11,
+                               atol=1e-12)
 
 
 def _position_kernels(k, out: int):
@@ -178,7 +180,7 @@ class _CausalNet(linen.Module):
     """Dense -> causal SelfAttention (positional embeddings summed) -> relu -> Dense(1) per
     position: a sequence-to-sequence decoder block."""
 
-    mech: str = "softmax"
+    mech: Any = "softmax"
     linear_scaling: bool = True
 
     @linen.compact
@@ -201,7 +203,7 @@ def test_position_i_does_not_see_later_positions(mech, linear, x64):
     x1, x2 = normal((2, 6, 3), 11), normal((3, 6, 3), 12)
     params = net.init(jax.random.key(0), x1)
     changed = x1.at[:, 4:].set(normal((2, 2, 3), 13))
-    y, y_changed = net.apply(params, x1), net.apply(params, changed)
+    y, y_changed = np.asarray(net.apply(params, x1)), np.asarray(net.apply(params, changed))
     np.testing.assert_allclose(y[:, :4], y_changed[:, :4], rtol=1e-13, atol=1e-13)
     assert np.max(np.abs(y[:, 4:] - y_changed[:, 4:])) > 1e-3
     whole = ntkjax.kernel_fn(net)(x1, x2)
@@ -242,7 +244,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="pos_emb_features=2 must be None or 3"):
         ntkjax.kernel_fn(nn.SelfAttention(4, 4, 4, pos_emb_type="sum", pos_emb_features=2))(seq)
     with pytest.raises(ValueError, match="pos_emb_type"):
-        nn.SelfAttention(4, 4, 4, pos_emb_type="SUM").init(jax.random.key(0), seq)
+        bad: Any = "SUM"  # nt's spelling
+        nn.SelfAttention(4, 4, 4, pos_emb_type=bad).init(jax.random.key(0), seq)
     with pytest.raises(ValueError, match="not positive definite"):
         nn.SelfAttention(4, 4, 4, pos_emb_type="sum",
                          pos_emb_decay_fn=lambda d: jnp.ones_like(d)).init(jax.random.key(0), seq)
