@@ -252,3 +252,21 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="pos_emb_p_norm"):
         nn.SelfAttention(4, 4, 4, pos_emb_type="sum", pos_emb_p_norm=0).init(
             jax.random.key(0), seq)
+
+
+def test_float32_kernel_and_finite_layer():
+    """float32 (the default): a CONCAT entry within 1e-4 of nt's float64 kernel, and the
+    finite layer with a decay (Cholesky factor formed in float64) stays float32 under jit."""
+    entry = ENTRIES[3]  # pe_concat_nchan32_noval
+    a = _arrays(entry)
+    k = ntkjax.kernel_fn(build(entry["layers"]))(a["x1"].astype(np.float32),
+                                                 a["x2"].astype(np.float32))
+    assert k.nngp.dtype == jnp.float32
+    assert max_relative_error(k.nngp, a["nngp_12"]) < 1e-4
+    assert max_relative_error(k.ntk, a["ntk_12"]) < 1e-4
+    layer = nn.SelfAttention(4, 4, 4, pos_emb_type="concat", pos_emb_decay_fn=_decay,
+                             causal=True)
+    x = jnp.ones((2, 5, 3), jnp.float32)
+    params = layer.init(jax.random.key(0), x)
+    y = jax.jit(layer.apply)(params, x)
+    assert y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y)))
