@@ -194,7 +194,8 @@ def _positional_kernels(
     def mix(m: jax.Array) -> jax.Array:
         return w_in * m + w_pe * r
 
-    return mix(k12), mix(t12), mix(v1), v2 if v2 is v1 else mix(v2)
+    q1 = mix(v1)
+    return mix(k12), mix(t12), q1, q1 if v2 is v1 else mix(v2)
 
 
 def attention_kernel(
