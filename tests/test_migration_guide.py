@@ -154,3 +154,20 @@ def test_recipe_moves_stax_parameters_into_the_module(x64):
     wrong["params"]["SelfAttention_0"]["out"]["kernel"] = nt_params[2][3]
     assert np.max(np.abs(net.apply(wrong, x) - _nt_apply(nt_params, x))) > 1e-3
 
+
+
+def test_recipe_conv_parameters(x64):
+    """nt's Conv (default dimension numbers NHC / HIO, VALID padding): W_std / sqrt(k C) times
+    the correlation of x with W (k, C, out), plus b_std b; the guide's
+    {"conv": from_stax_dense(W, b)} gives ntkjax.nn.Conv(padding="VALID") the same outputs."""
+    from ntkjax import nn
+
+    recipe = _recipe()
+    rng = np.random.default_rng(1)
+    x, w, b = rng.standard_normal((2, 6, 3)), rng.standard_normal((3, 3, 5)), \
+        rng.standard_normal((1, 1, 5))
+    windows = np.stack([x[:, i:i + 3] for i in range(4)], axis=1)  # (N, 4, k, C)
+    want = 1.3 / np.sqrt(9) * np.einsum("nlkc,kco->nlo", windows, w) + 0.2 * b
+    conv = nn.Conv(5, kernel_size=(3,), padding="VALID", w_std=1.3, b_std=0.2)
+    got = conv.apply({"params": {"conv": recipe["from_stax_dense"](w, b)}}, x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
