@@ -46,7 +46,7 @@ limit every kernel the keys (and, with ``val_pos_emb``, the values) see is inter
     "sum":    w_in = 1,                w_pe = w_pe_std^2,
     "concat": w_in = C / (C + c_pe),   w_pe = w_pe_std^2 c_pe / (C + c_pe),
 
-C the input width (:attr:`~ntkjax.Kernel.width`). Then, with ``(Kv, Thetav) = (K~, Theta~)`` if
+C the input width (the input kernel's ``width``). Then, with ``(Kv, Thetav) = (K~, Theta~)`` if
 ``val_pos_emb`` else ``(K, Theta)``: ``linear_scaling=True`` uses ``G_a = mech(w_q w_k K~_aa)``
 and ``Sigma' = s G_a Kv_ab G_b^T + b_std^2``, ``Theta' = s G_a (Thetav_ab + 2 Kv_ab) G_b^T +
 b_std^2``; ``linear_scaling=False`` (identity): the formulas below with ``T`` all ones.
