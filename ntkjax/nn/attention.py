@@ -31,7 +31,7 @@ As H, d_k, d_v -> infinity:
 
   the other mechanisms raise a ValueError on kernels (no known closed form).
 
-Positional embeddings (nt's ``pos_emb_type``; Hron et al. 2020, section 3.2). Positions p are the
+Positional embeddings (nt's ``pos_emb_type``; Hron et al. 2020). Positions p are the
 multi-indices of the spatial axes (l for sequences, (h, w) for images). The layer holds a
 standard normal parameter ``z`` of shape (1, *S, c_pe) and adds ``e = w_pe_std L z`` to its
 inputs (``"sum"``, c_pe = C) or appends it as c_pe more channels (``"concat"``), with
