@@ -52,6 +52,11 @@ def inputs(kind: str) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((3, *shape)), rng.standard_normal((2, *shape))
 
 
+def _exp_decay(d):
+    """A positional covariance exp(-d / 2) of the distance between positions."""
+    return np.exp(-d / 2)
+
+
 @functools.cache
 def networks() -> tuple[Net, ...]:
     """Every network of the matrix (built lazily: this module imports no JAX at import time, so
@@ -157,15 +162,19 @@ def networks() -> tuple[Net, ...]:
         width: int
         mechanism: str = "softmax"
         linear_scaling: bool = True
+        positions: bool = False  # causal, with concatenated positional embeddings
 
         @linen.compact
         def __call__(self, x):
             h = nn.Dense(self.width, b_std=0.1)(x)
+            extra = {} if not self.positions else dict(
+                pos_emb_type="concat", pos_emb_decay_fn=_exp_decay, val_pos_emb=True,
+                causal=True)
             h = nn.SelfAttention(self.width, self.width, self.width,
                                  num_heads=max(1, self.width // 8),
                                  linear_scaling=self.linear_scaling,
                                  attention_mechanism=self.mechanism, w_value_std=1.2,
-                                 b_std=0.1)(h)
+                                 b_std=0.1, **extra)(h)
             return nn.Dense(1)(nn.global_average_pool(nn.relu(h)))
 
     class PostLN(linen.Module):
@@ -237,6 +246,8 @@ def networks() -> tuple[Net, ...]:
             ("Conv", "relu", "avg_pool", "flatten", "Dense")),
         Net("SelfAttention", Attention, "sequence",
             ("Dense", "SelfAttention", "relu", "global_average_pool")),
+        Net("SelfAttention(positions, causal)", functools.partial(Attention, positions=True),
+            "sequence", ("Dense", "SelfAttention", "relu", "global_average_pool")),
         Net("SelfAttention(identity)",
             functools.partial(Attention, mechanism="identity", linear_scaling=False),
             "sequence", ("Dense", "SelfAttention", "relu", "global_average_pool")),

@@ -107,6 +107,8 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_activations.py::test_parametrized_maps_match_two_dimensional_quadrature",
     "tests/test_activations.py::test_price_theorem_sigma_dot_is_the_derivative_of_sigma",
     "tests/test_activations.py::test_rectified_monomial_maps_match_adaptive_quadrature",
+    "tests/test_attention_positions.py::test_identity_attention_kernel_is_the_monte_carlo_mean",
+    "tests/test_attention_positions.py::test_wide_causal_softmax_with_positions_converges_to_the_kernel",
     "tests/test_attention.py::test_finite_layer_is_the_formula",
     "tests/test_attention.py::test_structured_ntk_factors_the_projections",
     "tests/test_attention.py::test_transformer_finite_and_infinite",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
@@ -108,16 +110,38 @@ TRANSLATIONS.update(
 )
 
 
+# names an nt_layers2 function "formula" may use (its README: Python/NumPy syntax)
+_FORMULA_NAMES = {name: getattr(jnp, name) for name in (
+    "exp", "log1p", "sqrt", "arcsin", "tanh", "sin", "cos", "sinh", "cosh", "pi")}
+_FORMULA_NAMES["erf"] = jax.scipy.special.erf
+
+
+def formula_function(spec: dict | None) -> Callable[..., Any] | None:
+    """The function of an nt_layers2 ``{"function", "args", "formula"}`` encoding (None stays
+    None): ``lambda args: formula``."""
+    if spec is None:
+        return None
+    args = ", ".join(spec["args"])
+    return eval(f"lambda {args}: {spec['formula']}", dict(_FORMULA_NAMES))
+
+
+def _positions(spec: dict) -> dict[str, Any]:
+    if spec["pos_emb_type"] == "NONE":
+        return {}
+    return {"pos_emb_type": spec["pos_emb_type"].lower(), "pos_emb_p_norm": spec["pos_emb_p_norm"],
+            "pos_emb_decay_fn": formula_function(spec["pos_emb_decay_fn"]),
+            "pos_emb_features": spec["n_chan_pos_emb"], "w_pos_emb_std": spec["W_pos_emb_std"],
+            "val_pos_emb": spec["val_pos_emb"]}
+
+
 def _attention(spec: dict, x: Any) -> Any:
-    if spec["pos_emb_type"] != "NONE":
-        raise Unsupported("GlobalSelfAttention with positional embeddings")
     return nn.SelfAttention(
         spec["n_chan_out"], key_features=spec["n_chan_key"], value_features=spec["n_chan_val"],
         num_heads=spec["n_heads"], linear_scaling=spec["linear_scaling"],
         w_key_std=spec["W_key_std"], w_value_std=spec["W_value_std"],
         w_query_std=spec["W_query_std"], w_out_std=spec["W_out_std"],
         b_std=0.0 if spec["b_std"] is None else spec["b_std"], use_bias=spec["b_std"] is not None,
-        attention_mechanism=spec["attention_mechanism"].lower(),
+        attention_mechanism=spec["attention_mechanism"].lower(), **_positions(spec),
     )(x)
 
 

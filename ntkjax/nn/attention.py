@@ -31,19 +31,61 @@ As H, d_k, d_v -> infinity:
 
   the other mechanisms raise a ValueError on kernels (no known closed form).
 
-Not implemented (yet): positional embeddings and attention masks.
+Positional embeddings (nt's ``pos_emb_type``; Hron et al. 2020). Positions p are the
+multi-indices of the spatial axes (l for sequences, (h, w) for images). The layer holds a
+standard normal parameter ``z`` of shape (1, *S, c_pe) and adds ``e = w_pe_std L z`` to its
+inputs (``"sum"``, c_pe = C) or appends it as c_pe more channels (``"concat"``), with
+``L L^T = R`` (Cholesky) and
+
+    R[p, p'] = decay(sum_a |p_a - p'_a| ** p_norm),   or R = identity when decay is None.
+
+Keys and queries always see the embedded inputs; values only with ``val_pos_emb``. In the
+limit every kernel the keys (and, with ``val_pos_emb``, the values) see is interpolated,
+
+    K~ = w_in K + w_pe R,  Theta~ = w_in Theta + w_pe R  (the embedding is trained),
+    "sum":    w_in = 1,                w_pe = w_pe_std^2,
+    "concat": w_in = C / (C + c_pe),   w_pe = w_pe_std^2 c_pe / (C + c_pe),
+
+C the input width (the input kernel's ``width``). Then, with ``(Kv, Thetav) = (K~, Theta~)`` if
+``val_pos_emb`` else ``(K, Theta)``: ``linear_scaling=True`` uses ``G_a = mech(w_q w_k K~_aa)``
+and ``Sigma' = s G_a Kv_ab G_b^T + b_std^2``, ``Theta' = s G_a (Thetav_ab + 2 Kv_ab) G_b^T +
+b_std^2``; ``linear_scaling=False`` (identity): the formulas below with ``T`` all ones.
+
+Causal attention (``causal=True``, sequences only): query i sees the keys j <= i; softmax
+normalizes over them (logits of j > i at -inf), the other mechanisms zero the weights of j > i.
+The limit follows Hron et al.'s derivation with the sums over keys cut at the query:
+
+* ``linear_scaling=True``: the logits still converge to ``w_q w_k K~_aa[i, j]`` entrywise, so
+  ``G_a = mech_causal(w_q w_k K~_aa)`` (zero above the diagonal; softmax renormalized over
+  j <= i) and the formulas above hold with this G;
+* ``linear_scaling=False``, identity: ``A_ij = q_i k_j / sqrt(d_k)`` is Gaussian with
+  ``E[A_ij(a) A_kl(b)] = (w_q w_k)^2 K~_ab[i, k] K~_ab[j, l]`` (independent queries and keys),
+  so with ``T`` the lower-triangular matrix of ones (all ones without the mask) and
+  ``P_ab = T (K~_ab * Kv_ab) T^T`` (``P[i, k] = sum_{j <= i, l <= k} K~[j, l] Kv[j, l]``),
+
+      Sigma'_ab = c K~_ab * P_ab + b_std^2,
+      Theta'_ab = c [(T (Theta~_ab * Kv_ab + K~_ab * Thetav_ab) T^T) * K~_ab
+                     + P_ab * (Theta~_ab + 4 K~_ab)] + b_std^2
+
+  (products ``*`` entrywise: the query path gives ``Theta~ * P``, the key and value paths the
+  first term, each of the four weight matrices ``K~ * P``). Without the mask these are nt's
+  formulas (``<A, B>`` above is ``T (A * B) T^T`` with ``T`` all ones).
+
+Not implemented (yet): attention masks (padding).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, float_dtype
 from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.dense import Dense
@@ -67,6 +109,95 @@ def _mechanism(name: str, logits: jax.Array) -> jax.Array:
     return jnp.maximum(logits, 0)
 
 
+# --- positional embeddings and the causal mask (helpers of SelfAttention) -------------------
+
+_POS_EMB_TYPES = (None, "sum", "concat")
+
+
+def _positional_covariance(
+    spatial: tuple[int, ...], p_norm: float, decay_fn: Callable[[Any], Any] | None
+) -> np.ndarray:
+    """R (P, P) over the P = prod(spatial) flattened positions (row-major multi-indices p):
+    ``R = decay_fn(d)`` with ``d(p, p') = sum_a |p_a - p'_a| ** p_norm``, or the identity when
+    ``decay_fn`` is None (nt's ``_pos_emb_pdist``), in float64."""
+    grid = np.indices(spatial).reshape(len(spatial), -1).T.astype(np.float64)
+    if decay_fn is None:
+        return np.eye(grid.shape[0])
+    d = np.sum(np.abs(grid[:, None, :] - grid[None, :, :]) ** float(p_norm), axis=-1)
+    with jax.ensure_compile_time_eval():  # R depends on the shape only
+        r = np.asarray(decay_fn(d), dtype=np.float64)
+    if r.shape != d.shape or not np.all(np.isfinite(r)):
+        raise ValueError(
+            f"pos_emb_decay_fn must map the ({d.shape[0]}, {d.shape[1]}) distances between "
+            f"positions to finite values of the same shape; got shape {r.shape}."
+        )
+    return r
+
+
+def _positional_weights(
+    pos_emb_type: str, in_features: int, pos_emb_features: int | None, w_pos_emb_std: float
+) -> tuple[float, float]:
+    """(w_in, w_pe): the input and positional-embedding covariances' weights in the keys'
+    inputs (``"sum"``: 1 and ``w_pos_emb_std^2``; ``"concat"``: the channel shares, times
+    ``w_pos_emb_std^2`` for the embedding)."""
+    w_pe = float(w_pos_emb_std) ** 2
+    if pos_emb_type == "sum":
+        return 1.0, w_pe
+    c_pe = in_features if pos_emb_features is None else int(pos_emb_features)
+    total = in_features + c_pe
+    return in_features / total, w_pe * c_pe / total
+
+
+def _causal_mask(length: int) -> np.ndarray:
+    """The (L, L) boolean mask of allowed (query i, key j) pairs: j <= i."""
+    return np.tril(np.ones((length, length), dtype=bool))
+
+
+def _causal_weights(name: str, logits: jax.Array, causal: bool) -> jax.Array:
+    """``_mechanism`` over the keys a query may see: with ``causal``, keys j > i get weight 0
+    (softmax: logit -inf before normalizing over j <= i)."""
+    if not causal:
+        return _mechanism(name, logits)
+    allowed = _causal_mask(logits.shape[-1])
+    if name == "softmax":
+        return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    return jnp.where(allowed, _mechanism(name, logits), 0)
+
+
+def _check_causal_shape(causal: bool, spatial: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if causal and len(spatial) != 1:
+        raise ValueError(
+            "SelfAttention(causal=True) needs sequences, (batch, length, channels), whose "
+            f"positions are ordered; got inputs of shape {shape} with spatial shape {spatial}."
+        )
+
+
+def _positional_kernels(
+    k: Kernel, k12: jax.Array, t12: jax.Array, v1: jax.Array, v2: jax.Array, *,
+    pos_emb_type: str | None, pos_emb_p_norm: float, pos_emb_decay_fn: Callable | None,
+    pos_emb_features: int | None, w_pos_emb_std: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The keys' input kernels with positional embeddings mixed in: ``w_in K + w_pe R`` for the
+    NNGP, the NTK (the embedding is trained) and each input's covariance (module docstring)."""
+    if pos_emb_type is None:
+        return k12, t12, v1, v2
+    if pos_emb_type == "sum" and pos_emb_features not in (None, k.width):
+        raise ValueError(
+            f"SelfAttention(pos_emb_type='sum') adds the embedding to the {k.width} input "
+            f"channels; pos_emb_features={pos_emb_features} must be None or {k.width} (use "
+            "pos_emb_type='concat' for another width)."
+        )
+    r = _positional_covariance(k.spatial_shape, pos_emb_p_norm, pos_emb_decay_fn)
+    r = jnp.asarray(r, dtype=k12.dtype)
+    w_in, w_pe = _positional_weights(pos_emb_type, k.width, pos_emb_features, w_pos_emb_std)
+
+    def mix(m: jax.Array) -> jax.Array:
+        return w_in * m + w_pe * r
+
+    q1 = mix(v1)
+    return mix(k12), mix(t12), q1, q1 if v2 is v1 else mix(v2)
+
+
 def attention_kernel(
     k: Kernel,
     out_features: int,
@@ -77,15 +208,25 @@ def attention_kernel(
     b_std: float = 0.0,
     use_bias: bool = True,
     attention_mechanism: AttentionMechanism = "softmax",
+    pos_emb_type: Literal["sum", "concat"] | None = None,
+    pos_emb_p_norm: float = 2.0,
+    pos_emb_decay_fn: Callable[[Any], Any] | None = None,
+    pos_emb_features: int | None = None,
+    w_pos_emb_std: float = 1.0,
+    val_pos_emb: bool = False,
+    causal: bool = False,
 ) -> Kernel:
     """The :class:`~ntkjax.Kernel` after :class:`SelfAttention` (module docstring), with
-    ``qk_std = w_query_std * w_key_std`` and ``ov_std = w_out_std * w_value_std``.
+    ``qk_std = w_query_std * w_key_std`` and ``ov_std = w_out_std * w_value_std``; the
+    positional-embedding arguments and ``causal`` are :class:`SelfAttention`'s.
 
     Raises:
-      ValueError: for a kernel without spatial axes, or ``linear_scaling=False`` with a
-        mechanism other than ``"identity"``.
+      ValueError: for a kernel without spatial axes, ``linear_scaling=False`` with a
+        mechanism other than ``"identity"``, ``causal`` on a kernel of other than sequences,
+        or ``pos_emb_type="sum"`` with ``pos_emb_features`` other than the input width.
     """
     check_choice(attention_mechanism, ATTENTION_MECHANISMS, "attention_mechanism")
+    check_choice(pos_emb_type, _POS_EMB_TYPES, "pos_emb_type")
     nd = k.spatial_ndim
     if nd == 0:
         raise ValueError(
@@ -100,6 +241,7 @@ def attention_kernel(
         )
     k = k.require_all_pairs("SelfAttention")
     spatial = k.spatial_shape
+    _check_causal_shape(causal, spatial, k.shape)
     length = math.prod(spatial)
     n1, n2 = k.nngp.shape[:2]
     k12 = k.nngp.reshape(n1, n2, length, length)
@@ -107,11 +249,20 @@ def attention_kernel(
     c1, c2 = k.self_covariances()
     v1 = c1.reshape(n1, length, length)
     v2 = v1 if k.same_inputs else c2.reshape(n2, length, length)
+    # keys and queries see the positions; values only with val_pos_emb
+    qk12, qt12, qv1, qv2 = _positional_kernels(
+        k, k12, t12, v1, v2, pos_emb_type=pos_emb_type, pos_emb_p_norm=pos_emb_p_norm,
+        pos_emb_decay_fn=pos_emb_decay_fn, pos_emb_features=pos_emb_features,
+        w_pos_emb_std=w_pos_emb_std,
+    )
+    if val_pos_emb:
+        k12, t12, v1, v2 = qk12, qt12, qv1, qv2
     bias = float(b_std) ** 2 if use_bias else 0.0
     if linear_scaling:
         scale = float(ov_std) ** 2
-        g1 = _mechanism(attention_mechanism, float(qk_std) * v1)
-        g2 = g1 if k.same_inputs else _mechanism(attention_mechanism, float(qk_std) * v2)
+        g1 = _causal_weights(attention_mechanism, float(qk_std) * qv1, causal)
+        g2 = g1 if k.same_inputs else _causal_weights(attention_mechanism,
+                                                      float(qk_std) * qv2, causal)
 
         def weigh(m: jax.Array) -> jax.Array:
             return scale * jnp.einsum("apq,abqr,bsr->abps", g1, m, g2, precision=_HI)
@@ -125,16 +276,26 @@ def attention_kernel(
         new_v2 = new_v1 if k.same_inputs else weigh_self(g2, v2)
     else:
         scale = (float(qk_std) * float(ov_std)) ** 2
-        dot12 = jnp.sum(k12 * k12, axis=(2, 3), keepdims=True)
-        dot_kt = jnp.sum(k12 * t12, axis=(2, 3), keepdims=True)
-        nngp = scale * dot12 * k12 + bias
-        ntk = scale * (2 * dot_kt * k12 + dot12 * (t12 + 4 * k12)) + bias
+        if causal:
+            tri = jnp.asarray(_causal_mask(length), dtype=k12.dtype)
 
-        def self_map(v: jax.Array) -> jax.Array:
-            return scale * jnp.sum(v * v, axis=(1, 2), keepdims=True) * v + bias
+            def fold(m: jax.Array) -> jax.Array:  # sum over keys j <= i, l <= i'
+                return jnp.einsum("ij,...jl,kl->...ik", tri, m, tri, precision=_HI)
+        else:
 
-        new_v1 = self_map(v1)
-        new_v2 = new_v1 if k.same_inputs else self_map(v2)
+            def fold(m: jax.Array) -> jax.Array:  # sum over all key pairs
+                return jnp.sum(m, axis=(-2, -1), keepdims=True)
+
+        dot12 = fold(qk12 * k12)
+        dot_t = fold(qt12 * k12) + fold(qk12 * t12)
+        nngp = scale * dot12 * qk12 + bias
+        ntk = scale * (dot_t * qk12 + dot12 * (qt12 + 4 * qk12)) + bias
+
+        def self_map(q: jax.Array, v: jax.Array) -> jax.Array:
+            return scale * fold(q * v) * q + bias
+
+        new_v1 = self_map(qv1, v1)
+        new_v2 = new_v1 if k.same_inputs else self_map(qv2, v2)
     shape2, shape1 = (n1, n2, *spatial, *spatial), (*spatial, *spatial)
     var1 = new_v1.reshape(n1, *shape1)
     return k.replace(
@@ -165,8 +326,9 @@ class SelfAttention(linen.Module):
     as heads, key and value widths go to infinity. ``linear_scaling=True`` (logits divided by
     ``d_k``, tied query/key weights) has closed forms for every mechanism;
     ``linear_scaling=False`` (the usual ``1/sqrt(d_k)``) only for ``"identity"`` (others raise
-    a ValueError on kernels, and work on arrays). Positional embeddings and attention masks are
-    not implemented yet.
+    a ValueError on kernels, and work on arrays). Positional embeddings (nt's ``pos_emb_type``
+    ``"SUM"`` / ``"CONCAT"``) and causal attention (``causal=True``) have finite networks and
+    exact kernels (module docstring); attention masks are not implemented yet.
 
     Attributes:
       out_features: output channels (nt's ``n_chan_out``).
@@ -181,6 +343,20 @@ class SelfAttention(linen.Module):
       use_bias: whether the output has a bias.
       attention_mechanism: ``"softmax"``, ``"identity"``, ``"abs"`` or ``"relu"``.
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
+      pos_emb_type: None (no positional embeddings), ``"sum"`` (added to the inputs) or
+        ``"concat"`` (appended as channels); nt's ``"NONE"``, ``"SUM"``, ``"CONCAT"``. The
+        parameter ``"pos_emb"`` (1, *S, c_pe) fixes the spatial shape at ``init``: inputs of
+        another spatial shape raise a ValueError naming both.
+      pos_emb_p_norm: p of the distance ``sum_a |p_a - p'_a| ** p`` between positions.
+      pos_emb_decay_fn: the positional covariance ``R = decay(distance)`` (a function of an
+        array, e.g. ``lambda d: jnp.exp(-d)``); None: ``R`` is the identity. The finite layer
+        needs ``R`` positive definite (its Cholesky factor).
+      pos_emb_features: embedding channels c_pe for ``"concat"`` (nt's ``n_chan_pos_emb``);
+        None: as many as the inputs (the only choice for ``"sum"``).
+      w_pos_emb_std: the embedding's scale (nt's ``W_pos_emb_std``).
+      val_pos_emb: whether the values see the embeddings too (else keys and queries only).
+      causal: position i attends only to positions j <= i (sequences (N, L, C) only; other
+        inputs raise a ValueError naming their shape). nt has no causal attention.
 
     >>> import jax, ntkjax
     >>> attn = SelfAttention(8, key_features=4, value_features=4, num_heads=2)
@@ -189,6 +365,11 @@ class SelfAttention(linen.Module):
     (3, 5, 8)
     >>> ntkjax.kernel_fn(attn)(x).nngp.shape
     (3, 3, 5, 5)
+    >>> decoder = SelfAttention(8, 4, 4, pos_emb_type="sum", causal=True,
+    ...                         pos_emb_decay_fn=lambda d: jnp.exp(-d))
+    >>> jax.tree_util.tree_map(jnp.shape, decoder.init(jax.random.key(0), x))["params"]["pos_emb"]
+    (1, 5, 6)
+    >>> k = ntkjax.kernel_fn(decoder)(x)
     """
 
     out_features: int
@@ -204,9 +385,18 @@ class SelfAttention(linen.Module):
     use_bias: bool = True
     attention_mechanism: AttentionMechanism = "softmax"
     param_dtype: Any = None
+    pos_emb_type: Literal["sum", "concat"] | None = None
+    pos_emb_p_norm: float = 2.0
+    pos_emb_decay_fn: Callable[[Any], Any] | None = None
+    pos_emb_features: int | None = None
+    w_pos_emb_std: float = 1.0
+    val_pos_emb: bool = False
+    causal: bool = False
 
     def _check(self) -> None:
         check_choice(self.attention_mechanism, ATTENTION_MECHANISMS, "attention_mechanism")
+        check_choice(self.pos_emb_type, _POS_EMB_TYPES, "pos_emb_type")
+        self._check_positions()
         for name in ("out_features", "key_features", "value_features", "num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
@@ -215,6 +405,70 @@ class SelfAttention(linen.Module):
         for name in stds:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+
+    def _check_positions(self) -> None:
+        if not (self.pos_emb_p_norm > 0):
+            raise ValueError(f"pos_emb_p_norm must be > 0, got {self.pos_emb_p_norm!r}.")
+        if not self.w_pos_emb_std >= 0:
+            raise ValueError(f"w_pos_emb_std must be >= 0, got {self.w_pos_emb_std!r}.")
+        c_pe = self.pos_emb_features
+        if c_pe is not None and (isinstance(c_pe, bool) or int(c_pe) != c_pe or c_pe < 1):
+            raise ValueError(f"pos_emb_features must be None or a positive integer, got {c_pe!r}.")
+        if self.pos_emb_decay_fn is not None and not callable(self.pos_emb_decay_fn):
+            raise ValueError("pos_emb_decay_fn must be None or a function of the distances, got "
+                             f"{self.pos_emb_decay_fn!r}.")
+
+    def _position_options(self) -> dict[str, Any]:
+        return {"pos_emb_type": self.pos_emb_type, "pos_emb_p_norm": self.pos_emb_p_norm,
+                "pos_emb_decay_fn": self.pos_emb_decay_fn,
+                "pos_emb_features": self.pos_emb_features, "w_pos_emb_std": self.w_pos_emb_std,
+                "val_pos_emb": self.val_pos_emb, "causal": self.causal}
+
+    def _with_positions(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(inputs of the keys and queries, inputs of the values): ``x`` with the positional
+        embedding ``w_pos_emb_std * L z`` added or concatenated (``z`` the standard normal
+        parameter ``"pos_emb"`` of shape (1, *S, pos_emb_features), ``L`` the Cholesky factor of
+        R over the flattened positions; nt's ``GlobalSelfAttention``)."""
+        if self.pos_emb_type is None:
+            return x, x
+        spatial, c = x.shape[1:-1], x.shape[-1]
+        c_pe = c if self.pos_emb_features is None else int(self.pos_emb_features)
+        if self.pos_emb_type == "sum" and c_pe != c:
+            raise ValueError(
+                f"SelfAttention(pos_emb_type='sum') adds the embedding to the {c} input channels "
+                f"of inputs of shape {x.shape}; pos_emb_features={c_pe} must be None or {c}."
+            )
+        shape = (1, *spatial, c_pe)
+        if self.has_variable("params", "pos_emb"):
+            built = tuple(self.get_variable("params", "pos_emb").shape)
+            if built != shape:
+                raise ValueError(
+                    "SelfAttention's positional embedding was built for inputs of spatial shape "
+                    f"{built[1:-1]} with {built[-1]} embedding channels (parameter 'pos_emb' "
+                    f"{built}); got inputs of shape {x.shape}, which need {shape}."
+                )
+        dtype = self.param_dtype if self.param_dtype is not None else float_dtype(x)
+        z = self.param("pos_emb", linen.initializers.normal(1.0), shape, dtype)
+        length = math.prod(spatial)
+        if self.pos_emb_decay_fn is not None:
+            r = _positional_covariance(spatial, self.pos_emb_p_norm, self.pos_emb_decay_fn)
+            try:
+                chol = np.linalg.cholesky(r)
+            except np.linalg.LinAlgError:
+                raise ValueError(
+                    f"pos_emb_decay_fn gives a positional covariance over the {length} positions "
+                    f"of spatial shape {spatial} that is not positive definite; the finite "
+                    "network needs its Cholesky factor (the kernel does not)."
+                ) from None
+            z = jnp.einsum("pq,qc->pc", jnp.asarray(chol, dtype=z.dtype),
+                           z.reshape(length, c_pe)).reshape(shape)
+        pe = float(self.w_pos_emb_std) * z
+        if self.pos_emb_type == "sum":
+            keyed = x + pe
+        else:
+            keyed = jnp.concatenate([x, jnp.broadcast_to(pe, (x.shape[0], *spatial, c_pe))],
+                                    axis=-1)
+        return keyed, (keyed if self.val_pos_emb else x)
 
     @linen.compact
     def __call__(self, x: Any) -> Any:
@@ -227,32 +481,36 @@ class SelfAttention(linen.Module):
                 qk_std=self.w_query_std * self.w_key_std,
                 ov_std=self.w_out_std * self.w_value_std, b_std=self.b_std,
                 use_bias=self.use_bias, attention_mechanism=self.attention_mechanism,
+                **self._position_options(),
             )
         x = jnp.asarray(x)
         if x.ndim < 3:
             raise ValueError(
                 f"SelfAttention needs inputs of shape (batch, length, channels), got {x.shape}."
             )
-        n, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+        n, spatial = x.shape[0], x.shape[1:-1]
         length = math.prod(spatial)
+        _check_causal_shape(self.causal, spatial, x.shape)
         h, dk, dv = int(self.num_heads), int(self.key_features), int(self.value_features)
-        flat = x.reshape(n, length, c)
+        keyed, valued = self._with_positions(x)
+        flat = keyed.reshape(n, length, keyed.shape[-1])
+        flat_values = valued.reshape(n, length, valued.shape[-1])
 
-        def project(features: int, w_std: float, name: str) -> jax.Array:
+        def project(features: int, w_std: float, name: str, inputs: jax.Array) -> jax.Array:
             layer = Dense(features, w_std=w_std, use_bias=False, param_dtype=self.param_dtype,
                           name=name)
-            return layer(flat)
+            return layer(inputs)
 
-        keys = project(h * dk, 1.0, "key").reshape(n, length, h, dk)
+        keys = project(h * dk, 1.0, "key", flat).reshape(n, length, h, dk)
         qk = float(self.w_query_std) * float(self.w_key_std)
         if self.linear_scaling:
             queries, norm = keys, qk / dk
         else:
-            queries = project(h * dk, 1.0, "query").reshape(n, length, h, dk)
+            queries = project(h * dk, 1.0, "query", flat).reshape(n, length, h, dk)
             norm = qk / math.sqrt(dk)
-        values = project(h * dv, self.w_value_std, "value").reshape(n, length, h, dv)
+        values = project(h * dv, self.w_value_std, "value", flat_values).reshape(n, length, h, dv)
         logits = norm * jnp.einsum("nlhd,nmhd->nhlm", queries, keys)
-        weights = _mechanism(self.attention_mechanism, logits)
+        weights = _causal_weights(self.attention_mechanism, logits, self.causal)
         heads = jnp.einsum("nhlm,nmhd->nlhd", weights, values).reshape(n, length, h * dv)
         out = Dense(self.out_features, w_std=self.w_out_std, b_std=self.b_std,
                     use_bias=self.use_bias, param_dtype=self.param_dtype, name="out")(heads)
