@@ -299,7 +299,7 @@ def dot_general_kernel(k: Kernel, lhs: Any = None, rhs: Any = None,
     >>> k = ntkjax.kernels.input_kernel(jnp.ones((2, 3, 1)))
     >>> dot_general_kernel(k, lhs=jnp.ones((1, 3)),
     ...                    dimension_numbers=(((1,), (1,)), ((), ()))).nngp[0, 0].tolist()
-    [[[[9.0]]]]
+    [[9.0]]
     """
     if (lhs is None) == (rhs is None):
         raise ValueError("dot_general: exactly one of lhs and rhs is the constant; the other "
