@@ -239,9 +239,10 @@ def _call_args(call_args: dict[str, Any], x1: jax.Array,
 
 def _apply_to_kernel(module: linen.Module, kernel: Kernel,
                      call_args: dict[str, InputPair] | None = None) -> Kernel:
+    extra: dict[str, Any] = dict(call_args or {})
     try:
         with linen.intercept_methods(_reject_flax_layers):
-            out = module.apply({}, kernel, **(call_args or {}))
+            out = module.apply({}, kernel, **extra)
     except ForeignFunctionError:
         raise
     except (TypeError, ValueError) as err:

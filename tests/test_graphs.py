@@ -225,7 +225,7 @@ def test_aggregate_bad_input(x64):
     with pytest.raises(ValueError, match=r"shape \(3, 4, 4\).*node shape \(5,\)"):
         layer.apply({}, x, dense[:, :4, :4])
     fn = ntkjax.kernel_fn(layer)
-    with pytest.raises(ValueError, match=r"adjacency for x2 has shape \(\d, 6, 6\).*node shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"x2 has shape \(\d, 6, 6\).*node shape \(5,\)"):
         fn(x, x, pattern=(dense, jnp.zeros((3, 6, 6))))
     with pytest.raises(ValueError, match=r"pattern= for x2 has shape \(2, 5, 5\)"):
         fn(x, x, pattern=(dense, dense[:2]))
