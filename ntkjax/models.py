@@ -226,6 +226,15 @@ class LCN(CNN):
     (``readout="global_average_pool"``) makes them differ: weight sharing matters only through
     pooling (Novak et al. 2019, section 5.1).
 
+    Attributes:
+      features: ``(c1, ..., c_L, out)``: the locally connected layers' channels, then the
+        number of outputs.
+      kernel_size, strides, padding: of every :class:`ntkjax.nn.ConvLocal`.
+      activation: as in :class:`MLP`.
+      readout: ``"flatten"``, ``"global_average_pool"`` or ``"global_sum_pool"``.
+      pooling, pool_window, pool_strides, pool_padding, pool_after: as in :class:`CNN`.
+      w_std, b_std, parameterization: of every ConvLocal and of the Dense readout.
+
     >>> import jax.numpy as jnp, ntkjax
     >>> x = jnp.arange(24.0).reshape(2, 4, 3) / 24
     >>> lcn = ntkjax.kernel_fn(LCN((8, 1), readout="flatten"))(x).ntk

@@ -149,7 +149,7 @@ def test_aggregate_finite_layer_sums_incoming_messages(x64):
         for t, h in np.asarray(edges[n]):
             if t >= 0 and h >= 0:
                 counts[n, t, h] += 1
-    np.testing.assert_array_equal(nn.edge_list_to_dense(edges, 5), counts)
+    np.testing.assert_array_equal(nn.graphs.edge_list_to_dense(edges, 5), counts)
     sparse = nn.Aggregate(implementation="sparse").apply({}, x, edges)
     np.testing.assert_allclose(sparse, layer.apply({}, x, jnp.asarray(counts)), rtol=1e-12,
                                atol=1e-14)

@@ -27,8 +27,8 @@ One module per kind of layer, each holding the layers and their infinite-width r
   :func:`scale` (product with a constant), :func:`dot_general` (``lax.dot_general`` with a
   constant) and :func:`elementwise_nngp`, an elementwise layer with a user-given NNGP map;
 * :mod:`ntkjax.nn.graphs`: :class:`Aggregate` (message passing along a per-example graph) and
-  :func:`edge_list_to_dense`; :mod:`ntkjax.nn.conv` also holds :class:`ConvLocal` (locally
-  connected).
+  :func:`~ntkjax.nn.graphs.edge_list_to_dense`; :mod:`ntkjax.nn.conv` also holds
+  :class:`ConvLocal` (locally connected).
 
 The layer protocol (:mod:`ntkjax._meanings`): each layer dispatches on its input's type -- an
 array, a Kernel, or feature_map's :class:`FeatureStandIn` -- and states every meaning it
@@ -68,7 +68,7 @@ from ntkjax.nn.branches import concatenate, multiply
 from ntkjax.nn.conv import Conv, ConvLocal, ConvTranspose
 from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
-from ntkjax.nn.graphs import Aggregate, edge_list_to_dense
+from ntkjax.nn.graphs import Aggregate
 from ntkjax.nn.normalization import LayerNorm
 from ntkjax.nn.pooling import avg_pool, flatten, global_average_pool, global_sum_pool, sum_pool
 from ntkjax.nn.structural import dot_general, elementwise_nngp, image_resize, index, scale
@@ -93,7 +93,6 @@ __all__ = [
     "declaration_of",
     "declare",
     "dot_general",
-    "edge_list_to_dense",
     "elementwise",
     "elementwise_nngp",
     "erf",

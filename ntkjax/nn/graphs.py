@@ -210,7 +210,7 @@ class Aggregate(linen.Module):
     >>> path = jnp.array([[[0, 1], [1, 2], [-1, -1]]])  # arcs 0->1, 1->2, one padding row
     >>> Aggregate(implementation="sparse").apply({}, x, path)[0, :, 0].tolist()
     [0.0, 1.0, 1.0]
-    >>> A = ntkjax.nn.edge_list_to_dense(path, 3)
+    >>> A = ntkjax.nn.graphs.edge_list_to_dense(path, 3)
     >>> ntkjax.kernel_fn(Aggregate())(x, pattern=A).nngp.shape
     (1, 1, 3, 3)
     """
