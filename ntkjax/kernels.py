@@ -530,6 +530,7 @@ def kernel_matrix(
     devices: Sequence[Any] | None = None,
     out: str | os.PathLike | None = None,
     show_progress: bool = False,
+    **per_input: Any,
 ) -> Kernel:
     """The kernels of ``module`` for large N, computed in blocks into host (numpy) arrays.
 
@@ -569,6 +570,9 @@ def kernel_matrix(
       out: path of a resumable zarr store (arrays ``nngp`` and ``ntk``) to write to instead
         of RAM; None keeps the result in host memory.
       show_progress: progress bar on stderr.
+      **per_input: per-input call arguments of the module, as in :func:`kernel_fn` (e.g. the
+        graphs' ``pattern=(P1, P2)`` of :class:`ntkjax.nn.Aggregate`, or ``pattern=P1`` for
+        ``x2 = None``): each block gets the rows of its own inputs.
 
     >>> import jax.numpy as jnp, ntkjax
     >>> dense = ntkjax.nn.Dense(1, w_std=1.0, b_std=0.0)  # NNGP = NTK = x1 x2^T / d
@@ -578,7 +582,8 @@ def kernel_matrix(
      [0. 0. 3.]]
     """
     x1, x2 = _float_inputs(x1, x2)
-    shape = _output_kernel_shape(module, x1)
+    args = _call_args(per_input, x1, x2)
+    shape = _output_kernel_shape(module, x1, args)
     same_batch_rules = shape.same_batch_layers
     if x2 is None and same_batch_rules:
         raise ValueError(
@@ -596,7 +601,10 @@ def kernel_matrix(
     if x1.ndim > 2:
         return _image_kernel_matrix(module, x1, x2, shape, memory_bytes=memory_bytes,
                                     block_size=block_size, show_progress=show_progress,
-                                    devices=devices, out=out)
+                                    devices=devices, out=out, args=args)
+    if args:
+        raise ValueError("kernel_matrix: per-input call arguments "
+                         f"({', '.join(args)}) need inputs with spatial axes, (N, *S, C).")
     compute = kernel_fn(module)
 
     def block_fn(a, b):
@@ -617,24 +625,31 @@ def kernel_matrix(
 
 
 def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_size,
-                         show_progress, devices, out) -> Kernel:
+                         show_progress, devices, out,
+                         args: dict[str, InputPair] | None = None) -> Kernel:
     diagonal = _use_diagonal(module, x1, "auto", facts=shape)
+    args = args or {}
+    names = sorted(args)
 
-    def block_fn(i1, i2, a1, a2):
-        k = _apply_to_kernel(module, _image_input_kernel(a1[i1[:, 0]], a2[i2[:, 0]],
-                                                         diagonal=diagonal))
+    def block_fn(i1, i2, a1, a2, *pairs):
+        r1, r2 = i1[:, 0], i2[:, 0]
+        block_args = {n: p.rows(r1, r2) for n, p in zip(names, pairs, strict=True)}
+        k = _apply_to_kernel(module, _image_input_kernel(a1[r1], a2[r2], diagonal=diagonal),
+                             block_args)
         return {"nngp": k.nngp, "ntk": k.ntk}
 
     index1 = jnp.arange(x1.shape[0])[:, None]
     index2 = None if x2 is None else jnp.arange(x2.shape[0])[:, None]
     blocks = evaluate_in_blocks(
-        block_fn, index1, index2, fn_args=(x1, x1 if x2 is None else x2),
+        block_fn, index1, index2,
+        fn_args=(x1, x1 if x2 is None else x2, *(args[n] for n in names)),
         block_size=block_size, memory_bytes=memory_bytes, show_progress=show_progress,
         description="kernel blocks", devices=devices, out=out,
         fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
-    var1 = _output_variances(module, x1, diagonal)
-    var2 = var1 if x2 is None else _output_variances(module, x2, diagonal)
+    var1 = _output_variances(module, x1, diagonal, {n: a.first for n, a in args.items()})
+    var2 = var1 if x2 is None else _output_variances(module, x2, diagonal,
+                                                     {n: a.second for n, a in args.items()})
     return Kernel(nngp=blocks["nngp"], ntk=blocks["ntk"], var1=var1, var2=var2,  # type: ignore
                   width=shape.width, same_inputs=x2 is None)
 
@@ -643,18 +658,27 @@ def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_s
 _PER_INPUT_ENTRIES = 2**24
 
 
-def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool) -> np.ndarray:
+def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
+                      per_input: dict[str, jax.Array] | None = None) -> np.ndarray:
     """Each input's NNGP variance at the module's output (numpy, (N,) for an output without
     spatial axes): the module on a kernel of one column per input (:func:`_row_kernel`) whose
-    variances are exact, in chunks of inputs (``_PER_INPUT_ENTRIES``)."""
+    variances are exact, in chunks of inputs (``_PER_INPUT_ENTRIES``). ``per_input``: the
+    inputs' call arguments (the column's second batch gets the first row's: only ``var1`` is
+    read)."""
 
-    def chunk_variances(xc: jax.Array) -> jax.Array:
-        return _apply_to_kernel(module, _row_kernel(xc, diagonal)).var1
+    def chunk_variances(xc: jax.Array, ac: dict[str, jax.Array]) -> jax.Array:
+        pairs = {n: InputPair(a, a[:1]) for n, a in ac.items()}
+        return _apply_to_kernel(module, _row_kernel(xc, diagonal), pairs).var1
 
     chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(_entries_per_pair(x, diagonal), 1)))
     rows = -(-x.shape[0] // chunk)
-    padded = jnp.asarray(_pad_rows(x, rows * chunk)).reshape(rows, chunk, *x.shape[1:])
-    var = jax.jit(lambda a: jax.lax.map(chunk_variances, a))(padded)
+
+    def padded(a: jax.Array) -> jax.Array:
+        return jnp.asarray(_pad_rows(a, rows * chunk)).reshape(rows, chunk, *a.shape[1:])
+
+    args = {n: padded(a) for n, a in (per_input or {}).items()}
+    var = jax.jit(lambda a, b: jax.lax.map(lambda ab: chunk_variances(*ab), (a, b)))(
+        padded(x), args)
     return np.asarray(jax.device_get(var)).reshape(rows * chunk, *var.shape[2:])[: x.shape[0]]
 
 

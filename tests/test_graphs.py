@@ -184,7 +184,7 @@ def test_aggregate_kernel_is_the_kernel_of_aggregated_inputs(implementation, x64
 def test_blocked_evaluation_slices_the_patterns_with_the_inputs(x64):
     """10 graphs of 8 nodes: kernel_fn evaluates in blocks of 4 rows (x2 None: the upper
     blocks, mirrored); each block must use its own rows' adjacency -- the same entries as a
-    direct evaluation of those rows in one block."""
+    direct evaluation of those rows in one block; likewise kernel_matrix's blocks."""
     x, dense, _ = _graphs(jax.random.PRNGKey(5), 10, 8, 3, 4)
     gnn = ntkjax.models.GNN((8, 8, 1), w_std=1.4, b_std=0.1)
     fn = ntkjax.kernel_fn(gnn)
@@ -194,6 +194,13 @@ def test_blocked_evaluation_slices_the_patterns_with_the_inputs(x64):
     part = fn(x[rows], x[cols], pattern=(dense[rows], dense[cols]))
     np.testing.assert_allclose(full.ntk[rows][:, cols], part.ntk, rtol=1e-12)
     np.testing.assert_allclose(full.nngp[rows][:, cols], part.nngp, rtol=1e-12)
+    # kernel_matrix: blocks of 4 rows, each with its rows' adjacency (x2 None and given)
+    blocked = ntkjax.kernel_matrix(gnn, x, pattern=dense, block_size=4)
+    np.testing.assert_allclose(blocked.ntk, full.ntk, rtol=1e-12)
+    np.testing.assert_allclose(blocked.var1, full.var1, rtol=1e-12)
+    blocked12 = ntkjax.kernel_matrix(gnn, x[rows], x[cols], pattern=(dense[rows], dense[cols]),
+                                     block_size=2)
+    np.testing.assert_allclose(blocked12.nngp, part.nngp, rtol=1e-12)
 
 
 def test_empirical_ntk_of_wide_gnn_approaches_the_gntk(x64):
