@@ -386,10 +386,6 @@ class InputPair:
         """The pair for rows ``index1`` of x1 and ``index2`` of x2."""
         return InputPair(self.first[index1], self.second[index2])
 
-    def swapped(self) -> InputPair:
-        """The pair of (x2, x1)."""
-        return InputPair(self.second, self.first)
-
 
 # Kernel's public home, where the API reference documents it (and pickles find it).
 Kernel.__module__ = "ntkjax.kernels"
