@@ -168,17 +168,21 @@ def test_aggregate_kernel_is_the_kernel_of_aggregated_inputs(implementation, x64
     got = fn(x1, x2, pattern=(p1, p2))
     np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(got.var2, want.var2, rtol=1e-12, atol=1e-14)
-    same = fn(x1, pattern=p1)
+    # the rule itself (no compiled program): x2 None, and a grid
+    pair = ntkjax.kernels.InputPair(p1, p1)
+    same = layer.apply({}, ntkjax.kernels.input_kernel(x1), pair)
     want11 = ntkjax.kernels.input_kernel(layer.apply({}, x1, p1))
     np.testing.assert_allclose(same.nngp, want11.nngp, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(same.var1, want11.var1, rtol=1e-12, atol=1e-14)
     # a 3 x 2 grid of nodes, aggregating over both spatial axes
     grid = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 2, 3), jnp.float64)
     adj = jax.random.uniform(jax.random.PRNGKey(4), (2, 3, 2, 3, 2), jnp.float64)
     if implementation == "sparse":
         adj = jnp.asarray([[[[0, 1], [0, 1]], [[2, 2], [1, 0]], [[-1, -1], [-1, -1]]]] * 2)
     out = layer.apply({}, grid, adj)
-    np.testing.assert_allclose(fn(grid, pattern=adj).nngp,
-                               ntkjax.kernels.input_kernel(out).nngp, rtol=1e-12, atol=1e-14)
+    got = layer.apply({}, ntkjax.kernels.input_kernel(grid), ntkjax.kernels.InputPair(adj, adj))
+    np.testing.assert_allclose(got.nngp, ntkjax.kernels.input_kernel(out).nngp, rtol=1e-12,
+                               atol=1e-14)
 
 
 def test_blocked_evaluation_slices_the_patterns_with_the_inputs(x64):
