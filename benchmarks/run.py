@@ -21,6 +21,7 @@ MODULES = [
     "benchmarks.bench_devices",
     "benchmarks.bench_empirical",
     "benchmarks.bench_features",
+    "benchmarks.bench_graphs",
     "benchmarks.bench_predict",
     "benchmarks.bench_solvers",
     "benchmarks.bench_sweep",

@@ -36,6 +36,7 @@ from ntkjax._meanings import jax_equivalents
 __all__ = [
     "AllPairsRequired",
     "ForeignFunctionError",
+    "InputPair",
     "Kernel",
     "batch_diagonal",
     "describe_foreign_call",
@@ -358,5 +359,34 @@ def traceback_frames(err: BaseException) -> list[tuple[str, int, str]]:
     return [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(err.__traceback__)]
 
 
+@struct.dataclass
+class InputPair:
+    """A per-input call argument of a module, for the two batches of a :class:`Kernel`.
+
+    :func:`ntkjax.kernel_fn` passes every keyword argument it is given (e.g. the graphs'
+    adjacency, ``kernel_fn(gnn)(x1, x2, pattern=(P1, P2))``) to the module as an
+    ``InputPair``: ``first`` holds the rows of x1, ``second`` those of x2 (the same array for
+    ``x2 = None``). Both are sliced with the inputs' rows wherever the kernel is evaluated in
+    blocks, so a layer that reads them (:class:`ntkjax.nn.Aggregate`) sees the rows of exactly
+    the inputs of its kernel. Plain data, no ambient state.
+
+    Attributes:
+      first: the argument's rows for x1, leading axis N1.
+      second: its rows for x2, leading axis N2.
+
+    >>> import jax.numpy as jnp
+    >>> InputPair(jnp.zeros((2, 3, 3)), jnp.zeros((4, 3, 3))).second.shape
+    (4, 3, 3)
+    """
+
+    first: Any
+    second: Any
+
+    def rows(self, index1: Any, index2: Any) -> InputPair:
+        """The pair for rows ``index1`` of x1 and ``index2`` of x2."""
+        return InputPair(self.first[index1], self.second[index2])
+
+
 # Kernel's public home, where the API reference documents it (and pickles find it).
 Kernel.__module__ = "ntkjax.kernels"
+InputPair.__module__ = "ntkjax.kernels"

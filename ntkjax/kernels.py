@@ -54,6 +54,7 @@ from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
 from ntkjax._kernel import (
     AllPairsRequired,
     ForeignFunctionError,
+    InputPair,
     Kernel,
     batch_diagonal,
     describe_foreign_call,
@@ -68,6 +69,7 @@ __all__ = [
     "POSITION_PAIRS",
     "AllPairsRequired",
     "ForeignFunctionError",
+    "InputPair",
     "Kernel",
     "PositionPairs",
     "input_kernel",
@@ -206,10 +208,41 @@ def _reject_flax_layers(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _apply_to_kernel(module: linen.Module, kernel: Kernel) -> Kernel:
+def _call_args(call_args: dict[str, Any], x1: jax.Array,
+               x2: jax.Array | None) -> dict[str, InputPair]:
+    """kernel_fn's keyword arguments as :class:`InputPair` s, checked against the inputs' batch
+    sizes: a pair ``(a1, a2)`` with a row per input of x1 and x2, or, for ``x2 = None``, one
+    array (or the pair ``(a1, a1)``)."""
+    out = {}
+    for name, value in call_args.items():
+        if isinstance(value, InputPair):
+            value = (value.first, value.second)
+        if isinstance(value, tuple | list):
+            if len(value) != 2:
+                raise ValueError(f"kernel_fn: {name}= takes one array per batch, (for x1, for "
+                                 f"x2); got {len(value)} items.")
+            first, second = value
+        elif x2 is None:
+            first = second = value
+        else:
+            raise ValueError(f"kernel_fn: with x2 given, {name}= must be a pair (for x1, for "
+                             f"x2), like neural-tangents' pattern=(P1, P2); got one array.")
+        first, second = jnp.asarray(first), jnp.asarray(second)
+        for label, a, x in (("x1", first, x1), ("x2", second, x1 if x2 is None else x2)):
+            if a.ndim < 1 or a.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"kernel_fn: {name}= for {label} has shape {tuple(a.shape)}, but {label} "
+                    f"has shape {tuple(x.shape)}: it needs one row per input ({x.shape[0]}).")
+        out[name] = InputPair(first, second)
+    return out
+
+
+def _apply_to_kernel(module: linen.Module, kernel: Kernel,
+                     call_args: dict[str, InputPair] | None = None) -> Kernel:
+    extra: dict[str, Any] = dict(call_args or {})
     try:
         with linen.intercept_methods(_reject_flax_layers):
-            out = module.apply({}, kernel)
+            out = module.apply({}, kernel, **extra)
     except ForeignFunctionError:
         raise
     except (TypeError, ValueError) as err:
@@ -246,6 +279,13 @@ def kernel_fn(
     compiled call (the function jits itself outside a trace; compilation is cached per input
     shape). For matrices larger than one compiled call should hold, use :func:`kernel_matrix`.
 
+    Per-input call arguments: keyword arguments of the returned function are passed on to the
+    module's ``__call__`` as :class:`InputPair` s -- e.g. the graph adjacency of
+    :class:`ntkjax.nn.Aggregate`, ``fn(x1, x2, pattern=(P1, P2))`` (neural-tangents'
+    convention) or ``fn(x1, pattern=P1)``. Each has one row per input and travels with the
+    inputs' rows (also through the blocked evaluation); the finite network takes the array
+    itself (``module.apply(params, x, pattern=P)``).
+
     Args:
       module: the network.
       position_pairs: for images, which pairs of positions the evaluation keeps (module
@@ -256,7 +296,8 @@ def kernel_fn(
         ValueError). The kernels are the same either way.
 
     Returns:
-      ``fn(x1, x2=None)``, a pure function giving the :class:`Kernel` of the module's outputs.
+      ``fn(x1, x2=None, **per_input)``, a pure function giving the :class:`Kernel` of the
+      module's outputs.
 
     Raises:
       ValueError: for inputs without a feature axis or that disagree in their per-example
@@ -270,13 +311,14 @@ def kernel_fn(
     """
     check_choice(position_pairs, POSITION_PAIRS, "position_pairs")
 
-    def fn(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
+    def fn(x1: jax.Array, x2: jax.Array | None = None, **call_args: Any) -> Kernel:
         x1, x2 = _float_inputs(x1, x2)
+        args = _call_args(call_args, x1, x2)
         if x1.ndim == 2:
-            return _vector_kernels(module, x1, x2)
-        facts = _output_kernel_shape(module, x1)
+            return _vector_kernels(module, x1, x2, args)
+        facts = _output_kernel_shape(module, x1, args)
         diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
-        out = _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers)
+        out = _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers, args)
         if x2 is None:
             # Dense layers and activations map symmetric kernels to exactly symmetric ones;
             # pooling sums positions in a different order for k[a, b] and k[b, a].
@@ -286,13 +328,14 @@ def kernel_fn(
 
     jitted = jax.jit(fn)
 
-    def dispatch(x1: jax.Array, x2: jax.Array | None = None) -> Kernel:
+    def dispatch(x1: jax.Array, x2: jax.Array | None = None, **call_args: Any) -> Kernel:
         # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
         # separately (seconds for a small CNN); one compiled call is ~10x faster to first result.
         if jnp.ndim(x1) > 2 and is_concrete(x1):
             check_pair(x1, x2)  # inside the jitted program the values are not known
-            return jitted(x1, x2)
-        return fn(x1, x2)
+            _call_args(call_args, jnp.asarray(x1), None if x2 is None else jnp.asarray(x2))
+            return jitted(x1, x2, **call_args)
+        return fn(x1, x2, **call_args)
 
     return dispatch
 
@@ -321,8 +364,9 @@ def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
     return out.replace(nngp=apply(k_copy).nngp)
 
 
-def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None) -> Kernel:
-    return _two_graphs(lambda k: _apply_to_kernel(module, k), input_kernel(x1, x2))
+def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
+                    args: dict[str, InputPair] | None = None) -> Kernel:
+    return _two_graphs(lambda k: _apply_to_kernel(module, k, args), input_kernel(x1, x2))
 
 
 def _use_diagonal(
@@ -349,7 +393,7 @@ def _use_diagonal(
 
 def _image_kernels(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool,
-    same_batch_layers: tuple[str, ...],
+    same_batch_layers: tuple[str, ...], args: dict[str, InputPair] | None = None,
 ) -> Kernel:
     """The module on the image kernel of x1 and x2: one evaluation, or, when the kernel is
     large, blocks of rows (:func:`_blocked_pairwise`). ``x2 = None`` is evaluated whole when a
@@ -359,9 +403,9 @@ def _image_kernels(
     n2 = n1 if x2 is None else x2.shape[0]
     block = _block_rows(x1, diagonal)
     if x2 is None and (block >= n1 or same_batch_layers):
-        return _apply_to_kernel(module, _image_input_kernel(x1, None, diagonal=diagonal))
+        return _apply_to_kernel(module, _image_input_kernel(x1, None, diagonal=diagonal), args)
     return _blocked_pairwise(module, x1, x2, diagonal, block if x2 is None
-                             else min(block, max(n1, n2)))
+                             else min(block, max(n1, n2)), args)
 
 
 # Pairwise evaluation in blocks of rows whose kernels hold about this many entries per array
@@ -399,6 +443,7 @@ def _block_rows(x: jax.Array, diagonal: bool) -> int:
 
 def _blocked_pairwise(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool, block: int,
+    args: dict[str, InputPair] | None = None,
 ) -> Kernel:
     """The module on the kernel of x1 and x2 over blocks of ``block`` rows of x1 and x2
     (``lax.map``, several blocks per step: ``_STEP_ENTRIES``), assembled into the (N1, N2, ...)
@@ -410,24 +455,27 @@ def _blocked_pairwise(
     n1, n2 = x1.shape[0], x2v.shape[0]
     r1, r2 = -(-n1 // block), -(-n2 // block)
 
-    def pair(a: jax.Array, b: jax.Array) -> Kernel:
-        return _apply_to_kernel(module, _image_input_kernel(a, b, diagonal=diagonal))
+    args = args or {}
+
+    def pair(a: jax.Array, b: jax.Array, pair_args: dict[str, InputPair]) -> Kernel:
+        return _apply_to_kernel(module, _image_input_kernel(a, b, diagonal=diagonal), pair_args)
 
     if r1 * r2 == 1:
-        out = pair(x1, x2v)
+        out = pair(x1, x2v, args)
         return out.replace(var2=out.var1, same_inputs=True) if symmetric else out
 
     def rows(a: jax.Array, r: int) -> jax.Array:
         return jnp.asarray(_pad_rows(a, r * block)).reshape(r, block, *a.shape[1:])
 
     xb1, xb2 = rows(x1, r1), rows(x2v, r2)
+    ab = {name: InputPair(rows(a.first, r1), rows(a.second, r2)) for name, a in args.items()}
     pairs = [(i, j) for i in range(r1) for j in range(r2) if not symmetric or j >= i]
     index1 = jnp.asarray([i for i, _ in pairs], jnp.int32)
     index2 = jnp.asarray([j for _, j in pairs], jnp.int32)
 
     def one(ij):
         i, j = ij
-        return pair(xb1[i], xb2[j])
+        return pair(xb1[i], xb2[j], {name: a.rows(i, j) for name, a in ab.items()})
 
     per_block = block * block * _entries_per_pair(x1, diagonal)
     per_step = max(1, min(len(pairs), _STEP_ENTRIES // per_block))
@@ -482,6 +530,7 @@ def kernel_matrix(
     devices: Sequence[Any] | None = None,
     out: str | os.PathLike | None = None,
     show_progress: bool = False,
+    **per_input: Any,
 ) -> Kernel:
     """The kernels of ``module`` for large N, computed in blocks into host (numpy) arrays.
 
@@ -521,6 +570,9 @@ def kernel_matrix(
       out: path of a resumable zarr store (arrays ``nngp`` and ``ntk``) to write to instead
         of RAM; None keeps the result in host memory.
       show_progress: progress bar on stderr.
+      **per_input: per-input call arguments of the module, as in :func:`kernel_fn` (e.g. the
+        graphs' ``pattern=(P1, P2)`` of :class:`ntkjax.nn.Aggregate`, or ``pattern=P1`` for
+        ``x2 = None``): each block gets the rows of its own inputs.
 
     >>> import jax.numpy as jnp, ntkjax
     >>> dense = ntkjax.nn.Dense(1, w_std=1.0, b_std=0.0)  # NNGP = NTK = x1 x2^T / d
@@ -530,7 +582,8 @@ def kernel_matrix(
      [0. 0. 3.]]
     """
     x1, x2 = _float_inputs(x1, x2)
-    shape = _output_kernel_shape(module, x1)
+    args = _call_args(per_input, x1, x2)
+    shape = _output_kernel_shape(module, x1, args)
     same_batch_rules = shape.same_batch_layers
     if x2 is None and same_batch_rules:
         raise ValueError(
@@ -548,7 +601,10 @@ def kernel_matrix(
     if x1.ndim > 2:
         return _image_kernel_matrix(module, x1, x2, shape, memory_bytes=memory_bytes,
                                     block_size=block_size, show_progress=show_progress,
-                                    devices=devices, out=out)
+                                    devices=devices, out=out, args=args)
+    if args:
+        raise ValueError("kernel_matrix: per-input call arguments "
+                         f"({', '.join(args)}) need inputs with spatial axes, (N, *S, C).")
     compute = kernel_fn(module)
 
     def block_fn(a, b):
@@ -569,24 +625,31 @@ def kernel_matrix(
 
 
 def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_size,
-                         show_progress, devices, out) -> Kernel:
+                         show_progress, devices, out,
+                         args: dict[str, InputPair] | None = None) -> Kernel:
     diagonal = _use_diagonal(module, x1, "auto", facts=shape)
+    args = args or {}
+    names = sorted(args)
 
-    def block_fn(i1, i2, a1, a2):
-        k = _apply_to_kernel(module, _image_input_kernel(a1[i1[:, 0]], a2[i2[:, 0]],
-                                                         diagonal=diagonal))
+    def block_fn(i1, i2, a1, a2, *pairs):
+        r1, r2 = i1[:, 0], i2[:, 0]
+        block_args = {n: p.rows(r1, r2) for n, p in zip(names, pairs, strict=True)}
+        k = _apply_to_kernel(module, _image_input_kernel(a1[r1], a2[r2], diagonal=diagonal),
+                             block_args)
         return {"nngp": k.nngp, "ntk": k.ntk}
 
     index1 = jnp.arange(x1.shape[0])[:, None]
     index2 = None if x2 is None else jnp.arange(x2.shape[0])[:, None]
     blocks = evaluate_in_blocks(
-        block_fn, index1, index2, fn_args=(x1, x1 if x2 is None else x2),
+        block_fn, index1, index2,
+        fn_args=(x1, x1 if x2 is None else x2, *(args[n] for n in names)),
         block_size=block_size, memory_bytes=memory_bytes, show_progress=show_progress,
         description="kernel blocks", devices=devices, out=out,
         fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
-    var1 = _output_variances(module, x1, diagonal)
-    var2 = var1 if x2 is None else _output_variances(module, x2, diagonal)
+    var1 = _output_variances(module, x1, diagonal, {n: a.first for n, a in args.items()})
+    var2 = var1 if x2 is None else _output_variances(module, x2, diagonal,
+                                                     {n: a.second for n, a in args.items()})
     return Kernel(nngp=blocks["nngp"], ntk=blocks["ntk"], var1=var1, var2=var2,  # type: ignore
                   width=shape.width, same_inputs=x2 is None)
 
@@ -595,18 +658,27 @@ def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_s
 _PER_INPUT_ENTRIES = 2**24
 
 
-def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool) -> np.ndarray:
+def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
+                      per_input: dict[str, jax.Array] | None = None) -> np.ndarray:
     """Each input's NNGP variance at the module's output (numpy, (N,) for an output without
     spatial axes): the module on a kernel of one column per input (:func:`_row_kernel`) whose
-    variances are exact, in chunks of inputs (``_PER_INPUT_ENTRIES``)."""
+    variances are exact, in chunks of inputs (``_PER_INPUT_ENTRIES``). ``per_input``: the
+    inputs' call arguments (the column's second batch gets the first row's: only ``var1`` is
+    read)."""
 
-    def chunk_variances(xc: jax.Array) -> jax.Array:
-        return _apply_to_kernel(module, _row_kernel(xc, diagonal)).var1
+    def chunk_variances(xc: jax.Array, ac: dict[str, jax.Array]) -> jax.Array:
+        pairs = {n: InputPair(a, a[:1]) for n, a in ac.items()}
+        return _apply_to_kernel(module, _row_kernel(xc, diagonal), pairs).var1
 
     chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(_entries_per_pair(x, diagonal), 1)))
     rows = -(-x.shape[0] // chunk)
-    padded = jnp.asarray(_pad_rows(x, rows * chunk)).reshape(rows, chunk, *x.shape[1:])
-    var = jax.jit(lambda a: jax.lax.map(chunk_variances, a))(padded)
+
+    def padded(a: jax.Array) -> jax.Array:
+        return jnp.asarray(_pad_rows(a, rows * chunk)).reshape(rows, chunk, *a.shape[1:])
+
+    args = {n: padded(a) for n, a in (per_input or {}).items()}
+    var = jax.jit(lambda a, b: jax.lax.map(lambda ab: chunk_variances(*ab), (a, b)))(
+        padded(x), args)
     return np.asarray(jax.device_get(var)).reshape(rows * chunk, *var.shape[2:])[: x.shape[0]]
 
 
@@ -619,8 +691,13 @@ def _row_kernel(x: jax.Array, diagonal: bool = False) -> Kernel:
                   var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)
 
 
-def _output_kernel_shape(module: linen.Module, x: jax.Array) -> Kernel:
+def _output_kernel_shape(module: linen.Module, x: jax.Array,
+                         args: dict[str, InputPair] | None = None) -> Kernel:
     """The shapes (``jax.ShapeDtypeStruct`` leaves), width and static facts of the module's
-    output kernel, traced on the all-pairs input kernel of one input."""
+    output kernel, traced on the all-pairs input kernel of one input (and the first row of
+    each per-input argument)."""
     one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
-    return jax.eval_shape(lambda a: _apply_to_kernel(module, input_kernel(a)), one)
+    firsts = {name: a.first[:1] for name, a in (args or {}).items()}
+    return jax.eval_shape(
+        lambda a, f: _apply_to_kernel(module, input_kernel(a),
+                                      {n: InputPair(v, v) for n, v in f.items()}), one, firsts)

@@ -19,9 +19,10 @@ from ntkjax.kernels import Kernel
 from ntkjax.nn.attention import AttentionMechanism
 from ntkjax.nn.conv import ConvPadding
 from ntkjax.nn.dense import Parameterization
+from ntkjax.nn.graphs import AggregateImplementation
 
-__all__ = ["ACTIVATIONS", "CNN", "MLP", "MYRTLE_DEPTHS", "POOLINGS", "READOUTS", "Myrtle",
-           "Readout", "Transformer", "resolve_activation"]
+__all__ = ["ACTIVATIONS", "CNN", "GNN", "LCN", "MLP", "MYRTLE_DEPTHS", "POOLINGS", "READOUTS",
+           "Myrtle", "Readout", "Transformer", "resolve_activation"]
 
 def _parameters_default(activation: nn.Activation) -> bool:
     """Whether every parameter of ``activation`` after its input has a default."""
@@ -188,6 +189,8 @@ class CNN(_Network):
     pool_padding: str = "VALID"
     pool_after: Sequence[int] | None = None
 
+    _layer = nn.Conv  # the convolution (models.LCN: the locally connected layer)
+
     @linen.compact
     def __call__(self, x):
         act = self._activation("(64, 1)")
@@ -197,10 +200,10 @@ class CNN(_Network):
         n_conv = len(self.features) - 1
         pool_after = (range(n_conv - 1) if self.pool_after is None else self.pool_after)
         for i, channels in enumerate(self.features[:-1]):
-            conv = nn.Conv(
+            conv = self._layer(
                 channels, kernel_size=self.kernel_size, strides=self.strides,
                 padding=self.padding, w_std=self.w_std, b_std=self.b_std,
-                parameterization=self.parameterization, name=f"Conv_{i}",
+                parameterization=self.parameterization, name=f"{self._layer.__name__}_{i}",
             )
             x = act(conv(x))
             if self.pooling is not None and i in pool_after:
@@ -211,6 +214,97 @@ class CNN(_Network):
             self.features[-1], w_std=self.w_std, b_std=self.b_std,
             parameterization=self.parameterization, name="Dense_0",
         )(x)
+
+
+class LCN(CNN):
+    """A locally connected network: :class:`CNN` with :class:`ntkjax.nn.ConvLocal` layers
+    (unshared weights, one bias per output position) in place of the convolutions; the same
+    attributes.
+
+    Its kernel is diagonal in the positions, so with a ``"flatten"`` readout (and no pooling)
+    the LCN and the CNN of the same configuration have the same NNGP and NTK, while pooling
+    (``readout="global_average_pool"``) makes them differ: weight sharing matters only through
+    pooling (Novak et al. 2019, section 5.1).
+
+    Attributes:
+      features: ``(c1, ..., c_L, out)``: the locally connected layers' channels, then the
+        number of outputs.
+      kernel_size, strides, padding: of every :class:`ntkjax.nn.ConvLocal`.
+      activation: as in :class:`MLP`.
+      readout: ``"flatten"``, ``"global_average_pool"`` or ``"global_sum_pool"``.
+      pooling, pool_window, pool_strides, pool_padding, pool_after: as in :class:`CNN`.
+      w_std, b_std, parameterization: of every ConvLocal and of the Dense readout.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> x = jnp.arange(24.0).reshape(2, 4, 3) / 24
+    >>> lcn = ntkjax.kernel_fn(LCN((8, 1), readout="flatten"))(x).ntk
+    >>> cnn = ntkjax.kernel_fn(CNN((8, 1), readout="flatten"))(x).ntk
+    >>> bool(jnp.allclose(lcn, cnn))
+    True
+    """
+
+    _layer = nn.ConvLocal
+
+
+class GNN(linen.Module):
+    """A message-passing graph network: ``Dense(h1) -> act [-> Aggregate] -> ... ->
+    Dense(h_L) -> act [-> Aggregate] -> readout over nodes -> Dense(out)``, on node features
+    (N, V, C) with one graph per example (the ``pattern`` argument of
+    :class:`ntkjax.nn.Aggregate`: dense (N, V, V) adjacency or an (N, E, 2) edge list).
+
+    ``gnn.apply(params, x, pattern)`` is the finite network; its infinite-width kernels,
+    ``ntkjax.kernel_fn(gnn)(x1, x2, pattern=(P1, P2))``, are the graph NTK and NNGP (GNTK; Du
+    et al. 2019, "Graph Neural Tangent Kernel: Fusing Graph Neural Networks with Graph
+    Kernels"), with sum aggregation and the readout summing (or averaging) over nodes. For the
+    empirical NTK or anything else that takes one input array, concatenate a dense adjacency
+    to the node features (``jnp.concatenate([x, A], -1)``) and split it in the apply function.
+
+    Attributes:
+      features: ``(h1, ..., h_L, out)``: hidden widths, then the number of outputs.
+      aggregate_after: indices of the hidden layers followed by an Aggregate (None: every
+        hidden layer but the last, so a readout MLP layer follows the last aggregation).
+      implementation: ``"dense"`` or ``"sparse"`` (of every Aggregate).
+      readout: ``"global_sum_pool"`` (as the GNTK) or ``"global_average_pool"``.
+      activation: as in :class:`MLP`.
+      w_std, b_std, parameterization: of every Dense layer.
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> x, A = jnp.ones((2, 4, 3)), jnp.tile(jnp.eye(4), (2, 1, 1))
+    >>> gnn = GNN((16, 16, 1))
+    >>> gnn.apply(gnn.init(jax.random.key(0), x, A), x, A).shape
+    (2, 1)
+    >>> ntkjax.kernel_fn(gnn)(x, pattern=A).ntk.shape
+    (2, 2)
+    """
+
+    features: Sequence[int]
+    aggregate_after: Sequence[int] | None = None
+    implementation: AggregateImplementation = "dense"
+    readout: Literal["global_sum_pool", "global_average_pool"] = "global_sum_pool"
+    activation: str | Callable = "relu"
+    w_std: float = 1.0
+    b_std: float | None = 0.0
+    parameterization: Parameterization = "ntk"
+
+    @linen.compact
+    def __call__(self, x: Any, pattern: Any) -> Any:
+        if len(self.features) < 2:
+            raise ValueError(f"GNN features must list at least one hidden width and the number "
+                             f"of outputs, e.g. (64, 64, 1); got {tuple(self.features)}.")
+        check_choice(self.readout, ("global_sum_pool", "global_average_pool"), "readout")
+        act = resolve_activation(self.activation)
+        hidden = len(self.features) - 1
+        after = range(max(hidden - 1, 1)) if self.aggregate_after is None else (
+            self.aggregate_after)
+        for i, width in enumerate(self.features[:-1]):
+            x = act(nn.Dense(width, w_std=self.w_std, b_std=self.b_std,
+                             parameterization=self.parameterization, name=f"Dense_{i}")(x))
+            if i in after:
+                x = nn.Aggregate(implementation=self.implementation,
+                                 name=f"Aggregate_{i}")(x, pattern)
+        x = READOUTS[self.readout](x)
+        return nn.Dense(self.features[-1], w_std=self.w_std, b_std=self.b_std,
+                        parameterization=self.parameterization, name=f"Dense_{hidden}")(x)
 
 
 def _spatial_ndim(x: Any) -> int:

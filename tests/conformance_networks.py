@@ -19,7 +19,7 @@ import numpy as np
 # Layers that have no random-feature rule: feature_map raises UnsupportedMeaning for a network
 # that uses one (the expected column of the matrix; compare with the generated docs table).
 FEATURELESS_LAYERS = frozenset({
-    "ConvTranspose", "SelfAttention", "Dropout(train)", "exp_normalized",
+    "ConvTranspose", "SelfAttention", "Dropout(train)", "exp_normalized", "ConvLocal",
 })
 # Layers whose finite network (apply on arrays) is refused, so the empirical NTK and its
 # Monte Carlo limit are too: ValueError matching the text.
@@ -240,6 +240,10 @@ def networks() -> tuple[Net, ...]:
             ("Conv", "erf", "global_sum_pool", "Dense")),
         Net("ConvTranspose", TransposeNet, "image",
             ("ConvTranspose", "relu", "Conv", "erf", "flatten", "Dense")),
+        Net("models.LCN(gap)",
+            lambda w: models.LCN((w, w, 1), readout="global_average_pool", w_std=1.4,
+                                 b_std=0.1), "image",
+            ("ConvLocal", "relu", "global_average_pool", "Dense")),
         Net("image LayerNorm", ImageNorm, "image",
             ("Conv", "LayerNorm", "relu", "Dropout(eval)", "global_average_pool", "Dense")),
         Net("models.Myrtle", lambda w: models.Myrtle(5, channels=w, num_outputs=1), "image",

@@ -24,8 +24,11 @@ One module per kind of layer, each holding the layers and their infinite-width r
   :data:`hermite`, :data:`sigmoid_like`, :data:`gabor` (all with closed-form kernels), and
   :func:`elementwise` for any other elementwise function (kernel by Gauss-Hermite quadrature);
 * :mod:`ntkjax.nn.structural`: :func:`index` (slicing), :func:`image_resize`,
-  :func:`scale` (product with a constant) and :func:`elementwise_nngp`, an elementwise layer
-  with a user-given NNGP map.
+  :func:`scale` (product with a constant), :func:`dot_general` (``lax.dot_general`` with a
+  constant) and :func:`elementwise_nngp`, an elementwise layer with a user-given NNGP map;
+* :mod:`ntkjax.nn.graphs`: :class:`Aggregate` (message passing along a per-example graph) and
+  :func:`~ntkjax.nn.graphs.edge_list_to_dense`; :mod:`ntkjax.nn.conv` also holds
+  :class:`ConvLocal` (locally connected).
 
 The layer protocol (:mod:`ntkjax._meanings`): each layer dispatches on its input's type -- an
 array, a Kernel, or feature_map's :class:`FeatureStandIn` -- and states every meaning it
@@ -62,16 +65,19 @@ from ntkjax.nn.activations import (
 )
 from ntkjax.nn.attention import SelfAttention
 from ntkjax.nn.branches import concatenate, multiply
-from ntkjax.nn.conv import Conv, ConvTranspose
+from ntkjax.nn.conv import Conv, ConvLocal, ConvTranspose
 from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
+from ntkjax.nn.graphs import Aggregate
 from ntkjax.nn.normalization import LayerNorm
 from ntkjax.nn.pooling import avg_pool, flatten, global_average_pool, global_sum_pool, sum_pool
-from ntkjax.nn.structural import elementwise_nngp, image_resize, index, scale
+from ntkjax.nn.structural import dot_general, elementwise_nngp, image_resize, index, scale
 
 __all__ = [
     "Activation",
+    "Aggregate",
     "Conv",
+    "ConvLocal",
     "ConvTranspose",
     "Dense",
     "Dropout",
@@ -86,6 +92,7 @@ __all__ = [
     "cos",
     "declaration_of",
     "declare",
+    "dot_general",
     "elementwise",
     "elementwise_nngp",
     "erf",

@@ -44,12 +44,14 @@ __all__ = [
     "CONV_PADDINGS",
     "TRANSPOSE_PADDINGS",
     "Conv",
+    "ConvLocal",
     "ConvPadding",
     "ConvTranspose",
     "TransposePadding",
     "conv_kernel",
     "conv_padding",
     "fold_periodic",
+    "local_kernel",
     "patch_average",
     "transpose_padding",
     "transpose_patch_average",
@@ -601,4 +603,155 @@ _TRANSPOSE_MEANINGS = declare(
     ConvTranspose, kernel=conv_kernel, features=None, structured="via its flax.linen.Conv",
     instead={"features": "a transposed convolution has no random-feature rule yet; use "
              "ntkjax.kernel_fn (exact) or the empirical NTK of a finite network."},
+)
+
+
+def local_kernel(
+    k: Kernel,
+    features: int,
+    *,
+    window: tuple[int, ...],
+    strides: tuple[int, ...] | None = None,
+    padding: ConvPadding = "SAME",
+    w_std: float,
+    b_std: float,
+    use_bias: bool = True,
+    parameterization: Parameterization = "ntk",
+) -> Kernel:
+    """The :class:`~ntkjax.Kernel` after a locally connected layer (:class:`ConvLocal`): the
+    convolution's rule (:func:`conv_kernel`) on same-position pairs, and 0 between different
+    output positions -- their weights (and biases) are independent, so
+    ``Sigma'[o, o'] = delta_{o o'} (w_std^2 T(Sigma)[o, o] + b_std^2)`` and
+    ``Theta'[o, o'] = delta_{o o'} (Sigma'[o, o] + w_std^2 T(Theta)[o, o])`` (NTK
+    parameterization; Novak et al. 2019, section 5.1 and appendix; neural-tangents'
+    ``ConvLocal``). The variances are diagonal in the positions likewise.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> k = ntkjax.kernels.input_kernel(jnp.ones((1, 3, 1)))
+    >>> local_kernel(k, 2, window=(1,), w_std=1.0, b_std=0.0).nngp[0, 0].tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    out = conv_kernel(k, features, window=window, strides=strides, padding=padding,
+                      w_std=w_std, b_std=b_std, use_bias=use_bias,
+                      parameterization=parameterization)
+    if out.diagonal_spatial:
+        return out
+    spatial = out.spatial_shape
+    positions = math.prod(spatial)
+    eye = jnp.eye(positions, dtype=out.dtype).reshape(*spatial, *spatial)
+    var1, var2 = out.map_variances(lambda v: v * eye)
+    return out.replace(nngp=out.nngp * eye, ntk=out.ntk * eye, var1=var1, var2=var2)
+
+
+class ConvLocal(Affine):
+    """A locally connected layer: a convolution whose weights are not shared between output
+    positions, with one bias per output position (neural-tangents' ``stax.ConvLocal``).
+
+    * ``parameterization="ntk"``: ``y[o] = w_std / sqrt(fan_in) * W[o] . patch(x)[o] +
+      b_std * b[o]`` with ``W, b ~ N(0, 1)`` and ``fan_in = prod(kernel_size) * C_in``;
+    * ``parameterization="standard"``: ``y[o] = W[o] . patch(x)[o] + b[o]`` with
+      ``W ~ N(0, w_std^2 / fan_in)``, ``b ~ N(0, b_std^2)``.
+
+    Patches as :class:`Conv` (``padding`` ``"SAME"``, ``"VALID"``, ``"CIRCULAR"``; ``strides``),
+    for 1-D and 2-D inputs (any number of spatial axes). Parameters ``kernel``
+    (*out_spatial, prod(kernel_size) * C_in, features) and ``bias`` (*out_spatial, features)
+    (the bias exists under the same rule as :class:`Conv`'s). On a :class:`~ntkjax.Kernel`:
+    :func:`local_kernel` -- the kernel is diagonal in the positions, so with a
+    :func:`~ntkjax.nn.flatten` readout a locally connected network has the same kernel as its
+    convolutional twin, while pooling tells them apart (Novak et al. 2019).
+
+    Attributes:
+      features: number of output channels.
+      kernel_size: window size, an int (every spatial axis) or one int per spatial axis.
+      strides: an int or one int per spatial axis.
+      padding: ``"SAME"``, ``"VALID"`` or ``"CIRCULAR"``.
+      w_std, b_std: weight and bias standard deviations (>= 0).
+      use_bias: whether the layer has a bias.
+      parameterization: ``"ntk"`` or ``"standard"``.
+      param_dtype: dtype of the parameters; None uses the input's floating dtype.
+
+    Raises:
+      ValueError: for inputs without spatial axes or a window larger than the padded input.
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> lc = ConvLocal(4, kernel_size=3)
+    >>> x = jnp.ones((2, 5, 3))
+    >>> params = lc.init(jax.random.key(0), x)
+    >>> params["params"]["kernel"].shape, lc.apply(params, x).shape
+    ((5, 9, 4), (2, 5, 4))
+    >>> ntkjax.kernel_fn(lc)(x).nngp.shape
+    (2, 2, 5, 5)
+    """
+
+    _: dataclasses.KW_ONLY
+    kernel_size: int | Sequence[int] = 3
+    strides: int | Sequence[int] = 1
+    padding: ConvPadding = "SAME"
+
+    @linen.compact
+    def __call__(self, x: Any) -> Any:
+        self._check()
+        check_choice(self.padding, CONV_PADDINGS, "padding")
+        if isinstance(x, FeatureStandIn):
+            return _LOCAL_MEANINGS.on_features(x, self.__call__, self)
+        if isinstance(x, Kernel):
+            nd = x.spatial_ndim
+            if nd == 0:
+                raise ValueError(
+                    "ConvLocal needs a kernel with spatial axes, i.e. inputs of shape (batch, "
+                    "*spatial, channels); got a kernel of feature vectors.")
+            window = _per_axis(self.kernel_size, nd, "kernel_size")
+            return local_kernel(
+                x, self.features, window=window,
+                strides=_per_axis(self.strides, nd, "strides"), padding=self.padding,
+                w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
+                parameterization=self.parameterization)
+        x = jnp.asarray(x)
+        if x.ndim < 3:
+            raise ValueError(
+                f"ConvLocal needs inputs of shape (batch, *spatial, channels), got shape "
+                f"{x.shape}.")
+        nd = x.ndim - 2
+        window = _per_axis(self.kernel_size, nd, "kernel_size")
+        strides = _per_axis(self.strides, nd, "strides")
+        dtype = self._param_dtype(x)
+        x = x.astype(dtype)
+        pads, _ = conv_padding(x.shape[1:-1], window, strides, self.padding)
+        for i, (n, k, (lo, hi)) in enumerate(zip(x.shape[1:-1], window, pads, strict=True)):
+            if n + lo + hi < k:
+                raise ValueError(
+                    f"ConvLocal window {k} is larger than spatial axis {i} of the input (size "
+                    f"{n}, padded to {n + lo + hi} with padding {self.padding!r}).")
+        fan_in = math.prod(window) * x.shape[-1]
+        self._check_fan_in(fan_in, x.shape)
+        # _patches scales by 1/sqrt(|K|): undo it, the layer normalizes by fan_in itself
+        patches = _patches(x, window, strides, self.padding) * math.sqrt(math.prod(window))
+        out_spatial = patches.shape[1:-1]
+        shape = (*out_spatial, fan_in, self.features)
+        hi = jax.lax.Precision.HIGHEST
+        if self.parameterization == "ntk":
+            w = self.param("kernel", linen.initializers.normal(1.0), shape, dtype)
+            y = jnp.einsum("n...i,...io->n...o", patches, w, precision=hi)
+            y = (float(self.w_std) / math.sqrt(fan_in)) * y
+            if self._bias_parameter:
+                b = self.param("bias", linen.initializers.normal(1.0),
+                               (*out_spatial, self.features), dtype)
+                y = y + float(self._bias_std) * b
+            return y
+        w = self.param("kernel", linen.initializers.normal(self.w_std / math.sqrt(fan_in)),
+                       shape, dtype)
+        y = jnp.einsum("n...i,...io->n...o", patches, w, precision=hi)
+        if self._bias_parameter:
+            b = self.param("bias", linen.initializers.normal(self._bias_std),
+                           (*out_spatial, self.features), dtype)
+            y = y + b
+        return y
+
+
+_LOCAL_MEANINGS = declare(
+    ConvLocal, kernel=local_kernel, features=None, structured=None,
+    instead={"features": "a locally connected layer has no random-feature rule (its features "
+             "would grow with the number of positions); use ntkjax.kernel_fn (exact) or the "
+             "empirical NTK of a finite network.",
+             "structured": "its unshared weights are contracted by the Jacobian fallback."},
 )

@@ -42,7 +42,8 @@ from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.activations import Activation, ActivationMaps
 
-__all__ = ["elementwise_nngp", "elementwise_nngp_maps", "image_resize", "image_resize_kernel",
+__all__ = ["dot_general", "dot_general_kernel", "elementwise_nngp", "elementwise_nngp_maps",
+           "image_resize", "image_resize_kernel",
            "index", "index_kernel", "resize_matrix", "scale", "scale_kernel"]
 
 _NNGPFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -257,6 +258,123 @@ def scale(x: Any, c: float) -> Any:
     return x * c
 
 
+def _dot_general_array(x: jax.Array, lhs: Any, rhs: Any, dimension_numbers: Any,
+                       precision: Any, batch_first: bool) -> jax.Array:
+    """The finite :func:`dot_general` (checked), the input ``x`` in the place of the None
+    operand; with ``batch_first`` the input's batch axis moved to the front."""
+    x_is_lhs = lhs is None
+    const = jnp.asarray(rhs if x_is_lhs else lhs, x.dtype)
+    (lc, rc), (lb, rb) = dimension_numbers
+    x_contract, x_batch = (lc, lb) if x_is_lhs else (rc, rb)
+    c_contract, c_batch = (rc, rb) if x_is_lhs else (lc, lb)
+    touched = {int(a) % x.ndim for a in (*x_contract, *x_batch)}
+    if 0 in touched or x.ndim - 1 in touched:
+        raise ValueError(
+            f"dot_general: dimension_numbers {dimension_numbers} contract or batch the input's "
+            f"batch axis (0) or channel axis ({x.ndim - 1}) of inputs of shape {x.shape}; only "
+            "its spatial axes may be mapped.")
+    c_free = const.ndim - len(c_contract) - len(c_batch)
+    if x_is_lhs and c_free:
+        raise ValueError(
+            f"dot_general: with the input as lhs, the constant (shape {const.shape}) may not "
+            "keep free axes -- they would follow the channel axis (lax puts lhs free axes "
+            "before rhs free axes); pass the input as rhs instead.")
+    operands = (x, const) if x_is_lhs else (const, x)
+    y = jax.lax.dot_general(*operands, dimension_numbers, precision=precision)
+    if batch_first:
+        y = jnp.moveaxis(y, len(x_batch) + (0 if x_is_lhs else c_free), 0)
+    return y
+
+
+def dot_general_kernel(k: Kernel, lhs: Any = None, rhs: Any = None,
+                       dimension_numbers: Any = (((), ()), ((), ())),
+                       precision: Any = None) -> Kernel:
+    """The rule of :func:`dot_general` on a Kernel: the layer is a linear map ``M`` of the
+    positions (its matrix is the layer applied to one-hot position inputs), so
+    ``Sigma'[a, b] = M Sigma[a, b] M^T`` on the two position indices of every entry (likewise
+    Theta and the variances); the batch axes stay first. A scalar constant ``c`` is
+    :func:`scale_kernel`.
+
+    >>> import ntkjax
+    >>> k = ntkjax.kernels.input_kernel(jnp.ones((2, 3, 1)))
+    >>> dot_general_kernel(k, lhs=jnp.ones((1, 3)),
+    ...                    dimension_numbers=(((1,), (1,)), ((), ()))).nngp[0, 0].tolist()
+    [[9.0]]
+    """
+    if (lhs is None) == (rhs is None):
+        raise ValueError("dot_general: exactly one of lhs and rhs is the constant; the other "
+                         "(None) is the layer's input.")
+    const = rhs if lhs is None else lhs
+    if jnp.ndim(const) == 0:
+        return scale_kernel(k, float(const))
+    k = k.require_all_pairs("ntkjax.nn.dot_general")
+    spatial = k.spatial_shape
+    positions = math.prod(spatial)
+    probe = jnp.eye(positions, dtype=k.dtype).reshape(positions, *spatial, 1)
+    mapped = _dot_general_array(probe, lhs, rhs, dimension_numbers, precision, True)
+    new_spatial = tuple(mapped.shape[1:-1])
+    m = mapped.reshape(positions, -1).T  # (P', P)
+    hi = jax.lax.Precision.HIGHEST
+
+    def pairwise(a: jax.Array) -> jax.Array:
+        flat = a.reshape(*a.shape[:2], positions, positions)
+        out = jnp.einsum("xp,abpq,yq->abxy", m, flat, m, precision=hi)
+        return out.reshape(*a.shape[:2], *new_spatial, *new_spatial)
+
+    def own(v: jax.Array) -> jax.Array:
+        flat = v.reshape(v.shape[0], positions, positions)
+        out = jnp.einsum("xp,apq,yq->axy", m, flat, m, precision=hi)
+        return out.reshape(v.shape[0], *new_spatial, *new_spatial)
+
+    var1, var2 = k.map_variances(own)
+    return k.replace(nngp=pairwise(k.nngp), ntk=pairwise(k.ntk), var1=var1, var2=var2)
+
+
+def dot_general(x: Any, lhs: Any = None, rhs: Any = None,
+                dimension_numbers: Any = (((), ()), ((), ())), precision: Any = None, *,
+                batch_first: bool = False) -> Any:
+    """``lax.dot_general`` of the input with a constant (neural-tangents' ``stax.DotGeneral``):
+    the input takes the place of whichever of ``lhs`` / ``rhs`` is None. Output axes follow
+    lax -- batch dimensions, then lhs free, then rhs free -- so the input's batch axis may move
+    (``batch_first=True`` moves it back to the front, which ntkjax's pooling and readouts
+    expect); its channel axis must stay last and it may only map spatial axes. On a Kernel
+    (whose batch axes always come first): :func:`dot_general_kernel`.
+
+    Args:
+      x: an array ``(N, *S, C)`` or its Kernel.
+      lhs: the constant left operand, or None for the input.
+      rhs: the constant right operand, or None for the input.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))`` as
+        in ``lax.dot_general``.
+      precision: as in ``lax.dot_general``.
+      batch_first: move the input's batch axis to the front of the finite output.
+
+    Returns:
+      The product, or its Kernel.
+
+    Raises:
+      ValueError: both or neither operand given, or dimension numbers that touch the input's
+        batch or channel axis or put constant axes after its channels.
+
+    Mixing the 8 time steps of sequences (N, 8, C) into 5 with a (5, 8) matrix:
+
+    >>> mix = jnp.ones((5, 8)) / 8
+    >>> dot_general(jnp.ones((2, 8, 3)), lhs=mix, dimension_numbers=(((1,), (1,)), ((), ())),
+    ...             batch_first=True).shape
+    (2, 5, 3)
+    """
+    if isinstance(x, FeatureStandIn):
+        return _DOT_GENERAL.on_features(
+            x, lambda k: dot_general_kernel(k, lhs, rhs, dimension_numbers, precision))
+    if isinstance(x, Kernel):
+        return dot_general_kernel(x, lhs, rhs, dimension_numbers, precision)
+    if (lhs is None) == (rhs is None):
+        raise ValueError("dot_general: exactly one of lhs and rhs is the constant; the other "
+                         "(None) is the layer's input.")
+    x = jnp.asarray(x)
+    return _dot_general_array(x, lhs, rhs, dimension_numbers, precision, batch_first)
+
+
 _RESIZE_METHODS = ("linear", "nearest")
 
 
@@ -371,6 +489,9 @@ _INDEX = declare(index, kernel=index_kernel, features=None, structured="paramete
                  instead={"features": _NO_FEATURES})
 _SCALE = declare(scale, kernel=scale_kernel, features=_scale_features,
                  structured="parameter-free")
+_DOT_GENERAL = declare(dot_general, kernel=dot_general_kernel, features=None,
+                       structured="parameter-free", all_pairs=True,
+                       instead={"features": _NO_FEATURES})
 _IMAGE_RESIZE = declare(image_resize, kernel=image_resize_kernel, features=None,
                         structured="parameter-free", all_pairs=True,
                         instead={"features": _NO_FEATURES})
