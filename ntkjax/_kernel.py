@@ -94,6 +94,16 @@ class Kernel:
         all pairs of positions (pooling, attention, ...): :meth:`require_all_pairs` notes them.
       same_batch_layers: (static) the layers met so far whose rule depends on
         :attr:`same_inputs` (:meth:`noting_same_batch`).
+      mask1: None, or the position mask of x1: a boolean (N1, *S) array, True where a
+        position is masked (padding: it takes no part). Masks are data, never ambient state:
+        :func:`ntkjax.kernel_fn` sets them from its ``mask1`` / ``mask2`` arguments, and the
+        layers that change the positions map them (neural-tangents' mask rules). Entries that
+        involve a masked position are set to 0 (:meth:`masked`) wherever a layer mixes
+        positions (pooling, convolutions, attention keys) and on the returned kernel; layers
+        that act on each position alone (Dense, activations, LayerNorm over channels) leave
+        them, which changes nothing else (neural-tangents zeroes them after every layer: the
+        same kernels).
+      mask2: the same for x2 (the same array as ``mask1`` when :attr:`same_inputs`).
 
     Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
@@ -119,6 +129,8 @@ class Kernel:
     same_inputs: bool = struct.field(pytree_node=False, default=False)
     all_pairs_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
     same_batch_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    mask1: jax.Array | None = None
+    mask2: jax.Array | None = None
 
     def replace(self, **changes: Any) -> Kernel:
         """A copy with the given fields replaced (``dataclasses.replace``)."""
@@ -144,6 +156,74 @@ class Kernel:
     @property
     def dtype(self):
         return self.nngp.dtype
+
+    # ---------------------------------------------------------------- masks
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the kernel carries position masks (:attr:`mask1`, :attr:`mask2`)."""
+        return self.mask1 is not None
+
+    def masked(self) -> Kernel:
+        """This kernel with every entry that involves a masked position set to 0: ``nngp`` and
+        ``ntk`` ``[a, b, p, p']`` where ``mask1[a, p]`` or ``mask2[b, p']`` (``[a, b, p]`` for
+        same-position kernels), ``var1[a, p, p']`` where ``mask1[a, p]`` or ``mask1[a, p']``
+        (likewise ``var2``) -- neural-tangents' remasking (Hron et al. 2020, appendix; nt's
+        ``_mask`` rule 3). Unchanged without masks or spatial axes."""
+        if self.mask1 is None or self.mask2 is None or self.spatial_ndim == 0:
+            return self
+        nd = self.spatial_ndim
+        ones = (1,) * nd
+        m1, m2 = self.mask1, self.mask2
+        if self.diagonal_spatial:
+            pair = m1[:, None] | m2[None, :]
+            var_mask = (m1, m2)
+        else:
+            pair = (m1.reshape(m1.shape[0], 1, *m1.shape[1:], *ones)
+                    | m2.reshape(1, m2.shape[0], *ones, *m2.shape[1:]))
+            var_mask = tuple(m.reshape(*m.shape, *ones) | m.reshape(m.shape[0], *ones,
+                                                                    *m.shape[1:])
+                             for m in (m1, m2))
+
+        def zero(a: jax.Array, mask: jax.Array) -> jax.Array:
+            return jnp.where(mask, jnp.zeros((), a.dtype), a)
+
+        var1, var2 = zero(self.var1, var_mask[0]), None
+        var2 = var1 if self.same_inputs else zero(self.var2, var_mask[1])
+        return self.replace(nngp=zero(self.nngp, pair), ntk=zero(self.ntk, pair), var1=var1,
+                            var2=var2)
+
+    def unmasked_counts(self) -> tuple[jax.Array, jax.Array]:
+        """The number of unmasked positions of each input of x1 and x2, ``(N1,)`` and
+        ``(N2,)`` (all positions without masks), in the kernel's dtype."""
+        positions = math.prod(self.spatial_shape)
+        n1, n2 = self.nngp.shape[:2]
+        if self.mask1 is None or self.mask2 is None:
+            full = jnp.asarray(float(positions), self.dtype)
+            return jnp.full((n1,), full), jnp.full((n2,), full)
+
+        def count(m: jax.Array) -> jax.Array:
+            return jnp.sum(~m.reshape(m.shape[0], -1), axis=1).astype(self.dtype)
+
+        c1 = count(self.mask1)
+        return c1, (c1 if self.same_inputs else count(self.mask2))
+
+    def with_masks(self, mask1: jax.Array | None, mask2: jax.Array | None) -> Kernel:
+        """This kernel with the position masks replaced (e.g. by a layer that changes the
+        positions); ``mask2`` is ``mask1`` when :attr:`same_inputs`."""
+        return self.replace(mask1=mask1, mask2=mask1 if self.same_inputs else mask2)
+
+    def map_masks(self, fn: Callable[[jax.Array], jax.Array]) -> Kernel:
+        """This kernel with ``fn`` applied to each position mask (None stays None)."""
+        if self.mask1 is None or self.mask2 is None:
+            return self
+        m1 = fn(self.mask1)
+        return self.with_masks(m1, m1 if self.same_inputs else fn(self.mask2))
+
+    def without_masks(self) -> Kernel:
+        """This kernel, remasked (:meth:`masked`), without its masks: for readouts that remove
+        the positions (flatten, global pooling)."""
+        return self.masked().replace(mask1=None, mask2=None)
 
     # ---------------------------------------------------------------- static facts
 
@@ -192,14 +272,28 @@ class Kernel:
                 "least one branch in a Dense/Conv layer (as in a residual block)."
             )
         same = self.same_inputs and other.same_inputs
-        var1 = self.var1 + other.var1
+        a, b = self, other
+        mask1, mask2 = a.mask1, a.mask2
+        if a.has_masks or b.has_masks:
+            # nt's FanInSum: a position is masked iff it is masked in every branch; each
+            # branch's entries at its own masked positions are 0 (remasked first)
+            a, b = a.masked(), b.masked()
+            if a.mask1 is None or b.mask1 is None:
+                mask1, mask2 = a.mask1 if b.mask1 is None else b.mask1, (
+                    a.mask2 if b.mask1 is None else b.mask2)
+            else:
+                mask1 = a.mask1 & b.mask1
+                mask2 = mask1 if same else a.mask2 & b.mask2  # type: ignore[operator]
+        var1 = a.var1 + b.var1
         return self.with_facts_of(other).replace(
-            nngp=self.nngp + other.nngp,
-            ntk=self.ntk + other.ntk,
+            nngp=a.nngp + b.nngp,
+            ntk=a.ntk + b.ntk,
             var1=var1,
-            var2=var1 if same else self.var2 + other.var2,
+            var2=var1 if same else a.var2 + b.var2,
             same_inputs=same,
             non_gaussian=self.non_gaussian or other.non_gaussian,
+            mask1=mask1,
+            mask2=mask2,
         )
 
     def __mul__(self, scale: Any) -> Kernel:
@@ -229,7 +323,9 @@ class Kernel:
         result is a kernel of two batches (``same_inputs`` False)."""
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
         return self.replace(nngp=self.nngp[rows][:, cols], ntk=self.ntk[rows][:, cols],
-                            var1=self.var1[rows], var2=self.var2[cols], same_inputs=False)
+                            var1=self.var1[rows], var2=self.var2[cols], same_inputs=False,
+                            mask1=None if self.mask1 is None else self.mask1[rows],
+                            mask2=None if self.mask2 is None else self.mask2[cols])
 
     def __jax_array__(self) -> Any:
         """JAX asks for an array when a jnp / jax.nn function receives a Kernel: raise a

@@ -62,7 +62,7 @@ from ntkjax.nn.activations import (
 )
 from ntkjax.nn.attention import SelfAttention
 from ntkjax.nn.branches import concatenate, multiply
-from ntkjax.nn.conv import Conv, ConvTranspose
+from ntkjax.nn.conv import Conv, ConvTranspose, window_mask
 from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
 from ntkjax.nn.normalization import LayerNorm
@@ -114,4 +114,5 @@ __all__ = [
     "sign",
     "sin",
     "sum_pool",
+    "window_mask",
 ]

@@ -31,7 +31,15 @@ As H, d_k, d_v -> infinity:
 
   the other mechanisms raise a ValueError on kernels (no known closed form).
 
-Not implemented (yet): positional embeddings and attention masks.
+Masks (padding; neural-tangents' rule, Hron et al. 2020 appendix): masked positions take no
+part as keys and values -- their softmax logits are set to the most negative number before the
+softmax over keys (weight exactly 0), and their weights are set to 0 for the other mechanisms --
+and the outputs at masked query positions are 0. The finite layer takes ``mask`` (boolean
+(N, *S), True = masked) as a call argument; a :class:`~ntkjax.Kernel` carries its masks
+(``kernel_fn(module)(x1, x2, mask1=..., mask2=...)``): in ``G_a`` the masked keys' columns are
+0, and the entries of masked positions are 0 in its input and output.
+
+Not implemented (yet): positional embeddings.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.dense import Dense
@@ -65,6 +73,21 @@ def _mechanism(name: str, logits: jax.Array) -> jax.Array:
     if name == "abs":
         return jnp.abs(logits)
     return jnp.maximum(logits, 0)
+
+
+# ---- masks (padding): masked keys take no part -------------------------------------------
+
+def _key_masked_weights(name: str, logits: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    """:func:`_mechanism` with the masked keys excluded: ``key_mask`` (broadcastable to the
+    logits, True = masked key) sets their softmax logits to the most negative number (weight
+    exactly 0; a row whose keys are all masked becomes uniform over zero values) and their
+    weights to 0 for the other mechanisms (neural-tangents' rule)."""
+    if key_mask is None:
+        return _mechanism(name, logits)
+    if name == "softmax":
+        low = jnp.asarray(jnp.finfo(logits.dtype).min, logits.dtype)
+        return _mechanism(name, jnp.where(key_mask, low, logits))
+    return jnp.where(key_mask, jnp.zeros((), logits.dtype), _mechanism(name, logits))
 
 
 def attention_kernel(
@@ -98,7 +121,7 @@ def attention_kernel(
             "has no known closed-form infinite-width kernel (Hron et al. 2020); use "
             "linear_scaling=True or attention_mechanism='identity'."
         )
-    k = k.require_all_pairs("SelfAttention")
+    k = k.require_all_pairs("SelfAttention").masked()  # masked positions: zero entries
     spatial = k.spatial_shape
     length = math.prod(spatial)
     n1, n2 = k.nngp.shape[:2]
@@ -108,10 +131,15 @@ def attention_kernel(
     v1 = c1.reshape(n1, length, length)
     v2 = v1 if k.same_inputs else c2.reshape(n2, length, length)
     bias = float(b_std) ** 2 if use_bias else 0.0
+    keys1 = keys2 = None
+    if k.mask1 is not None and k.mask2 is not None:
+        keys1 = k.mask1.reshape(n1, 1, length)
+        keys2 = keys1 if k.same_inputs else k.mask2.reshape(n2, 1, length)
     if linear_scaling:
         scale = float(ov_std) ** 2
-        g1 = _mechanism(attention_mechanism, float(qk_std) * v1)
-        g2 = g1 if k.same_inputs else _mechanism(attention_mechanism, float(qk_std) * v2)
+        g1 = _key_masked_weights(attention_mechanism, float(qk_std) * v1, keys1)
+        g2 = g1 if k.same_inputs else _key_masked_weights(attention_mechanism,
+                                                          float(qk_std) * v2, keys2)
 
         def weigh(m: jax.Array) -> jax.Array:
             return scale * jnp.einsum("apq,abqr,bsr->abps", g1, m, g2, precision=_HI)
@@ -137,7 +165,7 @@ def attention_kernel(
         new_v2 = new_v1 if k.same_inputs else self_map(v2)
     shape2, shape1 = (n1, n2, *spatial, *spatial), (*spatial, *spatial)
     var1 = new_v1.reshape(n1, *shape1)
-    return k.replace(
+    out = k.replace(
         nngp=nngp.reshape(shape2),
         ntk=ntk.reshape(shape2),
         var1=var1,
@@ -146,6 +174,7 @@ def attention_kernel(
         diagonal_spatial=False,
         non_gaussian="",
     )
+    return out.masked()  # outputs at masked query positions are 0 (nt's remasking)
 
 
 class SelfAttention(linen.Module):
@@ -182,6 +211,10 @@ class SelfAttention(linen.Module):
       attention_mechanism: ``"softmax"``, ``"identity"``, ``"abs"`` or ``"relu"``.
       param_dtype: dtype of the parameters; None uses the input's floating dtype.
 
+    Masks: ``attn.apply(params, x, mask=mask)`` with a boolean (N, *S) ``mask`` (True = a
+    padded position) excludes masked keys and values and sets the outputs at masked positions
+    to 0; on kernels the masks come with the :class:`~ntkjax.Kernel` (module docstring).
+
     >>> import jax, ntkjax
     >>> attn = SelfAttention(8, key_features=4, value_features=4, num_heads=2)
     >>> x = jnp.ones((3, 5, 6))
@@ -217,8 +250,13 @@ class SelfAttention(linen.Module):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
 
     @linen.compact
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, mask: Any = None) -> Any:
         self._check()
+        if mask is not None and isinstance(x, Kernel | FeatureStandIn):
+            raise ValueError(
+                "SelfAttention: a Kernel carries its own masks (kernel_fn's mask1 / mask2); "
+                "the mask argument is for arrays."
+            )
         if isinstance(x, FeatureStandIn):
             return _MEANINGS.on_features(x, self.__call__)
         if isinstance(x, Kernel):
@@ -233,6 +271,7 @@ class SelfAttention(linen.Module):
             raise ValueError(
                 f"SelfAttention needs inputs of shape (batch, length, channels), got {x.shape}."
             )
+        mask = check_mask(x, mask)
         n, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
         length = math.prod(spatial)
         h, dk, dv = int(self.num_heads), int(self.key_features), int(self.value_features)
@@ -252,11 +291,15 @@ class SelfAttention(linen.Module):
             norm = qk / math.sqrt(dk)
         values = project(h * dv, self.w_value_std, "value").reshape(n, length, h, dv)
         logits = norm * jnp.einsum("nlhd,nmhd->nhlm", queries, keys)
-        weights = _mechanism(self.attention_mechanism, logits)
+        key_mask = None if mask is None else mask.reshape(n, 1, 1, length)
+        weights = _key_masked_weights(self.attention_mechanism, logits, key_mask)
         heads = jnp.einsum("nhlm,nmhd->nlhd", weights, values).reshape(n, length, h * dv)
         out = Dense(self.out_features, w_std=self.w_out_std, b_std=self.b_std,
                     use_bias=self.use_bias, param_dtype=self.param_dtype, name="out")(heads)
-        return out.reshape(n, *spatial, self.out_features)
+        out = out.reshape(n, *spatial, self.out_features)
+        if mask is not None:  # outputs at masked query positions are 0, as in the kernel
+            out = jnp.where(mask[..., None], jnp.zeros((), out.dtype), out)
+        return out
 
 
 _MEANINGS = declare(
