@@ -13,7 +13,7 @@ from typing import Any, Literal
 from flax import linen
 
 from ntkjax import nn
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, check_mask
 from ntkjax._meanings import declarations
 from ntkjax.kernels import Kernel
 from ntkjax.nn.attention import AttentionMechanism
@@ -337,6 +337,13 @@ class Transformer(linen.Module):
         projections and output bias).
       epsilon: the LayerNorms' epsilon.
 
+    Masks (padded sequences): ``net.apply(params, x, mask=mask)`` with a boolean (N, L) mask,
+    True at padding, which every attention layer excludes as keys and values, and the readout
+    excludes too (``"global_average_pool"`` averages over the unmasked positions, so a sequence
+    gives the same outputs whatever length it is padded to; ``"flatten"`` counts masked
+    positions as zeros). The kernel takes the masks through
+    ``ntkjax.kernel_fn(net)(x1, x2, mask1=..., mask2=...)``.
+
     >>> import jax, jax.numpy as jnp, ntkjax
     >>> net = Transformer(16, depth=1, num_heads=2)
     >>> x = jnp.ones((3, 5, 4))
@@ -362,9 +369,14 @@ class Transformer(linen.Module):
     epsilon: float = 1e-6
 
     @linen.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         act = resolve_activation(self.activation)
         check_choice(self.readout, tuple(READOUTS), "readout")
+        if mask is not None and isinstance(x, Kernel):
+            raise ValueError("Transformer: a Kernel carries its own masks (kernel_fn's mask1 / "
+                             "mask2); the mask argument is for arrays.")
+        if not isinstance(x, Kernel):
+            mask = check_mask(x, mask, x_name="the Transformer's input")
         if int(self.depth) != self.depth or self.depth < 0:
             raise ValueError(f"depth must be an integer >= 0, got {self.depth!r}.")
         width = int(self.features)
@@ -382,8 +394,8 @@ class Transformer(linen.Module):
                 w_query_std=self.w_std, w_value_std=self.w_std, w_out_std=self.w_std,
                 b_std=self.b_std, attention_mechanism=self.attention_mechanism,
                 name=f"block{i}_attention",
-            )(h)
+            )(h, mask=mask)
             h = norm(f"block{i}_norm_mlp")(x)
             x = x + dense(width, f"block{i}_mlp_out")(act(dense(mlp, f"block{i}_mlp_in")(h)))
-        x = READOUTS[self.readout](norm("final_norm")(x))
+        x = READOUTS[self.readout](norm("final_norm")(x), mask=mask)
         return dense(self.out_features, "readout")(x)
