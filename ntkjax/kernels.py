@@ -518,7 +518,6 @@ def _blocked_pairwise(
     x2v = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], x2v.shape[0]
     r1, r2 = -(-n1 // block), -(-n2 // block)
-    masks = mask1 is not None
     mask2v = mask1 if x2 is None else mask2
 
     def pair(a: jax.Array, b: jax.Array, ma: Any = None, mb: Any = None) -> Kernel:
@@ -534,8 +533,8 @@ def _blocked_pairwise(
         return jnp.asarray(_pad_rows(a, r * block)).reshape(r, block, *a.shape[1:])
 
     xb1, xb2 = rows(x1, r1), rows(x2v, r2)
-    mb1 = rows(mask1, r1) if masks else None
-    mb2 = rows(mask2v, r2) if masks else None
+    mb1 = None if mask1 is None else rows(mask1, r1)
+    mb2 = None if mask2v is None else rows(mask2v, r2)
     pairs = [(i, j) for i in range(r1) for j in range(r2) if not symmetric or j >= i]
     index1 = jnp.asarray([i for i, _ in pairs], jnp.int32)
     index2 = jnp.asarray([j for _, j in pairs], jnp.int32)
