@@ -76,6 +76,11 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_inputs.py::test_huge_and_tiny_inputs_give_finite_kernels_close_to_float64",
     "tests/test_kernels.py::test_float32_diagonal_of_relu_ntk_matches_float64",
     "tests/test_kernels.py::test_jit_and_no_jit_agree_and_keep_dtype",
+    # masks: two kernel compilations per nt entry (conv entries ~4 s of CPU each); eight
+    # initializations with Jacobians; five evaluations in blocks
+    "tests/test_masks.py::test_masking_entries_match_neural_tangents",
+    "tests/test_masks.py::test_empirical_ntk_of_the_masked_network_converges_to_the_masked_kernel",
+    "tests/test_masks.py::test_blocks_equal_the_whole",
 })
 
 
