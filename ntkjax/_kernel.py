@@ -20,9 +20,11 @@ state: everything a layer rule reads is a field of the ``Kernel`` it receives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import linecache
 import math
+import operator
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "Kernel",
     "batch_diagonal",
     "describe_foreign_call",
+    "join_masks",
     "position_diagonal",
     "traceback_frames",
 ]
@@ -172,6 +175,7 @@ class Kernel:
         ``_mask`` rule 3). Unchanged without masks or spatial axes."""
         if self.mask1 is None or self.mask2 is None or self.spatial_ndim == 0:
             return self
+        self._check_masks()
         nd = self.spatial_ndim
         ones = (1,) * nd
         m1, m2 = self.mask1, self.mask2
@@ -193,6 +197,20 @@ class Kernel:
         return self.replace(nngp=zero(self.nngp, pair), ntk=zero(self.ntk, pair), var1=var1,
                             var2=var2)
 
+    def _check_masks(self) -> None:
+        """A ValueError when the masks do not fit the kernel's batches and positions (a layer
+        changed the positions without mapping the masks)."""
+        want1 = (self.nngp.shape[0], *self.spatial_shape)
+        want2 = (self.nngp.shape[1], *self.spatial_shape)
+        got1 = () if self.mask1 is None else tuple(self.mask1.shape)
+        got2 = () if self.mask2 is None else tuple(self.mask2.shape)
+        if got1 != want1 or got2 != want2:
+            raise ValueError(
+                f"the kernel's masks have shapes {got1} and {got2}, but its batches and "
+                f"positions are {want1} and {want2}: a layer changed the positions without a "
+                "rule for masks. Give that layer unmasked inputs (no mask1 / mask2)."
+            )
+
     def unmasked_counts(self) -> tuple[jax.Array, jax.Array]:
         """The number of unmasked positions of each input of x1 and x2, ``(N1,)`` and
         ``(N2,)`` (all positions without masks), in the kernel's dtype."""
@@ -201,6 +219,8 @@ class Kernel:
         if self.mask1 is None or self.mask2 is None:
             full = jnp.asarray(float(positions), self.dtype)
             return jnp.full((n1,), full), jnp.full((n2,), full)
+
+        self._check_masks()
 
         def count(m: jax.Array) -> jax.Array:
             return jnp.sum(~m.reshape(m.shape[0], -1), axis=1).astype(self.dtype)
@@ -272,18 +292,7 @@ class Kernel:
                 "least one branch in a Dense/Conv layer (as in a residual block)."
             )
         same = self.same_inputs and other.same_inputs
-        a, b = self, other
-        mask1, mask2 = a.mask1, a.mask2
-        if a.has_masks or b.has_masks:
-            # nt's FanInSum: a position is masked iff it is masked in every branch; each
-            # branch's entries at its own masked positions are 0 (remasked first)
-            a, b = a.masked(), b.masked()
-            if a.mask1 is None or b.mask1 is None:
-                mask1, mask2 = a.mask1 if b.mask1 is None else b.mask1, (
-                    a.mask2 if b.mask1 is None else b.mask2)
-            else:
-                mask1 = a.mask1 & b.mask1
-                mask2 = mask1 if same else a.mask2 & b.mask2  # type: ignore[operator]
+        (a, b), mask1, mask2 = join_masks([self, other])
         var1 = a.var1 + b.var1
         return self.with_facts_of(other).replace(
             nngp=a.nngp + b.nngp,
@@ -355,6 +364,31 @@ class Kernel:
         for same-position kernels, ``(N,)`` without spatial axes), for x1 and x2: ``var1`` and
         ``var2``."""
         return self.var1, self.var2
+
+
+def join_masks(
+    kernels: list[Kernel],
+) -> tuple[list[Kernel], jax.Array | None, jax.Array | None]:
+    """For layers that join branches position by position (sums, channel concatenations,
+    products): the branch kernels remasked (:meth:`Kernel.masked`: each branch's entries at its
+    own masked positions 0) and the joined masks, a position masked iff it is masked in every
+    branch (neural-tangents' ``FanInSum`` / ``FanInConcat`` / ``FanInProd`` rule); the kernels
+    unchanged and ``(None, None)`` without masks.
+
+    >>> import jax.numpy as jnp
+    >>> k = Kernel(nngp=jnp.ones((1, 1)), ntk=jnp.ones((1, 1)), var1=jnp.ones(1),
+    ...            var2=jnp.ones(1), width=1)
+    >>> join_masks([k, k])[1] is None
+    True
+    """
+    with_masks = [k for k in kernels if k.mask1 is not None and k.mask2 is not None]
+    if not with_masks:
+        return list(kernels), None, None
+    mask1 = functools.reduce(operator.and_, [k.mask1 for k in with_masks])
+    mask2 = functools.reduce(operator.and_, [k.mask2 for k in with_masks])
+    if all(k.same_inputs for k in kernels):
+        mask2 = mask1
+    return [k.masked() for k in kernels], mask1, mask2
 
 
 def batch_diagonal(a: jax.Array) -> jax.Array:
