@@ -247,3 +247,37 @@ def test_other_bad_masks_are_clear_errors():
         nn.global_average_pool(ntkjax.kernels.input_kernel(x), jnp.zeros((2, 5), bool))
     with pytest.raises(ValueError, match="ConvTranspose has no rule for masked inputs"):
         ntkjax.kernel_fn(nn.ConvTranspose(4, kernel_size=2))(x, mask1=jnp.zeros((2, 5), bool))
+
+
+def test_random_features_refuse_masks():
+    """feature_map's stand-in has no masks: a layer given one says so and names kernel_fn."""
+    mask = jnp.zeros((2, 5), bool)
+    for call in (lambda x: nn.global_average_pool(x, mask), lambda x: nn.flatten(x, mask),
+                 lambda x: nn.Conv(4).apply({}, x, mask),
+                 lambda x: nn.LayerNorm().apply({}, x, mask)):
+        with pytest.raises(nn.UnsupportedMeaning, match=r"carry no masks.*kernel_fn"):
+            call(nn.FeatureStandIn())
+
+
+class IndexedNet(linen.Module):
+    """Dense -> (optionally the first 3 positions) -> relu -> GAP -> Dense."""
+
+    crop: bool
+
+    @linen.compact
+    def __call__(self, x):
+        x = nn.Dense(8, w_std=1.3, b_std=0.2)(x)
+        if self.crop:
+            x = nn.index(x, (slice(None), slice(0, 3), slice(None)))
+        return nn.Dense(1)(nn.global_average_pool(nn.relu(x)))
+
+
+def test_masks_follow_an_index_and_a_residual_sum(x64):
+    """Cropping after a per-position layer is cropping the inputs (and their masks); the
+    residual sums of the Transformer join masks (covered above) -- here the index rule."""
+    x, mask = _padded(_sequences(7, [2, 5, 3]), 5)
+    x = np.where(mask[..., None], 0.0, x)
+    got = ntkjax.kernel_fn(IndexedNet(True))(x, mask1=mask)
+    want = ntkjax.kernel_fn(IndexedNet(False))(x[:, :3], mask1=mask[:, :3])
+    np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-12)
+    np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12)

@@ -252,7 +252,7 @@ class SelfAttention(linen.Module):
     @linen.compact
     def __call__(self, x: Any, mask: Any = None) -> Any:
         self._check()
-        if mask is not None and isinstance(x, Kernel | FeatureStandIn):
+        if mask is not None and isinstance(x, Kernel):
             raise ValueError(
                 "SelfAttention: a Kernel carries its own masks (kernel_fn's mask1 / mask2); "
                 "the mask argument is for arrays."

@@ -37,7 +37,7 @@ from flax import linen
 
 from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import Kernel
-from ntkjax._meanings import FeatureStandIn, declaration_of, declare
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declare
 from ntkjax.nn.dense import Affine, Parameterization, dense_features, dense_kernel
 
 __all__ = [
@@ -439,6 +439,11 @@ class _ConvLayer(Affine):
                 raise ValueError("ConvTranspose has no rule for masked inputs; got a mask.")
             mask = check_mask(x, mask)
             x = jnp.where(mask[..., None], jnp.zeros((), jnp.asarray(x).dtype), x)
+        elif mask is not None and isinstance(x, FeatureStandIn):
+            raise UnsupportedMeaning(
+                f"ntkjax.nn.{type(self).__name__}", "features",
+                "random features carry no masks; for masked inputs use "
+                "ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=...).")
         elif mask is not None:
             raise ValueError(
                 f"{type(self).__name__}: on a Kernel the masks are the kernel's own (kernel_fn's "

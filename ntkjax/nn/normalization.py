@@ -30,7 +30,7 @@ from flax import linen
 
 from ntkjax._checks import check_mask, is_concrete
 from ntkjax._kernel import Kernel
-from ntkjax._meanings import FeatureStandIn, declare
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declare
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
 
@@ -180,7 +180,11 @@ class LayerNorm(linen.Module):
     def __call__(self, x: Any, mask: Any = None) -> Any:
         if not self.epsilon >= 0:
             raise ValueError(f"LayerNorm epsilon must be >= 0, got {self.epsilon!r}.")
-        if mask is not None and isinstance(x, Kernel | FeatureStandIn):
+        if mask is not None and isinstance(x, FeatureStandIn):
+            raise UnsupportedMeaning(
+                "ntkjax.nn.LayerNorm", "features", "random features carry no masks; for masked "
+                "inputs use ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=...).")
+        if mask is not None and isinstance(x, Kernel):
             raise ValueError(
                 "LayerNorm: a Kernel carries its own masks (kernel_fn's mask1 / mask2); the "
                 "mask argument is for arrays."

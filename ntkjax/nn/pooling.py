@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import Kernel
-from ntkjax._meanings import FeatureStandIn, declare
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declare
 from ntkjax.nn.conv import CONV_PADDINGS, conv_padding, window_mask, window_sum
 
 __all__ = [
@@ -62,6 +62,10 @@ def _spatial_mean(v: jax.Array, lead: int, nd: int, diagonal: bool) -> jax.Array
     return jnp.mean(jnp.diagonal(flat, axis1=-2, axis2=-1), axis=-1)
 
 
+_NO_MASKED_FEATURES = ("random features carry no masks; for masked inputs use "
+                       "ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=...).")
+
+
 def _zero_masked(x: Any, mask: Any, name: str) -> jax.Array:
     """Arrays (N, *S, C) with the positions ``mask`` marks (True = masked) set to 0; the
     array unchanged for ``mask=None``."""
@@ -73,7 +77,9 @@ def _zero_masked(x: Any, mask: Any, name: str) -> jax.Array:
 
 
 def _no_mask_argument(x: Any, mask: Any, name: str) -> None:
-    if mask is not None and isinstance(x, Kernel | FeatureStandIn):
+    if mask is not None and isinstance(x, FeatureStandIn):
+        raise UnsupportedMeaning(f"ntkjax.nn.{name}", "features", _NO_MASKED_FEATURES)
+    if mask is not None and isinstance(x, Kernel):
         raise ValueError(
             f"{name}: a Kernel carries its own masks (kernel_fn's mask1 / mask2); the mask "
             "argument is for arrays."
