@@ -36,6 +36,17 @@ pairwise kernels, so a kernel of two different batches -- ``x2`` given, or one b
 blocked evaluation -- holds everything that activations, LayerNorm and attention read, and
 residual sums around them evaluate for any pair of batches. Nothing is read from ambient state:
 a block's kernel is computed from its two blocks of inputs alone.
+
+Masks. Padded sequences and images carry boolean position masks beside the inputs (True =
+masked; the inputs' shape without the channel axis): ``kernel_fn(module)(x1, x2, mask1=...,
+mask2=...)`` and ``kernel_matrix(..., mask1=..., mask2=...)`` put them in the :class:`Kernel`
+(``mask1``, ``mask2``), and the layers follow neural-tangents' rules (Hron et al. 2020; nt's
+``mask_constant``, converted by :func:`mask_from_constant`): masked positions count as zeros in
+the input kernel, take no part as attention keys and values, in pooling (the global average is
+over the unmasked positions), convolutions and LayerNorm statistics; convolutions and windowed
+pooling that change the positions map the masks (:func:`ntkjax.nn.window_mask`); and the
+returned kernel's entries at masked positions are 0. The finite network takes the same masks as
+a call argument, ``module.apply(params, x, mask=mask)``.
 """
 
 from __future__ import annotations
