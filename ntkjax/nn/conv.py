@@ -582,6 +582,11 @@ class Conv(_ConvLayer):
 
     Configuration after ``features`` is keyword-only (``Conv(8, kernel_size=(3, 3))``).
 
+    Masks: ``conv.apply(params, x, mask)`` with a boolean (N, *S) position mask (True =
+    masked) reads the masked positions as zeros; the outputs' mask is
+    :func:`window_mask` of it (neural-tangents' rule: the window centres). On a Kernel the
+    kernel's own masks are used and mapped the same way.
+
     >>> import jax, ntkjax
     >>> conv = Conv(4, kernel_size=3)
     >>> images = jnp.ones((2, 5, 5, 3))
