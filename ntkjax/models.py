@@ -172,6 +172,12 @@ class CNN(_Network):
     CNN-GP / CNTK of Novak et al. 2019 and Arora et al. 2019 (global average pooling: CNTK-GAP).
     Configure by keyword.
 
+    Masks (padded inputs): ``.apply(variables, x, mask=mask)`` with a boolean (N, *S) mask,
+    True at padding: convolutions and pooling read masked positions as zeros, the mask follows
+    strided layers (:func:`ntkjax.nn.window_mask`), and the readout leaves masked positions out
+    (``"global_average_pool"`` averages over the unmasked ones) -- the finite network of
+    ``ntkjax.kernel_fn(cnn)(x1, x2, mask1=..., mask2=...)``.
+
     >>> import jax.numpy as jnp, ntkjax
     >>> cnn = CNN((8, 8, 1), pooling="avg", readout="flatten")
     >>> ntkjax.kernel_fn(cnn)(jnp.ones((2, 8, 8, 3))).ntk.shape
@@ -189,9 +195,14 @@ class CNN(_Network):
     pool_after: Sequence[int] | None = None
 
     @linen.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         act = self._activation("(64, 1)")
         check_choice(self.readout, tuple(READOUTS), "readout")
+        if mask is not None and isinstance(x, Kernel):
+            raise ValueError("CNN: a Kernel carries its own masks (kernel_fn's mask1 / mask2); "
+                             "the mask argument is for arrays.")
+        if not isinstance(x, Kernel):
+            mask = check_mask(x, mask, x_name="the CNN's input")
         if self.pooling is not None:
             check_choice(self.pooling, tuple(POOLINGS), "pooling")
         n_conv = len(self.features) - 1
@@ -202,11 +213,13 @@ class CNN(_Network):
                 padding=self.padding, w_std=self.w_std, b_std=self.b_std,
                 parameterization=self.parameterization, name=f"Conv_{i}",
             )
-            x = act(conv(x))
+            x = act(conv(x, mask))
+            if mask is not None:
+                mask = nn.window_mask(mask, self.kernel_size, self.strides, self.padding)
             if self.pooling is not None and i in pool_after:
-                x = _pool(x, POOLINGS[self.pooling], self.pool_window, self.pool_strides,
-                          self.pool_padding)
-        x = READOUTS[self.readout](x)
+                x, mask = _pool(x, POOLINGS[self.pooling], self.pool_window, self.pool_strides,
+                                self.pool_padding, mask)
+        x = READOUTS[self.readout](x, mask=mask)
         return nn.Dense(
             self.features[-1], w_std=self.w_std, b_std=self.b_std,
             parameterization=self.parameterization, name="Dense_0",
@@ -218,12 +231,16 @@ def _spatial_ndim(x: Any) -> int:
 
 
 def _pool(x: Any, pool: Callable, window: int | Sequence[int],
-          strides: int | Sequence[int] | None, padding: str) -> Any:
+          strides: int | Sequence[int] | None, padding: str, mask: Any = None) -> Any:
+    """``(pooled x, its position mask)``; the mask is None without one."""
     nd = _spatial_ndim(x)
     window = (window,) * nd if isinstance(window, int) else tuple(window)
     strides = window if strides is None else (
         (strides,) * nd if isinstance(strides, int) else tuple(strides))
-    return pool(x, window, strides, padding)
+    if mask is None:
+        return pool(x, window, strides, padding), None
+    return (pool(x, window, strides, padding, mask=mask),
+            nn.window_mask(mask, window, strides, padding))
 
 
 # Convolutions per stage of Myrtle networks (Shankar et al. 2020, as in neural-tangents'

@@ -281,3 +281,18 @@ def test_masks_follow_an_index_and_a_residual_sum(x64):
     want = ntkjax.kernel_fn(IndexedNet(False))(x[:, :3], mask1=mask[:, :3])
     np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-12)
     np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12)
+
+
+def test_cnn_with_a_mask_ignores_the_padding(x64):
+    """The finite CNN (conv SAME, avg pool 2/2, conv, GAP) gives the same outputs for a
+    sequence padded to 4 or 6 positions: masked positions enter as SAME's zero padding."""
+    cnn = ntkjax.models.CNN((4, 4, 1), pooling="avg", readout="global_average_pool")
+    seqs = _sequences(8, [3, 2, 4])
+    outputs, params = [], None
+    for length in (4, 6):
+        x, mask = ntkjax.mask_from_constant(_padded(seqs, length)[0], MASK_CONSTANT)
+        if params is None:
+            params = cnn.init(jax.random.key(0), x, mask=mask)
+        outputs.append(cnn.apply(params, x, mask=mask))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-12)
+    assert not np.allclose(cnn.apply(params, _padded(seqs, 6)[0]), outputs[1])
