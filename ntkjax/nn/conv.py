@@ -110,7 +110,7 @@ def window_mask(
       The boolean mask (N, *S_out) of the layer's outputs.
 
     >>> import jax.numpy as jnp
-    >>> window_mask(jnp.array([[False, False, False, True]]), 2, 2, "VALID").tolist()
+    >>> window_mask(jnp.array([[False, False, True, True]]), 2, 2, "VALID").tolist()
     [[False, True]]
     """
     mask = jnp.asarray(mask)
