@@ -240,7 +240,7 @@ def _pool(x: Any, pool: Callable, window: int | Sequence[int],
     if mask is None:
         return pool(x, window, strides, padding), None
     return (pool(x, window, strides, padding, mask=mask),
-            nn.window_mask(mask, window, strides, padding))
+            nn.window_mask(mask, window, strides, padding))  # type: ignore[arg-type]
 
 
 # Convolutions per stage of Myrtle networks (Shankar et al. 2020, as in neural-tangents'
