@@ -7,6 +7,12 @@ same computation in float64.
   ReLU MLP, residual), a final LayerNorm, global average pooling and Dense(1) -- on N = 64
   sequences of length 16 with 8 channels (every pair of positions is kept: kernels of shape
   (64, 64, 16, 16)). No reference figure.
+* ``analytic_attention_masked``: the same Transformer on N = 64 sequences padded to L = 32
+  (8 channels), half of them (the odd ones) shorter -- lengths drawn from [8, 32) -- and
+  masked (``kernel_fn(net)(x, mask1=mask)``: masked keys excluded, global average over the
+  unmasked positions). Target (issue 24): >= 2x neural-tangents, whose
+  ``GlobalSelfAttention`` with ``mask_constant`` is the reference; nt is not installable next
+  to this jax, so the line carries ``"nt": null`` and the reason.
 """
 
 from __future__ import annotations
@@ -44,4 +50,45 @@ def analytic_attention(quick: bool = False) -> None:
     )
 
 
-WORKLOADS = {"analytic_attention": analytic_attention}
+NT_UNAVAILABLE = ("neural-tangents (last release pins jax 0.4.x) cannot be installed next to "
+                  "this project's jax; no same-run nt timing")
+
+
+def analytic_attention_masked(quick: bool = False) -> None:
+    import ntkjax
+    from ntkjax import models
+
+    n, length, channels, depth = (16, 8, 8, 2) if quick else (64, 32, 8, 2)
+    rng = np.random.default_rng(0)
+    lengths = np.full(n, length)
+    lengths[1::2] = rng.integers(length // 4, length, size=n // 2)  # half padded
+    mask = np.arange(length)[None, :] >= lengths[:, None]
+    x = np.array(jax.random.normal(jax.random.PRNGKey(0), (n, length, channels)), np.float32)
+    x[mask] = 0.0
+    net = models.Transformer(64, depth=depth, num_heads=4, activation="relu",
+                             w_std=float(np.sqrt(2)), b_std=0.1)
+    fn = jax.jit(lambda a, m: ntkjax.kernel_fn(net)(a, mask1=m).ntk)
+    xj, mj = jnp.asarray(x), jnp.asarray(mask)
+    timing = time_call(lambda: fn(xj, mj), repeats=5, min_time_s=2.0)
+    with jax.enable_x64(True):
+        ref = np.asarray(jax.jit(lambda a, m: ntkjax.kernel_fn(net)(a, mask1=m).ntk)(
+            jnp.asarray(x, jnp.float64), mj))
+    got = np.asarray(timing["result"], np.float64)
+    err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+    log(f"masked attention, {depth} blocks: {timing['median_s']:.3f} s, err {err:.1e}")
+    emit(
+        "analytic_attention_masked",
+        {"n": n, "length": length, "channels": channels, "blocks": depth,
+         "padded": int(np.sum(lengths < length)), "attention": "softmax, linear scaling",
+         "readout": "global_average_pool (unmasked positions)", "dtype": "float32",
+         "get": "ntk", "quick": quick},
+        timing,
+        accuracy={"max_rel_err_vs_float64": err, "target": 1e-5},
+        nt=None,
+        nt_reason=NT_UNAVAILABLE,
+        target="speedup >= 2x nt",
+    )
+
+
+WORKLOADS = {"analytic_attention": analytic_attention,
+             "analytic_attention_masked": analytic_attention_masked}

@@ -48,7 +48,7 @@ from ntkjax.hyperparameters import (
     fit_marginal_likelihood,
     gp_log_marginal_likelihood,
 )
-from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix
+from ntkjax.kernels import Kernel, kernel_fn, kernel_matrix, mask_from_constant
 from ntkjax.linearize import linearize, taylor_expand
 from ntkjax.monte_carlo import MonteCarloKernel, monte_carlo_kernel_fn
 from ntkjax.predict import (
@@ -125,6 +125,7 @@ __all__ = [
     "learning_rate_check",
     "linearize",
     "make_train_fn",
+    "mask_from_constant",
     "max_learning_rate",
     "models",
     "monte_carlo_kernel_fn",

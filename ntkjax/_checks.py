@@ -56,6 +56,33 @@ def check_pair(x1: Any, x2: Any, *, min_ndim: int = 2) -> None:
     check_values(x1, x2)
 
 
+def check_mask(x: Any, mask: Any, name: str = "mask", x_name: str = "x") -> Any:
+    """``mask`` as a boolean array after checking its shape: the input shape without the
+    channel axis (``x.shape[:-1]``); None passes. A ValueError names both shapes otherwise, and
+    for inputs without positions (a mask marks positions of sequences or images)."""
+    if mask is None:
+        return None
+    x_shape, m_shape = tuple(np.shape(x)), tuple(np.shape(mask))
+    if len(x_shape) < 3:
+        raise ValueError(
+            f"{name} marks positions of sequences or images, inputs (batch, *spatial, "
+            f"channels); {x_name} has shape {x_shape} (no positions) and {name} shape "
+            f"{m_shape}."
+        )
+    if m_shape != x_shape[:-1]:
+        raise ValueError(
+            f"{name} must have the shape of {x_name} without its channel axis, "
+            f"{x_shape[:-1]}; got {name}.shape={m_shape} for {x_name}.shape={x_shape}."
+        )
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"{name} must be a boolean array (True = masked position); got dtype {mask.dtype}. "
+            "For neural-tangents' mask_constant convention use ntkjax.mask_from_constant."
+        )
+    return mask
+
+
 def check_values(x1: Any, x2: Any = None) -> None:
     """Raises ValueError when concrete inputs hold NaN or Inf (a no-op on tracers)."""
     check_finite(x1, "x1")

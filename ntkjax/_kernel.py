@@ -20,9 +20,11 @@ state: everything a layer rule reads is a field of the ``Kernel`` it receives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import linecache
 import math
+import operator
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +42,7 @@ __all__ = [
     "Kernel",
     "batch_diagonal",
     "describe_foreign_call",
+    "join_masks",
     "position_diagonal",
     "traceback_frames",
 ]
@@ -95,6 +98,16 @@ class Kernel:
         all pairs of positions (pooling, attention, ...): :meth:`require_all_pairs` notes them.
       same_batch_layers: (static) the layers met so far whose rule depends on
         :attr:`same_inputs` (:meth:`noting_same_batch`).
+      mask1: None, or the position mask of x1: a boolean (N1, *S) array, True where a
+        position is masked (padding: it takes no part). Masks are data, never ambient state:
+        :func:`ntkjax.kernel_fn` sets them from its ``mask1`` / ``mask2`` arguments, and the
+        layers that change the positions map them (neural-tangents' mask rules). Entries that
+        involve a masked position are set to 0 (:meth:`masked`) wherever a layer mixes
+        positions (pooling, convolutions, attention keys) and on the returned kernel; layers
+        that act on each position alone (Dense, activations, LayerNorm over channels) leave
+        them, which changes nothing else (neural-tangents zeroes them after every layer: the
+        same kernels).
+      mask2: the same for x2 (the same array as ``mask1`` when :attr:`same_inputs`).
 
     Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
@@ -120,6 +133,8 @@ class Kernel:
     same_inputs: bool = struct.field(pytree_node=False, default=False)
     all_pairs_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
     same_batch_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    mask1: jax.Array | None = None
+    mask2: jax.Array | None = None
 
     def replace(self, **changes: Any) -> Kernel:
         """A copy with the given fields replaced (``dataclasses.replace``)."""
@@ -145,6 +160,91 @@ class Kernel:
     @property
     def dtype(self):
         return self.nngp.dtype
+
+    # ---------------------------------------------------------------- masks
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the kernel carries position masks (:attr:`mask1`, :attr:`mask2`)."""
+        return self.mask1 is not None
+
+    def masked(self) -> Kernel:
+        """This kernel with every entry that involves a masked position set to 0: ``nngp`` and
+        ``ntk`` ``[a, b, p, p']`` where ``mask1[a, p]`` or ``mask2[b, p']`` (``[a, b, p]`` for
+        same-position kernels), ``var1[a, p, p']`` where ``mask1[a, p]`` or ``mask1[a, p']``
+        (likewise ``var2``) -- neural-tangents' remasking (Hron et al. 2020, appendix; nt's
+        ``_mask`` rule 3). Unchanged without masks or spatial axes."""
+        if self.mask1 is None or self.mask2 is None or self.spatial_ndim == 0:
+            return self
+        self._check_masks()
+        nd = self.spatial_ndim
+        ones = (1,) * nd
+        m1, m2 = self.mask1, self.mask2
+        if self.diagonal_spatial:
+            pair = m1[:, None] | m2[None, :]
+            var_mask = (m1, m2)
+        else:
+            pair = (m1.reshape(m1.shape[0], 1, *m1.shape[1:], *ones)
+                    | m2.reshape(1, m2.shape[0], *ones, *m2.shape[1:]))
+            var_mask = tuple(m.reshape(*m.shape, *ones) | m.reshape(m.shape[0], *ones,
+                                                                    *m.shape[1:])
+                             for m in (m1, m2))
+
+        def zero(a: jax.Array, mask: jax.Array) -> jax.Array:
+            return jnp.where(mask, jnp.zeros((), a.dtype), a)
+
+        var1, var2 = zero(self.var1, var_mask[0]), None
+        var2 = var1 if self.same_inputs else zero(self.var2, var_mask[1])
+        return self.replace(nngp=zero(self.nngp, pair), ntk=zero(self.ntk, pair), var1=var1,
+                            var2=var2)
+
+    def _check_masks(self) -> None:
+        """A ValueError when the masks do not fit the kernel's batches and positions (a layer
+        changed the positions without mapping the masks)."""
+        want1 = (self.nngp.shape[0], *self.spatial_shape)
+        want2 = (self.nngp.shape[1], *self.spatial_shape)
+        got1 = () if self.mask1 is None else tuple(self.mask1.shape)
+        got2 = () if self.mask2 is None else tuple(self.mask2.shape)
+        if got1 != want1 or got2 != want2:
+            raise ValueError(
+                f"the kernel's masks have shapes {got1} and {got2}, but its batches and "
+                f"positions are {want1} and {want2}: a layer changed the positions without a "
+                "rule for masks. Give that layer unmasked inputs (no mask1 / mask2)."
+            )
+
+    def unmasked_counts(self) -> tuple[jax.Array, jax.Array]:
+        """The number of unmasked positions of each input of x1 and x2, ``(N1,)`` and
+        ``(N2,)`` (all positions without masks), in the kernel's dtype."""
+        positions = math.prod(self.spatial_shape)
+        n1, n2 = self.nngp.shape[:2]
+        if self.mask1 is None or self.mask2 is None:
+            full = jnp.asarray(float(positions), self.dtype)
+            return jnp.full((n1,), full), jnp.full((n2,), full)
+
+        self._check_masks()
+
+        def count(m: jax.Array) -> jax.Array:
+            return jnp.sum(~m.reshape(m.shape[0], -1), axis=1).astype(self.dtype)
+
+        c1 = count(self.mask1)
+        return c1, (c1 if self.same_inputs else count(self.mask2))
+
+    def with_masks(self, mask1: jax.Array | None, mask2: jax.Array | None) -> Kernel:
+        """This kernel with the position masks replaced (e.g. by a layer that changes the
+        positions); ``mask2`` is ``mask1`` when :attr:`same_inputs`."""
+        return self.replace(mask1=mask1, mask2=mask1 if self.same_inputs else mask2)
+
+    def map_masks(self, fn: Callable[[jax.Array], jax.Array]) -> Kernel:
+        """This kernel with ``fn`` applied to each position mask (None stays None)."""
+        if self.mask1 is None or self.mask2 is None:
+            return self
+        m1 = fn(self.mask1)
+        return self.with_masks(m1, m1 if self.same_inputs else fn(self.mask2))
+
+    def without_masks(self) -> Kernel:
+        """This kernel, remasked (:meth:`masked`), without its masks: for readouts that remove
+        the positions (flatten, global pooling)."""
+        return self.masked().replace(mask1=None, mask2=None)
 
     # ---------------------------------------------------------------- static facts
 
@@ -193,14 +293,17 @@ class Kernel:
                 "least one branch in a Dense/Conv layer (as in a residual block)."
             )
         same = self.same_inputs and other.same_inputs
-        var1 = self.var1 + other.var1
+        (a, b), mask1, mask2 = join_masks([self, other])
+        var1 = a.var1 + b.var1
         return self.with_facts_of(other).replace(
-            nngp=self.nngp + other.nngp,
-            ntk=self.ntk + other.ntk,
+            nngp=a.nngp + b.nngp,
+            ntk=a.ntk + b.ntk,
             var1=var1,
-            var2=var1 if same else self.var2 + other.var2,
+            var2=var1 if same else a.var2 + b.var2,
             same_inputs=same,
             non_gaussian=self.non_gaussian or other.non_gaussian,
+            mask1=mask1,
+            mask2=mask2,
         )
 
     def __mul__(self, scale: Any) -> Kernel:
@@ -230,7 +333,9 @@ class Kernel:
         result is a kernel of two batches (``same_inputs`` False)."""
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
         return self.replace(nngp=self.nngp[rows][:, cols], ntk=self.ntk[rows][:, cols],
-                            var1=self.var1[rows], var2=self.var2[cols], same_inputs=False)
+                            var1=self.var1[rows], var2=self.var2[cols], same_inputs=False,
+                            mask1=None if self.mask1 is None else self.mask1[rows],
+                            mask2=None if self.mask2 is None else self.mask2[cols])
 
     def __jax_array__(self) -> Any:
         """JAX asks for an array when a jnp / jax.nn function receives a Kernel: raise a
@@ -260,6 +365,31 @@ class Kernel:
         for same-position kernels, ``(N,)`` without spatial axes), for x1 and x2: ``var1`` and
         ``var2``."""
         return self.var1, self.var2
+
+
+def join_masks(
+    kernels: list[Kernel],
+) -> tuple[list[Kernel], jax.Array | None, jax.Array | None]:
+    """For layers that join branches position by position (sums, channel concatenations,
+    products): the branch kernels remasked (:meth:`Kernel.masked`: each branch's entries at its
+    own masked positions 0) and the joined masks, a position masked iff it is masked in every
+    branch (neural-tangents' ``FanInSum`` / ``FanInConcat`` / ``FanInProd`` rule); the kernels
+    unchanged and ``(None, None)`` without masks.
+
+    >>> import jax.numpy as jnp
+    >>> k = Kernel(nngp=jnp.ones((1, 1)), ntk=jnp.ones((1, 1)), var1=jnp.ones(1),
+    ...            var2=jnp.ones(1), width=1)
+    >>> join_masks([k, k])[1] is None
+    True
+    """
+    with_masks = [k for k in kernels if k.mask1 is not None and k.mask2 is not None]
+    if not with_masks:
+        return list(kernels), None, None
+    mask1 = functools.reduce(operator.and_, [k.mask1 for k in with_masks])
+    mask2 = functools.reduce(operator.and_, [k.mask2 for k in with_masks])
+    if all(k.same_inputs for k in kernels):
+        mask2 = mask1
+    return [k.masked() for k in kernels], mask1, mask2
 
 
 def batch_diagonal(a: jax.Array) -> jax.Array:

@@ -36,6 +36,17 @@ pairwise kernels, so a kernel of two different batches -- ``x2`` given, or one b
 blocked evaluation -- holds everything that activations, LayerNorm and attention read, and
 residual sums around them evaluate for any pair of batches. Nothing is read from ambient state:
 a block's kernel is computed from its two blocks of inputs alone.
+
+Masks. Padded sequences and images carry boolean position masks beside the inputs (True =
+masked; the inputs' shape without the channel axis): ``kernel_fn(module)(x1, x2, mask1=...,
+mask2=...)`` and ``kernel_matrix(..., mask1=..., mask2=...)`` put them in the :class:`Kernel`
+(``mask1``, ``mask2``), and the layers follow neural-tangents' rules (Hron et al. 2020; nt's
+``mask_constant``, converted by :func:`mask_from_constant`): masked positions count as zeros in
+the input kernel, take no part as attention keys and values, in pooling (the global average is
+over the unmasked positions), convolutions and LayerNorm statistics; convolutions and windowed
+pooling that change the positions map the masks (:func:`ntkjax.nn.window_mask`); and the
+returned kernel's entries at masked positions are 0. The finite network takes the same masks as
+a call argument, ``module.apply(params, x, mask=mask)``.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
+from ntkjax._checks import check_choice, check_mask, check_pair, float_dtype, is_concrete
 from ntkjax._kernel import (
     AllPairsRequired,
     ForeignFunctionError,
@@ -75,6 +86,7 @@ __all__ = [
     "input_kernel",
     "kernel_fn",
     "kernel_matrix",
+    "mask_from_constant",
     "position_diagonal",
 ]
 
@@ -89,8 +101,82 @@ def _float_inputs(x1: Any, x2: Any) -> tuple[jax.Array, jax.Array | None]:
     return jnp.asarray(x1, dtype), (None if x2 is None else jnp.asarray(x2, dtype))
 
 
+def mask_from_constant(x: Any, mask_constant: float) -> tuple[jax.Array, jax.Array]:
+    """neural-tangents' ``mask_constant`` convention converted to ntkjax's boolean masks.
+
+    ntkjax's convention: a mask travels beside the inputs, a boolean array of the inputs' shape
+    without the channel axis, True where a position is masked (padding: it takes no part in
+    attention, pooling, convolutions and LayerNorm statistics). neural-tangents instead marks
+    masked entries by a constant value in the inputs; a position is masked when every one of its
+    channels equals ``mask_constant`` (nt marks single entries, and its kernels refuse masks
+    that differ between channels, so whole positions are what it supports). The masked
+    positions' values are replaced by 0, as nt does before computing the input kernel.
+
+    Args:
+      x: inputs (N, *S, C) holding ``mask_constant`` in every channel of masked positions.
+      mask_constant: the padding value (a finite number).
+
+    Returns:
+      ``(x, mask)``: the inputs with masked positions set to 0, and the boolean (N, *S) mask,
+      ready for ``kernel_fn(module)(x, mask1=mask)`` and ``module.apply(params, x, mask=mask)``.
+
+    Raises:
+      ValueError: for inputs without positions, a non-finite constant, or a position where
+        some but not all channels equal the constant (nt refuses these for kernels too).
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[[1.0, 2.0], [9.0, 9.0]]])  # one sequence of length 2, padded at 1
+    >>> x0, mask = mask_from_constant(x, 9.0)
+    >>> mask.tolist(), x0[0, 1].tolist()
+    ([[False, True]], [0.0, 0.0])
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(
+            "mask_from_constant: masks mark positions of sequences or images, inputs (batch, "
+            f"*spatial, channels); got x.shape={tuple(x.shape)}."
+        )
+    if not np.isfinite(mask_constant):
+        raise ValueError(f"mask_constant must be a finite number, got {mask_constant!r}.")
+    hits = x == jnp.asarray(mask_constant, x.dtype)
+    mask = jnp.all(hits, axis=-1)
+    if is_concrete(hits) and bool(jnp.any(jnp.any(hits, axis=-1) & ~mask)):
+        raise ValueError(
+            f"mask_from_constant: some positions hold mask_constant={mask_constant!r} in some "
+            "channels but not all; a mask marks whole positions (neural-tangents' kernels "
+            "refuse channel-wise masks too)."
+        )
+    return jnp.where(mask[..., None], jnp.zeros((), x.dtype), x), mask
+
+
+def _input_masks(
+    x1: jax.Array, x2: jax.Array | None, mask1: Any, mask2: Any
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """The checked position masks of x1 and x2 (mask2 is mask1 for ``x2 = None``; an input
+    without a mask, when the other has one, is all unmasked); (None, None) without masks."""
+    if x2 is None and mask2 is not None:
+        raise ValueError("mask2 was given without x2; for x2 = None the mask of x1 (mask1) is "
+                         "used for both.")
+    m1 = check_mask(x1, mask1, "mask1", "x1")
+    if x2 is None:
+        return m1, m1
+    m2 = check_mask(x2, mask2, "mask2", "x2")
+    if m1 is None and m2 is None:
+        return None, None
+    if m1 is None:
+        m1 = jnp.zeros(x1.shape[:-1], bool)
+    if m2 is None:
+        m2 = jnp.zeros(x2.shape[:-1], bool)
+    return m1, m2
+
+
+def _zero_masked_inputs(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return x if mask is None else jnp.where(mask[..., None], jnp.zeros((), x.dtype), x)
+
+
 def input_kernel(
-    x1: jax.Array, x2: jax.Array | None = None, *, diagonal_spatial: bool = False
+    x1: jax.Array, x2: jax.Array | None = None, *, diagonal_spatial: bool = False,
+    mask1: jax.Array | None = None, mask2: jax.Array | None = None,
 ) -> Kernel:
     """The kernel of the inputs themselves: ``nngp = x1 x2^T / d``, ``ntk = 0``, ``width = d``.
 
@@ -102,10 +188,17 @@ def input_kernel(
     ``var1[a, p, p'] = x1[a, p] . x1[a, p'] / C``, ``width = C``; with ``diagonal_spatial``
     only ``p = p'``: (N1, N2, *S) and (N1, *S).
 
+    Masks (images and sequences): ``mask1`` / ``mask2``, boolean (N, *S), True = masked; the
+    masked positions' values count as 0 (neural-tangents' rule: the input kernel is still
+    divided by the full channel count C) and the kernel carries the masks
+    (:attr:`Kernel.mask1`).
+
     Args:
       x1: inputs (N1, d) or images (N1, *S, C).
       x2: inputs like x1, or None for the batch x1 with itself.
       diagonal_spatial: for images, keep only same-position pairs.
+      mask1: None, or x1's boolean position mask (N1, *S).
+      mask2: None, or x2's (only with ``x2``).
 
     Returns:
       The input :class:`Kernel`.
@@ -115,8 +208,9 @@ def input_kernel(
     [[1.0, 1.0], [1.0, 2.0]]
     """
     x1, x2 = _float_inputs(x1, x2)
+    m1, m2 = _input_masks(x1, x2, mask1, mask2)
     if x1.ndim > 2:
-        return _image_input_kernel(x1, x2, diagonal=diagonal_spatial)
+        return _image_input_kernel(x1, x2, diagonal=diagonal_spatial, mask1=m1, mask2=m2)
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
@@ -144,9 +238,17 @@ def _unit_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x * scale, scale
 
 
-def _image_input_kernel(x1: jax.Array, x2: jax.Array | None, *, diagonal: bool) -> Kernel:
+def _image_input_kernel(x1: jax.Array, x2: jax.Array | None, *, diagonal: bool,
+                        mask1: jax.Array | None = None,
+                        mask2: jax.Array | None = None) -> Kernel:
     """The input kernel of images, with each input's self-covariances (for ``x2 = None`` the
-    symmetrized Gram's own diagonal)."""
+    symmetrized Gram's own diagonal); with (checked) masks, of the inputs with masked positions
+    set to 0, carrying the masks."""
+    if mask1 is not None:
+        k = _image_input_kernel(_zero_masked_inputs(x1, mask1),
+                                None if x2 is None else _zero_masked_inputs(x2, mask2),
+                                diagonal=diagonal)
+        return k.with_masks(mask1, mask2)
     c, spatial = x1.shape[-1], x1.shape[1:-1]
     x1s, s1 = _unit_scaled(x1)
     x2s, s2 = (x1s, s1) if x2 is None else _unit_scaled(x2)
@@ -295,9 +397,17 @@ def kernel_fn(
         spatial axes then gives (N1, N2, *S) kernels; a module that mixes positions is a
         ValueError). The kernels are the same either way.
 
+    Masks: ``fn(x1, x2, mask1=m1, mask2=m2)`` with boolean position masks (N, *S), True where
+    a position is padding (:func:`mask_from_constant` converts neural-tangents'
+    ``mask_constant``). Masked positions take no part -- as attention keys and values, in
+    pooling (global average pooling averages over the unmasked positions only), convolutions
+    and LayerNorm statistics -- and the entries of masked positions of the output kernel are 0
+    (neural-tangents' rules; Hron et al. 2020). The masks travel in the :class:`Kernel`
+    (``mask1`` / ``mask2``); for ``x2 = None`` give ``mask1`` only.
+
     Returns:
-      ``fn(x1, x2=None, **per_input)``, a pure function giving the :class:`Kernel` of the
-      module's outputs.
+      ``fn(x1, x2=None, *, mask1=None, mask2=None, **per_input)``, a pure function giving the
+      :class:`Kernel` of the module's outputs.
 
     Raises:
       ValueError: for inputs without a feature axis or that disagree in their per-example
@@ -311,14 +421,17 @@ def kernel_fn(
     """
     check_choice(position_pairs, POSITION_PAIRS, "position_pairs")
 
-    def fn(x1: jax.Array, x2: jax.Array | None = None, **call_args: Any) -> Kernel:
+    def fn(x1: jax.Array, x2: jax.Array | None = None, mask1: Any = None,
+           mask2: Any = None, **call_args: Any) -> Kernel:
         x1, x2 = _float_inputs(x1, x2)
+        m1, m2 = _input_masks(x1, x2, mask1, mask2)
         args = _call_args(call_args, x1, x2)
         if x1.ndim == 2:
             return _vector_kernels(module, x1, x2, args)
         facts = _output_kernel_shape(module, x1, args)
         diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
-        out = _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers, args)
+        out = _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers, args, m1, m2)
+        out = out.masked()  # entries of masked output positions are 0 (nt's remasking)
         if x2 is None:
             # Dense layers and activations map symmetric kernels to exactly symmetric ones;
             # pooling sums positions in a different order for k[a, b] and k[b, a].
@@ -328,14 +441,17 @@ def kernel_fn(
 
     jitted = jax.jit(fn)
 
-    def dispatch(x1: jax.Array, x2: jax.Array | None = None, **call_args: Any) -> Kernel:
+    def dispatch(x1: jax.Array, x2: jax.Array | None = None, *, mask1: Any = None,
+                 mask2: Any = None, **call_args: Any) -> Kernel:
         # Images outside jit: op-by-op dispatch compiles every one of the many spatial ops
         # separately (seconds for a small CNN); one compiled call is ~10x faster to first result.
         if jnp.ndim(x1) > 2 and is_concrete(x1):
             check_pair(x1, x2)  # inside the jitted program the values are not known
-            _call_args(call_args, jnp.asarray(x1), None if x2 is None else jnp.asarray(x2))
-            return jitted(x1, x2, **call_args)
-        return fn(x1, x2, **call_args)
+            a1, a2 = jnp.asarray(x1), None if x2 is None else jnp.asarray(x2)
+            _input_masks(a1, a2, mask1, mask2)
+            _call_args(call_args, a1, a2)
+            return jitted(x1, x2, mask1, mask2, **call_args)
+        return fn(x1, x2, mask1, mask2, **call_args)
 
     return dispatch
 
@@ -394,6 +510,7 @@ def _use_diagonal(
 def _image_kernels(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool,
     same_batch_layers: tuple[str, ...], args: dict[str, InputPair] | None = None,
+    mask1: jax.Array | None = None, mask2: jax.Array | None = None,
 ) -> Kernel:
     """The module on the image kernel of x1 and x2: one evaluation, or, when the kernel is
     large, blocks of rows (:func:`_blocked_pairwise`). ``x2 = None`` is evaluated whole when a
@@ -403,9 +520,10 @@ def _image_kernels(
     n2 = n1 if x2 is None else x2.shape[0]
     block = _block_rows(x1, diagonal)
     if x2 is None and (block >= n1 or same_batch_layers):
-        return _apply_to_kernel(module, _image_input_kernel(x1, None, diagonal=diagonal), args)
+        return _apply_to_kernel(module, _image_input_kernel(x1, None, diagonal=diagonal,
+                                                            mask1=mask1, mask2=mask1), args)
     return _blocked_pairwise(module, x1, x2, diagonal, block if x2 is None
-                             else min(block, max(n1, n2)), args)
+                             else min(block, max(n1, n2)), args, mask1, mask2)
 
 
 # Pairwise evaluation in blocks of rows whose kernels hold about this many entries per array
@@ -444,6 +562,7 @@ def _block_rows(x: jax.Array, diagonal: bool) -> int:
 def _blocked_pairwise(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool, block: int,
     args: dict[str, InputPair] | None = None,
+    mask1: jax.Array | None = None, mask2: jax.Array | None = None,
 ) -> Kernel:
     """The module on the kernel of x1 and x2 over blocks of ``block`` rows of x1 and x2
     (``lax.map``, several blocks per step: ``_STEP_ENTRIES``), assembled into the (N1, N2, ...)
@@ -454,28 +573,37 @@ def _blocked_pairwise(
     x2v = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], x2v.shape[0]
     r1, r2 = -(-n1 // block), -(-n2 // block)
+    mask2v = mask1 if x2 is None else mask2
 
     args = args or {}
 
-    def pair(a: jax.Array, b: jax.Array, pair_args: dict[str, InputPair]) -> Kernel:
-        return _apply_to_kernel(module, _image_input_kernel(a, b, diagonal=diagonal), pair_args)
+    def pair(a: jax.Array, b: jax.Array, pair_args: dict[str, InputPair], ma: Any = None,
+             mb: Any = None) -> Kernel:
+        return _apply_to_kernel(module, _image_input_kernel(a, b, diagonal=diagonal, mask1=ma,
+                                                            mask2=mb), pair_args)
 
     if r1 * r2 == 1:
-        out = pair(x1, x2v, args)
-        return out.replace(var2=out.var1, same_inputs=True) if symmetric else out
+        out = pair(x1, x2v, args, mask1, mask2v)
+        return out.replace(var2=out.var1, mask2=out.mask1,
+                           same_inputs=True) if symmetric else out
 
     def rows(a: jax.Array, r: int) -> jax.Array:
         return jnp.asarray(_pad_rows(a, r * block)).reshape(r, block, *a.shape[1:])
 
     xb1, xb2 = rows(x1, r1), rows(x2v, r2)
     ab = {name: InputPair(rows(a.first, r1), rows(a.second, r2)) for name, a in args.items()}
+    mb1 = None if mask1 is None else rows(mask1, r1)
+    mb2 = None if mask2v is None else rows(mask2v, r2)
     pairs = [(i, j) for i in range(r1) for j in range(r2) if not symmetric or j >= i]
     index1 = jnp.asarray([i for i, _ in pairs], jnp.int32)
     index2 = jnp.asarray([j for _, j in pairs], jnp.int32)
 
     def one(ij):
         i, j = ij
-        return pair(xb1[i], xb2[j], {name: a.rows(i, j) for name, a in ab.items()})
+        block_args = {name: a.rows(i, j) for name, a in ab.items()}
+        if mb1 is not None and mb2 is not None:
+            return pair(xb1[i], xb2[j], block_args, mb1[i], mb2[j])
+        return pair(xb1[i], xb2[j], block_args)
 
     per_block = block * block * _entries_per_pair(x1, diagonal)
     per_step = max(1, min(len(pairs), _STEP_ENTRIES // per_block))
@@ -497,8 +625,14 @@ def _blocked_pairwise(
     var1 = gather(blocks.var1, [pairs.index((i, i if symmetric else 0)) for i in range(r1)], n1)
     var2 = var1 if symmetric else gather(blocks.var2,
                                          [pairs.index((0, j)) for j in range(r2)], n2)
+    out_mask1 = out_mask2 = None
+    if blocks.mask1 is not None and blocks.mask2 is not None:  # the masks after the module
+        out_mask1 = gather(blocks.mask1,
+                           [pairs.index((i, i if symmetric else 0)) for i in range(r1)], n1)
+        out_mask2 = out_mask1 if symmetric else gather(
+            blocks.mask2, [pairs.index((0, j)) for j in range(r2)], n2)
     return blocks.replace(nngp=assemble(blocks.nngp), ntk=assemble(blocks.ntk), var1=var1,
-                          var2=var2, same_inputs=symmetric)
+                          var2=var2, same_inputs=symmetric, mask1=out_mask1, mask2=out_mask2)
 
 
 def _swap_inputs(a: jax.Array, k: Kernel, *, batch_ndim: int = 0) -> jax.Array:
@@ -530,6 +664,8 @@ def kernel_matrix(
     devices: Sequence[Any] | None = None,
     out: str | os.PathLike | None = None,
     show_progress: bool = False,
+    mask1: Any = None,
+    mask2: Any = None,
     **per_input: Any,
 ) -> Kernel:
     """The kernels of ``module`` for large N, computed in blocks into host (numpy) arrays.
@@ -570,6 +706,9 @@ def kernel_matrix(
       out: path of a resumable zarr store (arrays ``nngp`` and ``ntk``) to write to instead
         of RAM; None keeps the result in host memory.
       show_progress: progress bar on stderr.
+      mask1: None, or x1's boolean position mask (N1, *S), True = masked (as in
+        :func:`kernel_fn`; every block reads its rows of the masks).
+      mask2: None, or x2's (only with ``x2``).
       **per_input: per-input call arguments of the module, as in :func:`kernel_fn` (e.g. the
         graphs' ``pattern=(P1, P2)`` of :class:`ntkjax.nn.Aggregate`, or ``pattern=P1`` for
         ``x2 = None``): each block gets the rows of its own inputs.
@@ -582,6 +721,7 @@ def kernel_matrix(
      [0. 0. 3.]]
     """
     x1, x2 = _float_inputs(x1, x2)
+    m1, m2 = _input_masks(x1, x2, mask1, mask2)
     args = _call_args(per_input, x1, x2)
     shape = _output_kernel_shape(module, x1, args)
     same_batch_rules = shape.same_batch_layers
@@ -601,7 +741,7 @@ def kernel_matrix(
     if x1.ndim > 2:
         return _image_kernel_matrix(module, x1, x2, shape, memory_bytes=memory_bytes,
                                     block_size=block_size, show_progress=show_progress,
-                                    devices=devices, out=out, args=args)
+                                    devices=devices, out=out, args=args, masks=(m1, m2))
     if args:
         raise ValueError("kernel_matrix: per-input call arguments "
                          f"({', '.join(args)}) need inputs with spatial axes, (N, *S, C).")
@@ -626,30 +766,37 @@ def kernel_matrix(
 
 def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_size,
                          show_progress, devices, out,
-                         args: dict[str, InputPair] | None = None) -> Kernel:
+                         args: dict[str, InputPair] | None = None,
+                         masks=(None, None)) -> Kernel:
     diagonal = _use_diagonal(module, x1, "auto", facts=shape)
     args = args or {}
     names = sorted(args)
+    m1, m2 = masks
+    with_masks = m1 is not None
 
-    def block_fn(i1, i2, a1, a2, *pairs):
+    def block_fn(i1, i2, a1, a2, *rest):
         r1, r2 = i1[:, 0], i2[:, 0]
+        block_masks, pairs = (rest[:2], rest[2:]) if with_masks else ((), rest)
+        ma, mb = (block_masks[0][r1], block_masks[1][r2]) if block_masks else (None, None)
         block_args = {n: p.rows(r1, r2) for n, p in zip(names, pairs, strict=True)}
-        k = _apply_to_kernel(module, _image_input_kernel(a1[r1], a2[r2], diagonal=diagonal),
-                             block_args)
+        k = _apply_to_kernel(module, _image_input_kernel(a1[r1], a2[r2], diagonal=diagonal,
+                                                         mask1=ma, mask2=mb), block_args)
+        k = k.masked()
         return {"nngp": k.nngp, "ntk": k.ntk}
 
     index1 = jnp.arange(x1.shape[0])[:, None]
     index2 = None if x2 is None else jnp.arange(x2.shape[0])[:, None]
+    mask_args = () if m1 is None else (m1, m1 if x2 is None else m2)
     blocks = evaluate_in_blocks(
         block_fn, index1, index2,
-        fn_args=(x1, x1 if x2 is None else x2, *(args[n] for n in names)),
+        fn_args=(x1, x1 if x2 is None else x2, *mask_args, *(args[n] for n in names)),
         block_size=block_size, memory_bytes=memory_bytes, show_progress=show_progress,
         description="kernel blocks", devices=devices, out=out,
         fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
-    var1 = _output_variances(module, x1, diagonal, {n: a.first for n, a in args.items()})
-    var2 = var1 if x2 is None else _output_variances(module, x2, diagonal,
-                                                     {n: a.second for n, a in args.items()})
+    var1 = _output_variances(module, x1, diagonal, {n: a.first for n, a in args.items()}, m1)
+    var2 = var1 if x2 is None else _output_variances(
+        module, x2, diagonal, {n: a.second for n, a in args.items()}, m2)
     return Kernel(nngp=blocks["nngp"], ntk=blocks["ntk"], var1=var1, var2=var2,  # type: ignore
                   width=shape.width, same_inputs=x2 is None)
 
@@ -659,16 +806,17 @@ _PER_INPUT_ENTRIES = 2**24
 
 
 def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
-                      per_input: dict[str, jax.Array] | None = None) -> np.ndarray:
+                      per_input: dict[str, jax.Array] | None = None,
+                      mask: jax.Array | None = None) -> np.ndarray:
     """Each input's NNGP variance at the module's output (numpy, (N,) for an output without
     spatial axes): the module on a kernel of one column per input (:func:`_row_kernel`) whose
     variances are exact, in chunks of inputs (``_PER_INPUT_ENTRIES``). ``per_input``: the
     inputs' call arguments (the column's second batch gets the first row's: only ``var1`` is
-    read)."""
+    read); with the inputs' position ``mask``, of the masked inputs."""
 
-    def chunk_variances(xc: jax.Array, ac: dict[str, jax.Array]) -> jax.Array:
+    def chunk_variances(xc: jax.Array, ac: dict[str, jax.Array], mc: Any) -> jax.Array:
         pairs = {n: InputPair(a, a[:1]) for n, a in ac.items()}
-        return _apply_to_kernel(module, _row_kernel(xc, diagonal), pairs).var1
+        return _apply_to_kernel(module, _row_kernel(xc, diagonal, mc), pairs).masked().var1
 
     chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(_entries_per_pair(x, diagonal), 1)))
     rows = -(-x.shape[0] // chunk)
@@ -677,18 +825,21 @@ def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
         return jnp.asarray(_pad_rows(a, rows * chunk)).reshape(rows, chunk, *a.shape[1:])
 
     args = {n: padded(a) for n, a in (per_input or {}).items()}
-    var = jax.jit(lambda a, b: jax.lax.map(lambda ab: chunk_variances(*ab), (a, b)))(
-        padded(x), args)
+    padded_mask = None if mask is None else padded(mask)
+    var = jax.jit(lambda a, b, m: jax.lax.map(lambda abm: chunk_variances(*abm), (a, b, m)))(
+        padded(x), args, padded_mask)
     return np.asarray(jax.device_get(var)).reshape(rows * chunk, *var.shape[2:])[: x.shape[0]]
 
 
-def _row_kernel(x: jax.Array, diagonal: bool = False) -> Kernel:
+def _row_kernel(x: jax.Array, diagonal: bool = False, mask: jax.Array | None = None) -> Kernel:
     """A kernel of each input against a placeholder: ``nngp`` (N, 1, ...) is each input's own
     kernel (a column of the right shape), and ``var1`` carries every input's exact
-    self-covariances through the network (``var2`` that of the first input)."""
-    var = _self_covariance(x, diagonal)
-    return Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
-                  var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)
+    self-covariances through the network (``var2`` that of the first input); with a position
+    ``mask``, of the masked inputs (the placeholder takes the first input's mask)."""
+    var = _self_covariance(_zero_masked_inputs(x, mask), diagonal)
+    k = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
+               var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)
+    return k if mask is None else k.with_masks(mask, mask[:1])
 
 
 def _output_kernel_shape(module: linen.Module, x: jax.Array,

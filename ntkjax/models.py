@@ -13,7 +13,7 @@ from typing import Any, Literal
 from flax import linen
 
 from ntkjax import nn
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, check_mask
 from ntkjax._meanings import declarations
 from ntkjax.kernels import Kernel
 from ntkjax.nn.attention import AttentionMechanism
@@ -173,6 +173,12 @@ class CNN(_Network):
     CNN-GP / CNTK of Novak et al. 2019 and Arora et al. 2019 (global average pooling: CNTK-GAP).
     Configure by keyword.
 
+    Masks (padded inputs): ``.apply(variables, x, mask=mask)`` with a boolean (N, *S) mask,
+    True at padding: convolutions and pooling read masked positions as zeros, the mask follows
+    strided layers (:func:`ntkjax.nn.window_mask`), and the readout leaves masked positions out
+    (``"global_average_pool"`` averages over the unmasked ones) -- the finite network of
+    ``ntkjax.kernel_fn(cnn)(x1, x2, mask1=..., mask2=...)``.
+
     >>> import jax.numpy as jnp, ntkjax
     >>> cnn = CNN((8, 8, 1), pooling="avg", readout="flatten")
     >>> ntkjax.kernel_fn(cnn)(jnp.ones((2, 8, 8, 3))).ntk.shape
@@ -192,9 +198,14 @@ class CNN(_Network):
     _layer = nn.Conv  # the convolution (models.LCN: the locally connected layer)
 
     @linen.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         act = self._activation("(64, 1)")
         check_choice(self.readout, tuple(READOUTS), "readout")
+        if mask is not None and isinstance(x, Kernel):
+            raise ValueError("CNN: a Kernel carries its own masks (kernel_fn's mask1 / mask2); "
+                             "the mask argument is for arrays.")
+        if not isinstance(x, Kernel):
+            mask = check_mask(x, mask, x_name="the CNN's input")
         if self.pooling is not None:
             check_choice(self.pooling, tuple(POOLINGS), "pooling")
         n_conv = len(self.features) - 1
@@ -205,11 +216,13 @@ class CNN(_Network):
                 padding=self.padding, w_std=self.w_std, b_std=self.b_std,
                 parameterization=self.parameterization, name=f"{self._layer.__name__}_{i}",
             )
-            x = act(conv(x))
+            x = act(conv(x, mask))
+            if mask is not None:
+                mask = nn.window_mask(mask, self.kernel_size, self.strides, self.padding)
             if self.pooling is not None and i in pool_after:
-                x = _pool(x, POOLINGS[self.pooling], self.pool_window, self.pool_strides,
-                          self.pool_padding)
-        x = READOUTS[self.readout](x)
+                x, mask = _pool(x, POOLINGS[self.pooling], self.pool_window, self.pool_strides,
+                                self.pool_padding, mask)
+        x = READOUTS[self.readout](x, mask=mask)
         return nn.Dense(
             self.features[-1], w_std=self.w_std, b_std=self.b_std,
             parameterization=self.parameterization, name="Dense_0",
@@ -312,12 +325,16 @@ def _spatial_ndim(x: Any) -> int:
 
 
 def _pool(x: Any, pool: Callable, window: int | Sequence[int],
-          strides: int | Sequence[int] | None, padding: str) -> Any:
+          strides: int | Sequence[int] | None, padding: str, mask: Any = None) -> Any:
+    """``(pooled x, its position mask)``; the mask is None without one."""
     nd = _spatial_ndim(x)
     window = (window,) * nd if isinstance(window, int) else tuple(window)
     strides = window if strides is None else (
         (strides,) * nd if isinstance(strides, int) else tuple(strides))
-    return pool(x, window, strides, padding)
+    if mask is None:
+        return pool(x, window, strides, padding), None
+    return (pool(x, window, strides, padding, mask=mask),
+            nn.window_mask(mask, window, strides, padding))  # type: ignore[arg-type]
 
 
 # Convolutions per stage of Myrtle networks (Shankar et al. 2020, as in neural-tangents'
@@ -431,6 +448,13 @@ class Transformer(linen.Module):
         projections and output bias).
       epsilon: the LayerNorms' epsilon.
 
+    Masks (padded sequences): ``net.apply(params, x, mask=mask)`` with a boolean (N, L) mask,
+    True at padding, which every attention layer excludes as keys and values, and the readout
+    excludes too (``"global_average_pool"`` averages over the unmasked positions, so a sequence
+    gives the same outputs whatever length it is padded to; ``"flatten"`` counts masked
+    positions as zeros). The kernel takes the masks through
+    ``ntkjax.kernel_fn(net)(x1, x2, mask1=..., mask2=...)``.
+
     >>> import jax, jax.numpy as jnp, ntkjax
     >>> net = Transformer(16, depth=1, num_heads=2)
     >>> x = jnp.ones((3, 5, 4))
@@ -456,9 +480,14 @@ class Transformer(linen.Module):
     epsilon: float = 1e-6
 
     @linen.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         act = resolve_activation(self.activation)
         check_choice(self.readout, tuple(READOUTS), "readout")
+        if mask is not None and isinstance(x, Kernel):
+            raise ValueError("Transformer: a Kernel carries its own masks (kernel_fn's mask1 / "
+                             "mask2); the mask argument is for arrays.")
+        if not isinstance(x, Kernel):
+            mask = check_mask(x, mask, x_name="the Transformer's input")
         if int(self.depth) != self.depth or self.depth < 0:
             raise ValueError(f"depth must be an integer >= 0, got {self.depth!r}.")
         width = int(self.features)
@@ -476,8 +505,8 @@ class Transformer(linen.Module):
                 w_query_std=self.w_std, w_value_std=self.w_std, w_out_std=self.w_std,
                 b_std=self.b_std, attention_mechanism=self.attention_mechanism,
                 name=f"block{i}_attention",
-            )(h)
+            )(h, mask=mask)
             h = norm(f"block{i}_norm_mlp")(x)
             x = x + dense(width, f"block{i}_mlp_out")(act(dense(mlp, f"block{i}_mlp_in")(h)))
-        x = READOUTS[self.readout](norm("final_norm")(x))
+        x = READOUTS[self.readout](norm("final_norm")(x), mask=mask)
         return dense(self.out_features, "readout")(x)

@@ -144,6 +144,11 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_graphs.py::test_blocked_evaluation_slices_the_patterns_with_the_inputs",
     "tests/test_graphs.py::test_empirical_ntk_of_wide_gnn_approaches_the_gntk",
     "tests/test_structural.py::test_nearest_resize_monte_carlo_sides_with_the_rule_not_nt",
+    # masks: two kernel compilations per nt entry (conv entries ~4 s of CPU each); eight
+    # initializations with Jacobians; five evaluations in blocks
+    "tests/test_masks.py::test_masking_entries_match_neural_tangents",
+    "tests/test_masks.py::test_empirical_ntk_of_the_masked_network_converges_to_the_masked_kernel",
+    "tests/test_masks.py::test_blocks_equal_the_whole",
 })
 
 

@@ -25,7 +25,8 @@ DATA = Path(__file__).resolve().parent / "data" / "nt_layers2_graphs"
 TOLERANCE = 1e-9  # nt_layers2 README: 1e-10 relative in general
 
 GRAPH_ENTRIES = ["gnn_dense_gsp", "gnn_sparse_gsp", "gnn_todense_edgelist_gsp",
-                 "gnn_directed_weighted_gap", "gnn_grid2d_dense"]
+                 "gnn_directed_weighted_gap", "gnn_grid2d_dense",
+                 "gnn_masked_nodes_gap", "gntk_2layer_masked"]  # the last two: padding nodes
 LOCAL_ENTRIES = ["lcn1d_valid_flatten", "cnn1d_valid_flatten_twin", "lcn2d_same_avgpool_gap",
                  "cnn2d_same_avgpool_gap_twin", "lcn2d_stride2_bias_erf",
                  "lcn2d_then_conv_sumpool", "lcn3_flatten", "cnn3_flatten_twin"]
@@ -94,8 +95,15 @@ def _kernels(key: str):
         kwargs = {"pattern": (jnp.asarray(ref[f"{kind}1"]), jnp.asarray(ref[f"{kind}2"]))}
     fn = ntkjax.kernel_fn(model)
     x1, x2 = jnp.asarray(ref["x1"]), jnp.asarray(ref["x2"])
-    k12 = fn(x1, x2, **kwargs)
-    k11 = fn(x1, **{k: v[0] for k, v in kwargs.items()})
+    masks2: dict[str, Any] = {}
+    masks1: dict[str, Any] = {}
+    if "mask_constant" in entry["kernel_fn_kwargs"]:  # nt's convention -> boolean masks
+        constant = entry["kernel_fn_kwargs"]["mask_constant"]
+        (x1, m1), (x2, m2) = (ntkjax.mask_from_constant(x, constant) for x in (x1, x2))
+        np.testing.assert_array_equal(m1, ref["mask1"])
+        masks1, masks2 = {"mask1": m1}, {"mask1": m1, "mask2": m2}
+    k12 = fn(x1, x2, **masks2, **kwargs)
+    k11 = fn(x1, **masks1, **{k: v[0] for k, v in kwargs.items()})
     return ref, k12, k11
 
 

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Public names of ntkjax.nn that are not layers (the protocol's own names, helpers).
 NOT_LAYERS = {"Activation", "FeatureStandIn", "UnsupportedMeaning", "declaration_of", "declare",
-              "elementwise", "elementwise_nngp", "is_activation"}
+              "elementwise", "elementwise_nngp", "is_activation",
+              "window_mask"}  # a helper for masks, not a layer
 
 
 def _public_layers() -> dict[str, object]:

@@ -65,7 +65,7 @@ from ntkjax.nn.activations import (
 )
 from ntkjax.nn.attention import SelfAttention
 from ntkjax.nn.branches import concatenate, multiply
-from ntkjax.nn.conv import Conv, ConvLocal, ConvTranspose
+from ntkjax.nn.conv import Conv, ConvLocal, ConvTranspose, window_mask
 from ntkjax.nn.dense import Dense
 from ntkjax.nn.dropout import Dropout
 from ntkjax.nn.graphs import Aggregate
@@ -121,4 +121,5 @@ __all__ = [
     "sign",
     "sin",
     "sum_pool",
+    "window_mask",
 ]

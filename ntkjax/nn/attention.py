@@ -71,7 +71,15 @@ The limit follows Hron et al.'s derivation with the sums over keys cut at the qu
   first term, each of the four weight matrices ``K~ * P``). Without the mask these are nt's
   formulas (``<A, B>`` above is ``T (A * B) T^T`` with ``T`` all ones).
 
-Not implemented (yet): attention masks (padding).
+
+Masks (padding; neural-tangents' rule, Hron et al. 2020 appendix): masked positions take no
+part as keys and values -- their softmax logits are set to the most negative number before the
+softmax over keys (weight exactly 0), and their weights are set to 0 for the other mechanisms --
+and the outputs at masked query positions are 0. The finite layer takes ``mask`` (boolean
+(N, *S), True = masked) as a call argument; a :class:`~ntkjax.Kernel` carries its masks
+(``kernel_fn(module)(x1, x2, mask1=..., mask2=...)``): in ``G_a`` the masked keys' columns are
+0, and the entries of masked positions are 0 in its input and output. Positional
+embeddings with masks: R is 0 on the pairs that involve a masked position (nt's rule).
 """
 
 from __future__ import annotations
@@ -85,7 +93,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, float_dtype
+from ntkjax._checks import check_choice, check_mask, float_dtype
 from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 from ntkjax.nn.dense import Dense
@@ -153,17 +161,6 @@ def _causal_mask(length: int) -> np.ndarray:
     return np.tril(np.ones((length, length), dtype=bool))
 
 
-def _causal_weights(name: str, logits: jax.Array, causal: bool) -> jax.Array:
-    """``_mechanism`` over the keys a query may see: with ``causal``, keys j > i get weight 0
-    (softmax: logit -inf before normalizing over j <= i)."""
-    if not causal:
-        return _mechanism(name, logits)
-    allowed = _causal_mask(logits.shape[-1])
-    if name == "softmax":
-        return jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
-    return jnp.where(allowed, _mechanism(name, logits), 0)
-
-
 def _check_causal_shape(causal: bool, spatial: tuple[int, ...], shape: tuple[int, ...]) -> None:
     if causal and len(spatial) != 1:
         raise ValueError(
@@ -191,11 +188,45 @@ def _positional_kernels(
     r = jnp.asarray(r, dtype=k12.dtype)
     w_in, w_pe = _positional_weights(pos_emb_type, k.width, pos_emb_features, w_pos_emb_std)
 
-    def mix(m: jax.Array) -> jax.Array:
-        return w_in * m + w_pe * r
+    r12 = r1 = r2 = r
+    if k.mask1 is not None and k.mask2 is not None:  # R is 0 on pairs with a masked position
+        n1, n2 = k12.shape[:2]
+        keep1 = (~k.mask1.reshape(n1, -1)).astype(r.dtype)
+        keep2 = (~k.mask2.reshape(n2, -1)).astype(r.dtype)
+        r12 = r * keep1[:, None, :, None] * keep2[None, :, None, :]
+        r1 = r * keep1[:, :, None] * keep1[:, None, :]
+        r2 = r * keep2[:, :, None] * keep2[:, None, :]
+    q1 = w_in * v1 + w_pe * r1
+    return (w_in * k12 + w_pe * r12, w_in * t12 + w_pe * r12, q1,
+            q1 if v2 is v1 else w_in * v2 + w_pe * r2)
 
-    q1 = mix(v1)
-    return mix(k12), mix(t12), q1, q1 if v2 is v1 else mix(v2)
+
+# ---- masks (padding): masked keys take no part -------------------------------------------
+
+def _key_masked_weights(name: str, logits: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    """:func:`_mechanism` with the masked keys excluded: ``key_mask`` (broadcastable to the
+    logits, True = masked key) sets their softmax logits to the most negative number (weight
+    exactly 0; a row whose keys are all masked becomes uniform over zero values) and their
+    weights to 0 for the other mechanisms (neural-tangents' rule)."""
+    if key_mask is None:
+        return _mechanism(name, logits)
+    if name == "softmax":
+        low = jnp.asarray(jnp.finfo(logits.dtype).min, logits.dtype)
+        return _mechanism(name, jnp.where(key_mask, low, logits))
+    return jnp.where(key_mask, jnp.zeros((), logits.dtype), _mechanism(name, logits))
+
+
+def _attention_weights(name: str, logits: jax.Array, *, causal: bool,
+                       key_mask: jax.Array | None) -> jax.Array:
+    """The mechanism's weights over the keys each query may see: with ``causal``, keys j > i
+    get weight 0 (softmax: logit -inf before normalizing over j <= i); masked keys
+    (``key_mask``) get weight 0 too (:func:`_key_masked_weights`)."""
+    if not causal:
+        return _key_masked_weights(name, logits, key_mask)
+    allowed = _causal_mask(logits.shape[-1])
+    if name == "softmax":
+        return _key_masked_weights(name, jnp.where(allowed, logits, -jnp.inf), key_mask)
+    return jnp.where(allowed, _key_masked_weights(name, logits, key_mask), 0)
 
 
 def attention_kernel(
@@ -239,7 +270,7 @@ def attention_kernel(
             "has no known closed-form infinite-width kernel (Hron et al. 2020); use "
             "linear_scaling=True or attention_mechanism='identity'."
         )
-    k = k.require_all_pairs("SelfAttention")
+    k = k.require_all_pairs("SelfAttention").masked()  # masked positions: zero entries
     spatial = k.spatial_shape
     _check_causal_shape(causal, spatial, k.shape)
     length = math.prod(spatial)
@@ -258,11 +289,16 @@ def attention_kernel(
     if val_pos_emb:
         k12, t12, v1, v2 = qk12, qt12, qv1, qv2
     bias = float(b_std) ** 2 if use_bias else 0.0
+    keys1 = keys2 = None
+    if k.mask1 is not None and k.mask2 is not None:
+        keys1 = k.mask1.reshape(n1, 1, length)
+        keys2 = keys1 if k.same_inputs else k.mask2.reshape(n2, 1, length)
     if linear_scaling:
         scale = float(ov_std) ** 2
-        g1 = _causal_weights(attention_mechanism, float(qk_std) * qv1, causal)
-        g2 = g1 if k.same_inputs else _causal_weights(attention_mechanism,
-                                                      float(qk_std) * qv2, causal)
+        g1 = _attention_weights(attention_mechanism, float(qk_std) * qv1, causal=causal,
+                                key_mask=keys1)
+        g2 = g1 if k.same_inputs else _attention_weights(
+            attention_mechanism, float(qk_std) * qv2, causal=causal, key_mask=keys2)
 
         def weigh(m: jax.Array) -> jax.Array:
             return scale * jnp.einsum("apq,abqr,bsr->abps", g1, m, g2, precision=_HI)
@@ -298,7 +334,7 @@ def attention_kernel(
         new_v2 = new_v1 if k.same_inputs else self_map(qv2, v2)
     shape2, shape1 = (n1, n2, *spatial, *spatial), (*spatial, *spatial)
     var1 = new_v1.reshape(n1, *shape1)
-    return k.replace(
+    out = k.replace(
         nngp=nngp.reshape(shape2),
         ntk=ntk.reshape(shape2),
         var1=var1,
@@ -307,6 +343,7 @@ def attention_kernel(
         diagonal_spatial=False,
         non_gaussian="",
     )
+    return out.masked()  # outputs at masked query positions are 0 (nt's remasking)
 
 
 class SelfAttention(linen.Module):
@@ -357,6 +394,10 @@ class SelfAttention(linen.Module):
       val_pos_emb: whether the values see the embeddings too (else keys and queries only).
       causal: position i attends only to positions j <= i (sequences (N, L, C) only; other
         inputs raise a ValueError naming their shape). nt has no causal attention.
+
+    Masks: ``attn.apply(params, x, mask=mask)`` with a boolean (N, *S) ``mask`` (True = a
+    padded position) excludes masked keys and values and sets the outputs at masked positions
+    to 0; on kernels the masks come with the :class:`~ntkjax.Kernel` (module docstring).
 
     >>> import jax, ntkjax
     >>> attn = SelfAttention(8, key_features=4, value_features=4, num_heads=2)
@@ -471,8 +512,13 @@ class SelfAttention(linen.Module):
         return keyed, (keyed if self.val_pos_emb else x)
 
     @linen.compact
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, mask: Any = None) -> Any:
         self._check()
+        if mask is not None and isinstance(x, Kernel):
+            raise ValueError(
+                "SelfAttention: a Kernel carries its own masks (kernel_fn's mask1 / mask2); "
+                "the mask argument is for arrays."
+            )
         if isinstance(x, FeatureStandIn):
             return _MEANINGS.on_features(x, self.__call__)
         if isinstance(x, Kernel):
@@ -488,6 +534,7 @@ class SelfAttention(linen.Module):
             raise ValueError(
                 f"SelfAttention needs inputs of shape (batch, length, channels), got {x.shape}."
             )
+        mask = check_mask(x, mask)
         n, spatial = x.shape[0], x.shape[1:-1]
         length = math.prod(spatial)
         _check_causal_shape(self.causal, spatial, x.shape)
@@ -510,11 +557,16 @@ class SelfAttention(linen.Module):
             norm = qk / math.sqrt(dk)
         values = project(h * dv, self.w_value_std, "value", flat_values).reshape(n, length, h, dv)
         logits = norm * jnp.einsum("nlhd,nmhd->nhlm", queries, keys)
-        weights = _causal_weights(self.attention_mechanism, logits, self.causal)
+        key_mask = None if mask is None else mask.reshape(n, 1, 1, length)
+        weights = _attention_weights(self.attention_mechanism, logits, causal=self.causal,
+                                     key_mask=key_mask)
         heads = jnp.einsum("nhlm,nmhd->nlhd", weights, values).reshape(n, length, h * dv)
         out = Dense(self.out_features, w_std=self.w_out_std, b_std=self.b_std,
                     use_bias=self.use_bias, param_dtype=self.param_dtype, name="out")(heads)
-        return out.reshape(n, *spatial, self.out_features)
+        out = out.reshape(n, *spatial, self.out_features)
+        if mask is not None:  # outputs at masked query positions are 0, as in the kernel
+            out = jnp.where(mask[..., None], jnp.zeros((), out.dtype), out)
+        return out
 
 
 _MEANINGS = declare(

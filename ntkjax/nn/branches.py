@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntkjax._kernel import Kernel
+from ntkjax._kernel import Kernel, join_masks
 from ntkjax._meanings import FeatureStandIn, declare
 
 __all__ = ["concatenate", "multiply"]
@@ -42,6 +42,7 @@ def _channel_concat(ks: list[Kernel]) -> Kernel:
             "concatenate along channels needs branches with the same batch and spatial shape; "
             f"got kernels of shapes {[k.shape for k in ks]}."
         )
+    ks, mask1, mask2 = join_masks(ks)  # masks: masked iff masked in every branch
     widths = [k.width for k in ks]
     total = sum(widths)
 
@@ -58,6 +59,8 @@ def _channel_concat(ks: list[Kernel]) -> Kernel:
         var2=var1 if same else average([k.var2 for k in ks]),
         same_inputs=same,
         width=total,
+        mask1=mask1,
+        mask2=mask2,
         non_gaussian="ntkjax.nn.concatenate (along channels)",
     )
 
@@ -106,7 +109,18 @@ def _spatial_concat(ks: list[Kernel], axis: int) -> Kernel:
     self_axes = (1 + axis, 1 + nd + axis)
     var1 = _block_diagonal([k.var1 for k in ks], self_axes)
     same = all(k.same_inputs for k in ks)
+    masks: dict[str, Any] = {}
+    if any(k.has_masks for k in ks):  # masks: concatenated along the axis (nt's rule)
+        def joined(which: int) -> jax.Array:
+            parts = [getattr(k, f"mask{which}") for k in ks]
+            parts = [jnp.zeros((n, *k.spatial_shape), bool) if m is None else m
+                     for m, k, n in zip(parts, ks, [k.nngp.shape[which - 1] for k in ks],
+                                        strict=True)]
+            return jnp.concatenate(parts, axis=1 + axis)
+
+        masks = {"mask1": joined(1), "mask2": joined(1) if same else joined(2)}
     return ks[0].with_facts_of(*ks[1:]).replace(
+        **masks,
         nngp=_block_diagonal([k.nngp for k in ks], pair_axes),
         ntk=_block_diagonal([k.ntk for k in ks], pair_axes),
         var1=var1,
@@ -187,9 +201,12 @@ def _multiply_kernels(a: Kernel, b: Kernel) -> Kernel:
             "multiply needs branches with the same shape and width; got kernels of shapes "
             f"{a.shape} and {b.shape}, widths {a.width} and {b.width}."
         )
-    var1 = a.var1 * b.var1
     same = a.same_inputs and b.same_inputs
+    (a, b), mask1, mask2 = join_masks([a, b])  # masks: masked iff masked in both
+    var1 = a.var1 * b.var1
     return a.with_facts_of(b).replace(
+        mask1=mask1,
+        mask2=mask2,
         nngp=a.nngp * b.nngp,
         ntk=a.ntk * b.nngp + a.nngp * b.ntk,
         var1=var1,

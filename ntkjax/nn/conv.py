@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import Kernel
-from ntkjax._meanings import FeatureStandIn, declaration_of, declare
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declare
 from ntkjax.nn.dense import Affine, Parameterization, dense_features, dense_kernel
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "patch_average",
     "transpose_padding",
     "transpose_patch_average",
+    "window_mask",
     "window_sum",
 ]
 
@@ -87,6 +88,55 @@ def conv_padding(
     pads = jax.lax.padtype_to_pads(tuple(spatial_shape), tuple(window), tuple(strides), kind)
     return tuple((int(lo), int(hi)) for lo, hi in pads), (
         "wrap" if padding == "CIRCULAR" else "constant")
+
+
+def window_mask(
+    mask: jax.Array,
+    window_shape: int | Sequence[int],
+    strides: int | Sequence[int] | None = None,
+    padding: ConvPadding | Sequence[tuple[int, int]] = "SAME",
+) -> jax.Array:
+    """The position mask after a convolution or windowed pooling (neural-tangents' rule): with
+    the same spatial size the mask is unchanged; otherwise output position ``o`` (per spatial
+    axis) takes the mask of input position ``o * stride - pad_low + (window - 1) // 2``, the
+    centre of its window (``pad_low`` from :func:`conv_padding`; explicit ``(low, high)`` pairs
+    as given).
+
+    Args:
+      mask: boolean (N, *S), True = masked (the inputs' shape without the channel axis).
+      window_shape: the window (an int for every axis, or one per axis).
+      strides: the strides (None: 1).
+      padding: ``"SAME"``, ``"VALID"``, ``"CIRCULAR"`` or ``(low, high)`` pairs.
+
+    Returns:
+      The boolean mask (N, *S_out) of the layer's outputs.
+
+    >>> import jax.numpy as jnp
+    >>> window_mask(jnp.array([[False, False, True, True]]), 2, 2, "VALID").tolist()
+    [[False, True]]
+    """
+    mask = jnp.asarray(mask)
+    nd = mask.ndim - 1
+    window = (window_shape,) * nd if isinstance(window_shape, int) else tuple(window_shape)
+    step = (1,) * nd if strides is None else (
+        (strides,) * nd if isinstance(strides, int) else tuple(strides))
+    if len(window) != nd or len(step) != nd:
+        raise ValueError(
+            f"window_mask: a mask of shape {mask.shape} has {nd} spatial axes; got window "
+            f"{window_shape!r} and strides {strides!r}."
+        )
+    spatial = mask.shape[1:]
+    if isinstance(padding, str):
+        pads, _ = conv_padding(spatial, window, step, padding)  # type: ignore[arg-type]
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    for i, (n, k, s, (lo, hi)) in enumerate(zip(spatial, window, step, pads, strict=True)):
+        out = (n + lo + hi - k) // s + 1
+        if out == n:
+            continue
+        centres = jnp.arange(out) * s - lo + (k - 1) // 2
+        mask = jnp.take(mask, jnp.clip(centres, 0, n - 1), axis=1 + i)
+    return mask
 
 
 def transpose_padding(
@@ -334,14 +384,26 @@ def conv_kernel(
             f"{len(window)} spatial axes; got one with spatial shape {k.spatial_shape}"
             + (" -- inputs of shape (batch, *spatial, channels)." if nd == 0 else ".")
         )
+    if k.has_masks:
+        if transpose:
+            raise ValueError(
+                "ConvTranspose has no rule for masked inputs (neural-tangents defines none); "
+                "kernel_fn was given mask1 / mask2. Remove the masks or the transposed "
+                "convolution."
+            )
+        # masked positions take no part: their entries are 0 before the patches are averaged
+        k = k.masked()
     average = transpose_patch_average if transpose else patch_average
     avg = functools.partial(average, window=tuple(window), strides=strides,
                             padding=padding, diagonal_spatial=k.diagonal_spatial)
     var1, var2 = k.map_variances(lambda v: avg(v, batch_ndim=1))
     patches = k.replace(nngp=avg(k.nngp, batch_ndim=2), ntk=avg(k.ntk, batch_ndim=2),
                         var1=var1, var2=var2, width=math.prod(window) * k.width)
-    return dense_kernel(patches, features, w_std=w_std, b_std=b_std, use_bias=use_bias,
-                        parameterization=parameterization)
+    out = dense_kernel(patches, features, w_std=w_std, b_std=b_std, use_bias=use_bias,
+                       parameterization=parameterization)
+    if not k.has_masks:
+        return out
+    return out.map_masks(lambda m: window_mask(m, tuple(window), strides, padding))
 
 
 def _per_axis(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
@@ -370,9 +432,12 @@ class _ConvLayer(Affine):
         return TRANSPOSE_PADDINGS if self._transpose else CONV_PADDINGS
 
     @linen.compact
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, mask: Any = None) -> Any:
         self._check()
         check_choice(self.padding, self._paddings(), "padding")
+        if mask is not None and self._transpose and not isinstance(x, Kernel | FeatureStandIn):
+            raise ValueError("ConvTranspose has no rule for masked inputs; got a mask.")
+        x = _zero_masked_positions(type(self).__name__, x, mask)
         name = type(self).__name__
         if isinstance(x, FeatureStandIn):
             meanings = declaration_of(type(self))
@@ -505,6 +570,11 @@ class Conv(_ConvLayer):
       ValueError: for a window larger than the (padded) input.
 
     Configuration after ``features`` is keyword-only (``Conv(8, kernel_size=(3, 3))``).
+
+    Masks: ``conv.apply(params, x, mask)`` with a boolean (N, *S) position mask (True =
+    masked) reads the masked positions as zeros; the outputs' mask is
+    :func:`window_mask` of it (neural-tangents' rule: the window centres). On a Kernel the
+    kernel's own masks are used and mapped the same way.
 
     >>> import jax, ntkjax
     >>> conv = Conv(4, kernel_size=3)
@@ -643,6 +713,26 @@ def local_kernel(
     return out.replace(nngp=out.nngp * eye, ntk=out.ntk * eye, var1=var1, var2=var2)
 
 
+
+def _zero_masked_positions(name: str, x: Any, mask: Any) -> Any:
+    """A convolution's array input with its masked positions read as zeros (the window then
+    leaves them out, as the kernel does); a mask beside a Kernel (which carries its own) is a
+    ValueError, beside random features UnsupportedMeaning."""
+    if mask is None:
+        return x
+    if isinstance(x, FeatureStandIn):
+        raise UnsupportedMeaning(
+            f"ntkjax.nn.{name}", "features",
+            "random features carry no masks; for masked inputs use "
+            "ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=...).")
+    if isinstance(x, Kernel):
+        raise ValueError(
+            f"{name}: on a Kernel the masks are the kernel's own (kernel_fn's mask1 / mask2); "
+            "got a mask argument as well.")
+    mask = check_mask(x, mask)
+    return jnp.where(mask[..., None], jnp.zeros((), jnp.asarray(x).dtype), x)
+
+
 class ConvLocal(Affine):
     """A locally connected layer: a convolution whose weights are not shared between output
     positions, with one bias per output position (neural-tangents' ``stax.ConvLocal``).
@@ -658,7 +748,9 @@ class ConvLocal(Affine):
     (the bias exists under the same rule as :class:`Conv`'s). On a :class:`~ntkjax.Kernel`:
     :func:`local_kernel` -- the kernel is diagonal in the positions, so with a
     :func:`~ntkjax.nn.flatten` readout a locally connected network has the same kernel as its
-    convolutional twin, while pooling tells them apart (Novak et al. 2019).
+    convolutional twin, while pooling tells them apart (Novak et al. 2019). Masks as
+    :class:`Conv`: ``apply(..., mask=)`` reads masked positions as zeros, and a kernel's masks
+    follow the window centres (:func:`window_mask`; neural-tangents' rule).
 
     Attributes:
       features: number of output channels.
@@ -689,9 +781,10 @@ class ConvLocal(Affine):
     padding: ConvPadding = "SAME"
 
     @linen.compact
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, mask: Any = None) -> Any:
         self._check()
         check_choice(self.padding, CONV_PADDINGS, "padding")
+        x = _zero_masked_positions("ConvLocal", x, mask)
         if isinstance(x, FeatureStandIn):
             return _LOCAL_MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import InputPair, Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 
@@ -195,7 +195,9 @@ class Aggregate(linen.Module):
     nodes, (N, H, W, C) with (N, H, W, H, W) or (N, E, 2, 2). No parameters. On a
     :class:`~ntkjax.Kernel` the pattern is an :class:`~ntkjax.kernels.InputPair` (what
     ``ntkjax.kernel_fn(module)(x1, x2, pattern=(P1, P2))`` passes) and the layer applies
-    :func:`aggregate_kernel`.
+    :func:`aggregate_kernel`. Padding nodes: ``mask=`` (boolean (N, V), True = padding) on
+    arrays, ``kernel_fn(...)(x1, x2, mask1=, mask2=, pattern=)`` on kernels; masked nodes send
+    nothing (their entries are 0 before the sums) and keep their mask (neural-tangents' rule).
 
     Attributes:
       implementation: ``"dense"`` (adjacency matrices, any weights) or ``"sparse"`` (integer
@@ -218,16 +220,23 @@ class Aggregate(linen.Module):
     implementation: AggregateImplementation = "dense"
 
     @linen.compact
-    def __call__(self, x: Any, pattern: Any) -> Any:
+    def __call__(self, x: Any, pattern: Any, mask: Any = None) -> Any:
         check_choice(self.implementation, AGGREGATE_IMPLEMENTATIONS, "implementation")
         if isinstance(x, FeatureStandIn):
             raise _AGGREGATE.unsupported("features")
         if isinstance(x, Kernel):
-            return aggregate_kernel(x, pattern, self.implementation)
+            if mask is not None:
+                raise ValueError("Aggregate: on a Kernel the masks are the kernel's own "
+                                 "(kernel_fn's mask1 / mask2); got a mask argument as well.")
+            # masked nodes send nothing: their entries are 0 before the sums (nt's remasking)
+            return aggregate_kernel(x.masked(), pattern, self.implementation)
         x = jnp.asarray(x)
         if x.ndim < 3:
             raise ValueError(f"Aggregate needs node features (N, V, C) or (N, *grid, C); got "
                              f"shape {x.shape}.")
+        if mask is not None:  # masked (padding) nodes send nothing
+            mask = check_mask(x, mask)
+            x = jnp.where(mask[..., None], jnp.zeros((), x.dtype), x)
         if isinstance(pattern, InputPair):
             raise ValueError("Aggregate on arrays takes the batch's own pattern (an array), "
                              "not an InputPair.")

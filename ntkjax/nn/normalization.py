@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax._checks import is_concrete
+from ntkjax._checks import check_mask, is_concrete
 from ntkjax._kernel import Kernel
-from ntkjax._meanings import FeatureStandIn, declare
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declare
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
 
@@ -54,12 +54,19 @@ def _normalized_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return out
 
 
-def _inverse_scales(d: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+def _inverse_scales(d: jax.Array, axes: tuple[int, ...], epsilon: float,
+                    mask: jax.Array | None = None) -> jax.Array:
     """``1 / sqrt(v + eps)``, shaped (N, *S), from position variances ``d`` (N, *S), ``v``
-    averaged over the normalized spatial axes (``axes`` of the activations (N, *S, C))."""
+    averaged over the normalized spatial axes (``axes`` of the activations (N, *S, C)); with
+    a position ``mask`` (N, *S), over the unmasked positions only."""
     nd = d.ndim - 1
     spatial = tuple(a for a in axes if a != nd + 1)  # 1-based spatial axes averaged
-    if spatial:
+    if spatial and mask is not None:
+        keep = (~mask).astype(d.dtype)
+        total = jnp.sum(jnp.where(mask, 0, d), axis=spatial, keepdims=True)
+        count = jnp.maximum(jnp.sum(keep, axis=spatial, keepdims=True), 1)
+        d = jnp.broadcast_to(total / count, d.shape)
+    elif spatial:
         d = jnp.broadcast_to(jnp.mean(d, axis=spatial, keepdims=True), d.shape)
     v = d + float(epsilon)
     # a zero-variance example with eps = 0 (all-zero pre-activations): a zero row, not
@@ -106,12 +113,13 @@ def layer_norm_kernel(k: Kernel, axis: int | Sequence[int] = -1, *,
         )
     ones = (1,) * nd
 
-    def scales(d: jax.Array) -> jax.Array:
-        return _inverse_scales(d, axes, epsilon)
+    def scales(d: jax.Array, mask: jax.Array | None) -> jax.Array:
+        return _inverse_scales(d, axes, epsilon, mask)
 
     d1, d2 = k.position_variances()
-    r1 = scales(d1)
-    r2 = r1 if k.same_inputs else scales(d2)
+    # masks: the statistics over normalized positions read the unmasked ones only
+    r1 = scales(d1, k.mask1)
+    r2 = r1 if k.same_inputs else scales(d2, k.mask2)
     if nd == 0 or k.diagonal_spatial:  # entries [a, b] or [a, b, p] (same positions)
         outer = r1[:, None] * r2[None, :]
         var1 = k.var1 * (r1 * r1)
@@ -150,6 +158,11 @@ class LayerNorm(linen.Module):
 
     With ``epsilon = 0`` an all-zero (constant) example is mapped to 0, and so is its kernel.
 
+    Masks: ``apply(..., x, mask=mask)`` with a boolean (N, *S) position mask (True = masked)
+    takes the statistics over the unmasked positions only (when ``axis`` includes spatial
+    axes) and sets the outputs at masked positions to 0; on kernels the variances are averaged
+    over the unmasked positions of the kernel's own masks (neural-tangents' rule).
+
     >>> import ntkjax
     >>> x = jnp.arange(6.0).reshape(2, 3)
     >>> [round(v, 3) for v in LayerNorm().apply({}, x)[0].tolist()]
@@ -164,9 +177,18 @@ class LayerNorm(linen.Module):
     epsilon: float = 1e-6
 
     @linen.compact
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, mask: Any = None) -> Any:
         if not self.epsilon >= 0:
             raise ValueError(f"LayerNorm epsilon must be >= 0, got {self.epsilon!r}.")
+        if mask is not None and isinstance(x, FeatureStandIn):
+            raise UnsupportedMeaning(
+                "ntkjax.nn.LayerNorm", "features", "random features carry no masks; for masked "
+                "inputs use ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=...).")
+        if mask is not None and isinstance(x, Kernel):
+            raise ValueError(
+                "LayerNorm: a Kernel carries its own masks (kernel_fn's mask1 / mask2); the "
+                "mask argument is for arrays."
+            )
         if isinstance(x, FeatureStandIn):
             return _MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
@@ -175,12 +197,27 @@ class LayerNorm(linen.Module):
         if x.ndim < 2:
             raise ValueError(f"LayerNorm needs inputs with a batch axis, got shape {x.shape}.")
         axes = _normalized_axes(self.axis, x.ndim)
+        if mask is not None:
+            return _masked_layer_norm(x, check_mask(x, mask), axes, self.epsilon)
         mean = jnp.mean(x, axis=axes, keepdims=True)
         centred = x - mean
         var = jnp.mean(centred * centred, axis=axes, keepdims=True)
         v = var + jnp.asarray(self.epsilon, var.dtype)
         # a constant example with epsilon = 0: 0 (as its kernel), not 0 * inf = NaN
         return centred * jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
+
+
+def _masked_layer_norm(x: jax.Array, mask: jax.Array, axes: tuple[int, ...],
+                       epsilon: float) -> jax.Array:
+    """LayerNorm over ``axes`` with statistics over the unmasked positions only (``mask``
+    (N, *S), True = masked); outputs at masked positions are 0 (as in the kernel)."""
+    keep = jnp.broadcast_to(~mask[..., None], x.shape).astype(x.dtype)
+    count = jnp.maximum(jnp.sum(keep, axis=axes, keepdims=True), 1)
+    mean = jnp.sum(x * keep, axis=axes, keepdims=True) / count
+    centred = (x - mean) * keep
+    var = jnp.sum(centred * centred, axis=axes, keepdims=True) / count
+    v = var + jnp.asarray(epsilon, var.dtype)
+    return centred * jnp.where(v > 0, jax.lax.rsqrt(jnp.where(v > 0, v, 1)), 0)
 
 
 def _layer_norm_features(x: FeatureStandIn, exact: Kernel, module: LayerNorm):

@@ -32,10 +32,10 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from ntkjax._checks import check_choice
+from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import Kernel
-from ntkjax._meanings import FeatureStandIn, declare
-from ntkjax.nn.conv import CONV_PADDINGS, conv_padding, window_sum
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declare
+from ntkjax.nn.conv import CONV_PADDINGS, conv_padding, window_mask, window_sum
 
 __all__ = [
     "POOL_PADDINGS",
@@ -62,10 +62,35 @@ def _spatial_mean(v: jax.Array, lead: int, nd: int, diagonal: bool) -> jax.Array
     return jnp.mean(jnp.diagonal(flat, axis1=-2, axis2=-1), axis=-1)
 
 
+_NO_MASKED_FEATURES = ("random features carry no masks; for masked inputs use "
+                       "ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=...).")
+
+
+def _zero_masked(x: Any, mask: Any, name: str) -> jax.Array:
+    """Arrays (N, *S, C) with the positions ``mask`` marks (True = masked) set to 0; the
+    array unchanged for ``mask=None``."""
+    x = jnp.asarray(x)
+    if mask is None:
+        return x
+    mask = check_mask(x, mask, x_name=f"{name}'s input")
+    return jnp.where(mask[..., None], jnp.zeros((), x.dtype), x)
+
+
+def _no_mask_argument(x: Any, mask: Any, name: str) -> None:
+    if mask is not None and isinstance(x, FeatureStandIn):
+        raise UnsupportedMeaning(f"ntkjax.nn.{name}", "features", _NO_MASKED_FEATURES)
+    if mask is not None and isinstance(x, Kernel):
+        raise ValueError(
+            f"{name}: a Kernel carries its own masks (kernel_fn's mask1 / mask2); the mask "
+            "argument is for arrays."
+        )
+
+
 def _flatten_kernel(k: Kernel) -> Kernel:
     nd = k.spatial_ndim
     if nd == 0:
         return k
+    k = k.without_masks()  # masked positions count as zeros in the mean (nt's Flatten)
     diag = k.diagonal_spatial
 
     def read(a: jax.Array, lead: int) -> jax.Array:
@@ -77,15 +102,19 @@ def _flatten_kernel(k: Kernel) -> Kernel:
                      width=positions * k.width, diagonal_spatial=False)
 
 
-def flatten(x: Any) -> Any:
+def flatten(x: Any, mask: Any = None) -> Any:
     """Readout ``(N, *S, C) -> (N, prod(S) C)``.
 
     On a :class:`~ntkjax.Kernel`: ``Sigma[a, b] = mean_p Sigma[a, b, p, p]`` (likewise Theta),
     ``width = prod(S) C`` (the next layer's fan_in; module docstring). It reads only
     same-position pairs. A kernel without spatial axes is returned unchanged.
 
+    Masks: masked positions are set to 0 and still count in the mean over all positions
+    (neural-tangents' ``Flatten``; the kernel's own masks, or ``mask`` on arrays).
+
     Args:
       x: inputs (N, *S, C), or their Kernel.
+      mask: for arrays, None or a boolean (N, *S) position mask (True = masked).
 
     Returns:
       The flattened array, or its Kernel.
@@ -94,11 +123,12 @@ def flatten(x: Any) -> Any:
     >>> flatten(jnp.ones((2, 3, 3, 4))).shape
     (2, 36)
     """
+    _no_mask_argument(x, mask, "flatten")
     if isinstance(x, FeatureStandIn):
         return _FLATTEN.on_features(x, flatten)
     if isinstance(x, Kernel):
         return _flatten_kernel(x)
-    x = jnp.asarray(x)
+    x = _zero_masked(x, mask, "flatten")
     if x.ndim < 2:
         raise ValueError(f"flatten needs inputs with a batch axis, got shape {x.shape}.")
     return x.reshape(x.shape[0], -1)
@@ -111,14 +141,33 @@ def _global_pool_kernel(k: Kernel, name: str, average: bool) -> Kernel:
             "channels)); this one has none."
         )
     k = k.require_all_pairs(name)
-    reduce = jnp.mean if average else jnp.sum
+    if not k.has_masks:
+        reduce = jnp.mean if average else jnp.sum
 
-    def pool(a: jax.Array, lead: int) -> jax.Array:
-        return reduce(a, axis=tuple(range(lead, a.ndim)))
+        def pool(a: jax.Array, lead: int) -> jax.Array:
+            return reduce(a, axis=tuple(range(lead, a.ndim)))
 
-    var1, var2 = k.map_variances(lambda v: pool(v, 1))
-    return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2), var1=var1, var2=var2,
-                     diagonal_spatial=False)
+        var1, var2 = k.map_variances(lambda v: pool(v, 1))
+        return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2), var1=var1, var2=var2,
+                         diagonal_spatial=False)
+    # masks (nt's rule): the sum over unmasked position pairs, divided by n1 n2 (the numbers
+    # of unmasked positions of the two inputs) for the average; an input with every position
+    # masked pools to 0
+    c1, c2 = k.unmasked_counts()
+    k = k.without_masks()
+
+    def total(a: jax.Array, lead: int) -> jax.Array:
+        return jnp.sum(a, axis=tuple(range(lead, a.ndim)))
+
+    nngp, ntk = total(k.nngp, 2), total(k.ntk, 2)
+    var1, var2 = k.map_variances(lambda v: total(v, 1))
+    if average:
+        d1, d2 = jnp.maximum(c1, 1), jnp.maximum(c2, 1)
+        pair = d1[:, None] * d2[None, :]
+        nngp, ntk = nngp / pair, ntk / pair
+        var1 = var1 / (d1 * d1)
+        var2 = var1 if k.same_inputs else var2 / (d2 * d2)
+    return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, diagonal_spatial=False)
 
 
 def _global_average_pool_kernel(k: Kernel) -> Kernel:
@@ -133,14 +182,20 @@ def _check_spatial_input(x: jax.Array, name: str) -> None:
         )
 
 
-def global_average_pool(x: Any) -> Any:
+def global_average_pool(x: Any, mask: Any = None) -> Any:
     """Readout ``(N, *S, C) -> (N, C)``, the mean over all spatial positions.
 
     On a :class:`~ntkjax.Kernel`: ``Sigma[a, b] = mean_{p, p'} Sigma[a, b, p, p']`` (likewise
     Theta), ``width = C`` (module docstring).
 
+    Masks: the mean is over the unmasked positions only, ``y_a = sum_{p unmasked} x_a[p] /
+    n_a``; on kernels ``Sigma[a, b] = sum_{p, p' unmasked} Sigma[a, b, p, p'] / (n_a n_b)``
+    (neural-tangents' ``GlobalAvgPool`` rule; Hron et al. 2020). A sequence padded to any
+    length pools to the same value. An input with every position masked pools to 0.
+
     Args:
-      x: inputs (N, *S, C), or their Kernel.
+      x: inputs (N, *S, C), or their Kernel (which carries its own masks).
+      mask: for arrays, None or a boolean (N, *S) position mask (True = masked).
 
     Returns:
       The pooled array (N, C), or its Kernel.
@@ -149,23 +204,31 @@ def global_average_pool(x: Any) -> Any:
     >>> global_average_pool(jnp.ones((2, 3, 3, 4))).shape
     (2, 4)
     """
+    _no_mask_argument(x, mask, "global_average_pool")
     if isinstance(x, FeatureStandIn):
         return _GLOBAL_AVERAGE_POOL.on_features(x, global_average_pool, average=True)
     if isinstance(x, Kernel):
         return _global_average_pool_kernel(x)
     x = jnp.asarray(x)
     _check_spatial_input(x, "global_average_pool")
-    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+    axes = tuple(range(1, x.ndim - 1))
+    if mask is None:
+        return jnp.mean(x, axis=axes)
+    x = _zero_masked(x, mask, "global_average_pool")
+    count = jnp.sum(~jnp.asarray(mask), axis=axes).astype(x.dtype)
+    return jnp.sum(x, axis=axes) / jnp.maximum(count, 1)[:, None]
 
 
-def global_sum_pool(x: Any) -> Any:
+def global_sum_pool(x: Any, mask: Any = None) -> Any:
     """Readout ``(N, *S, C) -> (N, C)``, the sum over all spatial positions.
 
     On a :class:`~ntkjax.Kernel`: ``Sigma[a, b] = sum_{p, p'} Sigma[a, b, p, p']`` (likewise
-    Theta and the variances), ``width = C`` (neural-tangents' ``GlobalSumPool``).
+    Theta and the variances), ``width = C`` (neural-tangents' ``GlobalSumPool``). Masks: the
+    sum over the unmasked positions only.
 
     Args:
-      x: inputs (N, *S, C), or their Kernel.
+      x: inputs (N, *S, C), or their Kernel (which carries its own masks).
+      mask: for arrays, None or a boolean (N, *S) position mask (True = masked).
 
     Returns:
       The pooled array (N, C), or its Kernel.
@@ -174,12 +237,14 @@ def global_sum_pool(x: Any) -> Any:
     >>> print(global_sum_pool(jnp.ones((2, 3, 3, 4)))[0, 0])
     9.0
     """
+    _no_mask_argument(x, mask, "global_sum_pool")
     if isinstance(x, FeatureStandIn):
         return _GLOBAL_SUM_POOL.on_features(x, global_sum_pool, average=False)
     if isinstance(x, Kernel):
         return _global_pool_kernel(x, "global_sum_pool", average=False)
     x = jnp.asarray(x)
     _check_spatial_input(x, "global_sum_pool")
+    x = _zero_masked(x, mask, "global_sum_pool")
     return jnp.sum(x, axis=tuple(range(1, x.ndim - 1)))
 
 
@@ -298,7 +363,7 @@ def _pool_kernel(
             f"{name} with window {window_shape!r} needs a kernel with {n_window} spatial axes; "
             f"got one with spatial shape {k.spatial_shape}."
         )
-    k = k.require_all_pairs(name)
+    k = k.require_all_pairs(name).masked()  # masked positions take no part (zeros)
     spatial = k.spatial_shape
     window, step, pads, mode = _pool_config(spatial, window_shape, strides, padding)
     divisors = (_divisors(spatial, window, step, pads, mode, count_include_pad, k.dtype)
@@ -320,7 +385,8 @@ def _pool_kernel(
         return a
 
     var1, var2 = k.map_variances(lambda v: pool(v, 1))
-    return k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2), var1=var1, var2=var2)
+    out = k.replace(nngp=pool(k.nngp, 2), ntk=pool(k.ntk, 2), var1=var1, var2=var2)
+    return out.map_masks(lambda m: window_mask(m, window, step, pads))
 
 
 def avg_pool(
@@ -329,6 +395,7 @@ def avg_pool(
     strides: int | Sequence[int] | None = None,
     padding: PoolPadding | Sequence[tuple[int, int]] = "VALID",
     count_include_pad: bool = True,
+    mask: Any = None,
 ) -> Any:
     """Average pooling with ``flax.linen.avg_pool``'s signature, on arrays and Kernels.
 
@@ -350,6 +417,9 @@ def avg_pool(
       strides: the strides (default 1).
       padding: ``"VALID"``, ``"SAME"``, ``"CIRCULAR"`` or ``(low, high)`` pairs.
       count_include_pad: whether padded zeros count in the average.
+      mask: for arrays (N, *S, C), None or a boolean (N, *S) position mask (True = masked):
+        masked positions enter as zeros (neural-tangents' rule; the kernel's own masks on a
+        Kernel). The outputs' mask is :func:`ntkjax.nn.window_mask` of it.
 
     Returns:
       The pooled array, or its Kernel.
@@ -363,6 +433,9 @@ def avg_pool(
             x, lambda k: avg_pool(k, window_shape, strides, padding, count_include_pad),
             window_shape, strides, padding, average=True, count_include_pad=count_include_pad,
             name="avg_pool")
+    _no_mask_argument(x, mask, "avg_pool")
+    if mask is not None:
+        x = _zero_masked(x, mask, "avg_pool")
     return _pool(x, window_shape, strides, padding, average=True,
                  count_include_pad=count_include_pad, name="avg_pool")
 
@@ -372,6 +445,7 @@ def sum_pool(
     window_shape: int | Sequence[int],
     strides: int | Sequence[int] | None = None,
     padding: PoolPadding | Sequence[tuple[int, int]] = "VALID",
+    mask: Any = None,
 ) -> Any:
     """Sum pooling, ``y[o] = sum_{p in W_o} x[p]``, with :func:`avg_pool`'s arguments (and
     ``flax.linen.pooling.pool``'s with ``lax.add``).
@@ -384,6 +458,8 @@ def sum_pool(
       window_shape: the window, one size per spatial axis (or one int for all).
       strides: the strides (default 1).
       padding: ``"VALID"``, ``"SAME"``, ``"CIRCULAR"`` or ``(low, high)`` pairs.
+      mask: for arrays, None or a boolean (N, *S) position mask: masked positions enter as
+        zeros (as in :func:`avg_pool`).
 
     Returns:
       The pooled array, or its Kernel.
@@ -397,6 +473,9 @@ def sum_pool(
             x, lambda k: sum_pool(k, window_shape, strides, padding),
             window_shape, strides, padding, average=False, count_include_pad=True,
             name="sum_pool")
+    _no_mask_argument(x, mask, "sum_pool")
+    if mask is not None:
+        x = _zero_masked(x, mask, "sum_pool")
     return _pool(x, window_shape, strides, padding, average=False, count_include_pad=True,
                  name="sum_pool")
 

@@ -182,8 +182,10 @@ def index_kernel(k: Kernel, idx: Any) -> Kernel:
 
     var1 = take(k.var1, 1)
     var2 = var1 if k.var2 is k.var1 else take(k.var2, 1)
-    return k.replace(nngp=take(k.nngp, 2), ntk=take(k.ntk, 2), var1=var1, var2=var2,
-                     width=width)
+    out = k.replace(nngp=take(k.nngp, 2), ntk=take(k.ntk, 2), var1=var1, var2=var2,
+                    width=width)
+    # masks: indexed the same way (neural-tangents' rule)
+    return out.map_masks(lambda m: m[(slice(None), *spatial)])
 
 
 def index(x: Any, idx: Any) -> Any:
@@ -423,9 +425,19 @@ def image_resize_kernel(k: Kernel, shape: Any, method: str = "linear",
     if method not in _RESIZE_METHODS:
         raise ValueError(f"image_resize: method must be one of {_RESIZE_METHODS} (a linear map "
                          f"of the positions); got {method!r}.")
-    k = k.require_all_pairs("image_resize")  # it mixes positions
+    k = k.require_all_pairs("image_resize").masked()  # it mixes positions
     nd = k.spatial_ndim
     new = _resize_shape(shape, k.spatial_shape, k.width)
+
+    def resized_mask(m: jax.Array) -> jax.Array:
+        """Masks (neural-tangents' rule): an output is masked iff every input it reads is."""
+        for i, (n, size) in enumerate(zip(k.spatial_shape, new, strict=True)):
+            if n != size:
+                reads = resize_matrix(n, size, method, antialias, jnp.float32) != 0
+                unmasked = jnp.tensordot(reads.astype(jnp.int32), (~m).astype(jnp.int32),
+                                         axes=((1,), (1 + i,)))
+                m = jnp.moveaxis(unmasked == 0, 0, 1 + i)
+        return m
 
     def apply(a: jax.Array | None, lead: int) -> jax.Array | None:
         if a is None:
@@ -441,7 +453,8 @@ def image_resize_kernel(k: Kernel, shape: Any, method: str = "linear",
 
     var1 = apply(k.var1, 1)
     var2 = var1 if k.var2 is k.var1 else apply(k.var2, 1)
-    return k.replace(nngp=apply(k.nngp, 2), ntk=apply(k.ntk, 2), var1=var1, var2=var2)
+    out = k.replace(nngp=apply(k.nngp, 2), ntk=apply(k.ntk, 2), var1=var1, var2=var2)
+    return out.map_masks(resized_mask)
 
 
 def image_resize(x: Any, shape: Any, method: str = "linear", antialias: bool = True) -> Any:
