@@ -193,6 +193,8 @@ def _layer_params(trainable, layer: _Layer):
         node = node[key]
     if not isinstance(node, Mapping) or not set(node) <= _PARAM_NAMES[layer.kind]:
         return None
+    if not set(node) & {"kernel", "embedding"}:  # a bias alone (its weight held fixed)
+        return None
     if any(isinstance(v, Mapping) for v in node.values()):
         return None
     return node
@@ -493,9 +495,13 @@ def _scales(layer: _Layer, node, dtype):
     def first_output(p):
         return layer.module.apply({"params": p}, unit)[0, 0]
 
-    grad = jax.grad(first_output)(dict(node))
+    # a parameter held fixed (not in ``node``) still has to be there: zeros of its shape
+    shapes = jax.eval_shape(layer.module.init, jax.random.key(0), unit)["params"]
+    full = {name: node[name] if name in node else jnp.zeros(v.shape, v.dtype)
+            for name, v in shapes.items()}
+    grad = jax.grad(first_output)(full)
     c = grad["kernel"][0, 0]
-    s = grad["bias"][0] if "bias" in grad else 1.0
+    s = grad["bias"][0] if "bias" in node else 1.0
     return c, s
 
 
