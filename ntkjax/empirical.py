@@ -669,6 +669,7 @@ def empirical_ntk_fn(
                 x2 = _pack_index(x2, index2)
             fn = _chosen_output(fn, x1.shape[1:], x1.dtype)
             x1 = _pack_index(x1, index1)
+        if outputs in ("pseudo", "logit"):
             out = jax.eval_shape(fn, params, x1)
         out_dim = int(np.prod(out.shape[1:]))
         dtype = _result_dtype(params, out)
