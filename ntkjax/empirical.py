@@ -84,6 +84,8 @@ __all__ = [
     "is_batch_coupled",
     "nnx_apply_fn",
     "ntk_operator",
+    "projected_ntk_feature_fn",
+    "projected_ntk_features",
 ]
 
 NTKMethod = Literal["auto", "jacobian", "ntk_vp", "structured"]
@@ -1159,3 +1161,242 @@ def _split_nnx(module: Any) -> tuple[Any, Any, Any]:
             "the batch or on RNG state, so it has no per-sample NTK; call module.eval() first."
         )
     return nnx.split(module, nnx.Param, ...)
+
+
+# ---------------------------------------------------------------------------------------------
+# projected eNTK features
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_projection(dim, rank) -> None:
+    for value, name in ((dim, "dim"), (rank, "rank")):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if dim % (rank * rank):
+        raise ValueError(
+            f"dim must be a multiple of rank**2 = {rank * rank} (each weight matrix is "
+            f"projected by dim / rank**2 Kronecker blocks of rank x rank); got dim={dim}."
+        )
+
+
+def _project_leaf(g, key, dim: int, rank: int):
+    """Features ``(n, O, dim)`` of one leaf's per-sample gradients ``g`` ``(n, O, *leaf)``
+    with ``E[phi . phi'] = <g, g'>``.
+
+    A leaf with two or more axes is a matrix ``G`` (``d_in x d_out``: all axes but the last,
+    then the last) projected as ``vec(P_in^T G P_out)`` by ``m = dim / rank^2`` independent
+    Kronecker blocks, ``P_in`` ``(d_in, rank)`` and ``P_out`` ``(d_out, rank)`` with
+    ``N(0, 1/rank)`` entries (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?",
+    section 3): ``E[<P_in^T G P_out, P_in^T G' P_out>] = tr(G^T E[P_in P_in^T] G'
+    E[P_out P_out^T]) = <G, G'>``, averaged over the blocks (scale ``1/sqrt(m)``). Other
+    leaves get a Gaussian sketch ``S`` ``(P, dim)`` with ``N(0, 1/dim)`` entries."""
+    n, o = g.shape[:2]
+    shape = g.shape[2:]
+    if len(shape) >= 2:
+        d_in, d_out = int(np.prod(shape[:-1])), int(shape[-1])
+        m = dim // (rank * rank)
+        k_in, k_out = jax.random.split(key)
+        p_in = jax.random.normal(k_in, (m, d_in, rank), g.dtype) / math.sqrt(rank)
+        p_out = jax.random.normal(k_out, (m, d_out, rank), g.dtype) / math.sqrt(rank)
+        right = jnp.einsum("nidf,mfq->nimdq", g.reshape(n, o, d_in, d_out), p_out,
+                           precision=PRECISION)
+        both = jnp.einsum("nimdq,mdp->nimpq", right, p_in, precision=PRECISION)
+        return both.reshape(n, o, dim) / math.sqrt(m)
+    size = int(np.prod(shape))
+    sketch = jax.random.normal(key, (size, dim), g.dtype) / math.sqrt(dim)
+    return jnp.matmul(g.reshape(n, o, size), sketch, precision=PRECISION)
+
+
+def _projected_block(apply_fn, params, x, key, dim, rank):
+    """``(n, O, D)`` projected per-sample gradients of a block of examples (one projection
+    per parameter leaf, drawn from ``fold_in(key, leaf index)``: the same for every block)."""
+    trainable, rebuild = split_params(params)
+    jac = _per_sample_jacobians(apply_fn, rebuild, trainable, x)
+    parts = [
+        _project_leaf(g, jax.random.fold_in(key, i), dim, rank)
+        for i, g in enumerate(jax.tree_util.tree_leaves(jac))
+        if g.size and jnp.issubdtype(g.dtype, jnp.inexact)
+    ]
+    return jnp.concatenate(parts, axis=-1)
+
+
+def projected_ntk_features(
+    apply_fn: ApplyFn,
+    params: Any,
+    x: ArrayLike,
+    *,
+    dim: int,
+    key: jax.Array,
+    rank: int = 4,
+    params_filter: ParamsFilter | None = None,
+    block_size: int | None = None,
+    memory_bytes: int | None = None,
+    out: str | os.PathLike | None = None,
+    show_progress: bool = False,
+) -> Any:
+    """Random features of the empirical NTK: projected per-sample gradients, ``(N, O, D)``.
+
+    ``phi_i(x) = R^T df_i(x)/dtheta`` with a random projection ``R`` (``P x D``) such that
+    ``E[R R^T] = I``, so ``E[phi_i(x) . phi_j(x')] = Theta_{ij}(x, x')``: the estimate is
+    unbiased, and its error falls like ``D^{-1/2}`` (TRAK, Park et al. 2023; LoGra, Choe et al.
+    2024). ``R`` is block diagonal over the parameter leaves, each leaf giving ``dim``
+    features (``D = dim x number of leaves``): a weight matrix ``G`` (``d_in x d_out``) is
+    projected as ``vec(P_in^T G P_out)`` by ``dim / rank^2`` independent Kronecker blocks
+    (``P_in`` ``d_in x rank``, ``P_out`` ``d_out x rank``, ``N(0, 1/rank)`` entries; LoGra's
+    projection), which stores ``(d_in + d_out) dim / rank`` numbers where a dense Gaussian
+    ``R`` would store ``d_in d_out dim``; vectors (biases, norm scales) by a Gaussian sketch.
+    The features of the trace kernel are ``phi`` flattened to ``(N, O D)``.
+
+    Cost: the examples are processed in blocks (per-sample Jacobians of one block at a time,
+    then projected), so time and memory are linear in N; the projection is drawn from ``key``
+    per leaf and is the same for every block. With ``out`` the features stream to a resumable
+    zarr store (:func:`ntkjax.blocking.evaluate_in_blocks`; array shape ``(N, 1, O, D)``) for N
+    beyond memory. Use :func:`projected_ntk_feature_fn` to feed :func:`ntkjax.feature_ridge`.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)`` returning an array of logits (floating).
+      params: the model parameters (any pytree / linen variables dict).
+      x: ``(N, *features)``.
+      dim: features per parameter leaf, a positive multiple of ``rank**2``.
+      key: the PRNG key of the projection.
+      rank: the Kronecker blocks' rank (``P_in``, ``P_out`` have ``rank`` columns).
+      params_filter: the parameters to differentiate (as in :func:`empirical_ntk_fn`).
+      block_size, memory_bytes: rows per block, or the memory budget it is chosen from.
+      out: path of a resumable zarr store to write the features to instead of RAM.
+      show_progress: progress bar on stderr.
+
+    Returns:
+      A numpy array ``(N, O, D)``; with ``out`` a read-only ``zarr.Array`` ``(N, 1, O, D)``.
+
+    Raises:
+      ValueError: ``dim`` or ``rank`` not a positive integer, ``dim`` not a multiple of
+        ``rank**2``, a model whose output is not one floating array ``(N, *out)``, and as
+        :func:`empirical_ntk_fn` for the inputs, params and ``params_filter``.
+
+    The features of ``f(x) = x w`` are ``x R`` with ``E[R R^T] = I``:
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> x = jax.random.normal(jax.random.key(0), (3, 5))
+    >>> phi = ntkjax.projected_ntk_features(lambda p, x: x @ p, jnp.ones((5, 1)), x, dim=16,
+    ...                                     key=jax.random.key(1))
+    >>> phi.shape
+    (3, 1, 16)
+    """
+    _check_projection(dim, rank)
+    check_pair(x, None)
+    x = jnp.asarray(x)
+    out_shape = check_model_inputs(apply_fn, params, x[:1])
+    if not jnp.issubdtype(out_shape.dtype, jnp.floating):
+        raise ValueError(
+            f"apply_fn must return an array of logits (floating); it returns dtype "
+            f"{out_shape.dtype}, which has no gradient features."
+        )
+    block = _jitted_projection(apply_fn, dim, rank, params_filter)
+    if out is None:  # in memory, in blocks of rows
+        n = x.shape[0]
+        rows = block_size or _projection_rows(apply_fn, params, x, dim, memory_bytes)
+        parts = []
+        for start in range(0, n, rows):
+            parts.append(np.asarray(block(params, x[start:start + rows], key)))
+        return np.concatenate(parts, axis=0)
+    anchor = x[:1]  # one column, not used: the store's rows are the examples
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    key_data = jax.random.key_data(key) if typed else key  # the store records plain arrays
+
+    def rows_fn(a, _b, p, k):
+        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
+
+    return evaluate_in_blocks(
+        rows_fn,
+        x,
+        anchor,
+        fn_args=(params, key_data),
+        block_size=block_size,
+        memory_bytes=memory_bytes,
+        show_progress=show_progress,
+        description="projected eNTK features",
+        out=out,
+        fingerprint=(
+            f"projected_ntk_features dim={dim} rank={rank} "
+            f"apply_fn={describe_object(apply_fn)} "
+            f"params_filter={None if params_filter is None else _describe_filter(params_filter)}"
+        ),
+    )
+
+
+def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
+    """Rows per block: a block's per-sample Jacobians (and their projections) within the
+    budget (half of the free memory by default)."""
+    budget = memory_bytes or available_memory_bytes() // 2
+    out = jax.eval_shape(apply_fn, params, x[:1])
+    out_dim = int(np.prod(out.shape[1:]))
+    leaves = jax.tree_util.tree_leaves(split_params(params)[0])
+    per_row = 3 * (_jacobian_bytes(params, 1, out_dim) + 8 * out_dim * dim * max(len(leaves), 1))
+    return int(max(1, min(x.shape[0], budget // max(per_row, 1))))
+
+
+def _jitted_projection(apply_fn, dim, rank, params_filter):
+    """The jitted block function, shared by calls with the same (hashable) configuration."""
+    try:
+        hash((apply_fn, params_filter))
+    except TypeError:  # a mask dict: compiled for this call
+        return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
+    return _cached_projection(apply_fn, dim, rank, params_filter)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_projection(apply_fn, dim, rank, params_filter):
+    return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
+
+
+def _projected_feature_block(apply_fn, dim, rank, params_filter):
+    """``(params, x, key) -> (n, O, D)``: :func:`_projected_block` of the (selected) model."""
+
+    def block(params, x, key):
+        fn = apply_fn
+        if params_filter is not None:
+            fn, params = _select_params(fn, params, params_filter)
+        return _projected_block(fn, params, x, key, dim, rank)
+
+    return block
+
+
+def projected_ntk_feature_fn(
+    apply_fn: ApplyFn,
+    params: Any,
+    *,
+    dim: int,
+    key: jax.Array,
+    rank: int = 4,
+    params_filter: ParamsFilter | None = None,
+) -> Callable[[jax.Array], Any]:
+    """A jitted feature map ``x -> Features`` of the projected empirical NTK, for
+    :func:`ntkjax.feature_ridge` (and anything else that takes a feature map).
+
+    ``Features.ntk`` is :func:`projected_ntk_features` flattened to ``(N, O D)``: the random
+    features of the trace eNTK ``sum_i Theta_ii`` (unbiased); ``Features.nngp`` is the network
+    output flattened to ``(N, O)`` (the empirical output covariance). Arguments as in
+    :func:`projected_ntk_features`; the projection is fixed by ``key``, so every batch gets the
+    same one.
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> x = jax.random.normal(jax.random.key(0), (20, 5))
+    >>> fmap = ntkjax.projected_ntk_feature_fn(lambda p, x: x @ p, jnp.ones((5, 1)), dim=16,
+    ...                                        key=jax.random.key(1))
+    >>> fit = ntkjax.feature_ridge(fmap, x, x[:, :1], diag_reg=1e-6)
+    >>> fit.predict(x).shape
+    (20, 1)
+    """
+    from ntkjax.features import Features
+
+    _check_projection(dim, rank)
+    block = _projected_feature_block(apply_fn, dim, rank, params_filter)
+
+    @jax.jit
+    def features(x):
+        phi = block(params, x, key)
+        outputs = apply_fn(params, x)
+        return Features(nngp=jnp.reshape(outputs, (x.shape[0], -1)),
+                        ntk=jnp.reshape(phi, (x.shape[0], -1)))
+
+    return features
