@@ -1160,7 +1160,8 @@ def _split_nnx(module: Any) -> tuple[Any, Any, Any]:
             f"the module is in training mode ({', '.join(training)}): its outputs depend on "
             "the batch or on RNG state, so it has no per-sample NTK; call module.eval() first."
         )
-    return nnx.split(module, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return graphdef, params, rest
 
 
 # ---------------------------------------------------------------------------------------------
