@@ -72,12 +72,17 @@ from ntkjax.structured import count_structured_layers, last_hidden_features, str
 
 __all__ = [
     "BATCH_MODES",
+    "KERNEL_OUTPUTS",
     "NTK_METHODS",
     "OUTPUTS",
+    "VARIANTS",
     "BatchMode",
     "KernelFn",
+    "KernelOutputs",
     "NTKMethod",
     "Outputs",
+    "ParamsFilter",
+    "Variant",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
@@ -1376,9 +1381,23 @@ def projected_ntk_feature_fn(
 
     ``Features.ntk`` is :func:`projected_ntk_features` flattened to ``(N, O D)``: the random
     features of the trace eNTK ``sum_i Theta_ii`` (unbiased); ``Features.nngp`` is the network
-    output flattened to ``(N, O)`` (the empirical output covariance). Arguments as in
-    :func:`projected_ntk_features`; the projection is fixed by ``key``, so every batch gets the
-    same one.
+    output flattened to ``(N, O)`` (the empirical output covariance). The projection is fixed
+    by ``key``, so every batch gets the same one.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)`` returning an array of logits (floating).
+      params: the model parameters (any pytree / linen variables dict), held fixed.
+      dim: features per parameter leaf, a positive multiple of ``rank**2``.
+      key: the PRNG key of the projection.
+      rank: the Kronecker blocks' rank.
+      params_filter: the parameters to differentiate (as in :func:`empirical_ntk_fn`).
+
+    Returns:
+      ``features(x) -> Features`` (jitted), with ``ntk`` of shape ``(N, O D)``.
+
+    Raises:
+      ValueError: ``dim`` or ``rank`` not a positive integer, or ``dim`` not a multiple of
+        ``rank**2``.
 
     >>> import jax, jax.numpy as jnp, ntkjax
     >>> x = jax.random.normal(jax.random.key(0), (20, 5))
