@@ -68,7 +68,13 @@ from ntkjax.jacobians import (
     symmetrize,
 )
 from ntkjax.nn.dropout import Dropout
-from ntkjax.structured import count_structured_layers, last_hidden_features, structured_kernel
+from ntkjax.structured import (
+    count_structured_layers,
+    last_hidden_features,
+    project_gradient,
+    structured_kernel,
+    structured_projected_features,
+)
 
 __all__ = [
     "BATCH_MODES",
@@ -1185,41 +1191,16 @@ def _check_projection(dim, rank) -> None:
         )
 
 
-def _project_leaf(g, key, dim: int, rank: int):
-    """Features ``(n, O, dim)`` of one leaf's per-sample gradients ``g`` ``(n, O, *leaf)``
-    with ``E[phi . phi'] = <g, g'>``.
-
-    A leaf with two or more axes is a matrix ``G`` (``d_in x d_out``: all axes but the last,
-    then the last) projected as ``vec(P_in^T G P_out)`` by ``m = dim / rank^2`` independent
-    Kronecker blocks, ``P_in`` ``(d_in, rank)`` and ``P_out`` ``(d_out, rank)`` with
-    ``N(0, 1/rank)`` entries (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?",
-    section 3): ``E[<P_in^T G P_out, P_in^T G' P_out>] = tr(G^T E[P_in P_in^T] G'
-    E[P_out P_out^T]) = <G, G'>``, averaged over the blocks (scale ``1/sqrt(m)``). Other
-    leaves get a Gaussian sketch ``S`` ``(P, dim)`` with ``N(0, 1/dim)`` entries."""
-    n, o = g.shape[:2]
-    shape = g.shape[2:]
-    if len(shape) >= 2:
-        d_in, d_out = int(np.prod(shape[:-1])), int(shape[-1])
-        m = dim // (rank * rank)
-        k_in, k_out = jax.random.split(key)
-        p_in = jax.random.normal(k_in, (m, d_in, rank), g.dtype) / math.sqrt(rank)
-        p_out = jax.random.normal(k_out, (m, d_out, rank), g.dtype) / math.sqrt(rank)
-        right = jnp.einsum("nidf,mfq->nimdq", g.reshape(n, o, d_in, d_out), p_out,
-                           precision=PRECISION)
-        both = jnp.einsum("nimdq,mdp->nimpq", right, p_in, precision=PRECISION)
-        return both.reshape(n, o, dim) / math.sqrt(m)
-    size = int(np.prod(shape))
-    sketch = jax.random.normal(key, (size, dim), g.dtype) / math.sqrt(dim)
-    return jnp.matmul(g.reshape(n, o, size), sketch, precision=PRECISION)
-
-
 def _projected_block(apply_fn, params, x, key, dim, rank):
     """``(n, O, D)`` projected per-sample gradients of a block of examples (one projection
     per parameter leaf, drawn from ``fold_in(key, leaf index)``: the same for every block)."""
+    factored = structured_projected_features(apply_fn, params, x, key, dim, rank)
+    if factored is not None:
+        return factored
     trainable, rebuild = split_params(params)
     jac = _per_sample_jacobians(apply_fn, rebuild, trainable, x)
     parts = [
-        _project_leaf(g, jax.random.fold_in(key, i), dim, rank)
+        project_gradient(g, jax.random.fold_in(key, i), dim, rank)
         for i, g in enumerate(jax.tree_util.tree_leaves(jac))
         if g.size and jnp.issubdtype(g.dtype, jnp.inexact)
     ]
@@ -1253,9 +1234,14 @@ def projected_ntk_features(
     ``R`` would store ``d_in d_out dim``; vectors (biases, norm scales) by a Gaussian sketch.
     The features of the trace kernel are ``phi`` flattened to ``(N, O D)``.
 
-    Cost: the examples are processed in blocks (per-sample Jacobians of one block at a time,
-    then projected), so time and memory are linear in N; the projection is drawn from ``key``
-    per leaf and is the same for every block. With ``out`` the features stream to a resumable
+    Cost: for the layers the structured method factorizes (linen ``Dense``, ``DenseGeneral``,
+    ``Conv``, ``ConvTranspose``, ``Embed``, ``ntkjax.nn.Dense``; see :mod:`ntkjax.structured`)
+    the weight gradient ``G_i = sum_t x_t (x) delta_{i,t}`` is never formed: its features are
+    ``sum_t (P_in^T x_t)(P_out^T delta_{i,t})^T``, from the layer's inputs and output
+    cotangents; biases and every other parameter (norm scales, custom layers, non-linen
+    models) are projected from their per-sample Jacobians. The examples are processed in
+    blocks, so time and memory are linear in N; the projection is drawn from ``key`` per leaf
+    and is the same for every block. With ``out`` the features stream to a resumable
     zarr store (:func:`ntkjax.blocking.evaluate_in_blocks`; array shape ``(N, 1, O, D)``) for N
     beyond memory. Use :func:`projected_ntk_feature_fn` to feed :func:`ntkjax.feature_ridge`.
 
