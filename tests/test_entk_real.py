@@ -298,3 +298,21 @@ def test_projected_features_errors():
     with pytest.raises(ValueError, match="must return one array"):
         ntkjax.projected_ntk_features(lambda p, x: (apply_fn(p, x),) * 2, params, x1,
                                       dim=16, key=key)
+
+
+@pytest.mark.parametrize("case", ["embed", "cnn"])
+def test_factored_projections_of_embeddings_and_convolutions_are_unbiased(case, x64):
+    """Embed (token rows of P_in) and Conv (patches, in parts) on positions: the mean over
+    16 keys is within 4 standard errors of the exact float64 eNTK."""
+    apply_fn, params, x1, _ = make_case(case, jnp.float64, n1=3)
+    j = _jacobian(apply_fn, params, x1)
+    exact = np.einsum("aip,bip->ab", j, j)
+    keys = 16
+    estimates = np.stack([
+        np.einsum("aip,bip->ab", phi, phi) for phi in (
+            ntkjax.projected_ntk_features(apply_fn, params, x1, dim=16, key=jax.random.key(s))
+            for s in range(keys))
+    ])
+    errors = np.linalg.norm(estimates - exact, axis=(1, 2)) / np.linalg.norm(exact)
+    mean_error = np.linalg.norm(estimates.mean(0) - exact) / np.linalg.norm(exact)
+    assert mean_error < 4 * np.sqrt(np.mean(errors**2)) / np.sqrt(keys), (mean_error, errors)
