@@ -908,12 +908,13 @@ def empirical_ntk_matrix(
     x2: ArrayLike | None = None,
     *,
     ntk_method: NTKMethod = "auto",
-    outputs: Outputs = "trace",
+    outputs: KernelOutputs = "trace",
     memory_bytes: int | None = None,
     block_size: int | None = None,
     devices: Sequence[Any] | None = None,
     out: str | os.PathLike | None = None,
     show_progress: bool = False,
+    params_filter: ParamsFilter | None = None,
 ) -> Any:
     """The empirical NTK of large inputs, computed in memory-bounded blocks into host memory.
 
@@ -923,7 +924,8 @@ def empirical_ntk_matrix(
     computed and mirrored.
 
     Args:
-      apply_fn, ntk_method, outputs: as in :func:`empirical_ntk_fn`.
+      apply_fn, ntk_method, outputs, params_filter: as in :func:`empirical_ntk_fn`
+        (``outputs="logit"``, whose indices are per example, is not offered here).
       params: the model parameters (any pytree / linen variables dict).
       x1: ``(N1, *features)``.
       x2: ``(N2, *features)`` or None for x2 = x1.
@@ -951,8 +953,14 @@ def empirical_ntk_matrix(
      [ 3. 13. 23.]
      [ 5. 23. 41.]]
     """
+    if outputs == "logit":
+        raise ValueError(
+            "empirical_ntk_matrix does not take outputs='logit' (its indices are per example); "
+            "use ntkjax.empirical_ntk_fn(apply_fn, outputs='logit') on blocks of examples."
+        )
     ntk = empirical_ntk_fn(
-        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample"
+        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample",
+        params_filter=params_filter,
     )
     check_pair(x1, x2)
     x1 = jnp.asarray(x1)
@@ -984,6 +992,7 @@ def empirical_ntk_matrix(
         fingerprint=(
             f"empirical_ntk_matrix ntk_method={ntk_method} outputs={outputs} "
             f"apply_fn={describe_object(apply_fn)}"
+            + ("" if params_filter is None else f" {_describe_filter(params_filter)}")
         ),
     )
 

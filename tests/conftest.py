@@ -76,6 +76,10 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_inputs.py::test_huge_and_tiny_inputs_give_finite_kernels_close_to_float64",
     "tests/test_kernels.py::test_float32_diagonal_of_relu_ntk_matches_float64",
     "tests/test_kernels.py::test_jit_and_no_jit_agree_and_keep_dtype",
+    # issue 25 (entk): the projected eNTK over many keys, and through the store
+    "tests/test_entk_real.py::test_projected_features_are_unbiased_with_error_falling_like_dim_to_minus_half",
+    "tests/test_entk_real.py::test_projected_features_in_blocks_streamed_and_for_feature_ridge",
+    "tests/test_entk_real.py::test_factored_projections_of_embeddings_and_convolutions_are_unbiased",
 })
 
 

@@ -316,3 +316,15 @@ def test_factored_projections_of_embeddings_and_convolutions_are_unbiased(case, 
     errors = np.linalg.norm(estimates - exact, axis=(1, 2)) / np.linalg.norm(exact)
     mean_error = np.linalg.norm(estimates.mean(0) - exact) / np.linalg.norm(exact)
     assert mean_error < 4 * np.sqrt(np.mean(errors**2)) / np.sqrt(keys), (mean_error, errors)
+
+
+def test_blocked_matrix_takes_the_filter_and_the_pseudo_ntk(x64):
+    apply_fn, params, x1, _ = make_case("mlp", jnp.float64)
+    j = _jacobian(apply_fn, params, x1, lambda n: n.startswith("Dense_2")).sum(1)
+    expected = j @ j.T / 3  # the pseudo-NTK of the readout layer
+    got = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, outputs="pseudo", block_size=2,
+                                      params_filter={"Dense_0": False, "Dense_1": False,
+                                                     "Dense_2": True})
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="does not take outputs='logit'"):
+        ntkjax.empirical_ntk_matrix(apply_fn, params, x1, outputs="logit")
