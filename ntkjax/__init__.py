@@ -33,6 +33,8 @@ from ntkjax.empirical import (
     is_batch_coupled,
     nnx_apply_fn,
     ntk_operator,
+    projected_ntk_feature_fn,
+    projected_ntk_features,
 )
 from ntkjax.ensemble import ensemble_predictor
 from ntkjax.features import (
@@ -133,6 +135,8 @@ __all__ = [
     "nnx_apply_fn",
     "ntk_operator",
     "predict",
+    "projected_ntk_feature_fn",
+    "projected_ntk_features",
     "taylor_expand",
     "train_with_kernel_tracking",
     "two_layer_relu_nngp",

@@ -37,8 +37,9 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -61,27 +62,41 @@ from ntkjax.jacobians import (
     check_model_inputs,
     contract_leaf_jacobians,
     full_to,
+    is_variables_dict,
     per_sample_fn,
     split_params,
     symmetrize,
 )
 from ntkjax.nn.dropout import Dropout
-from ntkjax.structured import count_structured_layers, last_hidden_features, structured_kernel
+from ntkjax.structured import (
+    count_structured_layers,
+    last_hidden_features,
+    project_gradient,
+    structured_kernel,
+    structured_projected_features,
+)
 
 __all__ = [
     "BATCH_MODES",
+    "KERNEL_OUTPUTS",
     "NTK_METHODS",
     "OUTPUTS",
+    "VARIANTS",
     "BatchMode",
     "KernelFn",
+    "KernelOutputs",
     "NTKMethod",
     "Outputs",
+    "ParamsFilter",
+    "Variant",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
     "empirical_ntk_matrix",
     "is_batch_coupled",
     "nnx_apply_fn",
     "ntk_operator",
+    "projected_ntk_feature_fn",
+    "projected_ntk_features",
 ]
 
 NTKMethod = Literal["auto", "jacobian", "ntk_vp", "structured"]
@@ -91,6 +106,16 @@ NTK_METHODS: tuple[NTKMethod, ...] = ("auto", "jacobian", "ntk_vp", "structured"
 
 # A kernel function as returned here: (params, x1, x2=None) -> array.
 KernelFn = Callable[..., jax.Array]
+
+KernelOutputs = Literal["trace", "mean", "full", "diagonal", "pseudo", "logit"]
+KERNEL_OUTPUTS: tuple[KernelOutputs, ...] = (*OUTPUTS, "pseudo", "logit")
+Variant = Literal["ntk", "signgd"]
+VARIANTS: tuple[Variant, ...] = ("ntk", "signgd")
+
+ParamsFilter = Callable[[tuple, Any], bool] | Any
+"""Selects the differentiated parameters: a predicate ``(path, leaf) -> bool`` (``path`` a tuple
+of the leaf's keys inside the differentiated part, e.g. ``("Dense_1", "kernel")``) or an
+optax-style mask, a pytree of bools matching the differentiated part or a prefix of it."""
 
 
 def _per_sample_jacobians(apply_fn, rebuild, trainable, x):
@@ -121,11 +146,14 @@ def _paired_contraction(j1, j2, outputs: Outputs) -> jax.Array | None:
     return total
 
 
-def _jacobian_kernel(apply_fn, params, x1, x2, outputs, whole, paired):
+def _jacobian_kernel(apply_fn, params, x1, x2, outputs, whole, paired, sign=False):
+    """``<J(x1), J(x2)>`` (``sign``: ``<J(x1), sign J(x2)>``, the SignGD kernel)."""
     trainable, rebuild = split_params(params)
     jacobians = _whole_batch_jacobians if whole else _per_sample_jacobians
     j1 = jacobians(apply_fn, rebuild, trainable, x1)
     j2 = j1 if x2 is None else jacobians(apply_fn, rebuild, trainable, x2)
+    if sign:
+        j2 = jax.tree_util.tree_map(jnp.sign, j2)
     if paired:
         return _paired_contraction(j1, j2, outputs)
     return contract_leaf_jacobians(j1, j2, outputs)
@@ -215,14 +243,266 @@ def _jacobian_bytes(params, n: int, out_dim: int) -> int:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# views of a model: a parameter subset, reduced outputs, NNX modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain_path(key_path) -> tuple:
+    """A jax key path as plain keys (``("Dense_0", "kernel")``); an NNX Variable's trailing
+    ``.value`` is dropped."""
+    keys = []
+    for k in key_path:
+        if isinstance(k, jax.tree_util.DictKey):
+            keys.append(k.key)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            keys.append(k.idx)
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            keys.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            keys.append(k.key)
+        else:
+            keys.append(str(k))
+    if keys and keys[-1] in ("value", "raw_value"):
+        keys.pop()
+    return tuple(keys)
+
+
+def _describe_filter(params_filter) -> str:
+    if callable(params_filter):
+        return f"params_filter={describe_object(params_filter)}"
+    return f"params_filter (a mask with structure {jax.tree_util.tree_structure(params_filter)})"
+
+
+def _filter_flags(params_filter, trainable) -> list[bool]:
+    """One bool per leaf of ``trainable``: whether ``params_filter`` selects it."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(trainable)
+    paths = [_plain_path(kp) for kp, _ in flat]
+    if callable(params_filter):
+        flags = []
+        for path, (_, leaf) in zip(paths, flat, strict=True):
+            try:
+                flags.append(bool(params_filter(path, leaf)))
+            except jax.errors.ConcretizationTypeError as err:
+                raise ValueError(
+                    f"{_describe_filter(params_filter)} must decide from the path and the "
+                    f"leaf's shape/dtype, not its values (it was called on {path!r}): {err}"
+                ) from err
+        return flags
+    mask = {_plain_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(
+        params_filter, is_leaf=lambda v: isinstance(v, bool | np.bool_))[0]}
+    for value in mask.values():
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(
+                f"params_filter: a mask must hold Python bools, got {type(value).__name__} "
+                f"{value!r}; pass a predicate (path, leaf) -> bool for anything else."
+            )
+    flags = []
+    for path in paths:
+        found = [mask[path[:i]] for i in range(len(path), -1, -1) if path[:i] in mask]
+        if not found:
+            raise ValueError(
+                f"{_describe_filter(params_filter)} does not match the differentiated "
+                f"parameters: no entry for {'/'.join(map(str, path))} (the parameters are "
+                f"{[('/'.join(map(str, p))) for p in paths][:20]}). A mask must have the "
+                "structure of the differentiated part (a linen model's 'params' collection) "
+                "or of a prefix of it."
+            )
+        flags.append(bool(found[0]))
+    return flags
+
+
+def _prune(node, path: tuple, chosen: set) -> Any:
+    """``node`` with only the leaves whose plain path is in ``chosen``: mappings lose their
+    unselected keys (so a linen layer keeps only its selected ``kernel``/``bias``), other nodes
+    hold None in place of an unselected leaf. None when nothing below is selected."""
+    if isinstance(node, Mapping):
+        kept = {}
+        for key, child in node.items():
+            sub = _prune(child, (*path, key), chosen)
+            if sub is not None:
+                kept[key] = sub
+        return kept or None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(node)
+    hits = [_plain_path((*_as_keys(path), *kp)) in chosen for kp, _ in flat]
+    if not any(hits):
+        return None
+    if all(hits):
+        return node
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf if hit else None for (_, leaf), hit in zip(flat, hits, strict=True)]
+    )
+
+
+def _as_keys(path: tuple) -> tuple:
+    return tuple(jax.tree_util.DictKey(k) for k in path)
+
+
+def _select_params(apply_fn, params, params_filter):
+    """``(apply_fn', params')``: the same model, differentiated only in the parameters that
+    ``params_filter`` selects -- the others are closed over as constants (no Jacobian, no
+    cotangent is formed for them). For a linen variables dict ``params'`` is again one, its
+    ``"params"`` holding only the selected leaves."""
+    trainable, _ = split_params(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+    flags = _filter_flags(params_filter, trainable)
+    if not any(flags):
+        raise ValueError(
+            f"{_describe_filter(params_filter)} selects no parameter of the model (its "
+            f"parameters are {['/'.join(map(str, _plain_path(kp))) for kp, _ in flat][:20]}); "
+            "the kernel over no parameter is zero. Select at least one parameter."
+        )
+    paths = [_plain_path(kp) for kp, _ in flat]
+    chosen = {p for p, f in zip(paths, flags, strict=True) if f}
+    pruned = _prune(trainable, (), chosen)
+
+    def merge(sub):
+        picked = {_plain_path(kp): leaf
+                  for kp, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]}
+        return jax.tree_util.tree_unflatten(treedef, [
+            picked[p] if f else leaf for p, f, (_, leaf) in zip(paths, flags, flat, strict=True)
+        ])
+
+    if is_variables_dict(params):
+
+        def apply_selected(variables, x):
+            return apply_fn({**variables, "params": merge(variables["params"])}, x)
+
+        return apply_selected, {**params, "params": pruned}
+    return (lambda p, x: apply_fn(merge(p), x)), pruned
+
+
+def _summed_outputs(apply_fn):
+    """The model reduced to ``sum_i f_i(x) / sqrt(O)`` (the pseudo-NTK's output), ``(N, 1)``."""
+
+    def summed(params, x):
+        out = apply_fn(params, x)
+        out = jnp.reshape(out, (out.shape[0], -1))
+        return jnp.sum(out, axis=1, keepdims=True) / math.sqrt(out.shape[1])
+
+    return summed
+
+
+def _pack_index(x, index):
+    """``x`` flattened per example with its chosen output index appended as one more column
+    (a float dtype that holds both exactly: integer inputs such as token ids below 2^24)."""
+    n = x.shape[0]
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize >= 4 else (
+        jnp.result_type(x.dtype, jnp.float32))
+    if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    index = jnp.broadcast_to(jnp.asarray(index), (n,))
+    return jnp.concatenate([x.reshape(n, -1).astype(dtype), index[:, None].astype(dtype)], 1)
+
+
+def _chosen_output(apply_fn, example_shape, x_dtype):
+    """The model on packed inputs (:func:`_pack_index`): ``f_{i_a}(x_a)``, shape ``(N, 1)``.
+    An index outside ``[0, O)`` under an outer ``jit`` (not checked there) gives NaN."""
+
+    def chosen(params, packed):
+        n = packed.shape[0]
+        x = packed[:, :-1].astype(x_dtype).reshape(n, *example_shape)
+        index = packed[:, -1].astype(jnp.int32)
+        out = apply_fn(params, x)
+        out = jnp.reshape(out, (n, -1))
+        return jnp.take_along_axis(out, index[:, None], axis=1, mode="fill",
+                                   fill_value=jnp.nan)
+
+    return chosen
+
+
+def _check_index(index, name: str, n: int, out_dim: int) -> None:
+    if index is None:
+        raise ValueError(
+            f"outputs='logit' needs {name}: the index of the chosen output per example (an "
+            f"int or an int array of shape ({n},)), e.g. the label logit."
+        )
+    shape = np.shape(index)
+    if shape not in ((), (n,)):
+        raise ValueError(f"{name} must be an int or have shape ({n},); got shape {shape}.")
+    if not jnp.issubdtype(jnp.result_type(index), jnp.integer):
+        raise ValueError(f"{name} must hold integers; got dtype {jnp.result_type(index)}.")
+    if is_concrete(index):
+        bad = np.flatnonzero((np.asarray(index).reshape(-1) < 0)
+                             | (np.asarray(index).reshape(-1) >= out_dim))
+        if bad.size:
+            raise ValueError(
+                f"{name} must lie in [0, {out_dim}) (the model has {out_dim} outputs per "
+                f"example); entries {bad[:5].tolist()} do not."
+            )
+
+
+def _is_nnx_module(obj) -> bool:
+    nnx = _nnx_or_none()
+    return nnx is not None and isinstance(obj, nnx.Module)
+
+
+def _is_nnx_state(obj) -> bool:
+    nnx = _nnx_or_none()
+    return nnx is not None and isinstance(obj, nnx.State)
+
+
+def _nnx_or_none():
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax always ships nnx here
+        return None
+    return nnx
+
+
+def _is_linen_apply(apply_fn) -> bool:
+    return isinstance(getattr(apply_fn, "__self__", None), linen.Module)
+
+
+class _NNXModel:
+    """An ``nnx.Module`` as ``apply_fn(variables, x)`` on ``{"params": Param state, "rest":
+    other state}`` (a variables-dict: only ``"params"`` is differentiated)."""
+
+    def __init__(self, module):
+        self.graphdef, params, rest = _split_nnx(module)
+        self.default = {"params": params, "rest": rest}
+
+    def __call__(self, variables, x):
+        nnx = _nnx_or_none()
+        assert nnx is not None
+        return nnx.merge(self.graphdef, variables["params"], variables["rest"])(x)
+
+    def variables(self, params):
+        """The variables dict for what a kernel function was called with."""
+        if _is_nnx_module(params):
+            graphdef, p, rest = _split_nnx(params)
+            if graphdef != self.graphdef:
+                raise ValueError(
+                    "params: the nnx Module passed has another structure than the one the "
+                    "kernel function was built from; build one per architecture."
+                )
+            return {"params": p, "rest": rest}
+        if _is_nnx_state(params):
+            return {"params": params, "rest": self.default["rest"]}
+        if isinstance(params, Mapping) and set(params) == {"params", "rest"} and _is_nnx_state(
+                params["params"]):
+            return params
+        if params is None:
+            return self.default
+        raise ValueError(
+            "params: this kernel function was built from a flax.nnx Module; call it with that "
+            "Module (e.g. after training), its nnx.Param state (nnx.split(module, nnx.Param, "
+            f"...)[1]) or None (the module's own parameters); got {type(params).__name__}"
+            + (" -- linen variables, which belong to a flax.linen module's apply."
+               if is_variables_dict(params) else ".")
+        )
+
+
 def empirical_ntk_fn(
     apply_fn: ApplyFn,
     *,
     ntk_method: NTKMethod = "auto",
-    outputs: Outputs = "trace",
+    outputs: KernelOutputs = "trace",
     vp_batch_size: int | None = None,
     batch: BatchMode = "auto",
     diagonal_batch: bool = False,
+    params_filter: ParamsFilter | None = None,
+    variant: Variant = "ntk",
 ) -> KernelFn:
     """Returns a jitted ``ntk(params, x1, x2=None)``: the empirical NTK of ``apply_fn``.
 
@@ -242,15 +522,41 @@ def empirical_ntk_fn(
     is kept per input shapes, and under an outer ``jit`` without an earlier concrete call the
     probe runs in the program and ``lax.cond`` picks the kernel.
 
+    Kernel variants used in the literature on real models (each is the kernel of a reduced
+    model, so every ``ntk_method`` computes it at the cost of its one output):
+
+    * ``outputs="pseudo"``: the pseudo-NTK of Mohamadi, Bae & Sutherland 2023 ("A Fast,
+      Well-Founded Approximation to the Empirical Neural Tangent Kernel", ICML), the kernel of
+      the summed outputs scaled by ``1/sqrt(O)``:
+      ``pNTK(x, x') = (1/O) <d(sum_i f_i(x))/dtheta, d(sum_j f_j(x'))/dtheta>
+      = (1/O) sum_{ij} Theta_{ij}(x, x')``, shape ``(N1, N2)``.
+    * ``outputs="logit"``: the kernel of one chosen output per example, ``K(x_a, x'_b) =
+      <df_{i_a}(x_a)/dtheta, df_{j_b}(x'_b)/dtheta> = Theta_{i_a j_b}(x_a, x'_b)`` (e.g. the
+      label logit), shape ``(N1, N2)``; the indices (into the flattened outputs) are given when
+      calling: ``ntk(params, x1, x2, index1=i, index2=j)``, each an int or an int array of one
+      entry per example (``index2`` defaults to ``index1`` when ``x2`` is None).
+    * ``variant="signgd"``: the asymmetric SignGD kernel of Malladi et al. 2023 ("A
+      Kernel-Based View of Language Model Fine-Tuning", ICML, section 4.2, Definition 4.3),
+      ``K_{ij}(x, x') = <df_i(x)/dtheta, sign(df_j(x')/dtheta)>`` -- the kernel of the
+      early-time dynamics of sign-based (Adam-like) updates; ``sign(0) = 0``. It is not
+      symmetric (also for ``x2=None``) and is computed from per-sample Jacobians.
+    * ``params_filter``: the kernel over a subset of the parameters (the head only, the last
+      blocks, LoRA adapters): ``sum_{p in S}``. The other parameters are held as constants, so
+      neither their Jacobians nor their structured terms are computed.
+
     Args:
-      apply_fn: ``(params, x) -> (N, *out)``, e.g. a linen ``module.apply``. For an NNX module
-        use :func:`nnx_apply_fn`.
+      apply_fn: ``(params, x) -> (N, *out)``, e.g. a linen ``module.apply``, or a
+        ``flax.nnx.Module`` (in evaluation mode): its ``nnx.Param`` state is differentiated and
+        the kernel function takes as ``params`` that module (e.g. after training), its Param
+        state (``nnx.split(module, nnx.Param, ...)[1]``) or None (its parameters at
+        construction); the other state (batch statistics) comes from the module passed.
       ntk_method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"`` (see module doc).
         All give the same kernel up to rounding. The batched kernel of a coupled function is
         computed by ``"jacobian"`` (for ``"structured"`` too) or ``"ntk_vp"``.
       outputs: ``"trace"`` -- the SUM over outputs, shape ``(N1, N2)``; ``"mean"`` -- the
         MEAN over outputs (neural-tangents' ``trace_axes=(-1,)``), shape ``(N1, N2)``;
-        ``"full"`` -- shape ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``.
+        ``"full"`` -- shape ``(N1, N2, O, O)``; ``"diagonal"`` -- shape ``(N1, N2, O)``;
+        ``"pseudo"`` and ``"logit"`` (above), shape ``(N1, N2)``.
       vp_batch_size: only for ``"ntk_vp"``: evaluate the columns ``x2[b]`` sequentially in
         groups of this size (``lax.map``) to bound memory; None vectorizes over all of x2.
       batch: ``"auto"`` (probe, above), ``"per_sample"`` (examples are independent: no probe)
@@ -258,6 +564,13 @@ def empirical_ntk_fn(
       diagonal_batch: only the pairs ``Theta(x1_a, x2_a)`` (``x2=None``: ``Theta(x_a, x_a)``),
         without forming the ``N1 x N2`` matrix -- neural-tangents' ``diagonal_axes=(0,)``.
         Shapes ``(N,)``, ``(N, O)`` or ``(N, O, O)``; x1 and x2 need the same N.
+      params_filter: None (every parameter) or the parameters to differentiate: a predicate
+        ``(path, leaf) -> bool`` deciding from the leaf's path in the differentiated part
+        (a tuple of keys such as ``("Dense_1", "kernel")``; for a linen variables dict the
+        ``"params"`` collection, for an NNX module its Param state) and the leaf's
+        shape/dtype; or an optax-style mask, a pytree of bools with the structure of the
+        differentiated part or of a prefix of it (``{"Dense_0": False, "Dense_1": True}``).
+      variant: ``"ntk"`` or ``"signgd"`` (above).
 
     Returns:
       ``ntk(params, x1, x2=None)``, a ``jax.jit`` of a pure function (``ntk.__wrapped__``);
@@ -272,7 +585,10 @@ def empirical_ntk_fn(
         holding NaN or Inf (under an outer ``jit`` the values are unknown and not checked), and
         a linen model with a train-mode dropout (``flax.linen.Dropout`` or
         :class:`ntkjax.nn.Dropout` with ``deterministic=False`` and ``rate > 0``): its masks
-        depend on RNG state and on how examples are batched, so it has no one kernel.
+        depend on RNG state and on how examples are batched, so it has no one kernel; a
+        ``params_filter`` that selects no parameter or does not match the parameters; for
+        ``outputs="logit"`` missing or out-of-range indices; an NNX module called with linen
+        variables, or a linen ``apply`` called with an NNX module or state.
 
     A linear model ``f(x) = x w`` has the NTK ``x1 x2^T``:
 
@@ -291,10 +607,19 @@ def empirical_ntk_fn(
     >>> print(ntkjax.empirical_ntk_fn(centered)({"w": jnp.ones((2, 1))}, x))
     [[ 2. -2.]
      [-2.  2.]]
+
+    Only the parameter ``"b"`` of ``f(x) = x w + b``: each example's gradient is 1:
+
+    >>> affine = lambda params, x: x @ params["w"] + params["b"]
+    >>> p = {"w": jnp.ones((2, 1)), "b": jnp.zeros(1)}
+    >>> print(ntkjax.empirical_ntk_fn(affine, params_filter={"w": False, "b": True})(p, x))
+    [[1. 1.]
+     [1. 1.]]
     """
     check_choice(ntk_method, NTK_METHODS, "ntk_method")
-    check_choice(outputs, OUTPUTS, "outputs")
+    check_choice(outputs, KERNEL_OUTPUTS, "outputs")
     check_choice(batch, BATCH_MODES, "batch")
+    check_choice(variant, VARIANTS, "variant")
     if not isinstance(diagonal_batch, bool):
         raise ValueError(f"diagonal_batch must be True or False, got {diagonal_batch!r}.")
     if vp_batch_size is not None and (
@@ -303,92 +628,151 @@ def empirical_ntk_fn(
         raise ValueError(
             f"vp_batch_size must be None or a positive integer, got {vp_batch_size!r}."
         )
+    if variant == "signgd" and ntk_method not in ("auto", "jacobian"):
+        raise ValueError(
+            f"variant='signgd' needs each per-sample gradient's sign, so it is computed from "
+            f"per-sample Jacobians: use ntk_method='jacobian' (or 'auto'), not {ntk_method!r}."
+        )
+    nnx_model = _NNXModel(apply_fn) if _is_nnx_module(apply_fn) else None
+    model: ApplyFn = apply_fn if nnx_model is None else nnx_model
 
-    inner: Outputs = "trace" if outputs == "mean" else outputs  # "mean": the trace over O
+    # "mean": the trace over O; "pseudo" and "logit": the trace of a one-output model
+    inner: Outputs = "trace" if outputs in ("mean", "pseudo", "logit") else outputs  # type: ignore[assignment]
+    symmetric = variant == "ntk"
     decisions: dict[Any, bool] = {}  # coupled or not, per input shapes (batch="auto")
 
-    def compute(params, x1, x2, whole):
-        with linen.intercept_methods(_reject_active_dropout):
-            return _ntk(params, x1, x2, whole)
+    def as_variables(params):
+        """What the kernel function was called with, as the model's params."""
+        if nnx_model is not None:
+            return nnx_model.variables(params)
+        if _is_nnx_module(params) or (_is_nnx_state(params) and _is_linen_apply(apply_fn)):
+            raise ValueError(
+                f"params: got a flax.nnx {type(params).__name__} for a flax.linen apply_fn "
+                f"({describe_object(apply_fn)}); pass the nnx Module itself as apply_fn (or "
+                "use ntkjax.nnx_apply_fn), or the linen module's variables as params."
+            )
+        return params
 
-    def _ntk(params, x1, x2, whole):
-        out = check_model_inputs(apply_fn, params, x1, x2)
+    def compute(params, x1, x2, whole, index1=None, index2=None):
+        with linen.intercept_methods(_reject_active_dropout):
+            return _ntk(params, x1, x2, whole, index1, index2)
+
+    def _ntk(params, x1, x2, whole, index1, index2):
+        out = check_model_inputs(model, params, x1, x2)
         if diagonal_batch and x2 is not None and x1.shape[0] != x2.shape[0]:
             raise ValueError(
                 f"diagonal_batch pairs x1[a] with x2[a], so x1 and x2 need the same number of "
                 f"examples; got x1 of shape {tuple(x1.shape)} and x2 of shape "
                 f"{tuple(x2.shape)}."
             )
+        fn = model
+        if params_filter is not None:
+            fn, params = _select_params(fn, params, params_filter)
+        same = x2 is None
+        if outputs == "pseudo":
+            fn = _summed_outputs(fn)
+        elif outputs == "logit":
+            full_dim = int(np.prod(out.shape[1:]))
+            _check_index(index1, "index1", x1.shape[0], full_dim)
+            if x2 is None and index2 is not None:
+                x2 = x1
+            if x2 is not None:
+                index2 = index1 if same and index2 is None else index2
+                _check_index(index2, "index2", x2.shape[0], full_dim)
+                x2 = _pack_index(x2, index2)
+            fn = _chosen_output(fn, x1.shape[1:], x1.dtype)
+            x1 = _pack_index(x1, index1)
+        if outputs in ("pseudo", "logit"):
+            out = jax.eval_shape(fn, params, x1)
         out_dim = int(np.prod(out.shape[1:]))
         dtype = _result_dtype(params, out)
         chosen = ntk_method
-        if ntk_method == "auto" or (whole and ntk_method == "structured"):
-            chosen = _auto_method(apply_fn, params, x1, x2, out_dim, whole)
+        if variant == "signgd":
+            chosen = "jacobian"
+        elif ntk_method == "auto" or (whole and ntk_method == "structured"):
+            chosen = _auto_method(fn, params, x1, x2, out_dim, whole)
         if chosen == "jacobian":
-            kernel = _jacobian_kernel(apply_fn, params, x1, x2, inner, whole, diagonal_batch)
+            kernel = _jacobian_kernel(fn, params, x1, x2, inner, whole, diagonal_batch,
+                                      sign=variant == "signgd")
         elif chosen == "ntk_vp":
             kernel = _ntk_vp_kernel(
-                apply_fn, params, x1, x2, inner, out_dim, dtype, vp_batch_size, whole,
+                fn, params, x1, x2, inner, out_dim, dtype, vp_batch_size, whole,
                 diagonal_batch,
             )
         elif diagonal_batch:
-            kernel = _structured_paired(apply_fn, params, x1, x2, inner)
+            kernel = _structured_paired(fn, params, x1, x2, inner)
         else:
-            kernel = structured_kernel(apply_fn, params, x1, x2, outputs=inner)
+            kernel = structured_kernel(fn, params, x1, x2, outputs=inner)
         if kernel is None:  # no parameter at all
             kernel = _zeros(x1, x2, out_dim, inner, dtype, diagonal_batch)
         kernel = kernel.astype(dtype)
         if outputs == "mean":
             kernel = kernel / out_dim
-        if x2 is not None:
+        if x2 is not None or not symmetric:
             return kernel
         if diagonal_batch:
             return 0.5 * (kernel + jnp.swapaxes(kernel, -1, -2)) if inner == "full" else kernel
         return symmetrize(kernel, inner)
 
-    def shapes_key(params, x1, x2):
-        leaves = jax.tree_util.tree_leaves((params, x1, x2))
-        return jax.tree_util.tree_structure((params, x1, x2)), tuple(
+    def shapes_key(params, x1, x2, index1, index2):
+        leaves = jax.tree_util.tree_leaves((params, x1, x2, index1, index2))
+        return jax.tree_util.tree_structure((params, x1, x2, index1, index2)), tuple(
             (np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
         )
 
-    def ntk(params, x1, x2=None):
+    def ntk(params, x1, x2=None, *, index1=None, index2=None):
+        params = as_variables(params)
         if batch != "auto":
-            return compute(params, x1, x2, batch == "whole")
-        key = shapes_key(params, x1, x2)
+            return compute(params, x1, x2, batch == "whole", index1, index2)
+        key = shapes_key(params, x1, x2, index1, index2)
         if key in decisions:
-            return compute(params, x1, x2, decisions[key])
-        coupled = _coupling_gap(apply_fn, params, x1, x2) > _COUPLING_TOLERANCE
+            return compute(params, x1, x2, decisions[key], index1, index2)
+        coupled = _coupling_gap(model, params, x1, x2) > _COUPLING_TOLERANCE
         return jax.lax.cond(
             coupled,
-            lambda: compute(params, x1, x2, True),
-            lambda: compute(params, x1, x2, False),
+            lambda: compute(params, x1, x2, True, index1, index2),
+            lambda: compute(params, x1, x2, False, index1, index2),
         )
 
-    per_sample = jit_with_options(functools.partial(compute, whole=False),
-                                  cpu_convolution_options())
-    whole_batch = jit_with_options(functools.partial(compute, whole=True),
-                                   cpu_convolution_options())
-    probe = jax.jit(functools.partial(_coupling_gap, apply_fn))
+    options = cpu_convolution_options()
+    per_sample = jit_with_options(functools.partial(compute, whole=False), options)
+    whole_batch = jit_with_options(functools.partial(compute, whole=True), options)
+    probe = jax.jit(functools.partial(_coupling_gap, model))
     selecting = jax.jit(ntk)
 
-    def checked(params: Any, x1: jax.Array, x2: jax.Array | None = None) -> jax.Array:
+    def checked(params: Any, x1: jax.Array, x2: jax.Array | None = None, *,
+                index1: ArrayLike | None = None, index2: ArrayLike | None = None) -> jax.Array:
         check_values(x1, x2)
+        if outputs != "logit" and (index1 is not None or index2 is not None):
+            raise ValueError(
+                f"index1 / index2 choose one output per example for outputs='logit'; this "
+                f"kernel function has outputs={outputs!r}."
+            )
+        params = as_variables(params)
+        if outputs == "logit":  # validated here, where the values are known
+            out = check_model_inputs(model, params, x1, x2)
+            full_dim = int(np.prod(out.shape[1:]))
+            _check_index(index1, "index1", np.shape(x1)[0], full_dim)
+            if x2 is not None or index2 is not None:
+                n2 = np.shape(x1 if x2 is None else x2)[0]
+                _check_index(index1 if index2 is None and x2 is None else index2, "index2", n2,
+                             full_dim)
         if batch == "per_sample":
-            return per_sample(params, x1, x2)
+            return per_sample(params, x1, x2, index1=index1, index2=index2)
         if batch == "whole":
-            return whole_batch(params, x1, x2)
-        key = shapes_key(params, x1, x2)
+            return whole_batch(params, x1, x2, index1=index1, index2=index2)
+        key = shapes_key(params, x1, x2, index1, index2)
         if key not in decisions and all(
             is_concrete(leaf) for leaf in jax.tree_util.tree_leaves((params, x1, x2))
         ):
             check_pair(x1, x2)
             with linen.intercept_methods(_reject_active_dropout):
-                check_model_inputs(apply_fn, params, x1, x2)
+                check_model_inputs(model, params, x1, x2)
                 decisions[key] = bool(probe(params, x1, x2) > _COUPLING_TOLERANCE)
         if key in decisions:
-            return (whole_batch if decisions[key] else per_sample)(params, x1, x2)
-        return selecting(params, x1, x2)
+            return (whole_batch if decisions[key] else per_sample)(
+                params, x1, x2, index1=index1, index2=index2)
+        return selecting(params, x1, x2, index1=index1, index2=index2)
 
     checked.__wrapped__ = ntk  # type: ignore[attr-defined]
     return checked
@@ -524,12 +908,13 @@ def empirical_ntk_matrix(
     x2: ArrayLike | None = None,
     *,
     ntk_method: NTKMethod = "auto",
-    outputs: Outputs = "trace",
+    outputs: KernelOutputs = "trace",
     memory_bytes: int | None = None,
     block_size: int | None = None,
     devices: Sequence[Any] | None = None,
     out: str | os.PathLike | None = None,
     show_progress: bool = False,
+    params_filter: ParamsFilter | None = None,
 ) -> Any:
     """The empirical NTK of large inputs, computed in memory-bounded blocks into host memory.
 
@@ -539,7 +924,8 @@ def empirical_ntk_matrix(
     computed and mirrored.
 
     Args:
-      apply_fn, ntk_method, outputs: as in :func:`empirical_ntk_fn`.
+      apply_fn, ntk_method, outputs, params_filter: as in :func:`empirical_ntk_fn`
+        (``outputs="logit"``, whose indices are per example, is not offered here).
       params: the model parameters (any pytree / linen variables dict).
       x1: ``(N1, *features)``.
       x2: ``(N2, *features)`` or None for x2 = x1.
@@ -567,8 +953,14 @@ def empirical_ntk_matrix(
      [ 3. 13. 23.]
      [ 5. 23. 41.]]
     """
+    if outputs == "logit":
+        raise ValueError(
+            "empirical_ntk_matrix does not take outputs='logit' (its indices are per example); "
+            "use ntkjax.empirical_ntk_fn(apply_fn, outputs='logit') on blocks of examples."
+        )
     ntk = empirical_ntk_fn(
-        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample"
+        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample",
+        params_filter=params_filter,
     )
     check_pair(x1, x2)
     x1 = jnp.asarray(x1)
@@ -600,6 +992,7 @@ def empirical_ntk_matrix(
         fingerprint=(
             f"empirical_ntk_matrix ntk_method={ntk_method} outputs={outputs} "
             f"apply_fn={describe_object(apply_fn)}"
+            + ("" if params_filter is None else f" {_describe_filter(params_filter)}")
         ),
     )
 
@@ -756,7 +1149,20 @@ def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], An
     >>> ntkjax.empirical_ntk_fn(apply_fn)(params, jnp.ones((4, 3))).shape
     (4, 4)
     """
-    from flax import nnx  # nnx is imported only by users of this helper
+    graphdef, params, rest = _split_nnx(module)
+
+    def apply_fn(p, x):
+        from flax import nnx
+
+        return nnx.merge(graphdef, p, rest)(x)
+
+    return apply_fn, params
+
+
+def _split_nnx(module: Any) -> tuple[Any, Any, Any]:
+    """``nnx.split(module, nnx.Param, ...)`` of a module in evaluation mode (ValueError for
+    anything else)."""
+    from flax import nnx  # nnx is imported only by users of NNX models
 
     if not isinstance(module, nnx.Module):
         raise ValueError(
@@ -775,8 +1181,237 @@ def nnx_apply_fn(module: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], An
             "the batch or on RNG state, so it has no per-sample NTK; call module.eval() first."
         )
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return graphdef, params, rest
 
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, p, rest)(x)
 
-    return apply_fn, params
+# ---------------------------------------------------------------------------------------------
+# projected eNTK features
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_projection(dim, rank) -> None:
+    for value, name in ((dim, "dim"), (rank, "rank")):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if dim % (rank * rank):
+        raise ValueError(
+            f"dim must be a multiple of rank**2 = {rank * rank} (each weight matrix is "
+            f"projected by dim / rank**2 Kronecker blocks of rank x rank); got dim={dim}."
+        )
+
+
+def _projected_block(apply_fn, params, x, key, dim, rank):
+    """``(n, O, D)`` projected per-sample gradients of a block of examples (one projection
+    per parameter leaf, drawn from ``fold_in(key, leaf index)``: the same for every block)."""
+    factored = structured_projected_features(apply_fn, params, x, key, dim, rank)
+    if factored is not None:
+        return factored
+    trainable, rebuild = split_params(params)
+    jac = _per_sample_jacobians(apply_fn, rebuild, trainable, x)
+    parts = [
+        project_gradient(g, jax.random.fold_in(key, i), dim, rank)
+        for i, g in enumerate(jax.tree_util.tree_leaves(jac))
+        if g.size and jnp.issubdtype(g.dtype, jnp.inexact)
+    ]
+    return jnp.concatenate(parts, axis=-1)
+
+
+def projected_ntk_features(
+    apply_fn: ApplyFn,
+    params: Any,
+    x: ArrayLike,
+    *,
+    dim: int,
+    key: jax.Array,
+    rank: int = 4,
+    params_filter: ParamsFilter | None = None,
+    block_size: int | None = None,
+    memory_bytes: int | None = None,
+    out: str | os.PathLike | None = None,
+    show_progress: bool = False,
+) -> Any:
+    """Random features of the empirical NTK: projected per-sample gradients, ``(N, O, D)``.
+
+    ``phi_i(x) = R^T df_i(x)/dtheta`` with a random projection ``R`` (``P x D``) such that
+    ``E[R R^T] = I``, so ``E[phi_i(x) . phi_j(x')] = Theta_{ij}(x, x')``: the estimate is
+    unbiased, and its error falls like ``D^{-1/2}`` (TRAK, Park et al. 2023; LoGra, Choe et al.
+    2024). ``R`` is block diagonal over the parameter leaves, each leaf giving ``dim``
+    features (``D = dim x number of leaves``): a weight matrix ``G`` (``d_in x d_out``) is
+    projected as ``vec(P_in^T G P_out)`` by ``dim / rank^2`` independent Kronecker blocks
+    (``P_in`` ``d_in x rank``, ``P_out`` ``d_out x rank``, ``N(0, 1/rank)`` entries; LoGra's
+    projection), which stores ``(d_in + d_out) dim / rank`` numbers where a dense Gaussian
+    ``R`` would store ``d_in d_out dim``; vectors (biases, norm scales) by a Gaussian sketch.
+    The features of the trace kernel are ``phi`` flattened to ``(N, O D)``.
+
+    Cost: for the layers the structured method factorizes (linen ``Dense``, ``DenseGeneral``,
+    ``Conv``, ``ConvTranspose``, ``Embed``, ``ntkjax.nn.Dense``; see :mod:`ntkjax.structured`)
+    the weight gradient ``G_i = sum_t x_t (x) delta_{i,t}`` is never formed: its features are
+    ``sum_t (P_in^T x_t)(P_out^T delta_{i,t})^T``, from the layer's inputs and output
+    cotangents; biases and every other parameter (norm scales, custom layers, non-linen
+    models) are projected from their per-sample Jacobians. The examples are processed in
+    blocks, so time and memory are linear in N; the projection is drawn from ``key`` per leaf
+    and is the same for every block. With ``out`` the features stream to a resumable
+    zarr store (:func:`ntkjax.blocking.evaluate_in_blocks`; array shape ``(N, 1, O, D)``) for N
+    beyond memory. Use :func:`projected_ntk_feature_fn` to feed :func:`ntkjax.feature_ridge`.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)`` returning an array of logits (floating).
+      params: the model parameters (any pytree / linen variables dict).
+      x: ``(N, *features)``.
+      dim: features per parameter leaf, a positive multiple of ``rank**2``.
+      key: the PRNG key of the projection.
+      rank: the Kronecker blocks' rank (``P_in``, ``P_out`` have ``rank`` columns).
+      params_filter: the parameters to differentiate (as in :func:`empirical_ntk_fn`).
+      block_size, memory_bytes: rows per block, or the memory budget it is chosen from.
+      out: path of a resumable zarr store to write the features to instead of RAM.
+      show_progress: progress bar on stderr.
+
+    Returns:
+      A numpy array ``(N, O, D)``; with ``out`` a read-only ``zarr.Array`` ``(N, 1, O, D)``.
+
+    Raises:
+      ValueError: ``dim`` or ``rank`` not a positive integer, ``dim`` not a multiple of
+        ``rank**2``, a model whose output is not one floating array ``(N, *out)``, and as
+        :func:`empirical_ntk_fn` for the inputs, params and ``params_filter``.
+
+    The features of ``f(x) = x w`` are ``x R`` with ``E[R R^T] = I``:
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> x = jax.random.normal(jax.random.key(0), (3, 5))
+    >>> phi = ntkjax.projected_ntk_features(lambda p, x: x @ p, jnp.ones((5, 1)), x, dim=16,
+    ...                                     key=jax.random.key(1))
+    >>> phi.shape
+    (3, 1, 16)
+    """
+    _check_projection(dim, rank)
+    check_pair(x, None)
+    x = jnp.asarray(x)
+    out_shape = check_model_inputs(apply_fn, params, x[:1])
+    if not jnp.issubdtype(out_shape.dtype, jnp.floating):
+        raise ValueError(
+            f"apply_fn must return an array of logits (floating); it returns dtype "
+            f"{out_shape.dtype}, which has no gradient features."
+        )
+    block = _jitted_projection(apply_fn, dim, rank, params_filter)
+    if out is None:  # in memory, in blocks of rows
+        n = x.shape[0]
+        rows = block_size or _projection_rows(apply_fn, params, x, dim, memory_bytes)
+        parts = []
+        for start in range(0, n, rows):
+            parts.append(np.asarray(block(params, x[start:start + rows], key)))
+        return np.concatenate(parts, axis=0)
+    anchor = x[:1]  # one column, not used: the store's rows are the examples
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    key_data = jax.random.key_data(key) if typed else key  # the store records plain arrays
+
+    def rows_fn(a, _b, p, k):
+        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
+
+    return evaluate_in_blocks(
+        rows_fn,
+        x,
+        anchor,
+        fn_args=(params, key_data),
+        block_size=block_size,
+        memory_bytes=memory_bytes,
+        show_progress=show_progress,
+        description="projected eNTK features",
+        out=out,
+        fingerprint=(
+            f"projected_ntk_features dim={dim} rank={rank} "
+            f"apply_fn={describe_object(apply_fn)} "
+            f"params_filter={None if params_filter is None else _describe_filter(params_filter)}"
+        ),
+    )
+
+
+def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
+    """Rows per block: a block's per-sample Jacobians (and their projections) within the
+    budget (half of the free memory by default)."""
+    budget = memory_bytes or available_memory_bytes() // 2
+    out = jax.eval_shape(apply_fn, params, x[:1])
+    out_dim = int(np.prod(out.shape[1:]))
+    leaves = jax.tree_util.tree_leaves(split_params(params)[0])
+    per_row = 3 * (_jacobian_bytes(params, 1, out_dim) + 8 * out_dim * dim * max(len(leaves), 1))
+    return int(max(1, min(x.shape[0], budget // max(per_row, 1))))
+
+
+def _jitted_projection(apply_fn, dim, rank, params_filter):
+    """The jitted block function, shared by calls with the same (hashable) configuration."""
+    try:
+        hash((apply_fn, params_filter))
+    except TypeError:  # a mask dict: compiled for this call
+        return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
+    return _cached_projection(apply_fn, dim, rank, params_filter)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_projection(apply_fn, dim, rank, params_filter):
+    return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
+
+
+def _projected_feature_block(apply_fn, dim, rank, params_filter):
+    """``(params, x, key) -> (n, O, D)``: :func:`_projected_block` of the (selected) model."""
+
+    def block(params, x, key):
+        fn = apply_fn
+        if params_filter is not None:
+            fn, params = _select_params(fn, params, params_filter)
+        return _projected_block(fn, params, x, key, dim, rank)
+
+    return block
+
+
+def projected_ntk_feature_fn(
+    apply_fn: ApplyFn,
+    params: Any,
+    *,
+    dim: int,
+    key: jax.Array,
+    rank: int = 4,
+    params_filter: ParamsFilter | None = None,
+) -> Callable[[jax.Array], Any]:
+    """A jitted feature map ``x -> Features`` of the projected empirical NTK, for
+    :func:`ntkjax.feature_ridge` (and anything else that takes a feature map).
+
+    ``Features.ntk`` is :func:`projected_ntk_features` flattened to ``(N, O D)``: the random
+    features of the trace eNTK ``sum_i Theta_ii`` (unbiased); ``Features.nngp`` is the network
+    output flattened to ``(N, O)`` (the empirical output covariance). The projection is fixed
+    by ``key``, so every batch gets the same one.
+
+    Args:
+      apply_fn: ``(params, x) -> (N, *out)`` returning an array of logits (floating).
+      params: the model parameters (any pytree / linen variables dict), held fixed.
+      dim: features per parameter leaf, a positive multiple of ``rank**2``.
+      key: the PRNG key of the projection.
+      rank: the Kronecker blocks' rank.
+      params_filter: the parameters to differentiate (as in :func:`empirical_ntk_fn`).
+
+    Returns:
+      ``features(x) -> Features`` (jitted), with ``ntk`` of shape ``(N, O D)``.
+
+    Raises:
+      ValueError: ``dim`` or ``rank`` not a positive integer, or ``dim`` not a multiple of
+        ``rank**2``.
+
+    >>> import jax, jax.numpy as jnp, ntkjax
+    >>> x = jax.random.normal(jax.random.key(0), (20, 5))
+    >>> fmap = ntkjax.projected_ntk_feature_fn(lambda p, x: x @ p, jnp.ones((5, 1)), dim=16,
+    ...                                        key=jax.random.key(1))
+    >>> fit = ntkjax.feature_ridge(fmap, x, x[:, :1], diag_reg=1e-6)
+    >>> fit.predict(x).shape
+    (20, 1)
+    """
+    from ntkjax.features import Features
+
+    _check_projection(dim, rank)
+    block = _projected_feature_block(apply_fn, dim, rank, params_filter)
+
+    @jax.jit
+    def features(x):
+        phi = block(params, x, key)
+        outputs = apply_fn(params, x)
+        return Features(nngp=jnp.reshape(outputs, (x.shape[0], -1)),
+                        ntk=jnp.reshape(phi, (x.shape[0], -1)))
+
+    return features

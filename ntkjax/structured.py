@@ -63,7 +63,13 @@ from ntkjax.jacobians import (
 from ntkjax.nn.conv import transpose_padding
 from ntkjax.nn.flax_layers import FLAX_LAYERS
 
-__all__ = ["count_structured_layers", "last_hidden_features", "structured_kernel"]
+__all__ = [
+    "count_structured_layers",
+    "last_hidden_features",
+    "project_gradient",
+    "structured_kernel",
+    "structured_projected_features",
+]
 
 _PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"},
                 "conv_transpose": {"kernel", "bias"}, "embed": {"embedding"}}
@@ -192,6 +198,8 @@ def _layer_params(trainable, layer: _Layer):
             return None
         node = node[key]
     if not isinstance(node, Mapping) or not set(node) <= _PARAM_NAMES[layer.kind]:
+        return None
+    if not set(node) & {"kernel", "embedding"}:  # a bias alone (its weight held fixed)
         return None
     if any(isinstance(v, Mapping) for v in node.values()):
         return None
@@ -493,9 +501,13 @@ def _scales(layer: _Layer, node, dtype):
     def first_output(p):
         return layer.module.apply({"params": p}, unit)[0, 0]
 
-    grad = jax.grad(first_output)(dict(node))
+    # a parameter held fixed (not in ``node``) still has to be there: zeros of its shape
+    shapes = jax.eval_shape(layer.module.init, jax.random.key(0), unit)["params"]
+    full = {name: node[name] if name in node else jnp.zeros(v.shape, v.dtype)
+            for name, v in shapes.items()}
+    grad = jax.grad(first_output)(full)
     c = grad["kernel"][0, 0]
-    s = grad["bias"][0] if "bias" in grad else 1.0
+    s = grad["bias"][0] if "bias" in node else 1.0
     return c, s
 
 
@@ -586,6 +598,37 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
     return taps
 
 
+def _taps(apply_fn, params, layers, x):
+    """``(rest, per_sample, dtype)``: the leaves not covered by ``layers`` and
+    ``per_sample(rest, x) -> (rest Jacobians (N, O, *leaf), cotangents {path: (O, N, 1, *out)},
+    inputs {path: (N, 1, ...)})``, through one batched pass when nothing falls back."""
+    trainable, rebuild = split_params(params)
+    out = jax.eval_shape(apply_fn, params, x[:1])
+    out_dim = int(np.prod(out.shape[1:]))
+    dtype = out.dtype
+    rest, merge = _split_rest(trainable, layers)
+    batch_first = all(
+        lay.in_shape[:1] == (1,) and lay.out_shape[:1] == (1,) for lay in layers.values()
+    )
+    if batch_first and not any(leaf.size for leaf in rest):
+        taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
+
+        def batched(_: Any, x: jax.Array) -> tuple:
+            return [], *taps(x)
+
+        return rest, batched, dtype
+    vmapped = jax.vmap(
+        _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
+        in_axes=(None, 0),
+    )
+
+    def one_by_one(rest: Any, x: jax.Array) -> tuple:
+        jac, deltas, inputs = vmapped(rest, x)
+        return jac, {k: jnp.moveaxis(v, 1, 0) for k, v in deltas.items()}, inputs
+
+    return rest, one_by_one, dtype
+
+
 def structured_kernel(
     apply_fn: Callable,
     params: Any,
@@ -605,33 +648,7 @@ def structured_kernel(
     trainable, rebuild = split_params(params)
     if not layers:
         return leaf_jacobian_kernel(per_sample_fn(apply_fn, rebuild), trainable, x1, x2, outputs)
-
-    out = jax.eval_shape(apply_fn, params, x1[:1])
-    out_dim = int(np.prod(out.shape[1:]))
-    dtype = out.dtype
-    rest, merge = _split_rest(trainable, layers)
-    batch_first = all(
-        lay.in_shape[:1] == (1,) and lay.out_shape[:1] == (1,) for lay in layers.values()
-    )
-    if batch_first and not any(leaf.size for leaf in rest):
-        taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
-
-        def batched(_: Any, x: jax.Array) -> tuple:
-            return [], *taps(x)
-
-        per_sample = batched
-    else:
-        vmapped = jax.vmap(
-            _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
-            in_axes=(None, 0),
-        )
-
-        def one_by_one(rest: Any, x: jax.Array) -> tuple:
-            jac, deltas, inputs = vmapped(rest, x)
-            return jac, {k: jnp.moveaxis(v, 1, 0) for k, v in deltas.items()}, inputs
-
-        per_sample = one_by_one
-
+    rest, per_sample, dtype = _taps(apply_fn, params, layers, x1)
     jac1, deltas1, inputs1 = per_sample(rest, x1)
     if x2 is None:
         jac2, deltas2, inputs2 = jac1, deltas1, inputs1
@@ -661,6 +678,112 @@ def structured_kernel(
             bias_scale=s if "bias" in node else None,
         ))
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# projected features (random features of the empirical NTK)
+# ---------------------------------------------------------------------------------------------
+
+
+def _kronecker_factors(key, m: int, d_in: int, d_out: int, rank: int, dtype):
+    """``m`` independent pairs ``P_in`` ``(d_in, rank)``, ``P_out`` ``(d_out, rank)`` with
+    ``N(0, 1/rank)`` entries: ``E[P P^T] = I``."""
+    k_in, k_out = jax.random.split(key)
+    p_in = jax.random.normal(k_in, (m, d_in, rank), dtype) / np.sqrt(rank)
+    p_out = jax.random.normal(k_out, (m, d_out, rank), dtype) / np.sqrt(rank)
+    return p_in, p_out
+
+
+def project_gradient(g: jax.Array, key: jax.Array, dim: int, rank: int) -> jax.Array:
+    """Features ``(n, O, dim)`` of one leaf's per-sample gradients ``g`` ``(n, O, *leaf)``
+    with ``E[phi . phi'] = <g, g'>``.
+
+    A leaf with two or more axes is a matrix ``G`` (``d_in x d_out``: all axes but the last,
+    then the last) projected as ``vec(P_in^T G P_out)`` by ``m = dim / rank^2`` independent
+    Kronecker blocks, ``P_in`` ``(d_in, rank)`` and ``P_out`` ``(d_out, rank)`` with
+    ``N(0, 1/rank)`` entries (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?",
+    section 3): ``E[<P_in^T G P_out, P_in^T G' P_out>] = tr(G^T E[P_in P_in^T] G'
+    E[P_out P_out^T]) = <G, G'>``, averaged over the blocks (scale ``1/sqrt(m)``). Other
+    leaves get a Gaussian sketch ``S`` ``(P, dim)`` with ``N(0, 1/dim)`` entries."""
+    n, o = g.shape[:2]
+    shape = g.shape[2:]
+    if len(shape) >= 2:
+        d_in, d_out = int(np.prod(shape[:-1])), int(shape[-1])
+        m = dim // (rank * rank)
+        p_in, p_out = _kronecker_factors(key, m, d_in, d_out, rank, g.dtype)
+        right = jnp.einsum("nidf,mfq->nimdq", g.reshape(n, o, d_in, d_out), p_out,
+                           precision=PRECISION)
+        both = jnp.einsum("nimdq,mdp->nimpq", right, p_in, precision=PRECISION)
+        return both.reshape(n, o, dim) / np.sqrt(m)
+    size = int(np.prod(shape))
+    sketch = jax.random.normal(key, (size, dim), g.dtype) / np.sqrt(dim)
+    return jnp.matmul(g.reshape(n, o, size), sketch, precision=PRECISION)
+
+
+
+def _layer_projection(layer: _Layer, xs, d, key, dim: int, rank: int, scale, vocab):
+    """``(N, O, dim)``: ``vec(P_in^T G_i P_out)`` of the weight gradient ``G_i = scale sum_t
+    x_t (x) delta_{i,t}`` without forming it -- ``sum_t (P_in^T scale x_t) (P_out^T
+    delta_{i,t})^T`` over ``dim / rank^2`` Kronecker blocks (LoGra, Choe et al. 2024). ``xs``:
+    the input parts (N, T, K_j) (token ids (N, T) for Embed), ``d`` (O, N, T, F)."""
+    m = dim // (rank * rank)
+    f = d.shape[-1]
+    k = vocab if layer.kind == "embed" else sum(part.shape[-1] for part in xs)
+    p_in, p_out = _kronecker_factors(key, m, k, f, rank, d.dtype)
+    if layer.kind == "embed":
+        (ids,) = xs
+        x_proj = jnp.moveaxis(p_in[:, ids], 0, 2)  # (N, T, m, r): rows of the one-hot tokens
+    else:
+        x_proj, start = 0.0, 0
+        for part in xs:
+            width = part.shape[-1]
+            x_proj = x_proj + jnp.einsum("ntk,mkp->ntmp", part, p_in[:, start:start + width],
+                                         precision=PRECISION)
+            start += width
+    d_proj = jnp.einsum("intf,mfq->intmq", d, p_out, precision=PRECISION)
+    phi = jnp.einsum("ntmp,intmq->nimpq", scale * x_proj, d_proj, precision=PRECISION)
+    n, o = phi.shape[:2]
+    return phi.reshape(n, o, dim) / np.sqrt(m)
+
+
+def structured_projected_features(
+    apply_fn: Callable, params: Any, x: jax.Array, key: jax.Array, dim: int, rank: int
+) -> jax.Array | None:
+    """``(N, O, D)`` random features of the empirical NTK (``D = dim`` per parameter leaf, in
+    the order of the leaves), from each supported layer's inputs and cotangents: its weight by
+    :func:`_layer_projection`, never forming a per-sample gradient; its bias (``s sum_t
+    delta_t``) and every other leaf (per-sample Jacobians) by :func:`project_gradient`. Each
+    leaf's projection is drawn from ``fold_in(key, leaf index)``. None for a model without a
+    supported layer."""
+    layers = _discover(apply_fn, params, x)
+    if not layers:
+        return None
+    trainable, _ = split_params(params)
+    rest, per_sample, dtype = _taps(apply_fn, params, layers, x)
+    jac, deltas, inputs = per_sample(rest, x)
+    paths = [tuple(getattr(k, "key", getattr(k, "name", None)) for k in kp)
+             for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+    index = {path: i for i, path in enumerate(paths)}
+    parts: dict[int, jax.Array] = {}
+    rest_indices = [i for i, path in enumerate(paths) if path[:-1] not in layers]
+    for i, g in zip(rest_indices, jax.tree_util.tree_leaves(jac), strict=True):
+        if g.size and jnp.issubdtype(g.dtype, jnp.inexact):
+            parts[i] = project_gradient(g, jax.random.fold_in(key, i), dim, rank)
+    for path, layer in layers.items():
+        node = _layer_params(trainable, layer)
+        assert node is not None
+        d = _layer_cotangents(layer, deltas[path])
+        c, s = _scales(layer, node, dtype)
+        weight = "embedding" if layer.kind == "embed" else "kernel"
+        i = index[(*path, weight)]
+        vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
+        parts[i] = _layer_projection(layer, _layer_inputs(layer, inputs[path]), d,
+                                     jax.random.fold_in(key, i), dim, rank, c, vocab)
+        if "bias" in node:
+            i = index[(*path, "bias")]
+            grad = jnp.moveaxis(s * jnp.sum(d, axis=2), 0, 1)  # (N, O, F)
+            parts[i] = project_gradient(grad, jax.random.fold_in(key, i), dim, rank)
+    return jnp.concatenate([parts[i] for i in sorted(parts)], axis=-1)
 
 
 def last_hidden_features(apply_fn: Callable, params: Any, x: jax.Array) -> jax.Array:

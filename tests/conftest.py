@@ -149,6 +149,10 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_masks.py::test_masking_entries_match_neural_tangents",
     "tests/test_masks.py::test_empirical_ntk_of_the_masked_network_converges_to_the_masked_kernel",
     "tests/test_masks.py::test_blocks_equal_the_whole",
+    # issue 25 (entk): the projected eNTK over many keys, and through the store
+    "tests/test_entk_real.py::test_projected_features_are_unbiased_with_error_falling_like_dim_to_minus_half",
+    "tests/test_entk_real.py::test_projected_features_in_blocks_streamed_and_for_feature_ridge",
+    "tests/test_entk_real.py::test_factored_projections_of_embeddings_and_convolutions_are_unbiased",
 })
 
 
