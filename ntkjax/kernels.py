@@ -40,6 +40,7 @@ a block's kernel is computed from its two blocks of inputs alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen
+from jax.extend import core as jax_core
 
 from ntkjax._checks import check_choice, check_pair, float_dtype, is_concrete
 from ntkjax._kernel import (
@@ -274,9 +276,7 @@ def kernel_fn(
         x1, x2 = _float_inputs(x1, x2)
         if x1.ndim == 2:
             return _vector_kernels(module, x1, x2)
-        facts = _output_kernel_shape(module, x1)
-        diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
-        out = _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers)
+        out = _image_call(module, x1, x2, position_pairs)
         if x2 is None:
             # Dense layers and activations map symmetric kernels to exactly symmetric ones;
             # pooling sums positions in a different order for k[a, b] and k[b, a].
@@ -313,30 +313,133 @@ def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
     XLA fuses an elementwise chain into one loop only when all its users are in that loop; with
     both outputs drawn from one graph it materializes every layer (4-10x slower). Two
     independent chains -- the NTK one also computes the NNGP internally -- each fuse into a
-    single loop over the (N1, N2) entries. Outside a trace, one application."""
-    out = apply(k)
+    single loop over the (N1, N2) entries. The module is traced once (to a jaxpr), and the
+    jaxpr is replayed on the original and on the copied input. Outside a trace, one
+    application."""
     if is_concrete(k.nngp):
-        return out
-    k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
-    return out.replace(nngp=apply(k_copy).nngp)
+        return apply(k)
+    leaves, in_tree = jax.tree_util.tree_flatten(k)
+    closed, shapes = jax.make_jaxpr(
+        lambda *ls: apply(jax.tree_util.tree_unflatten(in_tree, ls)), return_shape=True
+    )(*leaves)
+    out_tree = jax.tree_util.tree_structure(shapes)
+    replay = jax_core.jaxpr_as_fun(closed)
+    out = jax.tree_util.tree_unflatten(out_tree, replay(*leaves))
+    copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
+    again = jax.tree_util.tree_unflatten(out_tree, replay(*jax.tree_util.tree_leaves(copy)))
+    return out.replace(nngp=again.nngp)
 
 
 def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None) -> Kernel:
     return _two_graphs(lambda k: _apply_to_kernel(module, k), input_kernel(x1, x2))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What evaluating a module on image kernels depends on, read off one evaluation (or one
+    shape-only trace) of the module: the static facts of its output kernel and its shape."""
+
+    all_pairs_layers: tuple[str, ...]
+    same_batch_layers: tuple[str, ...]
+    spatial_shape: tuple[int, ...]
+    width: int
+
+    @property
+    def spatial_ndim(self) -> int:
+        return len(self.spatial_shape)
+
+
+# The facts of each (module, per-example input shape, dtype) met so far: later calls (x2
+# given, another batch size, kernel_matrix) evaluate the module once, with no shape-only trace.
+_FACTS: dict[Any, _Facts] = {}
+_FACTS_LIMIT = 512
+
+
+def _facts_key(module: linen.Module, x: jax.Array) -> Any:
+    key = (module, tuple(x.shape[1:]), str(x.dtype))
+    try:
+        hash(key)
+    except TypeError:  # a module holding an unhashable attribute: not remembered
+        return None
+    return key
+
+
+def _remember(module: linen.Module, x: jax.Array, out: Kernel) -> _Facts:
+    facts = _Facts(out.all_pairs_layers, out.same_batch_layers, out.spatial_shape, out.width)
+    key = _facts_key(module, x)
+    if key is not None:
+        if len(_FACTS) >= _FACTS_LIMIT:
+            _FACTS.clear()
+        _FACTS[key] = facts
+    return facts
+
+
+def _module_facts(module: linen.Module, x: jax.Array) -> _Facts:
+    """The module's facts on inputs like ``x``: remembered, or read off one shape-only trace on
+    the all-pairs input kernel of one input (:func:`_output_kernel_shape`)."""
+    key = _facts_key(module, x)
+    if key is not None and key in _FACTS:
+        return _FACTS[key]
+    return _remember(module, x, _output_kernel_shape(module, x))
+
+
+def _image_call(
+    module: linen.Module, x1: jax.Array, x2: jax.Array | None, position_pairs: PositionPairs
+) -> Kernel:
+    """The module on the image kernel of x1 and x2, tracing it once.
+
+    With the module's facts known (an earlier call on inputs of this shape): one evaluation in
+    the pairs of positions they allow. Else the module is evaluated at once on same-position
+    pairs (unless ``position_pairs="all"``) and its facts read off the result; only a module
+    that turns out to need all pairs (a layer raised :class:`AllPairsRequired`, or, for
+    ``"auto"``, the output keeps spatial axes) or the whole batch (a rule depending on x2
+    being x1, met in blocks) is evaluated again, once -- the facts are remembered, so the next
+    call on such inputs evaluates it once."""
+    key = _facts_key(module, x1)
+    facts = _FACTS.get(key) if key is not None else None
+    if facts is not None:
+        diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
+        return _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers)
+    out = None
+    if position_pairs != "all":
+        try:
+            out = _whole_if_needed(module, x1, x2, True)
+        except AllPairsRequired as err:
+            if position_pairs == "same":
+                raise ValueError(
+                    f"position_pairs='same' is not possible for this module: {err}") from err
+        else:
+            _remember(module, x1, out)
+            if not (position_pairs == "auto" and out.spatial_ndim):
+                return out
+    out = _whole_if_needed(module, x1, x2, False)
+    _remember(module, x1, out)
+    return out
+
+
+def _whole_if_needed(
+    module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool
+) -> Kernel:
+    """:func:`_image_kernels` with no facts known: x1 with itself evaluated in blocks when
+    large, and again whole if a layer turned out to depend on x2 being the same batch."""
+    out = _image_kernels(module, x1, x2, diagonal, ())
+    if (x2 is None and out.same_batch_layers
+            and _block_rows(x1, diagonal) < x1.shape[0]):
+        out = _image_kernels(module, x1, x2, diagonal, out.same_batch_layers)
+    return out
+
+
 def _use_diagonal(
     module: linen.Module, x1: jax.Array, position_pairs: PositionPairs, *,
-    facts: Kernel | None = None,
+    facts: _Facts | None = None,
 ) -> bool:
     """Whether the module's kernels can be computed from same-position pairs only: no layer
-    mixes positions (``Kernel.all_pairs_layers`` of ``facts``, the module's output kernel
-    traced on shapes: :func:`_output_kernel_shape`) and, for ``"auto"``, the output has no
-    spatial axes."""
+    mixes positions (``all_pairs_layers`` of its facts: :func:`_module_facts`) and, for
+    ``"auto"``, the output has no spatial axes."""
     if position_pairs == "all":
         return False
     if facts is None:
-        facts = _output_kernel_shape(module, x1)
+        facts = _module_facts(module, x1)
     if facts.all_pairs_layers:
         if position_pairs == "same":
             raise ValueError(
@@ -530,7 +633,7 @@ def kernel_matrix(
      [0. 0. 3.]]
     """
     x1, x2 = _float_inputs(x1, x2)
-    shape = _output_kernel_shape(module, x1)
+    shape = _module_facts(module, x1)
     same_batch_rules = shape.same_batch_layers
     if x2 is None and same_batch_rules:
         raise ValueError(
@@ -568,7 +671,7 @@ def kernel_matrix(
                   same_inputs=x2 is None)
 
 
-def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_size,
+def _image_kernel_matrix(module, x1, x2, shape: _Facts, *, memory_bytes, block_size,
                          show_progress, devices, out) -> Kernel:
     diagonal = _use_diagonal(module, x1, "auto", facts=shape)
 
