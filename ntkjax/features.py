@@ -505,8 +505,14 @@ def _hermite_moments(
 
 
 def _quadrature_nodes(config: _Config) -> int:
-    """Gauss-Hermite nodes for degree K: at least 2K (the products fn h_k need them)."""
-    return max(config.hermite_quadrature, 2 * config.hermite_degree)
+    """Gauss-Hermite nodes: at least 4 per degree of the highest expansion computed (the
+    truncation errors are computed up to degree 64: :func:`_hermite_features`)."""
+    return max(config.hermite_quadrature, 4 * max(config.hermite_degree, _AUTO_DEGREES[-1]))
+
+
+def _degree_ladder(config: _Config) -> tuple[int, ...]:
+    """The degrees whose truncation errors a walk reports: its own, then the automatic ones."""
+    return (config.hermite_degree, *_AUTO_DEGREES)
 
 
 def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
@@ -515,12 +521,17 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     cfg = walk.config
     m, degree = cfg.hidden_features, cfg.hermite_degree
     q = x.exact.position_variances()[0]
-    a, b, second, second_dot = _hermite_moments(fn, q, degree, _quadrature_nodes(cfg))
-    tail = jnp.maximum(second - jnp.sum(a * a, -1), 0)  # Parseval
-    tail_dot = jnp.maximum(second_dot - jnp.sum(b * b, -1), 0)
+    top = max(degree, _AUTO_DEGREES[-1])
+    a, b, second, second_dot = _hermite_moments(fn, q, top, _quadrature_nodes(cfg))
+    # relative truncation errors at each degree of the ladder (Parseval: the tail is the
+    # second moment less the kept coefficients' squares), from the one quadrature
     tiny = jnp.finfo(q.dtype).tiny
-    walk.truncation.append(jnp.maximum(jnp.max(tail / jnp.maximum(second, tiny)),
-                                       jnp.max(tail_dot / jnp.maximum(second_dot, tiny))))
+    kept, kept_dot = jnp.cumsum(a * a, -1), jnp.cumsum(b * b, -1)
+    walk.truncation.append(jnp.stack([jnp.maximum(
+        jnp.max(jnp.maximum(second - kept[..., k], 0) / jnp.maximum(second, tiny)),
+        jnp.max(jnp.maximum(second_dot - kept_dot[..., k], 0) / jnp.maximum(second_dot, tiny)))
+        for k in _degree_ladder(cfg)]))
+    a, b = a[..., : degree + 1], b[..., : degree + 1]
     u = _unit(x.phi)
     powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
     t = u
@@ -626,12 +637,14 @@ def _static_module(module: linen.Module) -> Any:
 def _apply_features(
     static: Any, config: _Config, params: tuple, x: jax.Array
 ) -> tuple[Features, jax.Array]:
-    """The features and the largest relative Hermite truncation error of the walk (0 when no
-    activation is expanded)."""
+    """The features and the largest relative Hermite truncation error of the walk's activations
+    at each degree of :func:`_degree_ladder` (zeros when no activation is expanded)."""
     module = static.module if isinstance(static, _ByIdentity) else static
     walk = _Walk(config, None, params)
     features = _walk_module(module, walk, x)
-    worst = jnp.max(jnp.stack(walk.truncation)) if walk.truncation else jnp.zeros((), x.dtype)
+    ladder = len(_degree_ladder(config))
+    worst = (jnp.max(jnp.stack(walk.truncation), axis=0) if walk.truncation
+             else jnp.zeros((ladder,), x.dtype))
     return features, worst
 
 
@@ -645,7 +658,7 @@ def _truncation_exceeded(worst: jax.Array, config: _Config) -> float | None:
     (a concrete check; under an outer jit the value is not known: None)."""
     if not is_concrete(worst):
         return None
-    value = float(worst)
+    value = float(worst[0])
     return value if value > config.max_truncation_error else None
 
 
@@ -743,17 +756,24 @@ class FeatureMap:
         if not self.config.auto_degree or shape_key in self._configs:
             return self.apply(self._init(self._config_for(shape_key), shape_key), x)
         # automatic degree: the lowest of _AUTO_DEGREES whose truncation error at this
-        # batch's variances is within the tolerance, kept for every later batch
-        value, config = 0.0, self.config
-        for degree in _AUTO_DEGREES:
-            config = dataclasses.replace(self.config, hermite_degree=degree)
+        # batch's variances is within the tolerance (the walk reports them all), kept for
+        # every later batch
+        config = self.config
+        features, worst = _apply_features(self._static, config,
+                                          self._init(config, shape_key), x)
+        if not is_concrete(worst):  # under an outer trace: not checked
+            return features
+        errors = dict(zip(_degree_ladder(config), np.asarray(worst).tolist(), strict=True))
+        good = [k for k in _AUTO_DEGREES if errors[k] <= config.max_truncation_error]
+        if not good:
+            top = _AUTO_DEGREES[-1]
+            raise _truncation_refusal(errors[top], dataclasses.replace(config, hermite_degree=top))
+        if good[0] != config.hermite_degree:
+            config = dataclasses.replace(config, hermite_degree=good[0])
             features, worst = _apply_features(self._static, config,
                                               self._init(config, shape_key), x)
-            value = _truncation_exceeded(worst, config)
-            if value is None:
-                self._configs[shape_key] = config
-                return features
-        raise _truncation_refusal(value, config)
+        self._configs[shape_key] = config
+        return features
 
 
 def feature_map(
