@@ -634,6 +634,9 @@ def kernel_matrix(
      [0. 0. 3.]]
     """
     x1, x2 = _float_inputs(x1, x2)
+    variances = None
+    if x1.ndim == 2:  # the evaluation of the variances also notes the module's facts
+        variances = _both_variances(module, x1, x2, False)
     shape = _module_facts(module, x1)
     same_batch_rules = shape.same_batch_layers
     if x2 is None and same_batch_rules:
@@ -665,9 +668,7 @@ def kernel_matrix(
         fingerprint=f"kernel_matrix {describe_object(module)}",
     )
     nngp, ntk = blocks["nngp"], blocks["ntk"]
-    x2v = x1 if x2 is None else x2
-    var1 = _output_variances(module, x1, False)
-    var2 = var1 if x2 is None else _output_variances(module, x2v, False)
+    var1, var2 = variances if variances is not None else _both_variances(module, x1, x2, False)
     return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=shape.width,  # type: ignore
                   same_inputs=x2 is None)
 
@@ -689,8 +690,7 @@ def _image_kernel_matrix(module, x1, x2, shape: _Facts, *, memory_bytes, block_s
         description="kernel blocks", devices=devices, out=out,
         fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
-    var1 = _output_variances(module, x1, diagonal)
-    var2 = var1 if x2 is None else _output_variances(module, x2, diagonal)
+    var1, var2 = _both_variances(module, x1, x2, diagonal)
     return Kernel(nngp=blocks["nngp"], ntk=blocks["ntk"], var1=var1, var2=var2,  # type: ignore
                   width=shape.width, same_inputs=x2 is None)
 
@@ -699,13 +699,27 @@ def _image_kernel_matrix(module, x1, x2, shape: _Facts, *, memory_bytes, block_s
 _PER_INPUT_ENTRIES = 2**24
 
 
+def _both_variances(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
+                    diagonal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The output variances of x1 and of x2 (x1's for ``x2 = None``), from one evaluation of
+    the module on both batches together."""
+    if x2 is None:
+        var = _output_variances(module, x1, diagonal)
+        return var, var
+    var = _output_variances(module, jnp.concatenate([x1, x2]), diagonal)
+    return var[: x1.shape[0]], var[x1.shape[0]:]
+
+
 def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool) -> np.ndarray:
     """Each input's NNGP variance at the module's output (numpy, (N,) for an output without
     spatial axes): the module on a kernel of one column per input (:func:`_row_kernel`) whose
     variances are exact, in chunks of inputs (``_PER_INPUT_ENTRIES``)."""
 
     def chunk_variances(xc: jax.Array) -> jax.Array:
-        return _apply_to_kernel(module, _row_kernel(xc, diagonal)).var1
+        out = _apply_to_kernel(module, _row_kernel(xc, diagonal))
+        if not diagonal:
+            _remember(module, xc, out)
+        return out.var1
 
     chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(_entries_per_pair(x, diagonal), 1)))
     rows = -(-x.shape[0] // chunk)
