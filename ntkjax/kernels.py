@@ -24,11 +24,14 @@ activations map the kernel between positions ``(p, p)`` to kernels between posit
 readout reads only those: such a network needs the *same-position* kernel, of shape
 (N1, N2, *S) (``Kernel.diagonal_spatial``). Pooling and anything else that mixes positions needs
 *all pairs*, (N1, N2, *S, *S). :func:`kernel_fn` decides from the module itself, as
-neural-tangents propagates its diagonal masks back from the readout: one shape-only trace of
-the module on an all-pairs kernel of one input returns a kernel whose static facts name every
-layer that mixes positions (``Kernel.all_pairs_layers``, noted by
+neural-tangents propagates its diagonal masks back from the readout: an output kernel's static
+facts name every layer that mixes positions (``Kernel.all_pairs_layers``, noted by
 :meth:`Kernel.require_all_pairs`) and every layer whose rule depends on x2 being the same batch
-(``Kernel.same_batch_layers``); then the module is evaluated once.
+(``Kernel.same_batch_layers``). The module is traced once per call: the first call on inputs of
+a shape evaluates it at once on same-position pairs and reads the facts off the result (they
+are remembered per module and input shape); only a module that turns out to need all pairs
+(a layer raises :class:`AllPairsRequired`, so that trace stops there) is evaluated again, with
+all pairs, on that first call.
 
 Variances. Every :class:`Kernel` carries each input's covariance with itself (``var1``,
 ``var2``; across all pairs of positions for images), and every layer rule maps them with the
