@@ -8,6 +8,12 @@ computation in float64.
 * ``analytic_relu_cnn``: ReLU CNN, 3x3 SAME convolutions, depth 3 and 5, global average pooling
   then Dense(1) (the CNTK-GAP of Arora et al. 2019; every pair of positions is kept), 64 images
   of 8 x 8 x 3. No reference figure.
+* ``analytic_deep_jit_compile``: a deep ReLU MLP (width 64, depth 25 and 100; quick: 10 and 25)
+  on 16 x 8 inputs, NNGP and NTK: the time to trace and compile ``jax.jit(kernel_fn(model))``
+  (``compile_s``, with the first run) against the first eager call of ``kernel_fn(model)``
+  (op by op, ``eager_first_s``). Issue 22 measured 55 s against 4.5 s at depth 100: the
+  compile grows about quadratically with the depth (XLA's HLO passes on ~110 operations per
+  layer and graph; neither optimization barriers between layers nor LLVM options change it).
 """
 
 from __future__ import annotations
@@ -79,4 +85,34 @@ def analytic_relu_cnn(quick: bool = False) -> None:
         )
 
 
-WORKLOADS = {"analytic_relu_mlp": analytic_relu_mlp, "analytic_relu_cnn": analytic_relu_cnn}
+def analytic_deep_jit_compile(quick: bool = False) -> None:
+    import time
+
+    import ntkjax
+    from ntkjax import models
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 8), jnp.float32)
+    for depth in (10, 25) if quick else (25, 100):
+        mlp = models.MLP((64,) * depth + (1,), "relu", w_std=float(np.sqrt(2)), b_std=0.1)
+        t0 = time.perf_counter()
+        eager = ntkjax.kernel_fn(mlp)(x)
+        jax.block_until_ready((eager.nngp, eager.ntk))
+        eager_s = time.perf_counter() - t0
+        fn = jax.jit(lambda a, m=mlp: (lambda k: (k.nngp, k.ntk))(ntkjax.kernel_fn(m)(a)))
+        timing = time_call(lambda f=fn: f(x), repeats=3)
+        err = float(np.max(np.abs(np.asarray(timing["result"][1]) - np.asarray(eager.ntk)))
+                    / np.max(np.abs(np.asarray(eager.ntk))))
+        log(f"depth {depth}: jit compile + first run {timing['compile_s']:.1f} s, eager first "
+            f"call {eager_s:.1f} s")
+        emit(
+            "analytic_deep_jit_compile",
+            {"n": 16, "d": 8, "width": 64, "depth": depth, "dtype": "float32",
+             "get": ["nngp", "ntk"], "quick": quick},
+            timing,
+            accuracy={"max_rel_diff_jit_vs_eager": err},
+            eager_first_s=round(eager_s, 3),
+        )
+
+
+WORKLOADS = {"analytic_relu_mlp": analytic_relu_mlp, "analytic_relu_cnn": analytic_relu_cnn,
+             "analytic_deep_jit_compile": analytic_deep_jit_compile}

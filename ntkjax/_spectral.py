@@ -1,7 +1,8 @@
 """Eigendecompositions of kernel matrices shared by the closed-form predictors
 (:mod:`ntkjax.predict`, :mod:`ntkjax.ensemble`): the symmetrized kernel's spectrum with
 round-off negatives clipped, the relative diagonal regularizer, and the tolerance below which an
-eigenvalue counts as a round-off zero."""
+eigenvalue counts as a round-off zero; and the symmetrization of kernels that every reader of a
+kernel (predictors, dynamics, ``kernel_fn``) shares."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from ntkjax._checks import check_kernel_psd
 
-__all__ = ["Eigen", "eigh_psd", "null_tolerance", "regularizer"]
+__all__ = ["Eigen", "eigh_psd", "null_tolerance", "regularizer", "symmetrized"]
 
 
 class Eigen(NamedTuple):
@@ -23,6 +24,22 @@ class Eigen(NamedTuple):
     vectors: jax.Array
     reg: jax.Array  # absolute diagonal regularizer lambda
     null: jax.Array  # True where values + reg is numerically zero
+
+
+def symmetrized(k: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    """``(k + k^T) / 2``, halves first (``k / 2 + k^T / 2``: no overflow for entries near the
+    largest float). ``k^T`` is ``jnp.transpose(k, axes)``; by default the two leading axes
+    swapped (e.g. ``(1, 0, 3, 2)`` for (N, N, O, O) kernels swaps the output axes too).
+
+    >>> import jax.numpy as jnp
+    >>> symmetrized(jnp.array([[1.0, 2.0], [0.0, 1.0]])).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    >>> float(symmetrized(jnp.full((2, 2), 3e38, jnp.float32))[0, 1])
+    3e+38
+    """
+    if axes is None:
+        axes = (1, 0, *range(2, jnp.ndim(k)))
+    return 0.5 * k + 0.5 * jnp.transpose(k, axes)
 
 
 def regularizer(k: jax.Array, diag_reg) -> jax.Array:
@@ -43,7 +60,7 @@ def null_tolerance(n: int, eps, largest):
 
 def eigh_psd(k: jax.Array, diag_reg, name: str) -> Eigen:
     """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
-    k_sym = 0.5 * (k + k.T)
+    k_sym = symmetrized(k)
     values, vectors = jnp.linalg.eigh(k_sym)
     n = k.shape[0]
     eps = jnp.finfo(k.dtype).eps

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax._checks import check_finite, check_kernel_psd, float_dtype, is_concrete
+from ntkjax._spectral import symmetrized
 from ntkjax.predict import Predictions
 
 __all__ = ["ODEState", "SolverStats", "check_sorted_times", "gradient_flow"]
@@ -313,7 +314,7 @@ def gradient_flow(
                         qx_train_0, qx_test_0)
     k = jnp.asarray(k_train_train, dtype)
     # read as gradient_flow_mse reads it (equal within round-off, checked)
-    k = 0.5 * (k + (jnp.transpose(k, (1, 0, 3, 2)) if full_kernel else k.T))
+    k = symmetrized(k, (1, 0, 3, 2) if full_kernel else None)
     y = jnp.asarray(y_train, dtype)
     f0 = jnp.zeros(y_shape, dtype) if fx_train_0 is None else jnp.asarray(fx_train_0, dtype)
     if f0.shape != y_shape:

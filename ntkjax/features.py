@@ -62,9 +62,11 @@ shape, on the host, by numpy's generator seeded with the bits of ``jax.random.fo
   ``sigma = sum_k a_k(q1) a_k(q2) c^k`` and ``sigma_dot = sum_k b_k(q1) b_k(q2) c^k``; the
   features are ``F = [a_0, a_1 u, a_2 T_2(u), ..., a_K T_K(u)]`` (then compressed to m, below)
   with ``T_k = TensorSRHT(T_{k-1}, u)`` unbiased sketches of ``u^{(x) k}`` (the degree-by-degree
-  form of PolySketch, Ahle et al. 2020). Truncating at degree K (default 8) errs by at most
+  form of PolySketch, Ahle et al. 2020). Truncating at degree K errs by at most
   ``sqrt(tail(q1) tail(q2))`` with ``tail(q) = E[act^2] - sum_{k <= K} a_k(q)^2``
   (Cauchy-Schwarz, |c| <= 1): :func:`hermite_truncation_error` computes it and tabulates values.
+  By default K is the lowest of 8, 16, 32, 64 that keeps this relative error within 1e-2 at the
+  first batch's variances (:func:`feature_map`); beyond, the features are refused.
 * Every activation: ``Theta' = sigma_dot Theta`` is a product of kernels, whose features are
   the tensor product ``psi (x) F_dot``, sketched to m coordinates by TensorSRHT (Ahle et al.
   2020, "Oblivious Sketching of High-Degree Polynomial Kernels", SODA; used for the NTK by
@@ -101,6 +103,7 @@ from flax import linen
 from ntkjax._checks import check_batched, check_choice, check_finite, float_dtype, is_concrete
 from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, feature_rules
 from ntkjax._progress import progress
+from ntkjax._tiling import pad_rows
 from ntkjax.kernels import Kernel
 from ntkjax.nn.activations import Activation
 
@@ -277,7 +280,8 @@ class _Config:
     sketch_features: int
     hermite_degree: int
     hermite_quadrature: int
-    max_truncation_error: float = 0.3
+    max_truncation_error: float = 1e-2
+    auto_degree: bool = False
 
 
 class _Walk:
@@ -482,10 +486,33 @@ def _hermite_coefficients(fn: Callable[[jax.Array], jax.Array], q: jax.Array, de
                           num_quadrature: int) -> tuple[jax.Array, jax.Array]:
     """``a_k(q) = E[fn(sqrt(q) z) h_k(z)]`` and ``b_k(q) = E[fn'(sqrt(q) z) h_k(z)]``, shape
     (*q.shape, degree + 1), by Gauss-Hermite quadrature (fn' by forward-mode autodiff)."""
+    a, b, _, _ = _hermite_moments(fn, q, degree, num_quadrature)
+    return a, b
+
+
+def _hermite_moments(
+    fn: Callable[[jax.Array], jax.Array], q: jax.Array, degree: int, num_quadrature: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The Hermite coefficients ``a``, ``b`` (:func:`_hermite_coefficients`) and the second
+    moments ``E[fn(sqrt(q) z)^2]``, ``E[fn'(sqrt(q) z)^2]``, from one evaluation of fn and fn'
+    at the quadrature nodes."""
     z, wh = _hermite_basis(num_quadrature, degree, q.dtype)
     s = jnp.sqrt(jnp.maximum(q, 0))[..., None] * z
     values, derivs = jax.jvp(fn, (s,), (jnp.ones_like(s),))
-    return jnp.matmul(values, wh), jnp.matmul(derivs, wh)
+    w = wh[:, 0]  # h_0 = 1: the quadrature weights
+    return (jnp.matmul(values, wh), jnp.matmul(derivs, wh), jnp.matmul(values * values, w),
+            jnp.matmul(derivs * derivs, w))
+
+
+def _quadrature_nodes(config: _Config) -> int:
+    """Gauss-Hermite nodes: at least 4 per degree of the highest expansion computed (the
+    truncation errors are computed up to degree 64: :func:`_hermite_features`)."""
+    return max(config.hermite_quadrature, 4 * max(config.hermite_degree, _AUTO_DEGREES[-1]))
+
+
+def _degree_ladder(config: _Config) -> tuple[int, ...]:
+    """The degrees whose truncation errors a walk reports: its own, then the automatic ones."""
+    return (config.hermite_degree, *_AUTO_DEGREES)
 
 
 def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
@@ -494,11 +521,17 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     cfg = walk.config
     m, degree = cfg.hidden_features, cfg.hermite_degree
     q = x.exact.position_variances()[0]
-    a, b = _hermite_coefficients(fn, q, degree, cfg.hermite_quadrature)
-    tail, tail_dot, second, second_dot = _hermite_tails(fn, q, a, b, cfg.hermite_quadrature)
+    top = max(degree, _AUTO_DEGREES[-1])
+    a, b, second, second_dot = _hermite_moments(fn, q, top, _quadrature_nodes(cfg))
+    # relative truncation errors at each degree of the ladder (Parseval: the tail is the
+    # second moment less the kept coefficients' squares), from the one quadrature
     tiny = jnp.finfo(q.dtype).tiny
-    walk.truncation.append(jnp.maximum(jnp.max(tail / jnp.maximum(second, tiny)),
-                                       jnp.max(tail_dot / jnp.maximum(second_dot, tiny))))
+    kept, kept_dot = jnp.cumsum(a * a, -1), jnp.cumsum(b * b, -1)
+    walk.truncation.append(jnp.stack([jnp.maximum(
+        jnp.max(jnp.maximum(second - kept[..., k], 0) / jnp.maximum(second, tiny)),
+        jnp.max(jnp.maximum(second_dot - kept_dot[..., k], 0) / jnp.maximum(second_dot, tiny)))
+        for k in _degree_ladder(cfg)]))
+    a, b = a[..., : degree + 1], b[..., : degree + 1]
     u = _unit(x.phi)
     powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
     t = u
@@ -604,28 +637,41 @@ def _static_module(module: linen.Module) -> Any:
 def _apply_features(
     static: Any, config: _Config, params: tuple, x: jax.Array
 ) -> tuple[Features, jax.Array]:
-    """The features and the largest relative Hermite truncation error of the walk (0 when no
-    activation is expanded)."""
+    """The features and the largest relative Hermite truncation error of the walk's activations
+    at each degree of :func:`_degree_ladder` (zeros when no activation is expanded)."""
     module = static.module if isinstance(static, _ByIdentity) else static
     walk = _Walk(config, None, params)
     features = _walk_module(module, walk, x)
-    worst = jnp.max(jnp.stack(walk.truncation)) if walk.truncation else jnp.zeros((), x.dtype)
+    ladder = len(_degree_ladder(config))
+    worst = (jnp.max(jnp.stack(walk.truncation), axis=0) if walk.truncation
+             else jnp.zeros((ladder,), x.dtype))
     return features, worst
 
 
-def _check_truncation(worst: jax.Array, config: _Config) -> None:
-    """Refuses features whose Hermite truncation bias exceeds ``max_truncation_error`` (a
-    concrete check; under an outer jit the value is not known and is not checked)."""
+# Degrees tried, in order, by feature_map(hermite_degree=None) until the truncation error of
+# every expanded activation is within max_truncation_error.
+_AUTO_DEGREES = (8, 16, 32, 64)
+
+
+def _truncation_exceeded(worst: jax.Array, config: _Config) -> float | None:
+    """The largest relative Hermite truncation error when it exceeds ``max_truncation_error``
+    (a concrete check; under an outer jit the value is not known: None)."""
     if not is_concrete(worst):
-        return
-    value = float(worst)
-    if value > config.max_truncation_error:
-        raise UnsupportedMeaning(
-            f"an activation's degree-{config.hermite_degree} Hermite expansion", "features",
-            f"its truncation leaves a relative error of up to {value:.3g} in the activation's "
-            f"kernel maps at these inputs (max_truncation_error={config.max_truncation_error}), "
-            "a bias that more features do not remove: raise hermite_degree (see "
-            "ntkjax.features.hermite_truncation_error), or use kernel_fn for the exact kernel.")
+        return None
+    value = float(worst[0])
+    return value if value > config.max_truncation_error else None
+
+
+def _truncation_refusal(value: float, config: _Config) -> UnsupportedMeaning:
+    raise_it = ("the automatic degree stops at" if config.auto_degree
+                else "raise hermite_degree (or leave it None to raise it automatically up to")
+    return UnsupportedMeaning(
+        f"an activation's degree-{config.hermite_degree} Hermite expansion", "features",
+        f"its truncation leaves a relative error of up to {value:.3g} in the activation's "
+        f"kernel maps at these inputs (max_truncation_error={config.max_truncation_error}), "
+        f"a bias that more features do not remove: {raise_it} {_AUTO_DEGREES[-1]}"
+        f"{'' if config.auto_degree else ')'}; see ntkjax.features.hermite_truncation_error, "
+        "or use kernel_fn for the exact kernel.")
 
 
 class FeatureMap:
@@ -650,12 +696,26 @@ class FeatureMap:
         self.config = config
         self._static = _static_module(module)
         self._params: dict[tuple, tuple] = {}
+        # per (example shape, dtype): the configuration, its Hermite degree chosen by the
+        # first call when automatic (then fixed: every batch gets the same map)
+        self._configs: dict[tuple, _Config] = {}
+
+    @staticmethod
+    def _shape_key(example_shape: tuple[int, ...], dtype: Any) -> tuple:
+        return (tuple(example_shape), jnp.dtype(dtype).name)
+
+    def _config_for(self, shape_key: tuple) -> _Config:
+        return self._configs.get(shape_key, self.config)
 
     def apply(self, params: tuple, x: jax.Array) -> Features:
         """The jitted map with explicit parameters (from :meth:`init`); one compilation is
-        shared by every FeatureMap of an equal module and configuration."""
-        features, worst = _apply_features(self._static, self.config, params, x)
-        _check_truncation(worst, self.config)
+        shared by every FeatureMap of an equal module and configuration. Refuses (concrete
+        inputs) features whose Hermite truncation error exceeds ``max_truncation_error``."""
+        config = self._config_for(self._shape_key(x.shape[1:], x.dtype))
+        features, worst = _apply_features(self._static, config, params, x)
+        value = _truncation_exceeded(worst, config)
+        if value is not None:
+            raise _truncation_refusal(value, config)
         return features
 
     @property
@@ -665,14 +725,20 @@ class FeatureMap:
 
     def init(self, example_shape: tuple[int, ...], dtype: Any = None) -> tuple:
         """The random parameters for inputs of per-example shape ``example_shape`` (a tuple of
-        concrete arrays, drawn by walking the module on an abstract batch of one)."""
+        concrete arrays, drawn by walking the module on an abstract batch of one). With an
+        automatic Hermite degree not yet chosen by a call on such inputs: those of degree 8."""
         dtype = jnp.dtype(dtype if dtype is not None else float_dtype())
-        cache_key = (tuple(example_shape), dtype.name)
+        shape_key = self._shape_key(example_shape, dtype)
+        return self._init(self._config_for(shape_key), shape_key)
+
+    def _init(self, config: _Config, shape_key: tuple) -> tuple:
+        example_shape, dtype = shape_key[0], jnp.dtype(shape_key[1])
+        cache_key = (config, *shape_key)
         if cache_key not in self._params:
-            plan_key = (self._static, self.config, *cache_key)
+            plan_key = (self._static, *cache_key)
             makers = _PLANS.get(plan_key)
             if makers is None:  # walk the module once (abstractly) to find what to draw
-                walk = _Walk(self.config, self.key)
+                walk = _Walk(config, self.key)
                 spec = jax.ShapeDtypeStruct((1, *example_shape), dtype)
                 jax.eval_shape(lambda a: _walk_module(self.module, walk, a), spec)
                 _PLANS[plan_key] = tuple(walk.makers)
@@ -686,7 +752,28 @@ class FeatureMap:
         check_batched(x, "x")
         x = jnp.asarray(x)
         x = x.astype(float_dtype(x))
-        return self.apply(self.init(x.shape[1:], x.dtype), x)
+        shape_key = self._shape_key(x.shape[1:], x.dtype)
+        if not self.config.auto_degree or shape_key in self._configs:
+            return self.apply(self._init(self._config_for(shape_key), shape_key), x)
+        # automatic degree: the lowest of _AUTO_DEGREES whose truncation error at this
+        # batch's variances is within the tolerance (the walk reports them all), kept for
+        # every later batch
+        config = self.config
+        features, worst = _apply_features(self._static, config,
+                                          self._init(config, shape_key), x)
+        if not is_concrete(worst):  # under an outer trace: not checked
+            return features
+        errors = dict(zip(_degree_ladder(config), np.asarray(worst).tolist(), strict=True))
+        good = [k for k in _AUTO_DEGREES if errors[k] <= config.max_truncation_error]
+        if not good:
+            top = _AUTO_DEGREES[-1]
+            raise _truncation_refusal(errors[top], dataclasses.replace(config, hermite_degree=top))
+        if good[0] != config.hermite_degree:
+            config = dataclasses.replace(config, hermite_degree=good[0])
+            features, worst = _apply_features(self._static, config,
+                                              self._init(config, shape_key), x)
+        self._configs[shape_key] = config
+        return features
 
 
 def feature_map(
@@ -696,9 +783,9 @@ def feature_map(
     num_features: int,
     hidden_features: int | None = None,
     sketch_features: int | None = None,
-    hermite_degree: int = 8,
+    hermite_degree: int | None = None,
     hermite_quadrature: int = 64,
-    max_truncation_error: float = 0.3,
+    max_truncation_error: float = 1e-2,
 ) -> FeatureMap:
     """Random features of ``module``'s NNGP and NTK: ``feature_map(...)(x) -> Features``.
 
@@ -719,17 +806,20 @@ def feature_map(
       hidden_features: random features per activation (m; default D). Memory: m x (width of the
         layer's input features) floats for each ReLU-family layer.
       sketch_features: coordinates of each NTK tensor sketch (default D).
-      hermite_degree: K, the degree of the Hermite expansion of non-ReLU activations (>= 1).
-      hermite_quadrature: Gauss-Hermite nodes for the Hermite coefficients (exact for
-        polynomial activations of degree < 2 * nodes - K).
+      hermite_degree: K, the degree of the Hermite expansion of non-ReLU activations (>= 1);
+        None (default): chosen by the first call on inputs of each shape -- the lowest of 8,
+        16, 32, 64 whose truncation error at that batch's variances is within
+        ``max_truncation_error`` -- and kept for every later batch (one map for all batches).
+      hermite_quadrature: Gauss-Hermite nodes for the Hermite coefficients (at least 2K are
+        used; exact for polynomial activations of degree < 2 * nodes - K).
       max_truncation_error: the largest relative truncation error of an activation's kernel
         maps that the features may carry, ``tail(q) / E[act(sqrt(q) z)^2]`` (and likewise for
         act') at the inputs' variances (:func:`hermite_truncation_error`): a bias that more
-        features do not remove. Beyond it, a call with concrete inputs raises
-        UnsupportedMeaning naming the degree (e.g. ``gabor`` at variance 1 and K = 8); raise
-        ``hermite_degree`` then. (This bounds the worst case, correlation 1, of one
-        activation's maps; the kernel's own bias is smaller.) Under
-        an outer ``jax.jit`` of :meth:`FeatureMap.apply` it is not checked.
+        features do not remove. Beyond it (at degree 64 when automatic), a call with concrete
+        inputs raises UnsupportedMeaning naming the degree (e.g. ``sign``, whose coefficients
+        decay too slowly: 0.035 at K = 64). (This bounds the worst case, correlation 1, of
+        one activation's maps; the kernel's own bias is smaller.) Under an outer ``jax.jit``
+        of :meth:`FeatureMap.apply` it is not checked.
 
     Cost: O(N m (d_in + log m)) per layer, linear in N. The error of the kernel estimates falls
     like D^(-1/2) (with m = D); networks with one random layer are unbiased. The exact rules
@@ -763,9 +853,10 @@ def feature_map(
         num_features=d,
         hidden_features=int(hidden_features or d),
         sketch_features=int(sketch_features or d),
-        hermite_degree=int(hermite_degree),
+        hermite_degree=_AUTO_DEGREES[0] if hermite_degree is None else int(hermite_degree),
         hermite_quadrature=int(hermite_quadrature),
         max_truncation_error=_positive_float(max_truncation_error, "max_truncation_error"),
+        auto_degree=hermite_degree is None,
     )
     return FeatureMap(module, key, config)
 
@@ -829,26 +920,9 @@ def hermite_truncation_error(
         raise ValueError(f"degree must be a positive integer, got {degree!r}.")
     q = jnp.asarray(variance)
     q = q.astype(float_dtype(q))
-    a, b = _hermite_coefficients(fn, q, int(degree), int(num_quadrature))
-    tail, tail_dot, _, _ = _hermite_tails(fn, q, a, b, int(num_quadrature))
-    return tail, tail_dot
-
-
-def _hermite_tails(
-    fn: Callable[[jax.Array], jax.Array], q: jax.Array, a: jax.Array, b: jax.Array,
-    num_quadrature: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(tail, tail_dot, E[fn^2], E[fn'^2])`` at variances q from the Hermite coefficients
-    ``a`` (of fn) and ``b`` (of fn'): ``tail = E[fn(sqrt(q) z)^2] - sum_k a_k^2`` (Parseval)."""
-    z, wh = _hermite_basis(num_quadrature, 0, q.dtype)
-    s = jnp.sqrt(jnp.maximum(q, 0))[..., None] * z
-    values, derivs = jax.jvp(fn, (s,), (jnp.ones_like(s),))
-    w = wh[:, 0]
-    second = jnp.matmul(values * values, w)
-    second_dot = jnp.matmul(derivs * derivs, w)
-    tail = jnp.maximum(second - jnp.sum(a * a, -1), 0)
-    tail_dot = jnp.maximum(second_dot - jnp.sum(b * b, -1), 0)
-    return tail, tail_dot, second, second_dot
+    a, b, second, second_dot = _hermite_moments(fn, q, int(degree), int(num_quadrature))
+    return (jnp.maximum(second - jnp.sum(a * a, -1), 0),
+            jnp.maximum(second_dot - jnp.sum(b * b, -1), 0))
 
 
 # --------------------------------------------------------------------------- ridge regression
@@ -911,10 +985,7 @@ def _predict(feature_fn: Callable, get: str, w: jax.Array, x: Any, batch_size: i
 def _padded(a: Any, start: int, size: int) -> tuple[np.ndarray, int]:
     """Rows ``start : start + size`` of ``a`` as a host array, zero-padded to ``size`` rows."""
     block = np.asarray(a[start : start + size])
-    count = block.shape[0]
-    if count < size:
-        block = np.concatenate([block, np.zeros((size - count, *block.shape[1:]), block.dtype)])
-    return block, count
+    return pad_rows(block, size, mode="zeros"), block.shape[0]
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -72,6 +72,7 @@ from ntkjax._kernel import (
     position_diagonal,
     traceback_frames,
 )
+from ntkjax._spectral import symmetrized
 from ntkjax._store import describe_object
 from ntkjax._tiling import pad_rows as _pad_rows
 from ntkjax.blocking import evaluate_in_blocks
@@ -457,13 +458,13 @@ def kernel_fn(
 
 
 def _symmetrized(k: jax.Array, diagonal_spatial: bool) -> jax.Array:
-    """``(k + k^T) / 2`` for a kernel of shape (N, N, *S, *S) (x1 and x2 swapped, and with them
-    the two position axes of each pair) or, same-position pairs, (N, N, *S)."""
+    """``(k + k^T) / 2`` (:func:`ntkjax._spectral.symmetrized`) for a kernel of shape
+    (N, N, *S, *S) (x1 and x2 swapped, and with them the two position axes of each pair) or,
+    same-position pairs, (N, N, *S)."""
     if diagonal_spatial:
-        return 0.5 * k + 0.5 * jnp.swapaxes(k, 0, 1)  # halves first: no overflow near the max
+        return symmetrized(k)
     nd = (k.ndim - 2) // 2
-    axes = (1, 0, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    return 0.5 * k + 0.5 * jnp.transpose(k, axes)
+    return symmetrized(k, (1, 0, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)))
 
 
 def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:

@@ -548,3 +548,32 @@ def test_feature_ridge_names_the_argument_holding_nan_or_inf(n):
     # finite inputs whose features overflow float32 (their squares reach ~1e60)
     with pytest.raises(ValueError, match="features of x overflowed float32"):
         feature_ridge(fmap, (x * 1e30).astype(np.float32), y, batch_size=16)
+
+
+class _ActNet(linen.Module):
+    act: str
+
+    @linen.compact
+    def __call__(self, x):
+        return nn.Dense(1)(getattr(nn, self.act)(nn.Dense(8, w_std=1.2, b_std=0.2)(x)))
+
+
+def test_hermite_degree_is_raised_to_the_truncation_tolerance(x64):
+    """gabor at these inputs' variances needs more than degree 8 for a relative truncation error
+    of 1e-2 (hermite_truncation_error against its closed-form second moment, outside the
+    features): a fixed degree 8 is refused naming it; the automatic degree gives features, the
+    same map for every later batch. sign's coefficients decay too slowly: refused at 64."""
+    x = np.random.default_rng(3).standard_normal((4, 3)) * 0.6
+    q = jnp.asarray(1.2**2 * np.sum(x * x, 1) / 3 + 0.2**2)  # the activation's input variances
+    tail = np.asarray(hermite_truncation_error(nn.gabor, q, degree=8, num_quadrature=256)[1])
+    second = np.asarray(nn.gabor.kernel_maps(q, q, q)[1])
+    assert np.max(tail / second) > 1e-2  # degree 8 is not enough here
+    key = jax.random.key(0)
+    with pytest.raises(ntkjax.UnsupportedMeaning, match="degree-8 Hermite"):
+        ntkjax.feature_map(_ActNet("gabor"), key=key, num_features=16, hermite_degree=8)(x)
+    fmap = ntkjax.feature_map(_ActNet("gabor"), key=key, num_features=16)
+    f = fmap(x)
+    assert fmap(x[:2] * 0.1).ntk.shape == (2, 16)  # smaller variances: the same degree
+    np.testing.assert_allclose(fmap(x[:2]).ntk, f.ntk[:2], rtol=1e-12, atol=1e-14)  # one map
+    with pytest.raises(ntkjax.UnsupportedMeaning, match="degree-64 Hermite"):
+        ntkjax.feature_map(_ActNet("sign"), key=key, num_features=16)(x)
