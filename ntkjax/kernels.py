@@ -24,11 +24,14 @@ activations map the kernel between positions ``(p, p)`` to kernels between posit
 readout reads only those: such a network needs the *same-position* kernel, of shape
 (N1, N2, *S) (``Kernel.diagonal_spatial``). Pooling and anything else that mixes positions needs
 *all pairs*, (N1, N2, *S, *S). :func:`kernel_fn` decides from the module itself, as
-neural-tangents propagates its diagonal masks back from the readout: one shape-only trace of
-the module on an all-pairs kernel of one input returns a kernel whose static facts name every
-layer that mixes positions (``Kernel.all_pairs_layers``, noted by
+neural-tangents propagates its diagonal masks back from the readout: an output kernel's static
+facts name every layer that mixes positions (``Kernel.all_pairs_layers``, noted by
 :meth:`Kernel.require_all_pairs`) and every layer whose rule depends on x2 being the same batch
-(``Kernel.same_batch_layers``); then the module is evaluated once.
+(``Kernel.same_batch_layers``). The module is traced once per call: the first call on inputs of
+a shape evaluates it at once on same-position pairs and reads the facts off the result (they
+are remembered per module and input shape); only a module that turns out to need all pairs
+(a layer raises :class:`AllPairsRequired`, so that trace stops there) is evaluated again, with
+all pairs, on that first call.
 
 Variances. Every :class:`Kernel` carries each input's covariance with itself (``var1``,
 ``var2``; across all pairs of positions for images), and every layer rule maps them with the
@@ -51,6 +54,7 @@ a call argument, ``module.apply(params, x, mask=mask)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -60,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen
+from jax.extend import core as jax_core
 
 from ntkjax._checks import check_choice, check_mask, check_pair, float_dtype, is_concrete
 from ntkjax._kernel import (
@@ -429,9 +434,7 @@ def kernel_fn(
         args = _call_args(call_args, x1, x2)
         if x1.ndim == 2:
             return _vector_kernels(module, x1, x2, args)
-        facts = _output_kernel_shape(module, x1, args)
-        diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
-        out = _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers, args, m1, m2)
+        out = _image_call(module, x1, x2, position_pairs, args, m1, m2)
         out = out.masked()  # entries of masked output positions are 0 (nt's remasking)
         if x2 is None:
             # Dense layers and activations map symmetric kernels to exactly symmetric ones;
@@ -473,12 +476,21 @@ def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
     XLA fuses an elementwise chain into one loop only when all its users are in that loop; with
     both outputs drawn from one graph it materializes every layer (4-10x slower). Two
     independent chains -- the NTK one also computes the NNGP internally -- each fuse into a
-    single loop over the (N1, N2) entries. Outside a trace, one application."""
-    out = apply(k)
+    single loop over the (N1, N2) entries. The module is traced once (to a jaxpr), and the
+    jaxpr is replayed on the original and on the copied input. Outside a trace, one
+    application."""
     if is_concrete(k.nngp):
-        return out
-    k_copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
-    return out.replace(nngp=apply(k_copy).nngp)
+        return apply(k)
+    leaves, in_tree = jax.tree_util.tree_flatten(k)
+    closed, shapes = jax.make_jaxpr(
+        lambda *ls: apply(jax.tree_util.tree_unflatten(in_tree, ls)), return_shape=True
+    )(*leaves)
+    out_tree = jax.tree_util.tree_structure(shapes)
+    replay = jax_core.jaxpr_as_fun(closed)
+    out = jax.tree_util.tree_unflatten(out_tree, replay(*leaves))
+    copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
+    again = jax.tree_util.tree_unflatten(out_tree, replay(*jax.tree_util.tree_leaves(copy)))
+    return out.replace(nngp=again.nngp)
 
 
 def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
@@ -486,18 +498,118 @@ def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
     return _two_graphs(lambda k: _apply_to_kernel(module, k, args), input_kernel(x1, x2))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What evaluating a module on image kernels depends on, read off one evaluation (or one
+    shape-only trace) of the module: the static facts of its output kernel and its shape."""
+
+    all_pairs_layers: tuple[str, ...]
+    same_batch_layers: tuple[str, ...]
+    spatial_shape: tuple[int, ...]
+    width: int
+
+    @property
+    def spatial_ndim(self) -> int:
+        return len(self.spatial_shape)
+
+
+# The facts of each (module, per-example input shape, dtype) met so far: later calls (x2
+# given, another batch size, kernel_matrix) evaluate the module once, with no shape-only trace.
+_FACTS: dict[Any, _Facts] = {}
+_FACTS_LIMIT = 512
+
+
+def _facts_key(module: linen.Module, x: jax.Array) -> Any:
+    key = (module, tuple(x.shape[1:]), str(x.dtype))
+    try:
+        hash(key)
+    except TypeError:  # a module holding an unhashable attribute: not remembered
+        return None
+    return key
+
+
+def _remember(module: linen.Module, x: jax.Array, out: Kernel) -> _Facts:
+    facts = _Facts(out.all_pairs_layers, out.same_batch_layers, out.spatial_shape, out.width)
+    key = _facts_key(module, x)
+    if key is not None:
+        if len(_FACTS) >= _FACTS_LIMIT:
+            _FACTS.clear()
+        _FACTS[key] = facts
+    return facts
+
+
+def _module_facts(module: linen.Module, x: jax.Array,
+                  args: dict[str, InputPair] | None = None) -> _Facts:
+    """The module's facts on inputs like ``x``: remembered, or read off one shape-only trace on
+    the all-pairs input kernel of one input (:func:`_output_kernel_shape`; ``args``: the
+    inputs' per-input call arguments)."""
+    key = _facts_key(module, x)
+    if key is not None and key in _FACTS:
+        return _FACTS[key]
+    return _remember(module, x, _output_kernel_shape(module, x, args))
+
+
+def _image_call(
+    module: linen.Module, x1: jax.Array, x2: jax.Array | None, position_pairs: PositionPairs,
+    args: dict[str, InputPair] | None = None, mask1: Any = None, mask2: Any = None,
+) -> Kernel:
+    """The module on the image kernel of x1 and x2, tracing it once.
+
+    With the module's facts known (an earlier call on inputs of this shape): one evaluation in
+    the pairs of positions they allow. Else the module is evaluated at once on same-position
+    pairs (unless ``position_pairs="all"``) and its facts read off the result; only a module
+    that turns out to need all pairs (a layer raised :class:`AllPairsRequired`, or, for
+    ``"auto"``, the output keeps spatial axes) or the whole batch (a rule depending on x2
+    being x1, met in blocks) is evaluated again, once -- the facts are remembered, so the next
+    call on such inputs evaluates it once."""
+    key = _facts_key(module, x1)
+    facts = _FACTS.get(key) if key is not None else None
+    if facts is not None:
+        diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
+        return _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers, args, mask1,
+                              mask2)
+    out = None
+    if position_pairs != "all":
+        try:
+            out = _whole_if_needed(module, x1, x2, True, args, mask1, mask2)
+        except AllPairsRequired as err:
+            if position_pairs == "same":
+                raise ValueError(
+                    f"position_pairs='same' is not possible for this module: {err}") from err
+        else:
+            _remember(module, x1, out)
+            if not (position_pairs == "auto" and out.spatial_ndim):
+                return out
+    out = _whole_if_needed(module, x1, x2, False, args, mask1, mask2)
+    _remember(module, x1, out)
+    return out
+
+
+def _whole_if_needed(
+    module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool,
+    args: dict[str, InputPair] | None = None, mask1: Any = None, mask2: Any = None,
+) -> Kernel:
+    """:func:`_image_kernels` with no facts known: x1 with itself evaluated in blocks when
+    large, and again whole if a layer turned out to depend on x2 being the same batch."""
+    out = _image_kernels(module, x1, x2, diagonal, (), args, mask1, mask2)
+    if (x2 is None and out.same_batch_layers
+            and _block_rows(x1, diagonal) < x1.shape[0]):
+        out = _image_kernels(module, x1, x2, diagonal, out.same_batch_layers, args, mask1,
+                             mask2)
+    return out
+
+
 def _use_diagonal(
     module: linen.Module, x1: jax.Array, position_pairs: PositionPairs, *,
-    facts: Kernel | None = None,
+    facts: _Facts | None = None,
 ) -> bool:
     """Whether the module's kernels can be computed from same-position pairs only: no layer
-    mixes positions (``Kernel.all_pairs_layers`` of ``facts``, the module's output kernel
-    traced on shapes: :func:`_output_kernel_shape`) and, for ``"auto"``, the output has no
-    spatial axes."""
+    mixes positions (``all_pairs_layers`` of its facts: :func:`_module_facts`) and, for
+    ``"auto"``, the output has no spatial axes."""
     if position_pairs == "all":
         return False
     if facts is None:
-        facts = _output_kernel_shape(module, x1)
+        facts = _module_facts(module, x1)
     if facts.all_pairs_layers:
         if position_pairs == "same":
             raise ValueError(
@@ -724,7 +836,13 @@ def kernel_matrix(
     x1, x2 = _float_inputs(x1, x2)
     m1, m2 = _input_masks(x1, x2, mask1, mask2)
     args = _call_args(per_input, x1, x2)
-    shape = _output_kernel_shape(module, x1, args)
+    if args and x1.ndim == 2:
+        raise ValueError("kernel_matrix: per-input call arguments "
+                         f"({', '.join(args)}) need inputs with spatial axes, (N, *S, C).")
+    variances = None
+    if x1.ndim == 2:  # the evaluation of the variances also notes the module's facts
+        variances = _both_variances(module, x1, x2, False)
+    shape = _module_facts(module, x1, args)
     same_batch_rules = shape.same_batch_layers
     if x2 is None and same_batch_rules:
         raise ValueError(
@@ -758,14 +876,12 @@ def kernel_matrix(
         fingerprint=f"kernel_matrix {describe_object(module)}",
     )
     nngp, ntk = blocks["nngp"], blocks["ntk"]
-    x2v = x1 if x2 is None else x2
-    var1 = _output_variances(module, x1, False)
-    var2 = var1 if x2 is None else _output_variances(module, x2v, False)
+    var1, var2 = variances if variances is not None else _both_variances(module, x1, x2, False)
     return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=shape.width,  # type: ignore
                   same_inputs=x2 is None)
 
 
-def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_size,
+def _image_kernel_matrix(module, x1, x2, shape: _Facts, *, memory_bytes, block_size,
                          show_progress, devices, out,
                          args: dict[str, InputPair] | None = None,
                          masks=(None, None)) -> Kernel:
@@ -795,15 +911,35 @@ def _image_kernel_matrix(module, x1, x2, shape: Kernel, *, memory_bytes, block_s
         description="kernel blocks", devices=devices, out=out,
         fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
-    var1 = _output_variances(module, x1, diagonal, {n: a.first for n, a in args.items()}, m1)
-    var2 = var1 if x2 is None else _output_variances(
-        module, x2, diagonal, {n: a.second for n, a in args.items()}, m2)
+    var1, var2 = _both_variances(module, x1, x2, diagonal, args, (m1, m2))
     return Kernel(nngp=blocks["nngp"], ntk=blocks["ntk"], var1=var1, var2=var2,  # type: ignore
                   width=shape.width, same_inputs=x2 is None)
 
 
 # Output variances: inputs evaluated together (vmap) in chunks of at most this many entries.
 _PER_INPUT_ENTRIES = 2**24
+
+
+def _both_variances(
+    module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool,
+    args: dict[str, InputPair] | None = None, masks: tuple[Any, Any] = (None, None),
+) -> tuple[np.ndarray, np.ndarray]:
+    """The output variances of x1 and of x2 (x1's for ``x2 = None``): one evaluation of the
+    module on both batches together (two when their per-input arguments differ in shape)."""
+    args = args or {}
+    m1, m2 = masks
+    firsts = {n: a.first for n, a in args.items()}
+    if x2 is None:
+        var = _output_variances(module, x1, diagonal, firsts, m1)
+        return var, var
+    seconds = {n: a.second for n, a in args.items()}
+    if any(firsts[n].shape[1:] != seconds[n].shape[1:] for n in args):
+        return (_output_variances(module, x1, diagonal, firsts, m1),
+                _output_variances(module, x2, diagonal, seconds, m2))
+    both = {n: jnp.concatenate([firsts[n], seconds[n]]) for n in args}
+    mask = None if m1 is None else jnp.concatenate([m1, m2])
+    var = _output_variances(module, jnp.concatenate([x1, x2]), diagonal, both, mask)
+    return var[: x1.shape[0]], var[x1.shape[0]:]
 
 
 def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
@@ -817,7 +953,10 @@ def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
 
     def chunk_variances(xc: jax.Array, ac: dict[str, jax.Array], mc: Any) -> jax.Array:
         pairs = {n: InputPair(a, a[:1]) for n, a in ac.items()}
-        return _apply_to_kernel(module, _row_kernel(xc, diagonal, mc), pairs).masked().var1
+        out = _apply_to_kernel(module, _row_kernel(xc, diagonal, mc), pairs)
+        if not diagonal:
+            _remember(module, xc, out)
+        return out.masked().var1
 
     chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(_entries_per_pair(x, diagonal), 1)))
     rows = -(-x.shape[0] // chunk)

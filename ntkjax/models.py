@@ -447,6 +447,11 @@ class Transformer(linen.Module):
       w_std, b_std: weight and bias scales of every dense layer (and of the attention's
         projections and output bias).
       epsilon: the LayerNorms' epsilon.
+      causal: causal self-attention in every block (position i attends to j <= i; a decoder;
+        see :class:`ntkjax.nn.SelfAttention`).
+      pos_emb_type, pos_emb_p_norm, pos_emb_decay_fn, pos_emb_features, w_pos_emb_std,
+        val_pos_emb: positional embeddings of every attention layer, as in
+        :class:`ntkjax.nn.SelfAttention` (None: none).
 
     Masks (padded sequences): ``net.apply(params, x, mask=mask)`` with a boolean (N, L) mask,
     True at padding, which every attention layer excludes as keys and values, and the readout
@@ -478,6 +483,13 @@ class Transformer(linen.Module):
     w_std: float = 1.0
     b_std: float = 0.0
     epsilon: float = 1e-6
+    causal: bool = False
+    pos_emb_type: Literal["sum", "concat"] | None = None
+    pos_emb_p_norm: float = 2.0
+    pos_emb_decay_fn: Callable[[Any], Any] | None = None
+    pos_emb_features: int | None = None
+    w_pos_emb_std: float = 1.0
+    val_pos_emb: bool = False
 
     @linen.compact
     def __call__(self, x, mask=None):
@@ -504,7 +516,10 @@ class Transformer(linen.Module):
                 linear_scaling=self.linear_scaling, w_key_std=self.w_std,
                 w_query_std=self.w_std, w_value_std=self.w_std, w_out_std=self.w_std,
                 b_std=self.b_std, attention_mechanism=self.attention_mechanism,
-                name=f"block{i}_attention",
+                causal=self.causal, pos_emb_type=self.pos_emb_type,
+                pos_emb_p_norm=self.pos_emb_p_norm, pos_emb_decay_fn=self.pos_emb_decay_fn,
+                pos_emb_features=self.pos_emb_features, w_pos_emb_std=self.w_pos_emb_std,
+                val_pos_emb=self.val_pos_emb, name=f"block{i}_attention",
             )(h, mask=mask)
             h = norm(f"block{i}_norm_mlp")(x)
             x = x + dense(width, f"block{i}_mlp_out")(act(dense(mlp, f"block{i}_mlp_in")(h)))

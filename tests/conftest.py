@@ -131,6 +131,7 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_features.py::test_hermite_features_of_erf_converge_to_the_kernel",
     "tests/test_features.py::test_hermite_truncation_error_bounds_the_truncated_erf_kernel",
     "tests/test_features.py::test_hermite_degree_is_raised_to_the_truncation_tolerance",
+    "tests/test_kernel_pairs.py::test_each_kernel_call_traces_the_module_once",
     "tests/test_features.py::test_networks_without_random_layers_are_exact",
     "tests/test_features.py::test_one_layer_relu_features_converge_to_the_arc_cosine_closed_forms",
     "tests/test_features.py::test_shapes_dtypes_and_float64",

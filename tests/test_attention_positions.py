@@ -279,3 +279,34 @@ def test_float32_kernel_and_finite_layer():
     params = layer.init(jax.random.key(0), x)
     y = jax.jit(layer.apply)(params, x)
     assert y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y)))
+
+
+class _PreNormDecoder(linen.Module):
+    """models.Transformer(depth=1, causal=True, positional embeddings) written out by hand from
+    its documented layers (pre-norm block, final LayerNorm, global average pool)."""
+
+    @linen.compact
+    def __call__(self, x):
+        x = nn.Dense(8, b_std=0.1)(x)
+        h = nn.SelfAttention(8, key_features=8, value_features=8, num_heads=2, b_std=0.1,
+                             pos_emb_type="sum", pos_emb_decay_fn=_decay, causal=True)(
+            nn.LayerNorm()(x))
+        x = x + h
+        h = nn.Dense(8, b_std=0.1)(nn.relu(nn.Dense(8, b_std=0.1)(nn.LayerNorm()(x))))
+        return nn.Dense(1, b_std=0.1)(nn.global_average_pool(nn.LayerNorm()(x + h)))
+
+
+def test_transformer_passes_causal_and_positional_options_to_every_block(x64):
+    from ntkjax import models
+
+    net = models.Transformer(8, depth=1, num_heads=2, b_std=0.1, causal=True,
+                             pos_emb_type="sum", pos_emb_decay_fn=_decay)
+    x1, x2 = normal((3, 5, 2), 31), normal((2, 5, 2), 32)
+    params = net.init(jax.random.key(0), x1)["params"]
+    assert params["block0_attention"]["pos_emb"].shape == (1, 5, 8)
+    want = ntkjax.kernel_fn(_PreNormDecoder())(x1, x2)
+    got = ntkjax.kernel_fn(net)(x1, x2)
+    plain = ntkjax.kernel_fn(models.Transformer(8, depth=1, num_heads=2, b_std=0.1))(x1, x2)
+    for a, b, c in ((got.nngp, want.nngp, plain.nngp), (got.ntk, want.ntk, plain.ntk)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+        assert max_relative_error(c, b) > 1e-3  # the options change the kernel

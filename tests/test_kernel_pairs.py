@@ -184,15 +184,17 @@ def test_kernel_matrix_on_four_devices_into_a_store(tmp_path, x64):
 
 # ---- traces, symmetry, static facts ----
 
-TRACES = [0]
+TRACES = {"before": 0, "after": 0}
 
 
 class Counted(linen.Module):
-    """The identity, counting how often the module is traced."""
+    """The identity, counting how often the module is traced (under ``key``)."""
+
+    key: str = "before"
 
     @linen.compact
     def __call__(self, x):
-        TRACES[0] += 1
+        TRACES[self.key] += 1
         return x
 
 
@@ -204,19 +206,61 @@ class CountedCNN(linen.Module):
         x = Counted()(nn.relu(nn.Conv(4, b_std=0.1)(x)))
         x = nn.relu(nn.Conv(4)(x))
         x = nn.flatten(x) if self.readout == "flatten" else nn.global_average_pool(x)
-        return nn.Dense(1)(x)
+        return nn.Dense(1)(Counted("after")(x))
 
 
-@pytest.mark.parametrize("readout", ["flatten", "pool"])
-def test_an_image_call_traces_the_module_twice_at_most(readout, monkeypatch):
-    # one shape-only trace reads the static facts, one evaluates (blocked or whole)
-    x = np.random.default_rng(0).standard_normal((6, 4, 4, 2))
-    for entries in (1, 2**30):  # blocks of one row; one block
-        monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", entries)
-        for args in ((x,), (x, x[:3])):
-            TRACES[0] = 0
-            ntkjax.kernel_fn(CountedCNN(readout))(*args)
-            assert TRACES[0] == 2, (entries, len(args))
+class CountedMLP(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        x = Counted()(nn.erf(nn.Dense(8, b_std=0.1)(x)))
+        return nn.Dense(1)(Counted("after")(nn.relu(nn.Dense(8)(x))))
+
+
+class CountedPostLN(linen.Module):
+    """The post-LN block (attention needs all pairs of positions), counted before the
+    attention and after its residual sum."""
+
+    @linen.compact
+    def __call__(self, x):
+        x = Counted()(nn.Dense(6, b_std=0.2)(x))
+        x = nn.LayerNorm()(x + nn.SelfAttention(6, 4, 3, num_heads=2, b_std=0.1)(x))
+        x = Counted("after")(x)
+        h = nn.Dense(6, w_std=1.3, b_std=0.1)(nn.erf(nn.Dense(8, b_std=0.1)(x)))
+        return nn.Dense(1)(nn.global_average_pool(nn.LayerNorm()(x + h)))
+
+
+def _traces(call) -> tuple[int, int]:
+    TRACES.update(before=0, after=0)
+    call()
+    return TRACES["before"], TRACES["after"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn_pool", "post_ln"])
+def test_each_kernel_call_traces_the_module_once(name, monkeypatch):
+    # Counted by layers inside the module, before and after the first layer that mixes
+    # positions. A module that needs no position pairs (the MLP, the flatten CNN) is traced
+    # once from its first call; one that does is, on its first call for an input shape,
+    # evaluated up to that layer on same-position pairs (which it refuses) and then once in
+    # full; every later call -- x2 given, other batch sizes, blocks, kernel_matrix's blocks --
+    # traces it once.
+    rng = np.random.default_rng(0)
+    module, shape = {"mlp": (CountedMLP(), (4, 5)), "cnn": (CountedCNN(), (4, 3, 3, 2)),
+                     "cnn_pool": (CountedCNN("pool"), (4, 3, 3, 2)),
+                     "post_ln": (CountedPostLN(), (4, 3, 3))}[name]
+    x = rng.standard_normal(shape)
+    fn = ntkjax.kernel_fn(module)
+    first = _traces(lambda: fn(x))
+    mixes = name in ("cnn_pool", "post_ln")
+    assert first == ((2, 1) if mixes else (1, 1))
+    assert _traces(lambda: ntkjax.kernel_fn(module)(x, x[:2])) == (1, 1)
+    if len(shape) == 2:
+        assert _traces(lambda: jax.jit(fn)(x)) == (1, 1)
+        # kernel_matrix: the output variances of x1 and x2 (which also note the facts), then
+        # evaluate_in_blocks' shape-only trace of the block function and its compiled block
+        assert _traces(lambda: ntkjax.kernel_matrix(module, x, x[:3], block_size=2)) == (3, 3)
+    else:
+        monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", 1)  # blocks of one row
+        assert _traces(lambda: fn(x[:3])) == (1, 1)
 
 
 def test_kernels_of_a_batch_with_itself_are_exactly_symmetric():
