@@ -67,12 +67,14 @@ __all__ = [
     "count_structured_layers",
     "last_hidden_features",
     "project_gradient",
+    "structured_fallback_params",
     "structured_kernel",
     "structured_projected_features",
 ]
 
 _PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"},
-                "conv_transpose": {"kernel", "bias"}, "embed": {"embedding"}}
+                "conv_transpose": {"kernel", "bias"}, "embed": {"embedding"},
+                "norm": {"scale", "bias"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,7 @@ class _Layer:
     """A supported layer called once: where its params live and how to read its input."""
 
     path: tuple[str, ...]
-    kind: str  # "dense" | "conv" | "conv_transpose" | "embed"
+    kind: str  # "dense" | "conv" | "conv_transpose" | "embed" | "norm"
     module: Any  # unbound clone, for static attributes and the scale probe
     in_shape: tuple[int, ...]  # per-call input shape (batch axis 1 included)
     out_shape: tuple[int, ...]
@@ -102,6 +104,12 @@ def _layer_kind(module) -> tuple[str | None, bool]:
     kind, probe = _structured_kinds().get(cls, (None, False))
     if kind is None or probe:
         return kind, probe
+    if kind == "norm":
+        axes = module.feature_axes
+        axes = tuple(axes) if isinstance(axes, tuple | list) else (axes,)
+        if axes not in ((-1,),) or module.axis_name is not None:
+            return None, False
+        return kind, False
     if kind == "dense":
         if module.dot_general is not None or module.dot_general_cls is not None:
             return None, False
@@ -199,7 +207,10 @@ def _layer_params(trainable, layer: _Layer):
         node = node[key]
     if not isinstance(node, Mapping) or not set(node) <= _PARAM_NAMES[layer.kind]:
         return None
-    if not set(node) & {"kernel", "embedding"}:  # a bias alone (its weight held fixed)
+    if layer.kind == "norm":
+        if not node:
+            return None
+    elif not set(node) & {"kernel", "embedding"}:  # a bias alone (its weight held fixed)
         return None
     if any(isinstance(v, Mapping) for v in node.values()):
         return None
@@ -219,6 +230,35 @@ def _input_ok(layer: _Layer) -> bool:
 def count_structured_layers(apply_fn: Callable, params: Any, x1: jax.Array) -> int:
     """How many layers of the model the structured method factorizes."""
     return len(_discover(apply_fn, params, x1))
+
+
+def _leaf_paths(trainable) -> list[tuple]:
+    return [tuple(getattr(k, "key", getattr(k, "name", None)) for k in kp)
+            for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+
+
+def structured_fallback_params(
+    apply_fn: Callable, params: Any, x1: jax.Array
+) -> list[tuple[str, ...]]:
+    """Paths of the trainable parameter leaves that ``ntk_method="structured"`` does not
+    factorize: their NTK terms come from per-sample Jacobians (every other leaf's from its
+    layer's inputs and cotangents, see the module doc). Shapes only; nothing is computed.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         h = nn.LayerNorm()(nn.Dense(4)(x))
+        ...         return nn.Dense(1)(h + self.param("shift", nn.initializers.zeros, (4,)))
+        >>> x = jnp.ones((2, 3))
+        >>> params = Net().init(jax.random.key(0), x)
+        >>> structured_fallback_params(Net().apply, params, x)
+        [('shift',)]
+    """
+    trainable, _ = split_params(params)
+    layers = _discover(apply_fn, params, x1)
+    return [path for path in _leaf_paths(trainable) if path[:-1] not in layers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +551,25 @@ def _scales(layer: _Layer, node, dtype):
     return c, s
 
 
+def _norm_grads(layer: _Layer, node, x, d) -> dict[str, jax.Array]:
+    """Per-sample gradients ``{name: (O, N, F)}`` of a norm layer ``y_t = gamma * xhat_t +
+    beta`` (LayerNorm, RMSNorm over the last axis): ``sum_t xhat_t * delta_{i,t}`` for the
+    scale, ``sum_t delta_{i,t}`` for the bias -- elementwise in the feature, so a "diagonal"
+    factorization with ``O F`` numbers per sample. ``xhat`` is the layer itself applied with
+    unit scale and zero bias; ``x`` its input (N, 1, ...), ``d`` cotangents (O, N, T, F)."""
+    n = x.shape[0]
+    unit = {name: (jnp.ones if name == "scale" else jnp.zeros)(v.shape, v.dtype)
+            for name, v in node.items()}
+    xhat = layer.module.apply({"params": unit}, x[:, 0])
+    xhat = xhat.reshape(n, -1, xhat.shape[-1]).astype(d.dtype)
+    grads = {}
+    if "scale" in node:
+        grads["scale"] = jnp.einsum("atf,iatf->iaf", xhat, d, precision=PRECISION)
+    if "bias" in node:
+        grads["bias"] = jnp.sum(d, axis=2)
+    return grads
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernel
 # ---------------------------------------------------------------------------------------------
@@ -669,6 +728,12 @@ def structured_kernel(
         assert node is not None  # _discover keeps only layers whose params it found
         d1 = _layer_cotangents(layer, deltas1[path])
         d2 = d1 if x2 is None else _layer_cotangents(layer, deltas2[path])
+        if layer.kind == "norm":
+            g1 = jnp.concatenate(list(_norm_grads(layer, node, inputs1[path], d1).values()), -1)
+            g2 = g1 if x2 is None else jnp.concatenate(
+                list(_norm_grads(layer, node, inputs2[path], d2).values()), -1)
+            add(_contract_outputs_first(g1, g2, outputs))
+            continue
         xi1 = _layer_inputs(layer, inputs1[path])
         xi2 = xi1 if x2 is None else _layer_inputs(layer, inputs2[path])
         c, s = _scales(layer, node, dtype)
@@ -761,8 +826,7 @@ def structured_projected_features(
     trainable, _ = split_params(params)
     rest, per_sample, dtype = _taps(apply_fn, params, layers, x)
     jac, deltas, inputs = per_sample(rest, x)
-    paths = [tuple(getattr(k, "key", getattr(k, "name", None)) for k in kp)
-             for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+    paths = _leaf_paths(trainable)
     index = {path: i for i, path in enumerate(paths)}
     parts: dict[int, jax.Array] = {}
     rest_indices = [i for i, path in enumerate(paths) if path[:-1] not in layers]
@@ -773,6 +837,12 @@ def structured_projected_features(
         node = _layer_params(trainable, layer)
         assert node is not None
         d = _layer_cotangents(layer, deltas[path])
+        if layer.kind == "norm":
+            for name, grad in _norm_grads(layer, node, inputs[path], d).items():
+                i = index[(*path, name)]
+                parts[i] = project_gradient(jnp.moveaxis(grad, 0, 1), jax.random.fold_in(key, i),
+                                            dim, rank)
+            continue
         c, s = _scales(layer, node, dtype)
         weight = "embedding" if layer.kind == "embed" else "kernel"
         i = index[(*path, weight)]
