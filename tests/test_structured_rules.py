@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 import ntkjax
-from ntkjax.structured import structured_fallback_params
+from ntkjax.structured import (
+    project_gradient,
+    structured_fallback_params,
+    structured_projected_features,
+)
 
 
 def _agree(model, x1, x2, outputs, *, fallback=()):
@@ -46,18 +50,26 @@ def test_norm_scales_and_biases(x64, outputs):
     _agree(NormNet(), x1, x2, outputs)
 
 
-def test_norm_rule_projected_features_match_the_kernel(x64):
-    """Projected features (projection of each norm leaf's per-sample gradient) have the kernel
-    as their expectation; with the projection width at the leaf size the scale/bias leaves are
-    projected by an orthogonal-in-expectation Gaussian matrix: check the structured features
-    against those built from the jacobian per-sample gradients with the same key."""
+def test_norm_leaves_projected_features(x64):
+    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
+    (same key): the gradient from float64 autodiff of the model gives the same features."""
     model = NormNet()
     x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
-    params = model.init(jax.random.key(1), x)
-    feats = ntkjax.structured.structured_projected_features(
-        model.apply, params, x, jax.random.key(5), 16, 2)
-    assert feats is not None and feats.shape[:2] == (3, 3)
-    assert bool(jnp.all(jnp.isfinite(feats)))
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
+    key, dim = jax.random.key(5), 8
+    feats = structured_projected_features(model.apply, params, x, key, dim, 2)
+    assert feats is not None
+    grads = jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(params))(x)
+    leaves = jax.tree_util.tree_flatten_with_path(grads["params"])[0]
+    norm_leaves = 0
+    for i, (path, g) in enumerate(leaves):
+        if "Norm" not in path[0].key:
+            continue
+        want = project_gradient(g, jax.random.fold_in(key, i), dim, 2)
+        np.testing.assert_allclose(feats[..., i * dim:(i + 1) * dim], want, rtol=1e-10,
+                                   atol=1e-12)
+        norm_leaves += 1
+    assert norm_leaves == 4  # LayerNorm_0 scale and bias, LayerNorm_1 and RMSNorm_0 scales
 
 
 class GPT(nn.Module):
