@@ -79,14 +79,15 @@ _PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"},
 
 @dataclasses.dataclass(frozen=True)
 class _Layer:
-    """A supported layer called once: where its params live and how to read its input."""
+    """A supported layer (called once or more): where its params live, how to read its
+    inputs."""
 
     path: tuple[str, ...]
     kind: str  # "dense" | "conv" | "conv_transpose" | "embed" | "norm"
     module: Any  # unbound clone, for static attributes and the scale probe
-    in_shape: tuple[int, ...]  # per-call input shape (batch axis 1 included)
-    out_shape: tuple[int, ...]
-    out_dtype: Any
+    in_shapes: tuple[tuple[int, ...], ...]  # input shape of each call (batch axis 1 included)
+    out_shapes: tuple[tuple[int, ...], ...]
+    out_dtypes: tuple[Any, ...]
     probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
 
 
@@ -176,9 +177,9 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
                 path=path,
                 kind=kind,
                 module=module.clone(parent=None),
-                in_shape=tuple(np.shape(inp)),
-                out_shape=tuple(np.shape(out)),
-                out_dtype=out.dtype,
+                in_shapes=(tuple(np.shape(inp)),),
+                out_shapes=(tuple(np.shape(out)),),
+                out_dtypes=(out.dtype,),
                 probe_scales=probe,
             )
         )
@@ -191,9 +192,14 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
     jax.eval_shape(run, trainable, x1)
     layers = {}
     for path, found in calls.items():
-        if len(found) != 1 or path in other_methods or path in untappable:
+        if path in other_methods or path in untappable:
             continue
-        layer = found[0]
+        layer = dataclasses.replace(
+            found[0],
+            in_shapes=tuple(f.in_shapes[0] for f in found),
+            out_shapes=tuple(f.out_shapes[0] for f in found),
+            out_dtypes=tuple(f.out_dtypes[0] for f in found),
+        )
         if _layer_params(trainable, layer) is not None and _input_ok(layer):
             layers[path] = layer
     return layers
@@ -221,9 +227,9 @@ def _input_ok(layer: _Layer) -> bool:
     if layer.kind in ("conv", "conv_transpose"):
         ks = layer.module.kernel_size
         n_spatial = 1 if isinstance(ks, int) else len(ks)
-        return len(layer.in_shape) == n_spatial + 2
+        return all(len(shape) == n_spatial + 2 for shape in layer.in_shapes)
     if layer.kind == "dense":
-        return 0 not in _dense_axes(layer.module, len(layer.in_shape))
+        return all(0 not in _dense_axes(layer.module, len(shape)) for shape in layer.in_shapes)
     return True
 
 
@@ -354,11 +360,24 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
         return tuple(
             part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(module, x)
         )
-    axes = list(_dense_axes(layer.module, len(layer.in_shape)))  # same ndim as x here
+    axes = list(_dense_axes(layer.module, x.ndim))
     k = len(axes)
     x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
     contracted = int(np.prod(x.shape[x.ndim - k :]))
     return (x.reshape(n, -1, contracted),)
+
+
+def _joined_inputs(layer: _Layer, xs) -> tuple:
+    """:func:`_layer_inputs` of every call of the layer, joined along the positions: a module
+    called several times (shared weights) is one layer on all its calls' positions, its
+    gradient the sum of the calls' gradients."""
+    per_call = [_layer_inputs(layer, x) for x in xs]
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*per_call, strict=True))
+
+
+def _joined_cotangents(layer: _Layer, ds):
+    """:func:`_layer_cotangents` of every call of the layer, joined along the positions."""
+    return jnp.concatenate([_layer_cotangents(layer, d) for d in ds], axis=2)
 
 
 def _layer_cotangents(layer: _Layer, d):
@@ -551,17 +570,19 @@ def _scales(layer: _Layer, node, dtype):
     return c, s
 
 
-def _norm_grads(layer: _Layer, node, x, d) -> dict[str, jax.Array]:
+def _norm_grads(layer: _Layer, node, xs, d) -> dict[str, jax.Array]:
     """Per-sample gradients ``{name: (O, N, F)}`` of a norm layer ``y_t = gamma * xhat_t +
     beta`` (LayerNorm, RMSNorm over the last axis): ``sum_t xhat_t * delta_{i,t}`` for the
     scale, ``sum_t delta_{i,t}`` for the bias -- elementwise in the feature, so a "diagonal"
     factorization with ``O F`` numbers per sample. ``xhat`` is the layer itself applied with
-    unit scale and zero bias; ``x`` its input (N, 1, ...), ``d`` cotangents (O, N, T, F)."""
-    n = x.shape[0]
+    unit scale and zero bias; ``xs`` its inputs (N, 1, ...), one per call, ``d`` the calls'
+    joined cotangents (O, N, T, F) (see :func:`_joined_cotangents`)."""
     unit = {name: (jnp.ones if name == "scale" else jnp.zeros)(v.shape, v.dtype)
             for name, v in node.items()}
-    xhat = layer.module.apply({"params": unit}, x[:, 0])
-    xhat = xhat.reshape(n, -1, xhat.shape[-1]).astype(d.dtype)
+    xhats = [layer.module.apply({"params": unit}, x[:, 0]) for x in xs]
+    xhat = jnp.concatenate(
+        [h.reshape(x.shape[0], -1, h.shape[-1]) for h, x in zip(xhats, xs, strict=True)], axis=1
+    ).astype(d.dtype)
     grads = {}
     if "scale" in node:
         grads["scale"] = jnp.einsum("atf,iatf->iaf", xhat, d, precision=PRECISION)
@@ -594,22 +615,23 @@ def _split_rest(trainable, layers):
 
 
 def _apply_tapped(apply_fn, params, x, eps):
-    """``apply_fn(params, x)`` with ``eps[path]`` added to the output of the layer at ``path``;
-    also returns each such layer's input."""
-    captured = {}
+    """``apply_fn(params, x)`` with ``eps[path][c]`` added to the output of call ``c`` of the
+    layer at ``path``; also returns each such call's input (``{path: (input, ...)}``)."""
+    captured: dict[tuple, list] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             path = tuple(context.module.path)
             if path in eps:
-                captured[path] = _call_input(args, kwargs)
-                return out + eps[path].astype(out.dtype)
+                calls = captured.setdefault(path, [])
+                calls.append(_call_input(args, kwargs))
+                return out + eps[path][len(calls) - 1].astype(out.dtype)
         return out
 
     with nn.intercept_methods(interceptor):
         out = apply_fn(params, x)
-    return out, captured
+    return out, {path: tuple(calls) for path, calls in captured.items()}
 
 
 def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
@@ -623,7 +645,9 @@ def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
     basis = jnp.eye(out_dim, dtype=dtype)
 
     def per_sample(rest, x):
-        eps = {path: jnp.zeros(lay.out_shape, lay.out_dtype) for path, lay in layers.items()}
+        eps = {path: tuple(jnp.zeros(shape, dtype)
+                           for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
+               for path, lay in layers.items()}
         _, vjp, captured = jax.vjp(lambda r, e: tapped(r, e, x), rest, eps, has_aux=True)
         rest_jac, deltas = jax.vmap(vjp)(basis)
         return rest_jac, deltas, captured
@@ -645,13 +669,14 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
             return jnp.reshape(out, (n, out_dim)), captured
 
         eps = {
-            path: jnp.zeros((n, *lay.out_shape[1:]), lay.out_dtype)
+            path: tuple(jnp.zeros((n, *shape[1:]), dtype)
+                        for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
             for path, lay in layers.items()
         }
         _, vjp, captured = jax.vjp(tapped, eps, has_aux=True)
         basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
         (deltas,) = jax.vmap(vjp)(basis)  # (O, N, *out): outputs first, as used below
-        inputs = {k: v[:, None] for k, v in captured.items()}
+        inputs = {k: tuple(v[:, None] for v in calls) for k, calls in captured.items()}
         return deltas, inputs
 
     return taps
@@ -667,7 +692,7 @@ def _taps(apply_fn, params, layers, x):
     dtype = out.dtype
     rest, merge = _split_rest(trainable, layers)
     batch_first = all(
-        lay.in_shape[:1] == (1,) and lay.out_shape[:1] == (1,) for lay in layers.values()
+        shape[:1] == (1,) for lay in layers.values() for shape in lay.in_shapes + lay.out_shapes
     )
     if batch_first and not any(leaf.size for leaf in rest):
         taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
@@ -683,7 +708,8 @@ def _taps(apply_fn, params, layers, x):
 
     def one_by_one(rest: Any, x: jax.Array) -> tuple:
         jac, deltas, inputs = vmapped(rest, x)
-        return jac, {k: jnp.moveaxis(v, 1, 0) for k, v in deltas.items()}, inputs
+        deltas = {k: tuple(jnp.moveaxis(v, 1, 0) for v in calls) for k, calls in deltas.items()}
+        return jac, deltas, inputs
 
     return rest, one_by_one, dtype
 
@@ -726,16 +752,16 @@ def structured_kernel(
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
         assert node is not None  # _discover keeps only layers whose params it found
-        d1 = _layer_cotangents(layer, deltas1[path])
-        d2 = d1 if x2 is None else _layer_cotangents(layer, deltas2[path])
+        d1 = _joined_cotangents(layer, deltas1[path])
+        d2 = d1 if x2 is None else _joined_cotangents(layer, deltas2[path])
         if layer.kind == "norm":
             g1 = jnp.concatenate(list(_norm_grads(layer, node, inputs1[path], d1).values()), -1)
             g2 = g1 if x2 is None else jnp.concatenate(
                 list(_norm_grads(layer, node, inputs2[path], d2).values()), -1)
             add(_contract_outputs_first(g1, g2, outputs))
             continue
-        xi1 = _layer_inputs(layer, inputs1[path])
-        xi2 = xi1 if x2 is None else _layer_inputs(layer, inputs2[path])
+        xi1 = _joined_inputs(layer, inputs1[path])
+        xi2 = xi1 if x2 is None else _joined_inputs(layer, inputs2[path])
         c, s = _scales(layer, node, dtype)
         vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
         add(_weight_term(
@@ -836,7 +862,7 @@ def structured_projected_features(
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
         assert node is not None
-        d = _layer_cotangents(layer, deltas[path])
+        d = _joined_cotangents(layer, deltas[path])
         if layer.kind == "norm":
             for name, grad in _norm_grads(layer, node, inputs[path], d).items():
                 i = index[(*path, name)]
@@ -847,7 +873,7 @@ def structured_projected_features(
         weight = "embedding" if layer.kind == "embed" else "kernel"
         i = index[(*path, weight)]
         vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
-        parts[i] = _layer_projection(layer, _layer_inputs(layer, inputs[path]), d,
+        parts[i] = _layer_projection(layer, _joined_inputs(layer, inputs[path]), d,
                                      jax.random.fold_in(key, i), dim, rank, c, vocab)
         if "bias" in node:
             i = index[(*path, "bias")]

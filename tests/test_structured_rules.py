@@ -97,3 +97,24 @@ def test_gpt_block_is_structured_except_its_position_table(x64):
     x1 = jax.random.randint(jax.random.key(2), (3, 5), 0, 7)
     x2 = jax.random.randint(jax.random.key(3), (2, 5), 0, 7)
     _agree(GPT(), x1, x2, "full", fallback=[("pos",)])
+
+
+class Shared(nn.Module):
+    """A Dense called on two sequences of different lengths and once more on a vector, a Conv
+    and a LayerNorm each called twice: each is one layer on all its calls' positions."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, T, C)
+        dense, conv, norm = nn.Dense(3), nn.Conv(3, (2,)), nn.LayerNorm()
+        a = jnp.tanh(dense(x))
+        b = jnp.tanh(dense(x[:, ::2] ** 2))
+        c = conv(norm(a)) + conv(norm(jnp.sin(a)))
+        h = c.mean(axis=1) + b.sum(axis=1)
+        return nn.Dense(2)(h + jnp.tanh(dense(h)))
+
+
+@pytest.mark.parametrize("outputs", ["diagonal", "full"])
+def test_modules_called_several_times(x64, outputs):
+    x1 = jax.random.normal(jax.random.key(2), (3, 5, 3), jnp.float64)
+    x2 = jax.random.normal(jax.random.key(3), (2, 5, 3), jnp.float64)
+    _agree(Shared(), x1, x2, outputs)
