@@ -25,10 +25,16 @@ weights, one feature group, no mask), ``ConvTranspose`` (no mask, kernel not tra
 so a dense layer on that input's patches) and ``Embed`` (only through ``__call__``), and
 ``ntkjax.nn.Dense`` (its kernel/bias scales are read off by differentiating the layer once).
 ``ntkjax.nn.Conv`` and ``ntkjax.nn.ConvTranspose`` are one ``flax.linen.Conv`` each.
-Only exact classes are recognised (not subclasses), and a module called more than once is
-treated as unsupported. Every parameter not covered -- LayerNorm scales, unsupported layers,
-non-linen parameters -- falls back to per-sample Jacobian contraction, computed in the same
-backward pass. When every parameter is covered, the O backward passes (one per output, reusing
+``flax.linen`` ``LayerNorm`` and ``RMSNorm`` normalizing over the last axis
+(``y_t = gamma * xhat_t + beta``) contribute ``<g, g'>`` from per-sample gradients
+``g^gamma_i = sum_t xhat_t * delta_{i,t}`` (elementwise) and ``g^beta_i = sum_t delta_{i,t}``,
+with ``xhat`` the layer applied with unit scale and zero bias: ``O F`` numbers per sample.
+Only exact classes are recognised (not subclasses). A module called more than once through
+``__call__`` (shared weights) has the sum of its calls' gradients, so it is one layer on all its
+calls' positions joined. Every parameter not covered -- a tied embedding (``Embed.attend``),
+unsupported layers, non-linen parameters such as a positional table -- falls back to
+per-sample Jacobian contraction, computed in the same backward pass
+(:func:`structured_fallback_params` lists them). When every parameter is covered, the O backward passes (one per output, reusing
 one forward pass) run on the whole batch at once; otherwise per sample. The materialized form
 computes all samples' ``G_i`` as one batched matmul with the outputs folded into its columns.
 """
