@@ -34,9 +34,10 @@ Only exact classes are recognised (not subclasses). A module called more than on
 calls' positions joined. Every parameter not covered -- a tied embedding (``Embed.attend``),
 unsupported layers, non-linen parameters such as a positional table -- falls back to
 per-sample Jacobian contraction, computed in the same backward pass
-(:func:`structured_fallback_params` lists them). When every parameter is covered, the O backward passes (one per output, reusing
-one forward pass) run on the whole batch at once; otherwise per sample. The materialized form
-computes all samples' ``G_i`` as one batched matmul with the outputs folded into its columns.
+(:func:`structured_fallback_params` lists them). When every parameter is covered, the O
+backward passes (one per output, reusing one forward pass) run on the whole batch at once;
+otherwise per sample. The materialized form computes all samples' ``G_i`` as one batched
+matmul with the outputs folded into its columns.
 """
 
 from __future__ import annotations
