@@ -26,7 +26,9 @@ so a dense layer on that input's patches) and ``Embed`` (only through ``__call__
 ``ntkjax.nn.Dense`` (its kernel/bias scales are read off by differentiating the layer once).
 ``ntkjax.nn.Conv`` and ``ntkjax.nn.ConvTranspose`` are one ``flax.linen.Conv`` each.
 ``flax.linen`` ``LayerNorm`` and ``RMSNorm`` normalizing over the last axis
-(``y_t = gamma * xhat_t + beta``) contribute ``<g, g'>`` from per-sample gradients
+(``y_t = gamma * xhat_t + beta``), and ``BatchNorm`` over the last axis normalizing with its
+running statistics (inference mode; in training mode it mixes the samples and falls back),
+contribute ``<g, g'>`` from per-sample gradients
 ``g^gamma_i = sum_t xhat_t * delta_{i,t}`` (elementwise) and ``g^beta_i = sum_t delta_{i,t}``,
 with ``xhat`` the layer applied with unit scale and zero bias: ``O F`` numbers per sample.
 Only exact classes are recognised (not subclasses). A module called more than once through
@@ -113,7 +115,7 @@ def _layer_kind(module) -> tuple[str | None, bool]:
     if kind is None or probe:
         return kind, probe
     if kind == "norm":
-        axes = module.feature_axes
+        axes = module.axis if type(module) is nn.BatchNorm else module.feature_axes
         axes = tuple(axes) if isinstance(axes, tuple | list) else (axes,)
         if axes not in ((-1,),) or module.axis_name is not None:
             return None, False
@@ -147,6 +149,14 @@ def _dense_axes(module, ndim: int) -> tuple[int, ...]:
     return (ndim - 1,)
 
 
+def _batch_norm_inference(module, args, kwargs) -> bool:
+    """Whether a ``flax.linen.BatchNorm`` call normalizes with its running statistics (a fixed
+    affine map per sample) and without a mask."""
+    flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    flag = module.use_running_average if flag is None else flag
+    return flag is True and kwargs.get("mask") is None
+
+
 def _call_input(args, kwargs):
     if args:
         return args[0]
@@ -178,6 +188,9 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
             # called inside a transformation of the model itself (e.g. the jvp of
             # ntkjax.linearize): its inputs cannot be tapped; the layer falls back to Jacobians
             untappable.add(path)
+            return out
+        if type(module) is nn.BatchNorm and not _batch_norm_inference(module, args, kwargs):
+            untappable.add(path)  # batch statistics mix the samples
             return out
         calls.setdefault(path, []).append(
             _Layer(
@@ -577,16 +590,34 @@ def _scales(layer: _Layer, node, dtype):
     return c, s
 
 
-def _norm_grads(layer: _Layer, node, xs, d) -> dict[str, jax.Array]:
+def _state(variables, path) -> dict[str, Any]:
+    """The non-parameter collections of the layer at ``path`` (e.g. ``batch_stats``)."""
+    state = {}
+    for collection, tree in variables.items():
+        if collection == "params":
+            continue
+        for key in path:
+            tree = tree.get(key) if isinstance(tree, Mapping) else None
+        if tree is not None:
+            state[collection] = tree
+    return state
+
+
+def _norm_grads(layer: _Layer, node, variables, xs, d) -> dict[str, jax.Array]:
     """Per-sample gradients ``{name: (O, N, F)}`` of a norm layer ``y_t = gamma * xhat_t +
-    beta`` (LayerNorm, RMSNorm over the last axis): ``sum_t xhat_t * delta_{i,t}`` for the
-    scale, ``sum_t delta_{i,t}`` for the bias -- elementwise in the feature, so a "diagonal"
-    factorization with ``O F`` numbers per sample. ``xhat`` is the layer itself applied with
-    unit scale and zero bias; ``xs`` its inputs (N, 1, ...), one per call, ``d`` the calls'
-    joined cotangents (O, N, T, F) (see :func:`_joined_cotangents`)."""
+    beta`` (LayerNorm, RMSNorm, inference-mode BatchNorm, over the last axis):
+    ``sum_t xhat_t * delta_{i,t}`` for the scale, ``sum_t delta_{i,t}`` for the bias --
+    elementwise in the feature, so a "diagonal" factorization with ``O F`` numbers per sample.
+    ``xhat`` is the layer itself applied with unit scale and zero bias (and its non-parameter
+    collections in ``variables``: a BatchNorm's running statistics); ``xs`` its inputs
+    (N, 1, ...), one per call, ``d`` the calls' joined cotangents (O, N, T, F) (see
+    :func:`_joined_cotangents`)."""
+    state = _state(variables, layer.path)
     unit = {name: (jnp.ones if name == "scale" else jnp.zeros)(v.shape, v.dtype)
             for name, v in node.items()}
-    xhats = [layer.module.apply({"params": unit}, x[:, 0]) for x in xs]
+    extra = ({"use_running_average": True} if type(layer.module) is nn.BatchNorm
+             and layer.module.use_running_average is None else {})
+    xhats = [layer.module.apply({**state, "params": unit}, x[:, 0], **extra) for x in xs]
     xhat = jnp.concatenate(
         [h.reshape(x.shape[0], -1, h.shape[-1]) for h, x in zip(xhats, xs, strict=True)], axis=1
     ).astype(d.dtype)
@@ -762,9 +793,10 @@ def structured_kernel(
         d1 = _joined_cotangents(layer, deltas1[path])
         d2 = d1 if x2 is None else _joined_cotangents(layer, deltas2[path])
         if layer.kind == "norm":
-            g1 = jnp.concatenate(list(_norm_grads(layer, node, inputs1[path], d1).values()), -1)
+            g1 = jnp.concatenate(list(_norm_grads(layer, node, params, inputs1[path], d1).values()),
+                                 axis=-1)
             g2 = g1 if x2 is None else jnp.concatenate(
-                list(_norm_grads(layer, node, inputs2[path], d2).values()), -1)
+                list(_norm_grads(layer, node, params, inputs2[path], d2).values()), axis=-1)
             add(_contract_outputs_first(g1, g2, outputs))
             continue
         xi1 = _joined_inputs(layer, inputs1[path])
@@ -871,7 +903,7 @@ def structured_projected_features(
         assert node is not None
         d = _joined_cotangents(layer, deltas[path])
         if layer.kind == "norm":
-            for name, grad in _norm_grads(layer, node, inputs[path], d).items():
+            for name, grad in _norm_grads(layer, node, params, inputs[path], d).items():
                 i = index[(*path, name)]
                 parts[i] = project_gradient(jnp.moveaxis(grad, 0, 1), jax.random.fold_in(key, i),
                                             dim, rank)

@@ -118,3 +118,33 @@ def test_modules_called_several_times(x64, outputs):
     x1 = jax.random.normal(jax.random.key(2), (3, 5, 3), jnp.float64)
     x2 = jax.random.normal(jax.random.key(3), (2, 5, 3), jnp.float64)
     _agree(Shared(), x1, x2, outputs)
+
+
+class ResBlock(nn.Module):
+    """Conv -> BatchNorm (running statistics: attribute, or call argument) -> relu, residual."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, H, W, C)
+        h = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(3, (2, 2))(x)))
+        h = nn.BatchNorm()(nn.Conv(3, (2, 2))(h), use_running_average=True)
+        return nn.Dense(2)(nn.relu(h + x).mean(axis=(1, 2)))
+
+
+def test_batch_norm_in_inference_mode(x64):
+    x1 = jax.random.normal(jax.random.key(2), (3, 4, 4, 3), jnp.float64)
+    x2 = jax.random.normal(jax.random.key(3), (2, 4, 4, 3), jnp.float64)
+    model = ResBlock()
+    variables = model.init(jax.random.key(1), x1)
+    # non-trivial running statistics, scales and biases
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    variables = jax.tree.unflatten(treedef, [
+        (jnp.exp if leaf.ndim == 1 else lambda v: v)(
+            leaf.astype(jnp.float64) + 0.5 * jax.random.normal(k, leaf.shape, jnp.float64))
+        for leaf, k in zip(leaves, keys, strict=True)])
+    assert structured_fallback_params(model.apply, variables, x1) == []
+    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs="full")(
+        variables, x1, x2)
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(
+        variables, x1, x2)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(want))))
