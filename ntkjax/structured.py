@@ -615,9 +615,12 @@ def _norm_grads(layer: _Layer, node, variables, xs, d) -> dict[str, jax.Array]:
     state = _state(variables, layer.path)
     unit = {name: (jnp.ones if name == "scale" else jnp.zeros)(v.shape, v.dtype)
             for name, v in node.items()}
-    extra = ({"use_running_average": True} if type(layer.module) is nn.BatchNorm
-             and layer.module.use_running_average is None else {})
-    xhats = [layer.module.apply({**state, "params": unit}, x[:, 0], **extra) for x in xs]
+    module = layer.module
+    if type(module) is nn.BatchNorm and module.use_running_average is None:
+        module = module.clone(use_running_average=True)  # was given at call time
+    xhats: list[jax.Array] = [
+        jnp.asarray(module.apply({**state, "params": unit}, x[:, 0])) for x in xs
+    ]
     xhat = jnp.concatenate(
         [h.reshape(x.shape[0], -1, h.shape[-1]) for h, x in zip(xhats, xs, strict=True)], axis=1
     ).astype(d.dtype)
