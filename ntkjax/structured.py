@@ -25,12 +25,21 @@ weights, one feature group, no mask), ``ConvTranspose`` (no mask, kernel not tra
 so a dense layer on that input's patches) and ``Embed`` (only through ``__call__``), and
 ``ntkjax.nn.Dense`` (its kernel/bias scales are read off by differentiating the layer once).
 ``ntkjax.nn.Conv`` and ``ntkjax.nn.ConvTranspose`` are one ``flax.linen.Conv`` each.
-Only exact classes are recognised (not subclasses), and a module called more than once is
-treated as unsupported. Every parameter not covered -- LayerNorm scales, unsupported layers,
-non-linen parameters -- falls back to per-sample Jacobian contraction, computed in the same
-backward pass. When every parameter is covered, the O backward passes (one per output, reusing
-one forward pass) run on the whole batch at once; otherwise per sample. The materialized form
-computes all samples' ``G_i`` as one batched matmul with the outputs folded into its columns.
+``flax.linen`` ``LayerNorm`` and ``RMSNorm`` normalizing over the last axis
+(``y_t = gamma * xhat_t + beta``), and ``BatchNorm`` over the last axis normalizing with its
+running statistics (inference mode; in training mode it mixes the samples and falls back),
+contribute ``<g, g'>`` from per-sample gradients
+``g^gamma_i = sum_t xhat_t * delta_{i,t}`` (elementwise) and ``g^beta_i = sum_t delta_{i,t}``,
+with ``xhat`` the layer applied with unit scale and zero bias: ``O F`` numbers per sample.
+Only exact classes are recognised (not subclasses). A module called more than once through
+``__call__`` (shared weights) has the sum of its calls' gradients, so it is one layer on all its
+calls' positions joined. Every parameter not covered -- a tied embedding (``Embed.attend``),
+unsupported layers, non-linen parameters such as a positional table -- falls back to
+per-sample Jacobian contraction, computed in the same backward pass
+(:func:`structured_fallback_params` lists them). When every parameter is covered, the O
+backward passes (one per output, reusing one forward pass) run on the whole batch at once;
+otherwise per sample. The materialized form computes all samples' ``G_i`` as one batched
+matmul with the outputs folded into its columns.
 """
 
 from __future__ import annotations
@@ -67,24 +76,27 @@ __all__ = [
     "count_structured_layers",
     "last_hidden_features",
     "project_gradient",
+    "structured_fallback_params",
     "structured_kernel",
     "structured_projected_features",
 ]
 
 _PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"},
-                "conv_transpose": {"kernel", "bias"}, "embed": {"embedding"}}
+                "conv_transpose": {"kernel", "bias"}, "embed": {"embedding"},
+                "norm": {"scale", "bias"}}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layer:
-    """A supported layer called once: where its params live and how to read its input."""
+    """A supported layer (called once or more): where its params live, how to read its
+    inputs."""
 
     path: tuple[str, ...]
-    kind: str  # "dense" | "conv" | "conv_transpose" | "embed"
+    kind: str  # "dense" | "conv" | "conv_transpose" | "embed" | "norm"
     module: Any  # unbound clone, for static attributes and the scale probe
-    in_shape: tuple[int, ...]  # per-call input shape (batch axis 1 included)
-    out_shape: tuple[int, ...]
-    out_dtype: Any
+    in_shapes: tuple[tuple[int, ...], ...]  # input shape of each call (batch axis 1 included)
+    out_shapes: tuple[tuple[int, ...], ...]
+    out_dtypes: tuple[Any, ...]
     probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
 
 
@@ -102,6 +114,12 @@ def _layer_kind(module) -> tuple[str | None, bool]:
     kind, probe = _structured_kinds().get(cls, (None, False))
     if kind is None or probe:
         return kind, probe
+    if kind == "norm":
+        axes = module.axis if type(module) is nn.BatchNorm else module.feature_axes
+        axes = tuple(axes) if isinstance(axes, tuple | list) else (axes,)
+        if axes not in ((-1,),) or module.axis_name is not None:
+            return None, False
+        return kind, False
     if kind == "dense":
         if module.dot_general is not None or module.dot_general_cls is not None:
             return None, False
@@ -129,6 +147,14 @@ def _dense_axes(module, ndim: int) -> tuple[int, ...]:
         axis = axis if isinstance(axis, tuple | list) else (axis,)
         return tuple(sorted(int(a) % ndim for a in axis))
     return (ndim - 1,)
+
+
+def _batch_norm_inference(module, args, kwargs) -> bool:
+    """Whether a ``flax.linen.BatchNorm`` call normalizes with its running statistics (a fixed
+    affine map per sample) and without a mask."""
+    flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    flag = module.use_running_average if flag is None else flag
+    return flag is True and kwargs.get("mask") is None
 
 
 def _call_input(args, kwargs):
@@ -163,14 +189,17 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
             # ntkjax.linearize): its inputs cannot be tapped; the layer falls back to Jacobians
             untappable.add(path)
             return out
+        if type(module) is nn.BatchNorm and not _batch_norm_inference(module, args, kwargs):
+            untappable.add(path)  # batch statistics mix the samples
+            return out
         calls.setdefault(path, []).append(
             _Layer(
                 path=path,
                 kind=kind,
                 module=module.clone(parent=None),
-                in_shape=tuple(np.shape(inp)),
-                out_shape=tuple(np.shape(out)),
-                out_dtype=out.dtype,
+                in_shapes=(tuple(np.shape(inp)),),
+                out_shapes=(tuple(np.shape(out)),),
+                out_dtypes=(out.dtype,),
                 probe_scales=probe,
             )
         )
@@ -183,9 +212,14 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
     jax.eval_shape(run, trainable, x1)
     layers = {}
     for path, found in calls.items():
-        if len(found) != 1 or path in other_methods or path in untappable:
+        if path in other_methods or path in untappable:
             continue
-        layer = found[0]
+        layer = dataclasses.replace(
+            found[0],
+            in_shapes=tuple(f.in_shapes[0] for f in found),
+            out_shapes=tuple(f.out_shapes[0] for f in found),
+            out_dtypes=tuple(f.out_dtypes[0] for f in found),
+        )
         if _layer_params(trainable, layer) is not None and _input_ok(layer):
             layers[path] = layer
     return layers
@@ -199,7 +233,10 @@ def _layer_params(trainable, layer: _Layer):
         node = node[key]
     if not isinstance(node, Mapping) or not set(node) <= _PARAM_NAMES[layer.kind]:
         return None
-    if not set(node) & {"kernel", "embedding"}:  # a bias alone (its weight held fixed)
+    if layer.kind == "norm":
+        if not node:
+            return None
+    elif not set(node) & {"kernel", "embedding"}:  # a bias alone (its weight held fixed)
         return None
     if any(isinstance(v, Mapping) for v in node.values()):
         return None
@@ -210,15 +247,44 @@ def _input_ok(layer: _Layer) -> bool:
     if layer.kind in ("conv", "conv_transpose"):
         ks = layer.module.kernel_size
         n_spatial = 1 if isinstance(ks, int) else len(ks)
-        return len(layer.in_shape) == n_spatial + 2
+        return all(len(shape) == n_spatial + 2 for shape in layer.in_shapes)
     if layer.kind == "dense":
-        return 0 not in _dense_axes(layer.module, len(layer.in_shape))
+        return all(0 not in _dense_axes(layer.module, len(shape)) for shape in layer.in_shapes)
     return True
 
 
 def count_structured_layers(apply_fn: Callable, params: Any, x1: jax.Array) -> int:
     """How many layers of the model the structured method factorizes."""
     return len(_discover(apply_fn, params, x1))
+
+
+def _leaf_paths(trainable) -> list[tuple]:
+    return [tuple(getattr(k, "key", getattr(k, "name", None)) for k in kp)
+            for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+
+
+def structured_fallback_params(
+    apply_fn: Callable, params: Any, x1: jax.Array
+) -> list[tuple[str, ...]]:
+    """Paths of the trainable parameter leaves that ``ntk_method="structured"`` does not
+    factorize: their NTK terms come from per-sample Jacobians (every other leaf's from its
+    layer's inputs and cotangents, see the module doc). Shapes only; nothing is computed.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         h = nn.LayerNorm()(nn.Dense(4)(x))
+        ...         return nn.Dense(1)(h + self.param("shift", nn.initializers.zeros, (4,)))
+        >>> x = jnp.ones((2, 3))
+        >>> params = Net().init(jax.random.key(0), x)
+        >>> structured_fallback_params(Net().apply, params, x)
+        [('shift',)]
+    """
+    trainable, _ = split_params(params)
+    layers = _discover(apply_fn, params, x1)
+    return [path for path in _leaf_paths(trainable) if path[:-1] not in layers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,11 +380,24 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
         return tuple(
             part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(module, x)
         )
-    axes = list(_dense_axes(layer.module, len(layer.in_shape)))  # same ndim as x here
+    axes = list(_dense_axes(layer.module, x.ndim))
     k = len(axes)
     x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
     contracted = int(np.prod(x.shape[x.ndim - k :]))
     return (x.reshape(n, -1, contracted),)
+
+
+def _joined_inputs(layer: _Layer, xs) -> tuple:
+    """:func:`_layer_inputs` of every call of the layer, joined along the positions: a module
+    called several times (shared weights) is one layer on all its calls' positions, its
+    gradient the sum of the calls' gradients."""
+    per_call = [_layer_inputs(layer, x) for x in xs]
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*per_call, strict=True))
+
+
+def _joined_cotangents(layer: _Layer, ds):
+    """:func:`_layer_cotangents` of every call of the layer, joined along the positions."""
+    return jnp.concatenate([_layer_cotangents(layer, d) for d in ds], axis=2)
 
 
 def _layer_cotangents(layer: _Layer, d):
@@ -511,6 +590,48 @@ def _scales(layer: _Layer, node, dtype):
     return c, s
 
 
+def _state(variables, path) -> dict[str, Any]:
+    """The non-parameter collections of the layer at ``path`` (e.g. ``batch_stats``)."""
+    state = {}
+    for collection, tree in variables.items():
+        if collection == "params":
+            continue
+        for key in path:
+            tree = tree.get(key) if isinstance(tree, Mapping) else None
+        if tree is not None:
+            state[collection] = tree
+    return state
+
+
+def _norm_grads(layer: _Layer, node, variables, xs, d) -> dict[str, jax.Array]:
+    """Per-sample gradients ``{name: (O, N, F)}`` of a norm layer ``y_t = gamma * xhat_t +
+    beta`` (LayerNorm, RMSNorm, inference-mode BatchNorm, over the last axis):
+    ``sum_t xhat_t * delta_{i,t}`` for the scale, ``sum_t delta_{i,t}`` for the bias --
+    elementwise in the feature, so a "diagonal" factorization with ``O F`` numbers per sample.
+    ``xhat`` is the layer itself applied with unit scale and zero bias (and its non-parameter
+    collections in ``variables``: a BatchNorm's running statistics); ``xs`` its inputs
+    (N, 1, ...), one per call, ``d`` the calls' joined cotangents (O, N, T, F) (see
+    :func:`_joined_cotangents`)."""
+    state = _state(variables, layer.path)
+    unit = {name: (jnp.ones if name == "scale" else jnp.zeros)(v.shape, v.dtype)
+            for name, v in node.items()}
+    module = layer.module
+    if type(module) is nn.BatchNorm and module.use_running_average is None:
+        module = module.clone(use_running_average=True)  # was given at call time
+    xhats: list[jax.Array] = [
+        jnp.asarray(module.apply({**state, "params": unit}, x[:, 0])) for x in xs
+    ]
+    xhat = jnp.concatenate(
+        [h.reshape(x.shape[0], -1, h.shape[-1]) for h, x in zip(xhats, xs, strict=True)], axis=1
+    ).astype(d.dtype)
+    grads = {}
+    if "scale" in node:
+        grads["scale"] = jnp.einsum("atf,iatf->iaf", xhat, d, precision=PRECISION)
+    if "bias" in node:
+        grads["bias"] = jnp.sum(d, axis=2)
+    return grads
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernel
 # ---------------------------------------------------------------------------------------------
@@ -535,22 +656,23 @@ def _split_rest(trainable, layers):
 
 
 def _apply_tapped(apply_fn, params, x, eps):
-    """``apply_fn(params, x)`` with ``eps[path]`` added to the output of the layer at ``path``;
-    also returns each such layer's input."""
-    captured = {}
+    """``apply_fn(params, x)`` with ``eps[path][c]`` added to the output of call ``c`` of the
+    layer at ``path``; also returns each such call's input (``{path: (input, ...)}``)."""
+    captured: dict[tuple, list] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             path = tuple(context.module.path)
             if path in eps:
-                captured[path] = _call_input(args, kwargs)
-                return out + eps[path].astype(out.dtype)
+                calls = captured.setdefault(path, [])
+                calls.append(_call_input(args, kwargs))
+                return out + eps[path][len(calls) - 1].astype(out.dtype)
         return out
 
     with nn.intercept_methods(interceptor):
         out = apply_fn(params, x)
-    return out, captured
+    return out, {path: tuple(calls) for path, calls in captured.items()}
 
 
 def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
@@ -564,7 +686,9 @@ def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
     basis = jnp.eye(out_dim, dtype=dtype)
 
     def per_sample(rest, x):
-        eps = {path: jnp.zeros(lay.out_shape, lay.out_dtype) for path, lay in layers.items()}
+        eps = {path: tuple(jnp.zeros(shape, dtype)
+                           for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
+               for path, lay in layers.items()}
         _, vjp, captured = jax.vjp(lambda r, e: tapped(r, e, x), rest, eps, has_aux=True)
         rest_jac, deltas = jax.vmap(vjp)(basis)
         return rest_jac, deltas, captured
@@ -586,13 +710,14 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
             return jnp.reshape(out, (n, out_dim)), captured
 
         eps = {
-            path: jnp.zeros((n, *lay.out_shape[1:]), lay.out_dtype)
+            path: tuple(jnp.zeros((n, *shape[1:]), dtype)
+                        for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
             for path, lay in layers.items()
         }
         _, vjp, captured = jax.vjp(tapped, eps, has_aux=True)
         basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
         (deltas,) = jax.vmap(vjp)(basis)  # (O, N, *out): outputs first, as used below
-        inputs = {k: v[:, None] for k, v in captured.items()}
+        inputs = {k: tuple(v[:, None] for v in calls) for k, calls in captured.items()}
         return deltas, inputs
 
     return taps
@@ -608,7 +733,7 @@ def _taps(apply_fn, params, layers, x):
     dtype = out.dtype
     rest, merge = _split_rest(trainable, layers)
     batch_first = all(
-        lay.in_shape[:1] == (1,) and lay.out_shape[:1] == (1,) for lay in layers.values()
+        shape[:1] == (1,) for lay in layers.values() for shape in lay.in_shapes + lay.out_shapes
     )
     if batch_first and not any(leaf.size for leaf in rest):
         taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
@@ -624,7 +749,8 @@ def _taps(apply_fn, params, layers, x):
 
     def one_by_one(rest: Any, x: jax.Array) -> tuple:
         jac, deltas, inputs = vmapped(rest, x)
-        return jac, {k: jnp.moveaxis(v, 1, 0) for k, v in deltas.items()}, inputs
+        deltas = {k: tuple(jnp.moveaxis(v, 1, 0) for v in calls) for k, calls in deltas.items()}
+        return jac, deltas, inputs
 
     return rest, one_by_one, dtype
 
@@ -667,10 +793,17 @@ def structured_kernel(
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
         assert node is not None  # _discover keeps only layers whose params it found
-        d1 = _layer_cotangents(layer, deltas1[path])
-        d2 = d1 if x2 is None else _layer_cotangents(layer, deltas2[path])
-        xi1 = _layer_inputs(layer, inputs1[path])
-        xi2 = xi1 if x2 is None else _layer_inputs(layer, inputs2[path])
+        d1 = _joined_cotangents(layer, deltas1[path])
+        d2 = d1 if x2 is None else _joined_cotangents(layer, deltas2[path])
+        if layer.kind == "norm":
+            g1 = jnp.concatenate(list(_norm_grads(layer, node, params, inputs1[path], d1).values()),
+                                 axis=-1)
+            g2 = g1 if x2 is None else jnp.concatenate(
+                list(_norm_grads(layer, node, params, inputs2[path], d2).values()), axis=-1)
+            add(_contract_outputs_first(g1, g2, outputs))
+            continue
+        xi1 = _joined_inputs(layer, inputs1[path])
+        xi2 = xi1 if x2 is None else _joined_inputs(layer, inputs2[path])
         c, s = _scales(layer, node, dtype)
         vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
         add(_weight_term(
@@ -761,8 +894,7 @@ def structured_projected_features(
     trainable, _ = split_params(params)
     rest, per_sample, dtype = _taps(apply_fn, params, layers, x)
     jac, deltas, inputs = per_sample(rest, x)
-    paths = [tuple(getattr(k, "key", getattr(k, "name", None)) for k in kp)
-             for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+    paths = _leaf_paths(trainable)
     index = {path: i for i, path in enumerate(paths)}
     parts: dict[int, jax.Array] = {}
     rest_indices = [i for i, path in enumerate(paths) if path[:-1] not in layers]
@@ -772,12 +904,18 @@ def structured_projected_features(
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
         assert node is not None
-        d = _layer_cotangents(layer, deltas[path])
+        d = _joined_cotangents(layer, deltas[path])
+        if layer.kind == "norm":
+            for name, grad in _norm_grads(layer, node, params, inputs[path], d).items():
+                i = index[(*path, name)]
+                parts[i] = project_gradient(jnp.moveaxis(grad, 0, 1), jax.random.fold_in(key, i),
+                                            dim, rank)
+            continue
         c, s = _scales(layer, node, dtype)
         weight = "embedding" if layer.kind == "embed" else "kernel"
         i = index[(*path, weight)]
         vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
-        parts[i] = _layer_projection(layer, _layer_inputs(layer, inputs[path]), d,
+        parts[i] = _layer_projection(layer, _joined_inputs(layer, inputs[path]), d,
                                      jax.random.fold_in(key, i), dim, rank, c, vocab)
         if "bias" in node:
             i = index[(*path, "bias")]

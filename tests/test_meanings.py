@@ -113,7 +113,9 @@ def test_registries_equal_what_the_declarations_give():
     # structured's recognizer: the hand-written one's classes and kinds
     recognized = {linen.Dense: ("dense", False), linen.DenseGeneral: ("dense", False),
                   linen.Conv: ("conv", False), linen.ConvTranspose: ("conv_transpose", False),
-                  linen.Embed: ("embed", False), nn.Dense: ("dense", True)}
+                  linen.Embed: ("embed", False), nn.Dense: ("dense", True),
+                  linen.LayerNorm: ("norm", False), linen.RMSNorm: ("norm", False),
+                  linen.BatchNorm: ("norm", False)}
     assert structured._structured_kinds() == recognized
     for cls, (kind, probe) in recognized.items():
         args = (3, 2) if cls is linen.Embed else ((2, (3,)) if "Conv" in cls.__name__ else (2,))

@@ -158,7 +158,8 @@ def test_ntkjax_dense_scales(parameterization):
 
 
 class Shared(nn.Module):
-    """A Dense called twice (shared weights), tied embedding (attend), a Dense subclass."""
+    """A Dense called twice (shared weights) and a LayerNorm, factorized; a tied embedding
+    (``attend``) and a Dense subclass, which fall back."""
 
     @nn.compact
     def __call__(self, tokens):
@@ -179,7 +180,9 @@ def test_unsupported_uses_fall_back_to_jacobian_contraction():
     tokens2 = jax.random.randint(jax.random.PRNGKey(1), (2, 3), 0, 5)
     model = Shared()
     params = model.init(jax.random.PRNGKey(2), tokens1)
-    assert count_structured_layers(model.apply, params, tokens1) == 0
+    assert count_structured_layers(model.apply, params, tokens1) == 2
+    assert structured.structured_fallback_params(model.apply, params, tokens1) == [
+        ("Embed_0", "embedding"), ("_MyDense_0", "bias"), ("_MyDense_0", "kernel")]
     full = brute_force_ntk(model.apply, params, tokens1, tokens2)
     got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(
         params, tokens1, tokens2)
@@ -198,7 +201,7 @@ def test_mixed_structured_and_fallback_layers():
     model = Mixed()
     x1 = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
     params = model.init(jax.random.PRNGKey(1), x1)
-    assert count_structured_layers(model.apply, params, x1) == 2
+    assert count_structured_layers(model.apply, params, x1) == 3  # Dense, LayerNorm, Dense
     full = brute_force_ntk(model.apply, params, x1, x1)
     got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(params, x1)
     assert max_relative_error(got, full) < 1e-5

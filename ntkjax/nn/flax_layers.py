@@ -29,4 +29,7 @@ FLAX_LAYERS: tuple[Declaration, ...] = (
     _flax(linen.Conv, "conv", "ntkjax.nn.Conv"),
     _flax(linen.ConvTranspose, "conv_transpose", "ntkjax.nn.ConvTranspose"),
     _flax(linen.Embed, "embed", "an ntkjax.nn.Dense on one-hot inputs"),
+    _flax(linen.LayerNorm, "norm", "ntkjax.nn.LayerNorm"),
+    _flax(linen.RMSNorm, "norm", "ntkjax.nn.LayerNorm"),
+    _flax(linen.BatchNorm, "norm", "ntkjax.nn.LayerNorm"),
 )

@@ -1,0 +1,147 @@
+"""Structured empirical-NTK rules for the parameters of a standard transformer: norm scales and
+biases, multi-axis DenseGeneral (attention projections), against ``ntk_method="jacobian"`` in
+float64 (an independent computation: per-sample Jacobians of every leaf, contracted)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ntkjax
+from ntkjax.structured import (
+    project_gradient,
+    structured_fallback_params,
+    structured_projected_features,
+)
+
+
+def _agree(model, x1, x2, outputs, *, fallback=()):
+    """structured == jacobian at 1e-10 (float64), and exactly ``fallback`` leaves fall back."""
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x1))
+    assert structured_fallback_params(model.apply, params, x1) == list(fallback)
+    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs=outputs)(
+        params, x1, x2)
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs=outputs)(
+        params, x1, x2)
+    assert got.dtype == jnp.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(want))))
+
+
+class NormNet(nn.Module):
+    """LayerNorm (scale and bias, scale only), RMSNorm, on positions, non-trivial scales."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, T, C)
+        ones = nn.initializers.ones
+        h = nn.LayerNorm(scale_init=nn.initializers.normal(1.0),
+                         bias_init=nn.initializers.normal(1.0))(nn.Dense(5)(x))
+        h = nn.LayerNorm(use_bias=False, scale_init=nn.initializers.normal(1.0))(jnp.tanh(h))
+        h = nn.RMSNorm(scale_init=ones)(nn.gelu(nn.Dense(4)(h)))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+def test_norm_scales_and_biases(x64):
+    x1 = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+    x2 = jax.random.normal(jax.random.key(3), (2, 4, 2), jnp.float64)
+    _agree(NormNet(), x1, x2, "full")
+
+
+def test_norm_leaves_projected_features(x64):
+    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
+    (same key): the gradient from float64 autodiff of the model gives the same features."""
+    model = NormNet()
+    x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
+    key, dim = jax.random.key(5), 8
+    feats = structured_projected_features(model.apply, params, x, key, dim, 2)
+    assert feats is not None
+    grads = jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(params))(x)
+    leaves = jax.tree_util.tree_flatten_with_path(grads["params"])[0]
+    norm_leaves = 0
+    for i, (path, g) in enumerate(leaves):
+        if "Norm" not in path[0].key:
+            continue
+        want = project_gradient(g, jax.random.fold_in(key, i), dim, 2)
+        np.testing.assert_allclose(feats[..., i * dim:(i + 1) * dim], want, rtol=1e-10,
+                                   atol=1e-12)
+        norm_leaves += 1
+    assert norm_leaves == 4  # LayerNorm_0 scale and bias, LayerNorm_1 and RMSNorm_0 scales
+
+
+class GPT(nn.Module):
+    """Token embedding, learned positions, one pre-LN block (causal multi-head attention, GELU
+    MLP), final LayerNorm, head on the last token."""
+
+    vocab: int = 7
+    width: int = 8
+    heads: int = 2
+
+    @nn.compact
+    def __call__(self, tokens):  # (N, T) ints
+        t = tokens.shape[1]
+        h = nn.Embed(self.vocab, self.width)(tokens)
+        h = h + self.param("pos", nn.initializers.normal(0.5), (t, self.width))
+        a = nn.MultiHeadDotProductAttention(num_heads=self.heads)(
+            nn.LayerNorm()(h), mask=nn.make_causal_mask(tokens))
+        h = h + a
+        m = nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
+        h = nn.LayerNorm()(h + m)
+        return nn.Dense(3)(h[:, -1])
+
+
+def test_gpt_block_is_structured_except_its_position_table(x64):
+    x1 = jax.random.randint(jax.random.key(2), (3, 5), 0, 7)
+    x2 = jax.random.randint(jax.random.key(3), (2, 5), 0, 7)
+    _agree(GPT(), x1, x2, "full", fallback=[("pos",)])
+
+
+class Shared(nn.Module):
+    """A Dense called on two sequences of different lengths and once more on a vector, a Conv
+    and a LayerNorm each called twice: each is one layer on all its calls' positions."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, T, C)
+        dense, conv, norm = nn.Dense(3), nn.Conv(3, (2,)), nn.LayerNorm()
+        a = jnp.tanh(dense(x))
+        b = jnp.tanh(dense(x[:, ::2] ** 2))
+        c = conv(norm(a)) + conv(norm(jnp.sin(a)))
+        h = c.mean(axis=1) + b.sum(axis=1)
+        return nn.Dense(2)(h + jnp.tanh(dense(h)))
+
+
+def test_modules_called_several_times(x64):
+    x1 = jax.random.normal(jax.random.key(2), (3, 5, 3), jnp.float64)
+    x2 = jax.random.normal(jax.random.key(3), (2, 5, 3), jnp.float64)
+    _agree(Shared(), x1, x2, "full")
+
+
+class ResBlock(nn.Module):
+    """Conv -> BatchNorm (running statistics: attribute, or call argument) -> relu, residual."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, H, W, C)
+        h = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(3, (2, 2))(x)))
+        h = nn.BatchNorm()(nn.Conv(3, (2, 2))(h), use_running_average=True)
+        return nn.Dense(2)(nn.relu(h + x).mean(axis=(1, 2)))
+
+
+def test_batch_norm_in_inference_mode(x64):
+    x1 = jax.random.normal(jax.random.key(2), (3, 4, 4, 3), jnp.float64)
+    x2 = jax.random.normal(jax.random.key(3), (2, 4, 4, 3), jnp.float64)
+    model = ResBlock()
+    variables = model.init(jax.random.key(1), x1)
+    # non-trivial running statistics, scales and biases
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    variables = jax.tree.unflatten(treedef, [
+        (jnp.exp if leaf.ndim == 1 else lambda v: v)(
+            leaf.astype(jnp.float64) + 0.5 * jax.random.normal(k, leaf.shape, jnp.float64))
+        for leaf, k in zip(leaves, keys, strict=True)])
+    assert structured_fallback_params(model.apply, variables, x1) == []
+    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs="full")(
+        variables, x1, x2)
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs="full")(
+        variables, x1, x2)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(want))))
