@@ -449,9 +449,14 @@ class Transformer(linen.Module):
       epsilon: the LayerNorms' epsilon.
       causal: causal self-attention in every block (position i attends to j <= i; a decoder;
         see :class:`ntkjax.nn.SelfAttention`).
-      pos_emb_type, pos_emb_p_norm, pos_emb_decay_fn, pos_emb_features, w_pos_emb_std,
-        val_pos_emb: positional embeddings of every attention layer, as in
-        :class:`ntkjax.nn.SelfAttention` (None: none).
+      pos_emb_type: positional embeddings of every attention layer: None (none), ``"sum"``
+        or ``"concat"``, as in :class:`ntkjax.nn.SelfAttention`.
+      pos_emb_p_norm: p of the distance between positions (as in SelfAttention).
+      pos_emb_decay_fn: the positional covariance as a function of the distances, or None
+        for the identity (as in SelfAttention).
+      pos_emb_features: embedding channels for ``"concat"`` (as in SelfAttention).
+      w_pos_emb_std: the embeddings' scale (as in SelfAttention).
+      val_pos_emb: whether the values see the embeddings too (as in SelfAttention).
 
     Masks (padded sequences): ``net.apply(params, x, mask=mask)`` with a boolean (N, L) mask,
     True at padding, which every attention layer excludes as keys and values, and the readout
