@@ -884,8 +884,8 @@ def structured_projected_features(
 ) -> jax.Array | None:
     """``(N, O, D)`` random features of the empirical NTK (``D = dim`` per parameter leaf, in
     the order of the leaves), from each supported layer's inputs and cotangents: its weight by
-    :func:`_layer_projection`, never forming a per-sample gradient; its bias (``s sum_t
-    delta_t``) and every other leaf (per-sample Jacobians) by :func:`project_gradient`. Each
+    the per-layer Kronecker projection, never forming a per-sample gradient; its bias (``s
+    sum_t delta_t``) and every other leaf (per-sample Jacobians) by :func:`project_gradient`. Each
     leaf's projection is drawn from ``fold_in(key, leaf index)``. None for a model without a
     supported layer."""
     layers = _discover(apply_fn, params, x)

@@ -68,7 +68,9 @@ UnsupportedMeaning = getattr(ntkjax, "UnsupportedMeaning", None) or _NotDefinedY
 
 MEANINGS = ("kernel_fn", "kernel_fn_x2", "kernel_matrix_blocks", "kernel_matrix_store",
             "kernel_matrix_devices", "empirical_ntk", "wide_limit", "feature_map")
-SLOW_MEANINGS = frozenset({"kernel_matrix_devices", "wide_limit", "feature_map"})
+SLOW_MEANINGS = frozenset({
+    "kernel_matrix_devices", "wide_limit", "feature_map", "empirical_ntk",
+})
 WORKER = Path(__file__).resolve().parent / "conformance_networks.py"
 ROOT = WORKER.parent.parent
 
@@ -104,7 +106,7 @@ def _cells():
     for net in networks():
         for meaning in MEANINGS:
             marks = []
-            if meaning in SLOW_MEANINGS or (meaning == "empirical_ntk" and net.kind != "vector"):
+            if meaning in SLOW_MEANINGS:
                 marks.append(pytest.mark.slow)  # statistical, or compiles for over ~5 s
             if (net.name, meaning) in XFAIL:
                 marks.append(pytest.mark.xfail(strict=True, reason=XFAIL[net.name, meaning]))
