@@ -223,7 +223,7 @@ def _check_api_tables(site: Path) -> None:
                            (empirical, ntkjax.empirical_ntk_matrix),
                            (empirical, ntkjax.empirical_ntk_fn)):
         html = _object_html(page, f"{function.__module__}.{function.__name__}")
-        shown = set(re.findall(r"<td>\s*<code>(\w+)</code>\s*</td>", html))
+        shown = set(re.findall(r"<td>\s*<code>\**(\w+)</code>\s*</td>", html))  # **kwargs too
         assert set(inspect.signature(function).parameters) <= shown, function.__name__
 
 
