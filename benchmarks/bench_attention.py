@@ -11,8 +11,11 @@ same computation in float64.
   (8 channels), half of them (the odd ones) shorter -- lengths drawn from [8, 32) -- and
   masked (``kernel_fn(net)(x, mask1=mask)``: masked keys excluded, global average over the
   unmasked positions). Target (issue 24): >= 2x neural-tangents, whose
-  ``GlobalSelfAttention`` with ``mask_constant`` is the reference; nt is not installable next
-  to this jax, so the line carries ``"nt": null`` and the reason.
+  ``GlobalSelfAttention`` with ``mask_constant`` is the reference. nt is timed in the same run
+  from its own venv on the same inputs (``benchmarks/nt_reference.py``; create the venv with
+  ``python -m benchmarks.nt_reference``): the line carries nt's median, compile time and peak
+  memory, ``speedup_vs_nt`` and ``nt_max_rel_diff`` (nt's float32 kernel against ours in
+  float64). Without the venv it carries ``"nt": null`` and the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.harness import emit, log, time_call
+from benchmarks.nt_reference import side_by_side
 
 
 def analytic_attention(quick: bool = False) -> None:
@@ -50,10 +54,6 @@ def analytic_attention(quick: bool = False) -> None:
     )
 
 
-NT_UNAVAILABLE = ("neural-tangents (last release pins jax 0.4.x) cannot be installed next to "
-                  "this project's jax; no same-run nt timing")
-
-
 def analytic_attention_masked(quick: bool = False) -> None:
     import ntkjax
     from ntkjax import models
@@ -65,8 +65,9 @@ def analytic_attention_masked(quick: bool = False) -> None:
     mask = np.arange(length)[None, :] >= lengths[:, None]
     x = np.array(jax.random.normal(jax.random.PRNGKey(0), (n, length, channels)), np.float32)
     x[mask] = 0.0
-    net = models.Transformer(64, depth=depth, num_heads=4, activation="relu",
-                             w_std=float(np.sqrt(2)), b_std=0.1)
+    width, heads, w_std, b_std = 64, 4, float(np.sqrt(2)), 0.1
+    net = models.Transformer(width, depth=depth, num_heads=heads, activation="relu",
+                             w_std=w_std, b_std=b_std)
     fn = jax.jit(lambda a, m: ntkjax.kernel_fn(net)(a, mask1=m).ntk)
     xj, mj = jnp.asarray(x), jnp.asarray(mask)
     timing = time_call(lambda: fn(xj, mj), repeats=5, min_time_s=2.0)
@@ -76,6 +77,12 @@ def analytic_attention_masked(quick: bool = False) -> None:
     got = np.asarray(timing["result"], np.float64)
     err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
     log(f"masked attention, {depth} blocks: {timing['median_s']:.3f} s, err {err:.1e}")
+    nt = side_by_side(
+        "analytic_attention_masked", {"x": x, "mask": mask},
+        {"width": width, "depth": depth, "heads": heads, "w_std": w_std, "b_std": b_std,
+         "epsilon": net.epsilon},
+        timing["median_s"], ref)
+    log(f"  nt: {nt}")
     emit(
         "analytic_attention_masked",
         {"n": n, "length": length, "channels": channels, "blocks": depth,
@@ -84,9 +91,8 @@ def analytic_attention_masked(quick: bool = False) -> None:
          "get": "ntk", "quick": quick},
         timing,
         accuracy={"max_rel_err_vs_float64": err, "target": 1e-5},
-        nt=None,
-        nt_reason=NT_UNAVAILABLE,
         target="speedup >= 2x nt",
+        **nt,
     )
 
 
