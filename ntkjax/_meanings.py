@@ -90,7 +90,8 @@ class FeatureStandIn:
     ``exact``, the exact :class:`~ntkjax.Kernel` of each input with itself (its variances),
     ``phi`` (N, *S, D_nngp) and ``psi`` (N, *S, D_ntk), the features of the NNGP and the NTK
     (``phi(x) . phi(x') ~ Sigma(x, x')`` per position), and the random-feature primitives that
-    rules compose (:meth:`tensor_sketch`, :meth:`arc_cosine`, :meth:`hermite`). ntkjax.features
+    rules compose (:meth:`tensor_sketch`, :meth:`arc_cosine`, :meth:`hermite`,
+    :meth:`local_projection`). ntkjax.features
     implements it; a layer's rule only reads these.
 
     >>> isinstance(object(), FeatureStandIn)
@@ -115,6 +116,12 @@ class FeatureStandIn:
 
     def hermite(self, fn: Callable[[Any], Any]) -> tuple[Any, Any]:
         """``(phi, psi)`` after an elementwise ``fn`` (truncated Hermite expansion)."""
+        raise NotImplementedError
+
+    def local_projection(self, a: Any) -> Any:
+        """Unbiased features of ``delta_{pp'} a[p] . a'[p']`` (``a`` (N, *S, d)): an
+        independent random projection per position, for layers whose weights are not shared
+        between positions (the kernel keeps only same-position terms)."""
         raise NotImplementedError
 
 

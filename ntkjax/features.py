@@ -199,6 +199,9 @@ class _StandIn(FeatureStandIn):
     def hermite(self, fn: Callable[[Any], Any]) -> tuple[Any, Any]:
         return _hermite_features(self, fn)
 
+    def local_projection(self, a: Any) -> Any:
+        return _local_projection(self.walk, a, self.walk.config.hidden_features)
+
     # residual sums of independent branches: kernels add, features concatenate
     def __add__(self, other: Any) -> Any:
         if not isinstance(other, _StandIn):
@@ -425,6 +428,34 @@ def _tensor_sketch(walk: _Walk, a: jax.Array, b: jax.Array, m: int) -> jax.Array
     return _srht_apply(a, sa, ia) * _srht_apply(b, sb, ib) * (1.0 / math.sqrt(m))
 
 
+def _position_hashes(rng: np.random.Generator, positions: int, d: int, m: int,
+                     dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, a bucket in [0, m) and a random sign for each of d coordinates, the
+    buckets balanced (a random permutation of ceil(d / m) copies of [0, m), cut to d): (P, d)
+    int32 and (P, d) signs, independent between positions."""
+    copies = -(-d // m)
+    buckets = np.stack([rng.permutation(copies * m)[:d] % m for _ in range(positions)])
+    return buckets.astype(np.int32), _signs(rng, positions, d, dtype)
+
+
+def _local_projection(walk: _Walk, a: jax.Array, m: int) -> jax.Array:
+    """A count sketch of each position's features into m coordinates with hashes and signs
+    drawn independently per position (Charikar et al. 2002): ``S_p a[p] . S_p' a'[p']`` has
+    mean ``delta_{pp'} a[p] . a'[p]`` (independent random signs make the cross-position terms
+    vanish in expectation) and variance O(|a[p]|^2 |a'[p']|^2 / m); same-position products are
+    exact while d <= m (every coordinate has a bucket of its own). Memory: two (P, d) arrays."""
+    d = a.shape[-1]
+    if d == 0:
+        return jnp.zeros((*a.shape[:-1], m), a.dtype)
+    n, spatial, dtype = a.shape[0], a.shape[1:-1], a.dtype
+    p = math.prod(spatial)
+    buckets, signs = walk.draw(lambda rng: _position_hashes(rng, p, d, m, dtype))
+    signed = a.reshape(n, p, d) * jnp.asarray(signs)
+    rows = jnp.arange(p)[:, None]
+    out = jnp.zeros((n, p, m), dtype).at[:, rows, jnp.asarray(buckets)].add(signed)
+    return out.reshape(n, *spatial, m)
+
+
 def _standard_normal(rng: np.random.Generator, d: int, m: int, dtype) -> np.ndarray:
     """A (d, m) standard normal matrix in ``dtype``, drawn in float64 (the same numbers for
     every dtype) a block of rows at a time (bounded temporary memory)."""
@@ -569,11 +600,12 @@ def _reject_foreign_modules(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _walk_module(module: linen.Module, walk: _Walk, x: jax.Array) -> Features:
+def _walk_module(module: linen.Module, walk: _Walk, x: jax.Array,
+                 per_input: dict[str, Any] | None = None) -> Features:
     stand_in = _input_stand_in(walk, x)
     with linen.intercept_methods(_reject_foreign_modules):
         try:
-            out = module.apply({}, stand_in)
+            out = module.apply({}, stand_in, **(per_input or {}))
         except TypeError as err:
             if _StandIn.__name__ not in str(err):
                 raise
@@ -635,13 +667,13 @@ def _static_module(module: linen.Module) -> Any:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply_features(
-    static: Any, config: _Config, params: tuple, x: jax.Array
+    static: Any, config: _Config, params: tuple, x: jax.Array, per_input: dict[str, Any]
 ) -> tuple[Features, jax.Array]:
     """The features and the largest relative Hermite truncation error of the walk's activations
     at each degree of :func:`_degree_ladder` (zeros when no activation is expanded)."""
     module = static.module if isinstance(static, _ByIdentity) else static
     walk = _Walk(config, None, params)
-    features = _walk_module(module, walk, x)
+    features = _walk_module(module, walk, x, per_input)
     ladder = len(_degree_ladder(config))
     worst = (jnp.max(jnp.stack(walk.truncation), axis=0) if walk.truncation
              else jnp.zeros((ladder,), x.dtype))
@@ -701,18 +733,36 @@ class FeatureMap:
         self._configs: dict[tuple, _Config] = {}
 
     @staticmethod
-    def _shape_key(example_shape: tuple[int, ...], dtype: Any) -> tuple:
-        return (tuple(example_shape), jnp.dtype(dtype).name)
+    def _shape_key(example_shape: tuple[int, ...], dtype: Any,
+                   per_input: dict[str, Any] | None = None) -> tuple:
+        extra = tuple(sorted((name, tuple(jnp.shape(v)[1:]), jnp.result_type(v).name)
+                             for name, v in (per_input or {}).items()))
+        return (tuple(example_shape), jnp.dtype(dtype).name, extra)
+
+    @staticmethod
+    def _check_per_input(x: Any, per_input: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, value in per_input.items():
+            value = jnp.asarray(value)
+            if value.ndim == 0 or value.shape[0] != jnp.shape(x)[0]:
+                raise ValueError(
+                    f"feature_map: the per-input argument {name!r} needs one row per input "
+                    f"(leading axis {jnp.shape(x)[0]}, as x of shape {tuple(jnp.shape(x))}); "
+                    f"got shape {tuple(value.shape)}.")
+            out[name] = value
+        return out
 
     def _config_for(self, shape_key: tuple) -> _Config:
         return self._configs.get(shape_key, self.config)
 
-    def apply(self, params: tuple, x: jax.Array) -> Features:
+    def apply(self, params: tuple, x: jax.Array, **per_input: Any) -> Features:
         """The jitted map with explicit parameters (from :meth:`init`); one compilation is
         shared by every FeatureMap of an equal module and configuration. Refuses (concrete
-        inputs) features whose Hermite truncation error exceeds ``max_truncation_error``."""
-        config = self._config_for(self._shape_key(x.shape[1:], x.dtype))
-        features, worst = _apply_features(self._static, config, params, x)
+        inputs) features whose Hermite truncation error exceeds ``max_truncation_error``.
+        ``per_input``: the module's per-input call arguments (as :meth:`__call__`)."""
+        per_input = self._check_per_input(x, per_input)
+        config = self._config_for(self._shape_key(x.shape[1:], x.dtype, per_input))
+        features, worst = _apply_features(self._static, config, params, x, per_input)
         value = _truncation_exceeded(worst, config)
         if value is not None:
             raise _truncation_refusal(value, config)
@@ -723,12 +773,15 @@ class FeatureMap:
         """D: the number of columns of both feature matrices."""
         return self.config.num_features
 
-    def init(self, example_shape: tuple[int, ...], dtype: Any = None) -> tuple:
+    def init(self, example_shape: tuple[int, ...], dtype: Any = None,
+             **per_input: Any) -> tuple:
         """The random parameters for inputs of per-example shape ``example_shape`` (a tuple of
         concrete arrays, drawn by walking the module on an abstract batch of one). With an
-        automatic Hermite degree not yet chosen by a call on such inputs: those of degree 8."""
+        automatic Hermite degree not yet chosen by a call on such inputs: those of degree 8.
+        ``per_input``: the module's per-input call arguments for a batch (only their
+        per-example shapes and dtypes are read)."""
         dtype = jnp.dtype(dtype if dtype is not None else float_dtype())
-        shape_key = self._shape_key(example_shape, dtype)
+        shape_key = self._shape_key(example_shape, dtype, per_input)
         return self._init(self._config_for(shape_key), shape_key)
 
     def _init(self, config: _Config, shape_key: tuple) -> tuple:
@@ -740,7 +793,9 @@ class FeatureMap:
             if makers is None:  # walk the module once (abstractly) to find what to draw
                 walk = _Walk(config, self.key)
                 spec = jax.ShapeDtypeStruct((1, *example_shape), dtype)
-                jax.eval_shape(lambda a: _walk_module(self.module, walk, a), spec)
+                extra = {name: jax.ShapeDtypeStruct((1, *shape), jnp.dtype(kind))
+                         for name, shape, kind in shape_key[2]}
+                jax.eval_shape(lambda a, e: _walk_module(self.module, walk, a, e), spec, extra)
                 _PLANS[plan_key] = tuple(walk.makers)
                 params = tuple(walk.params)
             else:
@@ -748,19 +803,24 @@ class FeatureMap:
             self._params[cache_key] = params
         return self._params[cache_key]
 
-    def __call__(self, x: jax.Array) -> Features:
+    def __call__(self, x: jax.Array, **per_input: Any) -> Features:
+        """The features of the batch ``x``. ``per_input``: keyword arrays with one row per
+        input that the module's ``__call__`` takes beside ``x`` (e.g. the graphs' adjacency
+        ``pattern=A`` of :class:`ntkjax.models.GNN`: ``fmap(x, pattern=A)``)."""
         check_batched(x, "x")
         x = jnp.asarray(x)
         x = x.astype(float_dtype(x))
-        shape_key = self._shape_key(x.shape[1:], x.dtype)
+        per_input = self._check_per_input(x, per_input)
+        shape_key = self._shape_key(x.shape[1:], x.dtype, per_input)
         if not self.config.auto_degree or shape_key in self._configs:
-            return self.apply(self._init(self._config_for(shape_key), shape_key), x)
+            return self.apply(self._init(self._config_for(shape_key), shape_key), x,
+                              **per_input)
         # automatic degree: the lowest of _AUTO_DEGREES whose truncation error at this
         # batch's variances is within the tolerance (the walk reports them all), kept for
         # every later batch
         config = self.config
         features, worst = _apply_features(self._static, config,
-                                          self._init(config, shape_key), x)
+                                          self._init(config, shape_key), x, per_input)
         if not is_concrete(worst):  # under an outer trace: not checked
             return features
         errors = dict(zip(_degree_ladder(config), np.asarray(worst).tolist(), strict=True))
@@ -771,7 +831,7 @@ class FeatureMap:
         if good[0] != config.hermite_degree:
             config = dataclasses.replace(config, hermite_degree=good[0])
             features, worst = _apply_features(self._static, config,
-                                              self._init(config, shape_key), x)
+                                              self._init(config, shape_key), x, per_input)
         self._configs[shape_key] = config
         return features
 

@@ -19,7 +19,7 @@ import numpy as np
 # Layers that have no random-feature rule: feature_map raises UnsupportedMeaning for a network
 # that uses one (the expected column of the matrix; compare with the generated docs table).
 FEATURELESS_LAYERS = frozenset({
-    "ConvTranspose", "SelfAttention", "Dropout(train)", "exp_normalized", "ConvLocal",
+    "ConvTranspose", "SelfAttention", "Dropout(train)", "exp_normalized",
 })
 # Layers whose finite network (apply on arrays) is refused, so the empirical NTK and its
 # Monte Carlo limit are too: ValueError matching the text.

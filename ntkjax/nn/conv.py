@@ -750,7 +750,9 @@ class ConvLocal(Affine):
     :func:`~ntkjax.nn.flatten` readout a locally connected network has the same kernel as its
     convolutional twin, while pooling tells them apart (Novak et al. 2019). Masks as
     :class:`Conv`: ``apply(..., mask=)`` reads masked positions as zeros, and a kernel's masks
-    follow the window centres (:func:`window_mask`; neural-tangents' rule).
+    follow the window centres (:func:`window_mask`; neural-tangents' rule). Random features
+    (:func:`ntkjax.feature_map`): the convolution's features projected independently at each
+    output position (unbiased; ``hidden_features`` coordinates per position).
 
     Attributes:
       features: number of output channels.
@@ -841,10 +843,27 @@ class ConvLocal(Affine):
         return y
 
 
+def _local_features(x: FeatureStandIn, exact: Kernel, module: ConvLocal):
+    """Random features after a locally connected layer: the convolution's exact features
+    (:func:`_patches`, then :func:`~ntkjax.nn.dense.dense_features` with ``fan_in = |K| C``),
+    whose products give :func:`conv_kernel` at every pair of output positions, then an
+    independent random projection per output position
+    (:meth:`~ntkjax.nn.FeatureStandIn.local_projection`) -- its unshared weights -- which keeps
+    the same-position products and makes the cross-position ones vanish in expectation:
+    unbiased features of :func:`local_kernel`, ``delta_{oo'}`` times the convolution's kernel.
+    One projection for the NNGP features, an independent one for the NTK's."""
+    nd = x.exact.spatial_ndim
+    window = _per_axis(module.kernel_size, nd, "kernel_size")
+    strides = _per_axis(module.strides, nd, "strides")
+    phi, psi = dense_features(
+        _patches(x.phi, window, strides, module.padding),
+        _patches(x.psi, window, strides, module.padding),
+        w_std=module.w_std, b_std=module._bias_std, use_bias=module._with_bias,
+        parameterization=module.parameterization, fan_in=math.prod(window) * x.exact.width)
+    return x.local_projection(phi), x.local_projection(psi)
+
+
 _LOCAL_MEANINGS = declare(
-    ConvLocal, kernel=local_kernel, features=None, structured=None,
-    instead={"features": "a locally connected layer has no random-feature rule (its features "
-             "would grow with the number of positions); use ntkjax.kernel_fn (exact) or the "
-             "empirical NTK of a finite network.",
-             "structured": "its unshared weights are contracted by the Jacobian fallback."},
+    ConvLocal, kernel=local_kernel, features=_local_features, structured=None,
+    instead={"structured": "its unshared weights are contracted by the Jacobian fallback."},
 )

@@ -29,6 +29,12 @@ whose rows it slices with the inputs' rows when it evaluates in blocks.
 
 Edge lists: :func:`edge_list_to_dense` gives the dense count matrix, which is what the kernel
 rule uses (the finite layer scatters the messages directly).
+
+Random features (:func:`ntkjax.feature_map`, the pattern passed per input:
+``feature_map(gnn, ...)(x, pattern=A)``): the layer is linear, so features with a node axis map
+through the same sums, ``phi'[h] = sum_t A[t, h] phi[t]`` (likewise psi), and
+``phi'_i[h] . phi'_j[g] = (A_i^T (phi_i . phi_j) A_j)[h, g]`` is the kernel rule applied to
+the features' kernel -- exact, for dense and edge-list patterns and node grids alike.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from flax import linen
 
 from ntkjax._checks import check_choice, check_mask
 from ntkjax._kernel import InputPair, Kernel
-from ntkjax._meanings import FeatureStandIn, declare
+from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declare
 
 __all__ = ["AGGREGATE_IMPLEMENTATIONS", "Aggregate", "AggregateImplementation",
            "aggregate_kernel", "edge_list_to_dense"]
@@ -131,6 +137,26 @@ def _dense_pattern(pattern: Any, implementation: str, spatial: tuple[int, ...], 
     return pattern.astype(dtype)
 
 
+def _sum_messages(x: jax.Array, dense: jax.Array) -> jax.Array:
+    """``y[n, h] = sum_t A[n, t, h] x[n, t]`` for node features (N, *S, C) and a dense
+    adjacency (N, *S, *S)."""
+    n, spatial, c = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
+    v = math.prod(spatial)
+    a = dense.reshape(n, v, v).astype(x.dtype)
+    out = jnp.einsum("nth,ntc->nhc", a, x.reshape(n, v, c), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(x.shape)
+
+
+def _aggregate_features(x: FeatureStandIn, exact: Kernel, pattern: Any,
+                        implementation: AggregateImplementation):
+    """Features after :class:`Aggregate`: the layer's own sums applied to ``phi`` and ``psi``
+    (it is linear; module docstring) -- exact."""
+    phi = x.phi
+    dense = _dense_pattern(pattern, implementation, tuple(phi.shape[1:-1]), phi.shape[0],
+                           phi.dtype, "the inputs")
+    return _sum_messages(phi, dense), _sum_messages(x.psi, dense)
+
+
 def aggregate_kernel(k: Kernel, pattern: InputPair, implementation: AggregateImplementation
                      = "dense") -> Kernel:
     """The rule of :class:`Aggregate` on a Kernel: ``Sigma'_ij = A_i^T Sigma_ij A_j`` on the
@@ -198,6 +224,9 @@ class Aggregate(linen.Module):
     :func:`aggregate_kernel`. Padding nodes: ``mask=`` (boolean (N, V), True = padding) on
     arrays, ``kernel_fn(...)(x1, x2, mask1=, mask2=, pattern=)`` on kernels; masked nodes send
     nothing (their entries are 0 before the sums) and keep their mask (neural-tangents' rule).
+    On :func:`ntkjax.feature_map`'s stand-in the pattern is the batch's own array
+    (``feature_map(module, ...)(x, pattern=P)``) and the same sums map the features (exact;
+    no masks).
 
     Attributes:
       implementation: ``"dense"`` (adjacency matrices, any weights) or ``"sparse"`` (integer
@@ -223,7 +252,25 @@ class Aggregate(linen.Module):
     def __call__(self, x: Any, pattern: Any, mask: Any = None) -> Any:
         check_choice(self.implementation, AGGREGATE_IMPLEMENTATIONS, "implementation")
         if isinstance(x, FeatureStandIn):
-            raise _AGGREGATE.unsupported("features")
+            if mask is not None:
+                raise UnsupportedMeaning(
+                    "ntkjax.nn.Aggregate", "features",
+                    "random features carry no masks; for masked nodes use "
+                    "ntkjax.kernel_fn(module)(x1, x2, mask1=..., mask2=..., pattern=...).")
+            if isinstance(pattern, InputPair):
+                raise ValueError("Aggregate on random features takes the batch's own pattern "
+                                 "(feature_map(...)(x, pattern=P)), not an InputPair.")
+            if x.spatial_ndim == 0:
+                raise ValueError("Aggregate needs node features (N, V, C) or (N, *grid, C); got "
+                                 "features without node axes (after a readout).")
+            _dense_pattern(pattern, self.implementation, x.spatial_shape, x.phi.shape[0],
+                           x.phi.dtype, "the inputs")  # checked before the exact part
+            # the exact part: each input's own graph on both sides (the stand-in's kernel is
+            # each input with itself; its second batch is the first input)
+            pair = InputPair(pattern, jnp.asarray(pattern)[:1])
+            return _AGGREGATE.on_features(
+                x, lambda k: aggregate_kernel(k, pair, self.implementation), pattern,
+                self.implementation)
         if isinstance(x, Kernel):
             if mask is not None:
                 raise ValueError("Aggregate: on a Kernel the masks are the kernel's own "
@@ -246,9 +293,7 @@ class Aggregate(linen.Module):
         if self.implementation == "dense":
             pattern = jnp.asarray(pattern)
             _check_nodes(pattern, spatial, n, "the inputs")
-            a = pattern.reshape(n, v, v).astype(x.dtype)
-            out = jnp.einsum("nth,ntc->nhc", a, flat, precision=jax.lax.Precision.HIGHEST)
-            return out.reshape(x.shape)
+            return _sum_messages(x, pattern)
         pattern = jnp.asarray(pattern)
         if pattern.ndim < 1 or pattern.shape[0] != n:
             raise ValueError(f"Aggregate: the edge list has shape {tuple(pattern.shape)}, but "
@@ -263,9 +308,6 @@ class Aggregate(linen.Module):
 
 
 _AGGREGATE = declare(
-    Aggregate, kernel=aggregate_kernel, features=None, structured="parameter-free",
-    all_pairs=True,
-    instead={"features": "random features of graph networks are not implemented; use "
-             "ntkjax.kernel_fn(module)(x1, x2, pattern=(P1, P2)) for the exact kernel, or the "
-             "empirical NTK of the finite network."},
+    Aggregate, kernel=aggregate_kernel, features=_aggregate_features,
+    structured="parameter-free", all_pairs=True,
 )
