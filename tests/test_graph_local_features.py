@@ -85,7 +85,7 @@ def test_aggregate_features_refuse_bad_patterns_and_masks(x64):
     with pytest.raises(ValueError, match=r"adjacency for the inputs has shape \(\d, 4, 4\).*"
                                          r"node shape \(5,\)"):
         fmap(x, pattern=a[:, :4, :4])
-    with pytest.raises(ValueError, match="'pattern'.*one row per input"):
+    with pytest.raises(ValueError, match=r"'pattern'.*one row per input"):
         fmap(x, pattern=a[:3])
 
     class Masked(linen.Module):
@@ -94,7 +94,7 @@ def test_aggregate_features_refuse_bad_patterns_and_masks(x64):
             mask = np.zeros(x.shape[:2], bool)
             return nn.Dense(1)(nn.global_sum_pool(nn.Aggregate()(x, pattern, mask=mask)))
 
-    with pytest.raises(ntkjax.UnsupportedMeaning, match="Aggregate.*masks"):
+    with pytest.raises(ntkjax.UnsupportedMeaning, match=r"Aggregate.*masks"):
         feature_map(Masked(), key=jax.random.key(0), num_features=16)(x, pattern=a)
 
 

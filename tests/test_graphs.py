@@ -256,16 +256,6 @@ def test_aggregate_bad_input(x64):
         nn.Aggregate(implementation="sparse").apply({}, x, edges[..., :1])
     with pytest.raises(ValueError, match="implementation"):
         nn.Aggregate(implementation="csr").apply({}, x, dense)  # type: ignore[arg-type]
-    with pytest.raises(nn.UnsupportedMeaning, match="Aggregate"):
-        ntkjax.feature_map(_OnFixedGraphs(), key=jax.random.PRNGKey(0), num_features=8)(x)
-
-
-class _OnFixedGraphs(linen.Module):
-    """Aggregate along a fixed graph (feature_map passes no call arguments)."""
-
-    @linen.compact
-    def __call__(self, x):
-        return nn.Aggregate()(nn.Dense(4)(x), jnp.ones((x.shape[0], 5, 5)))
 
 
 # ----------------------------------------------------------------- locally connected layers
@@ -306,8 +296,6 @@ def test_conv_local_bad_input():
         layer.init(jax.random.PRNGKey(0), jnp.ones((1, 2, 3)))
     with pytest.raises(ValueError, match="spatial"):
         layer.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
-    with pytest.raises(nn.UnsupportedMeaning, match="ConvLocal"):
-        ntkjax.feature_map(layer, key=jax.random.PRNGKey(0), num_features=8)(jnp.ones((1, 5, 2)))
 
 
 # ----------------------------------------------------------------------------- dot_general

@@ -260,10 +260,10 @@ class Aggregate(linen.Module):
             if isinstance(pattern, InputPair):
                 raise ValueError("Aggregate on random features takes the batch's own pattern "
                                  "(feature_map(...)(x, pattern=P)), not an InputPair.")
-            if x.spatial_ndim == 0:
+            if x.exact.spatial_ndim == 0:
                 raise ValueError("Aggregate needs node features (N, V, C) or (N, *grid, C); got "
                                  "features without node axes (after a readout).")
-            _dense_pattern(pattern, self.implementation, x.spatial_shape, x.phi.shape[0],
+            _dense_pattern(pattern, self.implementation, x.exact.spatial_shape, x.phi.shape[0],
                            x.phi.dtype, "the inputs")  # checked before the exact part
             # the exact part: each input's own graph on both sides (the stand-in's kernel is
             # each input with itself; its second batch is the first input)
