@@ -33,6 +33,14 @@ shape, on the host, by numpy's generator seeded with the bits of ``jax.random.fo
   ``T(Sigma)[o, o'] = mean_delta Sigma[s o + delta, s o' + delta]`` exactly (zero padding for
   SAME, periodic for CIRCULAR), then the dense rule with ``fan_in = |K| C`` (the CNTK features
   of Zandieh et al. 2021, section 5).
+* :class:`~ntkjax.nn.ConvLocal` (weights not shared between positions): the convolution's
+  exact features, then a count sketch of each output position's features into m coordinates
+  with hashes and signs drawn independently per position (Charikar et al. 2002): same-position
+  products are kept (exactly while the patch features fit in m), cross-position ones vanish in
+  expectation -- unbiased features of its kernel, ``delta_{oo'}`` times the convolution's.
+* :class:`~ntkjax.nn.Aggregate`: the layer's own sums along each input's graph applied to
+  phi and psi (it is linear) -- exact; the pattern is passed per input,
+  ``feature_map(gnn, ...)(x, pattern=A)``.
 * :func:`~ntkjax.nn.flatten`: ``phi.reshape(N, P D) / sqrt(P)``; the poolings
   (:func:`~ntkjax.nn.global_average_pool`, ``global_sum_pool``, ``avg_pool``, ``sum_pool``):
   the finite pooling applied to the per-position features (pooling is linear, so
@@ -851,7 +859,8 @@ def feature_map(
 
     ``module`` is any ``flax.linen`` module that :func:`ntkjax.kernel_fn` accepts, built from
     the layers with feature rules (module docstring; the layer table of the developer guide):
-    Dense and Conv in either parameterization, the ReLU family in closed form (arc-cosine
+    Dense, Conv and ConvLocal in either parameterization, Aggregate (graphs; the pattern is
+    passed per input, ``fmap(x, pattern=A)``), the ReLU family in closed form (arc-cosine
     random features, Zandieh et al. 2021), any other activation by its Hermite expansion
     truncated at ``hermite_degree`` (Han et al. 2022; truncation error:
     :func:`hermite_truncation_error`), residual sums, concatenations and products of branches,
@@ -863,8 +872,9 @@ def feature_map(
       module: the network.
       key: PRNG key of every random projection and sketch.
       num_features: D, the columns of each output feature matrix.
-      hidden_features: random features per activation (m; default D). Memory: m x (width of the
-        layer's input features) floats for each ReLU-family layer.
+      hidden_features: random features per activation and per position of a ConvLocal layer
+        (m; default D). Memory: m x (width of the layer's input features) floats for each
+        ReLU-family layer.
       sketch_features: coordinates of each NTK tensor sketch (default D).
       hermite_degree: K, the degree of the Hermite expansion of non-ReLU activations (>= 1);
         None (default): chosen by the first call on inputs of each shape -- the lowest of 8,
