@@ -193,8 +193,9 @@ class ResizeNet(linen.Module):
 # decides rs_nearest_down against nt: at width 1024, 48 networks, the Monte Carlo NNGP is 1.3 %
 # (Frobenius) from this rule and 4.4 % from nt, its projection on the segment rule -> nt at
 # 0.03 +- 0.07 (0 = the rule). For rs_linear_up that Monte Carlo (width 512 and 1024, 48
-# networks) sits half way, 0.49 +- 0.13, at 1.7 % from either, so it does not decide at this
-# budget; the rule is then exact by composition (each layer's rule checked on its own).
+# networks) sits half way, 0.49 +- 0.13, at 1.7 % from either; the exact computation by
+# explicit matrices (test_linear_upsampling_by_explicit_matrices_sides_with_the_rule_not_nt)
+# decides it: the rule to 1e-15, nt off by 3.6-5.6 %.
 @pytest.mark.parametrize("key", ["rs_linear_down_antialias"])
 def test_image_resize_matches_the_nt_reference(key, x64):
     entry, ref = _reference(key)
@@ -228,6 +229,66 @@ def test_image_resize_rule_is_the_kernel_of_resized_inputs(shape, method, x64):
         nn.image_resize(x1, shape, method="cubic")
     with pytest.raises(ValueError, match="only the spatial"):
         nn.image_resize(x1, (2, 5, 4, -1))
+
+
+def _explicit_conv(nngp, ntk, h, w, w_std, b_std):
+    """A 3x3 SAME convolution's kernels (NTK parameterization) on (N, N, P, P) kernels of an
+    h x w grid (positions row-major): T(K)[p, q] = sum_d K[p + d, q + d] / 9 over the window's
+    offsets d, entries outside the grid 0 (zero padding)."""
+    def t(k):
+        n1, n2 = k.shape[:2]
+        pad = np.pad(k.reshape(n1, n2, h, w, h, w), [(0, 0), (0, 0)] + [(1, 1)] * 4)
+        out = sum(pad[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w,
+                      1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+                  for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        return out.reshape(k.shape) / 9
+
+    out = w_std**2 * t(nngp) + b_std**2
+    return out, out + w_std**2 * t(ntk)
+
+
+def _explicit_relu(nngp, ntk):
+    """The arc-cosine maps (Cho & Saul 2009) at every pair of (input, position)."""
+    var = np.einsum("aapp->ap", nngp)
+    norm = np.sqrt(var[:, None, :, None] * var[None, :, None, :])
+    theta = np.arccos(np.clip(nngp / norm, -1.0, 1.0))
+    out = norm * (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / (2 * np.pi)
+    return out, ntk * (np.pi - theta) / (2 * np.pi)
+
+
+def test_linear_upsampling_by_explicit_matrices_sides_with_the_rule_not_nt(x64):
+    """rs_linear_up, decided exactly: the resize is a fixed linear map of the positions,
+    R = R_h (x) R_w (jax.image.resize's matrices, as nt stored them), so the kernels of every
+    pair of inputs and positions map as R K R^T. Computed with explicit matrices in float64
+    (convolutions as sums of shifted kernels, the ReLU by its closed form at every pair, the
+    flatten readout as the mean of the position diagonal), the NNGP and NTK equal this rule to
+    1e-12, while nt's stored kernels are 3.6 to 5.6 % off (nt is wrong here)."""
+    _, ref = _reference("rs_linear_up")
+    r_h, r_w = ref["resize2_axis1"], ref["resize2_axis2"]
+    for r, n_in in ((r_h, 5), (r_w, 4)):  # the stored matrices are jax's linear resize
+        want = np.asarray(jax.image.resize(jnp.eye(n_in, dtype=jnp.float64), r.shape,
+                                           "linear"))
+        np.testing.assert_allclose(r, want, atol=1e-15)
+    x = np.concatenate([ref["x1"], ref["x2"]])
+    n1, (n, h, w, c) = ref["x1"].shape[0], x.shape
+    flat = x.reshape(n, h * w, c)
+    nngp = np.einsum("apc,bqc->abpq", flat, flat) / c
+    ntk = np.zeros_like(nngp)
+    nngp, ntk = _explicit_relu(*_explicit_conv(nngp, ntk, h, w, 1.4, 0.1))
+    resize = np.kron(r_h, r_w)
+    nngp, ntk = (np.einsum("pr,abrs,qs->abpq", resize, k, resize, optimize=True)
+                 for k in (nngp, ntk))
+    h2, w2 = r_h.shape[0], r_w.shape[0]
+    nngp, ntk = _explicit_relu(*_explicit_conv(nngp, ntk, h2, w2, 1.4, 0.1))
+    nngp = np.einsum("abpp->ab", nngp) / (h2 * w2)  # flatten -> Dense(1, W_std=1, b_std=0)
+    ntk = nngp + np.einsum("abpp->ab", ntk) / (h2 * w2)
+    got = ntkjax.kernel_fn(ResizeNet("rs_linear_up"))(jnp.asarray(x))  # every pair at once
+    for name, rows in (("12", slice(n1, None)), ("11", slice(None, n1))):
+        for which, want in (("nngp", nngp), ("ntk", ntk)):
+            mine = np.asarray(getattr(got, which))[:n1, rows]
+            assert max_relative_error(mine, want[:n1, rows]) < 1e-12, (which, name)
+            # nt's figure is off
+            assert max_relative_error(ref[f"{which}_{name}"], want[:n1, rows]) > 0.02, name
 
 
 class _ResizeFeatures(linen.Module):
