@@ -137,6 +137,7 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_features.py::test_shapes_dtypes_and_float64",
     "tests/test_graph_local_features.py::test_feature_error_falls_like_inverse_sqrt_of_the_features",
     "tests/test_structural.py::test_linear_upsampling_by_explicit_matrices_sides_with_the_rule_not_nt",
+    "tests/test_masks.py::test_structured_empirical_ntk_of_masked_networks_is_the_jacobian_one",
     "tests/test_hyperparameters.py::test_an_overshooting_optimizer_returns_the_best_iterate_never_worse_than_the_start",
     "tests/test_hyperparameters.py::test_evidence_gradient_in_w_std_b_std_and_noise_matches_finite_differences",
     "tests/test_hyperparameters.py::test_kernel_fn_gradients_in_w_std_and_b_std_match_finite_differences",

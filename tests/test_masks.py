@@ -162,6 +162,28 @@ def test_empirical_ntk_of_the_masked_network_converges_to_the_masked_kernel(x64)
     assert max_relative_error(unmasked, exact) > 4 * errors[1]
 
 
+@pytest.mark.parametrize("net", [MaskedAttentionNet(6), ConvNet()],
+                         ids=["attention_gap", "conv_layernorm_gap"])
+def test_structured_empirical_ntk_of_masked_networks_is_the_jacobian_one(net, x64):
+    """The structured empirical NTK (per-layer factors) of a masked network -- masked softmax
+    attention and masked global pooling; masked convolutions and LayerNorm statistics -- equals
+    the plain Jacobian contraction J1 J2^T in float64 to 1e-10 (x1 and x2 with different
+    masks): the masks change the factors, never silently drop a term."""
+    x1, _ = _padded(_sequences(5, [4, 2, 3]), 4)
+    x2, _ = _padded(_sequences(6, [1, 4]), 4)
+
+    def f(params, xs):
+        xs, m = ntkjax.mask_from_constant(xs, MASK_CONSTANT)
+        return net.apply(params, xs, mask=m)
+
+    x0, m0 = ntkjax.mask_from_constant(x1, MASK_CONSTANT)
+    params = net.init(jax.random.key(0), x0, mask=m0)
+    want = ntkjax.empirical_ntk_fn(f, ntk_method="jacobian")(params, x1, x2)
+    got = ntkjax.empirical_ntk_fn(f, ntk_method="structured")(params, x1, x2)
+    assert want.shape == (3, 2), want.shape
+    assert max_relative_error(got, want) < 1e-10
+
+
 def test_finite_layers_ignore_masked_positions(x64):
     """Attention, global pooling and LayerNorm of a padded batch equal those of the unpadded
     sequences (closed forms: each layer on the sequence alone)."""
