@@ -26,3 +26,22 @@ def max_relative_error(actual, expected) -> float:
 def with_and_without_jit(fn):
     """Both ``fn`` and ``jax.jit(fn)``: parametrize a test over them, as chex.variants does."""
     return [fn, jax.jit(fn)]
+
+
+def assert_unbiased_estimate(samples, truth, *, closer: float, label: object = None) -> None:
+    """Monte Carlo estimates ``samples`` (keys, n, n) of a symmetric ``truth`` (n, n) are
+    unbiased: every upper-triangle entry's mean is within 4.5 standard errors of the truth, one
+    draw is a genuine estimate (relative Frobenius error > 0.02, not exact) and the mean is
+    closer than ``closer`` times one draw's error (about 1/sqrt(keys) for an unbiased one)."""
+    samples, truth = np.asarray(samples), np.asarray(truth)
+    keys = samples.shape[0]
+    rows, cols = np.triu_indices(truth.shape[0])
+    z = (samples.mean(0) - truth) / (samples.std(0, ddof=1) / np.sqrt(keys))
+    assert np.max(np.abs(z[rows, cols])) < 4.5, (label, np.round(z[rows, cols], 1))
+
+    def rel(a):
+        return np.linalg.norm(a - truth) / np.linalg.norm(truth)
+
+    single = np.mean([rel(s) for s in samples])
+    assert single > 0.02, (label, single)  # a genuine Monte Carlo estimate, not exact
+    assert rel(samples.mean(0)) < closer * single, (label, rel(samples.mean(0)), single)

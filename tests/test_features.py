@@ -27,6 +27,7 @@ from ntkjax.features import (
 )
 from ntkjax.kernels import Kernel
 from ntkjax.nn import pooling
+from tests.helpers import assert_unbiased_estimate
 
 SQRT2 = 2**0.5
 
@@ -188,14 +189,8 @@ def test_one_random_layer_is_unbiased(x64, case):
     draws = [_grams(feature_map(module, key=jax.random.key(s), num_features=32, **options)(x))
              for s in range(keys)]
     for which, truth in ((0, exact.nngp), (1, exact.ntk)):
-        samples = np.stack([d[which] for d in draws])
-        truth = np.asarray(truth)
-        rows, cols = np.triu_indices(truth.shape[0])
-        z = (samples.mean(0) - truth) / (samples.std(0, ddof=1) / np.sqrt(keys))
-        assert np.max(np.abs(z[rows, cols])) < 4.5, (which, np.round(z[rows, cols], 1))
-        single = np.mean([_rel_fro(s, truth) for s in samples])
-        assert single > 0.02  # a genuine Monte Carlo estimate, not exact
-        assert _rel_fro(samples.mean(0), truth) < 0.3 * single
+        assert_unbiased_estimate(np.stack([d[which] for d in draws]), truth, closer=0.3,
+                                 label=which)
 
 
 def test_one_layer_relu_features_converge_to_the_arc_cosine_closed_forms(x64):
