@@ -268,9 +268,11 @@ class GNN(linen.Module):
     ``gnn.apply(params, x, pattern)`` is the finite network; its infinite-width kernels,
     ``ntkjax.kernel_fn(gnn)(x1, x2, pattern=(P1, P2))``, are the graph NTK and NNGP (GNTK; Du
     et al. 2019, "Graph Neural Tangent Kernel: Fusing Graph Neural Networks with Graph
-    Kernels"), with sum aggregation and the readout summing (or averaging) over nodes. For the
-    empirical NTK or anything else that takes one input array, concatenate a dense adjacency
-    to the node features (``jnp.concatenate([x, A], -1)``) and split it in the apply function.
+    Kernels"), with sum aggregation and the readout summing (or averaging) over nodes. Random
+    features take the pattern per input too: ``ntkjax.feature_map(gnn, ...)(x, pattern=A)``.
+    For the empirical NTK or anything else that takes one input array, concatenate a dense
+    adjacency to the node features (``jnp.concatenate([x, A], -1)``) and split it in the apply
+    function.
 
     Attributes:
       features: ``(h1, ..., h_L, out)``: hidden widths, then the number of outputs.
