@@ -56,6 +56,16 @@ def check_pair(x1: Any, x2: Any, *, min_ndim: int = 2) -> None:
     check_values(x1, x2)
 
 
+def zero_masked(x: Any, mask: Any) -> Any:
+    """``x`` (batch, *positions, channels) with the positions where the boolean ``mask``
+    (batch, *positions) is True set to 0 -- how masked positions take no part in a layer's
+    sums; ``mask=None`` returns ``x``. The mask is assumed checked (:func:`check_mask`)."""
+    if mask is None:
+        return x
+    x = jnp.asarray(x)
+    return jnp.where(mask[..., None], jnp.zeros((), x.dtype), x)
+
+
 def check_mask(x: Any, mask: Any, name: str = "mask", x_name: str = "x") -> Any:
     """``mask`` as a boolean array after checking its shape: the input shape without the
     channel axis (``x.shape[:-1]``); None passes. A ValueError names both shapes otherwise, and

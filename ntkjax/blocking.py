@@ -194,11 +194,19 @@ def evaluate_in_blocks(
     def spec(x, b):
         return jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
 
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
     path = None if out is None else os.fspath(out)
-    closed = None
+    closed = traced = None
     if path is not None and store_key is None:
         closed, full_shapes = jax.make_jaxpr(block_fn, return_shape=True)(
             spec(x1, n1), spec(x2, n2), *fn_args)
+    elif path is None:
+        # One trace of the first block (whose lowering is compiled below) gives the result's
+        # shapes too: block_fn's outputs lead with the block's (rows of x1, rows of x2).
+        first = min(block_size or max_block_size, max(n1, n2))
+        traced = jitted.trace(spec(x1, min(first, n1)), spec(x2, min(first, n2)), *fn_args)
+        full_shapes = _full_shapes(traced.out_info, min(first, n1), min(first, n2), n1, n2)
     else:
         full_shapes = jax.eval_shape(block_fn, spec(x1, n1), spec(x2, n2), *fn_args)
     out_leaves, treedef = jax.tree_util.tree_flatten(full_shapes)
@@ -237,7 +245,7 @@ def evaluate_in_blocks(
                 free = (free - (0 if path else result_bytes)) // max(len(local), 1)
             memory_bytes = max(free // 2, 0)
         block_size, compiled = _choose_block(
-            jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec
+            jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec, traced
         )
         agreed = _collectives.minimum_over_processes(block_size)
         if agreed != block_size:  # every process must use the same blocks
@@ -247,6 +255,13 @@ def evaluate_in_blocks(
             raise ValueError(f"block_size must be positive, got {block_size}.")
         compiled = None  # compiled below, only for the one-device path
     b1, b2 = min(block_size, n1), min(block_size, n2)
+    first_block = (None if traced is None
+                   else tuple(s.shape[:2] for s in jax.tree_util.tree_leaves(traced.out_info)))
+
+    def compile_block():
+        if traced is not None and all(shape == (b1, b2) for shape in first_block or ()):
+            return traced.lower().compile()
+        return jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
 
     store = None
     if path is not None:
@@ -300,7 +315,7 @@ def evaluate_in_blocks(
         blocks = iter(())
     elif local == [jax.local_devices()[0]]:
         if compiled is None:
-            compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+            compiled = compile_block()
         blocks = _one_device(compiled, x1, x2, fn_args, todo[local[0]], b1, b2, n1, n2)
     else:
         rest: list[tuple[int, int]] = []
@@ -313,7 +328,7 @@ def evaluate_in_blocks(
         blocks = _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n2)
         if rest:
             if compiled is None:
-                compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+                compiled = compile_block()
             blocks = itertools.chain(
                 blocks, _one_device(compiled, x1, x2, fn_args, rest, b1, b2, n1, n2)
             )
@@ -415,13 +430,32 @@ def _format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _choose_block(jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec):
-    """Largest power-of-two block whose compiled footprint fits ``memory_bytes``."""
+def _full_shapes(block_shapes: Any, b1: int, b2: int, n1: int, n2: int) -> Any:
+    """The result's shapes from one block's: leading (b1, b2) becomes (n1, n2)."""
+
+    def full(leaf):
+        if tuple(leaf.shape[:2]) != (b1, b2):
+            raise ValueError(
+                f"block_fn must return arrays with leading shape (rows of x1, rows of x2) = "
+                f"({b1}, {b2}) for a {b1} x {b2} block; one output has shape {leaf.shape}.")
+        return jax.ShapeDtypeStruct((n1, n2, *leaf.shape[2:]), leaf.dtype)
+
+    return jax.tree_util.tree_map(full, block_shapes)
+
+
+def _choose_block(jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec,
+                  traced: Any = None) -> tuple[int, Any]:
+    """Largest power-of-two block whose compiled footprint fits ``memory_bytes`` (``traced``:
+    the first, largest block's trace, when already made)."""
     n_max = max(x1.shape[0], x2.shape[0])
     size = min(max_block_size, n_max)
     while True:
         b1, b2 = min(size, x1.shape[0]), min(size, x2.shape[0])
-        compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+        if traced is not None:
+            compiled = traced.lower().compile()
+            traced = None
+        else:
+            compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
         footprint = _footprint(compiled)
         if footprint is None or footprint <= memory_bytes:
             return size, compiled

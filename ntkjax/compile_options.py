@@ -84,7 +84,8 @@ def jit_with_options(fn: Callable, compiler_options: dict[str, Any] | None) -> A
     ``vmap`` or ``scan``: the caller's program is compiled with the caller's options, and JAX
     rejects options on a nested ``jit``). With ``compiler_options=None`` this is ``jax.jit(fn)``.
 
-    The result keeps ``__wrapped__`` (the pure ``fn``) and ``lower`` (of the top-level program).
+    The result keeps ``__wrapped__`` (the pure ``fn``), ``trace`` and ``lower`` (of the
+    top-level program).
     """
     plain = jax.jit(fn)
     if not compiler_options:
@@ -99,4 +100,5 @@ def jit_with_options(fn: Callable, compiler_options: dict[str, Any] | None) -> A
         return tuned(*args, **kwargs)
 
     call.lower = tuned.lower  # type: ignore[attr-defined]
+    call.trace = tuned.trace  # type: ignore[attr-defined]
     return call

@@ -66,7 +66,14 @@ import numpy as np
 from flax import linen
 from jax.extend import core as jax_core
 
-from ntkjax._checks import check_choice, check_mask, check_pair, float_dtype, is_concrete
+from ntkjax._checks import (
+    check_choice,
+    check_mask,
+    check_pair,
+    float_dtype,
+    is_concrete,
+    zero_masked,
+)
 from ntkjax._kernel import (
     AllPairsRequired,
     ForeignFunctionError,
@@ -176,10 +183,6 @@ def _input_masks(
     return m1, m2
 
 
-def _zero_masked_inputs(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return x if mask is None else jnp.where(mask[..., None], jnp.zeros((), x.dtype), x)
-
-
 def input_kernel(
     x1: jax.Array, x2: jax.Array | None = None, *, diagonal_spatial: bool = False,
     mask1: jax.Array | None = None, mask2: jax.Array | None = None,
@@ -251,8 +254,8 @@ def _image_input_kernel(x1: jax.Array, x2: jax.Array | None, *, diagonal: bool,
     symmetrized Gram's own diagonal); with (checked) masks, of the inputs with masked positions
     set to 0, carrying the masks."""
     if mask1 is not None:
-        k = _image_input_kernel(_zero_masked_inputs(x1, mask1),
-                                None if x2 is None else _zero_masked_inputs(x2, mask2),
+        k = _image_input_kernel(zero_masked(x1, mask1),
+                                None if x2 is None else zero_masked(x2, mask2),
                                 diagonal=diagonal)
         return k.with_masks(mask1, mask2)
     c, spatial = x1.shape[-1], x1.shape[1:-1]
@@ -426,6 +429,7 @@ def kernel_fn(
     (3, 3)
     """
     check_choice(position_pairs, POSITION_PAIRS, "position_pairs")
+    known = _KnownFacts()
 
     def fn(x1: jax.Array, x2: jax.Array | None = None, mask1: Any = None,
            mask2: Any = None, **call_args: Any) -> Kernel:
@@ -434,7 +438,7 @@ def kernel_fn(
         args = _call_args(call_args, x1, x2)
         if x1.ndim == 2:
             return _vector_kernels(module, x1, x2, args)
-        out = _image_call(module, x1, x2, position_pairs, args, m1, m2)
+        out = _image_call(module, x1, x2, position_pairs, known, args, m1, m2)
         out = out.masked()  # entries of masked output positions are 0 (nt's remasking)
         if x2 is None:
             # Dense layers and activations map symmetric kernels to exactly symmetric ones;
@@ -513,45 +517,48 @@ class _Facts:
         return len(self.spatial_shape)
 
 
-# The facts of each (module, per-example input shape, dtype) met so far: later calls (x2
-# given, another batch size, kernel_matrix) evaluate the module once, with no shape-only trace.
-_FACTS: dict[Any, _Facts] = {}
-_FACTS_LIMIT = 512
+class _KnownFacts:
+    """The facts of the inputs' shapes met so far by ONE kernel function (or one
+    :func:`kernel_matrix` call): a later call on inputs of a known per-example shape and dtype
+    (x2 given, another batch size) evaluates the module once, with no shape-only trace. Owned
+    by the function that created it -- no state is shared between kernel functions."""
+
+    _LIMIT = 64
+
+    def __init__(self) -> None:
+        self._facts: dict[Any, _Facts] = {}
+
+    @staticmethod
+    def _key(x: jax.Array) -> Any:
+        return (tuple(x.shape[1:]), str(x.dtype))
+
+    def get(self, x: jax.Array) -> _Facts | None:
+        return self._facts.get(self._key(x))
+
+    def remember(self, x: jax.Array, out: Kernel) -> _Facts:
+        facts = _Facts(out.all_pairs_layers, out.same_batch_layers, out.spatial_shape,
+                       out.width)
+        if len(self._facts) >= self._LIMIT:
+            self._facts.clear()
+        self._facts[self._key(x)] = facts
+        return facts
 
 
-def _facts_key(module: linen.Module, x: jax.Array) -> Any:
-    key = (module, tuple(x.shape[1:]), str(x.dtype))
-    try:
-        hash(key)
-    except TypeError:  # a module holding an unhashable attribute: not remembered
-        return None
-    return key
-
-
-def _remember(module: linen.Module, x: jax.Array, out: Kernel) -> _Facts:
-    facts = _Facts(out.all_pairs_layers, out.same_batch_layers, out.spatial_shape, out.width)
-    key = _facts_key(module, x)
-    if key is not None:
-        if len(_FACTS) >= _FACTS_LIMIT:
-            _FACTS.clear()
-        _FACTS[key] = facts
-    return facts
-
-
-def _module_facts(module: linen.Module, x: jax.Array,
+def _module_facts(module: linen.Module, x: jax.Array, known: _KnownFacts,
                   args: dict[str, InputPair] | None = None) -> _Facts:
-    """The module's facts on inputs like ``x``: remembered, or read off one shape-only trace on
+    """The module's facts on inputs like ``x``: known, or read off one shape-only trace on
     the all-pairs input kernel of one input (:func:`_output_kernel_shape`; ``args``: the
     inputs' per-input call arguments)."""
-    key = _facts_key(module, x)
-    if key is not None and key in _FACTS:
-        return _FACTS[key]
-    return _remember(module, x, _output_kernel_shape(module, x, args))
+    facts = known.get(x)
+    if facts is not None:
+        return facts
+    return known.remember(x, _output_kernel_shape(module, x, args))
 
 
 def _image_call(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, position_pairs: PositionPairs,
-    args: dict[str, InputPair] | None = None, mask1: Any = None, mask2: Any = None,
+    known: _KnownFacts, args: dict[str, InputPair] | None = None, mask1: Any = None,
+    mask2: Any = None,
 ) -> Kernel:
     """The module on the image kernel of x1 and x2, tracing it once.
 
@@ -562,10 +569,9 @@ def _image_call(
     ``"auto"``, the output keeps spatial axes) or the whole batch (a rule depending on x2
     being x1, met in blocks) is evaluated again, once -- the facts are remembered, so the next
     call on such inputs evaluates it once."""
-    key = _facts_key(module, x1)
-    facts = _FACTS.get(key) if key is not None else None
+    facts = known.get(x1)
     if facts is not None:
-        diagonal = _use_diagonal(module, x1, position_pairs, facts=facts)
+        diagonal = _use_diagonal(position_pairs, facts)
         return _image_kernels(module, x1, x2, diagonal, facts.same_batch_layers, args, mask1,
                               mask2)
     out = None
@@ -577,11 +583,11 @@ def _image_call(
                 raise ValueError(
                     f"position_pairs='same' is not possible for this module: {err}") from err
         else:
-            _remember(module, x1, out)
+            known.remember(x1, out)
             if not (position_pairs == "auto" and out.spatial_ndim):
                 return out
     out = _whole_if_needed(module, x1, x2, False, args, mask1, mask2)
-    _remember(module, x1, out)
+    known.remember(x1, out)
     return out
 
 
@@ -599,17 +605,12 @@ def _whole_if_needed(
     return out
 
 
-def _use_diagonal(
-    module: linen.Module, x1: jax.Array, position_pairs: PositionPairs, *,
-    facts: _Facts | None = None,
-) -> bool:
-    """Whether the module's kernels can be computed from same-position pairs only: no layer
-    mixes positions (``all_pairs_layers`` of its facts: :func:`_module_facts`) and, for
+def _use_diagonal(position_pairs: PositionPairs, facts: _Facts) -> bool:
+    """Whether a module with these facts (:func:`_module_facts`) has kernels computable from
+    same-position pairs only: no layer mixes positions (``all_pairs_layers``) and, for
     ``"auto"``, the output has no spatial axes."""
     if position_pairs == "all":
         return False
-    if facts is None:
-        facts = _module_facts(module, x1)
     if facts.all_pairs_layers:
         if position_pairs == "same":
             raise ValueError(
@@ -839,10 +840,21 @@ def kernel_matrix(
     if args and x1.ndim == 2:
         raise ValueError("kernel_matrix: per-input call arguments "
                          f"({', '.join(args)}) need inputs with spatial axes, (N, *S, C).")
-    variances = None
-    if x1.ndim == 2:  # the evaluation of the variances also notes the module's facts
-        variances = _both_variances(module, x1, x2, False)
-    shape = _module_facts(module, x1, args)
+    # The output variances come first: their evaluation also reads off the module's facts
+    # (images: on same-position pairs unless a layer needs all pairs), so the module is traced
+    # once for them and once for the compiled block.
+    known = _KnownFacts()
+    diagonal = False
+    if x1.ndim == 2:
+        variances = _both_variances(module, x1, x2, False, known)
+    else:
+        try:
+            diagonal = True
+            variances = _both_variances(module, x1, x2, True, known, args, (m1, m2))
+        except AllPairsRequired:
+            diagonal = False
+            variances = _both_variances(module, x1, x2, False, known, args, (m1, m2))
+    shape = _module_facts(module, x1, known, args)
     same_batch_rules = shape.same_batch_layers
     if x2 is None and same_batch_rules:
         raise ValueError(
@@ -858,9 +870,10 @@ def kernel_matrix(
             "ntkjax.nn.flatten or ntkjax.nn.global_average_pool and a Dense readout."
         )
     if x1.ndim > 2:
-        return _image_kernel_matrix(module, x1, x2, shape, memory_bytes=memory_bytes,
-                                    block_size=block_size, show_progress=show_progress,
-                                    devices=devices, out=out, args=args, masks=(m1, m2))
+        return _image_kernel_matrix(module, x1, x2, shape, diagonal, variances,
+                                    memory_bytes=memory_bytes, block_size=block_size,
+                                    show_progress=show_progress, devices=devices, out=out,
+                                    args=args, masks=(m1, m2))
     if args:
         raise ValueError("kernel_matrix: per-input call arguments "
                          f"({', '.join(args)}) need inputs with spatial axes, (N, *S, C).")
@@ -876,16 +889,16 @@ def kernel_matrix(
         fingerprint=f"kernel_matrix {describe_object(module)}",
     )
     nngp, ntk = blocks["nngp"], blocks["ntk"]
-    var1, var2 = variances if variances is not None else _both_variances(module, x1, x2, False)
+    var1, var2 = variances
     return Kernel(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=shape.width,  # type: ignore
                   same_inputs=x2 is None)
 
 
-def _image_kernel_matrix(module, x1, x2, shape: _Facts, *, memory_bytes, block_size,
-                         show_progress, devices, out,
+def _image_kernel_matrix(module, x1, x2, shape: _Facts, diagonal: bool,
+                         variances: tuple[np.ndarray, np.ndarray], *, memory_bytes,
+                         block_size, show_progress, devices, out,
                          args: dict[str, InputPair] | None = None,
                          masks=(None, None)) -> Kernel:
-    diagonal = _use_diagonal(module, x1, "auto", facts=shape)
     args = args or {}
     names = sorted(args)
     m1, m2 = masks
@@ -911,7 +924,7 @@ def _image_kernel_matrix(module, x1, x2, shape: _Facts, *, memory_bytes, block_s
         description="kernel blocks", devices=devices, out=out,
         fingerprint=f"kernel_matrix(images) {describe_object(module)}",
     )
-    var1, var2 = _both_variances(module, x1, x2, diagonal, args, (m1, m2))
+    var1, var2 = variances
     return Kernel(nngp=blocks["nngp"], ntk=blocks["ntk"], var1=var1, var2=var2,  # type: ignore
                   width=shape.width, same_inputs=x2 is None)
 
@@ -922,27 +935,29 @@ _PER_INPUT_ENTRIES = 2**24
 
 def _both_variances(
     module: linen.Module, x1: jax.Array, x2: jax.Array | None, diagonal: bool,
-    args: dict[str, InputPair] | None = None, masks: tuple[Any, Any] = (None, None),
+    known: _KnownFacts, args: dict[str, InputPair] | None = None,
+    masks: tuple[Any, Any] = (None, None),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The output variances of x1 and of x2 (x1's for ``x2 = None``): one evaluation of the
-    module on both batches together (two when their per-input arguments differ in shape)."""
+    module on both batches together (two when their per-input arguments differ in shape),
+    which also notes the module's facts in ``known``."""
     args = args or {}
     m1, m2 = masks
     firsts = {n: a.first for n, a in args.items()}
     if x2 is None:
-        var = _output_variances(module, x1, diagonal, firsts, m1)
+        var = _output_variances(module, x1, diagonal, known, firsts, m1)
         return var, var
     seconds = {n: a.second for n, a in args.items()}
     if any(firsts[n].shape[1:] != seconds[n].shape[1:] for n in args):
-        return (_output_variances(module, x1, diagonal, firsts, m1),
-                _output_variances(module, x2, diagonal, seconds, m2))
+        return (_output_variances(module, x1, diagonal, known, firsts, m1),
+                _output_variances(module, x2, diagonal, known, seconds, m2))
     both = {n: jnp.concatenate([firsts[n], seconds[n]]) for n in args}
     mask = None if m1 is None else jnp.concatenate([m1, m2])
-    var = _output_variances(module, jnp.concatenate([x1, x2]), diagonal, both, mask)
+    var = _output_variances(module, jnp.concatenate([x1, x2]), diagonal, known, both, mask)
     return var[: x1.shape[0]], var[x1.shape[0]:]
 
 
-def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
+def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool, known: _KnownFacts,
                       per_input: dict[str, jax.Array] | None = None,
                       mask: jax.Array | None = None) -> np.ndarray:
     """Each input's NNGP variance at the module's output (numpy, (N,) for an output without
@@ -954,8 +969,7 @@ def _output_variances(module: linen.Module, x: jax.Array, diagonal: bool,
     def chunk_variances(xc: jax.Array, ac: dict[str, jax.Array], mc: Any) -> jax.Array:
         pairs = {n: InputPair(a, a[:1]) for n, a in ac.items()}
         out = _apply_to_kernel(module, _row_kernel(xc, diagonal, mc), pairs)
-        if not diagonal:
-            _remember(module, xc, out)
+        known.remember(xc, out)
         return out.masked().var1
 
     chunk = max(1, min(x.shape[0], _PER_INPUT_ENTRIES // max(_entries_per_pair(x, diagonal), 1)))
@@ -976,7 +990,7 @@ def _row_kernel(x: jax.Array, diagonal: bool = False, mask: jax.Array | None = N
     kernel (a column of the right shape), and ``var1`` carries every input's exact
     self-covariances through the network (``var2`` that of the first input); with a position
     ``mask``, of the masked inputs (the placeholder takes the first input's mask)."""
-    var = _self_covariance(_zero_masked_inputs(x, mask), diagonal)
+    var = _self_covariance(zero_masked(x, mask), diagonal)
     k = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)
     return k if mask is None else k.with_masks(mask, mask[:1])

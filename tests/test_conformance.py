@@ -96,10 +96,7 @@ MATRIX: dict[str, dict[str, str]] = {
 }
 
 # Cells that still fail, each seen failing.
-XFAIL: dict[tuple[str, str], str] = {
-    ("act_exp", "wide_limit"): "the exp network's empirical NTK error falls only from 0.87 to "
-    "0.67 over 16x the width (heavy tails or a wrong limit); reported to the lead",
-}
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _cells():

@@ -252,13 +252,16 @@ def test_each_kernel_call_traces_the_module_once(name, monkeypatch):
     first = _traces(lambda: fn(x))
     mixes = name in ("cnn_pool", "post_ln")
     assert first == ((2, 1) if mixes else (1, 1))
-    assert _traces(lambda: ntkjax.kernel_fn(module)(x, x[:2])) == (1, 1)
+    assert _traces(lambda: fn(x, x[:2])) == (1, 1)  # the facts are the function's own
+    assert _traces(lambda: ntkjax.kernel_fn(module)(x, x[:2])) == first  # no shared state
+    # kernel_matrix: the output variances of x1 and x2 (which also note the facts; a module
+    # that mixes positions is first refused on same-position pairs), then the compiled block
     if len(shape) == 2:
         assert _traces(lambda: jax.jit(fn)(x)) == (1, 1)
-        # kernel_matrix: the output variances of x1 and x2 (which also note the facts), then
-        # evaluate_in_blocks' shape-only trace of the block function and its compiled block
-        assert _traces(lambda: ntkjax.kernel_matrix(module, x, x[:3], block_size=2)) == (3, 3)
+        assert _traces(lambda: ntkjax.kernel_matrix(module, x, x[:3], block_size=2)) == (2, 2)
     else:
+        assert _traces(lambda: ntkjax.kernel_matrix(module, x, x[:3], block_size=2)) == (
+            (3, 2) if mixes else (2, 2))
         monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", 1)  # blocks of one row
         assert _traces(lambda: fn(x[:3])) == (1, 1)
 

@@ -336,7 +336,12 @@ class PerPosition(linen.Module):
 
 def test_position_pairs_are_chosen_from_the_module():
     x = _images(2, (6, 5), 2)
-    use_diagonal = ntkjax.kernels._use_diagonal
+    kernels = ntkjax.kernels
+
+    def use_diagonal(module, x, position_pairs):
+        facts = kernels._module_facts(module, x, kernels._KnownFacts())
+        return kernels._use_diagonal(position_pairs, facts)
+
     assert use_diagonal(CNNS[0], x, "auto")  # convolutions, activations, flatten
     assert not use_diagonal(CNNS[1], x, "auto")  # global average pooling
     assert not use_diagonal(models.CNN((4, 4, 1), pooling="avg"), x, "auto")

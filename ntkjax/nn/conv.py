@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax._checks import check_choice, check_mask
+from ntkjax._checks import check_choice, check_mask, zero_masked
 from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, declare
 from ntkjax.nn.dense import Affine, Parameterization, dense_features, dense_kernel
@@ -729,8 +729,7 @@ def _zero_masked_positions(name: str, x: Any, mask: Any) -> Any:
         raise ValueError(
             f"{name}: on a Kernel the masks are the kernel's own (kernel_fn's mask1 / mask2); "
             "got a mask argument as well.")
-    mask = check_mask(x, mask)
-    return jnp.where(mask[..., None], jnp.zeros((), jnp.asarray(x).dtype), x)
+    return zero_masked(x, check_mask(x, mask))
 
 
 class ConvLocal(Affine):

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen
 
-from ntkjax._checks import check_choice, check_mask
+from ntkjax._checks import check_choice, check_mask, zero_masked
 from ntkjax._kernel import InputPair, Kernel
 from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declare
 
@@ -283,7 +283,7 @@ class Aggregate(linen.Module):
                              f"shape {x.shape}.")
         if mask is not None:  # masked (padding) nodes send nothing
             mask = check_mask(x, mask)
-            x = jnp.where(mask[..., None], jnp.zeros((), x.dtype), x)
+            x = zero_masked(x, mask)
         if isinstance(pattern, InputPair):
             raise ValueError("Aggregate on arrays takes the batch's own pattern (an array), "
                              "not an InputPair.")
