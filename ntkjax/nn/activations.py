@@ -169,17 +169,21 @@ def _rsqrt_det(k: float, c: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Ar
 
 
 def _correlation_from_rsqrt(q12: jax.Array, r1: jax.Array, r2: jax.Array) -> jax.Array:
-    """``q12 r1 r2`` (``r = 1 / sqrt(q)``), clipped and snapped (:func:`_snap`), as the mean of
-    ``(q12 r1) r2`` and ``(q12 r2) r1``. The product ``r1 r2`` itself underflows in float32 once
+    """``q12 r1 r2`` (``r = 1 / sqrt(q)``), clipped and snapped (:func:`_snap`), as the smaller
+    of ``(q12 r1) r2`` and ``(q12 r2) r1`` (they differ by an ulp or two at most). The product
+    ``r1 r2`` itself underflows in float32 once
     both variances pass ~1e38 (flushed to 0 on CPU and GPU: every ReLU kernel entry at
     |x| ~ 1e19 was ``q / pi``); since ``|q12| <= sqrt(q11 q22)``, ``|q12 r1| <= sqrt(q22)`` is
     representable for every normal variance, and so is the result. The two orders make it
-    symmetric in (q11, q22) to the last bit (a kernel of x with itself is exactly symmetric).
+    symmetric in (q11, q22) to the last bit (a kernel of x with itself is exactly symmetric):
+    ``min`` is symmetric in its arguments whatever the compiler does, where their mean is not
+    -- XLA:CPU contracts ``a * b + c`` into one fused multiply-add, rounding the two orders
+    differently (measured: jitted float32 ReLU kernels asymmetric in ~1/4 of their entries).
     Only multiplications of the kernel by row quantities, computed once per input: a
     power-of-two split of ``r`` per entry (the earlier form, fused into the entry loop by XLA)
     made the ReLU kernels of images 2-4x slower; ``max`` / ``min`` of ``r1``, ``r2`` per entry
     ~1.4x."""
-    return _snap(0.5 * (((q12 * r1) * r2) + ((q12 * r2) * r1)))
+    return _snap(jnp.minimum((q12 * r1) * r2, (q12 * r2) * r1))
 
 
 def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
