@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
+from jax._src import core as jax_core
 from jax.interpreters.ad import JVPTracer
 
 from ntkjax._meanings import declarations
@@ -98,6 +99,13 @@ class _Layer:
     out_shapes: tuple[tuple[int, ...], ...]
     out_dtypes: tuple[Any, ...]
     probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
+    # False for a layer applied to something without the batch axis (an Embed on the positions
+    # ``jnp.arange(L)``): the same input for every example
+    batched: bool = True
+    # the calls of a tied ``flax.linen.Embed.attend`` (input and output shapes, output dtypes)
+    attend_in_shapes: tuple[tuple[int, ...], ...] = ()
+    attend_out_shapes: tuple[tuple[int, ...], ...] = ()
+    attend_dtypes: tuple[Any, ...] = ()
 
 
 def _structured_kinds() -> dict[type, tuple[str, bool]]:
@@ -163,14 +171,22 @@ def _call_input(args, kwargs):
     return next(iter(kwargs.values()))
 
 
-def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
-    """Supported layers of a linen model, found by tracing one example (shapes only)."""
-    if not is_variables_dict(params):
-        return {}
-    trainable, rebuild = split_params(params)
+def _trace_state():
+    """An opaque token of the current JAX trace: a layer called inside a transformation of the
+    model itself (``nn.scan``, ``nn.remat``, ``nn.vmap``, a ``jvp``) sees another one, and its
+    inputs cannot be tapped from outside that transformation."""
+    return jax_core.get_opaque_trace_state()
+
+
+def _record_calls(apply_fn, trainable, rebuild, x) -> tuple[dict, set, set]:
+    """One shape-only trace of ``apply_fn`` on ``x``: ``{(path, method): [(in_shape, out_shape,
+    out_dtype, module, kind, probe)]}`` of the supported layers' ``__call__`` and
+    ``Embed.attend`` calls, the paths of layers called through another public method, and the
+    paths of layers that cannot be tapped."""
     calls: dict[tuple, list] = {}
     other_methods: set[tuple] = set()
     untappable: set[tuple] = set()
+    outer: list = []
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -179,50 +195,102 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
         if kind is None:
             return out
         path = tuple(module.path)
-        if context.method_name != "__call__":
-            if not context.method_name.startswith("_") and context.method_name != "setup":
+        method = context.method_name
+        if method == "attend" and kind == "embed" and type(module) is nn.Embed:
+            pass
+        elif method != "__call__":
+            if not method.startswith("_") and method != "setup":
                 other_methods.add(path)
             return out
         inp = _call_input(args, kwargs)
-        if isinstance(inp, JVPTracer) or isinstance(out, JVPTracer):
+        if (isinstance(inp, JVPTracer) or isinstance(out, JVPTracer)
+                or _trace_state() != outer[0]):
             # called inside a transformation of the model itself (e.g. the jvp of
-            # ntkjax.linearize): its inputs cannot be tapped; the layer falls back to Jacobians
+            # ntkjax.linearize, nn.scan, nn.remat): its inputs cannot be tapped; the layer
+            # falls back to Jacobians
             untappable.add(path)
             return out
         if type(module) is nn.BatchNorm and not _batch_norm_inference(module, args, kwargs):
             untappable.add(path)  # batch statistics mix the samples
             return out
-        calls.setdefault(path, []).append(
-            _Layer(
-                path=path,
-                kind=kind,
-                module=module.clone(parent=None),
-                in_shapes=(tuple(np.shape(inp)),),
-                out_shapes=(tuple(np.shape(out)),),
-                out_dtypes=(out.dtype,),
-                probe_scales=probe,
-            )
-        )
+        calls.setdefault((path, method), []).append(
+            (tuple(np.shape(inp)), tuple(np.shape(out)), out.dtype, module, kind, probe))
         return out
 
     def run(p, x):
+        outer.append(_trace_state())
         with nn.intercept_methods(interceptor):
-            return apply_fn(rebuild(p), x[:1])
+            return apply_fn(rebuild(p), x)
 
-    jax.eval_shape(run, trainable, x1)
+    jax.eval_shape(run, trainable, x)
+    return calls, other_methods, untappable
+
+
+def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
+    """Supported layers of a linen model, found by tracing one example and two (shapes only):
+    a call whose input has the batch axis in front (1, then 2) is batched; one whose input
+    shape does not change (an Embed on ``jnp.arange(L)``) is the same for every example."""
+    if not is_variables_dict(params):
+        return {}
+    trainable, rebuild = split_params(params)
+    one = x1[:1]
+    calls, other_methods, untappable = _record_calls(apply_fn, trainable, rebuild, one)
+    calls2, _, untappable2 = _record_calls(
+        apply_fn, trainable, rebuild, jax.ShapeDtypeStruct((2, *one.shape[1:]), one.dtype))
+    untappable |= untappable2
     layers = {}
-    for path, found in calls.items():
-        if path in other_methods or path in untappable:
+    for (path, method), found in calls.items():
+        if method != "__call__" or path in other_methods or path in untappable:
             continue
-        layer = dataclasses.replace(
-            found[0],
-            in_shapes=tuple(f.in_shapes[0] for f in found),
-            out_shapes=tuple(f.out_shapes[0] for f in found),
-            out_dtypes=tuple(f.out_dtypes[0] for f in found),
+        attends = calls.get((path, "attend"), [])
+        seen = [(f[0], f[1]) for f in found + attends]
+        seen2 = [(f[0], f[1]) for f in calls2.get((path, "__call__"), [])
+                 + calls2.get((path, "attend"), [])]
+        if len(seen) != len(seen2):
+            continue
+        batched = [a[0][:1] == (1,) and b[0][:1] == (2,) and a[0][1:] == b[0][1:]
+                   and a[1][:1] == (1,) and b[1][:1] == (2,) and a[1][1:] == b[1][1:]
+                   for a, b in zip(seen, seen2, strict=True)]
+        fixed = [a == b for a, b in zip(seen, seen2, strict=True)]
+        kind = found[0][4]
+        if all(batched):
+            is_batched = True
+        elif all(fixed) and kind in ("dense", "embed") and not attends:
+            is_batched = False
+        else:
+            continue
+        layer = _Layer(
+            path=path,
+            kind=kind,
+            module=found[0][3].clone(parent=None),
+            in_shapes=tuple(f[0] for f in found),
+            out_shapes=tuple(f[1] for f in found),
+            out_dtypes=tuple(f[2] for f in found),
+            probe_scales=found[0][5],
+            batched=is_batched,
+            attend_in_shapes=tuple(f[0] for f in attends),
+            attend_out_shapes=tuple(f[1] for f in attends),
+            attend_dtypes=tuple(f[2] for f in attends),
         )
         if _layer_params(trainable, layer) is not None and _input_ok(layer):
             layers[path] = layer
     return layers
+
+
+def _tap_shapes(layers) -> dict[tuple, tuple]:
+    """``{tap key: ((out shape, dtype), ...)}``: one zero perturbation per call of each layer,
+    keyed by its path, and by ``(*path, _ATTEND)`` for the calls of a tied ``Embed.attend``."""
+    taps = {}
+    for path, lay in layers.items():
+        taps[path] = tuple(zip(lay.out_shapes, lay.out_dtypes, strict=True))
+        if lay.attend_out_shapes:
+            taps[(*path, _ATTEND)] = tuple(
+                zip(lay.attend_out_shapes, lay.attend_dtypes, strict=True))
+    return taps
+
+
+# the tap key suffix of a tied ``Embed.attend`` (not a valid linen module name)
+_ATTEND = "@attend"
 
 
 def _layer_params(trainable, layer: _Layer):
@@ -370,7 +438,8 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
     """Per-sample layer input ``x`` of shape (N, 1, ...) as parts (N, T, K_j) whose join along
     the last axis is the (N, T, K) input of the dense form (one part, ids (N, T), for Embed)."""
     n = x.shape[0]
-    x = x[:, 0]
+    if layer.batched:
+        x = x[:, 0]
     if layer.kind == "embed":
         return (x.reshape(n, -1),)
     if layer.kind in ("conv", "conv_transpose"):
@@ -632,6 +701,29 @@ def _norm_grads(layer: _Layer, node, variables, xs, d) -> dict[str, jax.Array]:
     return grads
 
 
+def _tied_embedding_grads(layer: _Layer, node, ids, d, queries, d_att) -> jax.Array:
+    """Per-sample gradients ``(O, N, V, F)`` of a ``flax.linen.Embed`` table ``E`` used both as
+    a lookup (``y_t = E[token_t]``) and as a tied output head (``Embed.attend``: ``z_s = E
+    q_s``, logits over the vocabulary): the sum of both uses' gradients,
+    ``G_i = sum_t onehot(token_t) (x) delta_{i,t} + sum_s zeta_{i,s} (x) q_s`` with ``zeta``
+    the cotangents of the logits. The kernel ``<G_i, G'_j>`` thus has the lookup-lookup and
+    attend-attend terms and both cross terms (a weight shared by two uses, as in Novak et al.
+    2022, section 4). ``ids`` (N, T), ``d`` (O, N, T, F); ``queries`` the attend inputs (N, 1,
+    ..., F) per call, ``d_att`` their joined cotangents (O, N, S, V)."""
+    vocab, feats = node["embedding"].shape
+    q = jnp.concatenate([x[:, 0].reshape(x.shape[0], -1, feats) for x in queries], axis=1)
+    onehot = jax.nn.one_hot(ids, vocab, dtype=d.dtype)
+    lookup = jnp.einsum("ntv,intf->invf", onehot, d, precision=PRECISION)
+    attend = jnp.einsum("nsf,insv->invf", q.astype(d.dtype), d_att, precision=PRECISION)
+    return lookup + attend
+
+
+def _attend_cotangents(ds):
+    """The cotangents (O, N, 1, ..., V) of each ``Embed.attend`` call as (O, N, S, V)."""
+    return jnp.concatenate([d.reshape(d.shape[0], d.shape[1], -1, d.shape[-1]) for d in ds],
+                           axis=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernel
 # ---------------------------------------------------------------------------------------------
@@ -662,8 +754,10 @@ def _apply_tapped(apply_fn, params, x, eps):
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
+        if context.method_name in ("__call__", "attend"):
             path = tuple(context.module.path)
+            if context.method_name == "attend":
+                path = (*path, _ATTEND)
             if path in eps:
                 calls = captured.setdefault(path, [])
                 calls.append(_call_input(args, kwargs))
@@ -686,9 +780,8 @@ def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
     basis = jnp.eye(out_dim, dtype=dtype)
 
     def per_sample(rest, x):
-        eps = {path: tuple(jnp.zeros(shape, dtype)
-                           for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
-               for path, lay in layers.items()}
+        eps = {key: tuple(jnp.zeros(shape, dtype) for shape, dtype in calls)
+               for key, calls in _tap_shapes(layers).items()}
         _, vjp, captured = jax.vjp(lambda r, e: tapped(r, e, x), rest, eps, has_aux=True)
         rest_jac, deltas = jax.vmap(vjp)(basis)
         return rest_jac, deltas, captured
@@ -709,11 +802,8 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
             out, captured = _apply_tapped(apply_fn, params, x, eps)
             return jnp.reshape(out, (n, out_dim)), captured
 
-        eps = {
-            path: tuple(jnp.zeros((n, *shape[1:]), dtype)
-                        for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
-            for path, lay in layers.items()
-        }
+        eps = {key: tuple(jnp.zeros((n, *shape[1:]), dtype) for shape, dtype in calls)
+               for key, calls in _tap_shapes(layers).items()}
         _, vjp, captured = jax.vjp(tapped, eps, has_aux=True)
         basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
         (deltas,) = jax.vmap(vjp)(basis)  # (O, N, *out): outputs first, as used below
@@ -732,9 +822,7 @@ def _taps(apply_fn, params, layers, x):
     out_dim = int(np.prod(out.shape[1:]))
     dtype = out.dtype
     rest, merge = _split_rest(trainable, layers)
-    batch_first = all(
-        shape[:1] == (1,) for lay in layers.values() for shape in lay.in_shapes + lay.out_shapes
-    )
+    batch_first = all(lay.batched for lay in layers.values())
     if batch_first and not any(leaf.size for leaf in rest):
         taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
 
@@ -804,6 +892,15 @@ def structured_kernel(
             continue
         xi1 = _joined_inputs(layer, inputs1[path])
         xi2 = xi1 if x2 is None else _joined_inputs(layer, inputs2[path])
+        if layer.attend_in_shapes:
+            tied = (*path, _ATTEND)
+            g1 = _tied_embedding_grads(layer, node, xi1[0], d1, inputs1[tied],
+                                       _attend_cotangents(deltas1[tied]))
+            g2 = g1 if x2 is None else _tied_embedding_grads(
+                layer, node, xi2[0], d2, inputs2[tied], _attend_cotangents(deltas2[tied]))
+            add(_contract_outputs_first(g1.reshape(*g1.shape[:2], -1),
+                                        g2.reshape(*g2.shape[:2], -1), outputs))
+            continue
         c, s = _scales(layer, node, dtype)
         vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
         add(_weight_term(
@@ -910,6 +1007,15 @@ def structured_projected_features(
                 i = index[(*path, name)]
                 parts[i] = project_gradient(jnp.moveaxis(grad, 0, 1), jax.random.fold_in(key, i),
                                             dim, rank)
+            continue
+        if layer.attend_in_shapes:
+            tied = (*path, _ATTEND)
+            i = index[(*path, "embedding")]
+            (ids,) = _joined_inputs(layer, inputs[path])
+            g = _tied_embedding_grads(layer, node, ids, d, inputs[tied],
+                                      _attend_cotangents(deltas[tied]))
+            parts[i] = project_gradient(jnp.moveaxis(g, 0, 1), jax.random.fold_in(key, i), dim,
+                                        rank)
             continue
         c, s = _scales(layer, node, dtype)
         weight = "embedding" if layer.kind == "embed" else "kernel"
