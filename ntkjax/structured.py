@@ -352,7 +352,10 @@ def structured_fallback_params(
     """
     trainable, _ = split_params(params)
     layers = _discover(apply_fn, params, x1)
-    return [path for path in _leaf_paths(trainable) if path[:-1] not in layers]
+    rest_paths = [path for path in _leaf_paths(trainable) if path[:-1] not in layers]
+    if layers and rest_paths and _batched_plan(apply_fn, params, layers, x1) is not None:
+        return []  # one batched pass: the other leaves are additive (positional tables)
+    return rest_paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -813,23 +816,238 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
     return taps
 
 
+# primitives that move or reshape a parameter without reading the batch (nor mixing values)
+_STRUCTURAL = frozenset({"convert_element_type", "reshape", "broadcast_in_dim", "squeeze",
+                         "expand_dims", "slice", "transpose", "copy", "copy_p"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Additive:
+    """A parameter leaf added to a batched activation (a learned positional table
+    ``h + self.param("pos", ...)[:T]``): ``chain`` the equations that move it (slices,
+    reshapes, broadcasts without the batch), ``taps`` ``(equation, operand, kept axes)`` of the
+    ``add``s that put it on every example; its per-example gradient is the cotangent of each
+    such ``add``'s output, summed over the axes it was broadcast along and moved back through
+    ``chain`` -- a contraction of cotangents only (Novak et al. 2022, section 4: a bias)."""
+
+    invar: int  # the leaf's position among the jaxpr's inputs
+    chain: tuple[int, ...]
+    taps: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+
+def _forward(apply_fn, rebuild, merge, layers, out_dim):
+    """``(eps, rest, x) -> ((N, O) outputs, captured layer inputs)``: the tapped model."""
+
+    def fwd(eps, rest, x):
+        out, captured = _apply_tapped(apply_fn, rebuild(merge(rest)), x, eps)
+        return jnp.reshape(out, (x.shape[0], out_dim)), captured
+
+    return fwd
+
+
+def _eps(layers, n: int) -> dict:
+    return {key: tuple(jnp.zeros((n, *shape[1:]), dtype) for shape, dtype in calls)
+            for key, calls in _tap_shapes(layers).items()}
+
+
+def _additive_leaves(fwd, layers, rest, x) -> tuple[Any, dict[int, _Additive]]:
+    """``(closed jaxpr of fwd on x, {rest leaf index: _Additive})``. The model is traced at
+    ``N`` and ``N + 1`` examples (shapes only): a value whose shape does not change is free of
+    the batch, an ``add`` output whose first axis follows ``N`` holds one example per row. A
+    leaf counts only when every use of it (through ``_STRUCTURAL`` equations) is such an
+    ``add`` with a batched other operand."""
+    n = x.shape[0]
+    spec = jax.ShapeDtypeStruct((n + 1, *x.shape[1:]), x.dtype)
+    closed = jax.make_jaxpr(fwd)(_eps(layers, n), rest, x)
+    other = jax.make_jaxpr(fwd)(_eps(layers, n + 1), rest, spec)
+    eqns, eqns2 = closed.jaxpr.eqns, other.jaxpr.eqns
+    found: dict[int, _Additive] = {}
+    if len(eqns) != len(eqns2) or any(
+            a.primitive != b.primitive for a, b in zip(eqns, eqns2, strict=True)):
+        return closed, found
+    uses: dict[Any, list[int]] = {}
+    for k, eqn in enumerate(eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jax_core.Literal):
+                uses.setdefault(v, []).append(k)
+    outvars = {v for v in closed.jaxpr.outvars if not isinstance(v, jax_core.Literal)}
+    first = len(jax.tree_util.tree_leaves(_eps(layers, n)))
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(rest)):
+        var = closed.jaxpr.invars[first + i]
+        chain: list[int] = []
+        taps: list[tuple[int, int, tuple[int, ...]]] = []
+        frontier, ok = [var], jnp.issubdtype(leaf.dtype, jnp.inexact)
+        while frontier and ok:
+            v = frontier.pop()
+            ok = v not in outvars
+            for k in uses.get(v, []):
+                eqn, out, out2 = eqns[k], eqns[k].outvars[0], eqns2[k].outvars[0]
+                name = eqn.primitive.name
+                if name in _STRUCTURAL and len(eqn.invars) == 1:
+                    ok = ok and out.aval.shape == out2.aval.shape  # free of the batch
+                    chain.append(k)
+                    frontier.append(out)
+                elif name == "add" and len(eqn.invars) == 2 and eqn.invars.count(v) == 1:
+                    operand = eqn.invars.index(v)
+                    shape, full, full2 = v.aval.shape, out.aval.shape, out2.aval.shape
+                    ok = ok and (len(shape) == len(full) and shape[:1] == (1,)
+                                 and full[:1] == (n,) and full2[:1] == (n + 1,)
+                                 and full[1:] == full2[1:])
+                    kept = tuple(a for a in range(1, len(full)) if shape[a] == full[a])
+                    taps.append((k, operand, kept))
+                else:
+                    ok = False
+                if not ok:
+                    break
+        if ok and taps:
+            found[i] = _Additive(first + i, tuple(sorted(chain)), tuple(taps))
+    return closed, found
+
+
+def _eval_tapped(closed, args, eps_adds: Mapping[int, jax.Array]):
+    """The closed jaxpr evaluated on ``args`` with ``eps_adds[k]`` added to the output of
+    equation ``k``."""
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    env.update(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(closed.jaxpr.invars, args, strict=True))
+    for k, eqn in enumerate(closed.jaxpr.eqns):
+        outs = eqn.primitive.bind(*map(read, eqn.invars),
+                                  **eqn.primitive.get_bind_params(eqn.params))
+        outs = list(outs) if eqn.primitive.multiple_results else [outs]
+        if k in eps_adds:
+            outs[0] = outs[0] + eps_adds[k].astype(outs[0].dtype)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+def _additive_grads(closed, additive: _Additive, leaf, cotangents):
+    """Per-example gradients ``(N, O, *leaf)`` of an additive leaf from the cotangents
+    ``{equation: (O, N, *out)}`` of its ``add``s' outputs: each summed over the axes the leaf
+    was broadcast along, then pulled back through the leaf's (linear) ``chain``."""
+    eqns = closed.jaxpr.eqns
+
+    def moved(p):  # {var: value} of the leaf and of every value its chain makes of it
+        env = {closed.jaxpr.invars[additive.invar]: p}
+        for k in additive.chain:
+            eqn = eqns[k]
+            env[eqn.outvars[0]] = eqn.primitive.bind(
+                env[eqn.invars[0]], **eqn.primitive.get_bind_params(eqn.params))
+        return env
+
+    total = None
+    for k, operand, kept in additive.taps:
+        var = eqns[k].invars[operand]
+        shape = var.aval.shape
+        summed = tuple(a + 1 for a in range(1, len(shape)) if a not in kept)
+        c = cotangents[k]  # (O, N, *out)
+        c = jnp.sum(c, axis=summed, keepdims=True) if summed else c
+
+        def one(ci, var=var, shape=shape):
+            _, vjp = jax.vjp(lambda p: moved(p)[var], leaf)
+            return vjp(ci.reshape(shape).astype(var.aval.dtype))[0]
+
+        g = jax.vmap(jax.vmap(one))(c)  # (O, N, *leaf)
+        total = g if total is None else total + g
+    assert total is not None
+    return jnp.moveaxis(total, 0, 1)
+
+
+def _batched_plan(apply_fn, params, layers, x):
+    """``(rest, fwd)`` when the whole model can be served by one batched pass: every layer
+    batched and every other (non-empty) leaf additive (``fwd`` None when there is none); else
+    None."""
+    if not all(lay.batched for lay in layers.values()):
+        return None
+    trainable, rebuild = split_params(params)
+    rest, merge = _split_rest(trainable, layers)
+    if not any(leaf.size for leaf in rest):
+        return rest, None
+    out = jax.eval_shape(apply_fn, params, x[:1])
+    fwd = _forward(apply_fn, rebuild, merge, layers, int(np.prod(out.shape[1:])))
+    _, additive = _additive_leaves(fwd, layers, rest, x)
+    if any(leaf.size and i not in additive for i, leaf in enumerate(rest)):
+        return None
+    return rest, fwd
+
+
+def _batched_additive_taps(fwd, rest, layers, out_dim, dtype):
+    """:func:`_batched_taps` for a model whose only other leaves are additive (see
+    :class:`_Additive`): the tapped jaxpr evaluated with perturbations on their ``add``s too;
+    returns their per-example gradients in place of Jacobians."""
+
+    def taps(x):
+        n = x.shape[0]
+        closed, additive = _additive_leaves(fwd, layers, rest, x)
+        if any(leaf.size and i not in additive for i, leaf in enumerate(rest)):
+            raise NotImplementedError(  # (decided on x1: the same model on other examples)
+                "structured NTK: a parameter added to the activations of x1 is used otherwise "
+                "on x2; use ntk_method='jacobian'.")
+        eps = _eps(layers, n)
+        flat_eps, eps_tree = jax.tree_util.tree_flatten(eps)
+        rest_leaves = jax.tree_util.tree_leaves(rest)
+        eqns = closed.jaxpr.eqns
+        adds = {k: jnp.zeros(eqns[k].outvars[0].aval.shape, eqns[k].outvars[0].aval.dtype)
+                for a in additive.values() for k, _, _ in a.taps}
+
+        def tapped(e, a):
+            outs = _eval_tapped(closed, [*jax.tree_util.tree_leaves(e), *rest_leaves, x], a)
+            return outs[0], outs[1:]
+
+        _, vjp, captured = jax.vjp(tapped, jax.tree_util.tree_unflatten(eps_tree, flat_eps),
+                                   adds, has_aux=True)
+        basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
+        deltas, add_cts = jax.vmap(vjp)(basis)
+        captured_tree = _captured_tree(layers)
+        inputs = jax.tree_util.tree_unflatten(captured_tree, captured)
+        inputs = {k: tuple(v[:, None] for v in calls) for k, calls in inputs.items()}
+        jac = [
+            _additive_grads(closed, additive[i], leaf, add_cts) if i in additive
+            else jnp.zeros((n, out_dim, *leaf.shape), leaf.dtype)
+            for i, leaf in enumerate(rest_leaves)
+        ]
+        return jac, deltas, inputs
+
+    return taps
+
+
+def _captured_tree(layers):
+    """The tree structure of the captured inputs of :func:`_apply_tapped` (a dict of tuples,
+    one entry per call of each tap key, in key order)."""
+    return jax.tree_util.tree_structure(
+        {key: tuple(0 for _ in calls) for key, calls in _tap_shapes(layers).items()})
+
+
 def _taps(apply_fn, params, layers, x):
     """``(rest, per_sample, dtype)``: the leaves not covered by ``layers`` and
     ``per_sample(rest, x) -> (rest Jacobians (N, O, *leaf), cotangents {path: (O, N, 1, *out)},
-    inputs {path: (N, 1, ...)})``, through one batched pass when nothing falls back."""
+    inputs {path: (N, 1, ...)})``, through one batched pass when nothing falls back (additive
+    leaves -- positional tables -- get their gradients from cotangents, in place of
+    Jacobians)."""
     trainable, rebuild = split_params(params)
     out = jax.eval_shape(apply_fn, params, x[:1])
     out_dim = int(np.prod(out.shape[1:]))
     dtype = out.dtype
+    plan = _batched_plan(apply_fn, params, layers, x)
+    if plan is not None:
+        rest, fwd = plan
+        if fwd is None:
+            taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
+
+            def batched(_: Any, x: jax.Array) -> tuple:
+                return [], *taps(x)
+
+            return rest, batched, dtype
+        additive_taps = _batched_additive_taps(fwd, rest, layers, out_dim, dtype)
+
+        def batched_additive(_: Any, x: jax.Array) -> tuple:
+            return additive_taps(x)
+
+        return rest, batched_additive, dtype
     rest, merge = _split_rest(trainable, layers)
-    batch_first = all(lay.batched for lay in layers.values())
-    if batch_first and not any(leaf.size for leaf in rest):
-        taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
-
-        def batched(_: Any, x: jax.Array) -> tuple:
-            return [], *taps(x)
-
-        return rest, batched, dtype
     vmapped = jax.vmap(
         _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
         in_axes=(None, 0),

@@ -156,7 +156,7 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_entk_real.py::test_projected_features_in_blocks_streamed_and_for_feature_ridge",
     "tests/test_entk_real.py::test_factored_projections_of_embeddings_and_convolutions_are_unbiased",
     # issue 25 (entkrules): structured rules against per-sample Jacobians, mostly compile time
-    "tests/test_structured_rules.py::test_gpt_block_is_structured_except_its_position_table",
+    "tests/test_structured_rules.py::test_gpt_block_is_structured_with_positions_and_tied_head",
     "tests/test_structured_rules.py::test_norm_scales_and_biases",
     "tests/test_structured_rules.py::test_norm_leaves_projected_features",
     # session 7: measured in the whole suite on 2 cores (26 min 27 s, load 3-6 for the first
