@@ -71,14 +71,12 @@ def test_norm_leaves_projected_features(x64):
 
 
 class GPT(nn.Module):
-    """Token embedding, learned positions (a parameter table, or an Embed on ``arange(T)``),
-    one pre-LN block (causal multi-head attention, GELU MLP), final LayerNorm, and a head on
+    """Token embedding, learned positions (a parameter table), one pre-LN block (causal multi-head attention, GELU MLP), final LayerNorm, and a head on
     the last token (a Dense, or tied: ``Embed.attend``)."""
 
     vocab: int = 7
     width: int = 8
     heads: int = 2
-    positions: str = "param"
     tied: bool = False
 
     @nn.compact
@@ -86,10 +84,7 @@ class GPT(nn.Module):
         t = tokens.shape[1]
         embed = nn.Embed(self.vocab, self.width)
         h = embed(tokens)
-        if self.positions == "param":
-            h = h + self.param("pos", nn.initializers.normal(0.5), (t + 2, self.width))[:t]
-        else:
-            h = h + nn.Embed(t, self.width)(jnp.arange(t))
+        h = h + self.param("pos", nn.initializers.normal(0.5), (t + 2, self.width))[:t]
         a = nn.MultiHeadDotProductAttention(num_heads=self.heads)(
             nn.LayerNorm()(h), mask=nn.make_causal_mask(tokens))
         h = h + a
@@ -106,25 +101,20 @@ def test_gpt_block_is_structured_with_positions_and_tied_head(x64):
     _agree(GPT(tied=True), x1, x2, "full")
 
 
-def test_position_embed_on_arange_is_structured(x64):
-    """An Embed applied to ``jnp.arange(T)`` (the same input for every example) is an Embed
-    layer whose gradient is per example; it used to crash the structured method."""
-    x1 = jax.random.randint(jax.random.key(2), (3, 4), 0, 7)
-    x2 = jax.random.randint(jax.random.key(3), (2, 4), 0, 7)
-    _agree(GPT(positions="embed", width=4, heads=1), x1, x2, "trace")
-
-
 class Tables(nn.Module):
     """Parameters added to the activations: a position table sliced and added twice (once
     through ``[None]``), a per-channel shift, and a table that multiplies (not additive: it
     falls back to Jacobians); a tied head."""
 
     additive_only: bool = True
+    positions: str = "param"
 
     @nn.compact
     def __call__(self, tokens):
         t = tokens.shape[1]
         embed = nn.Embed(5, 3)
+        if self.positions == "embed":  # an Embed on arange(T): the same input for every example
+            return embed.attend(jnp.tanh(embed(tokens) + nn.Embed(t, 3)(jnp.arange(t)))[:, 0])
         pos = self.param("pos", nn.initializers.normal(0.5), (t + 1, 3))
         h = embed(tokens) + pos[:t]
         h = jnp.tanh(nn.Dense(3)(h)) + pos[None, 1:] + self.param(
@@ -141,6 +131,14 @@ def test_additive_tables_and_tied_head(x64):
     # a multiplying table falls back; then every other non-layer leaf takes the per-sample path
     _agree(Tables(additive_only=False), x1, None, "trace",
            fallback=[("gain",), ("pos",), ("shift",)])
+
+
+def test_position_embed_on_arange_is_structured(x64):
+    """An Embed applied to ``jnp.arange(T)`` (the same input for every example) is an Embed
+    layer whose gradient is per example; it used to crash the structured method."""
+    x1 = jax.random.randint(jax.random.key(2), (3, 4), 0, 5)
+    x2 = jax.random.randint(jax.random.key(3), (2, 4), 0, 5)
+    _agree(Tables(positions="embed"), x1, x2, "full")
 
 
 def test_tied_embedding_projected_features(x64):
@@ -163,10 +161,12 @@ def test_tied_embedding_projected_features(x64):
 
 
 class Block(nn.Module):
+    scanned: bool = False
+
     @nn.compact
-    def __call__(self, h, _=None):
+    def __call__(self, h, xs=None):
         out = h + nn.Dense(h.shape[-1])(jnp.tanh(nn.Dense(4)(nn.LayerNorm()(h))))
-        return out if _ is None else (out, None)
+        return (out, xs) if self.scanned else out
 
 
 class Looped(nn.Module):
@@ -181,7 +181,7 @@ class Looped(nn.Module):
             h = nn.remat(Block)()(h)
         else:
             h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=2)()(h, 0)
+                           length=2)(scanned=True)(h, None)
         return nn.Dense(2)(h[:, -1])
 
 
