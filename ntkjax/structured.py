@@ -33,12 +33,32 @@ contribute ``<g, g'>`` from per-sample gradients
 with ``xhat`` the layer applied with unit scale and zero bias: ``O F`` numbers per sample.
 Only exact classes are recognised (not subclasses). A module called more than once through
 ``__call__`` (shared weights) has the sum of its calls' gradients, so it is one layer on all its
-calls' positions joined. Every parameter not covered -- a tied embedding (``Embed.attend``),
-unsupported layers, non-linen parameters such as a positional table -- falls back to
-per-sample Jacobian contraction, computed in the same backward pass
+calls' positions joined. A tied embedding (``Embed`` used as a lookup and, through
+``Embed.attend``, as the output head) has the sum of both uses' per-sample gradients
+``G_i = sum_t onehot(token_t) (x) delta_{i,t} + sum_s zeta_{i,s} (x) q_s`` (cross terms
+included), materialized. A layer applied to something without the batch axis (an ``Embed`` on
+the positions ``jnp.arange(L)``) is the same for every example and is served per sample. A
+parameter that is only added to a batched activation, through slices, reshapes and broadcasts
+(a learned positional table ``h + self.param("pos", ...)[:T]``, a per-channel shift), is found
+in the model's jaxpr (traced at ``N`` and ``N + 1`` examples, shapes only): its per-example
+gradient is the cotangent of that addition's output summed over the broadcast axes -- a
+contraction of cotangents only, like a bias. Every other parameter -- unsupported layers,
+tables used otherwise, layers called inside ``nn.scan`` or ``nn.remat`` (their inputs belong
+to the inner trace of the transformation and cannot be tapped from outside it) -- falls back
+to per-sample Jacobian contraction, computed in the same backward pass
 (:func:`structured_fallback_params` lists them). When every parameter is covered, the O
 backward passes (one per output, reusing one forward pass) run on the whole batch at once;
-otherwise per sample. The materialized form computes all samples' ``G_i`` as one batched
+otherwise per sample.
+
+Blocks and rounding: the per-example taps (inputs, cotangents) mostly come out bit for bit the
+same whatever the batch size (a batch of one can differ: matrix-vector kernels), but the pair
+stage does not: XLA's CPU matrix
+products pick their blocking and vector kernels by operand shape, and the factored or
+materialized form is chosen per layer by FLOPs that depend on the block sizes, so a Gram entry
+computed in a block of 8 rows may differ in the last bits from the same entry in a block of
+512. What is exact is that a block of :func:`ntkjax.empirical_ntk_matrix` equals the kernel
+function on that block's (padded) rows, and that its mirrored symmetric evaluation equals the
+full grid. The materialized form computes all samples' ``G_i`` as one batched
 matmul with the outputs folded into its columns.
 """
 
@@ -336,7 +356,10 @@ def structured_fallback_params(
 ) -> list[tuple[str, ...]]:
     """Paths of the trainable parameter leaves that ``ntk_method="structured"`` does not
     factorize: their NTK terms come from per-sample Jacobians (every other leaf's from its
-    layer's inputs and cotangents, see the module doc). Shapes only; nothing is computed.
+    layer's inputs and cotangents, or for an additive table such as learned positions from
+    its addition's cotangents, see the module doc). An additive table counts as factorized
+    only when nothing else falls back (otherwise the model is served per sample and it is
+    listed too). Shapes only; nothing is computed.
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -344,11 +367,11 @@ def structured_fallback_params(
         ...     @nn.compact
         ...     def __call__(self, x):
         ...         h = nn.LayerNorm()(nn.Dense(4)(x))
-        ...         return nn.Dense(1)(h + self.param("shift", nn.initializers.zeros, (4,)))
+        ...         return nn.Dense(1)(h * self.param("gain", nn.initializers.ones, (4,)))
         >>> x = jnp.ones((2, 3))
         >>> params = Net().init(jax.random.key(0), x)
         >>> structured_fallback_params(Net().apply, params, x)
-        [('shift',)]
+        [('gain',)]
     """
     trainable, _ = split_params(params)
     layers = _discover(apply_fn, params, x1)

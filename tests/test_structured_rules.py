@@ -71,8 +71,9 @@ def test_norm_leaves_projected_features(x64):
 
 
 class GPT(nn.Module):
-    """Token embedding, learned positions (a parameter table), one pre-LN block (causal multi-head attention, GELU MLP), final LayerNorm, and a head on
-    the last token (a Dense, or tied: ``Embed.attend``)."""
+    """Token embedding, learned positions (a parameter table), one pre-LN block (causal
+    multi-head attention, GELU MLP), final LayerNorm, and a head on the last token (a Dense,
+    or tied: ``Embed.attend``)."""
 
     vocab: int = 7
     width: int = 8
