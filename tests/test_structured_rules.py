@@ -181,9 +181,10 @@ class Looped(nn.Module):
         if self.how == "remat":
             h = nn.remat(Block)()(h)
         else:
-            h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=2)(scanned=True)(h, None)
-        return nn.Dense(2)(h[:, -1])
+            scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              length=2)(scanned=True)
+            h = scanned(h, None)[0]
+        return nn.Dense(2)(jnp.asarray(h)[:, -1])
 
 
 def test_scanned_and_rematted_blocks_fall_back_exactly(x64):
