@@ -475,7 +475,8 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
         return tuple(
             part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(module, x)
         )
-    axes = list(_dense_axes(layer.module, x.ndim))
+    lead = 0 if layer.batched else 1  # (an unbatched call's input gained the batch axis)
+    axes = [a + lead for a in _dense_axes(layer.module, x.ndim - lead)]
     k = len(axes)
     x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
     contracted = int(np.prod(x.shape[x.ndim - k :]))

@@ -48,17 +48,22 @@ def test_norm_scales_and_biases(x64):
     _agree(NormNet(), x1, x2, "full")
 
 
-def test_norm_leaves_projected_features(x64):
-    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
-    (same key): the gradient from float64 autodiff of the model gives the same features."""
-    model = NormNet()
-    x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+def _projected_and_autodiff(model, x):
+    """(structured projected features (dim 8, rank 2), per-sample float64 autodiff gradients
+    of every leaf as ``(path, (N, O, *leaf))``, key, dim) of ``model`` on ``x``."""
     params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
     key, dim = jax.random.key(5), 8
     feats = structured_projected_features(model.apply, params, x, key, dim, 2)
     assert feats is not None
     grads = jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(params))(x)
-    leaves = jax.tree_util.tree_flatten_with_path(grads["params"])[0]
+    return feats, jax.tree_util.tree_flatten_with_path(grads["params"])[0], key, dim
+
+
+def test_norm_leaves_projected_features(x64):
+    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
+    (same key): the gradient from float64 autodiff of the model gives the same features."""
+    x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+    feats, leaves, key, dim = _projected_and_autodiff(NormNet(), x)
     norm_leaves = 0
     for i, (path, g) in enumerate(leaves):
         if "Norm" not in path[0].key:
@@ -145,14 +150,8 @@ def test_position_embed_on_arange_is_structured(x64):
 def test_tied_embedding_projected_features(x64):
     """The tied table's projected features are ``project_gradient`` of its per-sample
     gradient (lookup plus attend) from float64 autodiff, with the same key."""
-    model = Tables()
     x = jax.random.randint(jax.random.key(2), (3, 4), 0, 5)
-    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
-    key, dim = jax.random.key(5), 8
-    feats = structured_projected_features(model.apply, params, x, key, dim, 2)
-    assert feats is not None
-    grads = jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(params))(x)
-    leaves = jax.tree_util.tree_flatten_with_path(grads["params"])[0]
+    feats, leaves, key, dim = _projected_and_autodiff(Tables(), x)
     names = ["/".join(k.key for k in path) for path, _ in leaves]
     for name in ("Embed_0/embedding", "pos", "shift"):
         i = names.index(name)
