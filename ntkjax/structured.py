@@ -1011,7 +1011,6 @@ def _batched_additive_taps(fwd, rest, layers, out_dim, dtype):
                 "structured NTK: a parameter added to the activations of x1 is used otherwise "
                 "on x2; use ntk_method='jacobian'.")
         eps = _eps(layers, n)
-        flat_eps, eps_tree = jax.tree_util.tree_flatten(eps)
         rest_leaves = jax.tree_util.tree_leaves(rest)
         eqns = closed.jaxpr.eqns
         adds = {k: jnp.zeros(eqns[k].outvars[0].aval.shape, eqns[k].outvars[0].aval.dtype)
@@ -1021,8 +1020,7 @@ def _batched_additive_taps(fwd, rest, layers, out_dim, dtype):
             outs = _eval_tapped(closed, [*jax.tree_util.tree_leaves(e), *rest_leaves, x], a)
             return outs[0], outs[1:]
 
-        _, vjp, captured = jax.vjp(tapped, jax.tree_util.tree_unflatten(eps_tree, flat_eps),
-                                   adds, has_aux=True)
+        _, vjp, captured = jax.vjp(tapped, eps, adds, has_aux=True)
         basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
         deltas, add_cts = jax.vmap(vjp)(basis)
         captured_tree = _captured_tree(layers)
