@@ -33,12 +33,32 @@ contribute ``<g, g'>`` from per-sample gradients
 with ``xhat`` the layer applied with unit scale and zero bias: ``O F`` numbers per sample.
 Only exact classes are recognised (not subclasses). A module called more than once through
 ``__call__`` (shared weights) has the sum of its calls' gradients, so it is one layer on all its
-calls' positions joined. Every parameter not covered -- a tied embedding (``Embed.attend``),
-unsupported layers, non-linen parameters such as a positional table -- falls back to
-per-sample Jacobian contraction, computed in the same backward pass
+calls' positions joined. A tied embedding (``Embed`` used as a lookup and, through
+``Embed.attend``, as the output head) has the sum of both uses' per-sample gradients
+``G_i = sum_t onehot(token_t) (x) delta_{i,t} + sum_s zeta_{i,s} (x) q_s`` (cross terms
+included), materialized. A layer applied to something without the batch axis (an ``Embed`` on
+the positions ``jnp.arange(L)``) is the same for every example and is served per sample. A
+parameter that is only added to a batched activation, through slices, reshapes and broadcasts
+(a learned positional table ``h + self.param("pos", ...)[:T]``, a per-channel shift), is found
+in the model's jaxpr (traced at ``N`` and ``N + 1`` examples, shapes only): its per-example
+gradient is the cotangent of that addition's output summed over the broadcast axes -- a
+contraction of cotangents only, like a bias. Every other parameter -- unsupported layers,
+tables used otherwise, layers called inside ``nn.scan`` or ``nn.remat`` (their inputs belong
+to the inner trace of the transformation and cannot be tapped from outside it) -- falls back
+to per-sample Jacobian contraction, computed in the same backward pass
 (:func:`structured_fallback_params` lists them). When every parameter is covered, the O
 backward passes (one per output, reusing one forward pass) run on the whole batch at once;
-otherwise per sample. The materialized form computes all samples' ``G_i`` as one batched
+otherwise per sample.
+
+Blocks and rounding: the per-example taps (inputs, cotangents) mostly come out bit for bit the
+same whatever the batch size (a batch of one can differ: matrix-vector kernels), but the pair
+stage does not: XLA's CPU matrix
+products pick their blocking and vector kernels by operand shape, and the factored or
+materialized form is chosen per layer by FLOPs that depend on the block sizes, so a Gram entry
+computed in a block of 8 rows may differ in the last bits from the same entry in a block of
+512. What is exact is that a block of :func:`ntkjax.empirical_ntk_matrix` equals the kernel
+function on that block's (padded) rows, and that its mirrored symmetric evaluation equals the
+full grid. The materialized form computes all samples' ``G_i`` as one batched
 matmul with the outputs folded into its columns.
 """
 
@@ -56,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
+from jax._src import core as jax_core
 from jax.interpreters.ad import JVPTracer
 
 from ntkjax._meanings import declarations
@@ -98,6 +119,13 @@ class _Layer:
     out_shapes: tuple[tuple[int, ...], ...]
     out_dtypes: tuple[Any, ...]
     probe_scales: bool  # ntkjax.nn.Dense: read c and s off the layer
+    # False for a layer applied to something without the batch axis (an Embed on the positions
+    # ``jnp.arange(L)``): the same input for every example
+    batched: bool = True
+    # the calls of a tied ``flax.linen.Embed.attend`` (input and output shapes, output dtypes)
+    attend_in_shapes: tuple[tuple[int, ...], ...] = ()
+    attend_out_shapes: tuple[tuple[int, ...], ...] = ()
+    attend_dtypes: tuple[Any, ...] = ()
 
 
 def _structured_kinds() -> dict[type, tuple[str, bool]]:
@@ -163,14 +191,22 @@ def _call_input(args, kwargs):
     return next(iter(kwargs.values()))
 
 
-def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
-    """Supported layers of a linen model, found by tracing one example (shapes only)."""
-    if not is_variables_dict(params):
-        return {}
-    trainable, rebuild = split_params(params)
+def _trace_state():
+    """An opaque token of the current JAX trace: a layer called inside a transformation of the
+    model itself (``nn.scan``, ``nn.remat``, ``nn.vmap``, a ``jvp``) sees another one, and its
+    inputs cannot be tapped from outside that transformation."""
+    return jax_core.get_opaque_trace_state()
+
+
+def _record_calls(apply_fn, trainable, rebuild, x) -> tuple[dict, set, set]:
+    """One shape-only trace of ``apply_fn`` on ``x``: ``{(path, method): [(in_shape, out_shape,
+    out_dtype, module, kind, probe)]}`` of the supported layers' ``__call__`` and
+    ``Embed.attend`` calls, the paths of layers called through another public method, and the
+    paths of layers that cannot be tapped."""
     calls: dict[tuple, list] = {}
     other_methods: set[tuple] = set()
     untappable: set[tuple] = set()
+    outer: list = []
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -179,50 +215,102 @@ def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
         if kind is None:
             return out
         path = tuple(module.path)
-        if context.method_name != "__call__":
-            if not context.method_name.startswith("_") and context.method_name != "setup":
+        method = context.method_name
+        if method == "attend" and kind == "embed" and type(module) is nn.Embed:
+            pass
+        elif method != "__call__":
+            if not method.startswith("_") and method != "setup":
                 other_methods.add(path)
             return out
         inp = _call_input(args, kwargs)
-        if isinstance(inp, JVPTracer) or isinstance(out, JVPTracer):
+        if (isinstance(inp, JVPTracer) or isinstance(out, JVPTracer)
+                or _trace_state() != outer[0]):
             # called inside a transformation of the model itself (e.g. the jvp of
-            # ntkjax.linearize): its inputs cannot be tapped; the layer falls back to Jacobians
+            # ntkjax.linearize, nn.scan, nn.remat): its inputs cannot be tapped; the layer
+            # falls back to Jacobians
             untappable.add(path)
             return out
         if type(module) is nn.BatchNorm and not _batch_norm_inference(module, args, kwargs):
             untappable.add(path)  # batch statistics mix the samples
             return out
-        calls.setdefault(path, []).append(
-            _Layer(
-                path=path,
-                kind=kind,
-                module=module.clone(parent=None),
-                in_shapes=(tuple(np.shape(inp)),),
-                out_shapes=(tuple(np.shape(out)),),
-                out_dtypes=(out.dtype,),
-                probe_scales=probe,
-            )
-        )
+        calls.setdefault((path, method), []).append(
+            (tuple(np.shape(inp)), tuple(np.shape(out)), out.dtype, module, kind, probe))
         return out
 
     def run(p, x):
+        outer.append(_trace_state())
         with nn.intercept_methods(interceptor):
-            return apply_fn(rebuild(p), x[:1])
+            return apply_fn(rebuild(p), x)
 
-    jax.eval_shape(run, trainable, x1)
+    jax.eval_shape(run, trainable, x)
+    return calls, other_methods, untappable
+
+
+def _discover(apply_fn, params, x1) -> dict[tuple[str, ...], _Layer]:
+    """Supported layers of a linen model, found by tracing one example and two (shapes only):
+    a call whose input has the batch axis in front (1, then 2) is batched; one whose input
+    shape does not change (an Embed on ``jnp.arange(L)``) is the same for every example."""
+    if not is_variables_dict(params):
+        return {}
+    trainable, rebuild = split_params(params)
+    one = x1[:1]
+    calls, other_methods, untappable = _record_calls(apply_fn, trainable, rebuild, one)
+    calls2, _, untappable2 = _record_calls(
+        apply_fn, trainable, rebuild, jax.ShapeDtypeStruct((2, *one.shape[1:]), one.dtype))
+    untappable |= untappable2
     layers = {}
-    for path, found in calls.items():
-        if path in other_methods or path in untappable:
+    for (path, method), found in calls.items():
+        if method != "__call__" or path in other_methods or path in untappable:
             continue
-        layer = dataclasses.replace(
-            found[0],
-            in_shapes=tuple(f.in_shapes[0] for f in found),
-            out_shapes=tuple(f.out_shapes[0] for f in found),
-            out_dtypes=tuple(f.out_dtypes[0] for f in found),
+        attends = calls.get((path, "attend"), [])
+        seen = [(f[0], f[1]) for f in found + attends]
+        seen2 = [(f[0], f[1]) for f in calls2.get((path, "__call__"), [])
+                 + calls2.get((path, "attend"), [])]
+        if len(seen) != len(seen2):
+            continue
+        batched = [a[0][:1] == (1,) and b[0][:1] == (2,) and a[0][1:] == b[0][1:]
+                   and a[1][:1] == (1,) and b[1][:1] == (2,) and a[1][1:] == b[1][1:]
+                   for a, b in zip(seen, seen2, strict=True)]
+        fixed = [a == b for a, b in zip(seen, seen2, strict=True)]
+        kind = found[0][4]
+        if all(batched):
+            is_batched = True
+        elif all(fixed) and kind in ("dense", "embed") and not attends:
+            is_batched = False
+        else:
+            continue
+        layer = _Layer(
+            path=path,
+            kind=kind,
+            module=found[0][3].clone(parent=None),
+            in_shapes=tuple(f[0] for f in found),
+            out_shapes=tuple(f[1] for f in found),
+            out_dtypes=tuple(f[2] for f in found),
+            probe_scales=found[0][5],
+            batched=is_batched,
+            attend_in_shapes=tuple(f[0] for f in attends),
+            attend_out_shapes=tuple(f[1] for f in attends),
+            attend_dtypes=tuple(f[2] for f in attends),
         )
         if _layer_params(trainable, layer) is not None and _input_ok(layer):
             layers[path] = layer
     return layers
+
+
+def _tap_shapes(layers) -> dict[tuple, tuple]:
+    """``{tap key: ((out shape, dtype), ...)}``: one zero perturbation per call of each layer,
+    keyed by its path, and by ``(*path, _ATTEND)`` for the calls of a tied ``Embed.attend``."""
+    taps = {}
+    for path, lay in layers.items():
+        taps[path] = tuple(zip(lay.out_shapes, lay.out_dtypes, strict=True))
+        if lay.attend_out_shapes:
+            taps[(*path, _ATTEND)] = tuple(
+                zip(lay.attend_out_shapes, lay.attend_dtypes, strict=True))
+    return taps
+
+
+# the tap key suffix of a tied ``Embed.attend`` (not a valid linen module name)
+_ATTEND = "@attend"
 
 
 def _layer_params(trainable, layer: _Layer):
@@ -268,7 +356,10 @@ def structured_fallback_params(
 ) -> list[tuple[str, ...]]:
     """Paths of the trainable parameter leaves that ``ntk_method="structured"`` does not
     factorize: their NTK terms come from per-sample Jacobians (every other leaf's from its
-    layer's inputs and cotangents, see the module doc). Shapes only; nothing is computed.
+    layer's inputs and cotangents, or for an additive table such as learned positions from
+    its addition's cotangents, see the module doc). An additive table counts as factorized
+    only when nothing else falls back (otherwise the model is served per sample and it is
+    listed too). Shapes only; nothing is computed.
 
     Example:
         >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -276,15 +367,18 @@ def structured_fallback_params(
         ...     @nn.compact
         ...     def __call__(self, x):
         ...         h = nn.LayerNorm()(nn.Dense(4)(x))
-        ...         return nn.Dense(1)(h + self.param("shift", nn.initializers.zeros, (4,)))
+        ...         return nn.Dense(1)(h * self.param("gain", nn.initializers.ones, (4,)))
         >>> x = jnp.ones((2, 3))
         >>> params = Net().init(jax.random.key(0), x)
         >>> structured_fallback_params(Net().apply, params, x)
-        [('shift',)]
+        [('gain',)]
     """
     trainable, _ = split_params(params)
     layers = _discover(apply_fn, params, x1)
-    return [path for path in _leaf_paths(trainable) if path[:-1] not in layers]
+    rest_paths = [path for path in _leaf_paths(trainable) if path[:-1] not in layers]
+    if layers and rest_paths and _batched_plan(apply_fn, params, layers, x1) is not None:
+        return []  # one batched pass: the other leaves are additive (positional tables)
+    return rest_paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +464,8 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
     """Per-sample layer input ``x`` of shape (N, 1, ...) as parts (N, T, K_j) whose join along
     the last axis is the (N, T, K) input of the dense form (one part, ids (N, T), for Embed)."""
     n = x.shape[0]
-    x = x[:, 0]
+    if layer.batched:
+        x = x[:, 0]
     if layer.kind == "embed":
         return (x.reshape(n, -1),)
     if layer.kind in ("conv", "conv_transpose"):
@@ -380,7 +475,8 @@ def _layer_inputs(layer: _Layer, x) -> tuple:
         return tuple(
             part.reshape(n, -1, part.shape[-1]) for part in _conv_patch_parts(module, x)
         )
-    axes = list(_dense_axes(layer.module, x.ndim))
+    lead = 0 if layer.batched else 1  # (an unbatched call's input gained the batch axis)
+    axes = [a + lead for a in _dense_axes(layer.module, x.ndim - lead)]
     k = len(axes)
     x = jnp.moveaxis(x, axes, list(range(x.ndim - k, x.ndim)))
     contracted = int(np.prod(x.shape[x.ndim - k :]))
@@ -632,6 +728,29 @@ def _norm_grads(layer: _Layer, node, variables, xs, d) -> dict[str, jax.Array]:
     return grads
 
 
+def _tied_embedding_grads(layer: _Layer, node, ids, d, queries, d_att) -> jax.Array:
+    """Per-sample gradients ``(O, N, V, F)`` of a ``flax.linen.Embed`` table ``E`` used both as
+    a lookup (``y_t = E[token_t]``) and as a tied output head (``Embed.attend``: ``z_s = E
+    q_s``, logits over the vocabulary): the sum of both uses' gradients,
+    ``G_i = sum_t onehot(token_t) (x) delta_{i,t} + sum_s zeta_{i,s} (x) q_s`` with ``zeta``
+    the cotangents of the logits. The kernel ``<G_i, G'_j>`` thus has the lookup-lookup and
+    attend-attend terms and both cross terms (a weight shared by two uses, as in Novak et al.
+    2022, section 4). ``ids`` (N, T), ``d`` (O, N, T, F); ``queries`` the attend inputs (N, 1,
+    ..., F) per call, ``d_att`` their joined cotangents (O, N, S, V)."""
+    vocab, feats = node["embedding"].shape
+    q = jnp.concatenate([x[:, 0].reshape(x.shape[0], -1, feats) for x in queries], axis=1)
+    onehot = jax.nn.one_hot(ids, vocab, dtype=d.dtype)
+    lookup = jnp.einsum("ntv,intf->invf", onehot, d, precision=PRECISION)
+    attend = jnp.einsum("nsf,insv->invf", q.astype(d.dtype), d_att, precision=PRECISION)
+    return lookup + attend
+
+
+def _attend_cotangents(ds):
+    """The cotangents (O, N, 1, ..., V) of each ``Embed.attend`` call as (O, N, S, V)."""
+    return jnp.concatenate([d.reshape(d.shape[0], d.shape[1], -1, d.shape[-1]) for d in ds],
+                           axis=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernel
 # ---------------------------------------------------------------------------------------------
@@ -662,8 +781,10 @@ def _apply_tapped(apply_fn, params, x, eps):
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
+        if context.method_name in ("__call__", "attend"):
             path = tuple(context.module.path)
+            if context.method_name == "attend":
+                path = (*path, _ATTEND)
             if path in eps:
                 calls = captured.setdefault(path, [])
                 calls.append(_call_input(args, kwargs))
@@ -686,9 +807,8 @@ def _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype):
     basis = jnp.eye(out_dim, dtype=dtype)
 
     def per_sample(rest, x):
-        eps = {path: tuple(jnp.zeros(shape, dtype)
-                           for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
-               for path, lay in layers.items()}
+        eps = {key: tuple(jnp.zeros(shape, dtype) for shape, dtype in calls)
+               for key, calls in _tap_shapes(layers).items()}
         _, vjp, captured = jax.vjp(lambda r, e: tapped(r, e, x), rest, eps, has_aux=True)
         rest_jac, deltas = jax.vmap(vjp)(basis)
         return rest_jac, deltas, captured
@@ -709,11 +829,8 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
             out, captured = _apply_tapped(apply_fn, params, x, eps)
             return jnp.reshape(out, (n, out_dim)), captured
 
-        eps = {
-            path: tuple(jnp.zeros((n, *shape[1:]), dtype)
-                        for shape, dtype in zip(lay.out_shapes, lay.out_dtypes, strict=True))
-            for path, lay in layers.items()
-        }
+        eps = {key: tuple(jnp.zeros((n, *shape[1:]), dtype) for shape, dtype in calls)
+               for key, calls in _tap_shapes(layers).items()}
         _, vjp, captured = jax.vjp(tapped, eps, has_aux=True)
         basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
         (deltas,) = jax.vmap(vjp)(basis)  # (O, N, *out): outputs first, as used below
@@ -723,25 +840,236 @@ def _batched_taps(apply_fn, params, layers, out_dim, dtype):
     return taps
 
 
+# primitives that move or reshape a parameter without reading the batch (nor mixing values)
+_STRUCTURAL = frozenset({"convert_element_type", "reshape", "broadcast_in_dim", "squeeze",
+                         "expand_dims", "slice", "transpose", "copy", "copy_p"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Additive:
+    """A parameter leaf added to a batched activation (a learned positional table
+    ``h + self.param("pos", ...)[:T]``): ``chain`` the equations that move it (slices,
+    reshapes, broadcasts without the batch), ``taps`` ``(equation, operand, kept axes)`` of the
+    ``add``s that put it on every example; its per-example gradient is the cotangent of each
+    such ``add``'s output, summed over the axes it was broadcast along and moved back through
+    ``chain`` -- a contraction of cotangents only (Novak et al. 2022, section 4: a bias)."""
+
+    invar: int  # the leaf's position among the jaxpr's inputs
+    chain: tuple[int, ...]
+    taps: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+
+def _forward(apply_fn, rebuild, merge, layers, out_dim):
+    """``(eps, rest, x) -> ((N, O) outputs, captured layer inputs)``: the tapped model."""
+
+    def fwd(eps, rest, x):
+        out, captured = _apply_tapped(apply_fn, rebuild(merge(rest)), x, eps)
+        return jnp.reshape(out, (x.shape[0], out_dim)), captured
+
+    return fwd
+
+
+def _eps(layers, n: int) -> dict:
+    return {key: tuple(jnp.zeros((n, *shape[1:]), dtype) for shape, dtype in calls)
+            for key, calls in _tap_shapes(layers).items()}
+
+
+def _additive_leaves(fwd, layers, rest, x) -> tuple[Any, dict[int, _Additive]]:
+    """``(closed jaxpr of fwd on x, {rest leaf index: _Additive})``. The model is traced at
+    ``N`` and ``N + 1`` examples (shapes only): a value whose shape does not change is free of
+    the batch, an ``add`` output whose first axis follows ``N`` holds one example per row. A
+    leaf counts only when every use of it (through ``_STRUCTURAL`` equations) is such an
+    ``add`` with a batched other operand."""
+    n = x.shape[0]
+    spec = jax.ShapeDtypeStruct((n + 1, *x.shape[1:]), x.dtype)
+    closed = jax.make_jaxpr(fwd)(_eps(layers, n), rest, x)
+    other = jax.make_jaxpr(fwd)(_eps(layers, n + 1), rest, spec)
+    eqns, eqns2 = closed.jaxpr.eqns, other.jaxpr.eqns
+    found: dict[int, _Additive] = {}
+    if len(eqns) != len(eqns2) or any(
+            a.primitive != b.primitive for a, b in zip(eqns, eqns2, strict=True)):
+        return closed, found
+    uses: dict[Any, list[int]] = {}
+    for k, eqn in enumerate(eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jax_core.Literal):
+                uses.setdefault(v, []).append(k)
+    outvars = {v for v in closed.jaxpr.outvars if not isinstance(v, jax_core.Literal)}
+    first = len(jax.tree_util.tree_leaves(_eps(layers, n)))
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(rest)):
+        var = closed.jaxpr.invars[first + i]
+        chain: list[int] = []
+        taps: list[tuple[int, int, tuple[int, ...]]] = []
+        frontier, ok = [var], jnp.issubdtype(leaf.dtype, jnp.inexact)
+        while frontier and ok:
+            v = frontier.pop()
+            ok = v not in outvars
+            for k in uses.get(v, []):
+                eqn, out, out2 = eqns[k], eqns[k].outvars[0], eqns2[k].outvars[0]
+                name = eqn.primitive.name
+                if name in _STRUCTURAL and len(eqn.invars) == 1:
+                    ok = ok and out.aval.shape == out2.aval.shape  # free of the batch
+                    chain.append(k)
+                    frontier.append(out)
+                elif name == "add" and len(eqn.invars) == 2 and eqn.invars.count(v) == 1:
+                    operand = eqn.invars.index(v)
+                    shape, full, full2 = v.aval.shape, out.aval.shape, out2.aval.shape
+                    ok = ok and (len(shape) == len(full) and shape[:1] == (1,)
+                                 and full[:1] == (n,) and full2[:1] == (n + 1,)
+                                 and full[1:] == full2[1:])
+                    kept = tuple(a for a in range(1, len(full)) if shape[a] == full[a])
+                    taps.append((k, operand, kept))
+                else:
+                    ok = False
+                if not ok:
+                    break
+        if ok and taps:
+            found[i] = _Additive(first + i, tuple(sorted(chain)), tuple(taps))
+    return closed, found
+
+
+def _eval_tapped(closed, args, eps_adds: Mapping[int, jax.Array]):
+    """The closed jaxpr evaluated on ``args`` with ``eps_adds[k]`` added to the output of
+    equation ``k``."""
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    env.update(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(closed.jaxpr.invars, args, strict=True))
+    for k, eqn in enumerate(closed.jaxpr.eqns):
+        outs = eqn.primitive.bind(*map(read, eqn.invars),
+                                  **eqn.primitive.get_bind_params(eqn.params))
+        outs = list(outs) if eqn.primitive.multiple_results else [outs]
+        if k in eps_adds:
+            outs[0] = outs[0] + eps_adds[k].astype(outs[0].dtype)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+def _additive_grads(closed, additive: _Additive, leaf, cotangents):
+    """Per-example gradients ``(N, O, *leaf)`` of an additive leaf from the cotangents
+    ``{equation: (O, N, *out)}`` of its ``add``s' outputs: each summed over the axes the leaf
+    was broadcast along, then pulled back through the leaf's (linear) ``chain``."""
+    eqns = closed.jaxpr.eqns
+
+    def moved(p):  # {var: value} of the leaf and of every value its chain makes of it
+        env = {closed.jaxpr.invars[additive.invar]: p}
+        for k in additive.chain:
+            eqn = eqns[k]
+            env[eqn.outvars[0]] = eqn.primitive.bind(
+                env[eqn.invars[0]], **eqn.primitive.get_bind_params(eqn.params))
+        return env
+
+    total = None
+    for k, operand, kept in additive.taps:
+        var = eqns[k].invars[operand]
+        shape = var.aval.shape
+        summed = tuple(a + 1 for a in range(1, len(shape)) if a not in kept)
+        c = cotangents[k]  # (O, N, *out)
+        c = jnp.sum(c, axis=summed, keepdims=True) if summed else c
+
+        def one(ci, var=var, shape=shape):
+            _, vjp = jax.vjp(lambda p: moved(p)[var], leaf)
+            return vjp(ci.reshape(shape).astype(var.aval.dtype))[0]
+
+        g = jax.vmap(jax.vmap(one))(c)  # (O, N, *leaf)
+        total = g if total is None else total + g
+    assert total is not None
+    return jnp.moveaxis(total, 0, 1)
+
+
+def _batched_plan(apply_fn, params, layers, x):
+    """``(rest, fwd)`` when the whole model can be served by one batched pass: every layer
+    batched and every other (non-empty) leaf additive (``fwd`` None when there is none); else
+    None."""
+    if not all(lay.batched for lay in layers.values()):
+        return None
+    trainable, rebuild = split_params(params)
+    rest, merge = _split_rest(trainable, layers)
+    if not any(leaf.size for leaf in rest):
+        return rest, None
+    out = jax.eval_shape(apply_fn, params, x[:1])
+    fwd = _forward(apply_fn, rebuild, merge, layers, int(np.prod(out.shape[1:])))
+    _, additive = _additive_leaves(fwd, layers, rest, x)
+    if any(leaf.size and i not in additive for i, leaf in enumerate(rest)):
+        return None
+    return rest, fwd
+
+
+def _batched_additive_taps(fwd, rest, layers, out_dim, dtype):
+    """:func:`_batched_taps` for a model whose only other leaves are additive (see
+    :class:`_Additive`): the tapped jaxpr evaluated with perturbations on their ``add``s too;
+    returns their per-example gradients in place of Jacobians."""
+
+    def taps(x):
+        n = x.shape[0]
+        closed, additive = _additive_leaves(fwd, layers, rest, x)
+        if any(leaf.size and i not in additive for i, leaf in enumerate(rest)):
+            raise NotImplementedError(  # (decided on x1: the same model on other examples)
+                "structured NTK: a parameter added to the activations of x1 is used otherwise "
+                "on x2; use ntk_method='jacobian'.")
+        eps = _eps(layers, n)
+        rest_leaves = jax.tree_util.tree_leaves(rest)
+        eqns = closed.jaxpr.eqns
+        adds = {k: jnp.zeros(eqns[k].outvars[0].aval.shape, eqns[k].outvars[0].aval.dtype)
+                for a in additive.values() for k, _, _ in a.taps}
+
+        def tapped(e, a):
+            outs = _eval_tapped(closed, [*jax.tree_util.tree_leaves(e), *rest_leaves, x], a)
+            return outs[0], outs[1:]
+
+        _, vjp, captured = jax.vjp(tapped, eps, adds, has_aux=True)
+        basis = jnp.broadcast_to(jnp.eye(out_dim, dtype=dtype)[:, None, :], (out_dim, n, out_dim))
+        deltas, add_cts = jax.vmap(vjp)(basis)
+        captured_tree = _captured_tree(layers)
+        inputs = jax.tree_util.tree_unflatten(captured_tree, captured)
+        inputs = {k: tuple(v[:, None] for v in calls) for k, calls in inputs.items()}
+        jac = [
+            _additive_grads(closed, additive[i], leaf, add_cts) if i in additive
+            else jnp.zeros((n, out_dim, *leaf.shape), leaf.dtype)
+            for i, leaf in enumerate(rest_leaves)
+        ]
+        return jac, deltas, inputs
+
+    return taps
+
+
+def _captured_tree(layers):
+    """The tree structure of the captured inputs of :func:`_apply_tapped` (a dict of tuples,
+    one entry per call of each tap key, in key order)."""
+    return jax.tree_util.tree_structure(
+        {key: tuple(0 for _ in calls) for key, calls in _tap_shapes(layers).items()})
+
+
 def _taps(apply_fn, params, layers, x):
     """``(rest, per_sample, dtype)``: the leaves not covered by ``layers`` and
     ``per_sample(rest, x) -> (rest Jacobians (N, O, *leaf), cotangents {path: (O, N, 1, *out)},
-    inputs {path: (N, 1, ...)})``, through one batched pass when nothing falls back."""
+    inputs {path: (N, 1, ...)})``, through one batched pass when nothing falls back (additive
+    leaves -- positional tables -- get their gradients from cotangents, in place of
+    Jacobians)."""
     trainable, rebuild = split_params(params)
     out = jax.eval_shape(apply_fn, params, x[:1])
     out_dim = int(np.prod(out.shape[1:]))
     dtype = out.dtype
+    plan = _batched_plan(apply_fn, params, layers, x)
+    if plan is not None:
+        rest, fwd = plan
+        if fwd is None:
+            taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
+
+            def batched(_: Any, x: jax.Array) -> tuple:
+                return [], *taps(x)
+
+            return rest, batched, dtype
+        additive_taps = _batched_additive_taps(fwd, rest, layers, out_dim, dtype)
+
+        def batched_additive(_: Any, x: jax.Array) -> tuple:
+            return additive_taps(x)
+
+        return rest, batched_additive, dtype
     rest, merge = _split_rest(trainable, layers)
-    batch_first = all(
-        shape[:1] == (1,) for lay in layers.values() for shape in lay.in_shapes + lay.out_shapes
-    )
-    if batch_first and not any(leaf.size for leaf in rest):
-        taps = _batched_taps(apply_fn, params, layers, out_dim, dtype)
-
-        def batched(_: Any, x: jax.Array) -> tuple:
-            return [], *taps(x)
-
-        return rest, batched, dtype
     vmapped = jax.vmap(
         _per_sample_taps(apply_fn, rebuild, merge, layers, out_dim, dtype),
         in_axes=(None, 0),
@@ -804,6 +1132,15 @@ def structured_kernel(
             continue
         xi1 = _joined_inputs(layer, inputs1[path])
         xi2 = xi1 if x2 is None else _joined_inputs(layer, inputs2[path])
+        if layer.attend_in_shapes:
+            tied = (*path, _ATTEND)
+            g1 = _tied_embedding_grads(layer, node, xi1[0], d1, inputs1[tied],
+                                       _attend_cotangents(deltas1[tied]))
+            g2 = g1 if x2 is None else _tied_embedding_grads(
+                layer, node, xi2[0], d2, inputs2[tied], _attend_cotangents(deltas2[tied]))
+            add(_contract_outputs_first(g1.reshape(*g1.shape[:2], -1),
+                                        g2.reshape(*g2.shape[:2], -1), outputs))
+            continue
         c, s = _scales(layer, node, dtype)
         vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
         add(_weight_term(
@@ -910,6 +1247,15 @@ def structured_projected_features(
                 i = index[(*path, name)]
                 parts[i] = project_gradient(jnp.moveaxis(grad, 0, 1), jax.random.fold_in(key, i),
                                             dim, rank)
+            continue
+        if layer.attend_in_shapes:
+            tied = (*path, _ATTEND)
+            i = index[(*path, "embedding")]
+            (ids,) = _joined_inputs(layer, inputs[path])
+            g = _tied_embedding_grads(layer, node, ids, d, inputs[tied],
+                                      _attend_cotangents(deltas[tied]))
+            parts[i] = project_gradient(jnp.moveaxis(g, 0, 1), jax.random.fold_in(key, i), dim,
+                                        rank)
             continue
         c, s = _scales(layer, node, dtype)
         weight = "embedding" if layer.kind == "embed" else "kernel"

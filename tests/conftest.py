@@ -159,9 +159,13 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_entk_real.py::test_projected_features_in_blocks_streamed_and_for_feature_ridge",
     "tests/test_entk_real.py::test_factored_projections_of_embeddings_and_convolutions_are_unbiased",
     # issue 25 (entkrules): structured rules against per-sample Jacobians, mostly compile time
-    "tests/test_structured_rules.py::test_gpt_block_is_structured_except_its_position_table",
+    "tests/test_structured_rules.py::test_gpt_block_is_structured_with_positions_and_tied_head",
     "tests/test_structured_rules.py::test_norm_scales_and_biases",
     "tests/test_structured_rules.py::test_norm_leaves_projected_features",
+    # issue 25 (entkrules2): tables and tied heads, scan/remat fallbacks, float64 compile time
+    "tests/test_structured_rules.py::test_additive_tables_and_tied_head",
+    "tests/test_structured_rules.py::test_tied_embedding_projected_features",
+    "tests/test_structured_rules.py::test_scanned_and_rematted_blocks_fall_back_exactly",
     # session 7: measured in the whole suite on 2 cores (26 min 27 s, load 3-6 for the first
     # half), the costliest fast functions (parameters summed) until the fast tier summed
     # under 500 worker-seconds (about 4.5 min on 2 workers)

@@ -48,17 +48,22 @@ def test_norm_scales_and_biases(x64):
     _agree(NormNet(), x1, x2, "full")
 
 
-def test_norm_leaves_projected_features(x64):
-    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
-    (same key): the gradient from float64 autodiff of the model gives the same features."""
-    model = NormNet()
-    x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+def _projected_and_autodiff(model, x):
+    """(structured projected features (dim 8, rank 2), per-sample float64 autodiff gradients
+    of every leaf as ``(path, (N, O, *leaf))``, key, dim) of ``model`` on ``x``."""
     params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
     key, dim = jax.random.key(5), 8
     feats = structured_projected_features(model.apply, params, x, key, dim, 2)
     assert feats is not None
     grads = jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(params))(x)
-    leaves = jax.tree_util.tree_flatten_with_path(grads["params"])[0]
+    return feats, jax.tree_util.tree_flatten_with_path(grads["params"])[0], key, dim
+
+
+def test_norm_leaves_projected_features(x64):
+    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
+    (same key): the gradient from float64 autodiff of the model gives the same features."""
+    x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
+    feats, leaves, key, dim = _projected_and_autodiff(NormNet(), x)
     norm_leaves = 0
     for i, (path, g) in enumerate(leaves):
         if "Norm" not in path[0].key:
@@ -71,30 +76,128 @@ def test_norm_leaves_projected_features(x64):
 
 
 class GPT(nn.Module):
-    """Token embedding, learned positions, one pre-LN block (causal multi-head attention, GELU
-    MLP), final LayerNorm, head on the last token."""
+    """Token embedding, learned positions (a parameter table), one pre-LN block (causal
+    multi-head attention, GELU MLP), final LayerNorm, and a head on the last token (a Dense,
+    or tied: ``Embed.attend``)."""
 
     vocab: int = 7
     width: int = 8
     heads: int = 2
+    tied: bool = False
 
     @nn.compact
     def __call__(self, tokens):  # (N, T) ints
         t = tokens.shape[1]
-        h = nn.Embed(self.vocab, self.width)(tokens)
-        h = h + self.param("pos", nn.initializers.normal(0.5), (t, self.width))
+        embed = nn.Embed(self.vocab, self.width)
+        h = embed(tokens)
+        h = h + self.param("pos", nn.initializers.normal(0.5), (t + 2, self.width))[:t]
         a = nn.MultiHeadDotProductAttention(num_heads=self.heads)(
             nn.LayerNorm()(h), mask=nn.make_causal_mask(tokens))
         h = h + a
         m = nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
         h = nn.LayerNorm()(h + m)
-        return nn.Dense(3)(h[:, -1])
+        return embed.attend(h[:, -1]) if self.tied else nn.Dense(3)(h[:, -1])
 
 
-def test_gpt_block_is_structured_except_its_position_table(x64):
+def test_gpt_block_is_structured_with_positions_and_tied_head(x64):
+    """Nothing falls back: the position table by its add's cotangents, the tied table by the
+    sum of its lookup and attend gradients (cross terms included)."""
     x1 = jax.random.randint(jax.random.key(2), (3, 5), 0, 7)
     x2 = jax.random.randint(jax.random.key(3), (2, 5), 0, 7)
-    _agree(GPT(), x1, x2, "full", fallback=[("pos",)])
+    _agree(GPT(tied=True), x1, x2, "full")
+
+
+class Tables(nn.Module):
+    """Parameters added to the activations: a position table sliced and added twice (once
+    through ``[None]``), a per-channel shift, and a table that multiplies (not additive: it
+    falls back to Jacobians); a tied head."""
+
+    additive_only: bool = True
+    positions: str = "param"
+
+    @nn.compact
+    def __call__(self, tokens):
+        t = tokens.shape[1]
+        embed = nn.Embed(5, 3)
+        if self.positions == "embed":  # an Embed on arange(T): the same input for every example
+            return embed.attend(jnp.tanh(embed(tokens) + nn.Embed(t, 3)(jnp.arange(t)))[:, 0])
+        pos = self.param("pos", nn.initializers.normal(0.5), (t + 1, 3))
+        h = embed(tokens) + pos[:t]
+        h = jnp.tanh(nn.Dense(3)(h)) + pos[None, 1:] + self.param(
+            "shift", nn.initializers.normal(0.5), (3,))
+        if not self.additive_only:
+            h = h * self.param("gain", nn.initializers.normal(1.0), (t, 3))
+        return embed.attend(nn.LayerNorm()(h)[:, 0])
+
+
+def test_additive_tables_and_tied_head(x64):
+    x1 = jax.random.randint(jax.random.key(2), (3, 4), 0, 5)
+    x2 = jax.random.randint(jax.random.key(3), (2, 4), 0, 5)
+    _agree(Tables(), x1, x2, "full")
+    # a multiplying table falls back; then every other non-layer leaf takes the per-sample path
+    _agree(Tables(additive_only=False), x1, None, "trace",
+           fallback=[("gain",), ("pos",), ("shift",)])
+
+
+def test_position_embed_on_arange_is_structured(x64):
+    """An Embed applied to ``jnp.arange(T)`` (the same input for every example) is an Embed
+    layer whose gradient is per example; it used to crash the structured method."""
+    x1 = jax.random.randint(jax.random.key(2), (3, 4), 0, 5)
+    x2 = jax.random.randint(jax.random.key(3), (2, 4), 0, 5)
+    _agree(Tables(positions="embed"), x1, x2, "full")
+
+
+def test_tied_embedding_projected_features(x64):
+    """The tied table's projected features are ``project_gradient`` of its per-sample
+    gradient (lookup plus attend) from float64 autodiff, with the same key."""
+    x = jax.random.randint(jax.random.key(2), (3, 4), 0, 5)
+    feats, leaves, key, dim = _projected_and_autodiff(Tables(), x)
+    names = ["/".join(k.key for k in path) for path, _ in leaves]
+    for name in ("Embed_0/embedding", "pos", "shift"):
+        i = names.index(name)
+        want = project_gradient(leaves[i][1], jax.random.fold_in(key, i), dim, 2)
+        np.testing.assert_allclose(feats[..., i * dim:(i + 1) * dim], want, rtol=1e-10,
+                                   atol=1e-12)
+
+
+class Block(nn.Module):
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, h, xs=None):
+        out = h + nn.Dense(h.shape[-1])(jnp.tanh(nn.Dense(4)(nn.LayerNorm()(h))))
+        return (out, xs) if self.scanned else out
+
+
+class Looped(nn.Module):
+    """A block under ``nn.remat`` or ``nn.scan`` (stacked parameters, one per iteration)."""
+
+    how: str = "remat"
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(3)(x)
+        if self.how == "remat":
+            h = nn.remat(Block)()(h)
+        else:
+            scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              length=2)(scanned=True)
+            h = scanned(h, None)[0]
+        return nn.Dense(2)(jnp.asarray(h)[:, -1])
+
+
+def test_scanned_and_rematted_blocks_fall_back_exactly(x64):
+    """Layers called inside ``nn.scan`` / ``nn.remat`` cannot be tapped from outside those
+    transformations (their inputs are the inner trace's): their leaves fall back to
+    per-sample Jacobians (listed by ``structured_fallback_params``) instead of leaking tracers
+    -- or, for a scan, misreading stacked parameters as one layer's."""
+    x1 = jax.random.normal(jax.random.key(2), (3, 2, 2), jnp.float64)
+    x2 = jax.random.normal(jax.random.key(3), (2, 2, 2), jnp.float64)
+    for how, block in (("remat", "CheckpointBlock_0"), ("scan", "ScanBlock_0")):
+        leaves = [(block, layer, name) for layer, names in (
+            ("Dense_0", ("bias", "kernel")), ("Dense_1", ("bias", "kernel")),
+            ("LayerNorm_0", ("bias", "scale"))) for name in names]
+        _agree(Looped(how), x1, x2, "trace", fallback=leaves)
 
 
 class Shared(nn.Module):
