@@ -72,15 +72,22 @@ _KERNEL_BLOCK_BYTES = 256 * 2**20  # memory of one kernel_matrix block call (sec
 
 
 #: Above this many (hidden unit x training point x step x seed) products, a training program
-#: compiles with XLA's full optimizations: :data:`FAST_COMPILE` saves ~2 CPU-s of compiling but
-#: its unvectorized loops run ~3.5x slower (width 4096, 50 points, 200 steps, 4 seeds: 3.3 + 9.8
-#: CPU-s against 5.1 + 2.8 CPU-s, measured on the 2-core development machine).
+#: compiles with XLA's full optimizations (:data:`_FULL_OPTIMIZATION`): :data:`FAST_COMPILE`
+#: saves ~2 CPU-s of compiling but its unvectorized loops run ~3.5x slower (width 4096, 50 points,
+#: 200 steps, 4 seeds: 3.3 + 9.8 CPU-s against 5.1 + 2.8 CPU-s to compile + run, measured on
+#: the 2-core development machine).
 _HEAVY_TRAINING = 40_000_000
+#: XLA's default optimization, stated explicitly so that it also holds where
+#: ``jax_disable_most_optimizations`` is set (the test suite): the per-program options win.
+_FULL_OPTIMIZATION: dict[str, Any] = {
+    "xla_backend_optimization_level": 3,
+    "xla_llvm_disable_expensive_passes": False,
+}
 
 
 def _train_options(work: int) -> dict[str, Any]:
     """XLA options of a training program of ``work`` unit-steps (see :data:`_HEAVY_TRAINING`)."""
-    return {} if work > _HEAVY_TRAINING else FAST_COMPILE
+    return _FULL_OPTIMIZATION if work > _HEAVY_TRAINING else FAST_COMPILE
 
 
 def _jit(fn: Callable, **kwargs) -> Callable:
