@@ -916,9 +916,11 @@ def _section_digits(ctx: _Context) -> _SectionResult:
         """Full-batch SGD (no optimizer state) in 10 equal chunks of one compiled program, each
         from the last one's parameters -- the same run as one loop -- under a progress bar."""
         chunk = s.digits_steps // 10
-        train = _jit(lambda p, x, y, x_test: make_train_fn(
+        train = jax.jit(lambda p, x, y, x_test: make_train_fn(
             module.apply, optimizer=optax.sgd(lr), num_steps=chunk, record_every=chunk,
-            track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None))
+            track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None),
+            compiler_options=_train_options(
+                s.digits_width * int(digits.x_train.shape[0]) * s.digits_steps))
         params = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
         records = []
         for _ in ctx.progress(range(10), f"training the width-{s.digits_width} network "
