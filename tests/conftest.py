@@ -26,8 +26,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # One BLAS thread per process (subprocesses inherit it): the suite runs one pytest-xdist worker
 # per core, and OpenBLAS's threads then spin against the other worker's (numpy's eigvalsh in
 # hermgauss(128): 0.13 CPU-s with 2 threads against 0.01 with one, and 100x that under load).
-for _blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_blas, "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import jax
 import pytest
