@@ -340,7 +340,8 @@ def _empirical_ntks(widths, seeds: int, key: jax.Array, x: jax.Array):
             out[param] = jax.vmap(ntk, in_axes=(0, None))(params, x)
         return out
 
-    lowered = [_jit(functools.partial(kernels, w)).lower(key) for w in widths]
+    lowered = [jax.jit(functools.partial(kernels, w), compiler_options=FAST_COMPILE).lower(key)
+               for w in widths]
     with ThreadPoolExecutor(max_workers=2) as pool:
         compiled = list(pool.map(lambda program: program.compile(), lowered))
     flat = [jax.device_get(program(key)) for program in compiled]
