@@ -23,9 +23,19 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One BLAS thread per process (subprocesses inherit it): the suite runs one pytest-xdist worker
+# per core, and OpenBLAS's threads then spin against the other worker's (numpy's eigvalsh in
+# hermgauss(128): 0.13 CPU-s with 2 threads against 0.01 with one, and 100x that under load).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import jax
 import pytest
+import threadpoolctl
+
+# numpy may be loaded (by a plugin) before this file: limit its BLAS at run time too
+threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
 
 jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false"))

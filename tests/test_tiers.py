@@ -166,3 +166,22 @@ def test_the_suite_shares_compiled_programs_through_this_runs_cache():
     before = set(directory.rglob("*")) if directory.exists() else set()
     jax.jit(lambda a: jnp.sin(a) * 3.25 + 0.125)(jnp.arange(7.0))
     assert set(directory.rglob("*")) - before
+
+
+def test_numpy_runs_one_blas_thread_here_and_in_subprocesses():
+    """tests/conftest.py limits BLAS to one thread (one pytest-xdist worker per core): numpy's
+    BLAS in this process, and the environment subprocesses inherit."""
+    import os
+    import subprocess
+    import sys
+
+    import threadpoolctl
+
+    blas = threadpoolctl.threadpool_info()
+    assert blas and all(pool["num_threads"] == 1 for pool in blas
+                        if pool["user_api"] == "blas"), blas
+    child = subprocess.run(
+        [sys.executable, "-c", "import numpy, threadpoolctl; print(max(p['num_threads'] for p "
+         "in threadpoolctl.threadpool_info() if p['user_api'] == 'blas'))"],
+        env=dict(os.environ), capture_output=True, text=True, check=True, timeout=120)
+    assert child.stdout.strip() == "1", child
