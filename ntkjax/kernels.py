@@ -226,12 +226,30 @@ def input_kernel(
     (x1s, s1), (x2s, s2) = _unit_scaled(x1), _unit_scaled(x2)
     gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST) / d / s1 / s2
     if same:
-        gram = _symmetrized(gram, False)
+        gram = _symmetric_gram(gram)
         var1 = var2 = jnp.diagonal(gram)
     else:
         var1, var2 = _self_covariance(x1), _self_covariance(x2)
     return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=d,
                   same_inputs=same)
+
+
+def _symmetric_gram(gram: jax.Array) -> jax.Array:
+    """``(G + G^T) / 2``, formed once. XLA:CPU turns the transpose into a strided read fused
+    into every consumer -- here both fused chains of :func:`_two_graphs`, which then read the
+    Gram matrix across its rows in their inner loop (measured: a jitted depth-3 ReLU MLP kernel
+    of 4000 inputs took 0.55 CPU-s, against 0.28 without the symmetrization and 0.41 with this
+    boundary). A conditional is a fusion boundary: both branches are the same sum, and the
+    predicate is true for any value (a constant one would be folded away)."""
+    if jax.default_backend() != "cpu" or gram.shape[0] == 0:
+        return _symmetrized(gram, False)
+
+    def symmetric(g: jax.Array) -> jax.Array:
+        return _symmetrized(g, False)
+
+    corner = gram[0, 0]
+    return jax.lax.cond(jnp.isfinite(corner) | ~jnp.isfinite(corner), symmetric, symmetric,
+                        gram)
 
 
 def _unit_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
