@@ -29,7 +29,8 @@ facts name every layer that mixes positions (``Kernel.all_pairs_layers``, noted 
 :meth:`Kernel.require_all_pairs`) and every layer whose rule depends on x2 being the same batch
 (``Kernel.same_batch_layers``). The module is traced once per call: the first call on inputs of
 a shape evaluates it at once on same-position pairs and reads the facts off the result (they
-are remembered per module and input shape); only a module that turns out to need all pairs
+are remembered by that kernel function, per input shape -- no state is shared between kernel
+functions); only a module that turns out to need all pairs
 (a layer raises :class:`AllPairsRequired`, so that trace stops there) is evaluated again, with
 all pairs, on that first call.
 
@@ -585,8 +586,8 @@ def _image_call(
     pairs (unless ``position_pairs="all"``) and its facts read off the result; only a module
     that turns out to need all pairs (a layer raised :class:`AllPairsRequired`, or, for
     ``"auto"``, the output keeps spatial axes) or the whole batch (a rule depending on x2
-    being x1, met in blocks) is evaluated again, once -- the facts are remembered, so the next
-    call on such inputs evaluates it once."""
+    being x1, met in blocks) is evaluated again, once -- the facts are remembered in ``known``
+    (the kernel function's own), so the next call on such inputs evaluates it once."""
     facts = known.get(x1)
     if facts is not None:
         diagonal = _use_diagonal(position_pairs, facts)
