@@ -275,7 +275,7 @@ def test_kernels_of_a_batch_with_itself_are_exactly_symmetric():
         np.testing.assert_array_equal(k.nngp, k.nngp.T)
         np.testing.assert_array_equal(k.ntk, k.ntk.T)
         if m.activation == "gelu":
-            continue  # jitted, GELU's map is asymmetric in the last bit of ~2 % of its entries
+            continue  # jitted, GELU networks with biases differ in the last bit (~2 % of entries)
         # jitted too: XLA fuses each layer's map into one loop and may contract a * b + c into
         # a fused multiply-add, which rounds (i, j) and (j, i) differently unless the map is
         # symmetric by construction

@@ -401,8 +401,12 @@ def _gelu_maps(
     # has no cancellation (at large variances and |c| ~ 1 each term alone is huge); divided by
     # sqrt(g) = re1 re2 / h it is h (re1/re2 + re2/re1 + re1 re2) + c^2 w1 w2 h (h/re1) (h/re2)
     # (h <= re1, re2), every factor bounded
+    # re1/re2 + re2/re1 from the sorted pair: XLA:CPU may contract the sum of the two quotients
+    # (each a product with a reciprocal) into a fused multiply-add, which rounds the two orders
+    # differently -- sorted, the (i, j) and (j, i) entries are the same computation
+    lo, hi = jnp.minimum(re1, re2), jnp.maximum(re1, re2)
     sigma_dot = 0.25 + asin * inv_2pi + (c * uu * inv_2pi) * (
-        h * (re1 / re2 + re2 / re1 + rr) + c * c * ww * h * ((h / re1) * (h / re2))
+        h * (hi / lo + lo / hi + rr) + c * c * ww * h * ((h / re1) * (h / re2))
     )
     return ActivationMaps(sigma, sigma_dot)
 
