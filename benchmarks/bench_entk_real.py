@@ -287,8 +287,8 @@ def _torch_side(workload: str, kind: str, cfg: dict, variables, x, ns: list[int]
         np.savez(os.path.join(tmp, "weights.npz"), **{k: np.asarray(v) for k, v in flat.items()})
         np.save(os.path.join(tmp, "x.npy"), np.asarray(x))
         spec = {"kind": kind, "cfg": cfg, "ns": ns, "start": min(ns) if quick else 1,
-                "methods": methods, "outputs": outputs, "memory_gb": memory_gb, "time_cap_s": time_cap_s, "trainable": trainable,
-                "dir": tmp}
+                "methods": methods, "outputs": outputs, "memory_gb": memory_gb,
+                "time_cap_s": time_cap_s, "trainable": trainable, "dir": tmp}
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
         cmd = [sys.executable, "-m", "benchmarks.bench_entk_real", "--torch-child", tmp]
