@@ -320,6 +320,8 @@ def _torch_child(tmp: str) -> None:
     """Child process: builds the torch model, runs the recipes, prints one JSON row each."""
     import torch
 
+    from benchmarks.bench_torch import ntk_recipes
+
     with open(os.path.join(tmp, "spec.json")) as f:
         spec = json.load(f)
     limit = int(spec["memory_gb"] * 2**30)
@@ -329,7 +331,7 @@ def _torch_child(tmp: str) -> None:
     module = (_torch_gpt(torch, spec["cfg"], weights) if spec["kind"] == "gpt"
               else _torch_resnet(torch, spec["cfg"], weights))
     module.eval()
-    recipes = _torch_recipes(torch, module, spec["outputs"], spec["trainable"])
+    recipes = ntk_recipes(torch, module, spec["outputs"], spec["trainable"])
     target = max(spec["ns"])
     for method in spec["methods"]:
         if spec["start"] > 1:  # eager torch's first call pays one-time set-up: not timed
@@ -357,10 +359,20 @@ def _torch_child(tmp: str) -> None:
                 break
             name = f"k_{method}_{n}.npy"
             np.save(os.path.join(tmp, name), k.numpy())
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rss = _peak_rss_mb()
             row.update(status="ok", median_s=dt, repeats=1, kernel_file=name, peak_rss_mb=rss)
             print(json.dumps(row), flush=True)
             last = (n, dt)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``): unlike ``ru_maxrss``, which a child
+    started by fork + exec inherits from its parent, it counts this program only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _doubling(start: int, target: int) -> list[int]:
@@ -369,49 +381,6 @@ def _doubling(start: int, target: int) -> list[int]:
     while sizes[-1] * 2 < target:
         sizes.append(sizes[-1] * 2)
     return [*sizes, target] if target > start else sizes
-
-
-def _torch_recipes(torch, module, outputs: str, trainable: list[str] | None):
-    """PyTorch's NTK tutorial: Jacobian contraction and NTK-vector products, trace or full."""
-    from torch.func import functional_call, jacrev, jvp, vjp, vmap
-
-    named = {k: v.detach() for k, v in module.named_parameters()}
-    params = {k: v for k, v in named.items()
-              if trainable is None or any(k.startswith(t) for t in trainable)}
-    fixed = {k: v for k, v in named.items() if k not in params}
-
-    def call(p, x):
-        return functional_call(module, {**fixed, **p}, (x,))
-
-    def contract(j1, j2):
-        if outputs == "trace":
-            return sum(torch.einsum("Naf,Maf->NM", a.flatten(2), b.flatten(2))
-                       for a, b in zip(j1, j2, strict=True))
-        return sum(torch.einsum("Naf,Mbf->NMab", a.flatten(2), b.flatten(2))
-                   for a, b in zip(j1, j2, strict=True))
-
-    def jacobian(x):
-        jac = vmap(jacrev(lambda p, xi: call(p, xi[None])[0]), (None, 0))(params, x)
-        leaves = list(jac.values())
-        return contract(leaves, leaves)
-
-    def ntk_vp(x):
-        def f(p):
-            return call(p, x)
-
-        def per_output(v):
-            _, vjp_fn = vjp(f, params)
-            (cotangents,) = vjp_fn(v)
-            return jvp(f, (params,), (cotangents,))[1]
-
-        n, o = f(params).shape
-        basis = torch.eye(n * o, dtype=torch.float32).view(n * o, n, o)
-        out = vmap(per_output)(basis).view(n, o, n, o)
-        if outputs == "trace":
-            return torch.einsum("NaMa->NM", out)
-        return out.permute(0, 2, 1, 3)
-
-    return {"jacobian": jacobian, "ntk_vp": ntk_vp}
 
 
 def _t(torch, a) -> Any:
@@ -547,6 +516,26 @@ def _torch_resnet(torch, cfg: dict, w: dict):
 # ----------------------------------------------------------------------------- workloads
 
 
+def _exact_kernels(workload, model, variables, x_all, ns, outputs, memory_gb, params,
+                   extra=None) -> np.ndarray:
+    """Emits one ntkjax line per N (timing, float64 check of the first 4 examples, ``extra(n,
+    timing)``) and returns the kernel of the largest N."""
+    kernel = np.zeros(0)
+    for n in ns:
+        x = x_all[:n]
+        log(f"{workload} ntkjax N={n}")
+        timing = _ntkjax_kernel(model, variables, x, outputs, memory_gb)
+        kernel = np.asarray(timing["result"])
+        err = _float64_check(model, variables, x, kernel, outputs, min(n, 4))
+        _emit_ntkjax(workload,
+                     {"n": n, "method": "structured, empirical_ntk_matrix",
+                      "memory_budget_gb": memory_gb, "outputs": outputs, "dtype": "float32",
+                      **params},
+                     timing, {"max_rel_err_first4_vs_float64": err},
+                     **(extra(n, timing) if extra else {}))
+    return kernel
+
+
 def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
                    torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0) -> None:
     """Trace eNTK of the GPT model, N = 64 and 256 (quick: N = 4), against torch.func."""
@@ -559,23 +548,15 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
     grad_gflop = _gradient_gflops(model, variables, tokens[:1])
     log(f"GPT {n_params / 1e6:.1f}M params; gradient {grad_gflop:.1f} GFLOP/example; "
         f"matmul {rate:.1f} GFLOP/s")
-    kernel = None
-    for n in ns:
-        x = tokens[:n]
-        log(f"entk_gpt_small ntkjax N={n}")
-        timing = _ntkjax_kernel(model, variables, x, "trace", memory_gb)
-        kernel = np.asarray(timing["result"])
-        floor = n * grad_gflop / rate
-        err = _float64_check(model, variables, x, kernel, "trace", min(n, 4))
-        _emit_ntkjax("entk_gpt_small",
-                     {"n": n, "method": "structured, empirical_ntk_matrix",
-                      "memory_budget_gb": memory_gb, "outputs": "trace", "dtype": "float32",
-                      "model": cfg, "n_params": n_params, "quick": quick},
-                     timing, {"max_rel_err_first4_vs_float64": err},
-                     grad_gflop_per_example=round(grad_gflop, 3),
-                     matmul_gflops=round(rate, 1), floor_s=round(floor, 3),
-                     ratio_to_floor=round(timing["median_s"] / floor, 2))
-    assert kernel is not None
+
+    def floor(n, timing):
+        floor_s = n * grad_gflop / rate
+        return {"grad_gflop_per_example": round(grad_gflop, 3), "matmul_gflops": round(rate, 1),
+                "floor_s": round(floor_s, 3),
+                "ratio_to_floor": round(timing["median_s"] / floor_s, 2)}
+
+    kernel = _exact_kernels("entk_gpt_small", model, variables, tokens, ns, "trace", memory_gb,
+                            {"model": cfg, "n_params": n_params, "quick": quick}, floor)
     _torch_side("entk_gpt_small", "gpt", cfg, variables, tokens, ns, ["jacobian", "ntk_vp"],
                 "trace", kernel, memory_gb=torch_memory_gb, time_cap_s=torch_time_cap_s,
                 quick=quick)
@@ -589,19 +570,8 @@ def entk_resnet18(quick: bool = False, ns: list[int] | None = None, memory_gb: f
     ns = ns or ([4] if quick else [64])
     model, variables, x_all = _resnet(cfg, max(ns))
     n_params = _param_count(variables)
-    kernel = None
-    for n in ns:
-        x = x_all[:n]
-        log(f"entk_resnet18 ntkjax N={n}")
-        timing = _ntkjax_kernel(model, variables, x, "full", memory_gb)
-        kernel = np.asarray(timing["result"])
-        err = _float64_check(model, variables, x, kernel, "full", min(n, 4))
-        _emit_ntkjax("entk_resnet18",
-                     {"n": n, "method": "structured, empirical_ntk_matrix",
-                      "memory_budget_gb": memory_gb, "outputs": "full", "dtype": "float32",
-                      "model": cfg, "n_params": n_params, "quick": quick},
-                     timing, {"max_rel_err_first4_vs_float64": err})
-    assert kernel is not None
+    kernel = _exact_kernels("entk_resnet18", model, variables, x_all, ns, "full", memory_gb,
+                            {"model": cfg, "n_params": n_params, "quick": quick})
     _torch_side("entk_resnet18", "resnet", cfg, variables, x_all, ns, ["jacobian", "ntk_vp"],
                 "full", kernel, memory_gb=torch_memory_gb, time_cap_s=torch_time_cap_s,
                 quick=quick)
