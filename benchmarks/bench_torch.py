@@ -148,23 +148,30 @@ def _torch_cnn(torch, params: dict):
     return CNN()
 
 
-def _ntk_fns(torch, module):
-    """The tutorial's two recipes: Jacobian contraction and NTK-vector products (trace)."""
+def ntk_recipes(torch, module, outputs: str = "trace", trainable: list[str] | None = None):
+    """The tutorial's two recipes: Jacobian contraction and NTK-vector products.
+
+    ``outputs``: ``"trace"`` (N, M) or ``"full"`` (N, M, O, O). ``trainable``: None (every
+    parameter) or the name prefixes of the parameters to differentiate; the others are held.
+    """
     from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-    params = {k: v.detach() for k, v in module.named_parameters()}
+    named = {k: v.detach() for k, v in module.named_parameters()}
+    params = {k: v for k, v in named.items()
+              if trainable is None or any(k.startswith(t) for t in trainable)}
+    fixed = {k: v for k, v in named.items() if k not in params}
+    pattern = "Naf,Maf->NM" if outputs == "trace" else "Naf,Mbf->NMab"
 
     def f_single(p, x):
-        return functional_call(module, p, (x[None],))[0]
+        return functional_call(module, {**fixed, **p}, (x[None],))[0]
 
     def jacobian(x):
         jac = vmap(jacrev(f_single), (None, 0))(params, x)
-        return sum(torch.einsum("Naf,Maf->NM", j.flatten(2), j.flatten(2))
-                   for j in jac.values())
+        return sum(torch.einsum(pattern, j.flatten(2), j.flatten(2)) for j in jac.values())
 
     def ntk_vp(x):
         def f(p):
-            return functional_call(module, p, (x,))
+            return functional_call(module, {**fixed, **p}, (x,))
 
         def per_output(v):  # v: (N, O) cotangent of the batch's outputs
             _, vjp_fn = vjp(f, params)
@@ -172,9 +179,11 @@ def _ntk_fns(torch, module):
             return jvp(f, (params,), (cotangents,))[1]
 
         n, o = f(params).shape
-        basis = torch.eye(n * o, dtype=x.dtype).view(n * o, n, o)
-        out = vmap(per_output)(basis).view(n, o, n, o)
-        return torch.einsum("NaMa->NM", out)
+        basis = torch.eye(n * o, dtype=x.dtype if x.is_floating_point() else torch.float32)
+        out = vmap(per_output)(basis.view(n * o, n, o)).view(n, o, n, o)
+        if outputs == "trace":
+            return torch.einsum("NaMa->NM", out)
+        return out.permute(0, 2, 1, 3)
 
     return {"jacobian": jacobian, "ntk_vp": ntk_vp}
 
@@ -203,7 +212,7 @@ def torch_empirical_ntk(quick: bool = False, models: tuple[str, ...] | None = No
         else:
             module = _torch_mlp(torch, params, sorted(params, key=lambda k: int(k.split("_")[1])))
         xt = torch.from_numpy(np.array(x))
-        for method, fn in _ntk_fns(torch, module).items():
+        for method, fn in ntk_recipes(torch, module).items():
             log(f"torch {name}: {method}")
             timing = time_call(lambda fn=fn, xt=xt: fn(xt).detach(), repeats=3 if quick else 5,
                                wait=_synchronous)

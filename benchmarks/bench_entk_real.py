@@ -1,0 +1,706 @@
+"""The empirical NTK of real models (issue 25): a GPT-2-shaped transformer and a ResNet-18,
+ntkjax against ``torch.func`` on an equivalent PyTorch model holding the same weights.
+
+Workloads (float32; ``--quick``: tiny sizes, well under a minute each):
+
+* ``entk_gpt_small``: token ``nn.Embed`` (vocabulary 2,000), learned positions (an ``nn.Embed``
+  of the 128 positions, as in GPT-2), 12 pre-LN blocks (``nn.MultiHeadDotProductAttention``, 12
+  heads, causal mask; GELU MLP 768 -> 3072 -> 768), final LayerNorm, a 2-class head on the last
+  token: 86.7M parameters. Trace eNTK by ntkjax's structured method through
+  :func:`ntkjax.empirical_ntk_matrix` (memory-bounded blocks, budget ``memory_gb``), N = 64
+  and 256. The line also states the gradient-FLOP floor: ``N x`` the FLOPs of one example's
+  gradient (XLA's cost analysis of the compiled ``grad``) over the matmul rate measured in
+  the same run (a 2048 x 2048 float32 matmul).
+* ``entk_resnet18``: a CIFAR-style ResNet-18 (3x3 stem, 4 stages of 2 basic blocks, 64 to 512
+  channels, ``BatchNorm`` in inference mode with non-trivial running statistics, global
+  average pool) on 32 x 32 x 3, 10 outputs, the full ``(N, N, 10, 10)`` eNTK, N = 64.
+* ``entk_projected``: the GPT model's projected eNTK (:func:`ntkjax.projected_ntk_features`,
+  LoGra-style Kronecker projections, about D = 4,096 features in all) for N examples, streamed
+  to a zarr store; relative error (Frobenius) of ``Phi Phi^T`` against the exact trace eNTK
+  on the first ``subset`` examples. The issue's size is N = 10,000, subset 256.
+* ``entk_lora``: the trace eNTK over the last two blocks only (``params_filter``) against the
+  full kernel, same model and inputs, same run.
+
+The PyTorch side runs in a child process (its own peak memory; an address-space limit of
+``torch_memory_gb`` turns running out of memory into a measured failure rather than the
+machine's OOM killer) with the recipes of PyTorch's NTK tutorial: ``vmap(jacrev)`` Jacobians
+contracted with ``einsum`` ("jacobian") and NTK-vector products (``vmap`` of ``vjp`` then
+``jvp``, "ntk_vp"). It tries N = 1, 2, 4, ... up to the workload's N, and stops at the first
+failure (reported with the allocation that failed) or when the next size would exceed
+``torch_time_cap_s`` at the measured growth rate (reported as not tried). Without torch it
+prints a ``"skipped"`` line. Each torch line's accuracy compares with ntkjax's float32 kernel
+of the same examples; each ntkjax line's with ntkjax's float64 structured kernel of the first
+examples.
+
+Sizes: ``python -m benchmarks.bench_entk_real WORKLOAD [--quick] [--n N ...] [--subset S]
+[--dim-total D] [--memory-gb G] [--torch-memory-gb G] [--torch-time-cap-s S]``;
+``python -m benchmarks.run WORKLOAD [--quick]`` runs the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+import ntkjax
+from benchmarks.harness import emit, log, peak_memory_mb, time_call
+
+# ----------------------------------------------------------------------------- models
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: causal multi-head attention, then a GELU MLP, residuals."""
+
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, h, mask):
+        a = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(
+            nn.LayerNorm(name="ln1")(h), mask=mask)
+        h = h + a
+        m = nn.Dense(4 * self.width, name="fc")(nn.LayerNorm(name="ln2")(h))
+        return h + nn.Dense(self.width, name="proj")(nn.gelu(m))
+
+
+class GPT(nn.Module):
+    """GPT-2-shaped classifier: tokens ``(N, T)`` -> logits ``(N, classes)`` of the last token."""
+
+    vocab: int = 2000
+    seq: int = 128
+    width: int = 768
+    heads: int = 12
+    blocks: int = 12
+    classes: int = 2
+
+    @nn.compact
+    def __call__(self, tokens):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        h = nn.Embed(self.vocab, self.width, name="wte")(tokens)
+        h = h + nn.Embed(self.seq, self.width, name="wpe")(positions)
+        mask = nn.make_causal_mask(tokens)
+        for i in range(self.blocks):
+            h = _Block(self.width, self.heads, name=f"block_{i}")(h, mask)
+        h = nn.LayerNorm(name="ln_f")(h)
+        return nn.Dense(self.classes, name="head")(h[:, -1])
+
+
+def _bn(name):
+    return nn.BatchNorm(use_running_average=True, name=name)
+
+
+class _BasicBlock(nn.Module):
+    features: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x):
+        pad = ((1, 1), (1, 1))
+        h = nn.Conv(self.features, (3, 3), self.strides, pad, use_bias=False, name="conv1")(x)
+        h = nn.relu(_bn("bn1")(h))
+        h = nn.Conv(self.features, (3, 3), 1, pad, use_bias=False, name="conv2")(h)
+        h = _bn("bn2")(h)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), self.strides, "VALID", use_bias=False,
+                        name="down_conv")(x)
+            x = _bn("down_bn")(x)
+        return nn.relu(h + x)
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: images ``(N, H, W, 3)`` -> logits ``(N, classes)``."""
+
+    widths: tuple = (64, 128, 256, 512)
+    blocks_per_stage: int = 2
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(self.widths[0], (3, 3), 1, ((1, 1), (1, 1)), use_bias=False, name="stem")(x)
+        h = nn.relu(_bn("stem_bn")(h))
+        for s, f in enumerate(self.widths):
+            for b in range(self.blocks_per_stage):
+                h = _BasicBlock(f, 2 if (b == 0 and s > 0) else 1, name=f"stage{s}_{b}")(h)
+        return nn.Dense(self.classes, name="head")(h.mean(axis=(1, 2)))
+
+
+_GPT_REAL = {"vocab": 2000, "seq": 128, "width": 768, "heads": 12, "blocks": 12, "classes": 2}
+_GPT_QUICK = {"vocab": 50, "seq": 8, "width": 64, "heads": 4, "blocks": 2, "classes": 2}
+_RESNET_REAL = {"widths": [64, 128, 256, 512], "blocks_per_stage": 2, "classes": 10, "size": 32}
+_RESNET_QUICK = {"widths": [8, 16], "blocks_per_stage": 1, "classes": 10, "size": 8}
+
+
+def _gpt(cfg: dict, n: int, seed: int = 0):
+    model = GPT(**cfg)
+    tokens = jax.random.randint(jax.random.key(seed), (n, cfg["seq"]), 0, cfg["vocab"])
+    variables = model.init(jax.random.key(1), tokens[:1])
+    return model, variables, tokens
+
+
+def _resnet(cfg: dict, n: int, seed: int = 0):
+    model = ResNet18(tuple(cfg["widths"]), cfg["blocks_per_stage"], cfg["classes"])
+    s = cfg["size"]
+    x = jax.random.normal(jax.random.key(seed), (n, s, s, 3), jnp.float32)
+    variables = model.init(jax.random.key(1), x[:1])
+    # non-trivial inference statistics and affine parameters, so BatchNorm is not the identity
+    keys = iter(jax.random.split(jax.random.key(2), 4 * len(jax.tree.leaves(variables))))
+
+    def perturb(path, v):
+        name = path[-1].key
+        if name == "mean":
+            return 0.1 * jax.random.normal(next(keys), v.shape)
+        if name == "var":
+            return jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5)
+        if name == "scale":
+            return 1.0 + 0.1 * jax.random.normal(next(keys), v.shape)
+        if name == "bias" and len(path) > 2:  # norm biases (the head's stays)
+            return 0.1 * jax.random.normal(next(keys), v.shape)
+        return v
+
+    variables = jax.tree_util.tree_map_with_path(perturb, variables)
+    return model, variables, x
+
+
+def _param_count(variables) -> int:
+    return int(sum(v.size for v in jax.tree.leaves(variables["params"])))
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def _rel_fro(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _float64_check(model, variables, x, got, outputs: str, k: int, params_filter=None) -> float:
+    """Max relative error of ``got[:k, :k]`` against ntkjax's float64 structured kernel."""
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+        xk = np.asarray(x[:k])
+        if np.issubdtype(xk.dtype, np.floating):
+            xk = xk.astype(np.float64)
+        ref = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs=outputs,
+                                      params_filter=params_filter)(v64, xk)
+        return _rel(np.asarray(got)[:k, :k], np.asarray(ref))
+
+
+def _matmul_gflops(size: int = 2048) -> float:
+    """This CPU's float32 matmul rate now, GFLOP/s (median of a few jitted calls)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    timing = time_call(lambda: mm(a), repeats=5)
+    return 2 * size**3 / timing["median_s"] / 1e9
+
+
+def _gradient_gflops(model, variables, x1) -> float:
+    """FLOPs of one example's gradient (XLA cost analysis of the compiled ``grad``), GFLOP."""
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p, **rest}, x1))
+
+    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"]) / 1e9
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _emit_ntkjax(workload, params, timing, accuracy, **extra):
+    first = timing["median_s"] + timing["compile_s"]
+    if "peak_memory_mb" in timing:
+        extra = {"peak_memory_mb": timing["peak_memory_mb"], **extra}
+    return emit(workload, {**params, "framework": f"ntkjax (jax {jax.__version__})"}, timing,
+                accuracy=accuracy, first_call_s=round(first, 3), load_avg_1min=_load(),
+                **extra)
+
+
+def _warm_compilation_cache() -> None:
+    """A per-process persistent compilation cache: ``empirical_ntk_matrix`` builds a new jitted
+    kernel per call, so without it every call would compile again; with it the median after
+    the first call is tracing plus running, the first call's excess is compilation."""
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="entk_jaxcache_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _ntkjax_kernel(model, variables, x, outputs, memory_gb, params_filter=None, repeats=1):
+    """Times ``empirical_ntk_matrix`` (structured, memory budget ``memory_gb``)."""
+
+    def run():
+        return ntkjax.empirical_ntk_matrix(
+            model.apply, variables, x, ntk_method="structured", outputs=outputs,
+            memory_bytes=int(memory_gb * 2**30), params_filter=params_filter)
+
+    timing = time_call(run, repeats=repeats, wait=lambda r: r)
+    timing["peak_memory_mb"] = round(peak_memory_mb(), 1)  # before the accuracy checks
+    return timing
+
+
+# ----------------------------------------------------------------------------- torch side
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def _torch_side(workload: str, kind: str, cfg: dict, variables, x, ns: list[int],
+                methods: list[str], outputs: str, reference: np.ndarray, *,
+                memory_gb: float, time_cap_s: float, trainable: list[str] | None = None,
+                quick: bool) -> None:
+    """Runs the torch.func recipes in a child process and emits one line per (method, N)."""
+    if not _torch_available():
+        print(json.dumps({"workload": workload, "framework": "torch",
+                          "skipped": "torch is not installed (pip install -e '.[torch]')"}),
+              flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="entk_torch_") as tmp:
+        flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
+        np.savez(os.path.join(tmp, "weights.npz"), **{k: np.asarray(v) for k, v in flat.items()})
+        np.save(os.path.join(tmp, "x.npy"), np.asarray(x))
+        spec = {"kind": kind, "cfg": cfg, "ns": ns, "start": min(ns) if quick else 1,
+                "methods": methods, "outputs": outputs, "memory_gb": memory_gb,
+                "time_cap_s": time_cap_s, "trainable": trainable, "dir": tmp}
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        cmd = [sys.executable, "-m", "benchmarks.bench_entk_real", "--torch-child", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        sys.stderr.write(proc.stderr[-4000:])
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 and not rows:
+            rows = [{"method": "?", "n": None, "status": f"child exited {proc.returncode}"}]
+        for row in rows:
+            params = {"method": row["method"], "n": row["n"], "outputs": outputs,
+                      "dtype": "float32", "quick": quick,
+                      "framework": f"torch {row.get('torch', '?')} (torch.func, eager)",
+                      "threads": row.get("threads"),
+                      "address_space_limit_gb": memory_gb}
+            if row.get("status") != "ok":
+                print(json.dumps({"workload": workload, "params": params,
+                                  "status": row.get("status"), "error": row.get("error"),
+                                  "load_avg_1min": _load()}), flush=True)
+                continue
+            got = np.load(os.path.join(tmp, row["kernel_file"]))
+            n = row["n"]
+            accuracy = {"max_rel_err_vs_ntkjax_float32": _rel(got, reference[:n, :n])}
+            timing = {"median_s": row["median_s"], "compile_s": 0.0, "repeats": row["repeats"]}
+            emit(workload, params, timing, accuracy=accuracy,
+                 peak_memory_mb=row["peak_rss_mb"], status="ok", load_avg_1min=_load())
+
+
+def _torch_child(tmp: str) -> None:
+    """Child process: builds the torch model, runs the recipes, prints one JSON row each."""
+    import torch
+
+    from benchmarks.bench_torch import ntk_recipes
+
+    with open(os.path.join(tmp, "spec.json")) as f:
+        spec = json.load(f)
+    limit = int(spec["memory_gb"] * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    weights = dict(np.load(os.path.join(tmp, "weights.npz")))
+    x_all = torch.from_numpy(np.load(os.path.join(tmp, "x.npy")))
+    module = (_torch_gpt(torch, spec["cfg"], weights) if spec["kind"] == "gpt"
+              else _torch_resnet(torch, spec["cfg"], weights))
+    module.eval()
+    recipes = ntk_recipes(torch, module, spec["outputs"], spec["trainable"])
+    target = max(spec["ns"])
+    for method in spec["methods"]:
+        if spec["start"] > 1:  # eager torch's first call pays one-time set-up: not timed
+            recipes[method](x_all[:1])
+        last = None  # (n, seconds) of the last success
+        for n in _doubling(spec["start"], target):
+            row: dict[str, Any] = {"method": method, "n": n, "torch": torch.__version__,
+                                   "threads": torch.get_num_threads()}
+            growth = 2.0 if method == "jacobian" else 4.0  # vjp+jvp of the batch per column
+            if last is not None and last[1] * growth > spec["time_cap_s"]:
+                row.update(status="not tried",
+                           error=f"N={last[0]} took {last[1]:.1f} s; N={n} would take about "
+                                 f"{last[1] * growth:.0f} s > cap {spec['time_cap_s']} s")
+                print(json.dumps(row), flush=True)
+                break
+            try:
+                t0 = time.perf_counter()
+                k = recipes[method](x_all[:n]).detach()
+                dt = time.perf_counter() - t0
+            except (RuntimeError, MemoryError) as err:
+                msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)
+                oom = isinstance(err, MemoryError) or "alloc" in msg.lower()
+                row.update(status=f"out of memory at N={n}" if oom else "error", error=msg)
+                print(json.dumps(row), flush=True)
+                break
+            name = f"k_{method}_{n}.npy"
+            np.save(os.path.join(tmp, name), k.numpy())
+            rss = _peak_rss_mb()
+            row.update(status="ok", median_s=dt, repeats=1, kernel_file=name, peak_rss_mb=rss)
+            print(json.dumps(row), flush=True)
+            last = (n, dt)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``): unlike ``ru_maxrss``, which a child
+    started by fork + exec inherits from its parent, it counts this program only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _doubling(start: int, target: int) -> list[int]:
+    """``start``, twice that, ... then ``target``: the sizes the torch side tries."""
+    sizes = [start]
+    while sizes[-1] * 2 < target:
+        sizes.append(sizes[-1] * 2)
+    return [*sizes, target] if target > start else sizes
+
+
+def _t(torch, a) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32))
+
+
+def _torch_gpt(torch, cfg: dict, w: dict):
+    """The GPT model in torch, holding the flax weights (same math: flax's attention scaling,
+    mask value, LayerNorm epsilon 1e-6, tanh GELU)."""
+    width, heads = cfg["width"], cfg["heads"]
+    head_dim = width // heads
+
+    def linear(prefix, fan_in, fan_out):
+        lin = torch.nn.Linear(fan_in, fan_out)
+        with torch.no_grad():
+            lin.weight.copy_(_t(torch, w[f"{prefix}/kernel"].reshape(fan_in, fan_out).T))
+            lin.bias.copy_(_t(torch, w[f"{prefix}/bias"].reshape(fan_out)))
+        return lin
+
+    def norm(prefix):
+        ln = torch.nn.LayerNorm(width, eps=1e-6)
+        with torch.no_grad():
+            ln.weight.copy_(_t(torch, w[f"{prefix}/scale"]))
+            ln.bias.copy_(_t(torch, w[f"{prefix}/bias"]))
+        return ln
+
+    class Block(torch.nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.ln1, self.ln2 = norm(f"{p}/ln1"), norm(f"{p}/ln2")
+            self.q = linear(f"{p}/attn/query", width, width)
+            self.k = linear(f"{p}/attn/key", width, width)
+            self.v = linear(f"{p}/attn/value", width, width)
+            self.o = linear(f"{p}/attn/out", width, width)
+            self.fc = linear(f"{p}/fc", width, 4 * width)
+            self.proj = linear(f"{p}/proj", 4 * width, width)
+
+        def forward(self, h, mask):
+            b, t, _ = h.shape
+            x = self.ln1(h)
+            q = self.q(x).view(b, t, heads, head_dim) / math.sqrt(head_dim)
+            k = self.k(x).view(b, t, heads, head_dim)
+            v = self.v(x).view(b, t, heads, head_dim)
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k)
+            logits = torch.where(mask, logits, torch.finfo(logits.dtype).min)
+            a = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(logits, -1), v)
+            h = h + self.o(a.reshape(b, t, width))
+            m = torch.nn.functional.gelu(self.fc(self.ln2(h)), approximate="tanh")
+            return h + self.proj(m)
+
+    class TorchGPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(cfg["vocab"], width)
+            self.wpe = torch.nn.Embedding(cfg["seq"], width)
+            with torch.no_grad():
+                self.wte.weight.copy_(_t(torch, w["params/wte/embedding"]))
+                self.wpe.weight.copy_(_t(torch, w["params/wpe/embedding"]))
+            self.blocks = torch.nn.ModuleList(
+                Block(f"params/block_{i}") for i in range(cfg["blocks"]))
+            self.ln_f = norm("params/ln_f")
+            self.head = linear("params/head", width, cfg["classes"])
+
+        def forward(self, tokens):
+            t = tokens.shape[1]
+            h = self.wte(tokens) + self.wpe(torch.arange(t))
+            mask = torch.tril(torch.ones(t, t, dtype=torch.bool))
+            for block in self.blocks:
+                h = block(h, mask)
+            return self.head(self.ln_f(h)[:, -1])
+
+    return TorchGPT()
+
+
+def _torch_resnet(torch, cfg: dict, w: dict):
+    """The ResNet-18 in torch (NCHW inside, NHWC in), holding the flax weights and running
+    statistics; BatchNorm in eval mode."""
+
+    def conv(prefix, stride, padding):
+        k = w[f"params/{prefix}/kernel"]  # (kh, kw, cin, cout)
+        c = torch.nn.Conv2d(k.shape[2], k.shape[3], k.shape[:2], stride, padding, bias=False)
+        with torch.no_grad():
+            c.weight.copy_(_t(torch, k.transpose(3, 2, 0, 1)))
+        return c
+
+    def bn(prefix):
+        scale = w[f"params/{prefix}/scale"]
+        b = torch.nn.BatchNorm2d(scale.shape[0], eps=1e-5)
+        with torch.no_grad():
+            b.weight.copy_(_t(torch, scale))
+            b.bias.copy_(_t(torch, w[f"params/{prefix}/bias"]))
+            b.running_mean.copy_(_t(torch, w[f"batch_stats/{prefix}/mean"]))
+            b.running_var.copy_(_t(torch, w[f"batch_stats/{prefix}/var"]))
+        return b
+
+    class Basic(torch.nn.Module):
+        def __init__(self, p, stride):
+            super().__init__()
+            self.conv1, self.bn1 = conv(f"{p}/conv1", stride, 1), bn(f"{p}/bn1")
+            self.conv2, self.bn2 = conv(f"{p}/conv2", 1, 1), bn(f"{p}/bn2")
+            self.down = None
+            if f"params/{p}/down_conv/kernel" in w:
+                self.down = torch.nn.Sequential(conv(f"{p}/down_conv", stride, 0),
+                                                bn(f"{p}/down_bn"))
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv1(x)))
+            h = self.bn2(self.conv2(h))
+            return torch.relu(h + (x if self.down is None else self.down(x)))
+
+    class TorchResNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stem_bn = conv("stem", 1, 1), bn("stem_bn")
+            blocks = []
+            for s in range(len(cfg["widths"])):
+                for b in range(cfg["blocks_per_stage"]):
+                    blocks.append(Basic(f"stage{s}_{b}", 2 if (b == 0 and s > 0) else 1))
+            self.blocks = torch.nn.Sequential(*blocks)
+            kernel = w["params/head/kernel"]
+            self.head = torch.nn.Linear(*kernel.shape)
+            with torch.no_grad():
+                self.head.weight.copy_(_t(torch, kernel.T))
+                self.head.bias.copy_(_t(torch, w["params/head/bias"]))
+
+        def forward(self, x):  # (N, H, W, C)
+            h = torch.relu(self.stem_bn(self.stem(x.permute(0, 3, 1, 2))))
+            return self.head(self.blocks(h).mean(dim=(2, 3)))
+
+    return TorchResNet()
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+_DIRECT_MAX_N = 16  # above this, one unblocked call may not fit the memory target
+
+
+def _exact_kernels(workload, model, variables, x_all, ns, outputs, memory_gb, params,
+                   extra=None) -> np.ndarray:
+    """Emits one ntkjax line per N (timing, float64 check of the first 4 examples, ``extra(n,
+    timing)``) and returns the kernel of the largest N. For N up to ``_DIRECT_MAX_N`` a
+    second line times one jitted ``empirical_ntk_fn`` built once (no blocks, no per-call
+    rebuild), which separates the kernel's own time from ``empirical_ntk_matrix``'s overhead."""
+    kernel = np.zeros(0)
+    for n in ns:
+        x = x_all[:n]
+        log(f"{workload} ntkjax N={n}")
+        timing = _ntkjax_kernel(model, variables, x, outputs, memory_gb)
+        kernel = np.asarray(timing["result"])
+        err = _float64_check(model, variables, x, kernel, outputs, min(n, 4))
+        _emit_ntkjax(workload,
+                     {"n": n, "method": "structured, empirical_ntk_matrix",
+                      "memory_budget_gb": memory_gb, "outputs": outputs, "dtype": "float32",
+                      **params},
+                     timing, {"max_rel_err_first4_vs_float64": err},
+                     **(extra(n, timing) if extra else {}))
+        if n <= _DIRECT_MAX_N:  # the jitted kernel alone: one block, built once
+            ntk = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured",
+                                          outputs=outputs, batch="per_sample")
+            direct = time_call(lambda ntk=ntk, x=x: ntk(variables, x), repeats=1)
+            direct["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            _emit_ntkjax(workload,
+                         {"n": n, "method": "structured, one jitted empirical_ntk_fn call",
+                          "outputs": outputs, "dtype": "float32", **params},
+                         direct, {"max_rel_err_vs_empirical_ntk_matrix":
+                                  _rel(direct["result"], kernel)},
+                         **(extra(n, direct) if extra else {}))
+    return kernel
+
+
+def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
+                   torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0) -> None:
+    """Trace eNTK of the GPT model, N = 64 and 256 (quick: N = 4), against torch.func."""
+    _warm_compilation_cache()
+    cfg = _GPT_QUICK if quick else _GPT_REAL
+    ns = ns or ([4] if quick else [64, 256])
+    model, variables, tokens = _gpt(cfg, max(ns))
+    n_params = _param_count(variables)
+    rate = _matmul_gflops(512 if quick else 2048)
+    grad_gflop = _gradient_gflops(model, variables, tokens[:1])
+    log(f"GPT {n_params / 1e6:.1f}M params; gradient {grad_gflop:.1f} GFLOP/example; "
+        f"matmul {rate:.1f} GFLOP/s")
+
+    def floor(n, timing):
+        floor_s = n * grad_gflop / rate
+        return {"grad_gflop_per_example": round(grad_gflop, 3), "matmul_gflops": round(rate, 1),
+                "floor_s": round(floor_s, 3),
+                "ratio_to_floor": round(timing["median_s"] / floor_s, 2)}
+
+    kernel = _exact_kernels("entk_gpt_small", model, variables, tokens, ns, "trace", memory_gb,
+                            {"model": cfg, "n_params": n_params, "quick": quick}, floor)
+    _torch_side("entk_gpt_small", "gpt", cfg, variables, tokens, ns, ["jacobian", "ntk_vp"],
+                "trace", kernel, memory_gb=torch_memory_gb, time_cap_s=torch_time_cap_s,
+                quick=quick)
+
+
+def entk_resnet18(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
+                  torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0) -> None:
+    """Full 10x10 eNTK of the ResNet-18, N = 64 (quick: N = 4), against torch.func."""
+    _warm_compilation_cache()
+    cfg = _RESNET_QUICK if quick else _RESNET_REAL
+    ns = ns or ([4] if quick else [64])
+    model, variables, x_all = _resnet(cfg, max(ns))
+    n_params = _param_count(variables)
+    kernel = _exact_kernels("entk_resnet18", model, variables, x_all, ns, "full", memory_gb,
+                            {"model": cfg, "n_params": n_params, "quick": quick})
+    _torch_side("entk_resnet18", "resnet", cfg, variables, x_all, ns, ["jacobian", "ntk_vp"],
+                "full", kernel, memory_gb=torch_memory_gb, time_cap_s=torch_time_cap_s,
+                quick=quick)
+
+
+def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int | None = None,
+                   dim_total: int = 4096, rank: int = 4, memory_gb: float = 4.0) -> None:
+    """Projected eNTK features of the GPT model streamed to a store; error on a subset.
+
+    Full size: N = 10,000, subset 256 (not run on the 2-core machine); quick: N = 32, subset 8.
+    """
+    _warm_compilation_cache()
+    cfg = _GPT_QUICK if quick else _GPT_REAL
+    n = (ns or [32 if quick else 10_000])[0]
+    subset = subset or (8 if quick else 256)
+    if quick:
+        dim_total = min(dim_total, 1024)
+    model, variables, tokens = _gpt(cfg, n)
+    leaves = len(jax.tree.leaves(variables["params"]))
+    dim = max(rank * rank, math.ceil(dim_total / leaves / rank**2) * rank**2)
+    key = jax.random.key(7)
+    with tempfile.TemporaryDirectory(prefix="entk_projected_") as tmp:
+        store = os.path.join(tmp, "features.zarr")
+        log(f"entk_projected N={n} dim/leaf={dim} ({dim * leaves} features) to {store}")
+        t0 = time.perf_counter()
+        feats = ntkjax.projected_ntk_features(
+            model.apply, variables, tokens, dim=dim, key=key, rank=rank, out=store,
+            memory_bytes=int(memory_gb * 2**30))
+        total = time.perf_counter() - t0
+        phi = np.asarray(feats[:subset], np.float64).reshape(subset, -1)
+    log(f"  exact eNTK of the first {subset}")
+    exact_timing = _ntkjax_kernel(model, variables, tokens[:subset], "trace", memory_gb)
+    exact = np.asarray(exact_timing["result"])
+    approx = phi @ phi.T
+    timing = {"median_s": total, "compile_s": 0.0, "repeats": 1}
+    _emit_ntkjax("entk_projected",
+                 {"n": n, "dim_per_leaf": dim, "leaves": leaves, "features_total": dim * leaves,
+                  "rank": rank, "streamed": "zarr store", "memory_budget_gb": memory_gb,
+                  "dtype": "float32", "model": cfg, "quick": quick,
+                  "timing_note": "one call, compilation included"},
+                 timing,
+                 {"rel_fro_err_vs_exact_subset": _rel_fro(approx, exact),
+                  "max_rel_err_vs_exact_subset": _rel(approx, exact), "subset": subset},
+                 exact_subset_s=round(exact_timing["median_s"], 3))
+
+
+def entk_lora(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
+              torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0) -> None:
+    """Trace eNTK over the last two blocks only against the full kernel (N = 32; quick 4)."""
+    _warm_compilation_cache()
+    cfg = _GPT_QUICK if quick else _GPT_REAL
+    n = (ns or [4 if quick else 32])[0]
+    model, variables, tokens = _gpt(cfg, n)
+    last = {f"block_{cfg['blocks'] - 2}", f"block_{cfg['blocks'] - 1}"}
+
+    def in_last_two(path, leaf):
+        return path[0] in last
+
+    n_sub = sum(leaf.size for k, v in variables["params"].items() if k in last
+                for leaf in jax.tree.leaves(v))
+    results = {}
+    for name, filt in (("full", None), ("last_two_blocks", in_last_two)):
+        log(f"entk_lora {name} N={n}")
+        timing = _ntkjax_kernel(model, variables, tokens, "trace", memory_gb, params_filter=filt)
+        results[name] = timing
+        k = np.asarray(timing["result"])
+        _emit_ntkjax("entk_lora",
+                     {"n": n, "params": name, "method": "structured, empirical_ntk_matrix",
+                      "memory_budget_gb": memory_gb, "outputs": "trace", "dtype": "float32",
+                      "model": cfg, "quick": quick,
+                      "n_params_differentiated": int(n_sub if filt else _param_count(variables))},
+                     timing, {"max_rel_err_first4_vs_float64": _float64_check(
+                         model, variables, tokens, k, "trace", min(n, 4), filt)},
+                     **({"speedup_vs_full": round(results["full"]["median_s"]
+                                                  / timing["median_s"], 2)} if filt else {}))
+    _torch_side("entk_lora", "gpt", cfg, variables, tokens, [n], ["jacobian"], "trace",
+                np.asarray(results["last_two_blocks"]["result"]), memory_gb=torch_memory_gb,
+                time_cap_s=torch_time_cap_s, quick=quick,
+                trainable=[f"blocks.{cfg['blocks'] - 2}.", f"blocks.{cfg['blocks'] - 1}."])
+
+
+WORKLOADS = {
+    "entk_gpt_small": entk_gpt_small,
+    "entk_resnet18": entk_resnet18,
+    "entk_projected": entk_projected,
+    "entk_lora": entk_lora,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workload", nargs="?", choices=sorted(WORKLOADS))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--n", type=int, nargs="+", dest="ns", help="numbers of examples")
+    parser.add_argument("--subset", type=int, help="entk_projected: exact-kernel subset")
+    parser.add_argument("--dim-total", type=int, help="entk_projected: about D features")
+    parser.add_argument("--memory-gb", type=float, help="ntkjax block memory budget")
+    parser.add_argument("--torch-memory-gb", type=float, help="torch address-space limit")
+    parser.add_argument("--torch-time-cap-s", type=float, help="torch: skip sizes beyond this")
+    parser.add_argument("--torch-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.torch_child:
+        _torch_child(args.torch_child)
+        return 0
+    if args.workload is None:
+        parser.error("name a workload")
+    accepted = inspect.signature(WORKLOADS[args.workload]).parameters
+    kwargs = {k: v for k, v in vars(args).items() if v is not None and k in accepted}
+    kwargs.pop("quick", None)
+    WORKLOADS[args.workload](quick=args.quick, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
