@@ -225,9 +225,9 @@ def input_kernel(
     same = x2 is None
     x2 = x1 if same else x2
     (x1s, s1), (x2s, s2) = _unit_scaled(x1), _unit_scaled(x2)
-    gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST) / d
-    if same:  # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
-        gram = _symmetric_gram(gram)
+    gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST)
+    # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
+    gram = _symmetric_gram(gram, d) if same else gram / d
     # the two scales undone one after the other, as products: XLA rewrites a / b / c into
     # a / (b c), and s1 s2 underflows float32 for inputs of ~1e19 (a kernel of inf)
     gram = gram * (1 / s1) * (1 / s2)
@@ -239,20 +239,21 @@ def input_kernel(
                   same_inputs=same)
 
 
-def _symmetric_gram(gram: jax.Array) -> jax.Array:
-    """``(G + G^T) / 2``, formed once. XLA:CPU turns the transpose into a strided read fused
-    into every consumer -- here both fused chains of :func:`_two_graphs`, which then read the
-    Gram matrix across its rows in their inner loop (measured: a jitted depth-3 ReLU MLP kernel
+def _symmetric_gram(gram: jax.Array, d: int) -> jax.Array:
+    """``(G + G^T) / 2 / d``, formed once (the division by ``d`` in the same pass). XLA:CPU
+    turns the transpose into a strided read fused into every consumer -- here both fused
+    chains of :func:`_two_graphs`, which then read the Gram matrix across its rows in their
+    inner loop (measured: a jitted depth-3 ReLU MLP kernel
     of 4000 inputs took 0.55 CPU-s, against 0.28 without the symmetrization and 0.41 with this
     boundary). A conditional is a fusion boundary: both branches are the same sum, and the
     predicate is true for any value (a constant one would be folded away)."""
     if jax.default_backend() != "cpu" or gram.shape[0] == 0 or is_concrete(gram):
         # eagerly nothing is fused; compiled, XLA would also fold the halving of
         # _spectral.symmetrized into (G + G^T) / 2, which overflows near the largest float
-        return _symmetrized(gram, False)
+        return _symmetrized(gram, False) / d
 
     def symmetric(g: jax.Array) -> jax.Array:
-        return _symmetrized(g, False)
+        return _symmetrized(g, False) / d
 
     corner = gram[0, 0]
     return jax.lax.cond(jnp.isfinite(corner) | ~jnp.isfinite(corner), symmetric, symmetric,
