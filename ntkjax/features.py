@@ -767,7 +767,7 @@ class FeatureMap:
         """The jitted map with explicit parameters (from :meth:`init`); one compilation is
         shared by every FeatureMap of an equal module and configuration. Refuses (concrete
         inputs) features whose Hermite truncation error exceeds ``max_truncation_error``.
-        ``per_input``: the module's per-input call arguments (as :meth:`__call__`)."""
+        ``per_input``: the module's per-input call arguments (as when calling the map)."""
         per_input = self._check_per_input(x, per_input)
         config = self._config_for(self._shape_key(x.shape[1:], x.dtype, per_input))
         features, worst = _apply_features(self._static, config, params, x, per_input)
