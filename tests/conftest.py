@@ -176,6 +176,17 @@ SLOW_TESTS: frozenset[str] = frozenset({
     "tests/test_structured_rules.py::test_additive_tables_and_tied_head",
     "tests/test_structured_rules.py::test_tied_embedding_projected_features",
     "tests/test_structured_rules.py::test_scanned_and_rematted_blocks_fall_back_exactly",
+    # session 8: the costliest fast functions of the whole-suite run (29 min 43 s) until the
+    # fast tier's per-test times summed to about 480 worker-seconds
+    "tests/test_activations.py::test_mlp_kernels_at_huge_float32_inputs_match_float64",
+    "tests/test_activations.py::test_bounded_activations_at_float32_inputs_of_1e20_are_finite",
+    "tests/test_attention_positions.py::test_transformer_passes_causal_and_positional_options_to_every_block",
+    "tests/test_blocking.py::test_two_elementwise_activations_never_share_a_store",
+    "tests/test_structured_rules.py::test_modules_called_several_times",
+    "tests/test_activations.py::test_kernel_maps_over_the_whole_range_match_long_double_closed_forms",
+    "tests/test_empirical.py::test_x2_none_is_symmetric_psd_and_equals_x1_x1",
+    "tests/test_models.py::test_cnn_init_apply_shapes_and_layers",
+    "tests/test_structured.py::test_ntkjax_dense_scales",
     # session 7: measured in the whole suite on 2 cores (26 min 27 s, load 3-6 for the first
     # half), the costliest fast functions (parameters summed) until the fast tier summed
     # under 500 worker-seconds (about 4.5 min on 2 workers)
