@@ -45,3 +45,26 @@ def assert_unbiased_estimate(samples, truth, *, closer: float, label: object = N
     single = np.mean([rel(s) for s in samples])
     assert single > 0.02, (label, single)  # a genuine Monte Carlo estimate, not exact
     assert rel(samples.mean(0)) < closer * single, (label, rel(samples.mean(0)), single)
+
+
+def assert_feature_error_falls_like_inverse_sqrt(features_at, exact, sizes, keys: int, *,
+                                                 final_below: float) -> None:
+    """Random features against their exact kernel: ``features_at(d, key)`` gives features of
+    size ``d`` drawn with ``key``; the relative Frobenius errors of their NNGP and NTK Gram
+    matrices against ``exact`` (a Kernel), root-mean-square over ``keys`` keys per size, have a
+    fitted log-log slope in [-0.65, -0.35] (Monte Carlo's -1/2: a plateau from a bias would
+    flatten it), and fall below ``final_below`` at the largest size."""
+    errors = []
+    for d in sizes:
+        per_key = []
+        for s in range(keys):
+            f = features_at(d, jax.random.key(s))
+            for phi, truth in ((f.nngp, exact.nngp), (f.ntk, exact.ntk)):
+                phi, truth = np.asarray(phi, np.float64), np.asarray(truth, np.float64)
+                per_key.append(np.linalg.norm(phi @ phi.T - truth) / np.linalg.norm(truth))
+        errors.append(np.sqrt(np.mean(np.square(np.reshape(per_key, (keys, 2))), axis=0)))
+    errors = np.asarray(errors)
+    for which in range(2):
+        slope = np.polyfit(np.log(sizes), np.log(errors[:, which]), 1)[0]
+        assert -0.65 <= slope <= -0.35, (which, slope, errors[:, which])
+    assert np.all(errors[-1] < final_below), errors

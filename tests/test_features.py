@@ -27,7 +27,7 @@ from ntkjax.features import (
 )
 from ntkjax.kernels import Kernel
 from ntkjax.nn import pooling
-from tests.helpers import assert_unbiased_estimate
+from tests.helpers import assert_feature_error_falls_like_inverse_sqrt, assert_unbiased_estimate
 
 SQRT2 = 2**0.5
 
@@ -379,19 +379,9 @@ def test_feature_error_falls_like_inverse_sqrt_of_the_features(x64, case):
     x = (_images(n=4, shape=(4, 3, 2)) if kind
          else jax.random.normal(jax.random.key(1), (8, 5)))
     exact = ntkjax.kernel_fn(module)(x)
-    sizes = [64, 256, 1024, 4096]
-    errors = []
-    for d in sizes:
-        per_key = []
-        for s in range(8):
-            nngp, ntk = _grams(feature_map(module, key=jax.random.key(s), num_features=d)(x))
-            per_key.append((_rel_fro(nngp, exact.nngp), _rel_fro(ntk, exact.ntk)))
-        errors.append(np.sqrt(np.mean(np.square(per_key), axis=0)))
-    errors = np.asarray(errors)
-    for which in range(2):
-        slope = np.polyfit(np.log(sizes), np.log(errors[:, which]), 1)[0]
-        assert -0.65 <= slope <= -0.35, (which, slope, errors[:, which])
-    assert np.all(errors[-1] < 0.1), errors
+    assert_feature_error_falls_like_inverse_sqrt(
+        lambda d, key: feature_map(module, key=key, num_features=d)(x), exact,
+        [64, 256, 1024, 4096], 8, final_below=0.1)
 
 
 def test_undeclared_function_layers_and_rule_free_layers_raise_unsupported_meaning():

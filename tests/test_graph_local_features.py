@@ -13,15 +13,11 @@ from flax import linen
 import ntkjax
 from ntkjax import models, nn
 from ntkjax.features import feature_map
-from tests.helpers import assert_unbiased_estimate
+from tests.helpers import assert_feature_error_falls_like_inverse_sqrt, assert_unbiased_estimate
 
 
 def _grams(f) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.asarray(p) @ np.asarray(p).T for p in (f.nngp, f.ntk))
-
-
-def _rel(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 def _graphs(n=4, v=5, c=3, seed=0):
@@ -147,17 +143,6 @@ def test_feature_error_falls_like_inverse_sqrt_of_the_features(x64, case):
     -1/2): no plateau, so no bias from a missing or extra term."""
     module, x, per_input = _gnn_case() if case == "gnn-relu" else _lcn_case()
     exact = ntkjax.kernel_fn(module)(x, **per_input)
-    sizes = [64, 256, 1024]
-    errors = []
-    for d in sizes:
-        per_key = []
-        for s in range(6):
-            nngp, ntk = _grams(feature_map(module, key=jax.random.key(s),
-                                           num_features=d)(x, **per_input))
-            per_key.append((_rel(nngp, exact.nngp), _rel(ntk, exact.ntk)))
-        errors.append(np.sqrt(np.mean(np.square(per_key), axis=0)))
-    errors = np.asarray(errors)
-    for which in range(2):
-        slope = np.polyfit(np.log(sizes), np.log(errors[:, which]), 1)[0]
-        assert -0.65 <= slope <= -0.35, (which, slope, errors[:, which])
-    assert np.all(errors[-1] < 0.15), errors
+    assert_feature_error_falls_like_inverse_sqrt(
+        lambda d, key: feature_map(module, key=key, num_features=d)(x, **per_input), exact,
+        [64, 256, 1024], 6, final_below=0.15)
