@@ -20,6 +20,7 @@ MODULES = [
     "benchmarks.bench_demo",
     "benchmarks.bench_devices",
     "benchmarks.bench_empirical",
+    "benchmarks.bench_entk_guide",
     "benchmarks.bench_entk_real",
     "benchmarks.bench_features",
     "benchmarks.bench_graphs",
