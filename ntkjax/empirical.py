@@ -794,11 +794,10 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
     f_batch = batched_fn(apply_fn, rebuild)
     f_single = per_sample_fn(apply_fn, rebuild)
     leaves, treedef = jax.tree_util.tree_flatten(trainable)
-    keys = jax.random.split(jax.random.key(20260), max(len(leaves), 1))
     tangent = jax.tree_util.tree_unflatten(treedef, [
-        jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
+        _probe_direction(leaf, index)
         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else jnp.zeros_like(leaf)
-        for k, leaf in zip(keys, leaves, strict=False)
+        for index, leaf in enumerate(leaves)
     ])
     gap = jnp.zeros(())
     for x in (x1, x2):
@@ -813,6 +812,16 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
             diff = jnp.max(jnp.abs(b - s)) / jnp.where(scale > 0, scale, 1.0)
             gap = jnp.maximum(gap, diff.astype(gap.dtype))
     return gap
+
+
+def _probe_direction(leaf, index: int) -> jax.Array:
+    """A fixed pseudo-random direction of ``leaf``'s shape and dtype, entries in [-1, 1): the
+    sine hash ``2 frac(43758.5453 sin(12.9898 k + 78.233 index)) - 1`` of each entry's flat
+    position ``k`` -- a few elementwise operations, where a PRNG sampler per leaf (threefry)
+    would make most of the probe's compile time."""
+    k = jnp.arange(np.size(leaf), dtype=jnp.float32).reshape(jnp.shape(leaf))
+    hashed = 43758.5453 * jnp.sin(12.9898 * k + 78.233 * index)
+    return (2.0 * (hashed - jnp.floor(hashed)) - 1.0).astype(jnp.result_type(leaf))
 
 
 def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
@@ -848,8 +857,29 @@ def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
     x2 = None if x2 is None else jnp.asarray(x2)
     with linen.intercept_methods(_reject_active_dropout):
         check_model_inputs(apply_fn, params, x1, x2)
-        gap = jax.jit(functools.partial(_coupling_gap, apply_fn))(params, x1, x2)
+        gap = _shared(_coupling_probe, apply_fn)(params, x1, x2)
     return bool(gap > _COUPLING_TOLERANCE)
+
+
+def _coupling_probe(apply_fn):
+    """:func:`_coupling_gap` of ``apply_fn``, jitted."""
+    return jax.jit(functools.partial(_coupling_gap, apply_fn))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(factory, *args):
+    return factory(*args)
+
+
+def _shared(factory: Callable, *args: Any) -> Any:
+    """``factory(*args)``, made once per configuration and reused by later calls with equal
+    (hashable) ``args`` -- so a jitted function built from it is traced and compiled once, not
+    once per call; unhashable ``args`` (an optax-style mask dict) get a fresh one."""
+    try:
+        hash(args)
+    except TypeError:
+        return factory(*args)
+    return _cached(factory, *args)
 
 
 def _checking_values(kernel: Callable) -> KernelFn:
@@ -958,10 +988,6 @@ def empirical_ntk_matrix(
             "empirical_ntk_matrix does not take outputs='logit' (its indices are per example); "
             "use ntkjax.empirical_ntk_fn(apply_fn, outputs='logit') on blocks of examples."
         )
-    ntk = empirical_ntk_fn(
-        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample",
-        params_filter=params_filter,
-    )
     check_pair(x1, x2)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
@@ -975,9 +1001,8 @@ def empirical_ntk_matrix(
             "ntkjax.empirical_ntk_fn(apply_fn, batch='whole') on the whole batch."
         )
 
-    def block_fn(a, b, p):
-        return ntk(p, a, b)
-
+    block_fn, diagonal_fn = _shared(_matrix_block_fns, apply_fn, ntk_method, outputs,
+                                    params_filter)
     return evaluate_in_blocks(
         block_fn,
         x1,
@@ -989,12 +1014,33 @@ def empirical_ntk_matrix(
         description="empirical NTK blocks",
         devices=devices,
         out=out,
+        diagonal_fn=diagonal_fn,
         fingerprint=(
             f"empirical_ntk_matrix ntk_method={ntk_method} outputs={outputs} "
             f"apply_fn={describe_object(apply_fn)}"
             + ("" if params_filter is None else f" {_describe_filter(params_filter)}")
         ),
     )
+
+
+def _matrix_block_fns(apply_fn, ntk_method, outputs, params_filter):
+    """``(x1_block, x2_block, params) -> kernel block`` of :func:`empirical_ntk_matrix`, and
+    ``(x_block, params) -> kernel block`` for its diagonal blocks (the kernel function's
+    ``x2=None``: each row's per-sample work once); one pair per configuration
+    (:func:`_shared`), so that later calls find their traces and compiled programs in JAX's
+    caches instead of rebuilding them."""
+    ntk = empirical_ntk_fn(
+        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample",
+        params_filter=params_filter,
+    )
+
+    def block_fn(a, b, p):
+        return ntk(p, a, b)
+
+    def diagonal_fn(a, p):
+        return ntk(p, a)
+
+    return block_fn, diagonal_fn
 
 
 def ntk_operator(
@@ -1338,15 +1384,10 @@ def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
 
 def _jitted_projection(apply_fn, dim, rank, params_filter):
     """The jitted block function, shared by calls with the same (hashable) configuration."""
-    try:
-        hash((apply_fn, params_filter))
-    except TypeError:  # a mask dict: compiled for this call
-        return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
-    return _cached_projection(apply_fn, dim, rank, params_filter)
+    return _shared(_jitted_projected_block, apply_fn, dim, rank, params_filter)
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_projection(apply_fn, dim, rank, params_filter):
+def _jitted_projected_block(apply_fn, dim, rank, params_filter):
     return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
 
 
