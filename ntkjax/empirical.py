@@ -951,7 +951,11 @@ def empirical_ntk_matrix(
     Blocks of x1 and x2 rows are evaluated with :func:`empirical_ntk_fn` through
     :func:`ntkjax.blocking.evaluate_in_blocks` (params are passed as traced arguments, so one
     compilation serves every block). With ``x2=None`` only the upper triangle of blocks is
-    computed and mirrored.
+    computed and mirrored, and each diagonal block is the kernel function's ``x2=None`` call
+    (each example's forward and cotangents computed once, the block exactly symmetric). The
+    block functions are made once per configuration (``apply_fn``, ``ntk_method``,
+    ``outputs``, a hashable ``params_filter``): a later call with the same input shapes
+    reuses their traces and compiled programs, so it costs the kernel's own time.
 
     Args:
       apply_fn, ntk_method, outputs, params_filter: as in :func:`empirical_ntk_fn`

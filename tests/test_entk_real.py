@@ -378,9 +378,9 @@ def test_matrix_calls_after_the_first_neither_trace_nor_compile():
 
     compiles = []
 
-    def listen(event, duration, **_):
+    def listen(event: str, duration_secs: float, **_: str | int) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
+            compiles.append(duration_secs)
 
     monitoring.register_event_duration_secs_listener(listen)
     try:
