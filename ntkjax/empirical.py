@@ -714,17 +714,11 @@ def empirical_ntk_fn(
             return 0.5 * (kernel + jnp.swapaxes(kernel, -1, -2)) if inner == "full" else kernel
         return symmetrize(kernel, inner)
 
-    def shapes_key(params, x1, x2, index1, index2):
-        leaves = jax.tree_util.tree_leaves((params, x1, x2, index1, index2))
-        return jax.tree_util.tree_structure((params, x1, x2, index1, index2)), tuple(
-            (np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
-        )
-
     def ntk(params, x1, x2=None, *, index1=None, index2=None):
         params = as_variables(params)
         if batch != "auto":
             return compute(params, x1, x2, batch == "whole", index1, index2)
-        key = shapes_key(params, x1, x2, index1, index2)
+        key = _shapes_key(params, x1, x2, index1, index2)
         if key in decisions:
             return compute(params, x1, x2, decisions[key], index1, index2)
         coupled = _coupling_gap(model, params, x1, x2) > _COUPLING_TOLERANCE
@@ -761,7 +755,7 @@ def empirical_ntk_fn(
             return per_sample(params, x1, x2, index1=index1, index2=index2)
         if batch == "whole":
             return whole_batch(params, x1, x2, index1=index1, index2=index2)
-        key = shapes_key(params, x1, x2, index1, index2)
+        key = _shapes_key(params, x1, x2, index1, index2)
         if key not in decisions and all(
             is_concrete(leaf) for leaf in jax.tree_util.tree_leaves((params, x1, x2))
         ):
@@ -776,6 +770,22 @@ def empirical_ntk_fn(
 
     checked.__wrapped__ = ntk  # type: ignore[attr-defined]
     return checked
+
+
+def _shapes_key(*trees: Any) -> tuple:
+    """The tree structure, shapes and dtypes of ``trees``: what a decision kept per input
+    shapes is keyed on."""
+    leaves = jax.tree_util.tree_leaves(trees)
+    return jax.tree_util.tree_structure(trees), tuple(
+        (np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
+    )
+
+
+def _coupling_decisions(apply_fn) -> dict:
+    """Batch coupling of ``apply_fn`` found by :func:`empirical_ntk_matrix`'s probe, per
+    parameter and input shapes (one dict per ``apply_fn``, through :func:`_shared`)."""
+    del apply_fn
+    return {}
 
 
 # A batched call whose outputs or Jacobian-vector product differ from the per-example calls
@@ -955,7 +965,8 @@ def empirical_ntk_matrix(
     (each example's forward and cotangents computed once, the block exactly symmetric). The
     block functions are made once per configuration (``apply_fn``, ``ntk_method``,
     ``outputs``, a hashable ``params_filter``): a later call with the same input shapes
-    reuses their traces and compiled programs, so it costs the kernel's own time.
+    reuses their traces and compiled programs, and the batch-coupling probe's decision, so it
+    costs the kernel's own time.
 
     Args:
       apply_fn, ntk_method, outputs, params_filter: as in :func:`empirical_ntk_fn`
@@ -973,7 +984,8 @@ def empirical_ntk_matrix(
 
     Raises:
       ValueError: as :func:`empirical_ntk_fn`, and for a batch-coupled ``apply_fn``
-        (:func:`is_batch_coupled` on the first rows), whose kernel has no blocks.
+        (:func:`is_batch_coupled` on the first rows, probed once per ``apply_fn``, parameter
+        and input shapes), whose kernel has no blocks.
 
     Returns:
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; with ``out``
@@ -997,7 +1009,12 @@ def empirical_ntk_matrix(
     x2 = None if x2 is None else jnp.asarray(x2)
     check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
     rows = _PROBE_ROWS
-    if is_batch_coupled(apply_fn, params, x1[:rows], None if x2 is None else x2[:rows]):
+    probe_x2 = None if x2 is None else x2[:rows]
+    decisions = _shared(_coupling_decisions, apply_fn)
+    key = _shapes_key(params, x1[:rows], probe_x2)
+    if key not in decisions:  # probed once per shapes, like empirical_ntk_fn's batch="auto"
+        decisions[key] = is_batch_coupled(apply_fn, params, x1[:rows], probe_x2)
+    if decisions[key]:
         raise ValueError(
             "empirical_ntk_matrix: apply_fn couples the examples of a batch (its output on "
             "one example depends on the others, e.g. through a batch mean), so its kernel is "

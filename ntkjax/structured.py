@@ -60,8 +60,9 @@ materialized form is chosen per layer by FLOPs that depend on the block sizes, s
 computed in a block of 8 rows may differ in the last bits from the same entry in a block of
 512. What is exact is that a block of :func:`ntkjax.empirical_ntk_matrix` equals the kernel
 function on that block's (padded) rows -- a diagonal block of its symmetric evaluation the
-kernel function's ``x2=None`` call, the other blocks those of the full grid. The materialized form computes all samples' ``G_i`` as one batched
-matmul with the outputs folded into its columns.
+kernel function's ``x2=None`` call, the other blocks those of the full grid. The
+materialized form computes all samples' ``G_i`` as one batched matmul with the outputs folded
+into its columns.
 """
 
 from __future__ import annotations

@@ -361,12 +361,20 @@ def test_blocks_are_bit_for_bit_their_kernel_calls(method):
                                               grid[i:i + m1, j:j + m2])
 
 
-def test_matrix_calls_after_the_first_neither_trace_nor_compile():
+def test_matrix_calls_after_the_first_neither_trace_nor_compile(monkeypatch):
     """Per-call overhead of empirical_ntk_matrix, counted rather than timed: a second call
-    (same apply_fn, same shapes, new parameter values) runs the model's Python code zero times
-    and compiles nothing; the symmetric matrix that fits one block is the kernel function's
-    x2=None call bit for bit (its per-sample work done once, not twice)."""
+    (same apply_fn, same shapes, new parameter values) runs the model's Python code zero times,
+    compiles nothing and does not probe for batch coupling again; the symmetric matrix that
+    fits one block is the kernel function's x2=None call bit for bit (its per-sample work done
+    once, not twice)."""
     from jax import monitoring
+
+    from ntkjax import empirical
+
+    probes = []
+    probe = empirical.is_batch_coupled
+    monkeypatch.setattr(empirical, "is_batch_coupled",
+                        lambda *args: probes.append(1) or probe(*args))
 
     model_apply, variables, tokens, _ = make_case("embed", n1=5)
     moved = jax.tree_util.tree_map(lambda a: 1.5 * a, variables)
@@ -385,11 +393,12 @@ def test_matrix_calls_after_the_first_neither_trace_nor_compile():
     monitoring.register_event_duration_secs_listener(listen)
     try:
         first = ntkjax.empirical_ntk_matrix(apply_fn, variables, tokens)
-        assert calls and compiles
+        assert calls and compiles and probes == [1]
         calls.clear()
         compiles.clear()
+        probes.clear()
         again = ntkjax.empirical_ntk_matrix(apply_fn, moved, tokens)
-        assert (calls, compiles) == ([], [])
+        assert (calls, compiles, probes) == ([], [], [])
     finally:
         monitoring.unregister_event_duration_listener(listen)
     ntk = ntkjax.empirical_ntk_fn(apply_fn, batch="per_sample")
