@@ -876,7 +876,7 @@ def _coupling_probe(apply_fn):
     return jax.jit(functools.partial(_coupling_gap, apply_fn))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def _cached(factory, *args):
     return factory(*args)
 
