@@ -271,9 +271,9 @@ def evaluate_in_blocks(
     b1, b2 = min(block_size, n1), min(block_size, n2)
     first_block = (None if traced is None
                    else tuple(s.shape[:2] for s in jax.tree_util.tree_leaves(traced.out_info)))
-    one_diagonal_block = diagonal is not None and b1 >= n1
-    # with one diagonal block, the program compiled by _choose_block is the diagonal one
-    diagonal_compiled, compiled = (compiled, None) if one_diagonal_block else (None, compiled)
+    # _choose_block compiled `traced` first: the diagonal program when it fit at that size
+    compiled_is_diagonal = traced_diagonal and compiled is not None and b1 >= n1
+    diagonal_compiled, compiled = (compiled, None) if compiled_is_diagonal else (None, compiled)
 
     def compile_block():
         if (traced is not None and not traced_diagonal

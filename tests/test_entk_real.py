@@ -428,3 +428,16 @@ def test_token_blocks_of_the_factored_form_give_the_jacobian_kernel(outputs, mon
     blocked = program(params, x1, x2)
     np.testing.assert_allclose(blocked, exact, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(blocked, whole, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_symmetric_matrix_to_a_store_equals_the_one_in_memory(block_size, tmp_path):
+    """The zarr-store path of the symmetric matrix (diagonal blocks through the kernel's
+    x2=None program, compiled on first use) gives the in-memory result bit for bit, in one
+    block and in blocks of 2 (the last one padded)."""
+    apply_fn, params, x, _ = make_case("embed", n1=5)
+    in_memory = ntkjax.empirical_ntk_matrix(apply_fn, params, x, block_size=block_size)
+    stored = ntkjax.empirical_ntk_matrix(apply_fn, params, x, block_size=block_size,
+                                         out=tmp_path / "k.zarr")
+    np.testing.assert_array_equal(np.asarray(stored[:]), in_memory)
+    np.testing.assert_array_equal(in_memory, in_memory.T)
