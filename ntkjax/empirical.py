@@ -1368,14 +1368,10 @@ def projected_ntk_features(
             parts.append(np.asarray(block(params, x[start:start + rows], key)))
         return np.concatenate(parts, axis=0)
     anchor = x[:1]  # one column, not used: the store's rows are the examples
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    typed = bool(jnp.issubdtype(key.dtype, jax.dtypes.prng_key))
     key_data = jax.random.key_data(key) if typed else key  # the store records plain arrays
-
-    def rows_fn(a, _b, p, k):
-        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
-
     return evaluate_in_blocks(
-        rows_fn,
+        _shared(_projected_rows_fn, block, typed),
         x,
         anchor,
         fn_args=(params, key_data),
@@ -1401,6 +1397,17 @@ def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
     leaves = jax.tree_util.tree_leaves(split_params(params)[0])
     per_row = 3 * (_jacobian_bytes(params, 1, out_dim) + 8 * out_dim * dim * max(len(leaves), 1))
     return int(max(1, min(x.shape[0], budget // max(per_row, 1))))
+
+
+def _projected_rows_fn(block, typed: bool):
+    """``(x_rows, anchor, params, key_data) -> (n, 1, O, D)``: the store's block function of
+    :func:`projected_ntk_features`, one per jitted ``block`` (:func:`_shared`), so a later
+    call finds its program compiled."""
+
+    def rows_fn(a, _b, p, k):
+        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
+
+    return rows_fn
 
 
 def _jitted_projection(apply_fn, dim, rank, params_filter):

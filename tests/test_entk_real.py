@@ -441,3 +441,28 @@ def test_symmetric_matrix_to_a_store_equals_the_one_in_memory(block_size, tmp_pa
                                          out=tmp_path / "k.zarr")
     np.testing.assert_array_equal(np.asarray(stored[:]), in_memory)
     np.testing.assert_array_equal(in_memory, in_memory.T)
+
+
+def test_streamed_projected_features_compile_once(tmp_path):
+    """projected_ntk_features to a store: a second call (another store, same shapes) compiles
+    nothing and writes the same features (counted, not timed)."""
+    from jax import monitoring
+
+    apply_fn, params, x, _ = make_case("embed", n1=5)
+    compiles = []
+
+    def listen(event: str, duration_secs: float, **_: str | int) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration_secs)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        stores = []
+        for name in ("first.zarr", "second.zarr"):
+            compiles.clear()
+            stores.append(ntkjax.projected_ntk_features(
+                apply_fn, params, x, dim=16, key=jax.random.key(3), out=tmp_path / name))
+        assert compiles == []
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    np.testing.assert_array_equal(np.asarray(stores[0][:]), np.asarray(stores[1][:]))
