@@ -20,6 +20,9 @@ Workloads (float32; ``--quick``: tiny sizes, well under a minute each):
   on the first ``subset`` examples. The issue's size is N = 10,000, subset 256.
 * ``entk_lora``: the trace eNTK over the last two blocks only (``params_filter``) against the
   full kernel, same model and inputs, same run.
+* ``entk_token_blocks``: peak RSS of the structured method's factored form in token blocks
+  against the same pair products formed whole (a dense layer on T = 1024 and 2048 positions,
+  N = 8), each in a child process.
 
 The PyTorch side runs in a child process (its own peak memory; an address-space limit of
 ``torch_memory_gb`` turns running out of memory into a measured failure rather than the
@@ -226,6 +229,20 @@ def _gradient_gflops(model, variables, x1) -> float:
     return float(cost["flops"]) / 1e9
 
 
+def _pair_gflops(cfg: dict, n: int) -> float:
+    """FLOPs of the exact trace eNTK's pair stage for the GPT ``cfg`` at N examples (upper
+    triangle, N (N + 1) / 2 pairs), GFLOP: per dense layer on T positions (K inputs, F
+    outputs, O outputs of the model) the cheaper of the factored ``T^2 (K + F O)`` and the
+    materialized ``K F O`` multiply-adds per pair (the materialized form's per-example
+    gradients ``O T K F`` are linear in N and counted apart); the token table factored is
+    ``T^2 (1 + F O)``. Attention's q, k, v and output projections are ``width x width``."""
+    w, t, o = cfg["width"], cfg["seq"], cfg["classes"]
+    dense = [(w, w)] * 4 + [(w, 4 * w), (4 * w, w)]
+    per_pair = cfg["blocks"] * sum(min(t * t * (k + f * o), k * f * o) for k, f in dense)
+    per_pair += min(t * t * (1 + w * o), cfg["vocab"] * w * o) + w * o  # token table, head
+    return 2.0 * n * (n + 1) / 2 * per_pair / 1e9
+
+
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -240,9 +257,8 @@ def _emit_ntkjax(workload, params, timing, accuracy, **extra):
 
 
 def _warm_compilation_cache() -> None:
-    """A per-process persistent compilation cache: ``empirical_ntk_matrix`` builds a new jitted
-    kernel per call, so without it every call would compile again; with it the median after
-    the first call is tracing plus running, the first call's excess is compilation."""
+    """A per-process persistent compilation cache, so that the programs the workloads build
+    outside ``empirical_ntk_matrix`` (which reuses its own across calls) compile once."""
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="entk_jaxcache_"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -567,9 +583,14 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
 
     def floor(n, timing):
         floor_s = n * grad_gflop / rate
+        pair_gflop = _pair_gflops(cfg, n)
+        exact_s = floor_s + pair_gflop / rate
         return {"grad_gflop_per_example": round(grad_gflop, 3), "matmul_gflops": round(rate, 1),
                 "floor_s": round(floor_s, 3),
-                "ratio_to_floor": round(timing["median_s"] / floor_s, 2)}
+                "ratio_to_floor": round(timing["median_s"] / floor_s, 2),
+                "pair_gflop": round(pair_gflop, 1),
+                "gradient_plus_pair_floor_s": round(exact_s, 3),
+                "ratio_to_gradient_plus_pair_floor": round(timing["median_s"] / exact_s, 2)}
 
     kernel = _exact_kernels("entk_gpt_small", model, variables, tokens, ns, "trace", memory_gb,
                             {"model": cfg, "n_params": n_params, "quick": quick}, floor)
@@ -669,8 +690,66 @@ def entk_lora(quick: bool = False, ns: list[int] | None = None, memory_gb: float
                 trainable=[f"blocks.{cfg['blocks'] - 2}.", f"blocks.{cfg['blocks'] - 1}."])
 
 
+# A child process (its own peak RSS) computing the factored trace eNTK of a dense layer on T
+# positions (``x (N, T, 4) -> tanh(Dense 16) -> Dense 2 -> mean over T``), in token blocks or
+# (argv[1] == "one_block") with the pair products formed whole.
+_TOKEN_CHILD = r"""
+import json, resource, sys, time
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from ntkjax import structured
+mode, t, n, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if mode == "one_block":
+    structured._PAIR_BLOCK_BYTES = 2**62
+
+class Seq(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(jnp.tanh(nn.Dense(16)(x))).mean(1)
+
+model = Seq()
+x = jax.random.normal(jax.random.key(0), (n, t, 4))
+variables = model.init(jax.random.key(1), x)
+kernel = jax.jit(lambda v, x: structured.structured_kernel(model.apply, v, x, form="factored"))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+k = np.asarray(kernel(variables, x))
+wall = time.perf_counter() - start
+np.save(path, k)
+print(json.dumps({"wall_s": wall, "rss_before_mb": before,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def entk_token_blocks(quick: bool = False, ns: list[int] | None = None) -> None:
+    """Peak RSS of the factored form in token blocks against the pair products formed whole
+    (issue 25), N = 8 sequences of T = 1024 and 2048 positions (quick: T = 256), each in its
+    own process; the kernels' relative difference."""
+    n = 8
+    for t in ns or ([256] if quick else [1024, 2048]):
+        rows = {}
+        with tempfile.TemporaryDirectory(prefix="entk_tokens_") as tmp:
+            for mode in ("token_blocks", "one_block"):
+                path = os.path.join(tmp, f"{mode}.npy")
+                log(f"entk_token_blocks T={t} {mode}")
+                done = subprocess.run([sys.executable, "-c", _TOKEN_CHILD, mode, str(t), str(n),
+                                       path], capture_output=True, text=True, check=True)
+                rows[mode] = {**json.loads(done.stdout.strip().splitlines()[-1]),
+                              "kernel": np.load(path)}
+        err = _rel(rows["token_blocks"]["kernel"], rows["one_block"]["kernel"])
+        for mode, row in rows.items():
+            emit("entk_token_blocks",
+                 {"n": n, "positions": t, "mode": mode, "form": "factored", "outputs": "trace",
+                  "dtype": "float32", "quick": quick},
+                 {"median_s": row["wall_s"], "compile_s": 0.0, "repeats": 1},
+                 accuracy={"max_rel_diff_token_blocks_vs_one_block": err},
+                 peak_memory_mb=round(row["peak_rss_mb"], 1),
+                 rss_before_kernel_mb=round(row["rss_before_mb"], 1),
+                 timing_note="one call, compilation included", load_avg_1min=_load())
+
+
 WORKLOADS = {
     "entk_gpt_small": entk_gpt_small,
+    "entk_token_blocks": entk_token_blocks,
     "entk_resnet18": entk_resnet18,
     "entk_projected": entk_projected,
     "entk_lora": entk_lora,

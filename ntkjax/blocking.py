@@ -109,6 +109,7 @@ def evaluate_in_blocks(
     store_key: str | None = None,
     show_progress: bool = False,
     description: str = "kernel blocks",
+    diagonal_fn: Callable[..., Any] | None = None,
 ) -> Any:
     """Evaluates ``block_fn`` over all pairs of ``x1`` and ``x2`` rows, block by block.
 
@@ -158,6 +159,11 @@ def evaluate_in_blocks(
         keys mean equal numbers).
       show_progress: draw a progress bar on stderr.
       description: label of the progress bar.
+      diagonal_fn: ``(x_block, *fn_args) -> pytree``, the value of ``block_fn(x_block,
+        x_block, *fn_args)`` computed once per row (e.g. a kernel's ``x2=None`` path, which
+        does the per-example work once, not twice). When given, the diagonal blocks of a
+        symmetric evaluation (``x2=None``) on one device use it instead of ``block_fn``; a
+        symmetric evaluation that fits one block compiles only it.
 
     Returns:
       The pytree ``block_fn`` returns, with numpy leaves of leading shape ``(N1, N2)``; with
@@ -190,6 +196,8 @@ def evaluate_in_blocks(
     local = [d for d in devices if d.process_index == jax.process_index()]
     options = cpu_convolution_options()
     jitted = jit_with_options(block_fn, options)
+    diagonal = None if diagonal_fn is None or not symmetric else jit_with_options(
+        diagonal_fn, options)
 
     def spec(x, b):
         return jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
@@ -198,6 +206,7 @@ def evaluate_in_blocks(
         raise ValueError(f"block_size must be positive, got {block_size}.")
     path = None if out is None else os.fspath(out)
     closed = traced = None
+    traced_diagonal = False  # whether `traced` is diagonal_fn's
     if path is not None and store_key is None:
         closed, full_shapes = jax.make_jaxpr(block_fn, return_shape=True)(
             spec(x1, n1), spec(x2, n2), *fn_args)
@@ -205,7 +214,12 @@ def evaluate_in_blocks(
         # One trace of the first block (whose lowering is compiled below) gives the result's
         # shapes too: block_fn's outputs lead with the block's (rows of x1, rows of x2).
         first = min(block_size or max_block_size, max(n1, n2))
-        traced = jitted.trace(spec(x1, min(first, n1)), spec(x2, min(first, n2)), *fn_args)
+        traced_diagonal = diagonal is not None and first >= n1  # one block, on the diagonal
+        if traced_diagonal:
+            assert diagonal is not None
+            traced = diagonal.trace(spec(x1, n1), *fn_args)
+        else:
+            traced = jitted.trace(spec(x1, min(first, n1)), spec(x2, min(first, n2)), *fn_args)
         full_shapes = _full_shapes(traced.out_info, min(first, n1), min(first, n2), n1, n2)
     else:
         full_shapes = jax.eval_shape(block_fn, spec(x1, n1), spec(x2, n2), *fn_args)
@@ -257,11 +271,32 @@ def evaluate_in_blocks(
     b1, b2 = min(block_size, n1), min(block_size, n2)
     first_block = (None if traced is None
                    else tuple(s.shape[:2] for s in jax.tree_util.tree_leaves(traced.out_info)))
+    # _choose_block compiled `traced` first: the diagonal program when it fit at that size
+    compiled_is_diagonal = traced_diagonal and compiled is not None and b1 >= n1
+    diagonal_compiled, compiled = (compiled, None) if compiled_is_diagonal else (None, compiled)
 
     def compile_block():
-        if traced is not None and all(shape == (b1, b2) for shape in first_block or ()):
+        if (traced is not None and not traced_diagonal
+                and all(shape == (b1, b2) for shape in first_block or ())):
             return traced.lower().compile()
         return jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
+
+    def compile_diagonal():
+        if traced is not None and traced_diagonal and all(
+                shape == (b1, b1) for shape in first_block or ()):
+            return traced.lower().compile()
+        assert diagonal is not None
+        return diagonal.lower(spec(x1, b1), *fn_args).compile()
+
+    programs = {False: compiled, True: diagonal_compiled}
+
+    def program(i: int, j: int) -> tuple[Any, bool]:
+        """The compiled program of block (i, j), compiled on first use, and whether it is
+        the diagonal one (which takes the rows once)."""
+        on_diagonal = diagonal is not None and i == j
+        if programs[on_diagonal] is None:
+            programs[on_diagonal] = compile_diagonal() if on_diagonal else compile_block()
+        return programs[on_diagonal], on_diagonal
 
     store = None
     if path is not None:
@@ -314,9 +349,7 @@ def evaluate_in_blocks(
     if not total:
         blocks = iter(())
     elif local == [jax.local_devices()[0]]:
-        if compiled is None:
-            compiled = compile_block()
-        blocks = _one_device(compiled, x1, x2, fn_args, todo[local[0]], b1, b2, n1, n2)
+        blocks = _one_device(program, x1, x2, fn_args, todo[local[0]], b1, b2, n1, n2)
     else:
         rest: list[tuple[int, int]] = []
         if local[0].platform == "cpu":
@@ -327,10 +360,8 @@ def evaluate_in_blocks(
             todo = {d: v[:full] for d, v in todo.items()}
         blocks = _many_devices(block_fn, options, local, x1, x2, fn_args, todo, b1, b2, n1, n2)
         if rest:
-            if compiled is None:
-                compiled = compile_block()
             blocks = itertools.chain(
-                blocks, _one_device(compiled, x1, x2, fn_args, rest, b1, b2, n1, n2)
+                blocks, _one_device(program, x1, x2, fn_args, rest, b1, b2, n1, n2)
             )
     for i, j, tiles in _progress(blocks, total=total, description=description,
                                  enabled=show_progress):
@@ -358,13 +389,17 @@ def _pipelined(calls):
         yield from pending[1](pending[0])
 
 
-def _one_device(compiled, x1, x2, fn_args, todo, b1, b2, n1, n2):
-    """Blocks on the default device, one compiled call each."""
+def _one_device(program, x1, x2, fn_args, todo, b1, b2, n1, n2):
+    """Blocks on the default device, one compiled call each (``program(i, j)``: the compiled
+    program of block (i, j) and whether it takes the rows once -- a diagonal block)."""
 
     def call(i, j):
         m1, m2 = min(b1, n1 - i), min(b2, n2 - j)
 
         def dispatch():
+            compiled, on_diagonal = program(i, j)
+            if on_diagonal:
+                return compiled(pad_rows(x1[i : i + m1], b1), *fn_args)
             return compiled(
                 pad_rows(x1[i : i + m1], b1), pad_rows(x2[j : j + m2], b2), *fn_args
             )

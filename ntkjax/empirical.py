@@ -714,17 +714,11 @@ def empirical_ntk_fn(
             return 0.5 * (kernel + jnp.swapaxes(kernel, -1, -2)) if inner == "full" else kernel
         return symmetrize(kernel, inner)
 
-    def shapes_key(params, x1, x2, index1, index2):
-        leaves = jax.tree_util.tree_leaves((params, x1, x2, index1, index2))
-        return jax.tree_util.tree_structure((params, x1, x2, index1, index2)), tuple(
-            (np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
-        )
-
     def ntk(params, x1, x2=None, *, index1=None, index2=None):
         params = as_variables(params)
         if batch != "auto":
             return compute(params, x1, x2, batch == "whole", index1, index2)
-        key = shapes_key(params, x1, x2, index1, index2)
+        key = _shapes_key(params, x1, x2, index1, index2)
         if key in decisions:
             return compute(params, x1, x2, decisions[key], index1, index2)
         coupled = _coupling_gap(model, params, x1, x2) > _COUPLING_TOLERANCE
@@ -761,7 +755,7 @@ def empirical_ntk_fn(
             return per_sample(params, x1, x2, index1=index1, index2=index2)
         if batch == "whole":
             return whole_batch(params, x1, x2, index1=index1, index2=index2)
-        key = shapes_key(params, x1, x2, index1, index2)
+        key = _shapes_key(params, x1, x2, index1, index2)
         if key not in decisions and all(
             is_concrete(leaf) for leaf in jax.tree_util.tree_leaves((params, x1, x2))
         ):
@@ -776,6 +770,22 @@ def empirical_ntk_fn(
 
     checked.__wrapped__ = ntk  # type: ignore[attr-defined]
     return checked
+
+
+def _shapes_key(*trees: Any) -> tuple:
+    """The tree structure, shapes and dtypes of ``trees``: what a decision kept per input
+    shapes is keyed on."""
+    leaves = jax.tree_util.tree_leaves(trees)
+    return jax.tree_util.tree_structure(trees), tuple(
+        (np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves
+    )
+
+
+def _coupling_decisions(apply_fn) -> dict:
+    """Batch coupling of ``apply_fn`` found by :func:`empirical_ntk_matrix`'s probe, per
+    parameter and input shapes (one dict per ``apply_fn``, through :func:`_shared`)."""
+    del apply_fn
+    return {}
 
 
 # A batched call whose outputs or Jacobian-vector product differ from the per-example calls
@@ -794,11 +804,10 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
     f_batch = batched_fn(apply_fn, rebuild)
     f_single = per_sample_fn(apply_fn, rebuild)
     leaves, treedef = jax.tree_util.tree_flatten(trainable)
-    keys = jax.random.split(jax.random.key(20260), max(len(leaves), 1))
     tangent = jax.tree_util.tree_unflatten(treedef, [
-        jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
+        _probe_direction(leaf, index)
         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else jnp.zeros_like(leaf)
-        for k, leaf in zip(keys, leaves, strict=False)
+        for index, leaf in enumerate(leaves)
     ])
     gap = jnp.zeros(())
     for x in (x1, x2):
@@ -813,6 +822,16 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
             diff = jnp.max(jnp.abs(b - s)) / jnp.where(scale > 0, scale, 1.0)
             gap = jnp.maximum(gap, diff.astype(gap.dtype))
     return gap
+
+
+def _probe_direction(leaf, index: int) -> jax.Array:
+    """A fixed pseudo-random direction of ``leaf``'s shape and dtype, entries in [-1, 1): the
+    sine hash ``2 frac(43758.5453 sin(12.9898 k + 78.233 index)) - 1`` of each entry's flat
+    position ``k`` -- a few elementwise operations, where a PRNG sampler per leaf (threefry)
+    would make most of the probe's compile time."""
+    k = jnp.arange(np.size(leaf), dtype=jnp.float32).reshape(jnp.shape(leaf))
+    hashed = 43758.5453 * jnp.sin(12.9898 * k + 78.233 * index)
+    return (2.0 * (hashed - jnp.floor(hashed)) - 1.0).astype(jnp.result_type(leaf))
 
 
 def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
@@ -848,8 +867,29 @@ def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
     x2 = None if x2 is None else jnp.asarray(x2)
     with linen.intercept_methods(_reject_active_dropout):
         check_model_inputs(apply_fn, params, x1, x2)
-        gap = jax.jit(functools.partial(_coupling_gap, apply_fn))(params, x1, x2)
+        gap = _shared(_coupling_probe, apply_fn)(params, x1, x2)
     return bool(gap > _COUPLING_TOLERANCE)
+
+
+def _coupling_probe(apply_fn):
+    """:func:`_coupling_gap` of ``apply_fn``, jitted."""
+    return jax.jit(functools.partial(_coupling_gap, apply_fn))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(factory, *args):
+    return factory(*args)
+
+
+def _shared(factory: Callable, *args: Any) -> Any:
+    """``factory(*args)``, made once per configuration and reused by later calls with equal
+    (hashable) ``args`` -- so a jitted function built from it is traced and compiled once, not
+    once per call; unhashable ``args`` (an optax-style mask dict) get a fresh one."""
+    try:
+        hash(args)
+    except TypeError:
+        return factory(*args)
+    return _cached(factory, *args)
 
 
 def _checking_values(kernel: Callable) -> KernelFn:
@@ -921,7 +961,12 @@ def empirical_ntk_matrix(
     Blocks of x1 and x2 rows are evaluated with :func:`empirical_ntk_fn` through
     :func:`ntkjax.blocking.evaluate_in_blocks` (params are passed as traced arguments, so one
     compilation serves every block). With ``x2=None`` only the upper triangle of blocks is
-    computed and mirrored.
+    computed and mirrored, and each diagonal block is the kernel function's ``x2=None`` call
+    (each example's forward and cotangents computed once, the block exactly symmetric). The
+    block functions are made once per configuration (``apply_fn``, ``ntk_method``,
+    ``outputs``, a hashable ``params_filter``): a later call with the same input shapes
+    reuses their traces and compiled programs, and the batch-coupling probe's decision, so it
+    costs the kernel's own time.
 
     Args:
       apply_fn, ntk_method, outputs, params_filter: as in :func:`empirical_ntk_fn`
@@ -939,7 +984,8 @@ def empirical_ntk_matrix(
 
     Raises:
       ValueError: as :func:`empirical_ntk_fn`, and for a batch-coupled ``apply_fn``
-        (:func:`is_batch_coupled` on the first rows), whose kernel has no blocks.
+        (:func:`is_batch_coupled` on the first rows, probed once per ``apply_fn``, parameter
+        and input shapes), whose kernel has no blocks.
 
     Returns:
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; with ``out``
@@ -958,16 +1004,17 @@ def empirical_ntk_matrix(
             "empirical_ntk_matrix does not take outputs='logit' (its indices are per example); "
             "use ntkjax.empirical_ntk_fn(apply_fn, outputs='logit') on blocks of examples."
         )
-    ntk = empirical_ntk_fn(
-        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample",
-        params_filter=params_filter,
-    )
     check_pair(x1, x2)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
     check_model_inputs(apply_fn, params, x1[:1], None if x2 is None else x2[:1])
     rows = _PROBE_ROWS
-    if is_batch_coupled(apply_fn, params, x1[:rows], None if x2 is None else x2[:rows]):
+    probe_x2 = None if x2 is None else x2[:rows]
+    decisions = _shared(_coupling_decisions, apply_fn)
+    key = _shapes_key(params, x1[:rows], probe_x2)
+    if key not in decisions:  # probed once per shapes, like empirical_ntk_fn's batch="auto"
+        decisions[key] = is_batch_coupled(apply_fn, params, x1[:rows], probe_x2)
+    if decisions[key]:
         raise ValueError(
             "empirical_ntk_matrix: apply_fn couples the examples of a batch (its output on "
             "one example depends on the others, e.g. through a batch mean), so its kernel is "
@@ -975,9 +1022,8 @@ def empirical_ntk_matrix(
             "ntkjax.empirical_ntk_fn(apply_fn, batch='whole') on the whole batch."
         )
 
-    def block_fn(a, b, p):
-        return ntk(p, a, b)
-
+    block_fn, diagonal_fn = _shared(_matrix_block_fns, apply_fn, ntk_method, outputs,
+                                    params_filter)
     return evaluate_in_blocks(
         block_fn,
         x1,
@@ -989,12 +1035,33 @@ def empirical_ntk_matrix(
         description="empirical NTK blocks",
         devices=devices,
         out=out,
+        diagonal_fn=diagonal_fn,
         fingerprint=(
             f"empirical_ntk_matrix ntk_method={ntk_method} outputs={outputs} "
             f"apply_fn={describe_object(apply_fn)}"
             + ("" if params_filter is None else f" {_describe_filter(params_filter)}")
         ),
     )
+
+
+def _matrix_block_fns(apply_fn, ntk_method, outputs, params_filter):
+    """``(x1_block, x2_block, params) -> kernel block`` of :func:`empirical_ntk_matrix`, and
+    ``(x_block, params) -> kernel block`` for its diagonal blocks (the kernel function's
+    ``x2=None``: each row's per-sample work once); one pair per configuration
+    (:func:`_shared`), so that later calls find their traces and compiled programs in JAX's
+    caches instead of rebuilding them."""
+    ntk = empirical_ntk_fn(
+        apply_fn, ntk_method=ntk_method, outputs=outputs, batch="per_sample",
+        params_filter=params_filter,
+    )
+
+    def block_fn(a, b, p):
+        return ntk(p, a, b)
+
+    def diagonal_fn(a, p):
+        return ntk(p, a)
+
+    return block_fn, diagonal_fn
 
 
 def ntk_operator(
@@ -1301,14 +1368,10 @@ def projected_ntk_features(
             parts.append(np.asarray(block(params, x[start:start + rows], key)))
         return np.concatenate(parts, axis=0)
     anchor = x[:1]  # one column, not used: the store's rows are the examples
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    typed = bool(jnp.issubdtype(key.dtype, jax.dtypes.prng_key))
     key_data = jax.random.key_data(key) if typed else key  # the store records plain arrays
-
-    def rows_fn(a, _b, p, k):
-        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
-
     return evaluate_in_blocks(
-        rows_fn,
+        _shared(_projected_rows_fn, block, typed),
         x,
         anchor,
         fn_args=(params, key_data),
@@ -1336,17 +1399,23 @@ def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
     return int(max(1, min(x.shape[0], budget // max(per_row, 1))))
 
 
+def _projected_rows_fn(block, typed: bool):
+    """``(x_rows, anchor, params, key_data) -> (n, 1, O, D)``: the store's block function of
+    :func:`projected_ntk_features`, one per jitted ``block`` (:func:`_shared`), so a later
+    call finds its program compiled."""
+
+    def rows_fn(a, _b, p, k):
+        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
+
+    return rows_fn
+
+
 def _jitted_projection(apply_fn, dim, rank, params_filter):
     """The jitted block function, shared by calls with the same (hashable) configuration."""
-    try:
-        hash((apply_fn, params_filter))
-    except TypeError:  # a mask dict: compiled for this call
-        return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
-    return _cached_projection(apply_fn, dim, rank, params_filter)
+    return _shared(_jitted_projected_block, apply_fn, dim, rank, params_filter)
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_projection(apply_fn, dim, rank, params_filter):
+def _jitted_projected_block(apply_fn, dim, rank, params_filter):
     return jax.jit(_projected_feature_block(apply_fn, dim, rank, params_filter))
 
 

@@ -13,9 +13,11 @@ derivatives"). Without positions (an MLP) this is ``(X X'^T) * (D D'^T)``: two G
 layer and no per-sample weight gradient ever formed. With positions (convolutions, dense layers
 on sequences) the layer is computed either in this *factored* form or *materialized* as
 per-sample gradients ``G_i = sum_t x_t (x) delta_{i,t}`` contracted as ``<G_i, G'_j>``,
-whichever needs fewer FLOPs. A convolution is a dense layer on its input patches
-(``lax.conv_general_dilated_patches``); an embedding is a dense layer on one-hot tokens, so
-``x_t . x'_s = [token_t == token'_s]``.
+whichever needs fewer FLOPs. The factored form runs in blocks of the positions ``t`` (a
+``lax.scan`` over blocks of at most 32 MiB of pair products ``x_t . x'_s``, ``delta_t .
+delta'_s``), so its peak memory does not grow with ``T * S``. A convolution is a dense
+layer on its input patches (``lax.conv_general_dilated_patches``); an embedding is a dense
+layer on one-hot tokens, so ``x_t . x'_s = [token_t == token'_s]``.
 
 Layer inputs ``x`` are captured, and the cotangents ``delta`` obtained as gradients with respect
 to zero perturbations added to each layer's output, through ``flax.linen.intercept_methods``.
@@ -57,9 +59,10 @@ products pick their blocking and vector kernels by operand shape, and the factor
 materialized form is chosen per layer by FLOPs that depend on the block sizes, so a Gram entry
 computed in a block of 8 rows may differ in the last bits from the same entry in a block of
 512. What is exact is that a block of :func:`ntkjax.empirical_ntk_matrix` equals the kernel
-function on that block's (padded) rows, and that its mirrored symmetric evaluation equals the
-full grid. The materialized form computes all samples' ``G_i`` as one batched
-matmul with the outputs folded into its columns.
+function on that block's (padded) rows -- a diagonal block of its symmetric evaluation the
+kernel function's ``x2=None`` call, the other blocks those of the full grid. The
+materialized form computes all samples' ``G_i`` as one batched matmul with the outputs folded
+into its columns.
 """
 
 from __future__ import annotations
@@ -573,15 +576,7 @@ def _weight_term(
         b = _contract_outputs_first(d1[:, :, 0], d2[:, :, 0], outputs)
         return a.reshape(a.shape + (1,) * (b.ndim - 2)) * b
     if factored <= materialized:
-        if kind == "embed":
-            (ids1,), (ids2,) = x1, x2
-            a = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(d1.dtype)
-        else:
-            a = _sum_terms(
-                jnp.einsum("atk,bsk->atbs", p1, p2, precision=PRECISION)
-                for p1, p2 in zip(x1, x2, strict=True)
-            )
-        return _combine((scale * scale) * a + bias_sq, _delta_gram(d1, d2, outputs))
+        return _factored_term(kind, x1, d1, x2, d2, outputs, scale * scale, bias_sq)
 
     same = x2 is x1
 
@@ -605,6 +600,53 @@ def _weight_term(
     x1 = joined(x1)
     x2 = x1 if same else joined(x2)
     return _materialized_term(x1, d1, x2, d2, outputs)
+
+
+# Bytes of one token block's pair products in the factored form (x_t . x'_s and delta_t .
+# delta'_s, for a block of the first side's positions t against all positions s), so that its
+# peak memory does not grow with T * S (a fixed size: the block, hence the rounding, does not
+# depend on the machine's state).
+_PAIR_BLOCK_BYTES = 32 * 2**20
+
+
+def _factored_term(kind, x1, d1, x2, d2, outputs, scale_sq, bias_sq):
+    """``sum_{t,s} (scale_sq x_t . x'_s + bias_sq) (delta_t . delta'_s)`` as (n1, n2, ...), in
+    blocks of the positions ``t`` (``lax.scan``, one block's pair products at a time, at most
+    :data:`_PAIR_BLOCK_BYTES`): the ``(n1, T, n2, S)`` Gram arrays are never formed whole.
+    ``x1``, ``x2``: input parts (n, T, K_j), or token ids ((n, T),) for ``kind="embed"``."""
+    o, n1, t, _ = d1.shape
+    n2, s = d2.shape[1], d2.shape[2]
+
+    def pair(parts1, e1):
+        if kind == "embed":
+            (ids1,), (ids2,) = parts1, x2
+            a = (ids1[:, :, None, None] == ids2[None, None, :, :]).astype(e1.dtype)
+        else:
+            a = _sum_terms(
+                jnp.einsum("atk,bsk->atbs", p1, p2, precision=PRECISION)
+                for p1, p2 in zip(parts1, x2, strict=True)
+            )
+        return _combine(scale_sq * a + bias_sq, _delta_gram(e1, d2, outputs))
+
+    per_position = n1 * n2 * s * {"trace": 1, "diagonal": o}.get(outputs, o * o)
+    block = _largest_divisor_at_most(t, _PAIR_BLOCK_BYTES // (per_position * d1.dtype.itemsize))
+    if block == t:
+        return pair(x1, d1)
+
+    def blocks(v, axis):  # positions (axis) split into blocks of `block`, blocks first
+        v = v.reshape(*v.shape[:axis], -1, block, *v.shape[axis + 1:])
+        return jnp.moveaxis(v, axis, 0)
+
+    def step(total, chunk):
+        parts1, e1 = chunk
+        return total + pair(parts1, e1), None
+
+    first = pair(tuple(part[:, :block] for part in x1), d1[:, :, :block])
+    total, _ = jax.lax.scan(
+        step, first,
+        (tuple(blocks(part[:, block:], 1) for part in x1), blocks(d1[:, :, block:], 2)),
+    )
+    return total
 
 
 # Bytes of per-sample gradients computed at once by the materialized form: a chunk of outputs

@@ -345,11 +345,124 @@ def test_blocks_are_bit_for_bit_their_kernel_calls(method):
                                            outputs="full")
     grid = ntkjax.empirical_ntk_matrix(apply_fn, params, x, x, block_size=b, ntk_method=method,
                                        outputs="full")
-    np.testing.assert_array_equal(mirrored, grid)
     ntk = ntkjax.empirical_ntk_fn(apply_fn, ntk_method=method, batch="per_sample",
                                   outputs="full")
     for i in range(0, n, b):
+        m1 = min(b, n - i)
+        # a diagonal block of the symmetric run is the kernel function's x2=None call
+        block = np.asarray(ntk(params, pad_rows(x[i:i + b], b)))
+        np.testing.assert_array_equal(block[:m1, :m1], mirrored[i:i + m1, i:i + m1])
         for j in range(0, n, b):
             block = np.asarray(ntk(params, pad_rows(x[i:i + b], b), pad_rows(x[j:j + b], b)))
-            m1, m2 = min(b, n - i), min(b, n - j)
+            m2 = min(b, n - j)
             np.testing.assert_array_equal(block[:m1, :m2], grid[i:i + m1, j:j + m2])
+            if j != i:  # the off-diagonal blocks of the symmetric run, mirrored or not
+                np.testing.assert_array_equal(mirrored[i:i + m1, j:j + m2],
+                                              grid[i:i + m1, j:j + m2])
+
+
+def test_matrix_calls_after_the_first_neither_trace_nor_compile(monkeypatch):
+    """Per-call overhead of empirical_ntk_matrix, counted rather than timed: a second call
+    (same apply_fn, same shapes, new parameter values) runs the model's Python code zero times,
+    compiles nothing and does not probe for batch coupling again; the symmetric matrix that
+    fits one block is the kernel function's x2=None call bit for bit (its per-sample work done
+    once, not twice)."""
+    from jax import monitoring
+
+    from ntkjax import empirical
+
+    probes = []
+    probe = empirical.is_batch_coupled
+    monkeypatch.setattr(empirical, "is_batch_coupled",
+                        lambda *args: probes.append(1) or probe(*args))
+
+    model_apply, variables, tokens, _ = make_case("embed", n1=5)
+    moved = jax.tree_util.tree_map(lambda a: 1.5 * a, variables)
+    calls = []
+
+    def apply_fn(p, x):
+        calls.append(x.shape)
+        return model_apply(p, x)
+
+    compiles = []
+
+    def listen(event: str, duration_secs: float, **_: str | int) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration_secs)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        first = ntkjax.empirical_ntk_matrix(apply_fn, variables, tokens)
+        assert calls and compiles and probes == [1]
+        calls.clear()
+        compiles.clear()
+        probes.clear()
+        again = ntkjax.empirical_ntk_matrix(apply_fn, moved, tokens)
+        assert (calls, compiles, probes) == ([], [], [])
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    ntk = ntkjax.empirical_ntk_fn(apply_fn, batch="per_sample")
+    np.testing.assert_array_equal(first, np.asarray(ntk(variables, tokens)))
+    np.testing.assert_array_equal(again, np.asarray(ntk(moved, tokens)))
+
+
+@pytest.mark.parametrize("outputs", ["trace", "full"])
+def test_token_blocks_of_the_factored_form_give_the_jacobian_kernel(outputs, monkeypatch, x64):
+    """The factored form in blocks of one position (the smallest pair-product budget) against
+    the float64 Jacobian method and against the one-block factored form, on a sequence model
+    (Embed then Dense on 3 positions): equal to 1e-10."""
+    from ntkjax import structured
+
+    apply_fn, params, x1, x2 = make_case("embed", jnp.float64)
+    exact = ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian", outputs=outputs)(
+        params, x1, x2)
+
+    def factored():  # a new function per call: traced afresh
+        return jax.jit(lambda p, a, b: structured.structured_kernel(
+            apply_fn, p, a, b, outputs=outputs, form="factored"))
+
+    whole = factored()(params, x1, x2)
+    monkeypatch.setattr(structured, "_PAIR_BLOCK_BYTES", 1)  # blocks of one position
+    program = factored()
+    assert "scan" in str(program.trace(params, x1, x2).jaxpr)  # the blocks are there
+    blocked = program(params, x1, x2)
+    np.testing.assert_allclose(blocked, exact, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_symmetric_matrix_to_a_store_equals_the_one_in_memory(block_size, tmp_path):
+    """The zarr-store path of the symmetric matrix (diagonal blocks through the kernel's
+    x2=None program, compiled on first use) gives the in-memory result bit for bit, in one
+    block and in blocks of 2 (the last one padded)."""
+    apply_fn, params, x, _ = make_case("embed", n1=5)
+    in_memory = ntkjax.empirical_ntk_matrix(apply_fn, params, x, block_size=block_size)
+    stored = ntkjax.empirical_ntk_matrix(apply_fn, params, x, block_size=block_size,
+                                         out=tmp_path / "k.zarr")
+    np.testing.assert_array_equal(np.asarray(stored[:]), in_memory)
+    np.testing.assert_array_equal(in_memory, in_memory.T)
+
+
+def test_streamed_projected_features_compile_once(tmp_path):
+    """projected_ntk_features to a store: a second call (another store, same shapes) compiles
+    nothing and writes the same features (counted, not timed)."""
+    from jax import monitoring
+
+    apply_fn, params, x, _ = make_case("embed", n1=5)
+    compiles = []
+
+    def listen(event: str, duration_secs: float, **_: str | int) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration_secs)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        stores = []
+        for name in ("first.zarr", "second.zarr"):
+            compiles.clear()
+            stores.append(ntkjax.projected_ntk_features(
+                apply_fn, params, x, dim=16, key=jax.random.key(3), out=tmp_path / name))
+        assert compiles == []
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    np.testing.assert_array_equal(np.asarray(stores[0][:]), np.asarray(stores[1][:]))
