@@ -424,7 +424,11 @@ def _gelu_maps(
     """
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
-    _, _, w1, w2, uu, g = _erf_like_terms(c, q11, q22, 1.0)
+    # the row terms from the sorted pair of variances, per entry: computed per row, XLA:CPU
+    # fused them into jitted GELU networks with biases so that entries (i, j) and (j, i)
+    # differed in the last bit (~2 % of them); sorted, the two are one computation on the same
+    # operands (g, uu and w1 w2 are symmetric in the two variances)
+    _, _, w1, w2, uu, g = _erf_like_terms(c, jnp.minimum(q11, q22), jnp.maximum(q11, q22), 1.0)
     sg = jnp.sqrt(g)
     asin = jnp.arctan2(c * uu, sg)
     re1, re2 = _rsqrt1p(q11, 1.0), _rsqrt1p(q22, 1.0)
