@@ -1047,6 +1047,13 @@ def _row_kernel(x: jax.Array, diagonal: bool = False, mask: jax.Array | None = N
     kernel (a column of the right shape), and ``var1`` carries every input's exact
     self-covariances through the network (``var2`` that of the first input); with a position
     ``mask``, of the masked inputs (the placeholder takes the first input's mask)."""
+    if x.ndim == 2:  # feature vectors: with each input's scaled form (ScaledParts)
+        xs, e, s = _scaled_rows(x)
+        var = _stored_variances(xs, e, s)
+        parts = ScaledParts(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
+                            var2=var[:1], log2_scale1=s, log2_scale2=s[:1])
+        return Kernel(nngp=parts.nngp, ntk=parts.ntk, var1=var, var2=var[:1],
+                      width=x.shape[-1]).with_scaled(parts)
     var = _self_covariance(zero_masked(x, mask), diagonal)
     k = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)
