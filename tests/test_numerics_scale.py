@@ -66,8 +66,9 @@ def test_mlp_kernels_at_the_top_of_float32_match_float64(name):
         assert np.sum(np.isposinf(np.asarray(got.ntk))) >= 8
 
 
-@pytest.mark.parametrize("name", ["erf", "relu"])
-def test_mixed_magnitudes_with_and_without_x2_eager_and_jitted(name):
+@pytest.mark.parametrize(("name", "with_x2", "jit"), [("erf", False, True), ("erf", True, False),
+                                                     ("relu", True, True)])
+def test_mixed_magnitudes_with_and_without_x2_eager_and_jitted(name, with_x2, jit):
     """A batch mixing rows of size 1e20, 1e19, 1 and 1e-3 (each input has its own scale), with
     itself and against a second batch, eagerly and compiled, against float64 entry by entry
     (the small rows' kernels are not lost beside the large ones); x2 = None exactly
@@ -76,10 +77,10 @@ def test_mixed_magnitudes_with_and_without_x2_eager_and_jitted(name):
     x1 = jax.random.normal(key1, (4, 3), jnp.float32) * jnp.array([1e20, 1.0, 1e-3, 1e19])[:, None]
     x2 = jax.random.normal(key2, (3, 3), jnp.float32) * jnp.array([1.0, 1e20, 2.0])[:, None]
     fn = ntkjax.kernel_fn(_mlp(name))
-    for b in (None, x2):
+    for b in ((x2,) if with_x2 else (None,)):
         with jax.enable_x64(True):
             want = fn(x1.astype(jnp.float64), None if b is None else b.astype(jnp.float64))
-        for got in (fn(x1, b), jax.jit(fn)(x1, b)):
+        for got in ((jax.jit(fn)(x1, b),) if jit else (fn(x1, b),)):
             for field in ("nngp", "ntk"):
                 g, w = np.asarray(getattr(got, field)), np.asarray(getattr(want, field))
                 fits = np.abs(w) <= FLOAT32_MAX
@@ -96,22 +97,23 @@ def test_kernel_matrix_in_blocks_equals_kernel_fn_at_1e20():
     +inf). The output variances are the float64 ones."""
     x = jax.random.normal(jax.random.key(2), (5, 3), jnp.float32) * 1e20
     x2 = jax.random.normal(jax.random.key(3), (3, 3), jnp.float32) * 1e20
-    for name in ("erf", "relu"):
+    for name, b in (("erf", x2), ("relu", None)):
         module = _mlp(name)
-        for b in (None, x2):
-            whole = ntkjax.kernel_fn(module)(x, b)
-            blocks = ntkjax.kernel_matrix(module, x, b, block_size=2)
-            with jax.enable_x64(True):
-                want = ntkjax.kernel_fn(module)(x.astype(jnp.float64),
-                                                None if b is None else b.astype(jnp.float64))
-            for field in ("nngp", "ntk", "var1", "var2"):
-                got = np.asarray(getattr(blocks, field), np.float32)
-                _assert_float32_matches(got, getattr(want, field), f"{name} {field}")
-                ref = np.asarray(getattr(whole, field))
-                # compiled blocks against the eager whole: a few ulps, amplified near c = 1
-                scale = np.max(np.abs(ref[np.isfinite(ref)]), initial=1.0)
-                np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * scale,
-                                           err_msg=f"{name} {field}")
+        whole = ntkjax.kernel_fn(module)(x, b)
+        blocks = ntkjax.kernel_matrix(module, x, b, block_size=2)
+        with jax.enable_x64(True):
+            want = ntkjax.kernel_fn(module)(x.astype(jnp.float64),
+                                            None if b is None else b.astype(jnp.float64))
+        for field in ("nngp", "ntk", "var1", "var2"):
+            got = np.asarray(getattr(blocks, field), np.float32)
+            _assert_float32_matches(got, getattr(want, field), f"{name} {field}")
+            ref = np.asarray(getattr(whole, field))
+            # compiled blocks against the eager whole: a few ulps, amplified near c = 1
+            scale = np.max(np.abs(ref[np.isfinite(ref)]), initial=1.0)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * scale,
+                                       err_msg=f"{name} {field}")
+        if name == "relu":
+            assert np.sum(np.isposinf(got)) >= 3  # var2: inputs' variances ~1e40
 
 
 def test_float64_beyond_its_square_root_gives_the_arcsine_limit():
