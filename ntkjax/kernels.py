@@ -81,10 +81,10 @@ from ntkjax._kernel import (
     InputPair,
     Kernel,
     ScaledParts,
-    pow2,
     batch_diagonal,
     describe_foreign_call,
     position_diagonal,
+    pow2,
     traceback_frames,
 )
 from ntkjax._spectral import symmetrized

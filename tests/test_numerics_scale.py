@@ -9,8 +9,6 @@ of erf; positive homogeneity of bias-free ReLU networks under exact power-of-two
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import ntkjax
 from ntkjax import nn
 from ntkjax._meanings import declarations
-from ntkjax.kernels import input_kernel
+from ntkjax.kernels import Kernel, input_kernel
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 SCALE_AWARE = {"ntkjax.nn.Dense", "ntkjax.nn.relu", "ntkjax.nn.leaky_relu", "ntkjax.nn.ab_relu",
@@ -154,20 +152,20 @@ def test_rules_that_are_not_scale_aware_never_see_the_scaled_form():
     x = jax.random.normal(jax.random.key(5), (4, 3), jnp.float32) * jnp.array(
         [1e20, 1.0, 3e19, 2.0])[:, None]
     k = nn.Dense(3, b_std=0.5).apply({}, input_kernel(x))
-    assert k.scaled is not None
+    assert isinstance(k, Kernel) and k.scaled is not None
     np.testing.assert_array_equal(np.asarray(k.scaled.log2_scale1)[[1, 3]], [0, 0])
     plain = k.replace()  # the true kernels only
     assert plain.scaled is None
-    for layer in (functools.partial(nn.sin), nn.LayerNorm()):
-        out = layer(k) if not isinstance(layer, nn.LayerNorm) else layer.apply({}, k)
-        ref = layer(plain) if not isinstance(layer, nn.LayerNorm) else layer.apply({}, plain)
-        assert out.scaled is None
+    for layer in (nn.sin, lambda a: nn.LayerNorm().apply({}, a)):
+        out, ref = layer(k), layer(plain)
+        assert isinstance(out, Kernel) and isinstance(ref, Kernel) and out.scaled is None
         np.testing.assert_array_equal(np.asarray(out.nngp), np.asarray(ref.nngp))
     for derived in (k[jnp.array([2, 0]), jnp.array([1, 2, 3])], 3.0 * k):
         p = derived.scaled
         assert p is not None
         nngp, ntk, var1, var2 = p.true_kernels()
         np.testing.assert_array_equal(np.asarray(nngp), np.asarray(derived.nngp))
+        np.testing.assert_array_equal(np.asarray(ntk), np.asarray(derived.ntk))
         np.testing.assert_array_equal(np.asarray(var1), np.asarray(derived.var1))
         np.testing.assert_array_equal(np.asarray(var2), np.asarray(derived.var2))
     got = {d.name for d in declarations() if d.scale_aware}

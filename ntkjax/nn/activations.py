@@ -1435,26 +1435,30 @@ def _rbf_fn(x: jax.Array, gamma: float = 1.0) -> jax.Array:
 
 
 relu = Activation(
-    jax.nn.relu, _relu_maps, _relu_variance, name="relu", scaled_maps="homogeneous", relu_family=lambda: (0.0, 1.0),
+    jax.nn.relu, _relu_maps, _relu_variance, name="relu", scaled_maps="homogeneous",
+    relu_family=lambda: (0.0, 1.0),
     replaces={"relu": "", "maximum": "(if this is max(x, 0))"},
     doc="``max(x, 0)``; kernel: the arc-cosine kernel of degree 1 (Cho & Saul 2009), "
     "``sigma = sqrt(q11 q22) (sin t + (pi - t) cos t) / (2 pi)``, "
     "``sigma_dot = (pi - t) / (2 pi)``, ``t = arccos(c)``.",
 )
 leaky_relu = Activation(
-    _leaky_relu_fn, _leaky_relu_maps, _leaky_relu_variance, name="leaky_relu", scaled_maps="homogeneous",
+    _leaky_relu_fn, _leaky_relu_maps, _leaky_relu_variance, name="leaky_relu",
+    scaled_maps="homogeneous",
     relu_family=lambda negative_slope=0.01: (negative_slope, 1.0), replaces={"leaky_relu": ""},
     doc="``x if x > 0 else negative_slope * x`` (``leaky_relu(x, negative_slope=0.01)``); "
     "kernel as :data:`ab_relu` with ``a = negative_slope, b = 1``.",
 )
 ab_relu = Activation(
-    _ab_relu_fn, _ab_relu_maps, _ab_relu_variance, name="ab_relu", scaled_maps="homogeneous", relu_family=lambda a, b: (a, b),
+    _ab_relu_fn, _ab_relu_maps, _ab_relu_variance, name="ab_relu", scaled_maps="homogeneous",
+    relu_family=lambda a, b: (a, b),
     doc="``a * min(x, 0) + b * max(x, 0)`` (``ab_relu(x, a, b)``); with "
     "``phi(x) = a x + (b - a) relu(x)``: ``sigma = a b q12 + (b - a)^2 sqrt(q11 q22) kappa1(c)``, "
     "``sigma_dot = a b + (b - a)^2 kappa0(c)`` (arc-cosine kernels, Cho & Saul 2009).",
 )
 abs = Activation(
-    jnp.abs, _abs_maps, _abs_variance, name="abs", scaled_maps="homogeneous", relu_family=lambda: (-1.0, 1.0),
+    jnp.abs, _abs_maps, _abs_variance, name="abs", scaled_maps="homogeneous",
+    relu_family=lambda: (-1.0, 1.0),
     replaces={"abs": "", "absolute": ""},
     doc="``|x|``; kernel as :data:`ab_relu` with ``a = -1, b = 1``.",
 )
