@@ -171,8 +171,12 @@ def _rsqrt_det(k: float, c: jax.Array, q11: jax.Array, q22: jax.Array,
     s1, s2 = _sqrt0(q11), _sqrt0(q22)
     if p1 is not None and p2 is not None:
         big_l = jnp.hypot(p1 * p2, math.sqrt(k) * jnp.hypot(p2 * s1, p1 * s2))
-        # r^2 ~ k sqrt(true q11 q22) / 2 may overflow here: det = hypot(L, k s1 s2 sin t)^2
-        return 1 / jnp.hypot(big_l, k * (s1 * s2) * _sin_angle(c))
+        # r^2 ~ k sqrt(true q11 q22) / 2 may overflow here: det = hypot(L, k s1 s2 sin t)^2,
+        # sin t = 0 at |c| = 1 without the infinite derivative of sqrt at 0 (a NaN gradient)
+        sin2 = (1 - c) * (1 + c)
+        inside = sin2 > 0
+        sin_t = jnp.where(inside, jnp.sqrt(jnp.where(inside, sin2, 1)), 0)
+        return 1 / jnp.hypot(big_l, k * (s1 * s2) * sin_t)
     big_l = jnp.hypot(1.0, math.sqrt(k) * jnp.hypot(s1, s2))
     r = k * ((s1 * s2) / big_l)
     return jax.lax.rsqrt(1 + (r * r) * ((1 - c) * (1 + c))) / big_l
