@@ -40,10 +40,12 @@ __all__ = [
     "ForeignFunctionError",
     "InputPair",
     "Kernel",
+    "ScaledParts",
     "batch_diagonal",
     "describe_foreign_call",
     "join_masks",
     "position_diagonal",
+    "pow2",
     "traceback_frames",
 ]
 
@@ -55,6 +57,77 @@ class AllPairsRequired(ValueError):
     :func:`ntkjax.kernel_fn` never lets this happen on its own (it reads which layers mix
     positions off the module first); it reaches a user who applies such a layer to a
     same-position kernel directly."""
+
+
+def pow2(exponent: jax.Array, dtype: Any) -> jax.Array:
+    """``2^exponent`` (integer exponents) in ``dtype``, exactly (0 below the dtype's range, inf
+    above it).
+
+    >>> import jax.numpy as jnp
+    >>> pow2(jnp.array([-1, 3]), jnp.float32).tolist()
+    [0.5, 8.0]
+    """
+    return jnp.ldexp(jnp.ones(jnp.shape(exponent), dtype), exponent)
+
+
+@struct.dataclass
+class ScaledParts:
+    """The scaled form of a :class:`Kernel` (its :attr:`Kernel.scaled`): the same kernels
+    divided by per-input powers of two, so that inputs far beyond the dtype's square root
+    (float32 |x| ~ 1e20, whose input kernel ``x . x' / d`` ~ 1e40 overflows) keep O(1) stored
+    values through the layers whose rules read them (Dense, the ReLU family, erf, gaussian,
+    gabor).
+
+    ``true nngp[i, j] = nngp[i, j] 2^(log2_scale1[i] + log2_scale2[j])`` (likewise ``ntk``) and
+    ``true var1[i] = var1[i] 2^(2 log2_scale1[i])`` (``var2`` with ``log2_scale2``). Powers of
+    two make scaling and unscaling exact in every float dtype (no rounding), so the scaled form
+    changes no value that is representable.
+
+    Attributes:
+      nngp: (N1, N2) stored NNGP.
+      ntk: (N1, N2) stored NTK.
+      var1: (N1,) stored variances of x1.
+      var2: (N2,) stored variances of x2.
+      log2_scale1: (N1,) integer exponents of x1's inputs.
+      log2_scale2: (N2,) those of x2.
+
+    >>> import jax.numpy as jnp
+    >>> parts = ScaledParts(nngp=jnp.ones((1, 1)), ntk=jnp.zeros((1, 1)), var1=jnp.ones(1),
+    ...                     var2=jnp.ones(1), log2_scale1=jnp.array([3]),
+    ...                     log2_scale2=jnp.array([2]))
+    >>> parts.true_kernels()[0].tolist()  # 1 * 2^(3 + 2)
+    [[32.0]]
+    """
+
+    nngp: jax.Array
+    ntk: jax.Array
+    var1: jax.Array
+    var2: jax.Array
+    log2_scale1: jax.Array
+    log2_scale2: jax.Array
+
+    def replace(self, **changes: Any) -> ScaledParts:
+        """A copy with the given fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+    def inverse_scales(self) -> tuple[jax.Array, jax.Array]:
+        """``(2^-log2_scale1, 2^-log2_scale2)``: the stored value of a true 1 in each row is
+        their outer product (e.g. a dense layer's bias term ``b^2``)."""
+        dtype = self.nngp.dtype
+        return pow2(-self.log2_scale1, dtype), pow2(-self.log2_scale2, dtype)
+
+    def true_kernels(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``(nngp, ntk, var1, var2)`` unscaled: the true kernels (``+-inf`` where they overflow
+        the dtype, as a computation without the scale would give; never NaN from the
+        unscaling)."""
+        dtype = self.nngp.dtype
+        p1, p2 = pow2(self.log2_scale1, dtype), pow2(self.log2_scale2, dtype)
+
+        def pair(a: jax.Array) -> jax.Array:
+            return (a * p1[:, None]) * p2[None, :]
+
+        return (pair(self.nngp), pair(self.ntk), (self.var1 * p1) * p1,
+                (self.var2 * p2) * p2)
 
 
 def _union(*groups: tuple[str, ...]) -> tuple[str, ...]:
@@ -108,6 +181,15 @@ class Kernel:
         them, which changes nothing else (neural-tangents zeroes them after every layer: the
         same kernels).
       mask2: the same for x2 (the same array as ``mask1`` when :attr:`same_inputs`).
+      scaled: None, or the same kernel divided by per-input powers of two
+        (:class:`ScaledParts`), for kernels of feature vectors whose values would overflow the
+        dtype (float32 inputs |x| ~ 1e20). ``nngp``, ``ntk``, ``var1`` and ``var2`` are always
+        the true kernels (``+-inf`` where they overflow); ``scaled`` is read only by the rules
+        declared ``scale_aware`` (Dense, the ReLU family, erf, gaussian, gabor), which map it
+        alongside. Safe by construction: :meth:`replace` drops it unless the rule states the
+        new scaled form, so a rule that ignores it (any other layer) returns a kernel without
+        it, computed from the true kernels, exactly as without the scale. Public results
+        (:func:`ntkjax.kernel_fn`, :func:`ntkjax.kernel_matrix`) never carry it.
 
     Arithmetic follows the networks it describes: ``k1 + k2`` is the kernel of the sum of two
     independent branches (kernels add; valid when each branch, or all but one, ends in a dense
@@ -135,10 +217,27 @@ class Kernel:
     same_batch_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
     mask1: jax.Array | None = None
     mask2: jax.Array | None = None
+    scaled: ScaledParts | None = None
 
-    def replace(self, **changes: Any) -> Kernel:
-        """A copy with the given fields replaced (``dataclasses.replace``)."""
+    def replace(self, **changes: Any) -> Kernel:  # flax's own; set to _replace below
+        """A copy with the given fields replaced; see :meth:`_replace`."""
+        return self._replace(**changes)
+
+    def _replace(self, **changes: Any) -> Kernel:
+        """A copy with the given fields replaced (``dataclasses.replace``). The scaled form
+        (:attr:`scaled`) is dropped unless ``scaled`` is among the changes: a rule that maps
+        the kernels without stating their scaled form leaves none behind."""
+        changes.setdefault("scaled", None)
         return dataclasses.replace(self, **changes)
+
+    def with_scaled(self, parts: ScaledParts, **changes: Any) -> Kernel:
+        """This kernel with the scaled form ``parts`` and the true kernels unscaled from it
+        (:meth:`ScaledParts.true_kernels`), and the other ``changes`` (for the rules declared
+        ``scale_aware``)."""
+        nngp, ntk, var1, var2 = parts.true_kernels()
+        if self.same_inputs and changes.get("same_inputs", True):
+            var2 = var1
+        return self.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, scaled=parts, **changes)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -257,13 +356,15 @@ class Kernel:
                 f"{layer} needs the kernel between all pairs of positions, but this kernel "
                 "holds only same-position pairs (kernel_fn(module, position_pairs='same'))."
             )
-        return self.replace(all_pairs_layers=_union(self.all_pairs_layers, (layer,)))
+        return self.replace(all_pairs_layers=_union(self.all_pairs_layers, (layer,)),
+                            scaled=self.scaled)
 
     def noting_same_batch(self, layer: str) -> Kernel:
         """For layer rules whose result depends on :attr:`same_inputs`: this kernel with
         ``layer`` noted in :attr:`same_batch_layers` (a blocked evaluation, which treats blocks
         of one batch as pairs of batches, then refuses or evaluates the batch whole)."""
-        return self.replace(same_batch_layers=_union(self.same_batch_layers, (layer,)))
+        return self.replace(same_batch_layers=_union(self.same_batch_layers, (layer,)),
+                            scaled=self.scaled)
 
     def with_facts_of(self, *others: Kernel) -> Kernel:
         """This kernel with the static facts (:attr:`all_pairs_layers`,
@@ -272,6 +373,7 @@ class Kernel:
             all_pairs_layers=_union(self.all_pairs_layers, *(k.all_pairs_layers for k in others)),
             same_batch_layers=_union(self.same_batch_layers,
                                      *(k.same_batch_layers for k in others)),
+            scaled=self.scaled,
         )
 
     # ---------------------------------------------------------------- arithmetic
@@ -313,6 +415,11 @@ class Kernel:
                 f"kernel alpha^2 K); got {type(scale).__name__} of shape {jnp.shape(scale)}."
             )
         s2 = jnp.asarray(scale, self.dtype) ** 2
+        if self.scaled is not None:
+            p = self.scaled
+            pv2 = p.var1 * s2 if self.same_inputs else p.var2 * s2
+            return self.with_scaled(p.replace(nngp=p.nngp * s2, ntk=p.ntk * s2,
+                                              var1=p.var1 * s2, var2=pv2))
         var1, var2 = self.map_variances(lambda v: v * s2)
         return self.replace(nngp=self.nngp * s2, ntk=self.ntk * s2, var1=var1, var2=var2)
 
@@ -332,7 +439,12 @@ class Kernel:
         are indexed on their two batch axes, ``var1`` by ``rows`` and ``var2`` by ``cols``; the
         result is a kernel of two batches (``same_inputs`` False)."""
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
-        return self.replace(nngp=self.nngp[rows][:, cols], ntk=self.ntk[rows][:, cols],
+        p = self.scaled
+        if p is not None:
+            p = p.replace(nngp=p.nngp[rows][:, cols], ntk=p.ntk[rows][:, cols],
+                          var1=p.var1[rows], var2=p.var2[cols],
+                          log2_scale1=p.log2_scale1[rows], log2_scale2=p.log2_scale2[cols])
+        return self.replace(scaled=p,nngp=self.nngp[rows][:, cols], ntk=self.ntk[rows][:, cols],
                             var1=self.var1[rows], var2=self.var2[cols], same_inputs=False,
                             mask1=None if self.mask1 is None else self.mask1[rows],
                             mask2=None if self.mask2 is None else self.mask2[cols])
@@ -516,6 +628,10 @@ class InputPair:
         """The pair for rows ``index1`` of x1 and ``index2`` of x2."""
         return InputPair(self.first[index1], self.second[index2])
 
+
+# flax.struct.dataclass installs its own ``replace`` (plain dataclasses.replace), which would
+# keep a scaled form that no longer matches the kernels: Kernel's drops it.
+Kernel.replace = Kernel._replace  # type: ignore[method-assign]
 
 # Kernel's public home, where the API reference documents it (and pickles find it).
 Kernel.__module__ = "ntkjax.kernels"

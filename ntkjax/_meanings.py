@@ -147,6 +147,11 @@ class Declaration:
       all_pairs: its kernel needs every pair of positions (pooling, attention).
       batch_dependent: its meaning depends on the whole batch (e.g. a batch statistic).
       per_input_variances: its kernel reads each input's variances (non-linear layers).
+      scale_aware: its kernel rule maps a kernel's scaled form (``Kernel.scaled``: the kernels
+        divided by per-input powers of two, for inputs whose kernels would overflow the dtype)
+        alongside the true kernels. Every other rule reads only the true kernels, and the
+        kernel it returns has no scaled form (``Kernel.replace`` drops it), so a rule that
+        ignores the scale is impossible by construction.
       finite: whether it has a finite network (False for a kernel-only construction).
       instead: what to use instead, by unsupported meaning.
       replaces: names of JAX functions this layer stands in for, each with a note
@@ -166,6 +171,7 @@ class Declaration:
     all_pairs: bool = False
     batch_dependent: bool = False
     per_input_variances: bool = False
+    scale_aware: bool = False
     finite: bool = True
     instead: Mapping[str, str] = dataclasses.field(default_factory=dict)
     replaces: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -400,7 +406,8 @@ def meaning_rows(names: Sequence[str] | None = None) -> list[tuple[str, ...]]:
     for d in decls:
         facts = [fact for fact, on in (("all pairs", d.all_pairs),
                                        ("batch-dependent", d.batch_dependent),
-                                       ("per-input variances", d.per_input_variances)) if on]
+                                       ("per-input variances", d.per_input_variances),
+                                       ("scale-aware", d.scale_aware)) if on]
         rows.append((d.name, _cell(d, "finite"), _cell(d, "kernel"), _cell(d, "features"),
                      _cell(d, "structured"), ", ".join(facts) or "-"))
     return rows

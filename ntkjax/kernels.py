@@ -80,9 +80,11 @@ from ntkjax._kernel import (
     ForeignFunctionError,
     InputPair,
     Kernel,
+    ScaledParts,
     batch_diagonal,
     describe_foreign_call,
     position_diagonal,
+    pow2,
     traceback_frames,
 )
 from ntkjax._spectral import symmetrized
@@ -224,19 +226,44 @@ def input_kernel(
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
-    (x1s, s1), (x2s, s2) = _unit_scaled(x1), _unit_scaled(x2)
+    (x1s, e1, s1), (x2s, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
     gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST)
     # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
     gram = _symmetric_gram(gram, d) if same else gram / d
-    # the two scales undone one after the other, as products: XLA rewrites a / b / c into
-    # a / (b c), and s1 s2 underflows float32 for inputs of ~1e19 (a kernel of inf)
-    gram = gram * (1 / s1) * (1 / s2)
+    # each row's unit scale undone up to its stored scale, one factor after the other (XLA
+    # rewrites a / b / c into a / (b c), and such a product under- or overflows)
+    gram = (gram * pow2(e1 - s1, gram.dtype)[:, None]) * pow2(e2 - s2, gram.dtype)[None, :]
     if same:
         var1 = var2 = jnp.diagonal(gram)
     else:
-        var1, var2 = _self_covariance(x1), _self_covariance(x2)
-    return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=d,
-                  same_inputs=same)
+        var1, var2 = _stored_variances(x1s, e1, s1), _stored_variances(x2s, e2, s2)
+    parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
+                        log2_scale1=s1, log2_scale2=s2)
+    plain = Kernel(nngp=gram, ntk=parts.ntk, var1=var1, var2=var2, width=d, same_inputs=same)
+    return plain.with_scaled(parts)
+
+
+# Inputs whose largest entry is below 2^_UNSCALED_EXPONENT are stored unscaled (log2 scale 0:
+# their kernels are the plain ones, bit for bit); a larger one is stored divided by
+# 2^(e - _UNSCALED_EXPONENT) (its largest entry 2^e), so stored input kernels stay below 2^64
+# and the bounded activations' terms 2^-2s stay normal in float32 up to |x| ~ 2^94.
+_UNSCALED_EXPONENT = 32
+
+
+def _scaled_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x_unit, e, s)`` for inputs (N, d): each row ``x_i`` times ``2^-e_i``, ``e_i`` the
+    exponent that brings its largest entry into [0.5, 1) (exact: a power of two), and its
+    stored scale ``s_i = max(e_i - _UNSCALED_EXPONENT, 0)`` (:class:`ScaledParts`)."""
+    _, e = jnp.frexp(jnp.max(jnp.abs(x), axis=1))
+    e = jnp.where(jnp.isfinite(jnp.max(jnp.abs(x), axis=1)), e, 0)
+    return x * pow2(-e, x.dtype)[:, None], e, jnp.maximum(e - _UNSCALED_EXPONENT, 0)
+
+
+def _stored_variances(x_unit: jax.Array, e: jax.Array, s: jax.Array) -> jax.Array:
+    """Each row's ``x . x / d`` divided by ``2^(2 s)``, from its unit-scaled row."""
+    v = jnp.sum(x_unit * x_unit, axis=-1) / x_unit.shape[-1]
+    half = pow2(e - s, v.dtype)
+    return (v * half) * half
 
 
 def _symmetric_gram(gram: jax.Array, d: int) -> jax.Array:
@@ -518,14 +545,18 @@ def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
     out_tree = jax.tree_util.tree_structure(shapes)
     replay = jax_core.jaxpr_as_fun(closed)
     out = jax.tree_util.tree_unflatten(out_tree, replay(*leaves))
-    copy = k.replace(nngp=k.nngp + _opaque_zero(k.nngp))
+    zero = _opaque_zero(k.nngp if k.scaled is None else k.scaled.nngp)
+    copy = k.replace(nngp=k.nngp + zero, scaled=None if k.scaled is None else
+                     k.scaled.replace(nngp=k.scaled.nngp + zero))
     again = jax.tree_util.tree_unflatten(out_tree, replay(*jax.tree_util.tree_leaves(copy)))
     return out.replace(nngp=again.nngp)
 
 
 def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
                     args: dict[str, InputPair] | None = None) -> Kernel:
-    return _two_graphs(lambda k: _apply_to_kernel(module, k, args), input_kernel(x1, x2))
+    # the result's true kernels only: its scaled form never leaves kernel_fn
+    return _two_graphs(lambda k: _apply_to_kernel(module, k, args),
+                       input_kernel(x1, x2)).replace()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1016,6 +1047,13 @@ def _row_kernel(x: jax.Array, diagonal: bool = False, mask: jax.Array | None = N
     kernel (a column of the right shape), and ``var1`` carries every input's exact
     self-covariances through the network (``var2`` that of the first input); with a position
     ``mask``, of the masked inputs (the placeholder takes the first input's mask)."""
+    if x.ndim == 2:  # feature vectors: with each input's scaled form (ScaledParts)
+        xs, e, s = _scaled_rows(x)
+        var = _stored_variances(xs, e, s)
+        parts = ScaledParts(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
+                            var2=var[:1], log2_scale1=s, log2_scale2=s[:1])
+        return Kernel(nngp=parts.nngp, ntk=parts.ntk, var1=var, var2=var[:1],
+                      width=x.shape[-1]).with_scaled(parts)
     var = _self_covariance(zero_masked(x, mask), diagonal)
     k = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax._checks import float_dtype
-from ntkjax._kernel import Kernel
+from ntkjax._kernel import Kernel, pow2
 from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 
 __all__ = [
@@ -156,13 +156,27 @@ def _rsqrt1p(q: jax.Array, k: float) -> jax.Array:
                      jax.lax.rsqrt(1 + k * qsmall))
 
 
-def _rsqrt_det(k: float, c: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
+def _rsqrt_det(k: float, c: jax.Array, q11: jax.Array, q22: jax.Array,
+               p1: jax.Array | None = None, p2: jax.Array | None = None) -> jax.Array:
     """``1 / sqrt(det)``, ``det = (1 + k q11)(1 + k q22) - k^2 q12^2 = L^2 + k^2 q11 q22 (1 - c^2)``
     with ``L = sqrt(1 + k (q11 + q22))`` (the determinant of the erf, GELU, Gaussian and Gabor
     integrals), scaled before squaring: ``det = L^2 (1 + r^2 (1 - c^2))``, ``r = k sqrt(q11 q22)
     / L <= sqrt(k sqrt(q11 q22) / 2)``, and ``L`` by ``hypot`` -- so neither ``det`` (~q^2, which
-    overflows float32 from q ~ 1e19) nor any square of a variance is formed."""
+    overflows float32 from q ~ 1e19) nor any square of a variance is formed.
+
+    Scaled variances (``Kernel.scaled``: true ``q = q_stored / p^2``, ``p = 2^-s`` per input):
+    with ``p1``, ``p2`` given, the ``1`` of each factor is ``p^2`` and the result is the true
+    ``1 / sqrt(det)`` times ``2^(s1 + s2)``: ``L^2 = (p1 p2)^2 + k ((p2 s1)^2 + (p1 s2)^2)`` and
+    ``det = hypot(L, k s1 s2 sqrt(1 - c^2))^2``."""
     s1, s2 = _sqrt0(q11), _sqrt0(q22)
+    if p1 is not None and p2 is not None:
+        big_l = jnp.hypot(p1 * p2, math.sqrt(k) * jnp.hypot(p2 * s1, p1 * s2))
+        # r^2 ~ k sqrt(true q11 q22) / 2 may overflow here: det = hypot(L, k s1 s2 sin t)^2,
+        # sin t = 0 at |c| = 1 without the infinite derivative of sqrt at 0 (a NaN gradient)
+        sin2 = (1 - c) * (1 + c)
+        inside = sin2 > 0
+        sin_t = jnp.where(inside, jnp.sqrt(jnp.where(inside, sin2, 1)), 0)
+        return 1 / jnp.hypot(big_l, k * (s1 * s2) * sin_t)
     big_l = jnp.hypot(1.0, math.sqrt(k) * jnp.hypot(s1, s2))
     r = k * ((s1 * s2) / big_l)
     return jax.lax.rsqrt(1 + (r * r) * ((1 - c) * (1 + c))) / big_l
@@ -311,30 +325,43 @@ def _identity_variance(q: jax.Array) -> jax.Array:
     return jnp.asarray(q)
 
 
-def _erf_like_terms(c, q11, q22, k):
+def _erf_like_terms(c, q11, q22, k, t1=None, t2=None):
     """Row terms for erf (k = 2) and GELU (k = 1): ``e = 1/(1 + k q)``, ``w = q e`` and
     ``g = 1 - rho^2 = e1 + e2 - e1 e2 + k^2 w1 w2 (1 - c^2)`` with ``rho = k c sqrt(w1 w2)``
     -- positive and free of cancellation at any scale. ``w = (1 - e) / k`` once ``e <= 1/2``,
-    which stays right (``1/k``) where ``1 + k q`` overflows and ``e`` is 0."""
-    e1, e2 = 1 / (1 + k * q11), 1 / (1 + k * q22)
-    w1 = jnp.where(e1 > 0.5, q11 * e1, (1 - e1) / k)
-    w2 = jnp.where(e2 > 0.5, q22 * e2, (1 - e2) / k)
+    which stays right (``1/k``) where ``1 + k q`` overflows and ``e`` is 0. Scaled variances
+    (true ``q = q_stored / t``, ``t = 2^-2s``; ``t1``, ``t2`` given): ``e = t / (t + k q)`` and
+    ``w = q / (t + k q)``, the same (scale-free) terms."""
+    if t1 is None or t2 is None:
+        e1, e2 = 1 / (1 + k * q11), 1 / (1 + k * q22)
+        w1 = jnp.where(e1 > 0.5, q11 * e1, (1 - e1) / k)
+        w2 = jnp.where(e2 > 0.5, q22 * e2, (1 - e2) / k)
+    else:
+        i1, i2 = 1 / (t1 + k * q11), 1 / (t2 + k * q22)
+        e1, e2 = t1 * i1, t2 * i2
+        w1 = jnp.where(e1 > 0.5, q11 * i1, (1 - e1) / k)
+        w2 = jnp.where(e2 > 0.5, q22 * i2, (1 - e2) / k)
     uu = _sqrt0(w1) * _sqrt0(w2)
     g = e1 + e2 - e1 * e2 + (k * k) * (w1 * w2) * ((1 - c) * (1 + c))
     return e1, e2, w1, w2, uu, g
 
 
-def _erf_unit_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMaps:
+def _erf_unit_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array,
+                   scales: tuple[jax.Array, jax.Array] | None = None) -> ActivationMaps:
     """``phi = erf``: ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))`` and
     ``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997).
 
     Computed as ``arcsin(rho) = atan2(rho, sqrt(1 - rho^2))`` with ``1 - rho^2`` from row terms,
     and ``sigma_dot`` by :func:`_rsqrt_det` (finite up to the dtype's largest variance).
+    With ``scales = (p1, p2)`` (scaled variances, :func:`_scaled_erf_maps`) the true ``sigma``
+    and ``sigma_dot 2^(s1 + s2)``.
     """
     c = correlation(q12, q11, q22)
-    _, _, _, _, uu, g = _erf_like_terms(c, q11, q22, 2.0)
+    p1, p2 = (None, None) if scales is None else scales
+    t1, t2 = (None, None) if p1 is None or p2 is None else (p1 * p1, p2 * p2)
+    _, _, _, _, uu, g = _erf_like_terms(c, q11, q22, 2.0, t1, t2)
     sigma = (2 / _PI) * jnp.arctan2(2 * c * uu, jnp.sqrt(g))
-    sigma_dot = (4 / _PI) * _rsqrt_det(2.0, c, q11, q22)
+    sigma_dot = (4 / _PI) * _rsqrt_det(2.0, c, q11, q22, p1, p2)
     return ActivationMaps(sigma, sigma_dot)
 
 
@@ -348,6 +375,21 @@ def _erf_maps(
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     b2 = float(b) * float(b)
     unit = _erf_unit_maps(b2 * q12, b2 * q11, b2 * q22)
+    a2 = float(a) * float(a)
+    return ActivationMaps(a2 * unit.sigma + float(c) ** 2, (a2 * b2) * unit.sigma_dot)
+
+
+def _scaled_erf_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, s1: jax.Array, s2: jax.Array,
+    a: float = 1.0, b: float = 1.0, c: float = 0.0,
+) -> ActivationMaps:
+    """:func:`_erf_maps` of scaled variances (true ``q = q_stored 2^(s1 + s2)``): the true
+    ``sigma`` (bounded: its scale is 0) and ``sigma_dot 2^(s1 + s2)``, the factor that maps the
+    stored NTK to the true one. Williams' ``1 + 2 q`` becomes ``2^-2s + 2 q_stored``."""
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    b2 = float(b) * float(b)
+    scales = (pow2(-s1, q11.dtype), pow2(-s2, q22.dtype))
+    unit = _erf_unit_maps(b2 * q12, b2 * q11, b2 * q22, scales)
     a2 = float(a) * float(a)
     return ActivationMaps(a2 * unit.sigma + float(c) ** 2, (a2 * b2) * unit.sigma_dot)
 
@@ -386,7 +428,11 @@ def _gelu_maps(
     """
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     c = correlation(q12, q11, q22)
-    _, _, w1, w2, uu, g = _erf_like_terms(c, q11, q22, 1.0)
+    # the row terms from the sorted pair of variances, per entry: computed per row, XLA:CPU
+    # fused them into jitted GELU networks with biases so that entries (i, j) and (j, i)
+    # differed in the last bit (~2 % of them); sorted, the two are one computation on the same
+    # operands (g, uu and w1 w2 are symmetric in the two variances)
+    _, _, w1, w2, uu, g = _erf_like_terms(c, jnp.minimum(q11, q22), jnp.maximum(q11, q22), 1.0)
     sg = jnp.sqrt(g)
     asin = jnp.arctan2(c * uu, sg)
     re1, re2 = _rsqrt1p(q11, 1.0), _rsqrt1p(q22, 1.0)
@@ -577,6 +623,25 @@ def _gaussian_maps(
     a2 = float(a) ** 2
     cross = c * ((_sqrt0(q11) * h) * (_sqrt0(q22) * h)) * h
     return ActivationMaps(a2 * h, (a2 * 4 * float(b) ** 2) * cross)
+
+
+def _scaled_gaussian_maps(
+    q12: jax.Array, q11: jax.Array, q22: jax.Array, s1: jax.Array, s2: jax.Array,
+    a: float = 1.0, b: float = -1.0,
+) -> ActivationMaps:
+    """:func:`_gaussian_maps` of scaled variances (true ``q = q_stored 2^(s1 + s2)``): with
+    ``h = 2^(s1 + s2) / sqrt(det)`` (:func:`_rsqrt_det` with the scales) the true
+    ``sigma = a^2 h p1 p2`` (``p = 2^-s``) and ``sigma_dot 2^(s1 + s2) = 4 a^2 b^2 c
+    (sqrt(q11) h)(sqrt(q22) h)(h p1 p2)`` (stored ``q``)."""
+    _check_gaussian_b(b)
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    p1, p2 = pow2(-s1, q11.dtype), pow2(-s2, q22.dtype)
+    c = correlation(q12, q11, q22)
+    h = _rsqrt_det(-2.0 * float(b), c, q11, q22, p1, p2)
+    a2 = float(a) ** 2
+    unscaled = (h * p1) * p2  # the true 1 / sqrt(det)
+    cross = c * ((_sqrt0(q11) * h) * (_sqrt0(q22) * h)) * unscaled
+    return ActivationMaps(a2 * unscaled, (a2 * 4 * float(b) ** 2) * cross)
 
 
 def _gaussian_variance(q: jax.Array, a: float = 1.0, b: float = -1.0) -> jax.Array:
@@ -889,7 +954,8 @@ def _gabor_gaps_jvp(primals, tangents):
     return _gabor_gaps(z, a1, a2), (da1 + da2 - 2 * dz, a2 * da1 + a1 * da2 - 2 * z * dz)
 
 
-def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
+def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array,
+                 s1: jax.Array | None = None, s2: jax.Array | None = None) -> jax.Array:
     """``E[exp(-u^2 - v^2) sin u sin v]``: writing ``sin u sin v = (cos(u - v) - cos(u + v))/2``
     and using ``E[exp(-x^T x + i t^T x)] = det(I + 2 S)^{-1/2} exp(-t^T S (I + 2 S)^{-1} t / 2)``
     for ``x ~ N(0, S)``: with ``D = det(I + 2S) = 1 + 2 (q11 + q22) + 4 Delta``,
@@ -902,14 +968,33 @@ def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
     ``p`` the power of two with ``p <= sqrt(max(q11, q22, 1)) < 2p``, everything is written in
     ``a = q / M``, ``z = q12 / M`` (<= 4 in magnitude) and ``d / M = 1/M + 2 (a1 + a2) + 4 M
     delta`` (``delta = Delta / M^2``); the exponent as ``-(1 - 1/D)/2 + (q11 + q22 - 2 q12) /
-    (2D)``, whose second term has no cancellation (:func:`_gabor_gaps`)."""
-    t = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(jnp.maximum(q11, q22), 1)))
-    _, exponent = jnp.frexp(t)
-    p = jnp.ldexp(jnp.ones_like(t), exponent - 1)
-    pinv = jnp.ldexp(jnp.ones_like(t), 1 - exponent)
-    a1, a2, z = (q11 * pinv) * pinv, (q22 * pinv) * pinv, (q12 * pinv) * pinv
-    dist, delta = _gabor_gaps(z, a1, a2)
-    dm = pinv * pinv + 2 * (a1 + a2) + 4 * ((p * p) * delta)  # D / M, possibly +inf
+    (2D)``, whose second term has no cancellation (:func:`_gabor_gaps`).
+
+    Scaled variances (``s1``, ``s2`` given: true ``q = q_stored 2^(s1 + s2)``): ``p`` is found
+    from the stored variances brought to the pair's larger scale, and ``a``, ``z`` are the
+    stored ones times exact powers of two; the result is the true ``sigma``."""
+    if s1 is None or s2 is None:
+        t = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(jnp.maximum(q11, q22), 1)))
+        _, exponent = jnp.frexp(t)
+        p = jnp.ldexp(jnp.ones_like(t), exponent - 1)
+        pinv = jnp.ldexp(jnp.ones_like(t), 1 - exponent)
+        a1, a2, z = (q11 * pinv) * pinv, (q22 * pinv) * pinv, (q12 * pinv) * pinv
+        dist, delta = _gabor_gaps(z, a1, a2)
+        dm = pinv * pinv + 2 * (a1 + a2) + 4 * ((p * p) * delta)  # D / M, possibly +inf
+    else:
+        top = jnp.maximum(s1, s2)
+        g1, g2 = pow2(s1 - top, q11.dtype), pow2(s2 - top, q22.dtype)  # <= 1
+        floor = pow2(-top, q11.dtype)  # a true 1 at the larger scale
+        t = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(
+            jnp.maximum((q11 * g1) * g1, (q22 * g2) * g2), floor * floor)))
+        _, exponent = jnp.frexp(t)  # true sqrt(max(q11, q22, 1)) ~ 2^(exponent + top)
+        f1, f2 = pow2(1 - exponent + s1 - top, q11.dtype), pow2(1 - exponent + s2 - top, q22.dtype)
+        p = pow2(exponent + top - 1, q11.dtype)
+        pinv = pow2(1 - exponent - top, q11.dtype)
+        a1, a2, z = (q11 * f1) * f1, (q22 * f2) * f2, (q12 * f1) * f2
+        dist, delta = _gabor_gaps(z, a1, a2)
+        # p delta p, not (p p) delta: p^2 may overflow where delta is exactly 0
+        dm = pinv * pinv + 2 * (a1 + a2) + 4 * ((p * delta) * p)
     h = jax.lax.rsqrt(dm) * pinv  # 1 / sqrt(D)
     e_plus = jnp.exp(-0.5 * (1 - h * h) + dist / (2 * dm))
     return e_plus * jnp.expm1(2 * z / dm) * (0.5 * h)
@@ -922,6 +1007,18 @@ def _gabor_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> ActivationMap
     shape = jnp.broadcast_shapes(q12.shape, q11.shape, q22.shape)
     q12 = jnp.broadcast_to(q12, shape)
     sigma, sigma_dot = jax.jvp(lambda q: _gabor_sigma(q, q11, q22), (q12,), (jnp.ones_like(q12),))
+    return ActivationMaps(sigma, sigma_dot)
+
+
+def _scaled_gabor_maps(q12: jax.Array, q11: jax.Array, q22: jax.Array, s1: jax.Array,
+                       s2: jax.Array) -> ActivationMaps:
+    """:func:`_gabor_maps` of scaled variances: the true ``sigma`` and, differentiating by the
+    stored ``q12``, ``sigma_dot 2^(s1 + s2)``."""
+    q12, q11, q22 = _broadcast_stats(q12, q11, q22)
+    shape = jnp.broadcast_shapes(q12.shape, q11.shape, q22.shape)
+    q12 = jnp.broadcast_to(q12, shape)
+    sigma, sigma_dot = jax.jvp(lambda q: _gabor_sigma(q, q11, q22, s1, s2), (q12,),
+                               (jnp.ones_like(q12),))
     return ActivationMaps(sigma, sigma_dot)
 
 
@@ -1032,6 +1129,15 @@ def _fusion_boundary(v: jax.Array) -> jax.Array:
     return jnp.sort(jnp.stack([v, v], axis=-1), axis=-1)[..., 0]
 
 
+def _check_gaussian_input(k: Kernel, name: str | None) -> None:
+    if name is not None and k.non_gaussian:
+        raise ValueError(
+            f"activation {name} needs Gaussian pre-activations, but its input comes from "
+            f"{k.non_gaussian}, whose outputs are not Gaussian in the infinite-width limit; put "
+            "a Dense (or Conv) layer before the activation."
+        )
+
+
 def activation_kernel(
     k: Kernel,
     maps: Callable[..., ActivationMaps],
@@ -1053,12 +1159,7 @@ def activation_kernel(
     The maps hold for Gaussian pre-activations: with ``name`` given, an input kernel marked
     non-Gaussian (:attr:`ntkjax.Kernel.non_gaussian`) raises a ValueError and the output is
     marked ``name`` (without ``name``, the mark passes through unchecked)."""
-    if name is not None and k.non_gaussian:
-        raise ValueError(
-            f"activation {name} needs Gaussian pre-activations, but its input comes from "
-            f"{k.non_gaussian}, whose outputs are not Gaussian in the infinite-width limit; put "
-            "a Dense (or Conv) layer before the activation."
-        )
+    _check_gaussian_input(k, name)
     nd = k.spatial_ndim
     if nd == 0 or k.diagonal_spatial:
         d1, d2 = k.position_variances()
@@ -1122,6 +1223,13 @@ class Activation:
         features).
       replaces: JAX functions this activation stands in for, each with a note
         (``{"relu": ""}``): the hint of :class:`ntkjax.kernels.ForeignFunctionError`.
+      scaled_maps: how the rule maps a kernel's scaled form (:attr:`ntkjax.Kernel.scaled`,
+        kernels of inputs far beyond the dtype's square root): ``"homogeneous"`` for maps
+        positively homogeneous of degree 1 in ``(q12, q11, q22)`` with ``sigma_dot`` of degree
+        0 (the ReLU family: the maps apply to the stored kernels, which keep their scales), or
+        ``scaled_maps(q12, q11, q22, s1, s2, *params)`` of the stored kernels and the inputs'
+        exponents returning the true ``sigma`` and ``sigma_dot 2^(s1 + s2)`` (a bounded
+        activation: the output has scale 0). None: the rule reads the true kernels only.
 
     The activation's meanings -- finite, kernel, random features, structured NTK -- are its
     :func:`~ntkjax.nn.declaration_of` (``act.meanings``), derived from these arguments.
@@ -1149,8 +1257,10 @@ class Activation:
         relu_family: Callable[..., tuple[float, float]] | None = None,
         finite: bool = True,
         replaces: Mapping[str, str] | None = None,
+        scaled_maps: Callable[..., ActivationMaps] | str | None = None,
     ) -> None:
         self.fn = fn
+        self.scaled_maps = scaled_maps
         self.linear = bool(linear)
         self.maps = maps
         self.variance = variance
@@ -1162,6 +1272,7 @@ class Activation:
             layer=self, name=f"ntkjax.nn.{name}", kernel=activation_kernel,
             features=_activation_features if finite else None,
             structured="parameter-free", per_input_variances=not linear, finite=finite,
+            scale_aware=scaled_maps is not None,
             replaces=dict(replaces or {}),
             instead={"features": "it has no finite function to expand; use ntkjax.kernel_fn."},
         )
@@ -1174,6 +1285,8 @@ class Activation:
             return self.meanings.on_features(
                 x, lambda k: self(k, *params, **kw_params), self, params, kw_params)
         if isinstance(x, Kernel):
+            if x.scaled is not None and self.scaled_maps is not None and x.spatial_ndim == 0:
+                return self._scaled_kernel(x, params, kw_params)
             out = activation_kernel(
                 x,
                 lambda q12, q11, q22: self.kernel_maps(q12, q11, q22, *params, **kw_params),
@@ -1182,6 +1295,38 @@ class Activation:
             )
             return out
         return self.fn(x, *params, **kw_params)
+
+    def _scaled_kernel(self, k: Kernel, params: tuple, kw_params: dict) -> Kernel:
+        """The kernel rule on a kernel with a scaled form (``scaled_maps``): homogeneous maps
+        on the stored kernels, which keep their scales; else the scaled maps, whose output is
+        the true kernel (scale 0, no scaled form)."""
+        name = None if self.linear else f"ntkjax.nn.{self.__name__}"
+        _check_gaussian_input(k, name)
+        p = k.scaled
+        assert p is not None
+        if self.scaled_maps == "homogeneous":
+            sigma, sigma_dot = self.kernel_maps(p.nngp, p.var1[:, None], p.var2[None, :],
+                                                *params, **kw_params)
+            var1 = _fusion_boundary(self.kernel_variance(p.var1, *params, **kw_params))
+            var2 = var1 if k.same_inputs else _fusion_boundary(
+                self.kernel_variance(p.var2, *params, **kw_params))
+            parts = p.replace(nngp=sigma, ntk=p.ntk * sigma_dot, var1=var1, var2=var2)
+            return k.with_scaled(parts, non_gaussian=k.non_gaussian if name is None else name)
+        if not callable(self.scaled_maps):
+            raise ValueError(f"scaled_maps must be 'homogeneous' or a function, got "
+                             f"{self.scaled_maps!r}.")
+        scaled_maps = self.scaled_maps
+        sigma, sigma_dot = scaled_maps(p.nngp, p.var1[:, None], p.var2[None, :],
+                                       p.log2_scale1[:, None], p.log2_scale2[None, :],
+                                       *params, **kw_params)
+
+        def variance(v: jax.Array, s: jax.Array) -> jax.Array:
+            return _fusion_boundary(scaled_maps(v, v, v, s, s, *params, **kw_params).sigma)
+
+        var1 = variance(p.var1, p.log2_scale1)
+        var2 = var1 if k.same_inputs else variance(p.var2, p.log2_scale2)
+        return k.replace(nngp=sigma, ntk=p.ntk * sigma_dot, var1=var1, var2=var2,
+                         non_gaussian=k.non_gaussian if name is None else name)
 
     def _bound_fn(self, params: tuple, kw_params: dict) -> Callable[[jax.Array], jax.Array]:
         return lambda u: self.fn(u, *params, **kw_params)
@@ -1294,7 +1439,8 @@ def _rbf_fn(x: jax.Array, gamma: float = 1.0) -> jax.Array:
 
 
 relu = Activation(
-    jax.nn.relu, _relu_maps, _relu_variance, name="relu", relu_family=lambda: (0.0, 1.0),
+    jax.nn.relu, _relu_maps, _relu_variance, name="relu", scaled_maps="homogeneous",
+    relu_family=lambda: (0.0, 1.0),
     replaces={"relu": "", "maximum": "(if this is max(x, 0))"},
     doc="``max(x, 0)``; kernel: the arc-cosine kernel of degree 1 (Cho & Saul 2009), "
     "``sigma = sqrt(q11 q22) (sin t + (pi - t) cos t) / (2 pi)``, "
@@ -1302,23 +1448,27 @@ relu = Activation(
 )
 leaky_relu = Activation(
     _leaky_relu_fn, _leaky_relu_maps, _leaky_relu_variance, name="leaky_relu",
+    scaled_maps="homogeneous",
     relu_family=lambda negative_slope=0.01: (negative_slope, 1.0), replaces={"leaky_relu": ""},
     doc="``x if x > 0 else negative_slope * x`` (``leaky_relu(x, negative_slope=0.01)``); "
     "kernel as :data:`ab_relu` with ``a = negative_slope, b = 1``.",
 )
 ab_relu = Activation(
-    _ab_relu_fn, _ab_relu_maps, _ab_relu_variance, name="ab_relu", relu_family=lambda a, b: (a, b),
+    _ab_relu_fn, _ab_relu_maps, _ab_relu_variance, name="ab_relu", scaled_maps="homogeneous",
+    relu_family=lambda a, b: (a, b),
     doc="``a * min(x, 0) + b * max(x, 0)`` (``ab_relu(x, a, b)``); with "
     "``phi(x) = a x + (b - a) relu(x)``: ``sigma = a b q12 + (b - a)^2 sqrt(q11 q22) kappa1(c)``, "
     "``sigma_dot = a b + (b - a)^2 kappa0(c)`` (arc-cosine kernels, Cho & Saul 2009).",
 )
 abs = Activation(
-    jnp.abs, _abs_maps, _abs_variance, name="abs", relu_family=lambda: (-1.0, 1.0),
+    jnp.abs, _abs_maps, _abs_variance, name="abs", scaled_maps="homogeneous",
+    relu_family=lambda: (-1.0, 1.0),
     replaces={"abs": "", "absolute": ""},
     doc="``|x|``; kernel as :data:`ab_relu` with ``a = -1, b = 1``.",
 )
 erf = Activation(
     _erf_fn, _erf_maps, _erf_variance, name="erf", replaces={"erf": ""},
+    scaled_maps=_scaled_erf_maps,
     doc="``a * erf(b * x) + c`` (``erf(x, a=1, b=1, c=0)``, neural-tangents' ``Erf(a, b, c)``); "
     "for ``erf``: ``sigma = (2/pi) arcsin(2 q12 / sqrt((1 + 2 q11)(1 + 2 q22)))``, "
     "``sigma_dot = (4/pi) / sqrt((1 + 2 q11)(1 + 2 q22) - 4 q12^2)`` (Williams 1997); with "
@@ -1371,6 +1521,7 @@ exp = Activation(
 )
 gaussian = Activation(
     _gaussian_fn, _gaussian_maps, _gaussian_variance, name="gaussian",
+    scaled_maps=_scaled_gaussian_maps,
     doc="``a * exp(b * x^2)`` with ``b <= 0`` (``gaussian(x, a=1, b=-1)``, neural-tangents' "
     "``Gaussian(a, b)``); ``sigma = a^2 / sqrt((1 - 2b q11)(1 - 2b q22) - 4 b^2 q12^2)``, "
     "``sigma_dot = 4 a^2 b^2 q12 / (...)^{3/2}`` (a Gaussian integral; Price's theorem).",
@@ -1426,7 +1577,7 @@ sigmoid_like = Activation(
     "``a = 0.5, b = 1 / 2.4020563531719796, c = 0.5``.",
 )
 gabor = Activation(
-    _gabor_fn, _gabor_maps, _gabor_variance, name="gabor",
+    _gabor_fn, _gabor_maps, _gabor_variance, name="gabor", scaled_maps=_scaled_gabor_maps,
     doc="``exp(-x^2) sin(x)`` (neural-tangents' ``Gabor()``); with ``D = 1 + 2 (q11 + q22) + "
     "4 (q11 q22 - q12^2)``: ``sigma = (exp(-(q11 + q22 + 4 Delta - 2 q12)/(2D)) - exp(-(q11 + "
     "q22 + 4 Delta + 2 q12)/(2D))) / (2 sqrt D)`` (a Gaussian integral), ``sigma_dot = "

@@ -113,7 +113,21 @@ def dense_kernel(
     With spatial axes the layer acts per position (one weight matrix shared by all positions, as
     ``flax.linen.Dense`` on the channel axis): the rule applies to every entry ``[a, b, p, p']``
     (or ``[a, b, p]`` of a same-position kernel).
+
+    Scale-aware: a kernel's scaled form (:attr:`~ntkjax.Kernel.scaled`, stored = true /
+    ``2^(s1_i + s2_j)``) is mapped alongside, the bias term becoming
+    ``b_std^2 2^-(s1_i + s2_j)`` (and the standard parameterization's ``+1`` likewise); the
+    output keeps the input's scales.
+
+    >>> import jax.numpy as jnp, ntkjax
+    >>> k = ntkjax.kernels.input_kernel(jnp.array([[3e20, 4e20]]))  # x . x / d = 1.25e41
+    >>> out = dense_kernel(k, 1, w_std=1.0, b_std=1.0)
+    >>> bool(jnp.isinf(out.nngp[0, 0])), float(out.scaled.nngp[0, 0]) > 0
+    (True, True)
     """
+    if k.scaled is not None:
+        return _scaled_dense_kernel(k, features, w_std=w_std, b_std=b_std, use_bias=use_bias,
+                                    parameterization=parameterization)
     nngp, ntk = dense_kernels(
         k.nngp, k.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
         parameterization=parameterization, fan_in=k.width,
@@ -123,6 +137,39 @@ def dense_kernel(
     )
     return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features),
                      non_gaussian="")  # a dense layer's outputs are Gaussian again
+
+
+def _scaled_dense_kernel(k: Kernel, features: int, *, w_std: float, b_std: float,
+                         use_bias: bool, parameterization: Parameterization) -> Kernel:
+    """:func:`dense_kernel` of a kernel with a scaled form: the rule on the stored kernels with
+    each constant term (the bias's ``b_std^2``, the standard parameterization's ``1``) divided
+    by the pair's scale ``2^(s1_i + s2_j)`` (each input's ``2^(2 s_i)`` for the variances)."""
+    p = k.scaled
+    assert p is not None
+    w_std, b_std = _weak(w_std), _weak(b_std)
+    i1, i2 = p.inverse_scales()
+    # a traced b_std (hyperparameters by gradient) is always added, as in dense_variance
+    with_bias = use_bias and not (isinstance(b_std, float) and b_std == 0)
+
+    def affine(q: jax.Array, unit: jax.Array) -> jax.Array:
+        """``w^2 q + b^2`` with the true 1 of the bias term in stored units."""
+        return w_std**2 * q + b_std**2 * unit if with_bias else w_std**2 * q
+
+    unit = i1[:, None] * i2[None, :]  # a true 1, stored: 2^-(s1_i + s2_j)
+    nngp = affine(p.nngp, unit)
+    if parameterization == "ntk":
+        ntk = nngp + w_std**2 * p.ntk
+    elif parameterization == "standard":
+        ntk = k.width * p.nngp + w_std**2 * p.ntk
+        ntk = ntk + unit if use_bias else ntk
+    else:
+        raise ValueError(
+            f"unknown parameterization {parameterization!r}; allowed: 'ntk', 'standard'."
+        )
+    var1 = affine(p.var1, i1 * i1)
+    var2 = var1 if k.same_inputs else affine(p.var2, i2 * i2)
+    return k.with_scaled(p.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2),
+                         width=int(features), non_gaussian="")
 
 
 def dense_features(
@@ -289,5 +336,5 @@ def _dense_layer_features(x: FeatureStandIn, exact: Kernel, module: Dense):
 
 _MEANINGS = declare(
     Dense, kernel=dense_kernel, features=_dense_layer_features, structured="dense",
-    probe_scales=True,
+    probe_scales=True, scale_aware=True,
 )
