@@ -1022,16 +1022,6 @@ def gauss_hermite_variance(
 # --------------------------------------------------------------------------- the kernel rule
 
 
-def _fusion_boundary(v: jax.Array) -> jax.Array:
-    """``v`` unchanged, computed as the smaller of (v, v) by a sort, which XLA never fuses.
-
-    ``jax.lax.optimization_barrier`` is expanded before fusion on the CPU, so without this XLA
-    duplicates the whole O(N) variance recursion into every later layer's fusion and a depth-L
-    network compiles in O(L^2) (depth 30: ~60 s instead of ~2 s).
-    """
-    return jnp.sort(jnp.stack([v, v], axis=-1), axis=-1)[..., 0]
-
-
 def activation_kernel(
     k: Kernel,
     maps: Callable[..., ActivationMaps],
@@ -1079,14 +1069,6 @@ def activation_kernel(
 
         var1 = self_map(k.var1, d1)
         var2 = var1 if k.same_inputs else self_map(k.var2, d2)
-        # (N, *S, *S) variances are as large as a row of the kernel: a sort per layer would
-        # cost as much as the layer (image kernels are evaluated in small blocks of rows)
-        return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
-                         non_gaussian=k.non_gaussian if name is None else name)
-    if k.same_inputs:
-        var1 = var2 = _fusion_boundary(var1)
-    else:
-        var1, var2 = _fusion_boundary(var1), _fusion_boundary(var2)
     return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
                      non_gaussian=k.non_gaussian if name is None else name)
 
