@@ -365,7 +365,8 @@ def _variances_written_out(next_fun, args, kwargs, context):
 
 
 def _fusion_boundary(v: jax.Array) -> jax.Array:
-    """``v / (1 + 0 sign(v))``: exactly ``v`` (NaN stays NaN, infinities stay), computed once.
+    """``v / (1 + 0 sign(v))``: exactly ``v`` (NaN stays NaN, infinities stay; subnormals flush
+    to zero, as in any arithmetic of XLA:CPU), computed once.
 
     A division is expensive to XLA, which does not duplicate it into several consumers nor into
     one that reads each element many times (a pairwise kernel broadcasting the variances).

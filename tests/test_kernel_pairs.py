@@ -287,6 +287,25 @@ def test_kernels_of_a_batch_with_itself_are_exactly_symmetric():
     np.testing.assert_array_equal(k.nngp, k.nngp.T)
 
 
+def test_the_variance_fusion_boundary_is_exactly_the_identity(x64):
+    """Each layer's variances pass through ``v / (1 + 0 sign(v))`` when traced: IEEE division
+    by 1 returns v itself -- signed zeros, the smallest and largest normal floats, infinities
+    and NaN included -- eagerly and compiled, in float32 and float64. (Subnormals flush to zero
+    here as in every arithmetic operation of XLA:CPU.)"""
+    from ntkjax.kernels import _fusion_boundary
+
+    for dtype in (jnp.float32, jnp.float64):
+        info = jnp.finfo(dtype)
+        tiny, big = float(info.tiny), float(info.max)
+        v = jnp.asarray([0.0, -0.0, 1.0, -2.5, tiny, -tiny, -big, big, np.inf, -np.inf, np.nan],
+                        dtype)
+        for fn in (_fusion_boundary, jax.jit(_fusion_boundary)):
+            out = np.asarray(fn(v))
+            assert out.dtype == v.dtype
+            np.testing.assert_array_equal(out, np.asarray(v))  # NaN where v is NaN
+            np.testing.assert_array_equal(np.signbit(out), np.signbit(np.asarray(v)))
+
+
 def test_static_facts_name_the_layers_that_need_them():
     x = jnp.ones((1, 4, 4, 2))
     k = ResidualConv("pool").apply({}, input_kernel(x))
