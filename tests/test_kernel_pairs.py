@@ -287,6 +287,25 @@ def test_kernels_of_a_batch_with_itself_are_exactly_symmetric():
     np.testing.assert_array_equal(k.nngp, k.nngp.T)
 
 
+@pytest.mark.parametrize("n", [48, 40, 37])  # the transpose in tiles of 16, of 8, of 1
+def test_the_jitted_input_gram_matrix_is_exactly_symmetric(n):
+    """Jitted, the input kernel of a batch with itself is ``(G + G^T) / 2 / d``: exactly
+    symmetric, and within float32 rounding of ``x x^T / d`` computed in float64."""
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(n), (n, 7), jnp.float32)) * 3.0
+    for k in (jax.jit(lambda a: input_kernel(a).nngp)(x), input_kernel(x).nngp):
+        k = np.asarray(k)
+        np.testing.assert_array_equal(k, k.T)
+        exact = x.astype(np.float64) @ x.T.astype(np.float64) / 7
+        np.testing.assert_allclose(k, exact, rtol=1e-5, atol=1e-6 * np.max(np.abs(exact)))
+    # the symmetrization itself, of a matrix that is not symmetric
+    from ntkjax.kernels import _symmetric_gram
+
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(n + 1), (n, n), jnp.float32))
+    got = np.asarray(jax.jit(_symmetric_gram, static_argnums=1)(g, 7))
+    np.testing.assert_array_equal(got, got.T)
+    np.testing.assert_allclose(got, (g.astype(np.float64) + g.T) / 14, rtol=1e-6, atol=1e-7)
+
+
 def test_the_variance_fusion_boundary_is_exactly_the_identity(x64):
     """Each layer's variances pass through ``v / (1 + 0 sign(v))`` when traced: IEEE division
     by 1 returns v itself -- signed zeros, the smallest and largest normal floats, infinities
