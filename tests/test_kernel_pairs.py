@@ -285,6 +285,44 @@ def test_kernels_of_a_batch_with_itself_are_exactly_symmetric():
     np.testing.assert_array_equal(k.nngp, k.nngp.T)
 
 
+@pytest.mark.parametrize("n", [48, 40, 37])  # the transpose in tiles of 16, of 8, of 1
+def test_the_jitted_input_gram_matrix_is_exactly_symmetric(n):
+    """Jitted, the input kernel of a batch with itself is ``(G + G^T) / 2 / d``: exactly
+    symmetric, and within float32 rounding of ``x x^T / d`` computed in float64."""
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(n), (n, 7), jnp.float32)) * 3.0
+    for k in (jax.jit(lambda a: input_kernel(a).nngp)(x), input_kernel(x).nngp):
+        k = np.asarray(k)
+        np.testing.assert_array_equal(k, k.T)
+        exact = x.astype(np.float64) @ x.T.astype(np.float64) / 7
+        np.testing.assert_allclose(k, exact, rtol=1e-5, atol=1e-6 * np.max(np.abs(exact)))
+    # the symmetrization itself, of a matrix that is not symmetric
+    from ntkjax.kernels import _symmetric_gram
+
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(n + 1), (n, n), jnp.float32))
+    got = np.asarray(jax.jit(_symmetric_gram, static_argnums=1)(g, 7))
+    np.testing.assert_array_equal(got, got.T)
+    np.testing.assert_allclose(got, (g.astype(np.float64) + g.T) / 14, rtol=1e-6, atol=1e-7)
+
+
+def test_the_variance_fusion_boundary_is_exactly_the_identity(x64):
+    """Each layer's variances pass through ``v / (1 + 0 sign(v))`` when traced: IEEE division
+    by 1 returns v itself -- signed zeros, the smallest and largest normal floats, infinities
+    and NaN included -- eagerly and compiled, in float32 and float64. (Subnormals flush to zero
+    here as in every arithmetic operation of XLA:CPU.)"""
+    from ntkjax.kernels import _fusion_boundary
+
+    for dtype in (jnp.float32, jnp.float64):
+        info = jnp.finfo(dtype)
+        tiny, big = float(info.tiny), float(info.max)
+        v = jnp.asarray([0.0, -0.0, 1.0, -2.5, tiny, -tiny, -big, big, np.inf, -np.inf, np.nan],
+                        dtype)
+        for fn in (_fusion_boundary, jax.jit(_fusion_boundary)):
+            out = np.asarray(fn(v))
+            assert out.dtype == v.dtype
+            np.testing.assert_array_equal(out, np.asarray(v))  # NaN where v is NaN
+            np.testing.assert_array_equal(np.signbit(out), np.signbit(np.asarray(v)))
+
+
 def test_static_facts_name_the_layers_that_need_them():
     x = jnp.ones((1, 4, 4, 2))
     k = ResidualConv("pool").apply({}, input_kernel(x))

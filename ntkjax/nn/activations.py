@@ -1119,16 +1119,6 @@ def gauss_hermite_variance(
 # --------------------------------------------------------------------------- the kernel rule
 
 
-def _fusion_boundary(v: jax.Array) -> jax.Array:
-    """``v`` unchanged, computed as the smaller of (v, v) by a sort, which XLA never fuses.
-
-    ``jax.lax.optimization_barrier`` is expanded before fusion on the CPU, so without this XLA
-    duplicates the whole O(N) variance recursion into every later layer's fusion and a depth-L
-    network compiles in O(L^2) (depth 30: ~60 s instead of ~2 s).
-    """
-    return jnp.sort(jnp.stack([v, v], axis=-1), axis=-1)[..., 0]
-
-
 def _check_gaussian_input(k: Kernel, name: str | None) -> None:
     if name is not None and k.non_gaussian:
         raise ValueError(
@@ -1180,14 +1170,6 @@ def activation_kernel(
 
         var1 = self_map(k.var1, d1)
         var2 = var1 if k.same_inputs else self_map(k.var2, d2)
-        # (N, *S, *S) variances are as large as a row of the kernel: a sort per layer would
-        # cost as much as the layer (image kernels are evaluated in small blocks of rows)
-        return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
-                         non_gaussian=k.non_gaussian if name is None else name)
-    if k.same_inputs:
-        var1 = var2 = _fusion_boundary(var1)
-    else:
-        var1, var2 = _fusion_boundary(var1), _fusion_boundary(var2)
     return k.replace(nngp=sigma, ntk=k.ntk * sigma_dot, var1=var1, var2=var2,
                      non_gaussian=k.non_gaussian if name is None else name)
 
@@ -1307,9 +1289,8 @@ class Activation:
         if self.scaled_maps == "homogeneous":
             sigma, sigma_dot = self.kernel_maps(p.nngp, p.var1[:, None], p.var2[None, :],
                                                 *params, **kw_params)
-            var1 = _fusion_boundary(self.kernel_variance(p.var1, *params, **kw_params))
-            var2 = var1 if k.same_inputs else _fusion_boundary(
-                self.kernel_variance(p.var2, *params, **kw_params))
+            var1 = self.kernel_variance(p.var1, *params, **kw_params)
+            var2 = var1 if k.same_inputs else self.kernel_variance(p.var2, *params, **kw_params)
             parts = p.replace(nngp=sigma, ntk=p.ntk * sigma_dot, var1=var1, var2=var2)
             return k.with_scaled(parts, non_gaussian=k.non_gaussian if name is None else name)
         if not callable(self.scaled_maps):
@@ -1321,7 +1302,7 @@ class Activation:
                                        *params, **kw_params)
 
         def variance(v: jax.Array, s: jax.Array) -> jax.Array:
-            return _fusion_boundary(scaled_maps(v, v, v, s, s, *params, **kw_params).sigma)
+            return scaled_maps(v, v, v, s, s, *params, **kw_params).sigma
 
         var1 = variance(p.var1, p.log2_scale1)
         var2 = var1 if k.same_inputs else variance(p.var2, p.log2_scale2)
