@@ -672,10 +672,12 @@ def _section_drift(ctx: _Context) -> _SectionResult:
 # --------------------------------------------------------------------------- section 5
 
 
-def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
+def _study_runs(ctx: _Context, show_progress: bool | None = None
+                ) -> dict[str, list[dict[str, Any]]]:
     """The study's section 6 set-up (:data:`ntkjax.sweep.PRESETS` ``"study"``) in both
     parameterizations, through :func:`ntkjax.sweep.sweep` (rows streamed to
-    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it)."""
+    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it). ``show_progress``
+    defaults to the context's."""
     import dataclasses
 
 
@@ -692,7 +694,8 @@ def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
             for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
                            out_path=ctx.out_dir / "study_sweep.jsonl",
                            learning_rates=(_STUDY_LEARNING_RATE,), config=config,
-                           show_progress=ctx.show_progress, compiler_options=FAST_COMPILE)
+                           show_progress=ctx.show_progress if show_progress is None
+                           else show_progress, compiler_options=FAST_COMPILE)
         ]
     return rows
 
@@ -731,6 +734,8 @@ def _section_convergence(ctx: _Context) -> _SectionResult:
     started = ctx.cache.pop("convergence-started", None)
     check, lr, width, ntk_inf = (_convergence_check(ctx) if started is None
                                  else started.result())
+    started = ctx.cache.pop("study-started", None)
+    rows = _study_runs(ctx) if started is None else started.result()
     steps = check.steps
     loss_network = np.asarray(check.loss_network, np.float64)
     loss_kernel = np.asarray(check.loss_kernel, np.float64)
@@ -739,7 +744,6 @@ def _section_convergence(ctx: _Context) -> _SectionResult:
     lambda_max = float(check.stability.lambda_max)
     eig_inf = np.linalg.eigvalsh(ntk_inf)
 
-    rows = _study_runs(ctx)
     widths = np.asarray(s.study_widths, np.float64)
     by_width = {p: {w: [r for r in rs if r["width"] == w] for w in s.study_widths}
                 for p, rs in rows.items()}
@@ -1430,16 +1434,18 @@ def run_demo(
                                        "jax_version": jax.__version__})
     ctx = _Context(out_dir, settings, jax.random.PRNGKey(seed), show_progress, stream)
     # A quick run starts the sin-task runs (sections 3, 4 and 6), section 5's training against
-    # its kernel dynamics and section 7's kernel and SVM baselines at once, on a background
-    # thread: they compile and run while the sections before them run (XLA compiles and runs
-    # without the GIL), so that both cores stay busy; the numbers are the same. (The default
-    # run keeps its sections one after the other, within its memory budget.)
+    # its kernel dynamics and its study runs (without a progress bar: seconds), and section
+    # 7's kernel and SVM baselines at once, on a background thread: they compile and run
+    # while the sections before them run (XLA compiles and runs without the GIL), so that
+    # both cores stay busy; the numbers are the same. (The default run keeps its sections one
+    # after the other, within its memory budget.)
     background = ThreadPoolExecutor(max_workers=1)
     if settings.quick:
         if any(name in _SIN_SECTIONS for name in names):
             ctx.cache["sin-started"] = background.submit(_start_sin_runs, ctx)
         if "convergence" in names:
             ctx.cache["convergence-started"] = background.submit(_convergence_check, ctx)
+            ctx.cache["study-started"] = background.submit(_study_runs, ctx, False)
         if "digits" in names:
             ctx.cache["digits-started"] = background.submit(_digits_baselines, ctx)
     try:
