@@ -931,7 +931,6 @@ def _digits_baselines(ctx: _Context) -> tuple[tuple[Any, Any, Any], float]:
     from sklearn.svm import SVC
 
     module = _digits_mlp(ctx.settings)
-    ctx.note("  infinite-width kernels and an RBF SVM (a few seconds each)")
 
     def kernel_predictions(ntk_tt, ntk_xt, nngp_tt, nngp_xt, y):
         ntk_pred = gradient_flow_mse(ntk_tt, y, learning_rate=1.0, k_test_train=ntk_xt,
@@ -956,6 +955,8 @@ def _section_digits(ctx: _Context) -> _SectionResult:
 
     s = ctx.settings
     started = ctx.cache.pop("digits-started", None)
+    if started is None:
+        ctx.note("  infinite-width kernels and an RBF SVM (a few seconds each)")
     try:
         (ntk_pred, nngp_pred, edge), svm_acc = (
             _digits_baselines(ctx) if started is None else started.result())
