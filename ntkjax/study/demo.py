@@ -950,6 +950,47 @@ def _digits_baselines(ctx: _Context) -> tuple[tuple[Any, Any, Any], float]:
     return kernels, svm_acc
 
 
+def _digits_network(ctx: _Context, lr: float, show_progress: bool) -> Any:
+    """Section 7's network: full-batch SGD at ``lr`` (no optimizer state) in 10 equal chunks of
+    one compiled program, each from the last one's parameters -- the same run as one loop --
+    under a progress bar (``show_progress``). Returns the training history."""
+    s = ctx.settings
+    digits = _digits_split(ctx)
+    module = _digits_mlp(s)
+    chunk = s.digits_steps // 10
+    train = jax.jit(lambda p, x, y, x_test: make_train_fn(
+        module.apply, optimizer=optax.sgd(lr), num_steps=chunk, record_every=chunk,
+        track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None),
+        compiler_options=_train_options(
+            s.digits_width * int(digits.x_train.shape[0]) * s.digits_steps))
+    params = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
+    records = []
+    steps = range(10)
+    if show_progress:
+        steps = ctx.progress(steps, f"training the width-{s.digits_width} network "
+                                    f"({s.digits_steps} steps)")
+    for _ in steps:
+        part = jax.device_get(train(params, digits.x_train, digits.y_train, digits.x_test))
+        records.append(part)
+        params = part.final_params
+    first = records[0]
+    return first._replace(
+        steps=np.arange(11) * chunk,
+        loss=np.array([first.loss[0], *(r.loss[-1] for r in records)]),
+        test_predictions=np.stack([first.test_predictions[0],
+                                   *(r.test_predictions[-1] for r in records)]),
+        diverged=any(bool(r.diverged) for r in records), final_params=params)
+
+
+def _digits_started(ctx: _Context) -> tuple[Any, float, Any]:
+    """Section 7's baselines and trained network (:func:`_digits_baselines`,
+    :func:`_digits_network`, the latter without a progress bar): what :func:`run_demo`
+    computes on its background thread in a quick run."""
+    kernels, svm_acc = _digits_baselines(ctx)
+    lr = 0.5 * float(kernels[2])  # half the stability edge of the analytic NTK (section 7)
+    return kernels, svm_acc, _digits_network(ctx, lr, show_progress=False)
+
+
 def _section_digits(ctx: _Context) -> _SectionResult:
     """NTK and NNGP regression vs a trained network (and an RBF SVM) on scikit-learn's digits."""
 
@@ -958,42 +999,16 @@ def _section_digits(ctx: _Context) -> _SectionResult:
     if started is None:
         ctx.note("  infinite-width kernels and an RBF SVM (a few seconds each)")
     try:
-        (ntk_pred, nngp_pred, edge), svm_acc = (
-            _digits_baselines(ctx) if started is None else started.result())
+        (ntk_pred, nngp_pred, edge), svm_acc, history = (
+            (*_digits_baselines(ctx), None) if started is None else started.result())
         digits = _digits_split(ctx)
     except ImportError as err:
         return _skipped_digits("7. Beyond the study: digits", err)
     hidden = (s.digits_width,) * s.digits_depth
-    module = _digits_mlp(s)
     accuracy = functools.partial(_digits_accuracy, digits)
-    y = digits.y_train
-
-    def network(lr):
-        """Full-batch SGD (no optimizer state) in 10 equal chunks of one compiled program, each
-        from the last one's parameters -- the same run as one loop -- under a progress bar."""
-        chunk = s.digits_steps // 10
-        train = jax.jit(lambda p, x, y, x_test: make_train_fn(
-            module.apply, optimizer=optax.sgd(lr), num_steps=chunk, record_every=chunk,
-            track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None),
-            compiler_options=_train_options(
-                s.digits_width * int(digits.x_train.shape[0]) * s.digits_steps))
-        params = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
-        records = []
-        for _ in ctx.progress(range(10), f"training the width-{s.digits_width} network "
-                                         f"({s.digits_steps} steps)"):
-            part = jax.device_get(train(params, digits.x_train, y, digits.x_test))
-            records.append(part)
-            params = part.final_params
-        first = records[0]
-        return first._replace(
-            steps=np.arange(11) * chunk,
-            loss=np.array([first.loss[0], *(r.loss[-1] for r in records)]),
-            test_predictions=np.stack([first.test_predictions[0],
-                                       *(r.test_predictions[-1] for r in records)]),
-            diverged=any(bool(r.diverged) for r in records), final_params=params)
-
     lr = 0.5 * float(edge)  # half the stability edge of the analytic NTK
-    history = network(lr)
+    if history is None:
+        history = _digits_network(ctx, lr, show_progress=True)
     net_acc_curve = [accuracy(p) for p in history.test_predictions]
     accuracies = {
         "NTK regression (infinite width)": accuracy(ntk_pred),
@@ -1435,11 +1450,11 @@ def run_demo(
                                        "jax_version": jax.__version__})
     ctx = _Context(out_dir, settings, jax.random.PRNGKey(seed), show_progress, stream)
     # A quick run starts the sin-task runs (sections 3, 4 and 6), section 5's training against
-    # its kernel dynamics and its study runs (without a progress bar: seconds), and section
-    # 7's kernel and SVM baselines at once, on a background thread: they compile and run
-    # while the sections before them run (XLA compiles and runs without the GIL), so that
-    # both cores stay busy; the numbers are the same. (The default run keeps its sections one
-    # after the other, within its memory budget.)
+    # its kernel dynamics and its study runs, and section 7's kernel and SVM baselines and its
+    # network (without progress bars: seconds each) at once, on a background thread: they
+    # compile and run while the sections before them run (XLA compiles and runs without the
+    # GIL), so that both cores stay busy; the numbers are the same. (The default run keeps
+    # its sections one after the other, within its memory budget.)
     background = ThreadPoolExecutor(max_workers=1)
     if settings.quick:
         if any(name in _SIN_SECTIONS for name in names):
@@ -1448,7 +1463,7 @@ def run_demo(
             ctx.cache["convergence-started"] = background.submit(_convergence_check, ctx)
             ctx.cache["study-started"] = background.submit(_study_runs, ctx, False)
         if "digits" in names:
-            ctx.cache["digits-started"] = background.submit(_digits_baselines, ctx)
+            ctx.cache["digits-started"] = background.submit(_digits_started, ctx)
     try:
         _run_sections(ctx, names, report, stream)
     finally:
