@@ -112,10 +112,12 @@ def test_residual_user_module_adds_branch_kernels(x64):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized
 def test_residual_nngp_matches_monte_carlo_over_networks(x64):
     x = _x(4, 3, 7, jnp.float64)
     module = Residual(width=128)
-    outs = jax.vmap(lambda key: module.apply(module.init(key, x), x)[:, 0])(
+    # one compiled program (vmapped eagerly, every operation would compile a program)
+    outs = jax.jit(jax.vmap(lambda key: module.apply(module.init(key, x), x)[:, 0]))(
         jax.random.split(jax.random.PRNGKey(1), 4000)
     )
     empirical = np.cov(np.asarray(outs), rowvar=False, bias=True)

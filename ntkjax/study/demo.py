@@ -434,22 +434,26 @@ def _sin_model(width: int):
     return _mlp((width,), b_std=_SIN_B_STD)
 
 
-def _sin_runs(ctx: _Context) -> dict[str, Any]:
-    """NTK-parameterized networks of every width trained on the study's sin task (cached).
+#: Sections that use the sin-task runs (:func:`_sin_runs`).
+_SIN_SECTIONS = ("kernel_regression", "drift", "lazy")
+
+
+def _start_sin_runs(ctx: _Context) -> dict[str, Any]:
+    """Starts the sin-task runs of every width: data, analytic kernels and learning rate now,
+    and one future per width (compile, then run) on a 2-thread pool, so that the runs go on
+    while the caller does other work (XLA compiles and runs without the GIL).
 
     Seeds of one width are vmapped in one compiled program (:func:`ntkjax.training.
-    make_train_fn`); the kernel change is tracked on the training inputs.
+    make_train_fn`): full and linearized networks, the kernel change tracked on the training
+    inputs. :func:`run_demo` calls this on a background thread before section 1;
+    :func:`_sin_runs` collects the futures.
     """
-    if "sin" in ctx.cache:
-        return ctx.cache["sin"]
-
     s = ctx.settings
     data = _jit(sin_regression)(ctx.key("sin-data"))
     nngp_train, ntk_train = _analytic(_sin_model(1), data.x_train)
     _, ntk_test_train = _analytic(_sin_model(1), data.x_test, data.x_train)
     edge = float(_jit(max_learning_rate)(ntk_train.astype(np.float32)))
     lr = s.sin_lr_fraction * edge
-    runs = {}
     programs = {}
     for width in s.sin_widths:
         module = _sin_model(width)
@@ -466,22 +470,41 @@ def _sin_runs(ctx: _Context) -> dict[str, Any]:
             p, data.x_train, data.y_train, x_test=data.x_test))(params0)
         return params0, full._replace(final_params=None), linear._replace(final_params=None)
 
-    # One compiled program per width (full and linearized networks, all seeds vmapped). All are
-    # lowered first and compiled on a thread pool, so that compiling the next width overlaps
-    # compiling or running this one (XLA compiles without the GIL).
     keys = {w: jax.random.split(jax.random.fold_in(ctx.key("sin-init"), w), s.sin_seeds)
             for w in s.sin_widths}
     n_train = int(data.x_train.shape[0])
-    lowered = {w: jax.jit(functools.partial(train_width, w), compiler_options=_train_options(
-        w * n_train * s.sin_steps * s.sin_seeds)).lower(keys[w]) for w in s.sin_widths}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        compiled = {w: pool.submit(lowered[w].compile) for w in s.sin_widths}
-        for width in ctx.progress(s.sin_widths, "training on the sin task"):
-            params0, full, linear = jax.device_get(compiled[width].result()(keys[width]))
-            runs[width] = {"module": programs[width][0], "params0": params0, "history": full,
-                           "linear": linear}
-    ctx.cache["sin"] = {"data": data, "ntk_train": ntk_train, "nngp_train": nngp_train,
-                        "ntk_test_train": ntk_test_train, "edge": edge, "lr": lr, "runs": runs}
+
+    def run(width):
+        program = jax.jit(functools.partial(train_width, width), compiler_options=_train_options(
+            width * n_train * s.sin_steps * s.sin_seeds)).lower(keys[width]).compile()
+        return jax.device_get(program(keys[width]))
+
+    # One program per width, each compiled and run on the pool: compiling the next width
+    # overlaps compiling or running this one.
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {w: pool.submit(run, w) for w in s.sin_widths}
+    pool.shutdown(wait=False)
+    return {"data": data, "ntk_train": ntk_train, "nngp_train": nngp_train,
+            "ntk_test_train": ntk_test_train, "edge": edge, "lr": lr, "programs": programs,
+            "futures": futures}
+
+
+def _sin_runs(ctx: _Context) -> dict[str, Any]:
+    """NTK-parameterized networks of every width trained on the study's sin task (cached):
+    the runs :func:`_start_sin_runs` started (in the background, by :func:`run_demo`), or
+    starts now."""
+    if "sin" in ctx.cache:
+        return ctx.cache["sin"]
+    started = ctx.cache.pop("sin-started", None)
+    started = _start_sin_runs(ctx) if started is None else started.result()
+    futures = started.pop("futures")
+    programs = started.pop("programs")
+    runs = {}
+    for width in ctx.progress(ctx.settings.sin_widths, "training on the sin task"):
+        params0, full, linear = futures[width].result()
+        runs[width] = {"module": programs[width][0], "params0": params0, "history": full,
+                       "linear": linear}
+    ctx.cache["sin"] = {**started, "runs": runs}
     return ctx.cache["sin"]
 
 
@@ -649,10 +672,12 @@ def _section_drift(ctx: _Context) -> _SectionResult:
 # --------------------------------------------------------------------------- section 5
 
 
-def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
+def _study_runs(ctx: _Context, show_progress: bool | None = None
+                ) -> dict[str, list[dict[str, Any]]]:
     """The study's section 6 set-up (:data:`ntkjax.sweep.PRESETS` ``"study"``) in both
     parameterizations, through :func:`ntkjax.sweep.sweep` (rows streamed to
-    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it)."""
+    ``study_sweep.jsonl`` in the output folder; a re-run resumes from it). ``show_progress``
+    defaults to the context's."""
     import dataclasses
 
 
@@ -669,7 +694,8 @@ def _study_runs(ctx: _Context) -> dict[str, list[dict[str, Any]]]:
             for r in sweep(widths=s.study_widths, seeds=s.study_seeds,
                            out_path=ctx.out_dir / "study_sweep.jsonl",
                            learning_rates=(_STUDY_LEARNING_RATE,), config=config,
-                           show_progress=ctx.show_progress, compiler_options=FAST_COMPILE)
+                           show_progress=ctx.show_progress if show_progress is None
+                           else show_progress, compiler_options=FAST_COMPILE)
         ]
     return rows
 
@@ -682,9 +708,10 @@ def _gaussian_task(key: jax.Array, n: int, dim: int):
     return x, jnp.sin(x @ (u / jnp.linalg.norm(u)))[:, None]
 
 
-def _section_convergence(ctx: _Context) -> _SectionResult:
-    """Loss vs the exp(-lr lambda_min t / n) bound; the stability edge in both parameterizations."""
-
+def _convergence_check(ctx: _Context) -> tuple[Any, float, int, np.ndarray]:
+    """Section 5's width-``max(sin_widths)`` network trained against its kernel dynamics and the
+    bound (:func:`ntkjax.training.kernel_regime_check`): ``(check, lr, width, analytic NTK)``.
+    :func:`run_demo` starts it on a background thread; :func:`_section_convergence` collects."""
     s = ctx.settings
     n, dim = s.convergence_points, s.convergence_dim
     x, y = _jit(_gaussian_task, static_argnums=(1, 2))(ctx.key("convergence-data"), n, dim)
@@ -696,6 +723,19 @@ def _section_convergence(ctx: _Context) -> _SectionResult:
     check = kernel_regime_check(module.apply, params0, x, y, learning_rate=lr,
                                 num_steps=s.convergence_steps,
                                 record_every=s.convergence_steps // 50)
+    return check, lr, width, ntk_inf
+
+
+def _section_convergence(ctx: _Context) -> _SectionResult:
+    """Loss vs the exp(-lr lambda_min t / n) bound; the stability edge in both parameterizations."""
+
+    s = ctx.settings
+    n, dim = s.convergence_points, s.convergence_dim
+    started = ctx.cache.pop("convergence-started", None)
+    check, lr, width, ntk_inf = (_convergence_check(ctx) if started is None
+                                 else started.result())
+    started = ctx.cache.pop("study-started", None)
+    rows = _study_runs(ctx) if started is None else started.result()
     steps = check.steps
     loss_network = np.asarray(check.loss_network, np.float64)
     loss_kernel = np.asarray(check.loss_kernel, np.float64)
@@ -704,7 +744,6 @@ def _section_convergence(ctx: _Context) -> _SectionResult:
     lambda_max = float(check.stability.lambda_max)
     eig_inf = np.linalg.eigvalsh(ntk_inf)
 
-    rows = _study_runs(ctx)
     widths = np.asarray(s.study_widths, np.float64)
     by_width = {p: {w: [r for r in rs if r["width"] == w] for w in s.study_widths}
                 for p, rs in rows.items()}
@@ -883,20 +922,15 @@ def _section_lazy(ctx: _Context) -> _SectionResult:
 # --------------------------------------------------------------------------- section 7
 
 
-def _section_digits(ctx: _Context) -> _SectionResult:
-    """NTK and NNGP regression vs a trained network (and an RBF SVM) on scikit-learn's digits."""
+def _digits_baselines(ctx: _Context) -> tuple[tuple[Any, Any, Any], float]:
+    """Section 7's infinite-width NTK and NNGP regression on digits, with the NTK's stability
+    edge, and the RBF SVM's accuracy: ``((ntk_pred, nngp_pred, edge), svm_accuracy)``. Raises
+    ImportError without scikit-learn. :func:`run_demo` starts it on a background thread in a
+    quick run; :func:`_section_digits` collects."""
+    digits = _digits_split(ctx)
+    from sklearn.svm import SVC
 
-    s = ctx.settings
-    try:
-        digits = _digits_split(ctx)
-        from sklearn.svm import SVC
-    except ImportError as err:
-        return _skipped_digits("7. Beyond the study: digits", err)
-    hidden = (s.digits_width,) * s.digits_depth
-    module = _digits_mlp(s)
-    labels = np.asarray(digits.labels_test)
-    accuracy = functools.partial(_digits_accuracy, digits)
-    y = digits.y_train
+    module = _digits_mlp(ctx.settings)
 
     def kernel_predictions(ntk_tt, ntk_xt, nngp_tt, nngp_xt, y):
         ntk_pred = gradient_flow_mse(ntk_tt, y, learning_rate=1.0, k_test_train=ntk_xt,
@@ -904,47 +938,77 @@ def _section_digits(ctx: _Context) -> _SectionResult:
         nngp_pred = gp_inference(nngp_tt, nngp_xt, None, y, diag_reg=_DIGITS_DIAG_REG).mean
         return ntk_pred, nngp_pred, max_learning_rate(ntk_tt)
 
-    def kernels():
-        (nngp_tt, ntk_tt), (nngp_xt, ntk_xt) = (
-            _analytic(module, digits.x_train), _analytic(module, digits.x_test, digits.x_train))
-        as32 = lambda a: a.astype(np.float32)
-        return _jit(kernel_predictions)(as32(ntk_tt), as32(ntk_xt), as32(nngp_tt),
-                                        as32(nngp_xt), y)
+    (nngp_tt, ntk_tt), (nngp_xt, ntk_xt) = (
+        _analytic(module, digits.x_train), _analytic(module, digits.x_test, digits.x_train))
+    as32 = lambda a: a.astype(np.float32)
+    kernels = _jit(kernel_predictions)(as32(ntk_tt), as32(ntk_xt), as32(nngp_tt), as32(nngp_xt),
+                                       digits.y_train)
+    model = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
+                                                 np.asarray(digits.labels_train))
+    svm_acc = float(np.mean(model.predict(np.asarray(digits.x_test))
+                            == np.asarray(digits.labels_test)))
+    return kernels, svm_acc
 
-    def svm():
-        model = SVC(kernel="rbf", gamma="scale").fit(np.asarray(digits.x_train),
-                                                     np.asarray(digits.labels_train))
-        return float(np.mean(model.predict(np.asarray(digits.x_test)) == labels))
 
-    def network(lr):
-        """Full-batch SGD (no optimizer state) in 10 equal chunks of one compiled program, each
-        from the last one's parameters -- the same run as one loop -- under a progress bar."""
-        chunk = s.digits_steps // 10
-        train = jax.jit(lambda p, x, y, x_test: make_train_fn(
-            module.apply, optimizer=optax.sgd(lr), num_steps=chunk, record_every=chunk,
-            track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None),
-            compiler_options=_train_options(
-                s.digits_width * int(digits.x_train.shape[0]) * s.digits_steps))
-        params = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
-        records = []
-        for _ in ctx.progress(range(10), f"training the width-{s.digits_width} network "
-                                         f"({s.digits_steps} steps)"):
-            part = jax.device_get(train(params, digits.x_train, y, digits.x_test))
-            records.append(part)
-            params = part.final_params
-        first = records[0]
-        return first._replace(
-            steps=np.arange(11) * chunk,
-            loss=np.array([first.loss[0], *(r.loss[-1] for r in records)]),
-            test_predictions=np.stack([first.test_predictions[0],
-                                       *(r.test_predictions[-1] for r in records)]),
-            diverged=any(bool(r.diverged) for r in records), final_params=params)
+def _digits_network(ctx: _Context, lr: float, show_progress: bool) -> Any:
+    """Section 7's network: full-batch SGD at ``lr`` (no optimizer state) in 10 equal chunks of
+    one compiled program, each from the last one's parameters -- the same run as one loop --
+    under a progress bar (``show_progress``). Returns the training history."""
+    s = ctx.settings
+    digits = _digits_split(ctx)
+    module = _digits_mlp(s)
+    chunk = s.digits_steps // 10
+    train = jax.jit(lambda p, x, y, x_test: make_train_fn(
+        module.apply, optimizer=optax.sgd(lr), num_steps=chunk, record_every=chunk,
+        track_kernel=False)(p, x, y, x_test=x_test)._replace(train_predictions=None),
+        compiler_options=_train_options(
+            s.digits_width * int(digits.x_train.shape[0]) * s.digits_steps))
+    params = _jit(module.init)(ctx.key("digits-init"), digits.x_train[:1])
+    records = []
+    steps = range(10)
+    if show_progress:
+        steps = ctx.progress(steps, f"training the width-{s.digits_width} network "
+                                    f"({s.digits_steps} steps)")
+    for _ in steps:
+        part = jax.device_get(train(params, digits.x_train, digits.y_train, digits.x_test))
+        records.append(part)
+        params = part.final_params
+    first = records[0]
+    return first._replace(
+        steps=np.arange(11) * chunk,
+        loss=np.array([first.loss[0], *(r.loss[-1] for r in records)]),
+        test_predictions=np.stack([first.test_predictions[0],
+                                   *(r.test_predictions[-1] for r in records)]),
+        diverged=any(bool(r.diverged) for r in records), final_params=params)
 
-    ctx.note("  infinite-width kernels and an RBF SVM (a few seconds each)")
-    ntk_pred, nngp_pred, edge = kernels()
-    svm_acc = svm()
+
+def _digits_started(ctx: _Context) -> tuple[Any, float, Any]:
+    """Section 7's baselines and trained network (:func:`_digits_baselines`,
+    :func:`_digits_network`, the latter without a progress bar): what :func:`run_demo`
+    computes on its background thread in a quick run."""
+    kernels, svm_acc = _digits_baselines(ctx)
+    lr = 0.5 * float(kernels[2])  # half the stability edge of the analytic NTK (section 7)
+    return kernels, svm_acc, _digits_network(ctx, lr, show_progress=False)
+
+
+def _section_digits(ctx: _Context) -> _SectionResult:
+    """NTK and NNGP regression vs a trained network (and an RBF SVM) on scikit-learn's digits."""
+
+    s = ctx.settings
+    started = ctx.cache.pop("digits-started", None)
+    if started is None:
+        ctx.note("  infinite-width kernels and an RBF SVM (a few seconds each)")
+    try:
+        (ntk_pred, nngp_pred, edge), svm_acc, history = (
+            (*_digits_baselines(ctx), None) if started is None else started.result())
+        digits = _digits_split(ctx)
+    except ImportError as err:
+        return _skipped_digits("7. Beyond the study: digits", err)
+    hidden = (s.digits_width,) * s.digits_depth
+    accuracy = functools.partial(_digits_accuracy, digits)
     lr = 0.5 * float(edge)  # half the stability edge of the analytic NTK
-    history = network(lr)
+    if history is None:
+        history = _digits_network(ctx, lr, show_progress=True)
     net_acc_curve = [accuracy(p) for p in history.test_predictions]
     accuracies = {
         "NTK regression (infinite width)": accuracy(ntk_pred),
@@ -1385,6 +1449,31 @@ def run_demo(
                                        "backend": jax.default_backend(),
                                        "jax_version": jax.__version__})
     ctx = _Context(out_dir, settings, jax.random.PRNGKey(seed), show_progress, stream)
+    # A quick run starts the sin-task runs (sections 3, 4 and 6), section 5's training against
+    # its kernel dynamics and its study runs, and section 7's kernel and SVM baselines and its
+    # network (without progress bars: seconds each) at once, on a background thread: they
+    # compile and run while the sections before them run (XLA compiles and runs without the
+    # GIL), so that both cores stay busy; the numbers are the same. (The default run keeps
+    # its sections one after the other, within its memory budget.)
+    background = ThreadPoolExecutor(max_workers=1)
+    if settings.quick:
+        if any(name in _SIN_SECTIONS for name in names):
+            ctx.cache["sin-started"] = background.submit(_start_sin_runs, ctx)
+        if "convergence" in names:
+            ctx.cache["convergence-started"] = background.submit(_convergence_check, ctx)
+            ctx.cache["study-started"] = background.submit(_study_runs, ctx, False)
+        if "digits" in names:
+            ctx.cache["digits-started"] = background.submit(_digits_started, ctx)
+    try:
+        _run_sections(ctx, names, report, stream)
+    finally:
+        background.shutdown(wait=True, cancel_futures=True)
+    report.write()
+    return report.as_dict()
+
+
+def _run_sections(ctx: _Context, names: tuple[str, ...], report: Report, stream: Any) -> None:
+    show_progress = ctx.show_progress
     for index, name in enumerate(names, start=1):
         if show_progress:
             print(f"[{index}/{len(names)}] {name} ...", file=stream, flush=True)
@@ -1398,8 +1487,6 @@ def run_demo(
         if show_progress:
             print(f"[{index}/{len(names)}] {name}: {result.summary} ({seconds:.1f} s)",
                   file=stream, flush=True)
-    report.write()
-    return report.as_dict()
 
 
 DESCRIPTION = """\
@@ -1425,7 +1512,7 @@ sections (in order):
   digits_features    10. NTK random features against the exact kernel (not in --quick)
 
 cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
-  --quick   36 s wall, 51 CPU-s, 1.6 GB (sections 1-7)
+  --quick   36 s wall, 51 CPU-s, 2.3 GB (sections 1-7)
   default   2 min 25 s wall, 223 CPU-s, 2.8 GB (sections 1-8 and 10; 8 and 10 on 500
             training and 400 test images, 4 draws of the random features)
   --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
