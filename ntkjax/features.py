@@ -337,6 +337,21 @@ def _rng(key: jax.Array, index: int) -> np.random.Generator:
     return np.random.default_rng(np.asarray(bits, np.uint32).ravel().tolist())
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _fold_in_range(key: jax.Array, size: int) -> jax.Array:
+    """The key data of ``jax.random.fold_in(key, i)`` for i < size."""
+    return jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        key, jnp.arange(size, dtype=jnp.uint32)))
+
+
+def _rngs(key: jax.Array, count: int) -> list[np.random.Generator]:
+    """``[_rng(key, i) for i in range(count)]`` from one batched ``fold_in`` (the same bits;
+    the count padded to a power of two, so few shapes are evaluated)."""
+    size = _next_pow2(max(count, 1))
+    rows = np.asarray(_fold_in_range(key, size), np.uint32).reshape(size, -1)[:count]
+    return [np.random.default_rng(row.tolist()) for row in rows]
+
+
 
 # --------------------------------------------------------------------------- random sketches
 
@@ -400,7 +415,9 @@ def _srht_params(rng: np.random.Generator, d: int, m: int,
     times, in independent random orders)."""
     n = _next_pow2(min(d, m))
     reps = -(-m // n)
-    idx = np.concatenate([rng.permutation(n) for _ in range(reps)])[:m].astype(np.int32)
+    # reps independent permutations of [0, n), drawn row by row (the same numbers as reps calls
+    # of rng.permutation(n), without a Python loop: n can be 4 and reps 1024)
+    idx = rng.permuted(np.tile(np.arange(n), (reps, 1)), axis=1).ravel()[:m].astype(np.int32)
     return _signs(rng, -(-d // n), n, dtype), idx
 
 
@@ -442,7 +459,8 @@ def _position_hashes(rng: np.random.Generator, positions: int, d: int, m: int,
     buckets balanced (a random permutation of ceil(d / m) copies of [0, m), cut to d): (P, d)
     int32 and (P, d) signs, independent between positions."""
     copies = -(-d // m)
-    buckets = np.stack([rng.permutation(copies * m)[:d] % m for _ in range(positions)])
+    # one permutation per position, row by row (as rng.permutation per position)
+    buckets = rng.permuted(np.tile(np.arange(copies * m), (positions, 1)), axis=1)[:, :d] % m
     return buckets.astype(np.int32), _signs(rng, positions, d, dtype)
 
 
@@ -807,7 +825,8 @@ class FeatureMap:
                 _PLANS[plan_key] = tuple(walk.makers)
                 params = tuple(walk.params)
             else:
-                params = tuple(make(_rng(self.key, i)) for i, make in enumerate(makers))
+                params = tuple(make(rng) for make, rng in
+                               zip(makers, _rngs(self.key, len(makers)), strict=True))
             self._params[cache_key] = params
         return self._params[cache_key]
 
