@@ -348,7 +348,9 @@ def _rngs(key: jax.Array, count: int) -> list[np.random.Generator]:
     """``[_rng(key, i) for i in range(count)]`` from one batched ``fold_in`` (the same bits;
     the count padded to a power of two, so few shapes are evaluated)."""
     size = _next_pow2(max(count, 1))
-    rows = np.asarray(_fold_in_range(key, size), np.uint32).reshape(size, -1)[:count]
+    with jax.ensure_compile_time_eval():  # concrete also under an outer trace
+        bits = _fold_in_range(key, size)
+    rows = np.asarray(bits, np.uint32).reshape(size, -1)[:count]
     return [np.random.default_rng(row.tolist()) for row in rows]
 
 
