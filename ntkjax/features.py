@@ -70,7 +70,8 @@ shape, on the host, by numpy's generator seeded with the bits of ``jax.random.fo
   ``sigma = sum_k a_k(q1) a_k(q2) c^k`` and ``sigma_dot = sum_k b_k(q1) b_k(q2) c^k``; the
   features are ``F = [a_0, a_1 u, a_2 T_2(u), ..., a_K T_K(u)]`` (then compressed to m, below)
   with ``T_k = TensorSRHT(T_{k-1}, u)`` unbiased sketches of ``u^{(x) k}`` (the degree-by-degree
-  form of PolySketch, Ahle et al. 2020). Truncating at degree K errs by at most
+  form of PolySketch, Ahle et al. 2020); the exact degrees 0 and 1 keep coordinates of their own
+  when compressed. Truncating at degree K errs by at most
   ``sqrt(tail(q1) tail(q2))`` with ``tail(q) = E[act^2] - sum_{k <= K} a_k(q)^2``
   (Cauchy-Schwarz, |c| <= 1): :func:`hermite_truncation_error` computes it and tabulates values.
   By default K is the lowest of 8, 16, 32, 64 that keeps this relative error within 1e-2 at the
@@ -599,7 +600,16 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
         powers.append(t)
     f = _concat([a[..., k : k + 1] * powers[k] for k in range(degree + 1)])
     f_dot = _concat([b[..., k : k + 1] * powers[k] for k in range(degree + 1)])
-    return _compress(walk, f, m), _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
+    # the exact coordinates of degrees 0 and 1 keep buckets of their own: hashed with the
+    # rest they are a few heavy coordinates whose rare collisions (probability ~ 1/m) err by
+    # a fixed amount -- a heavy-tailed error, 10x the typical one for a nearly linear
+    # activation (sigmoid_like, measured); only the sketched degrees share buckets
+    exact = 1 + u.shape[-1]
+    if f.shape[-1] > m > exact:
+        f = jnp.concatenate([f[..., :exact], _compress(walk, f[..., exact:], m - exact)], -1)
+    else:
+        f = _compress(walk, f, m)
+    return f, _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
 
 
 #: The random-feature rule of each declared layer, by its public name -- derived from the

@@ -271,6 +271,33 @@ def networks() -> tuple[Net, ...]:
     return tuple(nets)
 
 
+# A network's random-feature cell (tests/test_conformance.py): its two feature counts D, as far
+# apart as a key's cost allows (the fitted slope's scatter over keys falls like
+# 1 / log(D_hi / D_lo)), and its number of keys (the scatter falls like 1 / sqrt(keys)).
+# D_lo = 64: below it the O(1/D^2) terms of composed sketches steepen the slope. Measured on 32
+# keys (notes of session 9, slopes21): the relative error of one key scatters by a factor
+# e^0.4 .. e^0.5, e^0.7 for hermite and exp (one input's variance, 46 and 2.4, dominates the
+# Frobenius norm), so a slope over 64 .. 4096 from 32 keys scatters by 0.02 .. 0.04.
+# * one random layer on exact features, vector inputs: 64 and 4096 (a key costs at most
+#   0.1 CPU-s at 4096);
+# * two ReLU layers (their m x m Gaussian: 0.5 CPU-s a key at 4096): 64 and 2048, 48 keys;
+# * image and sequence inputs (per-position features; Myrtle: 0.7 CPU-s a key at 1024):
+#   64 and 1024.
+FEATURE_CELLS: dict[str, tuple[tuple[int, int], int]] = {
+    "act_hermite": ((64, 4096), 96),
+    "act_exp": ((64, 4096), 64),
+    "models.MLP": ((64, 2048), 48),
+    "residual": ((64, 2048), 48),
+}
+
+
+def feature_cell(net: Net) -> tuple[tuple[int, int], int]:
+    """The two feature counts and the number of keys of ``net``'s random-feature cell."""
+    if net.name in FEATURE_CELLS:
+        return FEATURE_CELLS[net.name]
+    return ((64, 4096) if net.kind == "vector" else (64, 1024)), 32
+
+
 def by_name(name: str) -> Net:
     return next(n for n in networks() if n.name == name)
 
