@@ -575,6 +575,38 @@ def _degree_ladder(config: _Config) -> tuple[int, ...]:
     return (config.hermite_degree, *_AUTO_DEGREES)
 
 
+def _sketched_powers(walk: _Walk, t: jax.Array, u: jax.Array, count: int,
+                     m: int) -> jax.Array | None:
+    """``count`` further TensorSRHT powers ``T_{k+1} = S_k(T_k (x) u)`` of ``t`` (m coordinates),
+    stacked on a leading axis; None when ``count`` is 0 or ``u`` is empty. The parameters are
+    drawn as ``count`` calls of :func:`_tensor_sketch` would draw them (the same numbers), and
+    the chain is one ``lax.scan``: its compilation does not grow with the degree (a degree-64
+    expansion unrolled took seconds to compile)."""
+    if count <= 0 or u.shape[-1] == 0 or t.shape[-1] == 0:
+        return None
+    dt, du, dtype = t.shape[-1], u.shape[-1], t.dtype
+    draws = [(walk.draw(lambda rng: _srht_params(rng, dt, m, dtype)),
+              walk.draw(lambda rng: _srht_params(rng, du, m, dtype))) for _ in range(count)]
+    stacked = tuple(jnp.stack([jnp.asarray(d[i][j]) for d in draws])
+                    for i in range(2) for j in range(2))
+
+    def step(t, p):
+        sa, ia, sb, ib = p
+        t = _srht_apply(t, sa, ia) * _srht_apply(u, sb, ib) * (1.0 / math.sqrt(m))
+        return t, t
+
+    return jax.lax.scan(step, t, stacked)[1]
+
+
+def _weighted_powers(c: jax.Array, powers: jax.Array | None) -> jax.Array:
+    """``[c_0 P_0, c_1 P_1, ...]`` concatenated along the last axis: ``c`` (..., K) coefficients,
+    ``powers`` (K, ..., m) stacked (empty when None)."""
+    if powers is None:
+        return jnp.zeros((*c.shape[:-1], 0), c.dtype)
+    weighted = c[..., None] * jnp.moveaxis(powers, 0, -2)
+    return weighted.reshape(*weighted.shape[:-2], -1)
+
+
 def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     """Truncated Hermite expansion (module docstring; Han et al. 2022)."""
     walk = x.walk
@@ -594,12 +626,13 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     a, b = a[..., : degree + 1], b[..., : degree + 1]
     u = _unit(x.phi)
     powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
-    t = u
-    for _ in range(2, degree + 1):
-        t = _tensor_sketch(walk, t, u, m)
-        powers.append(t)
-    f = _concat([a[..., k : k + 1] * powers[k] for k in range(degree + 1)])
-    f_dot = _concat([b[..., k : k + 1] * powers[k] for k in range(degree + 1)])
+    if degree >= 2:
+        powers.append(_tensor_sketch(walk, u, u, m))
+    high = _sketched_powers(walk, powers[-1], u, degree - 2, m)  # degrees 3 .. K, stacked
+    f = _concat([a[..., k : k + 1] * powers[k] for k in range(len(powers))] + [
+        _weighted_powers(a[..., len(powers):], high)])
+    f_dot = _concat([b[..., k : k + 1] * powers[k] for k in range(len(powers))] + [
+        _weighted_powers(b[..., len(powers):], high)])
     # the exact coordinates of degrees 0 and 1 keep buckets of their own: hashed with the
     # rest they are a few heavy coordinates whose rare collisions (probability ~ 1/m) err by
     # a fixed amount -- a heavy-tailed error, 10x the typical one for a nearly linear
