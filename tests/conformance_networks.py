@@ -288,6 +288,11 @@ FEATURE_CELLS: dict[str, tuple[tuple[int, int], int]] = {
     "act_exp": ((64, 4096), 64),
     "models.MLP": ((64, 2048), 48),
     "residual": ((64, 2048), 48),
+    "models.CNN(flatten)": ((64, 1024), 64),
+    "models.CNN(avg,flatten)": ((64, 1024), 64),
+    "models.CNN(sum,gap)": ((64, 1024), 64),
+    "models.LCN(gap)": ((64, 1024), 64),
+    "image LayerNorm": ((64, 1024), 64),
 }
 
 
