@@ -282,7 +282,14 @@ def networks() -> tuple[Net, ...]:
 #   0.1 CPU-s at 4096);
 # * two ReLU layers (their m x m Gaussian: 0.5 CPU-s a key at 4096): 64 and 2048, 48 keys;
 # * image and sequence inputs (per-position features; Myrtle: 0.7 CPU-s a key at 1024):
-#   64 and 1024.
+#   64 and 1024; 64 keys for the ReLU image networks but Myrtle (its cost).
+# Measured with these sizes and keys (slopes NNGP / NTK; margin: distance to the nearer end of
+# [-0.65, -0.35] in standard deviations of the slope over key sets, bootstrap): the activation
+# networks -0.47 .. -0.55, margins 3.6 .. 10; MLP, residual, branches, LayerNorm, Dropout
+# -0.45 .. -0.56, margins 3.5 .. 9; image and sequence networks -0.47 .. -0.54, margins 3.1 ..
+# 7, except three: CNN(avg, flatten)'s NNGP -0.58 (margin 2.0: its error at D = 64 sits above
+# the D^-1/2 line, -0.45 over 128 .. 2048), CNN(sum, gap) -0.54 (2.5) and Myrtle -0.53 (1.8,
+# 32 keys; 0.7 of log-error scatter per key).
 FEATURE_CELLS: dict[str, tuple[tuple[int, int], int]] = {
     "act_hermite": ((64, 4096), 96),
     "act_exp": ((64, 4096), 64),
