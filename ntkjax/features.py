@@ -70,7 +70,8 @@ shape, on the host, by numpy's generator seeded with the bits of ``jax.random.fo
   ``sigma = sum_k a_k(q1) a_k(q2) c^k`` and ``sigma_dot = sum_k b_k(q1) b_k(q2) c^k``; the
   features are ``F = [a_0, a_1 u, a_2 T_2(u), ..., a_K T_K(u)]`` (then compressed to m, below)
   with ``T_k = TensorSRHT(T_{k-1}, u)`` unbiased sketches of ``u^{(x) k}`` (the degree-by-degree
-  form of PolySketch, Ahle et al. 2020). Truncating at degree K errs by at most
+  form of PolySketch, Ahle et al. 2020); the exact degrees 0 and 1 keep coordinates of their own
+  when compressed. Truncating at degree K errs by at most
   ``sqrt(tail(q1) tail(q2))`` with ``tail(q) = E[act^2] - sum_{k <= K} a_k(q)^2``
   (Cauchy-Schwarz, |c| <= 1): :func:`hermite_truncation_error` computes it and tabulates values.
   By default K is the lowest of 8, 16, 32, 64 that keeps this relative error within 1e-2 at the
@@ -337,6 +338,23 @@ def _rng(key: jax.Array, index: int) -> np.random.Generator:
     return np.random.default_rng(np.asarray(bits, np.uint32).ravel().tolist())
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _fold_in_range(key: jax.Array, size: int) -> jax.Array:
+    """The key data of ``jax.random.fold_in(key, i)`` for i < size."""
+    return jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        key, jnp.arange(size, dtype=jnp.uint32)))
+
+
+def _rngs(key: jax.Array, count: int) -> list[np.random.Generator]:
+    """``[_rng(key, i) for i in range(count)]`` from one batched ``fold_in`` (the same bits;
+    the count padded to a power of two, so few shapes are evaluated)."""
+    size = _next_pow2(max(count, 1))
+    with jax.ensure_compile_time_eval():  # concrete also under an outer trace
+        bits = _fold_in_range(key, size)
+    rows = np.asarray(bits, np.uint32).reshape(size, -1)[:count]
+    return [np.random.default_rng(row.tolist()) for row in rows]
+
+
 
 # --------------------------------------------------------------------------- random sketches
 
@@ -400,7 +418,9 @@ def _srht_params(rng: np.random.Generator, d: int, m: int,
     times, in independent random orders)."""
     n = _next_pow2(min(d, m))
     reps = -(-m // n)
-    idx = np.concatenate([rng.permutation(n) for _ in range(reps)])[:m].astype(np.int32)
+    # reps independent permutations of [0, n), drawn row by row (the same numbers as reps calls
+    # of rng.permutation(n), without a Python loop: n can be 4 and reps 1024)
+    idx = rng.permuted(np.tile(np.arange(n), (reps, 1)), axis=1).ravel()[:m].astype(np.int32)
     return _signs(rng, -(-d // n), n, dtype), idx
 
 
@@ -442,7 +462,8 @@ def _position_hashes(rng: np.random.Generator, positions: int, d: int, m: int,
     buckets balanced (a random permutation of ceil(d / m) copies of [0, m), cut to d): (P, d)
     int32 and (P, d) signs, independent between positions."""
     copies = -(-d // m)
-    buckets = np.stack([rng.permutation(copies * m)[:d] % m for _ in range(positions)])
+    # one permutation per position, row by row (as rng.permutation per position)
+    buckets = rng.permuted(np.tile(np.arange(copies * m), (positions, 1)), axis=1)[:, :d] % m
     return buckets.astype(np.int32), _signs(rng, positions, d, dtype)
 
 
@@ -554,6 +575,38 @@ def _degree_ladder(config: _Config) -> tuple[int, ...]:
     return (config.hermite_degree, *_AUTO_DEGREES)
 
 
+def _sketched_powers(walk: _Walk, t: jax.Array, u: jax.Array, count: int,
+                     m: int) -> jax.Array | None:
+    """``count`` further TensorSRHT powers ``T_{k+1} = S_k(T_k (x) u)`` of ``t`` (m coordinates),
+    stacked on a leading axis; None when ``count`` is 0 or ``u`` is empty. The parameters are
+    drawn as ``count`` calls of :func:`_tensor_sketch` would draw them (the same numbers), and
+    the chain is one ``lax.scan``: its compilation does not grow with the degree (a degree-64
+    expansion unrolled took seconds to compile)."""
+    if count <= 0 or u.shape[-1] == 0 or t.shape[-1] == 0:
+        return None
+    dt, du, dtype = t.shape[-1], u.shape[-1], t.dtype
+    draws = [(walk.draw(lambda rng: _srht_params(rng, dt, m, dtype)),
+              walk.draw(lambda rng: _srht_params(rng, du, m, dtype))) for _ in range(count)]
+    stacked = tuple(jnp.stack([jnp.asarray(d[i][j]) for d in draws])
+                    for i in range(2) for j in range(2))
+
+    def step(t, p):
+        sa, ia, sb, ib = p
+        t = _srht_apply(t, sa, ia) * _srht_apply(u, sb, ib) * (1.0 / math.sqrt(m))
+        return t, t
+
+    return jax.lax.scan(step, t, stacked)[1]
+
+
+def _weighted_powers(c: jax.Array, powers: jax.Array | None) -> jax.Array:
+    """``[c_0 P_0, c_1 P_1, ...]`` concatenated along the last axis: ``c`` (..., K) coefficients,
+    ``powers`` (K, ..., m) stacked (empty when None)."""
+    if powers is None:
+        return jnp.zeros((*c.shape[:-1], 0), c.dtype)
+    weighted = c[..., None] * jnp.moveaxis(powers, 0, -2)
+    return weighted.reshape(*weighted.shape[:-2], -1)
+
+
 def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     """Truncated Hermite expansion (module docstring; Han et al. 2022)."""
     walk = x.walk
@@ -573,13 +626,23 @@ def _hermite_features(x: _StandIn, fn: Callable[[jax.Array], jax.Array]):
     a, b = a[..., : degree + 1], b[..., : degree + 1]
     u = _unit(x.phi)
     powers = [jnp.ones((*u.shape[:-1], 1), u.dtype), u]
-    t = u
-    for _ in range(2, degree + 1):
-        t = _tensor_sketch(walk, t, u, m)
-        powers.append(t)
-    f = _concat([a[..., k : k + 1] * powers[k] for k in range(degree + 1)])
-    f_dot = _concat([b[..., k : k + 1] * powers[k] for k in range(degree + 1)])
-    return _compress(walk, f, m), _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
+    if degree >= 2:
+        powers.append(_tensor_sketch(walk, u, u, m))
+    high = _sketched_powers(walk, powers[-1], u, degree - 2, m)  # degrees 3 .. K, stacked
+    f = _concat([a[..., k : k + 1] * powers[k] for k in range(len(powers))] + [
+        _weighted_powers(a[..., len(powers):], high)])
+    f_dot = _concat([b[..., k : k + 1] * powers[k] for k in range(len(powers))] + [
+        _weighted_powers(b[..., len(powers):], high)])
+    # the exact coordinates of degrees 0 and 1 keep buckets of their own: hashed with the
+    # rest they are a few heavy coordinates whose rare collisions (probability ~ 1/m) err by
+    # a fixed amount -- a heavy-tailed error, 10x the typical one for a nearly linear
+    # activation (sigmoid_like, measured); only the sketched degrees share buckets
+    exact = 1 + u.shape[-1]
+    if f.shape[-1] > m > exact:
+        f = jnp.concatenate([f[..., :exact], _compress(walk, f[..., exact:], m - exact)], -1)
+    else:
+        f = _compress(walk, f, m)
+    return f, _tensor_sketch(walk, x.psi, f_dot, cfg.sketch_features)
 
 
 #: The random-feature rule of each declared layer, by its public name -- derived from the
@@ -807,7 +870,8 @@ class FeatureMap:
                 _PLANS[plan_key] = tuple(walk.makers)
                 params = tuple(walk.params)
             else:
-                params = tuple(make(_rng(self.key, i)) for i, make in enumerate(makers))
+                params = tuple(make(rng) for make, rng in
+                               zip(makers, _rngs(self.key, len(makers)), strict=True))
             self._params[cache_key] = params
         return self._params[cache_key]
 

@@ -271,6 +271,45 @@ def networks() -> tuple[Net, ...]:
     return tuple(nets)
 
 
+# A network's random-feature cell (tests/test_conformance.py): its two feature counts D, as far
+# apart as a key's cost allows (the fitted slope's scatter over keys falls like
+# 1 / log(D_hi / D_lo)), and its number of keys (the scatter falls like 1 / sqrt(keys)).
+# D_lo = 64: below it the O(1/D^2) terms of composed sketches steepen the slope. Measured on 32
+# keys (notes of session 9, slopes21): the relative error of one key scatters by a factor
+# e^0.4 .. e^0.5, e^0.7 for hermite and exp (one input's variance, 46 and 2.4, dominates the
+# Frobenius norm), so a slope over 64 .. 4096 from 32 keys scatters by 0.02 .. 0.04.
+# * one random layer on exact features, vector inputs: 64 and 4096 (a key costs at most
+#   0.1 CPU-s at 4096);
+# * two ReLU layers (their m x m Gaussian: 0.5 CPU-s a key at 4096): 64 and 2048, 48 keys;
+# * image and sequence inputs (per-position features; Myrtle: 0.7 CPU-s a key at 1024):
+#   64 and 1024; 64 keys for the ReLU image networks but Myrtle (its cost).
+# Measured with these sizes and keys (slopes NNGP / NTK; margin: distance to the nearer end of
+# [-0.65, -0.35] in standard deviations of the slope over key sets, bootstrap): the activation
+# networks -0.47 .. -0.55, margins 3.6 .. 10; MLP, residual, branches, LayerNorm, Dropout
+# -0.45 .. -0.56, margins 3.5 .. 9; image and sequence networks -0.47 .. -0.54, margins 3.1 ..
+# 7, except three: CNN(avg, flatten)'s NNGP -0.58 (margin 2.0: its error at D = 64 sits above
+# the D^-1/2 line, -0.45 over 128 .. 2048), CNN(sum, gap) -0.54 (2.5) and Myrtle -0.53 (1.8,
+# 32 keys; 0.7 of log-error scatter per key).
+FEATURE_CELLS: dict[str, tuple[tuple[int, int], int]] = {
+    "act_hermite": ((64, 4096), 96),
+    "act_exp": ((64, 4096), 64),
+    "models.MLP": ((64, 2048), 48),
+    "residual": ((64, 2048), 48),
+    "models.CNN(flatten)": ((64, 1024), 64),
+    "models.CNN(avg,flatten)": ((64, 1024), 64),
+    "models.CNN(sum,gap)": ((64, 1024), 64),
+    "models.LCN(gap)": ((64, 1024), 64),
+    "image LayerNorm": ((64, 1024), 64),
+}
+
+
+def feature_cell(net: Net) -> tuple[tuple[int, int], int]:
+    """The two feature counts and the number of keys of ``net``'s random-feature cell."""
+    if net.name in FEATURE_CELLS:
+        return FEATURE_CELLS[net.name]
+    return ((64, 4096) if net.kind == "vector" else (64, 1024)), 32
+
+
 def by_name(name: str) -> Net:
     return next(n for n in networks() if n.name == name)
 
