@@ -4,6 +4,8 @@ Jacobian of the flattened parameters."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,24 @@ from jax.flatten_util import ravel_pytree
 import ntkjax
 from tests.helpers import max_relative_error
 from tests.models_for_ntk import make_case
+
+
+@contextlib.contextmanager
+def _backend_compiles():
+    """A list that collects the duration of every XLA backend compile made inside the block."""
+    from jax import monitoring
+
+    compiles: list[float] = []
+
+    def listen(event: str, duration_secs: float, **_: str | int) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration_secs)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 METHODS = ("jacobian", "ntk_vp", "structured")
 # (model, method) pairs: the reductions are views of the model, the same for every method;
@@ -367,8 +387,6 @@ def test_matrix_calls_after_the_first_neither_trace_nor_compile(monkeypatch):
     compiles nothing and does not probe for batch coupling again; the symmetric matrix that
     fits one block is the kernel function's x2=None call bit for bit (its per-sample work done
     once, not twice)."""
-    from jax import monitoring
-
     from ntkjax import empirical
 
     probes = []
@@ -384,14 +402,7 @@ def test_matrix_calls_after_the_first_neither_trace_nor_compile(monkeypatch):
         calls.append(x.shape)
         return model_apply(p, x)
 
-    compiles = []
-
-    def listen(event: str, duration_secs: float, **_: str | int) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration_secs)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with _backend_compiles() as compiles:
         first = ntkjax.empirical_ntk_matrix(apply_fn, variables, tokens)
         assert calls and compiles and probes == [1]
         calls.clear()
@@ -399,8 +410,6 @@ def test_matrix_calls_after_the_first_neither_trace_nor_compile(monkeypatch):
         probes.clear()
         again = ntkjax.empirical_ntk_matrix(apply_fn, moved, tokens)
         assert (calls, compiles, probes) == ([], [], [])
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
     ntk = ntkjax.empirical_ntk_fn(apply_fn, batch="per_sample")
     np.testing.assert_array_equal(first, np.asarray(ntk(variables, tokens)))
     np.testing.assert_array_equal(again, np.asarray(ntk(moved, tokens)))
@@ -446,23 +455,12 @@ def test_symmetric_matrix_to_a_store_equals_the_one_in_memory(block_size, tmp_pa
 def test_streamed_projected_features_compile_once(tmp_path):
     """projected_ntk_features to a store: a second call (another store, same shapes) compiles
     nothing and writes the same features (counted, not timed)."""
-    from jax import monitoring
-
     apply_fn, params, x, _ = make_case("embed", n1=5)
-    compiles = []
-
-    def listen(event: str, duration_secs: float, **_: str | int) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration_secs)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with _backend_compiles() as compiles:
         stores = []
         for name in ("first.zarr", "second.zarr"):
             compiles.clear()
             stores.append(ntkjax.projected_ntk_features(
                 apply_fn, params, x, dim=16, key=jax.random.key(3), out=tmp_path / name))
         assert compiles == []
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
     np.testing.assert_array_equal(np.asarray(stores[0][:]), np.asarray(stores[1][:]))
