@@ -182,7 +182,7 @@ class Kernel:
         same kernels).
       mask2: the same for x2 (the same array as ``mask1`` when :attr:`same_inputs`).
       scaled: None, or the same kernel divided by per-input powers of two
-        (:class:`ScaledParts`), for kernels of feature vectors whose values would overflow the
+        (``ScaledParts``), for kernels of feature vectors whose values would overflow the
         dtype (float32 inputs |x| ~ 1e20). ``nngp``, ``ntk``, ``var1`` and ``var2`` are always
         the true kernels (``+-inf`` where they overflow); ``scaled`` is read only by the rules
         declared ``scale_aware`` (Dense, the ReLU family, erf, gaussian, gabor), which map it
@@ -220,7 +220,8 @@ class Kernel:
     scaled: ScaledParts | None = None
 
     def replace(self, **changes: Any) -> Kernel:  # flax's own; set to _replace below
-        """A copy with the given fields replaced; see :meth:`_replace`."""
+        """A copy with the given fields replaced (``dataclasses.replace``); the scaled form
+        ``scaled`` is dropped unless it is among the changes."""
         return self._replace(**changes)
 
     def _replace(self, **changes: Any) -> Kernel:
@@ -232,7 +233,7 @@ class Kernel:
 
     def with_scaled(self, parts: ScaledParts, **changes: Any) -> Kernel:
         """This kernel with the scaled form ``parts`` and the true kernels unscaled from it
-        (:meth:`ScaledParts.true_kernels`), and the other ``changes`` (for the rules declared
+        (``ScaledParts.true_kernels``), and the other ``changes`` (for the rules declared
         ``scale_aware``)."""
         nngp, ntk, var1, var2 = parts.true_kernels()
         if self.same_inputs and changes.get("same_inputs", True):
