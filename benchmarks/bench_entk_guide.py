@@ -47,18 +47,21 @@ def _routes(quick: bool = False) -> None:
     base = {"model": "mlp 64-512-512-10", "parameters": int(size), "n": n, "dtype": "float32",
             "quick": quick}
 
-    mean_fn = jax.jit(ntkjax.empirical_ntk_fn(model.apply, outputs="mean"))
-    trace_fn = jax.jit(ntkjax.empirical_ntk_fn(model.apply))
+    # Called as returned (they are jitted inside). Under an outer jax.jit, batch="auto" cannot
+    # probe the model first, so the program holds both the per-example and the whole-batch
+    # kernel (lax.cond), and the latter's (N O, P) Jacobian needs 27 GB here.
+    mean_fn = ntkjax.empirical_ntk_fn(model.apply, outputs="mean")
+    trace_fn = ntkjax.empirical_ntk_fn(model.apply)
     mean = np.asarray(mean_fn(params, x))
     trace = np.asarray(trace_fn(params, x))
 
     kernels = {
         "structured_mean": mean_fn,
-        "jacobian_mean": jax.jit(ntkjax.empirical_ntk_fn(model.apply, outputs="mean",
-                                                         ntk_method="jacobian")),
-        "head_only_mean": jax.jit(ntkjax.empirical_ntk_fn(
-            model.apply, outputs="mean", params_filter=lambda path, leaf: path[0] == "head")),
-        "pseudo": jax.jit(ntkjax.empirical_ntk_fn(model.apply, outputs="pseudo")),
+        "jacobian_mean": ntkjax.empirical_ntk_fn(model.apply, outputs="mean",
+                                                 ntk_method="jacobian"),
+        "head_only_mean": ntkjax.empirical_ntk_fn(
+            model.apply, outputs="mean", params_filter=lambda path, leaf: path[0] == "head"),
+        "pseudo": ntkjax.empirical_ntk_fn(model.apply, outputs="pseudo"),
     }
     for route, fn in kernels.items():
         log(f"entk_guide_routes: {route}")

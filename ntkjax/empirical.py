@@ -1360,12 +1360,17 @@ def projected_ntk_features(
             f"{out_shape.dtype}, which has no gradient features."
         )
     block = _jitted_projection(apply_fn, dim, rank, params_filter)
-    if out is None:  # in memory, in blocks of rows
+    if out is None:  # in memory, in blocks of rows, every block of the same shape
         n = x.shape[0]
         rows = block_size or _projection_rows(apply_fn, params, x, dim, memory_bytes)
         parts = []
         for start in range(0, n, rows):
-            parts.append(np.asarray(block(params, x[start:start + rows], key)))
+            part = x[start:start + rows]
+            m = part.shape[0]
+            if m < rows:  # the last block, padded so that its program is the others'
+                part = jnp.concatenate([part, jnp.zeros((rows - m, *part.shape[1:]),
+                                                        part.dtype)])
+            parts.append(np.asarray(block(params, part, key))[:m])
         return np.concatenate(parts, axis=0)
     anchor = x[:1]  # one column, not used: the store's rows are the examples
     typed = bool(jnp.issubdtype(key.dtype, jax.dtypes.prng_key))
@@ -1390,13 +1395,19 @@ def projected_ntk_features(
 
 def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
     """Rows per block: a block's per-sample Jacobians (and their projections) within the
-    budget (half of the free memory by default)."""
+    budget (half of the free memory by default), rounded down to a power of two unless one
+    block holds every row."""
     budget = memory_bytes or available_memory_bytes() // 2
     out = jax.eval_shape(apply_fn, params, x[:1])
     out_dim = int(np.prod(out.shape[1:]))
     leaves = jax.tree_util.tree_leaves(split_params(params)[0])
     per_row = 3 * (_jacobian_bytes(params, 1, out_dim) + 8 * out_dim * dim * max(len(leaves), 1))
-    return int(max(1, min(x.shape[0], budget // max(per_row, 1))))
+    rows = int(max(1, min(x.shape[0], budget // max(per_row, 1))))
+    if rows == x.shape[0]:
+        return rows
+    # A power of two: the block shape (and its compiled program) stays the same from call to
+    # call while the free memory drifts.
+    return 1 << (rows.bit_length() - 1)
 
 
 def _projected_rows_fn(block, typed: bool):

@@ -464,3 +464,30 @@ def test_streamed_projected_features_compile_once(tmp_path):
                 apply_fn, params, x, dim=16, key=jax.random.key(3), out=tmp_path / name))
         assert compiles == []
     np.testing.assert_array_equal(np.asarray(stores[0][:]), np.asarray(stores[1][:]))
+
+
+def test_in_memory_projected_features_keep_one_program_while_free_memory_drifts():
+    """projected_ntk_features in memory sizes its blocks from the free memory. Two budgets
+    that allow different row counts within one power of two (free memory drifts between
+    calls) give the same blocks: the second call compiles nothing (it used to compile a new
+    program for each block size, ~2 s a call on the guide's model), and its features equal
+    those of one whole block (the last block is padded, not reshaped)."""
+    from ntkjax import empirical
+
+    apply_fn, params, x, _ = make_case("mlp", n1=14)  # blocks of 4, 4, 4 and 2 (padded)
+    dim, key = 16, jax.random.key(5)
+
+    def rows_of(budget: int) -> int:
+        return empirical._projection_rows(apply_fn, params, x, dim, budget)
+
+    budget = next(b for b in (int(1.05 ** k) for k in range(200, 800))
+                  if rows_of(b) == 4 and rows_of(int(1.3 * b)) == 4)
+    whole = ntkjax.projected_ntk_features(apply_fn, params, x, dim=dim, key=key, block_size=14)
+    first = ntkjax.projected_ntk_features(apply_fn, params, x, dim=dim, key=key,
+                                          memory_bytes=budget)
+    with _backend_compiles() as compiles:
+        again = ntkjax.projected_ntk_features(apply_fn, params, x, dim=dim, key=key,
+                                              memory_bytes=int(1.3 * budget))
+    assert compiles == []
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-6)
