@@ -47,10 +47,13 @@ def _weak(v: Any) -> Any:
 
 
 def dense_variance(
-    q: jax.Array, *, w_std: float, b_std: float, use_bias: bool = True
+    q: jax.Array, *, w_std: float, b_std: float, use_bias: bool = True,
+    unit: jax.Array | None = None,
 ) -> jax.Array:
     """NNGP (or variance) after a dense layer, in either parameterization:
-    ``Sigma <- w_std^2 Sigma + b_std^2`` (``b_std^2`` only with a bias).
+    ``Sigma <- w_std^2 Sigma + b_std^2`` (``b_std^2`` only with a bias). ``unit``: the stored
+    value of a true 1 when ``q`` is stored divided by per-input powers of two (a kernel's
+    scaled form), by which the constant term is multiplied; None for true values.
 
     >>> float(dense_variance(jnp.asarray(1.0), w_std=2.0, b_std=0.5))
     4.25
@@ -58,7 +61,9 @@ def dense_variance(
     w_std, b_std = _weak(w_std), _weak(b_std)
     q = w_std**2 * q
     # a traced b_std (hyperparameters by gradient) is always added
-    return q if not use_bias or (isinstance(b_std, float) and b_std == 0) else q + b_std**2
+    if not use_bias or (isinstance(b_std, float) and b_std == 0):
+        return q
+    return q + (b_std**2 if unit is None else b_std**2 * unit)
 
 
 def dense_kernels(
@@ -70,6 +75,7 @@ def dense_kernels(
     use_bias: bool = True,
     parameterization: Parameterization = "ntk",
     fan_in: int | None = None,
+    unit: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(nngp, ntk)`` after a dense layer from the layer's input kernels (Jacot et al. 2018).
 
@@ -80,19 +86,24 @@ def dense_kernels(
       expected NTK of the finite network, which grows with the actual ``fan_in`` (the gradient
       of ``x W`` w.r.t. W contributes ``x.x' = fan_in Sigma``, the bias's gradient is 1).
 
+    ``unit``: as in :func:`dense_variance`, for kernels stored in a scaled form (every constant
+    term, ``b_std^2`` and the standard parameterization's 1, is multiplied by it).
+
     >>> nngp, ntk = dense_kernels(jnp.asarray(1.0), jnp.asarray(0.0), w_std=1.0, b_std=0.0)
     >>> float(nngp), float(ntk)
     (1.0, 1.0)
     """
     w_std, b_std = _weak(w_std), _weak(b_std)
-    new_nngp = dense_variance(nngp, w_std=w_std, b_std=b_std, use_bias=use_bias)
+    new_nngp = dense_variance(nngp, w_std=w_std, b_std=b_std, use_bias=use_bias, unit=unit)
     if parameterization == "ntk":
         return new_nngp, new_nngp + w_std**2 * ntk
     if parameterization == "standard":
         if fan_in is None:
             raise ValueError("the standard parameterization needs the layer's fan_in.")
         new_ntk = fan_in * nngp + w_std**2 * ntk
-        return new_nngp, (new_ntk + 1 if use_bias else new_ntk)
+        if not use_bias:
+            return new_nngp, new_ntk
+        return new_nngp, new_ntk + (1 if unit is None else unit)
     raise ValueError(
         f"unknown parameterization {parameterization!r}; allowed: 'ntk', 'standard'."
     )
@@ -141,33 +152,24 @@ def dense_kernel(
 
 def _scaled_dense_kernel(k: Kernel, features: int, *, w_std: float, b_std: float,
                          use_bias: bool, parameterization: Parameterization) -> Kernel:
-    """:func:`dense_kernel` of a kernel with a scaled form: the rule on the stored kernels with
-    each constant term (the bias's ``b_std^2``, the standard parameterization's ``1``) divided
-    by the pair's scale ``2^(s1_i + s2_j)`` (each input's ``2^(2 s_i)`` for the variances)."""
+    """:func:`dense_kernel` of a kernel with a scaled form: :func:`dense_kernels` on the stored
+    kernels with each constant term divided by the pair's scale ``2^(s1_i + s2_j)`` (each
+    input's ``2^(2 s_i)`` for the variances)."""
     p = k.scaled
     assert p is not None
-    w_std, b_std = _weak(w_std), _weak(b_std)
     i1, i2 = p.inverse_scales()
-    # a traced b_std (hyperparameters by gradient) is always added, as in dense_variance
-    with_bias = use_bias and not (isinstance(b_std, float) and b_std == 0)
+    nngp, ntk = dense_kernels(
+        p.nngp, p.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
+        parameterization=parameterization, fan_in=k.width,
+        unit=i1[:, None] * i2[None, :],  # a true 1, stored: 2^-(s1_i + s2_j)
+    )
 
-    def affine(q: jax.Array, unit: jax.Array) -> jax.Array:
-        """``w^2 q + b^2`` with the true 1 of the bias term in stored units."""
-        return w_std**2 * q + b_std**2 * unit if with_bias else w_std**2 * q
+    def variance(v: jax.Array, inverse: jax.Array) -> jax.Array:
+        return dense_variance(v, w_std=w_std, b_std=b_std, use_bias=use_bias,
+                              unit=inverse * inverse)
 
-    unit = i1[:, None] * i2[None, :]  # a true 1, stored: 2^-(s1_i + s2_j)
-    nngp = affine(p.nngp, unit)
-    if parameterization == "ntk":
-        ntk = nngp + w_std**2 * p.ntk
-    elif parameterization == "standard":
-        ntk = k.width * p.nngp + w_std**2 * p.ntk
-        ntk = ntk + unit if use_bias else ntk
-    else:
-        raise ValueError(
-            f"unknown parameterization {parameterization!r}; allowed: 'ntk', 'standard'."
-        )
-    var1 = affine(p.var1, i1 * i1)
-    var2 = var1 if k.same_inputs else affine(p.var2, i2 * i2)
+    var1 = variance(p.var1, i1)
+    var2 = var1 if k.same_inputs else variance(p.var2, i2)
     return k.with_scaled(p.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2),
                          width=int(features), non_gaussian="")
 
