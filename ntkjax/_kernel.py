@@ -231,6 +231,13 @@ class Kernel:
         changes.setdefault("scaled", None)
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_scaled(cls, parts: ScaledParts, **fields: Any) -> Kernel:
+        """The kernel whose scaled form is ``parts``, its true kernels unscaled from it, with
+        the other ``fields`` (``width``, ``same_inputs``, ...)."""
+        return cls(nngp=parts.nngp, ntk=parts.ntk, var1=parts.var1, var2=parts.var2,
+                   **fields).with_scaled(parts)
+
     def with_scaled(self, parts: ScaledParts, **changes: Any) -> Kernel:
         """This kernel with the scaled form ``parts`` and the true kernels unscaled from it
         (``ScaledParts.true_kernels``), and the other ``changes`` (for the rules declared

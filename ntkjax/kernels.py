@@ -239,8 +239,7 @@ def input_kernel(
         var1, var2 = _stored_variances(x1s, e1, s1), _stored_variances(x2s, e2, s2)
     parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
                         log2_scale1=s1, log2_scale2=s2)
-    plain = Kernel(nngp=gram, ntk=parts.ntk, var1=var1, var2=var2, width=d, same_inputs=same)
-    return plain.with_scaled(parts)
+    return Kernel.from_scaled(parts, width=d, same_inputs=same)
 
 
 # Inputs whose largest entry is below 2^_UNSCALED_EXPONENT are stored unscaled (log2 scale 0:
@@ -1102,8 +1101,7 @@ def _row_kernel(x: jax.Array, diagonal: bool = False, mask: jax.Array | None = N
         var = _stored_variances(xs, e, s)
         parts = ScaledParts(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                             var2=var[:1], log2_scale1=s, log2_scale2=s[:1])
-        return Kernel(nngp=parts.nngp, ntk=parts.ntk, var1=var, var2=var[:1],
-                      width=x.shape[-1]).with_scaled(parts)
+        return Kernel.from_scaled(parts, width=x.shape[-1])
     var = _self_covariance(zero_masked(x, mask), diagonal)
     k = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2)
