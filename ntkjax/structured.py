@@ -70,6 +70,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import shutil
+import tempfile
+import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -103,6 +106,7 @@ __all__ = [
     "structured_fallback_params",
     "structured_kernel",
     "structured_projected_features",
+    "two_pass_kernel",
 ]
 
 _PARAM_NAMES = {"dense": {"kernel", "bias"}, "conv": {"kernel", "bias"},
@@ -1332,3 +1336,316 @@ def last_hidden_features(apply_fn: Callable, params: Any, x: jax.Array) -> jax.A
         )
     feats = captured[-1]
     return feats.reshape(feats.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two-pass schedule: every example's factors once, then layer by layer Gram products
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Factored:
+    """A weight stored as its factors by pass 1: ``x`` the scaled layer inputs ``c x_t``
+    ``(N, T, K)`` (token ids ``(N, T)`` for an embedding, vocabulary ``vocab``), ``d`` the
+    cotangents ``(N, O, T, F)``."""
+
+    x: str
+    d: str
+    kind: str
+    vocab: int | None
+
+
+def _two_pass_plan(apply_fn, params, x) -> tuple[Callable, dict, list[str], list[_Factored]]:
+    """``(pass one, {name: shape of one example's array}, gradient names, factored weights)``
+    of the two-pass schedule: the arrays :func:`_pass_one` stores -- per-example gradients
+    ``(N, O, P)`` (norms, tied embeddings, biases, the Jacobians of every other parameter) and
+    the factors of each dense, convolution or embedding weight."""
+    layers = _discover(apply_fn, params, x)
+    trainable, _ = split_params(params)
+    one = _pass_one(apply_fn, layers)
+    shapes = jax.eval_shape(one, params, x[:1])
+    names = sorted(shapes)
+    weights = []
+    for j, (path, layer) in enumerate(layers.items()):
+        if f"{j:04d}x" in names:
+            node = _layer_params(trainable, layer)
+            assert node is not None
+            vocab = int(node["embedding"].shape[0]) if layer.kind == "embed" else None
+            weights.append(_Factored(f"{j:04d}x", f"{j:04d}d", layer.kind, vocab))
+    factored = {name for w in weights for name in (w.x, w.d)}
+    return one, shapes, [name for name in names if name not in factored], weights
+
+
+def _pass_one(apply_fn, layers):
+    """``(params, x) -> {name: per-example array}``: one forward and O backward passes give
+    every structured layer's inputs and cotangents; stored are each dense, convolution and
+    embedding weight's factors ``{j}x`` (inputs times the layer's kernel scale ``c``),
+    ``{j}d`` (cotangents, examples first) and per-example gradients ``(N, O, P)`` of the
+    rest: ``{j}b`` a bias (``s sum_t delta_t``), ``{j}g`` a norm's scale and bias or a tied
+    embedding, ``rest{i}`` the Jacobian of a parameter no layer rule covers."""
+
+    def factors(params, x):
+        trainable, _ = split_params(params)
+        n = x.shape[0]
+        rest, per_sample, dtype = _taps(apply_fn, params, layers, x)
+        jac, deltas, inputs = per_sample(rest, x)
+        out = {}
+        for i, g in enumerate(jax.tree_util.tree_leaves(jac)):
+            if g.size and jnp.issubdtype(g.dtype, jnp.inexact):
+                out[f"rest{i:04d}"] = g.reshape(n, g.shape[1], -1)
+        for j, (path, layer) in enumerate(layers.items()):
+            node = _layer_params(trainable, layer)
+            assert node is not None
+            d = _joined_cotangents(layer, deltas[path])  # (O, N, T, F)
+            if layer.kind == "norm":
+                g = jnp.concatenate(
+                    list(_norm_grads(layer, node, params, inputs[path], d).values()), axis=-1)
+                out[f"{j:04d}g"] = jnp.moveaxis(g, 0, 1)
+                continue
+            parts = _joined_inputs(layer, inputs[path])
+            if layer.attend_in_shapes:
+                tied = (*path, _ATTEND)
+                g = _tied_embedding_grads(layer, node, parts[0], d, inputs[tied],
+                                          _attend_cotangents(deltas[tied]))
+                out[f"{j:04d}g"] = jnp.moveaxis(g, 0, 1).reshape(n, g.shape[0], -1)
+                continue
+            c, s = _scales(layer, node, dtype)
+            if layer.kind == "embed":
+                out[f"{j:04d}x"] = parts[0]
+            else:
+                joined = jnp.concatenate(parts, axis=-1).astype(d.dtype)
+                out[f"{j:04d}x"] = joined if isinstance(c, float) and c == 1.0 else c * joined
+            out[f"{j:04d}d"] = jnp.moveaxis(d, 0, 1)
+            if "bias" in node:
+                out[f"{j:04d}b"] = jnp.moveaxis(s * jnp.sum(d, axis=2), 0, 1)
+        return out
+
+    return factors
+
+
+class _FactorStore:
+    """Pass 1's arrays, layer-major (one array per name, examples first): numpy arrays in
+    memory, or ``.npy`` memory maps in a temporary directory under ``spill_dir`` (removed by
+    :meth:`close`, also after an error)."""
+
+    def __init__(self, shapes: Mapping[str, Any], n: int, spill_dir: str | None):
+        self.tmp = None if spill_dir is None else tempfile.mkdtemp(prefix="ntkjax_two_pass_",
+                                                                  dir=spill_dir)
+        self.arrays: dict[str, np.ndarray] = {}
+        try:
+            for name, spec in shapes.items():
+                shape = (n, *spec.shape[1:])
+                if self.tmp is None:
+                    self.arrays[name] = np.empty(shape, spec.dtype)
+                else:
+                    self.arrays[name] = np.lib.format.open_memmap(
+                        f"{self.tmp}/{name}.npy", mode="w+", dtype=spec.dtype, shape=shape)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.arrays.clear()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def _column_chunk(rows: int, width: int, itemsize: int, budget: int) -> int:
+    """Columns per chunk: ``rows x chunk`` values of ``itemsize`` bytes within ``budget``."""
+    return int(min(width, max(1, budget // max(1, rows * itemsize))))
+
+
+@functools.partial(jax.jit, static_argnames=("outputs",))
+def _gradient_gram(g1, g2, outputs):
+    """``<g1_a, g2_b>`` of per-example gradients ``(n, O, P)``."""
+    return _contract_outputs_first(jnp.moveaxis(g1, 0, 1), jnp.moveaxis(g2, 0, 1), outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("outputs", "width", "vocab", "same"))
+def _materialized_chunk(x1, d1, x2, d2, start, outputs, width, vocab, same):
+    """The materialized term of input columns ``[start, start + width)`` (zero-padded: zero
+    columns add nothing); token ids become that slice of their one-hot rows."""
+    if vocab is not None:
+        x1 = jax.nn.one_hot(x1 - start, width, dtype=d1.dtype)
+        x2 = x1 if same else jax.nn.one_hot(x2 - start, width, dtype=d2.dtype)
+    if same:
+        return _materialized_term(x1, d1, x1, d1, outputs)
+    return _materialized_term(x1, d1, x2, d2, outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("outputs", "kind", "vocab"))
+def _factored_block(x1, d1, x2, d2, outputs, kind, vocab):
+    """The factored term (sum over position pairs, in token blocks) of two example blocks."""
+    return _weight_term(kind, (x1,), d1, (x2,), d2, outputs, vocab=vocab, form="factored")
+
+
+def _padded_columns(x, start: int, width: int) -> np.ndarray:
+    """Columns ``[start, start + width)`` of ``x`` ``(n, T, K)``, zero-padded to ``width``."""
+    part = np.asarray(x[:, :, start:start + width])
+    if part.shape[-1] < width:
+        part = np.concatenate(
+            [part, np.zeros((*part.shape[:-1], width - part.shape[-1]), part.dtype)], axis=-1)
+    return part
+
+
+def two_pass_kernel(
+    apply_fn: Callable,
+    params: Any,
+    x: jax.Array,
+    *,
+    outputs: Literal["trace", "diagonal", "full"] = "trace",
+    memory_bytes: int,
+    spill_dir: str | None = None,
+    spill: bool | None = None,
+    block_size: int | None = None,
+    timings: dict | None = None,
+) -> np.ndarray:
+    """The symmetric empirical NTK ``Theta(x, x)`` of a linen model by the two-pass schedule
+    (host numpy array, ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``); not validated, not
+    symmetrized: see :func:`ntkjax.empirical_ntk_matrix` (``schedule="two_pass"``).
+
+    Pass 1: for each block of examples one forward and O backward passes give every structured
+    layer's factors -- inputs ``x_t`` and cotangents ``delta_{i,t}`` of each dense,
+    convolution and embedding weight, per-example gradients of norms, biases and every other
+    parameter -- written layer-major (one array per layer, examples first), in memory when all
+    of them fit ``memory_bytes / 2``, else (or with ``spill=True``) to ``.npy`` memory maps
+    in a temporary directory under ``spill_dir`` (the system's temporary directory when None),
+    removed at the end, also after an error. Pass 2: layer by layer, for blocks of examples
+    (all N when one layer's factors fit the budget), the layer's Gram contribution: of
+    per-example gradients ``<g_a, g_b>`` in column chunks; of a factored weight the cheaper by
+    FLOPs of the factored sum over position pairs ``sum_{t,s} (x_t . x'_s)(delta_t .
+    delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
+    in chunks of input columns that fit the budget (Novak et al. 2022, section 4). Each
+    example's forward and backward passes run once, where example blocks recompute them for
+    every block pair.
+
+    ``block_size`` sets pass 1's examples per block (default: from the budget and the
+    compiled program's footprint); ``timings``, when a dict, receives ``pass1_s``,
+    ``pass2_s``, ``factor_bytes``, ``spilled`` and the block sizes.
+    """
+    n = x.shape[0]
+    start_time = time.perf_counter()
+    one, shapes, grad_names, weights = _two_pass_plan(apply_fn, params, x)
+    per_example = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize for s in shapes.values())
+    if spill is None:
+        spill = n * per_example > memory_bytes // 2
+    jitted = jax.jit(one)
+    program: Callable = jitted
+    if block_size is None:
+        b1, compiled = _pass_one_block(jitted, params, x, per_example, memory_bytes)
+        program = compiled or jitted
+    else:
+        b1 = min(block_size, n)
+    pass1_end = start_time
+    store = _FactorStore(shapes, n, (spill_dir or tempfile.gettempdir()) if spill else None)
+    try:
+        pending = None
+        for begin in range(0, n, b1):  # dispatch block k + 1 before writing block k
+            rows = x[begin:begin + b1]
+            padded = rows if rows.shape[0] == b1 else jnp.concatenate(
+                [rows, jnp.broadcast_to(rows[-1:], (b1 - rows.shape[0], *rows.shape[1:]))])
+            result = (begin, rows.shape[0], program(params, padded))
+            if pending is not None:
+                _write_block(store, *pending)
+            pending = result
+        if pending is not None:
+            _write_block(store, *pending)
+        pass1_end = time.perf_counter()
+        total = _pass_two(store, grad_names, weights, n, outputs, memory_bytes)
+    finally:
+        store.close()
+    if timings is not None:
+        timings.update(pass1_s=pass1_end - start_time, pass2_s=time.perf_counter() - pass1_end,
+                       factor_bytes=n * per_example, spilled=bool(spill), pass1_block=b1)
+    return total
+
+
+def _write_block(store: _FactorStore, begin: int, rows: int, result: Mapping) -> None:
+    for name, value in result.items():
+        store.arrays[name][begin:begin + rows] = np.asarray(value)[:rows]
+
+
+def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> tuple[int, Any]:
+    """``(examples per pass-1 block, its compiled program)``: a power of two (at most N) whose
+    compiled footprint (arguments, outputs and temporaries) fits ``memory_bytes``, starting
+    from three times the stored bytes per example (at least 1)."""
+    n = x.shape[0]
+    size = 1 << (int(min(n, max(1, memory_bytes // (3 * per_example)))).bit_length() - 1)
+    while True:
+        spec = jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype)
+        compiled = jitted.lower(params, spec).compile()
+        stats = compiled.memory_analysis()
+        if size == 1 or stats is None or (stats.argument_size_in_bytes
+                                          + stats.output_size_in_bytes
+                                          + stats.temp_size_in_bytes) <= memory_bytes:
+            return size, compiled
+        size //= 2
+
+
+def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
+              memory_bytes: int) -> np.ndarray:
+    """Pass 2 of :func:`two_pass_kernel`: the sum of every stored layer's Gram term."""
+    arrays = store.arrays
+    total: np.ndarray | None = None
+
+    def add(rows1, rows2, term):
+        nonlocal total
+        term = np.asarray(term)
+        if total is None:
+            total = np.zeros((n, n, *term.shape[2:]), term.dtype)
+        total[rows1, rows2] += term
+        if rows1 != rows2:
+            total[rows2, rows1] += np.transpose(term, (1, 0, *range(term.ndim - 1, 1, -1)))
+
+    def row_blocks(per_example: int):
+        """Blocks of examples of which two fit half the budget."""
+        size = n if n * per_example <= memory_bytes // 4 else max(
+            1, memory_bytes // (4 * per_example))
+        blocks = [slice(b, min(b + size, n)) for b in range(0, n, size)]
+        return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
+
+    for name in grad_names:
+        g = arrays[name]
+        o, p = g.shape[1], g.shape[2]
+        itemsize = g.dtype.itemsize
+        for rows1, rows2 in row_blocks(o * p * itemsize):
+            width = _column_chunk(2 * max(rows1.stop - rows1.start, 1) * o, p, itemsize,
+                                  memory_bytes // 4)
+            for start in range(0, p, width):
+                g1 = np.asarray(g[rows1, :, start:start + width])
+                g2 = g1 if rows1 == rows2 else np.asarray(g[rows2, :, start:start + width])
+                add(rows1, rows2, _gradient_gram(g1, g2, outputs))
+    for w in weights:
+        xs, ds = arrays[w.x], arrays[w.d]
+        _, o, t, f = ds.shape
+        k = w.vocab if w.kind == "embed" else xs.shape[-1]
+        itemsize = ds.dtype.itemsize
+        per_example = xs[:1].nbytes + ds[:1].nbytes
+        for rows1, rows2 in row_blocks(per_example):
+            n1, n2 = rows1.stop - rows1.start, rows2.stop - rows2.start
+            same = rows1 == rows2
+            kx = 1 if w.kind == "embed" else k
+            factored = n1 * n2 * t * t * (kx + f * _output_factor(outputs, o))
+            materialized = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(
+                outputs, o)
+            d1 = jnp.moveaxis(jnp.asarray(ds[rows1]), 1, 0)
+            d2 = d1 if same else jnp.moveaxis(jnp.asarray(ds[rows2]), 1, 0)
+            if factored <= materialized:
+                x1 = jnp.asarray(xs[rows1])
+                x2 = x1 if same else jnp.asarray(xs[rows2])
+                add(rows1, rows2, _factored_block(x1, d1, x2, d2, outputs, w.kind, w.vocab))
+                continue
+            width = _column_chunk((n1 + (0 if same else n2)) * o * f, k, itemsize,
+                                  memory_bytes // 4)
+            for start in range(0, k, width):
+                if w.kind == "embed":
+                    x1, x2 = xs[rows1], xs[rows2]
+                else:
+                    x1 = _padded_columns(xs[rows1], start, width)
+                    x2 = x1 if same else _padded_columns(xs[rows2], start, width)
+                add(rows1, rows2, _materialized_chunk(
+                    x1, d1, x2, d2, start, outputs, width,
+                    w.vocab if w.kind == "embed" else None, same))
+    assert total is not None
+    return total
