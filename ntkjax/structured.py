@@ -106,6 +106,7 @@ __all__ = [
     "structured_fallback_params",
     "structured_kernel",
     "structured_projected_features",
+    "two_pass_bytes_per_example",
     "two_pass_kernel",
 ]
 
@@ -1362,11 +1363,11 @@ def _two_pass_plan(apply_fn, params, x) -> tuple[Callable, dict, list[str], list
     the factors of each dense, convolution or embedding weight."""
     layers = _discover(apply_fn, params, x)
     trainable, _ = split_params(params)
-    one = _pass_one(apply_fn, layers)
+    one = _pass_one_program(apply_fn, layers, params, x)
     shapes = jax.eval_shape(one, params, x[:1])
     names = sorted(shapes)
     weights = []
-    for j, (path, layer) in enumerate(layers.items()):
+    for j, layer in enumerate(layers.values()):
         if f"{j:04d}x" in names:
             node = _layer_params(trainable, layer)
             assert node is not None
@@ -1374,6 +1375,36 @@ def _two_pass_plan(apply_fn, params, x) -> tuple[Callable, dict, list[str], list
             weights.append(_Factored(f"{j:04d}x", f"{j:04d}d", layer.kind, vocab))
     factored = {name for w in weights for name in (w.x, w.d)}
     return one, shapes, [name for name in names if name not in factored], weights
+
+
+def two_pass_bytes_per_example(apply_fn: Callable, params: Any, x: jax.Array) -> int:
+    """Bytes that pass 1 of :func:`two_pass_kernel` stores per example (every layer's
+    factors and per-example gradients); shapes only, nothing is computed."""
+    _, shapes, _, _ = _two_pass_plan(apply_fn, params, x[:1])
+    return sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize for s in shapes.values())
+
+
+# pass 1's jitted programs, per apply_fn and the shapes and dtypes of params and one example
+# (which decide the layers), so that a later call reuses their traces and compilations
+_PASS_ONE_PROGRAMS: dict = {}
+
+
+def _pass_one_program(apply_fn, layers, params, x):
+    """:func:`_pass_one`, jitted; one per ``apply_fn`` and shapes (at most 8 kept; an
+    unhashable ``apply_fn`` gets a fresh one)."""
+    spec = jax.tree_util.tree_map(lambda a: (np.shape(a), str(jnp.result_type(a))),
+                                  (params, x[:1]))
+    key = (apply_fn, jax.tree_util.tree_structure(spec), tuple(jax.tree_util.tree_leaves(
+        spec, is_leaf=lambda v: isinstance(v, tuple))))
+    try:
+        program = _PASS_ONE_PROGRAMS.get(key)
+    except TypeError:
+        return jax.jit(_pass_one(apply_fn, layers))
+    if program is None:
+        if len(_PASS_ONE_PROGRAMS) >= 8:
+            _PASS_ONE_PROGRAMS.pop(next(iter(_PASS_ONE_PROGRAMS)))
+        program = _PASS_ONE_PROGRAMS[key] = jax.jit(_pass_one(apply_fn, layers))
+    return program
 
 
 def _pass_one(apply_fn, layers):
@@ -1530,13 +1561,8 @@ def two_pass_kernel(
     per_example = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize for s in shapes.values())
     if spill is None:
         spill = n * per_example > memory_bytes // 2
-    jitted = jax.jit(one)
-    program: Callable = jitted
-    if block_size is None:
-        b1, compiled = _pass_one_block(jitted, params, x, per_example, memory_bytes)
-        program = compiled or jitted
-    else:
-        b1 = min(block_size, n)
+    b1 = min(block_size, n) if block_size else _pass_one_block(one, params, x, per_example,
+                                                                  memory_bytes)
     pass1_end = start_time
     store = _FactorStore(shapes, n, (spill_dir or tempfile.gettempdir()) if spill else None)
     try:
@@ -1545,7 +1571,7 @@ def two_pass_kernel(
             rows = x[begin:begin + b1]
             padded = rows if rows.shape[0] == b1 else jnp.concatenate(
                 [rows, jnp.broadcast_to(rows[-1:], (b1 - rows.shape[0], *rows.shape[1:]))])
-            result = (begin, rows.shape[0], program(params, padded))
+            result = (begin, rows.shape[0], one(params, padded))
             if pending is not None:
                 _write_block(store, *pending)
             pending = result
@@ -1566,10 +1592,10 @@ def _write_block(store: _FactorStore, begin: int, rows: int, result: Mapping) ->
         store.arrays[name][begin:begin + rows] = np.asarray(value)[:rows]
 
 
-def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> tuple[int, Any]:
-    """``(examples per pass-1 block, its compiled program)``: a power of two (at most N) whose
-    compiled footprint (arguments, outputs and temporaries) fits ``memory_bytes``, starting
-    from three times the stored bytes per example (at least 1)."""
+def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> int:
+    """Examples per pass-1 block: a power of two (at most N) whose compiled footprint
+    (arguments, outputs and temporaries) fits ``memory_bytes``, starting from three times the
+    stored bytes per example (at least 1). The compilation is the one ``jitted`` then uses."""
     n = x.shape[0]
     size = 1 << (int(min(n, max(1, memory_bytes // (3 * per_example)))).bit_length() - 1)
     while True:
@@ -1579,7 +1605,7 @@ def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> t
         if size == 1 or stats is None or (stats.argument_size_in_bytes
                                           + stats.output_size_in_bytes
                                           + stats.temp_size_in_bytes) <= memory_bytes:
-            return size, compiled
+            return size
         size //= 2
 
 
