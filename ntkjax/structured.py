@@ -1392,10 +1392,8 @@ _PASS_ONE_PROGRAMS: dict = {}
 def _pass_one_program(apply_fn, layers, params, x):
     """:func:`_pass_one`, jitted; one per ``apply_fn`` and shapes (at most 8 kept; an
     unhashable ``apply_fn`` gets a fresh one)."""
-    spec = jax.tree_util.tree_map(lambda a: (np.shape(a), str(jnp.result_type(a))),
-                                  (params, x[:1]))
-    key = (apply_fn, jax.tree_util.tree_structure(spec), tuple(jax.tree_util.tree_leaves(
-        spec, is_leaf=lambda v: isinstance(v, tuple))))
+    leaves, tree = jax.tree_util.tree_flatten((params, x[:1]))
+    key = (apply_fn, tree, tuple((np.shape(a), str(jnp.result_type(a))) for a in leaves))
     try:
         program = _PASS_ONE_PROGRAMS.get(key)
     except TypeError:
