@@ -992,7 +992,7 @@ def empirical_ntk_matrix(
         forward and backward passes once -- each structured layer's inputs and cotangents,
         the per-example gradients of norms, biases and other parameters -- and stores them
         layer by layer, in memory when they fit half of ``memory_bytes``, else in temporary
-        ``.npy`` files (removed at the end, also after an error); pass 2 adds each layer's
+        files (removed at the end, also after an error); pass 2 adds each layer's
         Gram term over all examples, in the factored form or from per-example gradients
         formed in chunks of columns, whichever needs fewer FLOPs. Example blocks instead
         recompute both blocks' forward and backward passes for every block pair, so for a

@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
 import shutil
 import tempfile
 import time
@@ -1454,27 +1455,60 @@ def _pass_one(apply_fn, layers):
 
 class _FactorStore:
     """Pass 1's arrays, layer-major (one array per name, examples first): numpy arrays in
-    memory, or ``.npy`` memory maps in a temporary directory under ``spill_dir`` (removed by
-    :meth:`close`, also after an error)."""
+    memory, or raw files in a temporary directory under ``spill_dir``, written and read by
+    rows with ``pwrite`` / ``pread`` (not memory maps: their pages would count towards the
+    process's resident memory), removed by :meth:`close`, also after an error."""
 
     def __init__(self, shapes: Mapping[str, Any], n: int, spill_dir: str | None):
         self.tmp = None if spill_dir is None else tempfile.mkdtemp(prefix="ntkjax_two_pass_",
                                                                   dir=spill_dir)
+        self.shapes = {name: (n, *spec.shape[1:]) for name, spec in shapes.items()}
+        self.dtypes = {name: np.dtype(spec.dtype) for name, spec in shapes.items()}
         self.arrays: dict[str, np.ndarray] = {}
+        self.files: dict[str, int] = {}
         try:
-            for name, spec in shapes.items():
-                shape = (n, *spec.shape[1:])
+            for name, shape in self.shapes.items():
                 if self.tmp is None:
-                    self.arrays[name] = np.empty(shape, spec.dtype)
+                    self.arrays[name] = np.empty(shape, self.dtypes[name])
                 else:
-                    self.arrays[name] = np.lib.format.open_memmap(
-                        f"{self.tmp}/{name}.npy", mode="w+", dtype=spec.dtype, shape=shape)
+                    self.files[name] = os.open(os.path.join(self.tmp, f"{name}.bin"),
+                                               os.O_RDWR | os.O_CREAT, 0o600)
         except BaseException:
             self.close()
             raise
 
+    def row_bytes(self, name: str) -> int:
+        return int(np.prod(self.shapes[name][1:])) * self.dtypes[name].itemsize
+
+    def write(self, name: str, begin: int, rows: np.ndarray) -> None:
+        if self.tmp is None:
+            self.arrays[name][begin:begin + rows.shape[0]] = rows
+            return
+        data = np.ascontiguousarray(rows, self.dtypes[name]).tobytes()
+        written = os.pwrite(self.files[name], data, begin * self.row_bytes(name))
+        if written != len(data):
+            raise OSError(f"two-pass factors: short write to {self.tmp} ({written} of "
+                          f"{len(data)} bytes); is the disk full?")
+
+    def read(self, name: str, rows: slice) -> np.ndarray:
+        if self.tmp is None:
+            return self.arrays[name][rows]
+        count = rows.stop - rows.start
+        out = np.empty((count, *self.shapes[name][1:]), self.dtypes[name])
+        view = out.data.cast("B")
+        offset, done = rows.start * self.row_bytes(name), 0
+        while done < view.nbytes:
+            got = os.preadv(self.files[name], [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"two-pass factors: short read from {self.tmp}")
+            done += got
+        return out
+
     def close(self) -> None:
         self.arrays.clear()
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -1538,10 +1572,11 @@ def two_pass_kernel(
     layer's factors -- inputs ``x_t`` and cotangents ``delta_{i,t}`` of each dense,
     convolution and embedding weight, per-example gradients of norms, biases and every other
     parameter -- written layer-major (one array per layer, examples first), in memory when all
-    of them fit ``memory_bytes / 2``, else (or with ``spill=True``) to ``.npy`` memory maps
-    in a temporary directory under ``spill_dir`` (the system's temporary directory when None),
-    removed at the end, also after an error. Pass 2: layer by layer, for blocks of examples
-    (all N when one layer's factors fit the budget), the layer's Gram contribution: of
+    of them fit ``memory_bytes / 2``, else (or with ``spill=True``) to files in a temporary
+    directory under ``spill_dir`` (the system's temporary directory when None), written and
+    read by rows, removed at the end, also after an error. Pass 2: layer by layer, for
+    blocks of examples (all N when one layer's factors fit the budget), the layer's Gram
+    contribution: of
     per-example gradients ``<g_a, g_b>`` in column chunks; of a factored weight the cheaper by
     FLOPs of the factored sum over position pairs ``sum_{t,s} (x_t . x'_s)(delta_t .
     delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
@@ -1587,7 +1622,7 @@ def two_pass_kernel(
 
 def _write_block(store: _FactorStore, begin: int, rows: int, result: Mapping) -> None:
     for name, value in result.items():
-        store.arrays[name][begin:begin + rows] = np.asarray(value)[:rows]
+        store.write(name, begin, np.asarray(value)[:rows])
 
 
 def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> int:
@@ -1609,8 +1644,9 @@ def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> i
 
 def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
               memory_bytes: int) -> np.ndarray:
-    """Pass 2 of :func:`two_pass_kernel`: the sum of every stored layer's Gram term."""
-    arrays = store.arrays
+    """Pass 2 of :func:`two_pass_kernel`: the sum of every stored layer's Gram term, each over
+    pairs of example blocks of which two fit a quarter of ``memory_bytes`` (all N at once
+    when they fit), an off-diagonal pair added twice (mirrored)."""
     total: np.ndarray | None = None
 
     def add(rows1, rows2, term):
@@ -1623,29 +1659,28 @@ def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
             total[rows2, rows1] += np.transpose(term, (1, 0, *range(term.ndim - 1, 1, -1)))
 
     def row_blocks(per_example: int):
-        """Blocks of examples of which two fit half the budget."""
         size = n if n * per_example <= memory_bytes // 4 else max(
             1, memory_bytes // (4 * per_example))
         blocks = [slice(b, min(b + size, n)) for b in range(0, n, size)]
         return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
 
     for name in grad_names:
-        g = arrays[name]
-        o, p = g.shape[1], g.shape[2]
-        itemsize = g.dtype.itemsize
+        _, o, p = store.shapes[name]
+        itemsize = store.dtypes[name].itemsize
         for rows1, rows2 in row_blocks(o * p * itemsize):
-            width = _column_chunk(2 * max(rows1.stop - rows1.start, 1) * o, p, itemsize,
+            g1 = store.read(name, rows1)
+            g2 = g1 if rows1 == rows2 else store.read(name, rows2)
+            width = _column_chunk(2 * (rows1.stop - rows1.start) * o, p, itemsize,
                                   memory_bytes // 4)
             for start in range(0, p, width):
-                g1 = np.asarray(g[rows1, :, start:start + width])
-                g2 = g1 if rows1 == rows2 else np.asarray(g[rows2, :, start:start + width])
-                add(rows1, rows2, _gradient_gram(g1, g2, outputs))
+                c1 = g1[:, :, start:start + width]
+                add(rows1, rows2, _gradient_gram(
+                    c1, c1 if rows1 == rows2 else g2[:, :, start:start + width], outputs))
     for w in weights:
-        xs, ds = arrays[w.x], arrays[w.d]
-        _, o, t, f = ds.shape
-        k = w.vocab if w.kind == "embed" else xs.shape[-1]
-        itemsize = ds.dtype.itemsize
-        per_example = xs[:1].nbytes + ds[:1].nbytes
+        _, o, t, f = store.shapes[w.d]
+        k = w.vocab if w.kind == "embed" else store.shapes[w.x][-1]
+        itemsize = store.dtypes[w.d].itemsize
+        per_example = store.row_bytes(w.x) + store.row_bytes(w.d)
         for rows1, rows2 in row_blocks(per_example):
             n1, n2 = rows1.stop - rows1.start, rows2.stop - rows2.start
             same = rows1 == rows2
@@ -1653,21 +1688,23 @@ def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
             factored = n1 * n2 * t * t * (kx + f * _output_factor(outputs, o))
             materialized = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(
                 outputs, o)
-            d1 = jnp.moveaxis(jnp.asarray(ds[rows1]), 1, 0)
-            d2 = d1 if same else jnp.moveaxis(jnp.asarray(ds[rows2]), 1, 0)
+            d1 = jnp.moveaxis(jnp.asarray(store.read(w.d, rows1)), 1, 0)
+            d2 = d1 if same else jnp.moveaxis(jnp.asarray(store.read(w.d, rows2)), 1, 0)
+            xs1 = store.read(w.x, rows1)
+            xs2 = xs1 if same else store.read(w.x, rows2)
             if factored <= materialized:
-                x1 = jnp.asarray(xs[rows1])
-                x2 = x1 if same else jnp.asarray(xs[rows2])
+                x1 = jnp.asarray(xs1)
+                x2 = x1 if same else jnp.asarray(xs2)
                 add(rows1, rows2, _factored_block(x1, d1, x2, d2, outputs, w.kind, w.vocab))
                 continue
             width = _column_chunk((n1 + (0 if same else n2)) * o * f, k, itemsize,
                                   memory_bytes // 4)
             for start in range(0, k, width):
                 if w.kind == "embed":
-                    x1, x2 = xs[rows1], xs[rows2]
+                    x1, x2 = xs1, xs2
                 else:
-                    x1 = _padded_columns(xs[rows1], start, width)
-                    x2 = x1 if same else _padded_columns(xs[rows2], start, width)
+                    x1 = _padded_columns(xs1, start, width)
+                    x2 = x1 if same else _padded_columns(xs2, start, width)
                 add(rows1, rows2, _materialized_chunk(
                     x1, d1, x2, d2, start, outputs, width,
                     w.vocab if w.kind == "embed" else None, same))

@@ -5,6 +5,7 @@ per-sample Jacobian method, and spilled against in memory bit for bit."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -132,7 +133,7 @@ def test_spill_files_are_removed_after_an_error(tmp_path, monkeypatch, x64):
     monkeypatch.setattr(structured, "_pass_two", failing)
     with pytest.raises(RuntimeError, match="pass 2 failed"):
         ntkjax.empirical_ntk_matrix(apply_fn, params, x, schedule="two_pass", spill_dir=tmp_path)
-    assert seen and all(name.endswith(".npy") for name in seen)
+    assert seen and all(name.endswith(".bin") for name in seen)
     assert os.listdir(tmp_path) == []
 
 
@@ -141,9 +142,11 @@ def test_two_pass_bad_options_are_named(tmp_path):
     matrix = ntkjax.empirical_ntk_matrix
     with pytest.raises(ValueError, match="schedule"):
         matrix(apply_fn, params, x, schedule="twopass")  # type: ignore[arg-type]
-    for kwargs, named in (({"x2": x2}, "x2"), ({"block_size": 2}, "block_size"),
-                          ({"out": str(tmp_path / "k")}, "out"),
-                          ({"ntk_method": "jacobian"}, "ntk_method='jacobian'")):
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"x2": x2}, "x2"), ({"block_size": 2}, "block_size"),
+        ({"out": str(tmp_path / "k")}, "out"),
+        ({"ntk_method": "jacobian"}, "ntk_method='jacobian'")]
+    for kwargs, named in cases:
         with pytest.raises(ValueError, match=named):
             matrix(apply_fn, params, x, schedule="two_pass", **kwargs)
     with pytest.raises(ValueError, match="not an existing directory"):
