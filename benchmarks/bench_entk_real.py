@@ -36,7 +36,8 @@ of the same examples; each ntkjax line's with ntkjax's float64 structured kernel
 examples.
 
 Sizes: ``python -m benchmarks.bench_entk_real WORKLOAD [--quick] [--n N ...] [--subset S]
-[--dim-total D] [--memory-gb G] [--torch-memory-gb G] [--torch-time-cap-s S]``;
+[--dim-total D] [--memory-gb G] [--torch-memory-gb G] [--torch-time-cap-s S] [--schedule
+{auto,blocks,two_pass}] [--skip-torch]``;
 ``python -m benchmarks.run WORKLOAD [--quick]`` runs the defaults.
 """
 
@@ -264,16 +265,42 @@ def _warm_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def _ntkjax_kernel(model, variables, x, outputs, memory_gb, params_filter=None, repeats=1):
-    """Times ``empirical_ntk_matrix`` (structured, memory budget ``memory_gb``)."""
+def _ntkjax_kernel(model, variables, x, outputs, memory_gb, params_filter=None, repeats=1,
+                   schedule="auto", one_call=False):
+    """Times ``empirical_ntk_matrix`` (structured, memory budget ``memory_gb``, ``schedule``).
+    ``one_call``: one call, compilation included (``compile_s`` 0), for runs of minutes. The
+    timing also holds ``cpu_s`` (this process's user + system CPU seconds over the calls) and,
+    when the two-pass schedule ran, ``two_pass``: its last call's pass-1 and pass-2 seconds,
+    factor bytes, whether they were spilled to disk and pass 1's block."""
+    record: dict = {}
+    real = ntkjax.empirical.two_pass_kernel
+
+    def recording(*args, **kwargs):
+        return real(*args, **kwargs, timings=record)
 
     def run():
         return ntkjax.empirical_ntk_matrix(
             model.apply, variables, x, ntk_method="structured", outputs=outputs,
-            memory_bytes=int(memory_gb * 2**30), params_filter=params_filter)
+            memory_bytes=int(memory_gb * 2**30), params_filter=params_filter, schedule=schedule)
 
-    timing = time_call(run, repeats=repeats, wait=lambda r: r)
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    ntkjax.empirical.two_pass_kernel = recording
+    try:
+        if one_call:
+            start = time.perf_counter()
+            result = run()
+            timing = {"median_s": time.perf_counter() - start, "compile_s": 0.0, "repeats": 1,
+                      "result": result}
+        else:
+            timing = time_call(run, repeats=repeats, wait=lambda r: r)
+    finally:
+        ntkjax.empirical.two_pass_kernel = real
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    timing["cpu_s"] = round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
     timing["peak_memory_mb"] = round(peak_memory_mb(), 1)  # before the accuracy checks
+    if record:
+        timing["two_pass"] = {k: round(v, 2) if isinstance(v, float) else v
+                              for k, v in record.items()}
     return timing
 
 
@@ -536,7 +563,7 @@ _DIRECT_MAX_N = 16  # above this, one unblocked call may not fit the memory targ
 
 
 def _exact_kernels(workload, model, variables, x_all, ns, outputs, memory_gb, params,
-                   extra=None) -> np.ndarray:
+                   extra=None, schedule="auto") -> np.ndarray:
     """Emits one ntkjax line per N (timing, float64 check of the first 4 examples, ``extra(n,
     timing)``) and returns the kernel of the largest N. For N up to ``_DIRECT_MAX_N`` a
     second line times one jitted ``empirical_ntk_fn`` built once (no blocks, no per-call
@@ -545,14 +572,19 @@ def _exact_kernels(workload, model, variables, x_all, ns, outputs, memory_gb, pa
     for n in ns:
         x = x_all[:n]
         log(f"{workload} ntkjax N={n}")
-        timing = _ntkjax_kernel(model, variables, x, outputs, memory_gb)
+        timing = _ntkjax_kernel(model, variables, x, outputs, memory_gb, schedule=schedule,
+                                one_call=n > _DIRECT_MAX_N)
         kernel = np.asarray(timing["result"])
         err = _float64_check(model, variables, x, kernel, outputs, min(n, 4))
         _emit_ntkjax(workload,
                      {"n": n, "method": "structured, empirical_ntk_matrix",
                       "memory_budget_gb": memory_gb, "outputs": outputs, "dtype": "float32",
-                      **params},
+                      "schedule": schedule, **params},
                      timing, {"max_rel_err_first4_vs_float64": err},
+                     cpu_s=timing["cpu_s"],
+                     **({"two_pass": timing["two_pass"]} if "two_pass" in timing else {}),
+                     **({"timing_note": "one call, compilation included"}
+                        if n > _DIRECT_MAX_N else {}),
                      **(extra(n, timing) if extra else {}))
         if n <= _DIRECT_MAX_N:  # the jitted kernel alone: one block, built once
             ntk = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured",
@@ -569,8 +601,14 @@ def _exact_kernels(workload, model, variables, x_all, ns, outputs, memory_gb, pa
 
 
 def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
-                   torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0) -> None:
-    """Trace eNTK of the GPT model, N = 64 and 256 (quick: N = 4), against torch.func."""
+                   torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0,
+                   schedule: str = "auto", skip_torch: bool = False) -> None:
+    """Trace eNTK of the GPT model, N = 64 and 256 (quick: N = 4), against torch.func.
+
+    ``schedule`` is ``empirical_ntk_matrix``'s: ``"auto"`` takes the two-pass schedule for
+    these sizes (pass 1's footprint for all examples exceeds the budget; the factors, about
+    141 MB per example, go to the temporary directory beyond half the budget). Runs with
+    N > 16 time one call, compilation included."""
     _warm_compilation_cache()
     cfg = _GPT_QUICK if quick else _GPT_REAL
     ns = ns or ([4] if quick else [64, 256])
@@ -593,7 +631,10 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
                 "ratio_to_gradient_plus_pair_floor": round(timing["median_s"] / exact_s, 2)}
 
     kernel = _exact_kernels("entk_gpt_small", model, variables, tokens, ns, "trace", memory_gb,
-                            {"model": cfg, "n_params": n_params, "quick": quick}, floor)
+                            {"model": cfg, "n_params": n_params, "quick": quick}, floor,
+                            schedule=schedule)
+    if skip_torch:
+        return
     _torch_side("entk_gpt_small", "gpt", cfg, variables, tokens, ns, ["jacobian", "ntk_vp"],
                 "trace", kernel, memory_gb=torch_memory_gb, time_cap_s=torch_time_cap_s,
                 quick=quick)
@@ -767,6 +808,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=float, help="ntkjax block memory budget")
     parser.add_argument("--torch-memory-gb", type=float, help="torch address-space limit")
     parser.add_argument("--torch-time-cap-s", type=float, help="torch: skip sizes beyond this")
+    parser.add_argument("--schedule", choices=["auto", "blocks", "two_pass"],
+                        help="entk_gpt_small: empirical_ntk_matrix's schedule")
+    parser.add_argument("--skip-torch", action="store_true", default=None,
+                        help="entk_gpt_small: ntkjax only")
     parser.add_argument("--torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_child:

@@ -521,8 +521,11 @@ def empirical_ntk_fn(
     is one batch. ``batch="auto"`` tells the two apart by a probe (:func:`is_batch_coupled`:
     the outputs and a random Jacobian-vector product of the batched call against the
     per-example calls) and computes the batched kernel for a coupled function; the decision
-    is kept per input shapes, and under an outer ``jit`` without an earlier concrete call the
-    probe runs in the program and ``lax.cond`` picks the kernel.
+    is kept per input shapes. Under an outer ``jit`` without an earlier concrete call the
+    probe runs while tracing, on stand-in values of the traced arguments' shapes and dtypes
+    (floating parameters in [0.5, 1.5), floating inputs in [-1, 1), integer inputs 0 or 1,
+    all pseudo-random), so the program holds only the kernel it decides on; a model whose
+    coupling those values hide needs ``batch=`` (or a concrete call first).
 
     Kernel variants used in the literature on real models (each is the kernel of a reduced
     model, so every ``ntk_method`` computes it at the cost of its one output):
@@ -721,14 +724,13 @@ def empirical_ntk_fn(
         if batch != "auto":
             return compute(params, x1, x2, batch == "whole", index1, index2)
         key = _shapes_key(params, x1, x2, index1, index2)
-        if key in decisions:
-            return compute(params, x1, x2, decisions[key], index1, index2)
-        coupled = _coupling_gap(model, params, x1, x2) > _COUPLING_TOLERANCE
-        return jax.lax.cond(
-            coupled,
-            lambda: compute(params, x1, x2, True, index1, index2),
-            lambda: compute(params, x1, x2, False, index1, index2),
-        )
+        if key not in decisions:  # traced values: probe stand-ins of their shapes and dtypes
+            with linen.intercept_methods(_reject_active_dropout):
+                stand_ins = _stand_ins(params, x1, x2)
+                # a compiled program runs on concrete values even inside a trace
+                gap = probe.lower(*stand_ins).compile()(*stand_ins)
+            decisions[key] = bool(np.asarray(gap) > _COUPLING_TOLERANCE)
+        return compute(params, x1, x2, decisions[key], index1, index2)
 
     options = cpu_convolution_options()
     per_sample = jit_with_options(functools.partial(compute, whole=False), options)
@@ -827,14 +829,43 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
     return gap
 
 
+def _stand_ins(params, x1, x2) -> tuple:
+    """Concrete values of the shapes and dtypes of ``(params, x1, x2)`` on which to probe for
+    batch coupling when they are traced (under an outer ``jit``); concrete leaves are kept.
+    Stand-ins are sine-hash values (:func:`_probe_direction`), so the rows differ: floating
+    parameters in [0.5, 1.5) (positive, as variances and scales need), floating inputs in
+    [-1, 1), integer inputs 0 or 1 (valid token ids), boolean inputs both."""
+
+    def stand_in(leaf, index, shift):
+        if is_concrete(leaf):
+            return leaf
+        dtype = jnp.result_type(leaf)
+        hashed = _sine_hash(np, np.shape(leaf), index)  # numpy: nothing to compile
+        if jnp.issubdtype(dtype, jnp.inexact):
+            return (shift + (0.5 if shift else 1.0) * hashed).astype(dtype)
+        return (hashed > 0).astype(dtype)
+
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    stand_params = jax.tree_util.tree_unflatten(
+        tree, [stand_in(leaf, i, 1.0) for i, leaf in enumerate(leaves)])
+    return (stand_params, stand_in(x1, -1, 0.0),
+            None if x2 is None else stand_in(x2, -2, 0.0))
+
+
 def _probe_direction(leaf, index: int) -> jax.Array:
     """A fixed pseudo-random direction of ``leaf``'s shape and dtype, entries in [-1, 1): the
     sine hash ``2 frac(43758.5453 sin(12.9898 k + 78.233 index)) - 1`` of each entry's flat
     position ``k`` -- a few elementwise operations, where a PRNG sampler per leaf (threefry)
     would make most of the probe's compile time."""
-    k = jnp.arange(np.size(leaf), dtype=jnp.float32).reshape(jnp.shape(leaf))
-    hashed = 43758.5453 * jnp.sin(12.9898 * k + 78.233 * index)
-    return (2.0 * (hashed - jnp.floor(hashed)) - 1.0).astype(jnp.result_type(leaf))
+    return _sine_hash(jnp, jnp.shape(leaf), index).astype(jnp.result_type(leaf))
+
+
+def _sine_hash(xp, shape, index: int):
+    """The sine hash of :func:`_probe_direction` in float32, computed by ``xp`` (``jax.numpy``
+    or ``numpy``)."""
+    k = xp.arange(int(np.prod(shape)), dtype=xp.float32).reshape(shape)
+    hashed = xp.float32(43758.5453) * xp.sin(xp.float32(12.9898) * k + xp.float32(78.233 * index))
+    return xp.float32(2.0) * (hashed - xp.floor(hashed)) - xp.float32(1.0)
 
 
 def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
