@@ -20,8 +20,9 @@ from tests.models_for_ntk import make_case
 
 
 class _TinyGPT(nn.Module):
-    """GPT-2-shaped: token and learned position embeddings, pre-LN blocks (causal multi-head
-    attention, GELU MLP), final LayerNorm, a head on the last token."""
+    """GPT-2-shaped: token and learned position embeddings (the positions' table looked up
+    once for all examples: served per example), pre-LN blocks (causal multi-head attention,
+    GELU MLP), final LayerNorm, a head on the last token."""
 
     vocab: int = 3
     width: int = 16
@@ -29,9 +30,8 @@ class _TinyGPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h = nn.Embed(self.vocab, self.width)(tokens) + nn.Embed(8, self.width)(positions)
-        mask = nn.make_causal_mask(tokens)
+        table = nn.Embed(8, self.width)(jnp.arange(tokens.shape[1]))
+        h, mask = nn.Embed(self.vocab, self.width)(tokens) + table, nn.make_causal_mask(tokens)
         for _ in range(self.blocks):
             h = h + nn.MultiHeadDotProductAttention(num_heads=2)(nn.LayerNorm()(h), mask=mask)
             h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
