@@ -1532,9 +1532,37 @@ def _materialized_chunk(x1, d1, x2, d2, start, outputs, width, vocab, same):
     if vocab is not None:
         x1 = jax.nn.one_hot(x1 - start, width, dtype=d1.dtype)
         x2 = x1 if same else jax.nn.one_hot(x2 - start, width, dtype=d2.dtype)
+    if same and outputs == "trace" and x1.shape[0] % _GRAM_PARTS == 0 and (
+            x1.shape[0] >= 16 * _GRAM_PARTS):
+        return _symmetric_trace_gram(x1, d1)
     if same:
         return _materialized_term(x1, d1, x1, d1, outputs)
     return _materialized_term(x1, d1, x2, d2, outputs)
+
+
+# Row parts of the symmetric Gram product ``G G^T`` (upper parts computed, the rest mirrored:
+# (p + 1) / 2p of the products)
+_GRAM_PARTS = 4
+
+
+def _symmetric_trace_gram(x, d):
+    """``<G_a, G_b>`` summed over the outputs for one block of examples against itself:
+    ``G_a = sum_t x_t (x) delta_{i,t}`` formed once for every output, ``(n, K O F)``, then
+    only the upper of :data:`_GRAM_PARTS` x :data:`_GRAM_PARTS` row parts multiplied."""
+    n = x.shape[0]
+    g = jax.lax.dot_general(x, d, (((1,), (2,)), ((0,), (1,))), precision=PRECISION)
+    g = g.reshape(n, -1)  # (n, k, O, F) flattened
+    size = n // _GRAM_PARTS
+    parts = [g[i * size:(i + 1) * size] for i in range(_GRAM_PARTS)]
+    rows = []
+    blocks: dict[tuple[int, int], jax.Array] = {}
+    for i in range(_GRAM_PARTS):
+        for j in range(i, _GRAM_PARTS):
+            blocks[i, j] = jnp.matmul(parts[i], parts[j].T, precision=PRECISION)
+    for i in range(_GRAM_PARTS):
+        rows.append(jnp.concatenate(
+            [blocks[i, j] if j >= i else blocks[j, i].T for j in range(_GRAM_PARTS)], axis=1))
+    return jnp.concatenate(rows, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("outputs", "kind", "vocab"))
