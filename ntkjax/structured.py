@@ -1613,8 +1613,9 @@ def two_pass_kernel(
     every block pair.
 
     ``block_size`` sets pass 1's examples per block (default: from the budget and the
-    compiled program's footprint); ``timings``, when a dict, receives ``pass1_s``,
-    ``pass2_s``, ``factor_bytes``, ``spilled`` and the block sizes.
+    compiled program's footprint); ``timings``, when a dict, receives ``setup_s`` (finding
+    the layers, compiling pass 1), ``pass1_s``, ``pass2_s`` (its compilations included),
+    ``factor_bytes``, ``spilled`` and ``pass1_block``.
     """
     n = x.shape[0]
     start_time = time.perf_counter()
@@ -1624,7 +1625,7 @@ def two_pass_kernel(
         spill = n * per_example > memory_bytes // 2
     b1 = min(block_size, n) if block_size else _pass_one_block(one, params, x, per_example,
                                                                   memory_bytes)
-    pass1_end = start_time
+    pass1_start = pass1_end = time.perf_counter()
     store = _FactorStore(shapes, n, (spill_dir or tempfile.gettempdir()) if spill else None)
     try:
         pending = None
@@ -1643,7 +1644,8 @@ def two_pass_kernel(
     finally:
         store.close()
     if timings is not None:
-        timings.update(pass1_s=pass1_end - start_time, pass2_s=time.perf_counter() - pass1_end,
+        timings.update(setup_s=pass1_start - start_time, pass1_s=pass1_end - pass1_start,
+                       pass2_s=time.perf_counter() - pass1_end,
                        factor_bytes=n * per_example, spilled=bool(spill), pass1_block=b1)
     return total
 
