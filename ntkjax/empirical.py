@@ -1029,7 +1029,7 @@ def empirical_ntk_matrix(
         recompute both blocks' forward and backward passes for every block pair, so for a
         large model whose factors of all N examples do not fit the budget the two-pass
         schedule does a fraction of the work (e.g. a GPT-2-shaped model of 86.7M parameters,
-        N = 256 within 8 GB: about 35 TFLOP against 450). ``"auto"`` takes it exactly then:
+        N = 256 within 8 GB: about 43 TFLOP against 450). ``"auto"`` takes it exactly then:
         the structured method applies, ``x2``, ``out``, ``devices`` and ``block_size`` are
         not given, and three times the bytes pass 1 stores for all N examples (its footprint
         while it runs) exceed ``memory_bytes`` (checked once per ``apply_fn`` and shapes).
