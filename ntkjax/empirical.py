@@ -729,7 +729,7 @@ def empirical_ntk_fn(
                 stand_ins = _stand_ins(params, x1, x2)
                 # a compiled program runs on concrete values even inside a trace
                 gap = probe.lower(*stand_ins).compile()(*stand_ins)
-            decisions[key] = bool(np.asarray(gap) > _COUPLING_TOLERANCE)
+            decisions[key] = _is_coupled(gap)
         return compute(params, x1, x2, decisions[key], index1, index2)
 
     options = cpu_convolution_options()
@@ -766,7 +766,7 @@ def empirical_ntk_fn(
             check_pair(x1, x2)
             with linen.intercept_methods(_reject_active_dropout):
                 check_model_inputs(model, params, x1, x2)
-                decisions[key] = bool(probe(params, x1, x2) > _COUPLING_TOLERANCE)
+                decisions[key] = _is_coupled(probe(params, x1, x2))
         if key in decisions:
             return (whole_batch if decisions[key] else per_sample)(
                 params, x1, x2, index1=index1, index2=index2)
@@ -798,6 +798,14 @@ def _coupling_decisions(apply_fn) -> dict:
 _COUPLING_TOLERANCE = 1e-3
 # Rows of x1 and x2 on which empirical_ntk_matrix probes for batch coupling.
 _PROBE_ROWS = 16
+
+
+def _is_coupled(gap: ArrayLike) -> bool:
+    """Whether a probe's gap (:func:`_coupling_gap`) says the examples interact. A gap that is
+    not a number (the probe's inputs gave NaN outputs) counts as coupled: the whole-batch
+    kernel is exact for either kind of function, the per-example one only for independent
+    examples."""
+    return not bool(np.asarray(gap) <= _COUPLING_TOLERANCE)
 
 
 def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
@@ -902,7 +910,7 @@ def is_batch_coupled(apply_fn: ApplyFn, params: Any, x1: ArrayLike,
     with linen.intercept_methods(_reject_active_dropout):
         check_model_inputs(apply_fn, params, x1, x2)
         gap = _shared(_coupling_probe, apply_fn)(params, x1, x2)
-    return bool(gap > _COUPLING_TOLERANCE)
+    return _is_coupled(gap)
 
 
 def _coupling_probe(apply_fn):

@@ -67,3 +67,22 @@ def test_outer_jit_probes_integer_inputs_on_valid_token_ids(monkeypatch):
     jaxpr = jax.make_jaxpr(lambda p, x: ntk(p, x))(params, tokens)
     assert "cond" not in str(jaxpr)
     assert traced == {"whole": 0, "per_sample": 1}
+
+
+def _log_centered(params, x):  # coupled; NaN on the stand-ins' negative entries
+    logs = jnp.log(x)
+    return (logs - logs.mean(0)) @ params["w"]
+
+
+def test_a_probe_that_gives_nan_counts_as_coupled(monkeypatch):
+    """Stand-in inputs in [-1, 1) make this model's probe NaN. Undecided must mean the
+    whole-batch kernel (exact for either kind of function), not the per-example one (wrong
+    here: the rows are centred by the batch mean)."""
+    traced = _counting(monkeypatch)
+    x = 0.5 + jax.random.uniform(jax.random.key(2), (4, 3))
+    params = {"w": jax.random.normal(jax.random.key(3), (3, 1))}
+    got = jax.jit(ntkjax.empirical_ntk_fn(_log_centered, ntk_method="jacobian"))(params, x)
+    assert traced == {"whole": 1, "per_sample": 0}
+    logs = np.log(np.asarray(x, np.float64))
+    jac = logs - logs.mean(0)  # d f_a / d w for one output
+    np.testing.assert_allclose(got, jac @ jac.T, rtol=1e-5, atol=1e-6)
