@@ -67,7 +67,17 @@ def pow2(exponent: jax.Array, dtype: Any) -> jax.Array:
     >>> pow2(jnp.array([-1, 3]), jnp.float32).tolist()
     [0.5, 8.0]
     """
-    return jnp.ldexp(jnp.ones(jnp.shape(exponent), dtype), exponent)
+    # Built from its bits: the biased exponent ``e + bias`` (clamped to the dtype's range: 0
+    # gives 0, the all-ones exponent gives inf) shifted over the mantissa bits. A handful of
+    # integer operations, where ``jnp.ldexp`` expands to a frexp, a float power and several
+    # selects per call (in a deep network's jitted kernel, compile time).
+    dtype = jnp.dtype(dtype)
+    info = jnp.finfo(dtype)
+    bits = jnp.dtype(f"int{8 * dtype.itemsize}")
+    biased = jnp.clip(jnp.asarray(exponent) + (info.maxexp - 1), 0,
+                      2 * info.maxexp - 1).astype(bits)
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(biased, bits.type(info.nmant)),
+                                        dtype)
 
 
 @struct.dataclass

@@ -309,7 +309,7 @@ def _unit_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``x . x'`` of inputs of size 1e18 overflows float32 long before ``x . x' / d`` does.
     """
     _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
-    scale = jnp.ldexp(jnp.ones((), x.dtype), -exponent)
+    scale = pow2(-exponent, x.dtype)
     return x * scale, scale
 
 
