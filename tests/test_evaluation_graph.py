@@ -11,10 +11,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ntkjax
-from ntkjax import nn
+from ntkjax import kernels, nn
 from ntkjax._kernel import ScaledParts
+from ntkjax.kernels import input_kernel
+
+
+@pytest.mark.parametrize("n", [256, 301])  # four equal row blocks; uneven ones
+def test_the_jitted_mirrored_input_gram_is_exactly_symmetric_and_accurate(n):
+    """From 256 inputs the jitted input kernel of a batch with itself is formed in blocks (each
+    block above the diagonal once, its mirror image below): exactly symmetric, its diagonal
+    the variances, and within float32 rounding of ``x x^T / d`` in float64."""
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(n), (n, 7), jnp.float32)) * 3.0
+    k = jax.jit(input_kernel)(x)
+    g = np.asarray(k.nngp)
+    np.testing.assert_array_equal(g, g.T)
+    np.testing.assert_array_equal(np.diagonal(g), np.asarray(k.var1))
+    exact = x.astype(np.float64) @ x.T.astype(np.float64) / 7
+    np.testing.assert_allclose(g, exact, rtol=1e-5, atol=1e-6 * np.max(np.abs(exact)))
+    # and a network's kernels from it, jitted
+    mlp = ntkjax.models.MLP((16, 16, 1), nn.relu, b_std=0.1)
+    out = jax.jit(lambda a: ntkjax.kernel_fn(mlp)(a).ntk)(x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out).T)
 
 
 def test_stored_ones_are_the_powers_of_two_with_or_without_per_layer_arrays():
@@ -47,7 +67,7 @@ def test_a_deep_jitted_network_with_a_scaled_row_matches_float64(monkeypatch):
     bias terms are stored as 2^-60 and 2^-30), jitted, against the network in float64."""
     x = np.random.default_rng(3).standard_normal((4, 5)) * np.array([3e18, 1.0, 3e-3, 2.0])[
         :, None]
-    monkeypatch.setattr(ntkjax.kernels, "_ONES_LAYERS", 2)
+    monkeypatch.setattr(kernels, "_ONES_LAYERS", 2)
     mlp = ntkjax.models.MLP((8,) * 5 + (1,), nn.relu, w_std=1.3, b_std=0.4)
     fn = jax.jit(lambda a: (lambda k: (k.nngp, k.ntk))(ntkjax.kernel_fn(mlp)(a)))
     got = fn(jnp.asarray(x, jnp.float32))
