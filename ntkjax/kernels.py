@@ -193,8 +193,9 @@ def input_kernel(
     """The kernel of the inputs themselves: ``nngp = x1 x2^T / d``, ``ntk = 0``, ``width = d``.
 
     With ``x2 = None`` the Gram matrix is symmetrized (``(G + G^T) / 2``: ``x @ x.T`` is not
-    bitwise symmetric on every backend) and the variances are its diagonal, so the kernel is
-    exactly symmetric and its diagonal exactly consistent. Inputs of shape (N, d); integer
+    bitwise symmetric on every backend; jitted on the CPU from 256 inputs, it is formed in
+    mirrored blocks instead, :func:`_mirrored_gram`) and the variances are its diagonal, so the
+    kernel is exactly symmetric and its diagonal exactly consistent. Inputs of shape (N, d); integer
     inputs become the default float dtype. Images (N, *S, C):
     ``nngp[a, b, p, p'] = x1[a, p] . x2[b, p'] / C`` of shape (N1, N2, *S, *S),
     ``var1[a, p, p'] = x1[a, p] . x1[a, p'] / C``, ``width = C``; with ``diagonal_spatial``
@@ -227,12 +228,17 @@ def input_kernel(
     same = x2 is None
     x2 = x1 if same else x2
     (x1s, e1, s1), (x2s, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
-    gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST)
-    # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
-    gram = _symmetric_gram(gram, d) if same else gram / d
+    if same and _mirrors(x1s):
+        gram = _mirrored_gram(x1s)
+    else:
+        gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST)
+        # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
+        gram = _symmetric_gram(gram, d) if same else gram / d
     # each row's unit scale undone up to its stored scale, one factor after the other (XLA
     # rewrites a / b / c into a / (b c), and such a product under- or overflows)
-    gram = (gram * pow2(e1 - s1, gram.dtype)[:, None]) * pow2(e2 - s2, gram.dtype)[None, :]
+    f1, f2 = _row_vector(pow2(e1 - s1, gram.dtype)), _row_vector(pow2(e2 - s2, gram.dtype))
+    s1, s2 = _row_exponents(s1), _row_exponents(s2)
+    gram = (gram * f1[:, None]) * f2[None, :]
     if same:
         var1 = var2 = jnp.diagonal(gram)
     else:
@@ -258,11 +264,64 @@ def _scaled_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return x * pow2(-e, x.dtype)[:, None], e, jnp.maximum(e - _UNSCALED_EXPONENT, 0)
 
 
+def _row_vector(v: jax.Array) -> jax.Array:
+    """``v`` (one value per input), computed once: traced, behind :func:`_fusion_boundary`, so
+    that XLA does not recompute it (and what it is computed from) for every entry of the
+    pairwise loops that read it."""
+    return v if is_concrete(v) else _fusion_boundary(v)
+
+
+def _row_exponents(s: jax.Array) -> jax.Array:
+    """Integer exponents (one per input) through :func:`_row_vector` (as floats: exact for
+    exponents far beyond any float's range)."""
+    return s if is_concrete(s) else _row_vector(s.astype(jnp.float32)).astype(s.dtype)
+
+
 def _stored_variances(x_unit: jax.Array, e: jax.Array, s: jax.Array) -> jax.Array:
     """Each row's ``x . x / d`` divided by ``2^(2 s)``, from its unit-scaled row."""
     v = jnp.sum(x_unit * x_unit, axis=-1) / x_unit.shape[-1]
     half = pow2(e - s, v.dtype)
     return (v * half) * half
+
+
+def _mirrors(x: jax.Array) -> bool:
+    """Whether the input Gram matrix of ``x`` is formed by :func:`_mirrored_gram`."""
+    return (jax.default_backend() == "cpu" and not is_concrete(x)
+            and x.shape[0] >= _MIRROR_BLOCKS * 64)
+
+
+# Row blocks of the mirrored Gram matrix (from _MIRROR_BLOCKS * 64 inputs). Measured, the
+# jitted depth-3 / depth-10 ReLU MLP NTK of 4000 inputs (CPU-s, loaded machine): 0.278 /
+# 0.621 with the whole matrix symmetrized (_symmetric_gram), 0.20 / 0.55 in 4 x 4 blocks
+# joined by concatenation, 0.19 / 0.56 in 8 x 8; 0.176 / 0.512 in 4 x 4 written into place
+# (before the symmetrization, session 6: 0.137-0.148 / 0.549).
+_MIRROR_BLOCKS = 4
+
+
+def _mirrored_gram(x: jax.Array) -> jax.Array:
+    """``x x^T / d``, exactly symmetric by construction, in B x B blocks of rows: each block
+    above the diagonal once (a product of two row blocks), the one below it its transpose,
+    and each diagonal block symmetrized (``(G + G^T) / 2``), each written into place in one
+    N x N array (a concatenation of the blocks copied it twice), divided by ``d`` once in
+    the loop that reads it. Half the products of the whole matrix, and only the diagonal
+    blocks are read transposed in full (XLA:CPU's transposes are slow: 0.07-0.22 CPU-s for a
+    4000 x 4000 matrix, whose copy takes 0.03)."""
+    n, d = x.shape
+    b = _MIRROR_BLOCKS
+    edges = [round(i * n / b) for i in range(b + 1)]
+    rows = [x[edges[i]:edges[i + 1]] for i in range(b)]
+    hi = jax.lax.Precision.HIGHEST
+    out = jnp.zeros((n, n), x.dtype)
+    for i in range(b):
+        for j in range(i, b):
+            g = jnp.matmul(rows[i], rows[j].T, precision=hi)
+            if i == j:
+                out = jax.lax.dynamic_update_slice(out, _symmetrized(g, False),
+                                                   (edges[i], edges[i]))
+            else:
+                out = jax.lax.dynamic_update_slice(out, g, (edges[i], edges[j]))
+                out = jax.lax.dynamic_update_slice(out, g.T, (edges[j], edges[i]))
+    return out / d  # divided once, in the reader's loop
 
 
 def _symmetric_gram(gram: jax.Array, d: int) -> jax.Array:
@@ -309,7 +368,7 @@ def _unit_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``x . x'`` of inputs of size 1e18 overflows float32 long before ``x . x' / d`` does.
     """
     _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
-    scale = jnp.ldexp(jnp.ones((), x.dtype), -exponent)
+    scale = pow2(-exponent, x.dtype)
     return x * scale, scale
 
 
@@ -385,8 +444,9 @@ def _reject_flax_layers(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _variances_written_out(next_fun, args, kwargs, context):
-    """Interceptor: each layer's output variances behind a fusion boundary (traced only).
+class _VariancesWrittenOut:
+    """Interceptor of one application of a module to a kernel: each layer's output variances
+    behind a fusion boundary (traced only).
 
     The per-input variances are small ((N, *S) or (N, *S, *S)) and their maps are cheap (a ReLU
     halves them, a convolution sums shifted copies). XLA duplicates cheap producers into every
@@ -395,18 +455,44 @@ def _variances_written_out(next_fun, args, kwargs, context):
     and every layer's fusion the whole recursion before it (a depth-L network compiled in
     O(L^2)). Measured on one core, the jitted ReLU CNN kernel (flatten readout) of 256 images
     of 8 x 8: 0.22 CPU-s with a sort as the boundary after each activation only, 0.13 with
-    this after every layer (0.11 before the variances were carried on the Kernel)."""
-    out = next_fun(*args, **kwargs)
-    if not isinstance(out, Kernel) or is_concrete(out.var1):
-        return out
-    var1 = _fusion_boundary(out.var1)
-    var2 = var1 if out.same_inputs else _fusion_boundary(out.var2)
-    scaled = out.scaled
-    if scaled is not None:  # the scaled form's variances are what the next rules read
-        stored1 = _fusion_boundary(scaled.var1)
-        stored2 = stored1 if out.same_inputs else _fusion_boundary(scaled.var2)
-        scaled = scaled.replace(var1=stored1, var2=stored2)
-    return out.replace(var1=var1, var2=var2, scaled=scaled)
+    this after every layer (0.11 before the variances were carried on the Kernel).
+
+    A kernel with a scaled form also gets the stored value of a true 1 per input
+    (``ScaledParts.ones1`` / ``ones2``, read by dense layers' bias terms) as an array of its
+    own every :data:`_ONES_LAYERS` layers (modules returning a kernel): shared by every layer
+    of a deep network's fused loop, or formed from the integer exponents inside it, that term
+    made XLA:CPU's fusion emitter compile the loop in far more than linear time in the depth
+    (:meth:`ScaledParts.stored_ones`)."""
+
+    def __init__(self) -> None:
+        self.layers = 0
+
+    def __call__(self, next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if not isinstance(out, Kernel) or is_concrete(out.var1):
+            return out
+        var1 = _fusion_boundary(out.var1)
+        var2 = var1 if out.same_inputs else _fusion_boundary(out.var2)
+        scaled = out.scaled
+        if scaled is not None:  # the scaled form's variances are what the next rules read
+            stored1 = _fusion_boundary(scaled.var1)
+            stored2 = stored1 if out.same_inputs else _fusion_boundary(scaled.var2)
+            ones1, ones2 = scaled.ones1, scaled.ones2
+            if ones1 is None or ones2 is None or self.layers % _ONES_LAYERS == 0:
+                ones1 = _fusion_boundary(pow2(-scaled.log2_scale1, stored1.dtype)
+                                         if ones1 is None else ones1)
+                ones2 = ones1 if out.same_inputs else _fusion_boundary(
+                    pow2(-scaled.log2_scale2, stored2.dtype) if ones2 is None else ones2)
+            scaled = scaled.replace(var1=stored1, var2=stored2, ones1=ones1, ones2=ones2)
+        self.layers += 1
+        return out.replace(var1=var1, var2=var2, scaled=scaled)
+
+
+# How many layers read one array of the stored ones (_VariancesWrittenOut). Compile CPU-s of
+# a jitted depth-75 ReLU MLP (16 x 8 inputs, loaded machine): one array for all layers 19.6,
+# a new one every layer 13.7, every 4 layers 12.3, every 16 layers 10.7, every 32 14.8 (no
+# bias term at all: 8.1).
+_ONES_LAYERS = 16
 
 
 def _fusion_boundary(v: jax.Array) -> jax.Array:
@@ -454,7 +540,7 @@ def _apply_to_kernel(module: linen.Module, kernel: Kernel,
     extra: dict[str, Any] = dict(call_args or {})
     try:
         with linen.intercept_methods(_reject_flax_layers), \
-                linen.intercept_methods(_variances_written_out):
+                linen.intercept_methods(_VariancesWrittenOut()):
             out = module.apply({}, kernel, **extra)
     except ForeignFunctionError:
         raise

@@ -193,3 +193,21 @@ def test_gradients_through_the_scaled_form_match_finite_differences():
         fd_w = (value(x, 1.3 + 1e-6) - value(x, 1.3 - 1e-6)) / 2e-6
         np.testing.assert_allclose(float(dx[1, 2]), float(fd_x), rtol=1e-6)
         np.testing.assert_allclose(float(dw), float(fd_w), rtol=1e-6)
+
+
+def test_pow2_is_the_exact_power_of_two_flushed_and_saturated_like_xla(x64):
+    """``pow2`` (built from the float's bits) against numpy's ``2.0 ** e`` in float64 over
+    every exponent that matters and beyond: exact inside the dtype's normal range, 0 below it
+    (XLA:CPU flushes subnormals) and +inf above it; eagerly and jitted, float32 and float64."""
+    from ntkjax._kernel import pow2
+
+    for dtype, big in ((np.float32, 200), (np.float64, 1100)):
+        info = np.finfo(dtype)
+        e = np.arange(-big, big + 1, dtype=np.int32)
+        with np.errstate(over="ignore"):
+            want = np.ldexp(np.ones(e.shape, np.float64), e).astype(dtype)
+        want[np.abs(want) < info.tiny] = 0  # subnormal powers flush to zero
+        for fn in (pow2, jax.jit(pow2, static_argnums=1)):
+            got = np.asarray(fn(jnp.asarray(e), dtype))
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, want)

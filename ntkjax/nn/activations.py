@@ -139,8 +139,7 @@ def _times_pow2(x: jax.Array, exponent: jax.Array) -> jax.Array:
     +-inf only when the product overflows (never ``inf * 0``: ``x = 0`` gives 0) -- the last step
     of the scale-before-multiply pattern."""
     half = exponent // 2
-    one = jnp.ones_like(x)
-    a, b = jnp.ldexp(one, half), jnp.ldexp(one, exponent - half)
+    a, b = pow2(half, x.dtype), pow2(exponent - half, x.dtype)
     out = (x * a) * b
     # only where a power overflowed is 0 * inf replaced (elsewhere x = 0 keeps its derivative)
     return jnp.where((x == 0) & ~(jnp.isfinite(a) & jnp.isfinite(b)), jnp.zeros_like(x), out)
@@ -976,8 +975,7 @@ def _gabor_sigma(q12: jax.Array, q11: jax.Array, q22: jax.Array,
     if s1 is None or s2 is None:
         t = jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(jnp.maximum(q11, q22), 1)))
         _, exponent = jnp.frexp(t)
-        p = jnp.ldexp(jnp.ones_like(t), exponent - 1)
-        pinv = jnp.ldexp(jnp.ones_like(t), 1 - exponent)
+        p, pinv = pow2(exponent - 1, t.dtype), pow2(1 - exponent, t.dtype)
         a1, a2, z = (q11 * pinv) * pinv, (q22 * pinv) * pinv, (q12 * pinv) * pinv
         dist, delta = _gabor_gaps(z, a1, a2)
         dm = pinv * pinv + 2 * (a1 + a2) + 4 * ((p * p) * delta)  # D / M, possibly +inf

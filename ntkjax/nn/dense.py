@@ -157,19 +157,17 @@ def _scaled_dense_kernel(k: Kernel, features: int, *, w_std: float, b_std: float
     input's ``2^(2 s_i)`` for the variances)."""
     p = k.scaled
     assert p is not None
-    i1, i2 = p.inverse_scales()
+    pairs, ones1, ones2 = p.stored_ones()  # a true 1, stored: 2^-(s1_i + s2_j), 2^-2s
     nngp, ntk = dense_kernels(
         p.nngp, p.ntk, w_std=w_std, b_std=b_std, use_bias=use_bias,
-        parameterization=parameterization, fan_in=k.width,
-        unit=i1[:, None] * i2[None, :],  # a true 1, stored: 2^-(s1_i + s2_j)
+        parameterization=parameterization, fan_in=k.width, unit=pairs,
     )
 
-    def variance(v: jax.Array, inverse: jax.Array) -> jax.Array:
-        return dense_variance(v, w_std=w_std, b_std=b_std, use_bias=use_bias,
-                              unit=inverse * inverse)
+    def variance(v: jax.Array, one: jax.Array) -> jax.Array:
+        return dense_variance(v, w_std=w_std, b_std=b_std, use_bias=use_bias, unit=one)
 
-    var1 = variance(p.var1, i1)
-    var2 = var1 if k.same_inputs else variance(p.var2, i2)
+    var1 = variance(p.var1, ones1)
+    var2 = var1 if k.same_inputs else variance(p.var2, ones2)
     return k.with_scaled(p.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2),
                          width=int(features), non_gaussian="")
 
