@@ -37,8 +37,8 @@ import threadpoolctl
 # numpy may be loaded (by a plugin) before this file: limit its BLAS at run time too
 threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
 
-jax.config.update("jax_disable_most_optimizations",
-                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false"))
+_SUITE_DISABLES = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false")
+jax.config.update("jax_disable_most_optimizations", _SUITE_DISABLES)
 
 _CACHE_ROOT = Path(tempfile.gettempdir()) / "ntkjax-tests-jax-cache"
 
@@ -73,21 +73,24 @@ def x64():
         yield
 
 
+#: Whether the programs compiled now are XLA-optimized: the mode the last test left, so that a
+#: run of consecutive ``xla_optimized`` tests (the cases of one parametrized test) shares its
+#: compiled programs instead of compiling them again for every case.
+_OPTIMIZED = [False]
+
+
 @pytest.fixture(autouse=True)
 def _xla_optimization(request):
-    """Compiles a ``@pytest.mark.xla_optimized`` test with XLA's full optimization pipeline (the
-    caches are cleared on the way in and out, so no program compiled the other way is reused)."""
-    if request.node.get_closest_marker("xla_optimized") is None:
-        yield
-        return
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.clear_caches()
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+    """Compiles a ``@pytest.mark.xla_optimized`` test with XLA's full optimization pipeline, and
+    every other test with most optimizations off. The flag is not part of JAX's cache keys, so
+    the in-memory caches are cleared whenever the mode changes from one test to the next (no
+    program compiled the other way is reused); consecutive tests of one mode keep them."""
+    optimized = request.node.get_closest_marker("xla_optimized") is not None
+    if optimized != _OPTIMIZED[0]:
         jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", not optimized and _SUITE_DISABLES)
+        _OPTIMIZED[0] = optimized
+    yield
 
 
 @pytest.fixture(scope="session")
