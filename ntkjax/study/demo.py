@@ -1556,10 +1556,10 @@ _QUICK_XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
 def _use_older_emitters() -> None:
     """Adds :data:`_QUICK_XLA_FLAG` to ``XLA_FLAGS`` on jaxlib 0.10 (read when JAX starts its
     backend: the command line calls this before any computation)."""
-    import jaxlib
+    from importlib.metadata import version
 
     flags = os.environ.get("XLA_FLAGS", "").split()
-    if jaxlib.__version__.startswith("0.10.") and _QUICK_XLA_FLAG not in flags:
+    if version("jaxlib").startswith("0.10.") and _QUICK_XLA_FLAG not in flags:
         os.environ["XLA_FLAGS"] = " ".join([*flags, _QUICK_XLA_FLAG])
 
 
