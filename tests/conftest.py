@@ -11,6 +11,13 @@ system's temporary folder that belongs to this run alone (the pytest-xdist worke
 subprocess of the run share it; directories of runs older than a day are removed): tests build
 their kernel functions afresh, so the same program is otherwise compiled again and again. This
 takes about a third off the CPU time of the empirical-NTK tests, for example.
+
+With most optimizations off, the suite's programs also compile with XLA's older CPU emitters
+(``xla_cpu_use_fusion_emitters=False``): the newer fusion emitters build a fresh MLIR context
+with every dialect for each program, which doubles the cost of compiling a small one (an eager
+op: 38 against 21 ms of CPU; test_predict.py: 84.6 against 53.7 CPU-s). ``xla_optimized`` tests
+compile with the fusion emitters, as users' programs do. Subprocesses get the option through
+``XLA_FLAGS`` (tests that set it for a subprocess add to it: ``tests.helpers.xla_flags``).
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import jax
 import pytest
 import threadpoolctl
+from jax._src import compiler as _jax_compiler
 
 # numpy may be loaded (by a plugin) before this file: limit its BLAS at run time too
 threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
 
-jax.config.update("jax_disable_most_optimizations",
-                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false"))
+_SUITE_DISABLES = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false")
+jax.config.update("jax_disable_most_optimizations", _SUITE_DISABLES)
 
 _CACHE_ROOT = Path(tempfile.gettempdir()) / "ntkjax-tests-jax-cache"
 
@@ -61,6 +69,41 @@ def pytest_configure(config: pytest.Config) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _use_older_emitters_with_most_optimizations_off()
+
+
+#: The XLA option of the emitters (see the module docstring), and whether this jaxlib knows it.
+_EMITTERS = "xla_cpu_use_fusion_emitters"
+_EMITTERS_KNOWN = [False]
+_get_compile_options = _jax_compiler.get_compile_options
+
+
+def _get_compile_options_of_the_mode(*args, **kwargs):
+    """JAX's compile options, with the fusion emitters off while most optimizations are off
+    (unless the program names the option itself)."""
+    options = _get_compile_options(*args, **kwargs)
+    overrides = list(options.env_option_overrides)
+    if _EMITTERS_KNOWN[0] and all(name != _EMITTERS for name, _ in overrides):
+        fusion = not jax.config.values["jax_disable_most_optimizations"]
+        options.env_option_overrides = [*overrides, (_EMITTERS, fusion)]
+    return options
+
+
+def _use_older_emitters_with_most_optimizations_off() -> None:
+    """Installs :func:`_get_compile_options_of_the_mode` where this jaxlib accepts the option,
+    and passes the option to subprocesses through ``XLA_FLAGS`` (an unknown flag there aborts
+    every process, hence the check first)."""
+    try:
+        jax.jit(lambda v: v + 1, compiler_options={_EMITTERS: False}).lower(
+            jax.numpy.zeros((), jax.numpy.float32)).compile()
+    except Exception:  # an XLA without the option: compile as it does by default
+        return
+    _EMITTERS_KNOWN[0] = True
+    _jax_compiler.get_compile_options = _get_compile_options_of_the_mode
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if _SUITE_DISABLES and f"--{_EMITTERS}=false" not in flags:
+        os.environ["XLA_FLAGS"] = " ".join([*flags, f"--{_EMITTERS}=false"])
+
 
 DATA = Path(__file__).resolve().parent / "data"
 REFERENCE_DIR = DATA / "nt_kernels"
@@ -73,21 +116,24 @@ def x64():
         yield
 
 
+#: Whether the programs compiled now are XLA-optimized: the mode the last test left, so that a
+#: run of consecutive ``xla_optimized`` tests (the cases of one parametrized test) shares its
+#: compiled programs instead of compiling them again for every case.
+_OPTIMIZED = [False]
+
+
 @pytest.fixture(autouse=True)
 def _xla_optimization(request):
-    """Compiles a ``@pytest.mark.xla_optimized`` test with XLA's full optimization pipeline (the
-    caches are cleared on the way in and out, so no program compiled the other way is reused)."""
-    if request.node.get_closest_marker("xla_optimized") is None:
-        yield
-        return
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.clear_caches()
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+    """Compiles a ``@pytest.mark.xla_optimized`` test with XLA's full optimization pipeline, and
+    every other test with most optimizations off. The flag is not part of JAX's cache keys, so
+    the in-memory caches are cleared whenever the mode changes from one test to the next (no
+    program compiled the other way is reused); consecutive tests of one mode keep them."""
+    optimized = request.node.get_closest_marker("xla_optimized") is not None
+    if optimized != _OPTIMIZED[0]:
         jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", not optimized and _SUITE_DISABLES)
+        _OPTIMIZED[0] = optimized
+    yield
 
 
 @pytest.fixture(scope="session")

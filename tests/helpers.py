@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -82,3 +84,11 @@ def assert_feature_error_falls_like_inverse_sqrt(features_at, exact, sizes, keys
         assert -0.65 <= slope <= -0.35, (("nngp", "ntk")[which], slope, mean)
         assert mean[-1] < final_below, (("nngp", "ntk")[which], mean)
     return errors
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a subprocess with ``devices`` forced CPU devices: this process's flags
+    (the suite's compile options, tests/conftest.py) and the device count."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count=")]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])

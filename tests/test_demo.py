@@ -272,7 +272,8 @@ def test_default_run_leaves_out_the_heavy_studies():
 
 
 @slow
-def test_cli_runs_one_section_and_prints_a_summary(tmp_path):
+def test_cli_runs_one_section_and_prints_a_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
     out = tmp_path / "cli"
     buffer = io.StringIO()
     with redirect_stdout(buffer):
@@ -284,6 +285,8 @@ def test_cli_runs_one_section_and_prints_a_summary(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert list(result["sections"]) == ["analytic"]
     assert (out / "s1_analytic_kernels.png").exists()
+    # a quick run compiles with XLA's older CPU emitters (read when a fresh process starts JAX)
+    assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"].split()
 
 
 def test_unknown_section_is_rejected(tmp_path):

@@ -23,6 +23,7 @@ import zarr
 
 import ntkjax
 from tests.distributed_worker import CG_RIDGE, cg_targets, problem, slow_block_fn
+from tests.helpers import xla_flags
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 ROOT = WORKER.parent.parent
@@ -30,7 +31,7 @@ ROOT = WORKER.parent.parent
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_ENABLE_X64"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

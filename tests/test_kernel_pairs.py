@@ -26,6 +26,7 @@ from flax import linen
 import ntkjax
 from ntkjax import models, nn
 from ntkjax.kernels import Kernel, input_kernel
+from tests.helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +170,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_kernel_matrix_on_four_devices_into_a_store(tmp_path, x64):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, str(ROOT), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)

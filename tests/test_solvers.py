@@ -15,6 +15,7 @@ from flax import linen as nn
 
 import ntkjax
 from ntkjax import models
+from tests.helpers import xla_flags
 
 MLP3 = models.MLP((512,) * 3 + (1,), "relu", w_std=float(np.sqrt(2)), b_std=0.1)
 
@@ -281,7 +282,7 @@ def test_four_devices_give_the_one_device_solve(tmp_path):
             out[name] = np.asarray(res.alpha)
         print(np.abs(out["one"] - out["four"]).max() / np.abs(out["one"]).max())
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -23,6 +23,7 @@ from ntkjax.compile_options import FAST_COMPILE
 from ntkjax.study.cli import main as cli_main
 from ntkjax.study.sweep_command import PRESETS
 from ntkjax.sweep import SweepConfig, load_rows, summarize, sweep
+from tests.helpers import xla_flags
 
 TINY = SweepConfig(num_train=10, num_probe=4, num_test=20, num_steps=20, record_every=10)
 
@@ -352,7 +353,7 @@ def _child(code: str, *, devices: int = 1, **popen) -> subprocess.Popen:
     """A fresh Python running ``code`` with ``devices`` forced CPU devices (XLA_FLAGS must be set
     before jax is imported, hence a new process)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": xla_flags(devices)}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
