@@ -21,10 +21,12 @@ def _agree(model, x1, x2, outputs, *, fallback=()):
     """structured == jacobian at 1e-10 (float64), and exactly ``fallback`` leaves fall back."""
     params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x1))
     assert structured_fallback_params(model.apply, params, x1) == list(fallback)
-    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs=outputs)(
-        params, x1, x2)
-    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs=outputs)(
-        params, x1, x2)
+    # examples are independent: batch="per_sample" (the default probe would compile a
+    # program per kernel function for the same answer)
+    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs=outputs,
+                                   batch="per_sample")(params, x1, x2)
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs=outputs,
+                                  batch="per_sample")(params, x1, x2)
     assert got.dtype == jnp.float64 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(want))))
 
