@@ -107,8 +107,11 @@ def test_structured_ntk_factors_the_projections(x64):
         # Dense, key (+ query), value, out, readout: each a dense layer the structured method
         # knows, its Jacobian factored from inputs and cotangents
         assert count_structured_layers(net.apply, params, x) == (5 if linear else 6)
-    got = ntkjax.empirical_ntk_fn(net.apply, ntk_method="structured")(params, x)
-    want = ntkjax.empirical_ntk_fn(net.apply, ntk_method="jacobian")(params, x)
+    # examples are independent: batch="per_sample" (no probe compiled per kernel function)
+    got = ntkjax.empirical_ntk_fn(net.apply, ntk_method="structured", batch="per_sample")(
+        params, x)
+    want = ntkjax.empirical_ntk_fn(net.apply, ntk_method="jacobian", batch="per_sample")(
+        params, x)
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 

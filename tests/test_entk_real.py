@@ -58,7 +58,7 @@ def _jacobian(apply_fn, variables, x, select=None):
         out = apply_fn({**variables, "params": jax.tree_util.tree_unflatten(treedef, merged)}, x)
         return out.reshape(out.shape[0], -1)
 
-    return np.asarray(jax.jacfwd(f)(vec))
+    return np.asarray(jax.jit(jax.jacfwd(f))(vec))  # jitted: op by op, each op compiles apart
 
 
 def _head_only(path, leaf):
@@ -212,7 +212,7 @@ def test_nnx_module_passed_directly(x64):
     vec, unravel = ravel_pytree(state)
 
     def jac(x):
-        return np.asarray(jax.jacfwd(lambda v: nnx.merge(graphdef, unravel(v))(x))(vec))
+        return np.asarray(jax.jit(jax.jacfwd(lambda v: nnx.merge(graphdef, unravel(v))(x)))(vec))
 
     j1, j2 = jac(x1), jac(x2)
     expected = np.einsum("aip,bjp->abij", j1, j2)

@@ -143,7 +143,7 @@ def test_cnn_empirical_ntk_converges_to_kernel_fn_like_inverse_sqrt_width(x64):
         cnn = models.CNN((width, width, 1), kernel_size=3, activation="relu",
                          readout="global_average_pool", w_std=np.sqrt(2), b_std=0.1)
         theta = ntkjax.kernel_fn(cnn)(x).ntk
-        ntk_fn = ntkjax.empirical_ntk_fn(cnn.apply)
+        ntk_fn = ntkjax.empirical_ntk_fn(cnn.apply, batch="per_sample")  # no probe per width
         sq = []
         for key in jax.random.split(jax.random.PRNGKey(width), 16):
             emp = ntk_fn(cnn.init(key, x), x)
@@ -217,7 +217,9 @@ def test_myrtle_empirical_ntk_converges_to_kernel_fn_like_inverse_sqrt_width(x64
     errors = []
     for width in widths:
         net = models.Myrtle(5, channels=width, num_outputs=1)
-        ntk_fn = ntkjax.empirical_ntk_fn(net.apply)
+        # examples are independent: batch="per_sample" (under the jit below the default probe
+        # would be compiled into the program, with both kernels behind a lax.cond)
+        ntk_fn = ntkjax.empirical_ntk_fn(net.apply, batch="per_sample")
 
         @jax.jit
         def relative_squared_errors(keys, net=net, ntk_fn=ntk_fn):

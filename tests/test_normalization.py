@@ -99,7 +99,9 @@ def ntk_errors(make, configs, x, n_networks, seed=0):
     for config in configs:
         module = make(*config)
         theta = ntkjax.kernel_fn(module)(x).ntk
-        ntk_fn = ntkjax.empirical_ntk_fn(module.apply)
+        # examples are independent: batch="per_sample" (under this outer jit the default
+        # probe would be compiled into the program, with both kernels behind a lax.cond)
+        ntk_fn = ntkjax.empirical_ntk_fn(module.apply, batch="per_sample")
         sample = ntk_param_sampler(module, x)
         keys = jax.random.split(jax.random.PRNGKey(seed + config[0]), n_networks)
         emp = jax.jit(lambda ks, f=ntk_fn, s=sample: jax.lax.map(lambda k: f(s(k), x), ks))(keys)

@@ -261,7 +261,7 @@ def test_conv_transpose_networks_all_methods_agree_with_brute_force():
     params = model.init(jax.random.PRNGKey(2), x1)
     assert count_structured_layers(model.apply, params, x1) == 4  # every layer factorized
     full = brute_force_ntk(model.apply, params, x1, x2)
-    for method in ("jacobian", "ntk_vp", "structured"):
-        got = ntkjax.empirical_ntk_fn(model.apply, ntk_method=method, outputs="full")(
-            params, x1, x2)
+    for method in ("jacobian", "ntk_vp", "structured"):  # no probe per method: per_sample
+        got = ntkjax.empirical_ntk_fn(model.apply, ntk_method=method, outputs="full",
+                                      batch="per_sample")(params, x1, x2)
         assert max_relative_error(got, full) < 1e-5, method

@@ -19,12 +19,16 @@ from ntkjax.structured import (
 
 def _agree(model, x1, x2, outputs, *, fallback=()):
     """structured == jacobian at 1e-10 (float64), and exactly ``fallback`` leaves fall back."""
-    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x1))
+    # model.init and the autodiff truths jitted: op by op, every operation compiles apart
+    params = jax.tree.map(lambda v: v.astype(jnp.float64),
+                          jax.jit(model.init)(jax.random.key(1), x1))
     assert structured_fallback_params(model.apply, params, x1) == list(fallback)
-    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs=outputs)(
-        params, x1, x2)
-    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs=outputs)(
-        params, x1, x2)
+    # examples are independent: batch="per_sample" (the default probe would compile a
+    # program per kernel function for the same answer)
+    want = ntkjax.empirical_ntk_fn(model.apply, ntk_method="jacobian", outputs=outputs,
+                                   batch="per_sample")(params, x1, x2)
+    got = ntkjax.empirical_ntk_fn(model.apply, ntk_method="structured", outputs=outputs,
+                                  batch="per_sample")(params, x1, x2)
     assert got.dtype == jnp.float64 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(want))))
 
@@ -51,11 +55,13 @@ def test_norm_scales_and_biases(x64):
 def _projected_and_autodiff(model, x):
     """(structured projected features (dim 8, rank 2), per-sample float64 autodiff gradients
     of every leaf as ``(path, (N, O, *leaf))``, key, dim) of ``model`` on ``x``."""
-    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
+    params = jax.tree.map(lambda v: v.astype(jnp.float64),
+                          jax.jit(model.init)(jax.random.key(1), x))
     key, dim = jax.random.key(5), 8
     feats = structured_projected_features(model.apply, params, x, key, dim, 2)
     assert feats is not None
-    grads = jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(params))(x)
+    grads = jax.jit(jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(
+        params)))(x)
     return feats, jax.tree_util.tree_flatten_with_path(grads["params"])[0], key, dim
 
 
