@@ -735,7 +735,7 @@ def empirical_ntk_fn(
     options = cpu_convolution_options()
     per_sample = jit_with_options(functools.partial(compute, whole=False), options)
     whole_batch = jit_with_options(functools.partial(compute, whole=True), options)
-    probe = jax.jit(functools.partial(_coupling_gap, model))
+    probe = _shared(_coupling_probe, model)  # one probe per model, shared by its kernel functions
     selecting = jax.jit(ntk)
 
     def checked(params: Any, x1: jax.Array, x2: jax.Array | None = None, *,

@@ -58,7 +58,7 @@ from tests.conformance_networks import (
     inputs,
     networks,
 )
-from tests.helpers import assert_feature_error_falls_like_inverse_sqrt
+from tests.helpers import assert_feature_error_falls_like_inverse_sqrt, xla_flags
 
 
 class _NotDefinedYet(Exception):
@@ -214,7 +214,7 @@ def device_kernels(tmp_path_factory) -> dict[str, np.ndarray]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.exists():
             partial = shared / "conformance_devices.partial.npz"
-            env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                        JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
             env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
             proc = subprocess.run([sys.executable, str(WORKER), "devices", str(partial)],
