@@ -525,7 +525,9 @@ def empirical_ntk_fn(
     probe runs while tracing, on stand-in values of the traced arguments' shapes and dtypes
     (floating parameters in [0.5, 1.5), floating inputs in [-1, 1), integer inputs 0 or 1,
     all pseudo-random), so the program holds only the kernel it decides on; a model whose
-    coupling those values hide needs ``batch=`` (or a concrete call first).
+    coupling those values hide needs ``batch=`` (or a concrete call first). A model that
+    closes over values of the outer trace has no concrete stand-in: the program probes it and
+    ``lax.cond`` picks the kernel. A probe that is not a number counts as coupled.
 
     Kernel variants used in the literature on real models (each is the kernel of a reduced
     model, so every ``ntk_method`` computes it at the cost of its one output):
@@ -727,6 +729,15 @@ def empirical_ntk_fn(
         if key not in decisions:  # traced values: probe stand-ins of their shapes and dtypes
             with linen.intercept_methods(_reject_active_dropout):
                 stand_ins = _stand_ins(params, x1, x2)
+                if _closes_over_traced_values(probe, stand_ins):
+                    # e.g. a model linearized around traced parameters: no concrete stand-in
+                    # exists, so the program probes and lax.cond picks the kernel (NaN: coupled)
+                    coupled = jnp.logical_not(probe(params, x1, x2) <= _COUPLING_TOLERANCE)
+                    return jax.lax.cond(
+                        coupled,
+                        lambda: compute(params, x1, x2, True, index1, index2),
+                        lambda: compute(params, x1, x2, False, index1, index2),
+                    )
                 # a compiled program runs on concrete values even inside a trace
                 gap = probe.lower(*stand_ins).compile()(*stand_ins)
             decisions[key] = _is_coupled(gap)
@@ -735,7 +746,7 @@ def empirical_ntk_fn(
     options = cpu_convolution_options()
     per_sample = jit_with_options(functools.partial(compute, whole=False), options)
     whole_batch = jit_with_options(functools.partial(compute, whole=True), options)
-    probe = _shared(_coupling_probe, model)  # one probe per model, shared by its kernel functions
+    probe = jax.jit(functools.partial(_coupling_gap, model))
     selecting = jax.jit(ntk)
 
     def checked(params: Any, x1: jax.Array, x2: jax.Array | None = None, *,
@@ -835,6 +846,13 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
             diff = jnp.max(jnp.abs(b - s)) / jnp.where(scale > 0, scale, 1.0)
             gap = jnp.maximum(gap, diff.astype(gap.dtype))
     return gap
+
+
+def _closes_over_traced_values(fn: Callable, args: tuple) -> bool:
+    """Whether ``fn(*args)`` reads values of an enclosing trace (a model that closes over
+    traced arrays, e.g. linearized around traced parameters): its jaxpr then holds them as
+    constants, and it cannot run on concrete stand-ins."""
+    return not all(is_concrete(c) for c in jax.make_jaxpr(fn)(*args).consts)
 
 
 def _stand_ins(params, x1, x2) -> tuple:

@@ -194,7 +194,7 @@ def input_kernel(
 
     With ``x2 = None`` the Gram matrix is symmetrized (``(G + G^T) / 2``: ``x @ x.T`` is not
     bitwise symmetric on every backend; jitted on the CPU from 256 inputs, it is formed in
-    mirrored blocks instead, :func:`_mirrored_gram`) and the variances are its diagonal, so the
+    mirrored blocks instead, ``_mirrored_gram``) and the variances are its diagonal, so the
     kernel is exactly symmetric and its diagonal exactly consistent. Inputs of shape (N, d); integer
     inputs become the default float dtype. Images (N, *S, C):
     ``nngp[a, b, p, p'] = x1[a, p] . x2[b, p'] / C`` of shape (N1, N2, *S, *S),

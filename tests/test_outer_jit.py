@@ -86,3 +86,21 @@ def test_a_probe_that_gives_nan_counts_as_coupled(monkeypatch):
     logs = np.log(np.asarray(x, np.float64))
     jac = logs - logs.mean(0)  # d f_a / d w for one output
     np.testing.assert_allclose(got, jac @ jac.T, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_closes_over_traced_values_is_probed_in_the_program():
+    """A model built inside the outer trace (scaled by a traced number, as a model linearized
+    around traced parameters is) has no concrete stand-in: the program probes it, and the
+    coupled model still gets its whole-batch kernel."""
+    x = jax.random.normal(jax.random.key(4), (4, 3))
+    params = {"w": jax.random.normal(jax.random.key(5), (3, 2))}
+
+    def kernel_of_scaled_model(scale, params, x):
+        ntk = ntkjax.empirical_ntk_fn(lambda p, x: scale * _centered(p, x),
+                                      ntk_method="jacobian")
+        return ntk(params, x)
+
+    got = jax.jit(kernel_of_scaled_model)(2.0, params, x)
+    flat = jax.jacrev(lambda w: 2.0 * _centered({"w": w}, x))(params["w"])
+    np.testing.assert_allclose(got, np.einsum("aikl,bikl->ab", flat, flat), rtol=1e-5,
+                               atol=1e-6)
