@@ -1512,7 +1512,7 @@ sections (in order):
   digits_features    10. NTK random features against the exact kernel (not in --quick)
 
 cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
-  --quick   34 s wall, 55 CPU-s, 2.3 GB (sections 1-7)
+  --quick   26 s wall, 38 CPU-s, 0.7 GB (sections 1-7)
   default   2 min 25 s wall, 223 CPU-s, 2.8 GB (sections 1-8 and 10; 8 and 10 on 500
             training and 400 test images, 4 draws of the random features)
   --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
