@@ -52,3 +52,14 @@ def padded_row_indices(start: int, count: int, block: int) -> np.ndarray:
     if count < block:
         rows = np.concatenate([rows, np.full(block - count, start + count - 1)])
     return rows
+
+
+def compiled_footprint(compiled: Any) -> int | None:
+    """Bytes a compiled program holds while it runs: its arguments, outputs and temporaries
+    (XLA's memory analysis); None where the backend gives no analysis."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return int(
+        stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    )

@@ -42,7 +42,7 @@ from ntkjax import _collectives, _store
 from ntkjax._checks import check_pair
 from ntkjax._placement import check_same_devices, resolve_devices
 from ntkjax._progress import progress as _progress
-from ntkjax._tiling import pad_rows
+from ntkjax._tiling import compiled_footprint, pad_rows
 from ntkjax.compile_options import cpu_convolution_options, jit_with_options
 
 __all__ = ["available_memory_bytes", "evaluate_in_blocks"]
@@ -83,15 +83,6 @@ def _mirror(block: np.ndarray) -> np.ndarray:
     """K(x', x) from K(x, x'): swap the two batch axes and reverse the trailing output axes."""
     trailing = tuple(range(block.ndim - 1, 1, -1))
     return np.transpose(block, (1, 0, *trailing))
-
-
-def _footprint(compiled) -> int | None:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return None
-    return int(
-        stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-    )
 
 
 def evaluate_in_blocks(
@@ -491,7 +482,7 @@ def _choose_block(jitted, x1, x2, fn_args, memory_bytes, max_block_size, spec,
             traced = None
         else:
             compiled = jitted.lower(spec(x1, b1), spec(x2, b2), *fn_args).compile()
-        footprint = _footprint(compiled)
+        footprint = compiled_footprint(compiled)
         if footprint is None or footprint <= memory_bytes:
             return size, compiled
         if size <= _MIN_BLOCK:

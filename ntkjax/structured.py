@@ -87,6 +87,7 @@ from jax._src import core as jax_core
 from jax.interpreters.ad import JVPTracer
 
 from ntkjax._meanings import declarations
+from ntkjax._tiling import compiled_footprint, pad_rows
 from ntkjax.jacobians import (
     PRECISION,
     Outputs,
@@ -1631,9 +1632,7 @@ def two_pass_kernel(
         pending = None
         for begin in range(0, n, b1):  # dispatch block k + 1 before writing block k
             rows = x[begin:begin + b1]
-            padded = rows if rows.shape[0] == b1 else jnp.concatenate(
-                [rows, jnp.broadcast_to(rows[-1:], (b1 - rows.shape[0], *rows.shape[1:]))])
-            result = (begin, rows.shape[0], one(params, padded))
+            result = (begin, rows.shape[0], one(params, pad_rows(rows, b1)))
             if pending is not None:
                 _write_block(store, *pending)
             pending = result
@@ -1663,11 +1662,8 @@ def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> i
     size = 1 << (int(min(n, max(1, memory_bytes // (3 * per_example)))).bit_length() - 1)
     while True:
         spec = jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype)
-        compiled = jitted.lower(params, spec).compile()
-        stats = compiled.memory_analysis()
-        if size == 1 or stats is None or (stats.argument_size_in_bytes
-                                          + stats.output_size_in_bytes
-                                          + stats.temp_size_in_bytes) <= memory_bytes:
+        footprint = compiled_footprint(jitted.lower(params, spec).compile())
+        if size == 1 or footprint is None or footprint <= memory_bytes:
             return size
         size //= 2
 
