@@ -151,7 +151,10 @@ _RESNET_QUICK = {"widths": [8, 16], "blocks_per_stage": 1, "classes": 10, "size"
 
 def _gpt(cfg: dict, n: int, seed: int = 0):
     model = GPT(**cfg)
-    tokens = jax.random.randint(jax.random.key(seed), (n, cfg["seq"]), 0, cfg["vocab"])
+    # example i's tokens depend on i only, so the first rows agree for every N (the projected
+    # run's subset and the exact N = 256 run see the same sequences)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
+    tokens = jax.vmap(lambda k: jax.random.randint(k, (cfg["seq"],), 0, cfg["vocab"]))(keys)
     variables = model.init(jax.random.key(1), tokens[:1])
     return model, variables, tokens
 
@@ -602,8 +605,12 @@ def _exact_kernels(workload, model, variables, x_all, ns, outputs, memory_gb, pa
 
 def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
                    torch_memory_gb: float = 8.0, torch_time_cap_s: float = 300.0,
-                   schedule: str = "auto", skip_torch: bool = False) -> None:
+                   schedule: str = "auto", skip_torch: bool = False,
+                   save_kernel: str | None = None) -> None:
     """Trace eNTK of the GPT model, N = 64 and 256 (quick: N = 4), against torch.func.
+
+    ``save_kernel``: an ``.npz`` path; the largest N's kernel is saved there with its tokens
+    (``entk_projected_error`` reads it).
 
     ``schedule`` is ``empirical_ntk_matrix``'s: ``"auto"`` takes the two-pass schedule for
     these sizes (pass 1's footprint for all examples exceeds the budget; the factors, about
@@ -633,6 +640,9 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
     kernel = _exact_kernels("entk_gpt_small", model, variables, tokens, ns, "trace", memory_gb,
                             {"model": cfg, "n_params": n_params, "quick": quick}, floor,
                             schedule=schedule)
+    if save_kernel:
+        np.savez(save_kernel, kernel=kernel, tokens=np.asarray(tokens[:max(ns)]),
+                 quick=quick)
     if skip_torch:
         return
     _torch_side("entk_gpt_small", "gpt", cfg, variables, tokens, ns, ["jacobian", "ntk_vp"],
@@ -656,10 +666,14 @@ def entk_resnet18(quick: bool = False, ns: list[int] | None = None, memory_gb: f
 
 
 def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int | None = None,
-                   dim_total: int = 4096, rank: int = 4, memory_gb: float = 4.0) -> None:
+                   dim_total: int = 4096, rank: int = 4, memory_gb: float = 4.0,
+                   store: str | None = None, skip_exact: bool = False) -> None:
     """Projected eNTK features of the GPT model streamed to a store; error on a subset.
 
-    Full size: N = 10,000, subset 256 (not run on the 2-core machine); quick: N = 32, subset 8.
+    Full size: N = 10,000, subset 256; quick: N = 32, subset 8. ``store``: the zarr store's
+    path (kept, and resumed if it exists; default a temporary directory). ``skip_exact``:
+    time the features only; ``entk_projected_error`` then compares the store's first rows
+    with an exact kernel saved by ``entk_gpt_small --save-kernel``.
     """
     _warm_compilation_cache()
     cfg = _GPT_QUICK if quick else _GPT_REAL
@@ -668,32 +682,70 @@ def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int
     if quick:
         dim_total = min(dim_total, 1024)
     model, variables, tokens = _gpt(cfg, n)
-    leaves = len(jax.tree.leaves(variables["params"]))
-    dim = max(rank * rank, math.ceil(dim_total / leaves / rank**2) * rank**2)
+    dim, leaves = _projection_dim(variables, dim_total, rank)
     key = jax.random.key(7)
     with tempfile.TemporaryDirectory(prefix="entk_projected_") as tmp:
-        store = os.path.join(tmp, "features.zarr")
-        log(f"entk_projected N={n} dim/leaf={dim} ({dim * leaves} features) to {store}")
+        path = store or os.path.join(tmp, "features.zarr")
+        resumed = os.path.exists(path)
+        log(f"entk_projected N={n} dim/leaf={dim} ({dim * leaves} features) to {path}"
+            + (" (resuming)" if resumed else ""))
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         feats = ntkjax.projected_ntk_features(
-            model.apply, variables, tokens, dim=dim, key=key, rank=rank, out=store,
-            memory_bytes=int(memory_gb * 2**30))
+            model.apply, variables, tokens, dim=dim, key=key, rank=rank, out=path,
+            memory_bytes=int(memory_gb * 2**30), show_progress=True)
         total = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_SELF)
         phi = np.asarray(feats[:subset], np.float64).reshape(subset, -1)
+    if store:  # the subset's features and tokens, for entk_projected_error
+        np.savez(store + ".subset.npz", phi=phi, tokens=np.asarray(tokens[:subset]))
+    timing = {"median_s": total, "compile_s": 0.0, "repeats": 1,
+              "peak_memory_mb": round(peak_memory_mb(), 1)}
+    params = {"n": n, "dim_per_leaf": dim, "leaves": leaves, "features_total": dim * leaves,
+              "rank": rank, "streamed": "zarr store", "memory_budget_gb": memory_gb,
+              "dtype": "float32", "model": cfg, "quick": quick, "resumed_store": resumed,
+              "timing_note": "one call, compilation included"}
+    cpu_s = round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
+    if skip_exact:
+        _emit_ntkjax("entk_projected", params, timing, None, cpu_s=cpu_s,
+                     accuracy_note="entk_projected_error compares with the exact kernel")
+        return
     log(f"  exact eNTK of the first {subset}")
     exact_timing = _ntkjax_kernel(model, variables, tokens[:subset], "trace", memory_gb)
-    exact = np.asarray(exact_timing["result"])
+    _emit_ntkjax("entk_projected", params, timing,
+                 _projection_error(phi, np.asarray(exact_timing["result"]), subset),
+                 cpu_s=cpu_s, exact_subset_s=round(exact_timing["median_s"], 3))
+
+
+def _projection_dim(variables, dim_total: int, rank: int) -> tuple[int, int]:
+    """Features per leaf (a multiple of ``rank**2``) for about ``dim_total`` in all."""
+    leaves = len(jax.tree.leaves(variables["params"]))
+    return max(rank * rank, math.ceil(dim_total / leaves / rank**2) * rank**2), leaves
+
+
+def _projection_error(phi: np.ndarray, exact: np.ndarray, subset: int) -> dict:
     approx = phi @ phi.T
-    timing = {"median_s": total, "compile_s": 0.0, "repeats": 1}
-    _emit_ntkjax("entk_projected",
-                 {"n": n, "dim_per_leaf": dim, "leaves": leaves, "features_total": dim * leaves,
-                  "rank": rank, "streamed": "zarr store", "memory_budget_gb": memory_gb,
-                  "dtype": "float32", "model": cfg, "quick": quick,
-                  "timing_note": "one call, compilation included"},
-                 timing,
-                 {"rel_fro_err_vs_exact_subset": _rel_fro(approx, exact),
-                  "max_rel_err_vs_exact_subset": _rel(approx, exact), "subset": subset},
-                 exact_subset_s=round(exact_timing["median_s"], 3))
+    return {"rel_fro_err_vs_exact_subset": _rel_fro(approx, exact),
+            "max_rel_err_vs_exact_subset": _rel(approx, exact), "subset": subset}
+
+
+def entk_projected_error(quick: bool = False, store: str | None = None,
+                         exact_kernel: str | None = None) -> None:
+    """The error of the projected features of ``entk_projected --store S`` (its first rows,
+    saved beside the store as ``S.subset.npz``) against the exact trace eNTK saved by
+    ``entk_gpt_small --save-kernel``; both must hold the same token sequences (checked)."""
+    if not store or not exact_kernel:
+        raise SystemExit("entk_projected_error needs --store and --exact-kernel")
+    saved, projected = np.load(exact_kernel), np.load(store + ".subset.npz")
+    exact = saved["kernel"]
+    subset = min(exact.shape[0], projected["phi"].shape[0])
+    exact, phi = exact[:subset, :subset], projected["phi"][:subset]
+    if not np.array_equal(saved["tokens"][:subset], projected["tokens"][:subset]):
+        raise SystemExit(f"{exact_kernel} and {store} hold different token sequences")
+    emit("entk_projected_error", {"store": store, "exact_kernel": exact_kernel,
+                                  "subset": subset, "quick": quick},
+         {"median_s": 0.0, "compile_s": 0.0, "repeats": 0},
+         accuracy=_projection_error(phi, exact, subset))
 
 
 def entk_lora(quick: bool = False, ns: list[int] | None = None, memory_gb: float = 4.0,
@@ -793,6 +845,7 @@ WORKLOADS = {
     "entk_token_blocks": entk_token_blocks,
     "entk_resnet18": entk_resnet18,
     "entk_projected": entk_projected,
+    "entk_projected_error": entk_projected_error,
     "entk_lora": entk_lora,
 }
 
@@ -812,6 +865,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="entk_gpt_small: empirical_ntk_matrix's schedule")
     parser.add_argument("--skip-torch", action="store_true", default=None,
                         help="entk_gpt_small: ntkjax only")
+    parser.add_argument("--store", help="entk_projected(_error): the features' zarr store")
+    parser.add_argument("--skip-exact", action="store_true", default=None,
+                        help="entk_projected: features only (see entk_projected_error)")
+    parser.add_argument("--exact-kernel", help="entk_projected_error: an .npz from "
+                        "entk_gpt_small --save-kernel")
+    parser.add_argument("--save-kernel", help="entk_gpt_small: save the largest N's kernel")
     parser.add_argument("--torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_child:
