@@ -37,8 +37,12 @@ examples.
 
 Sizes: ``python -m benchmarks.bench_entk_real WORKLOAD [--quick] [--n N ...] [--subset S]
 [--dim-total D] [--memory-gb G] [--torch-memory-gb G] [--torch-time-cap-s S] [--schedule
-{auto,blocks,two_pass}] [--skip-torch]``;
-``python -m benchmarks.run WORKLOAD [--quick]`` runs the defaults.
+{auto,blocks,two_pass}] [--skip-torch] [--save-kernel K.npz] [--store S] [--skip-exact]``;
+``python -m benchmarks.run WORKLOAD [--quick]`` runs the defaults. The issue's projected run in
+two steps, so that the exact kernel is computed once: ``entk_gpt_small --n 256 --skip-torch
+--save-kernel K.npz``, ``entk_projected --store S --skip-exact`` (N = 10,000; the store is kept
+and resumed), then ``entk_projected_error --store S --exact-kernel K.npz`` (the first 256 rows;
+the tokens are checked to be the same sequences).
 """
 
 from __future__ import annotations
