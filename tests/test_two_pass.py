@@ -168,14 +168,3 @@ def test_two_pass_bad_options_are_named(tmp_path):
                schedule="two_pass")
     with pytest.raises(ValueError, match="logit"):
         matrix(apply_fn, params, x, outputs="logit", schedule="two_pass")
-
-
-def test_symmetric_trace_gram_is_the_sum_of_gradient_products(x64):
-    """The upper row parts of ``G G^T``, mirrored, against the per-example gradients
-    ``G_a = sum_t x_t (x) delta_{i,t}`` contracted by einsum."""
-    x = jax.random.normal(jax.random.key(0), (64, 5, 3), jnp.float64)
-    d = jax.random.normal(jax.random.key(1), (2, 64, 5, 4), jnp.float64)
-    g = jnp.einsum("ntk,intf->nkif", x, d)
-    want = jnp.einsum("akif,bkif->ab", g, g)
-    got = structured._symmetric_trace_gram(x, d)
-    assert max_relative_error(got, want) < 1e-13
