@@ -1599,9 +1599,10 @@ def two_pass_kernel(
     per-example gradients ``<g_a, g_b>`` in column chunks; of a factored weight the cheaper by
     FLOPs of the factored sum over position pairs ``sum_{t,s} (x_t . x'_s)(delta_t .
     delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
-    in chunks of input columns that fit the budget (Novak et al. 2022, section 4). Each
-    example's forward and backward passes run once, where example blocks recompute them for
-    every block pair.
+    in even chunks of input columns that fit the budget (Novak et al. 2022, section 4), one
+    batched matmul per chunk on the cotangents as stored, then one Gram product. While a
+    layer is computed, a reader thread loads the next one's arrays. Each example's forward
+    and backward passes run once, where example blocks recompute them for every block pair.
 
     ``block_size`` sets pass 1's examples per block (default: from the budget and the
     compiled program's footprint); ``timings``, when a dict, receives ``setup_s`` (finding
