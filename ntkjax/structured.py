@@ -1760,7 +1760,7 @@ def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_byt
     xs2, d2 = (xs1, None) if a2 is None else (a2[w.x], a2[w.d])
     n1, o, t, f = d1.shape
     n2 = n1 if d2 is None else d2.shape[0]
-    k = w.vocab if w.kind == "embed" else store.shapes[w.x][-1]
+    k = store.shapes[w.x][-1] if w.vocab is None else w.vocab  # a vocabulary: one-hot columns
     kx = 1 if w.kind == "embed" else k
     factored = n1 * n2 * t * t * (kx + f * _output_factor(outputs, o))
     materialized = (n1 + (0 if d2 is None else n2)) * o * t * k * f + (
