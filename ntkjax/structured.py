@@ -67,6 +67,7 @@ into its columns.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import operator
@@ -1515,61 +1516,50 @@ class _FactorStore:
             self.tmp = None
 
 
-def _column_chunk(rows: int, width: int, itemsize: int, budget: int) -> int:
-    """Columns per chunk: ``rows x chunk`` values of ``itemsize`` bytes within ``budget``."""
-    return int(min(width, max(1, budget // max(1, rows * itemsize))))
+def _column_chunks(width: int, rows: int, itemsize: int, budget: int) -> tuple[int, int]:
+    """``(chunk, count)``: ``width`` columns in ``count`` chunks of ``chunk`` columns (a
+    multiple of 8 where it fits: aligned matmuls) of which ``rows`` rows of ``itemsize`` bytes
+    fit ``budget``, as even as that allows, so that zero-padding the last chunk wastes little."""
+    most = int(min(width, max(1, budget // max(1, rows * itemsize))))
+    count = -(-width // most)
+    chunk = -(-width // count)
+    if chunk % 8 and -(-chunk // 8) * 8 <= most:
+        chunk = -(-chunk // 8) * 8
+    return chunk, -(-width // chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("outputs",))
-def _gradient_gram(g1, g2, outputs):
-    """``<g1_a, g2_b>`` of per-example gradients ``(n, O, P)``."""
-    return _contract_outputs_first(jnp.moveaxis(g1, 0, 1), jnp.moveaxis(g2, 0, 1), outputs)
+# Pass 2's programs: the per-example gradients of a chunk, then their Gram product, as two
+# programs (one program holding both ran slower on XLA:CPU: its layout choice for the
+# gradients made the batched matmul transpose them).
+_gradient_gram = jax.jit(contract_jacobians, static_argnames=("outputs",))
 
 
-@functools.partial(jax.jit, static_argnames=("outputs", "width", "vocab", "same"))
-def _materialized_chunk(x1, d1, x2, d2, start, outputs, width, vocab, same):
-    """The materialized term of input columns ``[start, start + width)`` (zero-padded: zero
-    columns add nothing); token ids become that slice of their one-hot rows."""
-    if vocab is not None:
-        x1 = jax.nn.one_hot(x1 - start, width, dtype=d1.dtype)
-        x2 = x1 if same else jax.nn.one_hot(x2 - start, width, dtype=d2.dtype)
-    if same and outputs == "trace" and x1.shape[0] % _GRAM_PARTS == 0 and (
-            x1.shape[0] >= 16 * _GRAM_PARTS):
-        return _symmetric_trace_gram(x1, d1)
-    if same:
-        return _materialized_term(x1, d1, x1, d1, outputs)
-    return _materialized_term(x1, d1, x2, d2, outputs)
-
-
-# Row parts of the symmetric Gram product ``G G^T`` (upper parts computed, the rest mirrored:
-# (p + 1) / 2p of the products)
-_GRAM_PARTS = 4
-
-
-def _symmetric_trace_gram(x, d):
-    """``<G_a, G_b>`` summed over the outputs for one block of examples against itself:
-    ``G_a = sum_t x_t (x) delta_{i,t}`` formed once for every output, ``(n, K O F)``, then
-    only the upper of :data:`_GRAM_PARTS` x :data:`_GRAM_PARTS` row parts multiplied."""
-    n = x.shape[0]
-    g = jax.lax.dot_general(x, d, (((1,), (2,)), ((0,), (1,))), precision=PRECISION)
-    g = g.reshape(n, -1)  # (n, k, O, F) flattened
-    size = n // _GRAM_PARTS
-    parts = [g[i * size:(i + 1) * size] for i in range(_GRAM_PARTS)]
-    rows = []
-    blocks: dict[tuple[int, int], jax.Array] = {}
-    for i in range(_GRAM_PARTS):
-        for j in range(i, _GRAM_PARTS):
-            blocks[i, j] = jnp.matmul(parts[i], parts[j].T, precision=PRECISION)
-    for i in range(_GRAM_PARTS):
-        rows.append(jnp.concatenate(
-            [blocks[i, j] if j >= i else blocks[j, i].T for j in range(_GRAM_PARTS)], axis=1))
-    return jnp.concatenate(rows, axis=0)
+@functools.partial(jax.jit, static_argnames=("width", "ids"))
+def _chunk_gradients(x, d, start, width, ids):
+    """Per-example gradients ``G[a, i, k, f] = sum_t x[a, t, k] d[a, i, t, f]`` of input
+    columns ``[start, start + width)`` as ``(n, O, width F)``: ``x`` ``(n, T, width)`` (those
+    columns, zero-padded: zero columns add nothing) or, with ``ids``, token ids ``(n, T)`` (that
+    slice of their one-hot rows), ``d`` the cotangents as stored, ``(n, O, T, F)``. One
+    batched matmul over ``(example, output)`` pairs with ``x`` shared by the outputs: the
+    layout ``(n, T, O F)`` would need a transpose of the cotangents first."""
+    n, o, t, f = d.shape
+    if ids:
+        x = jax.nn.one_hot(x - start, width, dtype=d.dtype)
+    xs = jnp.broadcast_to(x[:, None], (n, o, t, width)).reshape(n * o, t, width)
+    g = jax.lax.dot_general(xs, d.reshape(n * o, t, f), (((1,), (1,)), ((0,), (0,))),
+                            precision=PRECISION)
+    return g.reshape(n, o, width * f)
 
 
 @functools.partial(jax.jit, static_argnames=("outputs", "kind", "vocab"))
 def _factored_block(x1, d1, x2, d2, outputs, kind, vocab):
-    """The factored term (sum over position pairs, in token blocks) of two example blocks."""
-    return _weight_term(kind, (x1,), d1, (x2,), d2, outputs, vocab=vocab, form="factored")
+    """The factored term (sum over position pairs, in token blocks) of two example blocks;
+    cotangents as stored, ``(n, O, T, F)``; ``x2``, ``d2`` None: the block against itself."""
+    d1 = jnp.moveaxis(d1, 1, 0)
+    if d2 is None:
+        return _weight_term(kind, (x1,), d1, (x1,), d1, outputs, vocab=vocab, form="factored")
+    return _weight_term(kind, (x1,), d1, (x2,), jnp.moveaxis(d2, 1, 0), outputs, vocab=vocab,
+                        form="factored")
 
 
 def _padded_columns(x, start: int, width: int) -> np.ndarray:
@@ -1609,9 +1599,10 @@ def two_pass_kernel(
     per-example gradients ``<g_a, g_b>`` in column chunks; of a factored weight the cheaper by
     FLOPs of the factored sum over position pairs ``sum_{t,s} (x_t . x'_s)(delta_t .
     delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
-    in chunks of input columns that fit the budget (Novak et al. 2022, section 4). Each
-    example's forward and backward passes run once, where example blocks recompute them for
-    every block pair.
+    in even chunks of input columns that fit the budget (Novak et al. 2022, section 4), one
+    batched matmul per chunk on the cotangents as stored, then one Gram product. While a
+    layer is computed, a reader thread loads the next one's arrays. Each example's forward
+    and backward passes run once, where example blocks recompute them for every block pair.
 
     ``block_size`` sets pass 1's examples per block (default: from the budget and the
     compiled program's footprint); ``timings``, when a dict, receives ``setup_s`` (finding
@@ -1669,10 +1660,13 @@ def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> i
 
 
 def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
-              memory_bytes: int) -> np.ndarray:
+              memory_bytes: int, prefetch: bool = True) -> np.ndarray:
     """Pass 2 of :func:`two_pass_kernel`: the sum of every stored layer's Gram term, each over
-    pairs of example blocks of which two fit a quarter of ``memory_bytes`` (all N at once
-    when they fit), an off-diagonal pair added twice (mirrored)."""
+    pairs of example blocks (all N at once when one layer's arrays fit a quarter of
+    ``memory_bytes``, else blocks of which a pair fits an eighth), an off-diagonal pair added
+    twice (mirrored). With ``prefetch`` a reader thread loads the next pair's arrays while
+    the current one is computed (the same arithmetic: only the order of reads changes), and
+    one chunk's products are queued before the previous chunk's result is awaited."""
     total: np.ndarray | None = None
 
     def add(rows1, rows2, term):
@@ -1686,53 +1680,105 @@ def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
 
     def row_blocks(per_example: int):
         size = n if n * per_example <= memory_bytes // 4 else max(
-            1, memory_bytes // (4 * per_example))
+            1, memory_bytes // (16 * per_example))
         blocks = [slice(b, min(b + size, n)) for b in range(0, n, size)]
         return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
 
+    # jobs: (arrays to read: {name: kept on the host}, rows1, rows2, weight or None)
+    jobs: list[tuple[dict[str, bool], slice, slice, _Factored | None]] = []
     for name in grad_names:
-        _, o, p = store.shapes[name]
-        itemsize = store.dtypes[name].itemsize
-        for rows1, rows2 in row_blocks(o * p * itemsize):
-            g1 = store.read(name, rows1)
-            g2 = g1 if rows1 == rows2 else store.read(name, rows2)
-            width = _column_chunk(2 * (rows1.stop - rows1.start) * o, p, itemsize,
-                                  memory_bytes // 4)
-            for start in range(0, p, width):
-                c1 = g1[:, :, start:start + width]
-                add(rows1, rows2, _gradient_gram(
-                    c1, c1 if rows1 == rows2 else g2[:, :, start:start + width], outputs))
+        jobs += [({name: False}, r1, r2, None) for r1, r2 in row_blocks(store.row_bytes(name))]
     for w in weights:
-        _, o, t, f = store.shapes[w.d]
-        k = w.vocab if w.kind == "embed" else store.shapes[w.x][-1]
-        itemsize = store.dtypes[w.d].itemsize
         per_example = store.row_bytes(w.x) + store.row_bytes(w.d)
-        for rows1, rows2 in row_blocks(per_example):
-            n1, n2 = rows1.stop - rows1.start, rows2.stop - rows2.start
-            same = rows1 == rows2
-            kx = 1 if w.kind == "embed" else k
-            factored = n1 * n2 * t * t * (kx + f * _output_factor(outputs, o))
-            materialized = (n1 + n2) * o * t * k * f + n1 * n2 * k * f * _output_factor(
-                outputs, o)
-            d1 = jnp.moveaxis(jnp.asarray(store.read(w.d, rows1)), 1, 0)
-            d2 = d1 if same else jnp.moveaxis(jnp.asarray(store.read(w.d, rows2)), 1, 0)
-            xs1 = store.read(w.x, rows1)
-            xs2 = xs1 if same else store.read(w.x, rows2)
-            if factored <= materialized:
-                x1 = jnp.asarray(xs1)
-                x2 = x1 if same else jnp.asarray(xs2)
-                add(rows1, rows2, _factored_block(x1, d1, x2, d2, outputs, w.kind, w.vocab))
-                continue
-            width = _column_chunk((n1 + (0 if same else n2)) * o * f, k, itemsize,
-                                  memory_bytes // 4)
-            for start in range(0, k, width):
-                if w.kind == "embed":
-                    x1, x2 = xs1, xs2
-                else:
-                    x1 = _padded_columns(xs1, start, width)
-                    x2 = x1 if same else _padded_columns(xs2, start, width)
-                add(rows1, rows2, _materialized_chunk(
-                    x1, d1, x2, d2, start, outputs, width,
-                    w.vocab if w.kind == "embed" else None, same))
+        jobs += [({w.x: True, w.d: False}, r1, r2, w) for r1, r2 in row_blocks(per_example)]
+
+    def load(job):
+        """``(arrays of rows1, arrays of rows2 or None)``, host arrays."""
+        names, rows1, rows2, _ = job
+        a1 = {name: store.read(name, rows1) for name in names}
+        return a1, None if rows1 == rows2 else {name: store.read(name, rows2) for name in names}
+
+    def placed(arrays, names):
+        """Cotangents and gradients as device arrays (copied once, not per chunk), layer
+        inputs kept on the host (sliced per chunk). Here, not in the reader thread: JAX's
+        dtype configuration (``enable_x64``) may be local to this thread."""
+        return None if arrays is None else {
+            name: a if names[name] else jnp.asarray(a) for name, a in arrays.items()}
+
+    queued: list = []  # (rows1, rows2, term) dispatched, not yet added
+
+    def queue(rows1, rows2, term):
+        if prefetch:
+            queued.append((rows1, rows2, term))
+            while len(queued) > 1:
+                add(*queued.pop(0))
+        else:
+            add(rows1, rows2, term)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
+    try:
+        pending = pool.submit(load, jobs[0]) if pool and jobs else None
+        for i, job in enumerate(jobs):
+            if pool is None:
+                a1, a2 = load(job)
+            else:
+                assert pending is not None
+                a1, a2 = pending.result()
+                pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+            names, rows1, rows2, w = job
+            a1, a2 = placed(a1, names), placed(a2, names)
+            if w is None:
+                _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue)
+            else:
+                _weight_terms(w, store, a1, a2, rows1, rows2, outputs, memory_bytes, queue)
+            del a1, a2
+        while queued:
+            add(*queued.pop(0))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     assert total is not None
     return total
+
+
+def _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue) -> None:
+    """Queues ``<g_a, g_b>`` of stored per-example gradients ``(n, O, P)`` in column chunks."""
+    (g1,), g2 = a1.values(), None if a2 is None else next(iter(a2.values()))
+    rows, o, p = g1.shape[0] + (0 if g2 is None else g2.shape[0]), g1.shape[1], g1.shape[2]
+    width, count = _column_chunks(p, rows * o, g1.dtype.itemsize, memory_bytes // 16)
+    for c in range(count):
+        c1 = g1[:, :, c * width:(c + 1) * width]
+        queue(rows1, rows2, _gradient_gram(
+            c1, c1 if g2 is None else g2[:, :, c * width:(c + 1) * width], outputs))
+
+
+def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_bytes,
+                  queue) -> None:
+    """Queues a factored weight's Gram term of two example blocks: the factored sum over
+    position pairs or the gradient form in column chunks, whichever needs fewer FLOPs."""
+    xs1, d1 = a1[w.x], a1[w.d]
+    xs2, d2 = (xs1, None) if a2 is None else (a2[w.x], a2[w.d])
+    n1, o, t, f = d1.shape
+    n2 = n1 if d2 is None else d2.shape[0]
+    k = store.shapes[w.x][-1] if w.vocab is None else w.vocab  # a vocabulary: one-hot columns
+    kx = 1 if w.kind == "embed" else k
+    factored = n1 * n2 * t * t * (kx + f * _output_factor(outputs, o))
+    materialized = (n1 + (0 if d2 is None else n2)) * o * t * k * f + (
+        n1 * n2 * k * f * _output_factor(outputs, o))
+    if factored <= materialized:
+        x1 = jnp.asarray(xs1)
+        queue(rows1, rows2, _factored_block(x1, d1, None if d2 is None else jnp.asarray(xs2),
+                                            d2, outputs, w.kind, w.vocab))
+        return
+    width, count = _column_chunks(k, (n1 + (0 if d2 is None else n2)) * o * f,
+                                  d1.dtype.itemsize, memory_bytes // 16)
+    for c in range(count):
+        start = c * width
+        if w.kind == "embed":
+            x1, x2 = xs1, xs2
+        else:
+            x1 = _padded_columns(xs1, start, width)
+            x2 = x1 if d2 is None else _padded_columns(xs2, start, width)
+        g1 = _chunk_gradients(x1, d1, start, width, w.kind == "embed")
+        g2 = g1 if d2 is None else _chunk_gradients(x2, d2, start, width, w.kind == "embed")
+        queue(rows1, rows2, _gradient_gram(g1, g2, outputs))

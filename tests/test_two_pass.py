@@ -170,12 +170,31 @@ def test_two_pass_bad_options_are_named(tmp_path):
         matrix(apply_fn, params, x, outputs="logit", schedule="two_pass")
 
 
-def test_symmetric_trace_gram_is_the_sum_of_gradient_products(x64):
-    """The upper row parts of ``G G^T``, mirrored, against the per-example gradients
-    ``G_a = sum_t x_t (x) delta_{i,t}`` contracted by einsum."""
-    x = jax.random.normal(jax.random.key(0), (64, 5, 3), jnp.float64)
-    d = jax.random.normal(jax.random.key(1), (2, 64, 5, 4), jnp.float64)
-    g = jnp.einsum("ntk,intf->nkif", x, d)
-    want = jnp.einsum("akif,bkif->ab", g, g)
-    got = structured._symmetric_trace_gram(x, d)
-    assert max_relative_error(got, want) < 1e-13
+def test_prefetching_reads_change_no_bit(tmp_path, monkeypatch, x64):
+    """Pass 2 with its reader thread (and one chunk queued ahead) against reading and adding
+    in order, on spilled factors in example blocks and column chunks: the same bits; both
+    the Jacobian kernel (the thread must not lose float64: JAX's x64 flag can be per thread)."""
+    model = _Gain()
+    x = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(1), x))
+    real = structured._pass_two
+    runs = {}
+    for prefetch in (True, False):
+        monkeypatch.setattr(structured, "_pass_two",
+                            lambda *a, prefetch=prefetch: real(*a, prefetch=prefetch))
+        runs[prefetch] = structured.two_pass_kernel(
+            model.apply, params, x, outputs="full", memory_bytes=2**11 + 2**10, spill=True,
+            spill_dir=str(tmp_path))
+    assert runs[True].dtype == np.float64
+    np.testing.assert_array_equal(runs[True], runs[False])
+    assert max_relative_error(runs[True], _jacobian_kernel(model.apply, params, x, "full")) < 1e-10
+
+
+@pytest.mark.parametrize("width,rows,budget", [(768, 512, 2**18), (18, 8, 2**8), (5, 1, 4),
+                                               (3072, 1536, 2**20), (7, 3, 2**30)])
+def test_column_chunks_cover_the_columns_within_the_budget(width, rows, budget):
+    chunk, count = structured._column_chunks(width, rows, 4, budget)
+    assert (count - 1) * chunk < width <= count * chunk  # every column, no empty chunk
+    assert chunk == 1 or rows * chunk * 4 <= budget
+    most = min(width, max(1, budget // (rows * 4)))
+    assert count == -(-width // most)  # no more chunks than the budget needs
