@@ -39,7 +39,9 @@ Variances. Every :class:`Kernel` carries each input's covariance with itself (``
 pairwise kernels, so a kernel of two different batches -- ``x2`` given, or one block of a
 blocked evaluation -- holds everything that activations, LayerNorm and attention read, and
 residual sums around them evaluate for any pair of batches. Nothing is read from ambient state:
-a block's kernel is computed from its two blocks of inputs alone.
+a block's kernel is computed from its two blocks of inputs alone (for ``x2 = None``, the blocks
+above the diagonal take each layer's variances of their inputs from the diagonal blocks, where
+they were computed once, instead of computing them again: :func:`_replaying_pairs`).
 
 Masks. Padded sequences and images carry boolean position masks beside the inputs (True =
 masked; the inputs' shape without the channel axis): ``kernel_fn(module)(x1, x2, mask1=...,
@@ -893,8 +895,9 @@ def _entries_per_pair(x: jax.Array, diagonal: bool) -> int:
 def _block_rows(x: jax.Array, diagonal: bool) -> int:
     """Rows of x1 (and x2) per block of the pairwise evaluation (a power of two)."""
     per_pair = _entries_per_pair(x, diagonal)
-    # each block also maps its inputs' own variances, 2 * rows beside the rows^2 pairs: at
-    # least 4 rows while 16 pairs stay within 4 x _BLOCK_ENTRIES (8x8 images, all pairs)
+    # each block of two batches (x2 given) also maps its inputs' own variances, 2 * rows beside
+    # the rows^2 pairs: at least 4 rows while 16 pairs stay within 4 x _BLOCK_ENTRIES (8x8
+    # images, all pairs; for x2 = None, where they are replayed, 2 and 4 rows measured alike)
     least = 4 if 4 * per_pair <= _BLOCK_ENTRIES else 1
     rows = 1
     while rows * 2 <= x.shape[0] and ((rows * 2) ** 2 * per_pair <= _BLOCK_ENTRIES
@@ -912,7 +915,9 @@ def _blocked_pairwise(
     (``lax.map``, several blocks per step: ``_STEP_ENTRIES``), assembled into the (N1, N2, ...)
     kernel. Each block's kernel is that of its two blocks of inputs, variances included; with
     ``x2 = None`` only the blocks (i, j), i <= j, are computed, and block (j, i) is block (i, j)
-    with its two inputs (and their positions) swapped."""
+    with its two inputs (and their positions) swapped; without masks or per-input call
+    arguments, each layer's variances are then computed once, in the diagonal blocks, and
+    replayed in the others (:func:`_replaying_pairs`)."""
     symmetric = x2 is None
     x2v = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], x2v.shape[0]
