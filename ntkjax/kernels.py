@@ -884,6 +884,15 @@ _BLOCK_ENTRIES = 2**14
 # block per step, 0.089 s sixteen; 128 16x16 images 0.130 s and 0.028 s (2 to 64 blocks per step
 # tried; 2^17 to 2^19 entries per step were within 15% of the best).
 _STEP_ENTRIES = 2**18
+# A batch with itself in blocks whose kernels hold at least this many entries in all (the
+# blocks on and above the diagonal) computes each input's variances once
+# (:func:`_replaying_pairs`): the module is traced twice (diagonal blocks, then the others), so
+# a small evaluation, whose time is mostly tracing and compiling, computes them in every block.
+# Measured on the 2-core machine (loaded, CPU-s per call, 64 8x8 images, all pairs, 2^23 entries),
+# ReLU CNN with global average pooling: depth 3 0.61-0.66 -> 0.53-0.56, depth 5 1.08-1.19 ->
+# 0.94-0.96; the flatten CNN of 256 8x8 images (same-position pairs, 2^21 entries) measured
+# alike both ways.
+_REPLAY_ENTRIES = 2**22
 
 
 def _entries_per_pair(x: jax.Array, diagonal: bool) -> int:
@@ -916,8 +925,8 @@ def _blocked_pairwise(
     kernel. Each block's kernel is that of its two blocks of inputs, variances included; with
     ``x2 = None`` only the blocks (i, j), i <= j, are computed, and block (j, i) is block (i, j)
     with its two inputs (and their positions) swapped; without masks or per-input call
-    arguments, each layer's variances are then computed once, in the diagonal blocks, and
-    replayed in the others (:func:`_replaying_pairs`)."""
+    arguments, and from ``_REPLAY_ENTRIES`` entries, each layer's variances are then computed
+    once, in the diagonal blocks, and replayed in the others (:func:`_replaying_pairs`)."""
     symmetric = x2 is None
     x2v = x1 if x2 is None else x2
     n1, n2 = x1.shape[0], x2v.shape[0]
@@ -957,7 +966,8 @@ def _blocked_pairwise(
     per_block = block * block * _entries_per_pair(x1, diagonal)
     per_step = max(1, min(len(pairs), _STEP_ENTRIES // per_block))
     blocks = None
-    if symmetric and not ab and mb1 is None and r1 > 1:
+    if (symmetric and not ab and mb1 is None and r1 > 1
+            and len(pairs) * per_block >= _REPLAY_ENTRIES):
         try:
             blocks, pairs = _replaying_pairs(module, xb1, diagonal, per_step)
         except _ReplayMismatch:

@@ -360,6 +360,7 @@ def test_blocks_of_a_batch_with_itself_replay_the_diagonal_blocks_variances(monk
         return out
 
     monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", 1)
+    monkeypatch.setattr(ntkjax.kernels, "_REPLAY_ENTRIES", 1)
     monkeypatch.setattr(ntkjax.kernels, "_replaying_pairs", spy)
     blocked = ntkjax.kernel_fn(m)(x)
     assert replayed == [6]  # 3 blocks on the diagonal, 3 above it
