@@ -343,3 +343,29 @@ def test_static_facts_name_the_layers_that_need_them():
         ntkjax.kernel_matrix(Dropped(), jnp.ones((3, 4, 2)))
     with pytest.raises(ntkjax.kernels.AllPairsRequired, match="SelfAttention needs"):
         Dropped().apply({}, input_kernel(jnp.ones((1, 4, 2)), diagonal_spatial=True))
+
+
+def test_blocks_of_a_batch_with_itself_replay_the_diagonal_blocks_variances(monkeypatch, x64):
+    # x2 = None in blocks of one row: the blocks above the diagonal take each layer's
+    # variances (LayerNorm and the activations read them) from the diagonal blocks, where
+    # they are computed once; the kernel is the whole batch's, exactly symmetric
+    m = ResidualConv("pool")
+    x, _ = _inputs("residual_conv_ln_pool", n1=3)
+    whole = ntkjax.kernel_fn(m)(x)
+    real, replayed = ntkjax.kernels._replaying_pairs, []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        replayed.append(len(out[1]))
+        return out
+
+    monkeypatch.setattr(ntkjax.kernels, "_BLOCK_ENTRIES", 1)
+    monkeypatch.setattr(ntkjax.kernels, "_REPLAY_ENTRIES", 1)
+    monkeypatch.setattr(ntkjax.kernels, "_replaying_pairs", spy)
+    blocked = ntkjax.kernel_fn(m)(x)
+    assert replayed == [6]  # 3 blocks on the diagonal, 3 above it
+    for field in ("nngp", "ntk", "var1"):
+        np.testing.assert_allclose(getattr(blocked, field), getattr(whole, field), rtol=1e-12,
+                                   atol=1e-12, err_msg=field)
+    np.testing.assert_array_equal(blocked.ntk, np.asarray(blocked.ntk).T)
+    np.testing.assert_array_equal(blocked.var2, blocked.var1)
