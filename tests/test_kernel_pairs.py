@@ -243,7 +243,9 @@ def test_each_kernel_call_traces_the_module_once(name, monkeypatch):
     # once from its first call; one that does is, on its first call for an input shape,
     # evaluated up to that layer on same-position pairs (which it refuses) and then once in
     # full; every later call -- x2 given, other batch sizes, blocks, kernel_matrix's blocks --
-    # traces it once.
+    # traces it once. (A blocked batch with itself of at least kernels._REPLAY_ENTRIES
+    # entries traces it twice: once for the diagonal blocks, which record each layer's
+    # variances, once for the blocks that replay them; sizes far above these.)
     rng = np.random.default_rng(0)
     module, shape = {"mlp": (CountedMLP(), (4, 5)), "cnn": (CountedCNN(), (4, 3, 3, 2)),
                      "cnn_pool": (CountedCNN("pool"), (4, 3, 3, 2)),
