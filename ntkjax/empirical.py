@@ -1444,15 +1444,17 @@ def _projected_block(apply_fn, params, x, projections, dim, rank):
     return features
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _draw_leaf(key, index, view, dim, rank, dtype):
+    """Leaf ``index``'s projection, from ``fold_in(key, index)``; one program per view (a
+    model's many leaves of a few shapes share them)."""
+    return draw_projection(jax.random.fold_in(key, index), view, dim, rank, dtype)
+
+
 def _draw_all(key, views, dim, rank, dtype) -> list:
-    """Every leaf's projection (None for a leaf without features), leaf ``i``'s from
-    ``fold_in(key, i)``."""
-    return [None if view is None
-            else draw_projection(jax.random.fold_in(key, i), view, dim, rank, dtype)
+    """Every leaf's projection (None for a leaf without features)."""
+    return [None if view is None else _draw_leaf(key, i, view, dim, rank, dtype)
             for i, view in enumerate(views)]
-
-
-_draw_all_jitted = jax.jit(_draw_all, static_argnums=(1, 2, 3, 4))
 
 
 def _projections(apply_fn, params, example, key, dim, rank, params_filter) -> list:
@@ -1466,7 +1468,7 @@ def _projections(apply_fn, params, example, key, dim, rank, params_filter) -> li
             fn, p = _select_params(fn, p, params_filter)
         views = projection_views(fn, p, example, dim)
         dtype = jnp.dtype(jax.eval_shape(fn, p, example).dtype)
-        return _draw_all_jitted(key, tuple(views), dim, rank, dtype)
+        return _draw_all(key, views, dim, rank, dtype)
 
 
 def projected_ntk_features(

@@ -1364,9 +1364,15 @@ def structured_projected_features(
     layers = _discover(apply_fn, params, x)
     if not layers:
         return None
-    trainable, _ = split_params(params)
     rest, per_sample, dtype = _taps(apply_fn, params, layers, x)
-    jac, deltas, inputs = per_sample(rest, x)
+    return _projected_taps(params, layers, per_sample(rest, x), dtype, projections, dim, rank)
+
+
+def _projected_taps(params, layers, taps, dtype, projections, dim, rank):
+    """:func:`structured_projected_features` from the taps ``(rest Jacobians, cotangents,
+    inputs)`` of a block of examples."""
+    jac, deltas, inputs = taps
+    trainable, _ = split_params(params)
     paths = _leaf_paths(trainable)
     index = {path: i for i, path in enumerate(paths)}
     total = None
