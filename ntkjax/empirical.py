@@ -1705,8 +1705,8 @@ def projected_ntk_feature_fn(
         if projections is None:
             projections = _projections(apply_fn, params, jnp.zeros((1, *example[0]), x.dtype),
                                        key, dim, rank, params_filter)
-            if not any(isinstance(leaf, jax.core.Tracer)  # (a key traced by an outer jit)
-                       for leaf in jax.tree_util.tree_leaves(projections)):
+            if all(is_concrete(leaf)  # (not with a key traced by an outer jit)
+                   for leaf in jax.tree_util.tree_leaves(projections)):
                 drawn[example] = projections
         return jitted(x, projections)
 

@@ -1236,9 +1236,13 @@ def _default_view(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
 def projection_views(apply_fn: Callable, params: Any, x: jax.Array,
                      dim: int) -> list[tuple[int, ...] | None]:
     """Per trainable leaf (in ``jax.tree_util.tree_leaves`` order), the view its projection
-    uses (see :func:`_default_view`), None for a leaf without features (empty or not
-    floating). A ``DenseGeneral`` kernel is the matrix of its contracted input axes by its
-    output features (the factored form's ``x_t (x) delta_t``); shapes only."""
+    uses, None for a leaf without features (empty or not floating): ``(d_in, d_out)`` for
+    Kronecker blocks -- a leaf with two or more axes is the matrix of all axes but the last
+    by the last, a ``DenseGeneral`` kernel the matrix of its contracted input axes by its
+    output features (the factored form's ``x_t (x) delta_t``), a vector whose dense sketch
+    would hold more than 2^20 numbers the zero-padded ``a x b`` matrix with ``a =
+    ceil(sqrt(size))`` -- or ``(size,)``, a shorter vector, for a dense Gaussian sketch.
+    Shapes only."""
     trainable, _ = split_params(params)
     leaves = jax.tree_util.tree_leaves(trainable)
     views: list[tuple[int, ...] | None] = [
