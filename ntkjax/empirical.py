@@ -1466,7 +1466,7 @@ def _projections(apply_fn, params, example, key, dim, rank, params_filter) -> li
         fn, p = apply_fn, params
         if params_filter is not None:
             fn, p = _select_params(fn, p, params_filter)
-        views = projection_views(fn, p, example, dim)
+        views = projection_views(fn, p, example, rank)
         dtype = jnp.dtype(jax.eval_shape(fn, p, example).dtype)
         return _draw_all(key, views, dim, rank, dtype)
 
@@ -1504,8 +1504,8 @@ def projected_ntk_features(
     ``P_out`` (``d_out x rank``) standard normal, so each feature has ``E[(p^T G q)(p^T G'
     q)] = <G, G'>``; the first ``D`` of them, over ``sqrt(D)``, are kept. It stores
     ``(d_in + d_out) D / rank`` numbers where a dense Gaussian ``R`` would store ``d_in d_out
-    D``. A vector (bias, norm scale) gets a dense Gaussian sketch, or when that would exceed
-    2^20 numbers, Kronecker blocks of the vector zero-padded to about a square matrix.
+    D``. A vector (bias, norm scale) of more than ``rank^2`` entries gets Kronecker blocks of
+    the vector zero-padded to about a square matrix, a shorter one a dense Gaussian sketch.
     ``rank`` trades cost for variance: a block's relative variance for a rank-one ``G`` is
     about ``4 / rank`` (``(4 rank + 2) / D`` for ``D`` features, against ``2 / D`` for a
     Gaussian sketch), but it costs ``T (d_in + O d_out) D / rank`` multiply-adds per example

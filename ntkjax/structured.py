@@ -1207,46 +1207,42 @@ def structured_kernel(
 # projected features (random features of the empirical NTK)
 # ---------------------------------------------------------------------------------------------
 
-# a vector leaf whose dense sketch (size x D) has at most this many entries is projected by it;
-# a longer one is viewed as a matrix and projected by Kronecker blocks
-_DENSE_SKETCH_ENTRIES = 1 << 20
-
-
 def kronecker_blocks(dim: int, rank: int) -> int:
     """``ceil(dim / rank^2)``: the Kronecker blocks of rank ``rank`` that give ``dim``
     features (the last block's features beyond ``dim`` are dropped)."""
     return -(-dim // (rank * rank))
 
 
-def _default_view(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+def _default_view(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
     """The view a leaf of ``shape`` is projected through: ``(d_in, d_out)`` -- a matrix, all
-    axes but the last then the last; a vector of ``size`` entries, zero-padded to ``a x b``
-    with ``a = ceil(sqrt(size))``, when its dense sketch would exceed
-    ``_DENSE_SKETCH_ENTRIES`` -- projected by Kronecker blocks, or ``(size,)``: a vector
-    projected by a dense Gaussian sketch."""
+    axes but the last then the last; a vector of more than ``rank**2`` entries, zero-padded
+    to ``a x b`` with ``a = ceil(sqrt(size))`` -- projected by Kronecker blocks, or
+    ``(size,)``: a shorter vector, projected by a dense Gaussian sketch (a longer one's dense
+    sketch would cost ``size D`` multiply-adds per example and output, its Kronecker blocks
+    about ``size D / rank``)."""
     size = int(np.prod(shape))
     if len(shape) >= 2:
         return int(np.prod(shape[:-1])), int(shape[-1])
-    if size * dim <= _DENSE_SKETCH_ENTRIES:
+    if size <= rank * rank:
         return (size,)
     rows = int(np.ceil(np.sqrt(size)))
     return rows, -(-size // rows)
 
 
 def projection_views(apply_fn: Callable, params: Any, x: jax.Array,
-                     dim: int) -> list[tuple[int, ...] | None]:
+                     rank: int) -> list[tuple[int, ...] | None]:
     """Per trainable leaf (in ``jax.tree_util.tree_leaves`` order), the view its projection
     uses, None for a leaf without features (empty or not floating): ``(d_in, d_out)`` for
     Kronecker blocks -- a leaf with two or more axes is the matrix of all axes but the last
     by the last, a ``DenseGeneral`` kernel the matrix of its contracted input axes by its
-    output features (the factored form's ``x_t (x) delta_t``), a vector whose dense sketch
-    would hold more than 2^20 numbers the zero-padded ``a x b`` matrix with ``a =
-    ceil(sqrt(size))`` -- or ``(size,)``, a shorter vector, for a dense Gaussian sketch.
+    output features (the factored form's ``x_t (x) delta_t``), a vector of more than
+    ``rank**2`` entries the zero-padded ``a x b`` matrix with ``a = ceil(sqrt(size))`` -- or
+    ``(size,)``, a shorter vector, for a dense Gaussian sketch.
     Shapes only."""
     trainable, _ = split_params(params)
     leaves = jax.tree_util.tree_leaves(trainable)
     views: list[tuple[int, ...] | None] = [
-        _default_view(tuple(leaf.shape), dim)
+        _default_view(tuple(leaf.shape), rank)
         if leaf.size and jnp.issubdtype(leaf.dtype, jnp.inexact) else None
         for leaf in leaves
     ]
@@ -1316,12 +1312,12 @@ def project_gradient(g: jax.Array, key: jax.Array, dim: int, rank: int,
     ``ceil(dim / rank^2)`` independent Kronecker blocks (``P_in`` ``(d_in, rank)``,
     ``P_out`` ``(d_out, rank)``, standard normal; LoGra, Choe et al. 2024, "What is Your
     Data Worth to GPT?", section 3), the first ``dim`` of their ``rank^2`` features each:
-    every feature has ``E[(p^T G q)(p^T G' q)] = tr(G^T G') = <G, G'>``. A short vector gets
-    a dense ``(size, dim)`` Gaussian sketch. The projection is :func:`draw_projection` of
-    ``key``."""
+    every feature has ``E[(p^T G q)(p^T G' q)] = tr(G^T G') = <G, G'>``. A vector of at
+    most ``rank**2`` entries gets a dense ``(size, dim)`` Gaussian sketch. The projection is
+    :func:`draw_projection` of ``key``."""
     shape = tuple(g.shape[2:])
     if split is None:
-        view = _default_view(shape, dim)
+        view = _default_view(shape, rank)
     else:
         view = (int(np.prod(shape[:split])), int(np.prod(shape[split:])))
     return _project_formed(g, draw_projection(key, view, dim, rank, g.dtype), dim, rank)

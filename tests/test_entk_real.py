@@ -283,17 +283,18 @@ def test_projected_features_are_unbiased_with_error_falling_like_dim_to_minus_ha
 
 
 def test_shared_space_variance_matches_the_gaussian_closed_form(x64):
-    """``|sum_l R_l^T g_l|^2`` over 4,000 keys for two matrices (Kronecker blocks, rank 2,
-    D = 16 = 4 blocks) and a vector (dense sketch) in one shared space: its mean is
-    ``sum_l |g_l|^2`` and its variance the closed form of Gaussian moments,
-    ``sum_l (2 |G_l|^4 + (4 r + 2) sum_k s_{l,k}^4) / D`` (``s`` the singular values; 0 for
-    the vector's second term) ``+ 4 sum_{l<m} |g_l|^2 |g_m|^2 / D`` (the cross terms of
-    independent leaves)."""
+    """``|sum_l R_l^T g_l|^2`` over 4,000 keys in one shared space (rank 2, D = 16 = 4
+    Kronecker blocks) for two matrices, a vector of 9 (more than rank^2: Kronecker blocks of
+    it as a 3 x 3 matrix) and a vector of 3 (a dense sketch): its mean is ``sum_l |g_l|^2``
+    and its variance the closed form of Gaussian moments, ``sum_l (2 |G_l|^4 + (4 r + 2)
+    sum_k s_{l,k}^4) / D`` (``s`` the singular values; no second term for the dense sketch)
+    ``+ 4 sum_{l<m} |g_l|^2 |g_m|^2 / D`` (the cross terms of independent leaves)."""
     from ntkjax.structured import project_gradient
 
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=(1, 1, 6, 5)), rng.normal(size=(1, 1, 4, 7)),
-             rng.normal(size=(1, 1, 9))]
+             rng.normal(size=(1, 1, 9)), rng.normal(size=(1, 1, 3))]
+    matrices = [grads[0][0, 0], grads[1][0, 0], grads[2][0, 0].reshape(3, 3)]
     dim, rank, keys = 16, 2, 4000
 
     def squared_norm(key):
@@ -304,9 +305,9 @@ def test_shared_space_variance_matches_the_gaussian_closed_form(x64):
     samples = np.asarray(jax.jit(jax.vmap(squared_norm))(
         jax.random.split(jax.random.key(11), keys)))
     norms = np.array([np.sum(g**2) for g in grads])
-    quartic = [np.sum(np.linalg.svd(g[0, 0], compute_uv=False) ** 4) for g in grads[:2]]
-    variance = (sum(2 * n**2 for n in norms) + (4 * rank + 2) * sum(quartic)
-                + 4 * sum(norms[a] * norms[b] for a in range(3) for b in range(a + 1, 3))) / dim
+    quartic = [np.sum(np.linalg.svd(m, compute_uv=False) ** 4) for m in matrices]
+    cross = sum(norms[a] * norms[b] for a in range(4) for b in range(a + 1, 4))
+    variance = (2 * np.sum(norms**2) + (4 * rank + 2) * sum(quartic) + 4 * cross) / dim
     assert abs(samples.mean() - norms.sum()) < 4 * np.sqrt(variance / keys)
     assert samples.var() == pytest.approx(variance, rel=0.15), (samples.var(), variance)
 

@@ -60,7 +60,7 @@ def _projected_and_autodiff(model, x):
     params = jax.tree.map(lambda v: v.astype(jnp.float64),
                           jax.jit(model.init)(jax.random.key(1), x))
     key, dim = jax.random.key(5), 8
-    views = projection_views(model.apply, params, x, dim)
+    views = projection_views(model.apply, params, x, 2)
 
     @jax.jit  # one program (op by op, every operation would compile apart)
     def features(params, x):
