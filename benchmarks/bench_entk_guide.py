@@ -8,8 +8,10 @@ one run:
 - the head only (``params_filter``), exact for its 5,130 parameters;
 - ``outputs="pseudo"`` (Mohamadi et al. 2023), with its relative Frobenius distance from the
   mean eNTK;
-- ``projected_ntk_features`` at ``dim`` 64 and 256 (TRAK / LoGra projections), with the
-  relative Frobenius error of ``phi phi^T`` against the trace eNTK.
+- ``projected_ntk_features`` at ``dim`` 384 and 1,536 features per output (TRAK / LoGra
+  projections into one space shared by the parameter leaves; 3,840 and 15,360 features per
+  example for the 10 outputs), with the relative Frobenius error of ``phi phi^T`` against the
+  trace eNTK.
 
 ``--quick`` uses ``N = 64``.
 """
@@ -73,7 +75,7 @@ def _routes(quick: bool = False) -> None:
             accuracy = {"rel_frobenius_vs_mean_entk": _relative(timing["result"], mean)}
         emit("entk_guide_routes", {**base, "route": route}, timing, accuracy=accuracy)
 
-    for dim in (64, 256):
+    for dim in (384, 1536):
         def features(dim=dim):
             return ntkjax.projected_ntk_features(model.apply, params, x, dim=dim,
                                                  key=jax.random.key(dim))

@@ -14,10 +14,11 @@ Workloads (float32; ``--quick``: tiny sizes, well under a minute each):
 * ``entk_resnet18``: a CIFAR-style ResNet-18 (3x3 stem, 4 stages of 2 basic blocks, 64 to 512
   channels, ``BatchNorm`` in inference mode with non-trivial running statistics, global
   average pool) on 32 x 32 x 3, 10 outputs, the full ``(N, N, 10, 10)`` eNTK, N = 64.
-* ``entk_projected``: the GPT model's projected eNTK (:func:`ntkjax.projected_ntk_features`,
-  LoGra-style Kronecker projections, about D = 4,096 features in all) for N examples, streamed
-  to a zarr store; relative error (Frobenius) of ``Phi Phi^T`` against the exact trace eNTK
-  on the first ``subset`` examples. The issue's size is N = 10,000, subset 256.
+* ``entk_projected``: the GPT model's projected eNTK (:func:`ntkjax.projected_ntk_features`:
+  every parameter leaf projected into one shared space of D = 4,096 features per output by
+  LoGra-style Kronecker blocks of rank ``rank``) for N examples, streamed to a zarr store;
+  relative error (Frobenius) of ``Phi Phi^T`` against the exact trace eNTK on the first
+  ``subset`` examples. The issue's size is N = 10,000, subset 256.
 * ``entk_lora``: the trace eNTK over the last two blocks only (``params_filter``) against the
   full kernel, same model and inputs, same run.
 * ``entk_token_blocks``: peak RSS of the structured method's factored form in token blocks
@@ -36,13 +37,13 @@ of the same examples; each ntkjax line's with ntkjax's float64 structured kernel
 examples.
 
 Sizes: ``python -m benchmarks.bench_entk_real WORKLOAD [--quick] [--n N ...] [--subset S]
-[--dim-total D] [--memory-gb G] [--torch-memory-gb G] [--torch-time-cap-s S] [--schedule
-{auto,blocks,two_pass}] [--skip-torch] [--save-kernel K.npz] [--store S] [--skip-exact]``;
-``python -m benchmarks.run WORKLOAD [--quick]`` runs the defaults. The issue's projected run in
-two steps, so that the exact kernel is computed once: ``entk_gpt_small --n 256 --skip-torch
---save-kernel K.npz``, ``entk_projected --store S --skip-exact`` (N = 10,000; the store is kept
-and resumed), then ``entk_projected_error --store S --exact-kernel K.npz`` (the first 256 rows;
-the tokens are checked to be the same sequences).
+[--dim-total D] [--rank R] [--memory-gb G] [--torch-memory-gb G] [--torch-time-cap-s S]
+[--schedule {auto,blocks,two_pass}] [--skip-torch] [--save-kernel K.npz] [--store S]
+[--skip-exact]``; ``python -m benchmarks.run WORKLOAD [--quick]`` runs the defaults. The
+issue's projected run in two steps, so that the exact kernel is computed once: ``entk_gpt_small
+--n 256 --skip-torch --save-kernel K.npz``, ``entk_projected --store S --skip-exact`` (N =
+10,000; the store is kept and resumed), then ``entk_projected_error --store S --exact-kernel
+K.npz`` (the first 256 rows; the tokens are checked to be the same sequences).
 """
 
 from __future__ import annotations
@@ -670,7 +671,7 @@ def entk_resnet18(quick: bool = False, ns: list[int] | None = None, memory_gb: f
 
 
 def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int | None = None,
-                   dim_total: int = 4096, rank: int = 4, memory_gb: float = 4.0,
+                   dim_total: int = 4096, rank: int = 16, memory_gb: float = 4.0,
                    store: str | None = None, skip_exact: bool = False) -> None:
     """Projected eNTK features of the GPT model streamed to a store; error on a subset.
 
@@ -686,12 +687,12 @@ def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int
     if quick:
         dim_total = min(dim_total, 1024)
     model, variables, tokens = _gpt(cfg, n)
-    dim, leaves = _projection_dim(variables, dim_total, rank)
+    dim, leaves = dim_total, len(jax.tree.leaves(variables["params"]))
     key = jax.random.key(7)
     with tempfile.TemporaryDirectory(prefix="entk_projected_") as tmp:
         path = store or os.path.join(tmp, "features.zarr")
         resumed = os.path.exists(path)
-        log(f"entk_projected N={n} dim/leaf={dim} ({dim * leaves} features) to {path}"
+        log(f"entk_projected N={n} D={dim} (rank {rank}, {leaves} leaves) to {path}"
             + (" (resuming)" if resumed else ""))
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -705,7 +706,7 @@ def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int
         np.savez(store + ".subset.npz", phi=phi, tokens=np.asarray(tokens[:subset]))
     timing = {"median_s": total, "compile_s": 0.0, "repeats": 1,
               "peak_memory_mb": round(peak_memory_mb(), 1)}
-    params = {"n": n, "dim_per_leaf": dim, "leaves": leaves, "features_total": dim * leaves,
+    params = {"n": n, "dim": dim, "leaves": leaves, "projection": "one shared space",
               "rank": rank, "streamed": "zarr store", "memory_budget_gb": memory_gb,
               "dtype": "float32", "model": cfg, "quick": quick, "resumed_store": resumed,
               "timing_note": "one call, compilation included"}
@@ -719,12 +720,6 @@ def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int
     _emit_ntkjax("entk_projected", params, timing,
                  _projection_error(phi, np.asarray(exact_timing["result"]), subset),
                  cpu_s=cpu_s, exact_subset_s=round(exact_timing["median_s"], 3))
-
-
-def _projection_dim(variables, dim_total: int, rank: int) -> tuple[int, int]:
-    """Features per leaf (a multiple of ``rank**2``) for about ``dim_total`` in all."""
-    leaves = len(jax.tree.leaves(variables["params"]))
-    return max(rank * rank, math.ceil(dim_total / leaves / rank**2) * rank**2), leaves
 
 
 def _projection_error(phi: np.ndarray, exact: np.ndarray, subset: int) -> dict:
@@ -861,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, nargs="+", dest="ns", help="numbers of examples")
     parser.add_argument("--subset", type=int, help="entk_projected: exact-kernel subset")
-    parser.add_argument("--dim-total", type=int, help="entk_projected: about D features")
+    parser.add_argument("--dim-total", type=int, help="entk_projected: D, features per output")
+    parser.add_argument("--rank", type=int, help="entk_projected: the Kronecker blocks' rank")
     parser.add_argument("--memory-gb", type=float, help="ntkjax block memory budget")
     parser.add_argument("--torch-memory-gb", type=float, help="torch address-space limit")
     parser.add_argument("--torch-time-cap-s", type=float, help="torch: skip sizes beyond this")

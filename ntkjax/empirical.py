@@ -70,8 +70,10 @@ from ntkjax.jacobians import (
 from ntkjax.nn.dropout import Dropout
 from ntkjax.structured import (
     count_structured_layers,
+    draw_projection,
     last_hidden_features,
-    project_gradient,
+    project_leaf_gradients,
+    projection_views,
     structured_kernel,
     structured_projected_features,
     two_pass_bytes_per_example,
@@ -1425,27 +1427,48 @@ def _check_projection(dim, rank) -> None:
     for value, name in ((dim, "dim"), (rank, "rank")):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if dim % (rank * rank):
-        raise ValueError(
-            f"dim must be a multiple of rank**2 = {rank * rank} (each weight matrix is "
-            f"projected by dim / rank**2 Kronecker blocks of rank x rank); got dim={dim}."
-        )
 
 
-def _projected_block(apply_fn, params, x, key, dim, rank):
-    """``(n, O, D)`` projected per-sample gradients of a block of examples (one projection
-    per parameter leaf, drawn from ``fold_in(key, leaf index)``: the same for every block)."""
-    factored = structured_projected_features(apply_fn, params, x, key, dim, rank)
+def _projected_block(apply_fn, params, x, projections, dim, rank):
+    """``(n, O, dim)`` projected per-sample gradients of a block of examples,
+    ``sum_l R_l^T g_l`` with the leaves' drawn ``projections`` (the same for every block)."""
+    factored = structured_projected_features(apply_fn, params, x, projections, dim, rank)
     if factored is not None:
         return factored
     trainable, rebuild = split_params(params)
     jac = _per_sample_jacobians(apply_fn, rebuild, trainable, x)
-    parts = [
-        project_gradient(g, jax.random.fold_in(key, i), dim, rank)
-        for i, g in enumerate(jax.tree_util.tree_leaves(jac))
-        if g.size and jnp.issubdtype(g.dtype, jnp.inexact)
-    ]
-    return jnp.concatenate(parts, axis=-1)
+    features = project_leaf_gradients(jax.tree_util.tree_leaves(jac), projections, dim, rank)
+    if features is None:
+        raise ValueError("projected_ntk_features: the model has no floating parameter to "
+                         "differentiate.")
+    return features
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _draw_leaf(key, index, view, dim, rank, dtype):
+    """Leaf ``index``'s projection, from ``fold_in(key, index)``; one program per view (a
+    model's many leaves of a few shapes share them)."""
+    return draw_projection(jax.random.fold_in(key, index), view, dim, rank, dtype)
+
+
+def _draw_all(key, views, dim, rank, dtype) -> list:
+    """Every leaf's projection (None for a leaf without features)."""
+    return [None if view is None else _draw_leaf(key, i, view, dim, rank, dtype)
+            for i, view in enumerate(views)]
+
+
+def _projections(apply_fn, params, example, key, dim, rank, params_filter) -> list:
+    """The leaves' projections (:func:`ntkjax.structured.projection_views` of one
+    ``example``), drawn once per call -- outside the blocks' program, which would otherwise
+    draw them again for every block -- and evaluated now even under an outer trace (they
+    depend on ``key`` and shapes only)."""
+    with jax.ensure_compile_time_eval():
+        fn, p = apply_fn, params
+        if params_filter is not None:
+            fn, p = _select_params(fn, p, params_filter)
+        views = projection_views(fn, p, example, rank)
+        dtype = jnp.dtype(jax.eval_shape(fn, p, example).dtype)
+        return _draw_all(key, views, dim, rank, dtype)
 
 
 def projected_ntk_features(
@@ -1455,7 +1478,7 @@ def projected_ntk_features(
     *,
     dim: int,
     key: jax.Array,
-    rank: int = 4,
+    rank: int = 16,
     params_filter: ParamsFilter | None = None,
     block_size: int | None = None,
     memory_bytes: int | None = None,
@@ -1464,33 +1487,49 @@ def projected_ntk_features(
 ) -> Any:
     """Random features of the empirical NTK: projected per-sample gradients, ``(N, O, D)``.
 
-    ``phi_i(x) = R^T df_i(x)/dtheta`` with a random projection ``R`` (``P x D``) such that
-    ``E[R R^T] = I``, so ``E[phi_i(x) . phi_j(x')] = Theta_{ij}(x, x')``: the estimate is
-    unbiased, and its error falls like ``D^{-1/2}`` (TRAK, Park et al. 2023; LoGra, Choe et al.
-    2024). ``R`` is block diagonal over the parameter leaves, each leaf giving ``dim``
-    features (``D = dim x number of leaves``): a weight matrix ``G`` (``d_in x d_out``) is
-    projected as ``vec(P_in^T G P_out)`` by ``dim / rank^2`` independent Kronecker blocks
-    (``P_in`` ``d_in x rank``, ``P_out`` ``d_out x rank``, ``N(0, 1/rank)`` entries; LoGra's
-    projection), which stores ``(d_in + d_out) dim / rank`` numbers where a dense Gaussian
-    ``R`` would store ``d_in d_out dim``; vectors (biases, norm scales) by a Gaussian sketch.
-    The features of the trace kernel are ``phi`` flattened to ``(N, O D)``.
+    ``phi_i(x) = sum_l R_l^T g_{i,l}(x)``, ``D = dim``: every parameter leaf ``l``'s
+    per-sample gradient ``g_{i,l} = df_i(x)/dtheta_l`` projected into ONE shared
+    ``D``-dimensional space by its own random ``R_l`` (``P_l x D``, independent across
+    leaves, ``E[R_l R_l^T] = I``), so ``E[phi_i(x) . phi_j(x')] = Theta_{ij}(x, x')``: the
+    estimate is unbiased (the cross terms between leaves have mean zero), and its error falls
+    like ``D^{-1/2}`` -- every leaf is estimated from all ``D`` features, with about the
+    variance of a ``D``-dimensional Gaussian sketch of the whole gradient (TRAK, Park et al.
+    2023, "TRAK: Attributing Model Behavior at Scale", section 3). The features of the trace
+    kernel are ``phi`` flattened to ``(N, O D)``.
+
+    ``R_l`` of a weight matrix ``G`` (``d_in x d_out``; any leaf with two or more axes:
+    all but the last by the last) is ``ceil(D / rank^2)`` independent Kronecker blocks
+    (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?", section 3): block ``b``
+    gives the ``rank^2`` features ``vec(P_in^T G P_out)`` with ``P_in`` (``d_in x rank``),
+    ``P_out`` (``d_out x rank``) standard normal, so each feature has ``E[(p^T G q)(p^T G'
+    q)] = <G, G'>``; the first ``D`` of them, over ``sqrt(D)``, are kept. It stores
+    ``(d_in + d_out) D / rank`` numbers where a dense Gaussian ``R`` would store ``d_in d_out
+    D``. A vector (bias, norm scale) of more than ``rank^2`` entries gets Kronecker blocks of
+    the vector zero-padded to about a square matrix, a shorter one a dense Gaussian sketch.
+    ``rank`` trades cost for variance: a block's relative variance for a rank-one ``G`` is
+    about ``4 / rank`` (``(4 rank + 2) / D`` for ``D`` features, against ``2 / D`` for a
+    Gaussian sketch), but it costs ``T (d_in + O d_out) D / rank`` multiply-adds per example
+    for a layer on ``T`` positions; summed over many leaves the excess shrinks by the
+    leaves' shares of the kernel squared.
 
     Cost: for the layers the structured method factorizes (linen ``Dense``, ``DenseGeneral``,
     ``Conv``, ``ConvTranspose``, ``Embed``, ``ntkjax.nn.Dense``; see :mod:`ntkjax.structured`)
     the weight gradient ``G_i = sum_t x_t (x) delta_{i,t}`` is never formed: its features are
     ``sum_t (P_in^T x_t)(P_out^T delta_{i,t})^T``, from the layer's inputs and output
-    cotangents; biases and every other parameter (norm scales, custom layers, non-linen
-    models) are projected from their per-sample Jacobians. The examples are processed in
-    blocks, so time and memory are linear in N; the projection is drawn from ``key`` per leaf
-    and is the same for every block. With ``out`` the features stream to a resumable
-    zarr store (:func:`ntkjax.blocking.evaluate_in_blocks`; array shape ``(N, 1, O, D)``) for N
-    beyond memory. Use :func:`projected_ntk_feature_fn` to feed :func:`ntkjax.feature_ridge`.
+    cotangents (one forward pass and O backward passes to the activations per block of
+    examples); biases and every other parameter (norm scales, custom layers, non-linen
+    models) are projected from their per-sample gradients. The examples are processed in
+    blocks, so time and memory are linear in N; the projections are drawn from ``key``
+    (leaf ``l``'s from ``fold_in(key, l)``) once per call, and are the same for every
+    block. With ``out`` the features stream to a resumable zarr store
+    (:func:`ntkjax.blocking.evaluate_in_blocks`; array shape ``(N, 1, O, D)``) for N beyond
+    memory. Use :func:`projected_ntk_feature_fn` to feed :func:`ntkjax.feature_ridge`.
 
     Args:
       apply_fn: ``(params, x) -> (N, *out)`` returning an array of logits (floating).
       params: the model parameters (any pytree / linen variables dict).
       x: ``(N, *features)``.
-      dim: features per parameter leaf, a positive multiple of ``rank**2``.
+      dim: ``D``, the number of features per output (shared by all parameter leaves).
       key: the PRNG key of the projection.
       rank: the Kronecker blocks' rank (``P_in``, ``P_out`` have ``rank`` columns).
       params_filter: the parameters to differentiate (as in :func:`empirical_ntk_fn`).
@@ -1502,9 +1541,9 @@ def projected_ntk_features(
       A numpy array ``(N, O, D)``; with ``out`` a read-only ``zarr.Array`` ``(N, 1, O, D)``.
 
     Raises:
-      ValueError: ``dim`` or ``rank`` not a positive integer, ``dim`` not a multiple of
-        ``rank**2``, a model whose output is not one floating array ``(N, *out)``, and as
-        :func:`empirical_ntk_fn` for the inputs, params and ``params_filter``.
+      ValueError: ``dim`` or ``rank`` not a positive integer, a model whose output is not
+        one floating array ``(N, *out)``, and as :func:`empirical_ntk_fn` for the inputs,
+        params and ``params_filter``.
 
     The features of ``f(x) = x w`` are ``x R`` with ``E[R R^T] = I``:
 
@@ -1525,6 +1564,7 @@ def projected_ntk_features(
             f"{out_shape.dtype}, which has no gradient features."
         )
     block = _jitted_projection(apply_fn, dim, rank, params_filter)
+    projections = _projections(apply_fn, params, x[:1], key, dim, rank, params_filter)
     if out is None:  # in memory, in blocks of rows, every block of the same shape
         n = x.shape[0]
         rows = block_size or _projection_rows(apply_fn, params, x, dim, memory_bytes)
@@ -1535,23 +1575,21 @@ def projected_ntk_features(
             if m < rows:  # the last block, padded so that its program is the others'
                 part = jnp.concatenate([part, jnp.zeros((rows - m, *part.shape[1:]),
                                                         part.dtype)])
-            parts.append(np.asarray(block(params, part, key))[:m])
+            parts.append(np.asarray(block(params, part, projections))[:m])
         return np.concatenate(parts, axis=0)
     anchor = x[:1]  # one column, not used: the store's rows are the examples
-    typed = bool(jnp.issubdtype(key.dtype, jax.dtypes.prng_key))
-    key_data = jax.random.key_data(key) if typed else key  # the store records plain arrays
     return evaluate_in_blocks(
-        _shared(_projected_rows_fn, block, typed),
+        _shared(_projected_rows_fn, block),
         x,
         anchor,
-        fn_args=(params, key_data),
+        fn_args=(params, projections),  # (recorded by content: another key is another store)
         block_size=block_size,
         memory_bytes=memory_bytes,
         show_progress=show_progress,
         description="projected eNTK features",
         out=out,
         fingerprint=(
-            f"projected_ntk_features dim={dim} rank={rank} "
+            f"projected_ntk_features (one shared space) dim={dim} rank={rank} "
             f"apply_fn={describe_object(apply_fn)} "
             f"params_filter={None if params_filter is None else _describe_filter(params_filter)}"
         ),
@@ -1575,13 +1613,13 @@ def _projection_rows(apply_fn, params, x, dim, memory_bytes) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def _projected_rows_fn(block, typed: bool):
-    """``(x_rows, anchor, params, key_data) -> (n, 1, O, D)``: the store's block function of
-    :func:`projected_ntk_features`, one per jitted ``block`` (:func:`_shared`), so a later
+def _projected_rows_fn(block):
+    """``(x_rows, anchor, params, projections) -> (n, 1, O, D)``: the store's block function
+    of :func:`projected_ntk_features`, one per jitted ``block`` (:func:`_shared`), so a later
     call finds its program compiled."""
 
-    def rows_fn(a, _b, p, k):
-        return block(p, a, jax.random.wrap_key_data(k) if typed else k)[:, None]
+    def rows_fn(a, _b, p, projections):
+        return block(p, a, projections)[:, None]
 
     return rows_fn
 
@@ -1596,13 +1634,14 @@ def _jitted_projected_block(apply_fn, dim, rank, params_filter):
 
 
 def _projected_feature_block(apply_fn, dim, rank, params_filter):
-    """``(params, x, key) -> (n, O, D)``: :func:`_projected_block` of the (selected) model."""
+    """``(params, x, projections) -> (n, O, D)``: :func:`_projected_block` of the (selected)
+    model."""
 
-    def block(params, x, key):
+    def block(params, x, projections):
         fn = apply_fn
         if params_filter is not None:
             fn, params = _select_params(fn, params, params_filter)
-        return _projected_block(fn, params, x, key, dim, rank)
+        return _projected_block(fn, params, x, projections, dim, rank)
 
     return block
 
@@ -1613,7 +1652,7 @@ def projected_ntk_feature_fn(
     *,
     dim: int,
     key: jax.Array,
-    rank: int = 4,
+    rank: int = 16,
     params_filter: ParamsFilter | None = None,
 ) -> Callable[[jax.Array], Any]:
     """A jitted feature map ``x -> Features`` of the projected empirical NTK, for
@@ -1621,13 +1660,13 @@ def projected_ntk_feature_fn(
 
     ``Features.ntk`` is :func:`projected_ntk_features` flattened to ``(N, O D)``: the random
     features of the trace eNTK ``sum_i Theta_ii`` (unbiased); ``Features.nngp`` is the network
-    output flattened to ``(N, O)`` (the empirical output covariance). The projection is fixed
-    by ``key``, so every batch gets the same one.
+    output flattened to ``(N, O)`` (the empirical output covariance). The projections are
+    drawn from ``key`` once per example shape, so every batch gets the same ones.
 
     Args:
       apply_fn: ``(params, x) -> (N, *out)`` returning an array of logits (floating).
       params: the model parameters (any pytree / linen variables dict), held fixed.
-      dim: features per parameter leaf, a positive multiple of ``rank**2``.
+      dim: ``D``, the number of features per output (shared by all parameter leaves).
       key: the PRNG key of the projection.
       rank: the Kronecker blocks' rank.
       params_filter: the parameters to differentiate (as in :func:`empirical_ntk_fn`).
@@ -1636,8 +1675,7 @@ def projected_ntk_feature_fn(
       ``features(x) -> Features`` (jitted), with ``ntk`` of shape ``(N, O D)``.
 
     Raises:
-      ValueError: ``dim`` or ``rank`` not a positive integer, or ``dim`` not a multiple of
-        ``rank**2``.
+      ValueError: ``dim`` or ``rank`` not a positive integer.
 
     >>> import jax, jax.numpy as jnp, ntkjax
     >>> x = jax.random.normal(jax.random.key(0), (20, 5))
@@ -1651,12 +1689,25 @@ def projected_ntk_feature_fn(
 
     _check_projection(dim, rank)
     block = _projected_feature_block(apply_fn, dim, rank, params_filter)
+    drawn: dict = {}
 
     @jax.jit
-    def features(x):
-        phi = block(params, x, key)
+    def jitted(x, projections):
+        phi = block(params, x, projections)
         outputs = apply_fn(params, x)
         return Features(nngp=jnp.reshape(outputs, (x.shape[0], -1)),
                         ntk=jnp.reshape(phi, (x.shape[0], -1)))
+
+    def features(x):
+        x = jnp.asarray(x)
+        example = (tuple(x.shape[1:]), str(x.dtype))
+        projections = drawn.get(example)
+        if projections is None:
+            projections = _projections(apply_fn, params, jnp.zeros((1, *example[0]), x.dtype),
+                                       key, dim, rank, params_filter)
+            if all(is_concrete(leaf)  # (not with a key traced by an outer jit)
+                   for leaf in jax.tree_util.tree_leaves(projections)):
+                drawn[example] = projections
+        return jitted(x, projections)
 
     return features

@@ -104,8 +104,12 @@ from ntkjax.nn.flax_layers import FLAX_LAYERS
 
 __all__ = [
     "count_structured_layers",
+    "draw_projection",
+    "kronecker_blocks",
     "last_hidden_features",
     "project_gradient",
+    "project_leaf_gradients",
+    "projection_views",
     "structured_fallback_params",
     "structured_kernel",
     "structured_projected_features",
@@ -1204,120 +1208,213 @@ def structured_kernel(
 # projected features (random features of the empirical NTK)
 # ---------------------------------------------------------------------------------------------
 
-
-def _kronecker_factors(key, m: int, d_in: int, d_out: int, rank: int, dtype):
-    """``m`` independent pairs ``P_in`` ``(d_in, rank)``, ``P_out`` ``(d_out, rank)`` with
-    ``N(0, 1/rank)`` entries: ``E[P P^T] = I``."""
-    k_in, k_out = jax.random.split(key)
-    p_in = jax.random.normal(k_in, (m, d_in, rank), dtype) / np.sqrt(rank)
-    p_out = jax.random.normal(k_out, (m, d_out, rank), dtype) / np.sqrt(rank)
-    return p_in, p_out
+def kronecker_blocks(dim: int, rank: int) -> int:
+    """``ceil(dim / rank^2)``: the Kronecker blocks of rank ``rank`` that give ``dim``
+    features (the last block's features beyond ``dim`` are dropped)."""
+    return -(-dim // (rank * rank))
 
 
-def project_gradient(g: jax.Array, key: jax.Array, dim: int, rank: int) -> jax.Array:
-    """Features ``(n, O, dim)`` of one leaf's per-sample gradients ``g`` ``(n, O, *leaf)``
-    with ``E[phi . phi'] = <g, g'>``.
-
-    A leaf with two or more axes is a matrix ``G`` (``d_in x d_out``: all axes but the last,
-    then the last) projected as ``vec(P_in^T G P_out)`` by ``m = dim / rank^2`` independent
-    Kronecker blocks, ``P_in`` ``(d_in, rank)`` and ``P_out`` ``(d_out, rank)`` with
-    ``N(0, 1/rank)`` entries (LoGra, Choe et al. 2024, "What is Your Data Worth to GPT?",
-    section 3): ``E[<P_in^T G P_out, P_in^T G' P_out>] = tr(G^T E[P_in P_in^T] G'
-    E[P_out P_out^T]) = <G, G'>``, averaged over the blocks (scale ``1/sqrt(m)``). Other
-    leaves get a Gaussian sketch ``S`` ``(P, dim)`` with ``N(0, 1/dim)`` entries."""
-    n, o = g.shape[:2]
-    shape = g.shape[2:]
-    if len(shape) >= 2:
-        d_in, d_out = int(np.prod(shape[:-1])), int(shape[-1])
-        m = dim // (rank * rank)
-        p_in, p_out = _kronecker_factors(key, m, d_in, d_out, rank, g.dtype)
-        right = jnp.einsum("nidf,mfq->nimdq", g.reshape(n, o, d_in, d_out), p_out,
-                           precision=PRECISION)
-        both = jnp.einsum("nimdq,mdp->nimpq", right, p_in, precision=PRECISION)
-        return both.reshape(n, o, dim) / np.sqrt(m)
+def _default_view(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The view a leaf of ``shape`` is projected through: ``(d_in, d_out)`` -- a matrix, all
+    axes but the last then the last; a vector of more than ``rank**2`` entries, zero-padded
+    to ``a x b`` with ``a = ceil(sqrt(size))`` -- projected by Kronecker blocks, or
+    ``(size,)``: a shorter vector, projected by a dense Gaussian sketch (a longer one's dense
+    sketch would cost ``size D`` multiply-adds per example and output, its Kronecker blocks
+    about ``size D / rank``)."""
     size = int(np.prod(shape))
-    sketch = jax.random.normal(key, (size, dim), g.dtype) / np.sqrt(dim)
-    return jnp.matmul(g.reshape(n, o, size), sketch, precision=PRECISION)
+    if len(shape) >= 2:
+        return int(np.prod(shape[:-1])), int(shape[-1])
+    if size <= rank * rank:
+        return (size,)
+    rows = int(np.ceil(np.sqrt(size)))
+    return rows, -(-size // rows)
 
 
+def projection_views(apply_fn: Callable, params: Any, x: jax.Array,
+                     rank: int) -> list[tuple[int, ...] | None]:
+    """Per trainable leaf (in ``jax.tree_util.tree_leaves`` order), the view its projection
+    uses, None for a leaf without features (empty or not floating): ``(d_in, d_out)`` for
+    Kronecker blocks -- a leaf with two or more axes is the matrix of all axes but the last
+    by the last, a ``DenseGeneral`` kernel the matrix of its contracted input axes by its
+    output features (the factored form's ``x_t (x) delta_t``), a vector of more than
+    ``rank**2`` entries the zero-padded ``a x b`` matrix with ``a = ceil(sqrt(size))`` -- or
+    ``(size,)``, a shorter vector, for a dense Gaussian sketch.
+    Shapes only."""
+    trainable, _ = split_params(params)
+    leaves = jax.tree_util.tree_leaves(trainable)
+    views: list[tuple[int, ...] | None] = [
+        _default_view(tuple(leaf.shape), rank)
+        if leaf.size and jnp.issubdtype(leaf.dtype, jnp.inexact) else None
+        for leaf in leaves
+    ]
+    layers = _discover(apply_fn, params, x[:1])
+    index = {path: i for i, path in enumerate(_leaf_paths(trainable))}
+    for path, layer in layers.items():
+        i = index.get((*path, "kernel"))
+        if i is not None and layer.kind == "dense" and type(layer.module) is nn.DenseGeneral:
+            feats = layer.module.features
+            f = int(np.prod(feats)) if isinstance(feats, tuple | list) else int(feats)  # type: ignore[arg-type]
+            views[i] = (leaves[i].size // f, f)
+    return views
 
-def _layer_projection(layer: _Layer, xs, d, key, dim: int, rank: int, scale, vocab):
-    """``(N, O, dim)``: ``vec(P_in^T G_i P_out)`` of the weight gradient ``G_i = scale sum_t
+
+def draw_projection(key: jax.Array, view: tuple[int, ...], dim: int, rank: int,
+                    dtype: Any) -> tuple[jax.Array, ...]:
+    """One leaf's projection for ``view`` (:func:`projection_views`), standard normal
+    entries: ``(P_in, P_out)``, ``(d_in, B rank)`` and ``(d_out, B rank)`` with
+    ``B = kronecker_blocks(dim, rank)`` (from ``jax.random.split(key)``), or ``(S,)``, a
+    dense ``(size, dim)`` sketch (from ``key``)."""
+    if len(view) == 1:
+        return (jax.random.normal(key, (view[0], dim), dtype),)
+    k_in, k_out = jax.random.split(key)
+    columns = kronecker_blocks(dim, rank) * rank
+    return (jax.random.normal(k_in, (view[0], columns), dtype),
+            jax.random.normal(k_out, (view[1], columns), dtype))
+
+
+def _kronecker_features(x_proj, d_proj, dim: int, rank: int):
+    """``(N, O, dim)`` from ``x_proj`` ``(N, T, B rank)`` (``P_in^T x_t``) and ``d_proj``
+    ``(O, N, T, B rank)`` (``P_out^T delta_t``): ``sum_t`` of their outer product per block,
+    flattened block by block, the first ``dim`` kept, over ``sqrt(dim)``."""
+    n, t, columns = x_proj.shape
+    o = d_proj.shape[0]
+    blocks = columns // rank
+    phi = jnp.einsum("ntbp,intbq->nibpq", x_proj.reshape(n, t, blocks, rank),
+                     d_proj.reshape(o, n, t, blocks, rank), precision=PRECISION)
+    return phi.reshape(n, o, blocks * rank * rank)[..., :dim] / np.sqrt(dim)
+
+
+def _project_formed(g, projection, dim: int, rank: int):
+    """``(n, O, dim)`` features of formed per-sample gradients ``g`` ``(n, O, *leaf)`` by
+    one leaf's ``projection`` (:func:`draw_projection`)."""
+    n, o = g.shape[:2]
+    flat = g.reshape(n, o, -1)
+    if len(projection) == 1:
+        return jnp.matmul(flat, projection[0], precision=PRECISION) / np.sqrt(dim)
+    p_in, p_out = projection
+    d_in, d_out = p_in.shape[0], p_out.shape[0]
+    if d_in * d_out > flat.shape[-1]:  # a long vector viewed as a zero-padded matrix
+        flat = jnp.pad(flat, ((0, 0), (0, 0), (0, d_in * d_out - flat.shape[-1])))
+    right = jnp.einsum("nijf,fc->nijc", flat.reshape(n, o, d_in, d_out), p_out,
+                       precision=PRECISION)  # (n, O, d_in, B rank)
+    # rows j of G P_out become "positions": sum_j (P_in^T e_j)(P_out^T G^T e_j)^T
+    return _kronecker_features(jnp.broadcast_to(p_in, (n, d_in, p_in.shape[1])),
+                               jnp.moveaxis(right, 1, 0), dim, rank)
+
+
+def project_gradient(g: jax.Array, key: jax.Array, dim: int, rank: int,
+                     split: int | None = None) -> jax.Array:
+    """Features ``(n, O, dim)`` of one leaf's per-sample gradients ``g`` ``(n, O, *leaf)``
+    with ``E[phi . phi'] = <g, g'>`` over ``key``.
+
+    The leaf is a matrix ``G`` ``(d_in, d_out)``: its first ``split`` axes by the others
+    (default: all but the last by the last; a long vector zero-padded to about a square,
+    see :func:`projection_views`), projected as ``vec(P_in^T G P_out) / sqrt(dim)`` by
+    ``ceil(dim / rank^2)`` independent Kronecker blocks (``P_in`` ``(d_in, rank)``,
+    ``P_out`` ``(d_out, rank)``, standard normal; LoGra, Choe et al. 2024, "What is Your
+    Data Worth to GPT?", section 3), the first ``dim`` of their ``rank^2`` features each:
+    every feature has ``E[(p^T G q)(p^T G' q)] = tr(G^T G') = <G, G'>``. A vector of at
+    most ``rank**2`` entries gets a dense ``(size, dim)`` Gaussian sketch. The projection is
+    :func:`draw_projection` of ``key``."""
+    shape = tuple(g.shape[2:])
+    if split is None:
+        view = _default_view(shape, rank)
+    else:
+        view = (int(np.prod(shape[:split])), int(np.prod(shape[split:])))
+    return _project_formed(g, draw_projection(key, view, dim, rank, g.dtype), dim, rank)
+
+
+def project_leaf_gradients(grads: list, projections: list, dim: int,
+                           rank: int) -> jax.Array | None:
+    """``sum_l R_l^T g_l``, ``(n, O, dim)``: formed per-sample gradients ``grads[l]``
+    ``(n, O, *leaf)`` by their leaves' ``projections[l]`` (:func:`draw_projection`; None
+    skips the leaf), None when no leaf has features."""
+    parts = [_project_formed(g, p, dim, rank)
+             for g, p in zip(grads, projections, strict=True) if p is not None]
+    return functools.reduce(operator.add, parts) if parts else None
+
+
+def _layer_projection(layer: _Layer, xs, d, projection, dim: int, rank: int, scale):
+    """``(N, O, dim)``: the Kronecker features of the weight gradient ``G_i = scale sum_t
     x_t (x) delta_{i,t}`` without forming it -- ``sum_t (P_in^T scale x_t) (P_out^T
-    delta_{i,t})^T`` over ``dim / rank^2`` Kronecker blocks (LoGra, Choe et al. 2024). ``xs``:
-    the input parts (N, T, K_j) (token ids (N, T) for Embed), ``d`` (O, N, T, F)."""
-    m = dim // (rank * rank)
-    f = d.shape[-1]
-    k = vocab if layer.kind == "embed" else sum(part.shape[-1] for part in xs)
-    p_in, p_out = _kronecker_factors(key, m, k, f, rank, d.dtype)
+    delta_{i,t})^T`` per block (LoGra, Choe et al. 2024). ``xs``: the input parts
+    (N, T, K_j) (token ids (N, T) for Embed: rows of ``P_in``), ``d`` (O, N, T, F)."""
+    p_in, p_out = projection
     if layer.kind == "embed":
         (ids,) = xs
-        x_proj = jnp.moveaxis(p_in[:, ids], 0, 2)  # (N, T, m, r): rows of the one-hot tokens
+        x_proj = p_in[ids]  # (N, T, B rank): P_in^T of the one-hot tokens
     else:
         x_proj, start = 0.0, 0
         for part in xs:
             width = part.shape[-1]
-            x_proj = x_proj + jnp.einsum("ntk,mkp->ntmp", part, p_in[:, start:start + width],
-                                         precision=PRECISION)
+            x_proj = x_proj + jnp.matmul(part, p_in[start:start + width], precision=PRECISION)
             start += width
-    d_proj = jnp.einsum("intf,mfq->intmq", d, p_out, precision=PRECISION)
-    phi = jnp.einsum("ntmp,intmq->nimpq", scale * x_proj, d_proj, precision=PRECISION)
-    n, o = phi.shape[:2]
-    return phi.reshape(n, o, dim) / np.sqrt(m)
+    d_proj = jnp.matmul(d, p_out, precision=PRECISION)
+    return _kronecker_features(scale * x_proj, d_proj, dim, rank)
 
 
 def structured_projected_features(
-    apply_fn: Callable, params: Any, x: jax.Array, key: jax.Array, dim: int, rank: int
+    apply_fn: Callable, params: Any, x: jax.Array, projections: list, dim: int, rank: int
 ) -> jax.Array | None:
-    """``(N, O, D)`` random features of the empirical NTK (``D = dim`` per parameter leaf, in
-    the order of the leaves), from each supported layer's inputs and cotangents: its weight by
-    the per-layer Kronecker projection, never forming a per-sample gradient; its bias (``s
-    sum_t delta_t``) and every other leaf (per-sample Jacobians) by :func:`project_gradient`. Each
-    leaf's projection is drawn from ``fold_in(key, leaf index)``. None for a model without a
-    supported layer."""
+    """``(N, O, dim)`` random features of the empirical NTK, ``sum_l R_l^T g_l`` over the
+    trainable leaves ``l`` with the leaves' ``projections`` (:func:`draw_projection` of each
+    leaf's :func:`projection_views`, None for a leaf without features), from each supported
+    layer's inputs and cotangents: its weight by the Kronecker blocks, never forming a
+    per-sample gradient; its bias (``s sum_t delta_t``) and every other leaf (per-sample
+    Jacobians) as formed gradients. None for a model without a supported layer."""
     layers = _discover(apply_fn, params, x)
     if not layers:
         return None
-    trainable, _ = split_params(params)
     rest, per_sample, dtype = _taps(apply_fn, params, layers, x)
-    jac, deltas, inputs = per_sample(rest, x)
+    return _projected_taps(params, layers, per_sample(rest, x), dtype, projections, dim, rank)
+
+
+def _projected_taps(params, layers, taps, dtype, projections, dim, rank):
+    """:func:`structured_projected_features` from the taps ``(rest Jacobians, cotangents,
+    inputs)`` of a block of examples."""
+    jac, deltas, inputs = taps
+    trainable, _ = split_params(params)
     paths = _leaf_paths(trainable)
     index = {path: i for i, path in enumerate(paths)}
-    parts: dict[int, jax.Array] = {}
+    total = None
+
+    def add(features):
+        nonlocal total
+        total = features if total is None else total + features
+
+    def add_formed(i, g):
+        if projections[i] is not None:
+            add(_project_formed(g, projections[i], dim, rank))
+
     rest_indices = [i for i, path in enumerate(paths) if path[:-1] not in layers]
-    for i, g in zip(rest_indices, jax.tree_util.tree_leaves(jac), strict=True):
-        if g.size and jnp.issubdtype(g.dtype, jnp.inexact):
-            parts[i] = project_gradient(g, jax.random.fold_in(key, i), dim, rank)
+    rest_features = project_leaf_gradients(jax.tree_util.tree_leaves(jac),
+                                           [projections[i] for i in rest_indices], dim, rank)
+    if rest_features is not None:
+        add(rest_features)
     for path, layer in layers.items():
         node = _layer_params(trainable, layer)
         assert node is not None
         d = _joined_cotangents(layer, deltas[path])
         if layer.kind == "norm":
             for name, grad in _norm_grads(layer, node, params, inputs[path], d).items():
-                i = index[(*path, name)]
-                parts[i] = project_gradient(jnp.moveaxis(grad, 0, 1), jax.random.fold_in(key, i),
-                                            dim, rank)
+                add_formed(index[(*path, name)], jnp.moveaxis(grad, 0, 1))
             continue
         if layer.attend_in_shapes:
             tied = (*path, _ATTEND)
-            i = index[(*path, "embedding")]
             (ids,) = _joined_inputs(layer, inputs[path])
             g = _tied_embedding_grads(layer, node, ids, d, inputs[tied],
                                       _attend_cotangents(deltas[tied]))
-            parts[i] = project_gradient(jnp.moveaxis(g, 0, 1), jax.random.fold_in(key, i), dim,
-                                        rank)
+            add_formed(index[(*path, "embedding")], jnp.moveaxis(g, 0, 1))
             continue
         c, s = _scales(layer, node, dtype)
         weight = "embedding" if layer.kind == "embed" else "kernel"
         i = index[(*path, weight)]
-        vocab = node["embedding"].shape[0] if layer.kind == "embed" else None
-        parts[i] = _layer_projection(layer, _joined_inputs(layer, inputs[path]), d,
-                                     jax.random.fold_in(key, i), dim, rank, c, vocab)
+        add(_layer_projection(layer, _joined_inputs(layer, inputs[path]), d,
+                                 projections[i], dim, rank, c))
         if "bias" in node:
-            i = index[(*path, "bias")]
-            grad = jnp.moveaxis(s * jnp.sum(d, axis=2), 0, 1)  # (N, O, F)
-            parts[i] = project_gradient(grad, jax.random.fold_in(key, i), dim, rank)
-    return jnp.concatenate([parts[i] for i in sorted(parts)], axis=-1)
+            add_formed(index[(*path, "bias")], jnp.moveaxis(s * jnp.sum(d, axis=2), 0, 1))
+    assert total is not None
+    return total
 
 
 def last_hidden_features(apply_fn: Callable, params: Any, x: jax.Array) -> jax.Array:

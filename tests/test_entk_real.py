@@ -259,9 +259,10 @@ def test_nnx_and_linen_mixups_are_refused():
 
 
 def test_projected_features_are_unbiased_with_error_falling_like_dim_to_minus_half(x64):
-    """Squared errors over 24 keys at three feature counts: the RMS error's fitted slope in
-    D is -1/2 (a sum of D independent projections), and at each D the mean over the keys is
-    within 4 standard errors of the exact (float64 Jacobian) eNTK."""
+    """Squared errors over 24 keys at three feature counts (rank 4: 4, 16 and 64 Kronecker
+    blocks shared by the model's 6 leaves): the RMS error's fitted slope in D is -1/2 (a sum
+    of D independent features), and at each D the mean over the keys is within 4 standard
+    errors of the exact (float64 Jacobian) eNTK."""
     apply_fn, params, x1, _ = make_case("mlp", jnp.float64)
     j = _jacobian(apply_fn, params, x1)
     exact = np.einsum("aip,bip->ab", j, j)
@@ -270,7 +271,7 @@ def test_projected_features_are_unbiased_with_error_falling_like_dim_to_minus_ha
     for dim in dims:
         estimates = np.stack([
             np.einsum("aip,bip->ab", phi, phi) for phi in (
-                ntkjax.projected_ntk_features(apply_fn, params, x1, dim=dim,
+                ntkjax.projected_ntk_features(apply_fn, params, x1, dim=dim, rank=4,
                                               key=jax.random.key(s)) for s in range(keys))
         ])
         errors = np.linalg.norm(estimates - exact, axis=(1, 2)) / np.linalg.norm(exact)
@@ -281,11 +282,41 @@ def test_projected_features_are_unbiased_with_error_falling_like_dim_to_minus_ha
     assert -0.65 <= slope <= -0.35, (slope, rms)
 
 
+def test_shared_space_variance_matches_the_gaussian_closed_form(x64):
+    """``|sum_l R_l^T g_l|^2`` over 4,000 keys in one shared space (rank 2, D = 16 = 4
+    Kronecker blocks) for two matrices, a vector of 9 (more than rank^2: Kronecker blocks of
+    it as a 3 x 3 matrix) and a vector of 3 (a dense sketch): its mean is ``sum_l |g_l|^2``
+    and its variance the closed form of Gaussian moments, ``sum_l (2 |G_l|^4 + (4 r + 2)
+    sum_k s_{l,k}^4) / D`` (``s`` the singular values; no second term for the dense sketch)
+    ``+ 4 sum_{l<m} |g_l|^2 |g_m|^2 / D`` (the cross terms of independent leaves)."""
+    from ntkjax.structured import project_gradient
+
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=(1, 1, 6, 5)), rng.normal(size=(1, 1, 4, 7)),
+             rng.normal(size=(1, 1, 9)), rng.normal(size=(1, 1, 3))]
+    matrices = [grads[0][0, 0], grads[1][0, 0], grads[2][0, 0].reshape(3, 3)]
+    dim, rank, keys = 16, 2, 4000
+
+    def squared_norm(key):
+        phi = sum(project_gradient(jnp.asarray(g), jax.random.fold_in(key, i), dim, rank)
+                  for i, g in enumerate(grads))
+        return jnp.sum(phi**2)
+
+    samples = np.asarray(jax.jit(jax.vmap(squared_norm))(
+        jax.random.split(jax.random.key(11), keys)))
+    norms = np.array([np.sum(g**2) for g in grads])
+    quartic = [np.sum(np.linalg.svd(m, compute_uv=False) ** 4) for m in matrices]
+    cross = sum(norms[a] * norms[b] for a in range(4) for b in range(a + 1, 4))
+    variance = (2 * np.sum(norms**2) + (4 * rank + 2) * sum(quartic) + 4 * cross) / dim
+    assert abs(samples.mean() - norms.sum()) < 4 * np.sqrt(variance / keys)
+    assert samples.var() == pytest.approx(variance, rel=0.15), (samples.var(), variance)
+
+
 def test_projected_features_in_blocks_streamed_and_for_feature_ridge(tmp_path, x64):
     apply_fn, params, x1, _ = make_case("mlp", jnp.float64)
     key = jax.random.key(3)
     whole = ntkjax.projected_ntk_features(apply_fn, params, x1, dim=16, key=key)
-    assert whole.shape == (x1.shape[0], 3, 6 * 16) and whole.dtype == np.float64
+    assert whole.shape == (x1.shape[0], 3, 16) and whole.dtype == np.float64
     blocks = ntkjax.projected_ntk_features(apply_fn, params, x1, dim=16, key=key, block_size=2)
     np.testing.assert_allclose(blocks, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
     stored = ntkjax.projected_ntk_features(apply_fn, params, x1, dim=16, key=key, block_size=2,
@@ -293,9 +324,20 @@ def test_projected_features_in_blocks_streamed_and_for_feature_ridge(tmp_path, x
     assert stored.shape == (x1.shape[0], 1, *whole.shape[1:])
     np.testing.assert_allclose(stored[:][:, 0], whole, rtol=1e-12,
                                atol=1e-12 * np.abs(whole).max())
+    # the readout only: its two leaves (bias, kernel: leaves 0 and 1 of the selection)
+    # projected from their float64 Jacobians
     head = ntkjax.projected_ntk_features(apply_fn, params, x1, dim=16, key=key,
                                          params_filter=lambda path, leaf: path[0] == "Dense_2")
-    assert head.shape[-1] == 2 * 16  # the readout's kernel and bias only
+    j = _jacobian(apply_fn, params, x1, select=lambda name: name.startswith("Dense_2/"))
+    bias = params["params"]["Dense_2"]["bias"].size
+    from ntkjax.structured import project_gradient
+
+    n, o = j.shape[:2]
+    kernel_shape = params["params"]["Dense_2"]["kernel"].shape
+    want = (project_gradient(jnp.asarray(j[..., :bias]), jax.random.fold_in(key, 0), 16, 16)
+            + project_gradient(jnp.asarray(j[..., bias:]).reshape(n, o, *kernel_shape),
+                               jax.random.fold_in(key, 1), 16, 16))
+    np.testing.assert_allclose(head, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
     fmap = ntkjax.projected_ntk_feature_fn(apply_fn, params, dim=16, key=key)
     feats = fmap(x1)
     np.testing.assert_allclose(feats.ntk @ feats.ntk.T, np.einsum("aip,bip->ab", whole, whole),
@@ -310,8 +352,10 @@ def test_projected_features_errors():
     for bad in (0, -16, 2.5):
         with pytest.raises(ValueError, match="dim must be a positive integer"):
             ntkjax.projected_ntk_features(apply_fn, params, x1, dim=bad, key=key)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"dim must be a multiple of rank\*\*2 = 16"):
-        ntkjax.projected_ntk_features(apply_fn, params, x1, dim=24, key=key)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        ntkjax.projected_ntk_features(apply_fn, params, x1, dim=16, rank=0, key=key)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        ntkjax.projected_ntk_feature_fn(apply_fn, params, dim=16, rank=-1, key=key)
     with pytest.raises(ValueError, match="array of logits"):
         ntkjax.projected_ntk_features(
             lambda p, x: jnp.argmax(jnp.asarray(apply_fn(p, x)), -1), params, x1, dim=16, key=key)

@@ -11,7 +11,9 @@ import numpy as np
 
 import ntkjax
 from ntkjax.structured import (
+    draw_projection,
     project_gradient,
+    projection_views,
     structured_fallback_params,
     structured_projected_features,
 )
@@ -58,27 +60,47 @@ def _projected_and_autodiff(model, x):
     params = jax.tree.map(lambda v: v.astype(jnp.float64),
                           jax.jit(model.init)(jax.random.key(1), x))
     key, dim = jax.random.key(5), 8
-    feats = structured_projected_features(model.apply, params, x, key, dim, 2)
+    views = projection_views(model.apply, params, x, 2)
+
+    @jax.jit  # one program (op by op, every operation would compile apart)
+    def features(params, x):
+        projections = [None if view is None else
+                       draw_projection(jax.random.fold_in(key, i), view, dim, 2, jnp.float64)
+                       for i, view in enumerate(views)]
+        return structured_projected_features(model.apply, params, x, projections, dim, 2)
+
+    feats = features(params, x)
     assert feats is not None
     grads = jax.jit(jax.vmap(lambda xi: jax.jacrev(lambda p: model.apply(p, xi[None])[0])(
         params)))(x)
     return feats, jax.tree_util.tree_flatten_with_path(grads["params"])[0], key, dim
 
 
+def _assert_features_of_every_leaf(feats, leaves, key, dim):
+    """The features are ``sum_l project_gradient(g_l)`` over every leaf (same key per leaf)
+    of the float64 autodiff gradients ``g_l``: the factored weights (never formed) and the
+    formed leaves alike. An attention projection's kernel ``(width, heads, head_dim)`` is
+    the matrix of its input axis by its two output axes (``split=1``)."""
+    splits = [1 if path[-1].key == "kernel" and path[-2].key in ("query", "key", "value")
+              else None for path, _ in leaves]
+
+    @jax.jit
+    def projected(grads):
+        return sum(project_gradient(g, jax.random.fold_in(key, i), dim, 2, split)
+                   for i, (g, split) in enumerate(zip(grads, splits, strict=True)))
+
+    want = projected([g for _, g in leaves])
+    np.testing.assert_allclose(feats, want, rtol=1e-10, atol=1e-12 * float(jnp.abs(want).max()))
+
+
 def test_norm_leaves_projected_features(x64):
-    """Each norm leaf's projected features are ``project_gradient`` of its per-sample gradient
-    (same key): the gradient from float64 autodiff of the model gives the same features."""
+    """The projected features of a model with norm leaves (LayerNorm scale and bias, scale
+    only, RMSNorm) and dense layers are those of the per-sample gradients from float64
+    autodiff."""
     x = jax.random.normal(jax.random.key(2), (3, 4, 2), jnp.float64)
     feats, leaves, key, dim = _projected_and_autodiff(NormNet(), x)
-    norm_leaves = 0
-    for i, (path, g) in enumerate(leaves):
-        if "Norm" not in path[0].key:
-            continue
-        want = project_gradient(g, jax.random.fold_in(key, i), dim, 2)
-        np.testing.assert_allclose(feats[..., i * dim:(i + 1) * dim], want, rtol=1e-10,
-                                   atol=1e-12)
-        norm_leaves += 1
-    assert norm_leaves == 4  # LayerNorm_0 scale and bias, LayerNorm_1 and RMSNorm_0 scales
+    assert sum("Norm" in path[0].key for path, _ in leaves) == 4
+    _assert_features_of_every_leaf(feats, leaves, key, dim)
 
 
 class GPT(nn.Module):
@@ -154,16 +176,15 @@ def test_position_embed_on_arange_is_structured(x64):
 
 
 def test_tied_embedding_projected_features(x64):
-    """The tied table's projected features are ``project_gradient`` of its per-sample
-    gradient (lookup plus attend) from float64 autodiff, with the same key."""
-    x = jax.random.randint(jax.random.key(2), (3, 4), 0, 5)
-    feats, leaves, key, dim = _projected_and_autodiff(Tables(), x)
+    """The projected features of the GPT block with a tied head -- the tied table (lookup
+    plus attend), the position table, the attention projections (``DenseGeneral``), norms
+    and dense layers -- are those of their per-sample gradients from float64 autodiff."""
+    x = jax.random.randint(jax.random.key(2), (3, 5), 0, 7)
+    feats, leaves, key, dim = _projected_and_autodiff(GPT(tied=True), x)
     names = ["/".join(k.key for k in path) for path, _ in leaves]
-    for name in ("Embed_0/embedding", "pos", "shift"):
-        i = names.index(name)
-        want = project_gradient(leaves[i][1], jax.random.fold_in(key, i), dim, 2)
-        np.testing.assert_allclose(feats[..., i * dim:(i + 1) * dim], want, rtol=1e-10,
-                                   atol=1e-12)
+    assert {"Embed_0/embedding", "pos", "MultiHeadDotProductAttention_0/query/kernel",
+            "MultiHeadDotProductAttention_0/out/kernel"} <= set(names), names
+    _assert_features_of_every_leaf(feats, leaves, key, dim)
 
 
 class Block(nn.Module):
