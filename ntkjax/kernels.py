@@ -41,7 +41,7 @@ blocked evaluation -- holds everything that activations, LayerNorm and attention
 residual sums around them evaluate for any pair of batches. Nothing is read from ambient state:
 a block's kernel is computed from its two blocks of inputs alone (for ``x2 = None``, the blocks
 above the diagonal take each layer's variances of their inputs from the diagonal blocks, where
-they were computed once, instead of computing them again: :func:`_replaying_pairs`).
+they were computed once, instead of computing them again: ``_replaying_pairs``).
 
 Masks. Padded sequences and images carry boolean position masks beside the inputs (True =
 masked; the inputs' shape without the channel axis): ``kernel_fn(module)(x1, x2, mask1=...,
