@@ -273,6 +273,12 @@ def _warm_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def _cpu_seconds() -> float:
+    """This process's user + system CPU seconds so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _ntkjax_kernel(model, variables, x, outputs, memory_gb, params_filter=None, repeats=1,
                    schedule="auto", one_call=False):
     """Times ``empirical_ntk_matrix`` (structured, memory budget ``memory_gb``, ``schedule``).
@@ -291,7 +297,7 @@ def _ntkjax_kernel(model, variables, x, outputs, memory_gb, params_filter=None, 
             model.apply, variables, x, ntk_method="structured", outputs=outputs,
             memory_bytes=int(memory_gb * 2**30), params_filter=params_filter, schedule=schedule)
 
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = _cpu_seconds()
     ntkjax.empirical.two_pass_kernel = recording
     try:
         if one_call:
@@ -303,8 +309,7 @@ def _ntkjax_kernel(model, variables, x, outputs, memory_gb, params_filter=None, 
             timing = time_call(run, repeats=repeats, wait=lambda r: r)
     finally:
         ntkjax.empirical.two_pass_kernel = real
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    timing["cpu_s"] = round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
+    timing["cpu_s"] = round(_cpu_seconds() - cpu, 1)
     timing["peak_memory_mb"] = round(peak_memory_mb(), 1)  # before the accuracy checks
     if record:
         timing["two_pass"] = {k: round(v, 2) if isinstance(v, float) else v
@@ -694,13 +699,13 @@ def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int
         resumed = os.path.exists(path)
         log(f"entk_projected N={n} D={dim} (rank {rank}, {leaves} leaves) to {path}"
             + (" (resuming)" if resumed else ""))
-        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = _cpu_seconds()
         t0 = time.perf_counter()
         feats = ntkjax.projected_ntk_features(
             model.apply, variables, tokens, dim=dim, key=key, rank=rank, out=path,
             memory_bytes=int(memory_gb * 2**30), show_progress=True)
         total = time.perf_counter() - t0
-        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_s = round(_cpu_seconds() - cpu, 1)
         phi = np.asarray(feats[:subset], np.float64).reshape(subset, -1)
     if store:  # the subset's features and tokens, for entk_projected_error
         np.savez(store + ".subset.npz", phi=phi, tokens=np.asarray(tokens[:subset]))
@@ -710,7 +715,6 @@ def entk_projected(quick: bool = False, ns: list[int] | None = None, subset: int
               "rank": rank, "streamed": "zarr store", "memory_budget_gb": memory_gb,
               "dtype": "float32", "model": cfg, "quick": quick, "resumed_store": resumed,
               "timing_note": "one call, compilation included"}
-    cpu_s = round(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
     if skip_exact:
         _emit_ntkjax("entk_projected", params, timing, None, cpu_s=cpu_s,
                      accuracy_note="entk_projected_error compares with the exact kernel")
