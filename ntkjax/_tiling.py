@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["pad_rows", "padded_row_indices", "tile_rows"]
+__all__ = ["pad_axis", "pad_rows", "padded_row_indices", "tile_rows"]
 
 PadMode = Literal["edge", "zeros"]
 
@@ -25,12 +25,21 @@ def pad_rows(x: Any, size: int, *, mode: PadMode = "edge") -> Any:
     A numpy array stays a numpy array (padded on the host); anything else is padded with
     ``jnp.pad`` (on its device, traceable).
     """
-    n = x.shape[0]
+    return pad_axis(x, size, axis=0, mode=mode)
+
+
+def pad_axis(x: Any, size: int, *, axis: int, mode: PadMode = "edge") -> Any:
+    """``x`` padded along ``axis`` to ``size`` entries (``x`` itself when it has ``size``), as
+    :func:`pad_rows` pads rows (e.g. a chunk of columns zero-padded to the chunk width)."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
     if n == size:
         return x
     if n > size:
-        raise ValueError(f"cannot pad {n} rows to {size}: more rows than the block holds.")
-    widths = [(0, size - n)] + [(0, 0)] * (x.ndim - 1)
+        raise ValueError(f"cannot pad {n} entries of axis {axis} to {size}: more than the "
+                         "block holds.")
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - n)
     how = "edge" if mode == "edge" else "constant"
     if isinstance(x, np.ndarray):
         return np.pad(x, widths, mode=how)

@@ -37,8 +37,10 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -48,6 +50,7 @@ import numpy as np
 from flax import linen
 from jax.typing import ArrayLike
 
+from ntkjax import _store
 from ntkjax._checks import check_choice, check_pair, check_values, is_concrete
 from ntkjax._store import describe_object
 from ntkjax.blocking import available_memory_bytes, evaluate_in_blocks
@@ -1044,27 +1047,39 @@ def empirical_ntk_matrix(
       out: path of a resumable zarr store (array ``kernel``) to write to instead of RAM,
         recorded with the inputs, the parameters, ``apply_fn``, ``ntk_method`` and ``outputs``
         (:func:`ntkjax.blocking.evaluate_in_blocks`).
-      show_progress: progress bar on stderr (example blocks only).
+      show_progress: progress bar on stderr (over the blocks; with the two-pass schedule
+        one over pass 1's example blocks, one over pass 2's layers).
       schedule: ``"blocks"`` (above), ``"two_pass"`` or ``"auto"``. ``"two_pass"``
-        (:func:`ntkjax.structured.two_pass_kernel`; the structured method, ``x2=None``,
-        without ``out``, ``devices`` or ``block_size``): pass 1 computes every example's
-        forward and backward passes once -- each structured layer's inputs and cotangents,
-        the per-example gradients of norms, biases and other parameters -- and stores them
-        layer by layer, in memory when they fit half of ``memory_bytes``, else in temporary
-        files (removed at the end, also after an error); pass 2 adds each layer's
-        Gram term over all examples, in the factored form or from per-example gradients
-        formed in chunks of columns, whichever needs fewer FLOPs. Example blocks instead
-        recompute both blocks' forward and backward passes for every block pair, so for a
-        large model whose factors of all N examples do not fit the budget the two-pass
-        schedule does a fraction of the work (e.g. a GPT-2-shaped model of 86.7M parameters,
-        N = 256 within 8 GB: about 43 TFLOP against 450). ``"auto"`` takes it exactly then:
-        the structured method applies, ``x2``, ``out``, ``devices`` and ``block_size`` are
-        not given, and three times the bytes pass 1 stores for all N examples (its footprint
-        while it runs) exceed ``memory_bytes`` (checked once per ``apply_fn`` and shapes).
-        Its result equals the kernel function's up to rounding (not bit for bit).
+        (:func:`ntkjax.structured.two_pass_kernel`; the structured method) takes ``x2``
+        (``Theta(x1, x2)``; None: ``Theta(x1, x1)``, symmetrized), ``outputs``,
+        ``memory_bytes``, ``params_filter``, ``show_progress``, ``out`` and ``spill_dir``, and
+        refuses ``devices``, ``block_size`` (its blocks are sized from ``memory_bytes``) and
+        an ``ntk_method`` other than ``"auto"``/``"structured"``. Pass 1 computes every
+        example's (rows of x1, then of x2) forward and backward passes once -- each
+        structured layer's inputs and cotangents, the per-example gradients of norms, biases
+        and other parameters -- and stores them layer by layer, in memory when they fit half
+        of ``memory_bytes``, else in temporary files (removed at the end, also after an
+        error); pass 2 adds each layer's Gram term over all example pairs (of x1 with x2, or
+        of x1 with itself), in the factored form or from per-example gradients formed in
+        chunks of columns, whichever needs fewer FLOPs. Example blocks instead recompute both
+        blocks' forward and backward passes for every block pair, so for a large model whose
+        factors of all N examples do not fit the budget the two-pass schedule does a
+        fraction of the work (e.g. a GPT-2-shaped model of 86.7M parameters, N = 256 within
+        8 GB: about 43 TFLOP against 450). With ``out`` it is resumable: the factors are
+        written under the store (``two_pass/``) and each finished pass-1 block and pass-2
+        layer (the running sum, layers added in a fixed order) is recorded, so a call
+        interrupted at any point and repeated with the same arguments resumes where it
+        stopped and gives the same bits (the budget recorded at the start is reused); at the
+        end the factors are removed and the array ``kernel`` remains. ``"auto"`` takes the
+        two-pass schedule exactly when the structured method applies, ``devices`` and
+        ``block_size`` are not given, and three times the bytes pass 1 stores for all
+        N1 (+ N2) examples (its footprint while it runs) exceed ``memory_bytes`` (checked once
+        per ``apply_fn`` and shapes); with ``out`` naming an existing store, the schedule that
+        wrote it. Its result equals the kernel function's up to rounding (not bit for bit).
       spill_dir: directory for the two-pass factors: given, they are always written there
         (in a temporary subdirectory); None: kept in memory when they fit, else in the
-        system's temporary directory. Only with the two-pass schedule.
+        system's temporary directory (with ``out``: in the store). Only with the two-pass
+        schedule.
 
     Raises:
       ValueError: as :func:`empirical_ntk_fn`, and for a batch-coupled ``apply_fn``
@@ -1072,7 +1087,8 @@ def empirical_ntk_matrix(
         and input shapes), whose kernel has no blocks; an unknown ``schedule``,
         ``schedule="two_pass"`` with what it does not take (above) or a model without a
         layer the structured method factorizes, ``spill_dir`` that is not a directory or
-        with ``schedule="blocks"``.
+        with ``schedule="blocks"``; an ``out`` store written for other inputs, parameters,
+        model or outputs (the message names the difference).
 
     Returns:
       A numpy array of shape ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; with ``out``
@@ -1097,13 +1113,15 @@ def empirical_ntk_matrix(
             f"spill_dir={os.fspath(spill_dir)!r}: " + (
                 "only the two-pass schedule spills (schedule='two_pass' or 'auto')."
                 if schedule == "blocks" else "not an existing directory."))
+    if schedule == "auto" and out is not None:
+        schedule = _store_schedule(os.fspath(out))
     if schedule == "two_pass":
-        given = [name for name, value in (("x2", x2), ("out", out), ("devices", devices),
-                                          ("block_size", block_size)) if value is not None]
+        given = [name for name, value in (("devices", devices), ("block_size", block_size))
+                 if value is not None]
         if given or ntk_method not in ("auto", "structured"):
             raise ValueError(
-                "schedule='two_pass' computes the symmetric kernel of x1 by the structured "
-                "method in one process; it does not take "
+                "schedule='two_pass' computes the kernel by the structured method in one "
+                "process, its blocks sized from memory_bytes; it does not take "
                 + ", ".join(given + ([f"ntk_method={ntk_method!r}"]
                                      if ntk_method not in ("auto", "structured") else []))
                 + ". Use schedule='blocks' for those.")
@@ -1127,12 +1145,12 @@ def empirical_ntk_matrix(
 
     budget = available_memory_bytes() // 2 if memory_bytes is None else int(memory_bytes)
     if schedule == "two_pass" or (
-        schedule == "auto" and x2 is None and out is None and devices is None
+        schedule == "auto" and devices is None
         and block_size is None and ntk_method in ("auto", "structured")
-        and _two_pass_pays(apply_fn, params, x1, outputs, params_filter, budget, decisions)
+        and _two_pass_pays(apply_fn, params, x1, x2, outputs, params_filter, budget, decisions)
     ):
-        return _two_pass_matrix(apply_fn, params, x1, outputs, params_filter, budget,
-                                spill_dir, schedule == "two_pass")
+        return _two_pass_matrix(apply_fn, params, x1, x2, outputs, params_filter, budget,
+                                spill_dir, schedule == "two_pass", out, show_progress)
     if spill_dir is not None:
         raise ValueError(
             f"spill_dir={os.fspath(spill_dir)!r}: schedule='auto' chose example blocks here "
@@ -1175,9 +1193,10 @@ def _two_pass_view(apply_fn, params, outputs, params_filter):
     return fn, params, inner
 
 
-def _two_pass_pays(apply_fn, params, x, outputs, params_filter, budget, decisions) -> bool:
+def _two_pass_pays(apply_fn, params, x, x2, outputs, params_filter, budget, decisions) -> bool:
     """Whether ``schedule="auto"`` takes the two-pass schedule: the structured method applies
-    and pass 1's footprint for all examples (three times what it stores) exceeds ``budget``.
+    and pass 1's footprint for all examples of ``x`` and ``x2`` (three times what it stores)
+    exceeds ``budget``.
     The bytes per example are kept in ``decisions`` per shapes and configuration."""
     key = ("two_pass", _shapes_key(params, x[:1]), outputs,
            None if params_filter is None else _describe_filter(params_filter))
@@ -1187,12 +1206,27 @@ def _two_pass_pays(apply_fn, params, x, outputs, params_filter, budget, decision
             layers = count_structured_layers(fn, p, x[:1])
             decisions[key] = two_pass_bytes_per_example(fn, p, x[:1]) if layers else None
     per_example = decisions[key]
-    return per_example is not None and 3 * x.shape[0] * per_example > budget
+    n = x.shape[0] + (0 if x2 is None else x2.shape[0])
+    return per_example is not None and 3 * n * per_example > budget
 
 
-def _two_pass_matrix(apply_fn, params, x, outputs, params_filter, budget, spill_dir,
-                     explicit: bool) -> np.ndarray:
-    """:func:`empirical_ntk_matrix` by :func:`ntkjax.structured.two_pass_kernel`."""
+_TWO_PASS_STORE = "empirical_ntk_matrix schedule=two_pass"
+
+
+def _store_schedule(path: str) -> Literal["auto", "blocks", "two_pass"]:
+    """The schedule that wrote the store at ``path`` (``"auto"`` when there is none), so that
+    ``schedule="auto"`` resumes a store with the schedule that began it."""
+    meta = _store.read_meta(path)
+    if meta is None:
+        return "auto"
+    described = meta["fingerprint"]["model"]["description"]
+    return "two_pass" if described.startswith(_TWO_PASS_STORE) else "blocks"
+
+
+def _two_pass_matrix(apply_fn, params, x, x2, outputs, params_filter, budget, spill_dir,
+                     explicit: bool, out, show_progress: bool) -> Any:
+    """:func:`empirical_ntk_matrix` by :func:`ntkjax.structured.two_pass_kernel`; with
+    ``out`` in a resumable store (:func:`_two_pass_store`)."""
     fn, p, inner = _two_pass_view(apply_fn, params, outputs, params_filter)
     with linen.intercept_methods(_reject_active_dropout):
         if explicit and count_structured_layers(fn, p, x[:1]) == 0:
@@ -1200,15 +1234,64 @@ def _two_pass_matrix(apply_fn, params, x, outputs, params_filter, budget, spill_
                 f"schedule='two_pass': the model ({describe_object(apply_fn)}) has no layer "
                 "that the structured method factorizes (see ntkjax.structured); use "
                 "schedule='blocks'.")
-        out = jax.eval_shape(fn, p, x[:1])
+        shape = jax.eval_shape(fn, p, x[:1])
+        dtype = _result_dtype(p, shape)
+        store = None if out is None else _two_pass_store(
+            os.fspath(out), fn, p, x, x2, outputs, params_filter, apply_fn, shape, dtype)
+        if store is not None and store.complete():
+            shutil.rmtree(os.path.join(store.path, "two_pass"), ignore_errors=True)
+            return store.readers()[0]
         kernel = two_pass_kernel(
-            fn, p, x, outputs=inner, memory_bytes=budget,
+            fn, p, x, x2, outputs=inner, memory_bytes=budget,
             spill=True if spill_dir is not None else None,
-            spill_dir=None if spill_dir is None else os.fspath(spill_dir))
-    kernel = np.asarray(symmetrize(jnp.asarray(kernel), inner)).astype(_result_dtype(p, out))
+            spill_dir=None if spill_dir is None else os.fspath(spill_dir),
+            show_progress=show_progress,
+            resume_dir=None if store is None else os.path.join(store.path, "two_pass"))
+    if x2 is None:
+        kernel = symmetrize(jnp.asarray(kernel), inner)
+    kernel = np.asarray(kernel).astype(dtype)
     if outputs == "mean":
-        kernel = kernel / int(np.prod(out.shape[1:]))
-    return kernel
+        kernel = kernel / int(np.prod(shape.shape[1:]))
+    if store is None:
+        return kernel
+    store.write(0, 0, [kernel], None)
+    shutil.rmtree(os.path.join(store.path, "two_pass"), ignore_errors=True)
+    return store.readers()[0]
+
+
+def _two_pass_store(path, fn, p, x, x2, outputs, params_filter, apply_fn, shape, dtype):
+    """The resumable store of a two-pass call (:mod:`ntkjax._store`'s layout, one chunk: the
+    whole kernel), created when absent, else checked against this call: the inputs, the
+    parameters, the model's computation (its jaxpr on one example, with ``outputs`` and the
+    filter) and the kernel's shape and dtype."""
+    computation = hashlib.sha256(
+        f"{outputs} {_store.describe_computation(jax.make_jaxpr(fn)(p, x[:1]))}".encode()
+    ).hexdigest()
+    prints = {
+        "x1": _store.describe_array(x),
+        "x2": None if x2 is None else _store.describe_array(x2),
+        "model": {"computation": computation,
+                  "description": f"{_TWO_PASS_STORE} outputs={outputs} "
+                                 f"apply_fn={describe_object(apply_fn)}"
+                                 + ("" if params_filter is None
+                                    else f" {_describe_filter(params_filter)}")},
+        "arguments": _store.describe_tree(p),
+    }
+    n1, n2 = x.shape[0], x.shape[0] if x2 is None else x2.shape[0]
+    o = int(np.prod(shape.shape[1:]))  # two_pass_kernel's outputs, flattened
+    kernel_shape = [n1, n2, *{"diagonal": [o], "full": [o, o]}.get(outputs, [])]
+    layout = {"block": [n1, n2], "shapes": [kernel_shape], "dtypes": [str(np.dtype(dtype))],
+              "names": ["kernel"], "symmetric": x2 is None}
+    meta = _store.read_meta(path)
+    if meta is not None:
+        _store.check_meta(path, meta, prints)
+        _store.check_layout(path, meta, layout)
+    else:
+        _store.create(path, prints, layout, layout["shapes"], layout["dtypes"])
+    store = _store.open_store(path)
+    _store.check_meta(path, store.meta, prints)
+    _store.check_layout(path, store.meta, layout)
+    return store
 
 
 def _matrix_block_fns(apply_fn, ntk_method, outputs, params_filter):

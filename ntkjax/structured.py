@@ -70,6 +70,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import operator
 import os
 import shutil
@@ -88,7 +89,8 @@ from jax._src import core as jax_core
 from jax.interpreters.ad import JVPTracer
 
 from ntkjax._meanings import declarations
-from ntkjax._tiling import compiled_footprint, pad_rows
+from ntkjax._progress import progress as _progress
+from ntkjax._tiling import compiled_footprint, pad_axis, pad_rows
 from ntkjax.jacobians import (
     PRECISION,
     Outputs,
@@ -1554,13 +1556,21 @@ def _pass_one(apply_fn, layers):
 
 class _FactorStore:
     """Pass 1's arrays, layer-major (one array per name, examples first): numpy arrays in
-    memory, or raw files in a temporary directory under ``spill_dir``, written and read by
-    rows with ``pwrite`` / ``pread`` (not memory maps: their pages would count towards the
-    process's resident memory), removed by :meth:`close`, also after an error."""
+    memory, or raw files written and read by rows with ``pwrite`` / ``pread`` (not memory maps:
+    their pages would count towards the process's resident memory) -- in a temporary directory
+    under ``spill_dir``, removed by :meth:`close` (also after an error), or in ``directory``
+    (a resumable computation's, created if absent: files already there are kept and reused;
+    :meth:`close` keeps them, :meth:`remove` deletes them)."""
 
-    def __init__(self, shapes: Mapping[str, Any], n: int, spill_dir: str | None):
-        self.tmp = None if spill_dir is None else tempfile.mkdtemp(prefix="ntkjax_two_pass_",
-                                                                  dir=spill_dir)
+    def __init__(self, shapes: Mapping[str, Any], n: int, spill_dir: str | None,
+                 directory: str | None = None):
+        self.keep = directory is not None
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            self.tmp: str | None = directory
+        else:
+            self.tmp = None if spill_dir is None else tempfile.mkdtemp(
+                prefix="ntkjax_two_pass_", dir=spill_dir)
         self.shapes = {name: (n, *spec.shape[1:]) for name, spec in shapes.items()}
         self.dtypes = {name: np.dtype(spec.dtype) for name, spec in shapes.items()}
         self.arrays: dict[str, np.ndarray] = {}
@@ -1589,6 +1599,11 @@ class _FactorStore:
             raise OSError(f"two-pass factors: short write to {self.tmp} ({written} of "
                           f"{len(data)} bytes); is the disk full?")
 
+    def sync(self) -> None:
+        """Flushes the files to the disk (before a block is recorded as written)."""
+        for fd in self.files.values():
+            os.fsync(fd)
+
     def read(self, name: str, rows: slice) -> np.ndarray:
         if self.tmp is None:
             return self.arrays[name][rows]
@@ -1608,9 +1623,71 @@ class _FactorStore:
         for fd in self.files.values():
             os.close(fd)
         self.files.clear()
-        if self.tmp is not None:
+        if self.tmp is not None and not self.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+    def remove(self) -> None:
+        """Closes the files and deletes them (a kept ``directory`` too)."""
+        self.keep = False
+        self.close()
+
+
+class _Record:
+    """What a resumable two-pass computation in ``directory`` has finished: ``state.json``
+    (the call's key, the budget and pass-1 block size it was planned with, the finished pass-1
+    blocks, the number of finished pass-2 layers ``k``) and ``sum-{k}.npy``, the Gram terms of
+    the first ``k`` layers added up. Each file is written under a temporary name and renamed
+    into place, the sum before the state that counts it, so the record never runs ahead of
+    the data."""
+
+    def __init__(self, directory: str, key: dict):
+        self.dir = directory
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "state.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            recorded = state.get("key")
+            if recorded != key:
+                what = next((k for k in key if (recorded or {}).get(k) != key[k]), "key")
+                raise ValueError(
+                    f"the two-pass record in {directory!r} was written for another call: its "
+                    f"{what} is {(recorded or {}).get(what)!r}, this call's {key[what]!r}. "
+                    "Pass another directory, or delete it to start over.")
+            self.state = state
+        else:
+            self.state = {"key": key, "memory_bytes": None, "pass1_block": None,
+                          "pass1_done": [], "layers_done": 0}
+
+    def _replace(self, name: str, write: Callable) -> None:
+        tmp = os.path.join(self.dir, f".{name}.tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.dir, name))
+
+    def save(self) -> None:
+        self._replace("state.json", lambda f: f.write(json.dumps(self.state).encode()))
+
+    def block_done(self, k: int) -> None:
+        self.state["pass1_done"].append(k)
+        self.save()
+
+    def layers_sum(self) -> np.ndarray | None:
+        """The recorded sum of the finished layers (None before the first)."""
+        k = self.state["layers_done"]
+        return None if k == 0 else np.load(os.path.join(self.dir, f"sum-{k}.npy"))
+
+    def layer_done(self, k: int, total: np.ndarray) -> None:
+        """Records the sum ``total`` of the first ``k`` layers."""
+        self._replace(f"sum-{k}.npy", lambda f: np.save(f, total))
+        self.state["layers_done"] = k
+        self.save()
+        old = os.path.join(self.dir, f"sum-{k - 1}.npy")
+        if os.path.exists(old):
+            os.remove(old)
 
 
 def _column_chunks(width: int, rows: int, itemsize: int, budget: int) -> tuple[int, int]:
@@ -1659,19 +1736,11 @@ def _factored_block(x1, d1, x2, d2, outputs, kind, vocab):
                         form="factored")
 
 
-def _padded_columns(x, start: int, width: int) -> np.ndarray:
-    """Columns ``[start, start + width)`` of ``x`` ``(n, T, K)``, zero-padded to ``width``."""
-    part = np.asarray(x[:, :, start:start + width])
-    if part.shape[-1] < width:
-        part = np.concatenate(
-            [part, np.zeros((*part.shape[:-1], width - part.shape[-1]), part.dtype)], axis=-1)
-    return part
-
-
 def two_pass_kernel(
     apply_fn: Callable,
     params: Any,
     x: jax.Array,
+    x2: jax.Array | None = None,
     *,
     outputs: Literal["trace", "diagonal", "full"] = "trace",
     memory_bytes: int,
@@ -1679,20 +1748,24 @@ def two_pass_kernel(
     spill: bool | None = None,
     block_size: int | None = None,
     timings: dict | None = None,
+    show_progress: bool = False,
+    resume_dir: str | None = None,
 ) -> np.ndarray:
-    """The symmetric empirical NTK ``Theta(x, x)`` of a linen model by the two-pass schedule
-    (host numpy array, ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``); not validated, not
-    symmetrized: see :func:`ntkjax.empirical_ntk_matrix` (``schedule="two_pass"``).
+    """The empirical NTK ``Theta(x, x2)`` of a linen model by the two-pass schedule (host numpy
+    array, ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; ``x2=None``: ``Theta(x, x)``,
+    not symmetrized); not validated: see :func:`ntkjax.empirical_ntk_matrix`
+    (``schedule="two_pass"``).
 
-    Pass 1: for each block of examples one forward and O backward passes give every structured
-    layer's factors -- inputs ``x_t`` and cotangents ``delta_{i,t}`` of each dense,
-    convolution and embedding weight, per-example gradients of norms, biases and every other
-    parameter -- written layer-major (one array per layer, examples first), in memory when all
-    of them fit ``memory_bytes / 2``, else (or with ``spill=True``) to files in a temporary
-    directory under ``spill_dir`` (the system's temporary directory when None), written and
-    read by rows, removed at the end, also after an error. Pass 2: layer by layer, for
-    blocks of examples (all N when one layer's factors fit the budget), the layer's Gram
-    contribution: of
+    Pass 1: for each block of examples (the rows of ``x``, then those of ``x2``) one forward
+    and O backward passes give every structured layer's factors -- inputs ``x_t`` and
+    cotangents ``delta_{i,t}`` of each dense, convolution and embedding weight, per-example
+    gradients of norms, biases and every other parameter -- written layer-major (one array
+    per layer, examples first), in memory when all of them fit ``memory_bytes / 2``, else (or
+    with ``spill=True``) to files in a temporary directory under ``spill_dir`` (the system's
+    temporary directory when None), written and read by rows, removed at the end, also after
+    an error. Pass 2: layer by layer, for blocks of examples (all N when one layer's factors
+    fit the budget), the layer's Gram contribution -- with ``x2``, of the rows of ``x``
+    against those of ``x2``; without, of the upper triangle of block pairs, mirrored: of
     per-example gradients ``<g_a, g_b>`` in column chunks; of a factored weight the cheaper by
     FLOPs of the factored sum over position pairs ``sum_{t,s} (x_t . x'_s)(delta_t .
     delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
@@ -1700,41 +1773,103 @@ def two_pass_kernel(
     batched matmul per chunk on the cotangents as stored, then one Gram product. While a
     layer is computed, a reader thread loads the next one's arrays. Each example's forward
     and backward passes run once, where example blocks recompute them for every block pair.
+    The layers are added in a fixed order, so the result does not depend on the schedule of
+    reads.
+
+    ``resume_dir`` makes the computation resumable: the factors are written to files there
+    (kept until pass 2 ends), and each finished pass-1 block and each finished pass-2 layer
+    (the sum of the layers so far) is recorded (:class:`_Record`); a call with the same
+    arguments and ``resume_dir`` after an interruption skips the recorded work and gives the
+    same bits. It reuses the recorded ``memory_bytes`` and pass-1 block size (which decide
+    the order of additions), and refuses a record of another shape of call (``ValueError``).
+    At the end the factor files are removed and the record keeps the kernel; the caller
+    deletes ``resume_dir`` once it has kept the result.
 
     ``block_size`` sets pass 1's examples per block (default: from the budget and the
-    compiled program's footprint); ``timings``, when a dict, receives ``setup_s`` (finding
-    the layers, compiling pass 1), ``pass1_s``, ``pass2_s`` (its compilations included),
-    ``factor_bytes``, ``spilled`` and ``pass1_block``.
+    compiled program's footprint); ``show_progress`` draws a bar over pass 1's blocks and
+    one over pass 2's layers on stderr; ``timings``, when a dict, receives ``setup_s``
+    (finding the layers, compiling pass 1), ``pass1_s``, ``pass2_s`` (its compilations
+    included), ``factor_bytes``, ``spilled`` and ``pass1_block``.
     """
-    n = x.shape[0]
+    n1 = x.shape[0]
+    n2 = None if x2 is None else x2.shape[0]
+    xs = x if x2 is None else jnp.concatenate([jnp.asarray(x), jnp.asarray(x2)])
+    n = xs.shape[0]
     start_time = time.perf_counter()
     one, shapes, grad_names, weights = _two_pass_plan(apply_fn, params, x)
     per_example = sum(int(np.prod(s.shape[1:])) * s.dtype.itemsize for s in shapes.values())
+    record = None
+    if resume_dir is not None:
+        record = _Record(resume_dir, {
+            "n1": n1, "n2": n2, "outputs": outputs,
+            "factors": {name: [list(s.shape[1:]), str(s.dtype)] for name, s in shapes.items()}})
+        recorded_block = record.state["pass1_block"]
+        if block_size and recorded_block and block_size != recorded_block:
+            raise ValueError(f"block_size={block_size}: the two-pass record in {resume_dir!r} "
+                             f"was written in pass-1 blocks of {recorded_block}; pass "
+                             "block_size=None to resume it.")
+        memory_bytes = record.state["memory_bytes"] or memory_bytes
+        block_size = block_size or recorded_block
+        spill = True
     if spill is None:
         spill = n * per_example > memory_bytes // 2
-    b1 = min(block_size, n) if block_size else _pass_one_block(one, params, x, per_example,
-                                                                  memory_bytes)
+    layer_count = len(grad_names) + len(weights)
     pass1_start = pass1_end = time.perf_counter()
-    store = _FactorStore(shapes, n, (spill_dir or tempfile.gettempdir()) if spill else None)
-    try:
-        pending = None
-        for begin in range(0, n, b1):  # dispatch block k + 1 before writing block k
-            rows = x[begin:begin + b1]
-            result = (begin, rows.shape[0], one(params, pad_rows(rows, b1)))
-            if pending is not None:
-                _write_block(store, *pending)
-            pending = result
-        if pending is not None:
-            _write_block(store, *pending)
-        pass1_end = time.perf_counter()
-        total = _pass_two(store, grad_names, weights, n, outputs, memory_bytes)
-    finally:
-        store.close()
+    b1 = block_size or 0
+    if record is not None and record.state["layers_done"] == layer_count:
+        total = record.layers_sum()  # finished before: nothing to compute
+        assert total is not None
+        pass1_start = pass1_end = time.perf_counter()
+    else:
+        b1 = min(block_size, n) if block_size else _pass_one_block(one, params, xs,
+                                                                      per_example, memory_bytes)
+        if record is not None:
+            record.state.update(memory_bytes=memory_bytes, pass1_block=b1)
+            record.save()
+        pass1_start = pass1_end = time.perf_counter()
+        store = _FactorStore(shapes, n, (spill_dir or tempfile.gettempdir()) if spill else None,
+                             None if resume_dir is None else os.path.join(resume_dir, "factors"))
+        try:
+            _run_pass_one(one, params, xs, b1, store, record, show_progress)
+            pass1_end = time.perf_counter()
+            total = _pass_two(store, grad_names, weights, n1, n2, outputs, memory_bytes,
+                              record=record, show_progress=show_progress)
+            if record is not None:
+                store.remove()
+        finally:
+            store.close()
     if timings is not None:
         timings.update(setup_s=pass1_start - start_time, pass1_s=pass1_end - pass1_start,
                        pass2_s=time.perf_counter() - pass1_end,
                        factor_bytes=n * per_example, spilled=bool(spill), pass1_block=b1)
     return total
+
+
+def _run_pass_one(one, params, xs, b1: int, store: _FactorStore, record: _Record | None,
+                  show_progress: bool) -> None:
+    """Pass 1 over the blocks of ``xs`` not recorded as done, each block's program dispatched
+    before the previous block's arrays are written (and, with a record, synced and
+    recorded)."""
+    starts = range(0, xs.shape[0], b1)
+    done = set() if record is None else set(record.state["pass1_done"])
+    todo = [k for k in range(len(starts)) if k not in done]
+
+    def finish(k, begin, rows, result):
+        _write_block(store, begin, rows, result)
+        if record is not None:
+            store.sync()
+            record.block_done(k)
+
+    pending = None
+    for k in _progress(todo, description="two-pass eNTK, pass 1 (example blocks)",
+                       enabled=show_progress):
+        rows = xs[starts[k]:starts[k] + b1]
+        result = (k, starts[k], rows.shape[0], one(params, pad_rows(rows, b1)))
+        if pending is not None:
+            finish(*pending)
+        pending = result
+    if pending is not None:
+        finish(*pending)
 
 
 def _write_block(store: _FactorStore, begin: int, rows: int, result: Mapping) -> None:
@@ -1756,21 +1891,29 @@ def _pass_one_block(jitted, params, x, per_example: int, memory_bytes: int) -> i
         size //= 2
 
 
-def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
-              memory_bytes: int, prefetch: bool = True) -> np.ndarray:
+def _pass_two(store: _FactorStore, grad_names, weights, n1: int, n2: int | None, outputs: str,
+              memory_bytes: int, prefetch: bool = True, record: _Record | None = None,
+              show_progress: bool = False) -> np.ndarray:
     """Pass 2 of :func:`two_pass_kernel`: the sum of every stored layer's Gram term, each over
-    pairs of example blocks (all N at once when one layer's arrays fit a quarter of
-    ``memory_bytes``, else blocks of which a pair fits an eighth), an off-diagonal pair added
-    twice (mirrored). With ``prefetch`` a reader thread loads the next pair's arrays while
-    the current one is computed (the same arithmetic: only the order of reads changes), and
-    one chunk's products are queued before the previous chunk's result is awaited."""
-    total: np.ndarray | None = None
+    pairs of example blocks (all examples at once when one layer's arrays fit a quarter of
+    ``memory_bytes``, else blocks of which a pair fits an eighth): with ``n2`` the rows
+    ``[0, n1)`` against ``[n1, n1 + n2)``; without, the upper triangle of pairs of the ``n1``
+    rows, an off-diagonal pair added twice (mirrored). With ``prefetch`` a reader thread loads
+    the next pair's arrays while the current one is computed (the same arithmetic: only the
+    order of reads changes), and one chunk's products are queued before the previous chunk's
+    result is awaited. With ``record`` the layers it counts as finished are skipped (their sum
+    is the start) and each finished layer's sum is recorded."""
+    n = n1 + (n2 or 0)
+    total: np.ndarray | None = None if record is None else record.layers_sum()
 
     def add(rows1, rows2, term):
         nonlocal total
         term = np.asarray(term)
         if total is None:
-            total = np.zeros((n, n, *term.shape[2:]), term.dtype)
+            total = np.zeros((n1, n1 if n2 is None else n2, *term.shape[2:]), term.dtype)
+        if n2 is not None:
+            total[rows1, rows2.start - n1:rows2.stop - n1] += term
+            return
         total[rows1, rows2] += term
         if rows1 != rows2:
             total[rows2, rows1] += np.transpose(term, (1, 0, *range(term.ndim - 1, 1, -1)))
@@ -1778,16 +1921,22 @@ def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
     def row_blocks(per_example: int):
         size = n if n * per_example <= memory_bytes // 4 else max(
             1, memory_bytes // (16 * per_example))
-        blocks = [slice(b, min(b + size, n)) for b in range(0, n, size)]
+        blocks = [slice(b, min(b + size, n1)) for b in range(0, n1, size)]
+        if n2 is not None:
+            return [(a, slice(b, min(b + size, n))) for a in blocks for b in range(n1, n, size)]
         return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
 
-    # jobs: (arrays to read: {name: kept on the host}, rows1, rows2, weight or None)
-    jobs: list[tuple[dict[str, bool], slice, slice, _Factored | None]] = []
+    # per layer, its jobs: (arrays to read: {name: kept on the host}, rows1, rows2, weight)
+    layers: list[list[tuple[dict[str, bool], slice, slice, _Factored | None]]] = []
     for name in grad_names:
-        jobs += [({name: False}, r1, r2, None) for r1, r2 in row_blocks(store.row_bytes(name))]
+        layers.append([({name: False}, r1, r2, None)
+                       for r1, r2 in row_blocks(store.row_bytes(name))])
     for w in weights:
         per_example = store.row_bytes(w.x) + store.row_bytes(w.d)
-        jobs += [({w.x: True, w.d: False}, r1, r2, w) for r1, r2 in row_blocks(per_example)]
+        layers.append([({w.x: True, w.d: False}, r1, r2, w) for r1, r2 in row_blocks(per_example)])
+    skip = 0 if record is None else record.state["layers_done"]
+    numbered = list(enumerate(layers, 1))[skip:]
+    jobs = [job for _, layer in numbered for job in layer]
 
     def load(job):
         """``(arrays of rows1, arrays of rows2 or None)``, host arrays."""
@@ -1815,20 +1964,29 @@ def _pass_two(store: _FactorStore, grad_names, weights, n: int, outputs: str,
     pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
     try:
         pending = pool.submit(load, jobs[0]) if pool and jobs else None
-        for i, job in enumerate(jobs):
-            if pool is None:
-                a1, a2 = load(job)
-            else:
-                assert pending is not None
-                a1, a2 = pending.result()
-                pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
-            names, rows1, rows2, w = job
-            a1, a2 = placed(a1, names), placed(a2, names)
-            if w is None:
-                _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue)
-            else:
-                _weight_terms(w, store, a1, a2, rows1, rows2, outputs, memory_bytes, queue)
-            del a1, a2
+        i = 0
+        for number, layer in _progress(numbered, description="two-pass eNTK, pass 2 (layers)",
+                                       enabled=show_progress):
+            for job in layer:
+                if pool is None:
+                    a1, a2 = load(job)
+                else:
+                    assert pending is not None
+                    a1, a2 = pending.result()
+                    pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+                i += 1
+                names, rows1, rows2, w = job
+                a1, a2 = placed(a1, names), placed(a2, names)
+                if w is None:
+                    _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue)
+                else:
+                    _weight_terms(w, store, a1, a2, rows1, rows2, outputs, memory_bytes, queue)
+                del a1, a2
+            if record is not None:
+                while queued:
+                    add(*queued.pop(0))
+                assert total is not None
+                record.layer_done(number, total)
         while queued:
             add(*queued.pop(0))
     finally:
@@ -1874,8 +2032,10 @@ def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_byt
         if w.kind == "embed":
             x1, x2 = xs1, xs2
         else:
-            x1 = _padded_columns(xs1, start, width)
-            x2 = x1 if d2 is None else _padded_columns(xs2, start, width)
+            x1 = pad_axis(np.asarray(xs1[:, :, start:start + width]), width, axis=-1,
+                          mode="zeros")
+            x2 = x1 if d2 is None else pad_axis(np.asarray(xs2[:, :, start:start + width]),
+                                                width, axis=-1, mode="zeros")
         g1 = _chunk_gradients(x1, d1, start, width, w.kind == "embed")
         g2 = g1 if d2 is None else _chunk_gradients(x2, d2, start, width, w.kind == "embed")
         queue(rows1, rows2, _gradient_gram(g1, g2, outputs))

@@ -134,7 +134,7 @@ def test_spill_files_are_removed_after_an_error(tmp_path, monkeypatch, x64):
     apply_fn, params, x, _ = make_case("mlp", jnp.float64)
     seen = []
 
-    def failing(store, *args):
+    def failing(store, *args, **kwargs):
         seen.extend(os.listdir(store.tmp))
         raise RuntimeError("pass 2 failed")
 
@@ -146,13 +146,12 @@ def test_spill_files_are_removed_after_an_error(tmp_path, monkeypatch, x64):
 
 
 def test_two_pass_bad_options_are_named(tmp_path):
-    apply_fn, params, x, x2 = make_case("mlp")
+    apply_fn, params, x, _ = make_case("mlp")
     matrix = ntkjax.empirical_ntk_matrix
     with pytest.raises(ValueError, match="schedule"):
         matrix(apply_fn, params, x, schedule="twopass")  # type: ignore[arg-type]
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"x2": x2}, "x2"), ({"block_size": 2}, "block_size"),
-        ({"out": str(tmp_path / "k")}, "out"),
+        ({"block_size": 2}, "block_size"), ({"devices": jax.devices()[:1]}, "devices"),
         ({"ntk_method": "jacobian"}, "ntk_method='jacobian'")]
     for kwargs, named in cases:
         with pytest.raises(ValueError, match=named):
@@ -181,7 +180,7 @@ def test_prefetching_reads_change_no_bit(tmp_path, monkeypatch, x64):
     runs = {}
     for prefetch in (True, False):
         monkeypatch.setattr(structured, "_pass_two",
-                            lambda *a, prefetch=prefetch: real(*a, prefetch=prefetch))
+                            lambda *a, prefetch=prefetch, **k: real(*a, prefetch=prefetch, **k))
         runs[prefetch] = structured.two_pass_kernel(
             model.apply, params, x, outputs="full", memory_bytes=2**11 + 2**10, spill=True,
             spill_dir=str(tmp_path))
@@ -198,3 +197,163 @@ def test_column_chunks_cover_the_columns_within_the_budget(width, rows, budget):
     assert chunk == 1 or rows * chunk * 4 <= budget
     most = min(width, max(1, budget // (rows * 4)))
     assert count == -(-width // most)  # no more chunks than the budget needs
+
+
+def _gain(n=8, dtype=jnp.float64):
+    model = _Gain()
+    x = jax.random.normal(jax.random.key(0), (n, 3), dtype)
+    return model.apply, jax.tree.map(lambda a: a.astype(dtype), model.init(jax.random.key(1), x)), x
+
+
+@pytest.mark.parametrize("model,outputs,memory_bytes", [
+    ("gpt", "trace", 2**15), ("gain", "diagonal", 2**11 + 2**10), ("gain", "full", None)])
+def test_rectangular_kernel_equals_the_jacobian_kernel_spilled_and_in_memory(
+        model, outputs, memory_bytes, tmp_path, x64):
+    """Theta(x1, x2) with 5 rows against 3: the rows of x1 against those of x2 (in example
+    blocks and column chunks with the small budgets), spilled bit for bit as in memory."""
+    apply_fn, params, x = _gpt(n=8) if model == "gpt" else _gain()
+    x1, x2 = x[:5], x[5:]
+    want = np.asarray(ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian",
+                                              outputs=outputs)(params, x1, x2))
+    runs = [ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, outputs=outputs,
+                                        schedule="two_pass", memory_bytes=memory_bytes,
+                                        spill_dir=spill)
+            for spill in (None, tmp_path)]
+    assert runs[0].shape == want.shape == (5, 3, *want.shape[2:]) and runs[0].dtype == want.dtype
+    assert max_relative_error(runs[0], want) < 1e-10
+    np.testing.assert_array_equal(runs[1], runs[0])
+    assert os.listdir(tmp_path) == []
+
+
+def test_auto_takes_two_pass_for_x2_when_the_factors_of_both_do_not_fit(monkeypatch, x64):
+    apply_fn, params, x, _ = make_case("mlp", jnp.float64, n1=6)
+    x1, x2 = x[:4], x[4:]
+    calls = []
+    real = empirical.two_pass_kernel
+    monkeypatch.setattr(empirical, "two_pass_kernel",
+                        lambda *a, **k: calls.append(a[3] is not None) or real(*a, **k))
+    per_example = structured.two_pass_bytes_per_example(apply_fn, params, x)
+    roomy = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, memory_bytes=3 * 6 * per_example)
+    assert calls == []  # 3 x (4 + 2) examples' factors fit
+    tight = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2,
+                                        memory_bytes=3 * 6 * per_example - 1)
+    assert calls == [True]
+    np.testing.assert_allclose(tight, roomy, rtol=1e-12)
+
+
+def test_progress_bars_over_pass_one_blocks_and_pass_two_layers(capsys, x64):
+    apply_fn, params, x = _gain(n=4)
+    structured.two_pass_kernel(apply_fn, params, x[:3], x[3:], memory_bytes=2**11 + 2**10,
+                               show_progress=True)
+    err = capsys.readouterr().err
+    layers = len(structured._two_pass_plan(apply_fn, params, x)[2]) + len(
+        structured._two_pass_plan(apply_fn, params, x)[3])
+    assert "pass 1 (example blocks)" in err and "4/4" in err  # one example per block
+    assert "pass 2 (layers)" in err and f"{layers}/{layers}" in err
+
+
+class _Interrupt:
+    """Wraps a function of ``structured``: counts its calls, and raises KeyboardInterrupt at
+    call number ``at`` (None: never), before doing anything."""
+
+    def __init__(self, monkeypatch, name, at=None, tag=None):
+        self.real, self.at, self.tag, self.calls = getattr(structured, name), at, tag, []
+        monkeypatch.setattr(structured, name, self)
+
+    def __call__(self, *args, **kwargs):
+        if self.at is not None and len(self.calls) + 1 == self.at:
+            self.at = None
+            raise KeyboardInterrupt
+        self.calls.append(None if self.tag is None else self.tag(*args))
+        return self.real(*args, **kwargs)
+
+
+def _layer_of(*args):
+    """The pass-2 layer a ``_gradient_terms`` / ``_weight_terms`` call computes."""
+    return args[0].x if isinstance(args[0], structured._Factored) else next(iter(args[0]))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_store_resumes_an_interrupted_call_without_redoing_finished_work(
+        symmetric, tmp_path, monkeypatch, x64):
+    """Interrupted in pass 1 (after 2 of 8 blocks), then in pass 2 (during its 4th layer),
+    then finished: the blocks and layers recorded are not computed again, the kernel is the
+    uninterrupted one bit for bit (layers added in a fixed order) and the Jacobian kernel;
+    the factors are gone, the kernel stays."""
+    apply_fn, params, x = _gain(n=8)
+    x1, x2 = (x, None) if symmetric else (x[:5], x[5:])
+    budget, out = 2**11 + 2**10, str(tmp_path / "kernel")
+
+    def call():
+        return ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, outputs="full",
+                                           schedule="two_pass", memory_bytes=budget, out=out)
+
+    def counters(write_at=None, terms_at=None):
+        return (_Interrupt(monkeypatch, "_write_block", write_at),
+                _Interrupt(monkeypatch, "_gradient_terms", terms_at, _layer_of),
+                _Interrupt(monkeypatch, "_weight_terms", None, _layer_of))
+
+    want = ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, outputs="full",
+                                       schedule="two_pass", memory_bytes=budget)
+    writes, grads, weights = counters()
+    ntkjax.empirical_ntk_matrix(apply_fn, params, x1, x2, outputs="full", schedule="two_pass",
+                                memory_bytes=budget)  # the reference order of the layers
+    order = list(dict.fromkeys(grads.calls + weights.calls))
+    jobs = {layer: (grads.calls + weights.calls).count(layer) for layer in order}
+    assert len(writes.calls) == 8 and len(order) > 4
+
+    counters(write_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    writes, grads, _ = counters(terms_at=sum(jobs[layer] for layer in order[:3]) + 1)
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    assert len(writes.calls) == 6  # blocks 0 and 1 were recorded
+    assert len(grads.calls) == sum(jobs[layer] for layer in order[:3])
+    with open(os.path.join(out, "two_pass", "state.json")) as f:
+        assert '"layers_done": 3' in f.read()
+    writes, grads, weights = counters()
+    got = call()
+    assert writes.calls == []
+    done = grads.calls + weights.calls
+    assert list(dict.fromkeys(done)) == order[3:]
+    assert all(done.count(layer) == jobs[layer] for layer in order[3:])
+    np.testing.assert_array_equal(got[:], want)
+    jac = np.asarray(ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian",
+                                             outputs="full")(params, x1, x2))
+    assert max_relative_error(got[:], jac) < 1e-10
+    assert not os.path.exists(os.path.join(out, "two_pass"))
+    with pytest.raises(Exception):  # noqa: B017 - read-only zarr array: any error type
+        got[0, 0] = 0.0
+    writes, grads, weights = counters()
+    np.testing.assert_array_equal(call()[:], want)  # finished: read back, nothing computed
+    assert writes.calls == grads.calls == weights.calls == []
+
+
+def test_store_of_another_call_is_refused_naming_the_difference(tmp_path, x64):
+    apply_fn, params, x = _gain(n=4)
+    out = str(tmp_path / "kernel")
+    matrix = ntkjax.empirical_ntk_matrix
+    matrix(apply_fn, params, x, schedule="two_pass", out=out)
+    with pytest.raises(ValueError, match="inputs x1"):
+        matrix(apply_fn, params, x + 1.0, schedule="two_pass", out=out)
+    with pytest.raises(ValueError, match="inputs x2"):
+        matrix(apply_fn, params, x, x[:2], schedule="two_pass", out=out)
+    with pytest.raises(ValueError, match="parameters"):
+        matrix(apply_fn, jax.tree.map(lambda a: a + 1.0, params), x, schedule="two_pass",
+               out=out)
+    with pytest.raises(ValueError, match="model"):
+        matrix(apply_fn, params, x, outputs="diagonal", schedule="two_pass", out=out)
+    # schedule="auto" resumes a store with the schedule that wrote it
+    np.testing.assert_array_equal(matrix(apply_fn, params, x, out=out)[:],
+                                  matrix(apply_fn, params, x, schedule="two_pass"))
+
+
+def test_two_pass_record_of_another_call_is_refused(tmp_path, x64):
+    apply_fn, params, x = _gain(n=4)
+    structured._Record(str(tmp_path), {"n1": 4, "n2": None})
+    record = structured._Record(str(tmp_path), {"n1": 4, "n2": None})
+    record.save()
+    with pytest.raises(ValueError, match="its n1 is 4, this call's 3"):
+        structured.two_pass_kernel(apply_fn, params, x[:3], memory_bytes=2**20,
+                                   resume_dir=str(tmp_path))
