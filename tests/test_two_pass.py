@@ -376,3 +376,16 @@ def test_two_pass_record_of_another_call_is_refused(tmp_path, x64):
     with pytest.raises(ValueError, match="its n1 is 4, this call's 3"):
         structured.two_pass_kernel(apply_fn, params, x[:3], memory_bytes=2**20,
                                    resume_dir=str(tmp_path))
+
+
+def test_column_padding_appends_zero_columns_and_keeps_host_arrays():
+    from ntkjax._tiling import pad_axis
+
+    x = np.arange(12.0).reshape(2, 2, 3)
+    padded = pad_axis(x, 5, axis=-1, mode="zeros")
+    assert isinstance(padded, np.ndarray) and padded.shape == (2, 2, 5)
+    np.testing.assert_array_equal(padded[..., :3], x)
+    assert not padded[..., 3:].any()
+    assert pad_axis(x, 3, axis=-1) is x
+    with pytest.raises(ValueError, match="cannot pad 3 entries of axis 2 to 2"):
+        pad_axis(x, 2, axis=-1)
