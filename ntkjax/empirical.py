@@ -1052,9 +1052,11 @@ def empirical_ntk_matrix(
       schedule: ``"blocks"`` (above), ``"two_pass"`` or ``"auto"``. ``"two_pass"``
         (:func:`ntkjax.structured.two_pass_kernel`; the structured method) takes ``x2``
         (``Theta(x1, x2)``; None: ``Theta(x1, x1)``, symmetrized), ``outputs``,
-        ``memory_bytes``, ``params_filter``, ``show_progress``, ``out`` and ``spill_dir``, and
-        refuses ``devices``, ``block_size`` (its blocks are sized from ``memory_bytes``) and
-        an ``ntk_method`` other than ``"auto"``/``"structured"``. Pass 1 computes every
+        ``memory_bytes``, ``params_filter``, ``show_progress``, ``out``, ``spill_dir`` and
+        ``devices`` (this process's: pass 1's example blocks spread over them, one per device
+        at a time; None: the default device), and refuses ``block_size`` (its blocks are
+        sized from ``memory_bytes``), devices of other processes and an ``ntk_method`` other
+        than ``"auto"``/``"structured"``. Pass 1 computes every
         example's (rows of x1, then of x2) forward and backward passes once -- each
         structured layer's inputs and cotangents, the per-example gradients of norms, biases
         and other parameters -- and stores them layer by layer, in memory when they fit half
@@ -1116,8 +1118,10 @@ def empirical_ntk_matrix(
     if schedule == "auto" and out is not None:
         schedule = _store_schedule(os.fspath(out))
     if schedule == "two_pass":
-        given = [name for name, value in (("devices", devices), ("block_size", block_size))
-                 if value is not None]
+        given = ["block_size"] if block_size is not None else []
+        if devices is not None and any(
+                d.process_index != jax.process_index() for d in devices):
+            given.append("devices of other processes")
         if given or ntk_method not in ("auto", "structured"):
             raise ValueError(
                 "schedule='two_pass' computes the kernel by the structured method in one "
@@ -1150,7 +1154,7 @@ def empirical_ntk_matrix(
         and _two_pass_pays(apply_fn, params, x1, x2, outputs, params_filter, budget, decisions)
     ):
         return _two_pass_matrix(apply_fn, params, x1, x2, outputs, params_filter, budget,
-                                spill_dir, schedule == "two_pass", out, show_progress)
+                                spill_dir, schedule == "two_pass", out, show_progress, devices)
     if spill_dir is not None:
         raise ValueError(
             f"spill_dir={os.fspath(spill_dir)!r}: schedule='auto' chose example blocks here "
@@ -1224,7 +1228,7 @@ def _store_schedule(path: str) -> Literal["auto", "blocks", "two_pass"]:
 
 
 def _two_pass_matrix(apply_fn, params, x, x2, outputs, params_filter, budget, spill_dir,
-                     explicit: bool, out, show_progress: bool) -> Any:
+                     explicit: bool, out, show_progress: bool, devices=None) -> Any:
     """:func:`empirical_ntk_matrix` by :func:`ntkjax.structured.two_pass_kernel`; with
     ``out`` in a resumable store (:func:`_two_pass_store`)."""
     fn, p, inner = _two_pass_view(apply_fn, params, outputs, params_filter)
@@ -1245,7 +1249,7 @@ def _two_pass_matrix(apply_fn, params, x, x2, outputs, params_filter, budget, sp
             fn, p, x, x2, outputs=inner, memory_bytes=budget,
             spill=True if spill_dir is not None else None,
             spill_dir=None if spill_dir is None else os.fspath(spill_dir),
-            show_progress=show_progress,
+            show_progress=show_progress, devices=None if devices is None else list(devices),
             resume_dir=None if store is None else os.path.join(store.path, "two_pass"))
     if x2 is None:
         kernel = symmetrize(jnp.asarray(kernel), inner)

@@ -77,7 +77,7 @@ import shutil
 import tempfile
 import time
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -87,6 +87,8 @@ import numpy as np
 from flax.linen.linear import canonicalize_padding
 from jax._src import core as jax_core
 from jax.interpreters.ad import JVPTracer
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ntkjax._meanings import declarations
 from ntkjax._progress import progress as _progress
@@ -1750,6 +1752,7 @@ def two_pass_kernel(
     timings: dict | None = None,
     show_progress: bool = False,
     resume_dir: str | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> np.ndarray:
     """The empirical NTK ``Theta(x, x2)`` of a linen model by the two-pass schedule (host numpy
     array, ``(N1, N2)``, ``(N1, N2, O)`` or ``(N1, N2, O, O)``; ``x2=None``: ``Theta(x, x)``,
@@ -1784,6 +1787,10 @@ def two_pass_kernel(
     the order of additions), and refuses a record of another shape of call (``ValueError``).
     At the end the factor files are removed and the record keeps the kernel; the caller
     deletes ``resume_dir`` once it has kept the result.
+
+    ``devices`` (several): pass 1 computes one block on each of them at a time, in one
+    ``shard_map`` call (on forced host devices, which share the memory, each block's
+    footprint fits ``memory_bytes`` over their number); pass 2 runs on the default device.
 
     ``block_size`` sets pass 1's examples per block (default: from the budget and the
     compiled program's footprint); ``show_progress`` draws a bar over pass 1's blocks and
@@ -1821,8 +1828,10 @@ def two_pass_kernel(
         assert total is not None
         pass1_start = pass1_end = time.perf_counter()
     else:
-        b1 = min(block_size, n) if block_size else _pass_one_block(one, params, xs,
-                                                                      per_example, memory_bytes)
+        # forced host devices share the host's memory: a block each
+        shared = len(devices) if devices and devices[0].platform == "cpu" else 1
+        b1 = min(block_size, n) if block_size else _pass_one_block(
+            one, params, xs, per_example, memory_bytes // shared)
         if record is not None:
             record.state.update(memory_bytes=memory_bytes, pass1_block=b1)
             record.save()
@@ -1830,7 +1839,7 @@ def two_pass_kernel(
         store = _FactorStore(shapes, n, (spill_dir or tempfile.gettempdir()) if spill else None,
                              None if resume_dir is None else os.path.join(resume_dir, "factors"))
         try:
-            _run_pass_one(one, params, xs, b1, store, record, show_progress)
+            _run_pass_one(one, params, xs, b1, store, record, show_progress, devices)
             pass1_end = time.perf_counter()
             total = _pass_two(store, grad_names, weights, n1, n2, outputs, memory_bytes,
                               record=record, show_progress=show_progress)
@@ -1846,25 +1855,51 @@ def two_pass_kernel(
 
 
 def _run_pass_one(one, params, xs, b1: int, store: _FactorStore, record: _Record | None,
-                  show_progress: bool) -> None:
-    """Pass 1 over the blocks of ``xs`` not recorded as done, each block's program dispatched
-    before the previous block's arrays are written (and, with a record, synced and
-    recorded)."""
+                  show_progress: bool, devices: Sequence[Any] | None = None) -> None:
+    """Pass 1 over the blocks of ``xs`` not recorded as done, each round's program dispatched
+    before the previous round's arrays are written (and, with a record, synced and recorded).
+    A round is one block, or with ``devices`` one block on each device in one ``shard_map``
+    call (the last round filled up with copies of its last block, not written)."""
     starts = range(0, xs.shape[0], b1)
     done = set() if record is None else set(record.state["pass1_done"])
     todo = [k for k in range(len(starts)) if k not in done]
+    count = 1 if not devices else len(devices)
+    rounds = [todo[i:i + count] for i in range(0, len(todo), count)]
 
-    def finish(k, begin, rows, result):
-        _write_block(store, begin, rows, result)
+    def rows(k):
+        return pad_rows(xs[starts[k]:starts[k] + b1], b1)
+
+    if devices:
+        mesh = Mesh(np.array(list(devices)), ("blocks",))
+        sharded = jax.jit(jax.shard_map(
+            lambda p, x: {name: v[None] for name, v in one.__wrapped__(p, x[0]).items()},
+            mesh=mesh, in_specs=(P(), P("blocks")), out_specs=P("blocks"), check_vma=False))
+        stacked = NamedSharding(mesh, P("blocks"))
+        replicated = jax.device_put(params, NamedSharding(mesh, P()))
+
+        def dispatch(group):
+            work = group + [group[-1]] * (count - len(group))
+            return sharded(replicated, jax.device_put(
+                np.stack([np.asarray(rows(k)) for k in work]), stacked))
+    else:
+        def dispatch(group):
+            return one(params, rows(group[0]))
+
+    def finish(group, result):
+        host = {name: np.asarray(value) for name, value in result.items()}
+        for i, k in enumerate(group):
+            part = {name: value[i] for name, value in host.items()} if devices else host
+            _write_block(store, starts[k], min(b1, xs.shape[0] - starts[k]), part)
         if record is not None:
             store.sync()
-            record.block_done(k)
+            for k in group:
+                record.block_done(k)
 
     pending = None
-    for k in _progress(todo, description="two-pass eNTK, pass 1 (example blocks)",
-                       enabled=show_progress):
-        rows = xs[starts[k]:starts[k] + b1]
-        result = (k, starts[k], rows.shape[0], one(params, pad_rows(rows, b1)))
+    for group in _progress(rounds, description="two-pass eNTK, pass 1 (example blocks)"
+                           + (f" on {count} devices" if devices else ""),
+                           enabled=show_progress):
+        result = (group, dispatch(group))
         if pending is not None:
             finish(*pending)
         pending = result

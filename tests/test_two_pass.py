@@ -4,7 +4,11 @@ per-sample Jacobian method, and spilled against in memory bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import types
 from typing import Any
 
 import flax.linen as nn
@@ -15,7 +19,7 @@ import pytest
 
 import ntkjax
 from ntkjax import empirical, structured
-from tests.helpers import max_relative_error
+from tests.helpers import max_relative_error, xla_flags
 from tests.models_for_ntk import make_case
 
 
@@ -151,7 +155,8 @@ def test_two_pass_bad_options_are_named(tmp_path):
     with pytest.raises(ValueError, match="schedule"):
         matrix(apply_fn, params, x, schedule="twopass")  # type: ignore[arg-type]
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"block_size": 2}, "block_size"), ({"devices": jax.devices()[:1]}, "devices"),
+        ({"block_size": 2}, "block_size"),
+        ({"devices": [types.SimpleNamespace(process_index=1)]}, "devices of other processes"),
         ({"ntk_method": "jacobian"}, "ntk_method='jacobian'")]
     for kwargs, named in cases:
         with pytest.raises(ValueError, match=named):
@@ -389,3 +394,39 @@ def test_column_padding_appends_zero_columns_and_keeps_host_arrays():
     assert pad_axis(x, 3, axis=-1) is x
     with pytest.raises(ValueError, match="cannot pad 3 entries of axis 2 to 2"):
         pad_axis(x, 2, axis=-1)
+
+
+_FOUR_DEVICES = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import ntkjax
+from tests.test_two_pass import _gain
+assert len(jax.devices()) == 4
+apply_fn, params, x = _gain(n=10)
+runs = {}
+for name, devices in (("one", None), ("four", jax.devices())):
+    runs[name] = np.asarray(ntkjax.empirical_ntk_matrix(
+        apply_fn, params, x[:7], x[7:], outputs="full", schedule="two_pass",
+        memory_bytes=2**11 + 2**10, devices=devices, out=sys.argv[2] + "/" + name)[:]).tolist()
+print(json.dumps(runs))
+"""
+
+
+@pytest.mark.slow
+def test_pass_one_blocks_on_four_devices(tmp_path, x64):
+    """Ten one-example blocks over four forced host devices (rounds of 4, 4 and 2 filled up),
+    into a store: the one-device kernel bit for bit, and the Jacobian kernel."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, root, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_array_equal(runs["four"], runs["one"])
+    apply_fn, params, x = _gain(n=10)
+    want = np.asarray(ntkjax.empirical_ntk_fn(apply_fn, ntk_method="jacobian",
+                                              outputs="full")(params, x[:7], x[7:]))
+    assert max_relative_error(np.asarray(runs["four"]), want) < 1e-10
