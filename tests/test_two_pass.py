@@ -415,7 +415,6 @@ print(json.dumps(runs))
 """
 
 
-@pytest.mark.slow
 def test_pass_one_blocks_on_four_devices(tmp_path, x64):
     """Ten one-example blocks over four forced host devices (rounds of 4, 4 and 2 filled up),
     into a store: the one-device kernel bit for bit, and the Jacobian kernel."""
