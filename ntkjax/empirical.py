@@ -1043,10 +1043,11 @@ def empirical_ntk_matrix(
       x2: ``(N2, *features)`` or None for x2 = x1.
       memory_bytes: budget for one block call; half of the free memory when None.
       block_size: rows per block (overrides ``memory_bytes``).
-      devices: devices to spread the blocks over (default: all, of all processes).
+      devices: devices to spread the blocks over (default: all, of all processes; with the
+        two-pass schedule pass 1's blocks, this process's devices, default the default one).
       out: path of a resumable zarr store (array ``kernel``) to write to instead of RAM,
         recorded with the inputs, the parameters, ``apply_fn``, ``ntk_method`` and ``outputs``
-        (:func:`ntkjax.blocking.evaluate_in_blocks`).
+        (:func:`ntkjax.blocking.evaluate_in_blocks`; the two-pass schedule's: below).
       show_progress: progress bar on stderr (over the blocks; with the two-pass schedule
         one over pass 1's example blocks, one over pass 2's layers).
       schedule: ``"blocks"`` (above), ``"two_pass"`` or ``"auto"``. ``"two_pass"``
