@@ -486,20 +486,13 @@ def _local_projection(walk: _Walk, a: jax.Array, m: int) -> jax.Array:
 
 
 def _standard_normal(rng: np.random.Generator, d: int, m: int, dtype) -> np.ndarray:
-    """A (d, m) standard normal matrix in ``dtype``, drawn by numpy's float32 ziggurat
-    (``Generator.standard_normal(dtype=np.float32)``: about 3x faster than its float64 one, and
-    the same numbers for every dtype), written in place for float32 and a block of rows at a
-    time for other dtypes (bounded temporary memory). A float32 normal number is exact in
-    float64, so float64 features are float64 functions of these weights: what random features
-    need of their weights is their law, which float32 resolves to ~1e-7, far below the Monte
-    Carlo error of any feature count."""
+    """A (d, m) standard normal matrix in ``dtype``, drawn in float64 (the same numbers for
+    every dtype) a block of rows at a time (bounded temporary memory)."""
     out = np.empty((d, m), np.dtype(dtype))
-    if out.dtype == np.float32:
-        return rng.standard_normal(out=out, dtype=np.float32)
     rows = max(1, (1 << 22) // max(m, 1))
     for start in range(0, d, rows):
         stop = min(start + rows, d)
-        out[start:stop] = rng.standard_normal((stop - start, m), dtype=np.float32)
+        out[start:stop] = rng.standard_normal((stop - start, m))
     return out
 
 
