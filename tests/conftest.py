@@ -48,8 +48,8 @@ from jax._src import compiler as _jax_compiler
 # The suite's processes keep the memory they free for their next allocations (glibc's malloc
 # otherwise hands every block over 32 MB back to the system at once, and the next one is
 # faulted in again page by page, which is slow on the virtual machines that run the suite: the
-# random-feature matrices of the Myrtle feature-map cell, 9216 x 1024 a key, spent 16 of their
-# 40 CPU-s in the kernel, 0.7 with this). Subprocesses get the same through the environment.
+# Myrtle feature-map cell, a 9216 x 1024 random matrix a key, took 40 CPU-s, 16 of them in the
+# kernel; 27 CPU-s with this). Subprocesses get the same through the environment.
 _MALLOC = {"MALLOC_MMAP_THRESHOLD_": 1 << 30, "MALLOC_TRIM_THRESHOLD_": 1 << 30,
            "MALLOC_TOP_PAD_": 1 << 28}
 for _name, _value in _MALLOC.items():
