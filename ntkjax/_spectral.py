@@ -58,16 +58,24 @@ def null_tolerance(n: int, eps, largest):
     return np.sqrt(n) * eps * largest
 
 
-def eigh_psd(k: jax.Array, diag_reg, name: str) -> Eigen:
-    """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
+@jax.jit
+def _clipped_eigh(k: jax.Array, diag_reg) -> tuple[jax.Array, Eigen]:
+    """The computation of :func:`eigh_psd` as one compiled program (eagerly, each of its dozen
+    operations would compile a program of its own for every new shape): the raw eigenvalues of
+    the symmetrized kernel (for the PSD check) and the clipped :class:`Eigen`."""
     k_sym = symmetrized(k)
     values, vectors = jnp.linalg.eigh(k_sym)
     n = k.shape[0]
     eps = jnp.finfo(k.dtype).eps
     scale = jnp.maximum(jnp.max(jnp.abs(values)), jnp.finfo(k.dtype).tiny)
+    clipped = jnp.maximum(values, 0.0)
+    reg = regularizer(k_sym, diag_reg)
+    null = clipped + reg <= null_tolerance(n, eps, scale)
+    return values, Eigen(clipped, vectors, reg, null)
+
+
+def eigh_psd(k: jax.Array, diag_reg, name: str) -> Eigen:
+    """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
+    values, eig = _clipped_eigh(k, diag_reg)
     check_kernel_psd(k, name, values)  # the same checks as ntkjax.gradient_flow's
-    k = k_sym
-    values = jnp.maximum(values, 0.0)
-    reg = regularizer(k, diag_reg)
-    null = values + reg <= null_tolerance(n, eps, scale)
-    return Eigen(values, vectors, reg, null)
+    return eig

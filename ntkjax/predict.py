@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -177,19 +178,20 @@ def _linear_dynamics(
     fx_train_0,
     fx_test_0,
     diag_reg,
-    coefficients: Callable[[_Eigen, jax.Array], jax.Array],
-    time_name: str,
-    integer_times: bool,
-    growth: Callable[[_Eigen, jax.Array], tuple[jax.Array, jax.Array, jax.Array]] | None = None,
+    kind: str,
+    learning_rate,
+    n: int,
 ) -> Callable[[ArrayLike], Predictions]:
-    """Shared body of gradient flow / descent: ``f = f_0 + K V diag(g(s, t)) V^T r_0``."""
+    """Shared body of gradient flow (``kind="flow"``: times ``t``) / descent (``"descent"``:
+    whole step counts): ``f = f_0 + K V diag(g(s, t)) V^T r_0`` with the coefficients of
+    :func:`_coefficient_rules` (``n`` the example count of the rate ``lr / n``)."""
     _check_square(k_train_train, "k_train_train")
-    n = np.shape(k_train_train)[0]
-    _check_targets(y_train, "y_train", n)
+    rows = np.shape(k_train_train)[0]
+    _check_targets(y_train, "y_train", rows)
     _check_diag_reg(diag_reg)
     y_shape = tuple(np.shape(y_train))
     if k_test_train is not None:
-        _check_rect(k_test_train, "k_test_train", None, n)
+        _check_rect(k_test_train, "k_test_train", None, rows)
     if fx_train_0 is not None:
         _check_like(fx_train_0, "fx_train_0", y_shape)
     if fx_test_0 is not None:
@@ -200,40 +202,70 @@ def _linear_dynamics(
     dtype = float_dtype(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
 
     k = jnp.asarray(k_train_train, dtype)
-    y = _as_2d(jnp.asarray(y_train, dtype))
-    f0 = jnp.zeros_like(y) if fx_train_0 is None else _as_2d(jnp.asarray(fx_train_0, dtype))
+    y = jnp.asarray(y_train, dtype)
+    f0 = None if fx_train_0 is None else jnp.asarray(fx_train_0, dtype)
+    k_xt = None if k_test_train is None else jnp.asarray(k_test_train, dtype)
+    ft0 = None if fx_test_0 is None else jnp.asarray(fx_test_0, dtype)
     eig = _eigh_psd(k, diag_reg, "k_train_train")
-    residual = eig.vectors.T @ (y - f0)  # V^T r_0, shape (n, outputs)
-    k_test_v = ft0 = None
-    if k_test_train is not None:
-        k_test_v = jnp.asarray(k_test_train, dtype) @ eig.vectors  # (m, n)
-        if fx_test_0 is None:
-            ft0 = jnp.zeros((k_test_v.shape[0], y.shape[1]), dtype)
-        else:
-            ft0 = _as_2d(jnp.asarray(fx_test_0, dtype))
+    residual, k_test_v, ft0 = _project(eig.vectors, y, f0, k_xt, ft0)
+    time_name = "t" if kind == "flow" else "steps"
 
     def predict(t: ArrayLike) -> Predictions:
-        _check_times(t, time_name, integer=integer_times)
-        t = jnp.asarray(t, dtype)
-        g = coefficients(eig, t)  # (..., n): g(s) ~ (1 - decay(s)) / (s + lambda)
-        weights = g[..., :, None] * residual
-
-        def apply(a: jax.Array) -> jax.Array:
-            """``a @ (g * V^T r_0)``, for ``a`` = ``V diag(s)`` (train) or ``K(x, X) V``."""
-            out = jnp.einsum("ij,...jk->...ik", a, weights)
-            if growth is None:
-                return out
-            grow = growth
-            return jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out,
-                                lambda: _diverging(a, eig, t, residual, out, grow))
-
-        train = f0 + apply(eig.vectors * eig.values[None, :])
-        test = None
-        if k_test_v is not None and ft0 is not None:
-            test = _restore(ft0 + apply(k_test_v), len(y_shape))
-        return Predictions(_restore(train, len(y_shape)), test)
+        _check_times(t, time_name, integer=kind == "descent")
+        return _predict_at(jnp.asarray(t, dtype), eig, residual, k_test_v, ft0,
+                           y if f0 is None else f0, learning_rate,
+                           kind=kind, n=n, y_ndim=len(y_shape), zero_f0=f0 is None)
 
     return predict
+
+
+@jax.jit
+def _project(vectors, y, f0, k_xt, ft0):
+    """``V^T r_0`` (``(n, outputs)``), ``K(x, X) V`` and the test outputs at initialization
+    (zeros when omitted) as ``(m, outputs)``: the time-independent part of the predictions, as
+    one compiled program."""
+    y = _as_2d(y)
+    f0 = jnp.zeros_like(y) if f0 is None else _as_2d(f0)
+    residual = vectors.T @ (y - f0)  # V^T r_0, shape (n, outputs)
+    if k_xt is None:
+        return residual, None, None
+    k_test_v = k_xt @ vectors  # (m, n)
+    ft0 = jnp.zeros((k_test_v.shape[0], y.shape[1]), y.dtype) if ft0 is None else _as_2d(ft0)
+    return residual, k_test_v, ft0
+
+
+def _coefficient_rules(kind: str, learning_rate, n: int):
+    """``(coefficients, growth)`` of gradient flow or descent (``growth`` None for flow)."""
+    if kind == "flow":
+        return _flow_coefficients(learning_rate, n), None
+    return _descent_coefficients(learning_rate, n)
+
+
+@partial(jax.jit, static_argnames=("kind", "n", "y_ndim", "zero_f0"))
+def _predict_at(t, eig, residual, k_test_v, ft0, f0_like, learning_rate, *, kind: str, n: int,
+                y_ndim: int, zero_f0: bool) -> Predictions:
+    """The predictions of :func:`_linear_dynamics` at times ``t``, as one compiled program for
+    each shape (eagerly, each of its operations would compile one); ``f0_like`` is the
+    initial train outputs (or, with ``zero_f0``, any array of their shape)."""
+    coefficients, growth = _coefficient_rules(kind, learning_rate, n)
+    f0 = jnp.zeros_like(_as_2d(f0_like)) if zero_f0 else _as_2d(f0_like)
+    g = coefficients(eig, t)  # (..., n): g(s) ~ (1 - decay(s)) / (s + lambda)
+    weights = g[..., :, None] * residual
+
+    def apply(a: jax.Array) -> jax.Array:
+        """``a @ (g * V^T r_0)``, for ``a`` = ``V diag(s)`` (train) or ``K(x, X) V``."""
+        out = jnp.einsum("ij,...jk->...ik", a, weights)
+        if growth is None:
+            return out
+        grow = growth
+        return jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out,
+                            lambda: _diverging(a, eig, t, residual, out, grow))
+
+    train = f0 + apply(eig.vectors * eig.values[None, :])
+    test = None
+    if k_test_v is not None and ft0 is not None:
+        test = _restore(ft0 + apply(k_test_v), y_ndim)
+    return Predictions(_restore(train, y_ndim), test)
 
 
 def _diverging(
@@ -394,14 +426,13 @@ def gradient_flow_mse(
             k_train_train, y_train, k_test_train, fx_train_0, fx_test_0
         )
         flow = _linear_dynamics(
-            *flat, diag_reg, _flow_coefficients(learning_rate, np.shape(k_train_train)[0]), "t",
-            integer_times=False,
+            *flat, diag_reg, "flow", learning_rate, np.shape(k_train_train)[0],
         )
         return lambda t: restore(flow(t))
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
     return _linear_dynamics(
         k_train_train, y_train, k_test_train, fx_train_0, fx_test_0, diag_reg,
-        _flow_coefficients(learning_rate, n), "t", integer_times=False,
+        "flow", learning_rate, n,
     )
 
 
@@ -469,10 +500,9 @@ def gradient_descent_mse(
         )
         return lambda steps: restore(descent(steps))
     n = np.shape(k_train_train)[0] if np.ndim(k_train_train) == 2 else 0
-    coefficients, growth = _descent_coefficients(learning_rate, n)
     predict = _linear_dynamics(
         k_train_train, y_train, k_test_train, fx_train_0, fx_test_0, diag_reg,
-        coefficients, "steps", integer_times=True, growth=growth,
+        "descent", learning_rate, n,
     )
     if not (is_concrete(k_train_train) and is_concrete(learning_rate)):
         return predict
@@ -642,18 +672,25 @@ def gp_inference(
     _check_diag_reg(diag_reg)
     dtype = float_dtype(k_train_train, k_test_train, k_test_test, y_train)
     k = jnp.asarray(k_train_train, dtype)
-    k_reg = k + _regularizer(k, diag_reg) * jnp.eye(n, dtype=dtype)
     if is_concrete(k):
         _eigh_psd(k, 0.0, "k_train_train")  # raises on clearly indefinite kernels
+    return _gp_posterior(k, jnp.asarray(k_test_train, dtype), jnp.asarray(y_train, dtype),
+                         None if k_test_test is None else jnp.asarray(k_test_test, dtype),
+                         diag_reg)
+
+
+@jax.jit
+def _gp_posterior(k, kxt, y, k_xx, diag_reg) -> Gaussian:
+    """The computation of :func:`gp_inference` on checked inputs, as one compiled program for
+    each shape (eagerly, each of its operations would compile one)."""
+    k_reg = k + _regularizer(k, diag_reg) * jnp.eye(k.shape[0], dtype=k.dtype)
     whiten = _inverse_sqrt(k_reg)
-    kxt = jnp.asarray(k_test_train, dtype)
-    y = jnp.asarray(y_train, dtype)
     w_y = whiten(_as_2d(y))
     w_t = whiten(kxt.T)  # (n, m)
     mean = _restore(w_t.T @ w_y, y.ndim)
     cov = None
-    if k_test_test is not None:
-        cov = _symmetric_psd_diagonal(jnp.asarray(k_test_test, dtype) - w_t.T @ w_t)
+    if k_xx is not None:
+        cov = _symmetric_psd_diagonal(k_xx - w_t.T @ w_t)
     return Gaussian(mean, cov)
 
 
@@ -717,14 +754,24 @@ def gradient_flow_ensemble(
     dtype = float_dtype(ntk_tt, ntk_xt, nngp_tt, nngp_xt, nngp_xx, y_train)
 
     eig = _eigh_psd(jnp.asarray(ntk_tt, dtype), diag_reg, "ntk[0] (train-train)")
-    a_t = ensemble_transfer(eig, learning_rate, jnp.asarray(t, dtype), jnp.asarray(ntk_xt, dtype))
-    y = jnp.asarray(y_train, dtype)
+    return _ensemble_posterior(
+        eig, learning_rate, jnp.asarray(t, dtype), jnp.asarray(ntk_xt, dtype),
+        jnp.asarray(y_train, dtype), jnp.asarray(nngp_tt, dtype), jnp.asarray(nngp_xt, dtype),
+        None if nngp_xx is None else jnp.asarray(nngp_xx, dtype),
+    )
+
+
+@jax.jit
+def _ensemble_posterior(eig, learning_rate, t, ntk_xt, y, nngp_tt, nngp_xt, nngp_xx) -> Gaussian:
+    """The computation of :func:`gradient_flow_ensemble` on checked inputs and the NTK's
+    decomposition, as one compiled program for each shape (eagerly, each of its operations
+    would compile one)."""
+    a_t = ensemble_transfer(eig, learning_rate, t, ntk_xt)
     mean = ensemble_mean(a_t, y)
     cov = None
     if nngp_xx is not None:
-        k_xt = jnp.asarray(nngp_xt, dtype)
         cov = _symmetric_psd_diagonal(ensemble_covariance(
-            a_t, a_t, jnp.asarray(nngp_tt, dtype), k_xt, k_xt, jnp.asarray(nngp_xx, dtype)
+            a_t, a_t, nngp_tt, nngp_xt, nngp_xt, nngp_xx
         ))
     return Gaussian(mean, cov)
 

@@ -22,7 +22,10 @@ compile with the fusion emitters, as users' programs do. Subprocesses get the op
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -41,6 +44,31 @@ import jax
 import pytest
 import threadpoolctl
 from jax._src import compiler as _jax_compiler
+
+# The suite's processes keep the memory they free for their next allocations (glibc's malloc
+# otherwise hands every block over 32 MB back to the system at once, and the next one is
+# faulted in again page by page, which is slow on the virtual machines that run the suite: the
+# Myrtle feature-map cell, a 9216 x 1024 random matrix a key, took 40 CPU-s, 16 of them in the
+# kernel; 27 CPU-s with this). Subprocesses get the same through the environment.
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 1 << 30, "MALLOC_TRIM_THRESHOLD_": 1 << 30,
+           "MALLOC_TOP_PAD_": 1 << 28}
+for _name, _value in _MALLOC.items():
+    os.environ.setdefault(_name, str(_value))
+
+
+def _keep_freed_memory() -> None:
+    """The settings of ``_MALLOC`` for this process, through glibc's ``mallopt`` (the
+    environment is read only when a process starts); nothing where the C library is not
+    glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    for option, name in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"),
+                         (-2, "MALLOC_TOP_PAD_")):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+        libc.mallopt(option, int(os.environ[name]))
+
+
+_keep_freed_memory()
 
 # numpy may be loaded (by a plugin) before this file: limit its BLAS at run time too
 threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
