@@ -89,6 +89,9 @@ from ntkjax._kernel import (
     pow2,
     traceback_frames,
 )
+from ntkjax._kernel import (
+    fusion_boundary as _fusion_boundary,
+)
 from ntkjax._spectral import symmetrized
 from ntkjax._store import describe_object
 from ntkjax._tiling import pad_rows as _pad_rows
@@ -245,8 +248,14 @@ def input_kernel(
         var1 = var2 = jnp.diagonal(gram)
     else:
         var1, var2 = _stored_variances(x1s, e1, s1), _stored_variances(x2s, e2, s2)
+    # the stored value of a true 1 per input, computed once per input: formed from the
+    # exponents, the first dense layer's bias term was a pow2 of s1_i + s2_j (five integer
+    # operations) in every entry of the fused loop; now one product of the two (exact, or 0
+    # where 2^-(s1 + s2) is below the normal range: ScaledParts.stored_ones)
+    ones1 = _row_vector(pow2(-s1, gram.dtype))
+    ones2 = ones1 if same else _row_vector(pow2(-s2, gram.dtype))
     parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
-                        log2_scale1=s1, log2_scale2=s2)
+                        log2_scale1=s1, log2_scale2=s2, ones1=ones1, ones2=ones2)
     return Kernel.from_scaled(parts, width=d, same_inputs=same)
 
 
@@ -529,17 +538,6 @@ class _ReplayMismatch(ValueError):
 # a new one every layer 13.7, every 4 layers 12.3, every 16 layers 10.7, every 32 14.8 (no
 # bias term at all: 8.1).
 _ONES_LAYERS = 16
-
-
-def _fusion_boundary(v: jax.Array) -> jax.Array:
-    """``v / (1 + 0 sign(v))``: exactly ``v`` (NaN stays NaN, infinities stay; subnormals flush
-    to zero, as in any arithmetic of XLA:CPU), computed once.
-
-    A division is expensive to XLA, which does not duplicate it into several consumers nor into
-    one that reads each element many times (a pairwise kernel broadcasting the variances).
-    ``jax.lax.optimization_barrier`` is expanded before fusion on the CPU, and a division by
-    one scalar becomes a multiplication (cheap, duplicated): the divisor is an array."""
-    return v / (1 + 0 * jnp.sign(v))
 
 
 def _call_args(call_args: dict[str, Any], x1: jax.Array,
