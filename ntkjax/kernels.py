@@ -232,22 +232,23 @@ def input_kernel(
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
-    (x1s, e1, s1), (x2s, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
+    (x1u, e1, s1), (x2u, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
+    # each row at its stored scale (times 2^-s, exact): entries below 2^(_UNSCALED_EXPONENT + 1),
+    # so no product nor sum of the Gram matrix overflows, and it needs no per-entry rescaling
+    # (two multiplications per entry in the loop that reads it, when it was formed from the
+    # unit-scaled rows; bit for bit the same wherever no partial product is subnormal)
+    x1s = x1 * pow2(-s1, x1.dtype)[:, None]
+    x2s = x1s if same else x2 * pow2(-s2, x2.dtype)[:, None]
     if same and _mirrors(x1s):
         gram = _mirrored_gram(x1s)
     else:
         gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST)
-        # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
         gram = _symmetric_gram(gram, d) if same else gram / d
-    # each row's unit scale undone up to its stored scale, one factor after the other (XLA
-    # rewrites a / b / c into a / (b c), and such a product under- or overflows)
-    f1, f2 = _row_vector(pow2(e1 - s1, gram.dtype)), _row_vector(pow2(e2 - s2, gram.dtype))
     s1, s2 = _row_exponents(s1), _row_exponents(s2)
-    gram = (gram * f1[:, None]) * f2[None, :]
     if same:
         var1 = var2 = jnp.diagonal(gram)
     else:
-        var1, var2 = _stored_variances(x1s, e1, s1), _stored_variances(x2s, e2, s2)
+        var1, var2 = _stored_variances(x1u, e1, s1), _stored_variances(x2u, e2, s2)
     # the stored value of a true 1 per input, computed once per input: formed from the
     # exponents, the first dense layer's bias term was a pow2 of s1_i + s2_j (five integer
     # operations) in every entry of the fused loop; now one product of the two (exact, or 0

@@ -122,9 +122,11 @@ def _sqrt0(q: jax.Array) -> jax.Array:
 
 
 def _row_scales(q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sqrt(q), 1/sqrt(q))`` from one rsqrt (both 0 at q = 0)."""
-    r = _rsqrt0(q)
-    return q * r, r
+    """``(sqrt(q), 1/sqrt(q))`` from one rsqrt (both 0 at q = 0), each behind a fusion boundary
+    (``q`` holds one variance per input: computed once per input, where XLA:CPU recomputed the
+    select and the product in every entry of the fused loop that broadcasts them)."""
+    r = fusion_boundary(_rsqrt0(q))
+    return fusion_boundary(q * r), r
 
 
 def _split_pow2(r: jax.Array) -> tuple[jax.Array, jax.Array]:
