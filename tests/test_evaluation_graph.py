@@ -83,9 +83,9 @@ def test_the_correlation_is_exact_symmetric_and_finite_over_the_whole_normal_ran
     """``correlation(q12, q11, q22)`` from per-input doubled rsqrts (``(q12 (t1 t2)) / 4``):
     for variances from the smallest to the largest normal float, each end included, within a
     few ulps of ``q12 / (sqrt(q11) sqrt(q22))`` in float64 (or, for float64, in numpy's long
-    double), bit-identical with q11 and q22 swapped, jitted (and eagerly in float32), and 0 -- not NaN --
-    for ``q12 = 0`` at the smallest normal variances (where ``t1 t2`` would be 2^128 in
-    float32 without its cap)."""
+    double), bit-identical with q11 and q22 swapped, jitted (and eagerly in float32), and 0 --
+    not NaN -- for ``q12 = 0`` at the smallest normal variances (where ``t1 t2`` would be
+    2^128 in float32 without its cap)."""
     from ntkjax.nn.activations import correlation
 
     for dtype, ref_dtype in ((np.float32, np.float64), (np.float64, np.longdouble)):
