@@ -233,10 +233,11 @@ def input_kernel(
     same = x2 is None
     x2 = x1 if same else x2
     (x1u, e1, s1), (x2u, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
-    # each row at its stored scale (times 2^-s, exact): entries below 2^(_UNSCALED_EXPONENT + 1),
-    # so no product nor sum of the Gram matrix overflows, and it needs no per-entry rescaling
-    # (two multiplications per entry in the loop that reads it, when it was formed from the
-    # unit-scaled rows; bit for bit the same wherever no partial product is subnormal)
+    # each row at its stored scale (times 2^-s, exact): entries below 2^_UNSCALED_EXPONENT, so
+    # no product (< 2^64) nor sum of the Gram matrix overflows, and it needs no per-entry
+    # rescaling (two multiplications per entry in the loop that reads it, when it was formed
+    # from the unit-scaled rows: powers of two commute with rounding, so it is bit for bit the
+    # same wherever no partial product is subnormal)
     x1s = x1 * pow2(-s1, x1.dtype)[:, None]
     x2s = x1s if same else x2 * pow2(-s2, x2.dtype)[:, None]
     if same and _mirrors(x1s):
