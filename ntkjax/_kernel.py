@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ntkjax._checks import is_concrete
 from ntkjax._meanings import jax_equivalents
 
 __all__ = [
@@ -96,6 +97,17 @@ def fusion_boundary(v: jax.Array) -> jax.Array:
     [2.0, -0.0]
     """
     return v / (1 + 0 * jnp.sign(v))
+
+
+def per_input(v: jax.Array) -> jax.Array:
+    """``v`` (one value per input, read by pairwise loops), computed once: traced, behind
+    :func:`fusion_boundary`; eagerly (nothing is fused) ``v`` itself.
+
+    >>> import jax.numpy as jnp
+    >>> per_input(jnp.array([1.0, 4.0])).tolist()
+    [1.0, 4.0]
+    """
+    return v if is_concrete(v) else fusion_boundary(v)
 
 
 @struct.dataclass
@@ -172,8 +184,7 @@ class ScaledParts:
         dtype = self.nngp.dtype
         # each input's power computed once (a pow2 read in the entries' loop is five integer
         # operations per entry)
-        p1, p2 = (fusion_boundary(pow2(self.log2_scale1, dtype)),
-                  fusion_boundary(pow2(self.log2_scale2, dtype)))
+        p1, p2 = per_input(pow2(self.log2_scale1, dtype)), per_input(pow2(self.log2_scale2, dtype))
 
         def pair(a: jax.Array) -> jax.Array:
             return (a * p1[:, None]) * p2[None, :]

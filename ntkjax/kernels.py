@@ -92,6 +92,7 @@ from ntkjax._kernel import (
 from ntkjax._kernel import (
     fusion_boundary as _fusion_boundary,
 )
+from ntkjax._kernel import per_input as _per_input
 from ntkjax._spectral import symmetrized
 from ntkjax._store import describe_object
 from ntkjax._tiling import pad_rows as _pad_rows
@@ -278,10 +279,10 @@ def _scaled_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _row_vector(v: jax.Array) -> jax.Array:
-    """``v`` (one value per input), computed once: traced, behind :func:`_fusion_boundary`, so
-    that XLA does not recompute it (and what it is computed from) for every entry of the
-    pairwise loops that read it."""
-    return v if is_concrete(v) else _fusion_boundary(v)
+    """``v`` (one value per input), computed once (:func:`ntkjax._kernel.per_input`), so that
+    XLA does not recompute it (and what it is computed from) for every entry of the pairwise
+    loops that read it."""
+    return _per_input(v)
 
 
 def _row_exponents(s: jax.Array) -> jax.Array:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax._checks import float_dtype
-from ntkjax._kernel import Kernel, fusion_boundary, pow2
+from ntkjax._kernel import Kernel, per_input, pow2
 from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 
 __all__ = [
@@ -125,8 +125,8 @@ def _row_scales(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sqrt(q), 1/sqrt(q))`` from one rsqrt (both 0 at q = 0), each behind a fusion boundary
     (``q`` holds one variance per input: computed once per input, where XLA:CPU recomputed the
     select and the product in every entry of the fused loop that broadcasts them)."""
-    r = fusion_boundary(_rsqrt0(q))
-    return fusion_boundary(q * r), r
+    r = per_input(_rsqrt0(q))
+    return per_input(q * r), r
 
 
 def _split_pow2(r: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -195,8 +195,9 @@ def _doubled_rsqrt(r: jax.Array) -> jax.Array:
     ``r = 2^63`` (``q`` the smallest normal) by an ulp."""
     info = jnp.finfo(r.dtype)
     cap = float(2.0 ** (info.maxexp // 2)) * (1 - float(info.epsneg))
-    # behind a fusion boundary: computed once per input, not in every entry of the fused loop
-    return fusion_boundary(jnp.minimum(2 * r, cap))
+    # computed once per input (traced: behind a fusion boundary), not in every entry of the
+    # fused loop
+    return per_input(jnp.minimum(2 * r, cap))
 
 
 def _correlation_from_rsqrt(q12: jax.Array, t1: jax.Array, t2: jax.Array) -> jax.Array:
