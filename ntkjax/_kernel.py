@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ntkjax._checks import is_concrete
 from ntkjax._meanings import jax_equivalents
 
 __all__ = [
@@ -78,6 +79,35 @@ def pow2(exponent: jax.Array, dtype: Any) -> jax.Array:
                       2 * info.maxexp - 1).astype(bits)
     return jax.lax.bitcast_convert_type(jax.lax.shift_left(biased, bits.type(info.nmant)),
                                         dtype)
+
+
+def fusion_boundary(v: jax.Array) -> jax.Array:
+    """``v / (1 + 0 sign(v))``: exactly ``v`` (NaN stays NaN, infinities stay; subnormals flush
+    to zero, as in any arithmetic of XLA:CPU), computed once.
+
+    A division is expensive to XLA, which does not duplicate it into several consumers nor into
+    one that reads each element many times (a pairwise kernel broadcasting a per-input
+    quantity: without it, XLA:CPU recomputes the cheap operations that form it in every entry
+    of the fused loop). ``jax.lax.optimization_barrier`` is expanded before fusion on the CPU,
+    and a division by one scalar becomes a multiplication (cheap, duplicated): the divisor is
+    an array.
+
+    >>> import jax.numpy as jnp
+    >>> fusion_boundary(jnp.array([2.0, -0.0])).tolist()
+    [2.0, -0.0]
+    """
+    return v / (1 + 0 * jnp.sign(v))
+
+
+def per_input(v: jax.Array) -> jax.Array:
+    """``v`` (one value per input, read by pairwise loops), computed once: traced, behind
+    :func:`fusion_boundary`; eagerly (nothing is fused) ``v`` itself.
+
+    >>> import jax.numpy as jnp
+    >>> per_input(jnp.array([1.0, 4.0])).tolist()
+    [1.0, 4.0]
+    """
+    return v if is_concrete(v) else fusion_boundary(v)
 
 
 @struct.dataclass
@@ -152,7 +182,9 @@ class ScaledParts:
         the dtype, as a computation without the scale would give; never NaN from the
         unscaling)."""
         dtype = self.nngp.dtype
-        p1, p2 = pow2(self.log2_scale1, dtype), pow2(self.log2_scale2, dtype)
+        # each input's power computed once (a pow2 read in the entries' loop is five integer
+        # operations per entry)
+        p1, p2 = per_input(pow2(self.log2_scale1, dtype)), per_input(pow2(self.log2_scale2, dtype))
 
         def pair(a: jax.Array) -> jax.Array:
             return (a * p1[:, None]) * p2[None, :]

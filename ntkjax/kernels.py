@@ -89,6 +89,10 @@ from ntkjax._kernel import (
     pow2,
     traceback_frames,
 )
+from ntkjax._kernel import (
+    fusion_boundary as _fusion_boundary,
+)
+from ntkjax._kernel import per_input as _per_input
 from ntkjax._spectral import symmetrized
 from ntkjax._store import describe_object
 from ntkjax._tiling import pad_rows as _pad_rows
@@ -229,24 +233,32 @@ def input_kernel(
     d = x1.shape[1]
     same = x2 is None
     x2 = x1 if same else x2
-    (x1s, e1, s1), (x2s, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
+    (x1u, e1, s1), (x2u, e2, s2) = _scaled_rows(x1), _scaled_rows(x2)
+    # each row at its stored scale (times 2^-s, exact): entries below 2^_UNSCALED_EXPONENT, so
+    # no product (< 2^64) nor sum of the Gram matrix overflows, and it needs no per-entry
+    # rescaling (two multiplications per entry in the loop that reads it, when it was formed
+    # from the unit-scaled rows: powers of two commute with rounding, so it is bit for bit the
+    # same wherever no partial product is subnormal)
+    x1s = x1 * pow2(-s1, x1.dtype)[:, None]
+    x2s = x1s if same else x2 * pow2(-s2, x2.dtype)[:, None]
     if same and _mirrors(x1s):
         gram = _mirrored_gram(x1s)
     else:
         gram = jnp.matmul(x1s, x2s.T, precision=jax.lax.Precision.HIGHEST)
-        # symmetrized at unit scale (its sum cannot overflow), then scaled exactly
         gram = _symmetric_gram(gram, d) if same else gram / d
-    # each row's unit scale undone up to its stored scale, one factor after the other (XLA
-    # rewrites a / b / c into a / (b c), and such a product under- or overflows)
-    f1, f2 = _row_vector(pow2(e1 - s1, gram.dtype)), _row_vector(pow2(e2 - s2, gram.dtype))
     s1, s2 = _row_exponents(s1), _row_exponents(s2)
-    gram = (gram * f1[:, None]) * f2[None, :]
     if same:
         var1 = var2 = jnp.diagonal(gram)
     else:
-        var1, var2 = _stored_variances(x1s, e1, s1), _stored_variances(x2s, e2, s2)
+        var1, var2 = _stored_variances(x1u, e1, s1), _stored_variances(x2u, e2, s2)
+    # the stored value of a true 1 per input, computed once per input: formed from the
+    # exponents, the first dense layer's bias term was a pow2 of s1_i + s2_j (five integer
+    # operations) in every entry of the fused loop; now one product of the two (exact, or 0
+    # where 2^-(s1 + s2) is below the normal range: ScaledParts.stored_ones)
+    ones1 = _row_vector(pow2(-s1, gram.dtype))
+    ones2 = ones1 if same else _row_vector(pow2(-s2, gram.dtype))
     parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
-                        log2_scale1=s1, log2_scale2=s2)
+                        log2_scale1=s1, log2_scale2=s2, ones1=ones1, ones2=ones2)
     return Kernel.from_scaled(parts, width=d, same_inputs=same)
 
 
@@ -267,10 +279,10 @@ def _scaled_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _row_vector(v: jax.Array) -> jax.Array:
-    """``v`` (one value per input), computed once: traced, behind :func:`_fusion_boundary`, so
-    that XLA does not recompute it (and what it is computed from) for every entry of the
-    pairwise loops that read it."""
-    return v if is_concrete(v) else _fusion_boundary(v)
+    """``v`` (one value per input), computed once (:func:`ntkjax._kernel.per_input`), so that
+    XLA does not recompute it (and what it is computed from) for every entry of the pairwise
+    loops that read it."""
+    return _per_input(v)
 
 
 def _row_exponents(s: jax.Array) -> jax.Array:
@@ -529,17 +541,6 @@ class _ReplayMismatch(ValueError):
 # a new one every layer 13.7, every 4 layers 12.3, every 16 layers 10.7, every 32 14.8 (no
 # bias term at all: 8.1).
 _ONES_LAYERS = 16
-
-
-def _fusion_boundary(v: jax.Array) -> jax.Array:
-    """``v / (1 + 0 sign(v))``: exactly ``v`` (NaN stays NaN, infinities stay; subnormals flush
-    to zero, as in any arithmetic of XLA:CPU), computed once.
-
-    A division is expensive to XLA, which does not duplicate it into several consumers nor into
-    one that reads each element many times (a pairwise kernel broadcasting the variances).
-    ``jax.lax.optimization_barrier`` is expanded before fusion on the CPU, and a division by
-    one scalar becomes a multiplication (cheap, duplicated): the divisor is an array."""
-    return v / (1 + 0 * jnp.sign(v))
 
 
 def _call_args(call_args: dict[str, Any], x1: jax.Array,

@@ -77,3 +77,37 @@ def test_a_deep_jitted_network_with_a_scaled_row_matches_float64(monkeypatch):
         g = np.asarray(g, np.float64)
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6 * np.max(np.abs(w)))
+
+
+def test_the_correlation_is_exact_symmetric_and_finite_over_the_whole_normal_range(x64):
+    """``correlation(q12, q11, q22)`` from per-input doubled rsqrts (``(q12 (t1 t2)) / 4``):
+    for variances from the smallest to the largest normal float, each end included, within a
+    few ulps of ``q12 / (sqrt(q11) sqrt(q22))`` in float64 (or, for float64, in numpy's long
+    double), bit-identical with q11 and q22 swapped, jitted (and eagerly in float32), and 0 --
+    not NaN -- for ``q12 = 0`` at the smallest normal variances (where ``t1 t2`` would be
+    2^128 in float32 without its cap)."""
+    from ntkjax.nn.activations import correlation
+
+    for dtype, ref_dtype in ((np.float32, np.float64), (np.float64, np.longdouble)):
+        info = np.finfo(dtype)
+        qs = [info.tiny, info.tiny * 3, dtype(1e-20), dtype(1.0), dtype(3e19), info.max / 3,
+              info.max]
+        q11, q22 = (np.asarray(a, dtype) for a in np.meshgrid(qs, qs, indexing="ij"))
+        top = np.sqrt(q11.astype(ref_dtype)) * np.sqrt(q22.astype(ref_dtype))
+        fracs = np.asarray([0.0, 1.0, -1.0, 0.5, -0.3, 1e-3])[:, None, None]
+        q12 = np.asarray(top * fracs, dtype)  # representable: |q12| <= sqrt(q11 q22)
+        # a subnormal q12 is flushed to 0 by XLA (the guarantee is for normal q12)
+        q12 = np.where(np.abs(q12) < info.tiny, dtype(0), q12)
+        want = np.clip(q12.astype(ref_dtype) / top, -1, 1)
+        # eagerly (op by op: each op compiled once per dtype) in float32 only, to keep it fast
+        for fn in (correlation, jax.jit(correlation)) if dtype == np.float32 else (
+                jax.jit(correlation),):
+            got = np.asarray(fn(q12, q11, q22))
+            swapped = np.asarray(fn(q12, q22, q11))
+            assert got.dtype == dtype and np.all(np.isfinite(got)), dtype
+            np.testing.assert_array_equal(got, swapped)
+            np.testing.assert_allclose(got.astype(ref_dtype), want, rtol=0,
+                                       atol=8 * float(info.eps))
+        # the product t1 t2 at the smallest variances: capped, so 0 * t1 t2 is 0
+        zero = correlation(jnp.zeros((), dtype), info.tiny, info.tiny)
+        assert float(zero) == 0.0

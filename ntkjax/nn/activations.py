@@ -17,9 +17,9 @@ limit, ``(u, v) ~ N(0, [[q11, q12], [q12, q22]])``, with ``q12`` the NNGP entry 
 (Neal 1996; Lee et al. 2018; Jacot et al. 2018). ``q11`` and ``q22`` broadcast against ``q12``.
 
 Numerics. Everything is written in terms of the correlation ``c = q12 / sqrt(q11 q22)`` (computed
-from ``rsqrt(q11)`` and ``rsqrt(q22)``, each multiplied into ``q12`` in turn, so no product of
-two variances is ever formed and nothing underflows) and of row quantities such as
-``sqrt(q11)``; determinants by ``hypot`` and row scales, polynomial kernels with
+from ``2 rsqrt(q11)`` and ``2 rsqrt(q22)``, whose product is a normal float for any two normal
+variances, so no product of two variances is ever formed and nothing underflows) and of row
+quantities such as ``sqrt(q11)``; determinants by ``hypot`` and row scales, polynomial kernels with
 ``max(sqrt(q), 1)^n`` factored out and applied last. So every map is finite for all normal
 variances wherever its value is representable, and +-inf (never NaN) where it overflows
 (``docs/numerical_behaviour.md`` has the ranges; ``tests/test_activations.py`` sweeps them).
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkjax._checks import float_dtype
-from ntkjax._kernel import Kernel, pow2
+from ntkjax._kernel import Kernel, per_input, pow2
 from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 
 __all__ = [
@@ -122,9 +122,11 @@ def _sqrt0(q: jax.Array) -> jax.Array:
 
 
 def _row_scales(q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sqrt(q), 1/sqrt(q))`` from one rsqrt (both 0 at q = 0)."""
-    r = _rsqrt0(q)
-    return q * r, r
+    """``(sqrt(q), 1/sqrt(q))`` from one rsqrt (both 0 at q = 0), each behind a fusion boundary
+    (``q`` holds one variance per input: computed once per input, where XLA:CPU recomputed the
+    select and the product in every entry of the fused loop that broadcasts them)."""
+    r = per_input(_rsqrt0(q))
+    return per_input(q * r), r
 
 
 def _split_pow2(r: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -181,22 +183,36 @@ def _rsqrt_det(k: float, c: jax.Array, q11: jax.Array, q22: jax.Array,
     return jax.lax.rsqrt(1 + (r * r) * ((1 - c) * (1 + c))) / big_l
 
 
-def _correlation_from_rsqrt(q12: jax.Array, r1: jax.Array, r2: jax.Array) -> jax.Array:
-    """``q12 r1 r2`` (``r = 1 / sqrt(q)``), clipped and snapped (:func:`_snap`), as the smaller
-    of ``(q12 r1) r2`` and ``(q12 r2) r1`` (they differ by an ulp or two at most). The product
-    ``r1 r2`` itself underflows in float32 once
-    both variances pass ~1e38 (flushed to 0 on CPU and GPU: every ReLU kernel entry at
-    |x| ~ 1e19 was ``q / pi``); since ``|q12| <= sqrt(q11 q22)``, ``|q12 r1| <= sqrt(q22)`` is
-    representable for every normal variance, and so is the result. The two orders make it
-    symmetric in (q11, q22) to the last bit (a kernel of x with itself is exactly symmetric):
-    ``min`` is symmetric in its arguments whatever the compiler does, where their mean is not
-    -- XLA:CPU contracts ``a * b + c`` into one fused multiply-add, rounding the two orders
-    differently (measured: jitted float32 ReLU kernels asymmetric in ~1/4 of their entries).
-    Only multiplications of the kernel by row quantities, computed once per input: a
-    power-of-two split of ``r`` per entry (the earlier form, fused into the entry loop by XLA)
-    made the ReLU kernels of images 2-4x slower; ``max`` / ``min`` of ``r1``, ``r2`` per entry
-    ~1.4x."""
-    return _snap(jnp.minimum((q12 * r1) * r2, (q12 * r2) * r1))
+def _doubled_rsqrt(r: jax.Array) -> jax.Array:
+    """``2 r`` (``r = 1 / sqrt(q)``, one per input), capped at the largest float below
+    ``2^(maxexp / 2)`` (float32: ``2^64 (1 - 2^-24)``), for :func:`_correlation_from_rsqrt`.
+
+    For normal variances ``q`` in [tiny, max], ``r`` lies in (2^-(maxexp/2), 2^(maxexp/2 - 1)]
+    (float32: (2^-64, 2^63]), so the product of two doubled ones lies in
+    (2^(2 - maxexp), 2^maxexp) -- float32 (2^-126, 2^128): a normal float for every pair of
+    normal variances, where ``r1 r2`` itself underflows once both pass ~2^126 (flushed to 0 on
+    CPU and GPU: every ReLU kernel entry at |x| ~ 1e19 was ``q / pi``). The cap moves only
+    ``r = 2^63`` (``q`` the smallest normal) by an ulp."""
+    info = jnp.finfo(r.dtype)
+    cap = float(2.0 ** (info.maxexp // 2)) * (1 - float(info.epsneg))
+    # computed once per input (traced: behind a fusion boundary), not in every entry of the
+    # fused loop
+    return per_input(jnp.minimum(2 * r, cap))
+
+
+def _correlation_from_rsqrt(q12: jax.Array, t1: jax.Array, t2: jax.Array) -> jax.Array:
+    """``q12 r1 r2`` from the doubled ``t = 2 r`` (``r = 1 / sqrt(q)``, :func:`_doubled_rsqrt`),
+    clipped and snapped (:func:`_snap`): ``(q12 (t1 t2)) / 4``.
+
+    ``t1 t2`` is normal for any two normal variances (:func:`_doubled_rsqrt`), and since
+    ``|q12| <= sqrt(q11 q22)``, ``|q12 t1 t2| <= 4``: nothing under- or overflows, and the
+    division by 4 is exact. ``t1 t2 = t2 t1`` to the last bit, so the correlation is symmetric
+    in (q11, q22) whatever the compiler does (a kernel of x with itself is exactly symmetric).
+    Only per-input quantities are formed outside the entry loop (``t``, from the per-input
+    rsqrt); per entry: three multiplications (the earlier symmetric form, the smaller of
+    ``(q12 r1) r2`` and ``(q12 r2) r1``, took four and a minimum; a power-of-two split of
+    ``r`` per entry made the ReLU kernels of images 2-4x slower)."""
+    return _snap((q12 * (t1 * t2)) * 0.25)
 
 
 def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
@@ -207,7 +223,8 @@ def correlation(q12: jax.Array, q11: jax.Array, q22: jax.Array) -> jax.Array:
     dtype = float_dtype(q12)
     q12 = q12.astype(dtype)
     return _correlation_from_rsqrt(
-        q12, _rsqrt0(jnp.asarray(q11, dtype)), _rsqrt0(jnp.asarray(q22, dtype))
+        q12, _doubled_rsqrt(_rsqrt0(jnp.asarray(q11, dtype))),
+        _doubled_rsqrt(_rsqrt0(jnp.asarray(q22, dtype))),
     )
 
 
@@ -265,7 +282,7 @@ def _ab_relu_maps(
     q12, q11, q22 = _broadcast_stats(q12, q11, q22)
     s1, r1 = _row_scales(q11)
     s2, r2 = _row_scales(q22)
-    c = _correlation_from_rsqrt(q12, r1, r2)
+    c = _correlation_from_rsqrt(q12, _doubled_rsqrt(r1), _doubled_rsqrt(r2))
     kappa1, kappa0 = _arccos_kernels(c)
     scale = s1 * s2
     ab, d2 = a * b, (b - a) ** 2
