@@ -222,8 +222,9 @@ class Kernel:
         Gaussian processes with i.i.d. channels -- the outputs of Dense, Conv and SelfAttention
         layers, their sums and normalizations -- else the name of the layer that made them
         otherwise (an activation, a channel concatenation or product of branches, train-mode
-        Dropout). Activation rules and LayerNorm assume Gaussian inputs and raise a ValueError
-        naming that layer (as neural-tangents' ``is_gaussian``); a dense layer makes outputs
+        Dropout), or the network's inputs themselves (:func:`ntkjax.kernels.input_kernel`).
+        Activation rules and LayerNorm assume Gaussian inputs and raise a ValueError naming
+        that layer (as neural-tangents' ``is_gaussian``); a dense layer makes outputs
         Gaussian again. (Readouts such as :func:`ntkjax.nn.flatten` start a fresh kernel and do
         not carry the mark.)
       same_inputs: (static) True when x2 is the very batch x1 (``kernel_fn(module)(x1)``); then

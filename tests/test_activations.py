@@ -757,3 +757,26 @@ def test_mlp_kernels_at_huge_float32_inputs_match_float64(name, scale):
             assert g.dtype == np.float32 and np.all(np.isfinite(g)), field
             err = np.max(np.abs(g.astype(np.float64) - w)) / np.max(np.abs(w))
             assert err < 1e-5, (field, err)
+
+
+def test_an_activation_on_the_raw_inputs_is_refused_in_every_kernel_meaning():
+    """The finite network relu(x) W has the deterministic kernel relu(x) . relu(x') / d, not the
+    arc-cosine kernel of Gaussian pre-activations with covariance x . x' / d that the rule gives
+    (neural-tangents refuses it too: its input kernel is not Gaussian). Refused structurally --
+    eagerly, jitted, on images and in blocks -- and accepted once a Dense comes first."""
+    from flax import linen
+
+    raw = linen.Sequential([nn.relu, nn.Dense(2)])
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    images = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
+    conv = linen.Sequential([nn.relu, nn.Conv(features=2, kernel_size=(3, 3)), nn.flatten,
+                             nn.Dense(1)])
+    calls = [lambda: ntkjax.kernel_fn(raw)(x), lambda: jax.jit(ntkjax.kernel_fn(raw))(x, x[:2]),
+             lambda: ntkjax.kernel_fn(conv)(images),
+             lambda: ntkjax.kernel_matrix(raw, x, block_size=2)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"relu needs Gaussian pre-activations.*network's "
+                                             "inputs.*put a Dense"):
+            call()
+    ok = ntkjax.kernel_fn(linen.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)]))(x)
+    assert np.all(np.isfinite(np.asarray(ok.ntk)))

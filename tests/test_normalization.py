@@ -50,7 +50,9 @@ def test_kernel_rule_is_the_input_kernel_of_normalized_zero_mean_inputs(same, x6
             axes = tuple(i % a.ndim for i in ((axis,) if isinstance(axis, int) else axis))
             a = a - jnp.mean(a, axis=axes, keepdims=True)
             b = None if same else b - jnp.mean(b, axis=axes, keepdims=True)
-            out.append((layer.apply({}, input_kernel(a, b)),
+            # centered inputs stand in for a Gaussian layer's outputs: lift the inputs' mark
+            gaussian = input_kernel(a, b).replace(non_gaussian="")
+            out.append((layer.apply({}, gaussian),
                         input_kernel(layer.apply({}, a), None if same else layer.apply({}, b))))
         return out
 
@@ -127,8 +129,10 @@ def test_raw_inputs_are_refused_and_the_docstring_case_is_right_after_a_dense(x6
     it, and the rule (a rescaling) gave [[1, 0.997], ...] for the docstring's x = [[0, 1, 2],
     [3, 4, 5]], whose normalized rows [-1.22, 0, 1.22] are identical (kernel [[1, 1], ...])."""
     x = jnp.arange(6.0).reshape(2, 3)
-    with pytest.raises(ValueError, match=r"kernel of the inputs themselves.*Put a Dense"):
-        ntkjax.kernel_fn(nn.LayerNorm())(x)
+    for fn in (ntkjax.kernel_fn(nn.LayerNorm()), jax.jit(ntkjax.kernel_fn(nn.LayerNorm()))):
+        with pytest.raises(ValueError, match=r"network's inputs.*Put the LayerNorm right after a "
+                                             "Dense"):  # structural: also under jit
+            fn(x)
     # the rule on a Gaussian layer: Dense (no bias) then LayerNorm is the correlation matrix
     # x x^T / (|x_a| |x_b|) (the Dense kernel is w^2 x x^T / d)
     model = linen.Sequential([nn.Dense(8, w_std=1.3, b_std=None), nn.LayerNorm(epsilon=0.0)])
