@@ -196,28 +196,37 @@ def fit_marginal_likelihood(
 
     @jax.jit
     def run(logs, y, args):
-        def step(carry, _):
-            logs, state, best, best_value = carry
+        def step(carry, i):
+            logs, state, best, best_value, best_step = carry
             loss, grads = value_and_grad(logs, y, args)
             value = -loss * size  # the evidence of ``logs``, before this step's update
             better = value > best_value
             best = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), logs, best)
             best_value = jnp.where(better, value, best_value)
+            best_step = jnp.where(better, i, best_step)
             updates, state = optimizer.update(grads, state, logs)
-            return (optax.apply_updates(logs, updates), state, best, best_value), value
+            return (optax.apply_updates(logs, updates), state, best, best_value,
+                    best_step), value
 
-        start = (logs, optimizer.init(logs), logs, jnp.asarray(-jnp.inf, dtype))
-        (logs, _, best, best_value), history = jax.lax.scan(
-            step, start, None, length=int(num_steps)
+        start = (logs, optimizer.init(logs), logs, jnp.asarray(-jnp.inf, dtype),
+                 jnp.asarray(0))
+        (logs, _, best, best_value, best_step), history = jax.lax.scan(
+            step, start, jnp.arange(int(num_steps))
         )
         last = evidence(logs, y, args)
         best = jax.tree_util.tree_map(lambda a, b: jnp.where(last >= best_value, a, b), logs,
                                       best)
-        return best, jnp.append(history, last)
+        best_step = jnp.where(last >= best_value, int(num_steps), best_step)
+        return best, best_step, jnp.append(history, last)
 
-    logs, history = run(log_params, y, tuple(args))
+    logs, best_step, history = run(log_params, y, tuple(args))
+    # the start itself when no step beat it: exp(log(v)) may differ from v in the last bit,
+    # and the fit is never below the evidence of the very values it started from
+    at_start = best_step == 0
     return MarginalLikelihoodFit(
-        hyperparameters=jax.tree_util.tree_map(jnp.exp, logs[0]),
-        noise=jnp.exp(logs[1]),
+        hyperparameters=jax.tree_util.tree_map(
+            lambda v, lg: jnp.where(at_start, jnp.asarray(v, dtype), jnp.exp(lg)), init,
+            logs[0]),
+        noise=jnp.where(at_start, jnp.asarray(noise, dtype), jnp.exp(logs[1])),
         log_likelihood=history,
     )

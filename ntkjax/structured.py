@@ -1781,7 +1781,7 @@ def two_pass_kernel(
 
     ``resume_dir`` makes the computation resumable: the factors are written to files there
     (kept until pass 2 ends), and each finished pass-1 block and each finished pass-2 layer
-    (the sum of the layers so far) is recorded (:class:`_Record`); a call with the same
+    (the sum of the layers so far) is recorded (``_Record``); a call with the same
     arguments and ``resume_dir`` after an interruption skips the recorded work and gives the
     same bits. It reuses the recorded ``memory_bytes`` and pass-1 block size (which decide
     the order of additions), and refuses a record of another shape of call (``ValueError``).
