@@ -225,8 +225,8 @@ class Kernel:
         Dropout), or the network's inputs themselves (:func:`ntkjax.kernels.input_kernel`).
         Activation rules and LayerNorm assume Gaussian inputs and raise a ValueError naming
         that layer (as neural-tangents' ``is_gaussian``); a dense layer makes outputs
-        Gaussian again. (Readouts such as :func:`ntkjax.nn.flatten` start a fresh kernel and do
-        not carry the mark.)
+        Gaussian again, and layers that only rearrange or pool positions (e.g.
+        :func:`ntkjax.nn.flatten`) carry the mark.
       same_inputs: (static) True when x2 is the very batch x1 (``kernel_fn(module)(x1)``); then
         ``var2`` equals ``var1`` and rules that depend on it (train-mode
         :class:`ntkjax.nn.Dropout` scales each example's kernel with itself) see it. A given

@@ -1287,11 +1287,7 @@ def _two_pass_store(path, fn, p, x, x2, outputs, params_filter, apply_fn, shape,
     kernel_shape = [n1, n2, *{"diagonal": [o], "full": [o, o]}.get(outputs, [])]
     layout = {"block": [n1, n2], "shapes": [kernel_shape], "dtypes": [str(np.dtype(dtype))],
               "names": ["kernel"], "symmetric": x2 is None}
-    meta = _store.read_meta(path)
-    if meta is not None:
-        _store.check_meta(path, meta, prints)
-        _store.check_layout(path, meta, layout)
-    else:
+    if _store.read_meta(path) is None:  # one process: nobody else creates it meanwhile
         _store.create(path, prints, layout, layout["shapes"], layout["dtypes"])
     store = _store.open_store(path)
     _store.check_meta(path, store.meta, prints)

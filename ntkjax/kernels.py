@@ -85,14 +85,12 @@ from ntkjax._kernel import (
     ScaledParts,
     batch_diagonal,
     describe_foreign_call,
+    fusion_boundary,
+    per_input,
     position_diagonal,
     pow2,
     traceback_frames,
 )
-from ntkjax._kernel import (
-    fusion_boundary as _fusion_boundary,
-)
-from ntkjax._kernel import per_input as _per_input
 from ntkjax._spectral import symmetrized
 from ntkjax._store import describe_object
 from ntkjax._tiling import pad_rows as _pad_rows
@@ -264,8 +262,8 @@ def input_kernel(
     # exponents, the first dense layer's bias term was a pow2 of s1_i + s2_j (five integer
     # operations) in every entry of the fused loop; now one product of the two (exact, or 0
     # where 2^-(s1 + s2) is below the normal range: ScaledParts.stored_ones)
-    ones1 = _row_vector(pow2(-s1, gram.dtype))
-    ones2 = ones1 if same else _row_vector(pow2(-s2, gram.dtype))
+    ones1 = per_input(pow2(-s1, gram.dtype))
+    ones2 = ones1 if same else per_input(pow2(-s2, gram.dtype))
     parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
                         log2_scale1=s1, log2_scale2=s2, ones1=ones1, ones2=ones2)
     return Kernel.from_scaled(parts, width=d, same_inputs=same, non_gaussian=_INPUTS)
@@ -287,17 +285,10 @@ def _scaled_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return x * pow2(-e, x.dtype)[:, None], e, jnp.maximum(e - _UNSCALED_EXPONENT, 0)
 
 
-def _row_vector(v: jax.Array) -> jax.Array:
-    """``v`` (one value per input), computed once (:func:`ntkjax._kernel.per_input`), so that
-    XLA does not recompute it (and what it is computed from) for every entry of the pairwise
-    loops that read it."""
-    return _per_input(v)
-
-
 def _row_exponents(s: jax.Array) -> jax.Array:
-    """Integer exponents (one per input) through :func:`_row_vector` (as floats: exact for
-    exponents far beyond any float's range)."""
-    return s if is_concrete(s) else _row_vector(s.astype(jnp.float32)).astype(s.dtype)
+    """Integer exponents (one per input) computed once (``_kernel.per_input``, as floats: exact
+    for exponents far beyond any float's range; eagerly ``s`` itself, without the casts)."""
+    return s if is_concrete(s) else per_input(s.astype(jnp.float32)).astype(s.dtype)
 
 
 def _stored_variances(x_unit: jax.Array, e: jax.Array, s: jax.Array) -> jax.Array:
@@ -522,18 +513,18 @@ class _VariancesWrittenOut:
             return out
         if self._replay is not None:  # computed once, outside the pairwise loop
             return self._replayed(out)
-        var1 = _fusion_boundary(out.var1)
-        var2 = var1 if out.same_inputs else _fusion_boundary(out.var2)
+        var1 = fusion_boundary(out.var1)
+        var2 = var1 if out.same_inputs else fusion_boundary(out.var2)
         self.written.append(var1)
         scaled = out.scaled
         if scaled is not None:  # the scaled form's variances are what the next rules read
-            stored1 = _fusion_boundary(scaled.var1)
-            stored2 = stored1 if out.same_inputs else _fusion_boundary(scaled.var2)
+            stored1 = fusion_boundary(scaled.var1)
+            stored2 = stored1 if out.same_inputs else fusion_boundary(scaled.var2)
             ones1, ones2 = scaled.ones1, scaled.ones2
             if ones1 is None or ones2 is None or self.layers % _ONES_LAYERS == 0:
-                ones1 = _fusion_boundary(pow2(-scaled.log2_scale1, stored1.dtype)
+                ones1 = fusion_boundary(pow2(-scaled.log2_scale1, stored1.dtype)
                                          if ones1 is None else ones1)
-                ones2 = ones1 if out.same_inputs else _fusion_boundary(
+                ones2 = ones1 if out.same_inputs else fusion_boundary(
                     pow2(-scaled.log2_scale2, stored2.dtype) if ones2 is None else ones2)
             scaled = scaled.replace(var1=stored1, var2=stored2, ones1=ones1, ones2=ones2)
         self.layers += 1

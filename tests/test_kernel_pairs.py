@@ -312,14 +312,14 @@ def test_the_variance_fusion_boundary_is_exactly_the_identity(x64):
     by 1 returns v itself -- signed zeros, the smallest and largest normal floats, infinities
     and NaN included -- eagerly and compiled, in float32 and float64. (Subnormals flush to zero
     here as in every arithmetic operation of XLA:CPU.)"""
-    from ntkjax.kernels import _fusion_boundary
+    from ntkjax._kernel import fusion_boundary
 
     for dtype in (jnp.float32, jnp.float64):
         info = jnp.finfo(dtype)
         tiny, big = float(info.tiny), float(info.max)
         v = jnp.asarray([0.0, -0.0, 1.0, -2.5, tiny, -tiny, -big, big, np.inf, -np.inf, np.nan],
                         dtype)
-        for fn in (_fusion_boundary, jax.jit(_fusion_boundary)):
+        for fn in (fusion_boundary, jax.jit(fusion_boundary)):
             out = np.asarray(fn(v))
             assert out.dtype == v.dtype
             np.testing.assert_array_equal(out, np.asarray(v))  # NaN where v is NaN
