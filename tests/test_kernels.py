@@ -68,6 +68,40 @@ def test_symmetric_kernels_are_symmetric_psd_with_exact_diagonal(x64):
     np.testing.assert_allclose(np.diagonal(k.nngp), k.var1, rtol=1e-13)
 
 
+def test_eager_calls_on_many_inputs_share_one_compiled_program_per_module_value(x64):
+    """From kernels._COMPILED_ENTRIES kernel entries, an eager call on vectors runs as one
+    compiled program keyed by the module's value and the shapes: a second kernel_fn of an equal
+    module reuses it. The kernels are the closed-form two-layer ReLU kernels (numpy, float64;
+    d * kernel_fn of this MLP, as in test_analytic), exactly symmetric for x2 = None, and
+    non-finite inputs are still refused with an error naming them."""
+    from ntkjax import kernels
+
+    x, y = (np.random.default_rng(s).normal(size=(512, 8)) for s in (0, 1))
+    assert x.shape[0] * y.shape[0] >= kernels._COMPILED_ENTRIES
+    mlp = lambda: models.MLP((64, 1), "relu", w_std=1.0, b_std=0.0)
+    programs = kernels._vector_program._cache_size()
+    k = ntkjax.kernel_fn(mlp())(x, y)
+    assert kernels._vector_program._cache_size() == programs + 1
+    dot = x @ y.T
+    norms = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(y, axis=1)[None, :]
+    t = np.arccos(np.clip(dot / norms, -1, 1))
+    nngp = norms * (np.sin(t) + (np.pi - t) * np.cos(t)) / (2 * np.pi)
+    ntk = nngp + dot * (np.pi - t) / (2 * np.pi)
+    for got, want in ((k.nngp, nngp), (k.ntk, ntk)):  # (atol: entries that cancel to ~0)
+        np.testing.assert_allclose(8 * np.asarray(got), want, rtol=1e-10,
+                                   atol=1e-13 * np.abs(want).max())
+    k_xx = ntkjax.kernel_fn(mlp())(x, x)  # another instance, an equal module: no new program
+    assert kernels._vector_program._cache_size() == programs + 1
+    k_sym = ntkjax.kernel_fn(mlp())(x)
+    for name in ("nngp", "ntk"):
+        a = np.asarray(getattr(k_sym, name))
+        np.testing.assert_array_equal(a, a.T)
+        np.testing.assert_allclose(a, getattr(k_xx, name), rtol=1e-12, atol=1e-15 * a.max())
+    np.testing.assert_allclose(np.diagonal(k_sym.nngp), k_sym.var1, rtol=1e-13)
+    with pytest.raises(ValueError, match="x2"):
+        ntkjax.kernel_fn(mlp())(x, np.where(y > 2, np.nan, y))
+
+
 @pytest.mark.xla_optimized
 def test_float32_diagonal_of_relu_ntk_matches_float64(x64):
     # identical inputs: the angle must be exactly 0 (no sqrt(ulp) error from arccos)
