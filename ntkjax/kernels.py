@@ -76,6 +76,7 @@ from ntkjax._checks import (
     check_pair,
     float_dtype,
     is_concrete,
+    is_hashable,
     zero_masked,
 )
 from ntkjax._kernel import (
@@ -708,13 +709,8 @@ _COMPILED_ENTRIES = 2**18
 def _compiles_vectors(module: linen.Module, x1: jax.Array, x2: jax.Array | None) -> bool:
     """Whether an eager call on vectors runs as :func:`_vector_program`: from
     ``_COMPILED_ENTRIES`` entries, for a module that can key the compiled programs (hashable)."""
-    if x1.shape[0] * (x1 if x2 is None else x2).shape[0] < _COMPILED_ENTRIES:
-        return False
-    try:
-        hash(module)
-    except TypeError:
-        return False
-    return True
+    n2 = (x1 if x2 is None else x2).shape[0]
+    return x1.shape[0] * n2 >= _COMPILED_ENTRIES and is_hashable(module)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -763,8 +759,13 @@ def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
 def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
                     args: dict[str, InputPair] | None = None) -> Kernel:
     # the result's true kernels only: its scaled form never leaves kernel_fn
-    return _two_graphs(lambda k: _apply_to_kernel(module, k, args),
-                       input_kernel(x1, x2)).replace()
+    inputs = _compiled_input_kernel if is_concrete(x1) else input_kernel
+    return _two_graphs(lambda k: _apply_to_kernel(module, k, args), inputs(x1, x2)).replace()
+
+
+#: :func:`input_kernel` of vectors as one compiled program per shape, for eager evaluations
+#: (op by op, each of its operations was compiled on its own for every new shape).
+_compiled_input_kernel = jax.jit(input_kernel)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ $$\Sigma' = \sigma_w^2 \Sigma + \sigma_b^2, \qquad
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete
+from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete, is_hashable
 from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 
@@ -148,6 +149,17 @@ def dense_kernel(
     )
     return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features),
                      non_gaussian="")  # a dense layer's outputs are Gaussian again
+
+
+@functools.partial(jax.jit, static_argnames=("w_std", "b_std", "use_bias", "parameterization"))
+def _compiled_dense_kernel(k: Kernel, *, w_std: float, b_std: float, use_bias: bool,
+                           parameterization: Parameterization) -> Kernel:
+    """:func:`dense_kernel` as one compiled program per kernel shape and hyperparameters, for
+    concrete kernels (eager evaluations), shared by every Dense layer of equal hyperparameters
+    whatever its width (the caller sets the output's ``width``). Op by op, each of the rule's
+    operations was compiled on its own for every new shape."""
+    return dense_kernel(k, k.width, w_std=w_std, b_std=b_std, use_bias=use_bias,
+                        parameterization=parameterization)
 
 
 def _scaled_dense_kernel(k: Kernel, features: int, *, w_std: float, b_std: float,
@@ -300,10 +312,11 @@ class Dense(Affine):
         if isinstance(x, FeatureStandIn):
             return _MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
-            return dense_kernel(
-                x, self.features, w_std=self.w_std, b_std=self._bias_std,
-                use_bias=self._with_bias, parameterization=self.parameterization,
-            )
+            hyper = dict(w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
+                         parameterization=self.parameterization)
+            if is_concrete(x.nngp) and is_hashable((self.w_std, self.b_std)):
+                return _compiled_dense_kernel(x, **hyper).replace(width=int(self.features))
+            return dense_kernel(x, self.features, **hyper)
         x = jnp.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"Dense needs inputs with a feature axis, got shape {x.shape}.")
