@@ -315,7 +315,8 @@ class Dense(Affine):
             hyper = dict(w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
                          parameterization=self.parameterization)
             if is_concrete(x.nngp) and is_hashable((self.w_std, self.b_std)):
-                return _compiled_dense_kernel(x, **hyper).replace(width=int(self.features))
+                out = _compiled_dense_kernel(x, **hyper)
+                return out.replace(width=int(self.features), scaled=out.scaled)
             return dense_kernel(x, self.features, **hyper)
         x = jnp.asarray(x)
         if x.ndim < 1:
