@@ -619,7 +619,11 @@ def kernel_fn(
     :class:`ntkjax.models.CNN`); a module whose output still has spatial axes gives kernels of
     shape (N1, N2, *S, *S) (see :class:`Kernel`). Image inputs are always evaluated as one
     compiled call (the function jits itself outside a trace; compilation is cached per input
-    shape). For matrices larger than one compiled call should hold, use :func:`kernel_matrix`.
+    shape). So are vectors from 2^18 kernel entries (N1 N2), in one program shared by every
+    ``kernel_fn`` of an equal module (flax modules compare by their fields); below that, an
+    eager call runs each layer's rule as a compiled program shared by all layers of equal
+    hyperparameters on the same shapes. For matrices larger than one compiled call should
+    hold, use :func:`kernel_matrix`.
 
     Per-input call arguments: keyword arguments of the returned function are passed on to the
     module's ``__call__`` as :class:`InputPair` s -- e.g. the graph adjacency of
