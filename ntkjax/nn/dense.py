@@ -312,8 +312,9 @@ class Dense(Affine):
         if isinstance(x, FeatureStandIn):
             return _MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
-            hyper = dict(w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
-                         parameterization=self.parameterization)
+            hyper: dict[str, Any] = dict(
+                w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
+                parameterization=self.parameterization)
             if is_concrete(x.nngp) and is_hashable((self.w_std, self.b_std)):
                 out = _compiled_dense_kernel(x, **hyper)
                 return out.replace(width=int(self.features), scaled=out.scaled)
