@@ -1284,7 +1284,9 @@ class Activation:
         if isinstance(x, Kernel):
             static = (params, tuple(sorted(kw_params.items())))
             if is_concrete(x.nngp) and is_hashable(static):
-                return _compiled_kernel_rule(self, x, static)
+                # (the width, static, plays no part in the rule: not a key of the program)
+                out = _compiled_kernel_rule(self, x.replace(width=1, scaled=x.scaled), static)
+                return out.replace(width=x.width, scaled=out.scaled)
             return self._kernel_rule(x, params, kw_params)
         return self.fn(x, *params, **kw_params)
 
@@ -1357,9 +1359,10 @@ class Activation:
 def _compiled_kernel_rule(activation: Activation, k: Kernel,
                           static: tuple[tuple, tuple[tuple[str, Any], ...]]) -> Kernel:
     """An activation's rule on a concrete kernel as one compiled program, keyed by the
-    activation, its (hashable) parameters and the kernel's shapes and static fields: shared by
-    every eager evaluation. Op by op, each of the rule's 30-60 operations was compiled on its
-    own for every new shape (a ReLU MLP's eager kernel_fn spent ~2 CPU-s compiling them)."""
+    activation, its (hashable) parameters and the kernel's shapes and static fields (its width
+    set to 1 by the caller): shared by every eager evaluation. Op by op, each of the rule's
+    30-60 operations was compiled on its own for every new shape (a ReLU MLP's eager
+    kernel_fn spent ~2 CPU-s compiling them)."""
     params, kw_params = static
     return activation._kernel_rule(k, params, dict(kw_params))
 

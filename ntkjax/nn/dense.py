@@ -156,7 +156,8 @@ def _compiled_dense_kernel(k: Kernel, *, w_std: float, b_std: float, use_bias: b
                            parameterization: Parameterization) -> Kernel:
     """:func:`dense_kernel` as one compiled program per kernel shape and hyperparameters, for
     concrete kernels (eager evaluations), shared by every Dense layer of equal hyperparameters
-    whatever its width (the caller sets the output's ``width``). Op by op, each of the rule's
+    whatever its width (the caller sets the output's ``width``, and the input's to 1 where the
+    rule does not read it). Op by op, each of the rule's
     operations was compiled on its own for every new shape."""
     return dense_kernel(k, k.width, w_std=w_std, b_std=b_std, use_bias=use_bias,
                         parameterization=parameterization)
@@ -316,7 +317,10 @@ class Dense(Affine):
                 w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
                 parameterization=self.parameterization)
             if is_concrete(x.nngp) and is_hashable((self.w_std, self.b_std)):
-                out = _compiled_dense_kernel(x, **hyper)
+                # the fan-in (the input's width, static) is read by the standard
+                # parameterization only: else it is not a key of the program
+                fan_in = x.width if self.parameterization == "standard" else 1
+                out = _compiled_dense_kernel(x.replace(width=fan_in, scaled=x.scaled), **hyper)
                 return out.replace(width=int(self.features), scaled=out.scaled)
             return dense_kernel(x, self.features, **hyper)
         x = jnp.asarray(x)
