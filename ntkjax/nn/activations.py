@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import float_dtype, is_concrete, is_hashable
+from ntkjax._checks import float_dtype, is_concrete
 from ntkjax._kernel import Kernel, per_input, pow2
 from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 
@@ -1282,10 +1282,12 @@ class Activation:
             return self.meanings.on_features(
                 x, lambda k: self(k, *params, **kw_params), self, params, kw_params)
         if isinstance(x, Kernel):
-            static = (params, tuple(sorted(kw_params.items())))
-            if is_concrete(x.nngp) and is_hashable(static):
+            # eagerly, an activation without parameters runs its rule as one compiled program;
+            # one with parameters runs it op by op, whose compiled operations are shared by
+            # all parameter values (a program per value cost more in the tests' sweeps)
+            if is_concrete(x.nngp) and not params and not kw_params:
                 # (the width, static, plays no part in the rule: not a key of the program)
-                out = _compiled_kernel_rule(self, x.replace(width=1, scaled=x.scaled), static)
+                out = _compiled_kernel_rule(self, x.replace(width=1, scaled=x.scaled))
                 return out.replace(width=x.width, scaled=out.scaled)
             return self._kernel_rule(x, params, kw_params)
         return self.fn(x, *params, **kw_params)
@@ -1355,16 +1357,14 @@ class Activation:
         return self.maps(q, q, q, *params, **kw_params).sigma
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _compiled_kernel_rule(activation: Activation, k: Kernel,
-                          static: tuple[tuple, tuple[tuple[str, Any], ...]]) -> Kernel:
-    """An activation's rule on a concrete kernel as one compiled program, keyed by the
-    activation, its (hashable) parameters and the kernel's shapes and static fields (its width
-    set to 1 by the caller): shared by every eager evaluation. Op by op, each of the rule's
-    30-60 operations was compiled on its own for every new shape (a ReLU MLP's eager
-    kernel_fn spent ~2 CPU-s compiling them)."""
-    params, kw_params = static
-    return activation._kernel_rule(k, params, dict(kw_params))
+@functools.partial(jax.jit, static_argnums=0)
+def _compiled_kernel_rule(activation: Activation, k: Kernel) -> Kernel:
+    """An activation's rule (without parameters) on a concrete kernel as one compiled program,
+    keyed by the activation and the kernel's shapes and static fields (its width set to 1 by
+    the caller): shared by every eager evaluation. Op by op, each of the rule's 30-60
+    operations was compiled on its own for every new shape (a ReLU MLP's eager kernel_fn spent
+    ~2 CPU-s compiling them)."""
+    return activation._kernel_rule(k, (), {})
 
 
 def _activation_features(x: FeatureStandIn, exact: Kernel, activation: Activation,
