@@ -621,9 +621,8 @@ def kernel_fn(
     compiled call (the function jits itself outside a trace; compilation is cached per input
     shape). So are vectors from 2^18 kernel entries (N1 N2), in one program shared by every
     ``kernel_fn`` of an equal module (flax modules compare by their fields); below that, an
-    eager call runs each layer's rule as a compiled program shared by all layers of equal
-    hyperparameters on the same shapes. For matrices larger than one compiled call should
-    hold, use :func:`kernel_matrix`.
+    eager call runs op by op. For matrices larger than one compiled call should hold, use
+    :func:`kernel_matrix`.
 
     Per-input call arguments: keyword arguments of the returned function are passed on to the
     module's ``__call__`` as :class:`InputPair` s -- e.g. the graph adjacency of
@@ -688,15 +687,14 @@ def kernel_fn(
                  mask2: Any = None, **call_args: Any) -> Kernel:
         # Outside jit, one compiled call: op-by-op dispatch compiles every operation for each
         # new shape on its own (images: seconds for a small CNN; vectors: _vector_program).
-        if is_concrete(x1) and jnp.ndim(x1) >= 2:
+        if is_concrete(x1) and (jnp.ndim(x1) > 2 or _compiles_vectors(module, x1, x2)):
             # inside the compiled program the values are not known: checked here
             a1, a2 = _float_inputs(x1, x2)
             _input_masks(a1, a2, mask1, mask2)
             _call_args(call_args, a1, a2)
             if a1.ndim > 2:
                 return jitted(x1, x2, mask1, mask2, **call_args)
-            if _compiles_vectors(module, a1, a2):
-                return _vector_program(module, a1, a2, **call_args)
+            return _vector_program(module, a1, a2, **call_args)
         return fn(x1, x2, mask1, mask2, **call_args)
 
     return dispatch
@@ -710,11 +708,13 @@ def kernel_fn(
 _COMPILED_ENTRIES = 2**18
 
 
-def _compiles_vectors(module: linen.Module, x1: jax.Array, x2: jax.Array | None) -> bool:
-    """Whether an eager call on vectors runs as :func:`_vector_program`: from
-    ``_COMPILED_ENTRIES`` entries, for a module that can key the compiled programs (hashable)."""
-    n2 = (x1 if x2 is None else x2).shape[0]
-    return x1.shape[0] * n2 >= _COMPILED_ENTRIES and is_hashable(module)
+def _compiles_vectors(module: linen.Module, x1: Any, x2: Any) -> bool:
+    """Whether an eager call on vectors (N, d) runs as :func:`_vector_program`: from
+    ``_COMPILED_ENTRIES`` entries, for a module that can key the compiled programs (hashable);
+    inputs of another shape go on to kernel_fn's checks."""
+    s1, s2 = np.shape(x1), np.shape(x1 if x2 is None else x2)
+    return (len(s1) == 2 and len(s2) == 2 and s1[0] * s2[0] >= _COMPILED_ENTRIES
+            and is_hashable(module))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -763,13 +763,8 @@ def _two_graphs(apply: Callable[[Kernel], Kernel], k: Kernel) -> Kernel:
 def _vector_kernels(module: linen.Module, x1: jax.Array, x2: jax.Array | None,
                     args: dict[str, InputPair] | None = None) -> Kernel:
     # the result's true kernels only: its scaled form never leaves kernel_fn
-    inputs = _compiled_input_kernel if is_concrete(x1) else input_kernel
-    return _two_graphs(lambda k: _apply_to_kernel(module, k, args), inputs(x1, x2)).replace()
-
-
-#: :func:`input_kernel` of vectors as one compiled program per shape, for eager evaluations
-#: (op by op, each of its operations was compiled on its own for every new shape).
-_compiled_input_kernel = jax.jit(input_kernel)
+    return _two_graphs(lambda k: _apply_to_kernel(module, k, args),
+                       input_kernel(x1, x2)).replace()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,38 +102,6 @@ def test_eager_calls_on_many_inputs_share_one_compiled_program_per_module_value(
         ntkjax.kernel_fn(mlp())(x, np.where(y > 2, np.nan, y))
 
 
-def test_eager_layer_rules_compile_once_per_shape_and_hyperparameters(x64):
-    """Eagerly, each Dense and activation rule is one compiled program keyed by the kernel's
-    shapes and the layer's hyperparameters, not its width: an MLP of other widths compiles
-    nothing new and gives the same kernels (the infinite-width kernels do not depend on the
-    widths), the closed-form two-layer ReLU NTK (as in test_analytic). Traced hyperparameters
-    (a gradient) take the traced rules: d nngp / d w_std = 4 nngp / w_std for a bias-free
-    two-layer ReLU MLP (nngp is w_std^4 times one for w_std = 1)."""
-    from ntkjax.nn import activations, dense
-
-    x = np.random.default_rng(0).normal(size=(6, 3))
-    mlp = lambda width, w=1.0: models.MLP((width, 1), "relu", w_std=w, b_std=0.0)
-    k = ntkjax.kernel_fn(mlp(32))(x)
-    programs = (activations._compiled_kernel_rule._cache_size(),
-                dense._compiled_dense_kernel._cache_size())
-    k_wider = ntkjax.kernel_fn(mlp(64))(x)
-    assert (activations._compiled_kernel_rule._cache_size(),
-            dense._compiled_dense_kernel._cache_size()) == programs
-    for name in ("nngp", "ntk", "var1"):
-        np.testing.assert_array_equal(getattr(k_wider, name), getattr(k, name))
-    dot = x @ x.T
-    norms = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
-    c = dot / norms
-    np.fill_diagonal(c, 1.0)  # exactly (arccos is steep at 1)
-    t = np.arccos(np.clip(c, -1, 1))
-    nngp = norms * (np.sin(t) + (np.pi - t) * np.cos(t)) / (2 * np.pi)
-    np.testing.assert_allclose(3 * np.asarray(k.ntk), nngp + dot * (np.pi - t) / (2 * np.pi),
-                               rtol=1e-12)
-    w = 1.3
-    grad = jax.jit(jax.grad(lambda v: ntkjax.kernel_fn(mlp(32, v))(x).nngp[0, 1]))(w)
-    np.testing.assert_allclose(grad, 4 * w**3 * k.nngp[0, 1], rtol=1e-12)
-
-
 @pytest.mark.xla_optimized
 def test_float32_diagonal_of_relu_ntk_matches_float64(x64):
     # identical inputs: the angle must be exactly 0 (no sqrt(ulp) error from arccos)

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import float_dtype, is_concrete
+from ntkjax._checks import float_dtype
 from ntkjax._kernel import Kernel, per_input, pow2
 from ntkjax._meanings import Declaration, FeatureStandIn, UnsupportedMeaning, register
 
@@ -1282,26 +1282,16 @@ class Activation:
             return self.meanings.on_features(
                 x, lambda k: self(k, *params, **kw_params), self, params, kw_params)
         if isinstance(x, Kernel):
-            # eagerly, an activation without parameters runs its rule as one compiled program;
-            # one with parameters runs it op by op, whose compiled operations are shared by
-            # all parameter values (a program per value cost more in the tests' sweeps)
-            if is_concrete(x.nngp) and not params and not kw_params:
-                # (the width, static, plays no part in the rule: not a key of the program)
-                out = _compiled_kernel_rule(self, x.replace(width=1, scaled=x.scaled))
-                return out.replace(width=x.width, scaled=out.scaled)
-            return self._kernel_rule(x, params, kw_params)
+            if x.scaled is not None and self.scaled_maps is not None and x.spatial_ndim == 0:
+                return self._scaled_kernel(x, params, kw_params)
+            out = activation_kernel(
+                x,
+                lambda q12, q11, q22: self.kernel_maps(q12, q11, q22, *params, **kw_params),
+                lambda q: self.kernel_variance(q, *params, **kw_params),
+                name=None if self.linear else f"ntkjax.nn.{self.__name__}",
+            )
+            return out
         return self.fn(x, *params, **kw_params)
-
-    def _kernel_rule(self, x: Kernel, params: tuple, kw_params: dict) -> Kernel:
-        """The infinite-width rule on the kernel ``x``."""
-        if x.scaled is not None and self.scaled_maps is not None and x.spatial_ndim == 0:
-            return self._scaled_kernel(x, params, kw_params)
-        return activation_kernel(
-            x,
-            lambda q12, q11, q22: self.kernel_maps(q12, q11, q22, *params, **kw_params),
-            lambda q: self.kernel_variance(q, *params, **kw_params),
-            name=None if self.linear else f"ntkjax.nn.{self.__name__}",
-        )
 
     def _scaled_kernel(self, k: Kernel, params: tuple, kw_params: dict) -> Kernel:
         """The kernel rule on a kernel with a scaled form (``scaled_maps``): homogeneous maps
@@ -1355,16 +1345,6 @@ class Activation:
                                           self.num_quadrature)
         q = jnp.asarray(q)
         return self.maps(q, q, q, *params, **kw_params).sigma
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _compiled_kernel_rule(activation: Activation, k: Kernel) -> Kernel:
-    """An activation's rule (without parameters) on a concrete kernel as one compiled program,
-    keyed by the activation and the kernel's shapes and static fields (its width set to 1 by
-    the caller): shared by every eager evaluation. Op by op, each of the rule's 30-60
-    operations was compiled on its own for every new shape (a ReLU MLP's eager kernel_fn spent
-    ~2 CPU-s compiling them)."""
-    return activation._kernel_rule(k, (), {})
 
 
 def _activation_features(x: FeatureStandIn, exact: Kernel, activation: Activation,

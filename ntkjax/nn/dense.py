@@ -19,7 +19,6 @@ $$\Sigma' = \sigma_w^2 \Sigma + \sigma_b^2, \qquad
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen
 
-from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete, is_hashable
+from ntkjax._checks import check_choice, check_scale, float_dtype, is_concrete
 from ntkjax._kernel import Kernel
 from ntkjax._meanings import FeatureStandIn, declare
 
@@ -149,18 +148,6 @@ def dense_kernel(
     )
     return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=int(features),
                      non_gaussian="")  # a dense layer's outputs are Gaussian again
-
-
-@functools.partial(jax.jit, static_argnames=("w_std", "b_std", "use_bias", "parameterization"))
-def _compiled_dense_kernel(k: Kernel, *, w_std: float, b_std: float, use_bias: bool,
-                           parameterization: Parameterization) -> Kernel:
-    """:func:`dense_kernel` as one compiled program per kernel shape and hyperparameters, for
-    concrete kernels (eager evaluations), shared by every Dense layer of equal hyperparameters
-    whatever its width (the caller sets the output's ``width``, and the input's to 1 where the
-    rule does not read it). Op by op, each of the rule's
-    operations was compiled on its own for every new shape."""
-    return dense_kernel(k, k.width, w_std=w_std, b_std=b_std, use_bias=use_bias,
-                        parameterization=parameterization)
 
 
 def _scaled_dense_kernel(k: Kernel, features: int, *, w_std: float, b_std: float,
@@ -313,16 +300,10 @@ class Dense(Affine):
         if isinstance(x, FeatureStandIn):
             return _MEANINGS.on_features(x, self.__call__, self)
         if isinstance(x, Kernel):
-            hyper: dict[str, Any] = dict(
-                w_std=self.w_std, b_std=self._bias_std, use_bias=self._with_bias,
-                parameterization=self.parameterization)
-            if is_concrete(x.nngp) and is_hashable((self.w_std, self.b_std)):
-                # the fan-in (the input's width, static) is read by the standard
-                # parameterization only: else it is not a key of the program
-                fan_in = x.width if self.parameterization == "standard" else 1
-                out = _compiled_dense_kernel(x.replace(width=fan_in, scaled=x.scaled), **hyper)
-                return out.replace(width=int(self.features), scaled=out.scaled)
-            return dense_kernel(x, self.features, **hyper)
+            return dense_kernel(
+                x, self.features, w_std=self.w_std, b_std=self._bias_std,
+                use_bias=self._with_bias, parameterization=self.parameterization,
+            )
         x = jnp.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"Dense needs inputs with a feature axis, got shape {x.shape}.")
