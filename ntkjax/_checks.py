@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
@@ -181,6 +182,13 @@ def check_times(t, name: str, *, integer: bool) -> None:
         raise ValueError(f"{name} must be whole numbers of steps (or jnp.inf); got {t!r}.")
 
 
+@jax.jit
+def _symmetric_part_eigenvalues(a: jax.Array) -> jax.Array:
+    """Ascending eigenvalues of ``(a + a^T) / 2``: one compiled program per shape and dtype
+    (eagerly, each of its operations compiles a program of its own)."""
+    return jnp.linalg.eigvalsh(0.5 * (a + a.T))
+
+
 def check_kernel_psd(k: Any, name: str, eigenvalues: Any = None) -> None:
     """Raises ValueError unless a concrete square kernel matrix ``k`` is symmetric and positive
     semi-definite up to round-off (a no-op on tracers).
@@ -205,7 +213,7 @@ def check_kernel_psd(k: Any, name: str, eigenvalues: Any = None) -> None:
             "themselves is symmetric)."
         )
     if eigenvalues is None:
-        eigenvalues = jnp.linalg.eigvalsh(0.5 * (jnp.asarray(arr) + jnp.asarray(arr).T))
+        eigenvalues = _symmetric_part_eigenvalues(jnp.asarray(arr))
     values = np.asarray(eigenvalues)
     if values.size == 0:
         return

@@ -198,6 +198,15 @@ def _union(*groups: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for group in groups for name in group))
 
 
+#: The mark (:attr:`Kernel.non_gaussian`) of the network's inputs: they are not the zero-mean
+#: Gaussian outputs of a layer, so an activation or LayerNorm applied to them has no Gaussian
+#: closed form (neural-tangents: its input kernel is not ``is_gaussian``); a Dense, Conv or
+#: attention layer clears it. Every meaning that starts from the inputs' kernel carries it
+#: (:func:`ntkjax.kernels.input_kernel`, the exact part of :func:`ntkjax.feature_map`'s
+#: stand-in).
+NETWORK_INPUTS = "the network's inputs (no Dense, Conv or attention layer before it)"
+
+
 @struct.dataclass
 class Kernel:
     """Infinite-width kernels of a layer's outputs at two batches of inputs (a pytree).

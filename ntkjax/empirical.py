@@ -734,7 +734,8 @@ def empirical_ntk_fn(
         if key not in decisions:  # traced values: probe stand-ins of their shapes and dtypes
             with linen.intercept_methods(_reject_active_dropout):
                 stand_ins = _stand_ins(params, x1, x2)
-                if _closes_over_traced_values(probe, stand_ins):
+                traced = probe.trace(*stand_ins)  # traced once: checked, then compiled
+                if _reads_enclosing_trace(traced, stand_ins):
                     # e.g. a model linearized around traced parameters: no concrete stand-in
                     # exists, so the program probes and lax.cond picks the kernel (NaN: coupled)
                     coupled = jnp.logical_not(probe(params, x1, x2) <= _COUPLING_TOLERANCE)
@@ -744,7 +745,7 @@ def empirical_ntk_fn(
                         lambda: compute(params, x1, x2, False, index1, index2),
                     )
                 # a compiled program runs on concrete values even inside a trace
-                gap = probe.lower(*stand_ins).compile()(*stand_ins)
+                gap = traced.lower().compile()(*stand_ins)
             decisions[key] = _is_coupled(gap)
         return compute(params, x1, x2, decisions[key], index1, index2)
 
@@ -853,11 +854,14 @@ def _coupling_gap(apply_fn, params, x1, x2=None) -> jax.Array:
     return gap
 
 
-def _closes_over_traced_values(fn: Callable, args: tuple) -> bool:
-    """Whether ``fn(*args)`` reads values of an enclosing trace (a model that closes over
-    traced arrays, e.g. linearized around traced parameters): its jaxpr then holds them as
-    constants, and it cannot run on concrete stand-ins."""
-    return not all(is_concrete(c) for c in jax.make_jaxpr(fn)(*args).consts)
+def _reads_enclosing_trace(traced: jax.stages.Traced, args: tuple) -> bool:
+    """Whether a jitted function traced on ``args`` reads values of an enclosing trace (a model
+    that closes over traced arrays, e.g. linearized around traced parameters): JAX passes them
+    to its program as inputs beyond ``args`` (or keeps them as constants of its jaxpr), so it
+    cannot run on concrete stand-ins."""
+    closed = traced.jaxpr
+    return (len(closed.jaxpr.invars) > len(jax.tree_util.tree_leaves(args))
+            or not all(is_concrete(c) for c in closed.consts))
 
 
 def _stand_ins(params, x1, x2) -> tuple:
@@ -1244,14 +1248,14 @@ def _two_pass_matrix(apply_fn, params, x, x2, outputs, params_filter, budget, sp
         store = None if out is None else _two_pass_store(
             os.fspath(out), fn, p, x, x2, outputs, params_filter, apply_fn, shape, dtype)
         if store is not None and store.complete():
-            shutil.rmtree(os.path.join(store.path, "two_pass"), ignore_errors=True)
+            shutil.rmtree(_factors_dir(store), ignore_errors=True)
             return store.readers()[0]
         kernel = two_pass_kernel(
             fn, p, x, x2, outputs=inner, memory_bytes=budget,
             spill=True if spill_dir is not None else None,
             spill_dir=None if spill_dir is None else os.fspath(spill_dir),
             show_progress=show_progress, devices=None if devices is None else list(devices),
-            resume_dir=None if store is None else os.path.join(store.path, "two_pass"))
+            resume_dir=None if store is None else _factors_dir(store))
     if x2 is None:
         kernel = symmetrize(jnp.asarray(kernel), inner)
     kernel = np.asarray(kernel).astype(dtype)
@@ -1260,8 +1264,14 @@ def _two_pass_matrix(apply_fn, params, x, x2, outputs, params_filter, budget, sp
     if store is None:
         return kernel
     store.write(0, 0, [kernel], None)
-    shutil.rmtree(os.path.join(store.path, "two_pass"), ignore_errors=True)
+    shutil.rmtree(_factors_dir(store), ignore_errors=True)
     return store.readers()[0]
+
+
+def _factors_dir(store) -> str:
+    """Where a two-pass call into ``store`` keeps the records of its finished pass-1 blocks and
+    pass-2 layers (``two_pass_kernel``'s ``resume_dir``); removed once the kernel is stored."""
+    return os.path.join(store.path, "two_pass")
 
 
 def _two_pass_store(path, fn, p, x, x2, outputs, params_filter, apply_fn, shape, dtype):

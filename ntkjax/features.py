@@ -110,10 +110,10 @@ import numpy as np
 from flax import linen
 
 from ntkjax._checks import check_batched, check_choice, check_finite, float_dtype, is_concrete
+from ntkjax._kernel import NETWORK_INPUTS, Kernel
 from ntkjax._meanings import FeatureStandIn, UnsupportedMeaning, declaration_of, feature_rules
 from ntkjax._progress import progress
 from ntkjax._tiling import pad_rows
-from ntkjax.kernels import Kernel
 from ntkjax.nn.activations import Activation
 
 __all__ = [
@@ -278,7 +278,8 @@ def _input_stand_in(walk: _Walk, x: jax.Array) -> _StandIn:
     phi = x * (1.0 / math.sqrt(c))
     psi = jnp.zeros((*x.shape[:-1], 0), x.dtype)
     exact = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var, var2=var[:1],
-                   width=c)
+                   width=c, non_gaussian=NETWORK_INPUTS)  # as the input kernel: no activation
+    #                                                      or LayerNorm right on the inputs
     return _StandIn(walk, exact, phi, psi)
 
 

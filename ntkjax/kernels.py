@@ -80,6 +80,7 @@ from ntkjax._checks import (
     zero_masked,
 )
 from ntkjax._kernel import (
+    NETWORK_INPUTS,
     AllPairsRequired,
     ForeignFunctionError,
     InputPair,
@@ -192,13 +193,6 @@ def _input_masks(
     return m1, m2
 
 
-# The input kernel's mark (:attr:`Kernel.non_gaussian`): the inputs themselves are not the
-# zero-mean Gaussian outputs of a layer, so an activation or LayerNorm applied to them has no
-# Gaussian closed form (neural-tangents: its input kernel is not ``is_gaussian``); a Dense,
-# Conv or attention layer clears the mark.
-_INPUTS = "the network's inputs (no Dense, Conv or attention layer before it)"
-
-
 def input_kernel(
     x1: jax.Array, x2: jax.Array | None = None, *, diagonal_spatial: bool = False,
     mask1: jax.Array | None = None, mask2: jax.Array | None = None,
@@ -268,7 +262,7 @@ def input_kernel(
     ones2 = ones1 if same else per_input(pow2(-s2, gram.dtype))
     parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
                         log2_scale1=s1, log2_scale2=s2, ones1=ones1, ones2=ones2)
-    return Kernel.from_scaled(parts, width=d, same_inputs=same, non_gaussian=_INPUTS)
+    return Kernel.from_scaled(parts, width=d, same_inputs=same, non_gaussian=NETWORK_INPUTS)
 
 
 # Inputs whose largest entry is below 2^_UNSCALED_EXPONENT are stored unscaled (log2 scale 0:
@@ -417,7 +411,7 @@ def _image_input_kernel(x1: jax.Array, x2: jax.Array | None, *, diagonal: bool,
     else:
         var1, var2 = _self_covariance(x1, diagonal), _self_covariance(x2, diagonal)
     return Kernel(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2, width=c,
-                  diagonal_spatial=diagonal, same_inputs=x2 is None, non_gaussian=_INPUTS)
+                  diagonal_spatial=diagonal, same_inputs=x2 is None, non_gaussian=NETWORK_INPUTS)
 
 
 def _self_covariance(x: jax.Array, diagonal: bool = False) -> jax.Array:
@@ -1321,11 +1315,11 @@ def _row_kernel(x: jax.Array, diagonal: bool = False, mask: jax.Array | None = N
         var = _stored_variances(xs, e, s)
         parts = ScaledParts(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                             var2=var[:1], log2_scale1=s, log2_scale2=s[:1])
-        return Kernel.from_scaled(parts, width=x.shape[-1], non_gaussian=_INPUTS)
+        return Kernel.from_scaled(parts, width=x.shape[-1], non_gaussian=NETWORK_INPUTS)
     var = _self_covariance(zero_masked(x, mask), diagonal)
     k = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var,
                var2=var[:1], width=x.shape[-1], diagonal_spatial=diagonal and x.ndim > 2,
-               non_gaussian=_INPUTS)
+               non_gaussian=NETWORK_INPUTS)
     return k if mask is None else k.with_masks(mask, mask[:1])
 
 

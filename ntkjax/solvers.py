@@ -342,7 +342,11 @@ def _operator(kernel, n, *, x, get, block_size, devices, dtype):
 
 def _nystrom(op, rank: int, key: jax.Array, sketch: str) -> NystromEigensystem:
     """Frangella, Tropp & Udell (2023), Algorithm 2.1, with ``Omega`` = sampled identity
-    columns (``sketch="columns"``) or an orthonormalized Gaussian matrix (``"gaussian"``)."""
+    columns (``sketch="columns"``) or an orthonormalized Gaussian matrix (``"gaussian"``).
+
+    The host samples and checks; the arithmetic after the sketch is two compiled programs
+    (:func:`_sketch_checks`, :func:`_nystrom_factors`), shared by every call of those shapes,
+    instead of a dozen single eager operations."""
     n, dtype = op.n, op.dtype
     omega = None
     if sketch == "auto":
@@ -351,51 +355,77 @@ def _nystrom(op, rank: int, key: jax.Array, sketch: str) -> NystromEigensystem:
         if op.rows is None:
             raise ValueError("sketch='columns' needs kernel rows: a matrix-free callable only "
                              "supports sketch='gaussian'.")
-        idx = np.sort(np.asarray(jax.random.choice(key, n, (rank,), replace=False)))
+        idx = np.sort(np.asarray(_choice(key, n, (rank,), False)))
         y = op.rows(idx).T.astype(dtype)  # K[:, S] (K symmetric)
-        core = y[idx]
     else:
         idx = None
         omega = jnp.linalg.qr(jax.random.normal(key, (n, rank), dtype))[0]
         y = op.matmat(omega)
-        core = omega.T @ y
-    check = jnp.all(jnp.isfinite(y))
-    if not bool(check):
+    finite, top = _sketch_checks(y)
+    if not bool(finite):
         raise ValueError("the kernel holds non-finite values (NaN or Inf) in its sampled columns.")
     eps = float(jnp.finfo(dtype).eps)
-    nu = math.sqrt(n) * eps * float(jnp.max(_norms(y.reshape(-1, 1))))
-    core = 0.5 * (core + core.T) + nu * jnp.eye(rank, dtype=dtype)
-    if omega is not None:
-        y_nu = y + nu * omega
-    else:
-        y_nu = y.at[jnp.asarray(idx), jnp.arange(rank)].add(nu)
-    chol = jnp.linalg.cholesky(core)
-    if not bool(jnp.all(jnp.isfinite(chol))):
+    nu = math.sqrt(n) * eps * float(top)
+    factored, u, values = _nystrom_factors(y, nu, omega, None if idx is None else jnp.asarray(idx))
+    if not bool(factored):
         raise ValueError(
             "the kernel is not positive semi-definite: the Cholesky factorization of its "
             f"sampled {rank} x {rank} core failed. Pass a kernel (PSD) matrix or operator."
         )
-    b = jax.scipy.linalg.solve_triangular(chol, y_nu.T, lower=True).T  # Y_nu C^{-T}
-    u, s, _ = jnp.linalg.svd(b, full_matrices=False)
-    values = jnp.maximum(s**2 - nu, 0.0)
     return NystromEigensystem(u, values, idx)
 
 
+#: ``jax.random.choice`` compiled once per ``(n, shape, replace)`` (its eager form is several
+#: single-operation programs): the same draws.
+_choice = jax.jit(jax.random.choice, static_argnums=(1, 2, 3))
+
+
+@jax.jit
+def _sketch_checks(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Whether the sketch ``y`` is finite, and its Frobenius norm (:func:`_norms`, scaled)."""
+    return jnp.all(jnp.isfinite(y)), jnp.max(_norms(y.reshape(-1, 1)))
+
+
+@jax.jit
+def _nystrom_factors(y, nu, omega, idx) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Algorithm 2.1's factors from the sketch ``y = K Omega`` and the shift ``nu``: whether
+    the Cholesky factor of the shifted core is finite, ``U`` and ``lam``. ``Omega`` is
+    ``omega``, or the identity's columns ``idx`` (``omega`` None)."""
+    rank = y.shape[1]
+    core = y[idx] if omega is None else omega.T @ y
+    core = 0.5 * (core + core.T) + nu * jnp.eye(rank, dtype=y.dtype)
+    if omega is not None:
+        y_nu = y + nu * omega
+    else:
+        y_nu = y.at[idx, jnp.arange(rank)].add(nu)
+    chol = jnp.linalg.cholesky(core)
+    b = jax.scipy.linalg.solve_triangular(chol, y_nu.T, lower=True).T  # Y_nu C^{-T}
+    u, s, _ = jnp.linalg.svd(b, full_matrices=False)
+    return jnp.all(jnp.isfinite(chol)), u, jnp.maximum(s**2 - nu, 0.0)
+
+
 def _preconditioner(eig: NystromEigensystem | None, mu: float) -> Callable:
-    """``r -> P^{-1} r`` of Frangella et al. (2023), eq. (5.3); identity without ``eig``."""
+    """``r -> P^{-1} r`` of Frangella et al. (2023), eq. (5.3); identity without ``eig``.
+    A :class:`jax.tree_util.Partial`, so that the compiled CG steps take it as an argument."""
     if eig is None:
-        return lambda r: r
+        return jax.tree_util.Partial(_unpreconditioned)
     u, lam = eig.vectors, eig.values
     # mu = 0: the smallest positive value keeps P SPD (the preconditioner need not be exact).
-    mu = max(mu, float(jnp.finfo(lam.dtype).eps) * float(lam[0]) if lam.size else 0.0)
+    top = float(np.asarray(lam)[0]) if lam.size else 0.0
+    mu = max(mu, float(jnp.finfo(lam.dtype).eps) * top if lam.size else 0.0)
     if mu <= 0:
-        return lambda r: r
+        return jax.tree_util.Partial(_unpreconditioned)
+    return jax.tree_util.Partial(_nystrom_preconditioned, u, lam, mu)
+
+
+def _unpreconditioned(r: jax.Array) -> jax.Array:
+    return r
+
+
+def _nystrom_preconditioned(u: jax.Array, lam: jax.Array, mu, r: jax.Array) -> jax.Array:
+    """``P^{-1} r`` for the eigensystem ``(u, lam)`` and shift ``mu``."""
     scale = (lam[-1] + mu) / (lam + mu) - 1.0
-
-    def apply(r):
-        return r + u @ (scale[:, None] * (u.T @ r))
-
-    return apply
+    return r + u @ (scale[:, None] * (u.T @ r))
 
 
 # --------------------------------------------------------------------------- solver
@@ -536,17 +566,14 @@ def _cg(op, rhs, ridge, precondition, tol, max_iterations, show_progress):
     Each column is divided by a power of two that brings it to unit size (exact), solved, and
     ``alpha`` multiplied back: the iterates are those of the unscaled system wherever those are
     representable, and no residual norm or inner product under- or overflows for targets of
-    any representable size (float32 targets of 1e-20 or 1e20 included)."""
-    scale = _column_scales(rhs)
-    rhs = rhs / scale
-    norms = _norms(rhs)
-    safe = jnp.where(norms > 0, norms, 1.0)
-    alpha = jnp.zeros_like(rhs)
-    r = rhs
-    z = precondition(r)
+    any representable size (float32 targets of 1e-20 or 1e20 included).
+
+    The host drives the loop and its checks; the recurrences are compiled programs
+    (:func:`_cg_start`, :func:`_cg_products`, :func:`_cg_step`), one each per shape and dtype,
+    shared by every call."""
+    scale, alpha, r, z, rz, safe, relative = _cg_start(rhs, precondition)
     p = z
-    rz = jnp.sum(r * z, axis=0)
-    history = [np.asarray(_norms(r) / safe)]
+    history = [np.asarray(relative)]
     iterations = 0
 
     def pending():
@@ -560,11 +587,10 @@ def _cg(op, rhs, ridge, precondition, tol, max_iterations, show_progress):
                       enabled=show_progress)
     for _ in steps:
         active = history[-1] > tol
-        q = op.matmat(p)
-        if not bool(jnp.all(jnp.isfinite(q))):
+        finite, q, pq_device = _cg_products(op.matmat(p), p, ridge)
+        if not bool(finite):
             raise ValueError("the kernel operator returned non-finite values (NaN or Inf).")
-        q = q + ridge * p
-        pq = np.asarray(jnp.sum(p * q, axis=0))
+        pq = np.asarray(pq_device)
         bad = active & ~(pq > 0)
         if bad.any():
             raise ValueError(
@@ -572,19 +598,49 @@ def _cg(op, rhs, ridge, precondition, tol, max_iterations, show_progress):
                 f"{pq[bad][0]:.3e} <= 0, so the operator is not positive definite. Use a PSD "
                 "kernel and a ridge > 0."
             )
-        act = jnp.asarray(active)
-        step = jnp.where(act, rz / jnp.where(act, jnp.asarray(pq, rz.dtype), 1.0), 0.0)
-        alpha = alpha + step * p
-        r = r - step * q
-        z = precondition(r)
-        rz_new = jnp.sum(r * z, axis=0)
-        beta = jnp.where(act, rz_new / jnp.where(rz == 0, 1.0, rz), 0.0)
-        p = jnp.where(act, z + beta * p, p)
-        rz = jnp.where(act, rz_new, rz)
+        alpha, r, p, rz, relative = _cg_step(alpha, r, p, rz, q, pq_device, jnp.asarray(active),
+                                             safe, precondition)
         iterations += 1
-        history.append(np.asarray(_norms(r) / safe))
+        history.append(np.asarray(relative))
     hist = np.stack(history)
     return alpha * scale, iterations, hist, hist[-1] <= tol
+
+
+@jax.jit
+def _cg_start(rhs, precondition):
+    """CG's start from ``alpha = 0``: the columns' scales (:func:`_column_scales`), ``alpha``,
+    the scaled residual ``r``, ``z = P^{-1} r``, ``r.z``, the safe norms of ``r`` (1 for a zero
+    column) and the relative residuals."""
+    scale = _column_scales(rhs)
+    r = rhs / scale
+    norms = _norms(r)
+    safe = jnp.where(norms > 0, norms, 1.0)
+    z = precondition(r)
+    return scale, jnp.zeros_like(r), r, z, jnp.sum(r * z, axis=0), safe, _norms(r) / safe
+
+
+@jax.jit
+def _cg_products(q, p, ridge):
+    """Whether the operator's product ``q = K p`` is finite, ``(K + ridge I) p`` and the
+    columns' ``p^T (K + ridge I) p``."""
+    finite = jnp.all(jnp.isfinite(q))
+    q = q + ridge * p
+    return finite, q, jnp.sum(p * q, axis=0)
+
+
+@jax.jit
+def _cg_step(alpha, r, p, rz, q, pq, act, safe, precondition):
+    """One CG update of the ``act``ive columns (the others keep their values): ``alpha``,
+    ``r``, ``p``, ``r.z`` and the relative residuals."""
+    step = jnp.where(act, rz / jnp.where(act, pq.astype(rz.dtype), 1.0), 0.0)
+    alpha = alpha + step * p
+    r = r - step * q
+    z = precondition(r)
+    rz_new = jnp.sum(r * z, axis=0)
+    beta = jnp.where(act, rz_new / jnp.where(rz == 0, 1.0, rz), 0.0)
+    p = jnp.where(act, z + beta * p, p)
+    rz = jnp.where(act, rz_new, rz)
+    return alpha, r, p, rz, _norms(r) / safe
 
 
 # --------------------------------------------------------------------------- predictions

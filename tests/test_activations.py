@@ -763,7 +763,8 @@ def test_an_activation_on_the_raw_inputs_is_refused_in_every_kernel_meaning():
     """The finite network relu(x) W has the deterministic kernel relu(x) . relu(x') / d, not the
     arc-cosine kernel of Gaussian pre-activations with covariance x . x' / d that the rule gives
     (neural-tangents refuses it too: its input kernel is not Gaussian). Refused structurally --
-    eagerly, jitted, on images and in blocks -- and accepted once a Dense comes first."""
+    eagerly, jitted, on images, in blocks and by random features (so is LayerNorm there) --
+    and accepted once a Dense comes first."""
     from flax import linen
 
     raw = linen.Sequential([nn.relu, nn.Dense(2)])
@@ -773,10 +774,17 @@ def test_an_activation_on_the_raw_inputs_is_refused_in_every_kernel_meaning():
                              nn.Dense(1)])
     calls = [lambda: ntkjax.kernel_fn(raw)(x), lambda: jax.jit(ntkjax.kernel_fn(raw))(x, x[:2]),
              lambda: ntkjax.kernel_fn(conv)(images),
-             lambda: ntkjax.kernel_matrix(raw, x, block_size=2)]
+             lambda: ntkjax.kernel_matrix(raw, x, block_size=2),
+             # random features estimate kernel_fn: their arc-cosine features of the raw inputs
+             # would estimate the same wrong kernel
+             lambda: ntkjax.feature_map(raw, key=jax.random.key(2), num_features=8)(x),
+             lambda: ntkjax.feature_map(conv, key=jax.random.key(2), num_features=8)(images)]
     for call in calls:
         with pytest.raises(ValueError, match=r"relu needs Gaussian pre-activations.*network's "
                                              "inputs.*put a Dense"):
             call()
+    with pytest.raises(ValueError, match=r"LayerNorm's infinite-width rule.*network's inputs"):
+        ntkjax.feature_map(linen.Sequential([nn.LayerNorm(), nn.Dense(2)]),
+                           key=jax.random.key(2), num_features=8)(x)
     ok = ntkjax.kernel_fn(linen.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)]))(x)
     assert np.all(np.isfinite(np.asarray(ok.ntk)))

@@ -155,12 +155,13 @@ def test_xla_optimized_tests_compile_with_the_full_pipeline():
 
     overrides = dict(compiler.get_compile_options(1, 1).env_option_overrides)
     assert overrides.get("xla_cpu_use_fusion_emitters", True) is True
+    assert "xla_cpu_parallel_codegen_split_count" not in overrides
 
 
 def test_the_suite_compiles_with_the_older_emitters_in_process_and_in_subprocesses():
-    """tests/conftest.py compiles the suite's programs with XLA's older CPU emitters while most
-    optimizations are off, and passes that to subprocesses (and those that force a device
-    count keep it)."""
+    """tests/conftest.py compiles the suite's programs with XLA's older CPU emitters, and their
+    code in one module, while most optimizations are off, and passes that to subprocesses (and
+    those that force a device count keep it)."""
     import os
 
     from jax._src import compiler
@@ -169,9 +170,10 @@ def test_the_suite_compiles_with_the_older_emitters_in_process_and_in_subprocess
 
     overrides = dict(compiler.get_compile_options(1, 1).env_option_overrides)
     assert overrides["xla_cpu_use_fusion_emitters"] is False
-    assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"].split()
-    assert xla_flags(4).split()[-2:] == ["--xla_cpu_use_fusion_emitters=false",
-                                          "--xla_force_host_platform_device_count=4"]
+    assert overrides["xla_cpu_parallel_codegen_split_count"] == 1
+    flags = ["--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1"]
+    assert set(flags) <= set(os.environ["XLA_FLAGS"].split())
+    assert xla_flags(4).split()[-3:] == [*flags, "--xla_force_host_platform_device_count=4"]
 
 
 def test_the_suite_shares_compiled_programs_through_this_runs_cache():
