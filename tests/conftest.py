@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
 import shutil
@@ -176,6 +177,21 @@ def _xla_optimization(request):
         jax.config.update("jax_disable_most_optimizations", not optimized and _SUITE_DISABLES)
         _OPTIMIZED[0] = optimized
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_caches_per_module():
+    """Clears JAX's in-memory caches (traces, lowerings, compiled programs) and collects garbage
+    after each test module. A long-lived process slows down as they accumulate: test_kernels,
+    test_kernel_pairs and test_empirical run one after the other in one process took 287.6
+    CPU-s and 3.6 GB with them kept, 243.6 CPU-s and 2.2 GB cleared after each module (quiet
+    machine, back to back); the whole suite took 15 min 33 s and 1,805 CPU-s against 20 min
+    31 s and 2,397 CPU-s (one float64 Jacobian test: 10 against 50 CPU-s, as when run alone). A
+    module's programs that a later module needs again come from the persistent compilation
+    cache (module docstring)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
