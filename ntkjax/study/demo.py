@@ -1513,11 +1513,11 @@ sections (in order):
 
 cost on a 2-core CPU (user+sys CPU time, peak memory), measured:
   --quick   26 s wall, 38 CPU-s, 0.7 GB (sections 1-7)
-  default   2 min 25 s wall, 223 CPU-s, 2.8 GB (sections 1-8 and 10; 8 and 10 on 500
+  default   2 min 23 s wall, 222 CPU-s, 2.5 GB (sections 1-8 and 10; 8 and 10 on 500
             training and 400 test images, 4 draws of the random features)
   --full    about 16 CPU-min, 3 GB, estimated from its parts (all 10 sections; 8 and 10
             on the whole digits split, D up to 8192)
-  (quick and default measured on an idle machine, 2026-12-06).
+  (quick and default measured on an idle machine, 2026-12-07).
 
 example:
   ntkjax demo --out demo_out"""
