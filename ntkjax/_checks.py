@@ -133,15 +133,6 @@ def is_concrete(x) -> bool:
     return not isinstance(x, Tracer)
 
 
-def is_hashable(value) -> bool:
-    """True when ``value`` can key a compiled program (a static argument of ``jax.jit``)."""
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
-
-
 def check_finite(x, name: str) -> None:
     """Raises ValueError when a concrete array holds NaN or Inf (no-op on tracers)."""
     if not is_concrete(x):

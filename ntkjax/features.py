@@ -278,8 +278,7 @@ def _input_stand_in(walk: _Walk, x: jax.Array) -> _StandIn:
     phi = x * (1.0 / math.sqrt(c))
     psi = jnp.zeros((*x.shape[:-1], 0), x.dtype)
     exact = Kernel(nngp=var[:, None], ntk=jnp.zeros_like(var)[:, None], var1=var, var2=var[:1],
-                   width=c, non_gaussian=NETWORK_INPUTS)  # as the input kernel: no activation
-    #                                                      or LayerNorm right on the inputs
+                   width=c, non_gaussian=NETWORK_INPUTS)  # no activation/LayerNorm on inputs
     return _StandIn(walk, exact, phi, psi)
 
 

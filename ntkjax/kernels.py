@@ -76,7 +76,6 @@ from ntkjax._checks import (
     check_pair,
     float_dtype,
     is_concrete,
-    is_hashable,
     zero_masked,
 )
 from ntkjax._kernel import (
@@ -708,7 +707,16 @@ def _compiles_vectors(module: linen.Module, x1: Any, x2: Any) -> bool:
     inputs of another shape go on to kernel_fn's checks."""
     s1, s2 = np.shape(x1), np.shape(x1 if x2 is None else x2)
     return (len(s1) == 2 and len(s2) == 2 and s1[0] * s2[0] >= _COMPILED_ENTRIES
-            and is_hashable(module))
+            and _is_hashable(module))
+
+
+def _is_hashable(value: Any) -> bool:
+    """True when ``value`` can key a compiled program (a static argument of ``jax.jit``)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 @functools.partial(jax.jit, static_argnums=0)
