@@ -1,6 +1,6 @@
-"""How jitted kernels are evaluated (issues 21 and 22's speed work): the input Gram matrix built
-from mirrored blocks, and the stored value of a true 1 that each layer of a deep network
-reads from its own array.
+"""How jitted kernels are evaluated (issues 21 and 22's speed work): the input Gram matrix,
+exactly symmetric as the product is or built from mirrored blocks, and the stored value of a
+true 1 that each layer of a deep network reads from its own array.
 
 Outside truths: the Gram matrix and the kernels in float64 (numpy, and the network in float64),
 exact symmetry, and numpy's powers of two.
@@ -19,11 +19,16 @@ from ntkjax._kernel import ScaledParts
 from ntkjax.kernels import input_kernel
 
 
+@pytest.mark.parametrize("mirrored", [False, True])  # the product as it is; mirrored blocks
 @pytest.mark.parametrize("n", [256, 301])  # four equal row blocks; uneven ones
-def test_the_jitted_mirrored_input_gram_is_exactly_symmetric_and_accurate(n):
-    """From 256 inputs the jitted input kernel of a batch with itself is formed in blocks (each
-    block above the diagonal once, its mirror image below): exactly symmetric, its diagonal
-    the variances, and within float32 rounding of ``x x^T / d`` in float64."""
+def test_the_jitted_input_gram_is_exactly_symmetric_and_accurate(n, mirrored, monkeypatch):
+    """From 256 inputs the jitted CPU input kernel of a batch with itself is the product
+    ``x x^T`` where this process's product of that shape is bitwise symmetric (a probe), and is
+    otherwise formed in blocks (each block above the diagonal once, its mirror image below;
+    forced here): either way exactly symmetric, its diagonal the variances, and within float32
+    rounding of ``x x^T / d`` in float64."""
+    if mirrored:
+        monkeypatch.setattr(kernels, "_gram_is_symmetric", lambda n, d, dtype: False)
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(n), (n, 7), jnp.float32)) * 3.0
     k = jax.jit(input_kernel)(x)
     g = np.asarray(k.nngp)
