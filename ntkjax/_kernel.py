@@ -177,6 +177,13 @@ class ScaledParts:
         o1, o2 = self.ones1, self.ones2
         return o1[:, None] * o2[None, :], o1 * o1, o2 * o2
 
+    def input_ones(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """Each input's stored value of a true 1, ``(2^-log2_scale1, 2^-log2_scale2)`` in
+        ``dtype``: :attr:`ones1` / :attr:`ones2` where carried, else formed from the exponents
+        (0 below the normal range, as :func:`pow2` gives)."""
+        return (pow2(-self.log2_scale1, dtype) if self.ones1 is None else self.ones1,
+                pow2(-self.log2_scale2, dtype) if self.ones2 is None else self.ones2)
+
     def true_kernels(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``(nngp, ntk, var1, var2)`` unscaled: the true kernels (``+-inf`` where they overflow
         the dtype, as a computation without the scale would give; never NaN from the

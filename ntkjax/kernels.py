@@ -260,10 +260,11 @@ def input_kernel(
     # exponents, the first dense layer's bias term was a pow2 of s1_i + s2_j (five integer
     # operations) in every entry of the fused loop; now one product of the two (exact, or 0
     # where 2^-(s1 + s2) is below the normal range: ScaledParts.stored_ones)
-    ones1 = per_input(pow2(-s1, gram.dtype))
-    ones2 = ones1 if same else per_input(pow2(-s2, gram.dtype))
     parts = ScaledParts(nngp=gram, ntk=jnp.zeros_like(gram), var1=var1, var2=var2,
-                        log2_scale1=s1, log2_scale2=s2, ones1=ones1, ones2=ones2)
+                        log2_scale1=s1, log2_scale2=s2)
+    ones1, ones2 = parts.input_ones(gram.dtype)
+    ones1 = per_input(ones1)
+    parts = parts.replace(ones1=ones1, ones2=ones1 if same else per_input(ones2))
     return Kernel.from_scaled(parts, width=d, same_inputs=same, non_gaussian=NETWORK_INPUTS)
 
 
@@ -544,10 +545,9 @@ class _VariancesWrittenOut:
             stored2 = stored1 if out.same_inputs else fusion_boundary(scaled.var2)
             ones1, ones2 = scaled.ones1, scaled.ones2
             if ones1 is None or ones2 is None or self.layers % _ONES_LAYERS == 0:
-                ones1 = fusion_boundary(pow2(-scaled.log2_scale1, stored1.dtype)
-                                         if ones1 is None else ones1)
-                ones2 = ones1 if out.same_inputs else fusion_boundary(
-                    pow2(-scaled.log2_scale2, stored2.dtype) if ones2 is None else ones2)
+                ones1, ones2 = scaled.input_ones(stored1.dtype)
+                ones1 = fusion_boundary(ones1)
+                ones2 = ones1 if out.same_inputs else fusion_boundary(ones2)
             scaled = scaled.replace(var1=stored1, var2=stored2, ones1=ones1, ones2=ones2)
         self.layers += 1
         return out.replace(var1=var1, var2=var2, scaled=scaled)
