@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
@@ -171,47 +170,3 @@ def check_times(t, name: str, *, integer: bool) -> None:
         raise ValueError(f"{name} must be >= 0 (jnp.inf allowed); got {t!r}.")
     if integer and np.any(np.isfinite(v) & (v != np.round(v))):
         raise ValueError(f"{name} must be whole numbers of steps (or jnp.inf); got {t!r}.")
-
-
-@jax.jit
-def _symmetric_part_eigenvalues(a: jax.Array) -> jax.Array:
-    """Ascending eigenvalues of ``(a + a^T) / 2``: one compiled program per shape and dtype
-    (eagerly, each of its operations compiles a program of its own)."""
-    return jnp.linalg.eigvalsh(0.5 * (a + a.T))
-
-
-def check_kernel_psd(k: Any, name: str, eigenvalues: Any = None) -> None:
-    """Raises ValueError unless a concrete square kernel matrix ``k`` is symmetric and positive
-    semi-definite up to round-off (a no-op on tracers).
-
-    Tolerances, with ``n`` the size, ``eps`` the dtype's machine epsilon: symmetric when
-    ``max |k - k^T| <= 100 max(n, 10) eps max |k|``; positive semi-definite when the smallest
-    eigenvalue of ``(k + k^T) / 2`` is ``>= -100 n eps`` times the largest in magnitude.
-    ``eigenvalues`` (ascending) may be passed when the caller has them already; otherwise they
-    are computed here (``eigvalsh``, O(n^3)). Callers then read the kernel as ``(k + k^T) / 2``.
-    """
-    if not is_concrete(k) or (eigenvalues is not None and not is_concrete(eigenvalues)):
-        return
-    arr = np.asarray(k)
-    n = arr.shape[0]
-    eps = float(np.finfo(arr.dtype).eps)
-    top = float(np.max(np.abs(arr))) if arr.size else 0.0
-    gap = float(np.max(np.abs(arr - arr.T))) if arr.size else 0.0
-    if gap > 100.0 * max(n, 10) * eps * top:
-        raise ValueError(
-            f"{name} is not symmetric: max |K - K^T| = {gap:.3e} against max |K| = {top:.3e} "
-            "(beyond round-off). Pass a kernel matrix (a kernel of the training inputs with "
-            "themselves is symmetric)."
-        )
-    if eigenvalues is None:
-        eigenvalues = _symmetric_part_eigenvalues(jnp.asarray(arr))
-    values = np.asarray(eigenvalues)
-    if values.size == 0:
-        return
-    largest = max(float(np.max(np.abs(values))), float(np.finfo(arr.dtype).tiny))
-    smallest = float(values[0])
-    if smallest < -100.0 * n * eps * largest:
-        raise ValueError(
-            f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.3e} "
-            f"against largest {largest:.3e} (beyond round-off). Pass a kernel matrix."
-        )

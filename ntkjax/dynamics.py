@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkjax._checks import check_finite, check_kernel_psd, float_dtype, is_concrete
-from ntkjax._spectral import symmetrized
+from ntkjax._checks import check_finite, float_dtype, is_concrete
+from ntkjax._spectral import check_kernel_psd, symmetrized
 from ntkjax.predict import Predictions
 
 __all__ = ["ODEState", "SolverStats", "check_sorted_times", "gradient_flow"]

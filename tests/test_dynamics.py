@@ -206,6 +206,11 @@ def test_non_psd_and_asymmetric_kernels_are_refused_like_gradient_flow_mse():
             flow(indefinite)
         with pytest.raises(ValueError, match="k_train_train is not symmetric"):
             flow(k + skew)
+        # entries near float32's largest: (K + K^T) / 2 formed as a sum would be inf, and NaN
+        # eigenvalues compare as no negative one (the check passed it silently)
+        huge = jnp.array([[3e38, 0.0], [0.0, -3e38]], jnp.float32)
+        with pytest.raises(ValueError, match="k_train_train is not positive semi-definite"):
+            gradient_flow(mse_loss, huge, y[:2], learning_rate=1.0)
     # asymmetric within round-off: both read (K + K^T) / 2, so K and K^T give the same outputs
     wobble = k + jnp.triu(jnp.full((6, 6), 4.0 * np.finfo(np.float32).eps), 1) * jnp.max(k)
     ts = jnp.array([0.0, 3.0, 30.0])
