@@ -27,6 +27,13 @@ FINITE_REFUSALS = {
     "Dropout(train)": "train mode",  # the Jacobian depends on the batching of the masks
     "exp_normalized": "exp_normalized",  # defined on kernels only (as in neural-tangents)
 }
+# Networks whose infinite-width kernel is refused (so every kernel meaning, its random features
+# and the wide limit that compares with it are too), while the finite network and its
+# empirical NTK are defined: ValueError matching the text.
+KERNEL_REFUSALS = {
+    # relu(x) . relu(x') / d is not the arc-cosine kernel of Gaussian pre-activations
+    "activation on the inputs": "needs Gaussian pre-activations",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +204,16 @@ def networks() -> tuple[Net, ...]:
             x = nn.LayerNorm()(x + h)
             return nn.Dense(1)(nn.global_average_pool(x))
 
+    class InputAct(linen.Module):
+        """relu on the raw inputs -> Dense -> erf -> Dense(1)."""
+
+        width: int
+
+        @linen.compact
+        def __call__(self, x):
+            h = nn.Dense(self.width, w_std=1.2, b_std=0.2)(nn.relu(x))
+            return nn.Dense(1)(nn.erf(h))
+
     class SequenceConv(linen.Module):
         """1-D Conv -> gelu -> avg_pool (SAME, stride 1) -> global_sum_pool -> Dense(1) on
         sequences."""
@@ -267,6 +284,8 @@ def networks() -> tuple[Net, ...]:
                          "global_average_pool")),
         Net("sequence Conv", SequenceConv, "sequence",
             ("Conv", "gelu", "avg_pool", "global_sum_pool", "Dense")),
+        Net("relu on the inputs", InputAct, "vector",
+            ("activation on the inputs", "relu", "Dense", "erf")),
     ]
     return tuple(nets)
 
