@@ -10,7 +10,9 @@ Workloads (float32; ``--quick``: tiny sizes, well under a minute each):
   :func:`ntkjax.empirical_ntk_matrix` (memory-bounded blocks, budget ``memory_gb``), N = 64
   and 256. The line also states the gradient-FLOP floor: ``N x`` the FLOPs of one example's
   gradient (XLA's cost analysis of the compiled ``grad``) over the matmul rate measured in
-  the same run (a 2048 x 2048 float32 matmul).
+  the same run (a 2048 x 2048 float32 matmul), and the Jacobian floor ``jacobian_floor_s``
+  (the same with the compiled per-example ``jacrev`` of both outputs, which the trace eNTK
+  needs: one forward and two backward passes).
 * ``entk_resnet18``: a CIFAR-style ResNet-18 (3x3 stem, 4 stages of 2 basic blocks, 64 to 512
   channels, ``BatchNorm`` in inference mode with non-trivial running statistics, global
   average pool) on 32 x 32 x 3, 10 outputs, the full ``(N, N, 10, 10)`` eNTK, N = 64.
@@ -233,6 +235,20 @@ def _gradient_gflops(model, variables, x1) -> float:
         return jnp.sum(model.apply({"params": p, **rest}, x1))
 
     cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"]) / 1e9
+
+
+def _jacobian_gflops(model, variables, x1) -> float:
+    """FLOPs of one example's Jacobian of all its outputs (XLA cost analysis of the compiled
+    ``jacrev``: one forward pass and a backward pass per output), GFLOP."""
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def outputs(p):
+        return model.apply({"params": p, **rest}, x1).reshape(-1)
+
+    cost = jax.jit(jax.jacrev(outputs)).lower(params).compile().cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
     return float(cost["flops"]) / 1e9
@@ -633,8 +649,9 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
     n_params = _param_count(variables)
     rate = _matmul_gflops(512 if quick else 2048)
     grad_gflop = _gradient_gflops(model, variables, tokens[:1])
+    jacobian_gflop = _jacobian_gflops(model, variables, tokens[:1])
     log(f"GPT {n_params / 1e6:.1f}M params; gradient {grad_gflop:.1f} GFLOP/example; "
-        f"matmul {rate:.1f} GFLOP/s")
+        f"Jacobian {jacobian_gflop:.1f} GFLOP/example; matmul {rate:.1f} GFLOP/s")
 
     def floor(n, timing):
         floor_s = n * grad_gflop / rate
@@ -643,6 +660,10 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
         return {"grad_gflop_per_example": round(grad_gflop, 3), "matmul_gflops": round(rate, 1),
                 "floor_s": round(floor_s, 3),
                 "ratio_to_floor": round(timing["median_s"] / floor_s, 2),
+                "jacobian_gflop_per_example": round(jacobian_gflop, 3),
+                "jacobian_floor_s": round(n * jacobian_gflop / rate, 3),
+                "ratio_to_jacobian_floor": round(
+                    timing["median_s"] / (n * jacobian_gflop / rate), 2),
                 "pair_gflop": round(pair_gflop, 1),
                 "gradient_plus_pair_floor_s": round(exact_s, 3),
                 "ratio_to_gradient_plus_pair_floor": round(timing["median_s"] / exact_s, 2)}

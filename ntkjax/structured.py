@@ -92,7 +92,7 @@ from jax.sharding import PartitionSpec as P
 
 from ntkjax._meanings import declarations
 from ntkjax._progress import progress as _progress
-from ntkjax._tiling import compiled_footprint, pad_axis, pad_rows
+from ntkjax._tiling import compiled_footprint, pad_rows
 from ntkjax.jacobians import (
     PRECISION,
     Outputs,
@@ -1704,27 +1704,60 @@ def _column_chunks(width: int, rows: int, itemsize: int, budget: int) -> tuple[i
     return chunk, -(-width // chunk)
 
 
-# Pass 2's programs: the per-example gradients of a chunk, then their Gram product, as two
-# programs (one program holding both ran slower on XLA:CPU: its layout choice for the
-# gradients made the batched matmul transpose them).
+# Pass 2's per-example gradients of stored gradients: their Gram product in column chunks.
 _gradient_gram = jax.jit(contract_jacobians, static_argnames=("outputs",))
 
+# A factored weight's gradient form runs as one program per layer and block pair, a loop over
+# column chunks whose gradients ``(rows, O, width F)`` take at most this many bytes. XLA:CPU
+# gives each program's large buffers fresh pages on every call: as two programs per chunk
+# (gradients, then their Gram product, chunks of up to a sixteenth of the budget) about half
+# of pass 2's CPU time was the kernel's, mostly page faults (perf, the GPT at N = 32-128). In
+# one loop the buffers are reused from chunk to chunk; above this size the Gram product's
+# packed copy of the gradients faults again (measured on XLA:CPU, N = 256, the GPT's dense
+# shapes: 10-25% less time per layer than the two programs).
+_LOOP_CHUNK_BYTES = 160 * 2**20
 
-@functools.partial(jax.jit, static_argnames=("width", "ids"))
-def _chunk_gradients(x, d, start, width, ids):
+
+def _chunk_gradients(x, d, start, width: int, ids: bool):
     """Per-example gradients ``G[a, i, k, f] = sum_t x[a, t, k] d[a, i, t, f]`` of input
-    columns ``[start, start + width)`` as ``(n, O, width F)``: ``x`` ``(n, T, width)`` (those
-    columns, zero-padded: zero columns add nothing) or, with ``ids``, token ids ``(n, T)`` (that
-    slice of their one-hot rows), ``d`` the cotangents as stored, ``(n, O, T, F)``. One
-    batched matmul over ``(example, output)`` pairs with ``x`` shared by the outputs: the
-    layout ``(n, T, O F)`` would need a transpose of the cotangents first."""
+    columns ``[start, start + width)`` as ``(n, O, width F)``: ``x`` ``(n, T, K)`` (all
+    columns, zero-padded to a multiple of ``width``: zero columns add nothing) or, with ``ids``,
+    token ids ``(n, T)`` (that slice of their one-hot rows), ``d`` the cotangents as stored,
+    ``(n, O, T, F)``. One batched matmul over ``(example, output)`` pairs with ``x`` shared by
+    the outputs: the layout ``(n, T, O F)`` would need a transpose of the cotangents first."""
     n, o, t, f = d.shape
     if ids:
         x = jax.nn.one_hot(x - start, width, dtype=d.dtype)
+    else:
+        x = jax.lax.dynamic_slice_in_dim(x, start, width, axis=2)
     xs = jnp.broadcast_to(x[:, None], (n, o, t, width)).reshape(n * o, t, width)
     g = jax.lax.dot_general(xs, d.reshape(n * o, t, f), (((1,), (1,)), ((0,), (0,))),
                             precision=PRECISION)
     return g.reshape(n, o, width * f)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "count", "outputs", "ids"))
+def _gradient_form(x1, d1, x2, d2, width: int, count: int, outputs: Outputs, ids: bool):
+    """A factored weight's Gram term of two example blocks in the gradient form: for each of
+    ``count`` chunks of ``width`` input columns (in order), the per-example gradients
+    (:func:`_chunk_gradients`) of both blocks and their Gram product, added up. ``x1``,
+    ``x2`` layer inputs ``(n, T, K)`` (zero-padded here to ``count width`` columns) or token
+    ids ``(n, T)``; cotangents as stored; ``x2``, ``d2`` None: the block against itself."""
+
+    def padded(x):
+        return x if ids else jnp.pad(x, ((0, 0), (0, 0), (0, count * width - x.shape[2])))
+
+    x1 = padded(x1)
+    x2 = None if x2 is None else padded(x2)
+
+    def step(c, total):
+        start = c * width
+        g1 = _chunk_gradients(x1, d1, start, width, ids)
+        g2 = g1 if d2 is None else _chunk_gradients(x2, d2, start, width, ids)
+        return total + contract_jacobians(g1, g2, outputs)
+
+    first = step(0, 0.0)
+    return jax.lax.fori_loop(1, count, step, first) if count > 1 else first
 
 
 @functools.partial(jax.jit, static_argnames=("outputs", "kind", "vocab"))
@@ -1773,7 +1806,8 @@ def two_pass_kernel(
     FLOPs of the factored sum over position pairs ``sum_{t,s} (x_t . x'_s)(delta_t .
     delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
     in even chunks of input columns that fit the budget (Novak et al. 2022, section 4), one
-    batched matmul per chunk on the cotangents as stored, then one Gram product. While a
+    batched matmul per chunk on the cotangents as stored, then one Gram product, the chunks
+    a loop in one program per layer and block pair (:func:`_gradient_form`). While a
     layer is computed, a reader thread loads the next one's arrays. Each example's forward
     and backward passes run once, where example blocks recompute them for every block pair.
     The layers are added in a fixed order, so the result does not depend on the schedule of
@@ -1980,8 +2014,8 @@ def _pass_two(store: _FactorStore, grad_names, weights, n1: int, n2: int | None,
         return a1, None if rows1 == rows2 else {name: store.read(name, rows2) for name in names}
 
     def placed(arrays, names):
-        """Cotangents and gradients as device arrays (copied once, not per chunk), layer
-        inputs kept on the host (sliced per chunk). Here, not in the reader thread: JAX's
+        """Cotangents and gradients as device arrays, layer inputs kept as host arrays
+        (:func:`_weight_terms` places them). Here, not in the reader thread: JAX's
         dtype configuration (``enable_x64``) may be local to this thread."""
         return None if arrays is None else {
             name: a if names[name] else jnp.asarray(a) for name, a in arrays.items()}
@@ -2045,7 +2079,8 @@ def _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue) -> None:
 def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_bytes,
                   queue) -> None:
     """Queues a factored weight's Gram term of two example blocks: the factored sum over
-    position pairs or the gradient form in column chunks, whichever needs fewer FLOPs."""
+    position pairs or the gradient form in column chunks (:func:`_gradient_form`), whichever
+    needs fewer FLOPs."""
     xs1, d1 = a1[w.x], a1[w.d]
     xs2, d2 = (xs1, None) if a2 is None else (a2[w.x], a2[w.d])
     n1, o, t, f = d1.shape
@@ -2061,16 +2096,7 @@ def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_byt
                                             d2, outputs, w.kind, w.vocab))
         return
     width, count = _column_chunks(k, (n1 + (0 if d2 is None else n2)) * o * f,
-                                  d1.dtype.itemsize, memory_bytes // 16)
-    for c in range(count):
-        start = c * width
-        if w.kind == "embed":
-            x1, x2 = xs1, xs2
-        else:
-            x1 = pad_axis(np.asarray(xs1[:, :, start:start + width]), width, axis=-1,
-                          mode="zeros")
-            x2 = x1 if d2 is None else pad_axis(np.asarray(xs2[:, :, start:start + width]),
-                                                width, axis=-1, mode="zeros")
-        g1 = _chunk_gradients(x1, d1, start, width, w.kind == "embed")
-        g2 = g1 if d2 is None else _chunk_gradients(x2, d2, start, width, w.kind == "embed")
-        queue(rows1, rows2, _gradient_gram(g1, g2, outputs))
+                                  d1.dtype.itemsize, min(memory_bytes // 16, _LOOP_CHUNK_BYTES))
+    queue(rows1, rows2, _gradient_form(
+        jnp.asarray(xs1), d1, None if d2 is None else jnp.asarray(xs2), d2, width, count,
+        outputs, w.kind == "embed"))
