@@ -1807,7 +1807,7 @@ def two_pass_kernel(
     delta'_s)`` and the gradient form ``<G_a, G_b>``, ``G_a = sum_t x_t (x) delta_t`` formed
     in even chunks of input columns that fit the budget (Novak et al. 2022, section 4), one
     batched matmul per chunk on the cotangents as stored, then one Gram product, the chunks
-    a loop in one program per layer and block pair (:func:`_gradient_form`). While a
+    a loop in one program per layer and block pair (``_gradient_form``). While a
     layer is computed, a reader thread loads the next one's arrays. Each example's forward
     and backward passes run once, where example blocks recompute them for every block pair.
     The layers are added in a fixed order, so the result does not depend on the schedule of
@@ -2079,7 +2079,7 @@ def _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue) -> None:
 def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_bytes,
                   queue) -> None:
     """Queues a factored weight's Gram term of two example blocks: the factored sum over
-    position pairs or the gradient form in column chunks (:func:`_gradient_form`), whichever
+    position pairs or the gradient form in column chunks (``_gradient_form``), whichever
     needs fewer FLOPs."""
     xs1, d1 = a1[w.x], a1[w.d]
     xs2, d2 = (xs1, None) if a2 is None else (a2[w.x], a2[w.d])
