@@ -78,7 +78,7 @@ def check_kernel_psd(k: Any, name: str, eigenvalues: Any = None) -> None:
             "(beyond round-off). Pass a kernel matrix (a kernel of the training inputs with "
             "themselves is symmetric)."
         )
-    values, e = (None, 0) if eigenvalues is None else (np.asarray(eigenvalues), 0)
+    values, e = None if eigenvalues is None else np.asarray(eigenvalues), 0
     if values is None or not np.all(np.isfinite(values)):  # NaN: an overflow inside eigh
         values, e = (np.asarray(v) for v in _symmetric_part_eigenvalues(jnp.asarray(arr)))
     if values.size == 0:
@@ -128,7 +128,18 @@ def _clipped_eigh(k: jax.Array, diag_reg) -> tuple[jax.Array, Eigen]:
 
 
 def eigh_psd(k: jax.Array, diag_reg, name: str) -> Eigen:
-    """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero."""
+    """Eigendecomposition of the symmetrized kernel, round-off negatives clipped to zero.
+
+    A concrete kernel that passes :func:`check_kernel_psd` but whose decomposition is not
+    finite in its dtype (``eigh`` of float32 entries near 3e38 gives NaN; a trace beyond the
+    largest float makes the regularizer inf) raises ValueError naming it: every prediction
+    from it would be NaN."""
     values, eig = _clipped_eigh(k, diag_reg)
     check_kernel_psd(k, name, values)  # the same checks as ntkjax.gradient_flow's
+    if is_concrete(values) and not (np.all(np.isfinite(np.asarray(values)))
+                                    and np.isfinite(np.asarray(eig.reg))):
+        raise ValueError(
+            f"{name}'s eigendecomposition is not finite in {np.dtype(k.dtype).name} (entries "
+            f"up to {float(np.max(np.abs(np.asarray(k)))):.3e}): scale the kernel down, or "
+            "use float64.")
     return eig

@@ -211,6 +211,10 @@ def test_non_psd_and_asymmetric_kernels_are_refused_like_gradient_flow_mse():
         huge = jnp.array([[3e38, 0.0], [0.0, -3e38]], jnp.float32)
         with pytest.raises(ValueError, match="k_train_train is not positive semi-definite"):
             gradient_flow(mse_loss, huge, y[:2], learning_rate=1.0)
+    # PSD, but its eigenvalues (up to 4e38) overflow float32: the predictions were all NaN
+    huge_psd = jnp.array([[3e38, 1e38], [1e38, 3e38]], jnp.float32)
+    with pytest.raises(ValueError, match="k_train_train's eigendecomposition is not finite"):
+        ntkjax.gradient_flow_mse(huge_psd, y[:2], learning_rate=1e-39)
     # asymmetric within round-off: both read (K + K^T) / 2, so K and K^T give the same outputs
     wobble = k + jnp.triu(jnp.full((6, 6), 4.0 * np.finfo(np.float32).eps), 1) * jnp.max(k)
     ts = jnp.array([0.0, 3.0, 30.0])
