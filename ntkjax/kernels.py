@@ -245,7 +245,7 @@ def input_kernel(
     # same wherever no partial product is subnormal)
     x1s = x1 * pow2(-s1, x1.dtype)[:, None]
     x2s = x1s if same else x2 * pow2(-s2, x2.dtype)[:, None]
-    if same and _mirrors(x1s):
+    if same and _cpu_compiled_gram(x1s):
         gram = (jnp.matmul(x1s, x1s.T, precision=jax.lax.Precision.HIGHEST) / d
                 if _gram_is_symmetric(*x1s.shape, x1s.dtype) else _mirrored_gram(x1s))
     else:
@@ -297,9 +297,10 @@ def _stored_variances(x_unit: jax.Array, e: jax.Array, s: jax.Array) -> jax.Arra
     return (v * half) * half
 
 
-def _mirrors(x: jax.Array) -> bool:
-    """Whether the input Gram matrix of ``x`` is formed without the symmetrizing pass: the
-    product as it is (:func:`_gram_is_symmetric`) or :func:`_mirrored_gram`."""
+def _cpu_compiled_gram(x: jax.Array) -> bool:
+    """Whether the input Gram matrix of ``x`` with itself takes the compiled CPU route, without
+    the symmetrizing pass: the product itself where :func:`_gram_is_symmetric`, else
+    :func:`_mirrored_gram`."""
     return (jax.default_backend() == "cpu" and not is_concrete(x)
             and x.shape[0] >= _MIRROR_BLOCKS * 64)
 

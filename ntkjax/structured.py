@@ -1996,13 +1996,13 @@ def _pass_two(store: _FactorStore, grad_names, weights, n1: int, n2: int | None,
         return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
 
     # per layer, its jobs: (arrays to read: {name: kept on the host}, rows1, rows2, weight)
-    layers: list[list[tuple[dict[str, bool], slice, slice, _Factored | None]]] = []
+    layers: list[list[tuple[tuple[str, ...], slice, slice, _Factored | None]]] = []
     for name in grad_names:
-        layers.append([({name: False}, r1, r2, None)
+        layers.append([((name,), r1, r2, None)
                        for r1, r2 in row_blocks(store.row_bytes(name))])
     for w in weights:
         per_example = store.row_bytes(w.x) + store.row_bytes(w.d)
-        layers.append([({w.x: True, w.d: False}, r1, r2, w) for r1, r2 in row_blocks(per_example)])
+        layers.append([((w.x, w.d), r1, r2, w) for r1, r2 in row_blocks(per_example)])
     skip = 0 if record is None else record.state["layers_done"]
     numbered = list(enumerate(layers, 1))[skip:]
     jobs = [job for _, layer in numbered for job in layer]
@@ -2013,12 +2013,10 @@ def _pass_two(store: _FactorStore, grad_names, weights, n1: int, n2: int | None,
         a1 = {name: store.read(name, rows1) for name in names}
         return a1, None if rows1 == rows2 else {name: store.read(name, rows2) for name in names}
 
-    def placed(arrays, names):
-        """Cotangents and gradients as device arrays, layer inputs kept as host arrays
-        (:func:`_weight_terms` places them). Here, not in the reader thread: JAX's
-        dtype configuration (``enable_x64``) may be local to this thread."""
-        return None if arrays is None else {
-            name: a if names[name] else jnp.asarray(a) for name, a in arrays.items()}
+    def placed(arrays):
+        """The loaded arrays as device arrays. Here, not in the reader thread: JAX's dtype
+        configuration (``enable_x64``) may be local to this thread."""
+        return None if arrays is None else {name: jnp.asarray(a) for name, a in arrays.items()}
 
     queued: list = []  # (rows1, rows2, term) dispatched, not yet added
 
@@ -2044,8 +2042,8 @@ def _pass_two(store: _FactorStore, grad_names, weights, n1: int, n2: int | None,
                     a1, a2 = pending.result()
                     pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
                 i += 1
-                names, rows1, rows2, w = job
-                a1, a2 = placed(a1, names), placed(a2, names)
+                _, rows1, rows2, w = job
+                a1, a2 = placed(a1), placed(a2)
                 if w is None:
                     _gradient_terms(a1, a2, rows1, rows2, outputs, memory_bytes, queue)
                 else:
@@ -2091,12 +2089,10 @@ def _weight_terms(w: _Factored, store, a1, a2, rows1, rows2, outputs, memory_byt
     materialized = (n1 + (0 if d2 is None else n2)) * o * t * k * f + (
         n1 * n2 * k * f * _output_factor(outputs, o))
     if factored <= materialized:
-        x1 = jnp.asarray(xs1)
-        queue(rows1, rows2, _factored_block(x1, d1, None if d2 is None else jnp.asarray(xs2),
-                                            d2, outputs, w.kind, w.vocab))
+        queue(rows1, rows2, _factored_block(xs1, d1, None if d2 is None else xs2, d2, outputs,
+                                            w.kind, w.vocab))
         return
     width, count = _column_chunks(k, (n1 + (0 if d2 is None else n2)) * o * f,
                                   d1.dtype.itemsize, min(memory_bytes // 16, _LOOP_CHUNK_BYTES))
-    queue(rows1, rows2, _gradient_form(
-        jnp.asarray(xs1), d1, None if d2 is None else jnp.asarray(xs2), d2, width, count,
-        outputs, w.kind == "embed"))
+    queue(rows1, rows2, _gradient_form(xs1, d1, None if d2 is None else xs2, d2, width, count,
+                                       outputs, w.kind == "embed"))
