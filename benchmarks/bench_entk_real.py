@@ -227,28 +227,17 @@ def _matmul_gflops(size: int = 2048) -> float:
     return 2 * size**3 / timing["median_s"] / 1e9
 
 
-def _gradient_gflops(model, variables, x1) -> float:
-    """FLOPs of one example's gradient (XLA cost analysis of the compiled ``grad``), GFLOP."""
-    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
-    def loss(p):
-        return jnp.sum(model.apply({"params": p, **rest}, x1))
-
-    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return float(cost["flops"]) / 1e9
-
-
-def _jacobian_gflops(model, variables, x1) -> float:
-    """FLOPs of one example's Jacobian of all its outputs (XLA cost analysis of the compiled
-    ``jacrev``: one forward pass and a backward pass per output), GFLOP."""
+def _example_gflops(model, variables, x1, jacobian: bool) -> float:
+    """FLOPs of one example's gradient of its summed outputs (``grad``) or, with ``jacobian``,
+    of its Jacobian of all its outputs (``jacrev``: one forward pass and a backward pass per
+    output): XLA's cost analysis of the compiled program, GFLOP."""
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def outputs(p):
         return model.apply({"params": p, **rest}, x1).reshape(-1)
 
-    cost = jax.jit(jax.jacrev(outputs)).lower(params).compile().cost_analysis()
+    fn = jax.jacrev(outputs) if jacobian else jax.grad(lambda p: jnp.sum(outputs(p)))
+    cost = jax.jit(fn).lower(params).compile().cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
     return float(cost["flops"]) / 1e9
@@ -648,8 +637,8 @@ def entk_gpt_small(quick: bool = False, ns: list[int] | None = None, memory_gb: 
     model, variables, tokens = _gpt(cfg, max(ns))
     n_params = _param_count(variables)
     rate = _matmul_gflops(512 if quick else 2048)
-    grad_gflop = _gradient_gflops(model, variables, tokens[:1])
-    jacobian_gflop = _jacobian_gflops(model, variables, tokens[:1])
+    grad_gflop = _example_gflops(model, variables, tokens[:1], jacobian=False)
+    jacobian_gflop = _example_gflops(model, variables, tokens[:1], jacobian=True)
     log(f"GPT {n_params / 1e6:.1f}M params; gradient {grad_gflop:.1f} GFLOP/example; "
         f"Jacobian {jacobian_gflop:.1f} GFLOP/example; matmul {rate:.1f} GFLOP/s")
 
