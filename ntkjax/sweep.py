@@ -41,11 +41,13 @@ seed, learning rate) in a fixed file order (unsharded file, then shard files by 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -546,15 +548,36 @@ def _refuse_unwritable(path: Path, err: OSError, what: str = "sweep output") -> 
     return ValueError(f"cannot write the {what} {path}: {err.strerror or err}.")
 
 
+def _try_new_file_in(path: Path) -> None:
+    """Creates ``path``'s folder and tries to write a new file there, without ever creating
+    ``path`` itself: the processes of one sweep check the same output at once, and a file that
+    one of them made and removed would break another's read (a uniquely named probe file
+    instead, and the name's length against the folder's limit). OSError -> ValueError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+        if len(os.fsencode(path.name)) > name_max:
+            raise OSError(errno.ENAMETOOLONG, f"file name longer than {name_max} bytes")
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".ntkjax-probe-"):
+            pass
+    except OSError as err:
+        raise _refuse_unwritable(path, err) from err
+
+
 def check_sweep_file(path: str | Path) -> None:
     """Raises ValueError, leaving the file untouched, unless ``path`` can hold sweep rows: a
     file path (not a folder, not below a file) that does not exist yet (its folder is created
-    and a file is tried there and removed) or a writable sweep file -- the header line
-    :data:`SWEEP_HEADER`, then every line a JSON object with a row's keys, except a torn last
-    line (a run killed while writing; it is skipped on reading). Writability is tried, not
+    and a uniquely named file is tried there; ``path`` itself is never created by the check,
+    so that the processes of one sweep can check it at once) or a writable sweep file -- the
+    header line :data:`SWEEP_HEADER`, then every line a JSON object with a row's keys, except a
+    torn last line (a run killed while writing; it is skipped on reading). Writability is tried, not
     read off permission bits (root passes ``os.access`` on read-only and virtual file
     systems)."""
     path = Path(path)
+    try:
+        exists = path.exists()  # stat raises OSError on a name too long for the file system
+    except OSError as err:
+        raise _refuse_unwritable(path, err) from err
     if path.is_dir():
         raise ValueError(f"the sweep output {path} is a folder; give a file name (*.jsonl).")
     for parent in path.parents:
@@ -562,14 +585,8 @@ def check_sweep_file(path: str | Path) -> None:
             if not parent.is_dir():
                 raise ValueError(f"the sweep output {path} lies below {parent}, a file.")
             break
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("xb"):
-                pass
-            path.unlink()
-        except OSError as err:
-            raise _refuse_unwritable(path, err) from err
+    if not exists:
+        _try_new_file_in(path)
         return
     try:
         with path.open("ab"):

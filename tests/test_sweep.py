@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -291,6 +292,45 @@ def test_an_unwritable_output_is_tried_not_assumed(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(os, "fsync", refuse)
     with pytest.raises(ValueError, match=r"cannot write the sweep output .*late.jsonl.*Read-only"):
         sweep(widths=[8], seeds=1, out_path=out, config=TINY, show_progress=False)
+
+
+def test_checking_a_new_output_never_creates_it(tmp_path):
+    """Processes of one sweep check the same output at once (``jax.distributed``: each then
+    writes its own shard file). Checking a path that does not exist must not create it, even
+    for a moment: a concurrent checker would find it and fail to read it once it is removed
+    (CI saw ``FileNotFoundError``), or fail to create it exclusively."""
+    out = tmp_path / "new" / "rows.jsonl"
+    errors: list[BaseException] = []
+    seen: list[bool] = []
+    stop = threading.Event()
+
+    def check() -> None:
+        try:
+            for _ in range(300):
+                sweep_module.check_sweep_file(out)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(out.exists())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    checkers = [threading.Thread(target=check) for _ in range(3)]
+    for thread in checkers:
+        thread.start()
+    for thread in checkers:
+        thread.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert seen and not any(seen) and not out.exists()
+    assert list(out.parent.iterdir()) == []  # its folder is created, and left empty
+    # a name too long for the folder's file system is refused by the check, before training
+    long = tmp_path / ("x" * 300 + ".jsonl")
+    with pytest.raises(ValueError, match="cannot write the sweep output"):
+        sweep_module.check_sweep_file(long)
 
 
 def test_bad_output_paths_and_rates_are_refused_before_training(tmp_path, monkeypatch, capsys):
