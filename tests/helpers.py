@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import jax
 import numpy as np
@@ -92,3 +93,11 @@ def xla_flags(devices: int) -> str:
     flags = os.environ.get("XLA_FLAGS", "").split()
     flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count=")]
     return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
+def free_port() -> int:
+    """A local TCP port that nothing listened on a moment ago (for a ``jax.distributed``
+    coordinator started right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import zarr
 
 import ntkjax
 from tests.distributed_worker import CG_RIDGE, cg_targets, problem, slow_block_fn
-from tests.helpers import xla_flags
+from tests.helpers import free_port, xla_flags
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 ROOT = WORKER.parent.parent
@@ -42,12 +41,6 @@ def _run(args: list[str], devices: int, timeout: float = 60) -> None:
     proc = subprocess.run([sys.executable, str(WORKER), *args], env=_env(devices),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finished(store: Path) -> np.ndarray | None:
@@ -99,7 +92,7 @@ def test_four_devices_give_the_one_device_kernels(tmp_path, reference):
 @pytest.mark.slow
 def test_two_processes_fill_one_store(tmp_path, reference):
     store = tmp_path / "K.zarr"
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), "multi_process", str(i), str(port), str(store),
@@ -171,7 +164,7 @@ def test_killed_store_resumes_with_only_the_missing_blocks(tmp_path, x64):
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_seconds():
-    port = _free_port()  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=f"127.0.0.1:{port}"):
         ntkjax.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=1,
@@ -213,7 +206,7 @@ def test_start_up_arguments_are_checked_before_anything_starts(kwargs, error, me
 def test_processes_given_different_counts_are_refused_in_every_process():
     """JAX takes the coordinator's num_processes and ignores the others': given 2 and 3, both
     processes ran with 2. The counts are exchanged at start-up and both refuse."""
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), "count_mismatch", str(i), str(port),
                           str(count)], env=_env(1), stdout=subprocess.PIPE,

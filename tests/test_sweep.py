@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ from ntkjax.compile_options import FAST_COMPILE
 from ntkjax.study.cli import main as cli_main
 from ntkjax.study.sweep_command import PRESETS
 from ntkjax.sweep import SweepConfig, load_rows, summarize, sweep
-from tests.helpers import xla_flags
+from tests.helpers import free_port, xla_flags
 
 TINY = SweepConfig(num_train=10, num_probe=4, num_test=20, num_steps=20, record_every=10)
 
@@ -446,16 +445,10 @@ def test_seeds_split_over_four_devices_equal_one_device(tmp_path, one_device_row
     _assert_same_rows(rows, one_device_rows)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_jax_distributed_processes_split_a_sweep(tmp_path, one_device_rows):
     out = tmp_path / "multi.jsonl"
-    port = _free_port()
+    port = free_port()
     children = []
     for i in range(2):
         setup = f"""
