@@ -555,13 +555,17 @@ def _try_new_file_in(path: Path) -> None:
     instead, and the name's length against the folder's limit). OSError -> ValueError."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
-        if len(os.fsencode(path.name)) > name_max:
-            raise OSError(errno.ENAMETOOLONG, f"file name longer than {name_max} bytes")
         with tempfile.TemporaryFile(dir=path.parent, prefix=".ntkjax-probe-"):
             pass
     except OSError as err:
         raise _refuse_unwritable(path, err) from err
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")  # -1: no limit
+    except (OSError, ValueError):  # a file system that does not say: left to the first write
+        return
+    if 0 < name_max < len(os.fsencode(path.name)):
+        raise _refuse_unwritable(
+            path, OSError(errno.ENAMETOOLONG, f"its name is longer than {name_max} bytes"))
 
 
 def check_sweep_file(path: str | Path) -> None:
