@@ -237,7 +237,12 @@ def _example_gflops(model, variables, x1, jacobian: bool) -> float:
         return model.apply({"params": p, **rest}, x1).reshape(-1)
 
     fn = jax.jacrev(outputs) if jacobian else jax.grad(lambda p: jnp.sum(outputs(p)))
-    cost = jax.jit(fn).lower(params).compile().cost_analysis()
+    return _compiled_gflops(jax.jit(fn).lower(params))
+
+
+def _compiled_gflops(lowered) -> float:
+    """XLA's cost analysis of a lowered program, compiled: its FLOPs, GFLOP."""
+    cost = lowered.compile().cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
     return float(cost["flops"]) / 1e9
@@ -251,10 +256,7 @@ def _projected_example_gflops(model, variables, x1, dim: int, rank: int) -> floa
 
     projections = _projections(model.apply, variables, x1, jax.random.key(0), dim, rank, None)
     block = _jitted_projection(model.apply, dim, rank, None)
-    cost = block.lower(variables, x1, projections).compile().cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return float(cost["flops"]) / 1e9
+    return _compiled_gflops(block.lower(variables, x1, projections))
 
 
 def _pair_gflops(cfg: dict, n: int) -> float:

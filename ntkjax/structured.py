@@ -1995,7 +1995,7 @@ def _pass_two(store: _FactorStore, grad_names, weights, n1: int, n2: int | None,
             return [(a, slice(b, min(b + size, n))) for a in blocks for b in range(n1, n, size)]
         return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
 
-    # per layer, its jobs: (arrays to read: {name: kept on the host}, rows1, rows2, weight)
+    # per layer, its jobs: (names of the arrays to read, rows1, rows2, weight)
     layers: list[list[tuple[tuple[str, ...], slice, slice, _Factored | None]]] = []
     for name in grad_names:
         layers.append([((name,), r1, r2, None)

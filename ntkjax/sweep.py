@@ -574,9 +574,9 @@ def check_sweep_file(path: str | Path) -> None:
     and a uniquely named file is tried there; ``path`` itself is never created by the check,
     so that the processes of one sweep can check it at once) or a writable sweep file -- the
     header line :data:`SWEEP_HEADER`, then every line a JSON object with a row's keys, except a
-    torn last line (a run killed while writing; it is skipped on reading). Writability is tried, not
-    read off permission bits (root passes ``os.access`` on read-only and virtual file
-    systems)."""
+    torn last line (a run killed while writing; it is skipped on reading). Writability is
+    tried, not read off permission bits (root passes ``os.access`` on read-only and virtual
+    file systems)."""
     path = Path(path)
     try:
         exists = path.exists()  # stat raises OSError on a name too long for the file system
